@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs everything Stageflow needs on Debian 12 and installs the extension into the system's
+# PostgreSQL 15. Safe to run again: every step is skipped when already done.
+#   apt packages -> cargo-pgrx 0.18.1 -> pgrx init -> pgmq's SQL (from the pgmq crate) -> stageflow
+# `scripts/setup.sh deps` stops before building the extension.
+# Environment: CARGO_TARGET_DIR (default /var/tmp/stageflow-target), STAGEFLOW_PROFILE=release to
+# install an optimised build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PGRX_VERSION=0.18.1
+say() { printf '\033[1m== %s\033[0m\n' "$*"; }
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "apt: installing ${missing[*]}"
+    sudo_if_needed apt-get -o DPkg::Lock::Timeout=600 update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}"
+else
+    say "apt: packages present"
+fi
+
+if cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
+    say "cargo-pgrx $PGRX_VERSION present"
+else
+    say "cargo-pgrx: installing $PGRX_VERSION (about 15 minutes on 2 cores)"
+    cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+# pgrx-pg-sys rebuilds whenever this file changes: init only when the pg15 line is missing.
+if ! grep -q '^pg15 = ' "${PGRX_HOME:-$HOME/.pgrx}/config.toml" 2>/dev/null; then
+    say "pgrx: init pg15"
+    cargo pgrx init --pg15 "$PG_CONFIG"
+fi
+
+# pgmq is pure SQL; its crate ships the extension script and control file.
+sharedir="$("$PG_CONFIG" --sharedir)/extension"
+if [ -f "$sharedir/pgmq.control" ] && grep -q "default_version = '1.11.1'" "$sharedir/pgmq.control"; then
+    say "pgmq 1.11.1 present"
+else
+    say "pgmq: installing 1.11.1 from the pgmq crate"
+    cargo fetch --locked --manifest-path scripts/pgmq/Cargo.toml
+    crate_dir=$(cargo metadata --locked --format-version 1 --manifest-path scripts/pgmq/Cargo.toml |
+        python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="pgmq").rsplit("/",1)[0])')
+    embedded="$crate_dir/src/install/embedded"
+    sudo_if_needed install -m 644 "$embedded/pgmq.control" "$sharedir/pgmq.control"
+    sudo_if_needed install -m 644 "$embedded/sql/pgmq.sql" "$sharedir/pgmq--1.11.1.sql"
+fi
+
+[ "${1:-}" = deps ] && exit 0
+
+say "stageflow: building and installing the extension"
+profile_flag=()
+[ "${STAGEFLOW_PROFILE:-debug}" = release ] && profile_flag=(--release)
+# A running cluster that preloaded the old .so would crash when it is overwritten: the caller
+# stops its clusters first (scripts/test.sh does).
+sudo_if_needed env "PATH=$PATH" "CARGO_TARGET_DIR=$CARGO_TARGET_DIR" "HOME=$HOME" \
+    cargo pgrx install --pg-config "$PG_CONFIG" "${profile_flag[@]}"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test of Stageflow, installing what is missing first (see scripts/setup.sh):
+#   1. unit tests and #[pg_test] tests         cargo pgrx test (pgrx's own throwaway cluster)
+#   2. SQL-level tests (pg_test/*.sql) and
+#      integration tests against a real cluster  cargo test -p stageflow-tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
+cluster=/var/tmp/stageflow-test-cluster
+pgrx_data=/var/tmp/stageflow-pgrx-data
+say() { printf '\033[1m== %s\033[0m\n' "$*"; }
+
+# Installing overwrites the extension's .so: no cluster of ours may be running on it.
+scripts/cluster.sh stop "$cluster" 2>/dev/null || true
+scripts/setup.sh deps
+
+say "unit and #[pg_test] tests"
+rm -rf "$pgrx_data"
+if [ "$(id -u)" -eq 0 ]; then
+    install -d -o postgres -g postgres -m 700 "$pgrx_data"
+    cargo pgrx test pg15 --runas postgres --pgdata "$pgrx_data"
+else
+    cargo pgrx test pg15 --pgdata "$pgrx_data"
+fi
+
+scripts/setup.sh
+say "SQL-level and integration tests on a private cluster"
+rm -rf "$cluster"
+STAGEFLOW_TEST_DATABASE_URL=$(scripts/cluster.sh start "$cluster")
+export STAGEFLOW_TEST_DATABASE_URL
+trap 'scripts/cluster.sh stop "$cluster"' EXIT
+cargo test -p stageflow-tests -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"

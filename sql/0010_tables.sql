@@ -1,0 +1,94 @@
+-- Stageflow's state: job types, jobs, the stages a job has reached, and their tasks.
+-- Messages that carry tasks to workers live in pgmq queues; a task row knows its message.
+
+-- A job type: a named, validated definition (parameters schema, retry defaults, ordered stages).
+CREATE TABLE stageflow.job_types (
+    name        text PRIMARY KEY,
+    definition  jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- A job: one submission of a job type with canonical parameters. The definition is copied in so
+-- that re-registering the type changes future jobs only.
+CREATE TABLE stageflow.jobs (
+    job_id         text PRIMARY KEY,
+    job_type       text NOT NULL,
+    params         jsonb NOT NULL,
+    definition     jsonb NOT NULL,
+    status         text NOT NULL DEFAULT 'queued'
+                   CHECK (status IN ('queued', 'processing', 'completed', 'failed')),
+    current_stage  int NOT NULL DEFAULT 1,
+    total_stages   int NOT NULL,
+    result         jsonb,
+    error          jsonb,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    started_at     timestamptz,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    completed_at   timestamptz
+);
+CREATE INDEX jobs_created_at_idx ON stageflow.jobs (created_at DESC);
+
+-- A stage a job has reached. remaining_tasks is the counter the last completion sees reach zero
+-- under this row's lock: no completion ever scans the stage's tasks.
+CREATE TABLE stageflow.stages (
+    job_id            text NOT NULL REFERENCES stageflow.jobs (job_id) ON DELETE CASCADE,
+    stage             int NOT NULL,
+    name              text NOT NULL,
+    handler           text NOT NULL,
+    queue             text NOT NULL,
+    fan_out           text NOT NULL,
+    param             text,
+    next_fan_out      text,
+    max_attempts      int NOT NULL,
+    task_count        int NOT NULL,
+    remaining_tasks   int NOT NULL,
+    completed_count   int NOT NULL DEFAULT 0,
+    failed_count      int NOT NULL DEFAULT 0,
+    status            text NOT NULL DEFAULT 'active'
+                      CHECK (status IN ('active', 'completed', 'failed')),
+    completed_by      text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    completed_at      timestamptz,
+    PRIMARY KEY (job_id, stage),
+    CHECK (remaining_tasks >= 0)
+);
+
+-- A task: one unit of work of a stage. task_id = <16 hex of job id>-s<stage>-<key>.
+CREATE TABLE stageflow.tasks (
+    task_id           text PRIMARY KEY,
+    job_id            text NOT NULL,
+    stage             int NOT NULL,
+    task_key          text NOT NULL,
+    ordinal           int NOT NULL,
+    params            jsonb NOT NULL DEFAULT '{}',
+    predecessor_id    text,
+    inputs            jsonb,
+    status            text NOT NULL DEFAULT 'queued'
+                      CHECK (status IN ('queued', 'running', 'completed', 'failed', 'cancelled')),
+    attempt           int NOT NULL DEFAULT 0,
+    max_attempts      int NOT NULL,
+    msg_id            bigint NOT NULL,
+    worker_id         text,
+    lease_expires_at  timestamptz,
+    next_attempt_at   timestamptz,
+    result            jsonb,
+    error             jsonb,
+    errors            jsonb NOT NULL DEFAULT '[]',
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    started_at        timestamptz,
+    completed_at      timestamptz
+);
+-- No foreign key to stages: fan-out inserts up to a million rows at once and a per-row
+-- referential check would dominate it. Only stageflow's functions write tasks, always with
+-- their stage row in the same transaction.
+-- Set-based reads of one stage (lineage, fan-in, job result, job_tasks) in task order.
+CREATE INDEX tasks_stage_idx ON stageflow.tasks (job_id, stage, ordinal);
+-- Running tasks are few (bounded by workers): job_status counts them without touching the rest.
+CREATE INDEX tasks_running_idx ON stageflow.tasks (job_id, stage) WHERE status = 'running';
+
+-- pg_dump keeps the engine's state with the extension (the built-in job types come with it).
+SELECT pg_catalog.pg_extension_config_dump('stageflow.job_types', $$WHERE name <> 'hello_world'$$);
+SELECT pg_catalog.pg_extension_config_dump('stageflow.jobs', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.stages', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');

@@ -1,0 +1,44 @@
+-- Stores a job type, or replaces its definition for jobs submitted from now on.
+-- stageflow._normalize_definition (Rust) validates the definition, naming the bad field, and fills
+-- in defaults; every queue a stage names is created in pgmq if it does not exist yet.
+CREATE FUNCTION stageflow.register_job_type(name text, definition jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_definition jsonb := stageflow._normalize_definition(register_job_type.name, register_job_type.definition);
+    v_queue text;
+BEGIN
+    FOR v_queue IN
+        SELECT DISTINCT s.stage ->> 'queue' FROM jsonb_array_elements(v_definition -> 'stages') AS s(stage)
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = v_queue) THEN
+            PERFORM pgmq.create(v_queue);
+        END IF;
+    END LOOP;
+
+    INSERT INTO stageflow.job_types AS jt (name, definition)
+    VALUES (register_job_type.name, v_definition)
+    ON CONFLICT ON CONSTRAINT job_types_pkey
+    DO UPDATE SET definition = excluded.definition, updated_at = now();
+
+    RETURN jsonb_build_object('name', register_job_type.name, 'definition', v_definition);
+END;
+$$;
+
+-- The registered job types with their (normalised) definitions.
+CREATE FUNCTION stageflow.job_types()
+RETURNS TABLE (name text, description text, stages jsonb, definition jsonb, updated_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jt.name,
+           jt.definition ->> 'description',
+           (SELECT jsonb_agg(s.stage ->> 'name' ORDER BY s.n)
+              FROM jsonb_array_elements(jt.definition -> 'stages') WITH ORDINALITY AS s(stage, n)),
+           jt.definition,
+           jt.updated_at
+      FROM stageflow.job_types AS jt
+     ORDER BY jt.name
+$$;

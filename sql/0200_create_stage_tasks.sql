@@ -1,0 +1,115 @@
+-- Creates stage p_stage of a job: its stages row, all its task rows in one INSERT, and one message
+-- per task in one pgmq.send_batch. Returns the number of tasks (0 for an empty fan-out, in which case
+-- the stage is created already completed). Called only by submit_job and advance_stage, which hold
+-- the job's row lock (advance) or have just inserted the job (submit).
+--
+-- Fan-out rules (the stage definition's fan_out):
+--   single   one task, key '0'
+--   count    N tasks, keys '0'..'N-1', N = params->>param
+--   each     one task per element of the array params->param; task params {"index", "item"}
+--   dynamic  one task per entry of the previous stage's results' "tasks" lists, in task order;
+--            entry {"key"?: text, "params"?: object}; key defaults to the entry's position
+--   lineage  one task per completed task of the previous stage, same key and params; the
+--            predecessor's result reaches the worker as `predecessor`
+--   fan_in   one task, key '0', whose `inputs` are the previous stage's results in task order
+CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job         stageflow.jobs;
+    v_def         jsonb;
+    v_fan_out     text;
+    v_param       text;
+    v_queue       text;
+    v_prefix      text := left(p_job_id, 16) || '-s' || p_stage || '-';
+    v_keys        text[];
+    v_params      jsonb[];
+    v_preds       text[];
+    v_inputs      jsonb;
+    v_count       int;
+    v_duplicate   text;
+BEGIN
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    v_def := v_job.definition -> 'stages' -> (p_stage - 1);
+    v_fan_out := v_def ->> 'fan_out';
+    v_param := v_def ->> 'param';
+    v_queue := v_def ->> 'queue';
+
+    CASE v_fan_out
+    WHEN 'single' THEN
+        v_keys := ARRAY['0'];
+        v_params := ARRAY['{}'::jsonb];
+    WHEN 'count' THEN
+        SELECT array_agg(i::text ORDER BY i), array_agg(jsonb_build_object('index', i) ORDER BY i)
+          INTO v_keys, v_params
+          FROM generate_series(0, (v_job.params ->> v_param)::int - 1) AS i;
+    WHEN 'each' THEN
+        SELECT array_agg((e.n - 1)::text ORDER BY e.n),
+               array_agg(jsonb_build_object('index', e.n - 1, 'item', e.item) ORDER BY e.n)
+          INTO v_keys, v_params
+          FROM jsonb_array_elements(v_job.params -> v_param) WITH ORDINALITY AS e(item, n);
+    WHEN 'dynamic' THEN
+        SELECT array_agg(coalesce(d.entry ->> 'key', (d.n - 1)::text) ORDER BY d.n),
+               array_agg(coalesce(d.entry -> 'params', '{}'::jsonb) ORDER BY d.n)
+          INTO v_keys, v_params
+          FROM (SELECT e.entry, row_number() OVER (ORDER BY t.ordinal, e.i) AS n
+                  FROM stageflow.tasks AS t
+                 CROSS JOIN LATERAL jsonb_array_elements(t.result -> 'tasks') WITH ORDINALITY AS e(entry, i)
+                 WHERE t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed') AS d;
+        SELECT k INTO v_duplicate FROM unnest(v_keys) AS k GROUP BY k HAVING count(*) > 1 LIMIT 1;
+        IF v_duplicate IS NOT NULL THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '22023',
+                MESSAGE = format('stage %s (%s) of job %s: the planner results name task key %L more than once',
+                                 p_stage, v_def ->> 'name', p_job_id, v_duplicate),
+                HINT = 'each entry of a dynamic fan-out needs a unique "key" across all planner tasks of the previous stage';
+        END IF;
+    WHEN 'lineage' THEN
+        SELECT array_agg(t.task_key ORDER BY t.ordinal), array_agg(t.params ORDER BY t.ordinal),
+               array_agg(t.task_id ORDER BY t.ordinal)
+          INTO v_keys, v_params, v_preds
+          FROM stageflow.tasks AS t
+         WHERE t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed';
+    WHEN 'fan_in' THEN
+        v_keys := ARRAY['0'];
+        v_params := ARRAY['{}'::jsonb];
+        SELECT coalesce(jsonb_agg(t.result ORDER BY t.ordinal), '[]'::jsonb)
+          INTO v_inputs
+          FROM stageflow.tasks AS t
+         WHERE t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed';
+    END CASE;
+    v_count := coalesce(cardinality(v_keys), 0);
+
+    INSERT INTO stageflow.stages
+        (job_id, stage, name, handler, queue, fan_out, param, next_fan_out, max_attempts,
+         task_count, remaining_tasks, status, completed_at)
+    VALUES
+        (p_job_id, p_stage, v_def ->> 'name', v_def ->> 'handler', v_queue, v_fan_out, v_param,
+         v_job.definition -> 'stages' -> p_stage ->> 'fan_out',
+         (v_def -> 'retry' ->> 'max_attempts')::int,
+         v_count, v_count,
+         CASE WHEN v_count = 0 THEN 'completed' ELSE 'active' END,
+         CASE WHEN v_count = 0 THEN now() END);
+
+    IF v_count > 0 THEN
+        -- pgmq assigns msg_ids from a sequence in array order within one INSERT, so the n-th
+        -- smallest msg_id belongs to the n-th task.
+        INSERT INTO stageflow.tasks
+            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id)
+        SELECT v_prefix || u.key, p_job_id, p_stage, u.key, (u.n - 1)::int, u.params, u.pred, v_inputs,
+               (v_def -> 'retry' ->> 'max_attempts')::int, m.msg_id
+          FROM unnest(v_keys, v_params, v_preds) WITH ORDINALITY AS u(key, params, pred, n)
+          JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
+                  FROM pgmq.send_batch(
+                           v_queue,
+                           ARRAY(SELECT jsonb_build_object('task_id', v_prefix || k.key)
+                                   FROM unnest(v_keys) WITH ORDINALITY AS k(key, n)
+                                  ORDER BY k.n)) AS s(msg_id)) AS m
+            ON m.n = u.n;
+        PERFORM pg_notify('stageflow_tasks', v_queue);
+    END IF;
+    RETURN v_count;
+END;
+$$;

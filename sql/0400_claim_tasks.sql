@@ -1,0 +1,132 @@
+-- Checks a queue name the way every function taking one does: pgmq's own rules (lowercase
+-- letters, digits and underscores, at most 47 characters) and that the queue exists.
+CREATE FUNCTION stageflow._check_queue(p_queue text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_queue IS NULL OR p_queue !~ '^[a-z_][a-z0-9_]{0,46}$' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42602',
+            MESSAGE = format('invalid queue name %L', p_queue),
+            HINT = 'queue names are 1 to 47 lowercase letters, digits or underscores, not starting with a digit';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown queue %L', p_queue),
+            HINT = 'queues are created by stageflow.register_job_type for the stages that name them';
+    END IF;
+END;
+$$;
+
+-- Claims up to max_tasks tasks of a queue for lease_seconds: reads their messages with the lease as
+-- pgmq's visibility timeout and marks the tasks running with attempt + 1. A task whose lease runs
+-- out without a completion is delivered again by a later claim. Messages whose task can no longer
+-- run (finished, or its job ended) are deleted; a task whose attempts were all spent on expired
+-- leases fails.
+--
+-- Each row carries the task's params (the job's params overlaid with the task's own; for an `each`
+-- stage the fanned-out array is left out), its predecessor's result (lineage) and its inputs (fan-in).
+CREATE FUNCTION stageflow.claim_tasks(
+    queue text DEFAULT 'default',
+    max_tasks int DEFAULT 1,
+    lease_seconds int DEFAULT 300,
+    worker_id text DEFAULT NULL)
+RETURNS TABLE (
+    task_id text, job_id text, job_type text, stage int, stage_name text, handler text,
+    task_key text, params jsonb, predecessor jsonb, inputs jsonb, attempt int,
+    lease_expires_at timestamptz)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_msg_ids     bigint[];
+    v_task_ids    text[];
+    v_expires_at  timestamptz;
+    v_claimed     int;
+    r             record;
+BEGIN
+    PERFORM stageflow._check_queue(claim_tasks.queue);
+    IF claim_tasks.max_tasks IS NULL OR claim_tasks.max_tasks NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_tasks must be between 1 and 10000, got %s', coalesce(claim_tasks.max_tasks::text, 'NULL')),
+            HINT = 'claim in batches of at most 10000 tasks';
+    END IF;
+    IF claim_tasks.lease_seconds IS NULL OR claim_tasks.lease_seconds NOT BETWEEN 1 AND 604800 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(claim_tasks.lease_seconds::text, 'NULL')),
+            HINT = 'a lease is how long a worker may hold a task before it is delivered again';
+    END IF;
+    v_expires_at := now() + make_interval(secs => claim_tasks.lease_seconds);
+
+    SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.message ->> 'task_id' ORDER BY m.msg_id)
+      INTO v_msg_ids, v_task_ids
+      FROM pgmq.read(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks) AS m;
+    IF v_msg_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE stageflow.tasks AS t
+           SET status = 'running',
+               attempt = t.attempt + 1,
+               lease_expires_at = v_expires_at,
+               worker_id = claim_tasks.worker_id,
+               started_at = coalesce(t.started_at, now()),
+               next_attempt_at = NULL
+          FROM stageflow.jobs AS j
+         WHERE t.task_id = ANY (v_task_ids)
+           AND j.job_id = t.job_id
+           AND j.status IN ('queued', 'processing')
+           AND t.status IN ('queued', 'running')
+           AND t.attempt < t.max_attempts
+        RETURNING t.task_id, t.job_id, j.job_type, j.params AS job_params, t.stage, t.task_key, t.params,
+                  t.predecessor_id, t.inputs, t.attempt, t.lease_expires_at, t.msg_id
+    ), started AS (
+        UPDATE stageflow.jobs AS j
+           SET status = 'processing', started_at = now(), updated_at = now()
+         WHERE j.job_id IN (SELECT c.job_id FROM claimed AS c) AND j.status = 'queued'
+    )
+    SELECT c.task_id, c.job_id, c.job_type, c.stage, s.name, s.handler, c.task_key,
+           CASE WHEN s.fan_out = 'each' THEN c.job_params - s.param ELSE c.job_params END || c.params,
+           p.result, c.inputs, c.attempt, c.lease_expires_at
+      FROM claimed AS c
+      JOIN stageflow.stages AS s ON s.job_id = c.job_id AND s.stage = c.stage
+      LEFT JOIN stageflow.tasks AS p ON p.task_id = c.predecessor_id
+     ORDER BY c.msg_id;
+    GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    IF v_claimed = cardinality(v_msg_ids) THEN
+        RETURN;
+    END IF;
+
+    -- Messages that did not become claims: rare, handled one by one.
+    FOR r IN
+        SELECT u.msg_id, u.task_id, t.status, t.attempt, t.max_attempts, j.status AS job_status
+          FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
+          LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
+          LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+         WHERE t.task_id IS NULL OR t.status <> 'running' OR t.lease_expires_at IS DISTINCT FROM v_expires_at
+    LOOP
+        IF r.status = 'running' AND r.job_status IN ('queued', 'processing') THEN
+            PERFORM stageflow._fail_task_final(
+                r.task_id,
+                jsonb_build_object(
+                    'type', 'lease_expired',
+                    'message', format('the lease of attempt %s of %s expired before the task was completed',
+                                      r.attempt, r.max_attempts),
+                    'retryable', false));
+        ELSE
+            PERFORM pgmq.delete(claim_tasks.queue, r.msg_id);
+            UPDATE stageflow.tasks AS t
+               SET status = 'cancelled', lease_expires_at = NULL, completed_at = now()
+             WHERE t.task_id = r.task_id AND t.status IN ('queued', 'running');
+        END IF;
+    END LOOP;
+END;
+$$;

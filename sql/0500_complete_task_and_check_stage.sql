@@ -1,0 +1,128 @@
+-- What a completion reports: the task, its stage, whether this task's completion finished the
+-- stage (the stage row remembers which task did), and where the job is now.
+CREATE FUNCTION stageflow._completion_report(p_task_id text)
+RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+               'task_id', t.task_id,
+               'task_status', t.status,
+               'stage', t.stage,
+               'stage_completed', s.completed_by IS NOT DISTINCT FROM t.task_id,
+               'next_stage', CASE WHEN s.completed_by IS NOT DISTINCT FROM t.task_id AND t.stage < j.total_stages
+                                  THEN t.stage + 1 END,
+               'job_id', j.job_id,
+               'job_status', j.status,
+               'current_stage', j.current_stage,
+               'total_stages', j.total_stages)
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+     WHERE t.task_id = p_task_id
+$$;
+
+-- Checks that a result feeding a dynamic fan-out is a list of task entries:
+-- {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]}.
+CREATE FUNCTION stageflow._check_planner_result(p_task_id text, p_result jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_problem text;
+BEGIN
+    IF jsonb_typeof(p_result) IS DISTINCT FROM 'object' OR jsonb_typeof(p_result -> 'tasks') IS DISTINCT FROM 'array' THEN
+        v_problem := 'the result has no "tasks" array';
+    ELSE
+        SELECT format('entry %s: %s', e.n - 1,
+                      CASE WHEN jsonb_typeof(e.entry) <> 'object' THEN 'not an object'
+                           WHEN e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
+                                                     OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$')
+                               THEN format('key %s is not 1 to 128 letters, digits or _.:-', e.entry -> 'key')
+                           ELSE '"params" is not an object' END)
+          INTO v_problem
+          FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
+         WHERE jsonb_typeof(e.entry) <> 'object'
+            OR (e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
+                                     OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$'))
+            OR (e.entry ? 'params' AND jsonb_typeof(e.entry -> 'params') <> 'object')
+         ORDER BY e.n
+         LIMIT 1;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('task %s plans the next stage (dynamic fan-out) but %s', p_task_id, v_problem),
+            HINT = 'return {"tasks": [{"key": "tile_x0_y0", "params": {...}}, ...]}; report a planning error with stageflow.fail_task';
+    END IF;
+END;
+$$;
+
+-- Completes a running task with its result and deletes its message. If it was the last open task
+-- of its stage (the stage's counter reaches zero under its row lock), advances the job in the same
+-- transaction. Completing a completed task returns the same report and changes nothing.
+CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_task       record;
+    v_remaining  int;
+BEGIN
+    SELECT t.job_id, t.stage, t.status, t.msg_id, s.queue, s.next_fan_out INTO v_task
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+     WHERE t.task_id = complete_task_and_check_stage.task_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown task %L', complete_task_and_check_stage.task_id),
+            HINT = 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>';
+    END IF;
+
+    IF v_task.status = 'running' THEN
+        IF v_task.next_fan_out = 'dynamic' THEN
+            PERFORM stageflow._check_planner_result(complete_task_and_check_stage.task_id,
+                                                    complete_task_and_check_stage.result);
+        END IF;
+        -- The message first, then the task: the same lock order as claim_tasks.
+        PERFORM pgmq.delete(v_task.queue, v_task.msg_id);
+        UPDATE stageflow.tasks AS t
+           SET status = 'completed', result = complete_task_and_check_stage.result,
+               completed_at = now(), lease_expires_at = NULL
+         WHERE t.task_id = complete_task_and_check_stage.task_id AND t.status = 'running';
+        IF FOUND THEN
+            UPDATE stageflow.stages AS s
+               SET remaining_tasks = s.remaining_tasks - 1,
+                   completed_count = s.completed_count + 1,
+                   completed_by = CASE WHEN s.remaining_tasks = 1 THEN complete_task_and_check_stage.task_id
+                                       ELSE s.completed_by END
+             WHERE s.job_id = v_task.job_id AND s.stage = v_task.stage
+            RETURNING s.remaining_tasks INTO v_remaining;
+            IF v_remaining = 0 THEN
+                PERFORM stageflow.advance_stage(v_task.job_id);
+            END IF;
+            RETURN stageflow._completion_report(complete_task_and_check_stage.task_id);
+        END IF;
+        -- Another session completed or failed it first; report what it is now.
+        SELECT t.status INTO v_task.status FROM stageflow.tasks AS t
+         WHERE t.task_id = complete_task_and_check_stage.task_id;
+    END IF;
+
+    IF v_task.status = 'completed' THEN
+        RETURN stageflow._completion_report(complete_task_and_check_stage.task_id);
+    ELSIF v_task.status = 'queued' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = format('task %s is not claimed', complete_task_and_check_stage.task_id),
+            HINT = 'claim it with stageflow.claim_tasks first; a task waiting for a retry is claimable after its backoff';
+    ELSE
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = format('task %s is %s and cannot be completed', complete_task_and_check_stage.task_id, v_task.status),
+            HINT = 'see stageflow.job_status(job_id) for why the task or its job ended';
+    END IF;
+END;
+$$;
