@@ -1,1 +1,159 @@
-//! placeholder
+//! Support for Stageflow's tests against a real PostgreSQL cluster.
+//!
+//! `scripts/test.sh` starts a private cluster and sets `STAGEFLOW_TEST_DATABASE_URL`. Every test
+//! gets a database of its own, copied from a template in which `CREATE EXTENSION stageflow CASCADE`
+//! ran once, so tests run in parallel without sharing queues.
+
+use std::sync::Mutex;
+
+use postgres::{Client, NoTls};
+use serde_json::Value;
+
+const TEMPLATE: &str = "stageflow_template";
+static CREATE_LOCK: Mutex<bool> = Mutex::new(false);
+
+/// The URL of the test cluster's `postgres` database.
+pub fn cluster_url() -> String {
+    std::env::var("STAGEFLOW_TEST_DATABASE_URL").expect(
+        "STAGEFLOW_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which starts a cluster",
+    )
+}
+
+/// `url` with its database name replaced by `database`.
+pub fn url_for(url: &str, database: &str) -> String {
+    let base = url.rsplit_once('/').map(|(base, _)| base).unwrap_or(url);
+    format!("{base}/{database}")
+}
+
+pub fn connect(url: &str) -> Client {
+    Client::connect(url, NoTls).unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+/// A new database with the extension installed, named after the test; returns its URL.
+pub fn fresh_database(name: &str) -> String {
+    let admin_url = cluster_url();
+    let mut template_ready = CREATE_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut admin = connect(&admin_url);
+    if !*template_ready {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {TEMPLATE}")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {TEMPLATE}")).unwrap();
+        let mut template = connect(&url_for(&admin_url, TEMPLATE));
+        template.batch_execute("CREATE EXTENSION stageflow CASCADE").unwrap();
+        drop(template);
+        *template_ready = true;
+    }
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}")).unwrap();
+    url_for(&admin_url, name)
+}
+
+/// The SQLSTATE, message and hint of a database error.
+pub fn db_error(error: &postgres::Error) -> (String, String, Option<String>) {
+    let db = error.as_db_error().unwrap_or_else(|| panic!("not a database error: {error}"));
+    (db.code().code().to_owned(), db.message().to_owned(), db.hint().map(str::to_owned))
+}
+
+/// One JSON value from a query returning one row and one jsonb column.
+pub fn json(client: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> Value {
+    client.query_one(sql, params).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// Registers a job type; `definition` is JSON text.
+pub fn register(client: &mut Client, name: &str, definition: &str) {
+    let definition: Value = serde_json::from_str(definition).expect("definition is not JSON");
+    client
+        .execute("SELECT stageflow.register_job_type($1, $2)", &[&name, &definition])
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+}
+
+pub fn submit(client: &mut Client, job_type: &str, params: Value) -> String {
+    client
+        .query_one("SELECT stageflow.submit_job($1, $2)", &[&job_type, &params])
+        .unwrap_or_else(|e| panic!("submit {job_type}: {e}"))
+        .get(0)
+}
+
+/// A claimed task, as claim_tasks returns it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub task_id: String,
+    pub job_id: String,
+    pub stage: i32,
+    pub task_key: String,
+    pub params: Value,
+    pub predecessor: Option<Value>,
+    pub inputs: Option<Value>,
+    pub attempt: i32,
+}
+
+pub fn claim(client: &mut Client, queue: &str, max_tasks: i32, lease_seconds: i32) -> Vec<Claimed> {
+    client
+        .query(
+            "SELECT task_id, job_id, stage, task_key, params, predecessor, inputs, attempt \
+             FROM stageflow.claim_tasks($1, $2, $3, 'test')",
+            &[&queue, &max_tasks, &lease_seconds],
+        )
+        .unwrap_or_else(|e| panic!("claim from {queue}: {e}"))
+        .iter()
+        .map(|row| Claimed {
+            task_id: row.get(0),
+            job_id: row.get(1),
+            stage: row.get(2),
+            task_key: row.get(3),
+            params: row.get(4),
+            predecessor: row.get(5),
+            inputs: row.get(6),
+            attempt: row.get(7),
+        })
+        .collect()
+}
+
+pub fn complete(client: &mut Client, task_id: &str, result: Value) -> Value {
+    json(client, "SELECT stageflow.complete_task_and_check_stage($1, $2)", &[&task_id, &result])
+}
+
+pub fn job_status(client: &mut Client, job_id: &str) -> Value {
+    json(client, "SELECT stageflow.job_status($1)", &[&job_id])
+}
+
+/// Claims and completes tasks of `queue` until none is left; returns how many it completed.
+pub fn drain(client: &mut Client, queue: &str, batch: i32) -> usize {
+    let mut done = 0;
+    loop {
+        let tasks = claim(client, queue, batch, 60);
+        if tasks.is_empty() {
+            return done;
+        }
+        for task in tasks {
+            complete(client, &task.task_id, serde_json::json!({"key": task.task_key}));
+            done += 1;
+        }
+    }
+}
+
+/// A digest of everything Stageflow and pgmq store in this database (rows of every table of both
+/// schemas, in a fixed order): equal digests before and after a call mean it changed nothing.
+pub fn state_digest(client: &mut Client) -> String {
+    let tables: Vec<String> = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname IN ('stageflow', 'pgmq') AND c.relkind IN ('r', 'p') ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut digest = String::new();
+    for table in tables {
+        let row = client
+            .query_one(
+                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"),
+                &[],
+            )
+            .unwrap();
+        let (count, hash): (i64, String) = (row.get(0), row.get(1));
+        digest.push_str(&format!("{table}:{count}:{hash}\n"));
+    }
+    digest
+}

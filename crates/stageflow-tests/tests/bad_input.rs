@@ -1,0 +1,104 @@
+//! Every bad call raises an error with a specific SQLSTATE (never the generic P0001), a message and
+//! a hint, and leaves the database exactly as it was.
+
+use serde_json::json;
+use stageflow_tests::*;
+
+struct Case {
+    what: &'static str,
+    sql: String,
+    sqlstate: &'static str,
+    message_contains: &'static str,
+}
+
+fn case(what: &'static str, sql: impl Into<String>, sqlstate: &'static str, message_contains: &'static str) -> Case {
+    Case { what, sql: sql.into(), sqlstate, message_contains }
+}
+
+#[test]
+fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
+    let url = fresh_database("bad_input");
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "planner",
+        r#"{"stages": [
+            {"name": "plan", "handler": "p.plan", "queue": "planq"},
+            {"name": "work", "handler": "p.work", "queue": "planq", "fan_out": "dynamic"}
+        ]}"#,
+    );
+    register(
+        &mut client,
+        "listy",
+        r#"{"parameters": {"type": "object", "properties": {"files": {"type": "array"}}},
+            "stages": [{"name": "one", "handler": "l.one", "queue": "listq", "fan_out": "each", "param": "files"}]}"#,
+    );
+    // A job in every state a bad call may meet: a running planner, a failed task, a queued task,
+    // a completed task.
+    let planner_job = submit(&mut client, "planner", json!({}));
+    let planner_task = claim(&mut client, "planq", 1, 300).remove(0).task_id;
+    let hello_job = submit(&mut client, "hello_world", json!({"message": "x", "n": 2}));
+    let hello = claim(&mut client, "default", 2, 300);
+    complete(&mut client, &hello[0].task_id, json!({}));
+    json(&mut client, "SELECT stageflow.fail_task($1, '{\"message\": \"boom\"}', false)", &[&hello[1].task_id]);
+    let queued_job = submit(&mut client, "hello_world", json!({"message": "queued", "n": 1}));
+    let queued_task: String = client
+        .query_one("SELECT task_id FROM stageflow.tasks WHERE job_id = $1", &[&queued_job])
+        .unwrap()
+        .get(0);
+    let (completed_task, failed_task) = (&hello[0].task_id, &hello[1].task_id);
+    assert_eq!(job_status(&mut client, &hello_job)["status"], json!("failed"));
+
+    let cases = vec![
+        case("unknown job type", "SELECT stageflow.submit_job('nope', '{}')", "42704", "unknown job type"),
+        case("NULL job type", "SELECT stageflow.submit_job(NULL, '{}')", "42704", "unknown job type"),
+        case("params outside the schema", "SELECT stageflow.submit_job('hello_world', '{\"n\": 10001}')", "22023", "params.n"),
+        case("params of the wrong JSON type", "SELECT stageflow.submit_job('hello_world', '{\"n\": \"three\"}')", "22023", "expected integer"),
+        case("params that are not an object", "SELECT stageflow.submit_job('hello_world', '[1, 2]')", "22023", "must be a JSON object"),
+        case("NULL params", "SELECT stageflow.submit_job('hello_world', NULL)", "22004", "got NULL"),
+        case("an unknown parameter", "SELECT stageflow.submit_job('hello_world', '{\"n\": 1, \"nn\": 2}')", "22023", "params.nn"),
+        case("an each parameter that is not an array", "SELECT stageflow.submit_job('listy', '{\"files\": 3}')", "22023", "expected array"),
+        case("a missing each parameter", "SELECT stageflow.submit_job('listy', '{}')", "22023", "params.files"),
+        case("completing an unknown task", "SELECT stageflow.complete_task_and_check_stage('0000000000000000-s1-0', '{}')", "42704", "unknown task"),
+        case("completing a failed task", format!("SELECT stageflow.complete_task_and_check_stage('{failed_task}', '{{}}')"), "55000", "is failed"),
+        case("completing a cancelled-free queued task", format!("SELECT stageflow.complete_task_and_check_stage('{queued_task}', '{{}}')"), "55000", "is not claimed"),
+        case("a planner result without tasks", format!("SELECT stageflow.complete_task_and_check_stage('{planner_task}', '{{\"x\": 1}}')"), "22023", "no \"tasks\" array"),
+        case("a planner entry with a bad key", format!("SELECT stageflow.complete_task_and_check_stage('{planner_task}', '{{\"tasks\": [{{\"key\": \"a b\"}}]}}')"), "22023", "entry 0"),
+        case("planner entries with duplicate keys", format!("SELECT stageflow.complete_task_and_check_stage('{planner_task}', '{{\"tasks\": [{{\"key\": \"a\"}}, {{\"key\": \"a\"}}]}}')"), "22023", "more than once"),
+        case("failing an unknown task", "SELECT stageflow.fail_task('nope', '{}')", "42704", "unknown task"),
+        case("failing a completed task", format!("SELECT stageflow.fail_task('{completed_task}', '{{}}')"), "55000", "already completed"),
+        case("failing a queued task", format!("SELECT stageflow.fail_task('{queued_task}', '{{}}')"), "55000", "is not claimed"),
+        case("failing with a NULL error", format!("SELECT stageflow.fail_task('{planner_task}', NULL)"), "22004", "got NULL"),
+        case("claiming from a queue name pgmq rejects", "SELECT * FROM stageflow.claim_tasks('bad;queue')", "42602", "invalid queue name"),
+        case("claiming from a quoted queue name", "SELECT * FROM stageflow.claim_tasks('x''y')", "42602", "invalid queue name"),
+        case("claiming from an unknown queue", "SELECT * FROM stageflow.claim_tasks('nosuchqueue')", "42704", "unknown queue"),
+        case("claiming zero tasks", "SELECT * FROM stageflow.claim_tasks('default', 0)", "22023", "max_tasks"),
+        case("claiming with a zero lease", "SELECT * FROM stageflow.claim_tasks('default', 1, 0)", "22023", "lease_seconds"),
+        case("claiming with a negative lease", "SELECT * FROM stageflow.claim_tasks('default', 1, -5)", "22023", "lease_seconds"),
+        case("advancing an unknown job", "SELECT stageflow.advance_stage('nope')", "42704", "unknown job"),
+        case("the status of an unknown job", "SELECT stageflow.job_status('nope')", "42704", "unknown job"),
+        case("the tasks of an unknown job", "SELECT * FROM stageflow.job_tasks('nope')", "42704", "unknown job"),
+        case("registering a bad job type name", "SELECT stageflow.register_job_type('Bad Name', '{\"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "42602", "invalid job type name"),
+        case("registering a definition with an unknown field", "SELECT stageflow.register_job_type('t', '{\"stages\": [{\"name\": \"a\", \"handler\": \"h\"}], \"stagez\": 1}')", "22023", "definition.stagez"),
+        case("registering a stage with a bad queue", "SELECT stageflow.register_job_type('t', '{\"stages\": [{\"name\": \"a\", \"handler\": \"h\", \"queue\": \"q;drop\"}]}')", "22023", "definition.stages[0].queue"),
+        case("registering a NULL definition", "SELECT stageflow.register_job_type('t', NULL)", "22004", "is NULL"),
+        case("registering a schema with an unsupported keyword", "SELECT stageflow.register_job_type('t', '{\"parameters\": {\"oneOf\": []}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "22023", "unsupported keyword"),
+    ];
+
+    for case in &cases {
+        let before = state_digest(&mut client);
+        let error = client
+            .batch_execute(&case.sql)
+            .err()
+            .unwrap_or_else(|| panic!("{}: `{}` succeeded", case.what, case.sql));
+        let (sqlstate, message, hint) = db_error(&error);
+        assert_eq!(sqlstate, case.sqlstate, "{}: {message}", case.what);
+        assert_ne!(sqlstate, "P0001", "{}", case.what);
+        assert!(message.contains(case.message_contains), "{}: message {message:?} lacks {:?}", case.what, case.message_contains);
+        assert!(hint.as_deref().is_some_and(|h| !h.is_empty()), "{}: no hint ({message})", case.what);
+        assert_eq!(state_digest(&mut client), before, "{}: the database changed", case.what);
+    }
+    println!("{} bad calls refused with their SQLSTATE and a hint, database unchanged", cases.len());
+    // The planner job is still waiting for a valid plan.
+    assert_eq!(job_status(&mut client, &planner_job)["status"], json!("processing"));
+}

@@ -1,0 +1,216 @@
+//! Races that must not break the engine: many sessions completing the last tasks of a stage at
+//! once, hand-made advances racing the last completion, two workers holding the same task after
+//! its lease expired, and many workers emptying large jobs.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use stageflow_tests::*;
+
+const TWO_STAGES: &str = r#"{
+    "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "seed": {"type": "integer"}}},
+    "stages": [
+        {"name": "fan", "handler": "race.fan", "queue": "race", "fan_out": "count", "param": "n"},
+        {"name": "follow", "handler": "race.follow", "queue": "race", "fan_out": "lineage"}
+    ]
+}"#;
+
+fn messages_in(client: &mut postgres::Client, queue: &str) -> i64 {
+    client.query_one(&format!("SELECT count(*) FROM pgmq.q_{queue}"), &[]).unwrap().get(0)
+}
+
+/// Claims all `n` tasks of stage 1 and completes them from `n` sessions released together by a
+/// barrier; returns the completion reports.
+fn complete_all_at_once(url: &str, tasks: Vec<Claimed>, extra: impl Fn(&str) + Send + Sync + 'static) -> Vec<Value> {
+    let barrier = Arc::new(Barrier::new(tasks.len()));
+    let extra = Arc::new(extra);
+    let handles: Vec<_> = tasks
+        .into_iter()
+        .map(|task| {
+            let (url, barrier, extra) = (url.to_owned(), barrier.clone(), extra.clone());
+            thread::spawn(move || {
+                let mut client = connect(&url);
+                barrier.wait();
+                let report = complete(&mut client, &task.task_id, json!({"from": task.task_key}));
+                extra(&task.job_id);
+                report
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("completion thread panicked")).collect()
+}
+
+#[test]
+fn concurrent_last_completions_advance_the_stage_exactly_once() {
+    let url = fresh_database("race_last_completions");
+    let mut client = connect(&url);
+    register(&mut client, "race", TWO_STAGES);
+    let n = 8;
+    for round in 0..40 {
+        let job_id = submit(&mut client, "race", json!({"n": n, "seed": round}));
+        let tasks = claim(&mut client, "race", n, 60);
+        assert_eq!(tasks.len(), n as usize);
+        let reports = complete_all_at_once(&url, tasks, |_| {});
+
+        let advancing: Vec<&Value> = reports.iter().filter(|r| r["stage_completed"] == json!(true)).collect();
+        assert_eq!(advancing.len(), 1, "round {round}: exactly one completion finishes the stage: {reports:?}");
+        assert_eq!(advancing[0]["next_stage"], json!(2));
+        let stage2: i64 = client
+            .query_one("SELECT count(*) FROM stageflow.tasks WHERE job_id = $1 AND stage = 2", &[&job_id])
+            .unwrap()
+            .get(0);
+        assert_eq!(stage2, n as i64, "round {round}: stage 2 has one task per stage-1 task");
+        assert_eq!(messages_in(&mut client, "race"), n as i64, "round {round}: one message per stage-2 task");
+        let status = job_status(&mut client, &job_id);
+        assert_eq!(status["current_stage"], json!(2));
+        assert_eq!(status["stages"][0]["tasks"]["completed"], json!(n));
+
+        assert_eq!(drain(&mut client, "race", 100), n as usize);
+        assert_eq!(job_status(&mut client, &job_id)["status"], json!("completed"));
+    }
+}
+
+#[test]
+fn hand_made_advances_racing_the_last_completion_create_the_next_stage_once() {
+    let url = fresh_database("race_hand_advance");
+    let mut client = connect(&url);
+    register(&mut client, "race", TWO_STAGES);
+    let n = 6;
+    for round in 0..25 {
+        let job_id = submit(&mut client, "race", json!({"n": n, "seed": round}));
+        let tasks = claim(&mut client, "race", n, 60);
+        // Every completing session also calls advance_stage by hand right after its completion.
+        let advance_url = url.clone();
+        complete_all_at_once(&url, tasks, move |job_id| {
+            let mut other = connect(&advance_url);
+            json(&mut other, "SELECT stageflow.advance_stage($1)", &[&job_id]);
+        });
+        let rows = client
+            .query_one(
+                "SELECT count(*), count(DISTINCT task_id) FROM stageflow.tasks WHERE job_id = $1 AND stage = 2",
+                &[&job_id],
+            )
+            .unwrap();
+        let (tasks, distinct): (i64, i64) = (rows.get(0), rows.get(1));
+        assert_eq!((tasks, distinct), (n as i64, n as i64), "round {round}");
+        assert_eq!(messages_in(&mut client, "race"), n as i64, "round {round}");
+        let report = json(&mut client, "SELECT stageflow.advance_stage($1)", &[&job_id]);
+        assert_eq!(report["advanced"], json!(false), "round {round}: nothing left to advance: {report}");
+        drain(&mut client, "race", 100);
+    }
+}
+
+#[test]
+fn two_workers_holding_an_expired_lease_count_the_task_once() {
+    let url = fresh_database("race_expired_lease");
+    let mut client = connect(&url);
+    register(&mut client, "race", TWO_STAGES);
+    for round in 0..5 {
+        let job_id = submit(&mut client, "race", json!({"n": 2, "seed": round}));
+        let first = claim(&mut client, "race", 1, 1);
+        assert_eq!(first.len(), 1);
+        // The other task is completed normally, so the expired one is the last of its stage.
+        let other = claim(&mut client, "race", 1, 60);
+        complete(&mut client, &other[0].task_id, json!({}));
+
+        thread::sleep(Duration::from_millis(1300));
+        let second = claim(&mut client, "race", 1, 60);
+        assert_eq!(second.len(), 1, "the expired task is delivered again");
+        assert_eq!(second[0].task_id, first[0].task_id);
+        assert_eq!(second[0].attempt, 2);
+
+        // Both holders complete at once: one completion counts, the other gets the same report.
+        let reports = complete_all_at_once(&url, vec![first[0].clone(), second[0].clone()], |_| {});
+        assert_eq!(reports[0], reports[1], "round {round}");
+        assert_eq!(reports[0]["stage_completed"], json!(true));
+        let row = client
+            .query_one(
+                "SELECT completed_count, remaining_tasks FROM stageflow.stages WHERE job_id = $1 AND stage = 1",
+                &[&job_id],
+            )
+            .unwrap();
+        assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (2, 0), "round {round}");
+        let stage2: i64 = client
+            .query_one("SELECT count(*) FROM stageflow.tasks WHERE job_id = $1 AND stage = 2", &[&job_id])
+            .unwrap()
+            .get(0);
+        assert_eq!(stage2, 2);
+        drain(&mut client, "race", 10);
+        assert_eq!(job_status(&mut client, &job_id)["status"], json!("completed"));
+    }
+}
+
+/// Runs `workers` sessions that claim in batches and complete until the job is done; returns
+/// how many completions each made.
+fn run_workers(url: &str, queue: &str, job_id: &str, workers: usize, batch: i32) -> Vec<usize> {
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (url, queue, job_id) = (url.to_owned(), queue.to_owned(), job_id.to_owned());
+            thread::spawn(move || {
+                let mut client = connect(&url);
+                let mut done = 0;
+                loop {
+                    let tasks = claim(&mut client, &queue, batch, 60);
+                    if tasks.is_empty() {
+                        let status = job_status(&mut client, &job_id);
+                        if status["status"] != json!("processing") && status["status"] != json!("queued") {
+                            return done;
+                        }
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    for task in tasks {
+                        let result = match &task.predecessor {
+                            Some(p) => json!({"reply_to": p}),
+                            None => json!({"greeting": task.task_key}),
+                        };
+                        complete(&mut client, &task.task_id, result);
+                        done += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+}
+
+#[test]
+fn many_workers_run_every_task_exactly_once() {
+    let url = fresh_database("many_workers");
+    let mut client = connect(&url);
+    register(&mut client, "race", TWO_STAGES);
+    let n = 3000;
+    let job_id = submit(&mut client, "race", json!({"n": n, "seed": 1}));
+    let per_worker = run_workers(&url, "race", &job_id, 8, 10);
+    assert_eq!(per_worker.iter().sum::<usize>(), 2 * n as usize, "{per_worker:?}");
+
+    let status = job_status(&mut client, &job_id);
+    assert_eq!(status["status"], json!("completed"));
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'completed' AND attempt = 1) FROM stageflow.tasks WHERE job_id = $1",
+            &[&job_id],
+        )
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (2 * n as i64, 2 * n as i64));
+    let result = status["result"].as_array().expect("result is the array of replies");
+    assert_eq!(result.len(), n as usize);
+    assert_eq!(result[0], json!({"reply_to": {"greeting": "0"}}));
+    assert_eq!(result[n as usize - 1], json!({"reply_to": {"greeting": (n - 1).to_string()}}));
+    assert_eq!(messages_in(&mut client, "race"), 0);
+}
+
+#[test]
+fn hello_world_of_ten_thousand_completes() {
+    let url = fresh_database("hello_world_10000");
+    let mut client = connect(&url);
+    let job_id = submit(&mut client, "hello_world", json!({"message": "big", "n": 10000}));
+    let per_worker = run_workers(&url, "default", &job_id, 4, 200);
+    assert_eq!(per_worker.iter().sum::<usize>(), 20000);
+    let status = job_status(&mut client, &job_id);
+    assert_eq!(status["status"], json!("completed"));
+    assert_eq!(status["result"].as_array().map(Vec::len), Some(10000));
+    assert_eq!(status["stages"][1]["tasks"]["completed"], json!(10000));
+}

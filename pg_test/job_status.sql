@@ -1,0 +1,23 @@
+-- job_status reports counts by task status per stage and progress across stages.
+DO $$
+DECLARE
+    v_job text := stageflow.submit_job('hello_world', '{"message": "status", "n": 4}');
+    v_status jsonb;
+    v_task text;
+BEGIN
+    v_status := stageflow.job_status(v_job);
+    ASSERT v_status ->> 'status' = 'queued' AND (v_status ->> 'progress')::numeric = 0;
+    ASSERT v_status -> 'stages' -> 1 ->> 'status' = 'pending', 'stage 2 is not created yet';
+
+    SELECT task_id INTO v_task FROM stageflow.claim_tasks('default', 2) LIMIT 1;
+    PERFORM stageflow.complete_task_and_check_stage(v_task, '{}');
+    v_status := stageflow.job_status(v_job);
+    ASSERT v_status ->> 'status' = 'processing';
+    ASSERT v_status -> 'stages' -> 0 -> 'tasks' = '{"queued": 2, "running": 1, "completed": 1, "failed": 0, "cancelled": 0}',
+        v_status -> 'stages' -> 0 ->> 'tasks';
+    -- 1 of 4 tasks of stage 1 of 2: 12.5 %
+    ASSERT (v_status ->> 'progress')::numeric = 12.5, 'progress ' || (v_status ->> 'progress');
+    ASSERT (SELECT count(*) FROM stageflow.job_tasks(v_job)) = 4;
+    ASSERT (SELECT status FROM stageflow.job_tasks(v_job) WHERE task_id = v_task) = 'completed';
+END;
+$$;
