@@ -35,7 +35,6 @@ pub(crate) fn raise(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
 mod tests;
 
 /// Required by `cargo pgrx test`.
