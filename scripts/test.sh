@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of Stageflow, installing what is missing first (see scripts/setup.sh):
 #   1. unit tests and #[pg_test] tests         cargo pgrx test (pgrx's own throwaway cluster)
-#   2. SQL-level tests (pg_test/*.sql) and
-#      integration tests against a real cluster  cargo test -p stageflow-tests
+#   2. SQL-level tests (pg_test/*.sql), integration tests and worker tests (stageflow worker
+#      processes, examples/python_worker.py) against a private cluster started with
+#      `stageflow cluster start`                 cargo test -p stageflow-tests -p stageflow-cli ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
@@ -10,8 +11,10 @@ cluster=/var/tmp/stageflow-test-cluster
 pgrx_data=/var/tmp/stageflow-pgrx-data
 say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 
+stageflow="$CARGO_TARGET_DIR/debug/stageflow"
+
 # Installing overwrites the extension's .so: no cluster of ours may be running on it.
-scripts/cluster.sh stop "$cluster" 2>/dev/null || true
+[ -x "$stageflow" ] && "$stageflow" cluster stop --dir "$cluster" 2>/dev/null || true
 scripts/setup.sh deps
 
 say "unit and #[pg_test] tests"
@@ -24,9 +27,10 @@ else
 fi
 
 scripts/setup.sh
-say "SQL-level and integration tests on a private cluster"
+say "SQL-level, integration and worker tests on a private cluster"
+cargo build -p stageflow-cli
 rm -rf "$cluster"
-STAGEFLOW_TEST_DATABASE_URL=$(scripts/cluster.sh start "$cluster")
+STAGEFLOW_TEST_DATABASE_URL=$("$stageflow" cluster start --dir "$cluster")
 export STAGEFLOW_TEST_DATABASE_URL
-trap 'scripts/cluster.sh stop "$cluster"' EXIT
-cargo test -p stageflow-tests -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"
+trap '"$stageflow" cluster stop --dir "$cluster"' EXIT
+cargo test -p stageflow-tests -p stageflow-cli -p stageflow-worker -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"

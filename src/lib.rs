@@ -21,9 +21,11 @@ extension_sql_file!("../sql/0200_create_stage_tasks.sql", name = "create_stage_t
 extension_sql_file!("../sql/0210_advance_stage.sql", name = "advance_stage");
 extension_sql_file!("../sql/0300_submit_job.sql", name = "submit_job");
 extension_sql_file!("../sql/0400_claim_tasks.sql", name = "claim_tasks");
+extension_sql_file!("../sql/0450_leases.sql", name = "leases");
 extension_sql_file!("../sql/0500_complete_task_and_check_stage.sql", name = "complete_task_and_check_stage");
 extension_sql_file!("../sql/0600_fail_task.sql", name = "fail_task");
 extension_sql_file!("../sql/0700_job_status.sql", name = "job_status");
+extension_sql_file!("../sql/0750_list_jobs.sql", name = "list_jobs");
 extension_sql_file!("../sql/0900_hello_world.sql", name = "hello_world", finalize);
 
 /// Raises an ERROR with a SQLSTATE, a message and a hint. Never returns.

@@ -1,0 +1,144 @@
+//! A private PostgreSQL 15 cluster in a directory (`./.stageflow` for the demo): created on first
+//! use with the system's PostgreSQL, started on a free port with `stageflow` preloaded, reused
+//! while it runs. As root, the cluster runs as the `postgres` user (PostgreSQL refuses root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct Cluster {
+    dir: PathBuf,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A command run as the cluster's owner: `postgres` when we are root, ourselves otherwise.
+fn as_owner(program: &str) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--", program]);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut command: Command, what: &str) -> Result<String, String> {
+    let output = command.stdin(Stdio::null()).output().map_err(|e| format!("{what}: cannot run: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!("{what} failed: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+impl Cluster {
+    pub fn at(dir: impl AsRef<Path>) -> Result<Self, String> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Cluster { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn url_file(&self) -> PathBuf {
+        self.dir.join("url")
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.data().join("postmaster.pid").exists()
+            && as_owner(&format!("{BIN}/pg_ctl"))
+                .arg("status")
+                .arg("-D")
+                .arg(self.data())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+    }
+
+    /// The URL of the running cluster's `postgres` database.
+    pub fn url(&self) -> Option<String> {
+        if !self.is_running() {
+            return None;
+        }
+        std::fs::read_to_string(self.url_file()).ok().map(|url| url.trim().to_owned())
+    }
+
+    /// Creates the cluster if needed and starts it if it is not running; returns its URL.
+    pub fn ensure_running(&self) -> Result<String, String> {
+        if let Some(url) = self.url() {
+            return Ok(url);
+        }
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown.arg("postgres:postgres").arg(&self.dir);
+            run(chown, "chown")?;
+            let reachable = Command::new("runuser")
+                .args(["-u", "postgres", "--", "test", "-w"])
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !reachable {
+                return Err(format!(
+                    "the postgres user cannot write to {} (a parent directory is closed to it); \
+                     run from a directory every user can reach, or `chmod o+x` its parents",
+                    self.dir.display()
+                ));
+            }
+        }
+        if !self.data().join("PG_VERSION").exists() {
+            let mut initdb = as_owner(&format!("{BIN}/initdb"));
+            initdb.arg("-D").arg(self.data()).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+            run(initdb, "initdb")?;
+        }
+        let port = free_port()?;
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_preload_libraries=stageflow -c max_connections=200",
+            self.dir.display()
+        );
+        let mut start = as_owner(&format!("{BIN}/pg_ctl"));
+        start
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.join("postgres.log"))
+            .args(["-w", "-t", "60", "start", "-o", &options]);
+        run(start, "pg_ctl start").map_err(|e| format!("{e}\n(see {})", self.dir.join("postgres.log").display()))?;
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        std::fs::write(self.url_file(), &url).map_err(|e| e.to_string())?;
+        Ok(url)
+    }
+
+    /// Stops the cluster (fast shutdown) if it runs; returns whether it did.
+    pub fn stop(&self) -> Result<bool, String> {
+        if !self.is_running() {
+            return Ok(false);
+        }
+        let mut stop = as_owner(&format!("{BIN}/pg_ctl"));
+        stop.arg("-D").arg(self.data()).args(["-m", "fast", "-w", "stop"]);
+        run(stop, "pg_ctl stop")?;
+        Ok(true)
+    }
+}

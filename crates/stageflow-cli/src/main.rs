@@ -1,0 +1,261 @@
+//! `stageflow`: run the demo on an embedded cluster, run workers, submit and watch jobs.
+
+mod cluster;
+mod demo;
+mod jobs;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use stageflow_worker::{builtin_handlers, shutdown_signal, Worker, WorkerConfig};
+use tokio_postgres::{Client, NoTls};
+
+use cluster::Cluster;
+
+/// The demo's cluster, relative to the working directory.
+const DEMO_DIR: &str = ".stageflow";
+
+#[derive(Parser)]
+#[command(name = "stageflow", version, about = "Multi-stage workflows of parallel tasks, inside PostgreSQL")]
+struct Cli {
+    /// Database URL; defaults to the demo cluster in ./.stageflow when it runs.
+    #[arg(long, global = true, env = "STAGEFLOW_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run hello_world on a private cluster in ./.stageflow (created on first run) with live progress.
+    Demo {
+        /// Greetings to fan out (stage 1 tasks; stage 2 has as many).
+        #[arg(long, default_value_t = 1000)]
+        n: u32,
+        /// Workers in this process.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Stop the demo cluster and exit.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Claim and run tasks until SIGTERM or Ctrl-C.
+    Worker {
+        /// Queues to claim from (repeat for several).
+        #[arg(long = "queue", default_value = "default")]
+        queues: Vec<String>,
+        /// Handlers running at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Most tasks per claim (default: the concurrency).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long, default_value_t = 60)]
+        lease_seconds: i32,
+        /// Idle poll interval when no notification arrives.
+        #[arg(long, default_value_t = 2000)]
+        poll_interval_ms: u64,
+        /// Fail a handler running longer than this (retryable `timeout`).
+        #[arg(long)]
+        task_timeout_seconds: Option<u64>,
+        /// After SIGTERM, how long running handlers may finish before their tasks are released.
+        #[arg(long, default_value_t = 30)]
+        grace_seconds: u64,
+        #[arg(long)]
+        worker_id: Option<String>,
+    },
+    /// Submit a job.
+    Submit {
+        job_type: String,
+        /// Params as a JSON object.
+        #[arg(long)]
+        params: Option<String>,
+        /// A param as key=value (JSON values are parsed; repeat for several).
+        #[arg(short = 'p', long = "param")]
+        pairs: Vec<String>,
+        /// Follow the job with progress bars until it ends; exit 0 if it completed, 1 if it failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A job's status: stages, task counts, progress, ETA.
+    Status { job_id: String },
+    /// A job's tasks.
+    Tasks {
+        job_id: String,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Recent jobs.
+    Jobs {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long = "type")]
+        job_type: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+    },
+    /// Manage a private cluster directory (what the demo and the tests use).
+    Cluster {
+        #[arg(value_parser = ["start", "stop", "url"])]
+        action: String,
+        #[arg(long, default_value = DEMO_DIR)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug)]
+pub enum CliError {
+    Database(tokio_postgres::Error),
+    Setup(String),
+    Usage(String),
+    JobFailed(String),
+}
+
+impl From<tokio_postgres::Error> for CliError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        CliError::Database(error)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Database(error) => match error.as_db_error() {
+                Some(db) => {
+                    write!(f, "{} (SQLSTATE {})", db.message(), db.code().code())?;
+                    if let Some(hint) = db.hint() {
+                        write!(f, "\nhint: {hint}")?;
+                    }
+                    Ok(())
+                }
+                None => write!(f, "database: {error}"),
+            },
+            CliError::Setup(message) | CliError::Usage(message) => write!(f, "{message}"),
+            CliError::JobFailed(job_id) => write!(f, "job {job_id} failed"),
+        }
+    }
+}
+
+pub async fn connect(url: &str) -> Result<Client, CliError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn database_url(cli: &Cli) -> Result<String, CliError> {
+    if let Some(url) = &cli.database_url {
+        return Ok(url.clone());
+    }
+    Cluster::at(DEMO_DIR).ok().and_then(|c| c.url()).ok_or_else(|| {
+        CliError::Usage(
+            "no database: pass --database-url (or set STAGEFLOW_DATABASE_URL), or run `stageflow demo` first".into(),
+        )
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    match &cli.command {
+        Command::Demo { n, workers, stop } => {
+            let cluster = Cluster::at(DEMO_DIR).map_err(CliError::Setup)?;
+            if *stop {
+                let stopped = cluster.stop().map_err(CliError::Setup)?;
+                println!("{}", if stopped { "Stopped the demo cluster." } else { "The demo cluster was not running." });
+                return Ok(());
+            }
+            demo::run(&cluster, demo::DemoOptions { n: *n, workers: *workers }).await
+        }
+        Command::Cluster { action, dir } => {
+            let cluster = Cluster::at(dir).map_err(CliError::Setup)?;
+            match action.as_str() {
+                "start" => println!("{}", cluster.ensure_running().map_err(CliError::Setup)?),
+                "stop" => {
+                    cluster.stop().map_err(CliError::Setup)?;
+                }
+                _ => println!("{}", cluster.url().ok_or_else(|| CliError::Setup(format!("no cluster runs in {}", dir.display())))?),
+            }
+            Ok(())
+        }
+        Command::Worker { queues, concurrency, batch_size, lease_seconds, poll_interval_ms, task_timeout_seconds, grace_seconds, worker_id } => {
+            let mut config = WorkerConfig::new(database_url(&cli)?);
+            config.queues = queues.clone();
+            config.concurrency = (*concurrency).max(1);
+            config.batch_size = batch_size.unwrap_or(config.concurrency).max(1);
+            config.lease_seconds = *lease_seconds;
+            config.poll_interval = Duration::from_millis(*poll_interval_ms);
+            config.task_timeout = task_timeout_seconds.map(Duration::from_secs);
+            config.grace_period = Duration::from_secs(*grace_seconds);
+            if let Some(id) = worker_id {
+                config.worker_id = id.clone();
+            }
+            let report = Worker::new(config, builtin_handlers()).run(shutdown_signal()).await;
+            tracing::info!(completed = report.completed, failed = report.failed, released = report.released, "worker stopped");
+            Ok(())
+        }
+        Command::Submit { job_type, params, pairs, wait } => {
+            let params = jobs::build_params(params.as_deref(), pairs).map_err(CliError::Usage)?;
+            let client = connect(&database_url(&cli)?).await?;
+            let job_id = jobs::submit(&client, job_type, &params).await?;
+            if !*wait {
+                if cli.json {
+                    println!("{}", serde_json::json!({"job_id": job_id}));
+                } else {
+                    println!("{job_id}");
+                }
+                return Ok(());
+            }
+            let status = progress::follow(&client, &job_id).await?;
+            if cli.json {
+                println!("{status}");
+            } else {
+                jobs::print_status(&status);
+            }
+            if status["status"] != serde_json::json!("completed") {
+                return Err(CliError::JobFailed(job_id));
+            }
+            Ok(())
+        }
+        Command::Status { job_id } => {
+            let client = connect(&database_url(&cli)?).await?;
+            let status = progress::job_status(&client, job_id).await?;
+            if cli.json {
+                println!("{status}");
+            } else {
+                jobs::print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Tasks { job_id, status } => {
+            let client = connect(&database_url(&cli)?).await?;
+            Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
+        }
+        Command::Jobs { status, job_type, limit } => {
+            let client = connect(&database_url(&cli)?).await?;
+            Ok(jobs::list(&client, status.as_deref(), job_type.as_deref(), *limit, cli.json).await?)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STAGEFLOW_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

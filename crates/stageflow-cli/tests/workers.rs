@@ -1,0 +1,279 @@
+//! `stageflow worker` processes against a real cluster: sharing a large job, being killed with
+//! SIGKILL mid-task, shutting down on SIGTERM, surviving a panicking handler and lost
+//! connections; and a worker written in plain Python beside them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stageflow_tests::*;
+
+const SLEEPY: &str = r#"{
+    "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "ms": {"type": "integer"},
+                                                    "marker_dir": {"type": "string"}, "run": {"type": "string"}}},
+    "retry": {"max_attempts": 3, "backoff_base_seconds": 0.2},
+    "stages": [{"name": "nap", "handler": "debug.sleep", "queue": "sleepy", "fan_out": "count", "param": "n"}]
+}"#;
+
+fn log_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stageflow-worker-tests/{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn spawn_worker(url: &str, logs: &Path, name: &str, args: &[&str]) -> Child {
+    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_stageflow"))
+        .args(["worker", "--database-url", url, "--worker-id", name, "--poll-interval-ms", "200"])
+        .args(args)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("stageflow worker starts")
+}
+
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// Waits for a child to exit, up to `limit`; returns whether it exited with success.
+fn wait_exit(child: &mut Child, limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(start.elapsed() < limit, "process {} did not exit within {limit:?}", child.id());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn job_state(client: &mut postgres::Client, job_id: &str) -> String {
+    job_status(client, job_id)["status"].as_str().unwrap().to_owned()
+}
+
+fn wait_for_job(client: &mut postgres::Client, job_id: &str, limit: Duration) -> Value {
+    wait_until(limit, "the job to end", || matches!(job_state(client, job_id).as_str(), "completed" | "failed"));
+    job_status(client, job_id)
+}
+
+fn running_by(client: &mut postgres::Client, job_id: &str, worker: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT task_id FROM stageflow.tasks WHERE job_id = $1 AND status = 'running' AND worker_id = $2",
+            &[&job_id, &worker],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn several_worker_processes_run_every_task_of_a_large_job_once() {
+    let url = fresh_database("workers_share");
+    let logs = log_dir("workers_share");
+    let mut client = connect(&url);
+    let job_id = submit(&mut client, "hello_world", json!({"message": "shared", "n": 2000}));
+    let mut workers: Vec<Child> =
+        (0..3).map(|i| spawn_worker(&url, &logs, &format!("w{i}"), &["--concurrency", "4"])).collect();
+
+    let status = wait_for_job(&mut client, &job_id, Duration::from_secs(180));
+    assert_eq!(status["status"], json!("completed"), "{status}");
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'completed' AND attempt = 1), count(DISTINCT worker_id) \
+               FROM stageflow.tasks WHERE job_id = $1",
+            &[&job_id],
+        )
+        .unwrap();
+    let (tasks, once, worker_count): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((tasks, once), (4000, 4000), "every task completed on its first attempt");
+    let split: Vec<(String, i64)> = client
+        .query("SELECT worker_id, count(*) FROM stageflow.tasks WHERE job_id = $1 GROUP BY 1 ORDER BY 1", &[&job_id])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    println!("tasks per worker: {split:?}");
+    assert!(worker_count >= 2, "the work was shared: {split:?}");
+    assert_eq!(status["result"].as_array().map(Vec::len), Some(2000));
+
+    for worker in &workers {
+        signal(worker, "TERM");
+    }
+    for worker in &mut workers {
+        assert!(wait_exit(worker, Duration::from_secs(20)), "a worker exits 0 on SIGTERM");
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_task_leaves_its_tasks_to_be_redelivered() {
+    let url = fresh_database("workers_sigkill");
+    let logs = log_dir("workers_sigkill");
+    let markers = logs.join("markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    let mut client = connect(&url);
+    register(&mut client, "sleepy", SLEEPY);
+    let job_id = submit(&mut client, "sleepy", json!({"n": 12, "ms": 1500, "marker_dir": markers.to_str().unwrap()}));
+
+    let mut doomed = spawn_worker(&url, &logs, "doomed", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "2"]);
+    wait_until(Duration::from_secs(30), "the doomed worker to hold 4 tasks", || running_by(&mut client, &job_id, "doomed").len() == 4);
+    let held = running_by(&mut client, &job_id, "doomed");
+    signal(&doomed, "KILL");
+    assert!(!wait_exit(&mut doomed, Duration::from_secs(10)), "SIGKILL is not a clean exit");
+
+    let mut survivor = spawn_worker(&url, &logs, "survivor", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "2"]);
+    let status = wait_for_job(&mut client, &job_id, Duration::from_secs(120));
+    assert_eq!(status["status"], json!("completed"), "{status}");
+    for task_id in &held {
+        let row = client
+            .query_one("SELECT status, attempt, worker_id FROM stageflow.tasks WHERE task_id = $1", &[task_id])
+            .unwrap();
+        let (state, attempt, worker): (String, i32, String) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!((state.as_str(), attempt, worker.as_str()), ("completed", 2, "survivor"), "{task_id}");
+        let runs = std::fs::read_dir(&markers)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(&format!("{task_id}.")))
+            .count();
+        assert_eq!(runs, 2, "{task_id} ran once in the killed worker and once after redelivery");
+    }
+    let total_runs = std::fs::read_dir(&markers).unwrap().count();
+    println!("12 tasks, {total_runs} handler runs ({} extra, from the killed worker)", total_runs - 12);
+    signal(&survivor, "TERM");
+    assert!(wait_exit(&mut survivor, Duration::from_secs(20)));
+}
+
+#[test]
+fn sigterm_finishes_nothing_long_and_releases_in_flight_tasks_at_once() {
+    let url = fresh_database("workers_sigterm");
+    let logs = log_dir("workers_sigterm");
+    let mut client = connect(&url);
+    register(&mut client, "sleepy", SLEEPY);
+    let job_id = submit(&mut client, "sleepy", json!({"n": 3, "ms": 60000}));
+    let mut worker = spawn_worker(&url, &logs, "leaving", &["--queue", "sleepy", "--concurrency", "3", "--grace-seconds", "1"]);
+    wait_until(Duration::from_secs(30), "3 running tasks", || running_by(&mut client, &job_id, "leaving").len() == 3);
+
+    let asked = Instant::now();
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(15)), "exit 0 after the grace period");
+    println!("exited {:?} after SIGTERM", asked.elapsed());
+    let rows = client
+        .query("SELECT status, attempt FROM stageflow.tasks WHERE job_id = $1", &[&job_id])
+        .unwrap();
+    assert!(rows.iter().all(|r| r.get::<_, String>(0) == "queued" && r.get::<_, i32>(1) == 0), "released, attempt not spent");
+    let again = claim(&mut client, "sleepy", 10, 60);
+    assert_eq!(again.len(), 3, "released tasks are claimable at once, not after their lease");
+    assert!(again.iter().all(|t| t.attempt == 1));
+}
+
+#[test]
+fn a_panicking_handler_fails_only_its_task() {
+    let url = fresh_database("workers_panic");
+    let logs = log_dir("workers_panic");
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "boom",
+        r#"{"retry": {"max_attempts": 1}, "stages": [{"name": "explode", "handler": "debug.panic", "queue": "boom"}]}"#,
+    );
+    let boom = submit(&mut client, "boom", json!({}));
+    let hello = submit(&mut client, "hello_world", json!({"message": "after the panic", "n": 20}));
+    let mut worker = spawn_worker(&url, &logs, "sturdy", &["--queue", "boom", "--queue", "default"]);
+
+    let failed = wait_for_job(&mut client, &boom, Duration::from_secs(60));
+    assert_eq!(failed["status"], json!("failed"));
+    assert_eq!(failed["error"]["error"]["type"], json!("panic"), "{}", failed["error"]);
+    assert!(failed["error"]["error"]["message"].as_str().unwrap().contains("asked to panic"));
+    let done = wait_for_job(&mut client, &hello, Duration::from_secs(60));
+    assert_eq!(done["status"], json!("completed"));
+    assert!(worker.try_wait().unwrap().is_none(), "the worker keeps running");
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)));
+}
+
+#[test]
+fn lost_connections_are_retried_and_nothing_is_lost() {
+    let url = fresh_database("workers_reconnect");
+    let logs = log_dir("workers_reconnect");
+    let mut client = connect(&url);
+    register(&mut client, "sleepy", SLEEPY);
+    let job_id = submit(&mut client, "sleepy", json!({"n": 60, "ms": 50}));
+    let mut worker = spawn_worker(&url, &logs, "resilient", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "3"]);
+
+    for cut in 0..3 {
+        wait_until(Duration::from_secs(30), "progress", || {
+            job_status(&mut client, &job_id)["stages"][0]["tasks"]["completed"].as_i64().unwrap_or(0) >= 10 * (cut + 1)
+                || job_state(&mut client, &job_id) == "completed"
+        });
+        let cut_off: i64 = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        println!("cut {cut}: terminated {cut_off} worker connections");
+    }
+    let status = wait_for_job(&mut client, &job_id, Duration::from_secs(120));
+    assert_eq!(status["status"], json!("completed"), "{status}");
+    assert_eq!(status["stages"][0]["tasks"]["completed"], json!(60));
+    assert_eq!(status["result"].as_array().map(Vec::len), Some(60));
+    assert!(worker.try_wait().unwrap().is_none(), "the worker survived its lost connections");
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)));
+}
+
+#[test]
+fn a_python_worker_runs_hello_world_beside_a_rust_worker() {
+    let url = fresh_database("workers_python");
+    let logs = log_dir("workers_python");
+    let mut client = connect(&url);
+    let job_id = submit(&mut client, "hello_world", json!({"message": "polyglot", "n": 300}));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_worker.py");
+    // Debian's interpreter, which has python3-psycopg (scripts/setup.sh installs it).
+    let python = Command::new("/usr/bin/python3")
+        .arg(&script)
+        .args([url.as_str(), "--until-idle", "3", "--batch", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    wait_until(Duration::from_secs(30), "the python worker's first completion", || {
+        client
+            .query_one("SELECT count(*) FROM stageflow.tasks WHERE job_id = $1 AND status = 'completed'", &[&job_id])
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    });
+    let mut rust = spawn_worker(&url, &logs, "rusty", &["--concurrency", "2", "--batch-size", "1"]);
+    let status = wait_for_job(&mut client, &job_id, Duration::from_secs(120));
+    assert_eq!(status["status"], json!("completed"), "{status}");
+    let output = python.wait_with_output().unwrap();
+    assert!(output.status.success(), "python worker: {}", String::from_utf8_lossy(&output.stderr));
+    let summary: Value = serde_json::from_slice(&output.stdout).expect("the python worker prints a JSON summary");
+    println!("python worker: {summary}");
+    assert!(summary["completed"].as_i64().unwrap() > 0);
+    let from_python = status["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["reply"].as_str().is_some_and(|s| s.ends_with("(from python)")))
+        .count();
+    assert!(from_python > 0, "some replies were written by the python worker");
+    signal(&rust, "TERM");
+    assert!(wait_exit(&mut rust, Duration::from_secs(20)));
+}

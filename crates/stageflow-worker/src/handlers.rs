@@ -1,0 +1,103 @@
+//! Handlers: async functions from a claimed [`Task`] to a JSON result or a [`TaskError`],
+//! registered once in one map keyed by the handler name that job type definitions use.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+/// A claimed task, as `stageflow.claim_tasks` returns it.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub task_id: String,
+    pub job_id: String,
+    pub job_type: String,
+    pub stage: i32,
+    pub stage_name: String,
+    pub handler: String,
+    pub task_key: String,
+    /// The job's params overlaid with the task's own (`index`, `item`, a planner entry's params).
+    pub params: Value,
+    /// The predecessor's result, for a `lineage` stage.
+    pub predecessor: Option<Value>,
+    /// The previous stage's results in task order, for a `fan_in` stage.
+    pub inputs: Option<Value>,
+    pub attempt: i32,
+}
+
+/// Why a handler failed: reported with `stageflow.fail_task` as `{"type", "message", "retryable"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskError {
+    pub kind: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl TaskError {
+    /// A failure worth another attempt (a timeout, an unreachable service).
+    pub fn retryable(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError { kind: kind.into(), message: message.into(), retryable: true }
+    }
+
+    /// A failure no retry will fix (bad input, a corrupt file).
+    pub fn permanent(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError { kind: kind.into(), message: message.into(), retryable: false }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"type": self.kind, "message": self.message, "retryable": self.retryable})
+    }
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
+type HandlerFn = Arc<dyn Fn(Task) -> HandlerFuture + Send + Sync>;
+
+/// The handlers a worker can run, by name.
+#[derive(Clone, Default)]
+pub struct Handlers {
+    by_name: HashMap<String, HandlerFn>,
+}
+
+impl Handlers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `handler` under `name` (replacing one of the same name).
+    pub fn register<F, Fut>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Task) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+    {
+        self.by_name.insert(name.to_owned(), Arc::new(move |task| Box::pin(handler(task))));
+        self
+    }
+
+    /// The handler's future for `task`, or a permanent error when no handler has its name.
+    pub fn run(&self, task: Task) -> HandlerFuture {
+        match self.by_name.get(&task.handler) {
+            Some(handler) => handler(task),
+            None => {
+                let error = TaskError::permanent(
+                    "unknown_handler",
+                    format!("this worker has no handler {:?} (it has: {})", task.handler, self.names().join(", ")),
+                );
+                Box::pin(async move { Err(error) })
+            }
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.by_name.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}

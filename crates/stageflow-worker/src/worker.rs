@@ -1,0 +1,377 @@
+//! The worker loop: claim in batches while slots are free, run handlers concurrently, report
+//! outcomes, keep long tasks' leases alive, and shut down without losing anything.
+//!
+//! - Wakes on `NOTIFY stageflow_tasks` and otherwise polls every `poll_interval`: an idle worker
+//!   makes one cheap claim call per interval.
+//! - A handler's error, panic or timeout becomes `fail_task` with `{"type", "message", "retryable"}`.
+//! - Outcomes are reported by a reporter with its own connection; a lost connection is retried with
+//!   backoff and the report sent again (completion is idempotent, so nothing counts twice).
+//! - On shutdown: stop claiming, let running handlers finish within `grace_period`, then abort the
+//!   rest and release their tasks so they are delivered again at once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, Instant};
+
+use crate::handlers::{Handlers, Task, TaskError};
+use crate::tasks::{is_connection_error, listen, TaskApi};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub database_url: String,
+    pub queues: Vec<String>,
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// The most tasks one claim asks for.
+    pub batch_size: usize,
+    pub lease_seconds: i32,
+    /// How often an idle worker looks for work when no notification arrives.
+    pub poll_interval: Duration,
+    /// A handler running longer fails with a retryable `timeout` error.
+    pub task_timeout: Option<Duration>,
+    /// How long running handlers may go on after a shutdown request.
+    pub grace_period: Duration,
+    pub worker_id: String,
+}
+
+impl WorkerConfig {
+    pub fn new(database_url: impl Into<String>) -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+            .unwrap_or_else(|| "worker".to_owned());
+        WorkerConfig {
+            database_url: database_url.into(),
+            queues: vec!["default".to_owned()],
+            concurrency: 8,
+            batch_size: 8,
+            lease_seconds: 60,
+            poll_interval: Duration::from_secs(2),
+            task_timeout: None,
+            grace_period: Duration::from_secs(30),
+            worker_id: format!("{host}-{}", std::process::id()),
+        }
+    }
+}
+
+/// What a worker did, for its caller to print.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct WorkerReport {
+    pub completed: u64,
+    pub failed: u64,
+    pub released: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    completed: AtomicU64,
+    failed: AtomicU64,
+}
+
+type Outcome = (String, Result<Value, TaskError>);
+
+pub struct Worker {
+    config: WorkerConfig,
+    handlers: Handlers,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("cannot install a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Connects, retrying with exponential backoff (100 ms doubling to 5 s) until it succeeds.
+async fn connect_with_retry(url: &str) -> TaskApi {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match TaskApi::connect(url).await {
+            Ok(api) => return api,
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot connect to the database");
+                sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs one handler, turning a panic or a timeout into a [`TaskError`].
+async fn run_handler(handlers: Handlers, task: Task, timeout: Option<Duration>) -> Result<Value, TaskError> {
+    let task_id = task.task_id.clone();
+    let guarded = AssertUnwindSafe(handlers.run(task)).catch_unwind();
+    let outcome = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, guarded).await {
+            Ok(outcome) => outcome,
+            Err(_) => return Err(TaskError::retryable("timeout", format!("the handler ran longer than {limit:?}"))),
+        },
+        None => guarded.await,
+    };
+    outcome.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the handler panicked".to_owned());
+        tracing::error!(%task_id, %message, "handler panicked");
+        Err(TaskError::permanent("panic", message))
+    })
+}
+
+/// Reports outcomes one by one on its own connection, until the channel closes.
+async fn report_outcomes(url: String, mut outcomes: mpsc::UnboundedReceiver<Outcome>, counters: Arc<Counters>) {
+    let mut api = connect_with_retry(&url).await;
+    while let Some((task_id, mut outcome)) = outcomes.recv().await {
+        loop {
+            let sent = match &outcome {
+                Ok(result) => api.complete(&task_id, result).await.map(|_| ()),
+                Err(error) => api.fail(&task_id, &error.to_json(), error.retryable).await.map(|_| ()),
+            };
+            match sent {
+                Ok(()) => {
+                    let counter = if outcome.is_ok() { &counters.completed } else { &counters.failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(error) if is_connection_error(&error) => {
+                    tracing::warn!(%task_id, %error, "lost the database while reporting; reconnecting");
+                    sleep(Duration::from_millis(100)).await;
+                    api = connect_with_retry(&url).await;
+                }
+                Err(error) => {
+                    let db = error.as_db_error().expect("not a connection error");
+                    if outcome.is_ok() && db.code().code() == "22023" {
+                        // The database refused the result (a malformed plan): the task fails with why.
+                        outcome = Err(TaskError::permanent("invalid_result", db.message()));
+                        continue;
+                    }
+                    // The task is no longer this worker's to report (its job ended, or it was
+                    // reported already before a lost connection): nothing to do.
+                    tracing::info!(%task_id, code = db.code().code(), message = db.message(), "report refused");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Worker {
+    pub fn new(config: WorkerConfig, handlers: Handlers) -> Self {
+        Worker { config, handlers }
+    }
+
+    /// Runs until `shutdown` resolves and in-flight tasks are finished or released.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> WorkerReport {
+        let config = self.config;
+        let counters = Arc::new(Counters::default());
+        let (outcome_tx, outcome_rx) = mpsc::unbounded_channel::<Outcome>();
+        let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<String>();
+        let reporter = tokio::spawn(report_outcomes(config.database_url.clone(), outcome_rx, counters.clone()));
+
+        let wake = Arc::new(Notify::new());
+        let listener_ended = Arc::new(Notify::new());
+        let mut listener = listen(&config.database_url, wake.clone(), listener_ended.clone()).await.ok();
+        let mut api = connect_with_retry(&config.database_url).await;
+
+        let mut in_flight: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let mut heartbeat = tokio::time::interval(Duration::from_secs((config.lease_seconds as u64 / 3).max(1)));
+        heartbeat.tick().await;
+        tokio::pin!(shutdown);
+        let mut stopping = false;
+        let mut deadline = Instant::now();
+        let mut claim_failures = 0u32;
+        tracing::info!(worker_id = %config.worker_id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
+
+        loop {
+            // Claim while there are free slots and the queues give work.
+            let mut claimed_any = false;
+            if !stopping {
+                for queue in &config.queues {
+                    let free = config.concurrency.saturating_sub(in_flight.len()).min(config.batch_size);
+                    if free == 0 {
+                        break;
+                    }
+                    match api.claim(queue, free as i32, config.lease_seconds, &config.worker_id).await {
+                        Ok(tasks) => {
+                            claim_failures = 0;
+                            claimed_any |= !tasks.is_empty();
+                            for task in tasks {
+                                let task_id = task.task_id.clone();
+                                let (handlers, outcome_tx, finished_tx) =
+                                    (self.handlers.clone(), outcome_tx.clone(), finished_tx.clone());
+                                let timeout = config.task_timeout;
+                                let id = task_id.clone();
+                                let handle = tokio::spawn(async move {
+                                    let outcome = run_handler(handlers, task, timeout).await;
+                                    let _ = outcome_tx.send((id.clone(), outcome));
+                                    let _ = finished_tx.send(id);
+                                });
+                                in_flight.insert(task_id, handle);
+                            }
+                        }
+                        Err(error) => {
+                            claim_failures += 1;
+                            let delay = Duration::from_millis(100 * 2u64.pow(claim_failures.min(6)));
+                            if is_connection_error(&error) {
+                                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "lost the database while claiming");
+                                sleep(delay).await;
+                                api = connect_with_retry(&config.database_url).await;
+                            } else {
+                                tracing::error!(%queue, %error, "claim refused");
+                                sleep(delay).await;
+                            }
+                        }
+                    }
+                }
+            }
+            if stopping && in_flight.is_empty() {
+                break;
+            }
+            if claimed_any && in_flight.len() < config.concurrency {
+                continue;
+            }
+            if listener.is_none() && !stopping {
+                listener = listen(&config.database_url, wake.clone(), listener_ended.clone()).await.ok();
+            }
+
+            tokio::select! {
+                _ = &mut shutdown, if !stopping => {
+                    tracing::info!(in_flight = in_flight.len(), grace = ?config.grace_period, "shutting down");
+                    stopping = true;
+                    deadline = Instant::now() + config.grace_period;
+                }
+                Some(task_id) = finished_rx.recv() => {
+                    in_flight.remove(&task_id);
+                    while let Ok(task_id) = finished_rx.try_recv() {
+                        in_flight.remove(&task_id);
+                    }
+                }
+                _ = wake.notified(), if !stopping => {}
+                _ = listener_ended.notified() => { listener = None; }
+                _ = sleep(config.poll_interval), if !stopping => {}
+                _ = heartbeat.tick(), if !in_flight.is_empty() => {
+                    let ids: Vec<String> = in_flight.keys().cloned().collect();
+                    if let Err(error) = api.heartbeat(&ids, config.lease_seconds, &config.worker_id).await {
+                        tracing::warn!(%error, "heartbeat failed");
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if stopping => {
+                    // Handlers that finished meanwhile are reported, not released.
+                    while let Ok(task_id) = finished_rx.try_recv() {
+                        in_flight.remove(&task_id);
+                    }
+                    let ids: Vec<String> = in_flight.keys().cloned().collect();
+                    for handle in in_flight.values() {
+                        handle.abort();
+                    }
+                    in_flight.clear();
+                    let released = loop {
+                        match api.release(&ids, &config.worker_id).await {
+                            Ok(n) => break n,
+                            Err(error) if is_connection_error(&error) => {
+                                api = connect_with_retry(&config.database_url).await;
+                            }
+                            Err(error) => {
+                                tracing::error!(%error, "release refused; the tasks come back when their leases expire");
+                                break 0;
+                            }
+                        }
+                    };
+                    tracing::info!(released, "released unfinished tasks");
+                    drop(outcome_tx);
+                    let _ = reporter.await;
+                    return WorkerReport {
+                        completed: counters.completed.load(Ordering::Relaxed),
+                        failed: counters.failed.load(Ordering::Relaxed),
+                        released: released as u64,
+                    };
+                }
+            }
+        }
+        drop(outcome_tx);
+        let _ = reporter.await;
+        drop(listener);
+        WorkerReport {
+            completed: counters.completed.load(Ordering::Relaxed),
+            failed: counters.failed.load(Ordering::Relaxed),
+            released: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use serde_json::json;
+
+    fn task(handler: &str, params: Value) -> Task {
+        Task {
+            task_id: "0000000000000000-s1-0".into(),
+            job_id: "0".repeat(64),
+            job_type: "t".into(),
+            stage: 1,
+            stage_name: "s".into(),
+            handler: handler.into(),
+            task_key: "0".into(),
+            params,
+            predecessor: None,
+            inputs: None,
+            attempt: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_permanent_error_with_its_message() {
+        let error = run_handler(crate::builtin_handlers(), task("debug.panic", json!({})), None).await.unwrap_err();
+        assert_eq!(error.kind, "panic");
+        assert!(!error.retryable);
+        assert!(error.message.contains("asked to panic in task 0000000000000000-s1-0"), "{}", error.message);
+    }
+
+    #[tokio::test]
+    async fn a_slow_handler_times_out_with_a_retryable_error() {
+        let slow = task("debug.sleep", json!({"ms": 5000}));
+        let error = run_handler(crate::builtin_handlers(), slow, Some(Duration::from_millis(50))).await.unwrap_err();
+        assert_eq!((error.kind.as_str(), error.retryable), ("timeout", true));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_handler_is_a_permanent_error_naming_the_known_ones() {
+        let error = run_handler(crate::builtin_handlers(), task("nope", json!({})), None).await.unwrap_err();
+        assert_eq!((error.kind.as_str(), error.retryable), ("unknown_handler", false));
+        assert!(error.message.contains("hello_world.greet"));
+    }
+
+    #[tokio::test]
+    async fn hello_world_handlers_greet_and_reply() {
+        let handlers = crate::builtin_handlers();
+        let greeting = run_handler(handlers.clone(), task("hello_world.greet", json!({"message": "hi", "index": 7})), None)
+            .await
+            .unwrap();
+        assert_eq!(greeting, json!({"greeting": "hi #7"}));
+        let mut reply = task("hello_world.reply", json!({}));
+        reply.predecessor = Some(greeting);
+        assert_eq!(run_handler(handlers, reply, None).await.unwrap(), json!({"reply": "reply to hi #7"}));
+    }
+}

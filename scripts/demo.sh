@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what is missing (scripts/setup.sh), builds the `stageflow` command and runs
+# `stageflow demo` in the current directory: hello_world on a private cluster in ./.stageflow,
+# created on the first run and reused after. Arguments go to `stageflow demo` (--n, --workers, --stop).
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
+export PATH="$HOME/.cargo/bin:$PATH"
+stageflow="$CARGO_TARGET_DIR/debug/stageflow"
+
+# The demo cluster preloads the extension's .so, which installing overwrites: stop it first.
+[ -x "$stageflow" ] && "$stageflow" demo --stop >/dev/null 2>&1 || true
+"$repo/scripts/setup.sh" >&2
+cargo build --quiet --manifest-path "$repo/Cargo.toml" -p stageflow-cli
+exec "$stageflow" demo "$@"
