@@ -130,7 +130,10 @@ fn a_worker_killed_mid_task_leaves_its_tasks_to_be_redelivered() {
     let job_id = submit(&mut client, "sleepy", json!({"n": 12, "ms": 1500, "marker_dir": markers.to_str().unwrap()}));
 
     let mut doomed = spawn_worker(&url, &logs, "doomed", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "2"]);
-    wait_until(Duration::from_secs(30), "the doomed worker to hold 4 tasks", || running_by(&mut client, &job_id, "doomed").len() == 4);
+    // Mid-task: 4 tasks leased to it and all 4 handlers started (each writes its marker first).
+    wait_until(Duration::from_secs(30), "the doomed worker to run 4 handlers", || {
+        running_by(&mut client, &job_id, "doomed").len() == 4 && std::fs::read_dir(&markers).unwrap().count() == 4
+    });
     let held = running_by(&mut client, &job_id, "doomed");
     signal(&doomed, "KILL");
     assert!(!wait_exit(&mut doomed, Duration::from_secs(10)), "SIGKILL is not a clean exit");
