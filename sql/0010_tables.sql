@@ -17,7 +17,8 @@ CREATE TABLE stageflow.jobs (
     params         jsonb NOT NULL,
     definition     jsonb NOT NULL,
     status         text NOT NULL DEFAULT 'queued'
-                   CHECK (status IN ('queued', 'processing', 'completed', 'failed')),
+                   CHECK (status IN ('queued', 'processing', 'completed', 'completed_with_errors',
+                                     'failed', 'cancelled')),
     current_stage  int NOT NULL DEFAULT 1,
     total_stages   int NOT NULL,
     result         jsonb,
@@ -25,9 +26,13 @@ CREATE TABLE stageflow.jobs (
     created_at     timestamptz NOT NULL DEFAULT now(),
     started_at     timestamptz,
     updated_at     timestamptz NOT NULL DEFAULT now(),
-    completed_at   timestamptz
+    completed_at   timestamptz,
+    -- created_at + the job type's timeout_seconds: past it, maintenance fails the job.
+    deadline_at    timestamptz
 );
 CREATE INDEX jobs_created_at_idx ON stageflow.jobs (created_at DESC);
+CREATE INDEX jobs_deadline_idx ON stageflow.jobs (deadline_at) WHERE status IN ('queued', 'processing');
+CREATE INDEX jobs_finished_idx ON stageflow.jobs (completed_at) WHERE completed_at IS NOT NULL;
 
 -- A stage a job has reached. remaining_tasks is the counter the last completion sees reach zero
 -- under this row's lock: no completion ever scans the stage's tasks.
@@ -41,12 +46,16 @@ CREATE TABLE stageflow.stages (
     param             text,
     next_fan_out      text,
     max_attempts      int NOT NULL,
+    -- failures the stage tolerates: it fails when failed_count exceeds both
+    -- max_failed_tasks and max_failure_ratio * task_count.
+    max_failed_tasks  int NOT NULL DEFAULT 0,
+    max_failure_ratio numeric NOT NULL DEFAULT 0,
     task_count        int NOT NULL,
     remaining_tasks   int NOT NULL,
     completed_count   int NOT NULL DEFAULT 0,
     failed_count      int NOT NULL DEFAULT 0,
     status            text NOT NULL DEFAULT 'active'
-                      CHECK (status IN ('active', 'completed', 'failed')),
+                      CHECK (status IN ('active', 'completed', 'failed', 'cancelled')),
     completed_by      text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     completed_at      timestamptz,
@@ -65,7 +74,7 @@ CREATE TABLE stageflow.tasks (
     predecessor_id    text,
     inputs            jsonb,
     status            text NOT NULL DEFAULT 'queued'
-                      CHECK (status IN ('queued', 'running', 'completed', 'failed', 'cancelled')),
+                      CHECK (status IN ('queued', 'running', 'completed', 'failed', 'dead', 'cancelled')),
     attempt           int NOT NULL DEFAULT 0,
     max_attempts      int NOT NULL,
     msg_id            bigint NOT NULL,
@@ -86,9 +95,29 @@ CREATE TABLE stageflow.tasks (
 CREATE INDEX tasks_stage_idx ON stageflow.tasks (job_id, stage, ordinal);
 -- Running tasks are few (bounded by workers): job_status counts them without touching the rest.
 CREATE INDEX tasks_running_idx ON stageflow.tasks (job_id, stage) WHERE status = 'running';
+-- Maintenance finds expired leases and due retries without a scan.
+CREATE INDEX tasks_lease_idx ON stageflow.tasks (lease_expires_at) WHERE status = 'running';
+CREATE INDEX tasks_retry_idx ON stageflow.tasks (next_attempt_at) WHERE status = 'queued' AND next_attempt_at IS NOT NULL;
+-- The dead-letter list, newest first.
+CREATE INDEX tasks_dead_letter_idx ON stageflow.tasks (completed_at DESC) WHERE status IN ('failed', 'dead');
+
+-- The outbox: one row per state change of a job or stage and per task failure, written in the
+-- transaction that made the change (and announced with NOTIFY stageflow_events). Webhooks and
+-- dashboards read it. Task completions are counted on their stage row, not written here.
+CREATE TABLE stageflow.events (
+    event_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id      text NOT NULL,
+    stage       int,
+    task_id     text,
+    kind        text NOT NULL,
+    payload     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX events_job_idx ON stageflow.events (job_id, event_id);
 
 -- pg_dump keeps the engine's state with the extension (the built-in job types come with it).
 SELECT pg_catalog.pg_extension_config_dump('stageflow.job_types', $$WHERE name <> 'hello_world'$$);
 SELECT pg_catalog.pg_extension_config_dump('stageflow.jobs', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.stages', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');

@@ -4,6 +4,7 @@
 CREATE FUNCTION stageflow.register_job_type(name text, definition jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -31,6 +32,7 @@ $$;
 CREATE FUNCTION stageflow.job_types()
 RETURNS TABLE (name text, description text, stages jsonb, definition jsonb, updated_at timestamptz)
 LANGUAGE sql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT jt.name,

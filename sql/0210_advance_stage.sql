@@ -5,10 +5,12 @@
 -- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
 --
 -- The job's result: the task's result when the last stage is `single` or `fan_in`, otherwise the
--- array of the last stage's results in task order.
+-- array of the last stage's results in task order. A job some of whose tasks failed within their
+-- stages' thresholds ends `completed_with_errors`.
 CREATE FUNCTION stageflow.advance_stage(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -34,9 +36,13 @@ BEGIN
 
         IF v_stage.status = 'active' THEN
             UPDATE stageflow.stages AS s
-               SET status = 'completed', completed_at = now()
+               SET status = 'completed', completed_at = stageflow.now()
              WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
         END IF;
+        PERFORM stageflow._emit(v_job.job_id, 'stage_completed',
+                                jsonb_build_object('name', v_stage.name, 'task_count', v_stage.task_count,
+                                                   'completed', v_stage.completed_count, 'failed', v_stage.failed_count),
+                                v_stage.stage);
 
         IF v_job.current_stage >= v_job.total_stages THEN
             IF v_stage.fan_out IN ('single', 'fan_in') THEN
@@ -49,16 +55,20 @@ BEGIN
                  WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status = 'completed';
             END IF;
             UPDATE stageflow.jobs AS j
-               SET status = 'completed', result = v_result, completed_at = now(), updated_at = now()
+               SET status = CASE WHEN EXISTS (SELECT 1 FROM stageflow.stages AS s
+                                               WHERE s.job_id = v_job.job_id AND s.failed_count > 0)
+                                 THEN 'completed_with_errors' ELSE 'completed' END,
+                   result = v_result, completed_at = stageflow.now(), updated_at = stageflow.now()
              WHERE j.job_id = v_job.job_id
             RETURNING * INTO v_job;
+            PERFORM stageflow._emit(v_job.job_id, 'job_' || v_job.status, jsonb_build_object('total_stages', v_job.total_stages));
             v_advanced := true;
             EXIT;
         END IF;
 
         v_created := stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1);
         UPDATE stageflow.jobs AS j
-           SET current_stage = j.current_stage + 1, updated_at = now()
+           SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
          WHERE j.job_id = v_job.job_id
         RETURNING * INTO v_job;
         v_advanced := true;

@@ -4,6 +4,7 @@
 CREATE FUNCTION stageflow.submit_job(job_type text, params jsonb DEFAULT '{}')
 RETURNS text
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -21,15 +22,24 @@ BEGIN
                             'no job type is registered: use stageflow.register_job_type(name, definition)');
     END IF;
 
-    v_params := stageflow._validate_params(submit_job.job_type, v_definition, submit_job.params);
-    v_job_id := stageflow.job_id(submit_job.job_type, v_params);
+    IF pg_column_size(submit_job.params) > 1048576 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', pg_column_size(submit_job.params)),
+            HINT = 'pass large inputs by reference (a path or URL), not inline';
+    END IF;
+    v_params := stageflow._validate_params(submit_job.job_type, v_definition, submit_job.params::text);
+    v_job_id := stageflow._job_id(submit_job.job_type, v_params::text);
 
-    INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages)
-    VALUES (v_job_id, submit_job.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'))
+    INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at, deadline_at)
+    VALUES (v_job_id, submit_job.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
+            stageflow.now(), stageflow.now(),
+            stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric))
     ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
     IF NOT FOUND THEN
         RETURN v_job_id;
     END IF;
+    PERFORM stageflow._emit(v_job_id, 'job_submitted', jsonb_build_object('job_type', submit_job.job_type));
 
     IF stageflow._create_stage_tasks(v_job_id, 1) = 0 THEN
         PERFORM stageflow.advance_stage(v_job_id);

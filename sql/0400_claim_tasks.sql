@@ -25,7 +25,7 @@ $$;
 -- pgmq's visibility timeout and marks the tasks running with attempt + 1. A task whose lease runs
 -- out without a completion is delivered again by a later claim. Messages whose task can no longer
 -- run (finished, or its job ended) are deleted; a task whose attempts were all spent on expired
--- leases fails.
+-- leases is dead-lettered.
 --
 -- Each row carries the task's params (the job's params overlaid with the task's own; for an `each`
 -- stage the fanned-out array is left out), its predecessor's result (lineage) and its inputs (fan-in).
@@ -39,6 +39,7 @@ RETURNS TABLE (
     task_key text, params jsonb, predecessor jsonb, inputs jsonb, attempt int,
     lease_expires_at timestamptz)
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -62,7 +63,7 @@ BEGIN
             MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(claim_tasks.lease_seconds::text, 'NULL')),
             HINT = 'a lease is how long a worker may hold a task before it is delivered again';
     END IF;
-    v_expires_at := now() + make_interval(secs => claim_tasks.lease_seconds);
+    v_expires_at := stageflow.now() + make_interval(secs => claim_tasks.lease_seconds);
 
     SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.message ->> 'task_id' ORDER BY m.msg_id)
       INTO v_msg_ids, v_task_ids
@@ -78,7 +79,7 @@ BEGIN
                attempt = t.attempt + 1,
                lease_expires_at = v_expires_at,
                worker_id = claim_tasks.worker_id,
-               started_at = coalesce(t.started_at, now()),
+               started_at = coalesce(t.started_at, stageflow.now()),
                next_attempt_at = NULL
           FROM stageflow.jobs AS j
          WHERE t.task_id = ANY (v_task_ids)
@@ -90,7 +91,7 @@ BEGIN
                   t.predecessor_id, t.inputs, t.attempt, t.lease_expires_at, t.msg_id
     ), started AS (
         UPDATE stageflow.jobs AS j
-           SET status = 'processing', started_at = now(), updated_at = now()
+           SET status = 'processing', started_at = stageflow.now(), updated_at = stageflow.now()
          WHERE j.job_id IN (SELECT c.job_id FROM claimed AS c) AND j.status = 'queued'
     )
     SELECT c.task_id, c.job_id, c.job_type, c.stage, s.name, s.handler, c.task_key,
@@ -114,18 +115,25 @@ BEGIN
          WHERE t.task_id IS NULL OR t.status <> 'running' OR t.lease_expires_at IS DISTINCT FROM v_expires_at
     LOOP
         IF r.status = 'running' AND r.job_status IN ('queued', 'processing') THEN
-            PERFORM stageflow._fail_task_final(
-                r.task_id,
+            PERFORM stageflow._end_task(
+                r.task_id, 'dead',
                 jsonb_build_object(
                     'type', 'lease_expired',
                     'message', format('the lease of attempt %s of %s expired before the task was completed',
                                       r.attempt, r.max_attempts),
-                    'retryable', false));
+                    'category', 'transient'));
         ELSE
             PERFORM pgmq.delete(claim_tasks.queue, r.msg_id);
-            UPDATE stageflow.tasks AS t
-               SET status = 'cancelled', lease_expires_at = NULL, completed_at = now()
-             WHERE t.task_id = r.task_id AND t.status IN ('queued', 'running');
+            WITH cancelled AS (
+                UPDATE stageflow.tasks AS t
+                   SET status = 'cancelled', lease_expires_at = NULL, completed_at = stageflow.now()
+                 WHERE t.task_id = r.task_id AND t.status IN ('queued', 'running')
+                RETURNING t.job_id, t.stage
+            )
+            UPDATE stageflow.stages AS s
+               SET remaining_tasks = s.remaining_tasks - 1
+              FROM cancelled AS c
+             WHERE s.job_id = c.job_id AND s.stage = c.stage;
         END IF;
     END LOOP;
 END;

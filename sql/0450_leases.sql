@@ -5,6 +5,7 @@
 CREATE FUNCTION stageflow.heartbeat(task_ids text[], lease_seconds int DEFAULT 300, worker_id text DEFAULT NULL)
 RETURNS TABLE (task_id text, lease_expires_at timestamptz)
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -31,7 +32,7 @@ BEGIN
     END LOOP;
     RETURN QUERY
     UPDATE stageflow.tasks AS t
-       SET lease_expires_at = now() + make_interval(secs => heartbeat.lease_seconds)
+       SET lease_expires_at = stageflow.now() + make_interval(secs => heartbeat.lease_seconds)
      WHERE t.task_id = ANY (heartbeat.task_ids) AND t.status = 'running'
        AND (heartbeat.worker_id IS NULL OR t.worker_id = heartbeat.worker_id)
     RETURNING t.task_id, t.lease_expires_at;
@@ -44,6 +45,7 @@ $$;
 CREATE FUNCTION stageflow.release_tasks(task_ids text[], worker_id text DEFAULT NULL)
 RETURNS int
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE

@@ -62,16 +62,19 @@ $$;
 -- Completes a running task with its result and deletes its message. If it was the last open task
 -- of its stage (the stage's counter reaches zero under its row lock), advances the job in the same
 -- transaction. Completing a completed task returns the same report and changes nothing.
-CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL)
+-- With worker_id (what the worker passed to claim_tasks), only the worker holding the task's
+-- current lease may complete it: a worker whose lease expired and went to another is refused.
+CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL, worker_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_task       record;
     v_remaining  int;
 BEGIN
-    SELECT t.job_id, t.stage, t.status, t.msg_id, s.queue, s.next_fan_out INTO v_task
+    SELECT t.job_id, t.stage, t.status, t.msg_id, t.worker_id, s.queue, s.next_fan_out INTO v_task
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
      WHERE t.task_id = complete_task_and_check_stage.task_id;
@@ -83,6 +86,21 @@ BEGIN
     END IF;
 
     IF v_task.status = 'running' THEN
+        IF complete_task_and_check_stage.worker_id IS NOT NULL
+           AND v_task.worker_id IS DISTINCT FROM complete_task_and_check_stage.worker_id THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '55000',
+                MESSAGE = format('task %s is leased to worker %s, not %s', complete_task_and_check_stage.task_id,
+                                 coalesce(v_task.worker_id, '(none)'), complete_task_and_check_stage.worker_id),
+                HINT = 'the lease expired and the task was delivered again; its new holder reports it';
+        END IF;
+        IF pg_column_size(complete_task_and_check_stage.result) > 8388608 THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '54000',
+                MESSAGE = format('the result of task %s takes %s bytes, more than the limit of 8388608',
+                                 complete_task_and_check_stage.task_id, pg_column_size(complete_task_and_check_stage.result)),
+                HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
+        END IF;
         IF v_task.next_fan_out = 'dynamic' THEN
             PERFORM stageflow._check_planner_result(complete_task_and_check_stage.task_id,
                                                     complete_task_and_check_stage.result);
@@ -91,7 +109,7 @@ BEGIN
         PERFORM pgmq.delete(v_task.queue, v_task.msg_id);
         UPDATE stageflow.tasks AS t
            SET status = 'completed', result = complete_task_and_check_stage.result,
-               completed_at = now(), lease_expires_at = NULL
+               completed_at = stageflow.now(), lease_expires_at = NULL
          WHERE t.task_id = complete_task_and_check_stage.task_id AND t.status = 'running';
         IF FOUND THEN
             UPDATE stageflow.stages AS s
@@ -118,11 +136,16 @@ BEGIN
             ERRCODE = '55000',
             MESSAGE = format('task %s is not claimed', complete_task_and_check_stage.task_id),
             HINT = 'claim it with stageflow.claim_tasks first; a task waiting for a retry is claimable after its backoff';
+    ELSIF v_task.status = 'cancelled' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = format('task %s is cancelled: its job ended, the result is not recorded', complete_task_and_check_stage.task_id),
+            HINT = 'see stageflow.job_status(job_id) for why the job ended';
     ELSE
         RAISE EXCEPTION USING
             ERRCODE = '55000',
             MESSAGE = format('task %s is %s and cannot be completed', complete_task_and_check_stage.task_id, v_task.status),
-            HINT = 'see stageflow.job_status(job_id) for why the task or its job ended';
+            HINT = 'stageflow.retry_job(job_id) runs failed and dead tasks again';
     END IF;
 END;
 $$;

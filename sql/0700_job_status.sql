@@ -6,6 +6,7 @@
 CREATE FUNCTION stageflow.job_status(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -54,7 +55,7 @@ BEGIN
         'params', v_job.params,
         'current_stage', v_job.current_stage,
         'total_stages', v_job.total_stages,
-        'progress', CASE WHEN v_job.status = 'completed' THEN 100
+        'progress', CASE WHEN v_job.status IN ('completed', 'completed_with_errors') THEN 100
                          ELSE round(100 * v_done / v_job.total_stages, 1) END,
         'stages', v_stages,
         'created_at', v_job.created_at,
@@ -74,6 +75,7 @@ RETURNS TABLE (
     errors jsonb, created_at timestamptz, started_at timestamptz, completed_at timestamptz,
     lease_expires_at timestamptz, next_attempt_at timestamptz)
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column

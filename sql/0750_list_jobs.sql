@@ -11,15 +11,16 @@ RETURNS TABLE (
     current_stage_name text, progress numeric, created_at timestamptz, updated_at timestamptz,
     completed_at timestamptz)
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    IF list_jobs.filter_status IS NOT NULL AND list_jobs.filter_status NOT IN ('queued', 'processing', 'completed', 'failed') THEN
+    IF list_jobs.filter_status IS NOT NULL AND list_jobs.filter_status NOT IN ('queued', 'processing', 'completed', 'completed_with_errors', 'failed', 'cancelled') THEN
         RAISE EXCEPTION USING
             ERRCODE = '22023',
             MESSAGE = format('unknown job status %L', list_jobs.filter_status),
-            HINT = 'job statuses are queued, processing, completed and failed';
+            HINT = 'job statuses are queued, processing, completed, completed_with_errors, failed and cancelled';
     END IF;
     IF list_jobs.max_rows IS NULL OR list_jobs.max_rows NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION USING
@@ -29,7 +30,7 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT j.job_id, j.job_type, j.status, j.current_stage, j.total_stages, s.name,
-           CASE WHEN j.status = 'completed' THEN 100::numeric
+           CASE WHEN j.status IN ('completed', 'completed_with_errors') THEN 100::numeric
                 ELSE round(100 * ((j.current_stage - 1)
                                   + CASE WHEN s.status = 'completed' THEN 1
                                          WHEN s.task_count > 0 THEN s.completed_count::numeric / s.task_count

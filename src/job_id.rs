@@ -52,17 +52,16 @@ pub fn job_id(job_type: &str, params: &Value) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// `stageflow.job_id(job_type, params)`: the id `submit_job` gives this work (after the job type's
-/// defaults are applied to the params).
-#[pg_extern(immutable, parallel_safe, name = "job_id")]
-fn job_id_sql(job_type: &str, params: pgrx::JsonB) -> String {
-    job_id(job_type, &params.0)
+/// `stageflow._job_id(job_type, params_text)`, behind `stageflow.job_id(job_type, params)`.
+#[pg_extern(immutable, parallel_safe, name = "_job_id")]
+fn job_id_sql(job_type: &str, params: &str) -> String {
+    job_id(job_type, &crate::parse_json(params, "params"))
 }
 
-/// `stageflow.canonical_json(value)`: the text that job ids hash.
-#[pg_extern(immutable, parallel_safe, name = "canonical_json")]
-fn canonical_json_sql(value: pgrx::JsonB) -> String {
-    canonical_json(&value.0)
+/// `stageflow._canonical_json(text)`, behind `stageflow.canonical_json(value)`.
+#[pg_extern(immutable, parallel_safe, name = "_canonical_json")]
+fn canonical_json_sql(value: &str) -> String {
+    canonical_json(&crate::parse_json(value, "the value"))
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 //!   "retry": {"max_attempts": 3, "backoff_base_seconds": 1, "backoff_max_seconds": 300},
 //!   "stages": [
 //!     {"name": "greet", "handler": "hello_world.greet", "queue": "default",
-//!      "fan_out": "count", "param": "n", "retry": { overrides the job type's retry }},
+//!      "fan_out": "count", "param": "n", "retry": { overrides the job type's retry },
+//!      "max_failed_tasks": 0, "max_failure_ratio": 0},
 //!     ...
-//!   ]
+//!   ],
+//!   "timeout_seconds": 3600
 //! }
 //! ```
 
@@ -138,7 +140,11 @@ fn normalize_stage(
     let Some(stage) = stage.as_object() else {
         return Err(invalid(path, "must be an object"));
     };
-    check_fields(stage, &path, &["name", "description", "handler", "queue", "fan_out", "param", "retry"])?;
+    check_fields(
+        stage,
+        &path,
+        &["name", "description", "handler", "queue", "fan_out", "param", "retry", "max_failed_tasks", "max_failure_ratio"],
+    )?;
 
     let name = required_string(stage, &path, "name")?;
     if !is_job_type_name(name) {
@@ -180,12 +186,22 @@ fn normalize_stage(
         }
     }
 
+    let max_failed_tasks = match stage.get("max_failed_tasks") {
+        None => 0,
+        Some(v) => v.as_u64().filter(|n| *n <= MAX_FAN_OUT).ok_or_else(|| {
+            invalid(format!("{path}.max_failed_tasks"), format!("must be an integer from 0 to {MAX_FAN_OUT}, got {v}"))
+        })?,
+    };
+    let max_failure_ratio = number_in(stage.get("max_failure_ratio"), &format!("{path}.max_failure_ratio"), 0.0, 0.0, 1.0)?;
+
     let mut normalized = json!({
         "name": name,
         "handler": handler,
         "queue": queue,
         "fan_out": fan_out,
         "retry": normalize_retry(stage.get("retry"), retry, &format!("{path}.retry"))?,
+        "max_failed_tasks": max_failed_tasks,
+        "max_failure_ratio": max_failure_ratio,
     });
     if let Some(p) = param {
         normalized["param"] = Value::String(p);
@@ -201,7 +217,13 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     let Some(object) = definition.as_object() else {
         return Err(invalid("definition", "must be a JSON object"));
     };
-    check_fields(object, "definition", &["description", "parameters", "retry", "stages"])?;
+    check_fields(object, "definition", &["description", "parameters", "retry", "stages", "timeout_seconds"])?;
+    let timeout_seconds = match object.get("timeout_seconds") {
+        None => None,
+        Some(v) => Some(v.as_u64().filter(|n| (1..=31_536_000).contains(n)).ok_or_else(|| {
+            invalid("definition.timeout_seconds", format!("must be an integer from 1 to 31536000 (a year), got {v}"))
+        })?),
+    };
     let description = match object.get("description") {
         None => "",
         Some(Value::String(s)) => s,
@@ -231,6 +253,9 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     let mut normalized = json!({"description": description, "retry": retry, "stages": stages});
     if let Some(schema) = schema {
         normalized["parameters"] = schema.clone();
+    }
+    if let Some(timeout) = timeout_seconds {
+        normalized["timeout_seconds"] = json!(timeout);
     }
     Ok(normalized)
 }
@@ -281,7 +306,8 @@ mod unit {
                 "description": "",
                 "retry": {"max_attempts": 3, "backoff_base_seconds": 1.0, "backoff_max_seconds": 300.0},
                 "stages": [{"name": "a", "handler": "h", "queue": "default", "fan_out": "single",
-                            "retry": {"max_attempts": 3, "backoff_base_seconds": 1.0, "backoff_max_seconds": 300.0}}]
+                            "retry": {"max_attempts": 3, "backoff_base_seconds": 1.0, "backoff_max_seconds": 300.0},
+                            "max_failed_tasks": 0, "max_failure_ratio": 0.0}]
             })
         );
     }
@@ -318,6 +344,11 @@ mod unit {
             "definition.stages[0].param"
         );
         assert_eq!(field_of(json!({"parameters": {"anyOf": []}, "stages": [{"name": "a", "handler": "h"}]})), "definition.parameters");
+        assert_eq!(field_of(json!({"timeout_seconds": 0, "stages": [{"name": "a", "handler": "h"}]})), "definition.timeout_seconds");
+        assert_eq!(
+            field_of(json!({"stages": [{"name": "a", "handler": "h", "max_failure_ratio": 1.5}]})),
+            "definition.stages[0].max_failure_ratio"
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! The state machine (submit, claim, complete, fail, advance) is set-based SQL in `sql/`, loaded
 //! in file order. Rust does what SQL does poorly: canonical JSON and the job id hash
-//! ([`job_id`]), JSON Schema checks of parameters ([`params`]) and the validation of job type
-//! definitions ([`job_types`]).
+//! ([`job_id`]), JSON Schema checks of parameters ([`params`]), the validation of job type
+//! definitions ([`job_types`]), and the background worker that runs maintenance ([`maintenance`]).
 
 use pgrx::prelude::*;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -13,9 +13,16 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 pub mod job_id;
 pub mod job_types;
+pub mod maintenance;
 pub mod params;
 
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    maintenance::init();
+}
+
 extension_sql_file!("../sql/0010_tables.sql", name = "tables", bootstrap);
+extension_sql_file!("../sql/0020_clock_and_events.sql", name = "clock_and_events");
 extension_sql_file!("../sql/0100_register_job_type.sql", name = "register_job_type");
 extension_sql_file!("../sql/0200_create_stage_tasks.sql", name = "create_stage_tasks");
 extension_sql_file!("../sql/0210_advance_stage.sql", name = "advance_stage");
@@ -26,7 +33,41 @@ extension_sql_file!("../sql/0500_complete_task_and_check_stage.sql", name = "com
 extension_sql_file!("../sql/0600_fail_task.sql", name = "fail_task");
 extension_sql_file!("../sql/0700_job_status.sql", name = "job_status");
 extension_sql_file!("../sql/0750_list_jobs.sql", name = "list_jobs");
-extension_sql_file!("../sql/0900_hello_world.sql", name = "hello_world", finalize);
+extension_sql_file!("../sql/0800_cancel_and_retry.sql", name = "cancel_and_retry");
+extension_sql_file!("../sql/0850_maintenance.sql", name = "maintenance");
+extension_sql_file!(
+    "../sql/0900_hello_world.sql",
+    name = "hello_world",
+    requires = [
+        "register_job_type",
+        job_types::normalize_definition_sql,
+        params::validate_params_sql,
+    ]
+);
+extension_sql_file!("../sql/0950_roles_and_grants.sql", name = "roles_and_grants", finalize);
+
+/// Parses JSON text that PostgreSQL produced (jsonb output), turning what serde_json cannot hold
+/// into errors with a SQLSTATE: nesting deeper than 128 levels, numbers beyond 64-bit floats.
+pub(crate) fn parse_json(text: &str, what: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|error| {
+        let message = error.to_string();
+        if message.contains("recursion limit") {
+            raise(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("{what} is nested more than 128 levels deep"),
+                "flatten the document: Stageflow reads at most 128 levels of nested arrays and objects",
+            )
+        } else if message.contains("number out of range") {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("{what} holds a number outside the range of a 64-bit float"),
+                "pass very large or very precise numbers as strings",
+            )
+        } else {
+            raise(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, format!("{what} is not JSON: {message}"), "pass a JSON value")
+        }
+    })
+}
 
 /// Raises an ERROR with a SQLSTATE, a message and a hint. Never returns.
 pub(crate) fn raise(code: PgSqlErrorCode, message: String, hint: &str) -> ! {

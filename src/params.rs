@@ -268,11 +268,11 @@ pub fn fan_out_problems(stages: &[Stage], params: &Value, errors: &mut Vec<Strin
     }
 }
 
-/// `stageflow._validate_params(job_type, definition, params)`: the params with defaults filled in,
-/// or an error (22023) listing every problem.
+/// `stageflow._validate_params(job_type, definition, params_text)`: the params with defaults
+/// filled in, or an error (22023) listing every problem.
 #[pg_extern(immutable, parallel_safe, name = "_validate_params")]
-fn validate_params_sql(job_type: &str, definition: pgrx::JsonB, params: Option<pgrx::JsonB>) -> pgrx::JsonB {
-    let Some(pgrx::JsonB(mut params)) = params else {
+fn validate_params_sql(job_type: &str, definition: pgrx::JsonB, params: Option<&str>) -> pgrx::JsonB {
+    let Some(mut params) = params.map(|text| crate::parse_json(text, "params")) else {
         crate::raise(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             format!("params of a {job_type} job must be a JSON object, got NULL"),

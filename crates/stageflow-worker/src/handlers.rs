@@ -27,27 +27,64 @@ pub struct Task {
     pub attempt: i32,
 }
 
-/// Why a handler failed: reported with `stageflow.fail_task` as `{"type", "message", "retryable"}`.
+/// Why a handler failed: reported with `stageflow.fail_task` as
+/// `{"type", "message", "category", "retry_after_seconds"?}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskError {
     pub kind: String,
     pub message: String,
-    pub retryable: bool,
+    /// Retried after a backoff, or after `retry_after_seconds`, or never.
+    pub category: Category,
+    pub retry_after_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    Transient,
+    Throttling,
+    Permanent,
+}
+
+impl Category {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Transient => "transient",
+            Category::Throttling => "throttling",
+            Category::Permanent => "permanent",
+        }
+    }
 }
 
 impl TaskError {
-    /// A failure worth another attempt (a timeout, an unreachable service).
+    fn new(kind: impl Into<String>, message: impl Into<String>, category: Category) -> Self {
+        TaskError { kind: kind.into(), message: message.into(), category, retry_after_seconds: None }
+    }
+
+    /// A failure worth another attempt after a backoff (a timeout, an unreachable service).
     pub fn retryable(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        TaskError { kind: kind.into(), message: message.into(), retryable: true }
+        Self::new(kind, message, Category::Transient)
+    }
+
+    /// A service asked us to slow down: retry no sooner than `retry_after_seconds`.
+    pub fn throttled(kind: impl Into<String>, message: impl Into<String>, retry_after_seconds: f64) -> Self {
+        TaskError { retry_after_seconds: Some(retry_after_seconds), ..Self::new(kind, message, Category::Throttling) }
     }
 
     /// A failure no retry will fix (bad input, a corrupt file).
     pub fn permanent(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        TaskError { kind: kind.into(), message: message.into(), retryable: false }
+        Self::new(kind, message, Category::Permanent)
+    }
+
+    pub fn retryable_flag(&self) -> bool {
+        self.category != Category::Permanent
     }
 
     pub fn to_json(&self) -> Value {
-        json!({"type": self.kind, "message": self.message, "retryable": self.retryable})
+        let mut error = json!({"type": self.kind, "message": self.message, "category": self.category.as_str()});
+        if let Some(seconds) = self.retry_after_seconds {
+            error["retry_after_seconds"] = json!(seconds);
+        }
+        error
     }
 }
 

@@ -39,8 +39,8 @@ impl TaskApi {
                        FROM stageflow.claim_tasks($1, $2, $3, $4)",
                 )
                 .await?,
-            complete: client.prepare("SELECT stageflow.complete_task_and_check_stage($1, $2)").await?,
-            fail: client.prepare("SELECT stageflow.fail_task($1, $2, $3)").await?,
+            complete: client.prepare("SELECT stageflow.complete_task_and_check_stage($1, $2, $3)").await?,
+            fail: client.prepare("SELECT stageflow.fail_task($1, $2, $3, $4)").await?,
             heartbeat: client.prepare("SELECT task_id FROM stageflow.heartbeat($1, $2, $3)").await?,
             release: client.prepare("SELECT stageflow.release_tasks($1, $2)").await?,
             client,
@@ -71,12 +71,14 @@ impl TaskApi {
             .collect())
     }
 
-    pub async fn complete(&self, task_id: &str, result: &Value) -> Result<Value, tokio_postgres::Error> {
-        Ok(self.client.query_one(&self.complete, &[&task_id, result]).await?.get(0))
+    /// Completes a task leased to `worker_id`.
+    pub async fn complete(&self, task_id: &str, result: &Value, worker_id: &str) -> Result<Value, tokio_postgres::Error> {
+        Ok(self.client.query_one(&self.complete, &[&task_id, result, &worker_id]).await?.get(0))
     }
 
-    pub async fn fail(&self, task_id: &str, error: &Value, retryable: bool) -> Result<Value, tokio_postgres::Error> {
-        Ok(self.client.query_one(&self.fail, &[&task_id, error, &retryable]).await?.get(0))
+    /// Fails a task leased to `worker_id`.
+    pub async fn fail(&self, task_id: &str, error: &Value, retryable: bool, worker_id: &str) -> Result<Value, tokio_postgres::Error> {
+        Ok(self.client.query_one(&self.fail, &[&task_id, error, &retryable, &worker_id]).await?.get(0))
     }
 
     /// Extends the leases of `task_ids`; returns those still leased to `worker_id`.

@@ -3,7 +3,7 @@
 //!
 //! - Wakes on `NOTIFY stageflow_tasks` and otherwise polls every `poll_interval`: an idle worker
 //!   makes one cheap claim call per interval.
-//! - A handler's error, panic or timeout becomes `fail_task` with `{"type", "message", "retryable"}`.
+//! - A handler's error, panic or timeout becomes `fail_task` with `{"type", "message", "category"}`.
 //! - Outcomes are reported by a reporter with its own connection; a lost connection is retried with
 //!   backoff and the report sent again (completion is idempotent, so nothing counts twice).
 //! - On shutdown: stop claiming, let running handlers finish within `grace_period`, then abort the
@@ -140,13 +140,18 @@ async fn run_handler(handlers: Handlers, task: Task, timeout: Option<Duration>) 
 }
 
 /// Reports outcomes one by one on its own connection, until the channel closes.
-async fn report_outcomes(url: String, mut outcomes: mpsc::UnboundedReceiver<Outcome>, counters: Arc<Counters>) {
+async fn report_outcomes(
+    url: String,
+    worker_id: String,
+    mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+    counters: Arc<Counters>,
+) {
     let mut api = connect_with_retry(&url).await;
     while let Some((task_id, mut outcome)) = outcomes.recv().await {
         loop {
             let sent = match &outcome {
-                Ok(result) => api.complete(&task_id, result).await.map(|_| ()),
-                Err(error) => api.fail(&task_id, &error.to_json(), error.retryable).await.map(|_| ()),
+                Ok(result) => api.complete(&task_id, result, &worker_id).await.map(|_| ()),
+                Err(error) => api.fail(&task_id, &error.to_json(), error.retryable_flag(), &worker_id).await.map(|_| ()),
             };
             match sent {
                 Ok(()) => {
@@ -187,7 +192,12 @@ impl Worker {
         let counters = Arc::new(Counters::default());
         let (outcome_tx, outcome_rx) = mpsc::unbounded_channel::<Outcome>();
         let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<String>();
-        let reporter = tokio::spawn(report_outcomes(config.database_url.clone(), outcome_rx, counters.clone()));
+        let reporter = tokio::spawn(report_outcomes(
+            config.database_url.clone(),
+            config.worker_id.clone(),
+            outcome_rx,
+            counters.clone(),
+        ));
 
         let wake = Arc::new(Notify::new());
         let listener_ended = Arc::new(Notify::new());
@@ -345,7 +355,7 @@ mod unit {
     async fn a_panic_becomes_a_permanent_error_with_its_message() {
         let error = run_handler(crate::builtin_handlers(), task("debug.panic", json!({})), None).await.unwrap_err();
         assert_eq!(error.kind, "panic");
-        assert!(!error.retryable);
+        assert_eq!(error.category, crate::handlers::Category::Permanent);
         assert!(error.message.contains("asked to panic in task 0000000000000000-s1-0"), "{}", error.message);
     }
 
@@ -353,13 +363,13 @@ mod unit {
     async fn a_slow_handler_times_out_with_a_retryable_error() {
         let slow = task("debug.sleep", json!({"ms": 5000}));
         let error = run_handler(crate::builtin_handlers(), slow, Some(Duration::from_millis(50))).await.unwrap_err();
-        assert_eq!((error.kind.as_str(), error.retryable), ("timeout", true));
+        assert_eq!((error.kind.as_str(), error.category.as_str()), ("timeout", "transient"));
     }
 
     #[tokio::test]
     async fn an_unknown_handler_is_a_permanent_error_naming_the_known_ones() {
         let error = run_handler(crate::builtin_handlers(), task("nope", json!({})), None).await.unwrap_err();
-        assert_eq!((error.kind.as_str(), error.retryable), ("unknown_handler", false));
+        assert_eq!((error.kind.as_str(), error.category.as_str()), ("unknown_handler", "permanent"));
         assert!(error.message.contains("hello_world.greet"));
     }
 

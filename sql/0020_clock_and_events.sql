@@ -1,0 +1,53 @@
+-- The engine's clock: now(), unless the setting stageflow.fake_now holds a timestamp. Every
+-- decision about time (leases, backoff, job deadlines, retention) reads it, so tests move time
+-- forward with SET stageflow.fake_now instead of sleeping. pgmq's visibility timeouts run on the
+-- real clock; maintenance (run_maintenance) releases what the engine's clock says is due.
+CREATE FUNCTION stageflow.now()
+RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(nullif(current_setting('stageflow.fake_now', true), '')::timestamptz, now())
+$$;
+
+-- Writes an event to the outbox and announces it on the channel stageflow_events with
+-- {"event_id", "job_id", "kind"}.
+CREATE FUNCTION stageflow._emit(p_job_id text, p_kind text, p_payload jsonb DEFAULT '{}',
+                                p_stage int DEFAULT NULL, p_task_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_event_id bigint;
+BEGIN
+    INSERT INTO stageflow.events (job_id, stage, task_id, kind, payload, created_at)
+    VALUES (p_job_id, p_stage, p_task_id, p_kind, p_payload, stageflow.now())
+    RETURNING event_id INTO v_event_id;
+    PERFORM pg_notify('stageflow_events',
+                      jsonb_build_object('event_id', v_event_id, 'job_id', p_job_id, 'kind', p_kind)::text);
+END;
+$$;
+
+-- stageflow.job_id(job_type, params): the id submit_job gives this work (after the job type's
+-- defaults are filled in). stageflow.canonical_json(value): the text job ids hash. Both hand the
+-- JSON to Rust as text, so that too deep a document is an error with a SQLSTATE, not a crash.
+CREATE FUNCTION stageflow.job_id(job_type text, params jsonb)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN stageflow._job_id(job_id.job_type, job_id.params::text);
+END;
+$$;
+
+CREATE FUNCTION stageflow.canonical_json(value jsonb)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN stageflow._canonical_json(canonical_json.value::text);
+END;
+$$;

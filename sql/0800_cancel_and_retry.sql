@@ -1,0 +1,125 @@
+-- Cancels a job: its queued tasks are removed (messages deleted), running ones are cancelled so
+-- their completions are refused, and the job ends `cancelled`. Cancelling a job that already
+-- ended changes nothing and reports its status.
+CREATE FUNCTION stageflow.cancel_job(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status    text;
+    v_changed   boolean;
+BEGIN
+    SELECT j.status INTO v_status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown job %L', cancel_job.job_id),
+            HINT = 'job ids are the 64 hex digits returned by stageflow.submit_job';
+    END IF;
+    v_changed := v_status IN ('queued', 'processing')
+                 AND stageflow._end_job(cancel_job.job_id, 'cancelled',
+                                        jsonb_build_object('message', 'cancelled by stageflow.cancel_job'));
+    RETURN jsonb_build_object(
+        'job_id', cancel_job.job_id,
+        'cancelled', v_changed,
+        'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id));
+END;
+$$;
+
+-- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks are
+-- queued again with fresh attempts and new messages, and the job is processing again. A job with
+-- nothing to retry (running fine, or completed) is left as it is. Returns the number of tasks
+-- re-queued.
+CREATE FUNCTION stageflow.retry_job(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job      stageflow.jobs;
+    v_stage    stageflow.stages;
+    v_ids      text[];
+    v_failed   int;
+BEGIN
+    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown job %L', retry_job.job_id),
+            HINT = 'job ids are the 64 hex digits returned by stageflow.submit_job';
+    END IF;
+    IF v_job.status IN ('completed', 'completed_with_errors') THEN
+        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+    SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
+     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage FOR UPDATE;
+
+    SELECT array_agg(t.task_id ORDER BY t.ordinal), count(*) FILTER (WHERE t.status IN ('failed', 'dead'))
+      INTO v_ids, v_failed
+      FROM stageflow.tasks AS t
+     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
+       AND t.status IN ('failed', 'dead', 'cancelled');
+    IF v_ids IS NULL THEN
+        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+
+    -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks.
+    UPDATE stageflow.tasks AS t
+       SET status = 'queued', attempt = 0, msg_id = m.msg_id, error = NULL, worker_id = NULL,
+           lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL
+      FROM unnest(v_ids) WITH ORDINALITY AS u(task_id, n)
+      JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
+              FROM pgmq.send_batch(v_stage.queue,
+                                   ARRAY(SELECT jsonb_build_object('task_id', i.task_id)
+                                           FROM unnest(v_ids) WITH ORDINALITY AS i(task_id, n) ORDER BY i.n)) AS s(msg_id)) AS m
+        ON m.n = u.n
+     WHERE t.task_id = u.task_id;
+
+    UPDATE stageflow.stages AS s
+       SET remaining_tasks = s.remaining_tasks + cardinality(v_ids), failed_count = s.failed_count - v_failed,
+           status = 'active', completed_at = NULL
+     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+    UPDATE stageflow.jobs AS j
+       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now()
+     WHERE j.job_id = v_job.job_id;
+    PERFORM stageflow._emit(v_job.job_id, 'job_retried',
+                            jsonb_build_object('stage', v_job.current_stage, 'retried_tasks', cardinality(v_ids)),
+                            v_job.current_stage);
+    PERFORM pg_notify('stageflow_tasks', v_stage.queue);
+    RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', cardinality(v_ids), 'job_status', 'processing');
+END;
+$$;
+
+-- Dead letters: tasks that ended without a result, newest first: `dead` (attempts ran out,
+-- including on expired leases) and `failed` (a permanent error). stageflow.retry_job runs them
+-- again.
+CREATE FUNCTION stageflow.dead_letters(max_rows int DEFAULT 100)
+RETURNS TABLE (
+    task_id text, job_id text, job_type text, stage int, stage_name text, handler text, task_key text,
+    status text, attempt int, max_attempts int, error jsonb, errors jsonb, failed_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF dead_letters.max_rows IS NULL OR dead_letters.max_rows NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be between 1 and 10000, got %s', coalesce(dead_letters.max_rows::text, 'NULL')),
+            HINT = 'list dead letters in pages of at most 10000';
+    END IF;
+    RETURN QUERY
+    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status, t.attempt,
+           t.max_attempts, t.error, t.errors, t.completed_at
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+     WHERE t.status IN ('failed', 'dead')
+     ORDER BY t.completed_at DESC
+     LIMIT dead_letters.max_rows;
+END;
+$$;

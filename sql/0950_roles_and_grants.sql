@@ -1,0 +1,52 @@
+-- Roles, created once per cluster (roles are cluster-wide) and granted what each needs:
+--   stageflow_worker     claim, heartbeat, complete, fail and release tasks
+--   stageflow_submitter  submit, list, read and cancel jobs
+--   stageflow_admin      both, plus registering job types, retrying jobs, dead letters, repairs
+-- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
+-- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_worker') THEN
+        CREATE ROLE stageflow_worker NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_submitter') THEN
+        CREATE ROLE stageflow_submitter NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_admin') THEN
+        CREATE ROLE stageflow_admin NOLOGIN;
+    END IF;
+END;
+$$;
+GRANT stageflow_worker, stageflow_submitter TO stageflow_admin;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA stageflow FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA stageflow FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA stageflow FROM PUBLIC;
+GRANT USAGE ON SCHEMA stageflow TO stageflow_worker, stageflow_submitter, stageflow_admin;
+
+GRANT EXECUTE ON FUNCTION
+    stageflow.claim_tasks(text, int, int, text),
+    stageflow.heartbeat(text[], int, text),
+    stageflow.complete_task_and_check_stage(text, jsonb, text),
+    stageflow.fail_task(text, jsonb, boolean, text),
+    stageflow.release_tasks(text[], text)
+TO stageflow_worker;
+
+GRANT EXECUTE ON FUNCTION
+    stageflow.submit_job(text, jsonb),
+    stageflow.job_status(text),
+    stageflow.job_tasks(text),
+    stageflow.list_jobs(text, text, int, timestamptz),
+    stageflow.cancel_job(text),
+    stageflow.job_types(),
+    stageflow.job_id(text, jsonb),
+    stageflow.canonical_json(jsonb)
+TO stageflow_submitter;
+
+GRANT EXECUTE ON FUNCTION
+    stageflow.register_job_type(text, jsonb),
+    stageflow.retry_job(text),
+    stageflow.dead_letters(int),
+    stageflow.advance_stage(text),
+    stageflow.run_maintenance(int)
+TO stageflow_admin;

@@ -1,0 +1,110 @@
+//! The maintenance background worker: with `shared_preload_libraries = 'stageflow'`, one process
+//! per cluster runs `stageflow.run_maintenance()` in the database `stageflow.database` every
+//! `stageflow.maintenance_interval`. No pg_cron, no outside process.
+//!
+//! It survives its own errors: `run_maintenance` catches what goes wrong in a round and reports
+//! it, the worker logs it and backs off (doubling the interval up to a minute); anything worse
+//! ends the process and the postmaster starts it again after 10 s. It stops with the server.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+static INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"7 days"));
+
+/// Registers the GUCs, and the background worker when loaded at server start.
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"stageflow.maintenance_interval",
+        c"How often the maintenance worker runs stageflow.run_maintenance().",
+        c"Expired leases, due retries, job deadlines and retention are handled at this pace.",
+        &INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"stageflow.database",
+        c"The database whose stageflow extension the maintenance worker looks after.",
+        c"Read at server start.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"stageflow.retention",
+        c"How long finished jobs are kept before maintenance deletes them (an interval; 0 keeps them).",
+        c"Jobs are deleted with their stages, tasks and events, in bounded batches.",
+        &RETENTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        BackgroundWorkerBuilder::new("stageflow maintenance")
+            .set_type("stageflow maintenance")
+            .set_library("stageflow")
+            .set_function("stageflow_maintenance_main")
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(10)))
+            .load();
+    }
+}
+
+fn interval() -> Duration {
+    Duration::from_millis(INTERVAL_MS.get().max(10) as u64)
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn stageflow_maintenance_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = DATABASE
+        .get()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_else(|| "postgres".to_owned());
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("stageflow maintenance worker started in database {database}");
+
+    let mut wait = interval();
+    while BackgroundWorker::wait_latch(Some(wait)) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let outcome: Option<pgrx::JsonB> = BackgroundWorker::transaction(|| {
+            let installed = Spi::get_one::<bool>(
+                "SELECT to_regprocedure('stageflow.run_maintenance(integer)') IS NOT NULL",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+            if !installed {
+                return None;
+            }
+            Spi::get_one::<pgrx::JsonB>("SELECT stageflow.run_maintenance()").ok().flatten()
+        });
+        wait = match outcome {
+            Some(pgrx::JsonB(report)) if report.get("error").is_some() => {
+                let next = (wait * 2).min(Duration::from_secs(60));
+                warning!("stageflow maintenance failed, next try in {next:?}: {}", report["error"]);
+                next
+            }
+            Some(pgrx::JsonB(report)) => {
+                let busy = ["retries_released", "leases_expired", "dead_lettered", "jobs_timed_out", "jobs_deleted"]
+                    .iter()
+                    .any(|key| report[key].as_i64().unwrap_or(0) > 0);
+                if busy {
+                    log!("stageflow maintenance: {report}");
+                }
+                interval()
+            }
+            None => interval(),
+        };
+    }
+    log!("stageflow maintenance worker stopped");
+}
