@@ -158,6 +158,45 @@ pub async fn list(client: &Client, status: Option<&str>, job_type: Option<&str>,
     Ok(())
 }
 
+pub async fn dead_letters(client: &Client, limit: i32, as_json: bool) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT task_id, job_id, job_type, stage_name, status, attempt, max_attempts, error, failed_at \
+               FROM stageflow.dead_letters($1)",
+            &[&limit],
+        )
+        .await?;
+    if as_json {
+        let letters: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"task_id": r.get::<_, String>(0), "job_id": r.get::<_, String>(1), "job_type": r.get::<_, String>(2),
+                       "stage_name": r.get::<_, String>(3), "status": r.get::<_, String>(4), "attempt": r.get::<_, i32>(5),
+                       "max_attempts": r.get::<_, i32>(6), "error": r.get::<_, Option<Value>>(7),
+                       "failed_at": r.get::<_, Option<DateTime<Utc>>>(8).map(|t| t.to_rfc3339())})
+            })
+            .collect();
+        println!("{}", Value::Array(letters));
+        return Ok(());
+    }
+    println!("{:<40} {:<16} {:<12} {:<6} {:>7}  {}", "task", "job type", "stage", "status", "attempt", "error");
+    for r in &rows {
+        let error = r.get::<_, Option<Value>>(7).map(|e| e["message"].as_str().map(str::to_owned).unwrap_or(e.to_string())).unwrap_or_default();
+        println!(
+            "{:<40} {:<16} {:<12} {:<6} {:>3}/{:<3}  {}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3),
+            r.get::<_, String>(4),
+            r.get::<_, i32>(5),
+            r.get::<_, i32>(6),
+            error.chars().take(80).collect::<String>()
+        );
+    }
+    println!("{} dead letters", rows.len());
+    Ok(())
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;

@@ -100,6 +100,15 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: i32,
     },
+    /// Cancel a job: queued tasks removed, running ones' completions refused.
+    Cancel { job_id: String },
+    /// Resume a failed or cancelled job from the stage it stopped at.
+    Retry { job_id: String },
+    /// Tasks that ended without a result (dead: attempts ran out; failed: a permanent error).
+    DeadLetters {
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
+    },
     /// Manage a private cluster directory (what the demo and the tests use).
     Cluster {
         #[arg(value_parser = ["start", "stop", "url"])]
@@ -235,6 +244,26 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tasks { job_id, status } => {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
+        }
+        Command::Cancel { job_id } => {
+            let client = connect(&database_url(&cli)?).await?;
+            let report: serde_json::Value = client.query_one("SELECT stageflow.cancel_job($1)", &[job_id]).await?.get(0);
+            println!("{}", if cli.json { report.to_string() } else { format!("job {job_id}: {}", report["job_status"].as_str().unwrap_or("?")) });
+            Ok(())
+        }
+        Command::Retry { job_id } => {
+            let client = connect(&database_url(&cli)?).await?;
+            let report: serde_json::Value = client.query_one("SELECT stageflow.retry_job($1)", &[job_id]).await?.get(0);
+            if cli.json {
+                println!("{report}");
+            } else {
+                println!("job {job_id}: {} task(s) queued again, job {}", report["retried_tasks"], report["job_status"].as_str().unwrap_or("?"));
+            }
+            Ok(())
+        }
+        Command::DeadLetters { limit } => {
+            let client = connect(&database_url(&cli)?).await?;
+            Ok(jobs::dead_letters(&client, *limit, cli.json).await?)
         }
         Command::Jobs { status, job_type, limit } => {
             let client = connect(&database_url(&cli)?).await?;

@@ -13,7 +13,7 @@ pub async fn job_status(client: &Client, job_id: &str) -> Result<Value, tokio_po
 }
 
 pub fn is_finished(status: &Value) -> bool {
-    matches!(status["status"].as_str(), Some("completed" | "failed"))
+    matches!(status["status"].as_str(), Some("completed" | "completed_with_errors" | "failed" | "cancelled"))
 }
 
 /// Follows the job until it completes or fails; returns its last status.

@@ -1,0 +1,80 @@
+//! The `stageflow` command against a real cluster: submit, wait, status, tasks, jobs, dead
+//! letters, retry and cancel, with --json output and database errors shown with their hint.
+
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+use stageflow_tests::*;
+
+fn stageflow(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stageflow"))
+        .args(args)
+        .env("STAGEFLOW_DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("stageflow runs")
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+#[test]
+fn the_command_drives_jobs_from_submit_to_dead_letters() {
+    let url = fresh_database("cli_commands");
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "doomed",
+        r#"{"retry": {"max_attempts": 1},
+            "parameters": {"type": "object", "properties": {"permanent": {"type": "boolean"}, "message": {"type": "string"}}},
+            "stages": [{"name": "try", "handler": "debug.fail", "queue": "doomed"}]}"#,
+    );
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_stageflow"))
+        .args(["worker", "--database-url", &url, "--queue", "default", "--queue", "doomed", "--poll-interval-ms", "100"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let done = stageflow(&url, &["submit", "hello_world", "-p", "n=3", "-p", "message=cli", "--wait", "--json"]);
+    let status = json_of(&done);
+    assert_eq!(status["status"], json!("completed"));
+    let job_id = status["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(json_of(&stageflow(&url, &["status", &job_id, "--json"]))["progress"], json!(100));
+    assert_eq!(json_of(&stageflow(&url, &["tasks", &job_id, "--json"])).as_array().unwrap().len(), 6);
+    let jobs = json_of(&stageflow(&url, &["jobs", "--json", "--status", "completed"]));
+    assert!(jobs.as_array().unwrap().iter().any(|j| j["job_id"] == json!(job_id)));
+    let text = stageflow(&url, &["status", &job_id]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("reply"), "the text status names the stages");
+
+    // A job that fails: --wait exits 1, its task is a dead letter, retry queues it again.
+    let failed = stageflow(&url, &["submit", "doomed", "--params", r#"{"permanent": true, "message": "no luck"}"#, "--wait", "--json"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let failed_status: Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(failed_status["status"], json!("failed"));
+    let failed_id = failed_status["job_id"].as_str().unwrap().to_owned();
+    let letters = json_of(&stageflow(&url, &["dead-letters", "--json"]));
+    assert_eq!(letters[0]["job_id"], json!(failed_id));
+    assert_eq!(letters[0]["error"]["message"], json!("no luck"));
+    signal_term(&worker);
+    assert!(worker.wait().unwrap().success());
+
+    let retried = json_of(&stageflow(&url, &["retry", &failed_id, "--json"]));
+    assert_eq!(retried["retried_tasks"], json!(1));
+    let cancelled = json_of(&stageflow(&url, &["cancel", &failed_id, "--json"]));
+    assert_eq!(cancelled["job_status"], json!("cancelled"));
+
+    // Errors from the database: message, SQLSTATE and hint, exit code 1.
+    let unknown = stageflow(&url, &["status", "nope"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(stderr.contains("unknown job 'nope' (SQLSTATE 42704)") && stderr.contains("hint: job ids are"), "{stderr}");
+    let bad = stageflow(&url, &["submit", "hello_world", "-p", "n=0"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("params.n: 0 is less than the minimum 1"));
+}
+
+fn signal_term(child: &std::process::Child) {
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+}
