@@ -113,7 +113,15 @@ impl Cluster {
             initdb.arg("-D").arg(self.data()).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
             run(initdb, "initdb")?;
         }
-        let port = free_port()?;
+        // The port it had before, if still free, so clients reconnect to the same URL after a restart.
+        let previous = std::fs::read_to_string(self.url_file())
+            .ok()
+            .and_then(|url| url.trim().rsplit_once(':').and_then(|(_, rest)| rest.split('/').next()?.parse::<u16>().ok()))
+            .filter(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok());
+        let port = match previous {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_preload_libraries=stageflow -c max_connections=200",
             self.dir.display()
@@ -131,13 +139,13 @@ impl Cluster {
         Ok(url)
     }
 
-    /// Stops the cluster (fast shutdown) if it runs; returns whether it did.
-    pub fn stop(&self) -> Result<bool, String> {
+    /// Stops the cluster if it runs (`mode`: pg_ctl's smart, fast or immediate); returns whether it did.
+    pub fn stop(&self, mode: &str) -> Result<bool, String> {
         if !self.is_running() {
             return Ok(false);
         }
         let mut stop = as_owner(&format!("{BIN}/pg_ctl"));
-        stop.arg("-D").arg(self.data()).args(["-m", "fast", "-w", "stop"]);
+        stop.arg("-D").arg(self.data()).args(["-m", mode, "-w", "stop"]);
         run(stop, "pg_ctl stop")?;
         Ok(true)
     }

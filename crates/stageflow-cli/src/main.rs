@@ -115,6 +115,9 @@ enum Command {
         action: String,
         #[arg(long, default_value = DEMO_DIR)]
         dir: PathBuf,
+        /// How `stop` shuts down (pg_ctl's modes; `immediate` is a crash).
+        #[arg(long, default_value = "fast", value_parser = ["smart", "fast", "immediate"])]
+        mode: String,
     },
 }
 
@@ -175,18 +178,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Demo { n, workers, stop } => {
             let cluster = Cluster::at(DEMO_DIR).map_err(CliError::Setup)?;
             if *stop {
-                let stopped = cluster.stop().map_err(CliError::Setup)?;
+                let stopped = cluster.stop("fast").map_err(CliError::Setup)?;
                 println!("{}", if stopped { "Stopped the demo cluster." } else { "The demo cluster was not running." });
                 return Ok(());
             }
             demo::run(&cluster, demo::DemoOptions { n: *n, workers: *workers }).await
         }
-        Command::Cluster { action, dir } => {
+        Command::Cluster { action, dir, mode } => {
             let cluster = Cluster::at(dir).map_err(CliError::Setup)?;
             match action.as_str() {
                 "start" => println!("{}", cluster.ensure_running().map_err(CliError::Setup)?),
                 "stop" => {
-                    cluster.stop().map_err(CliError::Setup)?;
+                    cluster.stop(mode).map_err(CliError::Setup)?;
                 }
                 _ => println!("{}", cluster.url().ok_or_else(|| CliError::Setup(format!("no cluster runs in {}", dir.display())))?),
             }

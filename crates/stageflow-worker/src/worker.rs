@@ -139,11 +139,15 @@ async fn run_handler(handlers: Handlers, task: Task, timeout: Option<Duration>) 
     })
 }
 
-/// Reports outcomes one by one on its own connection, until the channel closes.
+/// Reports outcomes one by one on its own connection, until the channel closes, and tells the
+/// claim loop (`reported`) when a task is off its hands: a slot frees only once its outcome is in
+/// the database, so a slow database slows claiming instead of letting leases of finished but
+/// unreported tasks run out.
 async fn report_outcomes(
     url: String,
     worker_id: String,
     mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+    reported: mpsc::UnboundedSender<String>,
     counters: Arc<Counters>,
 ) {
     let mut api = connect_with_retry(&url).await;
@@ -178,6 +182,7 @@ async fn report_outcomes(
                 }
             }
         }
+        let _ = reported.send(task_id);
     }
 }
 
@@ -191,11 +196,13 @@ impl Worker {
         let config = self.config;
         let counters = Arc::new(Counters::default());
         let (outcome_tx, outcome_rx) = mpsc::unbounded_channel::<Outcome>();
+        // Task ids whose outcome the reporter has sent: their slots are free again.
         let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<String>();
         let reporter = tokio::spawn(report_outcomes(
             config.database_url.clone(),
             config.worker_id.clone(),
             outcome_rx,
+            finished_tx,
             counters.clone(),
         ));
 
@@ -228,14 +235,12 @@ impl Worker {
                             claimed_any |= !tasks.is_empty();
                             for task in tasks {
                                 let task_id = task.task_id.clone();
-                                let (handlers, outcome_tx, finished_tx) =
-                                    (self.handlers.clone(), outcome_tx.clone(), finished_tx.clone());
+                                let (handlers, outcome_tx) = (self.handlers.clone(), outcome_tx.clone());
                                 let timeout = config.task_timeout;
                                 let id = task_id.clone();
                                 let handle = tokio::spawn(async move {
                                     let outcome = run_handler(handlers, task, timeout).await;
-                                    let _ = outcome_tx.send((id.clone(), outcome));
-                                    let _ = finished_tx.send(id);
+                                    let _ = outcome_tx.send((id, outcome));
                                 });
                                 in_flight.insert(task_id, handle);
                             }
@@ -287,11 +292,13 @@ impl Worker {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if stopping => {
-                    // Handlers that finished meanwhile are reported, not released.
-                    while let Ok(task_id) = finished_rx.try_recv() {
-                        in_flight.remove(&task_id);
-                    }
-                    let ids: Vec<String> = in_flight.keys().cloned().collect();
+                    // Handlers still running are aborted and their tasks released; those that
+                    // finished are left to the reporter, which sends their outcomes below.
+                    let ids: Vec<String> = in_flight
+                        .iter()
+                        .filter(|(_, handle)| !handle.is_finished())
+                        .map(|(id, _)| id.clone())
+                        .collect();
                     for handle in in_flight.values() {
                         handle.abort();
                     }
