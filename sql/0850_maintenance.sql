@@ -4,7 +4,7 @@
 --   * expired leases: tasks with attempts left become visible for redelivery, tasks without are
 --     dead-lettered;
 --   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
---   * finished jobs older than stageflow.retention (an interval; empty or 0 keeps them forever)
+--   * finished jobs older than stageflow.retention (an interval, default 7 days; 0 keeps them)
 --     are deleted with their stages, tasks and events.
 -- Returns what it did; an error in a round is caught, logged as a WARNING and returned as
 -- {"error": ...} (with whatever the round had done rolled back), so the caller can go on.
@@ -83,7 +83,8 @@ BEGIN
     END LOOP;
 
     -- Retention.
-    v_retention := nullif(nullif(current_setting('stageflow.retention', true), ''), '0')::interval;
+    -- Unset (the library not loaded in this session) means the default, 7 days; '' or 0 means forever.
+    v_retention := nullif(nullif(coalesce(current_setting('stageflow.retention', true), '7 days'), ''), '0')::interval;
     IF v_retention IS NOT NULL THEN
         WITH old AS (
             SELECT j.job_id FROM stageflow.jobs AS j

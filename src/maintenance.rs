@@ -30,14 +30,6 @@ pub fn init() {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_string_guc(
-        c"stageflow.database",
-        c"The database whose stageflow extension the maintenance worker looks after.",
-        c"Read at server start.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
         c"stageflow.retention",
         c"How long finished jobs are kept before maintenance deletes them (an interval; 0 keeps them).",
         c"Jobs are deleted with their stages, tasks and events, in bounded batches.",
@@ -45,7 +37,17 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // A server-start setting can only be defined while the server starts: only when preloaded,
+    // which is also the only time there is a background worker to read it.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"stageflow.database",
+            c"The database whose stageflow extension the maintenance worker looks after.",
+            c"Read at server start.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
         BackgroundWorkerBuilder::new("stageflow maintenance")
             .set_type("stageflow maintenance")
             .set_library("stageflow")
