@@ -22,34 +22,41 @@ AS $$
      WHERE t.task_id = p_task_id
 $$;
 
--- Checks that a result feeding a dynamic fan-out is a list of task entries:
--- {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]}.
+-- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
+-- entries: {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]}.
+CREATE FUNCTION stageflow._planner_problem(p_result jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(p_result) IS DISTINCT FROM 'object' OR jsonb_typeof(p_result -> 'tasks') IS DISTINCT FROM 'array'
+            THEN 'the result has no "tasks" array'
+        ELSE (SELECT format('entry %s: %s', e.n - 1,
+                            CASE WHEN jsonb_typeof(e.entry) <> 'object' THEN 'not an object'
+                                 WHEN e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
+                                                           OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$')
+                                     THEN format('key %s is not 1 to 128 letters, digits or _.:-', e.entry -> 'key')
+                                 ELSE '"params" is not an object' END)
+                FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
+               WHERE jsonb_typeof(e.entry) <> 'object'
+                  OR (e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
+                                           OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$'))
+                  OR (e.entry ? 'params' AND jsonb_typeof(e.entry -> 'params') <> 'object')
+               ORDER BY e.n
+               LIMIT 1)
+    END
+$$;
+
+-- Raises 22023 if a result that feeds a dynamic fan-out is not a valid plan.
 CREATE FUNCTION stageflow._check_planner_result(p_task_id text, p_result jsonb)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_problem text;
+    v_problem text := stageflow._planner_problem(p_result);
 BEGIN
-    IF jsonb_typeof(p_result) IS DISTINCT FROM 'object' OR jsonb_typeof(p_result -> 'tasks') IS DISTINCT FROM 'array' THEN
-        v_problem := 'the result has no "tasks" array';
-    ELSE
-        SELECT format('entry %s: %s', e.n - 1,
-                      CASE WHEN jsonb_typeof(e.entry) <> 'object' THEN 'not an object'
-                           WHEN e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
-                                                     OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$')
-                               THEN format('key %s is not 1 to 128 letters, digits or _.:-', e.entry -> 'key')
-                           ELSE '"params" is not an object' END)
-          INTO v_problem
-          FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
-         WHERE jsonb_typeof(e.entry) <> 'object'
-            OR (e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
-                                     OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$'))
-            OR (e.entry ? 'params' AND jsonb_typeof(e.entry -> 'params') <> 'object')
-         ORDER BY e.n
-         LIMIT 1;
-    END IF;
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION USING
             ERRCODE = '22023',

@@ -28,6 +28,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.claim_tasks(text, int, int, text),
     stageflow.heartbeat(text[], int, text),
     stageflow.complete_task_and_check_stage(text, jsonb, text),
+    stageflow.complete_tasks(jsonb, text),
     stageflow.fail_task(text, jsonb, boolean, text),
     stageflow.release_tasks(text[], text)
 TO stageflow_worker;

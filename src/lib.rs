@@ -30,6 +30,7 @@ extension_sql_file!("../sql/0300_submit_job.sql", name = "submit_job");
 extension_sql_file!("../sql/0400_claim_tasks.sql", name = "claim_tasks");
 extension_sql_file!("../sql/0450_leases.sql", name = "leases");
 extension_sql_file!("../sql/0500_complete_task_and_check_stage.sql", name = "complete_task_and_check_stage");
+extension_sql_file!("../sql/0550_complete_tasks.sql", name = "complete_tasks");
 extension_sql_file!("../sql/0600_fail_task.sql", name = "fail_task");
 extension_sql_file!("../sql/0700_job_status.sql", name = "job_status");
 extension_sql_file!("../sql/0750_list_jobs.sql", name = "list_jobs");

@@ -118,6 +118,9 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("two stages with one name", "SELECT stageflow.register_job_type('t', '{\"stages\": [{\"name\": \"a\", \"handler\": \"h\"}, {\"name\": \"a\", \"handler\": \"h\"}]}')", "22023", "names an earlier stage"),
         case("a zero job timeout", "SELECT stageflow.register_job_type('t', '{\"timeout_seconds\": 0, \"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "22023", "definition.timeout_seconds"),
         case("a failure ratio above 1", "SELECT stageflow.register_job_type('t', '{\"stages\": [{\"name\": \"a\", \"handler\": \"h\", \"max_failure_ratio\": 2}]}')", "22023", "max_failure_ratio"),
+        case("a batch of results that is not an array", "SELECT stageflow.complete_tasks('{}')", "22023", "must be a JSON array"),
+        case("a batch element without a task_id", "SELECT stageflow.complete_tasks('[{\"result\": 1}]')", "22023", "needs a \"task_id\""),
+        case("a batch naming a task twice", format!("SELECT stageflow.complete_tasks('[{{\"task_id\": \"{planner_task}\"}}, {{\"task_id\": \"{planner_task}\"}}]')"), "22023", "more than once"),
         case("registering a schema with an unsupported keyword", "SELECT stageflow.register_job_type('t', '{\"parameters\": {\"oneOf\": []}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "22023", "unsupported keyword"),
     ];
 

@@ -18,6 +18,7 @@ pub struct TaskApi {
     client: Client,
     claim: Statement,
     complete: Statement,
+    complete_many: Statement,
     fail: Statement,
     heartbeat: Statement,
     release: Statement,
@@ -40,6 +41,7 @@ impl TaskApi {
                 )
                 .await?,
             complete: client.prepare("SELECT stageflow.complete_task_and_check_stage($1, $2, $3)").await?,
+            complete_many: client.prepare("SELECT stageflow.complete_tasks($1, $2)").await?,
             fail: client.prepare("SELECT stageflow.fail_task($1, $2, $3, $4)").await?,
             heartbeat: client.prepare("SELECT task_id FROM stageflow.heartbeat($1, $2, $3)").await?,
             release: client.prepare("SELECT stageflow.release_tasks($1, $2)").await?,
@@ -74,6 +76,19 @@ impl TaskApi {
     /// Completes a task leased to `worker_id`.
     pub async fn complete(&self, task_id: &str, result: &Value, worker_id: &str) -> Result<Value, tokio_postgres::Error> {
         Ok(self.client.query_one(&self.complete, &[&task_id, result, &worker_id]).await?.get(0))
+    }
+
+    /// Completes several tasks leased to `worker_id` in one transaction; one report per task, in
+    /// order (a task that could not be completed has `{"task_id", "error": {"sqlstate", "message"}}`).
+    pub async fn complete_many(&self, results: &[(String, Value)], worker_id: &str) -> Result<Vec<Value>, tokio_postgres::Error> {
+        let items = Value::Array(
+            results.iter().map(|(task_id, result)| serde_json::json!({"task_id": task_id, "result": result})).collect(),
+        );
+        let reports: Value = self.client.query_one(&self.complete_many, &[&items, &worker_id]).await?.get(0);
+        Ok(match reports {
+            Value::Array(reports) => reports,
+            other => vec![other],
+        })
     }
 
     /// Fails a task leased to `worker_id`.

@@ -4,8 +4,9 @@
 //! - Wakes on `NOTIFY stageflow_tasks` and otherwise polls every `poll_interval`: an idle worker
 //!   makes one cheap claim call per interval.
 //! - A handler's error, panic or timeout becomes `fail_task` with `{"type", "message", "category"}`.
-//! - Outcomes are reported by a reporter with its own connection; a lost connection is retried with
-//!   backoff and the report sent again (completion is idempotent, so nothing counts twice).
+//! - Outcomes are reported by a reporter with its own connection, completions at hand in one
+//!   `complete_tasks` call; a lost connection is retried with backoff and the report sent again
+//!   (completion is idempotent, so nothing counts twice).
 //! - On shutdown: stop claiming, let running handlers finish within `grace_period`, then abort the
 //!   rest and release their tasks so they are delivered again at once.
 
@@ -139,9 +140,11 @@ async fn run_handler(handlers: Handlers, task: Task, timeout: Option<Duration>) 
     })
 }
 
-/// Reports outcomes one by one on its own connection, until the channel closes, and tells the
-/// claim loop (`reported`) when a task is off its hands: a slot frees only once its outcome is in
-/// the database, so a slow database slows claiming instead of letting leases of finished but
+/// Reports outcomes on its own connection until the channel closes: completions at hand are sent
+/// together with `stageflow.complete_tasks` (waiting at most `BATCH_WINDOW` for more to gather,
+/// up to `MAX_BATCH`), failures one by one with `stageflow.fail_task`. It tells the claim loop
+/// (`reported`) when a task is off its hands: a slot frees only once its outcome is in the
+/// database, so a slow database slows claiming instead of letting leases of finished but
 /// unreported tasks run out.
 async fn report_outcomes(
     url: String,
@@ -151,40 +154,90 @@ async fn report_outcomes(
     counters: Arc<Counters>,
 ) {
     let mut api = connect_with_retry(&url).await;
-    while let Some((task_id, mut outcome)) = outcomes.recv().await {
-        loop {
-            let sent = match &outcome {
-                Ok(result) => api.complete(&task_id, result, &worker_id).await.map(|_| ()),
-                Err(error) => api.fail(&task_id, &error.to_json(), error.retryable_flag(), &worker_id).await.map(|_| ()),
-            };
-            match sent {
-                Ok(()) => {
-                    let counter = if outcome.is_ok() { &counters.completed } else { &counters.failed };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                Err(error) if is_connection_error(&error) => {
-                    tracing::warn!(%task_id, %error, "lost the database while reporting; reconnecting");
-                    sleep(Duration::from_millis(100)).await;
-                    api = connect_with_retry(&url).await;
-                }
-                Err(error) => {
-                    let db = error.as_db_error().expect("not a connection error");
-                    if outcome.is_ok() && db.code().code() == "22023" {
-                        // The database refused the result (a malformed plan): the task fails with why.
-                        outcome = Err(TaskError::permanent("invalid_result", db.message()));
-                        continue;
+    while let Some(first) = outcomes.recv().await {
+        let mut batch = vec![first];
+        let window = tokio::time::sleep(BATCH_WINDOW);
+        tokio::pin!(window);
+        while batch.len() < MAX_BATCH {
+            tokio::select! {
+                next = outcomes.recv() => match next {
+                    Some(outcome) => batch.push(outcome),
+                    None => break,
+                },
+                _ = &mut window => break,
+            }
+        }
+        let (completions, failures): (Vec<Outcome>, Vec<Outcome>) = batch.into_iter().partition(|(_, o)| o.is_ok());
+        let completions: Vec<(String, Value)> =
+            completions.into_iter().map(|(id, outcome)| (id, outcome.expect("partitioned on is_ok"))).collect();
+        let mut failures: Vec<(String, TaskError)> =
+            failures.into_iter().map(|(id, outcome)| (id, outcome.expect_err("partitioned on is_err"))).collect();
+
+        if !completions.is_empty() {
+            let reports = loop {
+                match api.complete_many(&completions, &worker_id).await {
+                    Ok(reports) => break reports,
+                    Err(error) if is_connection_error(&error) => {
+                        tracing::warn!(%error, "lost the database while reporting; reconnecting");
+                        sleep(Duration::from_millis(100)).await;
+                        api = connect_with_retry(&url).await;
                     }
-                    // The task is no longer this worker's to report (its job ended, or it was
-                    // reported already before a lost connection): nothing to do.
-                    tracing::info!(%task_id, code = db.code().code(), message = db.message(), "report refused");
-                    break;
+                    Err(error) => {
+                        // The whole call was refused (it should not be: the batch is well formed).
+                        tracing::error!(%error, tasks = completions.len(), "complete_tasks refused");
+                        break Vec::new();
+                    }
+                }
+            };
+            for report in &reports {
+                let task_id = report["task_id"].as_str().unwrap_or_default().to_owned();
+                match report.get("error") {
+                    None => {
+                        counters.completed.fetch_add(1, Ordering::Relaxed);
+                        let _ = reported.send(task_id);
+                    }
+                    // The database refused the result (a malformed plan): the task fails with why.
+                    Some(error) if error["sqlstate"] == "22023" => failures.push((
+                        task_id,
+                        TaskError::permanent("invalid_result", error["message"].as_str().unwrap_or_default()),
+                    )),
+                    // No longer this worker's to report (its job ended, its lease went to another).
+                    Some(error) => {
+                        tracing::info!(%task_id, %error, "completion refused");
+                        let _ = reported.send(task_id);
+                    }
                 }
             }
         }
-        let _ = reported.send(task_id);
+
+        for (task_id, error) in failures {
+            loop {
+                match api.fail(&task_id, &error.to_json(), error.retryable_flag(), &worker_id).await {
+                    Ok(_) => {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) if is_connection_error(&e) => {
+                        tracing::warn!(%task_id, error = %e, "lost the database while reporting; reconnecting");
+                        sleep(Duration::from_millis(100)).await;
+                        api = connect_with_retry(&url).await;
+                    }
+                    Err(e) => {
+                        let db = e.as_db_error().expect("not a connection error");
+                        tracing::info!(%task_id, code = db.code().code(), message = db.message(), "failure report refused");
+                        break;
+                    }
+                }
+            }
+            let _ = reported.send(task_id);
+        }
     }
 }
+
+/// How long the reporter waits for more outcomes to send together.
+const BATCH_WINDOW: Duration = Duration::from_millis(2);
+/// The most completions sent in one call.
+const MAX_BATCH: usize = 256;
 
 impl Worker {
     pub fn new(config: WorkerConfig, handlers: Handlers) -> Self {

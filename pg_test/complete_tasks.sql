@@ -1,0 +1,59 @@
+-- complete_tasks: many completions in one call with the per-task semantics of
+-- complete_task_and_check_stage; a task that cannot be completed gets an error entry and does
+-- not stop the others.
+SELECT stageflow.register_job_type('planned', $$
+{"stages": [{"name": "plan", "handler": "p.plan", "queue": "batch"},
+            {"name": "work", "handler": "p.work", "queue": "batch", "fan_out": "dynamic"}]}
+$$);
+
+DO $$
+DECLARE
+    v_a text := stageflow.submit_job('hello_world', '{"message": "a", "n": 3}');
+    v_b text := stageflow.submit_job('hello_world', '{"message": "b", "n": 2}');
+    v_plan_job text := stageflow.submit_job('planned', '{}');
+    v_plan text;
+    v_items jsonb;
+    v_reports jsonb;
+    v_queued text;
+BEGIN
+    SELECT jsonb_agg(jsonb_build_object('task_id', c.task_id, 'result', jsonb_build_object('greeting', c.task_key)) ORDER BY c.task_id)
+      INTO v_items FROM stageflow.claim_tasks('default', 5, 60, 'w1') AS c;
+    SELECT task_id INTO v_plan FROM stageflow.claim_tasks('batch', 1, 60, 'w1');
+    v_queued := stageflow.submit_job('hello_world', '{"message": "c", "n": 1}');
+    SELECT task_id INTO v_queued FROM stageflow.tasks WHERE job_id = v_queued;
+
+    v_reports := stageflow.complete_tasks(
+        v_items
+        || jsonb_build_array(
+               jsonb_build_object('task_id', 'nope'),
+               jsonb_build_object('task_id', v_queued, 'result', '{}'::jsonb),
+               jsonb_build_object('task_id', v_plan, 'result', '{"not": "a plan"}'::jsonb)),
+        'w1');
+    ASSERT jsonb_array_length(v_reports) = 8, v_reports::text;
+    -- Both jobs' first stages completed in the batch: each advanced once, by one task of the batch.
+    ASSERT (SELECT count(*) FROM jsonb_array_elements(v_reports) r WHERE r ->> 'stage_completed' = 'true') = 2, v_reports::text;
+    ASSERT (SELECT count(*) FROM stageflow.tasks WHERE job_id = v_a AND stage = 2) = 3;
+    ASSERT (SELECT count(*) FROM stageflow.tasks WHERE job_id = v_b AND stage = 2) = 2;
+    ASSERT v_reports -> 5 -> 'error' ->> 'sqlstate' = '42704';
+    ASSERT v_reports -> 6 -> 'error' ->> 'sqlstate' = '55000' AND v_reports -> 6 -> 'error' ->> 'message' LIKE '%not claimed%';
+    ASSERT v_reports -> 7 -> 'error' ->> 'sqlstate' = '22023' AND v_reports -> 7 -> 'error' ->> 'message' LIKE '%no "tasks" array%';
+    ASSERT (SELECT status FROM stageflow.tasks WHERE task_id = v_plan) = 'running', 'the bad plan is not completed';
+
+    -- Again: the same reports for the completed ones, nothing changes.
+    ASSERT (stageflow.complete_tasks(v_items, 'w1')) = (SELECT jsonb_agg(r) FROM jsonb_array_elements(v_reports) WITH ORDINALITY AS x(r, n) WHERE n <= 5);
+    ASSERT (SELECT count(*) FROM stageflow.tasks WHERE job_id = v_a AND stage = 2) = 3;
+
+    -- Another worker's batch is refused task by task.
+    ASSERT (stageflow.complete_tasks(jsonb_build_array(jsonb_build_object('task_id', v_plan, 'result', '{"tasks": []}'::jsonb)), 'w2'))
+           -> 0 -> 'error' ->> 'message' LIKE '%leased to worker w1%';
+    ASSERT (stageflow.complete_tasks(jsonb_build_array(jsonb_build_object('task_id', v_plan, 'result', '{"tasks": [{"key": "x"}]}'::jsonb)), 'w1'))
+           -> 0 ->> 'next_stage' = '2';
+    ASSERT (SELECT count(*) FROM pgmq.q_batch) = 1, 'the planned task is queued';
+
+    -- Both hello_world jobs finish through batches.
+    PERFORM stageflow.complete_tasks((SELECT jsonb_agg(jsonb_build_object('task_id', c.task_id, 'result', c.predecessor))
+                                        FROM stageflow.claim_tasks('default', 10) AS c));
+    ASSERT (stageflow.job_status(v_a)) ->> 'status' = 'completed' AND (stageflow.job_status(v_b)) ->> 'status' = 'completed';
+    ASSERT (stageflow.job_status(v_a)) -> 'result' = '[{"greeting": "0"}, {"greeting": "1"}, {"greeting": "2"}]';
+END;
+$$;
