@@ -2,12 +2,14 @@
 -- decision about time (leases, backoff, job deadlines, retention) reads it, so tests move time
 -- forward with SET stageflow.fake_now instead of sleeping. pgmq's visibility timeouts run on the
 -- real clock; maintenance (run_maintenance) releases what the engine's clock says is due.
+-- Every name is qualified and there is no SET clause, so that PostgreSQL inlines it into the
+-- statements of the hot path (a function with SET is never inlined).
 CREATE FUNCTION stageflow.now()
 RETURNS timestamptz
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(nullif(current_setting('stageflow.fake_now', true), '')::timestamptz, now())
+    SELECT coalesce(nullif(pg_catalog.current_setting('stageflow.fake_now', true), '')::pg_catalog.timestamptz,
+                    pg_catalog.now())
 $$;
 
 -- Writes an event to the outbox and announces it on the channel stageflow_events with

@@ -1,11 +1,13 @@
 -- What a completion reports: the task, its stage, whether this task's completion finished the
 -- stage (the stage row remembers which task did), and where the job is now.
+-- (plpgsql rather than sql: its plan is cached for the session, where a sql function's is not.)
 CREATE FUNCTION stageflow._completion_report(p_task_id text)
 RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT jsonb_build_object(
+BEGIN
+    RETURN (SELECT jsonb_build_object(
                'task_id', t.task_id,
                'task_status', t.status,
                'stage', t.stage,
@@ -19,7 +21,8 @@ AS $$
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     WHERE t.task_id = p_task_id
+     WHERE t.task_id = p_task_id);
+END;
 $$;
 
 -- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
@@ -80,10 +83,13 @@ AS $$
 DECLARE
     v_task       record;
     v_remaining  int;
+    v_advance    jsonb;
 BEGIN
-    SELECT t.job_id, t.stage, t.status, t.msg_id, t.worker_id, s.queue, s.next_fan_out INTO v_task
+    SELECT t.job_id, t.stage, t.status, t.msg_id, t.worker_id, s.queue, s.next_fan_out,
+           j.status AS job_status, j.current_stage, j.total_stages INTO v_task
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
      WHERE t.task_id = complete_task_and_check_stage.task_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING
@@ -127,9 +133,19 @@ BEGIN
              WHERE s.job_id = v_task.job_id AND s.stage = v_task.stage
             RETURNING s.remaining_tasks INTO v_remaining;
             IF v_remaining = 0 THEN
-                PERFORM stageflow.advance_stage(v_task.job_id);
+                v_advance := stageflow.advance_stage(v_task.job_id);
             END IF;
-            RETURN stageflow._completion_report(complete_task_and_check_stage.task_id);
+            -- The report of a fresh completion, from what is known here (no more reads).
+            RETURN jsonb_build_object(
+                'task_id', complete_task_and_check_stage.task_id,
+                'task_status', 'completed',
+                'stage', v_task.stage,
+                'stage_completed', v_remaining = 0,
+                'next_stage', CASE WHEN v_remaining = 0 AND v_task.stage < v_task.total_stages THEN v_task.stage + 1 END,
+                'job_id', v_task.job_id,
+                'job_status', coalesce(v_advance ->> 'job_status', v_task.job_status),
+                'current_stage', coalesce((v_advance ->> 'current_stage')::int, v_task.current_stage),
+                'total_stages', v_task.total_stages);
         END IF;
         -- Another session completed or failed it first; report what it is now.
         SELECT t.status INTO v_task.status FROM stageflow.tasks AS t

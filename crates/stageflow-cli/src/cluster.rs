@@ -9,6 +9,7 @@ const BIN: &str = "/usr/lib/postgresql/15/bin";
 
 pub struct Cluster {
     dir: PathBuf,
+    settings: Vec<String>,
 }
 
 fn is_root() -> bool {
@@ -51,7 +52,13 @@ impl Cluster {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok(Cluster { dir })
+        Ok(Cluster { dir, settings: Vec::new() })
+    }
+
+    /// Extra `name=value` server settings used when this starts the cluster.
+    pub fn with_settings(mut self, settings: &[&str]) -> Self {
+        self.settings = settings.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -122,10 +129,13 @@ impl Cluster {
             Some(port) => port,
             None => free_port()?,
         };
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_preload_libraries=stageflow -c max_connections=200",
             self.dir.display()
         );
+        for setting in &self.settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
         let mut start = as_owner(&format!("{BIN}/pg_ctl"));
         start
             .arg("-D")

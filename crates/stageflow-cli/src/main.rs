@@ -1,5 +1,6 @@
 //! `stageflow`: run the demo on an embedded cluster, run workers, submit and watch jobs.
 
+mod bench;
 mod cluster;
 mod demo;
 mod jobs;
@@ -108,6 +109,19 @@ enum Command {
     DeadLetters {
         #[arg(long, default_value_t = 50)]
         limit: i32,
+    },
+    /// Benchmark Stageflow beside raw pgmq on a private cluster (build with --release).
+    Bench {
+        /// Client connections for every line.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Small sizes: checks the benchmark runs, measures nothing worth keeping.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        #[arg(long, default_value = ".stageflow-bench")]
+        dir: PathBuf,
     },
     /// Manage a private cluster directory (what the demo and the tests use).
     Cluster {
@@ -247,6 +261,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tasks { job_id, status } => {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
+        }
+        Command::Bench { clients, quick, out, dir } => {
+            bench::run(bench::BenchOptions { clients: *clients, quick: *quick, out_dir: out.clone(), cluster_dir: dir.clone() }).await
         }
         Command::Cancel { job_id } => {
             let client = connect(&database_url(&cli)?).await?;
