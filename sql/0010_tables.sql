@@ -46,6 +46,9 @@ CREATE TABLE stageflow.stages (
     param             text,
     next_fan_out      text,
     max_attempts      int NOT NULL,
+    -- the stage's own lease (overrides the claim's) and handler timeout, when it defines them
+    lease_seconds     int,
+    timeout_seconds   int,
     -- failures the stage tolerates: it fails when failed_count exceeds both
     -- max_failed_tasks and max_failure_ratio * task_count.
     max_failed_tasks  int NOT NULL DEFAULT 0,

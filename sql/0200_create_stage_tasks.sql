@@ -84,11 +84,13 @@ BEGIN
 
     INSERT INTO stageflow.stages
         (job_id, stage, name, handler, queue, fan_out, param, next_fan_out, max_attempts,
+         lease_seconds, timeout_seconds,
          max_failed_tasks, max_failure_ratio, task_count, remaining_tasks, status, completed_at)
     VALUES
         (p_job_id, p_stage, v_def ->> 'name', v_def ->> 'handler', v_queue, v_fan_out, v_param,
          v_job.definition -> 'stages' -> p_stage ->> 'fan_out',
          (v_def -> 'retry' ->> 'max_attempts')::int,
+         (v_def ->> 'lease_seconds')::int, (v_def ->> 'timeout_seconds')::int,
          (v_def ->> 'max_failed_tasks')::int, (v_def ->> 'max_failure_ratio')::numeric,
          v_count, v_count,
          CASE WHEN v_count = 0 THEN 'completed' ELSE 'active' END,

@@ -21,14 +21,15 @@ BEGIN
 END;
 $$;
 
--- Claims up to max_tasks tasks of a queue for lease_seconds: reads their messages with the lease as
--- pgmq's visibility timeout and marks the tasks running with attempt + 1. A task whose lease runs
--- out without a completion is delivered again by a later claim. Messages whose task can no longer
--- run (finished, or its job ended) are deleted; a task whose attempts were all spent on expired
--- leases is dead-lettered.
+-- Claims up to max_tasks tasks of a queue for lease_seconds (or the stage's own lease_seconds,
+-- when its definition sets one): reads their messages with the lease as pgmq's visibility timeout
+-- and marks the tasks running with attempt + 1. A task whose lease runs out without a completion
+-- is delivered again by a later claim. Messages whose task can no longer run (finished, or its job
+-- ended) are deleted; a task whose attempts were all spent on expired leases is dead-lettered.
 --
 -- Each row carries the task's params (the job's params overlaid with the task's own; for an `each`
--- stage the fanned-out array is left out), its predecessor's result (lineage) and its inputs (fan-in).
+-- stage the fanned-out array is left out), its predecessor's result (lineage), its inputs
+-- (fan-in), and the stage's handler timeout in seconds (NULL when it sets none).
 CREATE FUNCTION stageflow.claim_tasks(
     queue text DEFAULT 'default',
     max_tasks int DEFAULT 1,
@@ -37,20 +38,25 @@ CREATE FUNCTION stageflow.claim_tasks(
 RETURNS TABLE (
     task_id text, job_id text, job_type text, stage int, stage_name text, handler text,
     task_key text, params jsonb, predecessor jsonb, inputs jsonb, attempt int,
-    lease_expires_at timestamptz)
+    lease_expires_at timestamptz, timeout_seconds int)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_msg_ids     bigint[];
-    v_task_ids    text[];
-    v_expires_at  timestamptz;
-    v_claimed     int;
-    r             record;
+    v_msg_ids      bigint[];
+    v_task_ids     text[];
+    v_claimed_ids  text[];
+    v_own_lease    int[];
+    v_own_msgs     bigint[];
+    r              record;
 BEGIN
-    PERFORM stageflow._check_queue(claim_tasks.queue);
+    -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
+    IF claim_tasks.queue IS NULL OR claim_tasks.queue !~ '^[a-z_][a-z0-9_]{0,46}$'
+       OR NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
+        PERFORM stageflow._check_queue(claim_tasks.queue);
+    END IF;
     IF claim_tasks.max_tasks IS NULL OR claim_tasks.max_tasks NOT BETWEEN 1 AND 10000 THEN
         RAISE EXCEPTION USING
             ERRCODE = '22023',
@@ -63,7 +69,6 @@ BEGIN
             MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(claim_tasks.lease_seconds::text, 'NULL')),
             HINT = 'a lease is how long a worker may hold a task before it is delivered again';
     END IF;
-    v_expires_at := stageflow.now() + make_interval(secs => claim_tasks.lease_seconds);
 
     SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.message ->> 'task_id' ORDER BY m.msg_id)
       INTO v_msg_ids, v_task_ids
@@ -72,37 +77,52 @@ BEGIN
         RETURN;
     END IF;
 
-    RETURN QUERY
     WITH claimed AS (
         UPDATE stageflow.tasks AS t
            SET status = 'running',
                attempt = t.attempt + 1,
-               lease_expires_at = v_expires_at,
+               lease_expires_at = stageflow.now()
+                                  + make_interval(secs => coalesce(s.lease_seconds, claim_tasks.lease_seconds)),
                worker_id = claim_tasks.worker_id,
                started_at = coalesce(t.started_at, stageflow.now()),
                next_attempt_at = NULL
-          FROM stageflow.jobs AS j
+          FROM stageflow.jobs AS j, stageflow.stages AS s
          WHERE t.task_id = ANY (v_task_ids)
            AND j.job_id = t.job_id
+           AND s.job_id = t.job_id AND s.stage = t.stage
            AND j.status IN ('queued', 'processing')
            AND t.status IN ('queued', 'running')
            AND t.attempt < t.max_attempts
-        RETURNING t.task_id, t.job_id, j.job_type, j.params AS job_params, t.stage, t.task_key, t.params,
-                  t.predecessor_id, t.inputs, t.attempt, t.lease_expires_at, t.msg_id
+        RETURNING t.task_id, t.job_id, t.msg_id, s.lease_seconds
     ), started AS (
         UPDATE stageflow.jobs AS j
            SET status = 'processing', started_at = stageflow.now(), updated_at = stageflow.now()
          WHERE j.job_id IN (SELECT c.job_id FROM claimed AS c) AND j.status = 'queued'
     )
-    SELECT c.task_id, c.job_id, c.job_type, c.stage, s.name, s.handler, c.task_key,
-           CASE WHEN s.fan_out = 'each' THEN c.job_params - s.param ELSE c.job_params END || c.params,
-           p.result, c.inputs, c.attempt, c.lease_expires_at
-      FROM claimed AS c
-      JOIN stageflow.stages AS s ON s.job_id = c.job_id AND s.stage = c.stage
-      LEFT JOIN stageflow.tasks AS p ON p.task_id = c.predecessor_id
-     ORDER BY c.msg_id;
-    GET DIAGNOSTICS v_claimed = ROW_COUNT;
-    IF v_claimed = cardinality(v_msg_ids) THEN
+    SELECT array_agg(c.task_id),
+           array_agg(c.lease_seconds) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
+                                                    AND c.lease_seconds IS NOT NULL),
+           array_agg(c.msg_id) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
+                                             AND c.lease_seconds IS NOT NULL)
+      INTO v_claimed_ids, v_own_lease, v_own_msgs
+      FROM claimed AS c;
+
+    -- Stages with a lease of their own: their messages stay invisible that long instead.
+    FOR r IN SELECT u.lease, array_agg(u.msg_id) AS msg_ids FROM unnest(v_own_lease, v_own_msgs) AS u(lease, msg_id) GROUP BY u.lease LOOP
+        PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, clock_timestamp() + make_interval(secs => r.lease));
+    END LOOP;
+
+    RETURN QUERY
+    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
+           CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END || t.params,
+           p.result, t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds
+      FROM stageflow.tasks AS t
+      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+      LEFT JOIN stageflow.tasks AS p ON p.task_id = t.predecessor_id
+     WHERE t.task_id = ANY (v_claimed_ids)
+     ORDER BY t.msg_id;
+    IF coalesce(cardinality(v_claimed_ids), 0) = cardinality(v_msg_ids) THEN
         RETURN;
     END IF;
 
@@ -112,7 +132,7 @@ BEGIN
           FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
           LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE t.task_id IS NULL OR t.status <> 'running' OR t.lease_expires_at IS DISTINCT FROM v_expires_at
+         WHERE u.task_id IS NULL OR NOT (u.task_id = ANY (coalesce(v_claimed_ids, '{}')))
     LOOP
         IF r.status = 'running' AND r.job_status IN ('queued', 'processing') THEN
             PERFORM stageflow._end_task(

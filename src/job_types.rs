@@ -8,10 +8,13 @@
 //!   "stages": [
 //!     {"name": "greet", "handler": "hello_world.greet", "queue": "default",
 //!      "fan_out": "count", "param": "n", "retry": { overrides the job type's retry },
-//!      "max_failed_tasks": 0, "max_failure_ratio": 0},
+//!      "max_failed_tasks": 0, "max_failure_ratio": 0,
+//!      "lease_seconds": 120, "timeout_seconds": 60},
 //!     ...
 //!   ],
-//!   "timeout_seconds": 3600
+//!   "lease_seconds": 300,          (default for stages without their own)
+//!   "task_timeout_seconds": 600,   (default handler timeout for stages without their own)
+//!   "timeout_seconds": 3600        (the job's deadline)
 //! }
 //! ```
 
@@ -129,10 +132,29 @@ fn required_string<'a>(stage: &'a Map<String, Value>, path: &str, key: &str) -> 
     }
 }
 
+/// An optional whole number of seconds from 1 to `max` at `path`.
+fn seconds(value: Option<&Value>, path: &str, max: u64) -> Result<Option<u64>, Invalid> {
+    match value {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=max).contains(n))
+            .map(Some)
+            .ok_or_else(|| invalid(path, format!("must be an integer from 1 to {max}, got {v}"))),
+    }
+}
+
+/// What stages inherit from their job type.
+struct StageDefaults<'a> {
+    retry: &'a Value,
+    lease_seconds: Option<u64>,
+    timeout_seconds: Option<u64>,
+}
+
 fn normalize_stage(
     stage: &Value,
     index: usize,
-    retry: &Value,
+    defaults: &StageDefaults,
     schema: Option<&Value>,
     seen: &mut Vec<String>,
 ) -> Result<Value, Invalid> {
@@ -143,7 +165,10 @@ fn normalize_stage(
     check_fields(
         stage,
         &path,
-        &["name", "description", "handler", "queue", "fan_out", "param", "retry", "max_failed_tasks", "max_failure_ratio"],
+        &[
+            "name", "description", "handler", "queue", "fan_out", "param", "retry", "max_failed_tasks",
+            "max_failure_ratio", "lease_seconds", "timeout_seconds",
+        ],
     )?;
 
     let name = required_string(stage, &path, "name")?;
@@ -199,12 +224,20 @@ fn normalize_stage(
         "handler": handler,
         "queue": queue,
         "fan_out": fan_out,
-        "retry": normalize_retry(stage.get("retry"), retry, &format!("{path}.retry"))?,
+        "retry": normalize_retry(stage.get("retry"), defaults.retry, &format!("{path}.retry"))?,
         "max_failed_tasks": max_failed_tasks,
         "max_failure_ratio": max_failure_ratio,
     });
     if let Some(p) = param {
         normalized["param"] = Value::String(p);
+    }
+    if let Some(lease) = seconds(stage.get("lease_seconds"), &format!("{path}.lease_seconds"), 604_800)?.or(defaults.lease_seconds) {
+        normalized["lease_seconds"] = json!(lease);
+    }
+    if let Some(timeout) =
+        seconds(stage.get("timeout_seconds"), &format!("{path}.timeout_seconds"), 604_800)?.or(defaults.timeout_seconds)
+    {
+        normalized["timeout_seconds"] = json!(timeout);
     }
     if let Some(description) = stage.get("description") {
         normalized["description"] = description.clone();
@@ -217,7 +250,11 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     let Some(object) = definition.as_object() else {
         return Err(invalid("definition", "must be a JSON object"));
     };
-    check_fields(object, "definition", &["description", "parameters", "retry", "stages", "timeout_seconds"])?;
+    check_fields(
+        object,
+        "definition",
+        &["description", "parameters", "retry", "stages", "timeout_seconds", "lease_seconds", "task_timeout_seconds"],
+    )?;
     let timeout_seconds = match object.get("timeout_seconds") {
         None => None,
         Some(v) => Some(v.as_u64().filter(|n| (1..=31_536_000).contains(n)).ok_or_else(|| {
@@ -243,11 +280,16 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
         Some(other) => return Err(invalid("definition.stages", format!("must be an array of stages, got {other}"))),
         None => return Err(invalid("definition.stages", "is required")),
     };
+    let defaults = StageDefaults {
+        retry: &retry,
+        lease_seconds: seconds(object.get("lease_seconds"), "definition.lease_seconds", 604_800)?,
+        timeout_seconds: seconds(object.get("task_timeout_seconds"), "definition.task_timeout_seconds", 604_800)?,
+    };
     let mut seen = Vec::new();
     let stages = stages
         .iter()
         .enumerate()
-        .map(|(i, stage)| normalize_stage(stage, i, &retry, schema, &mut seen))
+        .map(|(i, stage)| normalize_stage(stage, i, &defaults, schema, &mut seen))
         .collect::<Result<Vec<_>, _>>()?;
 
     let mut normalized = json!({"description": description, "retry": retry, "stages": stages});
@@ -321,6 +363,18 @@ mod unit {
         .unwrap();
         assert_eq!(normalized["stages"][0]["retry"]["max_attempts"], 1);
         assert_eq!(normalized["stages"][0]["retry"]["backoff_base_seconds"], 2.0);
+    }
+
+    #[test]
+    fn stages_inherit_lease_and_timeout_unless_they_set_their_own() {
+        let normalized = normalize(&json!({
+            "lease_seconds": 30, "task_timeout_seconds": 10,
+            "stages": [{"name": "a", "handler": "h"}, {"name": "b", "handler": "h", "lease_seconds": 5, "timeout_seconds": 2}]
+        }))
+        .unwrap();
+        assert_eq!((&normalized["stages"][0]["lease_seconds"], &normalized["stages"][0]["timeout_seconds"]), (&json!(30), &json!(10)));
+        assert_eq!((&normalized["stages"][1]["lease_seconds"], &normalized["stages"][1]["timeout_seconds"]), (&json!(5), &json!(2)));
+        assert_eq!(field_of(json!({"stages": [{"name": "a", "handler": "h", "lease_seconds": 0}]})), "definition.stages[0].lease_seconds");
     }
 
     #[test]

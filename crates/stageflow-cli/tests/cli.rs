@@ -78,3 +78,35 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
 fn signal_term(child: &std::process::Child) {
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
 }
+
+/// The benchmark must keep running (its numbers are judged by people, not by this test).
+#[test]
+fn the_benchmark_runs_every_line_and_writes_its_report() {
+    let out = std::env::temp_dir().join("stageflow-bench-smoke/results");
+    let dir = std::env::temp_dir().join("stageflow-bench-smoke/cluster");
+    let _ = std::fs::remove_dir_all(&out);
+    let output = Command::new(env!("CARGO_BIN_EXE_stageflow"))
+        .args(["bench", "--quick", "--clients", "2", "--out", out.to_str().unwrap(), "--dir", dir.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let file = std::fs::read_dir(&out).unwrap().next().expect("a report is written").unwrap().path();
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    for mode in ["on", "off"] {
+        let line = &report["synchronous_commit"][mode];
+        for key in [
+            "commit_rate_per_s",
+            "pgmq_one_at_a_time_msg_per_s",
+            "pgmq_batch_100_msg_per_s",
+            "stageflow_one_at_a_time_tasks_per_s",
+            "stageflow_batch_100_tasks_per_s",
+            "fan_out_seconds",
+            "flatness_ratio",
+        ] {
+            assert!(line[key].as_f64().is_some_and(|v| v > 0.0), "{mode}.{key} = {}", line[key]);
+        }
+        assert!(line["stage_advance_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0));
+    }
+    assert_eq!(report["worker"]["completed_by_worker"], json!(2000), "the worker completed every task of the memory line");
+}

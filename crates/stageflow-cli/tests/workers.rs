@@ -208,6 +208,29 @@ fn a_panicking_handler_fails_only_its_task() {
 }
 
 #[test]
+fn a_stage_timeout_stops_a_slow_handler() {
+    let url = fresh_database("workers_stage_timeout");
+    let logs = log_dir("workers_stage_timeout");
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "too_slow",
+        r#"{"retry": {"max_attempts": 1},
+            "parameters": {"type": "object", "properties": {"ms": {"type": "integer"}}},
+            "stages": [{"name": "s", "handler": "debug.sleep", "queue": "slowq", "timeout_seconds": 1}]}"#,
+    );
+    let job_id = submit(&mut client, "too_slow", json!({"ms": 30000}));
+    let started = Instant::now();
+    let mut worker = spawn_worker(&url, &logs, "patient", &["--queue", "slowq"]);
+    let status = wait_for_job(&mut client, &job_id, Duration::from_secs(30));
+    assert!(started.elapsed() < Duration::from_secs(15), "the stage's 1 s timeout, not the handler's 30 s");
+    assert_eq!(status["status"], json!("failed"));
+    assert_eq!(status["error"]["error"]["type"], json!("timeout"), "{}", status["error"]);
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)));
+}
+
+#[test]
 fn lost_connections_are_retried_and_nothing_is_lost() {
     let url = fresh_database("workers_reconnect");
     let logs = log_dir("workers_reconnect");

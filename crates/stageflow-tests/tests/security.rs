@@ -77,7 +77,7 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
               WHERE n.nspname = 'stageflow' AND p.prolang <> (SELECT oid FROM pg_language WHERE lanname = 'c')
                 AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
                 -- stageflow.now() is kept inlinable: no SET clause, every name qualified, not SECURITY DEFINER.
-                AND NOT (p.proname = 'now' AND NOT p.prosecdef)
+                AND NOT (p.proname = 'now' AND NOT p.prosecdef)",
             &[],
         )
         .unwrap()

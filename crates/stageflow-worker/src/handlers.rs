@@ -25,6 +25,8 @@ pub struct Task {
     /// The previous stage's results in task order, for a `fan_in` stage.
     pub inputs: Option<Value>,
     pub attempt: i32,
+    /// The stage's handler timeout, when its definition sets one.
+    pub timeout_seconds: Option<i32>,
 }
 
 /// Why a handler failed: reported with `stageflow.fail_task` as

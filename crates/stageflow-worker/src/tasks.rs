@@ -36,7 +36,7 @@ impl TaskApi {
             claim: client
                 .prepare(
                     "SELECT task_id, job_id, job_type, stage, stage_name, handler, task_key, params, \
-                            predecessor, inputs, attempt \
+                            predecessor, inputs, attempt, timeout_seconds \
                        FROM stageflow.claim_tasks($1, $2, $3, $4)",
                 )
                 .await?,
@@ -69,6 +69,7 @@ impl TaskApi {
                 predecessor: row.get(8),
                 inputs: row.get(9),
                 attempt: row.get(10),
+                timeout_seconds: row.get(11),
             })
             .collect())
     }

@@ -289,7 +289,12 @@ impl Worker {
                             for task in tasks {
                                 let task_id = task.task_id.clone();
                                 let (handlers, outcome_tx) = (self.handlers.clone(), outcome_tx.clone());
-                                let timeout = config.task_timeout;
+                                // The shorter of the worker's and the stage's timeouts.
+                                let stage_timeout = task.timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
+                                let timeout = match (config.task_timeout, stage_timeout) {
+                                    (Some(a), Some(b)) => Some(a.min(b)),
+                                    (a, b) => a.or(b),
+                                };
                                 let id = task_id.clone();
                                 let handle = tokio::spawn(async move {
                                     let outcome = run_handler(handlers, task, timeout).await;
@@ -408,6 +413,7 @@ mod unit {
             predecessor: None,
             inputs: None,
             attempt: 1,
+            timeout_seconds: None,
         }
     }
 
