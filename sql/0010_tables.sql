@@ -28,7 +28,9 @@ CREATE TABLE stageflow.jobs (
     updated_at     timestamptz NOT NULL DEFAULT now(),
     completed_at   timestamptz,
     -- created_at + the job type's timeout_seconds: past it, maintenance fails the job.
-    deadline_at    timestamptz
+    deadline_at    timestamptz,
+    -- where to POST the job's end (else its job type's webhook_url)
+    webhook_url    text
 );
 CREATE INDEX jobs_created_at_idx ON stageflow.jobs (created_at DESC);
 CREATE INDEX jobs_deadline_idx ON stageflow.jobs (deadline_at) WHERE status IN ('queued', 'processing');

@@ -26,6 +26,9 @@ BEGIN
     INSERT INTO stageflow.events (job_id, stage, task_id, kind, payload, created_at)
     VALUES (p_job_id, p_stage, p_task_id, p_kind, p_payload, stageflow.now())
     RETURNING event_id INTO v_event_id;
+    IF p_kind IN ('job_completed', 'job_completed_with_errors', 'job_failed', 'job_cancelled') THEN
+        PERFORM stageflow._queue_webhook(v_event_id, p_job_id, p_kind);
+    END IF;
     PERFORM pg_notify('stageflow_events',
                       jsonb_build_object('event_id', v_event_id, 'job_id', p_job_id, 'kind', p_kind)::text);
 END;

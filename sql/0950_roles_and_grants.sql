@@ -34,7 +34,8 @@ GRANT EXECUTE ON FUNCTION
 TO stageflow_worker;
 
 GRANT EXECUTE ON FUNCTION
-    stageflow.submit_job(text, jsonb),
+    stageflow.submit_job(text, jsonb, text),
+    stageflow.webhook_deliveries(text),
     stageflow.job_status(text),
     stageflow.job_tasks(text),
     stageflow.list_jobs(text, text, int, timestamptz),
@@ -49,5 +50,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.retry_job(text),
     stageflow.dead_letters(int),
     stageflow.advance_stage(text),
-    stageflow.run_maintenance(int)
+    stageflow.run_maintenance(int),
+    stageflow.claim_webhook_deliveries(int, int),
+    stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric)
 TO stageflow_admin;

@@ -253,8 +253,17 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     check_fields(
         object,
         "definition",
-        &["description", "parameters", "retry", "stages", "timeout_seconds", "lease_seconds", "task_timeout_seconds"],
+        &["description", "parameters", "retry", "stages", "timeout_seconds", "lease_seconds", "task_timeout_seconds", "webhook_url"],
     )?;
+    let webhook_url = match object.get("webhook_url") {
+        None => None,
+        Some(Value::String(url))
+            if (url.starts_with("http://") || url.starts_with("https://")) && url.len() <= 2048 && !url.contains(char::is_whitespace) =>
+        {
+            Some(url.clone())
+        }
+        Some(other) => return Err(invalid("definition.webhook_url", format!("must be an http(s) URL, got {other}"))),
+    };
     let timeout_seconds = match object.get("timeout_seconds") {
         None => None,
         Some(v) => Some(v.as_u64().filter(|n| (1..=31_536_000).contains(n)).ok_or_else(|| {
@@ -298,6 +307,9 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     }
     if let Some(timeout) = timeout_seconds {
         normalized["timeout_seconds"] = json!(timeout);
+    }
+    if let Some(url) = webhook_url {
+        normalized["webhook_url"] = json!(url);
     }
     Ok(normalized)
 }

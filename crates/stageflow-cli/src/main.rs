@@ -110,6 +110,20 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: i32,
     },
+    /// Serve the HTTP API (and deliver webhooks) until SIGTERM or Ctrl-C.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The bearer token clients must send.
+        #[arg(long, env = "STAGEFLOW_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Serve without authentication (only on a trusted network).
+        #[arg(long)]
+        no_auth: bool,
+        /// The key that signs webhook deliveries (HMAC-SHA256).
+        #[arg(long, env = "STAGEFLOW_WEBHOOK_SECRET", hide_env_values = true)]
+        webhook_secret: Option<String>,
+    },
     /// Benchmark Stageflow beside raw pgmq on a private cluster (build with --release).
     Bench {
         /// Client connections for every line.
@@ -261,6 +275,23 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tasks { job_id, status } => {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
+        }
+        Command::Serve { listen, token, no_auth, webhook_secret } => {
+            let token = match (token, no_auth) {
+                (Some(_), true) => return Err(CliError::Usage("give either a token or --no-auth, not both".into())),
+                (None, false) => {
+                    return Err(CliError::Usage(
+                        "no API token: set STAGEFLOW_API_TOKEN (or --token), or pass --no-auth to serve without authentication".into(),
+                    ))
+                }
+                (token, _) => token.clone(),
+            };
+            let mut config = stageflow_http::ServeConfig::new(database_url(&cli)?, *listen, token);
+            config.webhooks.secret = webhook_secret.clone();
+            let server = stageflow_http::start(config, shutdown_signal()).await.map_err(|e| CliError::Setup(e.0))?;
+            println!("serving on http://{}", server.addr);
+            server.handle.await.map_err(|e| CliError::Setup(e.to_string()))?;
+            Ok(())
         }
         Command::Bench { clients, quick, out, dir } => {
             bench::run(bench::BenchOptions { clients: *clients, quick: *quick, out_dir: out.clone(), cluster_dir: dir.clone() }).await

@@ -1,0 +1,232 @@
+//! The routes. Each handler calls one stageflow SQL function and returns its JSON; database errors
+//! become JSON errors with a status that fits their SQLSTATE.
+
+use std::convert::Infallible;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::events::Events;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: deadpool_postgres::Pool,
+    pub token: Option<String>,
+    pub events: Events,
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, sqlstate: Option<&str>, message: impl Into<String>, hint: Option<&str>) -> Self {
+        ApiError { status, body: json!({"error": {"message": message.into(), "sqlstate": sqlstate, "hint": hint}}) }
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        match error.as_db_error() {
+            Some(db) => {
+                let code = db.code().code();
+                let status = match code {
+                    "42704" => StatusCode::NOT_FOUND,
+                    "55000" => StatusCode::CONFLICT,
+                    "42501" => StatusCode::FORBIDDEN,
+                    "54000" => StatusCode::PAYLOAD_TOO_LARGE,
+                    c if c.starts_with("22") || c == "42602" => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                ApiError::new(status, Some(code), db.message(), db.hint())
+            }
+            None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("database: {error}"), None),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("database unavailable: {error}"), None)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// One JSON value from a statement returning one row with one jsonb column.
+async fn one_json(state: &AppState, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> ApiResult {
+    let client = state.pool.get().await?;
+    let statement = client.prepare_cached(sql).await?;
+    let row = client.query_one(&statement, params).await?;
+    Ok(Json(row.get::<_, Value>(0)))
+}
+
+async fn require_token(State(state): State<AppState>, headers: HeaderMap, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    match headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        None => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({"error": {"message": "missing bearer token", "hint": "send Authorization: Bearer <STAGEFLOW_API_TOKEN>"}})),
+        )
+            .into_response(),
+        Some(value) if value.strip_prefix("Bearer ").is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) => {
+            next.run(request).await
+        }
+        Some(_) => (StatusCode::FORBIDDEN, Json(json!({"error": {"message": "wrong bearer token"}}))).into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct SubmitQuery {
+    webhook_url: Option<String>,
+}
+
+async fn submit(State(state): State<AppState>, Path(job_type): Path<String>, Query(q): Query<SubmitQuery>, body: Option<Json<Value>>) -> ApiResult {
+    let params = body.map(|Json(v)| v).unwrap_or_else(|| json!({}));
+    let Json(job_id) = one_json(&state, "SELECT to_jsonb(stageflow.submit_job($1, $2, $3))", &[&job_type, &params, &q.webhook_url]).await?;
+    // A statement of its own: one that also submitted would not see its own job.
+    let Json(status) = one_json(&state, "SELECT stageflow.job_status($1)", &[&job_id.as_str()]).await?;
+    Ok(Json(json!({
+        "job_id": status["job_id"],
+        "status": status["status"],
+        "job_type": status["job_type"],
+        "created_at": status["created_at"],
+        "job": status,
+    })))
+}
+
+async fn status(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, "SELECT stageflow.job_status($1)", &[&job_id]).await
+}
+
+async fn tasks(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t", &[&job_id]).await
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    #[serde(rename = "type")]
+    job_type: Option<String>,
+    limit: Option<i32>,
+    before: Option<String>,
+}
+
+async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
+    one_json(
+        &state,
+        "SELECT coalesce(jsonb_agg(to_jsonb(j)), '[]') FROM stageflow.list_jobs($1, $2, $3, $4::text::timestamptz) AS j",
+        &[&q.status, &q.job_type, &q.limit.unwrap_or(50), &q.before],
+    )
+    .await
+}
+
+async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, "SELECT stageflow.cancel_job($1)", &[&job_id]).await
+}
+
+async fn retry(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, "SELECT stageflow.retry_job($1)", &[&job_id]).await
+}
+
+async fn webhook_deliveries(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.webhook_deliveries($1) AS d", &[&job_id]).await
+}
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    limit: Option<i32>,
+}
+
+async fn dead_letters(State(state): State<AppState>, Query(q): Query<LimitQuery>) -> ApiResult {
+    one_json(
+        &state,
+        "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.dead_letters($1) AS d",
+        &[&q.limit.unwrap_or(100)],
+    )
+    .await
+}
+
+async fn job_types(State(state): State<AppState>) -> ApiResult {
+    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_types() AS t", &[]).await
+}
+
+async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let client = state.pool.get().await?;
+    client.query_one("SELECT 1", &[]).await?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let client = state.pool.get().await?;
+    let text = crate::metrics::render(&client).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// Server-sent events: every stageflow event (`{"event_id", "job_id", "kind"}`) as it commits.
+async fn events(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let receiver = state.events.subscribe();
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(payload) => return Some((Ok(Event::default().event("stageflow").data(payload)), receiver)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, None, "no such route", Some("see /api/openapi.json"))
+}
+
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    let api = Router::new()
+        .route("/api/jobs/submit/{job_type}", post(submit))
+        .route("/api/jobs/status/{job_id}", get(status))
+        .route("/api/db/tasks/{job_id}", get(tasks))
+        .route("/api/jobs", get(list))
+        .route("/api/jobs/{job_id}/cancel", post(cancel))
+        .route("/api/jobs/{job_id}/retry", post(retry))
+        .route("/api/jobs/{job_id}/webhooks", get(webhook_deliveries))
+        .route("/api/dead-letters", get(dead_letters))
+        .route("/api/job-types", get(job_types))
+        .route("/api/events", get(events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(api)
+        .route("/api/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}

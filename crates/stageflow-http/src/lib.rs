@@ -1,0 +1,90 @@
+//! Stageflow's HTTP API, served by `stageflow serve`: the original system's endpoints (same
+//! shapes), job listing, cancel and retry, dead letters, job types, a health check, an OpenAPI
+//! document, Prometheus metrics, server-sent events from `LISTEN stageflow_events`, and the
+//! webhook dispatcher. Every handler calls one stageflow SQL function; the server keeps no state.
+
+mod api;
+mod events;
+mod metrics;
+mod webhooks;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use webhooks::WebhookConfig;
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub database_url: String,
+    pub listen: SocketAddr,
+    /// The bearer token every /api request must carry; None only when auth is explicitly off.
+    pub token: Option<String>,
+    pub webhooks: WebhookConfig,
+    /// The most bytes a request body may have.
+    pub body_limit: usize,
+}
+
+impl ServeConfig {
+    pub fn new(database_url: impl Into<String>, listen: SocketAddr, token: Option<String>) -> Self {
+        ServeConfig {
+            database_url: database_url.into(),
+            listen,
+            token,
+            webhooks: WebhookConfig::default(),
+            body_limit: 2 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ServeError(pub String);
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+/// Binds, starts the event listener and the webhook dispatcher, and serves until `shutdown`.
+pub async fn start(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Server, ServeError> {
+    let mut pool_config = deadpool_postgres::Config::new();
+    pool_config.url = Some(config.database_url.clone());
+    let pool = pool_config
+        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
+        .map_err(|e| ServeError(format!("database pool: {e}")))?;
+    // Fail early and clearly if the database or the extension is missing.
+    let client = pool.get().await.map_err(|e| ServeError(format!("cannot connect to the database: {e}")))?;
+    client
+        .query_one("SELECT to_regprocedure('stageflow.job_status(text)') IS NOT NULL", &[])
+        .await
+        .map_err(|e| ServeError(e.to_string()))
+        .and_then(|row| if row.get::<_, bool>(0) { Ok(()) } else { Err(ServeError("the stageflow extension is not installed in this database".into())) })?;
+    drop(client);
+
+    let events = events::Events::start(config.database_url.clone());
+    webhooks::spawn_dispatcher(pool.clone(), config.webhooks.clone(), events.clone());
+    let app = api::router(api::AppState { pool, token: config.token.clone(), events }, config.body_limit);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServeError(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener.local_addr().map_err(|e| ServeError(e.to_string()))?;
+    tracing::info!(%addr, auth = config.token.is_some(), "stageflow serve listening");
+    let handle = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(%error, "server stopped");
+        }
+    });
+    Ok(Server { addr, handle })
+}
+
+/// How long the dispatcher and listener wait before trying the database again.
+pub(crate) const RETRY: Duration = Duration::from_secs(1);

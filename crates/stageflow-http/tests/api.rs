@@ -1,0 +1,248 @@
+//! The HTTP API against a real cluster: the original endpoints and shapes, auth, errors with fitting
+//! status codes, listing, cancel and retry, dead letters, OpenAPI, metrics, server-sent events, a
+//! body limit, and webhooks delivered with a signature to a receiver that fails the first attempts.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use stageflow_http::{start, ServeConfig};
+use stageflow_tests::{connect, fresh_database, register};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "test-token";
+
+async fn serve(database: &str) -> (String, String) {
+    let name = database.to_owned();
+    // The test helpers use the blocking client, which must not run on the async runtime.
+    let url = tokio::task::spawn_blocking(move || fresh_database(&name)).await.unwrap();
+    let mut config = ServeConfig::new(url.clone(), "127.0.0.1:0".parse().unwrap(), Some(TOKEN.into()));
+    config.webhooks.secret = Some("shh".into());
+    config.webhooks.retry_base = Duration::from_millis(50);
+    config.webhooks.poll_interval = Duration::from_millis(100);
+    config.body_limit = 64 * 1024;
+    let server = start(config, std::future::pending()).await.expect("server starts");
+    (format!("http://{}", server.addr), url)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn call(method: reqwest::Method, url: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = client().request(method, url).bearer_auth(TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
+    let (base, db_url) = serve("http_api").await;
+
+    // Auth: none -> 401, wrong -> 403; health, metrics and the OpenAPI document are open.
+    let anonymous = client().get(format!("{base}/api/jobs")).send().await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    let wrong = client().get(format!("{base}/api/jobs")).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 403);
+    assert_eq!(client().get(format!("{base}/healthz")).send().await.unwrap().status().as_u16(), 200);
+    let openapi: Value = client().get(format!("{base}/api/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(openapi["openapi"], json!("3.0.3"));
+    assert!(openapi["paths"]["/api/jobs/submit/{job_type}"]["post"].is_object());
+
+    // The original endpoints, same shapes.
+    let (code, submitted) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"message": "http", "n": 3}))).await;
+    assert_eq!(code, 200, "{submitted}");
+    let job_id = submitted["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(submitted["status"], json!("queued"));
+    let (code, again) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"n": 3, "message": "http"}))).await;
+    assert_eq!((code, again["job_id"].as_str()), (200, Some(job_id.as_str())), "a resubmission returns the same job");
+    let (code, status) = call(reqwest::Method::GET, &format!("{base}/api/jobs/status/{job_id}"), None).await;
+    assert_eq!((code, status["total_stages"].clone()), (200, json!(2)));
+    let (code, tasks) = call(reqwest::Method::GET, &format!("{base}/api/db/tasks/{job_id}"), None).await;
+    assert_eq!((code, tasks.as_array().map(Vec::len)), (200, Some(3)));
+    assert_eq!(tasks[0]["status"], json!("queued"));
+
+    // Errors: JSON with the SQLSTATE and a status that fits.
+    let (code, error) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"n": 0}))).await;
+    assert_eq!(code, 400);
+    assert!(error["error"]["message"].as_str().unwrap().contains("params.n: 0 is less than the minimum 1"), "{error}");
+    assert_eq!(error["error"]["sqlstate"], json!("22023"));
+    let (code, error) = call(reqwest::Method::GET, &format!("{base}/api/jobs/status/{}", "0".repeat(64)), None).await;
+    assert_eq!((code, error["error"]["sqlstate"].clone()), (404, json!("42704")));
+    assert!(error["error"]["hint"].is_string());
+    let (code, _) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/no_such_type"), Some(json!({}))).await;
+    assert_eq!(code, 404);
+    let (code, _) = call(reqwest::Method::GET, &format!("{base}/api/jobs?status=done"), None).await;
+    assert_eq!(code, 400);
+    let (code, _) = call(reqwest::Method::GET, &format!("{base}/api/nothing/here"), None).await;
+    assert_eq!(code, 404);
+    let big = json!({"message": "x".repeat(100_000), "n": 1});
+    let (code, _) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(big)).await;
+    assert_eq!(code, 413, "bodies over the limit are refused");
+
+    // Listing, cancel, retry, dead letters, job types.
+    let (_, jobs) = call(reqwest::Method::GET, &format!("{base}/api/jobs?type=hello_world&limit=10"), None).await;
+    assert_eq!(jobs[0]["job_id"], json!(job_id));
+    let (code, cancelled) = call(reqwest::Method::POST, &format!("{base}/api/jobs/{job_id}/cancel"), None).await;
+    assert_eq!((code, cancelled["job_status"].clone()), (200, json!("cancelled")));
+    let (_, retried) = call(reqwest::Method::POST, &format!("{base}/api/jobs/{job_id}/retry"), None).await;
+    assert_eq!(retried["retried_tasks"], json!(3));
+    let (code, letters) = call(reqwest::Method::GET, &format!("{base}/api/dead-letters"), None).await;
+    assert_eq!((code, letters.as_array().map(Vec::len)), (200, Some(0)));
+    let (_, types) = call(reqwest::Method::GET, &format!("{base}/api/job-types"), None).await;
+    assert!(types.as_array().unwrap().iter().any(|t| t["name"] == json!("hello_world")));
+
+    // Metrics: queue depth, tasks by status, per handler.
+    let text = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("stageflow_queue_depth{queue=\"default\"} 3"), "{text}");
+    assert!(text.contains("stageflow_tasks{status=\"queued\"} 3"), "{text}");
+    assert!(text.contains("stageflow_jobs{status=\"processing\"} 1"), "{text}");
+    assert!(text.contains("stageflow_handler_tasks_total{handler=\"hello_world.greet\",outcome=\"completed\"} 0"), "{text}");
+    let _ = db_url;
+}
+
+/// A receiver that answers 500 to the first `fail_first` requests and 200 after, keeping each body
+/// and signature it saw.
+async fn receiver(fail_first: usize) -> (SocketAddr, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 8192];
+            // Read headers, then the body by content-length.
+            loop {
+                let n = socket.read(&mut buffer).await.unwrap();
+                request.extend_from_slice(&buffer[..n]);
+                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                        .unwrap_or(0);
+                    while request.len() < end + 4 + length {
+                        let n = socket.read(&mut buffer).await.unwrap();
+                        request.extend_from_slice(&buffer[..n]);
+                    }
+                    let signature = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-stageflow-signature:").map(|v| v.trim().to_owned()))
+                        .unwrap_or_default();
+                    let body = request[end + 4..end + 4 + length].to_vec();
+                    let attempt = {
+                        let mut seen = log.lock().unwrap();
+                        seen.push((signature, body));
+                        seen.len()
+                    };
+                    let status = if attempt <= fail_first { "500 Internal Server Error" } else { "200 OK" };
+                    let _ = socket.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
+                    break;
+                }
+            }
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_is_delivered_to_its_webhook_signed_and_retried() {
+    let (base, db_url) = serve("http_webhooks").await;
+    let (hook, seen) = receiver(2).await;
+    let url = format!("http://{hook}/hooks/stageflow");
+    let (code, submitted) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/jobs/submit/hello_world?webhook_url={url}"),
+        Some(json!({"message": "hooked", "n": 2})),
+    )
+    .await;
+    assert_eq!(code, 200, "{submitted}");
+    let job_id = submitted["job_id"].as_str().unwrap().to_owned();
+    // Work the job through SQL, as any worker would.
+    let db = db_url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut client = connect(&db);
+        while stageflow_tests::drain(&mut client, "default", 10) > 0 {}
+    })
+    .await
+    .unwrap();
+
+    let mut deliveries = Value::Null;
+    for _ in 0..100 {
+        let (_, d) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/webhooks"), None).await;
+        if d[0]["status"] == json!("delivered") {
+            deliveries = d;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(deliveries[0]["status"], json!("delivered"), "{deliveries}");
+    assert_eq!(deliveries[0]["attempts"], json!(3), "two failed attempts, then delivered");
+    let log = deliveries[0]["attempt_log"].as_array().unwrap();
+    assert_eq!(log.iter().map(|a| a["status_code"].clone()).collect::<Vec<_>>(), vec![json!(500), json!(500), json!(200)]);
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    let (signature, body) = &seen[2];
+    assert_eq!(signature, &stageflow_http_signature("shh", body), "signed with HMAC-SHA256 of the body");
+    let payload: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(payload["event"], json!("job_completed"));
+    assert_eq!(payload["job"]["job_id"], json!(job_id));
+    assert_eq!(payload["job"]["result"].as_array().map(Vec::len), Some(2));
+
+    // A job type may name the webhook too; a failing receiver is given up on after max_attempts.
+    let db = db_url.clone();
+    tokio::task::spawn_blocking(move || {
+        register(
+            &mut connect(&db),
+            "hooked_type",
+            r#"{"webhook_url": "http://127.0.0.1:9/unreachable", "stages": [{"name": "s", "handler": "h", "queue": "hq"}]}"#,
+        )
+    })
+    .await
+    .unwrap();
+    let (_, failing) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hooked_type"), Some(json!({}))).await;
+    let failing_id = failing["job_id"].as_str().unwrap().to_owned();
+    call(reqwest::Method::POST, &format!("{base}/api/jobs/{failing_id}/cancel"), None).await;
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (_, d) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{failing_id}/webhooks"), None).await;
+        last = d.clone();
+        if d[0]["status"] == json!("failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last[0]["status"], json!("failed"), "{last}");
+    assert_eq!(last[0]["attempts"], json!(8), "given up after max_attempts");
+}
+
+fn stageflow_http_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_as_they_commit() {
+    let (base, _) = serve("http_events").await;
+    let response = client().get(format!("{base}/api/events")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut stream = response;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, submitted) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"message": "sse", "n": 1}))).await;
+    let job_id = submitted["job_id"].as_str().unwrap().to_owned();
+    let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await.expect("an event within 10 s").unwrap().unwrap();
+    let text = String::from_utf8_lossy(&chunk);
+    assert!(text.contains("event: stageflow"), "{text}");
+    assert!(text.contains(&job_id) && text.contains("job_submitted"), "{text}");
+}

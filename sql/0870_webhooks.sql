@@ -1,0 +1,118 @@
+-- Webhooks: when a job ends (completed, completed_with_errors, failed, cancelled) and it names a
+-- webhook_url (its submission's, else its job type's), the event's transaction also queues a
+-- delivery. A dispatcher (`stageflow serve`) claims due deliveries, POSTs them, and records every
+-- attempt; the database decides nothing but what is due.
+CREATE TABLE stageflow.webhook_deliveries (
+    delivery_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id         bigint NOT NULL,
+    job_id           text NOT NULL,
+    url              text NOT NULL,
+    payload          jsonb NOT NULL,
+    status           text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts         int NOT NULL DEFAULT 0,
+    attempt_log      jsonb NOT NULL DEFAULT '[]',
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    delivered_at     timestamptz
+);
+CREATE INDEX webhook_deliveries_due_idx ON stageflow.webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_job_idx ON stageflow.webhook_deliveries (job_id);
+SELECT pg_catalog.pg_extension_config_dump('stageflow.webhook_deliveries', '');
+
+-- Queues a delivery for a job's terminal event when the job names a webhook.
+CREATE FUNCTION stageflow._queue_webhook(p_event_id bigint, p_job_id text, p_kind text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_url text;
+BEGIN
+    SELECT coalesce(j.webhook_url, j.definition ->> 'webhook_url') INTO v_url
+      FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    IF v_url IS NOT NULL THEN
+        INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, next_attempt_at, created_at)
+        VALUES (p_event_id, p_job_id, v_url,
+                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow.job_status(p_job_id)),
+                stageflow.now(), stageflow.now());
+    END IF;
+END;
+$$;
+
+-- Claims up to max_rows due deliveries for lease_seconds (they are not due again before), counting
+-- the attempt. Deliveries claimed by another dispatcher are skipped.
+CREATE FUNCTION stageflow.claim_webhook_deliveries(max_rows int DEFAULT 10, lease_seconds int DEFAULT 30)
+RETURNS TABLE (delivery_id bigint, job_id text, url text, payload jsonb, attempts int)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF claim_webhook_deliveries.max_rows IS NULL OR claim_webhook_deliveries.max_rows NOT BETWEEN 1 AND 1000
+       OR claim_webhook_deliveries.lease_seconds IS NULL OR claim_webhook_deliveries.lease_seconds NOT BETWEEN 1 AND 3600 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be 1 to 1000 and lease_seconds 1 to 3600, got %s and %s',
+                             claim_webhook_deliveries.max_rows, claim_webhook_deliveries.lease_seconds),
+            HINT = 'claim deliveries in small batches with a lease longer than a POST takes';
+    END IF;
+    RETURN QUERY
+    UPDATE stageflow.webhook_deliveries AS d
+       SET attempts = d.attempts + 1,
+           next_attempt_at = stageflow.now() + make_interval(secs => claim_webhook_deliveries.lease_seconds)
+     WHERE d.delivery_id IN (SELECT w.delivery_id FROM stageflow.webhook_deliveries AS w
+                              WHERE w.status = 'pending' AND w.next_attempt_at <= stageflow.now()
+                              ORDER BY w.next_attempt_at
+                              LIMIT claim_webhook_deliveries.max_rows
+                                FOR UPDATE SKIP LOCKED)
+    RETURNING d.delivery_id, d.job_id, d.url, d.payload, d.attempts;
+END;
+$$;
+
+-- Records an attempt: delivered, or failed with the status code and error seen, then retried after
+-- retry_in_seconds or, when that is NULL, given up (status failed).
+CREATE FUNCTION stageflow.record_webhook_attempt(delivery_id bigint, delivered boolean, status_code int DEFAULT NULL,
+                                                 error text DEFAULT NULL, retry_in_seconds numeric DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row stageflow.webhook_deliveries;
+BEGIN
+    UPDATE stageflow.webhook_deliveries AS d
+       SET status = CASE WHEN record_webhook_attempt.delivered THEN 'delivered'
+                         WHEN record_webhook_attempt.retry_in_seconds IS NULL THEN 'failed'
+                         ELSE 'pending' END,
+           delivered_at = CASE WHEN record_webhook_attempt.delivered THEN stageflow.now() END,
+           next_attempt_at = stageflow.now() + make_interval(secs => coalesce(record_webhook_attempt.retry_in_seconds, 0)),
+           attempt_log = d.attempt_log || jsonb_build_array(jsonb_build_object(
+               'attempt', d.attempts, 'at', stageflow.now(), 'status_code', record_webhook_attempt.status_code,
+               'error', record_webhook_attempt.error))
+     WHERE d.delivery_id = record_webhook_attempt.delivery_id AND d.status = 'pending'
+    RETURNING * INTO v_row;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('no pending webhook delivery %s', record_webhook_attempt.delivery_id),
+            HINT = 'deliveries come from stageflow.claim_webhook_deliveries';
+    END IF;
+    RETURN jsonb_build_object('delivery_id', v_row.delivery_id, 'status', v_row.status, 'attempts', v_row.attempts);
+END;
+$$;
+
+-- A job's webhook deliveries with their attempts.
+CREATE FUNCTION stageflow.webhook_deliveries(job_id text)
+RETURNS TABLE (delivery_id bigint, url text, status text, attempts int, attempt_log jsonb, created_at timestamptz,
+               delivered_at timestamptz)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT d.delivery_id, d.url, d.status, d.attempts, d.attempt_log, d.created_at, d.delivered_at
+      FROM stageflow.webhook_deliveries AS d
+     WHERE d.job_id = webhook_deliveries.job_id
+     ORDER BY d.delivery_id
+$$;
