@@ -14,7 +14,9 @@ say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg)
+# chromium: the dashboard's browser test (driven by playwright-core from npm, no browser download).
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg chromium)
+command -v npm >/dev/null || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,6 +54,14 @@ else
     embedded="$crate_dir/src/install/embedded"
     sudo_if_needed install -m 644 "$embedded/pgmq.control" "$sharedir/pgmq.control"
     sudo_if_needed install -m 644 "$embedded/sql/pgmq.sql" "$sharedir/pgmq--1.11.1.sql"
+fi
+
+browser_tests=crates/stageflow-http/tests/browser
+if [ -d "$browser_tests/node_modules/playwright-core" ]; then
+    say "npm: playwright-core present"
+else
+    say "npm: installing the browser test's playwright-core"
+    npm ci --prefix "$browser_tests" --no-audit --no-fund --loglevel=error
 fi
 
 [ "${1:-}" = deps ] && exit 0

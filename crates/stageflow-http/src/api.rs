@@ -76,11 +76,18 @@ async fn one_json(state: &AppState, sql: &str, params: &[&(dyn tokio_postgres::t
     Ok(Json(row.get::<_, Value>(0)))
 }
 
+/// `access_token=<token>` in a query string: how a browser's EventSource, which cannot set
+/// headers, authenticates.
+fn query_token(request: &Request) -> Option<String> {
+    request.uri().query()?.split('&').find_map(|pair| pair.strip_prefix("access_token=")).map(|t| format!("Bearer {t}"))
+}
+
 async fn require_token(State(state): State<AppState>, headers: HeaderMap, request: Request, next: Next) -> Response {
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
-    match headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    let from_query = query_token(&request);
+    match headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned).or(from_query).as_deref() {
         None => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -204,6 +211,10 @@ async fn events(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+async fn dashboard() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard.html"))
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, None, "no such route", Some("see /api/openapi.json"))
 }
@@ -223,6 +234,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
+        .route("/", get(dashboard))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
