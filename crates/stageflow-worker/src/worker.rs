@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tracing::Instrument;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -296,10 +297,21 @@ impl Worker {
                                     (a, b) => a.or(b),
                                 };
                                 let id = task_id.clone();
-                                let handle = tokio::spawn(async move {
-                                    let outcome = run_handler(handlers, task, timeout).await;
-                                    let _ = outcome_tx.send((id, outcome));
-                                });
+                                // Every log line of a handler carries its task, job and handler.
+                                let span = tracing::info_span!("task", task_id = %task.task_id, job_id = %task.job_id,
+                                                               handler = %task.handler, attempt = task.attempt);
+                                let handle = tokio::spawn(
+                                    async move {
+                                        tracing::debug!("started");
+                                        let outcome = run_handler(handlers, task, timeout).await;
+                                        match &outcome {
+                                            Ok(_) => tracing::debug!("succeeded"),
+                                            Err(error) => tracing::warn!(%error, "failed"),
+                                        }
+                                        let _ = outcome_tx.send((id, outcome));
+                                    }
+                                    .instrument(span),
+                                );
                                 in_flight.insert(task_id, handle);
                             }
                         }
