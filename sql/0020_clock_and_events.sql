@@ -56,3 +56,35 @@ BEGIN
     RETURN stageflow._canonical_json(canonical_json.value::text);
 END;
 $$;
+
+-- Raises 42704 for an unknown job or task (p_kind 'job' or 'task'), with a hint about what the ids
+-- look like: the one wording of these errors.
+CREATE FUNCTION stageflow._raise_unknown(p_kind text, p_id text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = '42704',
+        MESSAGE = format('unknown %s %L', p_kind, p_id),
+        HINT = CASE p_kind
+                   WHEN 'job' THEN 'job ids are the 64 hex digits returned by stageflow.submit_job'
+                   ELSE 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>'
+               END;
+END;
+$$;
+
+-- Raises 55000 when a worker reports a task whose current lease another worker holds.
+CREATE FUNCTION stageflow._raise_foreign_lease(p_task_id text, p_holder text, p_worker_id text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = '55000',
+        MESSAGE = format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_holder, '(none)'), p_worker_id),
+        HINT = 'the lease expired and the task was delivered again; its new holder reports it';
+END;
+$$;

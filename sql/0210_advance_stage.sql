@@ -22,10 +22,7 @@ DECLARE
 BEGIN
     SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job %L', advance_stage.job_id),
-            HINT = 'job ids are the 64 hex digits returned by stageflow.submit_job';
+        PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
     END IF;
 
     WHILE v_job.status IN ('queued', 'processing') LOOP

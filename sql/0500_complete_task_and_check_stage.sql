@@ -92,20 +92,13 @@ BEGIN
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
      WHERE t.task_id = complete_task_and_check_stage.task_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown task %L', complete_task_and_check_stage.task_id),
-            HINT = 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>';
+        PERFORM stageflow._raise_unknown('task', complete_task_and_check_stage.task_id);
     END IF;
 
     IF v_task.status = 'running' THEN
         IF complete_task_and_check_stage.worker_id IS NOT NULL
            AND v_task.worker_id IS DISTINCT FROM complete_task_and_check_stage.worker_id THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '55000',
-                MESSAGE = format('task %s is leased to worker %s, not %s', complete_task_and_check_stage.task_id,
-                                 coalesce(v_task.worker_id, '(none)'), complete_task_and_check_stage.worker_id),
-                HINT = 'the lease expired and the task was delivered again; its new holder reports it';
+            PERFORM stageflow._raise_foreign_lease(complete_task_and_check_stage.task_id, v_task.worker_id, complete_task_and_check_stage.worker_id);
         END IF;
         IF pg_column_size(complete_task_and_check_stage.result) > 8388608 THEN
             RAISE EXCEPTION USING

@@ -165,10 +165,7 @@ BEGIN
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
      WHERE t.task_id = fail_task.task_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown task %L', fail_task.task_id),
-            HINT = 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>';
+        PERFORM stageflow._raise_unknown('task', fail_task.task_id);
     END IF;
     IF fail_task.error IS NULL OR fail_task.retryable IS NULL THEN
         RAISE EXCEPTION USING
@@ -224,11 +221,7 @@ BEGIN
             HINT = 'see stageflow.job_status(job_id) for why the job ended';
     ELSIF v_task.status = 'running' THEN
         IF fail_task.worker_id IS NOT NULL AND v_task.worker_id IS DISTINCT FROM fail_task.worker_id THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '55000',
-                MESSAGE = format('task %s is leased to worker %s, not %s', fail_task.task_id,
-                                 coalesce(v_task.worker_id, '(none)'), fail_task.worker_id),
-                HINT = 'the lease expired and the task was delivered again; its new holder reports it';
+            PERFORM stageflow._raise_foreign_lease(fail_task.task_id, v_task.worker_id, fail_task.worker_id);
         END IF;
         IF v_category <> 'permanent' AND v_task.attempt < v_task.max_attempts THEN
             v_delay := least((v_task.retry ->> 'backoff_max_seconds')::numeric,

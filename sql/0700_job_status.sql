@@ -16,10 +16,7 @@ DECLARE
 BEGIN
     SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = job_status.job_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job %L', job_status.job_id),
-            HINT = 'job ids are the 64 hex digits returned by stageflow.submit_job';
+        PERFORM stageflow._raise_unknown('job', job_status.job_id);
     END IF;
 
     SELECT jsonb_agg(jsonb_build_object(
@@ -81,10 +78,7 @@ AS $$
 #variable_conflict use_column
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j WHERE j.job_id = job_tasks.job_id) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job %L', job_tasks.job_id),
-            HINT = 'job ids are the 64 hex digits returned by stageflow.submit_job';
+        PERFORM stageflow._raise_unknown('job', job_tasks.job_id);
     END IF;
     RETURN QUERY
     SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,

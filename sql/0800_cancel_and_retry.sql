@@ -13,10 +13,7 @@ DECLARE
 BEGIN
     SELECT j.status INTO v_status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job %L', cancel_job.job_id),
-            HINT = 'job ids are the 64 hex digits returned by stageflow.submit_job';
+        PERFORM stageflow._raise_unknown('job', cancel_job.job_id);
     END IF;
     v_changed := v_status IN ('queued', 'processing')
                  AND stageflow._end_job(cancel_job.job_id, 'cancelled',
@@ -46,10 +43,7 @@ DECLARE
 BEGIN
     SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job %L', retry_job.job_id),
-            HINT = 'job ids are the 64 hex digits returned by stageflow.submit_job';
+        PERFORM stageflow._raise_unknown('job', retry_job.job_id);
     END IF;
     IF v_job.status IN ('completed', 'completed_with_errors') THEN
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
