@@ -21,3 +21,17 @@ BEGIN
     ASSERT (SELECT status FROM stageflow.job_tasks(v_job) WHERE task_id = v_task) = 'completed';
 END;
 $$;
+
+-- Claim-to-completion time is summed on the stage row (for the duration metric).
+SELECT stageflow.register_job_type('timing', '{"stages": [{"name": "s", "handler": "h", "queue": "timing", "fan_out": "count", "param": "n"}]}');
+SET stageflow.fake_now = '2031-01-01 00:00:00+00';
+CREATE TEMP TABLE timed AS SELECT stageflow.submit_job('timing', '{"n": 2}') AS id;
+CREATE TEMP TABLE held AS SELECT task_id FROM stageflow.claim_tasks('timing', 2);
+SET stageflow.fake_now = '2031-01-01 00:00:05+00';
+SELECT stageflow.complete_task_and_check_stage((SELECT min(task_id) FROM held), '{}');
+SET stageflow.fake_now = '2031-01-01 00:00:07+00';
+SELECT stageflow.complete_tasks(jsonb_build_array(jsonb_build_object('task_id', (SELECT max(task_id) FROM held))));
+DO $$ BEGIN
+    ASSERT (SELECT completed_seconds FROM stageflow.stages WHERE job_id = (SELECT id FROM timed) AND stage = 1) = 12,
+        'claimed at 0 s, completed at 5 s and 7 s: 12 s in all';
+END $$;

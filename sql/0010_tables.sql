@@ -59,6 +59,8 @@ CREATE TABLE stageflow.stages (
     remaining_tasks   int NOT NULL,
     completed_count   int NOT NULL DEFAULT 0,
     failed_count      int NOT NULL DEFAULT 0,
+    -- claim-to-completion seconds of the completed tasks, summed (with completed_count: the mean)
+    completed_seconds double precision NOT NULL DEFAULT 0,
     status            text NOT NULL DEFAULT 'active'
                       CHECK (status IN ('active', 'completed', 'failed', 'cancelled')),
     completed_by      text,
@@ -85,6 +87,7 @@ CREATE TABLE stageflow.tasks (
     msg_id            bigint NOT NULL,
     worker_id         text,
     lease_expires_at  timestamptz,
+    claimed_at        timestamptz,
     next_attempt_at   timestamptz,
     result            jsonb,
     error             jsonb,

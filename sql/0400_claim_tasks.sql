@@ -85,6 +85,7 @@ BEGIN
                                   + make_interval(secs => coalesce(s.lease_seconds, claim_tasks.lease_seconds)),
                worker_id = claim_tasks.worker_id,
                started_at = coalesce(t.started_at, stageflow.now()),
+               claimed_at = stageflow.now(),
                next_attempt_at = NULL
           FROM stageflow.jobs AS j, stageflow.stages AS s
          WHERE t.task_id = ANY (v_task_ids)

@@ -84,6 +84,7 @@ DECLARE
     v_task       record;
     v_remaining  int;
     v_advance    jsonb;
+    v_seconds    double precision;
 BEGIN
     SELECT t.job_id, t.stage, t.status, t.msg_id, t.worker_id, s.queue, s.next_fan_out,
            j.status AS job_status, j.current_stage, j.total_stages INTO v_task
@@ -116,11 +117,13 @@ BEGIN
         UPDATE stageflow.tasks AS t
            SET status = 'completed', result = complete_task_and_check_stage.result,
                completed_at = stageflow.now(), lease_expires_at = NULL
-         WHERE t.task_id = complete_task_and_check_stage.task_id AND t.status = 'running';
+         WHERE t.task_id = complete_task_and_check_stage.task_id AND t.status = 'running'
+        RETURNING extract(epoch FROM t.completed_at - t.claimed_at) INTO v_seconds;
         IF FOUND THEN
             UPDATE stageflow.stages AS s
                SET remaining_tasks = s.remaining_tasks - 1,
                    completed_count = s.completed_count + 1,
+                   completed_seconds = s.completed_seconds + coalesce(v_seconds, 0),
                    completed_by = CASE WHEN s.remaining_tasks = 1 THEN complete_task_and_check_stage.task_id
                                        ELSE s.completed_by END
              WHERE s.job_id = v_task.job_id AND s.stage = v_task.stage

@@ -19,6 +19,7 @@ DECLARE
     v_stages     int[];
     v_counts     int[];
     v_last       text[];
+    v_seconds    double precision[];
     v_remaining  int;
     i            int;
 BEGIN
@@ -80,18 +81,21 @@ BEGIN
                SET status = 'completed', result = u.result, completed_at = stageflow.now(), lease_expires_at = NULL
               FROM unnest(v_ids, v_results) AS u(task_id, result)
              WHERE t.task_id = u.task_id AND t.status = 'running'
-            RETURNING t.job_id, t.stage, t.task_id, t.ordinal
+            RETURNING t.job_id, t.stage, t.task_id, t.ordinal, extract(epoch FROM t.completed_at - t.claimed_at) AS seconds
         )
         SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage), array_agg(g.stage ORDER BY g.job_id, g.stage),
-               array_agg(g.n ORDER BY g.job_id, g.stage), array_agg(g.last_task ORDER BY g.job_id, g.stage)
-          INTO v_jobs, v_stages, v_counts, v_last
-          FROM (SELECT d.job_id, d.stage, count(*)::int AS n, (array_agg(d.task_id ORDER BY d.ordinal DESC))[1] AS last_task
+               array_agg(g.n ORDER BY g.job_id, g.stage), array_agg(g.last_task ORDER BY g.job_id, g.stage),
+               array_agg(g.seconds ORDER BY g.job_id, g.stage)
+          INTO v_jobs, v_stages, v_counts, v_last, v_seconds
+          FROM (SELECT d.job_id, d.stage, count(*)::int AS n, (array_agg(d.task_id ORDER BY d.ordinal DESC))[1] AS last_task,
+                       coalesce(sum(d.seconds), 0)::double precision AS seconds
                   FROM done AS d GROUP BY d.job_id, d.stage) AS g;
 
         FOR i IN 1 .. coalesce(cardinality(v_jobs), 0) LOOP
             UPDATE stageflow.stages AS s
                SET remaining_tasks = s.remaining_tasks - v_counts[i],
                    completed_count = s.completed_count + v_counts[i],
+                   completed_seconds = s.completed_seconds + v_seconds[i],
                    completed_by = CASE WHEN s.remaining_tasks = v_counts[i] THEN v_last[i] ELSE s.completed_by END
              WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
             RETURNING s.remaining_tasks INTO v_remaining;

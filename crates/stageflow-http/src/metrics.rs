@@ -66,6 +66,20 @@ pub async fn render(client: &tokio_postgres::Client) -> Result<String, tokio_pos
         let _ = writeln!(out, "stageflow_handler_tasks_total{{handler=\"{}\",outcome=\"failed\"}} {failed}", label(&handler));
     }
 
+    let _ = writeln!(out, "# HELP stageflow_task_duration_seconds Claim-to-completion time of completed tasks per handler.");
+    let _ = writeln!(out, "# TYPE stageflow_task_duration_seconds summary");
+    for row in client
+        .query(
+            "SELECT handler, sum(completed_seconds), sum(completed_count)::bigint FROM stageflow.stages GROUP BY handler ORDER BY handler",
+            &[],
+        )
+        .await?
+    {
+        let (handler, seconds, count): (String, f64, i64) = (row.get(0), row.get(1), row.get(2));
+        let _ = writeln!(out, "stageflow_task_duration_seconds_sum{{handler=\"{}\"}} {seconds}", label(&handler));
+        let _ = writeln!(out, "stageflow_task_duration_seconds_count{{handler=\"{}\"}} {count}", label(&handler));
+    }
+
     let _ = writeln!(out, "# HELP stageflow_webhook_deliveries Webhook deliveries by status.");
     let _ = writeln!(out, "# TYPE stageflow_webhook_deliveries gauge");
     for row in client

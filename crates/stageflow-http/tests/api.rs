@@ -104,6 +104,7 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     assert!(text.contains("stageflow_tasks{status=\"queued\"} 3"), "{text}");
     assert!(text.contains("stageflow_jobs{status=\"processing\"} 1"), "{text}");
     assert!(text.contains("stageflow_handler_tasks_total{handler=\"hello_world.greet\",outcome=\"completed\"} 0"), "{text}");
+    assert!(text.contains("stageflow_task_duration_seconds_count{handler=\"hello_world.greet\"} 0"), "{text}");
     let _ = db_url;
 }
 
