@@ -8,7 +8,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
 export PATH="$HOME/.cargo/bin:$PATH"
 stageflow="$CARGO_TARGET_DIR/debug/stageflow"
 
-# The demo cluster preloads the extension's .so, which installing overwrites: stop it first.
+if [ "${1:-}" = --stop ] && [ -x "$stageflow" ]; then
+    exec "$stageflow" demo --stop
+fi
+# The demo cluster preloads the extension's .so, which installing overwrites: stop it first (its
+# data stays; the demo starts it again).
 [ -x "$stageflow" ] && "$stageflow" demo --stop >/dev/null 2>&1 || true
 "$repo/scripts/setup.sh" >&2
 cargo build --quiet --manifest-path "$repo/Cargo.toml" -p stageflow-cli

@@ -73,6 +73,11 @@ impl Cluster {
         self.dir.join("url")
     }
 
+    /// Whether the cluster has been created (initdb ran) in this directory.
+    pub fn exists(&self) -> bool {
+        self.data().join("PG_VERSION").exists()
+    }
+
     pub fn is_running(&self) -> bool {
         self.data().join("postmaster.pid").exists()
             && as_owner(&format!("{BIN}/pg_ctl"))

@@ -16,13 +16,15 @@ pub struct DemoOptions {
 }
 
 pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError> {
-    let reused = cluster.is_running();
+    let state = if cluster.is_running() {
+        "Reusing the running"
+    } else if cluster.exists() {
+        "Started the existing (data kept)"
+    } else {
+        "Created a private"
+    };
     let url = cluster.ensure_running().map_err(CliError::Setup)?;
-    println!(
-        "{} PostgreSQL cluster in {} ({url})",
-        if reused { "Reusing the" } else { "Started a private" },
-        cluster.dir().display()
-    );
+    println!("{state} PostgreSQL cluster in {} ({url})", cluster.dir().display());
     let client = connect(&url).await?;
     client.batch_execute("CREATE EXTENSION IF NOT EXISTS stageflow CASCADE").await?;
 
