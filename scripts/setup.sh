@@ -15,7 +15,9 @@ say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # chromium: the dashboard's browser test (driven by playwright-core from npm, no browser download).
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg chromium)
+# libgdal-dev, gdal-bin, python3-gdal: the geospatial job types and GDAL's COG validator.
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg chromium
+          libgdal-dev gdal-bin python3-gdal)
 command -v npm >/dev/null || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
@@ -54,6 +56,17 @@ else
     embedded="$crate_dir/src/install/embedded"
     sudo_if_needed install -m 644 "$embedded/pgmq.control" "$sharedir/pgmq.control"
     sudo_if_needed install -m 644 "$embedded/sql/pgmq.sql" "$sharedir/pgmq--1.11.1.sql"
+fi
+
+# Real geodata that installs offline: the rasters Debian's r-cran-stars ships (a Landsat 7 scene,
+# an elevation model), unpacked without installing R.
+geodata=/var/tmp/stageflow-geodata
+if [ -f "$geodata/stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif" ]; then
+    say "geodata present"
+else
+    say "geodata: fetching r-cran-stars's rasters"
+    mkdir -p "$geodata"
+    (cd "$geodata" && apt-get -o DPkg::Lock::Timeout=600 download r-cran-stars 2>/dev/null && dpkg-deb -x r-cran-stars_*.deb stars)
 fi
 
 browser_tests=crates/stageflow-http/tests/browser

@@ -33,4 +33,4 @@ rm -rf "$cluster"
 STAGEFLOW_TEST_DATABASE_URL=$("$stageflow" cluster start --dir "$cluster")
 export STAGEFLOW_TEST_DATABASE_URL
 trap '"$stageflow" cluster stop --dir "$cluster"' EXIT
-cargo test -p stageflow-tests -p stageflow-cli -p stageflow-worker -p stageflow-http -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"
+cargo test -p stageflow-tests -p stageflow-cli -p stageflow-worker -p stageflow-http -p stageflow-geo -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"

@@ -1,0 +1,76 @@
+//! Stageflow's geospatial job types (GDAL through the `gdal` crate, Debian's GDAL 3.6), kept out of
+//! the core so that it builds without GDAL:
+//!
+//! - `extract_metadata {path}`: a raster's CRS, bounds (native and WGS84), size, bands, data types,
+//!   nodata, block size, overviews, compression and whether it is a COG;
+//! - `process_raster {source, tile_size, output}`: validate -> plan (the tile grid, keys
+//!   `tile_x{col}_y{row}`) -> cog (dynamic fan-out: one Cloud-Optimized GeoTIFF per tile) -> stac
+//!   (fan-in: a STAC Collection and one Item per tile, with projection and raster fields).
+//!
+//! Every failure is a categorised [`TaskError`]: unreadable files, missing CRS, bad sizes and GDAL
+//! errors are permanent; none panics.
+
+pub mod raster;
+pub mod stac;
+
+use serde_json::{json, Value};
+use stageflow_worker::{Handlers, Task, TaskError};
+
+/// The geospatial handlers, to add to a worker's.
+pub fn handlers(base: Handlers) -> Handlers {
+    base.register("geo.extract_metadata", blocking(extract_metadata))
+        .register("geo.raster_validate", blocking(raster::validate))
+        .register("geo.raster_plan", blocking(raster::plan))
+        .register("geo.raster_cog", blocking(raster::cog))
+        .register("geo.raster_stac", blocking(stac::write_catalog))
+}
+
+/// Runs a blocking GDAL handler on tokio's blocking pool.
+fn blocking(
+    handler: fn(&Task) -> Result<Value, TaskError>,
+) -> impl Fn(Task) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, TaskError>> + Send>> + Send + Sync + Clone {
+    move |task: Task| {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || handler(&task))
+                .await
+                .unwrap_or_else(|e| Err(TaskError::permanent("panic", format!("the GDAL handler failed: {e}"))))
+        })
+    }
+}
+
+fn extract_metadata(task: &Task) -> Result<Value, TaskError> {
+    raster::metadata(raster::param_str(task, "path")?)
+}
+
+/// The job types of this crate: (name, definition) for `stageflow.register_job_type`.
+pub fn job_types() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "extract_metadata",
+            json!({
+                "description": "Reads a raster's metadata: CRS, bounds, size, bands, nodata, blocks, overviews, compression, COG or not.",
+                "parameters": {"type": "object", "required": ["path"], "additionalProperties": false,
+                               "properties": {"path": {"type": "string", "minLength": 1}}},
+                "retry": {"max_attempts": 2},
+                "stages": [{"name": "read", "handler": "geo.extract_metadata", "queue": "geo"}]
+            }),
+        ),
+        (
+            "process_raster",
+            json!({
+                "description": "Cuts a raster into Cloud-Optimized GeoTIFF tiles in parallel and catalogs them in STAC.",
+                "parameters": {"type": "object", "required": ["source", "output"], "additionalProperties": false,
+                               "properties": {"source": {"type": "string", "minLength": 1},
+                                              "output": {"type": "string", "minLength": 1},
+                                              "tile_size": {"type": "integer", "minimum": 64, "maximum": 16384, "default": 2048}}},
+                "retry": {"max_attempts": 3, "backoff_base_seconds": 1, "backoff_max_seconds": 30},
+                "stages": [
+                    {"name": "validate", "handler": "geo.raster_validate", "queue": "geo"},
+                    {"name": "plan", "handler": "geo.raster_plan", "queue": "geo"},
+                    {"name": "cog", "handler": "geo.raster_cog", "queue": "geo", "fan_out": "dynamic"},
+                    {"name": "stac", "handler": "geo.raster_stac", "queue": "geo", "fan_out": "fan_in"}
+                ]
+            }),
+        ),
+    ]
+}

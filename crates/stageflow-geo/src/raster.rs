@@ -1,0 +1,183 @@
+//! Raster reading and COG writing with GDAL.
+
+use std::ffi::{CStr, CString};
+use std::path::Path;
+
+use gdal::spatial_ref::{AxisMappingStrategy, CoordTransform, SpatialRef};
+use gdal::{Dataset, Metadata};
+use serde_json::{json, Value};
+use stageflow_worker::{Task, TaskError};
+
+/// The most pixels a side may have.
+const MAX_SIDE: usize = 200_000;
+
+pub fn param_str<'a>(task: &'a Task, name: &str) -> Result<&'a str, TaskError> {
+    task.params[name]
+        .as_str()
+        .ok_or_else(|| TaskError::permanent("bad_params", format!("params.{name} must be a string")))
+}
+
+fn open(path: &str) -> Result<Dataset, TaskError> {
+    if !Path::new(path).exists() {
+        return Err(TaskError::permanent("not_found", format!("{path}: no such file")));
+    }
+    Dataset::open(path).map_err(|e| TaskError::permanent("unreadable", format!("{path}: {e}")))
+}
+
+fn srs_of(dataset: &Dataset, path: &str) -> Result<SpatialRef, TaskError> {
+    let srs = dataset
+        .spatial_ref()
+        .map_err(|_| TaskError::permanent("missing_crs", format!("{path} has no coordinate reference system")))?;
+    if srs.to_wkt().map(|w| w.is_empty()).unwrap_or(true) {
+        return Err(TaskError::permanent("missing_crs", format!("{path} has no coordinate reference system")));
+    }
+    Ok(srs)
+}
+
+/// [minx, miny, maxx, maxy] of a window of the raster, in its CRS.
+fn native_bounds(dataset: &Dataset, xoff: f64, yoff: f64, xsize: f64, ysize: f64) -> Result<[f64; 4], TaskError> {
+    let gt = dataset.geo_transform().map_err(|e| TaskError::permanent("not_georeferenced", e.to_string()))?;
+    let corners = [(xoff, yoff), (xoff + xsize, yoff), (xoff, yoff + ysize), (xoff + xsize, yoff + ysize)]
+        .map(|(px, py)| (gt[0] + px * gt[1] + py * gt[2], gt[3] + px * gt[4] + py * gt[5]));
+    let xs = corners.map(|c| c.0);
+    let ys = corners.map(|c| c.1);
+    Ok([
+        xs.iter().cloned().fold(f64::INFINITY, f64::min),
+        ys.iter().cloned().fold(f64::INFINITY, f64::min),
+        xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+        ys.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    ])
+}
+
+/// Bounds in WGS84 longitude/latitude.
+pub fn to_wgs84(srs: &SpatialRef, bounds: &[f64; 4]) -> Result<[f64; 4], TaskError> {
+    let mut source = srs.clone();
+    source.set_axis_mapping_strategy(AxisMappingStrategy::TraditionalGisOrder);
+    let mut wgs84 = SpatialRef::from_epsg(4326).map_err(|e| TaskError::permanent("crs", e.to_string()))?;
+    wgs84.set_axis_mapping_strategy(AxisMappingStrategy::TraditionalGisOrder);
+    let transform = CoordTransform::new(&source, &wgs84).map_err(|e| TaskError::permanent("crs", e.to_string()))?;
+    transform.transform_bounds(bounds, 21).map_err(|e| TaskError::permanent("crs", e.to_string()))
+}
+
+/// A raster's metadata.
+pub fn metadata(path: &str) -> Result<Value, TaskError> {
+    let dataset = open(path)?;
+    let srs = srs_of(&dataset, path)?;
+    let (width, height) = dataset.raster_size();
+    let bounds = native_bounds(&dataset, 0.0, 0.0, width as f64, height as f64)?;
+    let mut bands = Vec::new();
+    for index in 1..=dataset.raster_count() {
+        let band = dataset.rasterband(index).map_err(|e| TaskError::permanent("unreadable", e.to_string()))?;
+        let (bx, by) = band.block_size();
+        bands.push(json!({
+            "band": index,
+            "data_type": band.band_type().name(),
+            "nodata": band.no_data_value(),
+            "block_size": [bx, by],
+            "overviews": band.overview_count().unwrap_or(0),
+        }));
+    }
+    let layout = dataset.metadata_item("LAYOUT", "IMAGE_STRUCTURE");
+    Ok(json!({
+        "path": path,
+        "driver": dataset.driver().short_name(),
+        "crs": {"epsg": srs.auth_code().ok(), "name": srs.name(), "projjson": serde_json::from_str::<Value>(&srs.to_projjson().unwrap_or_default()).ok()},
+        "width": width,
+        "height": height,
+        "bounds": bounds,
+        "bounds_wgs84": to_wgs84(&srs, &bounds)?,
+        "bands": bands,
+        "compression": dataset.metadata_item("COMPRESSION", "IMAGE_STRUCTURE"),
+        "is_cog": layout.as_deref() == Some("COG"),
+    }))
+}
+
+/// Stage 1: the source is readable, georeferenced and of a sane size.
+pub fn validate(task: &Task) -> Result<Value, TaskError> {
+    let source = param_str(task, "source")?;
+    let info = metadata(source)?;
+    let (w, h) = (info["width"].as_u64().unwrap_or(0) as usize, info["height"].as_u64().unwrap_or(0) as usize);
+    if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+        return Err(TaskError::permanent("bad_size", format!("{source} is {w}x{h}: each side must be 1 to {MAX_SIDE} pixels")));
+    }
+    Ok(info)
+}
+
+/// Stage 2: the tile grid. Each entry becomes a cog task with key `tile_x{col}_y{row}`.
+pub fn plan(task: &Task) -> Result<Value, TaskError> {
+    let source = param_str(task, "source")?;
+    let tile = task.params["tile_size"].as_u64().unwrap_or(2048) as usize;
+    let dataset = open(source)?;
+    let (width, height) = dataset.raster_size();
+    let mut tasks = Vec::new();
+    for row in 0..height.div_ceil(tile) {
+        for col in 0..width.div_ceil(tile) {
+            let (xoff, yoff) = (col * tile, row * tile);
+            tasks.push(json!({
+                "key": format!("tile_x{col}_y{row}"),
+                "params": {"col": col, "row": row, "xoff": xoff, "yoff": yoff,
+                           "xsize": tile.min(width - xoff), "ysize": tile.min(height - yoff)},
+            }));
+        }
+    }
+    Ok(json!({"tasks": tasks, "width": width, "height": height, "tile_size": tile}))
+}
+
+fn last_gdal_error() -> String {
+    unsafe { CStr::from_ptr(gdal_sys::CPLGetLastErrorMsg()) }.to_string_lossy().into_owned()
+}
+
+/// `gdal_translate` as a library call (the safe crate has no wrapper for it).
+fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(), TaskError> {
+    let args: Vec<CString> = args.iter().map(|a| CString::new(a.as_str()).expect("no NUL in arguments")).collect();
+    let mut argv: Vec<*mut std::ffi::c_char> = args.iter().map(|a| a.as_ptr() as *mut _).collect();
+    argv.push(std::ptr::null_mut());
+    let destination_c = CString::new(destination).map_err(|_| TaskError::permanent("bad_params", "NUL in the output path"))?;
+    unsafe {
+        let options = gdal_sys::GDALTranslateOptionsNew(argv.as_mut_ptr(), std::ptr::null_mut());
+        if options.is_null() {
+            return Err(TaskError::permanent("gdal", format!("bad translate options: {}", last_gdal_error())));
+        }
+        let mut usage_error = 0;
+        let written = gdal_sys::GDALTranslate(destination_c.as_ptr(), source.c_dataset(), options, &mut usage_error);
+        gdal_sys::GDALTranslateOptionsFree(options);
+        if written.is_null() {
+            let message = last_gdal_error();
+            let kind = if message.contains("No space left") { "disk_full" } else { "gdal" };
+            let error = format!("writing {destination}: {message}");
+            return Err(if kind == "disk_full" { TaskError::retryable(kind, error) } else { TaskError::permanent(kind, error) });
+        }
+        gdal_sys::GDALClose(written);
+    }
+    Ok(())
+}
+
+/// Stage 3: one tile as a Cloud-Optimized GeoTIFF (DEFLATE with a predictor, internal tiling,
+/// overviews, nodata kept), written to `<output>/<key>.tif`; returns its metadata.
+pub fn cog(task: &Task) -> Result<Value, TaskError> {
+    let source = param_str(task, "source")?;
+    let output = param_str(task, "output")?;
+    std::fs::create_dir_all(output).map_err(|e| TaskError::permanent("io", format!("{output}: {e}")))?;
+    let dataset = open(source)?;
+    let p = &task.params;
+    let window: Vec<String> = ["xoff", "yoff", "xsize", "ysize"]
+        .iter()
+        .map(|k| p[*k].as_u64().map(|v| v.to_string()).ok_or_else(|| TaskError::permanent("bad_params", format!("params.{k} is missing"))))
+        .collect::<Result<_, _>>()?;
+    let predictor = match dataset.rasterband(1).map(|b| b.band_type().name()) {
+        Ok(t) if t.starts_with("Float") => "3",
+        _ => "2",
+    };
+    let destination = format!("{output}/{}.tif", task.task_key);
+    let mut args = vec!["-srcwin".to_string()];
+    args.extend(window);
+    for option in ["-of", "COG", "-co", "COMPRESS=DEFLATE", "-co", &format!("PREDICTOR={predictor}"), "-co", "BLOCKSIZE=256",
+                   "-co", "OVERVIEWS=AUTO", "-co", "OVERVIEW_RESAMPLING=AVERAGE"] {
+        args.push(option.to_string());
+    }
+    translate(&dataset, &destination, &args)?;
+    let mut info = metadata(&destination)?;
+    info["key"] = json!(task.task_key);
+    info["tile"] = json!({"col": p["col"], "row": p["row"]});
+    Ok(info)
+}
