@@ -28,9 +28,9 @@ fi
 
 scripts/setup.sh
 say "SQL-level, integration and worker tests on a private cluster"
-cargo build -p stageflow-cli
+cargo build -p stageflow-cli --features geo
 rm -rf "$cluster"
 STAGEFLOW_TEST_DATABASE_URL=$("$stageflow" cluster start --dir "$cluster")
 export STAGEFLOW_TEST_DATABASE_URL
 trap '"$stageflow" cluster stop --dir "$cluster"' EXIT
-cargo test -p stageflow-tests -p stageflow-cli -p stageflow-worker -p stageflow-http -p stageflow-geo -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"
+cargo test -p stageflow-tests -p stageflow-cli -p stageflow-worker -p stageflow-http -p stageflow-geo --features stageflow-cli/geo -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stageflow_worker::{builtin_handlers, Worker, WorkerConfig};
+use stageflow_worker::{Worker, WorkerConfig};
 use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
@@ -44,7 +44,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     config.poll_interval = Duration::from_millis(250);
     config.grace_period = Duration::from_secs(5);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(config, builtin_handlers()).run(async {
+    let worker = tokio::spawn(Worker::new(config, crate::worker_handlers()).run(async {
         let _ = stop_rx.await;
     }));
 
@@ -83,5 +83,70 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     if status["status"] != json!("completed") {
         return Err(CliError::JobFailed(job_id));
     }
+    Ok(())
+}
+
+/// Registers the geospatial job types; returns their names.
+#[cfg(feature = "geo")]
+pub async fn install_geo(client: &tokio_postgres::Client) -> Result<Vec<&'static str>, CliError> {
+    let mut names = Vec::new();
+    for (name, definition) in stageflow_geo::job_types() {
+        client.execute("SELECT stageflow.register_job_type($1, $2)", &[&name, &definition]).await?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// `stageflow demo --geo`: process_raster on Debian's Landsat 7 scene and on a generated
+/// 8192 x 8192 raster, with the worker pool in this process and live progress.
+#[cfg(feature = "geo")]
+pub async fn run_geo(cluster: &Cluster, workers: usize) -> Result<(), CliError> {
+    let url = cluster.ensure_running().map_err(CliError::Setup)?;
+    let client = connect(&url).await?;
+    client.batch_execute("CREATE EXTENSION IF NOT EXISTS stageflow CASCADE").await?;
+    install_geo(&client).await?;
+    let base = cluster.dir().join("geo");
+    let landsat = std::env::var("STAGEFLOW_GEODATA")
+        .unwrap_or_else(|_| "/var/tmp/stageflow-geodata/stars/usr/lib/R/site-library/stars/tif".into())
+        + "/L7_ETMs.tif";
+    let generated = base.join("generated_8192.tif");
+    std::fs::create_dir_all(&base).map_err(|e| CliError::Setup(e.to_string()))?;
+    if !generated.exists() {
+        println!("Generating an 8192 x 8192 raster at {} ...", generated.display());
+        let path = generated.to_string_lossy().into_owned();
+        tokio::task::spawn_blocking(move || stageflow_geo::raster::generate(&path, 8192))
+            .await
+            .map_err(|e| CliError::Setup(e.to_string()))?
+            .map_err(|e| CliError::Setup(e.to_string()))?;
+    }
+    let mut config = WorkerConfig::new(url.clone());
+    config.queues = vec!["geo".into()];
+    config.concurrency = workers.max(1);
+    config.poll_interval = Duration::from_millis(200);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let worker = tokio::spawn(Worker::new(config, crate::worker_handlers()).run(async {
+        let _ = stop_rx.await;
+    }));
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
+    for (name, source, tile) in [("landsat", landsat, 128), ("generated", generated.to_string_lossy().into_owned(), 2048)] {
+        let output = base.join(format!("{name}-{stamp}"));
+        let started = Instant::now();
+        let job_id = jobs::submit(
+            &client,
+            "process_raster",
+            &json!({"source": source, "tile_size": tile, "output": output.to_string_lossy()}),
+        )
+        .await?;
+        println!("\nprocess_raster of {source} (tiles of {tile}) as job {job_id}:");
+        let status = progress::follow(&client, &job_id).await?;
+        jobs::print_status(&status);
+        println!("{:.1} s; COGs and STAC catalog in {}", started.elapsed().as_secs_f64(), output.display());
+        if status["status"] != json!("completed") {
+            let _ = stop_tx.send(());
+            return Err(CliError::JobFailed(job_id));
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = worker.await;
     Ok(())
 }

@@ -45,7 +45,14 @@ enum Command {
         /// Stop the demo cluster and exit.
         #[arg(long)]
         stop: bool,
+        /// Run process_raster on a real Landsat scene and a generated 8192 x 8192 raster instead.
+        #[cfg(feature = "geo")]
+        #[arg(long)]
+        geo: bool,
     },
+    /// Register the geospatial job types (extract_metadata, process_raster).
+    #[cfg(feature = "geo")]
+    GeoInstall,
     /// Claim and run tasks until SIGTERM or Ctrl-C.
     Worker {
         /// Queues to claim from (repeat for several).
@@ -190,6 +197,15 @@ pub async fn connect(url: &str) -> Result<Client, CliError> {
     Ok(client)
 }
 
+/// The handlers of `stageflow worker`: the built-in ones, and the geospatial ones when built
+/// with the `geo` feature.
+pub fn worker_handlers() -> stageflow_worker::Handlers {
+    #[cfg(feature = "geo")]
+    return stageflow_geo::handlers(builtin_handlers());
+    #[cfg(not(feature = "geo"))]
+    builtin_handlers()
+}
+
 fn database_url(cli: &Cli) -> Result<String, CliError> {
     if let Some(url) = &cli.database_url {
         return Ok(url.clone());
@@ -203,14 +219,26 @@ fn database_url(cli: &Cli) -> Result<String, CliError> {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
-        Command::Demo { n, workers, stop } => {
+        Command::Demo { n, workers, stop, .. } => {
             let cluster = Cluster::at(DEMO_DIR).map_err(CliError::Setup)?;
             if *stop {
                 let stopped = cluster.stop("fast").map_err(CliError::Setup)?;
                 println!("{}", if stopped { "Stopped the demo cluster." } else { "The demo cluster was not running." });
                 return Ok(());
             }
+            #[cfg(feature = "geo")]
+            if let Command::Demo { geo: true, .. } = &cli.command {
+                return demo::run_geo(&cluster, *workers).await;
+            }
             demo::run(&cluster, demo::DemoOptions { n: *n, workers: *workers }).await
+        }
+        #[cfg(feature = "geo")]
+        Command::GeoInstall => {
+            let client = connect(&database_url(&cli)?).await?;
+            for name in demo::install_geo(&client).await? {
+                println!("registered {name}");
+            }
+            Ok(())
         }
         Command::Cluster { action, dir, mode } => {
             let cluster = Cluster::at(dir).map_err(CliError::Setup)?;
@@ -235,7 +263,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(id) = worker_id {
                 config.worker_id = id.clone();
             }
-            let report = Worker::new(config, builtin_handlers()).run(shutdown_signal()).await;
+            let report = Worker::new(config, worker_handlers()).run(shutdown_signal()).await;
             tracing::info!(completed = report.completed, failed = report.failed, released = report.released, "worker stopped");
             Ok(())
         }

@@ -110,3 +110,27 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
     }
     assert_eq!(report["worker"]["completed_by_worker"], json!(2000), "the worker completed every task of the memory line");
 }
+
+/// With the `geo` feature: `stageflow geo-install` registers the geospatial job types and a
+/// `stageflow worker` runs them.
+#[cfg(feature = "geo")]
+#[test]
+fn geo_job_types_install_and_run_from_the_command_line() {
+    let url = fresh_database("cli_geo");
+    let installed = stageflow(&url, &["geo-install"]);
+    assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+    assert!(String::from_utf8_lossy(&installed.stdout).contains("registered process_raster"));
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_stageflow"))
+        .args(["worker", "--database-url", &url, "--queue", "geo", "--poll-interval-ms", "100"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let landsat = "/var/tmp/stageflow-geodata/stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif";
+    let done = stageflow(&url, &["submit", "extract_metadata", "-p", &format!("path={landsat}"), "--wait", "--json"]);
+    signal_term(&worker);
+    assert!(worker.wait().unwrap().success());
+    let status = json_of(&done);
+    assert_eq!(status["status"], json!("completed"), "{status}");
+    assert_eq!(status["result"]["crs"]["epsg"], json!(31985));
+}

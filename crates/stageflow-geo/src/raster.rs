@@ -181,3 +181,31 @@ pub fn cog(task: &Task) -> Result<Value, TaskError> {
     info["tile"] = json!({"col": p["col"], "row": p["row"]});
     Ok(info)
 }
+
+/// Writes a synthetic `size` x `size` UInt16 GeoTIFF (a smooth gradient with a nodata border, in
+/// UTM zone 33N) for demos and benchmarks that need a large raster.
+pub fn generate(path: &str, size: usize) -> Result<(), TaskError> {
+    let gdal_error = |e: gdal::errors::GdalError| TaskError::permanent("gdal", e.to_string());
+    let driver = gdal::DriverManager::get_driver_by_name("GTiff").map_err(gdal_error)?;
+    let options = gdal::raster::RasterCreationOptions::from_iter(["TILED=YES", "COMPRESS=DEFLATE"]);
+    let mut dataset = driver
+        .create_with_band_type_with_options::<u16, _>(path, size, size, 1, &options)
+        .map_err(gdal_error)?;
+    dataset.set_geo_transform(&[500_000.0, 10.0, 0.0, 5_000_000.0, 0.0, -10.0]).map_err(gdal_error)?;
+    dataset.set_spatial_ref(&SpatialRef::from_epsg(32633).map_err(gdal_error)?).map_err(gdal_error)?;
+    let mut band = dataset.rasterband(1).map_err(gdal_error)?;
+    band.set_no_data_value(Some(0.0)).map_err(gdal_error)?;
+    let rows = 512.min(size);
+    for top in (0..size).step_by(rows) {
+        let height = rows.min(size - top);
+        let data: Vec<u16> = (0..height * size)
+            .map(|i| {
+                let (y, x) = (top + i / size, i % size);
+                if x < 16 || y < 16 || x >= size - 16 || y >= size - 16 { 0 } else { (1 + (x + y) % 4000) as u16 }
+            })
+            .collect();
+        let mut buffer = gdal::raster::Buffer::new((size, height), data);
+        band.write((0, top as isize), (size, height), &mut buffer).map_err(gdal_error)?;
+    }
+    Ok(())
+}
