@@ -7,6 +7,6 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
 export PATH="$HOME/.cargo/bin:$PATH"
 STAGEFLOW_PROFILE=release "$repo/scripts/setup.sh" >&2
-cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p stageflow-cli
+cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p stageflow-cli --features geo
 cd "$repo"
 exec "$CARGO_TARGET_DIR/release/stageflow" bench "$@"

@@ -356,6 +356,64 @@ async fn memory(url: &str, n: usize, tasks: i64) -> Result<Value, CliError> {
     }))
 }
 
+/// process_raster of a generated `size` x `size` raster in tiles of `tile` with `workers` workers,
+/// against one `gdal_translate -of COG` of the whole raster with the same creation options.
+#[cfg(feature = "geo")]
+async fn geo_line(url: &str, dir: &std::path::Path, size: usize, tile: i64, workers: usize) -> Result<Value, CliError> {
+    let client = connect(url).await?;
+    crate::demo::install_geo(&client).await?;
+    std::fs::create_dir_all(dir).map_err(|e| CliError::Setup(e.to_string()))?;
+    let source = dir.join(format!("bench_{size}.tif")).to_string_lossy().into_owned();
+    if !std::path::Path::new(&source).exists() {
+        let path = source.clone();
+        tokio::task::spawn_blocking(move || stageflow_geo::raster::generate(&path, size))
+            .await
+            .map_err(|e| CliError::Setup(e.to_string()))?
+            .map_err(|e| CliError::Setup(e.to_string()))?;
+    }
+    let output = dir.join(format!("tiles-{}", run_id()));
+    let mut config = WorkerConfig::new(url);
+    config.queues = vec!["geo".into()];
+    config.concurrency = workers;
+    config.poll_interval = Duration::from_millis(50);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(Worker::new(config, crate::worker_handlers()).run(async {
+        let _ = stop_rx.await;
+    }));
+    let start = Instant::now();
+    let job_id = submit(&client, "process_raster", json!({"source": source, "tile_size": tile, "output": output.to_string_lossy()})).await?;
+    loop {
+        let state: String = client.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
+        if state != "processing" && state != "queued" {
+            if state != "completed" {
+                return Err(CliError::JobFailed(job_id));
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stageflow_s = start.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    let _ = worker.await;
+    let whole = dir.join(format!("whole-{}.tif", run_id()));
+    let start = Instant::now();
+    let status = std::process::Command::new("gdal_translate")
+        .args(["-q", "-of", "COG", "-co", "COMPRESS=DEFLATE", "-co", "PREDICTOR=2", "-co", "BLOCKSIZE=256", "-co", "OVERVIEWS=AUTO",
+               "-co", "OVERVIEW_RESAMPLING=AVERAGE"])
+        .arg(&source)
+        .arg(&whole)
+        .status()
+        .map_err(|e| CliError::Setup(format!("gdal_translate: {e}")))?;
+    let gdal_s = start.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(CliError::Setup("gdal_translate failed".into()));
+    }
+    let _ = std::fs::remove_dir_all(&output);
+    let _ = std::fs::remove_file(&whole);
+    Ok(json!({"raster": format!("{size}x{size} UInt16"), "tile_size": tile, "workers": workers,
+              "process_raster_seconds": stageflow_s, "gdal_translate_seconds": gdal_s, "ratio": stageflow_s / gdal_s}))
+}
+
 pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     let sizes = if options.quick {
         Sizes { messages: 2000, e2e_tasks: 500, e2e_batch_tasks: 2000, fan_out: 10_000, flat_sample: 300,
@@ -451,8 +509,26 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
         mem["job_status_p50_ms"].as_f64().unwrap_or(0.0)
     );
 
+    #[cfg(feature = "geo")]
+    let geo = {
+        let (size, tile) = if options.quick { (1024, 512) } else { (8192, 2048) };
+        println!("\n-- process_raster beside gdal_translate");
+        let line = geo_line(&url, &options.cluster_dir.join("geo"), size, tile, 2).await?;
+        println!(
+            "{:<58} {:>7.2} s vs {:.2} s ({:.2}x)",
+            format!("process_raster {size}x{size}, 2 workers, vs one gdal_translate -of COG"),
+            line["process_raster_seconds"].as_f64().unwrap_or(0.0),
+            line["gdal_translate_seconds"].as_f64().unwrap_or(0.0),
+            line["ratio"].as_f64().unwrap_or(0.0)
+        );
+        line
+    };
+    #[cfg(not(feature = "geo"))]
+    let geo = Value::Null;
+
     let date = chrono::Utc::now();
     let report = json!({
+        "geo": geo,
         "date": date.to_rfc3339(),
         "quick": options.quick,
         "clients": c,

@@ -109,6 +109,8 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
         assert!(line["stage_advance_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0));
     }
     assert_eq!(report["worker"]["completed_by_worker"], json!(2000), "the worker completed every task of the memory line");
+    #[cfg(feature = "geo")]
+    assert!(report["geo"]["ratio"].as_f64().is_some_and(|r| r > 0.0), "the geo line ran: {}", report["geo"]);
 }
 
 /// With the `geo` feature: `stageflow geo-install` registers the geospatial job types and a

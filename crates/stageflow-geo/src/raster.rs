@@ -182,8 +182,9 @@ pub fn cog(task: &Task) -> Result<Value, TaskError> {
     Ok(info)
 }
 
-/// Writes a synthetic `size` x `size` UInt16 GeoTIFF (a smooth gradient with a nodata border, in
-/// UTM zone 33N) for demos and benchmarks that need a large raster.
+/// Writes a synthetic `size` x `size` UInt16 GeoTIFF (a gradient with pseudo-random noise, so that it
+/// compresses like imagery rather than like a flat field, and a nodata border; UTM zone 33N) for
+/// demos and benchmarks that need a large raster.
 pub fn generate(path: &str, size: usize) -> Result<(), TaskError> {
     let gdal_error = |e: gdal::errors::GdalError| TaskError::permanent("gdal", e.to_string());
     let driver = gdal::DriverManager::get_driver_by_name("GTiff").map_err(gdal_error)?;
@@ -201,7 +202,9 @@ pub fn generate(path: &str, size: usize) -> Result<(), TaskError> {
         let data: Vec<u16> = (0..height * size)
             .map(|i| {
                 let (y, x) = (top + i / size, i % size);
-                if x < 16 || y < 16 || x >= size - 16 || y >= size - 16 { 0 } else { (1 + (x + y) % 4000) as u16 }
+                let mut h = (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+                h ^= h >> 29;
+                if x < 16 || y < 16 || x >= size - 16 || y >= size - 16 { 0 } else { (1 + (x + y) % 4000 + (h % 512) as usize) as u16 }
             })
             .collect();
         let mut buffer = gdal::raster::Buffer::new((size, height), data);
