@@ -66,7 +66,9 @@ if [ -f "$geodata/stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif" ]; then
 else
     say "geodata: fetching r-cran-stars's rasters"
     mkdir -p "$geodata"
-    (cd "$geodata" && apt-get -o DPkg::Lock::Timeout=600 download r-cran-stars 2>/dev/null && dpkg-deb -x r-cran-stars_*.deb stars)
+    (cd "$geodata" && { apt-get download r-cran-stars 2>/dev/null \
+        || { sudo_if_needed apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download r-cran-stars 2>/dev/null; }; } \
+        && dpkg-deb -x r-cran-stars_*.deb stars)
 fi
 
 browser_tests=crates/stageflow-http/tests/browser
