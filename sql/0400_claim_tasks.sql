@@ -64,10 +64,7 @@ BEGIN
             HINT = 'claim in batches of at most 10000 tasks';
     END IF;
     IF claim_tasks.lease_seconds IS NULL OR claim_tasks.lease_seconds NOT BETWEEN 1 AND 604800 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(claim_tasks.lease_seconds::text, 'NULL')),
-            HINT = 'a lease is how long a worker may hold a task before it is delivered again';
+        PERFORM stageflow._raise_bad_lease(claim_tasks.lease_seconds);
     END IF;
 
     SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.message ->> 'task_id' ORDER BY m.msg_id)
