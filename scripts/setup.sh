@@ -16,8 +16,9 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # chromium: the dashboard's browser test (driven by playwright-core from npm, no browser download).
 # libgdal-dev, gdal-bin, python3-gdal: the geospatial job types and GDAL's COG validator.
+# postgresql-15-postgis-3: stage_vector / export_geoparquet. python3-venv: the checking tools below.
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg chromium
-          libgdal-dev gdal-bin python3-gdal)
+          libgdal-dev gdal-bin python3-gdal postgresql-15-postgis-3 python3-venv)
 command -v npm >/dev/null || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
@@ -58,17 +59,34 @@ else
     sudo_if_needed install -m 644 "$embedded/sql/pgmq.sql" "$sharedir/pgmq--1.11.1.sql"
 fi
 
-# Real geodata that installs offline: the rasters Debian's r-cran-stars ships (a Landsat 7 scene,
-# an elevation model), unpacked without installing R.
+# Real geodata that installs offline, unpacked from Debian packages without installing R or
+# geopandas: a Landsat 7 scene and an elevation model (r-cran-stars), North Carolina counties
+# (r-cran-sf, GeoPackage), London cycle-hire points (r-cran-spdata, GeoJSON), Natural Earth
+# countries and cities (python3-geopandas, Shapefile).
 geodata=/var/tmp/stageflow-geodata
-if [ -f "$geodata/stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif" ]; then
-    say "geodata present"
-else
-    say "geodata: fetching r-cran-stars's rasters"
+fetch_deb() { # package, directory, a file it must contain
+    [ -f "$geodata/$2/$3" ] && return 0
+    say "geodata: fetching $1"
     mkdir -p "$geodata"
-    (cd "$geodata" && { apt-get download r-cran-stars 2>/dev/null \
-        || { sudo_if_needed apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download r-cran-stars 2>/dev/null; }; } \
-        && dpkg-deb -x r-cran-stars_*.deb stars)
+    (cd "$geodata" && rm -f "$1"_*.deb && { apt-get download "$1" 2>/dev/null \
+        || { sudo_if_needed apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download "$1" 2>/dev/null; }; } \
+        && dpkg-deb -x "$1"_*.deb "$2")
+}
+fetch_deb r-cran-stars stars usr/lib/R/site-library/stars/tif/L7_ETMs.tif
+fetch_deb r-cran-sf sf usr/lib/R/site-library/sf/gpkg/nc.gpkg
+fetch_deb r-cran-spdata spdata usr/lib/R/site-library/spData/shapes/cycle_hire.geojson
+fetch_deb python3-geopandas geopandas usr/lib/python3/dist-packages/geopandas/datasets/naturalearth_lowres/naturalearth_lowres.shp
+say "geodata present in $geodata"
+
+# Independent checkers the geospatial tests run on our outputs (PyPI, in a private venv):
+# rio-cogeo (COGs), pyarrow + geopandas (GeoParquet), moto's S3 server (container_inventory).
+pytools=/var/tmp/stageflow-pytools
+if "$pytools/bin/python" -c 'import rio_cogeo, pyarrow, geopandas, moto' 2>/dev/null; then
+    say "python tools present"
+else
+    say "python tools: installing rio-cogeo, pyarrow, geopandas, moto[server] into $pytools"
+    /usr/bin/python3 -m venv "$pytools"
+    "$pytools/bin/pip" install -q --disable-pip-version-check rio-cogeo pyarrow geopandas 'moto[server]'
 fi
 
 browser_tests=crates/stageflow-http/tests/browser

@@ -377,7 +377,7 @@ async fn geo_line(url: &str, dir: &std::path::Path, size: usize, tile: i64, work
     config.concurrency = workers;
     config.poll_interval = Duration::from_millis(50);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(config, crate::worker_handlers()).run(async {
+    let worker = tokio::spawn(Worker::new(config.clone(), crate::worker_handlers(&config.database_url)).run(async {
         let _ = stop_rx.await;
     }));
     let start = Instant::now();

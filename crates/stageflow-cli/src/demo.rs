@@ -44,7 +44,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     config.poll_interval = Duration::from_millis(250);
     config.grace_period = Duration::from_secs(5);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(config, crate::worker_handlers()).run(async {
+    let worker = tokio::spawn(Worker::new(config.clone(), crate::worker_handlers(&config.database_url)).run(async {
         let _ = stop_rx.await;
     }));
 
@@ -89,6 +89,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
 /// Registers the geospatial job types; returns their names.
 #[cfg(feature = "geo")]
 pub async fn install_geo(client: &tokio_postgres::Client) -> Result<Vec<&'static str>, CliError> {
+    client.batch_execute(&stageflow_geo::install_sql()).await?;
     let mut names = Vec::new();
     for (name, definition) in stageflow_geo::job_types() {
         client.execute("SELECT stageflow.register_job_type($1, $2)", &[&name, &definition]).await?;
@@ -124,7 +125,7 @@ pub async fn run_geo(cluster: &Cluster, workers: usize) -> Result<(), CliError> 
     config.concurrency = workers.max(1);
     config.poll_interval = Duration::from_millis(200);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(config, crate::worker_handlers()).run(async {
+    let worker = tokio::spawn(Worker::new(config.clone(), crate::worker_handlers(&config.database_url)).run(async {
         let _ = stop_rx.await;
     }));
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();

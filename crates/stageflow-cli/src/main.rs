@@ -199,9 +199,11 @@ pub async fn connect(url: &str) -> Result<Client, CliError> {
 
 /// The handlers of `stageflow worker`: the built-in ones, and the geospatial ones when built
 /// with the `geo` feature.
-pub fn worker_handlers() -> stageflow_worker::Handlers {
+pub fn worker_handlers(database_url: &str) -> stageflow_worker::Handlers {
     #[cfg(feature = "geo")]
-    return stageflow_geo::handlers(builtin_handlers());
+    return stageflow_geo::handlers(builtin_handlers(), database_url);
+    #[cfg(not(feature = "geo"))]
+    let _ = database_url;
     #[cfg(not(feature = "geo"))]
     builtin_handlers()
 }
@@ -263,7 +265,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(id) = worker_id {
                 config.worker_id = id.clone();
             }
-            let report = Worker::new(config, worker_handlers()).run(shutdown_signal()).await;
+            let report = Worker::new(config.clone(), worker_handlers(&config.database_url)).run(shutdown_signal()).await;
             tracing::info!(completed = report.completed, failed = report.failed, released = report.released, "worker stopped");
             Ok(())
         }

@@ -16,8 +16,10 @@ pub mod stac;
 use serde_json::{json, Value};
 use stageflow_worker::{Handlers, Task, TaskError};
 
-/// The geospatial handlers, to add to a worker's.
-pub fn handlers(base: Handlers) -> Handlers {
+/// The geospatial handlers, to add to a worker's. `database_url` is where the handlers that read or
+/// write PostGIS tables connect (the database of the engine).
+pub fn handlers(base: Handlers, database_url: &str) -> Handlers {
+    let _ = database_url;
     base.register("geo.extract_metadata", blocking(extract_metadata))
         .register("geo.raster_validate", blocking(raster::validate))
         .register("geo.raster_plan", blocking(raster::plan))
@@ -40,6 +42,12 @@ fn blocking(
 
 fn extract_metadata(task: &Task) -> Result<Value, TaskError> {
     raster::metadata(raster::param_str(task, "path")?)
+}
+
+/// What `stageflow geo-install` runs before registering the job types: PostGIS and the schema
+/// `stageflow_geo`, where the geospatial job types keep their tables.
+pub fn install_sql() -> String {
+    ["CREATE EXTENSION IF NOT EXISTS postgis", "CREATE SCHEMA IF NOT EXISTS stageflow_geo"].join(";\n")
 }
 
 /// The job types of this crate: (name, definition) for `stageflow.register_job_type`.

@@ -73,7 +73,7 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
     config.concurrency = 2;
     config.poll_interval = Duration::from_millis(100);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = runtime.spawn(Worker::new(config, stageflow_geo::handlers(builtin_handlers())).run(async {
+    let worker = runtime.spawn(Worker::new(config, stageflow_geo::handlers(builtin_handlers(), &url)).run(async {
         let _ = stopped.await;
     }));
     let start = Instant::now();
