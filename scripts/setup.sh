@@ -102,7 +102,8 @@ fi
 say "stageflow: building and installing the extension"
 profile_flag=()
 [ "${STAGEFLOW_PROFILE:-debug}" = release ] && profile_flag=(--release)
-# A running cluster that preloaded the old .so would crash when it is overwritten: the caller
-# stops its clusters first (scripts/test.sh does).
+# cargo pgrx copies the .so over the installed one in place, which would crash a running cluster
+# that mapped it: unlinking it first leaves such a cluster on its old copy.
+sudo_if_needed rm -f "$("$PG_CONFIG" --pkglibdir)/stageflow.so"
 sudo_if_needed env "PATH=$PATH" "CARGO_TARGET_DIR=$CARGO_TARGET_DIR" "HOME=$HOME" \
     cargo pgrx install --pg-config "$PG_CONFIG" "${profile_flag[@]}"

@@ -19,6 +19,10 @@ scripts/setup.sh deps
 
 say "unit and #[pg_test] tests"
 rm -rf "$pgrx_data"
+# cargo pgrx copies the .so over the installed one in place; unlinking it first keeps any other
+# running cluster on its old copy instead of crashing it.
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+sudo_if_needed rm -f "$(/usr/lib/postgresql/15/bin/pg_config --pkglibdir)/stageflow.so"
 if [ "$(id -u)" -eq 0 ]; then
     install -d -o postgres -g postgres -m 700 "$pgrx_data"
     cargo pgrx test pg15 --runas postgres --pgdata "$pgrx_data"
