@@ -6,12 +6,19 @@
 //! - `process_raster {source, tile_size, output}`: validate -> plan (the tile grid, keys
 //!   `tile_x{col}_y{row}`) -> cog (dynamic fan-out: one Cloud-Optimized GeoTIFF per tile) -> stac
 //!   (fan-in: a STAC Collection and one Item per tile, with projection and raster fields).
+//! - `container_inventory {source}` (a directory or `s3://bucket/prefix`): list -> inspect (dynamic:
+//!   size, time, SHA-256, media type from the content) -> catalog (fan-in: the result and rows of
+//!   `stageflow_geo.inventory`); see [`inventory`];
+//! - `validate_stac {path}`: discover -> validate (dynamic: one STAC document each, offline against
+//!   the schemas shipped in `schemas/`) -> report (fan-in: every error); see [`validate_stac`].
 //!
 //! Every failure is a categorised [`TaskError`]: unreadable files, missing CRS, bad sizes and GDAL
 //! errors are permanent; none panics.
 
+pub mod inventory;
 pub mod raster;
 pub mod stac;
+pub mod validate_stac;
 
 use serde_json::{json, Value};
 use stageflow_worker::{Handlers, Task, TaskError};
@@ -25,6 +32,15 @@ pub fn handlers(base: Handlers, database_url: &str) -> Handlers {
         .register("geo.raster_plan", blocking(raster::plan))
         .register("geo.raster_cog", blocking(raster::cog))
         .register("geo.raster_stac", blocking(stac::write_catalog))
+        .register("geo.inventory_list", inventory::list)
+        .register("geo.inventory_inspect", inventory::inspect)
+        .register("geo.inventory_catalog", {
+            let url = database_url.to_owned();
+            move |task| inventory::catalog(task, url.clone())
+        })
+        .register("geo.stac_discover", blocking(validate_stac::discover))
+        .register("geo.stac_validate", blocking(validate_stac::validate))
+        .register("geo.stac_report", blocking(validate_stac::report))
 }
 
 /// Runs a blocking GDAL handler on tokio's blocking pool.
@@ -47,7 +63,12 @@ fn extract_metadata(task: &Task) -> Result<Value, TaskError> {
 /// What `stageflow geo-install` runs before registering the job types: PostGIS and the schema
 /// `stageflow_geo`, where the geospatial job types keep their tables.
 pub fn install_sql() -> String {
-    ["CREATE EXTENSION IF NOT EXISTS postgis", "CREATE SCHEMA IF NOT EXISTS stageflow_geo"].join(";\n")
+    [
+        "CREATE EXTENSION IF NOT EXISTS postgis",
+        "CREATE SCHEMA IF NOT EXISTS stageflow_geo",
+        inventory::TABLE_SQL,
+    ]
+    .join(";\n")
 }
 
 /// The job types of this crate: (name, definition) for `stageflow.register_job_type`.
@@ -80,5 +101,7 @@ pub fn job_types() -> Vec<(&'static str, Value)> {
                 ]
             }),
         ),
+        ("container_inventory", inventory::job_type()),
+        ("validate_stac", validate_stac::job_type()),
     ]
 }
