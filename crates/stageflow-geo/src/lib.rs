@@ -11,14 +11,20 @@
 //!   `stageflow_geo.inventory`); see [`inventory`];
 //! - `validate_stac {path}`: discover -> validate (dynamic: one STAC document each, offline against
 //!   the schemas shipped in `schemas/`) -> report (fan-in: every error); see [`validate_stac`].
+//! - `stage_vector {source, table, srid?}`: inspect (schema, CRS, create the table) -> load (dynamic:
+//!   chunks of features binary-COPYed into PostGIS) -> finish (fan-in: index, checks); see [`vector`];
+//! - `export_geoparquet {table, output}`: inspect -> write (a GeoParquet 1.1 file); see
+//!   [`geoparquet_export`].
 //!
 //! Every failure is a categorised [`TaskError`]: unreadable files, missing CRS, bad sizes and GDAL
 //! errors are permanent; none panics.
 
+pub mod geoparquet_export;
 pub mod inventory;
 pub mod raster;
 pub mod stac;
 pub mod validate_stac;
+pub mod vector;
 
 use serde_json::{json, Value};
 use stageflow_worker::{Handlers, Task, TaskError};
@@ -27,6 +33,7 @@ use stageflow_worker::{Handlers, Task, TaskError};
 /// write PostGIS tables connect (the database of the engine).
 pub fn handlers(base: Handlers, database_url: &str) -> Handlers {
     let _ = database_url;
+    let base = geoparquet_export::register(vector::register(base, database_url), database_url);
     base.register("geo.extract_metadata", blocking(extract_metadata))
         .register("geo.raster_validate", blocking(raster::validate))
         .register("geo.raster_plan", blocking(raster::plan))
@@ -103,5 +110,7 @@ pub fn job_types() -> Vec<(&'static str, Value)> {
         ),
         ("container_inventory", inventory::job_type()),
         ("validate_stac", validate_stac::job_type()),
+        ("stage_vector", vector::job_type()),
+        ("export_geoparquet", geoparquet_export::job_type()),
     ]
 }
