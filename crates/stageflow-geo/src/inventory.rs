@@ -149,9 +149,25 @@ fn store_error(source: &Source, what: &str, error: object_store::Error) -> TaskE
         object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. } => {
             TaskError::permanent("unsupported", message)
         }
-        _ if source.is_remote() => TaskError::retryable("storage", message),
+        _ if source.is_remote() => match http_status(&message) {
+            // object_store reports an S3 answer it does not map (a missing bucket, a refused
+            // request) as a generic error whose text carries the HTTP status: its own error type
+            // for it is private.
+            Some(404) => TaskError::permanent("not_found", message),
+            Some(401 | 403) => TaskError::permanent("access_denied", message),
+            Some(429 | 503) => TaskError::throttled("throttled", message, 5.0),
+            Some(408) => TaskError::retryable("storage", message),
+            Some(status) if (400..500).contains(&status) => TaskError::permanent("rejected", message),
+            _ => TaskError::retryable("storage", message),
+        },
         _ => TaskError::permanent("unreadable", message),
     }
+}
+
+/// The HTTP status in an object_store error's text ("... status code: 404 Not Found ...").
+fn http_status(message: &str) -> Option<u16> {
+    let at = message.find("status code: ")? + "status code: ".len();
+    message.get(at..at + 3)?.parse().ok()
 }
 
 fn is_key_char(c: char) -> bool {
@@ -507,6 +523,22 @@ mod unit {
         assert_eq!(Source::parse("gs://b/x").unwrap_err().kind, "bad_url");
         assert_eq!(Source::parse("/nonexistent/dir").unwrap_err().kind, "not_found");
         assert_eq!(Source::parse(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap_err().kind, "not_a_directory");
+    }
+
+    #[test]
+    fn s3_statuses_are_categorised() {
+        let s3 = Source::S3 { bucket: "b".into(), prefix: String::new() };
+        let generic = |text: &str| object_store::Error::Generic { store: "S3", source: text.to_owned().into() };
+        let missing = store_error(&s3, "listing", generic("Server returned non-2xx status code: 404 Not Found: NoSuchBucket"));
+        assert_eq!((missing.kind.as_str(), missing.category.as_str()), ("not_found", "permanent"));
+        let denied = store_error(&s3, "listing", generic("Server returned non-2xx status code: 403 Forbidden"));
+        assert_eq!(denied.kind, "access_denied");
+        let slow = store_error(&s3, "listing", generic("Server returned non-2xx status code: 503 Service Unavailable"));
+        assert_eq!(slow.category.as_str(), "throttling");
+        let network = store_error(&s3, "listing", generic("error sending request: connection refused"));
+        assert_eq!((network.kind.as_str(), network.category.as_str()), ("storage", "transient"));
+        let local = store_error(&Source::Local("/x".into()), "reading", generic("Permission denied"));
+        assert_eq!((local.kind.as_str(), local.category.as_str()), ("unreadable", "permanent"));
     }
 
     #[test]
