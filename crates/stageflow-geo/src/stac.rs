@@ -57,7 +57,15 @@ pub fn write_catalog(task: &Task) -> Result<Value, TaskError> {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|b| json!({"data_type": stac_data_type(b["data_type"].as_str().unwrap_or("")), "nodata": b["nodata"]}))
+            .map(|b| {
+                // The raster extension's nodata is a number or "nan"/"inf"/"-inf": a band without
+                // one has no `nodata` (null is invalid).
+                let mut band = json!({"data_type": stac_data_type(b["data_type"].as_str().unwrap_or(""))});
+                if !b["nodata"].is_null() {
+                    band["nodata"] = b["nodata"].clone();
+                }
+                band
+            })
             .collect();
         let item = json!({
             "type": "Feature",

@@ -199,22 +199,23 @@ fn depth(error: &ValidationError) -> usize {
 }
 
 /// The errors worth showing: an `anyOf`/`oneOf` that no branch satisfied is replaced by the errors
-/// of its most specific branch (the one whose errors reach deepest into the instance, then the one
-/// with the fewest), so that a bad `proj:epsg` is reported at `/properties/proj:epsg` rather than
-/// as "not valid under any of the schemas" at the root.
+/// of its most specific branches (those whose errors reach deepest into the instance, then those
+/// with the fewest; all of them on a tie), so that a bad `proj:epsg` is reported at
+/// `/properties/proj:epsg` rather than as "not valid under any of the schemas" at the root.
 fn leaf_errors(error: &ValidationError, out: &mut Vec<(String, String)>) {
     let branches = match error.kind() {
-        ValidationErrorKind::AnyOf { context } | ValidationErrorKind::OneOfNotValid { context } => Some(context),
-        _ => None,
+        ValidationErrorKind::AnyOf { context } | ValidationErrorKind::OneOfNotValid { context } => {
+            context.iter().filter(|branch| !branch.is_empty()).collect::<Vec<_>>()
+        }
+        _ => Vec::new(),
     };
-    let best = branches.and_then(|context| {
-        context
-            .iter()
-            .filter(|branch| !branch.is_empty())
-            .max_by_key(|branch| (branch.iter().map(depth).max().unwrap_or(0), std::cmp::Reverse(branch.len())))
-    });
-    match best {
-        Some(branch) => branch.iter().for_each(|e| leaf_errors(e, out)),
+    let rank = |branch: &&Vec<ValidationError>| (branch.iter().map(depth).max().unwrap_or(0), std::cmp::Reverse(branch.len()));
+    match branches.iter().map(rank).max() {
+        Some(best) => {
+            for branch in branches.iter().filter(|b| rank(b) == best) {
+                branch.iter().for_each(|e| leaf_errors(e, out));
+            }
+        }
         None => out.push((error.instance_path().to_string(), error.to_string())),
     }
 }
@@ -224,7 +225,8 @@ fn errors_of(validator: &Validator, instance: &Value) -> Vec<(String, String)> {
     for error in validator.iter_errors(instance) {
         leaf_errors(&error, &mut out);
     }
-    out.dedup();
+    let mut seen = HashSet::new();
+    out.retain(|e| seen.insert(e.clone()));
     out
 }
 
