@@ -2,7 +2,7 @@
 //!
 //! - `inspect` (one task): the table's columns and types, its geometry column, SRID and row count;
 //!   an unknown table is a permanent `not_found`;
-//! - `write` (lineage: gets the inspection as `predecessor`): streams the rows with a binary
+//! - `write` (fan-in: gets the inspection in `inputs`, and the job's result is its own): streams the rows with a binary
 //!   `COPY ... TO STDOUT` in one snapshot, builds Arrow record batches (geometry as WKB) and writes
 //!   them with the `geoparquet` crate, with the CRS as PROJJSON from GDAL, the bbox and the
 //!   geometry types in the `geo` metadata. The file is written to `<output>.tmp`, synced and
@@ -56,7 +56,7 @@ pub fn job_type() -> Value {
         "retry": {"max_attempts": 3, "backoff_base_seconds": 1, "backoff_max_seconds": 30},
         "stages": [
             {"name": "inspect", "handler": "geo.geoparquet_inspect", "queue": "geo"},
-            {"name": "write", "handler": "geo.geoparquet_write", "queue": "geo", "fan_out": "lineage"}
+            {"name": "write", "handler": "geo.geoparquet_write", "queue": "geo", "fan_out": "fan_in"}
         ]
     })
 }
@@ -360,7 +360,7 @@ fn write_file(task: &Task, url: &str, table: &TableName, output: &str, tmp: &str
         .start()
         .map_err(|e| db_error("beginning", e))?;
     let d = describe(&mut tx, table)?;
-    if let Some(inspected) = &task.predecessor {
+    if let Some(inspected) = task.inputs.as_ref().and_then(|inputs| inputs.get(0)) {
         if inspected["geometry_column"].as_str().is_some_and(|c| c != d.geometry_column)
             || inspected["srid"].as_i64().is_some_and(|s| s != d.srid as i64)
         {
