@@ -86,8 +86,8 @@ impl Kind {
         match typname {
             "bool" => Kind::Bool,
             "int2" => Kind::Int16,
-            "int4" | "oid" => Kind::Int32,
-            "int8" => Kind::Int64,
+            "int4" => Kind::Int32,
+            "int8" | "oid" => Kind::Int64,
             "float4" => Kind::Float32,
             "float8" | "numeric" => Kind::Float64,
             "date" => Kind::Date,
@@ -119,7 +119,6 @@ impl Kind {
         let c = quote_ident(column);
         match (self, typname) {
             (Kind::Geometry, _) | (Kind::Binary, "geometry") => format!("ST_AsBinary({c})"),
-            (Kind::Int32, "oid") => format!("{c}::int4"),
             _ => format!("{c}::{}", self.pg_type().name()),
         }
     }
@@ -451,7 +450,6 @@ fn write_file(task: &Task, url: &str, table: &TableName, output: &str, tmp: &str
     if in_batch > 0 || rows == 0 {
         flush(&mut builders, &mut writer)?;
     }
-    drop(flush);
     drop(rows_iter);
     tx.commit().map_err(|e| db_error("ending the snapshot", e))?;
 
