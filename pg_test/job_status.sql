@@ -32,6 +32,6 @@ SELECT stageflow.complete_task_and_check_stage((SELECT min(task_id) FROM held), 
 SET stageflow.fake_now = '2031-01-01 00:00:07+00';
 SELECT stageflow.complete_tasks(jsonb_build_array(jsonb_build_object('task_id', (SELECT max(task_id) FROM held))));
 DO $$ BEGIN
-    ASSERT (SELECT completed_seconds FROM stageflow.stages WHERE job_id = (SELECT id FROM timed) AND stage = 1) = 12,
+    ASSERT (SELECT completed_seconds FROM stageflow.stage_counts WHERE job_id = (SELECT id FROM timed) AND stage = 1) = 12,
         'claimed at 0 s, completed at 5 s and 7 s: 12 s in all';
 END $$;

@@ -36,8 +36,11 @@ CREATE INDEX jobs_created_at_idx ON stageflow.jobs (created_at DESC);
 CREATE INDEX jobs_deadline_idx ON stageflow.jobs (deadline_at) WHERE status IN ('queued', 'processing');
 CREATE INDEX jobs_finished_idx ON stageflow.jobs (completed_at) WHERE completed_at IS NOT NULL;
 
--- A stage a job has reached. remaining_tasks is the counter the last completion sees reach zero
--- under this row's lock: no completion ever scans the stage's tasks.
+-- A stage a job has reached. Its open tasks are counted in `shards` rows of stage_shards (task
+-- `ordinal` goes to shard ordinal % shards), so concurrent completions lock different rows; the
+-- stage row counts the shards that still have open tasks (open_shards) and is locked only by the
+-- transaction that empties a shard: the one that takes open_shards to zero ends the stage. No
+-- completion ever scans the stage's tasks.
 CREATE TABLE stageflow.stages (
     job_id            text NOT NULL REFERENCES stageflow.jobs (job_id) ON DELETE CASCADE,
     stage             int NOT NULL,
@@ -56,19 +59,39 @@ CREATE TABLE stageflow.stages (
     max_failed_tasks  int NOT NULL DEFAULT 0,
     max_failure_ratio numeric NOT NULL DEFAULT 0,
     task_count        int NOT NULL,
-    remaining_tasks   int NOT NULL,
-    completed_count   int NOT NULL DEFAULT 0,
+    shards            int NOT NULL CHECK (shards >= 1),
+    open_shards       int NOT NULL,
     failed_count      int NOT NULL DEFAULT 0,
-    -- claim-to-completion seconds of the completed tasks, summed (with completed_count: the mean)
-    completed_seconds double precision NOT NULL DEFAULT 0,
     status            text NOT NULL DEFAULT 'active'
                       CHECK (status IN ('active', 'completed', 'failed', 'cancelled')),
     completed_by      text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     completed_at      timestamptz,
     PRIMARY KEY (job_id, stage),
-    CHECK (remaining_tasks >= 0)
+    CHECK (open_shards BETWEEN 0 AND shards)
 );
+
+-- A stage's task counters, split over its shards: open (queued or running) tasks, completed tasks
+-- and their claim-to-completion seconds summed (with completed_count: the mean).
+CREATE TABLE stageflow.stage_shards (
+    job_id            text NOT NULL,
+    stage             int NOT NULL,
+    shard             int NOT NULL,
+    remaining_tasks   int NOT NULL CHECK (remaining_tasks >= 0),
+    completed_count   int NOT NULL DEFAULT 0,
+    completed_seconds double precision NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, stage, shard),
+    FOREIGN KEY (job_id, stage) REFERENCES stageflow.stages (job_id, stage) ON DELETE CASCADE
+);
+
+-- A stage's counters summed over its shards.
+CREATE VIEW stageflow.stage_counts AS
+SELECT sh.job_id, sh.stage,
+       sum(sh.remaining_tasks)::int AS remaining_tasks,
+       sum(sh.completed_count)::int AS completed_count,
+       sum(sh.completed_seconds) AS completed_seconds
+  FROM stageflow.stage_shards AS sh
+ GROUP BY sh.job_id, sh.stage;
 
 -- A task: one unit of work of a stage. task_id = <16 hex of job id>-s<stage>-<key>.
 CREATE TABLE stageflow.tasks (
@@ -127,5 +150,6 @@ CREATE INDEX events_job_idx ON stageflow.events (job_id, event_id);
 SELECT pg_catalog.pg_extension_config_dump('stageflow.job_types', $$WHERE name <> 'hello_world'$$);
 SELECT pg_catalog.pg_extension_config_dump('stageflow.jobs', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.stages', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.stage_shards', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');

@@ -29,6 +29,7 @@ DECLARE
     v_preds       text[];
     v_inputs      jsonb;
     v_count       int;
+    v_shards      int;
     v_duplicate   text;
 BEGIN
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
@@ -81,20 +82,25 @@ BEGIN
          WHERE t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed';
     END CASE;
     v_count := coalesce(cardinality(v_keys), 0);
+    v_shards := greatest(least(v_count, 16), 1);
 
     INSERT INTO stageflow.stages
         (job_id, stage, name, handler, queue, fan_out, param, next_fan_out, max_attempts,
          lease_seconds, timeout_seconds,
-         max_failed_tasks, max_failure_ratio, task_count, remaining_tasks, status, completed_at)
+         max_failed_tasks, max_failure_ratio, task_count, shards, open_shards, status, completed_at)
     VALUES
         (p_job_id, p_stage, v_def ->> 'name', v_def ->> 'handler', v_queue, v_fan_out, v_param,
          v_job.definition -> 'stages' -> p_stage ->> 'fan_out',
          (v_def -> 'retry' ->> 'max_attempts')::int,
          (v_def ->> 'lease_seconds')::int, (v_def ->> 'timeout_seconds')::int,
          (v_def ->> 'max_failed_tasks')::int, (v_def ->> 'max_failure_ratio')::numeric,
-         v_count, v_count,
+         v_count, v_shards, least(v_count, v_shards),
          CASE WHEN v_count = 0 THEN 'completed' ELSE 'active' END,
          CASE WHEN v_count = 0 THEN stageflow.now() END);
+    -- Shard k counts the tasks whose ordinal % shards = k: ordinals 0 .. v_count - 1.
+    INSERT INTO stageflow.stage_shards (job_id, stage, shard, remaining_tasks)
+    SELECT p_job_id, p_stage, k, v_count / v_shards + CASE WHEN k < v_count % v_shards THEN 1 ELSE 0 END
+      FROM generate_series(0, v_shards - 1) AS k;
 
     IF v_count > 0 THEN
         -- pgmq assigns msg_ids from a sequence in array order within one INSERT, so the n-th
@@ -114,5 +120,54 @@ BEGIN
         PERFORM pg_notify('stageflow_tasks', v_queue);
     END IF;
     RETURN v_count;
+END;
+$$;
+
+-- Locks every shard row of a stage, in shard order: what a transaction does before it changes
+-- several shards of a stage and then its stage row, so that it takes locks in the order a
+-- completion does (shards, then the stage).
+CREATE FUNCTION stageflow._lock_shards(p_job_id text, p_stage int)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*) FROM (SELECT 1 FROM stageflow.stage_shards AS sh
+                           WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+                           ORDER BY sh.shard FOR UPDATE) AS locked;
+$$;
+
+-- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
+-- cancelled) or open again (+1: retried): moves their shards' counters, in shard order, and
+-- returns by how much the stage's open_shards must change (shards that emptied count -1, shards
+-- that had been empty +1). The caller updates the stage row after it.
+CREATE FUNCTION stageflow._shards_add(p_job_id text, p_stage int, p_ordinals int[], p_sign int)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_delta  int := 0;
+    v_before int;
+    v_after  int;
+    r        record;
+BEGIN
+    FOR r IN
+        SELECT o % s.shards AS shard, count(*)::int AS n
+          FROM unnest(p_ordinals) AS o
+          JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = p_stage
+         GROUP BY o % s.shards
+         ORDER BY 1
+    LOOP
+        UPDATE stageflow.stage_shards AS sh
+           SET remaining_tasks = sh.remaining_tasks + p_sign * r.n
+         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = r.shard
+        RETURNING sh.remaining_tasks - p_sign * r.n, sh.remaining_tasks INTO v_before, v_after;
+        IF v_before > 0 AND v_after = 0 THEN
+            v_delta := v_delta - 1;
+        ELSIF v_before = 0 AND v_after > 0 THEN
+            v_delta := v_delta + 1;
+        END IF;
+    END LOOP;
+    RETURN v_delta;
 END;
 $$;

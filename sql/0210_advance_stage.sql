@@ -1,7 +1,7 @@
 -- Moves a job past its current stage if that stage has no open task left: creates the next
 -- stage's tasks, or completes the job with its result. Stages that fan out to nothing are passed
 -- through in the same call. Idempotent: the job row lock serialises callers and the current
--- stage's counter decides, so a stage's tasks are never created twice. The last completion of a
+-- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
 -- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
 --
 -- The job's result: the task's result when the last stage is `single` or `fan_in`, otherwise the
@@ -29,7 +29,7 @@ BEGIN
         SELECT * INTO STRICT v_stage
           FROM stageflow.stages AS s
          WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-        EXIT WHEN v_stage.remaining_tasks > 0;
+        EXIT WHEN v_stage.open_shards > 0;
 
         IF v_stage.status = 'active' THEN
             UPDATE stageflow.stages AS s
@@ -38,7 +38,9 @@ BEGIN
         END IF;
         PERFORM stageflow._emit(v_job.job_id, 'stage_completed',
                                 jsonb_build_object('name', v_stage.name, 'task_count', v_stage.task_count,
-                                                   'completed', v_stage.completed_count, 'failed', v_stage.failed_count),
+                                                   'completed', (SELECT c.completed_count FROM stageflow.stage_counts AS c
+                                                                  WHERE c.job_id = v_job.job_id AND c.stage = v_stage.stage),
+                                                   'failed', v_stage.failed_count),
                                 v_stage.stage);
 
         IF v_job.current_stage >= v_job.total_stages THEN

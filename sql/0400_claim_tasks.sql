@@ -42,6 +42,7 @@ RETURNS TABLE (
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -50,6 +51,8 @@ DECLARE
     v_claimed_ids  text[];
     v_own_lease    int[];
     v_own_msgs     bigint[];
+    v_cancelled    record;
+    v_delta        int;
     r              record;
 BEGIN
     -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
@@ -142,16 +145,18 @@ BEGIN
                     'category', 'transient'));
         ELSE
             PERFORM pgmq.delete(claim_tasks.queue, r.msg_id);
-            WITH cancelled AS (
-                UPDATE stageflow.tasks AS t
-                   SET status = 'cancelled', lease_expires_at = NULL, completed_at = stageflow.now()
-                 WHERE t.task_id = r.task_id AND t.status IN ('queued', 'running')
-                RETURNING t.job_id, t.stage
-            )
-            UPDATE stageflow.stages AS s
-               SET remaining_tasks = s.remaining_tasks - 1
-              FROM cancelled AS c
-             WHERE s.job_id = c.job_id AND s.stage = c.stage;
+            UPDATE stageflow.tasks AS t
+               SET status = 'cancelled', lease_expires_at = NULL, completed_at = stageflow.now()
+             WHERE t.task_id = r.task_id AND t.status IN ('queued', 'running')
+            RETURNING t.job_id, t.stage, t.ordinal INTO v_cancelled;
+            IF FOUND THEN
+                v_delta := stageflow._shards_add(v_cancelled.job_id, v_cancelled.stage, ARRAY[v_cancelled.ordinal], -1);
+                IF v_delta <> 0 THEN
+                    UPDATE stageflow.stages AS s
+                       SET open_shards = s.open_shards + v_delta
+                     WHERE s.job_id = v_cancelled.job_id AND s.stage = v_cancelled.stage;
+                END IF;
+            END IF;
         END IF;
     END LOOP;
 END;

@@ -1,26 +1,30 @@
 -- Completes many tasks in one transaction: results is an array of {"task_id", "result"}. Each
--- task gets the semantics of complete_task_and_check_stage: its message deleted, its stage's
--- counter decremented (once per stage for the whole batch) and the stage advanced when it reaches
--- zero. A task that cannot be completed (unknown, not running, leased to another worker, a bad
+-- task gets the semantics of complete_task_and_check_stage: its message deleted, its shard's
+-- counter decremented (once per shard for the whole batch) and the stage advanced when its last
+-- open shard empties. A task that cannot be completed (unknown, not running, leased to another worker, a bad
 -- plan) does not stop the others: its entry in the answer carries an error with the SQLSTATE
 -- complete_task_and_check_stage would raise. Returns one report per element, in order.
--- Locks are taken in msg_id order (messages, then tasks) and (job, stage) order (stages), so
--- concurrent batches do not deadlock.
+-- Locks are taken in msg_id order (messages, then tasks), then (job, stage, shard) order (shards),
+-- then (job, stage) order (stages), so concurrent batches do not deadlock.
 CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_ids        text[];
     v_results    jsonb[];
     v_jobs       text[];
     v_stages     int[];
+    v_shards     int[];
     v_counts     int[];
     v_last       text[];
     v_seconds    double precision[];
     v_remaining  int;
+    v_open       int;
+    v_emptied    int := 0;
     i            int;
 BEGIN
     IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
@@ -83,24 +87,41 @@ BEGIN
              WHERE t.task_id = u.task_id AND t.status = 'running'
             RETURNING t.job_id, t.stage, t.task_id, t.ordinal, extract(epoch FROM t.completed_at - t.claimed_at) AS seconds
         )
-        SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage), array_agg(g.stage ORDER BY g.job_id, g.stage),
-               array_agg(g.n ORDER BY g.job_id, g.stage), array_agg(g.last_task ORDER BY g.job_id, g.stage),
-               array_agg(g.seconds ORDER BY g.job_id, g.stage)
-          INTO v_jobs, v_stages, v_counts, v_last, v_seconds
-          FROM (SELECT d.job_id, d.stage, count(*)::int AS n, (array_agg(d.task_id ORDER BY d.ordinal DESC))[1] AS last_task,
+        SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage, g.shard), array_agg(g.stage ORDER BY g.job_id, g.stage, g.shard),
+               array_agg(g.shard ORDER BY g.job_id, g.stage, g.shard),
+               array_agg(g.n ORDER BY g.job_id, g.stage, g.shard), array_agg(g.last_task ORDER BY g.job_id, g.stage, g.shard),
+               array_agg(g.seconds ORDER BY g.job_id, g.stage, g.shard)
+          INTO v_jobs, v_stages, v_shards, v_counts, v_last, v_seconds
+          FROM (SELECT d.job_id, d.stage, d.ordinal % s.shards AS shard, count(*)::int AS n,
+                       (array_agg(d.task_id ORDER BY d.ordinal DESC))[1] AS last_task,
                        coalesce(sum(d.seconds), 0)::double precision AS seconds
-                  FROM done AS d GROUP BY d.job_id, d.stage) AS g;
+                  FROM done AS d
+                  JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
+                 GROUP BY d.job_id, d.stage, d.ordinal % s.shards) AS g;
 
+        -- Every shard first, then the stage rows whose shards emptied (a stage row after all of its
+        -- shards, so the lock order stays shards -> stage for every caller).
         FOR i IN 1 .. coalesce(cardinality(v_jobs), 0) LOOP
-            UPDATE stageflow.stages AS s
-               SET remaining_tasks = s.remaining_tasks - v_counts[i],
-                   completed_count = s.completed_count + v_counts[i],
-                   completed_seconds = s.completed_seconds + v_seconds[i],
-                   completed_by = CASE WHEN s.remaining_tasks = v_counts[i] THEN v_last[i] ELSE s.completed_by END
-             WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
-            RETURNING s.remaining_tasks INTO v_remaining;
+            UPDATE stageflow.stage_shards AS sh
+               SET remaining_tasks = sh.remaining_tasks - v_counts[i],
+                   completed_count = sh.completed_count + v_counts[i],
+                   completed_seconds = sh.completed_seconds + v_seconds[i]
+             WHERE sh.job_id = v_jobs[i] AND sh.stage = v_stages[i] AND sh.shard = v_shards[i]
+            RETURNING sh.remaining_tasks INTO v_remaining;
             IF v_remaining = 0 THEN
-                PERFORM stageflow.advance_stage(v_jobs[i]);
+                v_emptied := v_emptied + 1;
+            END IF;
+            IF v_emptied > 0 AND (i = cardinality(v_jobs) OR v_jobs[i + 1] <> v_jobs[i] OR v_stages[i + 1] <> v_stages[i]) THEN
+                -- The last shard of this stage in the batch: settle the stage.
+                UPDATE stageflow.stages AS s
+                   SET open_shards = s.open_shards - v_emptied,
+                       completed_by = CASE WHEN s.open_shards = v_emptied THEN v_last[i] ELSE s.completed_by END
+                 WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
+                RETURNING s.open_shards INTO v_open;
+                v_emptied := 0;
+                IF v_open = 0 THEN
+                    PERFORM stageflow.advance_stage(v_jobs[i]);
+                END IF;
             END IF;
         END LOOP;
     END IF;

@@ -12,6 +12,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_group      record;
+    v_delta      int;
     v_cancelled  int := 0;
 BEGIN
     FOR v_group IN
@@ -28,23 +29,24 @@ BEGIN
         USING v_group.msg_ids;
     END LOOP;
 
-    WITH cancelled AS (
-        UPDATE stageflow.tasks AS t
-           SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
-         WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
-                              WHERE o.job_id = p_job_id AND o.status IN ('queued', 'running')
-                                FOR UPDATE SKIP LOCKED)
-        RETURNING t.stage
-    ), per_stage AS (
-        SELECT c.stage, count(*)::int AS n FROM cancelled AS c GROUP BY c.stage
-    ), counted AS (
+    FOR v_group IN
+        WITH cancelled AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
+             WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
+                                  WHERE o.job_id = p_job_id AND o.status IN ('queued', 'running')
+                                    FOR UPDATE SKIP LOCKED)
+            RETURNING t.stage, t.ordinal
+        )
+        SELECT c.stage, array_agg(c.ordinal) AS ordinals FROM cancelled AS c GROUP BY c.stage ORDER BY c.stage
+    LOOP
+        PERFORM stageflow._lock_shards(p_job_id, v_group.stage);
+        v_delta := stageflow._shards_add(p_job_id, v_group.stage, v_group.ordinals, -1);
         UPDATE stageflow.stages AS s
-           SET remaining_tasks = s.remaining_tasks - p.n
-          FROM per_stage AS p
-         WHERE s.job_id = p_job_id AND s.stage = p.stage
-        RETURNING p.n
-    )
-    SELECT coalesce(sum(counted.n), 0) INTO v_cancelled FROM counted;
+           SET open_shards = s.open_shards + v_delta
+         WHERE s.job_id = p_job_id AND s.stage = v_group.stage;
+        v_cancelled := v_cancelled + cardinality(v_group.ordinals);
+    END LOOP;
     RETURN v_cancelled;
 END;
 $$;
@@ -89,8 +91,9 @@ AS $$
 DECLARE
     v_task       record;
     v_stage      stageflow.stages;
+    v_delta      int;
 BEGIN
-    SELECT t.job_id, t.stage, t.msg_id, t.attempt, s.queue INTO STRICT v_task
+    SELECT t.job_id, t.stage, t.ordinal, t.msg_id, t.attempt, s.queue INTO STRICT v_task
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
      WHERE t.task_id = p_task_id;
@@ -108,14 +111,19 @@ BEGIN
     PERFORM stageflow._emit(v_task.job_id, 'task_' || p_status,
                             jsonb_build_object('attempt', v_task.attempt, 'error', p_error), v_task.stage, p_task_id);
 
+    -- All of the stage's shards before its row: if this failure ends the job, cancelling the
+    -- other open tasks moves their shards too, and locks must stay in the order shards -> stage.
+    PERFORM stageflow._lock_shards(v_task.job_id, v_task.stage);
+    v_delta := stageflow._shards_add(v_task.job_id, v_task.stage, ARRAY[v_task.ordinal], -1);
     UPDATE stageflow.stages AS s
-       SET remaining_tasks = s.remaining_tasks - 1, failed_count = s.failed_count + 1
+       SET open_shards = s.open_shards + v_delta,
+           failed_count = s.failed_count + 1
      WHERE s.job_id = v_task.job_id AND s.stage = v_task.stage
     RETURNING * INTO v_stage;
 
     IF v_stage.failed_count <= v_stage.max_failed_tasks
        OR v_stage.failed_count <= v_stage.max_failure_ratio * v_stage.task_count THEN
-        IF v_stage.remaining_tasks = 0 THEN
+        IF v_stage.open_shards = 0 THEN
             PERFORM stageflow.advance_stage(v_task.job_id);
         END IF;
         RETURN true;

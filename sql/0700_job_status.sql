@@ -1,5 +1,5 @@
 -- A job's state: status, stages with task counts by status, progress, timestamps, result, error.
--- Reads the job row, its stage rows (counters) and only its running tasks (a partial index):
+-- Reads the job row, its stage rows and their shards (counters) and only its running tasks (a partial index):
 -- never all of its tasks, so it answers as fast for 100,000 tasks as for 3.
 --
 -- progress = 100 * (completed stages + completed fraction of the current stage) / total stages.
@@ -27,19 +27,20 @@ BEGIN
                'status', coalesce(s.status, 'pending'),
                'task_count', s.task_count,
                'tasks', CASE WHEN s.stage IS NOT NULL THEN jsonb_build_object(
-                   'queued', s.remaining_tasks - coalesce(r.running, 0),
+                   'queued', c.remaining_tasks - coalesce(r.running, 0),
                    'running', coalesce(r.running, 0),
-                   'completed', s.completed_count,
+                   'completed', c.completed_count,
                    'failed', s.failed_count,
-                   'cancelled', s.task_count - s.completed_count - s.failed_count - s.remaining_tasks) END,
+                   'cancelled', s.task_count - c.completed_count - s.failed_count - c.remaining_tasks) END,
                'created_at', s.created_at,
                'completed_at', s.completed_at) ORDER BY d.n),
            sum(CASE WHEN s.status = 'completed' THEN 1
-                    WHEN s.task_count > 0 THEN s.completed_count::numeric / s.task_count
+                    WHEN s.task_count > 0 THEN c.completed_count::numeric / s.task_count
                     ELSE 0 END)
       INTO v_stages, v_done
       FROM jsonb_array_elements(v_job.definition -> 'stages') WITH ORDINALITY AS d(def, n)
       LEFT JOIN stageflow.stages AS s ON s.job_id = v_job.job_id AND s.stage = d.n
+      LEFT JOIN stageflow.stage_counts AS c ON c.job_id = v_job.job_id AND c.stage = d.n
       LEFT JOIN (SELECT t.stage, count(*)::int AS running
                    FROM stageflow.tasks AS t
                   WHERE t.job_id = v_job.job_id AND t.status = 'running'

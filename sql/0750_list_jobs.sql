@@ -33,11 +33,13 @@ BEGIN
            CASE WHEN j.status IN ('completed', 'completed_with_errors') THEN 100::numeric
                 ELSE round(100 * ((j.current_stage - 1)
                                   + CASE WHEN s.status = 'completed' THEN 1
-                                         WHEN s.task_count > 0 THEN s.completed_count::numeric / s.task_count
+                                         WHEN s.task_count > 0 THEN c.completed_count::numeric / s.task_count
                                          ELSE 0 END) / j.total_stages, 1) END,
            j.created_at, j.updated_at, j.completed_at
       FROM stageflow.jobs AS j
       LEFT JOIN stageflow.stages AS s ON s.job_id = j.job_id AND s.stage = j.current_stage
+      LEFT JOIN LATERAL (SELECT sum(sh.completed_count) AS completed_count FROM stageflow.stage_shards AS sh
+                          WHERE sh.job_id = s.job_id AND sh.stage = s.stage) AS c ON true
      WHERE (list_jobs.filter_status IS NULL OR j.status = list_jobs.filter_status)
        AND (list_jobs.filter_type IS NULL OR j.job_type = list_jobs.filter_type)
        AND (list_jobs.before IS NULL OR j.created_at < list_jobs.before)

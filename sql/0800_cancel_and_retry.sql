@@ -39,7 +39,9 @@ DECLARE
     v_job      stageflow.jobs;
     v_stage    stageflow.stages;
     v_ids      text[];
+    v_ordinals int[];
     v_failed   int;
+    v_delta    int;
 BEGIN
     SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -48,11 +50,13 @@ BEGIN
     IF v_job.status IN ('completed', 'completed_with_errors') THEN
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
     END IF;
+    -- Read, not locked: the stage row is locked after its shards (the order of completions).
     SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
-     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage FOR UPDATE;
+     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
 
-    SELECT array_agg(t.task_id ORDER BY t.ordinal), count(*) FILTER (WHERE t.status IN ('failed', 'dead'))
-      INTO v_ids, v_failed
+    SELECT array_agg(t.task_id ORDER BY t.ordinal), array_agg(t.ordinal ORDER BY t.ordinal),
+           count(*) FILTER (WHERE t.status IN ('failed', 'dead'))
+      INTO v_ids, v_ordinals, v_failed
       FROM stageflow.tasks AS t
      WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
        AND t.status IN ('failed', 'dead', 'cancelled');
@@ -72,8 +76,10 @@ BEGIN
         ON m.n = u.n
      WHERE t.task_id = u.task_id;
 
+    PERFORM stageflow._lock_shards(v_job.job_id, v_job.current_stage);
+    v_delta := stageflow._shards_add(v_job.job_id, v_job.current_stage, v_ordinals, 1);
     UPDATE stageflow.stages AS s
-       SET remaining_tasks = s.remaining_tasks + cardinality(v_ids), failed_count = s.failed_count - v_failed,
+       SET open_shards = s.open_shards + v_delta, failed_count = s.failed_count - v_failed,
            status = 'active', completed_at = NULL
      WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
     UPDATE stageflow.jobs AS j

@@ -129,7 +129,7 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
         .collect();
     assert_eq!(advances, vec![(1, 1), (2, 1), (3, 1)], "seed {seed}: every stage advanced exactly once");
     let stages: Vec<(i32, i32, i32)> = client
-        .query("SELECT stage, task_count, completed_count FROM stageflow.stages WHERE job_id = $1 ORDER BY stage", &[&job_id])
+        .query("SELECT s.stage, s.task_count, c.completed_count FROM stageflow.stages AS s JOIN stageflow.stage_counts AS c USING (job_id, stage) WHERE s.job_id = $1 ORDER BY s.stage", &[&job_id])
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))

@@ -29,13 +29,14 @@ pub async fn render(client: &tokio_postgres::Client) -> Result<String, tokio_pos
 
     let row = client
         .query_one(
-            "SELECT coalesce(sum(s.remaining_tasks), 0)::bigint,
-                    coalesce(sum(s.completed_count), 0)::bigint,
+            "SELECT coalesce(sum(c.remaining_tasks), 0)::bigint,
+                    coalesce(sum(c.completed_count), 0)::bigint,
                     coalesce(sum(s.failed_count), 0)::bigint,
-                    coalesce(sum(s.task_count - s.completed_count - s.failed_count - s.remaining_tasks), 0)::bigint,
+                    coalesce(sum(s.task_count - c.completed_count - s.failed_count - c.remaining_tasks), 0)::bigint,
                     (SELECT count(*) FROM stageflow.tasks AS t WHERE t.status = 'running'),
                     (SELECT count(*) FROM stageflow.tasks AS t WHERE t.status IN ('failed', 'dead'))
-               FROM stageflow.stages AS s",
+               FROM stageflow.stages AS s
+               JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage",
             &[],
         )
         .await?;
@@ -56,7 +57,9 @@ pub async fn render(client: &tokio_postgres::Client) -> Result<String, tokio_pos
     let _ = writeln!(out, "# TYPE stageflow_handler_tasks_total counter");
     for row in client
         .query(
-            "SELECT handler, sum(completed_count)::bigint, sum(failed_count)::bigint FROM stageflow.stages GROUP BY handler ORDER BY handler",
+            "SELECT s.handler, sum(c.completed_count)::bigint, sum(s.failed_count)::bigint
+               FROM stageflow.stages AS s JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage
+              GROUP BY s.handler ORDER BY s.handler",
             &[],
         )
         .await?
@@ -70,7 +73,9 @@ pub async fn render(client: &tokio_postgres::Client) -> Result<String, tokio_pos
     let _ = writeln!(out, "# TYPE stageflow_task_duration_seconds summary");
     for row in client
         .query(
-            "SELECT handler, sum(completed_seconds), sum(completed_count)::bigint FROM stageflow.stages GROUP BY handler ORDER BY handler",
+            "SELECT s.handler, sum(c.completed_seconds), sum(c.completed_count)::bigint
+               FROM stageflow.stages AS s JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage
+              GROUP BY s.handler ORDER BY s.handler",
             &[],
         )
         .await?

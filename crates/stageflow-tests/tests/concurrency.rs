@@ -1,5 +1,5 @@
 //! Races that must not break the engine: many sessions completing the last tasks of a stage at
-//! once, hand-made advances racing the last completion, two workers holding the same task after
+//! once, mixed completions, batches and failures settling sharded counters, hand-made advances racing the last completion, two workers holding the same task after
 //! its lease expired, and many workers emptying large jobs.
 
 use std::sync::{Arc, Barrier};
@@ -72,6 +72,110 @@ fn concurrent_last_completions_advance_the_stage_exactly_once() {
     }
 }
 
+/// A stage's counters are split over shards (task ordinal % 16), and only the session that empties
+/// a shard touches the stage row. 8 sessions settle a 48-task stage (3 tasks in each of 16
+/// shards) at once, each in its own way: single completions, `complete_tasks` batches, and
+/// permanent failures the stage tolerates. Every round: exactly one stage advance, counters equal
+/// to what the task rows say, every shard empty.
+#[test]
+fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
+    let url = fresh_database("race_sharded_counters");
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "shard_race",
+        r#"{
+            "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "seed": {"type": "integer"}}},
+            "stages": [
+                {"name": "fan", "handler": "race.fan", "queue": "shards", "fan_out": "count", "param": "n",
+                 "max_failed_tasks": 48},
+                {"name": "follow", "handler": "race.follow", "queue": "shards", "fan_out": "lineage"}
+            ]
+        }"#,
+    );
+    let n = 48;
+    for round in 0..15 {
+        let job_id = submit(&mut client, "shard_race", json!({"n": n, "seed": round}));
+        let tasks = claim(&mut client, "shards", n, 60);
+        assert_eq!(tasks.len(), n as usize);
+        let shards: (i32, i32) = {
+            let row = client
+                .query_one("SELECT shards, open_shards FROM stageflow.stages WHERE job_id = $1 AND stage = 1", &[&job_id])
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!(shards, (16, 16), "round {round}");
+        // Session k takes tasks k, k + 8, ...: each session touches 6 of the 16 shards, and every
+        // shard is emptied by sessions racing on it.
+        let sessions = 8;
+        let barrier = Arc::new(Barrier::new(sessions));
+        let handles: Vec<_> = (0..sessions)
+            .map(|k| {
+                let mine: Vec<String> = tasks.iter().skip(k).step_by(sessions).map(|t| t.task_id.clone()).collect();
+                let (url, barrier) = (url.clone(), barrier.clone());
+                thread::spawn(move || {
+                    let mut client = connect(&url);
+                    barrier.wait();
+                    let mut failed = 0;
+                    match k % 3 {
+                        0 => {
+                            for id in &mine {
+                                complete(&mut client, id, json!({"by": k}));
+                            }
+                        }
+                        1 => {
+                            let results: Vec<Value> = mine.iter().map(|id| json!({"task_id": id, "result": {"by": k}})).collect();
+                            let reports = json(&mut client, "SELECT stageflow.complete_tasks($1)", &[&Value::Array(results)]);
+                            assert!(reports.as_array().unwrap().iter().all(|r| r["task_status"] == json!("completed")), "{reports}");
+                        }
+                        _ => {
+                            for (i, id) in mine.iter().enumerate() {
+                                if i % 2 == 0 {
+                                    json(&mut client, "SELECT stageflow.fail_task($1, $2, false)", &[id, &json!({"message": "no"})]);
+                                    failed += 1;
+                                } else {
+                                    complete(&mut client, id, json!({"by": k}));
+                                }
+                            }
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        let failed: i32 = handles.into_iter().map(|h| h.join().expect("session panicked")).sum();
+
+        let advances: i64 = client
+            .query_one("SELECT count(*) FROM stageflow.events WHERE job_id = $1 AND kind = 'stage_completed' AND stage = 1", &[&job_id])
+            .unwrap()
+            .get(0);
+        assert_eq!(advances, 1, "round {round}: the stage advanced exactly once");
+        let row = client
+            .query_one(
+                "SELECT c.remaining_tasks, c.completed_count, s.failed_count, s.open_shards, s.status,
+                        (SELECT count(*)::int FROM stageflow.stage_shards AS sh
+                          WHERE sh.job_id = s.job_id AND sh.stage = 1 AND sh.remaining_tasks <> 0),
+                        (SELECT count(*)::int FROM stageflow.tasks AS t WHERE t.job_id = s.job_id AND t.stage = 1 AND t.status = 'completed'),
+                        (SELECT count(*)::int FROM stageflow.tasks AS t WHERE t.job_id = s.job_id AND t.stage = 2)
+                   FROM stageflow.stages AS s JOIN stageflow.stage_counts AS c USING (job_id, stage)
+                  WHERE s.job_id = $1 AND s.stage = 1",
+                &[&job_id],
+            )
+            .unwrap();
+        let completed = n - failed;
+        assert_eq!(row.get::<_, i32>(0), 0, "round {round}: nothing open");
+        assert_eq!(row.get::<_, i32>(1), completed, "round {round}: completions counted once each");
+        assert_eq!(row.get::<_, i32>(2), failed, "round {round}");
+        assert_eq!(row.get::<_, i32>(3), 0, "round {round}: no open shard");
+        assert_eq!(row.get::<_, String>(4), "completed", "round {round}");
+        assert_eq!(row.get::<_, i32>(5), 0, "round {round}: every shard empty");
+        assert_eq!(row.get::<_, i32>(6), completed, "round {round}: the counters agree with the task rows");
+        assert_eq!(row.get::<_, i32>(7), completed, "round {round}: one stage-2 task per completed stage-1 task");
+        assert_eq!(drain(&mut client, "shards", 100), completed as usize);
+        assert_eq!(job_status(&mut client, &job_id)["status"], json!("completed_with_errors"));
+    }
+}
+
 #[test]
 fn hand_made_advances_racing_the_last_completion_create_the_next_stage_once() {
     let url = fresh_database("race_hand_advance");
@@ -127,7 +231,7 @@ fn two_workers_holding_an_expired_lease_count_the_task_once() {
         assert_eq!(reports[0]["stage_completed"], json!(true));
         let row = client
             .query_one(
-                "SELECT completed_count, remaining_tasks FROM stageflow.stages WHERE job_id = $1 AND stage = 1",
+                "SELECT completed_count, remaining_tasks FROM stageflow.stage_counts WHERE job_id = $1 AND stage = 1",
                 &[&job_id],
             )
             .unwrap();
