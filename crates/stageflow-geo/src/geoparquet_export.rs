@@ -5,7 +5,7 @@
 //! - `write` (fan-in: gets the inspection in `inputs`, and the job's result is its own): streams the rows with a binary
 //!   `COPY ... TO STDOUT` in one snapshot, builds Arrow record batches (geometry as WKB) and writes
 //!   them with the `geoparquet` crate, with the CRS as PROJJSON from GDAL, the bbox and the
-//!   geometry types in the `geo` metadata. The file is written to `<output>.tmp`, synced and
+//!   geometry types in the `geo` metadata. The file is written to `<output>.<task>-<attempt>.tmp`, synced and
 //!   renamed, so a killed task never leaves half a file under `output`.
 
 use std::fs::File;
@@ -35,7 +35,8 @@ use postgres::{GenericClient, IsolationLevel};
 use serde_json::{json, Value};
 use stageflow_worker::{Handlers, Task, TaskError};
 
-use crate::vector::{blocking_db, connect, db_error, param_str, quote_ident, TableName, TABLE_PATTERN};
+use crate::raster::param_str;
+use crate::vector::{blocking_db, connect, db_error, quote_ident, TableName, TABLE_PATTERN};
 
 /// Rows per Arrow record batch (and Parquet row group at most).
 const BATCH_ROWS: usize = 8192;
@@ -341,7 +342,9 @@ pub fn write(task: &Task, url: &str) -> Result<Value, TaskError> {
     let started = Instant::now();
     let table = TableName::parse(param_str(task, "table")?)?;
     let output = param_str(task, "output")?.to_owned();
-    let tmp = format!("{output}.tmp");
+    // One temporary file per attempt: two attempts running at once (a lease that expired) never
+    // write into the same file; the rename makes whichever finishes last the output.
+    let tmp = format!("{output}.{}-{}.tmp", task.task_id, task.attempt);
     let result = write_file(task, url, &table, &output, &tmp, started);
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -261,10 +261,14 @@ async fn tiff_is_geotiff(store: &dyn ObjectStore, location: &ObjectPath, head: &
     };
     let big = u16_at(head, 2) == 43;
     let (ifd, count_size, entry_size) = if big { (u64_at(head, 8), 8u64, 20u64) } else { (u32_at(head, 4) as u64, 2, 12) };
-    if ifd < 8 || ifd + count_size > size {
+    // The offset is untrusted: `ifd + count_size` may overflow.
+    if ifd < 8 || ifd.checked_add(count_size).map_or(true, |end| end > size) {
         return false;
     }
     let Some(count) = read_range(store, location, head, ifd..ifd + count_size).await else { return false };
+    if count.len() < count_size as usize {
+        return false;
+    }
     let entries = if big { u64_at(&count, 0) } else { u16_at(&count, 0) as u64 }.min(4096);
     let start = ifd + count_size;
     let end = (start + entries * entry_size).min(size);
@@ -467,7 +471,7 @@ pub async fn catalog(task: Task, database_url: String) -> Result<Value, TaskErro
 /// Upserts the rows in one statement and one transaction: a retried catalog task rewrites the same
 /// rows.
 fn write_rows(database_url: &str, job_id: &str, rows: &Value) -> Result<u64, TaskError> {
-    let mut client = postgres::Client::connect(database_url, postgres::NoTls).map_err(|e| database_error("connecting", e))?;
+    let mut client = crate::vector::connect(database_url)?;
     client
         .execute(
             "INSERT INTO stageflow_geo.inventory (job_id, path, size, modified, sha256, media_type, metadata) \
@@ -480,18 +484,14 @@ fn write_rows(database_url: &str, job_id: &str, rows: &Value) -> Result<u64, Tas
         .map_err(|e| database_error("writing stageflow_geo.inventory", e))
 }
 
+/// [`crate::vector::db_error`]'s categories, with a hint when the table is not installed.
 fn database_error(what: &str, error: postgres::Error) -> TaskError {
-    let message = format!("{what}: {error}");
-    match error.as_db_error().map(|e| e.code().code().to_owned()) {
-        Some(code) if code == "42P01" || code == "3F000" => TaskError::permanent(
+    match error.code().map(|c| c.code()) {
+        Some("42P01" | "3F000") => TaskError::permanent(
             "not_installed",
-            format!("{message} (run `stageflow geo-install`, which creates stageflow_geo.inventory)"),
+            format!("{what}: {error} (run `stageflow geo-install`, which creates stageflow_geo.inventory)"),
         ),
-        Some(code) if code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code.starts_with("57") => {
-            TaskError::retryable("database", message)
-        }
-        Some(_) => TaskError::permanent("database", message),
-        None => TaskError::retryable("database", message),
+        _ => crate::vector::db_error(what, error),
     }
 }
 

@@ -32,7 +32,6 @@ use stageflow_worker::{Handlers, Task, TaskError};
 /// The geospatial handlers, to add to a worker's. `database_url` is where the handlers that read or
 /// write PostGIS tables connect (the database of the engine).
 pub fn handlers(base: Handlers, database_url: &str) -> Handlers {
-    let _ = database_url;
     let base = geoparquet_export::register(vector::register(base, database_url), database_url);
     base.register("geo.extract_metadata", blocking(extract_metadata))
         .register("geo.raster_validate", blocking(raster::validate))

@@ -262,7 +262,10 @@ pub fn validate(task: &Task) -> Result<Value, TaskError> {
                 match (core, version) {
                     (Some(url), Some("1.0.0")) => {
                         checked.push(url.to_owned());
-                        for (pointer, message) in errors_of(schemas.get(url).expect("the core schemas are compiled"), &document) {
+                        let validator = schemas
+                            .get(url)
+                            .ok_or_else(|| TaskError::permanent("schemas", format!("{url} is not compiled")))?;
+                        for (pointer, message) in errors_of(validator, &document) {
                             error(&pointer, message);
                         }
                     }

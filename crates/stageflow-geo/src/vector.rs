@@ -35,6 +35,8 @@ use postgres::{Client, NoTls};
 use serde_json::{json, Value};
 use stageflow_worker::{Handlers, Task, TaskError};
 
+use crate::raster::param_str;
+
 /// The schema of a table named without one.
 pub const DEFAULT_SCHEMA: &str = "stageflow_geo";
 /// What `table` must match: `name` or `schema.name`, plain lowercase SQL identifiers.
@@ -145,12 +147,6 @@ fn plain_identifier(s: &str) -> bool {
 
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-pub(crate) fn param_str<'a>(task: &'a Task, name: &str) -> Result<&'a str, TaskError> {
-    task.params[name]
-        .as_str()
-        .ok_or_else(|| TaskError::permanent("bad_params", format!("params.{name} must be a string")))
 }
 
 pub(crate) fn param_u64(task: &Task, name: &str) -> Result<u64, TaskError> {
@@ -598,9 +594,17 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
     let keep_z = with_geometry > 0 && with_z == with_geometry;
     let column_type = format!("geometry({geometry_type}{},{target_srid})", if keep_z { "Z" } else { "" });
 
-    // The table: created, or reused when its definition is exactly this one.
+    // The table: created, or reused when its definition is exactly this one. A reused table is
+    // reloaded: the chunks replace rows 1..=features, and rows past them (an earlier, longer
+    // source) go now, so the table ends up holding this source and nothing else.
     let mut client = connect(url)?;
     let created = create_table(&mut client, &table, &columns, &column_type, target_srid)?;
+    if !created {
+        let beyond = i64::try_from(features).map_err(|_| TaskError::permanent("bad_size", format!("{features} features")))?;
+        client
+            .execute(&format!("DELETE FROM {} WHERE fid > $1", table.quoted()), &[&beyond])
+            .map_err(|e| db_error("emptying the rows past this source", e))?;
+    }
 
     let tasks: Vec<Value> = (0..features.div_ceil(chunk_size))
         .map(|n| {
@@ -730,10 +734,15 @@ pub fn load(task: &Task, url: &str) -> Result<Value, TaskError> {
     let table = TableName::parse(param_str(task, "table")?)?;
     let start = param_u64(task, "start")?;
     let count = param_u64(task, "count")?;
+    // Untrusted: bounded before they size a buffer or are added and cast to i64.
+    if count > MAX_CHUNK_SIZE || start > i64::MAX as u64 - MAX_CHUNK_SIZE {
+        return Err(TaskError::permanent("bad_params", format!("a chunk of {count} features from {start} is out of range")));
+    }
     let srid = task.params["target_srid"]
         .as_i64()
-        .map(|s| s as i32)
-        .ok_or_else(|| TaskError::permanent("bad_params", "params.target_srid must be an integer"))?;
+        .and_then(|s| i32::try_from(s).ok())
+        .filter(|s| *s > 0)
+        .ok_or_else(|| TaskError::permanent("bad_params", "params.target_srid must be a positive 32-bit integer"))?;
     let columns = task.params["columns"]
         .as_array()
         .ok_or_else(|| TaskError::permanent("bad_params", "params.columns must be an array"))?

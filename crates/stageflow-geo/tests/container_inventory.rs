@@ -184,8 +184,18 @@ fn rerun_catalog(url: &str, client: &mut postgres::Client, job_id: &str, source:
     assert_eq!((before, after), (again["count"].as_i64().unwrap(), before), "a retried catalog task changes no row count");
 }
 
+/// The tests of this binary run one at a time: the S3 test sets AWS_* variables for the worker it
+/// runs in this process, and setting the environment while another thread (GDAL) reads it is not
+/// safe.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn inventory_of_a_local_directory() {
+    let _serial = one_at_a_time();
     let (dir, expected) = make_container("local");
     let (url, mut client) = jobs::geo_database("geo_inventory_local");
     let source = dir.to_str().unwrap().to_owned();
@@ -215,6 +225,7 @@ fn inventory_of_a_local_directory() {
 
 #[test]
 fn a_missing_source_fails_the_job_with_a_categorised_error() {
+    let _serial = one_at_a_time();
     let (url, mut client) = jobs::geo_database("geo_inventory_missing");
     let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "/nonexistent/stageflow/survey"}));
     assert_eq!(status["status"], json!("failed"), "{status}");
@@ -269,9 +280,10 @@ impl Drop for Moto {
 
 #[test]
 fn inventory_of_an_s3_prefix() {
+    let _serial = one_at_a_time();
     let moto = Moto::start();
-    // The worker runs in this process: it reads the AWS_* variables set here (this test binary's
-    // other tests do not use S3).
+    // The worker runs in this process: it reads the AWS_* variables set here (the other tests of
+    // this binary wait for this one: see ONE_AT_A_TIME).
     for (name, value) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
                           ("AWS_ENDPOINT", moto.endpoint.as_str()), ("AWS_ALLOW_HTTP", "true")] {
         std::env::set_var(name, value);

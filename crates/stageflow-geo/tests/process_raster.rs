@@ -1,6 +1,7 @@
 //! The geospatial job types on real data (a Landsat 7 scene shipped by Debian's r-cran-stars,
 //! fetched by scripts/setup.sh), through the engine on a real cluster; the COGs are checked by
-//! GDAL's own validator (osgeo_utils' validate_cloud_optimized_geotiff.py), not by us.
+//! GDAL's own validator (osgeo_utils' validate_cloud_optimized_geotiff.py) and by rio-cogeo, not by
+//! us.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -103,13 +104,20 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
     assert_eq!((params["col"].clone(), params["row"].clone(), params["xoff"].clone(), params["yoff"].clone()), (json!(1), json!(2), json!(128), json!(256)));
     assert_eq!((params["xsize"].clone(), params["ysize"].clone()), (json!(128), json!(96)), "the last row is 352 - 256 = 96 high");
 
-    // Every tile is a valid COG by GDAL's own validator.
+    // Every tile is a valid COG by GDAL's own validator and by rio-cogeo (PyPI, in the venv
+    // scripts/setup.sh makes), neither of them ours.
     let validator = "/usr/lib/python3/dist-packages/osgeo_utils/samples/validate_cloud_optimized_geotiff.py";
+    let rio = "/var/tmp/stageflow-pytools/bin/rio";
     for col in 0..3 {
         for row in 0..3 {
             let tif = output.join(format!("tile_x{col}_y{row}.tif"));
             let check = Command::new("/usr/bin/python3").arg(validator).arg(&tif).output().unwrap();
             assert!(check.status.success(), "{}: {}{}", tif.display(), String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+            let check = Command::new(rio).args(["cogeo", "validate", "--strict"]).arg(&tif).output()
+                .unwrap_or_else(|e| panic!("{rio}: {e} (scripts/setup.sh installs it)"));
+            let said = String::from_utf8_lossy(&check.stdout);
+            assert!(check.status.success() && said.contains("is a valid cloud optimized GeoTIFF"),
+                    "rio cogeo validate {}: {said}{}", tif.display(), String::from_utf8_lossy(&check.stderr));
             let info = stageflow_geo::raster::metadata(tif.to_str().unwrap()).unwrap();
             assert_eq!(info["is_cog"], json!(true));
             assert_eq!(info["compression"], json!("DEFLATE"));

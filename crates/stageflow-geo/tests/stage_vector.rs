@@ -187,6 +187,21 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
         { let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap(); (r.get(0), r.get(1)) };
     assert_eq!((first, last), (1, 742));
 
+    // A shorter source of the same shape staged into the same table reloads it: the table holds
+    // its 10 points and nothing of the 742 before (cut with GDAL's ogr2ogr, not by us).
+    let short = std::env::temp_dir().join("stageflow-cycle-hire-10.geojson");
+    let _ = std::fs::remove_file(&short);
+    let cut = std::process::Command::new("ogr2ogr").args(["-f", "GeoJSON", "-limit", "10"]).arg(&short).arg(&file).output().unwrap();
+    assert!(cut.status.success(), "{}", String::from_utf8_lossy(&cut.stderr));
+    let (_, reloaded, _) =
+        run_job(&url, &mut client, "stage_vector", json!({"source": short.to_str().unwrap(), "table": "public.cycle_hire", "chunk_size": 100}), 2);
+    assert_eq!(reloaded["status"], json!("completed"), "{reloaded}");
+    assert_eq!(reloaded["result"]["rows"], json!(10));
+    assert_eq!(rows(&mut client, "public.cycle_hire"), 10);
+    let (first, last): (i64, i64) =
+        { let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap(); (r.get(0), r.get(1)) };
+    assert_eq!((first, last), (1, 10));
+
     // The chunk size has a minimum, enforced by the job type's schema at submission.
     let refused = client
         .query_one("SELECT stageflow.submit_job('stage_vector', $1)", &[&json!({"source": file, "table": "x", "chunk_size": 5})])
