@@ -3,7 +3,8 @@
 //!
 //! - `extract_metadata {path}`: a raster's CRS, bounds (native and WGS84), size, bands, data types,
 //!   nodata, block size, overviews, compression and whether it is a COG;
-//! - `process_raster {source, tile_size, output}`: validate -> plan (the tile grid, keys
+//! - `process_raster {source, tile_size, output}` (local paths or `s3://` ones, through GDAL's
+//!   `/vsis3/`): validate -> plan (the tile grid, keys
 //!   `tile_x{col}_y{row}`) -> cog (dynamic fan-out: one Cloud-Optimized GeoTIFF per tile) -> stac
 //!   (fan-in: a STAC Collection and one Item per tile, with projection and raster fields).
 //! - `container_inventory {source}` (a directory or `s3://bucket/prefix`): list -> inspect (dynamic:

@@ -17,11 +17,98 @@ pub fn param_str<'a>(task: &'a Task, name: &str) -> Result<&'a str, TaskError> {
         .ok_or_else(|| TaskError::permanent("bad_params", format!("params.{name} must be a string")))
 }
 
-fn open(path: &str) -> Result<Dataset, TaskError> {
-    if !Path::new(path).exists() {
-        return Err(TaskError::permanent("not_found", format!("{path}: no such file")));
+/// The path GDAL opens for a location: `s3://bucket/key` becomes `/vsis3/bucket/key` (GDAL's S3
+/// reader, configured from the same AWS_* variables as the inventory's object store: see
+/// [`configure_s3`]); anything else is a local path and stays as it is.
+pub fn gdal_path(location: &str) -> Result<String, TaskError> {
+    match location.strip_prefix("s3://") {
+        Some(rest) => {
+            let bucket = rest.split('/').next().unwrap_or_default();
+            if bucket.is_empty() {
+                return Err(TaskError::permanent("bad_url", format!("{location}: no bucket")));
+            }
+            configure_s3();
+            Ok(format!("/vsis3/{}", rest.trim_end_matches('/')))
+        }
+        None => Ok(location.to_owned()),
     }
-    Dataset::open(path).map_err(|e| TaskError::permanent("unreadable", format!("{path}: {e}")))
+}
+
+/// Points GDAL's S3 client at `AWS_ENDPOINT` (or `AWS_ENDPOINT_URL`) when one is set, as
+/// object_store does: path-style addressing, and plain HTTP for an `http://` endpoint. Writing a
+/// COG to S3 needs a local temporary file (GDAL writes TIFFs out of order). Once per process.
+fn configure_s3() {
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| {
+        let _ = gdal::config::set_config_option("CPL_VSIL_USE_TEMP_FILE_FOR_RANDOM_WRITE", "YES");
+        let endpoint = std::env::var("AWS_ENDPOINT").or_else(|_| std::env::var("AWS_ENDPOINT_URL"));
+        if let Ok(endpoint) = endpoint {
+            let (https, host) = match endpoint.split_once("://") {
+                Some((scheme, host)) => (scheme != "http", host.trim_end_matches('/')),
+                None => (true, endpoint.trim_end_matches('/')),
+            };
+            let _ = gdal::config::set_config_option("AWS_S3_ENDPOINT", host);
+            let _ = gdal::config::set_config_option("AWS_HTTPS", if https { "YES" } else { "NO" });
+            let _ = gdal::config::set_config_option("AWS_VIRTUAL_HOSTING", "FALSE");
+        }
+    });
+}
+
+/// Whether a path exists, for local paths and GDAL's virtual ones (`/vsis3/...`) alike.
+fn exists(path: &str) -> bool {
+    if !path.starts_with("/vsi") {
+        return Path::new(path).exists();
+    }
+    let Ok(c_path) = CString::new(path) else { return false };
+    // Opened and closed rather than VSIStatL'd: the prebuilt bindings' stat buffer is not to be
+    // trusted to match this libc's.
+    unsafe {
+        let file = gdal_sys::VSIFOpenL(c_path.as_ptr(), c"rb".as_ptr());
+        if file.is_null() {
+            return false;
+        }
+        gdal_sys::VSIFCloseL(file);
+    }
+    true
+}
+
+/// Writes a whole file at a local path or a GDAL virtual one (`/vsis3/...`).
+pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
+    if !path.starts_with("/vsi") {
+        if let Some(parent) = Path::new(path).parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_error(path, &e))?;
+        }
+        return std::fs::write(path, bytes).map_err(|e| io_error(path, &e));
+    }
+    let c_path = CString::new(path).map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
+    unsafe {
+        let file = gdal_sys::VSIFOpenL(c_path.as_ptr(), c"wb".as_ptr());
+        if file.is_null() {
+            return Err(TaskError::retryable("io", format!("opening {path}: {}", last_gdal_error())));
+        }
+        let written = gdal_sys::VSIFWriteL(bytes.as_ptr().cast(), 1, bytes.len(), file);
+        let closed = gdal_sys::VSIFCloseL(file);
+        if written != bytes.len() || closed != 0 {
+            return Err(TaskError::retryable("io", format!("writing {path}: {}", last_gdal_error())));
+        }
+    }
+    Ok(())
+}
+
+fn io_error(path: &str, e: &std::io::Error) -> TaskError {
+    if e.raw_os_error() == Some(28) {
+        TaskError::retryable("disk_full", format!("{path}: {e}"))
+    } else {
+        TaskError::permanent("io", format!("{path}: {e}"))
+    }
+}
+
+fn open(location: &str) -> Result<Dataset, TaskError> {
+    let path = gdal_path(location)?;
+    if !exists(&path) {
+        return Err(TaskError::permanent("not_found", format!("{location}: no such file")));
+    }
+    Dataset::open(&path).map_err(|e| TaskError::permanent("unreadable", format!("{location}: {e}")))
 }
 
 fn srs_of(dataset: &Dataset, path: &str) -> Result<SpatialRef, TaskError> {
@@ -156,8 +243,10 @@ fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(),
 /// overviews, nodata kept), written to `<output>/<key>.tif`; returns its metadata.
 pub fn cog(task: &Task) -> Result<Value, TaskError> {
     let source = param_str(task, "source")?;
-    let output = param_str(task, "output")?;
-    std::fs::create_dir_all(output).map_err(|e| TaskError::permanent("io", format!("{output}: {e}")))?;
+    let output = gdal_path(param_str(task, "output")?)?;
+    if !output.starts_with("/vsi") {
+        std::fs::create_dir_all(&output).map_err(|e| io_error(&output, &e))?;
+    }
     let dataset = open(source)?;
     let p = &task.params;
     let window: Vec<String> = ["xoff", "yoff", "xsize", "ysize"]

@@ -1,5 +1,5 @@
 //! Stage 4 of process_raster: a STAC 1.0 Collection and one Item per tile, with the projection and
-//! raster extensions, written as JSON next to the COGs.
+//! raster extensions, written as JSON next to the COGs (a local directory or an S3 prefix).
 
 use serde_json::{json, Value};
 use stageflow_worker::{Task, TaskError};
@@ -23,19 +23,19 @@ fn bbox(value: &Value) -> Result<Vec<f64>, TaskError> {
 }
 
 fn write(path: &str, document: &Value) -> Result<(), TaskError> {
-    std::fs::write(path, serde_json::to_vec_pretty(document).expect("JSON serialises"))
-        .map_err(|e| TaskError::permanent("io", format!("{path}: {e}")))
+    let bytes = serde_json::to_vec_pretty(document).map_err(|e| TaskError::permanent("json", e.to_string()))?;
+    crate::raster::write_file(path, &bytes)
 }
 
 pub fn write_catalog(task: &Task) -> Result<Value, TaskError> {
-    let output = param_str(task, "output")?;
+    let location = param_str(task, "output")?.trim_end_matches('/');
+    let output = crate::raster::gdal_path(location)?;
     let source = param_str(task, "source")?;
     let tiles = task.inputs.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
     if tiles.is_empty() {
         return Err(TaskError::permanent("no_tiles", "the cog stage produced no tiles"));
     }
     let collection_id = std::path::Path::new(source).file_stem().and_then(|s| s.to_str()).unwrap_or("raster").to_owned();
-    std::fs::create_dir_all(format!("{output}/items")).map_err(|e| TaskError::permanent("io", e.to_string()))?;
 
     let mut extent = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
     let now = "1970-01-01T00:00:00Z";
@@ -106,9 +106,8 @@ pub fn write_catalog(task: &Task) -> Result<Value, TaskError> {
         "extent": {"spatial": {"bbox": [extent]}, "temporal": {"interval": [[datetime, null]]}},
         "links": links,
     });
-    let path = format!("{output}/collection.json");
-    write(&path, &collection)?;
-    Ok(json!({"collection": path, "items": tiles.len(), "bbox": extent}))
+    write(&format!("{output}/collection.json"), &collection)?;
+    Ok(json!({"collection": format!("{location}/collection.json"), "items": tiles.len(), "bbox": extent}))
 }
 
 /// The raster extension's name for a GDAL data type.

@@ -6,16 +6,14 @@
 mod jobs;
 
 use std::collections::BTreeMap;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use jobs::PYTOOLS;
 use serde_json::{json, Value};
 use stageflow_worker::Task;
 
 const GEODATA: &str = "/var/tmp/stageflow-geodata";
-const PYTOOLS: &str = "/var/tmp/stageflow-pytools/bin";
 
 fn geodata(relative: &str) -> PathBuf {
     let path = Path::new(GEODATA).join(relative);
@@ -246,42 +244,10 @@ fn a_missing_source_fails_the_job_with_a_categorised_error() {
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("bad_url"));
 }
 
-/// A moto S3 server on a free port, killed when dropped (also when the test fails).
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(format!("{PYTOOLS}/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{PYTOOLS}/moto_server: {e} (scripts/setup.sh installs it)"));
-        let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        moto
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn inventory_of_an_s3_prefix() {
     let _serial = one_at_a_time();
-    let moto = Moto::start();
+    let moto = jobs::Moto::start();
     // The worker runs in this process: it reads the AWS_* variables set here (the other tests of
     // this binary wait for this one: see ONE_AT_A_TIME).
     for (name, value) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),

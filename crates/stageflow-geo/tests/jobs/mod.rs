@@ -1,6 +1,8 @@
-//! Running a geospatial job through the engine on the test cluster with the worker runtime, for the
-//! container_inventory and validate_stac tests.
+//! Running a geospatial job through the engine on the test cluster with the worker runtime, and a
+//! local S3 server (moto), for the container_inventory, validate_stac and S3 raster tests.
 
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use postgres::Client;
@@ -58,4 +60,39 @@ pub fn task_errors(client: &mut Client, job_id: &str) -> Vec<(String, Value)> {
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect()
+}
+
+/// The Python tools scripts/setup.sh installs (moto, rio-cogeo, boto3 with moto).
+pub const PYTOOLS: &str = "/var/tmp/stageflow-pytools/bin";
+
+/// A moto S3 server on a free port, killed when dropped (also when the test fails).
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(format!("{PYTOOLS}/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{PYTOOLS}/moto_server: {e} (scripts/setup.sh installs it)"));
+        let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
