@@ -13,26 +13,18 @@ use jobs::PYTOOLS;
 use serde_json::{json, Value};
 use stageflow_worker::Task;
 
-const GEODATA: &str = "/var/tmp/stageflow-geodata";
-
-fn geodata(relative: &str) -> PathBuf {
-    let path = Path::new(GEODATA).join(relative);
-    assert!(path.exists(), "{} is missing: scripts/setup.sh fetches it", path.display());
-    path
-}
-
 /// The files of the test container: (relative path, original file), and the media type expected.
 fn fixture() -> Vec<(String, PathBuf, &'static str)> {
     let shapes = "geopandas/usr/lib/python3/dist-packages/geopandas/datasets/naturalearth_lowres";
     let mut files = vec![
-        ("L7_ETMs.tif".to_owned(), geodata("stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif"), "image/tiff; application=geotiff"),
-        ("vector/nc.gpkg".to_owned(), geodata("sf/usr/lib/R/site-library/sf/gpkg/nc.gpkg"), "application/geopackage+sqlite3"),
-        ("vector/cycle_hire.geojson".to_owned(), geodata("spdata/usr/lib/R/site-library/spData/shapes/cycle_hire.geojson"), "application/geo+json"),
+        ("L7_ETMs.tif".to_owned(), jobs::geodata("stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif").into(), "image/tiff; application=geotiff"),
+        ("vector/nc.gpkg".to_owned(), jobs::geodata(jobs::NC).into(), "application/geopackage+sqlite3"),
+        ("vector/cycle_hire.geojson".to_owned(), jobs::geodata(jobs::CYCLE_HIRE).into(), "application/geo+json"),
     ];
     for (extension, media) in [("shp", "application/vnd.shp"), ("shx", "application/vnd.shx"), ("dbf", "application/vnd.dbf"),
                                ("prj", "text/plain"), ("cpg", "text/plain")] {
         let name = format!("naturalearth_lowres.{extension}");
-        files.push((format!("vector/countries/{name}"), geodata(&format!("{shapes}/{name}")), media));
+        files.push((format!("vector/countries/{name}"), jobs::geodata(&format!("{shapes}/{name}")).into(), media));
     }
     files
 }
@@ -197,7 +189,7 @@ fn inventory_of_a_local_directory() {
     let (dir, expected) = make_container("local");
     let (url, mut client) = jobs::geo_database("geo_inventory_local");
     let source = dir.to_str().unwrap().to_owned();
-    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}));
+    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}), 2);
     eprintln!("container_inventory of {} local files: {elapsed:.2?}", expected.len());
     let originals: BTreeMap<String, PathBuf> = expected.keys().map(|p| (p.clone(), dir.join(p))).collect();
     check_inventory(&mut client, &job_id, &status, &originals, &expected);
@@ -225,7 +217,7 @@ fn inventory_of_a_local_directory() {
 fn a_missing_source_fails_the_job_with_a_categorised_error() {
     let _serial = one_at_a_time();
     let (url, mut client) = jobs::geo_database("geo_inventory_missing");
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "/nonexistent/stageflow/survey"}));
+    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "/nonexistent/stageflow/survey"}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = jobs::task_errors(&mut client, &job_id);
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -236,10 +228,10 @@ fn a_missing_source_fails_the_job_with_a_categorised_error() {
 
     // A file is not a directory, and an unsupported URL is a bad URL: both permanent.
     let file = format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"));
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": file}));
+    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": file}), 2);
     assert_eq!(status["status"], json!("failed"));
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("not_a_directory"));
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "ftp://example/x"}));
+    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "ftp://example/x"}), 2);
     assert_eq!(status["status"], json!("failed"));
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("bad_url"));
 }
@@ -274,7 +266,7 @@ s3.put_object(Bucket="geo-survey", Key="survey/2023/old.txt", Body=b"outside the
 
     let (url, mut client) = jobs::geo_database("geo_inventory_s3");
     let source = "s3://geo-survey/survey/2024";
-    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}));
+    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}), 2);
     eprintln!("container_inventory of {} S3 objects: {elapsed:.2?}", expected.len());
     let originals: BTreeMap<String, PathBuf> = expected.keys().map(|p| (p.clone(), dir.join(p))).collect();
     check_inventory(&mut client, &job_id, &status, &originals, &expected);
@@ -284,7 +276,7 @@ s3.put_object(Bucket="geo-survey", Key="survey/2023/old.txt", Body=b"outside the
 
     // An empty prefix and a missing bucket: permanent not_found.
     for missing in ["s3://geo-survey/survey/1999", "s3://no-such-bucket/x"] {
-        let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": missing}));
+        let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": missing}), 2);
         assert_eq!(status["status"], json!("failed"), "{missing}: {status}");
         let errors = jobs::task_errors(&mut client, &job_id);
         assert_eq!((errors[0].1["type"].clone(), errors[0].1["category"].clone()), (json!("not_found"), json!("permanent")), "{missing}: {errors:?}");

@@ -3,12 +3,12 @@
 //! `geo` metadata) and geopandas (rows, CRS, validity, attribute values), from the venv that
 //! scripts/setup.sh makes.
 
-mod vector_support;
+mod jobs;
 
 use std::process::Command;
 
 use serde_json::{json, Value};
-use vector_support::*;
+use jobs::*;
 
 fn python() -> String {
     let python = std::env::var("STAGEFLOW_PYTOOLS_PYTHON").unwrap_or_else(|_| "/var/tmp/stageflow-pytools/bin/python".into());
@@ -179,7 +179,7 @@ fn a_missing_table_is_a_categorised_error() {
         run_job(&url, &mut client, "export_geoparquet", json!({"table": "no_such_table", "output": output.to_str().unwrap()}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = task_errors(&mut client, &job_id);
-    assert_eq!((errors[0]["type"].clone(), errors[0]["category"].clone()), (json!("not_found"), json!("permanent")), "{errors:?}");
+    assert_eq!((errors[0].1["type"].clone(), errors[0].1["category"].clone()), (json!("not_found"), json!("permanent")), "{errors:?}");
     assert!(!output.exists());
 
     let direct = |params: Value| stageflow_geo::geoparquet_export::write(&task("geo.geoparquet_write", params), &url).unwrap_err();

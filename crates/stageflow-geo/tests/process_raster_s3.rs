@@ -41,13 +41,13 @@ fn process_raster_reads_and_writes_s3() {
     let (url, mut client) = jobs::geo_database("geo_raster_s3");
 
     // extract_metadata straight from S3.
-    let (_, status, _) = jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/L7_ETMs.tif"}));
+    let (_, status, _) = jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/L7_ETMs.tif"}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
     assert_eq!(status["result"]["crs"]["epsg"], json!(31985));
     assert_eq!((status["result"]["width"].clone(), status["result"]["height"].clone()), (json!(349), json!(352)));
 
     // A missing object is a permanent not_found, as a missing local file is.
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/nothing.tif"}));
+    let (job_id, status, _) = jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/nothing.tif"}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("not_found"));
 
@@ -56,8 +56,7 @@ fn process_raster_reads_and_writes_s3() {
         &url,
         &mut client,
         "process_raster",
-        json!({"source": "s3://rasters/scenes/L7_ETMs.tif", "tile_size": 128, "output": "s3://rasters/tiles/l7"}),
-    );
+        json!({"source": "s3://rasters/scenes/L7_ETMs.tif", "tile_size": 128, "output": "s3://rasters/tiles/l7"}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
     eprintln!("process_raster S3 -> S3, 9 tiles: {:.2} s", elapsed.as_secs_f64());
     assert_eq!(status["result"]["items"], json!(9));
@@ -86,7 +85,7 @@ fn process_raster_reads_and_writes_s3() {
     }
 
     // The downloaded catalog is valid STAC (offline schemas), its links resolving between files.
-    let (_, report, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": local.join("collection.json").to_str().unwrap()}));
+    let (_, report, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": local.join("collection.json").to_str().unwrap()}), 2);
     assert_eq!(report["status"], json!("completed"), "{report}");
     let result: &Value = &report["result"];
     assert_eq!((result["documents"].clone(), result["error_count"].clone()), (json!(10), json!(0)), "{result}");

@@ -2,14 +2,14 @@
 //! GeoJSON, Natural Earth countries as Shapefile), through the engine with the worker runtime on a
 //! real cluster with PostGIS. Counts are checked against GDAL's `ogrinfo`, validity against PostGIS.
 
-mod vector_support;
+mod jobs;
 
 use std::collections::HashMap;
 
 use gdal::vector::LayerAccess;
 use postgres::Client;
 use serde_json::{json, Value};
-use vector_support::*;
+use jobs::*;
 
 fn rows(client: &mut Client, table: &str) -> i64 {
     client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).unwrap().get(0)
@@ -375,8 +375,8 @@ fn bad_inputs_are_categorised_errors() {
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = task_errors(&mut client, &job_id);
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!((errors[0]["type"].clone(), errors[0]["category"].clone()), (json!("not_found"), json!("permanent")));
+    assert_eq!((errors[0].1["type"].clone(), errors[0].1["category"].clone()), (json!("not_found"), json!("permanent")));
     let (job_id, status, _) = run_job(&url, &mut client, "stage_vector", stage_params(&nc, "taken"), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
-    assert_eq!(task_errors(&mut client, &job_id)[0]["type"], json!("table_exists"));
+    assert_eq!(task_errors(&mut client, &job_id)[0].1["type"], json!("table_exists"));
 }

@@ -41,7 +41,7 @@ fn landsat_catalog(url: &str, client: &mut postgres::Client) -> PathBuf {
     assert!(Path::new(scene).exists(), "{scene} is missing: scripts/setup.sh fetches it");
     let output = std::env::temp_dir().join(format!("stageflow-geo-validate-stac-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&output);
-    let (_, status, _) = jobs::run_job(url, client, "process_raster", json!({"source": scene, "tile_size": 128, "output": output.to_str().unwrap()}));
+    let (_, status, _) = jobs::run_job(url, client, "process_raster", json!({"source": scene, "tile_size": 128, "output": output.to_str().unwrap()}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
     write(&output.join("catalog.json"), &json!({
         "type": "Catalog", "stac_version": "1.0.0", "id": "landsat", "description": "The Landsat 7 scene of r-cran-stars",
@@ -61,7 +61,7 @@ fn a_valid_catalog_and_a_broken_copy() {
     let (url, mut client) = jobs::geo_database("geo_validate_stac");
     let output = landsat_catalog(&url, &mut client);
 
-    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": output.join("catalog.json").to_str().unwrap()}));
+    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": output.join("catalog.json").to_str().unwrap()}), 2);
     eprintln!("validate_stac of 11 documents: {elapsed:.2?}");
     assert_eq!(status["status"], json!("completed"), "{status}");
     let report = &status["result"];
@@ -97,7 +97,7 @@ fn a_valid_catalog_and_a_broken_copy() {
     collection["links"].as_array_mut().unwrap().push(json!({"rel": "item", "href": "./items/missing.json"}));
     write(&broken.join("collection.json"), &collection);
 
-    let (_, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": broken.join("catalog.json").to_str().unwrap()}));
+    let (_, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": broken.join("catalog.json").to_str().unwrap()}), 2);
     assert_eq!(status["status"], json!("completed"), "a broken catalog is a report, not a failed job: {status}");
     let report = &status["result"];
     let errors = report["errors"].as_array().unwrap();
@@ -126,7 +126,7 @@ fn a_valid_catalog_and_a_broken_copy() {
 #[test]
 fn roots_that_are_missing_or_not_stac() {
     let (url, mut client) = jobs::geo_database("geo_validate_stac_roots");
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": "/nonexistent/catalog.json"}));
+    let (job_id, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": "/nonexistent/catalog.json"}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = jobs::task_errors(&mut client, &job_id);
     assert_eq!((errors[0].0.as_str(), errors[0].1["type"].clone(), errors[0].1["category"].clone()), ("discover", json!("not_found"), json!("permanent")));
@@ -135,7 +135,7 @@ fn roots_that_are_missing_or_not_stac() {
     let dir = std::env::temp_dir().join(format!("stageflow-geo-validate-root-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write(&dir.join("thing.json"), &json!({"hello": "world"}));
-    let (_, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": dir.join("thing.json").to_str().unwrap()}));
+    let (_, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": dir.join("thing.json").to_str().unwrap()}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
     assert_eq!((status["result"]["documents"].clone(), status["result"]["valid"].clone()), (json!(1), json!(0)));
     let errors = status["result"]["errors"].as_array().unwrap();

@@ -1,34 +1,66 @@
-//! Running a geospatial job through the engine on the test cluster with the worker runtime, and a
-//! local S3 server (moto), for the container_inventory, validate_stac and S3 raster tests.
+//! Shared by the geospatial tests: a database with PostGIS and the geo job types, jobs run through
+//! the engine by the worker runtime, the real vector files fetched by scripts/setup.sh and what
+//! GDAL's own `ogrinfo` says about them, and a local S3 server (moto).
+
+#![allow(dead_code)]
 
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use postgres::Client;
 use serde_json::{json, Value};
 use stageflow_tests::{connect, fresh_database, job_status, submit};
-use stageflow_worker::{builtin_handlers, Worker, WorkerConfig};
+use stageflow_worker::{builtin_handlers, Task, Worker, WorkerConfig};
 
-/// A fresh database with PostGIS, the `stageflow_geo` schema and tables (install_sql) and the geo
-/// job types registered; returns its URL and a client.
+pub const NC: &str = "sf/usr/lib/R/site-library/sf/gpkg/nc.gpkg";
+pub const CYCLE_HIRE: &str = "spdata/usr/lib/R/site-library/spData/shapes/cycle_hire.geojson";
+pub const NATURAL_EARTH: &str =
+    "geopandas/usr/lib/python3/dist-packages/geopandas/datasets/naturalearth_lowres/naturalearth_lowres.shp";
+
+/// A file under the geodata directory (`STAGEFLOW_GEODATA_ROOT`, default where setup.sh puts it).
+pub fn geodata(relative: &str) -> String {
+    let root = std::env::var("STAGEFLOW_GEODATA_ROOT").unwrap_or_else(|_| "/var/tmp/stageflow-geodata".into());
+    let path = PathBuf::from(root).join(relative);
+    assert!(path.exists(), "{} is missing: scripts/setup.sh fetches it", path.display());
+    path.to_string_lossy().into_owned()
+}
+
+/// The feature count `ogrinfo -so -al` reports for a file's (single) layer.
+pub fn ogrinfo_feature_count(path: &str) -> i64 {
+    let out = Command::new("ogrinfo").args(["-so", "-al", path]).output().expect("ogrinfo (gdal-bin) is installed");
+    assert!(out.status.success(), "ogrinfo {path}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<i64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Feature Count: "))
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 1, "one layer in {path}: {text}");
+    counts[0]
+}
+
+/// A fresh database with install_sql() run and the geo job types registered.
 pub fn geo_database(name: &str) -> (String, Client) {
     let url = fresh_database(name);
     let mut client = connect(&url);
     client.batch_execute(&stageflow_geo::install_sql()).unwrap_or_else(|e| panic!("install_sql: {e}"));
     for (name, definition) in stageflow_geo::job_types() {
-        client.execute("SELECT stageflow.register_job_type($1, $2)", &[&name, &definition]).unwrap();
+        client
+            .execute("SELECT stageflow.register_job_type($1, $2)", &[&name, &definition])
+            .unwrap_or_else(|e| panic!("register {name}: {e}"));
     }
     (url, client)
 }
 
-/// Submits a job, runs 2 workers on the `geo` queue until it ends, and returns its status and how
-/// long it took from submission to its end.
-pub fn run_job(url: &str, client: &mut Client, job_type: &str, params: Value) -> (String, Value, Duration) {
+/// Submits a job and runs a worker with `slots` handler slots on the `geo` queue until the job
+/// ends; returns the job id, its status document and the time from submission to its end.
+pub fn run_job(url: &str, client: &mut Client, job_type: &str, params: Value, slots: usize) -> (String, Value, Duration) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut config = WorkerConfig::new(url.to_owned());
     config.queues = vec!["geo".into()];
-    config.concurrency = 2;
+    config.concurrency = slots;
     config.poll_interval = Duration::from_millis(50);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = runtime.spawn(Worker::new(config, stageflow_geo::handlers(builtin_handlers(), url)).run(async {
@@ -41,10 +73,8 @@ pub fn run_job(url: &str, client: &mut Client, job_type: &str, params: Value) ->
         if status["status"] != json!("processing") && status["status"] != json!("queued") {
             break status;
         }
-        if start.elapsed() > Duration::from_secs(180) {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(start.elapsed() < Duration::from_secs(180), "{job_type} did not end: {status}");
+        std::thread::sleep(Duration::from_millis(25));
     };
     let elapsed = start.elapsed();
     let _ = stop.send(());
@@ -52,14 +82,51 @@ pub fn run_job(url: &str, client: &mut Client, job_type: &str, params: Value) ->
     (job_id, status, elapsed)
 }
 
-/// The errors of a job's failed tasks: (stage name, error).
+/// A task to call a handler with directly.
+pub fn task(handler: &str, params: Value) -> Task {
+    Task {
+        task_id: "t".into(),
+        job_id: "j".into(),
+        job_type: "x".into(),
+        stage: 1,
+        stage_name: "s".into(),
+        handler: handler.into(),
+        task_key: "0".into(),
+        params,
+        predecessor: None,
+        inputs: None,
+        attempt: 1,
+        timeout_seconds: None,
+    }
+}
+
+/// The errors of a job's failed tasks, as stored by the engine: (stage name, error).
 pub fn task_errors(client: &mut Client, job_id: &str) -> Vec<(String, Value)> {
     client
         .query("SELECT stage_name, error FROM stageflow.job_tasks($1) WHERE error IS NOT NULL ORDER BY stage, task_key", &[&job_id])
         .unwrap()
         .iter()
-        .map(|row| (row.get(0), row.get(1)))
+        .map(|r| (r.get(0), r.get(1)))
         .collect()
+}
+
+/// `schema.table`'s columns and their types, as format_type prints them.
+pub fn column_types(client: &mut Client, table: &str) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The stage_vector parameters to load `file` into `table`.
+pub fn stage_params(file: &str, table: &str) -> Value {
+    json!({"source": file, "table": table})
 }
 
 /// The Python tools scripts/setup.sh installs (moto, rio-cogeo, boto3 with moto).
