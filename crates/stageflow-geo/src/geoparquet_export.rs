@@ -33,19 +33,13 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::Type;
 use postgres::{GenericClient, IsolationLevel};
 use serde_json::{json, Value};
-use stageflow_worker::{Handlers, Task, TaskError};
+use stageflow_worker::{Task, TaskError};
 
 use crate::raster::param_str;
-use crate::vector::{blocking_db, connect, db_error, quote_ident, TableName, TABLE_PATTERN};
+use crate::db::{connect, db_error, quote_ident, TableName, TABLE_PATTERN};
 
 /// Rows per Arrow record batch (and Parquet row group at most).
 const BATCH_ROWS: usize = 8192;
-
-/// Adds the export_geoparquet handlers.
-pub fn register(base: Handlers, database_url: &str) -> Handlers {
-    base.register("geo.geoparquet_inspect", blocking_db(inspect, database_url))
-        .register("geo.geoparquet_write", blocking_db(write, database_url))
-}
 
 /// The job type definition.
 pub fn job_type() -> Value {

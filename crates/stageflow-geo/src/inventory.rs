@@ -441,8 +441,8 @@ pub async fn inspect(task: Task) -> Result<Value, TaskError> {
 }
 
 /// Stage 3: the catalog, as the job's result and as rows of `stageflow_geo.inventory`.
-pub async fn catalog(task: Task, database_url: String) -> Result<Value, TaskError> {
-    let source = param_str(&task, "source")?.to_owned();
+pub fn catalog(task: &Task, database_url: &str) -> Result<Value, TaskError> {
+    let source = param_str(task, "source")?.to_owned();
     let mut files: Vec<Value> = task.inputs.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
     files.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
@@ -452,11 +452,7 @@ pub async fn catalog(task: Task, database_url: String) -> Result<Value, TaskErro
         *by_type.entry(media.to_owned()).or_default() += 1;
         total += file["size"].as_u64().unwrap_or(0);
     }
-    let rows = Value::Array(files.clone());
-    let job_id = task.job_id.clone();
-    let written = tokio::task::spawn_blocking(move || write_rows(&database_url, &job_id, &rows))
-        .await
-        .unwrap_or_else(|e| Err(TaskError::permanent("panic", format!("writing the inventory failed: {e}"))))?;
+    let written = write_rows(database_url, &task.job_id, &Value::Array(files.clone()))?;
     Ok(json!({
         "source": source,
         "count": files.len(),
@@ -471,7 +467,7 @@ pub async fn catalog(task: Task, database_url: String) -> Result<Value, TaskErro
 /// Upserts the rows in one statement and one transaction: a retried catalog task rewrites the same
 /// rows.
 fn write_rows(database_url: &str, job_id: &str, rows: &Value) -> Result<u64, TaskError> {
-    let mut client = crate::vector::connect(database_url)?;
+    let mut client = crate::db::connect(database_url)?;
     client
         .execute(
             "INSERT INTO stageflow_geo.inventory (job_id, path, size, modified, sha256, media_type, metadata) \
@@ -484,14 +480,14 @@ fn write_rows(database_url: &str, job_id: &str, rows: &Value) -> Result<u64, Tas
         .map_err(|e| database_error("writing stageflow_geo.inventory", e))
 }
 
-/// [`crate::vector::db_error`]'s categories, with a hint when the table is not installed.
+/// [`crate::db::db_error`]'s categories, with a hint when the table is not installed.
 fn database_error(what: &str, error: postgres::Error) -> TaskError {
     match error.code().map(|c| c.code()) {
         Some("42P01" | "3F000") => TaskError::permanent(
             "not_installed",
             format!("{what}: {error} (run `stageflow geo-install`, which creates stageflow_geo.inventory)"),
         ),
-        _ => crate::vector::db_error(what, error),
+        _ => crate::db::db_error(what, error),
     }
 }
 

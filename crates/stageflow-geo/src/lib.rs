@@ -20,6 +20,7 @@
 //! Every failure is a categorised [`TaskError`]: unreadable files, missing CRS, bad sizes and GDAL
 //! errors are permanent; none panics.
 
+pub mod db;
 pub mod geoparquet_export;
 pub mod inventory;
 pub mod raster;
@@ -27,13 +28,19 @@ pub mod stac;
 pub mod validate_stac;
 pub mod vector;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 use stageflow_worker::{Handlers, Task, TaskError};
 
 /// The geospatial handlers, to add to a worker's. `database_url` is where the handlers that read or
-/// write PostGIS tables connect (the database of the engine).
+/// write PostGIS tables connect (the database of the engine). GDAL, the `postgres` client and file
+/// reads block: those handlers run on tokio's blocking pool; the inventory's listing and reading
+/// through object_store are async.
 pub fn handlers(base: Handlers, database_url: &str) -> Handlers {
-    let base = geoparquet_export::register(vector::register(base, database_url), database_url);
+    let url = database_url;
     base.register("geo.extract_metadata", blocking(extract_metadata))
         .register("geo.raster_validate", blocking(raster::validate))
         .register("geo.raster_plan", blocking(raster::plan))
@@ -41,26 +48,37 @@ pub fn handlers(base: Handlers, database_url: &str) -> Handlers {
         .register("geo.raster_stac", blocking(stac::write_catalog))
         .register("geo.inventory_list", inventory::list)
         .register("geo.inventory_inspect", inventory::inspect)
-        .register("geo.inventory_catalog", {
-            let url = database_url.to_owned();
-            move |task| inventory::catalog(task, url.clone())
-        })
+        .register("geo.inventory_catalog", blocking_db(inventory::catalog, url))
         .register("geo.stac_discover", blocking(validate_stac::discover))
         .register("geo.stac_validate", blocking(validate_stac::validate))
         .register("geo.stac_report", blocking(validate_stac::report))
+        .register("geo.vector_inspect", blocking_db(vector::inspect, url))
+        .register("geo.vector_load", blocking_db(vector::load, url))
+        .register("geo.vector_finish", blocking_db(vector::finish, url))
+        .register("geo.geoparquet_inspect", blocking_db(geoparquet_export::inspect, url))
+        .register("geo.geoparquet_write", blocking_db(geoparquet_export::write, url))
 }
 
-/// Runs a blocking GDAL handler on tokio's blocking pool.
-fn blocking(
-    handler: fn(&Task) -> Result<Value, TaskError>,
-) -> impl Fn(Task) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, TaskError>> + Send>> + Send + Sync + Clone {
-    move |task: Task| {
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || handler(&task))
-                .await
-                .unwrap_or_else(|e| Err(TaskError::permanent("panic", format!("the GDAL handler failed: {e}"))))
-        })
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
+
+/// Runs a blocking handler on tokio's blocking pool.
+fn blocking(handler: fn(&Task) -> Result<Value, TaskError>) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone {
+    move |task: Task| -> HandlerFuture { Box::pin(off_the_runtime(move || handler(&task))) }
+}
+
+/// Runs a blocking handler that connects to the database at `url` on tokio's blocking pool.
+fn blocking_db(handler: fn(&Task, &str) -> Result<Value, TaskError>, url: &str) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone {
+    let url: Arc<str> = Arc::from(url);
+    move |task: Task| -> HandlerFuture {
+        let url = url.clone();
+        Box::pin(off_the_runtime(move || handler(&task, &url)))
     }
+}
+
+async fn off_the_runtime(work: impl FnOnce() -> Result<Value, TaskError> + Send + 'static) -> Result<Value, TaskError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(TaskError::permanent("panic", format!("the handler failed: {e}"))))
 }
 
 fn extract_metadata(task: &Task) -> Result<Value, TaskError> {

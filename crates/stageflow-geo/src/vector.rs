@@ -17,10 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::error::Error;
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{BufMut, BytesMut};
@@ -31,16 +28,13 @@ use gdal::{Dataset, DatasetOptions, GdalOpenFlags};
 use gdal_sys::{OGRFieldSubType, OGRFieldType};
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use postgres::{Client, NoTls};
+use postgres::Client;
 use serde_json::{json, Value};
-use stageflow_worker::{Handlers, Task, TaskError};
+use stageflow_worker::{Task, TaskError};
 
+use crate::db::{connect, db_error, plain_identifier, quote_ident, TableName, DEFAULT_SCHEMA, TABLE_PATTERN};
 use crate::raster::param_str;
 
-/// The schema of a table named without one.
-pub const DEFAULT_SCHEMA: &str = "stageflow_geo";
-/// What `table` must match: `name` or `schema.name`, plain lowercase SQL identifiers.
-pub const TABLE_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}([.][a-z_][a-z0-9_]{0,62})?$";
 pub const DEFAULT_CHUNK_SIZE: u64 = 2000;
 pub const MIN_CHUNK_SIZE: u64 = 10;
 pub const MAX_CHUNK_SIZE: u64 = 100_000;
@@ -48,33 +42,6 @@ pub const MAX_CHUNK_SIZE: u64 = 100_000;
 const INVALID_EXAMPLES: usize = 5;
 /// The only drivers a source may be opened with.
 const DRIVERS: [&str; 3] = ["GeoJSON", "GPKG", "ESRI Shapefile"];
-
-/// A blocking handler that connects to the database at `url`.
-pub(crate) type DbHandler = fn(&Task, &str) -> Result<Value, TaskError>;
-
-/// Runs a blocking handler that needs the database URL on tokio's blocking pool (the `postgres`
-/// client and GDAL block; neither may run on a runtime thread).
-pub(crate) fn blocking_db(
-    handler: DbHandler,
-    url: &str,
-) -> impl Fn(Task) -> Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>> + Send + Sync + Clone {
-    let url: Arc<str> = Arc::from(url);
-    move |task: Task| {
-        let url = url.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || handler(&task, &url))
-                .await
-                .unwrap_or_else(|e| Err(TaskError::permanent("panic", format!("the handler failed: {e}"))))
-        })
-    }
-}
-
-/// Adds the stage_vector handlers.
-pub fn register(base: Handlers, database_url: &str) -> Handlers {
-    base.register("geo.vector_inspect", blocking_db(inspect, database_url))
-        .register("geo.vector_load", blocking_db(load, database_url))
-        .register("geo.vector_finish", blocking_db(finish, database_url))
-}
 
 /// The job type definition.
 pub fn job_type() -> Value {
@@ -95,101 +62,10 @@ pub fn job_type() -> Value {
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// Names, parameters and database errors (shared with the GeoParquet export).
-
-/// A validated `schema.name`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl TableName {
-    /// `name` (in [`DEFAULT_SCHEMA`]) or `schema.name`, each a plain lowercase identifier.
-    pub fn parse(text: &str) -> Result<TableName, TaskError> {
-        let parts: Vec<&str> = text.split('.').collect();
-        let (schema, name) = match parts.as_slice() {
-            [name] => (DEFAULT_SCHEMA, *name),
-            [schema, name] => (*schema, *name),
-            _ => return Err(bad_table(text)),
-        };
-        if !plain_identifier(schema) || !plain_identifier(name) {
-            return Err(bad_table(text));
-        }
-        Ok(TableName { schema: schema.to_owned(), name: name.to_owned() })
-    }
-
-    /// `"schema"."name"`, for SQL.
-    pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
-
-    /// `schema.name`, for people.
-    pub fn display(&self) -> String {
-        format!("{}.{}", self.schema, self.name)
-    }
-}
-
-fn bad_table(text: &str) -> TaskError {
-    TaskError::permanent(
-        "bad_params",
-        format!("table {text:?} must be `name` or `schema.name`, each 1-63 of a-z, 0-9 and _ not starting with a digit"),
-    )
-}
-
-fn plain_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some('a'..='z' | '_'))
-        && s.len() <= 63
-        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-}
-
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
 pub(crate) fn param_u64(task: &Task, name: &str) -> Result<u64, TaskError> {
     task.params[name]
         .as_u64()
         .ok_or_else(|| TaskError::permanent("bad_params", format!("params.{name} must be a non-negative integer")))
-}
-
-/// A database error as a task error: connection trouble, lock conflicts, a full disk or a lack of
-/// resources are worth a retry; anything else is permanent.
-pub(crate) fn db_error(context: &str, e: postgres::Error) -> TaskError {
-    let message = match e.as_db_error() {
-        Some(db) => format!("{context}: {} ({})", db.message(), db.code().code()),
-        None => format!("{context}: {e}"),
-    };
-    match e.code().map(|c| c.code()) {
-        Some("53100") => TaskError::retryable("disk_full", message),
-        Some("42P01" | "3F000" | "3D000") => TaskError::permanent("not_found", message),
-        Some(code)
-            if code.starts_with("08")
-                || code.starts_with("57P")
-                || code.starts_with("53")
-                || matches!(code, "40001" | "40P01" | "55P03" | "23505") =>
-        {
-            TaskError::retryable("database", message)
-        }
-        Some(_) => TaskError::permanent("database", message),
-        // Not a server error: the connection broke or could not be made.
-        None if e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>()) => {
-            TaskError::retryable("database", message)
-        }
-        None => TaskError::permanent("database", message),
-    }
-}
-
-pub(crate) fn connect(url: &str) -> Result<Client, TaskError> {
-    Client::connect(url, NoTls).map_err(|e| {
-        if e.as_db_error().is_some() {
-            db_error("connecting to the database", e)
-        } else {
-            TaskError::retryable("database", format!("cannot connect to the database: {e}"))
-        }
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
