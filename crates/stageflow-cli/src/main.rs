@@ -45,12 +45,19 @@ enum Command {
         /// Stop the demo cluster and exit.
         #[arg(long)]
         stop: bool,
-        /// Run process_raster on a real Landsat scene and a generated 8192 x 8192 raster instead.
+        /// Run process_raster on a real Landsat scene and a generated 8192 x 8192 raster instead
+        /// (also `stageflow demo geo`).
         #[cfg(feature = "geo")]
         #[arg(long)]
         geo: bool,
+        /// `geo`: the same as --geo.
+        #[cfg(feature = "geo")]
+        #[arg(value_parser = ["geo"])]
+        which: Option<String>,
     },
-    /// Register the geospatial job types (extract_metadata, process_raster).
+    /// Install PostGIS and the schema stageflow_geo, and register the geospatial job types
+    /// (extract_metadata, process_raster, container_inventory, validate_stac, stage_vector,
+    /// export_geoparquet).
     #[cfg(feature = "geo")]
     GeoInstall,
     /// Claim and run tasks until SIGTERM or Ctrl-C.
@@ -229,8 +236,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 return Ok(());
             }
             #[cfg(feature = "geo")]
-            if let Command::Demo { geo: true, .. } = &cli.command {
-                return demo::run_geo(&cluster, *workers).await;
+            if let Command::Demo { geo, which, .. } = &cli.command {
+                if *geo || which.is_some() {
+                    return demo::run_geo(&cluster, *workers).await;
+                }
             }
             demo::run(&cluster, demo::DemoOptions { n: *n, workers: *workers }).await
         }
