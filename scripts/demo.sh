@@ -2,7 +2,7 @@
 # Installs what is missing (scripts/setup.sh), builds the `stageflow` command and runs
 # `stageflow demo` in the current directory: hello_world on a private cluster in ./.stageflow,
 # created on the first run and reused after. Arguments go to `stageflow demo` (--n, --workers, --stop;
-# --geo runs process_raster on a Landsat scene and a generated 8192 x 8192 raster, built with GDAL).
+# `geo` or --geo runs process_raster on a Landsat scene and a generated 8192 x 8192 raster, built with GDAL).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
@@ -17,6 +17,6 @@ fi
 [ -x "$stageflow" ] && "$stageflow" demo --stop >/dev/null 2>&1 || true
 "$repo/scripts/setup.sh" >&2
 features=()
-case " $* " in *" --geo "*) features=(--features geo) ;; esac
+case " $* " in *" --geo "* | *" geo "*) features=(--features geo) ;; esac
 cargo build --quiet --manifest-path "$repo/Cargo.toml" -p stageflow-cli "${features[@]}"
 exec "$stageflow" demo "$@"
