@@ -777,7 +777,15 @@ pub fn finish(task: &Task, url: &str) -> Result<Value, TaskError> {
     }
 
     let mut client = connect(url)?;
-    let index = quote_ident(&format!("{}_geom_gist", &table.name[..table.name.len().min(50)]));
+    // `<table>_geom_gist`, or for a name too long for that (63 bytes at most) its first 40
+    // characters and a hash of the whole name, so that two long names never share an index name.
+    let index = if table.name.len() <= 53 {
+        format!("{}_geom_gist", table.name)
+    } else {
+        use sha2::Digest;
+        format!("{}_{}_geom_gist", &table.name[..40], &hex::encode(sha2::Sha256::digest(table.name.as_bytes()))[..8])
+    };
+    let index = quote_ident(&index);
     client
         .batch_execute(&format!("CREATE INDEX IF NOT EXISTS {index} ON {} USING gist (geom); ANALYZE {}", table.quoted(), table.quoted()))
         .map_err(|e| db_error("indexing", e))?;
