@@ -51,7 +51,7 @@ DECLARE
     v_claimed_ids  text[];
     v_own_lease    int[];
     v_own_msgs     bigint[];
-    v_cancelled    record;
+    v_stale        text[] := '{}';
     v_delta        int;
     r              record;
 BEGIN
@@ -127,13 +127,16 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Messages that did not become claims: rare, handled one by one.
+    -- Messages that did not become claims (rare): a task still running whose attempts were all
+    -- spent on expired leases is dead-lettered; any other (finished, or of a job that ended) has
+    -- its message deleted and, if still open, is cancelled.
     FOR r IN
         SELECT u.msg_id, u.task_id, t.status, t.attempt, t.max_attempts, j.status AS job_status
           FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
           LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
          WHERE u.task_id IS NULL OR NOT (u.task_id = ANY (coalesce(v_claimed_ids, '{}')))
+         ORDER BY u.msg_id
     LOOP
         IF r.status = 'running' AND r.job_status IN ('queued', 'processing') THEN
             PERFORM stageflow._end_task(
@@ -145,19 +148,26 @@ BEGIN
                     'category', 'transient'));
         ELSE
             PERFORM pgmq.delete(claim_tasks.queue, r.msg_id);
+            v_stale := v_stale || r.task_id;
+        END IF;
+    END LOOP;
+    -- The open ones among them are cancelled, each stage's shards moved once (all its shards
+    -- locked first, in order, as every path that moves several does).
+    FOR r IN
+        WITH cancelled AS (
             UPDATE stageflow.tasks AS t
                SET status = 'cancelled', lease_expires_at = NULL, completed_at = stageflow.now()
-             WHERE t.task_id = r.task_id AND t.status IN ('queued', 'running')
-            RETURNING t.job_id, t.stage, t.ordinal INTO v_cancelled;
-            IF FOUND THEN
-                v_delta := stageflow._shards_add(v_cancelled.job_id, v_cancelled.stage, ARRAY[v_cancelled.ordinal], -1);
-                IF v_delta <> 0 THEN
-                    UPDATE stageflow.stages AS s
-                       SET open_shards = s.open_shards + v_delta
-                     WHERE s.job_id = v_cancelled.job_id AND s.stage = v_cancelled.stage;
-                END IF;
-            END IF;
-        END IF;
+             WHERE t.task_id = ANY (v_stale) AND t.status IN ('queued', 'running')
+            RETURNING t.job_id, t.stage, t.ordinal
+        )
+        SELECT c.job_id, c.stage, array_agg(c.ordinal) AS ordinals FROM cancelled AS c
+         GROUP BY c.job_id, c.stage ORDER BY c.job_id, c.stage
+    LOOP
+        PERFORM stageflow._lock_shards(r.job_id, r.stage);
+        v_delta := stageflow._shards_add(r.job_id, r.stage, r.ordinals, -1);
+        UPDATE stageflow.stages AS s
+           SET open_shards = s.open_shards + v_delta
+         WHERE s.job_id = r.job_id AND s.stage = r.stage;
     END LOOP;
 END;
 $$;

@@ -54,7 +54,23 @@ BEGIN
                           WHERE d.status = 'queued' AND d.next_attempt_at <= v_now
                           ORDER BY d.next_attempt_at LIMIT max_rows);
 
-    -- Expired leases without attempts left: dead letters.
+    -- Expired leases without attempts left: dead letters. Their messages are locked first, per
+    -- queue in msg_id order: a completion takes a message before its task and its shard, so
+    -- ending these tasks one by one must not wait for the next one's message while holding the
+    -- shards of the one before.
+    FOR r IN
+        SELECT s.queue, array_agg(d.msg_id ORDER BY d.msg_id) AS msg_ids
+          FROM (SELECT t.job_id, t.stage, t.msg_id FROM stageflow.tasks AS t
+                 WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
+                 ORDER BY t.lease_expires_at LIMIT max_rows) AS d
+          JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
+         GROUP BY s.queue
+         ORDER BY s.queue
+    LOOP
+        EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM pgmq.%I AS q WHERE q.msg_id = ANY ($1) '
+                       'ORDER BY q.msg_id FOR UPDATE) AS locked', pgmq.format_table_name(r.queue, 'q'))
+        USING r.msg_ids;
+    END LOOP;
     FOR r IN
         SELECT d.task_id, d.attempt, d.max_attempts FROM stageflow.tasks AS d
          WHERE d.status = 'running' AND d.lease_expires_at <= v_now AND d.attempt >= d.max_attempts

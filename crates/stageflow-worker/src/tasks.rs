@@ -110,6 +110,12 @@ impl TaskApi {
 
 /// Whether an error means the connection is gone (retry on a new one) rather than a refusal by
 /// the database (which retrying will not change).
+/// Whether the database refused a call only because of another transaction (a deadlock it broke,
+/// a serialization failure, a lock it would not wait for): the same call is worth making again.
+pub fn is_conflict(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| matches!(db.code().code(), "40001" | "40P01" | "55P03"))
+}
+
 pub fn is_connection_error(error: &tokio_postgres::Error) -> bool {
     match error.as_db_error() {
         None => true,

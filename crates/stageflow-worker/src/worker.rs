@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
 use crate::handlers::{Handlers, Task, TaskError};
-use crate::tasks::{is_connection_error, listen, TaskApi};
+use crate::tasks::{is_conflict, is_connection_error, listen, TaskApi};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -175,6 +175,7 @@ async fn report_outcomes(
             failures.into_iter().map(|(id, outcome)| (id, outcome.expect_err("partitioned on is_err"))).collect();
 
         if !completions.is_empty() {
+            let mut conflicts = 0;
             let reports = loop {
                 match api.complete_many(&completions, &worker_id).await {
                     Ok(reports) => break reports,
@@ -183,9 +184,20 @@ async fn report_outcomes(
                         sleep(Duration::from_millis(100)).await;
                         api = connect_with_retry(&url).await;
                     }
+                    // Another transaction was in the way (a deadlock PostgreSQL broke by rolling
+                    // this call back): nothing was recorded, so the same call is made again.
+                    Err(error) if is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES => {
+                        conflicts += 1;
+                        tracing::warn!(%error, attempt = conflicts, "complete_tasks conflicted; reporting again");
+                        sleep(Duration::from_millis(20 * conflicts)).await;
+                    }
                     Err(error) => {
-                        // The whole call was refused (it should not be: the batch is well formed).
+                        // The whole call was refused. The tasks stay running until their leases
+                        // expire and are delivered again; their slots are freed below.
                         tracing::error!(%error, tasks = completions.len(), "complete_tasks refused");
+                        for (task_id, _) in &completions {
+                            let _ = reported.send(task_id.clone());
+                        }
                         break Vec::new();
                     }
                 }
@@ -212,6 +224,7 @@ async fn report_outcomes(
         }
 
         for (task_id, error) in failures {
+            let mut conflicts = 0;
             loop {
                 match api.fail(&task_id, &error.to_json(), error.retryable_flag(), &worker_id).await {
                     Ok(_) => {
@@ -222,6 +235,11 @@ async fn report_outcomes(
                         tracing::warn!(%task_id, error = %e, "lost the database while reporting; reconnecting");
                         sleep(Duration::from_millis(100)).await;
                         api = connect_with_retry(&url).await;
+                    }
+                    Err(e) if is_conflict(&e) && conflicts < MAX_CONFLICT_RETRIES => {
+                        conflicts += 1;
+                        tracing::warn!(%task_id, error = %e, attempt = conflicts, "fail_task conflicted; reporting again");
+                        sleep(Duration::from_millis(20 * conflicts)).await;
                     }
                     Err(e) => {
                         let db = e.as_db_error().expect("not a connection error");
@@ -239,6 +257,8 @@ async fn report_outcomes(
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// The most completions sent in one call.
 const MAX_BATCH: usize = 256;
+/// How many times a report refused by a conflict with another transaction is made again.
+const MAX_CONFLICT_RETRIES: u64 = 5;
 
 impl Worker {
     pub fn new(config: WorkerConfig, handlers: Handlers) -> Self {
