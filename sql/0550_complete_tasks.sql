@@ -25,6 +25,8 @@ DECLARE
     v_remaining  int;
     v_open       int;
     v_emptied    int := 0;
+    v_msg_id     bigint;
+    r            record;
     i            int;
 BEGIN
     IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
@@ -123,6 +125,22 @@ BEGIN
                     PERFORM stageflow.advance_stage(v_jobs[i]);
                 END IF;
             END IF;
+        END LOOP;
+
+        -- A task that was running when this call looked, but was put back in the queue before
+        -- its message was locked here (its lease expired, another worker claimed it and reported
+        -- a retryable failure, or released it), lost its message to the delete above: it gets a
+        -- new one, visible when its retry is due.
+        FOR r IN
+            SELECT t.task_id, s.queue, t.next_attempt_at
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+             WHERE t.task_id = ANY (v_ids) AND t.status = 'queued'
+             ORDER BY t.msg_id
+        LOOP
+            v_msg_id := pgmq.send(r.queue, jsonb_build_object('task_id', r.task_id),
+                                  clock_timestamp() + greatest(coalesce(r.next_attempt_at - stageflow.now(), interval '0'), interval '0'));
+            UPDATE stageflow.tasks AS t SET msg_id = v_msg_id WHERE t.task_id = r.task_id;
         END LOOP;
     END IF;
 

@@ -176,6 +176,95 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
     }
 }
 
+/// A batch completion that looked at a task while it was running, but locked its message only
+/// after the task had gone back to the queue (its lease expired, another worker claimed it and
+/// reported a retryable failure), must not leave it queued without a message. The interleaving is
+/// forced: a third session holds the message the batch deletes first, so the batch waits between
+/// looking and deleting while the other worker claims and fails the task.
+#[test]
+fn a_batch_completion_racing_a_requeue_leaves_the_task_a_message() {
+    let url = fresh_database("race_batch_requeue");
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "requeue",
+        r#"{"parameters": {"type": "object"}, "retry": {"max_attempts": 5, "backoff_base_seconds": 1, "backoff_max_seconds": 1},
+            "stages": [{"name": "pair", "handler": "r.pair", "queue": "requeue", "fan_out": "count", "param": "n"}]}"#,
+    );
+    let job_id = submit(&mut client, "requeue", json!({"n": 2}));
+    // Worker A claims both, with a 1-second lease.
+    let claimed: Vec<(String, i64)> = client
+        .query("SELECT c.task_id, t.msg_id FROM stageflow.claim_tasks('requeue', 2, 1, 'A') AS c JOIN stageflow.tasks AS t USING (task_id) ORDER BY t.msg_id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(claimed.len(), 2);
+    let ((first, first_msg), (second, _)) = (claimed[0].clone(), claimed[1].clone());
+
+    // Session C holds the first message, so A's batch, which deletes in msg_id order, waits there.
+    let mut holder = connect(&url);
+    let mut hold = holder.transaction().unwrap();
+    hold.execute("SELECT 1 FROM pgmq.q_requeue WHERE msg_id = $1 FOR UPDATE", &[&first_msg]).unwrap();
+    thread::sleep(Duration::from_millis(1300)); // both leases expire
+    let batch = {
+        let (url, first, second) = (url.clone(), first.clone(), second.clone());
+        thread::spawn(move || {
+            let mut a = connect(&url);
+            json(&mut a, "SELECT stageflow.complete_tasks($1, 'A')",
+                 &[&json!([{"task_id": first, "result": {"by": "A"}}, {"task_id": second, "result": {"by": "A"}}])])
+        })
+    };
+    // Wait until A's batch is blocked on the held message.
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = client
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%complete_tasks%'", &[])
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the batch never waited on the held message");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Worker B claims the second task (the first's message is held, so skipped) and fails it
+    // retryably: the task is queued again, its message kept for the retry.
+    let b: Vec<String> = client
+        .query("SELECT task_id FROM stageflow.claim_tasks('requeue', 1, 60, 'B')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(b, vec![second.clone()], "B claims the task whose lease expired");
+    json(&mut client, "SELECT stageflow.fail_task($1, $2, true, 'B')", &[&second, &json!({"message": "try again"})]);
+    hold.commit().unwrap();
+    let reports = batch.join().expect("batch thread panicked");
+
+    assert_eq!(reports[0]["task_status"], json!("completed"), "{reports}");
+    assert!(reports[1].get("error").is_some(), "the second is not A's to complete any more: {reports}");
+    let row = client
+        .query_one(
+            "SELECT t.status, (SELECT count(*) FROM pgmq.q_requeue AS q WHERE q.msg_id = t.msg_id AND q.message ->> 'task_id' = t.task_id)              FROM stageflow.tasks AS t WHERE t.task_id = $1",
+            &[&second],
+        )
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), ("queued".to_owned(), 1), "the queued task has its message");
+    // And it runs again once its backoff is over: the job completes.
+    let started = std::time::Instant::now();
+    loop {
+        let again = claim(&mut client, "requeue", 1, 60);
+        if let Some(task) = again.first() {
+            assert_eq!(task.task_id, second);
+            complete(&mut client, &task.task_id, json!({"by": "retry"}));
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the requeued task was never delivered again");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(job_status(&mut client, &job_id)["status"], json!("completed"));
+}
+
 #[test]
 fn hand_made_advances_racing_the_last_completion_create_the_next_stage_once() {
     let url = fresh_database("race_hand_advance");
