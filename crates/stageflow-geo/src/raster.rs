@@ -225,18 +225,36 @@ fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(),
         if options.is_null() {
             return Err(TaskError::permanent("gdal", format!("bad translate options: {}", last_gdal_error())));
         }
+        // Every error GDAL raises on this thread during the call, not only the last: a full disk
+        // shows in an early one ("No space left on device"), the last one is often a seek error.
+        let mut messages: Vec<String> = Vec::new();
+        gdal_sys::CPLPushErrorHandlerEx(Some(collect_gdal_error), (&mut messages as *mut Vec<String>).cast());
         let mut usage_error = 0;
         let written = gdal_sys::GDALTranslate(destination_c.as_ptr(), source.c_dataset(), options, &mut usage_error);
+        if !written.is_null() {
+            gdal_sys::GDALClose(written);
+        }
+        gdal_sys::CPLPopErrorHandler();
         gdal_sys::GDALTranslateOptionsFree(options);
         if written.is_null() {
-            let message = last_gdal_error();
-            let kind = if message.contains("No space left") { "disk_full" } else { "gdal" };
-            let error = format!("writing {destination}: {message}");
-            return Err(if kind == "disk_full" { TaskError::retryable(kind, error) } else { TaskError::permanent(kind, error) });
+            let error = format!("writing {destination}: {}", messages.join("; "));
+            return Err(if messages.iter().any(|m| m.contains("No space left")) {
+                TaskError::retryable("disk_full", error)
+            } else {
+                TaskError::permanent("gdal", error)
+            });
         }
-        gdal_sys::GDALClose(written);
     }
     Ok(())
+}
+
+/// A GDAL error handler (pushed for one call on one thread) that keeps the messages in the
+/// `Vec<String>` given as its user data.
+unsafe extern "C" fn collect_gdal_error(class: gdal_sys::CPLErr::Type, _number: std::ffi::c_int, message: *const std::ffi::c_char) {
+    let messages = unsafe { gdal_sys::CPLGetErrorHandlerUserData() }.cast::<Vec<String>>();
+    if class >= gdal_sys::CPLErr::CE_Failure && !messages.is_null() && !message.is_null() {
+        unsafe { (*messages).push(CStr::from_ptr(message).to_string_lossy().into_owned()) };
+    }
 }
 
 /// Stage 3: one tile as a Cloud-Optimized GeoTIFF (DEFLATE with a predictor, internal tiling,
