@@ -70,9 +70,10 @@ BEGIN
         PERFORM stageflow._raise_bad_lease(claim_tasks.lease_seconds);
     END IF;
 
-    SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.message ->> 'task_id' ORDER BY m.msg_id)
+    -- pgmq.read's statement, with its plan kept for the session (stageflow._read_messages).
+    SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
       INTO v_msg_ids, v_task_ids
-      FROM pgmq.read(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks) AS m;
+      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks) AS m;
     IF v_msg_ids IS NULL THEN
         RETURN;
     END IF;
@@ -147,7 +148,7 @@ BEGIN
                                       r.attempt, r.max_attempts),
                     'category', 'transient'));
         ELSE
-            PERFORM pgmq.delete(claim_tasks.queue, r.msg_id);
+            PERFORM stageflow._delete_messages(claim_tasks.queue, ARRAY[r.msg_id]);
             v_stale := v_stale || r.task_id;
         END IF;
     END LOOP;

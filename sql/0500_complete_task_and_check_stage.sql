@@ -119,7 +119,7 @@ BEGIN
                                                     complete_task_and_check_stage.result);
         END IF;
         -- The message first, then the task: the same lock order as claim_tasks.
-        PERFORM pgmq.delete(v_task.queue, v_task.msg_id);
+        PERFORM stageflow._delete_messages(v_task.queue, ARRAY[v_task.msg_id]);
         UPDATE stageflow.tasks AS t
            SET status = 'completed', result = complete_task_and_check_stage.result,
                completed_at = stageflow.now(), lease_expires_at = NULL

@@ -75,7 +75,7 @@ BEGIN
 
     IF v_ids IS NOT NULL THEN
         -- Messages first, then tasks: the lock order of claim_tasks.
-        PERFORM pgmq.delete(q.queue, q.msg_ids)
+        PERFORM stageflow._delete_messages(q.queue, q.msg_ids)
            FROM (SELECT s.queue, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
                    FROM stageflow.tasks AS t
                    JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage

@@ -3,7 +3,8 @@
 //! The state machine (submit, claim, complete, fail, advance) is set-based SQL in `sql/`, loaded
 //! in file order. Rust does what SQL does poorly: canonical JSON and the job id hash
 //! ([`job_id`]), JSON Schema checks of parameters ([`params`]), the validation of job type
-//! definitions ([`job_types`]), and the background worker that runs maintenance ([`maintenance`]).
+//! definitions ([`job_types`]), reading and deleting queue messages with plans kept per backend
+//! ([`queues`]), and the background worker that runs maintenance ([`maintenance`]).
 
 use pgrx::prelude::*;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -15,6 +16,7 @@ pub mod job_id;
 pub mod job_types;
 pub mod maintenance;
 pub mod params;
+pub mod queues;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
