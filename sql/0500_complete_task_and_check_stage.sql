@@ -77,13 +77,18 @@ $$;
 -- current lease may complete it: a worker whose lease expired and went to another is refused.
 -- Like every hot-path function it runs with plan_cache_mode = force_generic_plan: PL/pgSQL would
 -- otherwise re-plan statements whose parameters are arrays on every call (measured: half of the
--- server CPU of a claim plus a completion).
+-- server CPU of a claim plus a completion). A generic plan is made once per session, with the
+-- statistics of that moment: made while stages or stage_shards were small, it kept scanning them
+-- whole as they grew (12,237 sequential scans of stages in one benchmark run). Every lookup here
+-- is by key, so these functions also run with enable_seqscan = off: their plans use the indexes
+-- whatever the statistics said when they were made.
 CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL, worker_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_task       record;

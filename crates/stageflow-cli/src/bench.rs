@@ -60,6 +60,15 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Brings the database to the same quiet state before a timed line: the previous line's churn
+/// vacuumed and analysed and its WAL checkpointed, so that neither autovacuum nor a checkpoint
+/// competes with the line for the machine (on 2 cores an autovacuum worker halved a line).
+async fn settle(client: &Client) -> Result<(), CliError> {
+    client.batch_execute("VACUUM (ANALYZE)").await?;
+    client.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}
+
 /// Runs `work` on every client at once until each returns; returns the elapsed time.
 async fn in_parallel<F, Fut>(clients: Vec<Client>, work: F) -> Result<(Duration, Vec<Client>), CliError>
 where
@@ -442,26 +451,34 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     for sync in [true, false] {
         let label = if sync { "on" } else { "off" };
         println!("\n-- synchronous_commit = {label}");
+        settle(&setup).await?;
         let commits = commit_rate(&url, c, sync, sizes.commit_seconds).await?;
         println!("{:<58} {:>12.0} commits/s", "single-row INSERT commits", commits);
+        settle(&setup).await?;
         let pgmq_one = pgmq_rate(&url, c, sync, 1, sizes.messages).await?;
         println!("{:<58} {:>12.0} msg/s", "pgmq read + delete, one at a time", pgmq_one);
+        settle(&setup).await?;
         let pgmq_batch = pgmq_rate(&url, c, sync, 100, sizes.messages).await?;
         println!("{:<58} {:>12.0} msg/s", "pgmq read 100 + delete 100", pgmq_batch);
+        settle(&setup).await?;
         let sf_one = stageflow_rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
         println!("{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)", "stageflow claim + complete, one at a time", sf_one, sf_one / pgmq_one);
+        settle(&setup).await?;
         let sf_batch = stageflow_rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
         println!("{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)", "stageflow claim 100 + complete_tasks", sf_batch, sf_batch / pgmq_one);
+        settle(&setup).await?;
         let fan_out = fan_out_seconds(&url, sync, sizes.fan_out).await?;
         println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
         let mut costs = Vec::new();
         for size in sizes.flat_sizes {
+            settle(&setup).await?;
             let cost = completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
             println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
             costs.push(cost);
         }
         let flatness = costs[2] / costs[0];
         println!("{:<58} {:>12.2}", "flatness (largest / smallest stage)", flatness);
+        settle(&setup).await?;
         let (mut advance, mut first) = latencies(&url, sync, sizes.latency_rounds).await?;
         let (a50, a99, f50, f99) = (
             percentile(&mut advance, 0.5),
@@ -491,6 +508,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
         );
     }
     println!("\n-- the worker runtime over {} tasks", sizes.memory_tasks);
+    settle(&setup).await?;
     let mem = memory(&url, c, sizes.memory_tasks).await?;
     println!(
         "{:<58} {:>7} -> {} KiB (peak {})",
