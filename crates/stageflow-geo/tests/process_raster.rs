@@ -20,11 +20,7 @@ fn data(name: &str) -> String {
 }
 
 fn task(handler: &str, params: Value) -> Task {
-    Task {
-        task_id: "t".into(), job_id: "j".into(), job_type: "x".into(), stage: 1, stage_name: "s".into(),
-        handler: handler.into(), task_key: "0".into(), params, predecessor: None, inputs: None, attempt: 1,
-        timeout_seconds: None,
-    }
+    Task::standalone(handler, params)
 }
 
 #[test]

@@ -29,6 +29,27 @@ pub struct Task {
     pub timeout_seconds: Option<i32>,
 }
 
+impl Task {
+    /// A task that no claim produced, for calling a handler directly (a test, a one-off run):
+    /// first attempt of task `0` of stage 1 of a job of all zeros, with these params.
+    pub fn standalone(handler: &str, params: Value) -> Task {
+        Task {
+            task_id: "0000000000000000-s1-0".into(),
+            job_id: "0".repeat(64),
+            job_type: "standalone".into(),
+            stage: 1,
+            stage_name: "standalone".into(),
+            handler: handler.into(),
+            task_key: "0".into(),
+            params,
+            predecessor: None,
+            inputs: None,
+            attempt: 1,
+            timeout_seconds: None,
+        }
+    }
+}
+
 /// Why a handler failed: reported with `stageflow.fail_task` as
 /// `{"type", "message", "category", "retry_after_seconds"?}`.
 #[derive(Debug, Clone, PartialEq)]

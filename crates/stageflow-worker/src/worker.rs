@@ -433,20 +433,7 @@ mod unit {
     use serde_json::json;
 
     fn task(handler: &str, params: Value) -> Task {
-        Task {
-            task_id: "0000000000000000-s1-0".into(),
-            job_id: "0".repeat(64),
-            job_type: "t".into(),
-            stage: 1,
-            stage_name: "s".into(),
-            handler: handler.into(),
-            task_key: "0".into(),
-            params,
-            predecessor: None,
-            inputs: None,
-            attempt: 1,
-            timeout_seconds: None,
-        }
+        Task::standalone(handler, params)
     }
 
     #[tokio::test]

@@ -84,20 +84,7 @@ pub fn run_job(url: &str, client: &mut Client, job_type: &str, params: Value, sl
 
 /// A task to call a handler with directly.
 pub fn task(handler: &str, params: Value) -> Task {
-    Task {
-        task_id: "t".into(),
-        job_id: "j".into(),
-        job_type: "x".into(),
-        stage: 1,
-        stage_name: "s".into(),
-        handler: handler.into(),
-        task_key: "0".into(),
-        params,
-        predecessor: None,
-        inputs: None,
-        attempt: 1,
-        timeout_seconds: None,
-    }
+    Task::standalone(handler, params)
 }
 
 /// The errors of a job's failed tasks, as stored by the engine: (stage name, error).
