@@ -30,6 +30,7 @@ DECLARE
     v_inputs      jsonb;
     v_count       int;
     v_shards      int;
+    v_msg_ids     bigint[];
     v_duplicate   text;
 BEGIN
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
@@ -104,19 +105,19 @@ BEGIN
 
     IF v_count > 0 THEN
         -- pgmq assigns msg_ids from a sequence in array order within one INSERT, so the n-th
-        -- smallest msg_id belongs to the n-th task.
+        -- smallest msg_id belongs to the n-th task. The ids are gathered into an array and zipped
+        -- with the keys by unnest: no join, whose plan (made with default row estimates for
+        -- function results) could go quadratic on a large stage.
+        SELECT array_agg(s.msg_id ORDER BY s.msg_id) INTO v_msg_ids
+          FROM pgmq.send_batch(v_queue,
+                               ARRAY(SELECT jsonb_build_object('task_id', v_prefix || k.key)
+                                       FROM unnest(v_keys) WITH ORDINALITY AS k(key, n)
+                                      ORDER BY k.n)) AS s(msg_id);
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id)
         SELECT v_prefix || u.key, p_job_id, p_stage, u.key, (u.n - 1)::int, u.params, u.pred, v_inputs,
-               (v_def -> 'retry' ->> 'max_attempts')::int, m.msg_id
-          FROM unnest(v_keys, v_params, v_preds) WITH ORDINALITY AS u(key, params, pred, n)
-          JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
-                  FROM pgmq.send_batch(
-                           v_queue,
-                           ARRAY(SELECT jsonb_build_object('task_id', v_prefix || k.key)
-                                   FROM unnest(v_keys) WITH ORDINALITY AS k(key, n)
-                                  ORDER BY k.n)) AS s(msg_id)) AS m
-            ON m.n = u.n;
+               (v_def -> 'retry' ->> 'max_attempts')::int, u.msg_id
+          FROM unnest(v_keys, v_params, v_preds, v_msg_ids) WITH ORDINALITY AS u(key, params, pred, msg_id, n);
         PERFORM pg_notify('stageflow_tasks', v_queue);
     END IF;
     RETURN v_count;

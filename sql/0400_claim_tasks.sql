@@ -135,9 +135,10 @@ BEGIN
     FOR r IN
         SELECT u.msg_id, u.task_id, t.status, t.attempt, t.max_attempts, j.status AS job_status
           FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
+          LEFT JOIN unnest(v_claimed_ids) AS c(task_id) ON c.task_id = u.task_id
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
           LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE u.task_id IS NULL OR NOT (u.task_id = ANY (coalesce(v_claimed_ids, '{}')))
+         WHERE c.task_id IS NULL
          ORDER BY u.msg_id
     LOOP
         IF r.status = 'running' AND r.job_status IN ('queued', 'processing') THEN

@@ -80,8 +80,10 @@ $$;
 -- server CPU of a claim plus a completion). A generic plan is made once per session, with the
 -- statistics of that moment: made while stages or stage_shards were small, it kept scanning them
 -- whole as they grew (12,237 sequential scans of stages in one benchmark run). Every lookup here
--- is by key, so these functions also run with enable_seqscan = off: their plans use the indexes
--- whatever the statistics said when they were made.
+-- is by key, so these functions also run with enable_seqscan = off: their own plans use the
+-- indexes whatever the statistics said when they were made. (Functions they call, such as
+-- advance_stage, run with these settings too, but keep the plans of whichever caller planned
+-- them first in the session.)
 CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL, worker_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql

@@ -1,8 +1,8 @@
 //! Reading and deleting a queue's messages with plans kept per backend. `pgmq.read` and
 //! `pgmq.delete` build their statement as text on every call (the queue's table is in its name),
 //! and parsing and planning that text was about a fifth of the server's CPU for claiming and
-//! completing one task. These run the same statements as pgmq 1.11.1's read and delete, prepared
-//! once per queue and backend; PostgreSQL's plan cache re-plans them if a queue's table changes.
+//! completing one task. These do what pgmq 1.11.1's read and delete do, with one plan each per
+//! queue and backend, kept; PostgreSQL's plan cache re-plans them if a queue's table changes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,14 +13,9 @@ use pgrx::{PgBuiltInOids, PgOid, PgSqlErrorCode};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Statement {
-    /// Read up to this many messages. The number is written into the statement: with a `LIMIT $1`
-    /// the generic plan expects a tenth of the queue and joins it by hash over the whole table.
-    Read(i32),
+    Read,
     Delete,
 }
-
-/// Reads of more messages than this at once are planned each time rather than kept.
-const MOST_KEPT_READ: i32 = 256;
 
 thread_local! {
     static PLANS: RefCell<HashMap<(Statement, String), OwnedPreparedStatement>> = RefCell::new(HashMap::new());
@@ -45,14 +40,17 @@ fn queue_table(queue: &str) -> String {
 
 fn sql(statement: Statement, table: &str) -> String {
     match statement {
-        // pgmq.read(queue, vt, qty) without its `conditional` filter.
-        Statement::Read(qty) => format!(
-            "WITH cte AS (SELECT msg_id FROM {table} WHERE vt OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
-                          ORDER BY msg_id LIMIT {qty} FOR UPDATE SKIP LOCKED) \
-             UPDATE {table} AS m SET last_read_at = pg_catalog.clock_timestamp(), \
+        // pgmq.read(queue, vt, qty) without its `conditional` filter. The messages to read are
+        // picked into an array rather than joined from a CTE as pgmq does: a kept (generic) plan
+        // does not know the limit, expects a tenth of the queue, and joined that by hash over the
+        // whole table; `msg_id = ANY (array)` stays an index lookup whatever it expects.
+        Statement::Read => format!(
+            "UPDATE {table} AS m SET last_read_at = pg_catalog.clock_timestamp(), \
                     vt = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $1::pg_catalog.float8), \
                     read_ct = m.read_ct OPERATOR(pg_catalog.+) 1 \
-               FROM cte WHERE m.msg_id OPERATOR(pg_catalog.=) cte.msg_id \
+              WHERE m.msg_id OPERATOR(pg_catalog.=) ANY (ARRAY( \
+                    SELECT q.msg_id FROM {table} AS q WHERE q.vt OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
+                     ORDER BY q.msg_id LIMIT $2 FOR UPDATE SKIP LOCKED)) \
              RETURNING m.msg_id, m.message OPERATOR(pg_catalog.->>) 'task_id'"
         ),
         // pgmq.delete(queue, msg_ids).
@@ -74,7 +72,7 @@ fn with_plan<R>(
         let key = (statement, queue.to_owned());
         if !plans.contains_key(&key) {
             let args: &[PgOid] = match statement {
-                Statement::Read(_) => &[PgOid::BuiltIn(PgBuiltInOids::INT4OID)],
+                Statement::Read => &[PgOid::BuiltIn(PgBuiltInOids::INT4OID), PgOid::BuiltIn(PgBuiltInOids::INT4OID)],
                 Statement::Delete => &[PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)],
             };
             let plan = client.prepare_mut(sql(statement, &queue_table(queue)).as_str(), args)?.keep();
@@ -94,14 +92,12 @@ fn read_messages(
 ) -> TableIterator<'static, (name!(msg_id, i64), name!(task_id, Option<String>))> {
     let qty = qty.max(0);
     let mut rows: Vec<(i64, Option<String>)> = Spi::connect_mut(|client| {
-        let rows = |table: pgrx::spi::SpiTupleTable<'_>| -> SpiResult<Vec<(i64, Option<String>)>> {
-            table.map(|row| Ok((row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?))).collect()
-        };
-        if qty > MOST_KEPT_READ {
-            let text = sql(Statement::Read(qty), &queue_table(queue));
-            return rows(client.update(text.as_str(), None, &[vt.into()])?);
-        }
-        with_plan(client, Statement::Read(qty), queue, |client, plan| rows(client.update(plan, None, &[vt.into()])?))
+        with_plan(client, Statement::Read, queue, |client, plan| {
+            client
+                .update(plan, None, &[vt.into(), qty.into()])?
+                .map(|row| Ok((row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?)))
+                .collect()
+        })
     })
     .unwrap_or_else(|error| error!("reading queue {queue}: {error}"));
     rows.sort_unstable_by_key(|(msg_id, _)| *msg_id);
