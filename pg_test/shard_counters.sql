@@ -54,3 +54,26 @@ BEGIN
            (stageflow.job_status(v_job)) -> 'stages' -> 0 ->> 'tasks';
 END;
 $$;
+
+-- A job that ended while two of its tasks were still running (a cancel skips rows other sessions
+-- hold): their completions are recorded and empty the stage's shards, but report no stage
+-- completed and no next stage, since nothing advances in an ended job.
+DO $$
+DECLARE
+    v_job text := stageflow.submit_job('sharded', '{"n": 2}');
+    v_ids text[];
+    v_report jsonb;
+BEGIN
+    SELECT array_agg(task_id ORDER BY task_id) INTO v_ids FROM stageflow.claim_tasks('shq', 2);
+    UPDATE stageflow.jobs SET status = 'cancelled', completed_at = now() WHERE job_id = v_job;
+    PERFORM stageflow.complete_task_and_check_stage(v_ids[1], '{}');
+    v_report := stageflow.complete_task_and_check_stage(v_ids[2], '{}');
+    ASSERT v_report ->> 'task_status' = 'completed', v_report::text;
+    ASSERT v_report ->> 'stage_completed' = 'false' AND v_report -> 'next_stage' = 'null'::jsonb, v_report::text;
+    ASSERT (SELECT open_shards FROM stageflow.stages WHERE job_id = v_job AND stage = 1) = 0;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.stages WHERE job_id = v_job AND stage = 2);
+    -- Reporting it again gives the same answer.
+    ASSERT stageflow.complete_task_and_check_stage(v_ids[2], '{}') = v_report,
+           stageflow.complete_task_and_check_stage(v_ids[2], '{}')::text;
+END;
+$$;

@@ -11,8 +11,9 @@ BEGIN
                'task_id', t.task_id,
                'task_status', t.status,
                'stage', t.stage,
-               'stage_completed', s.completed_by IS NOT DISTINCT FROM t.task_id,
-               'next_stage', CASE WHEN s.completed_by IS NOT DISTINCT FROM t.task_id AND t.stage < j.total_stages
+               'stage_completed', s.completed_by IS NOT DISTINCT FROM t.task_id AND s.status = 'completed',
+               'next_stage', CASE WHEN s.completed_by IS NOT DISTINCT FROM t.task_id AND s.status = 'completed'
+                                       AND t.stage < j.total_stages
                                   THEN t.stage + 1 END,
                'job_id', j.job_id,
                'job_status', j.status,
@@ -155,8 +156,10 @@ BEGIN
                 'task_id', complete_task_and_check_stage.task_id,
                 'task_status', 'completed',
                 'stage', v_task.stage,
-                'stage_completed', coalesce(v_open = 0, false),
-                'next_stage', CASE WHEN v_open = 0 AND v_task.stage < v_task.total_stages THEN v_task.stage + 1 END,
+                -- (a stage of a job that already ended empties without advancing anything)
+                'stage_completed', coalesce(v_open = 0 AND (v_advance ->> 'advanced')::boolean, false),
+                'next_stage', CASE WHEN v_open = 0 AND (v_advance ->> 'advanced')::boolean AND v_task.stage < v_task.total_stages
+                                   THEN v_task.stage + 1 END,
                 'job_id', v_task.job_id,
                 'job_status', coalesce(v_advance ->> 'job_status', v_task.job_status),
                 'current_stage', coalesce((v_advance ->> 'current_stage')::int, v_task.current_stage),
