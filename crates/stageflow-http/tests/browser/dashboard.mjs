@@ -51,7 +51,9 @@ try {
   if (!letter.includes("the browser test's failure")) throw new Error(`the error is not shown: ${letter}`);
   step("the dead letter appears with its error");
   await retry.click();
-  await page.waitForSelector(`button.retry.retried:has-text("queued 1 again")`, { timeout: 15000 });
+  // Said in the notice line, which live redraws of the list (the retried task may fail again at
+  // once) do not replace.
+  await page.waitForSelector(`#notice:has-text("${failing.job_id.slice(0, 16)}: queued 1 again")`, { timeout: 15000 });
   const events = await call(`/api/jobs/status/${failing.job_id}`);
   if (!["processing", "failed"].includes(events.status)) throw new Error(`unexpected status after retry: ${events.status}`);
   step("its retry button re-queues the job");
