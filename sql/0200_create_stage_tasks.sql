@@ -124,25 +124,13 @@ BEGIN
 END;
 $$;
 
--- Locks every shard row of a stage, in shard order: what a transaction does before it changes
--- several shards of a stage and then its stage row, so that it takes locks in the order a
--- completion does (shards, then the stage).
-CREATE FUNCTION stageflow._lock_shards(p_job_id text, p_stage int)
-RETURNS void
-LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT count(*) FROM (SELECT 1 FROM stageflow.stage_shards AS sh
-                           WHERE sh.job_id = p_job_id AND sh.stage = p_stage
-                           ORDER BY sh.shard FOR UPDATE) AS locked;
-$$;
-
 -- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
--- cancelled) or open again (+1: retried): moves their shards' counters, in shard order, and
--- returns by how much the stage's open_shards must change (shards that emptied count -1, shards
--- that had been empty +1). The caller updates the stage row after it.
-CREATE FUNCTION stageflow._shards_add(p_job_id text, p_stage int, p_ordinals int[], p_sign int)
-RETURNS int
+-- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
+-- order a completion takes them, before the stage row), moves the shards' counters, then updates
+-- the stage row: open_shards by the shards that emptied (-1 each) or had been empty (+1 each),
+-- failed_count by p_failed. Returns the stage row as updated.
+CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_ordinals int[], p_sign int, p_failed int DEFAULT 0)
+RETURNS stageflow.stages
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -150,8 +138,12 @@ DECLARE
     v_delta  int := 0;
     v_before int;
     v_after  int;
+    v_stage  stageflow.stages;
     r        record;
 BEGIN
+    PERFORM 1 FROM stageflow.stage_shards AS sh
+      WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+      ORDER BY sh.shard FOR UPDATE;
     FOR r IN
         SELECT o % s.shards AS shard, count(*)::int AS n
           FROM unnest(p_ordinals) AS o
@@ -169,6 +161,10 @@ BEGIN
             v_delta := v_delta + 1;
         END IF;
     END LOOP;
-    RETURN v_delta;
+    UPDATE stageflow.stages AS s
+       SET open_shards = s.open_shards + v_delta, failed_count = s.failed_count + p_failed
+     WHERE s.job_id = p_job_id AND s.stage = p_stage
+    RETURNING * INTO v_stage;
+    RETURN v_stage;
 END;
 $$;

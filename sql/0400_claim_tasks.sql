@@ -53,7 +53,7 @@ DECLARE
     v_own_lease    int[];
     v_own_msgs     bigint[];
     v_stale        text[] := '{}';
-    v_delta        int;
+    v_stale_msgs   bigint[] := '{}';
     r              record;
 BEGIN
     -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
@@ -150,12 +150,12 @@ BEGIN
                                       r.attempt, r.max_attempts),
                     'category', 'transient'));
         ELSE
-            PERFORM stageflow._delete_messages(claim_tasks.queue, ARRAY[r.msg_id]);
+            v_stale_msgs := v_stale_msgs || r.msg_id;
             v_stale := v_stale || r.task_id;
         END IF;
     END LOOP;
-    -- The open ones among them are cancelled, each stage's shards moved once (all its shards
-    -- locked first, in order, as every path that moves several does).
+    PERFORM stageflow._delete_messages(claim_tasks.queue, v_stale_msgs);
+    -- The open ones among them are cancelled, each stage's shards moved once.
     FOR r IN
         WITH cancelled AS (
             UPDATE stageflow.tasks AS t
@@ -166,11 +166,7 @@ BEGIN
         SELECT c.job_id, c.stage, array_agg(c.ordinal) AS ordinals FROM cancelled AS c
          GROUP BY c.job_id, c.stage ORDER BY c.job_id, c.stage
     LOOP
-        PERFORM stageflow._lock_shards(r.job_id, r.stage);
-        v_delta := stageflow._shards_add(r.job_id, r.stage, r.ordinals, -1);
-        UPDATE stageflow.stages AS s
-           SET open_shards = s.open_shards + v_delta
-         WHERE s.job_id = r.job_id AND s.stage = r.stage;
+        PERFORM stageflow._move_shards(r.job_id, r.stage, r.ordinals, -1);
     END LOOP;
 END;
 $$;

@@ -12,7 +12,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_group      record;
-    v_delta      int;
     v_cancelled  int := 0;
 BEGIN
     FOR v_group IN
@@ -40,11 +39,7 @@ BEGIN
         )
         SELECT c.stage, array_agg(c.ordinal) AS ordinals FROM cancelled AS c GROUP BY c.stage ORDER BY c.stage
     LOOP
-        PERFORM stageflow._lock_shards(p_job_id, v_group.stage);
-        v_delta := stageflow._shards_add(p_job_id, v_group.stage, v_group.ordinals, -1);
-        UPDATE stageflow.stages AS s
-           SET open_shards = s.open_shards + v_delta
-         WHERE s.job_id = p_job_id AND s.stage = v_group.stage;
+        PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.ordinals, -1);
         v_cancelled := v_cancelled + cardinality(v_group.ordinals);
     END LOOP;
     RETURN v_cancelled;
@@ -91,7 +86,6 @@ AS $$
 DECLARE
     v_task       record;
     v_stage      stageflow.stages;
-    v_delta      int;
 BEGIN
     SELECT t.job_id, t.stage, t.ordinal, t.msg_id, t.attempt, s.queue INTO STRICT v_task
       FROM stageflow.tasks AS t
@@ -111,15 +105,9 @@ BEGIN
     PERFORM stageflow._emit(v_task.job_id, 'task_' || p_status,
                             jsonb_build_object('attempt', v_task.attempt, 'error', p_error), v_task.stage, p_task_id);
 
-    -- All of the stage's shards before its row: if this failure ends the job, cancelling the
-    -- other open tasks moves their shards too, and locks must stay in the order shards -> stage.
-    PERFORM stageflow._lock_shards(v_task.job_id, v_task.stage);
-    v_delta := stageflow._shards_add(v_task.job_id, v_task.stage, ARRAY[v_task.ordinal], -1);
-    UPDATE stageflow.stages AS s
-       SET open_shards = s.open_shards + v_delta,
-           failed_count = s.failed_count + 1
-     WHERE s.job_id = v_task.job_id AND s.stage = v_task.stage
-    RETURNING * INTO v_stage;
+    -- All of the stage's shards are locked before its row: if this failure ends the job,
+    -- cancelling the other open tasks moves their shards too, in the order shards -> stage.
+    v_stage := stageflow._move_shards(v_task.job_id, v_task.stage, ARRAY[v_task.ordinal], -1, 1);
 
     IF v_stage.failed_count <= v_stage.max_failed_tasks
        OR v_stage.failed_count <= v_stage.max_failure_ratio * v_stage.task_count THEN

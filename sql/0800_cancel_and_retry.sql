@@ -41,7 +41,6 @@ DECLARE
     v_ids      text[];
     v_ordinals int[];
     v_failed   int;
-    v_delta    int;
 BEGIN
     SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -76,11 +75,9 @@ BEGIN
         ON m.n = u.n
      WHERE t.task_id = u.task_id;
 
-    PERFORM stageflow._lock_shards(v_job.job_id, v_job.current_stage);
-    v_delta := stageflow._shards_add(v_job.job_id, v_job.current_stage, v_ordinals, 1);
+    PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_ordinals, 1, -v_failed);
     UPDATE stageflow.stages AS s
-       SET open_shards = s.open_shards + v_delta, failed_count = s.failed_count - v_failed,
-           status = 'active', completed_at = NULL
+       SET status = 'active', completed_at = NULL
      WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
     UPDATE stageflow.jobs AS j
        SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now()
