@@ -237,18 +237,16 @@ fn crs_projjson(srid: i32) -> Result<Value, TaskError> {
     serde_json::from_str(&text).map_err(|e| TaskError::permanent("missing_crs", format!("EPSG:{srid}: GDAL's PROJJSON is not JSON: {e}")))
 }
 
-/// A file-system error as a task error: a full disk is worth a retry.
+/// An error of writing the file as a task error: the file-system error inside it, if any, as
+/// [`crate::io_error`] sees it (a missing directory is `not_found`).
 fn io_error(context: &str, e: &(dyn std::error::Error + 'static)) -> TaskError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(error) = source {
         if let Some(io) = error.downcast_ref::<std::io::Error>() {
-            return match (io.raw_os_error(), io.kind()) {
-                (Some(28), _) | (_, std::io::ErrorKind::StorageFull) => {
-                    TaskError::retryable("disk_full", format!("{context}: {io}"))
-                }
-                (_, std::io::ErrorKind::NotFound) => TaskError::permanent("not_found", format!("{context}: {io}")),
-                _ => TaskError::permanent("io", format!("{context}: {io}")),
-            };
+            if io.kind() == std::io::ErrorKind::NotFound {
+                return TaskError::permanent("not_found", format!("{context}: {io}"));
+            }
+            return crate::io_error(context, io);
         }
         source = error.source();
     }

@@ -81,6 +81,16 @@ async fn off_the_runtime(work: impl FnOnce() -> Result<Value, TaskError> + Send 
         .unwrap_or_else(|e| Err(TaskError::permanent("panic", format!("the handler failed: {e}"))))
 }
 
+/// A file-system error as a task error: a full disk is worth a retry (`disk_full`); anything else
+/// is a permanent `io` error.
+pub(crate) fn io_error(context: &str, e: &std::io::Error) -> TaskError {
+    if e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull {
+        TaskError::retryable("disk_full", format!("{context}: {e}"))
+    } else {
+        TaskError::permanent("io", format!("{context}: {e}"))
+    }
+}
+
 fn extract_metadata(task: &Task) -> Result<Value, TaskError> {
     raster::metadata(raster::param_str(task, "path")?)
 }

@@ -76,9 +76,9 @@ fn exists(path: &str) -> bool {
 pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
     if !path.starts_with("/vsi") {
         if let Some(parent) = Path::new(path).parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io_error(path, &e))?;
+            std::fs::create_dir_all(parent).map_err(|e| crate::io_error(path, &e))?;
         }
-        return std::fs::write(path, bytes).map_err(|e| io_error(path, &e));
+        return std::fs::write(path, bytes).map_err(|e| crate::io_error(path, &e));
     }
     let c_path = CString::new(path).map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
     unsafe {
@@ -93,14 +93,6 @@ pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
         }
     }
     Ok(())
-}
-
-fn io_error(path: &str, e: &std::io::Error) -> TaskError {
-    if e.raw_os_error() == Some(28) {
-        TaskError::retryable("disk_full", format!("{path}: {e}"))
-    } else {
-        TaskError::permanent("io", format!("{path}: {e}"))
-    }
 }
 
 fn open(location: &str) -> Result<Dataset, TaskError> {
@@ -263,7 +255,7 @@ pub fn cog(task: &Task) -> Result<Value, TaskError> {
     let source = param_str(task, "source")?;
     let output = gdal_path(param_str(task, "output")?)?;
     if !output.starts_with("/vsi") {
-        std::fs::create_dir_all(&output).map_err(|e| io_error(&output, &e))?;
+        std::fs::create_dir_all(&output).map_err(|e| crate::io_error(&output, &e))?;
     }
     let dataset = open(source)?;
     let p = &task.params;

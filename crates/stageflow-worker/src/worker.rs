@@ -179,18 +179,7 @@ async fn report_outcomes(
             let reports = loop {
                 match api.complete_many(&completions, &worker_id).await {
                     Ok(reports) => break reports,
-                    Err(error) if is_connection_error(&error) => {
-                        tracing::warn!(%error, "lost the database while reporting; reconnecting");
-                        sleep(Duration::from_millis(100)).await;
-                        api = connect_with_retry(&url).await;
-                    }
-                    // Another transaction was in the way (a deadlock PostgreSQL broke by rolling
-                    // this call back): nothing was recorded, so the same call is made again.
-                    Err(error) if is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES => {
-                        conflicts += 1;
-                        tracing::warn!(%error, attempt = conflicts, "complete_tasks conflicted; reporting again");
-                        sleep(Duration::from_millis(20 * conflicts)).await;
-                    }
+                    Err(error) if report_again(&error, &mut conflicts, &mut api, &url, "complete_tasks").await => {}
                     Err(error) => {
                         // The whole call was refused. The tasks stay running until their leases
                         // expire and are delivered again; their slots are freed below.
@@ -231,16 +220,7 @@ async fn report_outcomes(
                         counters.failed.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    Err(e) if is_connection_error(&e) => {
-                        tracing::warn!(%task_id, error = %e, "lost the database while reporting; reconnecting");
-                        sleep(Duration::from_millis(100)).await;
-                        api = connect_with_retry(&url).await;
-                    }
-                    Err(e) if is_conflict(&e) && conflicts < MAX_CONFLICT_RETRIES => {
-                        conflicts += 1;
-                        tracing::warn!(%task_id, error = %e, attempt = conflicts, "fail_task conflicted; reporting again");
-                        sleep(Duration::from_millis(20 * conflicts)).await;
-                    }
+                    Err(e) if report_again(&e, &mut conflicts, &mut api, &url, &task_id).await => {}
                     Err(e) => {
                         let db = e.as_db_error().expect("not a connection error");
                         tracing::info!(%task_id, code = db.code().code(), message = db.message(), "failure report refused");
@@ -251,6 +231,26 @@ async fn report_outcomes(
             let _ = reported.send(task_id);
         }
     }
+}
+
+/// After a report call failed, whether to make it again: after reconnecting when the connection was
+/// lost, or after a short wait when another transaction was in the way (a deadlock PostgreSQL broke
+/// by rolling the call back: nothing was recorded), at most MAX_CONFLICT_RETRIES times. `what`
+/// names the report in the log.
+async fn report_again(error: &tokio_postgres::Error, conflicts: &mut u64, api: &mut TaskApi, url: &str, what: &str) -> bool {
+    if is_connection_error(error) {
+        tracing::warn!(%error, what, "lost the database while reporting; reconnecting");
+        sleep(Duration::from_millis(100)).await;
+        *api = connect_with_retry(url).await;
+        return true;
+    }
+    if is_conflict(error) && *conflicts < MAX_CONFLICT_RETRIES {
+        *conflicts += 1;
+        tracing::warn!(%error, what, attempt = *conflicts, "a report conflicted with another transaction; reporting again");
+        sleep(Duration::from_millis(20 * *conflicts)).await;
+        return true;
+    }
+    false
 }
 
 /// How long the reporter waits for more outcomes to send together.
