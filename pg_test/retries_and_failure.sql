@@ -27,15 +27,23 @@ BEGIN
     ASSERT v_vt > clock_timestamp() + interval '4 seconds', 'the message is invisible during the backoff';
     ASSERT (SELECT status FROM stageflow.tasks WHERE task_id = v_task) = 'queued';
 
-    -- Make the message visible now (what the backoff's end does) and fail attempt 2.
+    -- Before the backoff ends, the task is not claimable even if its message is made visible:
+    -- the task row decides, and the message is pushed back to when the retry is due.
     PERFORM pgmq.set_vt('flaky', (SELECT msg_id FROM stageflow.tasks WHERE task_id = v_task), 0);
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.claim_tasks('flaky', 3, 60, 'w1') AS c WHERE c.task_id = v_task),
+        'a retry that is not due is not claimed';
+    SELECT q.vt INTO v_vt FROM pgmq.q_flaky AS q JOIN stageflow.tasks AS t ON t.msg_id = q.msg_id WHERE t.task_id = v_task;
+    ASSERT v_vt = (SELECT next_attempt_at FROM stageflow.tasks WHERE task_id = v_task), 'its message waits for the retry';
+    -- Move the engine's clock past the backoff (the same clock decides the message's visibility)
+    -- and fail attempt 2.
+    PERFORM set_config('stageflow.fake_now', (now() + interval '11 seconds')::text, true);
     ASSERT (SELECT count(*) FROM stageflow.claim_tasks('flaky', 3, 60, 'w1') AS c WHERE c.task_id = v_task AND c.attempt = 2) = 1,
         'attempt 2 is claimed';
     v_report := stageflow.fail_task(v_task, '"second"');
     -- b = min(15, 10 * 2) = 15
     ASSERT (v_report ->> 'retry_in_seconds')::numeric BETWEEN 7.5 AND 15, 'the backoff is capped: ' || v_report::text;
 
-    PERFORM pgmq.set_vt('flaky', (SELECT msg_id FROM stageflow.tasks WHERE task_id = v_task), 0);
+    PERFORM set_config('stageflow.fake_now', (now() + interval '30 seconds')::text, true);
     ASSERT (SELECT count(*) FROM stageflow.claim_tasks('flaky', 3, 60, 'w1') AS c WHERE c.task_id = v_task AND c.attempt = 3) = 1;
     v_report := stageflow.fail_task(v_task, '{"message": "third"}');
     ASSERT v_report ->> 'task_status' = 'dead' AND v_report ->> 'job_status' = 'failed', 'attempts ran out: ' || v_report::text;

@@ -107,6 +107,11 @@ CREATE TABLE stageflow.tasks (
                       CHECK (status IN ('queued', 'running', 'completed', 'failed', 'dead', 'cancelled')),
     attempt           int NOT NULL DEFAULT 0,
     max_attempts      int NOT NULL,
+    -- The fencing token of the task's current (or last) lease: every claim adds one, nothing
+    -- else changes it. A report naming another token comes from a lease that is over.
+    lease_token       bigint NOT NULL DEFAULT 0,
+    -- The task's current message: the delivery hint. The task row, not the message, decides
+    -- whether the task may be claimed; a message that is not this one is stray.
     msg_id            bigint NOT NULL,
     worker_id         text,
     lease_expires_at  timestamptz,
@@ -146,6 +151,14 @@ CREATE TABLE stageflow.events (
 );
 CREATE INDEX events_job_idx ON stageflow.events (job_id, event_id);
 
+-- Where maintenance's reconciler left off in its walk over the tasks (name 'tasks', a task_id)
+-- and over each queue's messages (name 'queue:<queue>', a msg_id): each round looks at the next
+-- max_rows of them, so a full pass is bounded per round whatever the tables' sizes.
+CREATE TABLE stageflow.maintenance_cursors (
+    name      text PRIMARY KEY,
+    position  text NOT NULL
+);
+
 -- pg_dump keeps the engine's state with the extension (the built-in job types come with it).
 SELECT pg_catalog.pg_extension_config_dump('stageflow.job_types', $$WHERE name <> 'hello_world'$$);
 SELECT pg_catalog.pg_extension_config_dump('stageflow.jobs', '');
@@ -153,3 +166,4 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.stages', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.stage_shards', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');

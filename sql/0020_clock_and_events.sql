@@ -1,7 +1,8 @@
 -- The engine's clock: now(), unless the setting stageflow.fake_now holds a timestamp. Every
--- decision about time (leases, backoff, job deadlines, retention) reads it, so tests move time
--- forward with SET stageflow.fake_now instead of sleeping. pgmq's visibility timeouts run on the
--- real clock; maintenance (run_maintenance) releases what the engine's clock says is due.
+-- decision about time reads it: lease expiry, due retries, job deadlines, retention, and the
+-- visibility of the queue messages Stageflow writes and reads (their vt is set and compared with
+-- this clock, not the wall clock), so tests move time forward with SET stageflow.fake_now instead
+-- of sleeping, and a lease, its message and its expiry agree.
 -- Every name is qualified and there is no SET clause, so that PostgreSQL inlines it into the
 -- statements of the hot path (a function with SET is never inlined).
 CREATE FUNCTION stageflow.now()
@@ -75,16 +76,55 @@ BEGIN
 END;
 $$;
 
--- Raises 55000 when a worker reports a task whose current lease another worker holds.
-CREATE FUNCTION stageflow._raise_foreign_lease(p_task_id text, p_holder text, p_worker_id text)
+-- Why a report (p_verb: 'completed', 'failed') of a task cannot be recorded, as
+-- {"sqlstate", "message", "hint"}, or NULL when it can: the one wording of every refusal, decided
+-- from the task row read under its lock. A report names the lease it comes from by its token
+-- (p_token) and/or the worker_id it claimed with (p_worker_id); a report naming neither trusts
+-- the caller (the psql form). A completion repeated by the lease that made it is not refused.
+CREATE FUNCTION stageflow._refusal(p_task stageflow.tasks, p_task_id text, p_verb text, p_token bigint, p_worker_id text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_task.task_id IS NULL THEN
+            jsonb_build_object('sqlstate', '42704', 'message', format('unknown task %L', p_task_id),
+                               'hint', 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>')
+        WHEN p_token IS NOT NULL AND p_token <> p_task.lease_token THEN
+            jsonb_build_object('sqlstate', '55000',
+                               'message', format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
+                               'hint', 'the lease expired and the task was claimed again; its current holder reports it')
+        WHEN p_task.status = 'running' AND p_token IS NULL AND p_worker_id IS NOT NULL
+             AND p_task.worker_id IS DISTINCT FROM p_worker_id THEN
+            jsonb_build_object('sqlstate', '55000',
+                               'message', format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                               'hint', 'the lease expired and the task was delivered again; its new holder reports it')
+        WHEN p_task.status = 'running' THEN NULL
+        WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
+        WHEN p_task.status = 'queued' THEN
+            jsonb_build_object('sqlstate', '55000', 'message', format('task %s is not claimed', p_task_id),
+                               'hint', 'claim it with stageflow.claim_tasks first; a task waiting for a retry is claimable after its backoff')
+        WHEN p_task.status = 'cancelled' THEN
+            jsonb_build_object('sqlstate', '55000',
+                               'message', format('task %s is cancelled: its job ended, the outcome is not recorded', p_task_id),
+                               'hint', 'see stageflow.job_status(job_id) for why the job ended')
+        WHEN p_task.status = 'completed' THEN
+            jsonb_build_object('sqlstate', '55000', 'message', format('task %s is already completed and cannot be %s', p_task_id, p_verb),
+                               'hint', 'a completed task keeps its result; retry the whole job to run it again')
+        ELSE
+            jsonb_build_object('sqlstate', '55000', 'message', format('task %s is %s and cannot be %s', p_task_id, p_task.status, p_verb),
+                               'hint', 'stageflow.retry_job(job_id) runs failed and dead tasks again')
+    END
+$$;
+
+-- Raises a refusal made by stageflow._refusal.
+CREATE FUNCTION stageflow._raise_refusal(p_refusal jsonb)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RAISE EXCEPTION USING
-        ERRCODE = '55000',
-        MESSAGE = format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_holder, '(none)'), p_worker_id),
-        HINT = 'the lease expired and the task was delivered again; its new holder reports it';
+        ERRCODE = p_refusal ->> 'sqlstate', MESSAGE = p_refusal ->> 'message', HINT = p_refusal ->> 'hint';
 END;
 $$;

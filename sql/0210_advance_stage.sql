@@ -4,6 +4,14 @@
 -- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
 -- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
 --
+-- Fault isolation: an error while creating the next stage's tasks (a planner's results naming a
+-- key twice, a fan-out over a limit, a definition problem) is that job's failure, never its
+-- caller's: the stage's creation is rolled back and the job fails with a categorised
+-- `stage_creation_failed` error (event job_failed), whichever claim, batch or maintenance round
+-- happened to advance it.
+-- A job that ended while its last completion was on the way here (cancelled, failed) is not
+-- advanced; the stage that completion emptied is closed with the job.
+--
 -- The job's result: the task's result when the last stage is `single` or `fan_in`, otherwise the
 -- array of the last stage's results in task order. A job some of whose tasks failed within their
 -- stages' thresholds ends `completed_with_errors`.
@@ -19,6 +27,9 @@ DECLARE
     v_advanced  boolean := false;
     v_created   int;
     v_result    jsonb;
+    v_message   text;
+    v_sqlstate  text;
+    v_hint      text;
 BEGIN
     SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -65,7 +76,18 @@ BEGIN
             EXIT;
         END IF;
 
-        v_created := stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1);
+        BEGIN
+            v_created := stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
+                       OR syntax_error_or_access_rule_violation OR raise_exception THEN
+            GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_sqlstate = RETURNED_SQLSTATE, v_hint = PG_EXCEPTION_HINT;
+            PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
+                'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
+                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_message),
+                'sqlstate', v_sqlstate, 'hint', nullif(v_hint, '')));
+            SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
+            EXIT;
+        END;
         UPDATE stageflow.jobs AS j
            SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
          WHERE j.job_id = v_job.job_id
@@ -73,6 +95,13 @@ BEGIN
         v_advanced := true;
         EXIT WHEN v_created > 0;
     END LOOP;
+
+    IF NOT v_advanced AND v_job.status NOT IN ('queued', 'processing') THEN
+        UPDATE stageflow.stages AS s
+           SET status = CASE WHEN v_job.status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
+               completed_at = stageflow.now()
+         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage AND s.status = 'active' AND s.open_shards = 0;
+    END IF;
 
     RETURN jsonb_build_object(
         'job_id', v_job.job_id,

@@ -22,14 +22,26 @@ END;
 $$;
 
 -- Claims up to max_tasks tasks of a queue for lease_seconds (or the stage's own lease_seconds,
--- when its definition sets one): reads their messages with the lease as pgmq's visibility timeout
--- and marks the tasks running with attempt + 1. A task whose lease runs out without a completion
--- is delivered again by a later claim. Messages whose task can no longer run (finished, or its job
--- ended) are deleted; a task whose attempts were all spent on expired leases is dead-lettered.
+-- when its definition sets one) and marks them running with attempt + 1 and a new lease token.
+--
+-- The task row is the authority; its message is only a delivery hint. The claim reads messages
+-- visible by the engine's clock (making them invisible for the lease), then locks the tasks they
+-- name, skipping tasks another session holds, and takes a task only if, under its row lock, the
+-- message is the task's current one, its job is open, it has attempts left, and it is queued and
+-- due or running with an expired lease. Whatever else a message turns out to be is settled here:
+--   * a message that is not its task's current one (a duplicate, a leftover), or whose task has
+--     ended, is deleted without touching the task; an open task of an ended job is cancelled;
+--   * a running task whose lease expired with no attempts left is dead-lettered;
+--   * the message of a live lease, or of a retry not yet due, is pushed to that time;
+--   * the message of a task another session holds becomes visible again a second later.
+-- Lock order: messages, then tasks (never waited for: SKIP LOCKED), then shards, stage, job. Every
+-- other path locks a task before its message, so a claim and a report never wait for each other
+-- in a cycle.
 --
 -- Each row carries the task's params (the job's params overlaid with the task's own; for an `each`
 -- stage the fanned-out array is left out), its predecessor's result (lineage), its inputs
--- (fan-in), and the stage's handler timeout in seconds (NULL when it sets none).
+-- (fan-in), the stage's handler timeout in seconds (NULL when it sets none), the lease's token
+-- (pass it back with every report: complete, fail, heartbeat, release) and its length in seconds.
 CREATE FUNCTION stageflow.claim_tasks(
     queue text DEFAULT 'default',
     max_tasks int DEFAULT 1,
@@ -38,7 +50,7 @@ CREATE FUNCTION stageflow.claim_tasks(
 RETURNS TABLE (
     task_id text, job_id text, job_type text, stage int, stage_name text, handler text,
     task_key text, params jsonb, predecessor jsonb, inputs jsonb, attempt int,
-    lease_expires_at timestamptz, timeout_seconds int)
+    lease_expires_at timestamptz, timeout_seconds int, lease_token bigint, effective_lease_seconds int)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -47,13 +59,16 @@ SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
+    v_now          timestamptz := stageflow.now();
     v_msg_ids      bigint[];
     v_task_ids     text[];
+    v_locked       text[];
     v_claimed_ids  text[];
     v_own_lease    int[];
     v_own_msgs     bigint[];
-    v_stale        text[] := '{}';
-    v_stale_msgs   bigint[] := '{}';
+    v_stray_msgs   bigint[] := '{}';
+    v_busy_msgs    bigint[] := '{}';
+    v_cancel       text[] := '{}';
     r              record;
 BEGIN
     -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
@@ -71,54 +86,69 @@ BEGIN
         PERFORM stageflow._raise_bad_lease(claim_tasks.lease_seconds);
     END IF;
 
-    -- pgmq.read's statement, with its plan kept for the session (stageflow._read_messages).
+    -- pgmq.read's statement on the engine's clock, with its plan kept (stageflow._read_messages).
+    -- (The clock as it reads now: stageflow.now() is the transaction's start, before which a
+    -- message sent earlier in the same transaction would not yet be visible.)
     SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
       INTO v_msg_ids, v_task_ids
-      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks) AS m;
+      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks,
+                                    greatest(v_now, clock_timestamp())) AS m;
     IF v_msg_ids IS NULL THEN
         RETURN;
     END IF;
 
-    WITH claimed AS (
+    -- Lock the tasks whose current message was read (rows another session holds are skipped; a
+    -- row changed since this statement's snapshot is locked in its newest version and its
+    -- conditions re-checked there), then take those that may be claimed. The UPDATE re-checks
+    -- its conditions on the newest version of each locked row.
+    WITH locked AS (
+        SELECT t.task_id FROM stageflow.tasks AS t
+         WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
+         ORDER BY t.task_id
+           FOR UPDATE SKIP LOCKED
+    ), claimed AS (
         UPDATE stageflow.tasks AS t
            SET status = 'running',
                attempt = t.attempt + 1,
-               lease_expires_at = stageflow.now()
-                                  + make_interval(secs => coalesce(s.lease_seconds, claim_tasks.lease_seconds)),
+               lease_token = t.lease_token + 1,
+               lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, claim_tasks.lease_seconds)),
                worker_id = claim_tasks.worker_id,
-               started_at = coalesce(t.started_at, stageflow.now()),
-               claimed_at = stageflow.now(),
+               started_at = coalesce(t.started_at, v_now),
+               claimed_at = v_now,
                next_attempt_at = NULL
           FROM stageflow.jobs AS j, stageflow.stages AS s
-         WHERE t.task_id = ANY (v_task_ids)
+         WHERE t.task_id IN (SELECT l.task_id FROM locked AS l)
            AND j.job_id = t.job_id
            AND s.job_id = t.job_id AND s.stage = t.stage
            AND j.status IN ('queued', 'processing')
-           AND t.status IN ('queued', 'running')
            AND t.attempt < t.max_attempts
+           AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
+                OR (t.status = 'running' AND t.lease_expires_at <= v_now))
         RETURNING t.task_id, t.job_id, t.msg_id, s.lease_seconds
     ), started AS (
         UPDATE stageflow.jobs AS j
-           SET status = 'processing', started_at = stageflow.now(), updated_at = stageflow.now()
+           SET status = 'processing', started_at = v_now, updated_at = v_now
          WHERE j.job_id IN (SELECT c.job_id FROM claimed AS c) AND j.status = 'queued'
     )
-    SELECT array_agg(c.task_id),
+    SELECT (SELECT array_agg(l.task_id) FROM locked AS l),
+           array_agg(c.task_id),
            array_agg(c.lease_seconds) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
                                                     AND c.lease_seconds IS NOT NULL),
            array_agg(c.msg_id) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
                                              AND c.lease_seconds IS NOT NULL)
-      INTO v_claimed_ids, v_own_lease, v_own_msgs
+      INTO v_locked, v_claimed_ids, v_own_lease, v_own_msgs
       FROM claimed AS c;
 
     -- Stages with a lease of their own: their messages stay invisible that long instead.
     FOR r IN SELECT u.lease, array_agg(u.msg_id) AS msg_ids FROM unnest(v_own_lease, v_own_msgs) AS u(lease, msg_id) GROUP BY u.lease LOOP
-        PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, clock_timestamp() + make_interval(secs => r.lease));
+        PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, v_now + make_interval(secs => r.lease));
     END LOOP;
 
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
            CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END || t.params,
-           p.result, t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds
+           p.result, t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds, t.lease_token,
+           coalesce(s.lease_seconds, claim_tasks.lease_seconds)
       FROM stageflow.tasks AS t
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
@@ -129,19 +159,32 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Messages that did not become claims (rare): a task still running whose attempts were all
-    -- spent on expired leases is dead-lettered; any other (finished, or of a job that ended) has
-    -- its message deleted and, if still open, is cancelled.
+    -- Messages that did not become claims (rare), read again in a new snapshot: the rows locked
+    -- above are as they are now and stay so until this transaction ends.
     FOR r IN
-        SELECT u.msg_id, u.task_id, t.status, t.attempt, t.max_attempts, j.status AS job_status
+        SELECT u.msg_id, u.task_id, u.task_id = ANY (coalesce(v_locked, '{}')) AS mine,
+               t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
+               t.next_attempt_at, j.status AS job_status
           FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
-          LEFT JOIN unnest(v_claimed_ids) AS c(task_id) ON c.task_id = u.task_id
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
           LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE c.task_id IS NULL
+         WHERE NOT (u.task_id = ANY (coalesce(v_claimed_ids, '{}')))
          ORDER BY u.msg_id
     LOOP
-        IF r.status = 'running' AND r.job_status IN ('queued', 'processing') THEN
+        IF NOT r.mine THEN
+            IF r.current_msg_id IS NOT DISTINCT FROM r.msg_id THEN
+                v_busy_msgs := v_busy_msgs || r.msg_id;     -- another session holds the task
+            ELSE
+                v_stray_msgs := v_stray_msgs || r.msg_id;   -- not its task's current message
+            END IF;
+        ELSIF r.job_status NOT IN ('queued', 'processing') OR r.status NOT IN ('queued', 'running') THEN
+            v_stray_msgs := v_stray_msgs || r.msg_id;
+            IF r.status IN ('queued', 'running') THEN
+                v_cancel := v_cancel || r.task_id;
+            END IF;
+        ELSIF r.status = 'running' AND r.lease_expires_at > v_now THEN
+            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_id, r.lease_expires_at);
+        ELSIF r.attempt >= r.max_attempts THEN
             PERFORM stageflow._end_task(
                 r.task_id, 'dead',
                 jsonb_build_object(
@@ -149,18 +192,23 @@ BEGIN
                     'message', format('the lease of attempt %s of %s expired before the task was completed',
                                       r.attempt, r.max_attempts),
                     'category', 'transient'));
+        ELSIF r.status = 'queued' AND r.next_attempt_at > v_now THEN
+            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_id, r.next_attempt_at);
         ELSE
-            v_stale_msgs := v_stale_msgs || r.msg_id;
-            v_stale := v_stale || r.task_id;
+            -- claimable now, though not when the claim's snapshot looked: visible again at once
+            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_id, v_now);
         END IF;
     END LOOP;
-    PERFORM stageflow._delete_messages(claim_tasks.queue, v_stale_msgs);
-    -- The open ones among them are cancelled, each stage's shards moved once.
+    IF cardinality(v_busy_msgs) > 0 THEN
+        PERFORM pgmq.set_vt(claim_tasks.queue, v_busy_msgs, v_now + interval '1 second');
+    END IF;
+    PERFORM stageflow._delete_messages(claim_tasks.queue, v_stray_msgs);
+    -- Open tasks of ended jobs are cancelled, each stage's shards moved once.
     FOR r IN
         WITH cancelled AS (
             UPDATE stageflow.tasks AS t
-               SET status = 'cancelled', lease_expires_at = NULL, completed_at = stageflow.now()
-             WHERE t.task_id = ANY (v_stale) AND t.status IN ('queued', 'running')
+               SET status = 'cancelled', lease_expires_at = NULL, completed_at = v_now
+             WHERE t.task_id = ANY (v_cancel) AND t.status IN ('queued', 'running')
             RETURNING t.job_id, t.stage, t.ordinal
         )
         SELECT c.job_id, c.stage, array_agg(c.ordinal) AS ordinals FROM cancelled AS c

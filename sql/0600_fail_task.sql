@@ -1,10 +1,10 @@
--- Deletes, without waiting, the messages of a job's open (queued or running) tasks and marks those
--- tasks cancelled; returns how many. Rows another session holds (a claim or a completion in
--- flight) are skipped instead of waited for: waiting could deadlock with a completion that holds
--- a message and waits for the stage row we hold. The skipped ones settle themselves: a claim
--- drops a task whose job ended, a completion of it is recorded without advancing the job.
--- pgmq.delete cannot skip locked rows, so this deletes from the queue table, named by pgmq's own
--- pgmq.format_table_name.
+-- Cancels the open (queued or running) tasks of a job that has ended, skipping rows another
+-- session holds instead of waiting for them (a report or claim of that task is in flight and
+-- settles it: a claim drops a task whose job ended, a report is recorded without advancing the
+-- job; maintenance's reconciler cancels what is still open afterwards). Tasks first, then their
+-- messages (also skipped when held: a claim holding one finds its task cancelled and deletes it),
+-- then each stage's shards. pgmq.delete cannot skip locked rows, so this deletes from the queue
+-- table, named by pgmq's own pgmq.format_table_name. Returns how many tasks it cancelled.
 CREATE FUNCTION stageflow._cancel_open_tasks(p_job_id text)
 RETURNS int
 LANGUAGE plpgsql
@@ -12,42 +12,54 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_group      record;
-    v_cancelled  int := 0;
+    v_stages     int[];
+    v_ordinals   int[];
+    v_queues     text[];
+    v_msg_ids    bigint[];
 BEGIN
+    WITH cancelled AS (
+        UPDATE stageflow.tasks AS t
+           SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
+         WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
+                              WHERE o.job_id = p_job_id AND o.status IN ('queued', 'running')
+                              ORDER BY o.task_id
+                                FOR UPDATE SKIP LOCKED)
+        RETURNING t.stage, t.ordinal, t.msg_id
+    )
+    SELECT array_agg(c.stage), array_agg(c.ordinal), array_agg(s.queue), array_agg(c.msg_id)
+      INTO v_stages, v_ordinals, v_queues, v_msg_ids
+      FROM cancelled AS c
+      JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = c.stage;
+    IF v_stages IS NULL THEN
+        RETURN 0;
+    END IF;
+
     FOR v_group IN
-        SELECT s.queue, array_agg(t.msg_id) AS msg_ids
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         WHERE t.job_id = p_job_id AND t.status IN ('queued', 'running')
-         GROUP BY s.queue
+        SELECT u.queue, array_agg(u.msg_id ORDER BY u.msg_id) AS msg_ids FROM unnest(v_queues, v_msg_ids) AS u(queue, msg_id)
+         GROUP BY u.queue ORDER BY u.queue
     LOOP
         EXECUTE format(
             'DELETE FROM pgmq.%1$I WHERE msg_id IN '
-            '(SELECT q.msg_id FROM pgmq.%1$I AS q WHERE q.msg_id = ANY ($1) FOR UPDATE SKIP LOCKED)',
+            '(SELECT q.msg_id FROM pgmq.%1$I AS q WHERE q.msg_id = ANY ($1) ORDER BY q.msg_id FOR UPDATE SKIP LOCKED)',
             pgmq.format_table_name(v_group.queue, 'q'))
         USING v_group.msg_ids;
     END LOOP;
-
     FOR v_group IN
-        WITH cancelled AS (
-            UPDATE stageflow.tasks AS t
-               SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
-             WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
-                                  WHERE o.job_id = p_job_id AND o.status IN ('queued', 'running')
-                                    FOR UPDATE SKIP LOCKED)
-            RETURNING t.stage, t.ordinal
-        )
-        SELECT c.stage, array_agg(c.ordinal) AS ordinals FROM cancelled AS c GROUP BY c.stage ORDER BY c.stage
+        SELECT u.stage, array_agg(u.ordinal) AS ordinals FROM unnest(v_stages, v_ordinals) AS u(stage, ordinal)
+         GROUP BY u.stage ORDER BY u.stage
     LOOP
         PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.ordinals, -1);
-        v_cancelled := v_cancelled + cardinality(v_group.ordinals);
     END LOOP;
-    RETURN v_cancelled;
+    RETURN cardinality(v_stages);
 END;
 $$;
 
--- Ends an active job as failed or cancelled: cancels its open tasks, closes its active stage and
--- records the error. Returns false if the job had already ended.
+-- Ends an open job as failed or cancelled. The job row is updated (and so locked) first: from
+-- then on nothing advances the job (advance_stage waits for the row, then finds the job ended),
+-- and the statements after it see every stage and task a completion created before: its open
+-- tasks are cancelled and its active stages closed (stage rows another session holds are skipped:
+-- the completion holding one closes it when advance_stage finds the job ended). Records the
+-- error and emits job_<status>. Returns false if the job had already ended.
 CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -56,11 +68,6 @@ AS $$
 DECLARE
     v_cancelled int;
 BEGIN
-    v_cancelled := stageflow._cancel_open_tasks(p_job_id);
-    UPDATE stageflow.stages AS s
-       SET status = CASE WHEN p_status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
-           completed_at = stageflow.now()
-     WHERE s.job_id = p_job_id AND s.status = 'active';
     UPDATE stageflow.jobs AS j
        SET status = p_status, error = coalesce(p_error, j.error),
            completed_at = stageflow.now(), updated_at = stageflow.now()
@@ -68,6 +75,14 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    v_cancelled := stageflow._cancel_open_tasks(p_job_id);
+    UPDATE stageflow.stages AS s
+       SET status = CASE WHEN p_status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
+           completed_at = stageflow.now()
+     WHERE (s.job_id, s.stage) IN (SELECT a.job_id, a.stage FROM stageflow.stages AS a
+                                    WHERE a.job_id = p_job_id AND a.status = 'active'
+                                    ORDER BY a.stage
+                                      FOR UPDATE SKIP LOCKED);
     PERFORM stageflow._emit(p_job_id, 'job_' || p_status,
                             jsonb_build_object('error', p_error, 'cancelled_tasks', v_cancelled));
     RETURN true;
@@ -77,6 +92,7 @@ $$;
 -- Ends a task without a result: 'failed' (a permanent error) or 'dead' (its attempts ran out).
 -- Its message is archived (pgmq.archive), its error kept. Within the stage's failure threshold the
 -- stage goes on without it (and advances if it was the last open task); beyond it the job fails.
+-- The task row is locked before its message (callers that decided on it hold the lock already).
 -- Returns false if the task was no longer open.
 CREATE FUNCTION stageflow._end_task(p_task_id text, p_status text, p_error jsonb)
 RETURNS boolean
@@ -87,12 +103,15 @@ DECLARE
     v_task       record;
     v_stage      stageflow.stages;
 BEGIN
-    SELECT t.job_id, t.stage, t.ordinal, t.msg_id, t.attempt, s.queue INTO STRICT v_task
+    SELECT t.job_id, t.stage, t.ordinal, t.msg_id, t.attempt, t.status, s.queue INTO STRICT v_task
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-     WHERE t.task_id = p_task_id;
+     WHERE t.task_id = p_task_id
+       FOR UPDATE OF t;
+    IF v_task.status NOT IN ('queued', 'running') THEN
+        RETURN false;
+    END IF;
 
-    -- The message first, then the task: the lock order of claim_tasks.
     PERFORM pgmq.archive(v_task.queue, v_task.msg_id);
     UPDATE stageflow.tasks AS t
        SET status = p_status, error = p_error, completed_at = stageflow.now(), lease_expires_at = NULL,
@@ -138,9 +157,12 @@ $$;
 -- waiting between b/2 and b. A throttling failure waits at least retry_after_seconds (without it,
 -- twice the backoff). A permanent failure ends the task as `failed`; a retryable one that ran out
 -- of attempts ends it as `dead` (dead-lettered). Every attempt's error is kept in `errors`.
--- Failing a task that already ended reports it again. With worker_id, only the worker holding
--- the task's current lease may fail it (as in complete_task_and_check_stage).
-CREATE FUNCTION stageflow.fail_task(task_id text, error jsonb, retryable boolean DEFAULT true, worker_id text DEFAULT NULL)
+-- Failing a task that already ended as failed or dead reports it again. Fenced as
+-- complete_task_and_check_stage is, under the task's row lock: with lease_token only the current
+-- lease may fail the task, with worker_id alone only the worker holding it; with neither the
+-- caller is trusted.
+CREATE FUNCTION stageflow.fail_task(task_id text, error jsonb, retryable boolean DEFAULT true, worker_id text DEFAULT NULL,
+                                    lease_token bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -148,21 +170,25 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_task         record;
+    v_row          stageflow.tasks;
+    v_refusal      jsonb;
+    v_now          timestamptz := stageflow.now();
     v_error        jsonb;
     v_category     text;
     v_retry_after  numeric;
     v_delay        numeric;
 BEGIN
-    SELECT t.job_id, t.stage, t.status, t.msg_id, t.attempt, t.max_attempts, t.worker_id, s.queue,
-           j.definition -> 'stages' -> (t.stage - 1) -> 'retry' AS retry
-      INTO v_task
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     WHERE t.task_id = fail_task.task_id;
+    -- The task row decides, under its lock (taken before its message, as every report does).
+    SELECT * INTO v_row FROM stageflow.tasks AS t WHERE t.task_id = fail_task.task_id FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM stageflow._raise_unknown('task', fail_task.task_id);
     END IF;
+    SELECT v_row.job_id, v_row.stage, v_row.status, v_row.msg_id, v_row.attempt, v_row.max_attempts, s.queue,
+           j.definition -> 'stages' -> (v_row.stage - 1) -> 'retry' AS retry
+      INTO v_task
+      FROM stageflow.stages AS s
+      JOIN stageflow.jobs AS j ON j.job_id = s.job_id
+     WHERE s.job_id = v_row.job_id AND s.stage = v_row.stage;
     IF fail_task.error IS NULL OR fail_task.retryable IS NULL THEN
         RAISE EXCEPTION USING
             ERRCODE = '22004',
@@ -200,25 +226,15 @@ BEGIN
     END IF;
     v_error := v_error || jsonb_build_object('category', v_category);
 
-    IF v_task.status = 'completed' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '55000',
-            MESSAGE = format('task %s is already completed and cannot fail', fail_task.task_id),
-            HINT = 'a completed task keeps its result; retry the whole job to run it again';
-    ELSIF v_task.status = 'queued' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '55000',
-            MESSAGE = format('task %s is not claimed', fail_task.task_id),
-            HINT = 'only a claimed (running) task can fail; claim it with stageflow.claim_tasks first';
-    ELSIF v_task.status = 'cancelled' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '55000',
-            MESSAGE = format('task %s is cancelled: its job ended', fail_task.task_id),
-            HINT = 'see stageflow.job_status(job_id) for why the job ended';
-    ELSIF v_task.status = 'running' THEN
-        IF fail_task.worker_id IS NOT NULL AND v_task.worker_id IS DISTINCT FROM fail_task.worker_id THEN
-            PERFORM stageflow._raise_foreign_lease(fail_task.task_id, v_task.worker_id, fail_task.worker_id);
-        END IF;
+    -- A task that already failed or died reports itself again (below); anything else not running,
+    -- or another lease's, is refused.
+    v_refusal := CASE WHEN v_task.status IN ('failed', 'dead')
+                           AND (fail_task.lease_token IS NULL OR fail_task.lease_token = v_row.lease_token) THEN NULL
+                      ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
+    IF v_refusal IS NOT NULL THEN
+        PERFORM stageflow._raise_refusal(v_refusal);
+    END IF;
+    IF v_task.status = 'running' THEN
         IF v_category <> 'permanent' AND v_task.attempt < v_task.max_attempts THEN
             v_delay := least((v_task.retry ->> 'backoff_max_seconds')::numeric,
                              (v_task.retry ->> 'backoff_base_seconds')::numeric * power(2, v_task.attempt - 1));
@@ -226,15 +242,15 @@ BEGIN
             IF v_category = 'throttling' THEN
                 v_delay := greatest(coalesce(v_retry_after, 2 * v_delay), v_delay);
             END IF;
-            -- The message first, then the task: the lock order of claim_tasks.
-            PERFORM pgmq.set_vt(v_task.queue, v_task.msg_id, clock_timestamp() + make_interval(secs => v_delay));
+            -- The task (locked above), then its message, visible when the retry is due.
             UPDATE stageflow.tasks AS t
                SET status = 'queued', error = v_error, lease_expires_at = NULL,
-                   next_attempt_at = stageflow.now() + make_interval(secs => v_delay),
+                   next_attempt_at = v_now + make_interval(secs => v_delay),
                    errors = t.errors || jsonb_build_array(jsonb_build_object(
-                       'attempt', t.attempt, 'at', stageflow.now(), 'worker_id', t.worker_id, 'error', v_error))
+                       'attempt', t.attempt, 'at', v_now, 'worker_id', t.worker_id, 'error', v_error))
              WHERE t.task_id = fail_task.task_id AND t.status = 'running';
             IF FOUND THEN
+                PERFORM pgmq.set_vt(v_task.queue, v_task.msg_id, v_now + make_interval(secs => v_delay));
                 PERFORM stageflow._emit(v_task.job_id, 'task_retry_scheduled',
                                         jsonb_build_object('attempt', v_task.attempt, 'retry_in_seconds', v_delay,
                                                            'error', v_error),

@@ -26,9 +26,13 @@ END;
 $$;
 
 -- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks are
--- queued again with fresh attempts and new messages, and the job is processing again. A job with
--- nothing to retry (running fine, or completed) is left as it is. Returns the number of tasks
--- re-queued.
+-- queued again with fresh attempts and new messages, the job is processing again and its deadline
+-- starts over (now + the job type's timeout_seconds). A job with nothing to retry (running fine,
+-- or completed) is left as it is. Returns the number of tasks re-queued.
+-- Lock order as every completion's, shards before stage before job: the current stage's shards
+-- and row are locked first (a completion emptying the stage finishes first, and if it advanced
+-- the job, the new current stage is taken instead), then the tasks to retry (failed, dead or
+-- cancelled: no claim or completion waits on anything while holding one), the job row last.
 CREATE FUNCTION stageflow.retry_job(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -42,17 +46,29 @@ DECLARE
     v_ordinals int[];
     v_failed   int;
 BEGIN
-    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('job', retry_job.job_id);
-    END IF;
-    IF v_job.status IN ('completed', 'completed_with_errors') THEN
-        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
-    END IF;
-    -- Read, not locked: the stage row is locked after its shards (the order of completions).
-    SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
-     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+    LOOP
+        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id;
+        IF NOT FOUND THEN
+            PERFORM stageflow._raise_unknown('job', retry_job.job_id);
+        END IF;
+        IF v_job.status IN ('completed', 'completed_with_errors') THEN
+            RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+        END IF;
+        -- (read again after the locks below: still on the stage locked?)
+        EXIT WHEN v_stage.stage IS NOT DISTINCT FROM v_job.current_stage;
+        PERFORM 1 FROM stageflow.stage_shards AS sh
+          WHERE sh.job_id = v_job.job_id AND sh.stage = v_job.current_stage
+          ORDER BY sh.shard FOR UPDATE;
+        SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
+         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage
+           FOR UPDATE;
+    END LOOP;
 
+    -- The tasks to run again, locked (and then read as they are now).
+    PERFORM 1 FROM stageflow.tasks AS t
+     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status IN ('failed', 'dead', 'cancelled')
+     ORDER BY t.task_id
+       FOR UPDATE;
     SELECT array_agg(t.task_id ORDER BY t.ordinal), array_agg(t.ordinal ORDER BY t.ordinal),
            count(*) FILTER (WHERE t.status IN ('failed', 'dead'))
       INTO v_ids, v_ordinals, v_failed
@@ -60,6 +76,7 @@ BEGIN
      WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
        AND t.status IN ('failed', 'dead', 'cancelled');
     IF v_ids IS NULL THEN
+        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id;
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
     END IF;
 
@@ -80,7 +97,8 @@ BEGIN
        SET status = 'active', completed_at = NULL
      WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
     UPDATE stageflow.jobs AS j
-       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now()
+       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
+           deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
      WHERE j.job_id = v_job.job_id;
     PERFORM stageflow._emit(v_job.job_id, 'job_retried',
                             jsonb_build_object('stage', v_job.current_stage, 'retried_tasks', cardinality(v_ids)),

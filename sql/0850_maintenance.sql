@@ -1,13 +1,18 @@
 -- One round of maintenance, run by the background worker every stageflow.maintenance_interval
--- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows:
---   * retries whose backoff is over (by the engine's clock) become visible now;
---   * expired leases: tasks with attempts left become visible for redelivery, tasks without are
---     dead-lettered;
+-- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
+-- re-checks what it acts on under the task's row lock (rows another session holds are left to the
+-- next round):
+--   * due retries: their queues' workers are woken (their messages are visible by the same clock);
+--   * expired leases with attempts left: their messages are made visible now, their queues woken;
+--   * expired leases without attempts left: the tasks are dead-lettered;
 --   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
+--   * the reconciler (stageflow._reconcile) walks on through tasks and messages;
 --   * finished jobs older than stageflow.retention (an interval, default 7 days; 0 keeps them)
 --     are deleted with their stages, tasks and events.
--- Returns what it did; an error in a round is caught, logged as a WARNING and returned as
--- {"error": ...} (with whatever the round had done rolled back), so the caller can go on.
+-- Each unit of work (a task, a job, a reconciler window, a retention batch) runs in a
+-- subtransaction: an error in one is logged as a WARNING, counted in "errors", and the round
+-- goes on. Returns what it did. Only an error outside every unit is returned as {"error": ...}
+-- (with the round rolled back), so the caller can back off.
 CREATE FUNCTION stageflow.run_maintenance(max_rows int DEFAULT 1000)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -21,108 +26,289 @@ DECLARE
     v_dead       int := 0;
     v_timed_out  int := 0;
     v_deleted    int := 0;
+    v_errors     int := 0;
+    v_reconciled jsonb := '{}';
     v_retention  interval;
     v_error_message text;
     v_error_state   text;
     r            record;
 BEGIN
-    -- Due retries and expired leases with attempts left: make their messages visible now.
+    -- Due retries: next_attempt_at is cleared (the claim takes a queued task whose retry is due or
+    -- unset) and the workers of their queues are woken.
     FOR r IN
-        SELECT s.queue, array_agg(t.msg_id) AS msg_ids,
-               count(*) FILTER (WHERE t.status = 'queued') AS retries,
-               count(*) FILTER (WHERE t.status = 'running') AS expired
-          FROM (SELECT d.job_id, d.stage, d.msg_id, d.status FROM stageflow.tasks AS d
-                 WHERE d.status = 'queued' AND d.next_attempt_at <= v_now
-                 ORDER BY d.next_attempt_at LIMIT max_rows) AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         GROUP BY s.queue
-        UNION ALL
-        SELECT s.queue, array_agg(t.msg_id), 0, count(*)
-          FROM (SELECT d.job_id, d.stage, d.msg_id FROM stageflow.tasks AS d
-                 WHERE d.status = 'running' AND d.lease_expires_at <= v_now AND d.attempt < d.max_attempts
-                 ORDER BY d.lease_expires_at LIMIT max_rows) AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         GROUP BY s.queue
+        WITH due AS (
+            UPDATE stageflow.tasks AS t SET next_attempt_at = NULL
+             WHERE t.task_id IN (SELECT d.task_id FROM stageflow.tasks AS d
+                                  WHERE d.status = 'queued' AND d.next_attempt_at <= v_now
+                                  ORDER BY d.next_attempt_at LIMIT max_rows
+                                    FOR UPDATE SKIP LOCKED)
+            RETURNING t.job_id, t.stage
+        )
+        SELECT s.queue, count(*)::int AS n FROM due AS d
+          JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
+         GROUP BY s.queue ORDER BY s.queue
     LOOP
-        PERFORM pgmq.set_vt(r.queue, r.msg_ids, clock_timestamp());
-        v_released := v_released + r.retries;
-        v_redeliver := v_redeliver + r.expired;
+        v_released := v_released + r.n;
         PERFORM pg_notify('stageflow_tasks', r.queue);
     END LOOP;
-    UPDATE stageflow.tasks AS t SET next_attempt_at = NULL
-     WHERE t.task_id IN (SELECT d.task_id FROM stageflow.tasks AS d
-                          WHERE d.status = 'queued' AND d.next_attempt_at <= v_now
-                          ORDER BY d.next_attempt_at LIMIT max_rows);
 
-    -- Expired leases without attempts left: dead letters. Their messages are locked first, per
-    -- queue in msg_id order: a completion takes a message before its task and its shard, so
-    -- ending these tasks one by one must not wait for the next one's message while holding the
-    -- shards of the one before.
+    -- Expired leases with attempts left, locked and re-checked: their current messages become
+    -- visible now (tasks before messages, the lock order of every report).
     FOR r IN
-        SELECT s.queue, array_agg(d.msg_id ORDER BY d.msg_id) AS msg_ids
-          FROM (SELECT t.job_id, t.stage, t.msg_id FROM stageflow.tasks AS t
-                 WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
-                 ORDER BY t.lease_expires_at LIMIT max_rows) AS d
-          JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
-         GROUP BY s.queue
-         ORDER BY s.queue
+        WITH expired AS (
+            SELECT d.job_id, d.stage, d.msg_id FROM stageflow.tasks AS d
+             WHERE d.status = 'running' AND d.lease_expires_at <= v_now AND d.attempt < d.max_attempts
+             ORDER BY d.lease_expires_at LIMIT max_rows
+               FOR UPDATE SKIP LOCKED
+        )
+        SELECT s.queue, array_agg(e.msg_id ORDER BY e.msg_id) AS msg_ids FROM expired AS e
+          JOIN stageflow.stages AS s ON s.job_id = e.job_id AND s.stage = e.stage
+         GROUP BY s.queue ORDER BY s.queue
     LOOP
-        EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM pgmq.%I AS q WHERE q.msg_id = ANY ($1) '
-                       'ORDER BY q.msg_id FOR UPDATE) AS locked', pgmq.format_table_name(r.queue, 'q'))
-        USING r.msg_ids;
+        PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
+        v_redeliver := v_redeliver + cardinality(r.msg_ids);
+        PERFORM pg_notify('stageflow_tasks', r.queue);
     END LOOP;
+
+    -- Expired leases without attempts left: dead letters, each in its own subtransaction, each
+    -- re-checked under its row lock.
     FOR r IN
         SELECT d.task_id, d.attempt, d.max_attempts FROM stageflow.tasks AS d
          WHERE d.status = 'running' AND d.lease_expires_at <= v_now AND d.attempt >= d.max_attempts
          ORDER BY d.lease_expires_at LIMIT max_rows
     LOOP
-        IF stageflow._end_task(r.task_id, 'dead', jsonb_build_object(
-               'type', 'lease_expired', 'category', 'transient',
-               'message', format('the lease of attempt %s of %s expired before the task was completed',
-                                 r.attempt, r.max_attempts))) THEN
-            v_dead := v_dead + 1;
-        END IF;
+        BEGIN
+            PERFORM 1 FROM stageflow.tasks AS t
+              WHERE t.task_id = r.task_id AND t.status = 'running' AND t.lease_expires_at <= v_now
+                AND t.attempt >= t.max_attempts
+                FOR UPDATE SKIP LOCKED;
+            IF FOUND AND stageflow._end_task(r.task_id, 'dead', jsonb_build_object(
+                   'type', 'lease_expired', 'category', 'transient',
+                   'message', format('the lease of attempt %s of %s expired before the task was completed',
+                                     r.attempt, r.max_attempts))) THEN
+                v_dead := v_dead + 1;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+            RAISE WARNING 'stageflow.run_maintenance: dead-lettering task %: % (SQLSTATE %)', r.task_id, v_error_message, v_error_state;
+            v_errors := v_errors + 1;
+        END;
     END LOOP;
 
-    -- Jobs past their deadline.
+    -- Jobs past their deadline, one subtransaction each.
     FOR r IN
-        SELECT j.job_id, j.deadline_at, j.created_at FROM stageflow.jobs AS j
+        SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
+          FROM stageflow.jobs AS j
          WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
          ORDER BY j.deadline_at LIMIT max_rows
     LOOP
-        IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
-               'type', 'job_timeout',
-               'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
-                                 extract(epoch FROM r.deadline_at - r.created_at)))) THEN
-            v_timed_out := v_timed_out + 1;
-        END IF;
+        BEGIN
+            IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
+                   'type', 'job_timeout', 'category', 'permanent',
+                   'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
+                                     r.timeout_seconds))) THEN
+                v_timed_out := v_timed_out + 1;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+            RAISE WARNING 'stageflow.run_maintenance: failing job % past its deadline: % (SQLSTATE %)', r.job_id, v_error_message, v_error_state;
+            v_errors := v_errors + 1;
+        END;
     END LOOP;
+
+    -- The reconciler's next windows.
+    BEGIN
+        v_reconciled := stageflow._reconcile(max_rows);
+        v_errors := v_errors + coalesce((v_reconciled ->> 'errors')::int, 0);
+        v_reconciled := v_reconciled - 'errors';
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+        RAISE WARNING 'stageflow.run_maintenance: reconciling: % (SQLSTATE %)', v_error_message, v_error_state;
+        v_errors := v_errors + 1;
+    END;
 
     -- Retention.
     -- Unset (the library not loaded in this session) means the default, 7 days; '' or 0 means forever.
     v_retention := nullif(nullif(coalesce(current_setting('stageflow.retention', true), '7 days'), ''), '0')::interval;
     IF v_retention IS NOT NULL THEN
-        WITH old AS (
-            SELECT j.job_id FROM stageflow.jobs AS j
-             WHERE j.completed_at < v_now - v_retention
-               AND j.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
-             ORDER BY j.completed_at LIMIT max_rows
-        ), tasks_gone AS (
-            DELETE FROM stageflow.tasks AS t USING old WHERE t.job_id = old.job_id
-        ), events_gone AS (
-            DELETE FROM stageflow.events AS e USING old WHERE e.job_id = old.job_id
-        ), jobs_gone AS (
-            DELETE FROM stageflow.jobs AS j USING old WHERE j.job_id = old.job_id RETURNING 1
-        )
-        SELECT count(*) INTO v_deleted FROM jobs_gone;
+        BEGIN
+            WITH old AS (
+                SELECT j.job_id FROM stageflow.jobs AS j
+                 WHERE j.completed_at < v_now - v_retention
+                   AND j.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+                 ORDER BY j.completed_at LIMIT max_rows
+                   FOR UPDATE SKIP LOCKED
+            ), tasks_gone AS (
+                DELETE FROM stageflow.tasks AS t USING old WHERE t.job_id = old.job_id
+            ), events_gone AS (
+                DELETE FROM stageflow.events AS e USING old WHERE e.job_id = old.job_id
+            ), jobs_gone AS (
+                DELETE FROM stageflow.jobs AS j USING old WHERE j.job_id = old.job_id RETURNING 1
+            )
+            SELECT count(*) INTO v_deleted FROM jobs_gone;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+            RAISE WARNING 'stageflow.run_maintenance: retention: % (SQLSTATE %)', v_error_message, v_error_state;
+            v_errors := v_errors + 1;
+        END;
     END IF;
 
     RETURN jsonb_build_object(
         'retries_released', v_released, 'leases_expired', v_redeliver, 'dead_lettered', v_dead,
-        'jobs_timed_out', v_timed_out, 'jobs_deleted', v_deleted);
+        'jobs_timed_out', v_timed_out, 'jobs_deleted', v_deleted, 'errors', v_errors) || v_reconciled;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
     RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
     RETURN jsonb_build_object('error', jsonb_build_object('message', v_error_message, 'sqlstate', v_error_state));
+END;
+$$;
+
+-- The reconciler: each call looks at the next max_rows tasks (in task_id order, from where the
+-- last call stopped, wrapping around) and the next max_rows messages of each queue a job type
+-- uses (in msg_id order, likewise), so every task and message is looked at within a bounded
+-- number of rounds, at a bounded cost per round. What it mends, each under the task's row lock
+-- (held rows are left to a later pass):
+--   * an open task of an ended job is cancelled with its message (its job's other open tasks too);
+--   * an open task of a live job without its message gets a new one, visible when the task is
+--     next due (a running task: at its lease's expiry);
+--   * a message that is not its task's current one, or whose task has ended, is deleted.
+-- Returns {"tasks_cancelled", "messages_resent", "messages_deleted", "errors"}.
+CREATE FUNCTION stageflow._reconcile(max_rows int)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now        timestamptz := stageflow.now();
+    v_after      text;
+    v_window     text[];
+    v_cancelled  int := 0;
+    v_resent     int := 0;
+    v_deleted    int := 0;
+    v_errors     int := 0;
+    v_missing    bigint[];
+    v_msg_ids    bigint[];
+    v_task_ids   text[];
+    v_stray      bigint[];
+    v_cursor     bigint;
+    v_count      int;
+    v_msg_id     bigint;
+    v_error_message text;
+    v_error_state   text;
+    r            record;
+    q            record;
+BEGIN
+    -- Tasks: the next window.
+    v_after := coalesce((SELECT c.position FROM stageflow.maintenance_cursors AS c WHERE c.name = 'tasks'), '');
+    SELECT array_agg(w.task_id ORDER BY w.task_id) INTO v_window
+      FROM (SELECT t.task_id FROM stageflow.tasks AS t WHERE t.task_id > v_after ORDER BY t.task_id LIMIT max_rows) AS w;
+    INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+    VALUES ('tasks', CASE WHEN coalesce(cardinality(v_window), 0) < max_rows THEN '' ELSE v_window[cardinality(v_window)] END)
+    ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+
+    -- Open tasks of ended jobs: their jobs' open tasks are cancelled.
+    FOR r IN
+        SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
+          JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+         WHERE t.task_id = ANY (v_window) AND t.status IN ('queued', 'running')
+           AND j.status NOT IN ('queued', 'processing')
+    LOOP
+        BEGIN
+            v_cancelled := v_cancelled + stageflow._cancel_open_tasks(r.job_id);
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+            RAISE WARNING 'stageflow._reconcile: cancelling the open tasks of ended job %: % (SQLSTATE %)', r.job_id, v_error_message, v_error_state;
+            v_errors := v_errors + 1;
+        END;
+    END LOOP;
+
+    -- Open tasks of live jobs whose message is gone: a new one each.
+    FOR q IN
+        SELECT s.queue, array_agg(t.msg_id) AS msg_ids
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+          JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+         WHERE t.task_id = ANY (v_window) AND t.status IN ('queued', 'running')
+           AND j.status IN ('queued', 'processing')
+         GROUP BY s.queue
+    LOOP
+        EXECUTE format('SELECT array_agg(u.msg_id) FROM unnest($1) AS u(msg_id) '
+                       'WHERE NOT EXISTS (SELECT 1 FROM pgmq.%I AS m WHERE m.msg_id = u.msg_id)',
+                       pgmq.format_table_name(q.queue, 'q'))
+           INTO v_missing USING q.msg_ids;
+        FOR r IN
+            SELECT t.task_id, t.msg_id FROM stageflow.tasks AS t
+             WHERE t.task_id = ANY (v_window) AND t.msg_id = ANY (coalesce(v_missing, '{}'))
+             ORDER BY t.task_id
+        LOOP
+            BEGIN
+                -- Under the task's lock: still open, still on the missing message, and the message still gone?
+                PERFORM 1 FROM stageflow.tasks AS t
+                  WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND t.status IN ('queued', 'running')
+                    FOR UPDATE SKIP LOCKED;
+                IF FOUND THEN
+                    EXECUTE format('SELECT count(*) FROM pgmq.%I AS m WHERE m.msg_id = $1', pgmq.format_table_name(q.queue, 'q'))
+                       INTO v_count USING r.msg_id;
+                    IF v_count = 0 THEN
+                        SELECT pgmq.send(q.queue, jsonb_build_object('task_id', t.task_id),
+                                         CASE WHEN t.status = 'running' THEN greatest(t.lease_expires_at, v_now)
+                                              ELSE greatest(coalesce(t.next_attempt_at, v_now), v_now) END)
+                          INTO v_msg_id
+                          FROM stageflow.tasks AS t WHERE t.task_id = r.task_id;
+                        UPDATE stageflow.tasks AS t SET msg_id = v_msg_id WHERE t.task_id = r.task_id;
+                        v_resent := v_resent + 1;
+                    END IF;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+                RAISE WARNING 'stageflow._reconcile: re-sending the message of task %: % (SQLSTATE %)', r.task_id, v_error_message, v_error_state;
+                v_errors := v_errors + 1;
+            END;
+        END LOOP;
+    END LOOP;
+
+    -- Messages: the next window of each queue the job types use.
+    FOR q IN
+        SELECT DISTINCT e.stage ->> 'queue' AS queue
+          FROM stageflow.job_types AS jt
+         CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
+         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
+         ORDER BY 1
+    LOOP
+        BEGIN
+            v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
+                                   WHERE c.name = 'queue:' || q.queue), 0);
+            EXECUTE format('SELECT array_agg(w.msg_id ORDER BY w.msg_id), array_agg(w.task_id ORDER BY w.msg_id) '
+                           'FROM (SELECT m.msg_id, m.message ->> ''task_id'' AS task_id FROM pgmq.%I AS m '
+                           'WHERE m.msg_id > $1 ORDER BY m.msg_id LIMIT $2) AS w',
+                           pgmq.format_table_name(q.queue, 'q'))
+               INTO v_msg_ids, v_task_ids USING v_cursor, max_rows;
+            INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+            VALUES ('queue:' || q.queue,
+                    CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN '0' ELSE v_msg_ids[cardinality(v_msg_ids)]::text END)
+            ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+            -- Stray: no such task, or not its task's current message, or its task has ended.
+            SELECT array_agg(u.msg_id) INTO v_stray
+              FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
+              LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
+             WHERE t.task_id IS NULL OR t.msg_id <> u.msg_id OR t.status NOT IN ('queued', 'running');
+            IF v_stray IS NOT NULL THEN
+                EXECUTE format(
+                    'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
+                    '(SELECT m.msg_id FROM pgmq.%1$I AS m WHERE m.msg_id = ANY ($1) ORDER BY m.msg_id FOR UPDATE SKIP LOCKED) '
+                    'RETURNING 1) SELECT count(*) FROM gone',
+                    pgmq.format_table_name(q.queue, 'q'))
+                   INTO v_count USING v_stray;
+                v_deleted := v_deleted + v_count;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+            RAISE WARNING 'stageflow._reconcile: messages of queue %: % (SQLSTATE %)', q.queue, v_error_message, v_error_state;
+            v_errors := v_errors + 1;
+        END;
+    END LOOP;
+
+    RETURN jsonb_build_object('tasks_cancelled', v_cancelled, 'messages_resent', v_resent,
+                              'messages_deleted', v_deleted, 'errors', v_errors);
 END;
 $$;

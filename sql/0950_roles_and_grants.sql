@@ -26,11 +26,11 @@ GRANT USAGE ON SCHEMA stageflow TO stageflow_worker, stageflow_submitter, stagef
 
 GRANT EXECUTE ON FUNCTION
     stageflow.claim_tasks(text, int, int, text),
-    stageflow.heartbeat(text[], int, text),
-    stageflow.complete_task_and_check_stage(text, jsonb, text),
+    stageflow.heartbeat(text[], int, text, bigint[]),
+    stageflow.complete_task_and_check_stage(text, jsonb, text, bigint),
     stageflow.complete_tasks(jsonb, text),
-    stageflow.fail_task(text, jsonb, boolean, text),
-    stageflow.release_tasks(text[], text)
+    stageflow.fail_task(text, jsonb, boolean, text, bigint),
+    stageflow.release_tasks(text[], text, bigint[])
 TO stageflow_worker;
 
 GRANT EXECUTE ON FUNCTION

@@ -3,6 +3,9 @@
 //! and parsing and planning that text was about a fifth of the server's CPU for claiming and
 //! completing one task. These do what pgmq 1.11.1's read and delete do, with one plan each per
 //! queue and backend, kept; PostgreSQL's plan cache re-plans them if a queue's table changes.
+//! The read takes the engine's clock (`stageflow.now()`) as an argument: a message is visible
+//! when its vt has passed by that clock, and a read message stays invisible until that clock
+//! plus the lease, the same instant the task's lease expires.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -46,10 +49,10 @@ fn sql(statement: Statement, table: &str) -> String {
         // whole table; `msg_id = ANY (array)` stays an index lookup whatever it expects.
         Statement::Read => format!(
             "UPDATE {table} AS m SET last_read_at = pg_catalog.clock_timestamp(), \
-                    vt = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $1::pg_catalog.float8), \
+                    vt = $3 OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $1::pg_catalog.float8), \
                     read_ct = m.read_ct OPERATOR(pg_catalog.+) 1 \
               WHERE m.msg_id OPERATOR(pg_catalog.=) ANY (ARRAY( \
-                    SELECT q.msg_id FROM {table} AS q WHERE q.vt OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
+                    SELECT q.msg_id FROM {table} AS q WHERE q.vt OPERATOR(pg_catalog.<=) $3 \
                      ORDER BY q.msg_id LIMIT $2 FOR UPDATE SKIP LOCKED)) \
              RETURNING m.msg_id, m.message OPERATOR(pg_catalog.->>) 'task_id'"
         ),
@@ -72,7 +75,11 @@ fn with_plan<R>(
         let key = (statement, queue.to_owned());
         if !plans.contains_key(&key) {
             let args: &[PgOid] = match statement {
-                Statement::Read => &[PgOid::BuiltIn(PgBuiltInOids::INT4OID), PgOid::BuiltIn(PgBuiltInOids::INT4OID)],
+                Statement::Read => &[
+                    PgOid::BuiltIn(PgBuiltInOids::INT4OID),
+                    PgOid::BuiltIn(PgBuiltInOids::INT4OID),
+                    PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID),
+                ],
                 Statement::Delete => &[PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)],
             };
             let plan = client.prepare_mut(sql(statement, &queue_table(queue)).as_str(), args)?.keep();
@@ -82,19 +89,21 @@ fn with_plan<R>(
     })
 }
 
-/// Reads up to `qty` visible messages of `queue`, making them invisible for `vt` seconds (what
-/// pgmq.read does): their msg_id and the task_id they carry, in msg_id order.
+/// Reads up to `qty` messages of `queue` visible at `now` (the engine's clock), making them
+/// invisible until `now` + `vt` seconds (what pgmq.read does on the wall clock): their msg_id and
+/// the task_id they carry, in msg_id order.
 #[pg_extern(name = "_read_messages")]
 fn read_messages(
     queue: &str,
     vt: i32,
     qty: i32,
+    now: pgrx::datum::TimestampWithTimeZone,
 ) -> TableIterator<'static, (name!(msg_id, i64), name!(task_id, Option<String>))> {
     let qty = qty.max(0);
     let mut rows: Vec<(i64, Option<String>)> = Spi::connect_mut(|client| {
         with_plan(client, Statement::Read, queue, |client, plan| {
             client
-                .update(plan, None, &[vt.into(), qty.into()])?
+                .update(plan, None, &[vt.into(), qty.into(), now.into()])?
                 .map(|row| Ok((row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?)))
                 .collect()
         })
