@@ -62,6 +62,23 @@ AS $$
     END
 $$;
 
+-- The refusal of a result that feeds a dynamic fan-out but is not a valid plan, or NULL.
+CREATE FUNCTION stageflow._planner_refusal(p_task_id text, p_result jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_problem text := stageflow._planner_problem(p_result);
+BEGIN
+    RETURN CASE WHEN v_problem IS NOT NULL THEN jsonb_build_object(
+        'sqlstate', '22023',
+        'message', format('task %s plans the next stage (dynamic fan-out) but %s', p_task_id, v_problem),
+        'hint', 'return {"tasks": [{"key": "tile_x0_y0", "params": {...}}, ...]}; report a planning error with stageflow.fail_task')
+    END;
+END;
+$$;
+
 -- Records completions: the one settle path of complete_task_and_check_stage and complete_tasks.
 -- p_task_ids, p_results and p_tokens are parallel (a NULL token: no token given); the ids are
 -- distinct. Every named task is locked first, in task_id order, and each report is decided under
@@ -73,77 +90,101 @@ $$;
 -- zero advances the job in this transaction. A completion repeated by the lease that made it is
 -- accepted and changes nothing. Returns, per element, NULL when accepted, else its refusal
 -- {"sqlstate", "message", "hint"}.
+-- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
+-- setting them again: one setting saved and restored per call on the hot path instead of three.
 CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
 RETURNS jsonb[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off
 AS $$
 DECLARE
+    v_now        timestamptz := stageflow.now();
     v_refusals   jsonb[];
     v_ids        text[];
     v_results    jsonb[];
+    v_msg_ids    bigint[];
+    v_queues     text[];
     v_jobs       text[];
     v_stages     int[];
     v_shards     int[];
+    v_ordinals   int[];
     v_counts     int[];
     v_last       text[];
     v_seconds    double precision[];
     v_remaining  int;
     v_open       int;
     v_emptied    int := 0;
+    r            record;
     i            int;
 BEGIN
-    PERFORM 1 FROM stageflow.tasks AS t WHERE t.task_id = ANY (p_task_ids) ORDER BY t.task_id FOR UPDATE;
-
-    -- Decided on the rows as they are now (this statement's snapshot follows the locks).
+    -- Lock every named task (task_id order) and decide on it as it is now: a locked row is read in
+    -- its newest version. The accepted ones are gathered in task_id order (the order of the
+    -- subquery the aggregates read), the refusals in the order of the call. Each refusal is computed once (OFFSET 0 keeps the subquery from being
+    -- flattened into the aggregates, which would evaluate it once per use); a plan is checked only
+    -- where it feeds a dynamic stage.
     SELECT array_agg(d.refusal ORDER BY d.n),
-           array_agg(d.task_id ORDER BY d.task_id) FILTER (WHERE d.refusal IS NULL AND d.status = 'running'),
-           array_agg(d.result ORDER BY d.task_id) FILTER (WHERE d.refusal IS NULL AND d.status = 'running')
-      INTO v_refusals, v_ids, v_results
-      FROM (SELECT u.n, u.task_id, u.result, t.status,
-                   coalesce(stageflow._refusal(t, u.task_id, 'completed', u.token, p_worker_id),
-                            CASE WHEN t.status = 'running' AND s.next_fan_out = 'dynamic'
-                                      AND stageflow._planner_problem(u.result) IS NOT NULL THEN
-                                jsonb_build_object(
-                                    'sqlstate', '22023',
-                                    'message', format('task %s plans the next stage (dynamic fan-out) but %s', u.task_id,
-                                                      stageflow._planner_problem(u.result)),
-                                    'hint', 'return {"tasks": [{"key": "tile_x0_y0", "params": {...}}, ...]}; report a planning error with stageflow.fail_task')
-                            END) AS refusal
-              FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
-              LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
-              LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage) AS d;
+           array_agg(d.task_id) FILTER (WHERE d.accepted),
+           array_agg(d.result) FILTER (WHERE d.accepted),
+           array_agg(d.msg_id) FILTER (WHERE d.accepted),
+           array_agg(d.queue) FILTER (WHERE d.accepted),
+           array_agg(d.job_id) FILTER (WHERE d.accepted),
+           array_agg(d.stage) FILTER (WHERE d.accepted),
+           array_agg(d.shard) FILTER (WHERE d.accepted),
+           array_agg(d.ordinal) FILTER (WHERE d.accepted),
+           array_agg(d.seconds) FILTER (WHERE d.accepted)
+      INTO v_refusals, v_ids, v_results, v_msg_ids, v_queues, v_jobs, v_stages, v_shards, v_ordinals, v_seconds
+      FROM (SELECT c.*, c.refusal IS NULL AND (c.task).status = 'running' AS accepted,
+                   (c.task).msg_id, (c.task).job_id, (c.task).stage, (c.task).ordinal % c.stage_shards AS shard,
+                   (c.task).ordinal, extract(epoch FROM v_now - (c.task).claimed_at)::double precision AS seconds
+              FROM (SELECT u.n, u.task_id, u.result, l.task, l.queue, l.shards AS stage_shards,
+                           coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
+                                    CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
+                                        stageflow._planner_refusal(u.task_id, u.result) END) AS refusal
+                      FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
+                      LEFT JOIN (SELECT t AS task, s.queue, s.shards, s.next_fan_out
+                                   FROM stageflow.tasks AS t
+                                   JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+                                  WHERE t.task_id = ANY (p_task_ids)
+                                  ORDER BY t.task_id
+                                    FOR UPDATE OF t) AS l ON (l.task).task_id = u.task_id
+                    OFFSET 0) AS c
+             ORDER BY c.task_id) AS d;
     IF v_ids IS NULL THEN
         RETURN v_refusals;
     END IF;
 
-    PERFORM stageflow._delete_messages(q.queue, q.msg_ids)
-       FROM (SELECT s.queue, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
-               FROM stageflow.tasks AS t
-               JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-              WHERE t.task_id = ANY (v_ids)
-              GROUP BY s.queue
-              ORDER BY s.queue) AS q;
-    WITH done AS (
-        UPDATE stageflow.tasks AS t
-           SET status = 'completed', result = u.result, completed_at = stageflow.now(), lease_expires_at = NULL
-          FROM unnest(v_ids, v_results) AS u(task_id, result)
-         WHERE t.task_id = u.task_id
-        RETURNING t.job_id, t.stage, t.task_id, t.ordinal, extract(epoch FROM t.completed_at - t.claimed_at) AS seconds
-    )
-    SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage, g.shard), array_agg(g.stage ORDER BY g.job_id, g.stage, g.shard),
-           array_agg(g.shard ORDER BY g.job_id, g.stage, g.shard),
-           array_agg(g.n ORDER BY g.job_id, g.stage, g.shard), array_agg(g.last_task ORDER BY g.job_id, g.stage, g.shard),
-           array_agg(g.seconds ORDER BY g.job_id, g.stage, g.shard)
-      INTO v_jobs, v_stages, v_shards, v_counts, v_last, v_seconds
-      FROM (SELECT d.job_id, d.stage, d.ordinal % s.shards AS shard, count(*)::int AS n,
-                   (array_agg(d.task_id ORDER BY d.ordinal DESC))[1] AS last_task,
-                   coalesce(sum(d.seconds), 0)::double precision AS seconds
-              FROM done AS d
-              JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
-             GROUP BY d.job_id, d.stage, d.ordinal % s.shards) AS g;
+    -- Their messages (after the tasks: the lock order of every report), then the tasks.
+    IF v_queues[1] = ALL (v_queues) THEN
+        PERFORM stageflow._delete_messages(v_queues[1], v_msg_ids);
+    ELSE
+        FOR r IN SELECT u.queue, array_agg(u.msg_id ORDER BY u.msg_id) AS msg_ids
+                   FROM unnest(v_queues, v_msg_ids) AS u(queue, msg_id) GROUP BY u.queue ORDER BY u.queue LOOP
+            PERFORM stageflow._delete_messages(r.queue, r.msg_ids);
+        END LOOP;
+    END IF;
+    UPDATE stageflow.tasks AS t
+       SET status = 'completed', result = u.result, completed_at = v_now, lease_expires_at = NULL
+      FROM unnest(v_ids, v_results) AS u(task_id, result)
+     WHERE t.task_id = u.task_id;
+
+    -- One entry per shard touched, in (job, stage, shard) order: how many tasks it loses, the
+    -- last of them by ordinal, their claim-to-completion seconds.
+    IF cardinality(v_ids) = 1 THEN
+        v_counts := ARRAY[1];
+        v_last := v_ids;
+    ELSE
+        SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage, g.shard), array_agg(g.stage ORDER BY g.job_id, g.stage, g.shard),
+               array_agg(g.shard ORDER BY g.job_id, g.stage, g.shard),
+               array_agg(g.n ORDER BY g.job_id, g.stage, g.shard), array_agg(g.last_task ORDER BY g.job_id, g.stage, g.shard),
+               array_agg(g.seconds ORDER BY g.job_id, g.stage, g.shard)
+          INTO v_jobs, v_stages, v_shards, v_counts, v_last, v_seconds
+          FROM (SELECT u.job_id, u.stage, u.shard, count(*)::int AS n,
+                       (array_agg(u.task_id ORDER BY u.ordinal DESC))[1] AS last_task,
+                       coalesce(sum(u.seconds), 0)::double precision AS seconds
+                  FROM unnest(v_jobs, v_stages, v_shards, v_ids, v_ordinals, v_seconds)
+                       AS u(job_id, stage, shard, task_id, ordinal, seconds)
+                 GROUP BY u.job_id, u.stage, u.shard) AS g;
+    END IF;
 
     -- Every shard first, then the stage rows whose shards emptied (a stage row after all of its
     -- shards, so the lock order stays shards -> stage for every caller).
@@ -151,7 +192,7 @@ BEGIN
         UPDATE stageflow.stage_shards AS sh
            SET remaining_tasks = sh.remaining_tasks - v_counts[i],
                completed_count = sh.completed_count + v_counts[i],
-               completed_seconds = sh.completed_seconds + v_seconds[i]
+               completed_seconds = sh.completed_seconds + coalesce(v_seconds[i], 0)
          WHERE sh.job_id = v_jobs[i] AND sh.stage = v_stages[i] AND sh.shard = v_shards[i]
         RETURNING sh.remaining_tasks INTO v_remaining;
         IF v_remaining = 0 THEN

@@ -76,8 +76,9 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
             "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
               WHERE n.nspname = 'stageflow' AND p.prolang <> (SELECT oid FROM pg_language WHERE lanname = 'c')
                 AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
-                -- stageflow.now() is kept inlinable: no SET clause, every name qualified, not SECURITY DEFINER.
-                AND NOT (p.proname = 'now' AND NOT p.prosecdef)",
+                -- stageflow.now() and stageflow._refusal() are kept inlinable: no SET clause, every
+                -- function qualified, not SECURITY DEFINER (they run with their caller's rights).
+                AND NOT (p.proname IN ('now', '_refusal') AND NOT p.prosecdef)",
             &[],
         )
         .unwrap()
