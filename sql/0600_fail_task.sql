@@ -228,8 +228,11 @@ BEGIN
 
     -- A task that already failed or died reports itself again (below); anything else not running,
     -- or another lease's, is refused.
+    -- So does a retry already scheduled by this same lease (a report made again after its answer
+    -- was lost): the token changes only when the task is claimed again.
     v_refusal := CASE WHEN v_task.status IN ('failed', 'dead')
                            AND (fail_task.lease_token IS NULL OR fail_task.lease_token = v_row.lease_token) THEN NULL
+                      WHEN v_task.status = 'queued' AND fail_task.lease_token = v_row.lease_token THEN NULL
                       ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);

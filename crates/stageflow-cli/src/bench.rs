@@ -4,7 +4,7 @@
 //! 1. the machine's single-row commit rate (the physical limit of one commit per task);
 //! 2. pgmq: read + delete one message at a time, and 100 at a time;
 //! 3. Stageflow end to end (`count` N no-op tasks, then `lineage`): claim + complete one at a
-//!    time, and claim 100 + `complete_tasks`;
+//!    time, and claim 100 + `complete_tasks`, each completion fenced by its lease as a worker's is;
 //! 4. fan-out: submitting a job whose first stage has 100,000 tasks;
 //! 5. flatness: the cost of a completion in stages of 100, 10,000 and 100,000 tasks;
 //! 6. latency: last completion committed -> next stage's first task claimed by an idle worker
@@ -159,7 +159,8 @@ async fn submit(client: &Client, job_type: &str, params: Value) -> Result<String
     Ok(client.query_one("SELECT stageflow.submit_job($1, $2)", &[&job_type, &params]).await?.get(0))
 }
 
-/// End to end: workers claim and complete until the job is done; returns tasks per second.
+/// End to end: workers claim and complete until the job is done; returns tasks per second. Each
+/// completion passes the worker id and the claim's lease token, as the worker runtime does.
 async fn stageflow_rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64) -> Result<f64, CliError> {
     let setup = connect(url).await?;
     let job_id = submit(&setup, "bench", json!({"n": tasks, "run": run_id()})).await?;
@@ -167,14 +168,18 @@ async fn stageflow_rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64)
     let (elapsed, _) = in_parallel(clients(url, n, sync).await?, |client| {
         let (job_id, finished) = (job_id.clone(), finished.clone());
         async move {
-            let claim = client.prepare("SELECT task_id FROM stageflow.claim_tasks('bench', $1, 60, 'bench')").await?;
-            let complete = client.prepare("SELECT stageflow.complete_task_and_check_stage($1, '{}')").await?;
+            let claim = client.prepare("SELECT task_id, lease_token FROM stageflow.claim_tasks('bench', $1, 60, 'bench')").await?;
+            let complete = client.prepare("SELECT stageflow.complete_task_and_check_stage($1, '{}', 'bench', $2)").await?;
             let complete_many = client
-                .prepare("SELECT stageflow.complete_tasks((SELECT jsonb_agg(jsonb_build_object('task_id', id)) FROM unnest($1::text[]) AS id))")
+                .prepare(
+                    "SELECT stageflow.complete_tasks((SELECT jsonb_agg(jsonb_build_object('task_id', id, 'lease_token', token)) \
+                                                        FROM unnest($1::text[], $2::bigint[]) AS t(id, token)), 'bench')",
+                )
                 .await?;
             let status = client.prepare("SELECT status FROM stageflow.jobs WHERE job_id = $1").await?;
             loop {
-                let ids: Vec<String> = client.query(&claim, &[&batch]).await?.iter().map(|r| r.get(0)).collect();
+                let (ids, tokens): (Vec<String>, Vec<i64>) =
+                    client.query(&claim, &[&batch]).await?.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).unzip();
                 if ids.is_empty() {
                     if finished.load(Ordering::Relaxed) {
                         return Ok(client);
@@ -188,9 +193,9 @@ async fn stageflow_rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64)
                     continue;
                 }
                 if batch == 1 {
-                    client.query_one(&complete, &[&ids[0]]).await?;
+                    client.query_one(&complete, &[&ids[0], &tokens[0]]).await?;
                 } else {
-                    client.query_one(&complete_many, &[&ids]).await?;
+                    client.query_one(&complete_many, &[&ids, &tokens]).await?;
                 }
             }
         }
@@ -208,7 +213,8 @@ async fn fan_out_seconds(url: &str, sync: bool, tasks: i64) -> Result<f64, CliEr
     Ok(elapsed)
 }
 
-/// Microseconds per completion (at n clients) in stages of `size` tasks, over `sample` completions.
+/// Microseconds per completion (at n clients) in stages of `size` tasks, over `sample` completions,
+/// in the psql form (no worker id, no lease token).
 async fn completion_cost(url: &str, n: usize, sync: bool, size: i64, sample: usize) -> Result<f64, CliError> {
     let setup = connect(url).await?;
     let jobs = ((sample as i64 + size - 1) / size).max(1);
@@ -267,7 +273,8 @@ async fn claim_when_woken(worker: &TaskApi, wake: &Notify) -> Result<(String, In
     }
 }
 
-/// (stage advance, submit -> first claim) latencies in milliseconds, with an idle worker woken by NOTIFY.
+/// (stage advance, submit -> first claim) latencies in milliseconds, with an idle worker woken by NOTIFY;
+/// the driver completes in the psql form.
 async fn latencies(url: &str, sync: bool, rounds: usize) -> Result<(Vec<f64>, Vec<f64>), CliError> {
     let driver = clients(url, 1, sync).await?.remove(0);
     let wake = Arc::new(Notify::new());

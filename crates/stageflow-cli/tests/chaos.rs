@@ -1,6 +1,7 @@
 //! Chaos: a job of 3,001 tasks over three stages (count -> lineage -> fan_in) on a cluster of its
-//! own, run by four worker processes while a random worker is killed with SIGKILL every one to two
-//! seconds and PostgreSQL is restarted once with an immediate shutdown (a crash). Several seeds.
+//! own, run by four worker processes while a random worker is killed with SIGKILL after every 400
+//! to 800 completed tasks and PostgreSQL is restarted once with an immediate shutdown (a crash).
+//! Several seeds.
 //!
 //! At the end the job is completed, every stage advanced exactly once, every task is completed
 //! exactly once in the final state, and every task's handler ran at least once (delivery is at
@@ -15,8 +16,16 @@ use serde_json::{json, Value};
 use stageflow_tests::{connect, job_status, register, submit, url_for};
 
 const STAGE_TASKS: i64 = 1500;
+/// A worker is killed after every KILL_EVERY_MIN to KILL_EVERY_MIN + KILL_EVERY_SPREAD - 1
+/// completed tasks.
+const KILL_EVERY_MIN: i64 = 400;
+const KILL_EVERY_SPREAD: u64 = 400;
 
-/// A small deterministic generator (xorshift), so a seed replays the same kill schedule.
+/// A small deterministic generator (xorshift), so a seed replays the same kill schedule: which
+/// worker is killed once how many tasks of the job are completed. Kills follow the job's progress,
+/// not the clock, so a slower or faster machine kills at the same points. The count is polled
+/// (every 100 ms), so a kill lands at its count or up to one poll's worth of completions after it,
+/// and which tasks are in flight at that moment still varies from run to run.
 struct Rng(u64);
 
 impl Rng {
@@ -85,7 +94,8 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
     let mut kills = 0;
     let mut restarted = false;
     let start = Instant::now();
-    let mut next_kill = Instant::now() + Duration::from_millis(1000 + rng.below(1000));
+    // Completed tasks (all stages) at which the next worker is killed.
+    let mut next_kill = KILL_EVERY_MIN + rng.below(KILL_EVERY_SPREAD) as i64;
     loop {
         assert!(start.elapsed() < Duration::from_secs(300), "seed {seed}: the job did not finish in 5 minutes");
         let status = status_of(&url, &job_id);
@@ -101,14 +111,17 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
                 restarted = true;
                 println!("seed {seed}: restarted PostgreSQL (immediate shutdown) at {done} stage-1 completions");
             }
-        }
-        if Instant::now() >= next_kill {
-            let victim = rng.below(workers.len() as u64) as usize;
-            workers[victim].kill().unwrap();
-            workers[victim].wait().unwrap();
-            workers[victim] = spawn_worker(&url, &logs, &format!("w{victim}"));
-            kills += 1;
-            next_kill = Instant::now() + Duration::from_millis(1000 + rng.below(1000));
+            let completed: i64 = status["stages"]
+                .as_array()
+                .map_or(0, |stages| stages.iter().map(|stage| stage["tasks"]["completed"].as_i64().unwrap_or(0)).sum());
+            if completed >= next_kill {
+                let victim = rng.below(workers.len() as u64) as usize;
+                workers[victim].kill().unwrap();
+                workers[victim].wait().unwrap();
+                workers[victim] = spawn_worker(&url, &logs, &format!("w{victim}"));
+                kills += 1;
+                next_kill += KILL_EVERY_MIN + rng.below(KILL_EVERY_SPREAD) as i64;
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }

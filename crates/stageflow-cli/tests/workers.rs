@@ -1,6 +1,7 @@
 //! `stageflow worker` processes against a real cluster: sharing a large job, being killed with
 //! SIGKILL mid-task, shutting down on SIGTERM, surviving a panicking handler and lost
-//! connections; and a worker written in plain Python beside them.
+//! connections, keeping a stage's short lease alive, losing a lease; and a worker written in plain
+//! Python beside them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -259,6 +260,83 @@ fn lost_connections_are_retried_and_nothing_is_lost() {
     assert_eq!(status["stages"][0]["tasks"]["completed"], json!(60));
     assert_eq!(status["result"].as_array().map(Vec::len), Some(60));
     assert!(worker.try_wait().unwrap().is_none(), "the worker survived its lost connections");
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)));
+}
+
+/// The lines of a worker's log that contain every one of `words` (the log may colour its fields).
+fn log_lines(logs: &Path, worker: &str, words: &[&str]) -> Vec<String> {
+    std::fs::read_to_string(logs.join(format!("{worker}.log")))
+        .unwrap()
+        .lines()
+        .filter(|line| words.iter().all(|word| line.contains(word)))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_stage_lease_shorter_than_the_workers_is_kept_alive_by_heartbeats() {
+    let url = fresh_database("workers_stage_lease");
+    let logs = log_dir("workers_stage_lease");
+    let markers = logs.join("markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "short_lease",
+        r#"{"parameters": {"type": "object", "properties": {"ms": {"type": "integer"}, "marker_dir": {"type": "string"}}},
+            "stages": [{"name": "s", "handler": "debug.sleep", "queue": "shortq", "lease_seconds": 2}]}"#,
+    );
+    // 5 s of work under the stage's 2 s lease, by a worker whose own lease is 60 s: only heartbeats
+    // every third of the stage's lease keep it (at a third of 60 s it would lapse and be claimed again).
+    let job_id = submit(&mut client, "short_lease", json!({"ms": 5000, "marker_dir": markers.to_str().unwrap()}));
+    let mut worker = spawn_worker(&url, &logs, "keeper", &["--queue", "shortq", "--concurrency", "2", "--lease-seconds", "60"]);
+    let status = wait_for_job(&mut client, &job_id, Duration::from_secs(60));
+    assert_eq!(status["status"], json!("completed"), "{status}");
+    let attempt: i32 = client.query_one("SELECT attempt FROM stageflow.tasks WHERE job_id = $1", &[&job_id]).unwrap().get(0);
+    assert_eq!(attempt, 1, "the lease never lapsed");
+    assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 1, "the handler ran once");
+    assert!(log_lines(&logs, "keeper", &["lost the lease"]).is_empty(), "no lease lost");
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)));
+}
+
+#[test]
+fn a_worker_that_lost_a_lease_has_its_report_refused_once_and_goes_on() {
+    let url = fresh_database("workers_lost_lease");
+    let logs = log_dir("workers_lost_lease");
+    let mut client = connect(&url);
+    register(&mut client, "sleepy", SLEEPY);
+    let job_id = submit(&mut client, "sleepy", json!({"n": 1, "ms": 8000}));
+    let mut worker = spawn_worker(&url, &logs, "loser", &["--queue", "sleepy", "--concurrency", "1", "--lease-seconds", "3"]);
+    wait_until(Duration::from_secs(30), "the worker to hold the task", || running_by(&mut client, &job_id, "loser").len() == 1);
+    let task_id = running_by(&mut client, &job_id, "loser").remove(0);
+
+    // On this session's clock the worker's lease has expired: the task is claimed again at once.
+    client.execute("SELECT set_config('stageflow.fake_now', (now() + interval '1 hour')::text, false)", &[]).unwrap();
+    let taken = claim(&mut client, "sleepy", 1, 60);
+    assert_eq!(taken.len(), 1, "the task whose lease expired is claimed again");
+    assert_eq!((taken[0].task_id.as_str(), taken[0].attempt), (task_id.as_str(), 2));
+
+    // The worker's next heartbeat (every second) no longer extends its lease; when its handler
+    // ends, its completion is refused, logged once as a lost lease, and not made again.
+    wait_until(Duration::from_secs(30), "the refused report", || {
+        !log_lines(&logs, "loser", &["lost the lease: the report was refused", &task_id]).is_empty()
+    });
+    assert_eq!(log_lines(&logs, "loser", &["lost the lease (the heartbeat did not extend it)", &task_id]).len(), 1);
+    let refusals = log_lines(&logs, "loser", &["lost the lease: the report was refused", &task_id]);
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert!(refusals[0].contains("WARN"), "{}", refusals[0]);
+    assert!(log_lines(&logs, "loser", &["ERROR"]).is_empty(), "nothing logged as an error");
+    let row = client.query_one("SELECT status, worker_id FROM stageflow.tasks WHERE task_id = $1", &[&task_id]).unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("running".to_owned(), "test".to_owned()), "the new lease holds");
+
+    // The new holder completes; the worker's slot (its only one) was freed: it runs the next job.
+    complete_fenced(&mut client, &taken[0], json!({"by": "test"}));
+    assert_eq!(job_status(&mut client, &job_id)["status"], json!("completed"));
+    let next = submit(&mut client, "sleepy", json!({"n": 1, "ms": 10}));
+    let status = wait_for_job(&mut client, &next, Duration::from_secs(30));
+    assert_eq!(status["status"], json!("completed"), "{status}");
     signal(&worker, "TERM");
     assert!(wait_exit(&mut worker, Duration::from_secs(20)));
 }

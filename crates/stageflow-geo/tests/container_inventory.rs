@@ -176,6 +176,7 @@ fn rerun_catalog(url: &str, client: &mut postgres::Client, job_id: &str, source:
         task_id: "retry".into(), job_id: job_id.into(), job_type: "container_inventory".into(), stage: 3,
         stage_name: "catalog".into(), handler: "geo.inventory_catalog".into(), task_key: "0".into(),
         params: json!({"source": source}), predecessor: None, inputs: Some(inputs), attempt: 2, timeout_seconds: None,
+        lease_token: 0, lease_seconds: 0,
     };
     let again = stageflow_geo::inventory::catalog(&task, url).unwrap();
     assert_eq!(again["count"].as_i64().unwrap(), before.0);

@@ -84,12 +84,15 @@ pub struct Claimed {
     pub predecessor: Option<Value>,
     pub inputs: Option<Value>,
     pub attempt: i32,
+    /// This claim's lease, for a fenced report ([`complete_fenced`]).
+    pub lease_token: i64,
 }
 
+/// Claims as worker `test`.
 pub fn claim(client: &mut Client, queue: &str, max_tasks: i32, lease_seconds: i32) -> Vec<Claimed> {
     client
         .query(
-            "SELECT task_id, job_id, stage, task_key, params, predecessor, inputs, attempt \
+            "SELECT task_id, job_id, stage, task_key, params, predecessor, inputs, attempt, lease_token \
              FROM stageflow.claim_tasks($1, $2, $3, 'test')",
             &[&queue, &max_tasks, &lease_seconds],
         )
@@ -104,12 +107,24 @@ pub fn claim(client: &mut Client, queue: &str, max_tasks: i32, lease_seconds: i3
             predecessor: row.get(5),
             inputs: row.get(6),
             attempt: row.get(7),
+            lease_token: row.get(8),
         })
         .collect()
 }
 
+/// Completes in the psql form: no worker id, no lease token (the caller is trusted).
 pub fn complete(client: &mut Client, task_id: &str, result: Value) -> Value {
     json(client, "SELECT stageflow.complete_task_and_check_stage($1, $2)", &[&task_id, &result])
+}
+
+/// Completes as a worker does: as worker `test` (the one [`claim`] claims as), under the claim's
+/// lease; refused with 55000 once that lease is no longer the task's current one.
+pub fn complete_fenced(client: &mut Client, task: &Claimed, result: Value) -> Value {
+    json(
+        client,
+        "SELECT stageflow.complete_task_and_check_stage($1, $2, 'test', $3)",
+        &[&task.task_id, &result, &task.lease_token],
+    )
 }
 
 pub fn job_status(client: &mut Client, job_id: &str) -> Value {

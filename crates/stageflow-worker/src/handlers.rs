@@ -27,11 +27,18 @@ pub struct Task {
     pub attempt: i32,
     /// The stage's handler timeout, when its definition sets one.
     pub timeout_seconds: Option<i32>,
+    /// This claim's lease: every report of the task passes it, and the database refuses a report
+    /// (SQLSTATE 55000) once the lease has gone to another claim.
+    pub lease_token: i64,
+    /// How long the lease lasts without a heartbeat (the claim's `effective_lease_seconds`): the
+    /// stage's own `lease_seconds`, else the worker's.
+    pub lease_seconds: i32,
 }
 
 impl Task {
     /// A task that no claim produced, for calling a handler directly (a test, a one-off run):
-    /// first attempt of task `0` of stage 1 of a job of all zeros, with these params.
+    /// first attempt of task `0` of stage 1 of a job of all zeros, with these params, and no lease
+    /// (token 0: claims number leases from 1).
     pub fn standalone(handler: &str, params: Value) -> Task {
         Task {
             task_id: "0000000000000000-s1-0".into(),
@@ -46,6 +53,8 @@ impl Task {
             inputs: None,
             attempt: 1,
             timeout_seconds: None,
+            lease_token: 0,
+            lease_seconds: 0,
         }
     }
 }

@@ -36,15 +36,15 @@ impl TaskApi {
             claim: client
                 .prepare(
                     "SELECT task_id, job_id, job_type, stage, stage_name, handler, task_key, params, \
-                            predecessor, inputs, attempt, timeout_seconds \
+                            predecessor, inputs, attempt, timeout_seconds, lease_token, effective_lease_seconds \
                        FROM stageflow.claim_tasks($1, $2, $3, $4)",
                 )
                 .await?,
-            complete: client.prepare("SELECT stageflow.complete_task_and_check_stage($1, $2, $3)").await?,
+            complete: client.prepare("SELECT stageflow.complete_task_and_check_stage($1, $2, $3, $4)").await?,
             complete_many: client.prepare("SELECT stageflow.complete_tasks($1, $2)").await?,
-            fail: client.prepare("SELECT stageflow.fail_task($1, $2, $3, $4)").await?,
-            heartbeat: client.prepare("SELECT task_id FROM stageflow.heartbeat($1, $2, $3)").await?,
-            release: client.prepare("SELECT stageflow.release_tasks($1, $2)").await?,
+            fail: client.prepare("SELECT stageflow.fail_task($1, $2, $3, $4, $5)").await?,
+            heartbeat: client.prepare("SELECT task_id FROM stageflow.heartbeat($1, $2, $3, $4)").await?,
+            release: client.prepare("SELECT stageflow.release_tasks($1, $2, $3)").await?,
             client,
         })
     }
@@ -70,20 +70,27 @@ impl TaskApi {
                 inputs: row.get(9),
                 attempt: row.get(10),
                 timeout_seconds: row.get(11),
+                lease_token: row.get(12),
+                lease_seconds: row.get(13),
             })
             .collect())
     }
 
-    /// Completes a task leased to `worker_id`.
-    pub async fn complete(&self, task_id: &str, result: &Value, worker_id: &str) -> Result<Value, tokio_postgres::Error> {
-        Ok(self.client.query_one(&self.complete, &[&task_id, result, &worker_id]).await?.get(0))
+    /// Completes a task under the lease `lease_token` held by `worker_id`; refused with SQLSTATE
+    /// 55000 once that lease is no longer the task's current one.
+    pub async fn complete(&self, task_id: &str, result: &Value, worker_id: &str, lease_token: i64) -> Result<Value, tokio_postgres::Error> {
+        Ok(self.client.query_one(&self.complete, &[&task_id, result, &worker_id, &lease_token]).await?.get(0))
     }
 
-    /// Completes several tasks leased to `worker_id` in one transaction; one report per task, in
-    /// order (a task that could not be completed has `{"task_id", "error": {"sqlstate", "message"}}`).
-    pub async fn complete_many(&self, results: &[(String, Value)], worker_id: &str) -> Result<Vec<Value>, tokio_postgres::Error> {
+    /// Completes several tasks, each `(task_id, lease_token, result)` under its lease held by
+    /// `worker_id`, in one transaction; one report per task, in order (a task that could not be
+    /// completed has `{"task_id", "error": {"sqlstate", "message"}}`, sqlstate 55000 for a lost lease).
+    pub async fn complete_many(&self, results: &[(String, i64, Value)], worker_id: &str) -> Result<Vec<Value>, tokio_postgres::Error> {
         let items = Value::Array(
-            results.iter().map(|(task_id, result)| serde_json::json!({"task_id": task_id, "result": result})).collect(),
+            results
+                .iter()
+                .map(|(task_id, lease_token, result)| serde_json::json!({"task_id": task_id, "result": result, "lease_token": lease_token}))
+                .collect(),
         );
         let reports: Value = self.client.query_one(&self.complete_many, &[&items, &worker_id]).await?.get(0);
         Ok(match reports {
@@ -92,19 +99,23 @@ impl TaskApi {
         })
     }
 
-    /// Fails a task leased to `worker_id`.
-    pub async fn fail(&self, task_id: &str, error: &Value, retryable: bool, worker_id: &str) -> Result<Value, tokio_postgres::Error> {
-        Ok(self.client.query_one(&self.fail, &[&task_id, error, &retryable, &worker_id]).await?.get(0))
+    /// Fails a task under the lease `lease_token` held by `worker_id` (55000 once the lease is lost).
+    pub async fn fail(&self, task_id: &str, error: &Value, retryable: bool, worker_id: &str, lease_token: i64) -> Result<Value, tokio_postgres::Error> {
+        Ok(self.client.query_one(&self.fail, &[&task_id, error, &retryable, &worker_id, &lease_token]).await?.get(0))
     }
 
-    /// Extends the leases of `task_ids`; returns those still leased to `worker_id`.
-    pub async fn heartbeat(&self, task_ids: &[String], lease_seconds: i32, worker_id: &str) -> Result<Vec<String>, tokio_postgres::Error> {
-        let rows = self.client.query(&self.heartbeat, &[&task_ids, &lease_seconds, &worker_id]).await?;
+    /// Extends the leases of `task_ids` (`lease_tokens` parallel to them) by `lease_seconds`, or by
+    /// a task's own stage lease; returns the tasks extended. A task missing from the answer is no
+    /// longer under that lease.
+    pub async fn heartbeat(&self, task_ids: &[String], lease_tokens: &[i64], lease_seconds: i32, worker_id: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+        let rows = self.client.query(&self.heartbeat, &[&task_ids, &lease_seconds, &worker_id, &lease_tokens]).await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    pub async fn release(&self, task_ids: &[String], worker_id: &str) -> Result<i32, tokio_postgres::Error> {
-        Ok(self.client.query_one(&self.release, &[&task_ids, &worker_id]).await?.get(0))
+    /// Gives back `task_ids` (`lease_tokens` parallel to them) for delivery again at once; returns
+    /// how many were released (a task whose lease is lost is skipped).
+    pub async fn release(&self, task_ids: &[String], lease_tokens: &[i64], worker_id: &str) -> Result<i32, tokio_postgres::Error> {
+        Ok(self.client.query_one(&self.release, &[&task_ids, &worker_id, &lease_tokens]).await?.get(0))
     }
 }
 

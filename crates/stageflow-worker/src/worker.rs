@@ -7,10 +7,14 @@
 //! - Outcomes are reported by a reporter with its own connection, completions at hand in one
 //!   `complete_tasks` call; a lost connection is retried with backoff and the report sent again
 //!   (completion is idempotent, so nothing counts twice).
+//! - Every report and heartbeat carries the claim's lease token. A heartbeat runs every third of the
+//!   shortest lease in flight (a stage's own `lease_seconds` wins over the worker's); a task it no
+//!   longer extends has lost its lease (it expired and the task went to another claim, or its job
+//!   ended): its handler runs on, and its report, refused with SQLSTATE 55000, is logged and dropped.
 //! - On shutdown: stop claiming, let running handlers finish within `grace_period`, then abort the
 //!   rest and release their tasks so they are delivered again at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,7 +83,24 @@ struct Counters {
     failed: AtomicU64,
 }
 
-type Outcome = (String, Result<Value, TaskError>);
+/// A handler's outcome: the task, the lease it ran under, and what it returned.
+type Outcome = (String, i64, Result<Value, TaskError>);
+
+/// A claimed task whose outcome is not yet in the database.
+struct InFlight {
+    handle: JoinHandle<()>,
+    lease_token: i64,
+    lease_seconds: i32,
+    /// A heartbeat no longer extended the lease: it gets no more heartbeats, and its report will be
+    /// refused.
+    lost: bool,
+}
+
+/// How often a lease of `lease_seconds` is extended: three times per its length, so that one late
+/// or failed heartbeat does not lose it.
+fn heartbeat_period(lease_seconds: i32) -> Duration {
+    Duration::from_millis(lease_seconds.max(1) as u64 * 1000 / 3)
+}
 
 pub struct Worker {
     config: WorkerConfig,
@@ -168,11 +189,15 @@ async fn report_outcomes(
                 _ = &mut window => break,
             }
         }
-        let (completions, failures): (Vec<Outcome>, Vec<Outcome>) = batch.into_iter().partition(|(_, o)| o.is_ok());
-        let completions: Vec<(String, Value)> =
-            completions.into_iter().map(|(id, outcome)| (id, outcome.expect("partitioned on is_ok"))).collect();
-        let mut failures: Vec<(String, TaskError)> =
-            failures.into_iter().map(|(id, outcome)| (id, outcome.expect_err("partitioned on is_err"))).collect();
+        let (completions, failures): (Vec<Outcome>, Vec<Outcome>) = batch.into_iter().partition(|(_, _, o)| o.is_ok());
+        let completions: Vec<(String, i64, Value)> = completions
+            .into_iter()
+            .map(|(id, lease_token, outcome)| (id, lease_token, outcome.expect("partitioned on is_ok")))
+            .collect();
+        let mut failures: Vec<(String, i64, TaskError)> = failures
+            .into_iter()
+            .map(|(id, lease_token, outcome)| (id, lease_token, outcome.expect_err("partitioned on is_err")))
+            .collect();
 
         if !completions.is_empty() {
             let mut conflicts = 0;
@@ -184,15 +209,17 @@ async fn report_outcomes(
                         // The whole call was refused. The tasks stay running until their leases
                         // expire and are delivered again; their slots are freed below.
                         tracing::error!(%error, tasks = completions.len(), "complete_tasks refused");
-                        for (task_id, _) in &completions {
+                        for (task_id, _, _) in &completions {
                             let _ = reported.send(task_id.clone());
                         }
                         break Vec::new();
                     }
                 }
             };
+            let lease_tokens: HashMap<&str, i64> = completions.iter().map(|(id, token, _)| (id.as_str(), *token)).collect();
             for report in &reports {
                 let task_id = report["task_id"].as_str().unwrap_or_default().to_owned();
+                let lease_token = lease_tokens.get(task_id.as_str()).copied().unwrap_or_default();
                 match report.get("error") {
                     None => {
                         counters.completed.fetch_add(1, Ordering::Relaxed);
@@ -201,9 +228,14 @@ async fn report_outcomes(
                     // The database refused the result (a malformed plan): the task fails with why.
                     Some(error) if error["sqlstate"] == "22023" => failures.push((
                         task_id,
+                        lease_token,
                         TaskError::permanent("invalid_result", error["message"].as_str().unwrap_or_default()),
                     )),
-                    // No longer this worker's to report (its job ended, its lease went to another).
+                    Some(error) if error["sqlstate"] == "55000" => {
+                        lost_lease(&task_id, lease_token, error["message"].as_str().unwrap_or_default(), "completion");
+                        let _ = reported.send(task_id);
+                    }
+                    // Refused for another reason: retrying will not change it.
                     Some(error) => {
                         tracing::info!(%task_id, %error, "completion refused");
                         let _ = reported.send(task_id);
@@ -212,10 +244,10 @@ async fn report_outcomes(
             }
         }
 
-        for (task_id, error) in failures {
+        for (task_id, lease_token, error) in failures {
             let mut conflicts = 0;
             loop {
-                match api.fail(&task_id, &error.to_json(), error.retryable_flag(), &worker_id).await {
+                match api.fail(&task_id, &error.to_json(), error.retryable_flag(), &worker_id, lease_token).await {
                     Ok(_) => {
                         counters.failed.fetch_add(1, Ordering::Relaxed);
                         break;
@@ -223,7 +255,11 @@ async fn report_outcomes(
                     Err(e) if report_again(&e, &mut conflicts, &mut api, &url, &task_id).await => {}
                     Err(e) => {
                         let db = e.as_db_error().expect("not a connection error");
-                        tracing::info!(%task_id, code = db.code().code(), message = db.message(), "failure report refused");
+                        if db.code().code() == "55000" {
+                            lost_lease(&task_id, lease_token, db.message(), "failure");
+                        } else {
+                            tracing::info!(%task_id, code = db.code().code(), message = db.message(), "failure report refused");
+                        }
                         break;
                     }
                 }
@@ -231,6 +267,13 @@ async fn report_outcomes(
             let _ = reported.send(task_id);
         }
     }
+}
+
+/// Logs a report refused with SQLSTATE 55000: the task is no longer under the lease this worker
+/// claimed it with (the lease expired and the task was claimed again, or its job ended), so the
+/// outcome is dropped and the report not made again.
+fn lost_lease(task_id: &str, lease_token: i64, message: &str, what: &str) {
+    tracing::warn!(%task_id, lease_token, reason = %message, what, "lost the lease: the report was refused and the outcome dropped");
 }
 
 /// After a report call failed, whether to make it again: after reconnecting when the connection was
@@ -285,9 +328,10 @@ impl Worker {
         let mut listener = listen(&config.database_url, wake.clone(), listener_ended.clone()).await.ok();
         let mut api = connect_with_retry(&config.database_url).await;
 
-        let mut in_flight: HashMap<String, JoinHandle<()>> = HashMap::new();
-        let mut heartbeat = tokio::time::interval(Duration::from_secs((config.lease_seconds as u64 / 3).max(1)));
-        heartbeat.tick().await;
+        let mut in_flight: HashMap<String, InFlight> = HashMap::new();
+        // When the leases in flight are next extended: a heartbeat period of the shortest of them
+        // after the last heartbeat, or after the claim of a task with a shorter lease.
+        let mut heartbeat_at = Instant::now();
         tokio::pin!(shutdown);
         let mut stopping = false;
         let mut deadline = Instant::now();
@@ -309,6 +353,11 @@ impl Worker {
                             claimed_any |= !tasks.is_empty();
                             for task in tasks {
                                 let task_id = task.task_id.clone();
+                                let (lease_token, lease_seconds) = (task.lease_token, task.lease_seconds);
+                                let due = Instant::now() + heartbeat_period(lease_seconds);
+                                if in_flight.is_empty() || due < heartbeat_at {
+                                    heartbeat_at = due;
+                                }
                                 let (handlers, outcome_tx) = (self.handlers.clone(), outcome_tx.clone());
                                 // The shorter of the worker's and the stage's timeouts.
                                 let stage_timeout = task.timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
@@ -328,11 +377,11 @@ impl Worker {
                                             Ok(_) => tracing::debug!("succeeded"),
                                             Err(error) => tracing::warn!(%error, "failed"),
                                         }
-                                        let _ = outcome_tx.send((id, outcome));
+                                        let _ = outcome_tx.send((id, lease_token, outcome));
                                     }
                                     .instrument(span),
                                 );
-                                in_flight.insert(task_id, handle);
+                                in_flight.insert(task_id, InFlight { handle, lease_token, lease_seconds, lost: false });
                             }
                         }
                         Err(error) => {
@@ -375,26 +424,45 @@ impl Worker {
                 _ = wake.notified(), if !stopping => {}
                 _ = listener_ended.notified() => { listener = None; }
                 _ = sleep(config.poll_interval), if !stopping => {}
-                _ = heartbeat.tick(), if !in_flight.is_empty() => {
-                    let ids: Vec<String> = in_flight.keys().cloned().collect();
-                    if let Err(error) = api.heartbeat(&ids, config.lease_seconds, &config.worker_id).await {
-                        tracing::warn!(%error, "heartbeat failed");
+                _ = tokio::time::sleep_until(heartbeat_at), if !in_flight.is_empty() => {
+                    let (ids, tokens): (Vec<String>, Vec<i64>) =
+                        in_flight.iter().filter(|(_, task)| !task.lost).map(|(id, task)| (id.clone(), task.lease_token)).unzip();
+                    if !ids.is_empty() {
+                        // The server extends a task by its stage's own lease when it has one.
+                        match api.heartbeat(&ids, &tokens, config.lease_seconds, &config.worker_id).await {
+                            Ok(extended) => {
+                                let extended: HashSet<String> = extended.into_iter().collect();
+                                for id in ids.iter().filter(|id| !extended.contains(*id)) {
+                                    let task = in_flight.get_mut(id).expect("in flight during the heartbeat");
+                                    task.lost = true;
+                                    // A finished handler's outcome may have been reported meanwhile;
+                                    // if not, the reporter logs the refusal.
+                                    if !task.handle.is_finished() {
+                                        tracing::info!(task_id = %id, lease_token = task.lease_token,
+                                                       "lost the lease (the heartbeat did not extend it): the handler runs on, its report will be refused");
+                                    }
+                                }
+                            }
+                            Err(error) => tracing::warn!(%error, "heartbeat failed"),
+                        }
                     }
+                    let shortest = in_flight.values().filter(|task| !task.lost).map(|task| task.lease_seconds).min();
+                    heartbeat_at = Instant::now() + heartbeat_period(shortest.unwrap_or(config.lease_seconds));
                 }
                 _ = tokio::time::sleep_until(deadline), if stopping => {
                     // Handlers still running are aborted and their tasks released; those that
                     // finished are left to the reporter, which sends their outcomes below.
-                    let ids: Vec<String> = in_flight
+                    let (ids, tokens): (Vec<String>, Vec<i64>) = in_flight
                         .iter()
-                        .filter(|(_, handle)| !handle.is_finished())
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    for handle in in_flight.values() {
-                        handle.abort();
+                        .filter(|(_, task)| !task.handle.is_finished())
+                        .map(|(id, task)| (id.clone(), task.lease_token))
+                        .unzip();
+                    for task in in_flight.values() {
+                        task.handle.abort();
                     }
                     in_flight.clear();
                     let released = loop {
-                        match api.release(&ids, &config.worker_id).await {
+                        match api.release(&ids, &tokens, &config.worker_id).await {
                             Ok(n) => break n,
                             Err(error) if is_connection_error(&error) => {
                                 api = connect_with_retry(&config.database_url).await;
@@ -456,6 +524,13 @@ mod unit {
         let error = run_handler(crate::builtin_handlers(), task("nope", json!({})), None).await.unwrap_err();
         assert_eq!((error.kind.as_str(), error.category.as_str()), ("unknown_handler", "permanent"));
         assert!(error.message.contains("hello_world.greet"));
+    }
+
+    #[test]
+    fn heartbeats_come_three_times_per_lease() {
+        assert_eq!(heartbeat_period(60), Duration::from_secs(20));
+        assert_eq!(heartbeat_period(2), Duration::from_millis(666));
+        assert_eq!(heartbeat_period(0), Duration::from_millis(333), "a lease under a second counts as one");
     }
 
     #[tokio::test]
