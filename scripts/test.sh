@@ -37,4 +37,5 @@ rm -rf "$cluster"
 STAGEFLOW_TEST_DATABASE_URL=$("$stageflow" cluster start --dir "$cluster")
 export STAGEFLOW_TEST_DATABASE_URL
 trap '"$stageflow" cluster stop --dir "$cluster"' EXIT
+say "isolation specs"; scripts/isolation.sh "$STAGEFLOW_TEST_DATABASE_URL"
 cargo test -p stageflow-tests -p stageflow-cli -p stageflow-worker -p stageflow-http -p stageflow-geo --features stageflow-cli/geo -- --test-threads "${STAGEFLOW_TEST_THREADS:-4}"
