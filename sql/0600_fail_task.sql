@@ -1,7 +1,9 @@
 -- Cancels the open (queued or running) tasks of a job that has ended, skipping rows another
--- session holds instead of waiting for them (a report or claim of that task is in flight and
--- settles it: a claim drops a task whose job ended, a report is recorded without advancing the
--- job; maintenance's reconciler cancels what is still open afterwards). Tasks first, then their
+-- session holds instead of waiting for them (waiting could deadlock with a completion that holds
+-- its task and waits for the job row). What was skipped settles itself or is mended: a report in
+-- flight is recorded without advancing the job; a claim that read the job as still open hands the
+-- task out, its report is recorded the same way, and maintenance's reconciler cancels the task if
+-- it is still running (retry_job re-queues it too). Tasks first, then their
 -- messages (also skipped when held: a claim holding one finds its task cancelled and deletes it),
 -- then each stage's shards. pgmq.delete cannot skip locked rows, so this deletes from the queue
 -- table, named by pgmq's own pgmq.format_table_name. Returns how many tasks it cancelled.

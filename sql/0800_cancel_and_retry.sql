@@ -25,8 +25,9 @@ BEGIN
 END;
 $$;
 
--- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks are
--- queued again with fresh attempts and new messages, the job is processing again and its deadline
+-- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks (and a
+-- task still running in the ended job: one a claim held while the job ended, whose report would
+-- be refused once it is queued again) are queued again with fresh attempts and new messages, the job is processing again and its deadline
 -- starts over (now + the job type's timeout_seconds). A job with nothing to retry (running fine,
 -- or completed) is left as it is. Returns the number of tasks re-queued.
 -- Lock order as every completion's, shards before stage before job: the current stage's shards
@@ -66,7 +67,8 @@ BEGIN
 
     -- The tasks to run again, locked (and then read as they are now).
     PERFORM 1 FROM stageflow.tasks AS t
-     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status IN ('failed', 'dead', 'cancelled')
+     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
+       AND (t.status IN ('failed', 'dead', 'cancelled') OR (t.status = 'running' AND v_job.status IN ('failed', 'cancelled')))
      ORDER BY t.task_id
        FOR UPDATE;
     SELECT array_agg(t.task_id ORDER BY t.ordinal), array_agg(t.ordinal ORDER BY t.ordinal),
@@ -74,7 +76,7 @@ BEGIN
       INTO v_ids, v_ordinals, v_failed
       FROM stageflow.tasks AS t
      WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
-       AND t.status IN ('failed', 'dead', 'cancelled');
+       AND (t.status IN ('failed', 'dead', 'cancelled') OR (t.status = 'running' AND v_job.status IN ('failed', 'cancelled')));
     IF v_ids IS NULL THEN
         SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id;
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);

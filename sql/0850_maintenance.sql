@@ -206,12 +206,21 @@ BEGIN
     VALUES ('tasks', CASE WHEN coalesce(cardinality(v_window), 0) < max_rows THEN '' ELSE v_window[cardinality(v_window)] END)
     ON CONFLICT (name) DO UPDATE SET position = excluded.position;
 
-    -- Open tasks of ended jobs: their jobs' open tasks are cancelled.
+    -- Open tasks of ended jobs: their jobs' open tasks are cancelled. Found in the window, and
+    -- among the jobs that ended in the last hour (a claim that held a task while its job ended
+    -- leaves it running; running tasks are found by index, without reading the rest).
     FOR r IN
         SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
           JOIN stageflow.jobs AS j ON j.job_id = t.job_id
          WHERE t.task_id = ANY (v_window) AND t.status IN ('queued', 'running')
            AND j.status NOT IN ('queued', 'processing')
+        UNION
+        (SELECT j.job_id FROM stageflow.jobs AS j
+          WHERE j.completed_at > v_now - interval '1 hour'
+            AND j.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+            AND EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE t.job_id = j.job_id AND t.status = 'running')
+          ORDER BY j.completed_at DESC
+          LIMIT max_rows)
     LOOP
         BEGIN
             v_cancelled := v_cancelled + stageflow._cancel_open_tasks(r.job_id);
