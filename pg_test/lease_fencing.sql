@@ -118,3 +118,40 @@ EXCEPTION WHEN invalid_parameter_value THEN
     NULL;
 END;
 $$;
+
+-- A failure made again by the same lease after its answer was lost reports the task as it is; a
+-- failure from a lease that ended in the queue (released) is refused, not answered as recorded.
+SELECT stageflow.register_job_type('fenced_fail', $$
+{"retry": {"max_attempts": 3}, "stages": [{"name": "s", "handler": "f.s", "queue": "fenced_fail", "fan_out": "count", "param": "n"}]}
+$$);
+DO $$
+DECLARE
+    v_job    text := stageflow.submit_job('fenced_fail', '{"n": 2}');
+    v_a      record;
+    v_b      record;
+    v_first  jsonb;
+BEGIN
+    SELECT * INTO v_a FROM stageflow.claim_tasks('fenced_fail', 1, 60, 'A');
+    v_first := stageflow.fail_task(v_a.task_id, '{"message": "flaky"}', true, 'A', v_a.lease_token);
+    ASSERT v_first ->> 'task_status' = 'queued', v_first::text;
+    ASSERT (stageflow.fail_task(v_a.task_id, '{"message": "flaky"}', true, 'A', v_a.lease_token)) ->> 'task_status' = 'queued',
+        'the same report again is answered, not refused';
+    ASSERT jsonb_array_length((SELECT errors FROM stageflow.tasks WHERE task_id = v_a.task_id)) = 1, 'and recorded once';
+    BEGIN
+        PERFORM stageflow.fail_task(v_a.task_id, '{"message": "something else"}', true, 'A', v_a.lease_token);
+        RAISE EXCEPTION 'a different failure of a task that is not running must be refused';
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        NULL;
+    END;
+
+    SELECT * INTO v_b FROM stageflow.claim_tasks('fenced_fail', 1, 60, 'B') AS c WHERE c.task_id <> v_a.task_id;
+    ASSERT stageflow.release_tasks(ARRAY[v_b.task_id], 'B', ARRAY[v_b.lease_token]) = 1;
+    BEGIN
+        PERFORM stageflow.fail_task(v_b.task_id, '{"message": "late"}', false, 'B', v_b.lease_token);
+        RAISE EXCEPTION 'a failure under a released lease must be refused';
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        NULL;
+    END;
+    ASSERT (SELECT status = 'queued' AND errors = '[]' FROM stageflow.tasks WHERE task_id = v_b.task_id);
+END;
+$$;

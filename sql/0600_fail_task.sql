@@ -118,7 +118,8 @@ BEGIN
     UPDATE stageflow.tasks AS t
        SET status = p_status, error = p_error, completed_at = stageflow.now(), lease_expires_at = NULL,
            errors = t.errors || jsonb_build_array(jsonb_build_object(
-               'attempt', t.attempt, 'at', stageflow.now(), 'worker_id', t.worker_id, 'error', p_error))
+               'attempt', t.attempt, 'at', stageflow.now(), 'worker_id', t.worker_id, 'lease_token', t.lease_token,
+               'error', p_error))
      WHERE t.task_id = p_task_id AND t.status IN ('queued', 'running');
     IF NOT FOUND THEN
         RETURN false;
@@ -228,13 +229,16 @@ BEGIN
     END IF;
     v_error := v_error || jsonb_build_object('category', v_category);
 
-    -- A task that already failed or died reports itself again (below); anything else not running,
-    -- or another lease's, is refused.
-    -- So does a retry already scheduled by this same lease (a report made again after its answer
-    -- was lost): the token changes only when the task is claimed again.
-    v_refusal := CASE WHEN v_task.status IN ('failed', 'dead')
-                           AND (fail_task.lease_token IS NULL OR fail_task.lease_token = v_row.lease_token) THEN NULL
-                      WHEN v_task.status = 'queued' AND fail_task.lease_token = v_row.lease_token THEN NULL
+    -- A report made again after its answer was lost reports the task as it is (below): the last
+    -- error the task recorded is this one, from this lease. Without a token (the psql form), a
+    -- task that already failed or died reports itself again. Anything else not running, or
+    -- another lease's, is refused: a failure from a lease that was released, re-queued by
+    -- retry_job or dead-lettered while its holder worked is not recorded, and not answered as if
+    -- it had been.
+    v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL AND v_task.status IN ('queued', 'failed', 'dead')
+                           AND (v_row.errors -> -1 ->> 'lease_token')::bigint = fail_task.lease_token
+                           AND v_row.errors -> -1 -> 'error' = v_error THEN NULL
+                      WHEN fail_task.lease_token IS NULL AND v_task.status IN ('failed', 'dead') THEN NULL
                       ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);
@@ -252,7 +256,8 @@ BEGIN
                SET status = 'queued', error = v_error, lease_expires_at = NULL,
                    next_attempt_at = v_now + make_interval(secs => v_delay),
                    errors = t.errors || jsonb_build_array(jsonb_build_object(
-                       'attempt', t.attempt, 'at', v_now, 'worker_id', t.worker_id, 'error', v_error))
+                       'attempt', t.attempt, 'at', v_now, 'worker_id', t.worker_id, 'lease_token', t.lease_token,
+                       'error', v_error))
              WHERE t.task_id = fail_task.task_id AND t.status = 'running';
             IF FOUND THEN
                 PERFORM pgmq.set_vt(v_task.queue, v_task.msg_id, v_now + make_interval(secs => v_delay));

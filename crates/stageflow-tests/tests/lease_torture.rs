@@ -25,8 +25,8 @@
 //!    no repeated completion or report under a token never issued changed anything;
 //! 3. every stage's counters equal its task rows (open = remaining_tasks, completed =
 //!    completed_count, failed + dead = failed_count, open_shards = shards with open tasks);
-//! 4. after final maintenance rounds (one full reconciler pass), no open task and no message of the queue belongs to an
-//!    ended job;
+//! 4. after final maintenance rounds (one full reconciler pass), no open task and no message of
+//!    the queue belongs to an ended job;
 //! 5. the events tell each job's story in a possible order: each stage completed at most once and
 //!    in order, never after its job ended; a job ended once per life (a retry revives it); its last
 //!    end is its status;
@@ -34,12 +34,21 @@
 //!    previous stage (lineage: the completed predecessors; dynamic: the plans' entries; fan_in:
 //!    one task whose inputs are the completed predecessors' results);
 //! 7. lease tokens: every claim the test saw got a token no other claim of that task got, and each
-//!    task's `lease_token` is the last of them; a report refused under the current lease of a
-//!    running task (or a completed repeat refused) is a failure as it happens.
+//!    task's `lease_token` is the last of them.
 //!
-//! Any error other than a refusal (55000) or a deadlock/serialization failure (40P01, 40001,
-//! counted and retried) fails the test. `STAGEFLOW_TORTURE_SEEDS` is a comma-separated list of
-//! seeds (default `1,2,3`); a seed fixes every thread's random choices, not the interleavings.
+//! Checked as they happen: a report refused while its task runs (or, for a completion, is
+//! completed) under that very lease; a repeated completion refused; a report under a token never
+//! issued accepted; an accepted failure whose answer is not its own outcome (a retry it scheduled
+//! on the claim's attempt, or the end it recorded with its error); a claim's effective lease,
+//! attempt or token out of place; the reconciler having to re-send a message some path lost; any
+//! error other than a refusal (55000) or a deadlock/serialization failure (40P01, 40001: counted
+//! and retried), including the errors run_maintenance only counts (their WARNINGs name the
+//! SQLSTATE). `STAGEFLOW_TORTURE_SEEDS` is a comma-separated list of seeds (default `1,2,3`); a
+//! seed fixes every thread's random choices, not the interleavings.
+//!
+//! Two small tests at the end make certain what the torture finds by chance: `fail_task` fenced
+//! by a lease token is refused once that lease is over, whether the task went back to the queue
+//! under the same token (cancelled and retried, or released) or was dead-lettered.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -494,7 +503,8 @@ impl Session {
 
     fn fail(&mut self, claim: &Claim, retryable: bool) {
         let who = self.who.clone();
-        let error = json!({"type": "Torture", "message": format!("{who} fails attempt {}", claim.attempt)});
+        let message = format!("{who} fails attempt {} under lease {}", claim.attempt, claim.token);
+        let error = json!({"type": "Torture", "message": message});
         if retryable {
             self.shared.handed_back.lock().unwrap().insert(claim.task_id.clone(), claim.token);
         }
@@ -503,10 +513,22 @@ impl Session {
             c.query_one(FAIL_SQL, &[&claim.task_id, &error, &retryable, &who, &claim.token]).map(|r| r.get::<_, Value>(0))
         }) {
             Outcome::Done(report) => {
+                // An accepted failure is this report's outcome: a retry it scheduled (on the
+                // claim's attempt) or the end it recorded (with its error); anything else is a
+                // report answered as accepted though nothing of it was recorded.
                 let status = report["task_status"].as_str().unwrap_or("?").to_owned();
-                let expected: &[&str] = if retryable { &["queued", "dead"] } else { &["failed"] };
-                if !expected.contains(&status.as_str()) {
-                    self.error(format!("{op} of {} accepted with the report {report}", claim.task_id));
+                let recorded = report["attempt"] == json!(claim.attempt)
+                    && match status.as_str() {
+                        "queued" => retryable && report.get("retry_in_seconds").is_some(),
+                        "dead" => retryable && report["error"]["message"] == json!(message),
+                        "failed" => !retryable && report["error"]["message"] == json!(message),
+                        _ => false,
+                    };
+                if !recorded {
+                    self.error(format!(
+                        "{op} of {} under lease {} was accepted, but the report is not its outcome: {report}",
+                        claim.task_id, claim.token
+                    ));
                 }
                 self.add(format!("{op} accepted: task {status}"), 1);
             }
@@ -1322,5 +1344,107 @@ fn leases_hold_under_randomized_torture() {
     // Written past the test harness's capture, so that it shows on success too.
     for run in &runs {
         let _ = writeln!(std::io::stderr(), "{}", summary_line(run));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fencing of fail_task, case by case (what the torture finds by chance, made certain).
+
+const ONE_TASK: &str = r#"{
+    "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "case": {"type": "integer"}}},
+    "retry": {"max_attempts": 3},
+    "stages": [{"name": "only", "handler": "fence.only", "queue": "fence", "fan_out": "count", "param": "n"}]
+}"#;
+
+/// Claims the job's one task as `worker`; returns (task_id, lease_token).
+fn claim_one(client: &mut Client, worker: &str, lease: i32) -> (String, i64) {
+    let row = client
+        .query_one("SELECT task_id, lease_token FROM stageflow.claim_tasks('fence', 1, $1, $2)", &[&lease, &worker])
+        .unwrap_or_else(|e| panic!("claim as {worker}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// The task row as text: what a refused report must leave as it was.
+fn task_row(client: &mut Client, task_id: &str) -> String {
+    client
+        .query_one(
+            "SELECT format('%s attempt %s lease %s error %s errors %s', status, attempt, lease_token, error, errors)
+               FROM stageflow.tasks WHERE task_id = $1",
+            &[&task_id],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// fail_task under `token` must be refused with 55000 and change nothing.
+fn assert_fail_refused(client: &mut Client, case: &str, task_id: &str, worker: &str, token: i64, retryable: bool) {
+    let before = task_row(client, task_id);
+    let error = json!({"message": format!("{worker} fails under lease {token}")});
+    match client.query_one("SELECT stageflow.fail_task($1, $2, $3, $4, $5)", &[&task_id, &error, &retryable, &worker, &token]) {
+        Ok(row) => panic!(
+            "{case}: fail_task(retryable {retryable}) by {worker} under lease {token}, a lease that is over, was accepted \
+             instead of refused with 55000; it answered {} while the task is {}",
+            row.get::<_, Value>(0),
+            task_row(client, task_id)
+        ),
+        Err(e) => {
+            let (code, message, _) = db_error(&e);
+            assert_eq!(code, "55000", "{case}: {message}");
+        }
+    }
+    assert_eq!(task_row(client, task_id), before, "{case}: a refused report changed the task");
+}
+
+/// A lease that ended while its task went back to the queue under the same token (the job was
+/// cancelled and retried; the holder released it): the token is the task's current one, but the
+/// task is not running, so the lease is over and a failure reported under it is refused.
+#[test]
+fn a_fenced_failure_under_a_lease_that_ended_in_the_queue_is_refused() {
+    let url = fresh_database("lease_fence_requeued");
+    let mut client = connect(&url);
+    register(&mut client, "fence", ONE_TASK);
+
+    // Cancelled while A held it, then retried: queued again, under A's token still.
+    let job_id = submit(&mut client, "fence", json!({"n": 1, "case": 1}));
+    let (task_id, token) = claim_one(&mut client, "A", 60);
+    json(&mut client, "SELECT stageflow.cancel_job($1)", &[&job_id]);
+    json(&mut client, "SELECT stageflow.retry_job($1)", &[&job_id]);
+    for retryable in [false, true] {
+        assert_fail_refused(&mut client, "cancelled and retried", &task_id, "A", token, retryable);
+    }
+    // (a completion under it is refused, as it should be)
+    let refused = client.query_one("SELECT stageflow.complete_task_and_check_stage($1, '{}', 'A', $2)", &[&task_id, &token]);
+    assert_eq!(refused.map_err(|e| db_error(&e).0).err().as_deref(), Some("55000"), "cancelled and retried: complete");
+    json(&mut client, "SELECT stageflow.cancel_job($1)", &[&job_id]); // out of the next case's way
+
+    // Released by its holder B, who then reports a failure under the released lease.
+    submit(&mut client, "fence", json!({"n": 1, "case": 2}));
+    let (task_id, token) = claim_one(&mut client, "B", 60);
+    let released: i32 = client
+        .query_one("SELECT stageflow.release_tasks(ARRAY[$1], 'B', ARRAY[$2::bigint])", &[&task_id, &token])
+        .unwrap()
+        .get(0);
+    assert_eq!(released, 1);
+    for retryable in [false, true] {
+        assert_fail_refused(&mut client, "released", &task_id, "B", token, retryable);
+    }
+}
+
+/// The lease of a task's last attempt expired and maintenance dead-lettered the task: its
+/// holder's late failure is refused, not answered with the dead letter's report as if it had been
+/// recorded (the task's error is the expired lease, not the holder's).
+#[test]
+fn a_fenced_failure_after_its_task_was_dead_lettered_is_refused() {
+    let url = fresh_database("lease_fence_dead");
+    let mut client = connect(&url);
+    register(&mut client, "fence", &ONE_TASK.replace(r#""max_attempts": 3"#, r#""max_attempts": 1"#));
+    submit(&mut client, "fence", json!({"n": 1, "case": 3}));
+    let (task_id, token) = claim_one(&mut client, "C", 1);
+    client.batch_execute("SET stageflow.fake_now = '2099-01-01 00:00:00+00'").unwrap();
+    let maintenance = json(&mut client, "SELECT stageflow.run_maintenance()", &[]);
+    client.batch_execute("RESET stageflow.fake_now").unwrap();
+    assert_eq!(maintenance["dead_lettered"], json!(1), "{maintenance}");
+    for retryable in [false, true] {
+        assert_fail_refused(&mut client, "dead-lettered", &task_id, "C", token, retryable);
     }
 }
