@@ -101,6 +101,11 @@ AS $$
             pg_catalog.jsonb_build_object('sqlstate', '55000',
                                'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
                                'hint', 'the lease expired and the task was delivered again; its new holder reports it')
+        WHEN p_task.status = 'completed' AND p_token IS NULL AND p_worker_id IS NOT NULL
+             AND p_task.worker_id IS DISTINCT FROM p_worker_id THEN
+            pg_catalog.jsonb_build_object('sqlstate', '55000',
+                               'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                               'hint', 'the lease expired and the task was delivered again; its new holder completed it')
         WHEN p_task.status = 'running' THEN NULL
         WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
         WHEN p_task.status = 'queued' THEN

@@ -21,6 +21,82 @@ BEGIN
 END;
 $$;
 
+-- The messages a claim read that did not become claims (rare), settled: p_locked are the tasks
+-- the claim locked, p_claimed those it took. Read again in a new snapshot: the locked rows are as
+-- they are now and stay so until the claim's transaction ends.
+--   * a task another session holds: its message becomes visible again a second later;
+--   * a message that is not its task's current one (a duplicate, a leftover), or whose task has
+--     ended: deleted, the task untouched;
+--   * a task of a job that ended: its job's leftovers are cancelled (_cancel_leftovers: under the
+--     locks retry_job takes, and only if the job is still ended then; if a retry revived it, the
+--     message becomes visible again);
+--   * a live lease's message, or a retry's not yet due: pushed back to that time;
+--   * a running task whose last attempt's lease expired: dead-lettered.
+CREATE FUNCTION stageflow._settle_unclaimed(p_queue text, p_msg_ids bigint[], p_task_ids text[], p_locked text[],
+                                            p_claimed text[], p_now timestamptz)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_stray_msgs   bigint[] := '{}';
+    v_busy_msgs    bigint[] := '{}';
+    v_ended_jobs   text[] := '{}';
+    v_ended_tasks  text[] := '{}';
+    r              record;
+BEGIN
+    FOR r IN
+        SELECT u.msg_id, u.task_id, u.task_id = ANY (coalesce(p_locked, '{}')) AS mine,
+               t.job_id, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
+               t.next_attempt_at, j.status AS job_status
+          FROM unnest(p_msg_ids, p_task_ids) AS u(msg_id, task_id)
+          LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
+          LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+         WHERE NOT (u.task_id = ANY (coalesce(p_claimed, '{}')))
+         ORDER BY u.msg_id
+    LOOP
+        IF r.current_msg_id IS DISTINCT FROM r.msg_id THEN
+            v_stray_msgs := v_stray_msgs || r.msg_id;       -- not its task's current message
+        ELSIF NOT r.mine THEN
+            v_busy_msgs := v_busy_msgs || r.msg_id;         -- another session holds the task
+        ELSIF r.status NOT IN ('queued', 'running') THEN
+            v_stray_msgs := v_stray_msgs || r.msg_id;       -- its task has ended
+        ELSIF r.job_status NOT IN ('queued', 'processing') THEN
+            v_ended_jobs := v_ended_jobs || r.job_id;
+            v_ended_tasks := v_ended_tasks || r.task_id;
+        ELSIF r.status = 'running' AND r.lease_expires_at > p_now THEN
+            PERFORM pgmq.set_vt(p_queue, r.msg_id, r.lease_expires_at);
+        ELSIF r.attempt >= r.max_attempts THEN
+            PERFORM stageflow._end_task(
+                r.task_id, 'dead',
+                jsonb_build_object(
+                    'type', 'lease_expired',
+                    'message', format('the lease of attempt %s of %s expired before the task was completed',
+                                      r.attempt, r.max_attempts),
+                    'category', 'transient'));
+        ELSIF r.status = 'queued' AND r.next_attempt_at > p_now THEN
+            PERFORM pgmq.set_vt(p_queue, r.msg_id, r.next_attempt_at);
+        ELSE
+            -- claimable now, though not when the claim's snapshot looked: visible again at once
+            PERFORM pgmq.set_vt(p_queue, r.msg_id, p_now);
+        END IF;
+    END LOOP;
+    IF cardinality(v_busy_msgs) > 0 THEN
+        PERFORM pgmq.set_vt(p_queue, v_busy_msgs, p_now + interval '1 second');
+    END IF;
+    PERFORM stageflow._delete_messages(p_queue, v_stray_msgs);
+    IF cardinality(v_ended_jobs) > 0 THEN
+        PERFORM stageflow._cancel_leftovers(e.job_id)
+           FROM (SELECT DISTINCT u.job_id FROM unnest(v_ended_jobs) AS u(job_id) ORDER BY u.job_id) AS e;
+        -- A job a retry revived meanwhile keeps its tasks: their messages are visible again.
+        PERFORM pgmq.set_vt(p_queue, m.msg_ids, p_now)
+           FROM (SELECT array_agg(t.msg_id) AS msg_ids FROM stageflow.tasks AS t
+                  WHERE t.task_id = ANY (v_ended_tasks) AND t.status IN ('queued', 'running')) AS m
+          WHERE m.msg_ids IS NOT NULL;
+    END IF;
+END;
+$$;
+
 -- Claims up to max_tasks tasks of a queue for lease_seconds (or the stage's own lease_seconds,
 -- when its definition sets one) and marks them running with attempt + 1 and a new lease token.
 --
@@ -59,16 +135,16 @@ SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_now          timestamptz := stageflow.now();
+    -- The engine's clock as it reads now (stageflow.now() is the transaction's start: a claim in
+    -- an old transaction would hand out a lease already partly spent, and not see a message sent
+    -- earlier in the same transaction).
+    v_now          timestamptz := greatest(stageflow.now(), clock_timestamp());
     v_msg_ids      bigint[];
     v_task_ids     text[];
     v_locked       text[];
     v_claimed_ids  text[];
     v_own_lease    int[];
     v_own_msgs     bigint[];
-    v_stray_msgs   bigint[] := '{}';
-    v_busy_msgs    bigint[] := '{}';
-    v_cancel       text[] := '{}';
     r              record;
 BEGIN
     -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
@@ -87,12 +163,9 @@ BEGIN
     END IF;
 
     -- pgmq.read's statement on the engine's clock, with its plan kept (stageflow._read_messages).
-    -- (The clock as it reads now: stageflow.now() is the transaction's start, before which a
-    -- message sent earlier in the same transaction would not yet be visible.)
     SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
       INTO v_msg_ids, v_task_ids
-      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks,
-                                    greatest(v_now, clock_timestamp())) AS m;
+      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     IF v_msg_ids IS NULL THEN
         RETURN;
     END IF;
@@ -144,6 +217,10 @@ BEGIN
         PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, v_now + make_interval(secs => r.lease));
     END LOOP;
 
+    IF coalesce(cardinality(v_claimed_ids), 0) < cardinality(v_msg_ids) THEN
+        PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimed_ids, v_now);
+    END IF;
+    -- (After the rare path: a dead letter there that fails the job cancels what it handed out.)
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
            CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END || t.params,
@@ -153,68 +230,7 @@ BEGIN
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       LEFT JOIN stageflow.tasks AS p ON p.task_id = t.predecessor_id
-     WHERE t.task_id = ANY (v_claimed_ids)
+     WHERE t.task_id = ANY (v_claimed_ids) AND t.status = 'running'
      ORDER BY t.msg_id;
-    IF coalesce(cardinality(v_claimed_ids), 0) = cardinality(v_msg_ids) THEN
-        RETURN;
-    END IF;
-
-    -- Messages that did not become claims (rare), read again in a new snapshot: the rows locked
-    -- above are as they are now and stay so until this transaction ends.
-    FOR r IN
-        SELECT u.msg_id, u.task_id, u.task_id = ANY (coalesce(v_locked, '{}')) AS mine,
-               t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
-               t.next_attempt_at, j.status AS job_status
-          FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
-          LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
-          LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE NOT (u.task_id = ANY (coalesce(v_claimed_ids, '{}')))
-         ORDER BY u.msg_id
-    LOOP
-        IF NOT r.mine THEN
-            IF r.current_msg_id IS NOT DISTINCT FROM r.msg_id THEN
-                v_busy_msgs := v_busy_msgs || r.msg_id;     -- another session holds the task
-            ELSE
-                v_stray_msgs := v_stray_msgs || r.msg_id;   -- not its task's current message
-            END IF;
-        ELSIF r.job_status NOT IN ('queued', 'processing') OR r.status NOT IN ('queued', 'running') THEN
-            v_stray_msgs := v_stray_msgs || r.msg_id;
-            IF r.status IN ('queued', 'running') THEN
-                v_cancel := v_cancel || r.task_id;
-            END IF;
-        ELSIF r.status = 'running' AND r.lease_expires_at > v_now THEN
-            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_id, r.lease_expires_at);
-        ELSIF r.attempt >= r.max_attempts THEN
-            PERFORM stageflow._end_task(
-                r.task_id, 'dead',
-                jsonb_build_object(
-                    'type', 'lease_expired',
-                    'message', format('the lease of attempt %s of %s expired before the task was completed',
-                                      r.attempt, r.max_attempts),
-                    'category', 'transient'));
-        ELSIF r.status = 'queued' AND r.next_attempt_at > v_now THEN
-            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_id, r.next_attempt_at);
-        ELSE
-            -- claimable now, though not when the claim's snapshot looked: visible again at once
-            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_id, v_now);
-        END IF;
-    END LOOP;
-    IF cardinality(v_busy_msgs) > 0 THEN
-        PERFORM pgmq.set_vt(claim_tasks.queue, v_busy_msgs, v_now + interval '1 second');
-    END IF;
-    PERFORM stageflow._delete_messages(claim_tasks.queue, v_stray_msgs);
-    -- Open tasks of ended jobs are cancelled, each stage's shards moved once.
-    FOR r IN
-        WITH cancelled AS (
-            UPDATE stageflow.tasks AS t
-               SET status = 'cancelled', lease_expires_at = NULL, completed_at = v_now
-             WHERE t.task_id = ANY (v_cancel) AND t.status IN ('queued', 'running')
-            RETURNING t.job_id, t.stage, t.ordinal
-        )
-        SELECT c.job_id, c.stage, array_agg(c.ordinal) AS ordinals FROM cancelled AS c
-         GROUP BY c.job_id, c.stage ORDER BY c.job_id, c.stage
-    LOOP
-        PERFORM stageflow._move_shards(r.job_id, r.stage, r.ordinals, -1);
-    END LOOP;
 END;
 $$;

@@ -56,13 +56,44 @@ BEGIN
 END;
 $$;
 
--- Ends an open job as failed or cancelled. The job row is updated (and so locked) first: from
--- then on nothing advances the job (advance_stage waits for the row, then finds the job ended),
--- and the statements after it see every stage and task a completion created before: its open
--- tasks are cancelled and its active stages closed (stage rows another session holds are skipped:
--- the completion holding one closes it when advance_stage finds the job ended). Records the
--- error and emits job_<status>. Returns false if the job had already ended.
-CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb)
+-- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the
+-- order of every completion), following the job if a completion advances it meanwhile; returns
+-- the stage locked, or NULL for an unknown job. Whoever ends, revives or tidies a job takes these
+-- first and the job row after, so they never wait in a cycle with a completion of that stage.
+CREATE FUNCTION stageflow._lock_current_stage(p_job_id text)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_stage   int;
+    v_locked  int;
+BEGIN
+    LOOP
+        SELECT j.current_stage INTO v_stage FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        IF v_stage IS NOT DISTINCT FROM v_locked THEN
+            RETURN v_stage;
+        END IF;
+        PERFORM 1 FROM stageflow.stage_shards AS sh
+          WHERE sh.job_id = p_job_id AND sh.stage = v_stage
+          ORDER BY sh.shard FOR UPDATE;
+        PERFORM 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = v_stage FOR UPDATE;
+        v_locked := v_stage;
+    END LOOP;
+END;
+$$;
+
+-- Ends an open job as failed or cancelled (with p_deadline: only if its deadline is still at or
+-- before it, as a concurrent retry_job moves it). Its current stage's shards and row are locked
+-- first, then the job row: from then on nothing advances the job, and the statements after it see
+-- every stage and task a completion created before: its open tasks are cancelled and its active
+-- stages closed (stage rows another session holds are skipped: the completion holding one closes
+-- it when advance_stage finds the job ended). Records the error and emits job_<status>. Returns
+-- false if the job had already ended.
+CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb, p_deadline timestamptz DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -70,10 +101,12 @@ AS $$
 DECLARE
     v_cancelled int;
 BEGIN
+    PERFORM stageflow._lock_current_stage(p_job_id);
     UPDATE stageflow.jobs AS j
        SET status = p_status, error = coalesce(p_error, j.error),
            completed_at = stageflow.now(), updated_at = stageflow.now()
-     WHERE j.job_id = p_job_id AND j.status IN ('queued', 'processing');
+     WHERE j.job_id = p_job_id AND j.status IN ('queued', 'processing')
+       AND (p_deadline IS NULL OR j.deadline_at <= p_deadline);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -88,6 +121,24 @@ BEGIN
     PERFORM stageflow._emit(p_job_id, 'job_' || p_status,
                             jsonb_build_object('error', p_error, 'cancelled_tasks', v_cancelled));
     RETURN true;
+END;
+$$;
+
+-- Cancels what is still open of a job that has ended (tasks a claim or report held while the job
+-- ended): under the locks of its current stage, which retry_job takes too, and only if the job is
+-- still ended then (a retry that came first revived it). Returns how many tasks it cancelled.
+CREATE FUNCTION stageflow._cancel_leftovers(p_job_id text)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM stageflow._lock_current_stage(p_job_id);
+    IF NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j
+                    WHERE j.job_id = p_job_id AND j.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')) THEN
+        RETURN 0;
+    END IF;
+    RETURN stageflow._cancel_open_tasks(p_job_id);
 END;
 $$;
 

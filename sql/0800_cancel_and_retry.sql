@@ -27,13 +27,16 @@ $$;
 
 -- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks (and a
 -- task still running in the ended job: one a claim held while the job ended, whose report would
--- be refused once it is queued again) are queued again with fresh attempts and new messages, the job is processing again and its deadline
--- starts over (now + the job type's timeout_seconds). A job with nothing to retry (running fine,
--- or completed) is left as it is. Returns the number of tasks re-queued.
+-- be refused once it is queued again) are queued again with fresh attempts and new messages, the
+-- job is processing again and its deadline starts over (now + the job type's timeout_seconds). An
+-- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
+-- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
+-- Returns the number of tasks re-queued.
 -- Lock order as every completion's, shards before stage before job: the current stage's shards
--- and row are locked first (a completion emptying the stage finishes first, and if it advanced
--- the job, the new current stage is taken instead), then the tasks to retry (failed, dead or
--- cancelled: no claim or completion waits on anything while holding one), the job row last.
+-- and row first (_lock_current_stage: a completion emptying the stage finishes first, and if it
+-- advanced the job, the new current stage is taken instead), then the tasks to retry (failed,
+-- dead or cancelled ones, which no claim or completion waits on anything while holding; running
+-- ones only if no one holds them), the job row last.
 CREATE FUNCTION stageflow.retry_job(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -45,44 +48,63 @@ DECLARE
     v_stage    stageflow.stages;
     v_ids      text[];
     v_ordinals int[];
+    v_running  text[];
+    v_old_msgs bigint[];
     v_failed   int;
+    v_advance  jsonb;
 BEGIN
-    LOOP
-        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id;
-        IF NOT FOUND THEN
-            PERFORM stageflow._raise_unknown('job', retry_job.job_id);
-        END IF;
-        IF v_job.status IN ('completed', 'completed_with_errors') THEN
-            RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
-        END IF;
-        -- (read again after the locks below: still on the stage locked?)
-        EXIT WHEN v_stage.stage IS NOT DISTINCT FROM v_job.current_stage;
-        PERFORM 1 FROM stageflow.stage_shards AS sh
-          WHERE sh.job_id = v_job.job_id AND sh.stage = v_job.current_stage
-          ORDER BY sh.shard FOR UPDATE;
-        SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
-         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage
-           FOR UPDATE;
-    END LOOP;
+    IF stageflow._lock_current_stage(retry_job.job_id) IS NULL THEN
+        PERFORM stageflow._raise_unknown('job', retry_job.job_id);
+    END IF;
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id;
+    IF v_job.status IN ('completed', 'completed_with_errors') THEN
+        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+    SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
+     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
 
     -- The tasks to run again, locked (and then read as they are now).
     PERFORM 1 FROM stageflow.tasks AS t
-     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
-       AND (t.status IN ('failed', 'dead', 'cancelled') OR (t.status = 'running' AND v_job.status IN ('failed', 'cancelled')))
+     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status IN ('failed', 'dead', 'cancelled')
      ORDER BY t.task_id
        FOR UPDATE;
-    SELECT array_agg(t.task_id ORDER BY t.ordinal), array_agg(t.ordinal ORDER BY t.ordinal),
+    IF v_job.status IN ('failed', 'cancelled') THEN
+        v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                            WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status = 'running'
+                            ORDER BY t.task_id
+                              FOR UPDATE SKIP LOCKED);
+    END IF;
+    SELECT array_agg(t.task_id ORDER BY t.ordinal),
+           array_agg(t.ordinal ORDER BY t.ordinal) FILTER (WHERE t.status <> 'running'),
+           array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
            count(*) FILTER (WHERE t.status IN ('failed', 'dead'))
-      INTO v_ids, v_ordinals, v_failed
+      INTO v_ids, v_ordinals, v_old_msgs, v_failed
       FROM stageflow.tasks AS t
      WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
-       AND (t.status IN ('failed', 'dead', 'cancelled') OR (t.status = 'running' AND v_job.status IN ('failed', 'cancelled')));
+       AND (t.status IN ('failed', 'dead', 'cancelled') OR t.task_id = ANY (coalesce(v_running, '{}')));
     IF v_ids IS NULL THEN
-        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id;
+        IF v_job.status IN ('failed', 'cancelled') AND v_stage.open_shards = 0 THEN
+            -- Nothing to retry, nothing open: the stage's last report landed as the job ended.
+            UPDATE stageflow.stages AS s SET status = 'active', completed_at = NULL
+             WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+            UPDATE stageflow.jobs AS j
+               SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
+                   deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
+             WHERE j.job_id = v_job.job_id;
+            PERFORM stageflow._emit(v_job.job_id, 'job_retried',
+                                    jsonb_build_object('stage', v_job.current_stage, 'retried_tasks', 0),
+                                    v_job.current_stage);
+            v_advance := stageflow.advance_stage(v_job.job_id);
+            RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
+        END IF;
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
     END IF;
 
-    -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks.
+    -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old
+    -- messages of tasks that were still running go.
+    IF v_old_msgs IS NOT NULL THEN
+        PERFORM stageflow._delete_messages(v_stage.queue, v_old_msgs);
+    END IF;
     UPDATE stageflow.tasks AS t
        SET status = 'queued', attempt = 0, msg_id = m.msg_id, error = NULL, worker_id = NULL,
            lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL
@@ -94,7 +116,10 @@ BEGIN
         ON m.n = u.n
      WHERE t.task_id = u.task_id;
 
-    PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_ordinals, 1, -v_failed);
+    -- Tasks that had ended open again on their shards; a running one never left its shard.
+    IF v_ordinals IS NOT NULL THEN
+        PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_ordinals, 1, -v_failed);
+    END IF;
     UPDATE stageflow.stages AS s
        SET status = 'active', completed_at = NULL
      WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;

@@ -28,6 +28,7 @@ DECLARE
     v_deleted    int := 0;
     v_errors     int := 0;
     v_reconciled jsonb := '{}';
+    v_busy       boolean;
     v_retention  interval;
     v_error_message text;
     v_error_state   text;
@@ -65,28 +66,43 @@ BEGIN
           JOIN stageflow.stages AS s ON s.job_id = e.job_id AND s.stage = e.stage
          GROUP BY s.queue ORDER BY s.queue
     LOOP
-        PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
-        v_redeliver := v_redeliver + cardinality(r.msg_ids);
-        PERFORM pg_notify('stageflow_tasks', r.queue);
+        BEGIN
+            PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
+            v_redeliver := v_redeliver + cardinality(r.msg_ids);
+            PERFORM pg_notify('stageflow_tasks', r.queue);
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+            RAISE WARNING 'stageflow.run_maintenance: expired leases of queue %: % (SQLSTATE %)', r.queue, v_error_message, v_error_state;
+            v_errors := v_errors + 1;
+        END;
     END LOOP;
 
     -- Expired leases without attempts left: dead letters, each in its own subtransaction, each
-    -- re-checked under its row lock.
+    -- re-checked under its row lock. A task whose message a claim holds is left to that claim
+    -- (which dead-letters it itself): waiting for the message here, while holding the shards of an
+    -- earlier dead letter of the same stage, could deadlock with that claim.
     FOR r IN
-        SELECT d.task_id, d.attempt, d.max_attempts FROM stageflow.tasks AS d
+        SELECT d.task_id, d.attempt, d.max_attempts, d.msg_id, s.queue FROM stageflow.tasks AS d
+          JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
          WHERE d.status = 'running' AND d.lease_expires_at <= v_now AND d.attempt >= d.max_attempts
          ORDER BY d.lease_expires_at LIMIT max_rows
     LOOP
         BEGIN
             PERFORM 1 FROM stageflow.tasks AS t
-              WHERE t.task_id = r.task_id AND t.status = 'running' AND t.lease_expires_at <= v_now
-                AND t.attempt >= t.max_attempts
+              WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND t.status = 'running'
+                AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
                 FOR UPDATE SKIP LOCKED;
-            IF FOUND AND stageflow._end_task(r.task_id, 'dead', jsonb_build_object(
-                   'type', 'lease_expired', 'category', 'transient',
-                   'message', format('the lease of attempt %s of %s expired before the task was completed',
-                                     r.attempt, r.max_attempts))) THEN
-                v_dead := v_dead + 1;
+            IF FOUND THEN
+                EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
+                               'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
+                               pgmq.format_table_name(r.queue, 'q'))
+                   INTO v_busy USING r.msg_id;
+                IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', jsonb_build_object(
+                       'type', 'lease_expired', 'category', 'transient',
+                       'message', format('the lease of attempt %s of %s expired before the task was completed',
+                                         r.attempt, r.max_attempts))) THEN
+                    v_dead := v_dead + 1;
+                END IF;
             END IF;
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
@@ -106,7 +122,7 @@ BEGIN
             IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
                    'type', 'job_timeout', 'category', 'permanent',
                    'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
-                                     r.timeout_seconds))) THEN
+                                     r.timeout_seconds)), v_now) THEN
                 v_timed_out := v_timed_out + 1;
             END IF;
         EXCEPTION WHEN OTHERS THEN
@@ -223,7 +239,7 @@ BEGIN
           LIMIT max_rows)
     LOOP
         BEGIN
-            v_cancelled := v_cancelled + stageflow._cancel_open_tasks(r.job_id);
+            v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
             RAISE WARNING 'stageflow._reconcile: cancelling the open tasks of ended job %: % (SQLSTATE %)', r.job_id, v_error_message, v_error_state;
