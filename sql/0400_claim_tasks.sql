@@ -67,13 +67,7 @@ BEGIN
         ELSIF r.status = 'running' AND r.lease_expires_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.lease_expires_at);
         ELSIF r.attempt >= r.max_attempts THEN
-            PERFORM stageflow._end_task(
-                r.task_id, 'dead',
-                jsonb_build_object(
-                    'type', 'lease_expired',
-                    'message', format('the lease of attempt %s of %s expired before the task was completed',
-                                      r.attempt, r.max_attempts),
-                    'category', 'transient'));
+            PERFORM stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts));
         ELSIF r.status = 'queued' AND r.next_attempt_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.next_attempt_at);
         ELSE

@@ -25,6 +25,26 @@ BEGIN
 END;
 $$;
 
+-- Makes a job and its current stage open again after a retry (the caller holds the stage's
+-- shards and row): the job is processing with no error, its deadline starts over (now + the job
+-- type's timeout_seconds), and job_retried is emitted.
+CREATE FUNCTION stageflow._reopen_job(p_job_id text, p_stage int, p_retried int)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE stageflow.stages AS s
+       SET status = 'active', completed_at = NULL
+     WHERE s.job_id = p_job_id AND s.stage = p_stage;
+    UPDATE stageflow.jobs AS j
+       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
+           deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
+     WHERE j.job_id = p_job_id;
+    PERFORM stageflow._emit(p_job_id, 'job_retried', jsonb_build_object('stage', p_stage, 'retried_tasks', p_retried), p_stage);
+END;
+$$;
+
 -- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks (and a
 -- task still running in the ended job: one a claim held while the job ended, whose report would
 -- be refused once it is queued again) are queued again with fresh attempts and new messages, the
@@ -85,15 +105,7 @@ BEGIN
     IF v_ids IS NULL THEN
         IF v_job.status IN ('failed', 'cancelled') AND v_stage.open_shards = 0 THEN
             -- Nothing to retry, nothing open: the stage's last report landed as the job ended.
-            UPDATE stageflow.stages AS s SET status = 'active', completed_at = NULL
-             WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-            UPDATE stageflow.jobs AS j
-               SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
-                   deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
-             WHERE j.job_id = v_job.job_id;
-            PERFORM stageflow._emit(v_job.job_id, 'job_retried',
-                                    jsonb_build_object('stage', v_job.current_stage, 'retried_tasks', 0),
-                                    v_job.current_stage);
+            PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, 0);
             v_advance := stageflow.advance_stage(v_job.job_id);
             RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
         END IF;
@@ -120,16 +132,7 @@ BEGIN
     IF v_ordinals IS NOT NULL THEN
         PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_ordinals, 1, -v_failed);
     END IF;
-    UPDATE stageflow.stages AS s
-       SET status = 'active', completed_at = NULL
-     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-    UPDATE stageflow.jobs AS j
-       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
-           deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
-     WHERE j.job_id = v_job.job_id;
-    PERFORM stageflow._emit(v_job.job_id, 'job_retried',
-                            jsonb_build_object('stage', v_job.current_stage, 'retried_tasks', cardinality(v_ids)),
-                            v_job.current_stage);
+    PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, cardinality(v_ids));
     PERFORM pg_notify('stageflow_tasks', v_stage.queue);
     RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', cardinality(v_ids), 'job_status', 'processing');
 END;

@@ -1,3 +1,28 @@
+-- Logs a unit of maintenance work that failed (in the handler of its subtransaction) as a WARNING
+-- naming the unit, and counts it: returns 1.
+CREATE FUNCTION stageflow._unit_failed(p_unit text, p_message text, p_sqlstate text)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE WARNING '%: % (SQLSTATE %)', p_unit, p_message, p_sqlstate;
+    RETURN 1;
+END;
+$$;
+
+-- The error a task's last lease records when it expires: a dead letter's, made by the claim that
+-- reads its message or by maintenance.
+CREATE FUNCTION stageflow._lease_expired_error(p_attempt int, p_max_attempts int)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'type', 'lease_expired', 'category', 'transient',
+        'message', format('the lease of attempt %s of %s expired before the task was completed', p_attempt, p_max_attempts))
+$$;
+
 -- One round of maintenance, run by the background worker every stageflow.maintenance_interval
 -- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
 -- re-checks what it acts on under the task's row lock (rows another session holds are left to the
@@ -71,9 +96,7 @@ BEGIN
             v_redeliver := v_redeliver + cardinality(r.msg_ids);
             PERFORM pg_notify('stageflow_tasks', r.queue);
         EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-            RAISE WARNING 'stageflow.run_maintenance: expired leases of queue %: % (SQLSTATE %)', r.queue, v_error_message, v_error_state;
-            v_errors := v_errors + 1;
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: expired leases of queue %s', r.queue), SQLERRM, SQLSTATE);
         END;
     END LOOP;
 
@@ -97,17 +120,12 @@ BEGIN
                                'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
                                pgmq.format_table_name(r.queue, 'q'))
                    INTO v_busy USING r.msg_id;
-                IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', jsonb_build_object(
-                       'type', 'lease_expired', 'category', 'transient',
-                       'message', format('the lease of attempt %s of %s expired before the task was completed',
-                                         r.attempt, r.max_attempts))) THEN
+                IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
                     v_dead := v_dead + 1;
                 END IF;
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-            RAISE WARNING 'stageflow.run_maintenance: dead-lettering task %: % (SQLSTATE %)', r.task_id, v_error_message, v_error_state;
-            v_errors := v_errors + 1;
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
         END;
     END LOOP;
 
@@ -126,9 +144,7 @@ BEGIN
                 v_timed_out := v_timed_out + 1;
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-            RAISE WARNING 'stageflow.run_maintenance: failing job % past its deadline: % (SQLSTATE %)', r.job_id, v_error_message, v_error_state;
-            v_errors := v_errors + 1;
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: failing job %s past its deadline', r.job_id), SQLERRM, SQLSTATE);
         END;
     END LOOP;
 
@@ -138,9 +154,7 @@ BEGIN
         v_errors := v_errors + coalesce((v_reconciled ->> 'errors')::int, 0);
         v_reconciled := v_reconciled - 'errors';
     EXCEPTION WHEN OTHERS THEN
-        GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-        RAISE WARNING 'stageflow.run_maintenance: reconciling: % (SQLSTATE %)', v_error_message, v_error_state;
-        v_errors := v_errors + 1;
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: reconciling', SQLERRM, SQLSTATE);
     END;
 
     -- Retention.
@@ -163,9 +177,7 @@ BEGIN
             )
             SELECT count(*) INTO v_deleted FROM jobs_gone;
         EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-            RAISE WARNING 'stageflow.run_maintenance: retention: % (SQLSTATE %)', v_error_message, v_error_state;
-            v_errors := v_errors + 1;
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
         END;
     END IF;
 
@@ -209,8 +221,6 @@ DECLARE
     v_cursor     bigint;
     v_count      int;
     v_msg_id     bigint;
-    v_error_message text;
-    v_error_state   text;
     r            record;
     q            record;
 BEGIN
@@ -241,9 +251,7 @@ BEGIN
         BEGIN
             v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);
         EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-            RAISE WARNING 'stageflow._reconcile: cancelling the open tasks of ended job %: % (SQLSTATE %)', r.job_id, v_error_message, v_error_state;
-            v_errors := v_errors + 1;
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: cancelling the open tasks of ended job %s', r.job_id), SQLERRM, SQLSTATE);
         END;
     END LOOP;
 
@@ -285,9 +293,7 @@ BEGIN
                     END IF;
                 END IF;
             EXCEPTION WHEN OTHERS THEN
-                GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-                RAISE WARNING 'stageflow._reconcile: re-sending the message of task %: % (SQLSTATE %)', r.task_id, v_error_message, v_error_state;
-                v_errors := v_errors + 1;
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: re-sending the message of task %s', r.task_id), SQLERRM, SQLSTATE);
             END;
         END LOOP;
     END LOOP;
@@ -327,9 +333,7 @@ BEGIN
                 v_deleted := v_deleted + v_count;
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-            RAISE WARNING 'stageflow._reconcile: messages of queue %: % (SQLSTATE %)', q.queue, v_error_message, v_error_state;
-            v_errors := v_errors + 1;
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: messages of queue %s', q.queue), SQLERRM, SQLSTATE);
         END;
     END LOOP;
 
