@@ -27,10 +27,12 @@ END;
 $$;
 
 -- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
--- entries: {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]} whose keys are distinct.
+-- entries: {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]} whose keys are distinct and
+-- whose params add keys of their own: a planner cannot replace the job's validated params
+-- (p_job_params; a task's params overlay the job's when it is claimed).
 -- (Keys repeated across the results of several planner tasks are found only when the stage is
 -- created, and fail that job: see advance_stage.)
-CREATE FUNCTION stageflow._planner_problem(p_result jsonb)
+CREATE FUNCTION stageflow._planner_problem(p_result jsonb, p_job_params jsonb DEFAULT '{}')
 RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -58,23 +60,31 @@ AS $$
                        WHERE e.entry ? 'key') AS d
                WHERE d.n <> d.first
                ORDER BY d.n
+               LIMIT 1),
+             (SELECT format('entry %s: params key %s is a parameter of the job', e.n - 1, to_jsonb(k.key))
+                FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
+               CROSS JOIN LATERAL jsonb_object_keys(CASE WHEN jsonb_typeof(e.entry -> 'params') = 'object'
+                                                         THEN e.entry -> 'params' ELSE '{}' END) AS k(key)
+               WHERE p_job_params ? k.key
+               ORDER BY e.n
                LIMIT 1))
     END
 $$;
 
--- The refusal of a result that feeds a dynamic fan-out but is not a valid plan, or NULL.
-CREATE FUNCTION stageflow._planner_refusal(p_task_id text, p_result jsonb)
+-- The refusal of a result that feeds a dynamic fan-out but is not a valid plan for its job, or NULL.
+CREATE FUNCTION stageflow._planner_refusal(p_task_id text, p_result jsonb, p_job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_problem text := stageflow._planner_problem(p_result);
+    v_problem text := stageflow._planner_problem(
+        p_result, (SELECT j.params FROM stageflow.jobs AS j WHERE j.job_id = p_job_id));
 BEGIN
     RETURN CASE WHEN v_problem IS NOT NULL THEN jsonb_build_object(
         'sqlstate', '22023',
         'message', format('task %s plans the next stage (dynamic fan-out) but %s', p_task_id, v_problem),
-        'hint', 'return {"tasks": [{"key": "tile_x0_y0", "params": {...}}, ...]}; report a planning error with stageflow.fail_task')
+        'hint', 'return {"tasks": [{"key": "tile_x0_y0", "params": {...}}, ...]} with params of the task''s own (the job''s params reach every task anyway); report a planning error with stageflow.fail_task')
     END;
 END;
 $$;
@@ -139,7 +149,7 @@ BEGIN
               FROM (SELECT u.n, u.task_id, u.result, l.task, l.queue, l.shards AS stage_shards,
                            coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
                                     CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
-                                        stageflow._planner_refusal(u.task_id, u.result) END) AS refusal
+                                        stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END) AS refusal
                       FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
                       LEFT JOIN (SELECT t AS task, s.queue, s.shards, s.next_fan_out
                                    FROM stageflow.tasks AS t
