@@ -23,10 +23,10 @@ BEGIN
                             'no job type is registered: use stageflow.register_job_type(name, definition)');
     END IF;
 
-    IF pg_column_size(submit_job.params) > 1048576 THEN
+    IF octet_length(submit_job.params::text) > 1048576 THEN
         RAISE EXCEPTION USING
             ERRCODE = '54000',
-            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', pg_column_size(submit_job.params)),
+            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', octet_length(submit_job.params::text)),
             HINT = 'pass large inputs by reference (a path or URL), not inline';
     END IF;
     IF submit_job.webhook_url IS NOT NULL

@@ -253,11 +253,11 @@ AS $$
 DECLARE
     v_refusal  jsonb;
 BEGIN
-    IF pg_column_size(complete_task_and_check_stage.result) > 8388608 THEN
+    IF octet_length(complete_task_and_check_stage.result::text) > 8388608 THEN
         RAISE EXCEPTION USING
             ERRCODE = '54000',
             MESSAGE = format('the result of task %s takes %s bytes, more than the limit of 8388608',
-                             complete_task_and_check_stage.task_id, pg_column_size(complete_task_and_check_stage.result)),
+                             complete_task_and_check_stage.task_id, octet_length(complete_task_and_check_stage.result::text)),
             HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
     END IF;
     v_refusal := (stageflow._settle_completions(ARRAY[complete_task_and_check_stage.task_id],

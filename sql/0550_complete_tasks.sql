@@ -50,7 +50,7 @@ BEGIN
             HINT = 'report each task once per call';
     END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
-                WHERE pg_column_size(e.item -> 'result') > 8388608) THEN
+                WHERE octet_length((e.item -> 'result')::text) > 8388608) THEN
         RAISE EXCEPTION USING
             ERRCODE = '54000',
             MESSAGE = 'a result takes more than the limit of 8388608 bytes',

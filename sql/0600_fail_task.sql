@@ -249,11 +249,11 @@ BEGIN
             MESSAGE = 'fail_task needs an error and retryable, got NULL',
             HINT = 'pass the error as JSON, e.g. {"type": "IOError", "message": "disk full", "category": "transient"}';
     END IF;
-    IF pg_column_size(fail_task.error) > 65536 THEN
+    IF octet_length(fail_task.error::text) > 65536 THEN
         RAISE EXCEPTION USING
             ERRCODE = '54000',
             MESSAGE = format('the error of task %s takes %s bytes, more than the limit of 65536', fail_task.task_id,
-                             pg_column_size(fail_task.error)),
+                             octet_length(fail_task.error::text)),
             HINT = 'keep errors short: a type, a message and small details; put large diagnostics in storage and link them';
     END IF;
     v_error := CASE WHEN jsonb_typeof(fail_task.error) = 'object' THEN fail_task.error
