@@ -151,6 +151,16 @@ CREATE TABLE stageflow.events (
 );
 CREATE INDEX events_job_idx ON stageflow.events (job_id, event_id);
 
+-- Which roles may claim tasks from which queue (stageflow.grant_queue / revoke_queue). A role may
+-- claim from a queue granted to it or to a role it is a member of; superusers and members of
+-- stageflow_admin from every queue; any other role from none.
+CREATE TABLE stageflow.queue_grants (
+    queue       text NOT NULL,
+    role_name   name NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, role_name)
+);
+
 -- Where maintenance's reconciler left off in its walk over the tasks (name 'tasks', a task_id)
 -- and over each queue's messages (name 'queue:<queue>', a msg_id): each round looks at the next
 -- max_rows of them, so a full pass is bounded per round whatever the tables' sizes.
@@ -167,3 +177,4 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.stage_shards', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');

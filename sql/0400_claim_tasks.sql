@@ -91,7 +91,7 @@ BEGIN
 END;
 $$;
 
--- Claims up to max_tasks tasks of a queue for lease_seconds (or the stage's own lease_seconds,
+-- Claims up to max_tasks tasks of a queue granted to the caller's login (see queue_grants) for lease_seconds (or the stage's own lease_seconds,
 -- when its definition sets one) and marks them running with attempt + 1 and a new lease token.
 --
 -- The task row is the authority; its message is only a delivery hint. The claim reads messages
@@ -145,6 +145,19 @@ BEGIN
     IF claim_tasks.queue IS NULL OR claim_tasks.queue !~ '^[a-z_][a-z0-9_]{0,46}$'
        OR NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
         PERFORM stageflow._check_queue(claim_tasks.queue);
+    END IF;
+    -- The queue must be granted to the session's login (or a role it is a member of), unless it is
+    -- a superuser or a member of stageflow_admin (stageflow.grant_queue).
+    IF NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r
+                     WHERE r.rolname = session_user
+                       AND (r.rolsuper OR pg_catalog.pg_has_role(r.oid, 'stageflow_admin', 'MEMBER')))
+            OR EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
+                         JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
+                        WHERE g.queue = claim_tasks.queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'))) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = format('role %s may not claim tasks from queue %L', session_user, claim_tasks.queue),
+            HINT = format('an admin grants it with SELECT stageflow.grant_queue(%L, %L)', claim_tasks.queue, session_user);
     END IF;
     IF claim_tasks.max_tasks IS NULL OR claim_tasks.max_tasks NOT BETWEEN 1 AND 10000 THEN
         RAISE EXCEPTION USING

@@ -1,7 +1,8 @@
 -- Roles, created once per cluster (roles are cluster-wide) and granted what each needs:
 --   stageflow_worker     claim, heartbeat, complete, fail and release tasks
 --   stageflow_submitter  submit, list, read and cancel jobs
---   stageflow_admin      both, plus registering job types, retrying jobs, dead letters, repairs
+--   stageflow_admin      both, plus registering job types, retrying jobs, dead letters, repairs,
+--                        queue grants (a worker claims only from queues granted to it)
 -- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
 -- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
 DO $$
@@ -51,6 +52,9 @@ GRANT EXECUTE ON FUNCTION
     stageflow.dead_letters(int),
     stageflow.advance_stage(text),
     stageflow.run_maintenance(int),
+    stageflow.grant_queue(text, name),
+    stageflow.revoke_queue(text, name),
+    stageflow.list_queue_grants(),
     stageflow.claim_webhook_deliveries(int, int),
     stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric)
 TO stageflow_admin;

@@ -37,6 +37,7 @@ extension_sql_file!("../sql/0210_advance_stage.sql", name = "advance_stage");
 extension_sql_file!("../sql/0300_submit_job.sql", name = "submit_job");
 extension_sql_file!("../sql/0400_claim_tasks.sql", name = "claim_tasks");
 extension_sql_file!("../sql/0450_leases.sql", name = "leases");
+extension_sql_file!("../sql/0460_queue_grants.sql", name = "queue_grants");
 extension_sql_file!("../sql/0500_complete_task_and_check_stage.sql", name = "complete_task_and_check_stage");
 extension_sql_file!("../sql/0550_complete_tasks.sql", name = "complete_tasks");
 extension_sql_file!("../sql/0600_fail_task.sql", name = "fail_task");

@@ -1,5 +1,6 @@
-//! Roles and leases: each role can do its part and nothing else, no role touches the tables, and
-//! a worker cannot report a task whose lease it does not hold.
+//! Roles and leases: each role can do its part and nothing else, no role touches the tables, a
+//! worker claims only from the queues granted to it, and cannot report a task whose lease it does
+//! not hold.
 
 use serde_json::json;
 use stageflow_tests::*;
@@ -40,6 +41,11 @@ fn each_role_does_its_part_and_nothing_more() {
     assert_eq!(refused(&mut worker, "UPDATE stageflow.tasks SET status = 'completed'").0, "42501");
     assert_eq!(refused(&mut worker, "SELECT stageflow._end_task('x', 'failed', '{}')").0, "42501");
     assert_eq!(refused(&mut worker, "SELECT stageflow.job_status('x')").0, "42501");
+    // It claims only from queues granted to it.
+    let (code, message) = refused(&mut worker, "SELECT * FROM stageflow.claim_tasks('default', 1, 60, 'worker-a')");
+    assert_eq!((code.as_str(), message.as_str()), ("42501", "role sf_test_worker may not claim tasks from queue 'default'"));
+    assert_eq!(refused(&mut worker, "SELECT stageflow.grant_queue('default', 'sf_test_worker')").0, "42501");
+    admin.batch_execute("SELECT stageflow.grant_queue('default', 'sf_test_worker')").unwrap();
     let task_id: String = worker
         .query_one("SELECT task_id FROM stageflow.claim_tasks('default', 1, 60, 'worker-a')", &[])
         .unwrap()

@@ -1,0 +1,87 @@
+-- A worker role claims only from queues granted to it (stageflow.grant_queue), directly or
+-- through a role it is a member of; without a grant its claim is refused (42501, with a hint) and
+-- changes nothing. Superusers and members of stageflow_admin claim from every queue. A grant to
+-- a role that is dropped later does not break anyone's claims. The check is on the session's
+-- login, so the test switches it with SET SESSION AUTHORIZATION.
+DO $$
+BEGIN
+    CREATE ROLE stageflow_qg_team NOLOGIN;
+EXCEPTION WHEN duplicate_object THEN
+    NULL;
+END;
+$$;
+DO $$
+BEGIN
+    CREATE ROLE stageflow_qg_worker LOGIN IN ROLE stageflow_worker, stageflow_qg_team;
+EXCEPTION WHEN duplicate_object THEN
+    NULL;
+END;
+$$;
+DO $$
+BEGIN
+    CREATE ROLE stageflow_qg_gone NOLOGIN;
+EXCEPTION WHEN duplicate_object THEN
+    NULL;
+END;
+$$;
+
+SELECT stageflow.register_job_type('granted', $$
+{"stages": [{"name": "s", "handler": "g.s", "queue": "granted_q", "fan_out": "count", "param": "n"}]}
+$$);
+SELECT stageflow.submit_job('granted', '{"n": 3}') IS NOT NULL AS submitted;
+-- a stale grant: its role is dropped below
+SELECT stageflow.grant_queue('granted_q', 'stageflow_qg_gone') ->> 'granted' AS granted;
+DROP ROLE stageflow_qg_gone;
+
+SET SESSION AUTHORIZATION stageflow_qg_worker;
+DO $$
+BEGIN
+    PERFORM stageflow.claim_tasks('granted_q', 1, 60, 'w');
+    RAISE EXCEPTION 'a queue not granted must be refused';
+EXCEPTION WHEN insufficient_privilege THEN
+    ASSERT SQLERRM = 'role stageflow_qg_worker may not claim tasks from queue ''granted_q''', SQLERRM;
+END;
+$$;
+RESET SESSION AUTHORIZATION;
+DO $$
+BEGIN
+    ASSERT (SELECT count(*) FROM stageflow.tasks WHERE status = 'queued') = 3, 'the refused claim changed nothing';
+    ASSERT (SELECT count(*) FROM pgmq.q_granted_q WHERE read_ct = 0) = 3;
+    ASSERT (stageflow.grant_queue('granted_q', 'stageflow_qg_team')) = '{"queue": "granted_q", "role": "stageflow_qg_team", "granted": true}';
+    ASSERT (stageflow.grant_queue('granted_q', 'stageflow_qg_team')) ->> 'granted' = 'false', 'granting again changes nothing';
+    ASSERT (SELECT array_agg(role_name::text ORDER BY role_name) FROM stageflow.list_queue_grants() WHERE queue = 'granted_q')
+         = ARRAY['stageflow_qg_gone', 'stageflow_qg_team'];
+    BEGIN
+        PERFORM stageflow.grant_queue('granted_q', 'no_such_role');
+        RAISE EXCEPTION 'an unknown role must be refused';
+    EXCEPTION WHEN undefined_object THEN
+        NULL;
+    END;
+END;
+$$;
+
+-- Through its team, the worker claims now.
+SET SESSION AUTHORIZATION stageflow_qg_worker;
+DO $$
+BEGIN
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('granted_q', 1, 60, 'w')) = 1;
+END;
+$$;
+RESET SESSION AUTHORIZATION;
+SELECT stageflow.revoke_queue('granted_q', 'stageflow_qg_team') ->> 'revoked' AS revoked;
+SET SESSION AUTHORIZATION stageflow_qg_worker;
+DO $$
+BEGIN
+    PERFORM stageflow.claim_tasks('granted_q', 1, 60, 'w');
+    RAISE EXCEPTION 'a revoked queue must be refused';
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;
+END;
+$$;
+RESET SESSION AUTHORIZATION;
+-- A superuser claims from every queue.
+DO $$
+BEGIN
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('granted_q', 5, 60, 'admin')) = 2;
+END;
+$$;

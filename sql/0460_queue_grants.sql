@@ -1,0 +1,58 @@
+-- Queue grants: a worker role claims only from the queues granted to it (or to a role it is a
+-- member of); superusers and members of stageflow_admin claim from every queue. claim_tasks
+-- checks them against the session's login.
+
+-- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
+-- what is granted already changes nothing. Returns {"queue", "role", "granted"}.
+CREATE FUNCTION stageflow.grant_queue(queue text, role name)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_new boolean;
+BEGIN
+    PERFORM stageflow._check_queue(grant_queue.queue);
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = grant_queue.role) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown role %L', grant_queue.role),
+            HINT = 'grant a queue to an existing role, e.g. a group role your worker logins are members of';
+    END IF;
+    INSERT INTO stageflow.queue_grants (queue, role_name) VALUES (grant_queue.queue, grant_queue.role)
+    ON CONFLICT ON CONSTRAINT queue_grants_pkey DO NOTHING;
+    v_new := FOUND;
+    RETURN jsonb_build_object('queue', grant_queue.queue, 'role', grant_queue.role, 'granted', v_new);
+END;
+$$;
+
+-- Takes a queue grant back: p_role's members claim from p_queue no more (unless another grant
+-- or their own role lets them). Returns {"queue", "role", "revoked"}.
+CREATE FUNCTION stageflow.revoke_queue(queue text, role name)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_gone boolean;
+BEGIN
+    DELETE FROM stageflow.queue_grants AS g WHERE g.queue = revoke_queue.queue AND g.role_name = revoke_queue.role;
+    v_gone := FOUND;
+    RETURN jsonb_build_object('queue', revoke_queue.queue, 'role', revoke_queue.role, 'revoked', v_gone);
+END;
+$$;
+
+-- The queue grants, by queue and role.
+CREATE FUNCTION stageflow.list_queue_grants()
+RETURNS TABLE (queue text, role_name name, granted_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT g.queue, g.role_name, g.granted_at FROM stageflow.queue_grants AS g ORDER BY g.queue, g.role_name;
+END;
+$$;
