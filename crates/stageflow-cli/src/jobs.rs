@@ -158,6 +158,29 @@ pub async fn list(client: &Client, status: Option<&str>, job_type: Option<&str>,
     Ok(())
 }
 
+/// Prints the queue grants: which roles may claim from which queue.
+pub async fn queue_grants(client: &Client, as_json: bool) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query("SELECT queue, role_name::text, granted_at FROM stageflow.list_queue_grants()", &[])
+        .await?;
+    if as_json {
+        let grants: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"queue": r.get::<_, String>(0), "role_name": r.get::<_, String>(1),
+                       "granted_at": r.get::<_, DateTime<Utc>>(2).to_rfc3339()})
+            })
+            .collect();
+        println!("{}", Value::Array(grants));
+        return Ok(());
+    }
+    println!("{:<48} {:<32} {}", "queue", "role", "granted at");
+    for r in &rows {
+        println!("{:<48} {:<32} {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, DateTime<Utc>>(2).to_rfc3339());
+    }
+    Ok(())
+}
+
 pub async fn dead_letters(client: &Client, limit: i32, as_json: bool) -> Result<(), tokio_postgres::Error> {
     let rows = client
         .query(

@@ -124,6 +124,8 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: i32,
     },
+    /// Which roles may claim tasks from which queue (granted with stageflow.grant_queue).
+    QueueGrants,
     /// Serve the HTTP API (and deliver webhooks) until SIGTERM or Ctrl-C.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -354,6 +356,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::DeadLetters { limit } => {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::dead_letters(&client, *limit, cli.json).await?)
+        }
+        Command::QueueGrants => {
+            let client = connect(&database_url(&cli)?).await?;
+            Ok(jobs::queue_grants(&client, cli.json).await?)
         }
         Command::Jobs { status, job_type, limit } => {
             let client = connect(&database_url(&cli)?).await?;

@@ -55,6 +55,9 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
     let failed_status: Value = serde_json::from_slice(&failed.stdout).unwrap();
     assert_eq!(failed_status["status"], json!("failed"));
     let failed_id = failed_status["job_id"].as_str().unwrap().to_owned();
+    client.batch_execute("SELECT stageflow.grant_queue('default', 'stageflow_worker')").unwrap();
+    let grants = json_of(&stageflow(&url, &["queue-grants", "--json"]));
+    assert_eq!((grants[0]["queue"].clone(), grants[0]["role_name"].clone()), (json!("default"), json!("stageflow_worker")), "{grants}");
     let letters = json_of(&stageflow(&url, &["dead-letters", "--json"]));
     assert_eq!(letters[0]["job_id"], json!(failed_id));
     assert_eq!(letters[0]["error"]["message"], json!("no luck"));

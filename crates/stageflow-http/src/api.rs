@@ -180,6 +180,11 @@ async fn job_types(State(state): State<AppState>) -> ApiResult {
     one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_types() AS t", &[]).await
 }
 
+/// Which roles may claim from which queue (stageflow.list_queue_grants).
+async fn queue_grants(State(state): State<AppState>) -> ApiResult {
+    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(g)), '[]') FROM stageflow.list_queue_grants() AS g", &[]).await
+}
+
 async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await?;
     client.query_one("SELECT 1", &[]).await?;
@@ -230,6 +235,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/jobs/{job_id}/webhooks", get(webhook_deliveries))
         .route("/api/dead-letters", get(dead_letters))
         .route("/api/job-types", get(job_types))
+        .route("/api/queues/grants", get(queue_grants))
         .route("/api/events", get(events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

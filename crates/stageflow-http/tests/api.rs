@@ -97,6 +97,15 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     assert_eq!((code, letters.as_array().map(Vec::len)), (200, Some(0)));
     let (_, types) = call(reqwest::Method::GET, &format!("{base}/api/job-types"), None).await;
     assert!(types.as_array().unwrap().iter().any(|t| t["name"] == json!("hello_world")));
+    let db = db_url.clone();
+    tokio::task::spawn_blocking(move || {
+        connect(&db).batch_execute("SELECT stageflow.grant_queue('default', 'stageflow_worker')").unwrap();
+    })
+    .await
+    .unwrap();
+    let (code, grants) = call(reqwest::Method::GET, &format!("{base}/api/queues/grants"), None).await;
+    assert_eq!(code, 200, "{grants}");
+    assert_eq!((grants[0]["queue"].clone(), grants[0]["role_name"].clone()), (json!("default"), json!("stageflow_worker")), "{grants}");
 
     // Metrics: queue depth, tasks by status, per handler.
     let text = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
