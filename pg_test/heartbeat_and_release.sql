@@ -18,6 +18,10 @@ DO $$ BEGIN
     ASSERT stageflow.release_tasks(ARRAY(SELECT task_id FROM held LIMIT 1), 'w2') = 0,
         'another worker cannot release it';
     ASSERT stageflow.release_tasks(ARRAY(SELECT task_id FROM held LIMIT 1), 'w1') = 1;
+    ASSERT (SELECT e.payload ->> 'worker_id' = 'w1' AND (e.payload ->> 'lease_token')::int = 1 AND (e.payload ->> 'attempt')::int = 1
+              FROM stageflow.events AS e WHERE e.kind = 'task_released' AND e.task_id = (SELECT task_id FROM held LIMIT 1)),
+        'the release leaves a trace: a task_released event with the worker, its lease token and the attempt given back';
+    ASSERT (SELECT count(*) FROM stageflow.events WHERE kind = 'task_released') = 1, 'the refused release left none';
     ASSERT (SELECT count(*) FROM stageflow.claim_tasks('longrun', 2, 60, 'w2') AS c WHERE c.attempt = 1) = 1,
         'the released task is claimable at once, still on attempt 1';
 END $$;

@@ -97,7 +97,9 @@ END;
 $$;
 
 -- Hands running tasks back without an outcome (a worker shutting down): they are queued again,
--- their messages visible at once, and the attempt they were on is not counted. Only the caller's
+-- their messages visible at once, and the attempt they were on is not counted; each release is
+-- recorded as a task_released event (worker, lease token, attempt), so a claim handed back leaves
+-- a trace. Only the caller's
 -- leases are released (see _lock_leases). Returns the number released.
 CREATE FUNCTION stageflow.release_tasks(task_ids text[], worker_id text DEFAULT NULL, lease_tokens bigint[] DEFAULT NULL)
 RETURNS int
@@ -110,15 +112,25 @@ DECLARE
     v_ids       text[];
     r           record;
 BEGIN
-    WITH released AS (
-        UPDATE stageflow.tasks AS t
-           SET status = 'queued', attempt = t.attempt - 1, lease_expires_at = NULL, worker_id = NULL,
-               next_attempt_at = NULL
-         WHERE t.task_id IN (SELECT l.task_id FROM stageflow._lock_leases(release_tasks.task_ids, release_tasks.worker_id,
-                                                                          release_tasks.lease_tokens) AS l)
-        RETURNING t.task_id
-    )
-    SELECT array_agg(x.task_id) INTO v_ids FROM released AS x;
+    FOR r IN
+        WITH mine AS (
+            SELECT l.task_id, l.job_id, l.stage, l.worker_id, l.lease_token, l.attempt
+              FROM stageflow._lock_leases(release_tasks.task_ids, release_tasks.worker_id, release_tasks.lease_tokens) AS l
+        ), released AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'queued', attempt = t.attempt - 1, lease_expires_at = NULL, worker_id = NULL,
+                   next_attempt_at = NULL
+              FROM mine AS m
+             WHERE t.task_id = m.task_id
+            RETURNING m.task_id, m.job_id, m.stage, m.worker_id, m.lease_token, m.attempt
+        )
+        SELECT x.* FROM released AS x ORDER BY x.task_id
+    LOOP
+        PERFORM stageflow._emit(r.job_id, 'task_released',
+                                jsonb_build_object('worker_id', r.worker_id, 'lease_token', r.lease_token, 'attempt', r.attempt),
+                                r.stage, r.task_id);
+        v_ids := coalesce(v_ids, '{}') || r.task_id;
+    END LOOP;
     IF v_ids IS NULL THEN
         RETURN 0;
     END IF;
