@@ -91,8 +91,9 @@ BEGIN
 END;
 $$;
 
--- Claims up to max_tasks tasks of a queue granted to the caller's login (see queue_grants) for lease_seconds (or the stage's own lease_seconds,
--- when its definition sets one) and marks them running with attempt + 1 and a new lease token.
+-- Claims up to max_tasks tasks of a queue granted to the caller's login (see queue_grants) for
+-- lease_seconds (or the stage's own lease_seconds, when its definition sets one) and marks them
+-- running with attempt + 1 and a new lease token.
 --
 -- The task row is the authority; its message is only a delivery hint. The claim reads messages
 -- visible by the engine's clock (making them invisible for the lease), then locks the tasks they

@@ -223,8 +223,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_task         record;
     v_row          stageflow.tasks;
+    v_queue        text;
+    v_retry        jsonb;
     v_refusal      jsonb;
     v_now          timestamptz := stageflow.now();
     v_error        jsonb;
@@ -237,9 +238,8 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM stageflow._raise_unknown('task', fail_task.task_id);
     END IF;
-    SELECT v_row.job_id, v_row.stage, v_row.status, v_row.msg_id, v_row.attempt, v_row.max_attempts, s.queue,
-           j.definition -> 'stages' -> (v_row.stage - 1) -> 'retry' AS retry
-      INTO v_task
+    SELECT s.queue, j.definition -> 'stages' -> (v_row.stage - 1) -> 'retry'
+      INTO v_queue, v_retry
       FROM stageflow.stages AS s
       JOIN stageflow.jobs AS j ON j.job_id = s.job_id
      WHERE s.job_id = v_row.job_id AND s.stage = v_row.stage;
@@ -286,18 +286,18 @@ BEGIN
     -- another lease's, is refused: a failure from a lease that was released, re-queued by
     -- retry_job or dead-lettered while its holder worked is not recorded, and not answered as if
     -- it had been.
-    v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL AND v_task.status IN ('queued', 'failed', 'dead')
+    v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL AND v_row.status IN ('queued', 'failed', 'dead')
                            AND (v_row.errors -> -1 ->> 'lease_token')::bigint = fail_task.lease_token
                            AND v_row.errors -> -1 -> 'error' = v_error THEN NULL
-                      WHEN fail_task.lease_token IS NULL AND v_task.status IN ('failed', 'dead') THEN NULL
+                      WHEN fail_task.lease_token IS NULL AND v_row.status IN ('failed', 'dead') THEN NULL
                       ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);
     END IF;
-    IF v_task.status = 'running' THEN
-        IF v_category <> 'permanent' AND v_task.attempt < v_task.max_attempts THEN
-            v_delay := least((v_task.retry ->> 'backoff_max_seconds')::numeric,
-                             (v_task.retry ->> 'backoff_base_seconds')::numeric * power(2, v_task.attempt - 1));
+    IF v_row.status = 'running' THEN
+        IF v_category <> 'permanent' AND v_row.attempt < v_row.max_attempts THEN
+            v_delay := least((v_retry ->> 'backoff_max_seconds')::numeric,
+                             (v_retry ->> 'backoff_base_seconds')::numeric * power(2, v_row.attempt - 1));
             v_delay := round(v_delay / 2 + random()::numeric * v_delay / 2, 3);
             IF v_category = 'throttling' THEN
                 v_delay := greatest(coalesce(v_retry_after, 2 * v_delay), v_delay);
@@ -311,16 +311,16 @@ BEGIN
                        'error', v_error))
              WHERE t.task_id = fail_task.task_id AND t.status = 'running';
             IF FOUND THEN
-                PERFORM pgmq.set_vt(v_task.queue, v_task.msg_id, v_now + make_interval(secs => v_delay));
-                PERFORM stageflow._emit(v_task.job_id, 'task_retry_scheduled',
-                                        jsonb_build_object('attempt', v_task.attempt, 'retry_in_seconds', v_delay,
+                PERFORM pgmq.set_vt(v_queue, v_row.msg_id, v_now + make_interval(secs => v_delay));
+                PERFORM stageflow._emit(v_row.job_id, 'task_retry_scheduled',
+                                        jsonb_build_object('attempt', v_row.attempt, 'retry_in_seconds', v_delay,
                                                            'error', v_error),
-                                        v_task.stage, fail_task.task_id);
+                                        v_row.stage, fail_task.task_id);
                 RETURN jsonb_build_object(
-                    'task_id', fail_task.task_id, 'task_status', 'queued', 'attempt', v_task.attempt,
-                    'max_attempts', v_task.max_attempts, 'category', v_category, 'retry_in_seconds', v_delay,
-                    'job_id', v_task.job_id,
-                    'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = v_task.job_id));
+                    'task_id', fail_task.task_id, 'task_status', 'queued', 'attempt', v_row.attempt,
+                    'max_attempts', v_row.max_attempts, 'category', v_category, 'retry_in_seconds', v_delay,
+                    'job_id', v_row.job_id,
+                    'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = v_row.job_id));
             END IF;
         ELSE
             PERFORM stageflow._end_task(fail_task.task_id,
