@@ -30,10 +30,17 @@ CREATE TABLE stageflow.jobs (
     -- created_at + the job type's timeout_seconds: past it, maintenance fails the job.
     deadline_at    timestamptz,
     -- where to POST the job's end (else its job type's webhook_url)
-    webhook_url    text
+    webhook_url    text,
+    -- who submitted it: the login (session_user) and the session's tenant label, if any. Only
+    -- they (and stageflow_admin) see, list and cancel it.
+    owner          name NOT NULL,
+    tenant         text
 );
 CREATE INDEX jobs_created_at_idx ON stageflow.jobs (created_at DESC);
 CREATE INDEX jobs_deadline_idx ON stageflow.jobs (deadline_at) WHERE status IN ('queued', 'processing');
+-- A login's jobs, newest first (list_jobs), and its open ones (the open-task quota).
+CREATE INDEX jobs_owner_idx ON stageflow.jobs (owner, created_at DESC);
+CREATE INDEX jobs_open_owner_idx ON stageflow.jobs (owner) WHERE status IN ('queued', 'processing');
 CREATE INDEX jobs_finished_idx ON stageflow.jobs (completed_at) WHERE completed_at IS NOT NULL;
 
 -- A stage a job has reached. Its open tasks are counted in `shards` rows of stage_shards (task
@@ -161,6 +168,15 @@ CREATE TABLE stageflow.queue_grants (
     PRIMARY KEY (queue, role_name)
 );
 
+-- A login's quotas (stageflow.set_quota); a NULL limit, or a login without a row, has the default
+-- (the settings stageflow.max_open_tasks and stageflow.max_tasks_per_job).
+CREATE TABLE stageflow.role_quotas (
+    role_name          name PRIMARY KEY,
+    max_open_tasks     bigint CHECK (max_open_tasks >= 0),
+    max_tasks_per_job  bigint CHECK (max_tasks_per_job >= 0),
+    updated_at         timestamptz NOT NULL DEFAULT now()
+);
+
 -- Where maintenance's reconciler left off in its walk over the tasks (name 'tasks', a task_id)
 -- and over each queue's messages (name 'queue:<queue>', a msg_id): each round looks at the next
 -- max_rows of them, so a full pass is bounded per round whatever the tables' sizes.
@@ -178,3 +194,4 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.role_quotas', '');

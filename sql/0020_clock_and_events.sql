@@ -43,6 +43,7 @@ $$;
 CREATE FUNCTION stageflow.job_id(job_type text, params jsonb)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -53,6 +54,7 @@ $$;
 CREATE FUNCTION stageflow.canonical_json(value jsonb)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -72,7 +74,8 @@ BEGIN
         ERRCODE = '42704',
         MESSAGE = format('unknown %s %L', p_kind, p_id),
         HINT = CASE p_kind
-                   WHEN 'job' THEN 'job ids are the 64 hex digits returned by stageflow.submit_job'
+                   WHEN 'job' THEN 'job ids are the 64 hex digits returned by stageflow.submit_job; a job is shown only to the login '
+                                    '(and tenant) that submitted it and to stageflow_admin'
                    ELSE 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>'
                END;
 END;

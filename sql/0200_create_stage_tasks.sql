@@ -1,7 +1,8 @@
 -- Creates stage p_stage of a job: its stages row, all its task rows in one INSERT, and one message
 -- per task in one pgmq.send_batch. Returns the number of tasks (0 for an empty fan-out, in which case
 -- the stage is created already completed). Called only by submit_job and advance_stage, which hold
--- the job's row lock (advance) or have just inserted the job (submit).
+-- the job's row lock (advance) or have just inserted the job (submit). The job's quotas are
+-- checked before anything is inserted (_check_quota).
 --
 -- Fan-out rules (the stage definition's fan_out):
 --   single   one task, key '0'
@@ -44,9 +45,8 @@ BEGIN
         v_keys := ARRAY['0'];
         v_params := ARRAY['{}'::jsonb];
     WHEN 'count' THEN
-        SELECT array_agg(i::text ORDER BY i), array_agg(jsonb_build_object('index', i) ORDER BY i)
-          INTO v_keys, v_params
-          FROM generate_series(0, (v_job.params ->> v_param)::int - 1) AS i;
+        -- generated after the quota check below
+        v_count := (v_job.params ->> v_param)::int;
     WHEN 'each' THEN
         SELECT array_agg((e.n - 1)::text ORDER BY e.n),
                array_agg(jsonb_build_object('index', e.n - 1, 'item', e.item) ORDER BY e.n)
@@ -82,7 +82,13 @@ BEGIN
           FROM stageflow.tasks AS t
          WHERE t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed';
     END CASE;
-    v_count := coalesce(cardinality(v_keys), 0);
+    v_count := coalesce(v_count, cardinality(v_keys), 0);
+    PERFORM stageflow._check_quota(v_job, p_stage, v_count);
+    IF v_fan_out = 'count' THEN
+        SELECT array_agg(i::text ORDER BY i), array_agg(jsonb_build_object('index', i) ORDER BY i)
+          INTO v_keys, v_params
+          FROM generate_series(0, v_count - 1) AS i;
+    END IF;
     v_shards := greatest(least(v_count, 16), 1);
 
     INSERT INTO stageflow.stages

@@ -1,7 +1,95 @@
 -- Submits a job: validates params against the job type's schema (filling in defaults), derives the
--- job id from the job type and the canonical params, and creates stage 1's tasks. Submitting
--- identical work again returns the same id and creates nothing (nor changes its webhook_url).
--- webhook_url, when given, receives a POST when the job ends (see stageflow.webhook_deliveries).
+-- job id from the job type and the canonical params, and creates stage 1's tasks, within the
+-- submitting login's quotas (54000 over one, creating nothing). The job belongs to the session's
+-- login and tenant label (stageflow.tenant). webhook_url, when given, receives a POST when the
+-- job ends (see stageflow.webhook_deliveries).
+--
+-- Identical work has one id, so submitting it again returns the same id, and the outcome says
+-- what that meant:
+--   created           a new job
+--   exists            your job of this work, left as it is (its webhook_url too)
+--   resumed           your job of this work had failed or been cancelled: it runs again from the
+--                     stage it stopped at, as stageflow.retry_job does (its completed stages and
+--                     tasks are kept; the open tasks count against your quota)
+--   owned_by_another  another login (or tenant) submitted this work; its job is not yours to read
+--                     or cancel (job_status is NULL unless you are an admin)
+-- job_status is the job's status after the call.
+CREATE FUNCTION stageflow.submit_job_outcome(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
+RETURNS TABLE (job_id text, outcome text, job_status text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_definition  jsonb;
+    v_params      jsonb;
+    v_job_id      text;
+    v_job         stageflow.jobs;
+    v_access      text;
+BEGIN
+    SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown job type %L', submit_job_outcome.job_type),
+            HINT = coalesce('registered job types: ' || (SELECT string_agg(jt.name, ', ' ORDER BY jt.name)
+                                                           FROM stageflow.job_types AS jt),
+                            'no job type is registered: use stageflow.register_job_type(name, definition)');
+    END IF;
+
+    IF octet_length(submit_job_outcome.params::text) > 1048576 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', octet_length(submit_job_outcome.params::text)),
+            HINT = 'pass large inputs by reference (a path or URL), not inline';
+    END IF;
+    IF submit_job_outcome.webhook_url IS NOT NULL
+       AND (submit_job_outcome.webhook_url !~ '^https?://\S+$' OR length(submit_job_outcome.webhook_url) > 2048) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('webhook_url %L is not an http(s) URL', submit_job_outcome.webhook_url),
+            HINT = 'give a URL like https://example.org/hooks/stageflow';
+    END IF;
+    v_params := stageflow._validate_params(submit_job_outcome.job_type, v_definition, submit_job_outcome.params::text);
+    v_job_id := stageflow._job_id(submit_job_outcome.job_type, v_params::text);
+
+    LOOP
+        INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at,
+                                         deadline_at, webhook_url, owner, tenant)
+        VALUES (v_job_id, submit_job_outcome.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
+                stageflow.now(), stageflow.now(),
+                stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric),
+                submit_job_outcome.webhook_url, session_user, stageflow._tenant())
+        ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
+        IF FOUND THEN
+            PERFORM stageflow._emit(v_job_id, 'job_submitted',
+                                    jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
+                                                       'tenant', stageflow._tenant()));
+            IF stageflow._create_stage_tasks(v_job_id, 1) = 0 THEN
+                PERFORM stageflow.advance_stage(v_job_id);
+            END IF;
+            RETURN QUERY SELECT v_job_id, 'created'::text, j.status FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+            RETURN;
+        END IF;
+        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+        -- Not found: retention deleted the job since the insert met it; insert again.
+        EXIT WHEN FOUND;
+    END LOOP;
+
+    v_access := stageflow._access(v_job.owner, v_job.tenant);
+    IF v_access IS DISTINCT FROM 'owner' THEN
+        RETURN QUERY SELECT v_job_id, 'owned_by_another'::text, CASE WHEN v_access = 'admin' THEN v_job.status END;
+    ELSIF v_job.status IN ('failed', 'cancelled') THEN
+        RETURN QUERY SELECT v_job_id, 'resumed'::text, stageflow._retry_job(v_job_id, true) ->> 'job_status';
+    ELSE
+        RETURN QUERY SELECT v_job_id, 'exists'::text, v_job.status;
+    END IF;
+END;
+$$;
+
+-- Submits a job and returns its id: stageflow.submit_job_outcome without the outcome, which a
+-- NOTICE tells when the id is not a new job's or not yours.
 CREATE FUNCTION stageflow.submit_job(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
@@ -9,51 +97,21 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_definition  jsonb;
-    v_params      jsonb;
-    v_job_id      text;
+    v_submitted record;
 BEGIN
-    SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job.job_type;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job type %L', submit_job.job_type),
-            HINT = coalesce('registered job types: ' || (SELECT string_agg(jt.name, ', ' ORDER BY jt.name)
-                                                           FROM stageflow.job_types AS jt),
-                            'no job type is registered: use stageflow.register_job_type(name, definition)');
+    SELECT * INTO STRICT v_submitted
+      FROM stageflow.submit_job_outcome(submit_job.job_type, submit_job.params, submit_job.webhook_url);
+    IF v_submitted.outcome = 'owned_by_another' THEN
+        RAISE NOTICE USING
+            MESSAGE = format('job %s: another login (or tenant) submitted this work; the job is not yours to read or cancel',
+                             v_submitted.job_id),
+            HINT = 'identical work has one job id; ask its owner or stageflow_admin for its result';
+    ELSIF v_submitted.outcome = 'resumed' THEN
+        RAISE NOTICE USING
+            MESSAGE = format('job %s had failed or been cancelled: it runs again from the stage it stopped at',
+                             v_submitted.job_id),
+            HINT = 'stageflow.submit_job_outcome returns the outcome of a submission';
     END IF;
-
-    IF octet_length(submit_job.params::text) > 1048576 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', octet_length(submit_job.params::text)),
-            HINT = 'pass large inputs by reference (a path or URL), not inline';
-    END IF;
-    IF submit_job.webhook_url IS NOT NULL
-       AND (submit_job.webhook_url !~ '^https?://\S+$' OR length(submit_job.webhook_url) > 2048) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('webhook_url %L is not an http(s) URL', submit_job.webhook_url),
-            HINT = 'give a URL like https://example.org/hooks/stageflow';
-    END IF;
-    v_params := stageflow._validate_params(submit_job.job_type, v_definition, submit_job.params::text);
-    v_job_id := stageflow._job_id(submit_job.job_type, v_params::text);
-
-    INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at, deadline_at,
-                                     webhook_url)
-    VALUES (v_job_id, submit_job.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
-            stageflow.now(), stageflow.now(),
-            stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric),
-            submit_job.webhook_url)
-    ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
-    IF NOT FOUND THEN
-        RETURN v_job_id;
-    END IF;
-    PERFORM stageflow._emit(v_job_id, 'job_submitted', jsonb_build_object('job_type', submit_job.job_type));
-
-    IF stageflow._create_stage_tasks(v_job_id, 1) = 0 THEN
-        PERFORM stageflow.advance_stage(v_job_id);
-    END IF;
-    RETURN v_job_id;
+    RETURN v_submitted.job_id;
 END;
 $$;

@@ -149,9 +149,7 @@ BEGIN
     END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
     -- a superuser or a member of stageflow_admin (stageflow.grant_queue).
-    IF NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r
-                     WHERE r.rolname = session_user
-                       AND (r.rolsuper OR pg_catalog.pg_has_role(r.oid, 'stageflow_admin', 'MEMBER')))
+    IF NOT (stageflow._session_is_admin()
             OR EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
                          JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
                         WHERE g.queue = claim_tasks.queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'))) THEN

@@ -1,12 +1,26 @@
--- A job's state: status, stages with task counts by status, progress, timestamps, result, error.
--- Reads the job row, its stage rows and their shards (counters) and only its running tasks (a partial index):
--- never all of its tasks, so it answers as fast for 100,000 tasks as for 3.
---
--- progress = 100 * (completed stages + completed fraction of the current stage) / total stages.
+-- A job's state: status, stages with task counts by status, progress, timestamps, result, error,
+-- and who submitted it (owner, tenant), for the job's owner and stageflow_admin (_visible_job):
+-- another login's job is an unknown one. stageflow._job_status answers for the engine itself (the
+-- webhook payload, written in whichever transaction ended the job).
 CREATE FUNCTION stageflow.job_status(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM stageflow._visible_job(job_status.job_id);
+    RETURN stageflow._job_status(job_status.job_id);
+END;
+$$;
+
+-- Reads the job row, its stage rows and their shards (counters) and only its running tasks (a partial index):
+-- never all of its tasks, so it answers as fast for 100,000 tasks as for 3.
+--
+-- progress = 100 * (completed stages + completed fraction of the current stage) / total stages.
+CREATE FUNCTION stageflow._job_status(p_job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -14,10 +28,7 @@ DECLARE
     v_stages  jsonb;
     v_done    numeric;
 BEGIN
-    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = job_status.job_id;
-    IF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('job', job_status.job_id);
-    END IF;
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
 
     SELECT jsonb_agg(jsonb_build_object(
                'stage', d.n,
@@ -61,11 +72,14 @@ BEGIN
         'updated_at', v_job.updated_at,
         'completed_at', v_job.completed_at,
         'result', v_job.result,
-        'error', v_job.error);
+        'error', v_job.error,
+        'owner', v_job.owner,
+        'tenant', v_job.tenant);
 END;
 $$;
 
--- A job's tasks in stage and task order, with status, attempts, result and errors.
+-- A job's tasks in stage and task order, with status, attempts, result and errors (for those who
+-- see the job, as job_status).
 CREATE FUNCTION stageflow.job_tasks(job_id text)
 RETURNS TABLE (
     task_id text, stage int, stage_name text, task_key text, status text, attempt int,
@@ -78,9 +92,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j WHERE j.job_id = job_tasks.job_id) THEN
-        PERFORM stageflow._raise_unknown('job', job_tasks.job_id);
-    END IF;
+    PERFORM stageflow._visible_job(job_tasks.job_id);
     RETURN QUERY
     SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
            t.params, t.predecessor_id, t.result, t.error, t.errors, t.created_at, t.started_at,

@@ -1,6 +1,6 @@
 -- Cancels a job: its queued tasks are removed (messages deleted), running ones are cancelled so
 -- their completions are refused, and the job ends `cancelled`. Cancelling a job that already
--- ended changes nothing and reports its status.
+-- ended changes nothing and reports its status. Only for those who see the job (as job_status).
 CREATE FUNCTION stageflow.cancel_job(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -11,10 +11,7 @@ DECLARE
     v_status    text;
     v_changed   boolean;
 BEGIN
-    SELECT j.status INTO v_status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id;
-    IF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('job', cancel_job.job_id);
-    END IF;
+    v_status := (stageflow._visible_job(cancel_job.job_id)).status;
     v_changed := v_status IN ('queued', 'processing')
                  AND stageflow._end_job(cancel_job.job_id, 'cancelled',
                                         jsonb_build_object('message', 'cancelled by stageflow.cancel_job'));
@@ -57,10 +54,23 @@ $$;
 -- advanced the job, the new current stage is taken instead), then the tasks to retry (failed,
 -- dead or cancelled ones, which no claim or completion waits on anything while holding; running
 -- ones only if no one holds them), the job row last.
+-- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
+-- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
+-- once its stage is locked, and only within the owner's open-task quota.
 CREATE FUNCTION stageflow.retry_job(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN stageflow._retry_job(retry_job.job_id, false);
+END;
+$$;
+
+CREATE FUNCTION stageflow._retry_job(p_job_id text, p_resubmission boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -73,11 +83,12 @@ DECLARE
     v_failed   int;
     v_advance  jsonb;
 BEGIN
-    IF stageflow._lock_current_stage(retry_job.job_id) IS NULL THEN
-        PERFORM stageflow._raise_unknown('job', retry_job.job_id);
+    IF stageflow._lock_current_stage(p_job_id) IS NULL THEN
+        PERFORM stageflow._raise_unknown('job', p_job_id);
     END IF;
-    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = retry_job.job_id;
-    IF v_job.status IN ('completed', 'completed_with_errors') THEN
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    IF v_job.status IN ('completed', 'completed_with_errors')
+       OR (p_resubmission AND v_job.status NOT IN ('failed', 'cancelled')) THEN
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
     END IF;
     SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
@@ -110,6 +121,15 @@ BEGIN
             RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
         END IF;
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+
+    -- An owner resuming its job opens its stage's tasks again: they count against its quota.
+    IF p_resubmission THEN
+        PERFORM stageflow._check_open_tasks(
+            v_job.owner,
+            coalesce(cardinality(v_ordinals), 0)
+              + (SELECT sum(sh.remaining_tasks) FROM stageflow.stage_shards AS sh
+                  WHERE sh.job_id = v_job.job_id AND sh.stage = v_job.current_stage));
     END IF;
 
     -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old

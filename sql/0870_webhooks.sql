@@ -33,7 +33,7 @@ BEGIN
     IF v_url IS NOT NULL THEN
         INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, next_attempt_at, created_at)
         VALUES (p_event_id, p_job_id, v_url,
-                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow.job_status(p_job_id)),
+                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(p_job_id)),
                 stageflow.now(), stageflow.now());
     END IF;
 END;
@@ -103,16 +103,22 @@ BEGIN
 END;
 $$;
 
--- A job's webhook deliveries with their attempts.
+-- A job's webhook deliveries with their attempts (for those who see the job, as job_status: the
+-- URLs often carry secrets).
 CREATE FUNCTION stageflow.webhook_deliveries(job_id text)
 RETURNS TABLE (delivery_id bigint, url text, status text, attempts int, attempt_log jsonb, created_at timestamptz,
                delivered_at timestamptz)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM stageflow._visible_job(webhook_deliveries.job_id);
+    RETURN QUERY
     SELECT d.delivery_id, d.url, d.status, d.attempts, d.attempt_log, d.created_at, d.delivered_at
       FROM stageflow.webhook_deliveries AS d
      WHERE d.job_id = webhook_deliveries.job_id
-     ORDER BY d.delivery_id
+     ORDER BY d.delivery_id;
+END;
 $$;

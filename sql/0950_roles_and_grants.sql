@@ -1,8 +1,10 @@
 -- Roles, created once per cluster (roles are cluster-wide) and granted what each needs:
 --   stageflow_worker     claim, heartbeat, complete, fail and release tasks
---   stageflow_submitter  submit, list, read and cancel jobs
---   stageflow_admin      both, plus registering job types, retrying jobs, dead letters, repairs,
---                        queue grants (a worker claims only from queues granted to it)
+--   stageflow_submitter  submit, list, read and cancel its own jobs (the login's, see
+--                        0050_ownership_and_quotas.sql), see its quota
+--   stageflow_admin      both, plus every job, registering job types, retrying jobs, dead letters,
+--                        repairs, queue grants (a worker claims only from queues granted to it),
+--                        quotas
 -- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
 -- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
 DO $$
@@ -36,6 +38,8 @@ TO stageflow_worker;
 
 GRANT EXECUTE ON FUNCTION
     stageflow.submit_job(text, jsonb, text),
+    stageflow.submit_job_outcome(text, jsonb, text),
+    stageflow.list_quotas(),
     stageflow.webhook_deliveries(text),
     stageflow.job_status(text),
     stageflow.job_tasks(text),
@@ -55,6 +59,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.grant_queue(text, name),
     stageflow.revoke_queue(text, name),
     stageflow.list_queue_grants(),
+    stageflow.set_quota(name, bigint, bigint),
     stageflow.claim_webhook_deliveries(int, int),
     stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric)
 TO stageflow_admin;

@@ -4,8 +4,8 @@
 //! in file order. Rust does what SQL does poorly: canonical JSON and the job id hash
 //! ([`job_id`]), JSON Schema checks of parameters ([`params`]), the validation of job type
 //! definitions ([`job_types`]), reading and deleting queue messages with plans kept per backend
-//! ([`queues`]), the superuser-only test clock ([`clock`]), and the background worker that runs
-//! maintenance ([`maintenance`]).
+//! ([`queues`]), the superuser-only test clock ([`clock`]), the tenant label ([`ownership`]), the
+//! default quotas ([`quotas`]), and the background worker that runs maintenance ([`maintenance`]).
 
 use pgrx::prelude::*;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -17,13 +17,17 @@ pub mod clock;
 pub mod job_id;
 pub mod job_types;
 pub mod maintenance;
+pub mod ownership;
 pub mod params;
 pub mod queues;
+pub mod quotas;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     clock::init();
     maintenance::init();
+    ownership::init();
+    quotas::init();
     // No other stageflow.* setting can be made up: a typo is an error, and nobody can create a
     // placeholder for a setting the library defines later in the session.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"stageflow".as_ptr()) };
@@ -31,6 +35,11 @@ pub extern "C-unwind" fn _PG_init() {
 
 extension_sql_file!("../sql/0010_tables.sql", name = "tables", bootstrap);
 extension_sql_file!("../sql/0020_clock_and_events.sql", name = "clock_and_events", requires = [clock::fake_now]);
+extension_sql_file!(
+    "../sql/0050_ownership_and_quotas.sql",
+    name = "ownership_and_quotas",
+    requires = [ownership::tenant, quotas::default_quotas]
+);
 extension_sql_file!("../sql/0100_register_job_type.sql", name = "register_job_type");
 extension_sql_file!("../sql/0200_create_stage_tasks.sql", name = "create_stage_tasks");
 extension_sql_file!("../sql/0210_advance_stage.sql", name = "advance_stage");

@@ -133,6 +133,10 @@ enum Command {
         /// The bearer token clients must send.
         #[arg(long, env = "STAGEFLOW_API_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// A tenant's token, as TENANT=TOKEN (repeatable; or comma-separated in the environment): its
+        /// requests see, list and cancel only the jobs submitted with it, and reach no operator route.
+        #[arg(long = "tenant-token", env = "STAGEFLOW_API_TENANT_TOKENS", value_delimiter = ',', hide_env_values = true)]
+        tenant_tokens: Vec<String>,
         /// Serve without authentication (only on a trusted network).
         #[arg(long)]
         no_auth: bool,
@@ -317,9 +321,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
         }
-        Command::Serve { listen, token, no_auth, webhook_secret } => {
+        Command::Serve { listen, token, tenant_tokens, no_auth, webhook_secret } => {
+            let tenant_tokens = parse_tenant_tokens(tenant_tokens, token.as_deref())?;
             let token = match (token, no_auth) {
                 (Some(_), true) => return Err(CliError::Usage("give either a token or --no-auth, not both".into())),
+                (_, true) if !tenant_tokens.is_empty() => {
+                    return Err(CliError::Usage("tenant tokens need authentication: drop --no-auth".into()))
+                }
                 (None, false) => {
                     return Err(CliError::Usage(
                         "no API token: set STAGEFLOW_API_TOKEN (or --token), or pass --no-auth to serve without authentication".into(),
@@ -328,6 +336,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 (token, _) => token.clone(),
             };
             let mut config = stageflow_http::ServeConfig::new(database_url(&cli)?, *listen, token);
+            config.tenant_tokens = tenant_tokens;
             config.webhooks.secret = webhook_secret.clone();
             let server = stageflow_http::start(config, shutdown_signal()).await.map_err(|e| CliError::Setup(e.0))?;
             println!("serving on http://{}", server.addr);
@@ -384,3 +393,20 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+/// `TENANT=TOKEN` pairs, tokens non-empty and all different (the server has the database check the
+/// labels when it starts).
+fn parse_tenant_tokens(pairs: &[String], operator: Option<&str>) -> Result<Vec<(String, String)>, CliError> {
+    let mut parsed: Vec<(String, String)> = Vec::new();
+    for pair in pairs {
+        let Some((label, token)) = pair.split_once('=') else {
+            return Err(CliError::Usage(format!("tenant token {pair:?} is not TENANT=TOKEN")));
+        };
+        if token.is_empty() || operator == Some(token) || parsed.iter().any(|(_, other)| other == token) {
+            return Err(CliError::Usage(format!("tenant {label:?} needs a token of its own, non-empty and used by no one else")));
+        }
+        parsed.push((label.to_owned(), token.to_owned()));
+    }
+    Ok(parsed)
+}
+

@@ -1,9 +1,14 @@
 //! The routes. Each handler calls one stageflow SQL function and returns its JSON; database errors
 //! become JSON errors with a status that fits their SQLSTATE.
+//!
+//! Two kinds of bearer token: the operator's (every route, every job the server's login sees) and
+//! tenants' (`--tenant-token TENANT=TOKEN`): a tenant's requests run with `stageflow.tenant` set to
+//! its label for their transaction, so the database shows and lets it cancel only the jobs it
+//! submitted; the operator's routes (retry, dead letters, queue grants, events) refuse it (403).
 
 use std::convert::Infallible;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -20,7 +25,16 @@ use crate::events::Events;
 pub struct AppState {
     pub pool: deadpool_postgres::Pool,
     pub token: Option<String>,
+    /// (tenant label, token) pairs.
+    pub tenant_tokens: Vec<(String, String)>,
     pub events: Events,
+}
+
+/// Who a request comes from: the operator, or a tenant (by its label).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Caller {
+    Operator,
+    Tenant(String),
 }
 
 pub struct ApiError {
@@ -68,12 +82,20 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-/// One JSON value from a statement returning one row with one jsonb column.
-async fn one_json(state: &AppState, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> ApiResult {
-    let client = state.pool.get().await?;
-    let statement = client.prepare_cached(sql).await?;
-    let row = client.query_one(&statement, params).await?;
-    Ok(Json(row.get::<_, Value>(0)))
+type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// One JSON value from a statement returning one row with one jsonb column, as the caller: a
+/// tenant's statement runs in a transaction that sets `stageflow.tenant` to its label.
+async fn one_json(state: &AppState, caller: &Caller, sql: &str, params: &Params<'_>) -> ApiResult {
+    let mut client = state.pool.get().await?;
+    let transaction = client.transaction().await?;
+    if let Caller::Tenant(label) = caller {
+        transaction.execute("SELECT set_config('stageflow.tenant', $1, true)", &[label]).await?;
+    }
+    let statement = transaction.prepare_cached(sql).await?;
+    let value = transaction.query_one(&statement, params).await?.get::<_, Value>(0);
+    transaction.commit().await?;
+    Ok(Json(value))
 }
 
 /// `access_token=<token>` in a query string: how a browser's EventSource, which cannot set
@@ -82,10 +104,26 @@ fn query_token(request: &Request) -> Option<String> {
     request.uri().query()?.split('&').find_map(|pair| pair.strip_prefix("access_token=")).map(|t| format!("Bearer {t}"))
 }
 
-async fn require_token(State(state): State<AppState>, headers: HeaderMap, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
+/// Who the bearer token names: the operator token, or a tenant's. Every token is compared (in
+/// constant time), so the time taken does not tell which one matched.
+fn caller_of(state: &AppState, given: &str) -> Option<Caller> {
+    let mut caller = None;
+    if state.token.as_deref().is_some_and(|token| constant_time_eq(given.as_bytes(), token.as_bytes())) {
+        caller = Some(Caller::Operator);
+    }
+    for (label, token) in &state.tenant_tokens {
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) && caller.is_none() {
+            caller = Some(Caller::Tenant(label.clone()));
+        }
+    }
+    caller
+}
+
+async fn require_token(State(state): State<AppState>, headers: HeaderMap, mut request: Request, next: Next) -> Response {
+    if state.token.is_none() && state.tenant_tokens.is_empty() {
+        request.extensions_mut().insert(Caller::Operator);
         return next.run(request).await;
-    };
+    }
     let from_query = query_token(&request);
     match headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned).or(from_query).as_deref() {
         None => (
@@ -94,10 +132,27 @@ async fn require_token(State(state): State<AppState>, headers: HeaderMap, reques
             Json(json!({"error": {"message": "missing bearer token", "hint": "send Authorization: Bearer <STAGEFLOW_API_TOKEN>"}})),
         )
             .into_response(),
-        Some(value) if value.strip_prefix("Bearer ").is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) => {
-            next.run(request).await
-        }
-        Some(_) => (StatusCode::FORBIDDEN, Json(json!({"error": {"message": "wrong bearer token"}}))).into_response(),
+        Some(value) => match value.strip_prefix("Bearer ").and_then(|given| caller_of(&state, given)) {
+            Some(caller) => {
+                request.extensions_mut().insert(caller);
+                next.run(request).await
+            }
+            None => (StatusCode::FORBIDDEN, Json(json!({"error": {"message": "wrong bearer token"}}))).into_response(),
+        },
+    }
+}
+
+/// The operator's routes: a tenant's token is refused.
+async fn require_operator(Extension(caller): Extension<Caller>, request: Request, next: Next) -> Response {
+    match caller {
+        Caller::Operator => next.run(request).await,
+        Caller::Tenant(_) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            None,
+            "this route is the operator's",
+            Some("a tenant's token reads, lists, submits and cancels its own jobs; this route needs STAGEFLOW_API_TOKEN"),
+        )
+        .into_response(),
     }
 }
 
@@ -110,13 +165,27 @@ struct SubmitQuery {
     webhook_url: Option<String>,
 }
 
-async fn submit(State(state): State<AppState>, Path(job_type): Path<String>, Query(q): Query<SubmitQuery>, body: Option<Json<Value>>) -> ApiResult {
+async fn submit(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_type): Path<String>,
+    Query(q): Query<SubmitQuery>,
+    body: Option<Json<Value>>,
+) -> ApiResult {
     let params = body.map(|Json(v)| v).unwrap_or_else(|| json!({}));
-    let Json(job_id) = one_json(&state, "SELECT to_jsonb(stageflow.submit_job($1, $2, $3))", &[&job_type, &params, &q.webhook_url]).await?;
+    let Json(submitted) =
+        one_json(&state, &caller, "SELECT to_jsonb(o) FROM stageflow.submit_job_outcome($1, $2, $3) AS o", &[&job_type, &params, &q.webhook_url])
+            .await?;
+    let job_id = submitted["job_id"].as_str().unwrap_or_default();
+    // Identical work of another login or tenant: its id and outcome, nothing of the job.
+    if submitted["outcome"] == "owned_by_another" {
+        return Ok(Json(json!({"job_id": job_id, "outcome": "owned_by_another", "status": null, "job_type": job_type, "job": null})));
+    }
     // A statement of its own: one that also submitted would not see its own job.
-    let Json(status) = one_json(&state, "SELECT stageflow.job_status($1)", &[&job_id.as_str()]).await?;
+    let Json(status) = one_json(&state, &caller, "SELECT stageflow.job_status($1)", &[&job_id]).await?;
     Ok(Json(json!({
         "job_id": status["job_id"],
+        "outcome": submitted["outcome"],
         "status": status["status"],
         "job_type": status["job_type"],
         "created_at": status["created_at"],
@@ -124,12 +193,12 @@ async fn submit(State(state): State<AppState>, Path(job_type): Path<String>, Que
     })))
 }
 
-async fn status(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
-    one_json(&state, "SELECT stageflow.job_status($1)", &[&job_id]).await
+async fn status(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, &caller, "SELECT stageflow.job_status($1)", &[&job_id]).await
 }
 
-async fn tasks(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
-    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t", &[&job_id]).await
+async fn tasks(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, &caller, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t", &[&job_id]).await
 }
 
 #[derive(Deserialize)]
@@ -141,25 +210,26 @@ struct ListQuery {
     before: Option<String>,
 }
 
-async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
+async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller>, Query(q): Query<ListQuery>) -> ApiResult {
     one_json(
         &state,
+        &caller,
         "SELECT coalesce(jsonb_agg(to_jsonb(j)), '[]') FROM stageflow.list_jobs($1, $2, $3, $4::text::timestamptz) AS j",
         &[&q.status, &q.job_type, &q.limit.unwrap_or(50), &q.before],
     )
     .await
 }
 
-async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
-    one_json(&state, "SELECT stageflow.cancel_job($1)", &[&job_id]).await
+async fn cancel(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, &caller, "SELECT stageflow.cancel_job($1)", &[&job_id]).await
 }
 
-async fn retry(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
-    one_json(&state, "SELECT stageflow.retry_job($1)", &[&job_id]).await
+async fn retry(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, &caller, "SELECT stageflow.retry_job($1)", &[&job_id]).await
 }
 
-async fn webhook_deliveries(State(state): State<AppState>, Path(job_id): Path<String>) -> ApiResult {
-    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.webhook_deliveries($1) AS d", &[&job_id]).await
+async fn webhook_deliveries(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+    one_json(&state, &caller, "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.webhook_deliveries($1) AS d", &[&job_id]).await
 }
 
 #[derive(Deserialize)]
@@ -170,6 +240,7 @@ struct LimitQuery {
 async fn dead_letters(State(state): State<AppState>, Query(q): Query<LimitQuery>) -> ApiResult {
     one_json(
         &state,
+        &Caller::Operator,
         "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.dead_letters($1) AS d",
         &[&q.limit.unwrap_or(100)],
     )
@@ -177,12 +248,12 @@ async fn dead_letters(State(state): State<AppState>, Query(q): Query<LimitQuery>
 }
 
 async fn job_types(State(state): State<AppState>) -> ApiResult {
-    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_types() AS t", &[]).await
+    one_json(&state, &Caller::Operator, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_types() AS t", &[]).await
 }
 
 /// Which roles may claim from which queue (stageflow.list_queue_grants).
 async fn queue_grants(State(state): State<AppState>) -> ApiResult {
-    one_json(&state, "SELECT coalesce(jsonb_agg(to_jsonb(g)), '[]') FROM stageflow.list_queue_grants() AS g", &[]).await
+    one_json(&state, &Caller::Operator, "SELECT coalesce(jsonb_agg(to_jsonb(g)), '[]') FROM stageflow.list_queue_grants() AS g", &[]).await
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -225,18 +296,21 @@ async fn not_found() -> ApiError {
 }
 
 pub fn router(state: AppState, body_limit: usize) -> Router {
+    let operator = Router::new()
+        .route("/api/jobs/{job_id}/retry", post(retry))
+        .route("/api/dead-letters", get(dead_letters))
+        .route("/api/queues/grants", get(queue_grants))
+        .route("/api/events", get(events))
+        .route_layer(middleware::from_fn(require_operator));
     let api = Router::new()
         .route("/api/jobs/submit/{job_type}", post(submit))
         .route("/api/jobs/status/{job_id}", get(status))
         .route("/api/db/tasks/{job_id}", get(tasks))
         .route("/api/jobs", get(list))
         .route("/api/jobs/{job_id}/cancel", post(cancel))
-        .route("/api/jobs/{job_id}/retry", post(retry))
         .route("/api/jobs/{job_id}/webhooks", get(webhook_deliveries))
-        .route("/api/dead-letters", get(dead_letters))
         .route("/api/job-types", get(job_types))
-        .route("/api/queues/grants", get(queue_grants))
-        .route("/api/events", get(events))
+        .merge(operator)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)

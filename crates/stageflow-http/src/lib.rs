@@ -17,8 +17,10 @@ pub use webhooks::WebhookConfig;
 pub struct ServeConfig {
     pub database_url: String,
     pub listen: SocketAddr,
-    /// The bearer token every /api request must carry; None only when auth is explicitly off.
+    /// The operator's bearer token: every /api route, every job. With no tenant tokens either, auth is off.
     pub token: Option<String>,
+    /// Tenants' (label, bearer token) pairs: each sees and cancels only the jobs submitted with its token.
+    pub tenant_tokens: Vec<(String, String)>,
     pub webhooks: WebhookConfig,
     /// The most bytes a request body may have.
     pub body_limit: usize,
@@ -30,6 +32,7 @@ impl ServeConfig {
             database_url: database_url.into(),
             listen,
             token,
+            tenant_tokens: Vec::new(),
             webhooks: WebhookConfig::default(),
             body_limit: 2 * 1024 * 1024,
         }
@@ -68,16 +71,25 @@ pub async fn start(
         .await
         .map_err(|e| ServeError(e.to_string()))
         .and_then(|row| if row.get::<_, bool>(0) { Ok(()) } else { Err(ServeError("the stageflow extension is not installed in this database".into())) })?;
+    // Every tenant label is one the database takes (it refuses the others with a hint).
+    for (label, _) in &config.tenant_tokens {
+        let checked = match client.execute("SELECT set_config('stageflow.tenant', $1, false)", &[label]).await {
+            Ok(_) => client.execute("SELECT count(*) FROM stageflow.list_jobs(NULL, NULL, 1)", &[]).await,
+            Err(e) => Err(e),
+        };
+        checked.map_err(|e| ServeError(format!("tenant {label:?}: {}", e.as_db_error().map_or(e.to_string(), |d| format!("{} ({})", d.message(), d.hint().unwrap_or(""))))))?;
+    }
+    client.batch_execute("RESET stageflow.tenant").await.map_err(|e| ServeError(e.to_string()))?;
     drop(client);
 
     let events = events::Events::start(config.database_url.clone());
     webhooks::spawn_dispatcher(pool.clone(), config.webhooks.clone(), events.clone());
-    let app = api::router(api::AppState { pool, token: config.token.clone(), events }, config.body_limit);
+    let app = api::router(api::AppState { pool, token: config.token.clone(), tenant_tokens: config.tenant_tokens.clone(), events }, config.body_limit);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServeError(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| ServeError(e.to_string()))?;
-    tracing::info!(%addr, auth = config.token.is_some(), "stageflow serve listening");
+    tracing::info!(%addr, auth = config.token.is_some(), tenants = config.tenant_tokens.len(), "stageflow serve listening");
     let handle = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(%error, "server stopped");

@@ -14,6 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const TOKEN: &str = "test-token";
 
 async fn serve(database: &str) -> (String, String) {
+    serve_with_tenants(database, Vec::new()).await
+}
+
+async fn serve_with_tenants(database: &str, tenant_tokens: Vec<(String, String)>) -> (String, String) {
     let name = database.to_owned();
     // The test helpers use the blocking client, which must not run on the async runtime.
     let url = tokio::task::spawn_blocking(move || fresh_database(&name)).await.unwrap();
@@ -22,6 +26,7 @@ async fn serve(database: &str) -> (String, String) {
     config.webhooks.retry_base = Duration::from_millis(50);
     config.webhooks.poll_interval = Duration::from_millis(100);
     config.body_limit = 64 * 1024;
+    config.tenant_tokens = tenant_tokens;
     let server = start(config, std::future::pending()).await.expect("server starts");
     (format!("http://{}", server.addr), url)
 }
@@ -31,7 +36,11 @@ fn client() -> reqwest::Client {
 }
 
 async fn call(method: reqwest::Method, url: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = client().request(method, url).bearer_auth(TOKEN);
+    call_as(TOKEN, method, url, body).await
+}
+
+async fn call_as(token: &str, method: reqwest::Method, url: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = client().request(method, url).bearer_auth(token);
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -115,6 +124,59 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     assert!(text.contains("stageflow_handler_tasks_total{handler=\"hello_world.greet\",outcome=\"completed\"} 0"), "{text}");
     assert!(text.contains("stageflow_task_duration_seconds_count{handler=\"hello_world.greet\"} 0"), "{text}");
     let _ = db_url;
+}
+
+/// Tenants' tokens: each tenant submits, reads, lists and cancels only its own jobs; another
+/// tenant's job is unknown to it (404) and identical work says whose it is; the operator's routes
+/// refuse a tenant's token; the operator sees every job with its tenant label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_tokens_see_only_their_own_jobs() {
+    let tenants = vec![("acme".to_owned(), "token-acme".to_owned()), ("globex".to_owned(), "token-globex".to_owned())];
+    let (base, _db_url) = serve_with_tenants("http_tenants", tenants).await;
+    let (acme, globex) = ("token-acme", "token-globex");
+    let submit_url = format!("{base}/api/jobs/submit/hello_world");
+    let work = json!({"message": "tenants", "n": 2});
+
+    let (code, submitted) = call_as(acme, reqwest::Method::POST, &submit_url, Some(work.clone())).await;
+    assert_eq!((code, submitted["outcome"].clone(), submitted["job"]["tenant"].clone()), (200, json!("created"), json!("acme")), "{submitted}");
+    let job_id = submitted["job_id"].as_str().unwrap().to_owned();
+
+    // globex: the job is unknown to it, whatever it tries; identical work is not its own.
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/api/jobs/status/{job_id}")),
+        (reqwest::Method::GET, format!("/api/db/tasks/{job_id}")),
+        (reqwest::Method::GET, format!("/api/jobs/{job_id}/webhooks")),
+        (reqwest::Method::POST, format!("/api/jobs/{job_id}/cancel")),
+    ] {
+        let (code, error) = call_as(globex, method, &format!("{base}{path}"), None).await;
+        assert_eq!((code, error["error"]["sqlstate"].clone()), (404, json!("42704")), "{path}: {error}");
+    }
+    let (code, listed) = call_as(globex, reqwest::Method::GET, &format!("{base}/api/jobs"), None).await;
+    assert_eq!((code, listed), (200, json!([])));
+    let (code, same) = call_as(globex, reqwest::Method::POST, &submit_url, Some(work.clone())).await;
+    assert_eq!((code, same["job_id"].as_str(), same["outcome"].clone(), same["job"].clone()), (200, Some(job_id.as_str()), json!("owned_by_another"), Value::Null), "{same}");
+
+    // The operator's routes are not a tenant's.
+    for path in ["/api/dead-letters", "/api/queues/grants", "/api/events"] {
+        let (code, _) = call_as(acme, reqwest::Method::GET, &format!("{base}{path}"), None).await;
+        assert_eq!(code, 403, "{path}");
+    }
+    let (code, _) = call_as(acme, reqwest::Method::POST, &format!("{base}/api/jobs/{job_id}/retry"), None).await;
+    assert_eq!(code, 403);
+
+    // acme: its own job, as it is; cancelled and submitted again, resumed.
+    let (_, listed) = call_as(acme, reqwest::Method::GET, &format!("{base}/api/jobs"), None).await;
+    assert_eq!((listed.as_array().map(Vec::len), listed[0]["job_id"].as_str()), (Some(1), Some(job_id.as_str())));
+    let (_, again) = call_as(acme, reqwest::Method::POST, &submit_url, Some(work.clone())).await;
+    assert_eq!((again["outcome"].clone(), again["status"].clone()), (json!("exists"), json!("queued")), "{again}");
+    let (code, cancelled) = call_as(acme, reqwest::Method::POST, &format!("{base}/api/jobs/{job_id}/cancel"), None).await;
+    assert_eq!((code, cancelled["job_status"].clone()), (200, json!("cancelled")));
+    let (_, resumed) = call_as(acme, reqwest::Method::POST, &submit_url, Some(work)).await;
+    assert_eq!((resumed["outcome"].clone(), resumed["status"].clone()), (json!("resumed"), json!("processing")), "{resumed}");
+
+    // The operator sees every job, with whose it is.
+    let (_, all) = call(reqwest::Method::GET, &format!("{base}/api/jobs"), None).await;
+    assert_eq!((all.as_array().map(Vec::len), all[0]["tenant"].clone()), (Some(1), json!("acme")), "{all}");
 }
 
 /// A receiver that answers 500 to the first `fail_first` requests and 200 after, keeping each body

@@ -39,6 +39,12 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         r#"{"parameters": {"type": "object", "properties": {"files": {"type": "array"}}},
             "stages": [{"name": "one", "handler": "l.one", "queue": "listq", "fan_out": "each", "param": "files"}]}"#,
     );
+    register(
+        &mut client,
+        "county",
+        r#"{"parameters": {"type": "object", "properties": {"n": {"type": "integer"}}},
+            "stages": [{"name": "one", "handler": "c.one", "queue": "countq", "fan_out": "count", "param": "n"}]}"#,
+    );
     // A job in every state a bad call may meet: a running planner, a failed task, a queued task,
     // a completed task.
     let planner_job = submit(&mut client, "planner", json!({}));
@@ -56,6 +62,8 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         .query_one("SELECT task_id FROM stageflow.tasks WHERE job_id = $1", &[&queued_job])
         .unwrap()
         .get(0);
+    // This login's jobs hold 2 open tasks (the planner, the queued one): room for 8 more.
+    client.batch_execute("SELECT stageflow.set_quota(session_user, 10, NULL)").unwrap();
     let (completed_task, failed_task) = (&hello[0].task_id, &hello[1].task_id);
     assert_eq!(job_status(&mut client, &hello_job)["status"], json!("failed"));
     let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
@@ -125,6 +133,11 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("a batch of results that is not an array", "SELECT stageflow.complete_tasks('{}')", "22023", "must be a JSON array"),
         case("a batch element without a task_id", "SELECT stageflow.complete_tasks('[{\"result\": 1}]')", "22023", "needs a \"task_id\""),
         case("a batch naming a task twice", format!("SELECT stageflow.complete_tasks('[{{\"task_id\": \"{planner_task}\"}}, {{\"task_id\": \"{planner_task}\"}}]')"), "22023", "more than once"),
+        case("a job over the tasks a job may have", "SELECT stageflow.submit_job('county', '{\"n\": 100001}')", "54000", "more than the 100000 tasks a job"),
+        case("a submission over the open-task quota", "SELECT stageflow.submit_job('county', '{\"n\": 9}')", "54000", "has 2 open tasks: 9 more would pass its quota of 10"),
+        case("a quota for an unknown role", "SELECT stageflow.set_quota('no_such_role', 1, 1)", "42704", "unknown role"),
+        case("a negative quota", "SELECT stageflow.set_quota(session_user, -1, NULL)", "22023", "cannot be negative"),
+        case("a tenant label with a space", "SET stageflow.tenant = 'a b'; SELECT * FROM stageflow.list_jobs()", "22023", "is not a tenant label"),
         case("registering a schema with an unsupported keyword", "SELECT stageflow.register_job_type('t', '{\"parameters\": {\"oneOf\": []}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "22023", "unsupported keyword"),
     ];
 

@@ -1,6 +1,6 @@
 //! Roles and leases: each role can do its part and nothing else, no role touches the tables, a
 //! worker claims only from the queues granted to it, and cannot report a task whose lease it does
-//! not hold.
+//! not hold; a submitter sees and cancels only its own jobs, within its quota.
 
 use serde_json::json;
 use stageflow_tests::*;
@@ -71,6 +71,55 @@ fn each_role_does_its_part_and_nothing_more() {
     assert_eq!(refused(&mut nobody, "SELECT * FROM stageflow.claim_tasks('default')").0, "42501");
     assert_eq!(refused(&mut nobody, "SELECT * FROM stageflow.jobs").0, "42501");
     drop((submitter, worker, nobody));
+}
+
+#[test]
+fn a_submitter_cannot_touch_another_logins_jobs() {
+    let url = fresh_database("ownership");
+    let mut admin = connect(&url);
+    admin
+        .batch_execute(
+            "DROP ROLE IF EXISTS sf_test_alice; DROP ROLE IF EXISTS sf_test_mallory;
+             CREATE ROLE sf_test_alice LOGIN IN ROLE stageflow_submitter;
+             CREATE ROLE sf_test_mallory LOGIN IN ROLE stageflow_submitter;",
+        )
+        .unwrap();
+    let as_role = |role: &str| connect(&url.replacen("postgres@", &format!("{role}@"), 1));
+    let mut alice = as_role("sf_test_alice");
+    let mut mallory = as_role("sf_test_mallory");
+    let params = json!({"message": "mine", "n": 2});
+    let job_id = submit(&mut alice, "hello_world", params.clone());
+    let computed: String = mallory.query_one("SELECT stageflow.job_id('hello_world', $1)", &[&params]).unwrap().get(0);
+    assert_eq!(computed, job_id, "any submitter can compute a job id");
+
+    // Mallory knows the id: reading, listing, cancelling and the deliveries all say "unknown job",
+    // and nothing changes, even with the clock moved back (a superuser's setting only).
+    for sql in [
+        "SELECT stageflow.job_status($1)::text",
+        "SELECT count(*)::text FROM stageflow.job_tasks($1)",
+        "SELECT count(*)::text FROM stageflow.webhook_deliveries($1)",
+        "SELECT stageflow.cancel_job($1)::text",
+    ] {
+        let error = mallory.query_one(sql, &[&job_id]).expect_err(sql);
+        assert_eq!(db_error(&error).0, "42704", "{sql}");
+    }
+    assert_eq!(refused(&mut mallory, "SET stageflow.fake_now = '1970-01-01'").0, "42501");
+    let listed: i64 = mallory.query_one("SELECT count(*) FROM stageflow.list_jobs()", &[]).unwrap().get(0);
+    assert_eq!(listed, 0);
+    let row = mallory.query_one("SELECT job_id, outcome, job_status FROM stageflow.submit_job_outcome('hello_world', $1)", &[&params]).unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, Option<String>>(2)), (job_id.clone(), "owned_by_another".into(), None));
+    assert_eq!(job_status(&mut alice, &job_id)["status"], json!("queued"), "alice's job is untouched");
+    assert_eq!(job_status(&mut admin, &job_id)["owner"], json!("sf_test_alice"), "an admin sees whose it is");
+
+    // A quota refusal changes nothing.
+    admin.batch_execute("SELECT stageflow.set_quota('sf_test_mallory', 1, 10)").unwrap();
+    let error = mallory.batch_execute("SELECT stageflow.submit_job('hello_world', '{\"message\": \"big\", \"n\": 2}')").unwrap_err();
+    let (code, message, hint) = db_error(&error);
+    assert_eq!(code, "54000", "{message}");
+    assert!(hint.is_some_and(|h| h.contains("stageflow.set_quota")));
+    let jobs: i64 = admin.query_one("SELECT count(*) FROM stageflow.jobs", &[]).unwrap().get(0);
+    assert_eq!(jobs, 1);
+    drop((alice, mallory));
 }
 
 #[test]

@@ -1,0 +1,189 @@
+-- Ownership and quotas. A job belongs to the login that submitted it (session_user; SET ROLE does
+-- not change it) and to the session's tenant label, if it set one (stageflow.tenant). Its owner
+-- sees, lists, cancels and resubmits it; a superuser or a member of stageflow_admin sees and
+-- cancels every job, unless the session names a tenant: a label only ever narrows what a session
+-- sees to its own login's jobs of that tenant (how the HTTP API serves many tenants on one login).
+-- Quotas bound what a login's submissions create: open tasks when it submits, tasks per job.
+
+-- Whether the session's login is a superuser or a member of stageflow_admin.
+CREATE FUNCTION stageflow._session_is_admin()
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r
+                    WHERE r.rolname = session_user
+                      AND (r.rolsuper OR pg_catalog.pg_has_role(r.oid, 'stageflow_admin', 'MEMBER')))
+$$;
+
+-- The session's access to a job of p_owner under p_tenant: 'owner' (its login, and its tenant
+-- when the session names one), 'admin' (a superuser or stageflow_admin member naming no
+-- tenant), or NULL: none, the job is not shown.
+CREATE FUNCTION stageflow._access(p_owner name, p_tenant text)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN p_owner = session_user AND (s.tenant IS NULL OR p_tenant = s.tenant) THEN 'owner'
+                WHEN s.tenant IS NULL AND stageflow._session_is_admin() THEN 'admin' END
+      FROM (SELECT stageflow._tenant() AS tenant) AS s
+$$;
+
+-- The job p_job_id if the session may see it; otherwise the error of an unknown job, so that a
+-- job of another login reads exactly as one that does not exist.
+CREATE FUNCTION stageflow._visible_job(p_job_id text)
+RETURNS stageflow.jobs
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job stageflow.jobs;
+BEGIN
+    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    IF NOT FOUND OR stageflow._access(v_job.owner, v_job.tenant) IS NULL THEN
+        PERFORM stageflow._raise_unknown('job', p_job_id);
+    END IF;
+    RETURN v_job;
+END;
+$$;
+
+-- A login's quotas: its role_quotas row's limits, else the defaults (stageflow.max_open_tasks,
+-- stageflow.max_tasks_per_job).
+CREATE FUNCTION stageflow._quota(p_role name, OUT max_open_tasks bigint, OUT max_tasks_per_job bigint)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(q.max_open_tasks, d.max_open_tasks), coalesce(q.max_tasks_per_job, d.max_tasks_per_job)
+      FROM stageflow._default_quotas() AS d
+      LEFT JOIN stageflow.role_quotas AS q ON q.role_name = p_role
+$$;
+
+-- The open (queued or running) tasks of a login's open jobs: the current stages' shard counters.
+CREATE FUNCTION stageflow._open_tasks(p_role name)
+RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(sum(sh.remaining_tasks), 0)::bigint
+      FROM stageflow.jobs AS j
+      JOIN stageflow.stage_shards AS sh ON sh.job_id = j.job_id AND sh.stage = j.current_stage
+     WHERE j.owner = p_role AND j.status IN ('queued', 'processing')
+$$;
+
+-- Refuses (54000) to open p_count more tasks for p_owner's jobs when they would take its open
+-- tasks past its quota. The login's submissions are serialised from here to their commit (a
+-- transaction-level advisory lock on the login), so two of them cannot both pass on the same
+-- count: the quota holds under concurrency.
+CREATE FUNCTION stageflow._check_open_tasks(p_owner name, p_count bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_limit bigint := (stageflow._quota(p_owner)).max_open_tasks;
+    v_open  bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('stageflow.open_tasks'), hashtext(p_owner));
+    v_open := stageflow._open_tasks(p_owner);
+    IF v_open + p_count > v_limit THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('role %s has %s open tasks: %s more would pass its quota of %s open tasks',
+                             p_owner, v_open, p_count, v_limit),
+            HINT = 'wait for its jobs to finish (or cancel some), or an admin raises the quota with '
+                   'stageflow.set_quota(role, max_open_tasks, max_tasks_per_job)';
+    END IF;
+END;
+$$;
+
+-- The quota check of a stage about to be created with p_count tasks (by _create_stage_tasks,
+-- before anything is inserted): the job's tasks over all its stages stay within its owner's
+-- max_tasks_per_job (a dynamic fan-out too), and stage 1, the submission, passes the owner's
+-- open-task quota. A refusal is 54000 with a hint: the submission creates nothing; a later
+-- stage's fails its job (advance_stage's stage_creation_failed).
+CREATE FUNCTION stageflow._check_quota(p_job stageflow.jobs, p_stage int, p_count bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_limit   bigint := (stageflow._quota(p_job.owner)).max_tasks_per_job;
+    v_before  bigint;
+BEGIN
+    SELECT coalesce(sum(s.task_count), 0) INTO v_before FROM stageflow.stages AS s WHERE s.job_id = p_job.job_id;
+    IF v_before + p_count > v_limit THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('stage %s of job %s would create %s tasks, making %s in the job: more than the %s tasks a job of role %s may have',
+                             p_stage, p_job.job_id, p_count, v_before + p_count, v_limit, p_job.owner),
+            HINT = 'split the work into smaller jobs, or an admin raises the limit with '
+                   'stageflow.set_quota(role, max_open_tasks, max_tasks_per_job)';
+    END IF;
+    IF p_stage = 1 THEN
+        PERFORM stageflow._check_open_tasks(p_job.owner, p_count);
+    END IF;
+END;
+$$;
+
+-- Sets a login's quotas: the most open tasks its jobs may have when it submits another, and the
+-- most tasks one of its jobs may create over all its stages. NULL keeps (or goes back to) the
+-- default of that limit; both NULL remove the login's row. Returns the limits now in force.
+CREATE FUNCTION stageflow.set_quota(role name, max_open_tasks bigint DEFAULT NULL, max_tasks_per_job bigint DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = set_quota.role) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown role %L', set_quota.role),
+            HINT = 'a quota applies to the login that submits jobs: name an existing role';
+    END IF;
+    IF set_quota.max_open_tasks < 0 OR set_quota.max_tasks_per_job < 0 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('quotas cannot be negative, got max_open_tasks %s and max_tasks_per_job %s',
+                             set_quota.max_open_tasks, set_quota.max_tasks_per_job),
+            HINT = 'give a limit of 0 or more, or NULL for the default';
+    END IF;
+    IF set_quota.max_open_tasks IS NULL AND set_quota.max_tasks_per_job IS NULL THEN
+        DELETE FROM stageflow.role_quotas AS q WHERE q.role_name = set_quota.role;
+    ELSE
+        INSERT INTO stageflow.role_quotas AS q (role_name, max_open_tasks, max_tasks_per_job, updated_at)
+        VALUES (set_quota.role, set_quota.max_open_tasks, set_quota.max_tasks_per_job, now())
+        ON CONFLICT ON CONSTRAINT role_quotas_pkey DO UPDATE
+           SET max_open_tasks = excluded.max_open_tasks, max_tasks_per_job = excluded.max_tasks_per_job,
+               updated_at = excluded.updated_at;
+    END IF;
+    RETURN (SELECT jsonb_build_object('role', set_quota.role, 'max_open_tasks', q.max_open_tasks,
+                                      'max_tasks_per_job', q.max_tasks_per_job)
+              FROM stageflow._quota(set_quota.role) AS q);
+END;
+$$;
+
+-- The quotas in force and the open tasks held against them: for an admin, of every login with a
+-- quota of its own or an open job; for anyone else, of its own login only. `custom` says whether
+-- the login has a row of its own (stageflow.set_quota) or the defaults.
+CREATE FUNCTION stageflow.list_quotas()
+RETURNS TABLE (role_name name, max_open_tasks bigint, max_tasks_per_job bigint, open_tasks bigint, custom boolean)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT r.role_name, q.max_open_tasks, q.max_tasks_per_job, stageflow._open_tasks(r.role_name),
+           EXISTS (SELECT 1 FROM stageflow.role_quotas AS rq WHERE rq.role_name = r.role_name)
+      FROM (SELECT rq.role_name FROM stageflow.role_quotas AS rq
+             UNION
+            SELECT DISTINCT j.owner FROM stageflow.jobs AS j WHERE j.status IN ('queued', 'processing')
+             UNION
+            SELECT session_user) AS r
+     CROSS JOIN LATERAL stageflow._quota(r.role_name) AS q
+     WHERE r.role_name = session_user OR stageflow._session_is_admin()
+     ORDER BY r.role_name;
+END;
+$$;
