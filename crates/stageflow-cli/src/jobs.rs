@@ -25,7 +25,13 @@ pub fn build_params(params: Option<&str>, pairs: &[String]) -> Result<Value, Str
 }
 
 pub async fn submit(client: &Client, job_type: &str, params: &Value) -> Result<String, tokio_postgres::Error> {
-    Ok(client.query_one("SELECT stageflow.submit_job($1, $2)", &[&job_type, params]).await?.get(0))
+    Ok(submit_outcome(client, job_type, params).await?.0)
+}
+
+/// Submits a job: its id and the outcome (`created`, `exists`, `resumed`, `owned_by_another`).
+pub async fn submit_outcome(client: &Client, job_type: &str, params: &Value) -> Result<(String, String), tokio_postgres::Error> {
+    let row = client.query_one("SELECT job_id, outcome FROM stageflow.submit_job_outcome($1, $2)", &[&job_type, params]).await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 fn timestamp(value: &Value) -> Option<DateTime<Utc>> {
@@ -177,6 +183,37 @@ pub async fn queue_grants(client: &Client, as_json: bool) -> Result<(), tokio_po
     println!("{:<48} {:<32} {}", "queue", "role", "granted at");
     for r in &rows {
         println!("{:<48} {:<32} {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, DateTime<Utc>>(2).to_rfc3339());
+    }
+    Ok(())
+}
+
+/// Prints the quotas in force and the open tasks held against them (stageflow.list_quotas): the
+/// caller's own, or every login's for an admin.
+pub async fn quotas(client: &Client, as_json: bool) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query("SELECT role_name::text, max_open_tasks, max_tasks_per_job, open_tasks, custom FROM stageflow.list_quotas()", &[])
+        .await?;
+    if as_json {
+        let quotas: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"role_name": r.get::<_, String>(0), "max_open_tasks": r.get::<_, i64>(1),
+                       "max_tasks_per_job": r.get::<_, i64>(2), "open_tasks": r.get::<_, i64>(3), "custom": r.get::<_, bool>(4)})
+            })
+            .collect();
+        println!("{}", Value::Array(quotas));
+        return Ok(());
+    }
+    println!("{:<32} {:>14} {:>17} {:>12}  {}", "role", "max open tasks", "max tasks per job", "open tasks", "from");
+    for r in &rows {
+        println!(
+            "{:<32} {:>14} {:>17} {:>12}  {}",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, i64>(3),
+            if r.get::<_, bool>(4) { "set_quota" } else { "defaults" }
+        );
     }
     Ok(())
 }

@@ -126,6 +126,8 @@ enum Command {
     },
     /// Which roles may claim tasks from which queue (granted with stageflow.grant_queue).
     QueueGrants,
+    /// The quotas in force and the open tasks held against them (yours; every login's for an admin).
+    Quotas,
     /// Serve the HTTP API (and deliver webhooks) until SIGTERM or Ctrl-C.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -287,10 +289,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Submit { job_type, params, pairs, wait } => {
             let params = jobs::build_params(params.as_deref(), pairs).map_err(CliError::Usage)?;
             let client = connect(&database_url(&cli)?).await?;
-            let job_id = jobs::submit(&client, job_type, &params).await?;
-            if !*wait {
+            let (job_id, outcome) = jobs::submit_outcome(&client, job_type, &params).await?;
+            if !cli.json {
+                match outcome.as_str() {
+                    "exists" => eprintln!("identical work: your job {job_id}, left as it is"),
+                    "resumed" => eprintln!("identical work: your job {job_id} had failed or been cancelled and runs again"),
+                    "owned_by_another" => eprintln!("identical work: job {job_id} was submitted by another login or tenant; it is not yours to read"),
+                    _ => {}
+                }
+            }
+            if !*wait || outcome == "owned_by_another" {
                 if cli.json {
-                    println!("{}", serde_json::json!({"job_id": job_id}));
+                    println!("{}", serde_json::json!({"job_id": job_id, "outcome": outcome}));
                 } else {
                     println!("{job_id}");
                 }
@@ -369,6 +379,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::QueueGrants => {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::queue_grants(&client, cli.json).await?)
+        }
+        Command::Quotas => {
+            let client = connect(&database_url(&cli)?).await?;
+            Ok(jobs::quotas(&client, cli.json).await?)
         }
         Command::Jobs { status, job_type, limit } => {
             let client = connect(&database_url(&cli)?).await?;

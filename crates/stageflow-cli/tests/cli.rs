@@ -58,6 +58,13 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
     client.batch_execute("SELECT stageflow.grant_queue('default', 'stageflow_worker')").unwrap();
     let grants = json_of(&stageflow(&url, &["queue-grants", "--json"]));
     assert_eq!((grants[0]["queue"].clone(), grants[0]["role_name"].clone()), (json!("default"), json!("stageflow_worker")), "{grants}");
+    client.batch_execute("SELECT stageflow.set_quota(session_user, 500, 200)").unwrap();
+    let quotas = json_of(&stageflow(&url, &["quotas", "--json"]));
+    assert_eq!(
+        (quotas[0]["role_name"].clone(), quotas[0]["max_open_tasks"].clone(), quotas[0]["max_tasks_per_job"].clone(), quotas[0]["custom"].clone()),
+        (json!("postgres"), json!(500), json!(200), json!(true)),
+        "{quotas}"
+    );
     let letters = json_of(&stageflow(&url, &["dead-letters", "--json"]));
     assert_eq!(letters[0]["job_id"], json!(failed_id));
     assert_eq!(letters[0]["error"]["message"], json!("no luck"));
@@ -68,6 +75,9 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
     assert_eq!(retried["retried_tasks"], json!(1));
     let cancelled = json_of(&stageflow(&url, &["cancel", &failed_id, "--json"]));
     assert_eq!(cancelled["job_status"], json!("cancelled"));
+    // Submitting the cancelled job's work again resumes it, and says so.
+    let again = json_of(&stageflow(&url, &["submit", "doomed", "--params", r#"{"permanent": true, "message": "no luck"}"#, "--json"]));
+    assert_eq!((again["job_id"].as_str(), again["outcome"].clone()), (Some(failed_id.as_str()), json!("resumed")), "{again}");
 
     // Errors from the database: message, SQLSTATE and hint, exit code 1.
     let unknown = stageflow(&url, &["status", "nope"]);
