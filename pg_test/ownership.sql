@@ -60,7 +60,12 @@ BEGIN
     -- Identical work: the same id, not bob's.
     SELECT * INTO v_same FROM stageflow.submit_job_outcome('owned', '{"n": 2}');
     ASSERT v_same.job_id = v_job AND v_same.outcome = 'owned_by_another' AND v_same.job_status IS NULL, v_same::text;
-    ASSERT stageflow.submit_job('owned', '{"n": 2}') = v_job;
+    BEGIN
+        PERFORM stageflow.submit_job('owned', '{"n": 2}');
+        RAISE EXCEPTION 'submit_job must not return an id bob cannot read';
+    EXCEPTION WHEN unique_violation THEN
+        ASSERT SQLERRM = format('job %s: another login (or tenant) submitted this work; the job is not yours to read or cancel', v_job), SQLERRM;
+    END;
 END;
 $$;
 

@@ -34,13 +34,15 @@ CREATE TABLE stageflow.jobs (
     -- who submitted it: the login (session_user) and the session's tenant label, if any. Only
     -- they (and stageflow_admin) see, list and cancel it.
     owner          name NOT NULL,
-    tenant         text
+    tenant         text,
+    -- the most tasks the job may create over all its stages: its owner's quota when submitted
+    max_tasks      bigint NOT NULL
 );
 CREATE INDEX jobs_created_at_idx ON stageflow.jobs (created_at DESC);
 CREATE INDEX jobs_deadline_idx ON stageflow.jobs (deadline_at) WHERE status IN ('queued', 'processing');
--- A login's jobs, newest first (list_jobs), and its open ones (the open-task quota).
+-- A login's jobs, newest first (list_jobs), and its open ones by tenant (the open-task quota).
 CREATE INDEX jobs_owner_idx ON stageflow.jobs (owner, created_at DESC);
-CREATE INDEX jobs_open_owner_idx ON stageflow.jobs (owner) WHERE status IN ('queued', 'processing');
+CREATE INDEX jobs_open_owner_idx ON stageflow.jobs (owner, tenant) WHERE status IN ('queued', 'processing');
 CREATE INDEX jobs_finished_idx ON stageflow.jobs (completed_at) WHERE completed_at IS NOT NULL;
 
 -- A stage a job has reached. Its open tasks are counted in `shards` rows of stage_shards (task
@@ -177,6 +179,18 @@ CREATE TABLE stageflow.role_quotas (
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
 
+-- One row per login and tenant label ('' for none) that has submitted: every submission updates
+-- its row first and holds it to its commit, so a login's submissions under one label are
+-- serialised around the open-task quota check (and, under REPEATABLE READ, one that started
+-- before another committed fails with 40001 instead of counting from an old snapshot).
+CREATE TABLE stageflow.admissions (
+    owner              name NOT NULL,
+    tenant             text NOT NULL DEFAULT '',
+    submissions        bigint NOT NULL DEFAULT 1,
+    last_submitted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (owner, tenant)
+);
+
 -- Where maintenance's reconciler left off in its walk over the tasks (name 'tasks', a task_id)
 -- and over each queue's messages (name 'queue:<queue>', a msg_id): each round looks at the next
 -- max_rows of them, so a full pass is bounded per round whatever the tables' sizes.
@@ -195,3 +209,4 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.role_quotas', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.admissions', '');

@@ -3,7 +3,8 @@
 -- sees, lists, cancels and resubmits it; a superuser or a member of stageflow_admin sees and
 -- cancels every job, unless the session names a tenant: a label only ever narrows what a session
 -- sees to its own login's jobs of that tenant (how the HTTP API serves many tenants on one login).
--- Quotas bound what a login's submissions create: open tasks when it submits, tasks per job.
+-- Quotas bound what a login's submissions create: the open tasks of its jobs under each tenant
+-- label when it submits, and the tasks of one job over all its stages.
 
 -- Whether the session's login is a superuser or a member of stageflow_admin.
 CREATE FUNCTION stageflow._session_is_admin()
@@ -58,8 +59,9 @@ AS $$
       LEFT JOIN stageflow.role_quotas AS q ON q.role_name = p_role
 $$;
 
--- The open (queued or running) tasks of a login's open jobs: the current stages' shard counters.
-CREATE FUNCTION stageflow._open_tasks(p_role name)
+-- The open (queued or running) tasks of a login's open jobs under one tenant label (NULL: none):
+-- the current stages' shard counters.
+CREATE FUNCTION stageflow._open_tasks(p_owner name, p_tenant text)
 RETURNS bigint
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -67,60 +69,73 @@ AS $$
     SELECT coalesce(sum(sh.remaining_tasks), 0)::bigint
       FROM stageflow.jobs AS j
       JOIN stageflow.stage_shards AS sh ON sh.job_id = j.job_id AND sh.stage = j.current_stage
-     WHERE j.owner = p_role AND j.status IN ('queued', 'processing')
+     WHERE j.owner = p_owner AND j.tenant IS NOT DISTINCT FROM p_tenant AND j.status IN ('queued', 'processing')
 $$;
 
--- Refuses (54000) to open p_count more tasks for p_owner's jobs when they would take its open
--- tasks past its quota. The login's submissions are serialised from here to their commit (a
--- transaction-level advisory lock on the login), so two of them cannot both pass on the same
--- count: the quota holds under concurrency.
-CREATE FUNCTION stageflow._check_open_tasks(p_owner name, p_count bigint)
+-- The first step of every submission (submit_job_outcome): updates the row of the login and
+-- tenant label in stageflow.admissions, which the submission then holds to its commit. So a
+-- login's submissions under one label take turns from here (before any other lock they take), the
+-- open-task check of each counts what the ones before it committed, and under REPEATABLE READ a
+-- submission whose snapshot predates another's commit fails with 40001 (serialization_failure:
+-- run the transaction again) rather than counting from that snapshot.
+CREATE FUNCTION stageflow._admit(p_owner name, p_tenant text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO stageflow.admissions AS a (owner, tenant, last_submitted_at)
+    VALUES (p_owner, coalesce(p_tenant, ''), now())
+    ON CONFLICT ON CONSTRAINT admissions_pkey DO UPDATE
+       SET submissions = a.submissions + 1, last_submitted_at = excluded.last_submitted_at;
+END;
+$$;
+
+-- The last step of a submission that opened tasks (a new job, a resumed one): refuses (54000) when
+-- the login's open tasks under the job's tenant label, this submission's included, are more than
+-- its quota. The whole submission is then rolled back: it creates nothing.
+CREATE FUNCTION stageflow._check_open_tasks(p_owner name, p_tenant text)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_limit bigint := (stageflow._quota(p_owner)).max_open_tasks;
-    v_open  bigint;
+    v_open  bigint := stageflow._open_tasks(p_owner, p_tenant);
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('stageflow.open_tasks'), hashtext(p_owner));
-    v_open := stageflow._open_tasks(p_owner);
-    IF v_open + p_count > v_limit THEN
+    IF v_open > v_limit THEN
         RAISE EXCEPTION USING
             ERRCODE = '54000',
-            MESSAGE = format('role %s has %s open tasks: %s more would pass its quota of %s open tasks',
-                             p_owner, v_open, p_count, v_limit),
+            MESSAGE = format('this submission would leave %s with %s open tasks, more than its quota of %s',
+                             CASE WHEN p_tenant IS NULL THEN format('login %s', p_owner) ELSE format('tenant %s', p_tenant) END,
+                             v_open, v_limit),
             HINT = 'wait for its jobs to finish (or cancel some), or an admin raises the quota with '
                    'stageflow.set_quota(role, max_open_tasks, max_tasks_per_job)';
     END IF;
 END;
 $$;
 
--- The quota check of a stage about to be created with p_count tasks (by _create_stage_tasks,
--- before anything is inserted): the job's tasks over all its stages stay within its owner's
--- max_tasks_per_job (a dynamic fan-out too), and stage 1, the submission, passes the owner's
--- open-task quota. A refusal is 54000 with a hint: the submission creates nothing; a later
--- stage's fails its job (advance_stage's stage_creation_failed).
+-- The per-job check of a stage about to be created with p_count tasks (by _create_stage_tasks,
+-- before anything is inserted): the job's tasks over all its stages stay within the limit it was
+-- submitted with (jobs.max_tasks: its owner's max_tasks_per_job then), a dynamic fan-out too. A
+-- refusal is 54000 with a hint: a submission creates nothing; a later stage's fails its job
+-- (advance_stage's stage_creation_failed).
 CREATE FUNCTION stageflow._check_quota(p_job stageflow.jobs, p_stage int, p_count bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_limit   bigint := (stageflow._quota(p_job.owner)).max_tasks_per_job;
     v_before  bigint;
 BEGIN
     SELECT coalesce(sum(s.task_count), 0) INTO v_before FROM stageflow.stages AS s WHERE s.job_id = p_job.job_id;
-    IF v_before + p_count > v_limit THEN
+    IF v_before + p_count > p_job.max_tasks THEN
         RAISE EXCEPTION USING
             ERRCODE = '54000',
-            MESSAGE = format('stage %s of job %s would create %s tasks, making %s in the job: more than the %s tasks a job of role %s may have',
-                             p_stage, p_job.job_id, p_count, v_before + p_count, v_limit, p_job.owner),
+            MESSAGE = format('stage %s of job %s would create %s tasks, making %s in the job: more than the %s tasks it may have',
+                             p_stage, p_job.job_id, p_count, v_before + p_count, p_job.max_tasks),
             HINT = 'split the work into smaller jobs, or an admin raises the limit with '
-                   'stageflow.set_quota(role, max_open_tasks, max_tasks_per_job)';
-    END IF;
-    IF p_stage = 1 THEN
-        PERFORM stageflow._check_open_tasks(p_job.owner, p_count);
+                   'stageflow.set_quota(role, max_open_tasks, max_tasks_per_job) before it is submitted';
     END IF;
 END;
 $$;
@@ -163,27 +178,33 @@ BEGIN
 END;
 $$;
 
--- The quotas in force and the open tasks held against them: for an admin, of every login with a
--- quota of its own or an open job; for anyone else, of its own login only. `custom` says whether
--- the login has a row of its own (stageflow.set_quota) or the defaults.
+-- The quotas in force and the open tasks held against them, per login and tenant label (a label's
+-- jobs count against the login's quota on their own): for an admin naming no tenant, of every
+-- login with a quota of its own or an open job; for anyone else, of its own login (and only the
+-- label it names, if it names one). `custom` says whether the login has a row of its own
+-- (stageflow.set_quota) or the defaults.
 CREATE FUNCTION stageflow.list_quotas()
-RETURNS TABLE (role_name name, max_open_tasks bigint, max_tasks_per_job bigint, open_tasks bigint, custom boolean)
+RETURNS TABLE (role_name name, tenant text, max_open_tasks bigint, max_tasks_per_job bigint, open_tasks bigint,
+               custom boolean)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
+DECLARE
+    v_tenant text := stageflow._tenant();
+    v_all    boolean := v_tenant IS NULL AND stageflow._session_is_admin();
 BEGIN
     RETURN QUERY
-    SELECT r.role_name, q.max_open_tasks, q.max_tasks_per_job, stageflow._open_tasks(r.role_name),
-           EXISTS (SELECT 1 FROM stageflow.role_quotas AS rq WHERE rq.role_name = r.role_name)
-      FROM (SELECT rq.role_name FROM stageflow.role_quotas AS rq
+    SELECT r.owner, r.tenant, q.max_open_tasks, q.max_tasks_per_job, stageflow._open_tasks(r.owner, r.tenant),
+           EXISTS (SELECT 1 FROM stageflow.role_quotas AS rq WHERE rq.role_name = r.owner)
+      FROM (SELECT rq.role_name AS owner, NULL::text AS tenant FROM stageflow.role_quotas AS rq
              UNION
-            SELECT DISTINCT j.owner FROM stageflow.jobs AS j WHERE j.status IN ('queued', 'processing')
+            SELECT j.owner, j.tenant FROM stageflow.jobs AS j WHERE j.status IN ('queued', 'processing')
              UNION
-            SELECT session_user) AS r
-     CROSS JOIN LATERAL stageflow._quota(r.role_name) AS q
-     WHERE r.role_name = session_user OR stageflow._session_is_admin()
-     ORDER BY r.role_name;
+            SELECT session_user, v_tenant) AS r
+     CROSS JOIN LATERAL stageflow._quota(r.owner) AS q
+     WHERE v_all OR (r.owner = session_user AND (v_tenant IS NULL OR r.tenant = v_tenant))
+     ORDER BY r.owner, r.tenant NULLS FIRST;
 END;
 $$;

@@ -1,8 +1,10 @@
 -- Submits a job: validates params against the job type's schema (filling in defaults), derives the
--- job id from the job type and the canonical params, and creates stage 1's tasks, within the
--- submitting login's quotas (54000 over one, creating nothing). The job belongs to the session's
--- login and tenant label (stageflow.tenant). webhook_url, when given, receives a POST when the
--- job ends (see stageflow.webhook_deliveries).
+-- job id from the job type and the canonical params, and creates stage 1's tasks (or, when it has
+-- none, the first stage that has), within the submitting login's quotas: 54000 over one, and an
+-- error creating those tasks is the submission's (it creates nothing). The job belongs to the
+-- session's login and tenant label (stageflow.tenant). webhook_url, when given, receives a POST
+-- when the job ends (see stageflow.webhook_deliveries). A login's submissions under one label take
+-- turns (_admit, their first lock).
 --
 -- Identical work has one id, so submitting it again returns the same id, and the outcome says
 -- what that meant:
@@ -27,6 +29,8 @@ DECLARE
     v_job_id      text;
     v_job         stageflow.jobs;
     v_access      text;
+    v_tenant      text := stageflow._tenant();
+    v_outcome     text;
 BEGIN
     SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
     IF NOT FOUND THEN
@@ -53,22 +57,33 @@ BEGIN
     END IF;
     v_params := stageflow._validate_params(submit_job_outcome.job_type, v_definition, submit_job_outcome.params::text);
     v_job_id := stageflow._job_id(submit_job_outcome.job_type, v_params::text);
+    PERFORM stageflow._admit(session_user, v_tenant);
 
     LOOP
         INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at,
-                                         deadline_at, webhook_url, owner, tenant)
+                                         deadline_at, webhook_url, owner, tenant, max_tasks)
         VALUES (v_job_id, submit_job_outcome.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
                 stageflow.now(), stageflow.now(),
                 stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric),
-                submit_job_outcome.webhook_url, session_user, stageflow._tenant())
+                submit_job_outcome.webhook_url, session_user, v_tenant,
+                (stageflow._quota(session_user)).max_tasks_per_job)
         ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
         IF FOUND THEN
             PERFORM stageflow._emit(v_job_id, 'job_submitted',
                                     jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
-                                                       'tenant', stageflow._tenant()));
+                                                       'tenant', v_tenant));
             IF stageflow._create_stage_tasks(v_job_id, 1) = 0 THEN
                 PERFORM stageflow.advance_stage(v_job_id);
+                -- Stage 1 was empty: a later stage that could not be created is this call's error.
+                SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+                IF v_job.error ->> 'type' = 'stage_creation_failed' THEN
+                    RAISE EXCEPTION USING
+                        ERRCODE = v_job.error ->> 'sqlstate',
+                        MESSAGE = v_job.error ->> 'message',
+                        HINT = coalesce(v_job.error ->> 'hint', 'see the job type''s stages');
+                END IF;
             END IF;
+            PERFORM stageflow._check_open_tasks(session_user, v_tenant);
             RETURN QUERY SELECT v_job_id, 'created'::text, j.status FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
             RETURN;
         END IF;
@@ -81,15 +96,23 @@ BEGIN
     IF v_access IS DISTINCT FROM 'owner' THEN
         RETURN QUERY SELECT v_job_id, 'owned_by_another'::text, CASE WHEN v_access = 'admin' THEN v_job.status END;
     ELSIF v_job.status IN ('failed', 'cancelled') THEN
-        RETURN QUERY SELECT v_job_id, 'resumed'::text, stageflow._retry_job(v_job_id, true) ->> 'job_status';
+        -- The job's own label may be one this session does not name (the login's, seen without a
+        -- label): its turn is taken too, after this session's ('' sorts first: no cycle).
+        IF v_job.tenant IS DISTINCT FROM v_tenant THEN
+            PERFORM stageflow._admit(session_user, v_job.tenant);
+        END IF;
+        v_outcome := stageflow._retry_job(v_job_id, true) ->> 'job_status';
+        PERFORM stageflow._check_open_tasks(session_user, v_job.tenant);
+        RETURN QUERY SELECT v_job_id, 'resumed'::text, v_outcome;
     ELSE
         RETURN QUERY SELECT v_job_id, 'exists'::text, v_job.status;
     END IF;
 END;
 $$;
 
--- Submits a job and returns its id: stageflow.submit_job_outcome without the outcome, which a
--- NOTICE tells when the id is not a new job's or not yours.
+-- Submits a job and returns its id: stageflow.submit_job_outcome without the outcome. Identical
+-- work of another login (or tenant) is refused (23505, its id is taken: an id the caller could
+-- not read is no answer); a resumed job is told by a NOTICE.
 CREATE FUNCTION stageflow.submit_job(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
@@ -102,10 +125,12 @@ BEGIN
     SELECT * INTO STRICT v_submitted
       FROM stageflow.submit_job_outcome(submit_job.job_type, submit_job.params, submit_job.webhook_url);
     IF v_submitted.outcome = 'owned_by_another' THEN
-        RAISE NOTICE USING
+        RAISE EXCEPTION USING
+            ERRCODE = '23505',
             MESSAGE = format('job %s: another login (or tenant) submitted this work; the job is not yours to read or cancel',
                              v_submitted.job_id),
-            HINT = 'identical work has one job id; ask its owner or stageflow_admin for its result';
+            HINT = 'identical work is one job; to run it yourself make the params differ (a job type can take a '
+                   'parameter naming your team), or ask its owner or stageflow_admin for its result';
     ELSIF v_submitted.outcome = 'resumed' THEN
         RAISE NOTICE USING
             MESSAGE = format('job %s had failed or been cancelled: it runs again from the stage it stopped at',

@@ -56,7 +56,7 @@ $$;
 -- ones only if no one holds them), the job row last.
 -- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
 -- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
--- once its stage is locked, and only within the owner's open-task quota.
+-- once its stage is locked (the submission then checks the owner's open-task quota).
 CREATE FUNCTION stageflow.retry_job(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -121,15 +121,6 @@ BEGIN
             RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
         END IF;
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
-    END IF;
-
-    -- An owner resuming its job opens its stage's tasks again: they count against its quota.
-    IF p_resubmission THEN
-        PERFORM stageflow._check_open_tasks(
-            v_job.owner,
-            coalesce(cardinality(v_ordinals), 0)
-              + (SELECT sum(sh.remaining_tasks) FROM stageflow.stage_shards AS sh
-                  WHERE sh.job_id = v_job.job_id AND sh.stage = v_job.current_stage));
     END IF;
 
     -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old

@@ -416,6 +416,9 @@ fn parse_tenant_tokens(pairs: &[String], operator: Option<&str>) -> Result<Vec<(
         let Some((label, token)) = pair.split_once('=') else {
             return Err(CliError::Usage(format!("tenant token {pair:?} is not TENANT=TOKEN")));
         };
+        if label.is_empty() {
+            return Err(CliError::Usage(format!("tenant token {pair:?} names no tenant: give TENANT=TOKEN")));
+        }
         if token.is_empty() || operator == Some(token) || parsed.iter().any(|(_, other)| other == token) {
             return Err(CliError::Usage(format!("tenant {label:?} needs a token of its own, non-empty and used by no one else")));
         }

@@ -71,8 +71,12 @@ pub async fn start(
         .await
         .map_err(|e| ServeError(e.to_string()))
         .and_then(|row| if row.get::<_, bool>(0) { Ok(()) } else { Err(ServeError("the stageflow extension is not installed in this database".into())) })?;
-    // Every tenant label is one the database takes (it refuses the others with a hint).
+    // Every tenant label is one the database takes (it refuses the others with a hint). An empty
+    // label would mean no tenant: the operator's view.
     for (label, _) in &config.tenant_tokens {
+        if label.is_empty() {
+            return Err(ServeError("a tenant token needs a tenant label".into()));
+        }
         let checked = match client.execute("SELECT set_config('stageflow.tenant', $1, false)", &[label]).await {
             Ok(_) => client.execute("SELECT count(*) FROM stageflow.list_jobs(NULL, NULL, 1)", &[]).await,
             Err(e) => Err(e),

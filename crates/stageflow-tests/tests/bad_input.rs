@@ -133,10 +133,11 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("a batch of results that is not an array", "SELECT stageflow.complete_tasks('{}')", "22023", "must be a JSON array"),
         case("a batch element without a task_id", "SELECT stageflow.complete_tasks('[{\"result\": 1}]')", "22023", "needs a \"task_id\""),
         case("a batch naming a task twice", format!("SELECT stageflow.complete_tasks('[{{\"task_id\": \"{planner_task}\"}}, {{\"task_id\": \"{planner_task}\"}}]')"), "22023", "more than once"),
-        case("a job over the tasks a job may have", "SELECT stageflow.submit_job('county', '{\"n\": 100001}')", "54000", "more than the 100000 tasks a job"),
-        case("a submission over the open-task quota", "SELECT stageflow.submit_job('county', '{\"n\": 9}')", "54000", "has 2 open tasks: 9 more would pass its quota of 10"),
+        case("a job over the tasks a job may have", "SELECT stageflow.submit_job('county', '{\"n\": 100001}')", "54000", "more than the 100000 tasks it may have"),
+        case("a submission over the open-task quota", "SELECT stageflow.submit_job('county', '{\"n\": 9}')", "54000", "would leave login postgres with 11 open tasks, more than its quota of 10"),
         case("a quota for an unknown role", "SELECT stageflow.set_quota('no_such_role', 1, 1)", "42704", "unknown role"),
         case("a negative quota", "SELECT stageflow.set_quota(session_user, -1, NULL)", "22023", "cannot be negative"),
+        case("submitting another tenant's identical work", format!("SET stageflow.tenant = 'other'; SELECT stageflow.submit_job('hello_world', '{{\"message\": \"queued\", \"n\": 1}}')"), "23505", "another login (or tenant) submitted this work"),
         case("a tenant label with a space", "SET stageflow.tenant = 'a b'; SELECT * FROM stageflow.list_jobs()", "22023", "is not a tenant label"),
         case("registering a schema with an unsupported keyword", "SELECT stageflow.register_job_type('t', '{\"parameters\": {\"oneOf\": []}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "22023", "unsupported keyword"),
     ];
