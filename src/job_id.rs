@@ -89,9 +89,6 @@ mod unit {
     #[test]
     fn id_is_the_sha256_of_the_documented_text() {
         // printf '%s' '{"job_type":"t","params":{}}' | sha256sum
-        assert_eq!(
-            job_id("t", &json!({})),
-            "426e1c5b175797ae9fecbbcc947bdcacee712fa428b2ce8780767cea16dfb21c"
-        );
+        assert_eq!(job_id("t", &json!({})), "426e1c5b175797ae9fecbbcc947bdcacee712fa428b2ce8780767cea16dfb21c");
     }
 }

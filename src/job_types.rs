@@ -102,10 +102,9 @@ fn normalize_retry(retry: Option<&Value>, inherited: &Value, path: &str) -> Resu
     let inherited_f = |key: &str, fallback: f64| inherited.get(key).and_then(Value::as_f64).unwrap_or(fallback);
     let max_attempts = match retry.get("max_attempts") {
         None => inherited_f("max_attempts", 3.0) as u64,
-        Some(v) => v
-            .as_u64()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| invalid(format!("{path}.max_attempts"), format!("must be an integer from 1 to 100, got {v}")))?,
+        Some(v) => v.as_u64().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
+            invalid(format!("{path}.max_attempts"), format!("must be an integer from 1 to 100, got {v}"))
+        })?,
     };
     let base = number_in(
         retry.get("backoff_base_seconds"),
@@ -127,7 +126,9 @@ fn normalize_retry(retry: Option<&Value>, inherited: &Value, path: &str) -> Resu
 fn required_string<'a>(stage: &'a Map<String, Value>, path: &str, key: &str) -> Result<&'a str, Invalid> {
     match stage.get(key) {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 200 => Ok(s),
-        Some(other) => Err(invalid(format!("{path}.{key}"), format!("must be a string of 1 to 200 bytes, got {other}"))),
+        Some(other) => {
+            Err(invalid(format!("{path}.{key}"), format!("must be a string of 1 to 200 bytes, got {other}")))
+        }
         None => Err(invalid(format!("{path}.{key}"), "is required")),
     }
 }
@@ -166,14 +167,26 @@ fn normalize_stage(
         stage,
         &path,
         &[
-            "name", "description", "handler", "queue", "fan_out", "param", "retry", "max_failed_tasks",
-            "max_failure_ratio", "lease_seconds", "timeout_seconds",
+            "name",
+            "description",
+            "handler",
+            "queue",
+            "fan_out",
+            "param",
+            "retry",
+            "max_failed_tasks",
+            "max_failure_ratio",
+            "lease_seconds",
+            "timeout_seconds",
         ],
     )?;
 
     let name = required_string(stage, &path, "name")?;
     if !is_job_type_name(name) {
-        return Err(invalid(format!("{path}.name"), format!("{name:?} is not 1 to 63 lowercase letters, digits or underscores starting with a letter")));
+        return Err(invalid(
+            format!("{path}.name"),
+            format!("{name:?} is not 1 to 63 lowercase letters, digits or underscores starting with a letter"),
+        ));
     }
     if seen.iter().any(|other| other == name) {
         return Err(invalid(format!("{path}.name"), format!("{name:?} names an earlier stage too")));
@@ -192,17 +205,34 @@ fn normalize_stage(
     let fan_out = match stage.get("fan_out") {
         None => "single",
         Some(Value::String(f)) if FAN_OUTS.contains(&f.as_str()) => f,
-        Some(other) => return Err(invalid(format!("{path}.fan_out"), format!("{other} is not one of {}", FAN_OUTS.join(", ")))),
+        Some(other) => {
+            return Err(invalid(format!("{path}.fan_out"), format!("{other} is not one of {}", FAN_OUTS.join(", "))))
+        }
     };
     if index == 0 && NEEDS_PREVIOUS.contains(&fan_out) {
-        return Err(invalid(format!("{path}.fan_out"), format!("{fan_out:?} fans out from a previous stage, and the first stage has none")));
+        return Err(invalid(
+            format!("{path}.fan_out"),
+            format!("{fan_out:?} fans out from a previous stage, and the first stage has none"),
+        ));
     }
 
     let param = match (fan_out, stage.get("param")) {
         ("count" | "each", Some(Value::String(p))) if !p.is_empty() => Some(p.clone()),
-        ("count" | "each", Some(other)) => return Err(invalid(format!("{path}.param"), format!("must name a parameter, got {other}"))),
-        ("count" | "each", None) => return Err(invalid(format!("{path}.param"), format!("a {fan_out:?} stage needs the name of the parameter it fans out over"))),
-        (_, Some(_)) => return Err(invalid(format!("{path}.param"), format!("only count and each stages read a parameter, this stage is {fan_out:?}"))),
+        ("count" | "each", Some(other)) => {
+            return Err(invalid(format!("{path}.param"), format!("must name a parameter, got {other}")))
+        }
+        ("count" | "each", None) => {
+            return Err(invalid(
+                format!("{path}.param"),
+                format!("a {fan_out:?} stage needs the name of the parameter it fans out over"),
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                format!("{path}.param"),
+                format!("only count and each stages read a parameter, this stage is {fan_out:?}"),
+            ))
+        }
         (_, None) => None,
     };
     if let (Some(p), Some(properties)) = (&param, schema.and_then(|s| s.get("properties")).and_then(Value::as_object)) {
@@ -217,7 +247,8 @@ fn normalize_stage(
             invalid(format!("{path}.max_failed_tasks"), format!("must be an integer from 0 to {MAX_FAN_OUT}, got {v}"))
         })?,
     };
-    let max_failure_ratio = number_in(stage.get("max_failure_ratio"), &format!("{path}.max_failure_ratio"), 0.0, 0.0, 1.0)?;
+    let max_failure_ratio =
+        number_in(stage.get("max_failure_ratio"), &format!("{path}.max_failure_ratio"), 0.0, 0.0, 1.0)?;
 
     let mut normalized = json!({
         "name": name,
@@ -231,7 +262,9 @@ fn normalize_stage(
     if let Some(p) = param {
         normalized["param"] = Value::String(p);
     }
-    if let Some(lease) = seconds(stage.get("lease_seconds"), &format!("{path}.lease_seconds"), 604_800)?.or(defaults.lease_seconds) {
+    if let Some(lease) =
+        seconds(stage.get("lease_seconds"), &format!("{path}.lease_seconds"), 604_800)?.or(defaults.lease_seconds)
+    {
         normalized["lease_seconds"] = json!(lease);
     }
     if let Some(timeout) =
@@ -253,12 +286,23 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     check_fields(
         object,
         "definition",
-        &["description", "parameters", "retry", "stages", "timeout_seconds", "lease_seconds", "task_timeout_seconds", "webhook_url"],
+        &[
+            "description",
+            "parameters",
+            "retry",
+            "stages",
+            "timeout_seconds",
+            "lease_seconds",
+            "task_timeout_seconds",
+            "webhook_url",
+        ],
     )?;
     let webhook_url = match object.get("webhook_url") {
         None => None,
         Some(Value::String(url))
-            if (url.starts_with("http://") || url.starts_with("https://")) && url.len() <= 2048 && !url.contains(char::is_whitespace) =>
+            if (url.starts_with("http://") || url.starts_with("https://"))
+                && url.len() <= 2048
+                && !url.contains(char::is_whitespace) =>
         {
             Some(url.clone())
         }
@@ -285,7 +329,9 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     let retry = normalize_retry(object.get("retry"), &Value::Null, "definition.retry")?;
     let stages = match object.get("stages") {
         Some(Value::Array(stages)) if !stages.is_empty() && stages.len() <= MAX_STAGES => stages,
-        Some(Value::Array(stages)) => return Err(invalid("definition.stages", format!("needs 1 to {MAX_STAGES} stages, got {}", stages.len()))),
+        Some(Value::Array(stages)) => {
+            return Err(invalid("definition.stages", format!("needs 1 to {MAX_STAGES} stages, got {}", stages.len())))
+        }
         Some(other) => return Err(invalid("definition.stages", format!("must be an array of stages, got {other}"))),
         None => return Err(invalid("definition.stages", "is required")),
     };
@@ -384,9 +430,18 @@ mod unit {
             "stages": [{"name": "a", "handler": "h"}, {"name": "b", "handler": "h", "lease_seconds": 5, "timeout_seconds": 2}]
         }))
         .unwrap();
-        assert_eq!((&normalized["stages"][0]["lease_seconds"], &normalized["stages"][0]["timeout_seconds"]), (&json!(30), &json!(10)));
-        assert_eq!((&normalized["stages"][1]["lease_seconds"], &normalized["stages"][1]["timeout_seconds"]), (&json!(5), &json!(2)));
-        assert_eq!(field_of(json!({"stages": [{"name": "a", "handler": "h", "lease_seconds": 0}]})), "definition.stages[0].lease_seconds");
+        assert_eq!(
+            (&normalized["stages"][0]["lease_seconds"], &normalized["stages"][0]["timeout_seconds"]),
+            (&json!(30), &json!(10))
+        );
+        assert_eq!(
+            (&normalized["stages"][1]["lease_seconds"], &normalized["stages"][1]["timeout_seconds"]),
+            (&json!(5), &json!(2))
+        );
+        assert_eq!(
+            field_of(json!({"stages": [{"name": "a", "handler": "h", "lease_seconds": 0}]})),
+            "definition.stages[0].lease_seconds"
+        );
     }
 
     #[test]
@@ -396,21 +451,44 @@ mod unit {
         assert_eq!(field_of(json!({"stages": []})), "definition.stages");
         assert_eq!(field_of(json!({"stages": [{"handler": "h"}]})), "definition.stages[0].name");
         assert_eq!(field_of(json!({"stages": [{"name": "a"}]})), "definition.stages[0].handler");
-        assert_eq!(field_of(json!({"stages": [{"name": "a", "handler": "h", "fan_out": "lineage"}]})), "definition.stages[0].fan_out");
-        assert_eq!(field_of(json!({"stages": [{"name": "a", "handler": "h", "fan_out": "many"}]})), "definition.stages[0].fan_out");
-        assert_eq!(field_of(json!({"stages": [{"name": "a", "handler": "h", "fan_out": "count"}]})), "definition.stages[0].param");
-        assert_eq!(field_of(json!({"stages": [{"name": "a", "handler": "h", "queue": "Bad;q"}]})), "definition.stages[0].queue");
+        assert_eq!(
+            field_of(json!({"stages": [{"name": "a", "handler": "h", "fan_out": "lineage"}]})),
+            "definition.stages[0].fan_out"
+        );
+        assert_eq!(
+            field_of(json!({"stages": [{"name": "a", "handler": "h", "fan_out": "many"}]})),
+            "definition.stages[0].fan_out"
+        );
+        assert_eq!(
+            field_of(json!({"stages": [{"name": "a", "handler": "h", "fan_out": "count"}]})),
+            "definition.stages[0].param"
+        );
+        assert_eq!(
+            field_of(json!({"stages": [{"name": "a", "handler": "h", "queue": "Bad;q"}]})),
+            "definition.stages[0].queue"
+        );
         assert_eq!(
             field_of(json!({"stages": [{"name": "a", "handler": "h"}, {"name": "a", "handler": "h"}]})),
             "definition.stages[1].name"
         );
-        assert_eq!(field_of(json!({"retry": {"max_attempts": 0}, "stages": [{"name": "a", "handler": "h"}]})), "definition.retry.max_attempts");
         assert_eq!(
-            field_of(json!({"parameters": {"properties": {"m": {}}}, "stages": [{"name": "a", "handler": "h", "fan_out": "count", "param": "n"}]})),
+            field_of(json!({"retry": {"max_attempts": 0}, "stages": [{"name": "a", "handler": "h"}]})),
+            "definition.retry.max_attempts"
+        );
+        assert_eq!(
+            field_of(
+                json!({"parameters": {"properties": {"m": {}}}, "stages": [{"name": "a", "handler": "h", "fan_out": "count", "param": "n"}]})
+            ),
             "definition.stages[0].param"
         );
-        assert_eq!(field_of(json!({"parameters": {"anyOf": []}, "stages": [{"name": "a", "handler": "h"}]})), "definition.parameters");
-        assert_eq!(field_of(json!({"timeout_seconds": 0, "stages": [{"name": "a", "handler": "h"}]})), "definition.timeout_seconds");
+        assert_eq!(
+            field_of(json!({"parameters": {"anyOf": []}, "stages": [{"name": "a", "handler": "h"}]})),
+            "definition.parameters"
+        );
+        assert_eq!(
+            field_of(json!({"timeout_seconds": 0, "stages": [{"name": "a", "handler": "h"}]})),
+            "definition.timeout_seconds"
+        );
         assert_eq!(
             field_of(json!({"stages": [{"name": "a", "handler": "h", "max_failure_ratio": 1.5}]})),
             "definition.stages[0].max_failure_ratio"

@@ -7,8 +7,8 @@
 //! ([`queues`]), the superuser-only test clock ([`clock`]), the tenant label ([`ownership`]), the
 //! default quotas ([`quotas`]), and the background worker that runs maintenance ([`maintenance`]).
 
-use pgrx::prelude::*;
 use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 ::pgrx::pg_module_magic!(name, version);
@@ -58,11 +58,7 @@ extension_sql_file!("../sql/0870_webhooks.sql", name = "webhooks");
 extension_sql_file!(
     "../sql/0900_hello_world.sql",
     name = "hello_world",
-    requires = [
-        "register_job_type",
-        job_types::normalize_definition_sql,
-        params::validate_params_sql,
-    ]
+    requires = ["register_job_type", job_types::normalize_definition_sql, params::validate_params_sql,]
 );
 extension_sql_file!("../sql/0950_roles_and_grants.sql", name = "roles_and_grants", finalize);
 
@@ -84,16 +80,18 @@ pub(crate) fn parse_json(text: &str, what: &str) -> serde_json::Value {
                 "pass very large or very precise numbers as strings",
             )
         } else {
-            raise(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, format!("{what} is not JSON: {message}"), "pass a JSON value")
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+                format!("{what} is not JSON: {message}"),
+                "pass a JSON value",
+            )
         }
     })
 }
 
 /// Raises an ERROR with a SQLSTATE, a message and a hint. Never returns.
 pub(crate) fn raise(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
-    ErrorReport::new(code, message, "stageflow")
-        .set_hint(hint)
-        .report(PgLogLevel::ERROR);
+    ErrorReport::new(code, message, "stageflow").set_hint(hint).report(PgLogLevel::ERROR);
     unreachable!("an ERROR report does not return")
 }
 

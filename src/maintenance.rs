@@ -66,10 +66,7 @@ fn interval() -> Duration {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn stageflow_maintenance_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = DATABASE
-        .get()
-        .and_then(|name| name.into_string().ok())
-        .unwrap_or_else(|| "postgres".to_owned());
+    let database = DATABASE.get().and_then(|name| name.into_string().ok()).unwrap_or_else(|| "postgres".to_owned());
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     log!("stageflow maintenance worker started in database {database}");
 
@@ -79,12 +76,11 @@ pub extern "C-unwind" fn stageflow_maintenance_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let outcome: Option<pgrx::JsonB> = BackgroundWorker::transaction(|| {
-            let installed = Spi::get_one::<bool>(
-                "SELECT to_regprocedure('stageflow.run_maintenance(integer)') IS NOT NULL",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false);
+            let installed =
+                Spi::get_one::<bool>("SELECT to_regprocedure('stageflow.run_maintenance(integer)') IS NOT NULL")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false);
             if !installed {
                 return None;
             }

@@ -12,15 +12,27 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use serde_json::{Map, Value};
 
-use crate::job_types::{MAX_FAN_OUT, Stage};
+use crate::job_types::{Stage, MAX_FAN_OUT};
 
 const KEYWORDS: &[&str] = &[
-    "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-    "enum", "const", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
-    "maxLength", "pattern",
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "enum",
+    "const",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
 ];
-const ANNOTATIONS: &[&str] =
-    &["title", "description", "default", "examples", "format", "$schema", "$id", "$comment"];
+const ANNOTATIONS: &[&str] = &["title", "description", "default", "examples", "format", "$schema", "$id", "$comment"];
 const TYPES: &[&str] = &["object", "array", "string", "integer", "number", "boolean", "null"];
 
 /// What is wrong with a schema itself, each problem prefixed by its path.
@@ -89,18 +101,16 @@ fn check_schema(schema: &Value, path: &str, problems: &mut Vec<String>) {
             },
             "const" => {}
             other if ANNOTATIONS.contains(&other) => {}
-            other => problems.push(format!(
-                "{path}: unsupported keyword {other:?} (supported: {})",
-                KEYWORDS.join(", ")
-            )),
+            other => {
+                problems.push(format!("{path}: unsupported keyword {other:?} (supported: {})", KEYWORDS.join(", ")))
+            }
         }
     }
 }
 
 /// Fills in `default`s of missing properties, at every level of nested objects.
 pub fn apply_defaults(schema: &Value, value: &mut Value) {
-    let (Some(properties), Some(object)) =
-        (schema.get("properties").and_then(Value::as_object), value.as_object_mut())
+    let (Some(properties), Some(object)) = (schema.get("properties").and_then(Value::as_object), value.as_object_mut())
     else {
         return;
     };
@@ -217,12 +227,7 @@ fn validate_array(schema: &Map<String, Value>, items: &[Value], path: &str, erro
     }
 }
 
-fn validate_object(
-    schema: &Map<String, Value>,
-    object: &Map<String, Value>,
-    path: &str,
-    errors: &mut Vec<String>,
-) {
+fn validate_object(schema: &Map<String, Value>, object: &Map<String, Value>, path: &str, errors: &mut Vec<String>) {
     for name in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
         if let Some(name) = name.as_str().filter(|name| !object.contains_key(*name)) {
             errors.push(format!("{path}.{name}: required property is missing"));
@@ -333,7 +338,10 @@ mod unit {
         });
         assert!(errors_of(schema.clone(), json!({"n": 3, "name": "ab"})).is_empty());
         assert_eq!(
-            errors_of(schema.clone(), json!({"n": 0, "name": "ABCD", "mode": "x", "files": [1, "a", "b"], "ratio": 1, "z": 1})),
+            errors_of(
+                schema.clone(),
+                json!({"n": 0, "name": "ABCD", "mode": "x", "files": [1, "a", "b"], "ratio": 1, "z": 1})
+            ),
             vec![
                 "params.files: 3 items, more than maxItems 2",
                 "params.files[0]: expected string, got integer",
@@ -345,13 +353,11 @@ mod unit {
                 "params.z: unknown property (additionalProperties is false)",
             ]
         );
-        assert_eq!(errors_of(schema.clone(), json!({})), vec![
-            "params.n: required property is missing",
-            "params.name: required property is missing",
-        ]);
-        assert_eq!(errors_of(schema, json!({"n": 2.5, "name": "ab"})), vec![
-            "params.n: expected integer, got number",
-        ]);
+        assert_eq!(
+            errors_of(schema.clone(), json!({})),
+            vec!["params.n: required property is missing", "params.name: required property is missing",]
+        );
+        assert_eq!(errors_of(schema, json!({"n": 2.5, "name": "ab"})), vec!["params.n: expected integer, got number",]);
     }
 
     #[test]

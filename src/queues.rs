@@ -57,9 +57,9 @@ fn sql(statement: Statement, table: &str) -> String {
              RETURNING m.msg_id, m.message OPERATOR(pg_catalog.->>) 'task_id'"
         ),
         // pgmq.delete(queue, msg_ids).
-        Statement::Delete => format!(
-            "DELETE FROM {table} WHERE msg_id OPERATOR(pg_catalog.=) ANY ($1) RETURNING msg_id"
-        ),
+        Statement::Delete => {
+            format!("DELETE FROM {table} WHERE msg_id OPERATOR(pg_catalog.=) ANY ($1) RETURNING msg_id")
+        }
     }
 }
 

@@ -32,9 +32,10 @@ mod tests {
 
     #[pg_test]
     fn hello_world_runs_both_stages_in_one_session() {
-        let job_id = Spi::get_one::<String>("SELECT stageflow.submit_job('hello_world', '{\"message\": \"hi\", \"n\": 3}')")
-            .unwrap()
-            .unwrap();
+        let job_id =
+            Spi::get_one::<String>("SELECT stageflow.submit_job('hello_world', '{\"message\": \"hi\", \"n\": 3}')")
+                .unwrap()
+                .unwrap();
         let greet = work_through("default", 10);
         assert_eq!(greet.len(), 3);
         assert_eq!(greet.iter().filter(|r| r["stage_completed"] == json!(true)).count(), 1);
@@ -53,8 +54,10 @@ mod tests {
 
     #[pg_test]
     fn submitting_the_same_work_twice_returns_the_same_job() {
-        let first = Spi::get_one::<String>("SELECT stageflow.submit_job('hello_world', '{\"n\": 2, \"message\": \"a\"}')");
-        let second = Spi::get_one::<String>("SELECT stageflow.submit_job('hello_world', '{\"message\": \"a\", \"n\": 2}')");
+        let first =
+            Spi::get_one::<String>("SELECT stageflow.submit_job('hello_world', '{\"n\": 2, \"message\": \"a\"}')");
+        let second =
+            Spi::get_one::<String>("SELECT stageflow.submit_job('hello_world', '{\"message\": \"a\", \"n\": 2}')");
         assert_eq!(first, second);
         let tasks = Spi::get_one::<i64>("SELECT count(*) FROM stageflow.tasks").unwrap().unwrap();
         assert_eq!(tasks, 2);
@@ -64,22 +67,24 @@ mod tests {
     fn the_sql_job_id_is_the_rust_job_id() {
         let from_sql = Spi::get_one::<String>("SELECT stageflow.job_id('t', '{}')").unwrap().unwrap();
         assert_eq!(from_sql, crate::job_id::job_id("t", &json!({})));
-        let canonical = Spi::get_one::<String>("SELECT stageflow.canonical_json('{\"b\": [1, 2], \"a\": 1.50}')")
-            .unwrap()
-            .unwrap();
+        let canonical =
+            Spi::get_one::<String>("SELECT stageflow.canonical_json('{\"b\": [1, 2], \"a\": 1.50}')").unwrap().unwrap();
         assert_eq!(canonical, r#"{"a":1.5,"b":[1,2]}"#);
     }
 
     #[pg_test]
     fn defaults_are_applied_before_the_id_is_derived() {
         let implicit = Spi::get_one::<String>("SELECT stageflow.submit_job('hello_world', '{}')").unwrap().unwrap();
-        let explicit = Spi::get_one::<String>("SELECT stageflow.job_id('hello_world', '{\"message\": \"hello\", \"n\": 3}')")
-            .unwrap()
-            .unwrap();
+        let explicit =
+            Spi::get_one::<String>("SELECT stageflow.job_id('hello_world', '{\"message\": \"hello\", \"n\": 3}')")
+                .unwrap()
+                .unwrap();
         assert_eq!(implicit, explicit);
     }
 
-    #[pg_test(error = "invalid definition of job type broken: definition.stages[0].fan_out: \"lineage\" fans out from a previous stage, and the first stage has none")]
+    #[pg_test(
+        error = "invalid definition of job type broken: definition.stages[0].fan_out: \"lineage\" fans out from a previous stage, and the first stage has none"
+    )]
     fn a_first_stage_cannot_be_lineage() {
         Spi::run("SELECT stageflow.register_job_type('broken', '{\"stages\": [{\"name\": \"a\", \"handler\": \"h\", \"fan_out\": \"lineage\"}]}')")
             .unwrap();

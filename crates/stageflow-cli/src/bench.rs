@@ -307,7 +307,8 @@ async fn latencies(url: &str, sync: bool, rounds: usize) -> Result<(Vec<f64>, Ve
         let (task_id, claimed) = pending.await?;
         advance.push((claimed - committed).as_secs_f64() * 1000.0);
         driver.query_one("SELECT stageflow.complete_task_and_check_stage($1, '{}')", &[&task_id]).await?;
-        let state: String = driver.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
+        let state: String =
+            driver.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
         if state != "completed" {
             return Err(CliError::Setup(format!("latency job ended {state}")));
         }
@@ -318,7 +319,9 @@ async fn latencies(url: &str, sync: bool, rounds: usize) -> Result<(Vec<f64>, Ve
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -343,7 +346,8 @@ async fn memory(url: &str, n: usize, tasks: i64) -> Result<Value, CliError> {
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak = peak.max(rss_kib());
-        let state: String = client.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
+        let state: String =
+            client.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
         if state != "processing" && state != "queued" {
             break;
         }
@@ -397,9 +401,15 @@ async fn geo_line(url: &str, dir: &std::path::Path, size: usize, tile: i64, work
         let _ = stop_rx.await;
     }));
     let start = Instant::now();
-    let job_id = submit(&client, "process_raster", json!({"source": source, "tile_size": tile, "output": output.to_string_lossy()})).await?;
+    let job_id = submit(
+        &client,
+        "process_raster",
+        json!({"source": source, "tile_size": tile, "output": output.to_string_lossy()}),
+    )
+    .await?;
     loop {
-        let state: String = client.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
+        let state: String =
+            client.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
         if state != "processing" && state != "queued" {
             if state != "completed" {
                 return Err(CliError::JobFailed(job_id));
@@ -414,8 +424,21 @@ async fn geo_line(url: &str, dir: &std::path::Path, size: usize, tile: i64, work
     let whole = dir.join(format!("whole-{}.tif", run_id()));
     let start = Instant::now();
     let status = std::process::Command::new("gdal_translate")
-        .args(["-q", "-of", "COG", "-co", "COMPRESS=DEFLATE", "-co", "PREDICTOR=2", "-co", "BLOCKSIZE=256", "-co", "OVERVIEWS=AUTO",
-               "-co", "OVERVIEW_RESAMPLING=AVERAGE"])
+        .args([
+            "-q",
+            "-of",
+            "COG",
+            "-co",
+            "COMPRESS=DEFLATE",
+            "-co",
+            "PREDICTOR=2",
+            "-co",
+            "BLOCKSIZE=256",
+            "-co",
+            "OVERVIEWS=AUTO",
+            "-co",
+            "OVERVIEW_RESAMPLING=AVERAGE",
+        ])
         .arg(&source)
         .arg(&whole)
         .status()
@@ -432,15 +455,35 @@ async fn geo_line(url: &str, dir: &std::path::Path, size: usize, tile: i64, work
 
 pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     let sizes = if options.quick {
-        Sizes { messages: 2000, e2e_tasks: 500, e2e_batch_tasks: 2000, fan_out: 10_000, flat_sample: 300,
-                flat_sizes: [100, 1000, 10_000], latency_rounds: 10, memory_tasks: 2000, commit_seconds: 0.5 }
+        Sizes {
+            messages: 2000,
+            e2e_tasks: 500,
+            e2e_batch_tasks: 2000,
+            fan_out: 10_000,
+            flat_sample: 300,
+            flat_sizes: [100, 1000, 10_000],
+            latency_rounds: 10,
+            memory_tasks: 2000,
+            commit_seconds: 0.5,
+        }
     } else {
-        Sizes { messages: 20_000, e2e_tasks: 5000, e2e_batch_tasks: 50_000, fan_out: 100_000, flat_sample: 2000,
-                flat_sizes: [100, 10_000, 100_000], latency_rounds: 100, memory_tasks: 100_000, commit_seconds: 3.0 }
+        Sizes {
+            messages: 20_000,
+            e2e_tasks: 5000,
+            e2e_batch_tasks: 50_000,
+            fan_out: 100_000,
+            flat_sample: 2000,
+            flat_sizes: [100, 10_000, 100_000],
+            latency_rounds: 100,
+            memory_tasks: 100_000,
+            commit_seconds: 3.0,
+        }
     };
-    let cluster = Cluster::at(&options.cluster_dir)
-        .map_err(CliError::Setup)?
-        .with_settings(&["shared_buffers=1GB", "max_wal_size=4GB", "stageflow.retention=0"]);
+    let cluster = Cluster::at(&options.cluster_dir).map_err(CliError::Setup)?.with_settings(&[
+        "shared_buffers=1GB",
+        "max_wal_size=4GB",
+        "stageflow.retention=0",
+    ]);
     cluster.stop("fast").map_err(CliError::Setup)?;
     let url = cluster.ensure_running().map_err(CliError::Setup)?;
     let admin = connect(&url).await?;
@@ -469,10 +512,20 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
         println!("{:<58} {:>12.0} msg/s", "pgmq read 100 + delete 100", pgmq_batch);
         settle(&setup).await?;
         let sf_one = stageflow_rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
-        println!("{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)", "stageflow claim + complete, one at a time", sf_one, sf_one / pgmq_one);
+        println!(
+            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+            "stageflow claim + complete, one at a time",
+            sf_one,
+            sf_one / pgmq_one
+        );
         settle(&setup).await?;
         let sf_batch = stageflow_rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
-        println!("{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)", "stageflow claim 100 + complete_tasks", sf_batch, sf_batch / pgmq_one);
+        println!(
+            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+            "stageflow claim 100 + complete_tasks",
+            sf_batch,
+            sf_batch / pgmq_one
+        );
         settle(&setup).await?;
         let fan_out = fan_out_seconds(&url, sync, sizes.fan_out).await?;
         println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
@@ -568,8 +621,13 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
         "worker": mem,
     });
     std::fs::create_dir_all(&options.out_dir).map_err(|e| CliError::Setup(e.to_string()))?;
-    let path = options.out_dir.join(format!("{}{}.json", date.format("%Y-%m-%dT%H%M%S"), if options.quick { "-quick" } else { "" }));
-    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).map_err(|e| CliError::Setup(e.to_string()))?;
+    let path = options.out_dir.join(format!(
+        "{}{}.json",
+        date.format("%Y-%m-%dT%H%M%S"),
+        if options.quick { "-quick" } else { "" }
+    ));
+    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap())
+        .map_err(|e| CliError::Setup(e.to_string()))?;
     println!("\nwritten to {}", path.display());
     cluster.stop("fast").map_err(CliError::Setup)?;
     Ok(())

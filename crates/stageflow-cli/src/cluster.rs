@@ -38,7 +38,11 @@ fn run(mut command: Command, what: &str) -> Result<String, String> {
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
-        Err(format!("{what} failed: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+        Err(format!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }
 
@@ -128,7 +132,9 @@ impl Cluster {
         // The port it had before, if still free, so clients reconnect to the same URL after a restart.
         let previous = std::fs::read_to_string(self.url_file())
             .ok()
-            .and_then(|url| url.trim().rsplit_once(':').and_then(|(_, rest)| rest.split('/').next()?.parse::<u16>().ok()))
+            .and_then(|url| {
+                url.trim().rsplit_once(':').and_then(|(_, rest)| rest.split('/').next()?.parse::<u16>().ok())
+            })
             .filter(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok());
         let port = match previous {
             Some(port) => port,

@@ -35,7 +35,11 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     let started = Instant::now();
     let job_id = jobs::submit(&client, "hello_world", &params).await?;
     let submitted = started.elapsed();
-    println!("Submitted hello_world with n = {} as job {job_id} in {:.1} ms", options.n, submitted.as_secs_f64() * 1000.0);
+    println!(
+        "Submitted hello_world with n = {} as job {job_id} in {:.1} ms",
+        options.n,
+        submitted.as_secs_f64() * 1000.0
+    );
     println!("Running it with {} workers in this process:", options.workers);
 
     let mut config = WorkerConfig::new(url.clone());
@@ -55,12 +59,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
 
     println!();
     jobs::print_status(&status);
-    let tasks: u64 = status["stages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s["task_count"].as_u64())
-        .sum();
+    let tasks: u64 = status["stages"].as_array().into_iter().flatten().filter_map(|s| s["task_count"].as_u64()).sum();
     println!();
     println!(
         "{tasks} tasks in {:.2} s ({:.0} tasks/s end to end); the workers completed {} and failed {}",
@@ -129,7 +128,9 @@ pub async fn run_geo(cluster: &Cluster, workers: usize) -> Result<(), CliError> 
         let _ = stop_rx.await;
     }));
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
-    for (name, source, tile) in [("landsat", landsat, 128), ("generated", generated.to_string_lossy().into_owned(), 2048)] {
+    for (name, source, tile) in
+        [("landsat", landsat, 128), ("generated", generated.to_string_lossy().into_owned(), 2048)]
+    {
         let output = base.join(format!("{name}-{stamp}"));
         let started = Instant::now();
         let job_id = jobs::submit(

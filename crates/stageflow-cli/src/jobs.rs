@@ -29,8 +29,14 @@ pub async fn submit(client: &Client, job_type: &str, params: &Value) -> Result<S
 }
 
 /// Submits a job: its id and the outcome (`created`, `exists`, `resumed`, `owned_by_another`).
-pub async fn submit_outcome(client: &Client, job_type: &str, params: &Value) -> Result<(String, String), tokio_postgres::Error> {
-    let row = client.query_one("SELECT job_id, outcome FROM stageflow.submit_job_outcome($1, $2)", &[&job_type, params]).await?;
+pub async fn submit_outcome(
+    client: &Client,
+    job_type: &str,
+    params: &Value,
+) -> Result<(String, String), tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT job_id, outcome FROM stageflow.submit_job_outcome($1, $2)", &[&job_type, params])
+        .await?;
     Ok((row.get(0), row.get(1)))
 }
 
@@ -64,7 +70,10 @@ pub fn print_status(status: &Value) {
     if let Some(eta) = eta_seconds(status, Utc::now()) {
         println!("eta      {eta:.1} s for the current stage");
     }
-    println!("{:<3} {:<16} {:<10} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}", "#", "stage", "status", "tasks", "queued", "running", "completed", "failed", "cancelled");
+    println!(
+        "{:<3} {:<16} {:<10} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "#", "stage", "status", "tasks", "queued", "running", "completed", "failed", "cancelled"
+    );
     for stage in status["stages"].as_array().into_iter().flatten() {
         let count = |k: &str| stage["tasks"][k].as_i64().map(|n| n.to_string()).unwrap_or_else(|| "-".into());
         println!(
@@ -90,7 +99,12 @@ pub fn print_status(status: &Value) {
     }
 }
 
-pub async fn tasks(client: &Client, job_id: &str, status: Option<&str>, as_json: bool) -> Result<(), tokio_postgres::Error> {
+pub async fn tasks(
+    client: &Client,
+    job_id: &str,
+    status: Option<&str>,
+    as_json: bool,
+) -> Result<(), tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT task_id, stage_name, task_key, status, attempt, max_attempts, worker_id, result, error \
@@ -112,7 +126,8 @@ pub async fn tasks(client: &Client, job_id: &str, status: Option<&str>, as_json:
     }
     println!("{:<40} {:<12} {:<10} {:>7}  {}", "task", "stage", "status", "attempt", "result / error");
     for r in &rows {
-        let outcome = r.get::<_, Option<Value>>(8).or(r.get::<_, Option<Value>>(7)).map(|v| v.to_string()).unwrap_or_default();
+        let outcome =
+            r.get::<_, Option<Value>>(8).or(r.get::<_, Option<Value>>(7)).map(|v| v.to_string()).unwrap_or_default();
         let outcome: String = outcome.chars().take(80).collect();
         println!(
             "{:<40} {:<12} {:<10} {:>3}/{:<3}  {outcome}",
@@ -127,7 +142,13 @@ pub async fn tasks(client: &Client, job_id: &str, status: Option<&str>, as_json:
     Ok(())
 }
 
-pub async fn list(client: &Client, status: Option<&str>, job_type: Option<&str>, limit: i32, as_json: bool) -> Result<(), tokio_postgres::Error> {
+pub async fn list(
+    client: &Client,
+    status: Option<&str>,
+    job_type: Option<&str>,
+    limit: i32,
+    as_json: bool,
+) -> Result<(), tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT job_id, job_type, status, current_stage, total_stages, current_stage_name, progress::float8, created_at \
@@ -166,9 +187,8 @@ pub async fn list(client: &Client, status: Option<&str>, job_type: Option<&str>,
 
 /// Prints the queue grants: which roles may claim from which queue.
 pub async fn queue_grants(client: &Client, as_json: bool) -> Result<(), tokio_postgres::Error> {
-    let rows = client
-        .query("SELECT queue, role_name::text, granted_at FROM stageflow.list_queue_grants()", &[])
-        .await?;
+    let rows =
+        client.query("SELECT queue, role_name::text, granted_at FROM stageflow.list_queue_grants()", &[]).await?;
     if as_json {
         let grants: Vec<Value> = rows
             .iter()
@@ -182,7 +202,12 @@ pub async fn queue_grants(client: &Client, as_json: bool) -> Result<(), tokio_po
     }
     println!("{:<48} {:<32} {}", "queue", "role", "granted at");
     for r in &rows {
-        println!("{:<48} {:<32} {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, DateTime<Utc>>(2).to_rfc3339());
+        println!(
+            "{:<48} {:<32} {}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, DateTime<Utc>>(2).to_rfc3339()
+        );
     }
     Ok(())
 }
@@ -241,7 +266,10 @@ pub async fn dead_letters(client: &Client, limit: i32, as_json: bool) -> Result<
     }
     println!("{:<40} {:<16} {:<12} {:<6} {:>7}  {}", "task", "job type", "stage", "status", "attempt", "error");
     for r in &rows {
-        let error = r.get::<_, Option<Value>>(7).map(|e| e["message"].as_str().map(str::to_owned).unwrap_or(e.to_string())).unwrap_or_default();
+        let error = r
+            .get::<_, Option<Value>>(7)
+            .map(|e| e["message"].as_str().map(str::to_owned).unwrap_or(e.to_string()))
+            .unwrap_or_default();
         println!(
             "{:<40} {:<16} {:<12} {:<6} {:>3}/{:<3}  {}",
             r.get::<_, String>(0),
@@ -263,7 +291,11 @@ mod unit {
 
     #[test]
     fn params_merge_json_and_key_values() {
-        let params = build_params(Some(r#"{"n": 1, "message": "a"}"#), &["n=3".into(), "tag=raw text".into(), "flags=[1,2]".into()]).unwrap();
+        let params = build_params(
+            Some(r#"{"n": 1, "message": "a"}"#),
+            &["n=3".into(), "tag=raw text".into(), "flags=[1,2]".into()],
+        )
+        .unwrap();
         assert_eq!(params, json!({"n": 3, "message": "a", "tag": "raw text", "flags": [1, 2]}));
         assert!(build_params(Some("[1]"), &[]).unwrap_err().contains("JSON object"));
         assert!(build_params(None, &["novalue".into()]).unwrap_err().contains("key=value"));

@@ -137,7 +137,12 @@ enum Command {
         token: Option<String>,
         /// A tenant's token, as TENANT=TOKEN (repeatable; or comma-separated in the environment): its
         /// requests see, list and cancel only the jobs submitted with it, and reach no operator route.
-        #[arg(long = "tenant-token", env = "STAGEFLOW_API_TENANT_TOKENS", value_delimiter = ',', hide_env_values = true)]
+        #[arg(
+            long = "tenant-token",
+            env = "STAGEFLOW_API_TENANT_TOKENS",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
         tenant_tokens: Vec<String>,
         /// Serve without authentication (only on a trusted network).
         #[arg(long)]
@@ -266,11 +271,23 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 "stop" => {
                     cluster.stop(mode).map_err(CliError::Setup)?;
                 }
-                _ => println!("{}", cluster.url().ok_or_else(|| CliError::Setup(format!("no cluster runs in {}", dir.display())))?),
+                _ => println!(
+                    "{}",
+                    cluster.url().ok_or_else(|| CliError::Setup(format!("no cluster runs in {}", dir.display())))?
+                ),
             }
             Ok(())
         }
-        Command::Worker { queues, concurrency, batch_size, lease_seconds, poll_interval_ms, task_timeout_seconds, grace_seconds, worker_id } => {
+        Command::Worker {
+            queues,
+            concurrency,
+            batch_size,
+            lease_seconds,
+            poll_interval_ms,
+            task_timeout_seconds,
+            grace_seconds,
+            worker_id,
+        } => {
             let mut config = WorkerConfig::new(database_url(&cli)?);
             config.queues = queues.clone();
             config.concurrency = (*concurrency).max(1);
@@ -282,8 +299,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(id) = worker_id {
                 config.worker_id = id.clone();
             }
-            let report = Worker::new(config.clone(), worker_handlers(&config.database_url)).run(shutdown_signal()).await;
-            tracing::info!(completed = report.completed, failed = report.failed, released = report.released, "worker stopped");
+            let report =
+                Worker::new(config.clone(), worker_handlers(&config.database_url)).run(shutdown_signal()).await;
+            tracing::info!(
+                completed = report.completed,
+                failed = report.failed,
+                released = report.released,
+                "worker stopped"
+            );
             Ok(())
         }
         Command::Submit { job_type, params, pairs, wait } => {
@@ -354,12 +377,26 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Bench { clients, quick, out, dir } => {
-            bench::run(bench::BenchOptions { clients: *clients, quick: *quick, out_dir: out.clone(), cluster_dir: dir.clone() }).await
+            bench::run(bench::BenchOptions {
+                clients: *clients,
+                quick: *quick,
+                out_dir: out.clone(),
+                cluster_dir: dir.clone(),
+            })
+            .await
         }
         Command::Cancel { job_id } => {
             let client = connect(&database_url(&cli)?).await?;
-            let report: serde_json::Value = client.query_one("SELECT stageflow.cancel_job($1)", &[job_id]).await?.get(0);
-            println!("{}", if cli.json { report.to_string() } else { format!("job {job_id}: {}", report["job_status"].as_str().unwrap_or("?")) });
+            let report: serde_json::Value =
+                client.query_one("SELECT stageflow.cancel_job($1)", &[job_id]).await?.get(0);
+            println!(
+                "{}",
+                if cli.json {
+                    report.to_string()
+                } else {
+                    format!("job {job_id}: {}", report["job_status"].as_str().unwrap_or("?"))
+                }
+            );
             Ok(())
         }
         Command::Retry { job_id } => {
@@ -368,7 +405,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if cli.json {
                 println!("{report}");
             } else {
-                println!("job {job_id}: {} task(s) queued again, job {}", report["retried_tasks"], report["job_status"].as_str().unwrap_or("?"));
+                println!(
+                    "job {job_id}: {} task(s) queued again, job {}",
+                    report["retried_tasks"],
+                    report["job_status"].as_str().unwrap_or("?")
+                );
             }
             Ok(())
         }
@@ -394,9 +435,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STAGEFLOW_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STAGEFLOW_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {
@@ -420,10 +459,11 @@ fn parse_tenant_tokens(pairs: &[String], operator: Option<&str>) -> Result<Vec<(
             return Err(CliError::Usage(format!("tenant token {pair:?} names no tenant: give TENANT=TOKEN")));
         }
         if token.is_empty() || operator == Some(token) || parsed.iter().any(|(_, other)| other == token) {
-            return Err(CliError::Usage(format!("tenant {label:?} needs a token of its own, non-empty and used by no one else")));
+            return Err(CliError::Usage(format!(
+                "tenant {label:?} needs a token of its own, non-empty and used by no one else"
+            )));
         }
         parsed.push((label.to_owned(), token.to_owned()));
     }
     Ok(parsed)
 }
-

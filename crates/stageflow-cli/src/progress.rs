@@ -19,7 +19,11 @@ pub fn is_finished(status: &Value) -> bool {
 /// Follows the job until it completes or fails; returns its last status.
 pub async fn follow(client: &Client, job_id: &str) -> Result<Value, tokio_postgres::Error> {
     let terminal = std::io::stderr().is_terminal();
-    let multi = MultiProgress::with_draw_target(if terminal { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let multi = MultiProgress::with_draw_target(if terminal {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
     let style = ProgressStyle::with_template("{prefix:>14} [{bar:40.cyan/blue}] {pos:>7}/{len:7} {per_sec:>12} {msg}")
         .expect("valid template")
         .progress_chars("=> ");
@@ -37,7 +41,8 @@ pub async fn follow(client: &Client, job_id: &str) -> Result<Value, tokio_postgr
             }
             let bar = &bars[i];
             let total = stage["task_count"].as_u64().unwrap_or(0);
-            let done = stage["tasks"]["completed"].as_u64().unwrap_or(0) + stage["tasks"]["failed"].as_u64().unwrap_or(0);
+            let done =
+                stage["tasks"]["completed"].as_u64().unwrap_or(0) + stage["tasks"]["failed"].as_u64().unwrap_or(0);
             bar.set_length(total);
             bar.set_position(done);
             let state = stage["status"].as_str().unwrap_or("?");

@@ -86,7 +86,8 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
     let _ = std::fs::remove_dir_all(&logs);
     let markers = logs.join("markers");
     std::fs::create_dir_all(&markers).unwrap();
-    let job_id = submit(&mut client, "chaos", json!({"n": STAGE_TASKS, "ms": 10, "marker_dir": markers.to_str().unwrap()}));
+    let job_id =
+        submit(&mut client, "chaos", json!({"n": STAGE_TASKS, "ms": 10, "marker_dir": markers.to_str().unwrap()}));
     drop(client);
 
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
@@ -158,7 +159,10 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
     assert_eq!(tasks.len() as i64, 2 * STAGE_TASKS + 1);
     assert!(tasks.iter().all(|(_, s)| s == "completed"), "seed {seed}: every task completed");
     let inputs: i64 = client
-        .query_one("SELECT jsonb_array_length(inputs)::bigint FROM stageflow.tasks WHERE job_id = $1 AND stage = 3", &[&job_id])
+        .query_one(
+            "SELECT jsonb_array_length(inputs)::bigint FROM stageflow.tasks WHERE job_id = $1 AND stage = 3",
+            &[&job_id],
+        )
         .unwrap()
         .get(0);
     assert_eq!(inputs, STAGE_TASKS, "the fan-in saw every result once");

@@ -17,7 +17,8 @@ fn stageflow(url: &str, args: &[&str]) -> Output {
 
 fn json_of(output: &Output) -> Value {
     assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
 }
 
 #[test]
@@ -32,7 +33,17 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
             "stages": [{"name": "try", "handler": "debug.fail", "queue": "doomed"}]}"#,
     );
     let mut worker = Command::new(env!("CARGO_BIN_EXE_stageflow"))
-        .args(["worker", "--database-url", &url, "--queue", "default", "--queue", "doomed", "--poll-interval-ms", "100"])
+        .args([
+            "worker",
+            "--database-url",
+            &url,
+            "--queue",
+            "default",
+            "--queue",
+            "doomed",
+            "--poll-interval-ms",
+            "100",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -50,18 +61,30 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
     assert!(String::from_utf8_lossy(&text.stdout).contains("reply"), "the text status names the stages");
 
     // A job that fails: --wait exits 1, its task is a dead letter, retry queues it again.
-    let failed = stageflow(&url, &["submit", "doomed", "--params", r#"{"permanent": true, "message": "no luck"}"#, "--wait", "--json"]);
+    let failed = stageflow(
+        &url,
+        &["submit", "doomed", "--params", r#"{"permanent": true, "message": "no luck"}"#, "--wait", "--json"],
+    );
     assert_eq!(failed.status.code(), Some(1));
     let failed_status: Value = serde_json::from_slice(&failed.stdout).unwrap();
     assert_eq!(failed_status["status"], json!("failed"));
     let failed_id = failed_status["job_id"].as_str().unwrap().to_owned();
     client.batch_execute("SELECT stageflow.grant_queue('default', 'stageflow_worker')").unwrap();
     let grants = json_of(&stageflow(&url, &["queue-grants", "--json"]));
-    assert_eq!((grants[0]["queue"].clone(), grants[0]["role_name"].clone()), (json!("default"), json!("stageflow_worker")), "{grants}");
+    assert_eq!(
+        (grants[0]["queue"].clone(), grants[0]["role_name"].clone()),
+        (json!("default"), json!("stageflow_worker")),
+        "{grants}"
+    );
     client.batch_execute("SELECT stageflow.set_quota(session_user, 500, 200)").unwrap();
     let quotas = json_of(&stageflow(&url, &["quotas", "--json"]));
     assert_eq!(
-        (quotas[0]["role_name"].clone(), quotas[0]["max_open_tasks"].clone(), quotas[0]["max_tasks_per_job"].clone(), quotas[0]["custom"].clone()),
+        (
+            quotas[0]["role_name"].clone(),
+            quotas[0]["max_open_tasks"].clone(),
+            quotas[0]["max_tasks_per_job"].clone(),
+            quotas[0]["custom"].clone()
+        ),
         (json!("postgres"), json!(500), json!(200), json!(true)),
         "{quotas}"
     );
@@ -76,8 +99,15 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
     let cancelled = json_of(&stageflow(&url, &["cancel", &failed_id, "--json"]));
     assert_eq!(cancelled["job_status"], json!("cancelled"));
     // Submitting the cancelled job's work again resumes it, and says so.
-    let again = json_of(&stageflow(&url, &["submit", "doomed", "--params", r#"{"permanent": true, "message": "no luck"}"#, "--json"]));
-    assert_eq!((again["job_id"].as_str(), again["outcome"].clone()), (Some(failed_id.as_str()), json!("resumed")), "{again}");
+    let again = json_of(&stageflow(
+        &url,
+        &["submit", "doomed", "--params", r#"{"permanent": true, "message": "no luck"}"#, "--json"],
+    ));
+    assert_eq!(
+        (again["job_id"].as_str(), again["outcome"].clone()),
+        (Some(failed_id.as_str()), json!("resumed")),
+        "{again}"
+    );
 
     // Errors from the database: message, SQLSTATE and hint, exit code 1.
     let unknown = stageflow(&url, &["status", "nope"]);
@@ -121,7 +151,11 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
         }
         assert!(line["stage_advance_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0));
     }
-    assert_eq!(report["worker"]["completed_by_worker"], json!(2000), "the worker completed every task of the memory line");
+    assert_eq!(
+        report["worker"]["completed_by_worker"],
+        json!(2000),
+        "the worker completed every task of the memory line"
+    );
     #[cfg(feature = "geo")]
     assert!(report["geo"]["ratio"].as_f64().is_some_and(|r| r > 0.0), "the geo line ran: {}", report["geo"]);
 }

@@ -29,13 +29,24 @@ fn the_dashboard_shows_jobs_live_and_retries_dead_letters_in_chromium() {
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
     let base = first_line.trim().strip_prefix("serving on ").expect("serve prints its address").to_owned();
     let mut worker = Command::new(env!("CARGO_BIN_EXE_stageflow"))
-        .args(["worker", "--database-url", &url, "--queue", "default", "--queue", "doomed", "--poll-interval-ms", "200"])
+        .args([
+            "worker",
+            "--database-url",
+            &url,
+            "--queue",
+            "default",
+            "--queue",
+            "doomed",
+            "--poll-interval-ms",
+            "200",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
 
-    let browser_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("../stageflow-http/tests/browser");
+    let browser_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test"))
+        .join("../stageflow-http/tests/browser");
     let screenshot = std::env::temp_dir().join("stageflow-dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
     let output = Command::new("node")
@@ -48,7 +59,12 @@ fn the_dashboard_shows_jobs_live_and_retries_dead_letters_in_chromium() {
     let _ = worker.kill();
     let _ = (server.wait(), worker.wait());
     print!("{}", String::from_utf8_lossy(&output.stdout));
-    assert!(output.status.success(), "browser test failed:\n{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "browser test failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let png = std::fs::read(&screenshot).expect("a screenshot");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot, {} bytes", png.len());
 }

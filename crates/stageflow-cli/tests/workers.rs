@@ -130,7 +130,8 @@ fn a_worker_killed_mid_task_leaves_its_tasks_to_be_redelivered() {
     register(&mut client, "sleepy", SLEEPY);
     let job_id = submit(&mut client, "sleepy", json!({"n": 12, "ms": 1500, "marker_dir": markers.to_str().unwrap()}));
 
-    let mut doomed = spawn_worker(&url, &logs, "doomed", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "2"]);
+    let mut doomed =
+        spawn_worker(&url, &logs, "doomed", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "2"]);
     // Mid-task: 4 tasks leased to it and all 4 handlers started (each writes its marker first).
     wait_until(Duration::from_secs(30), "the doomed worker to run 4 handlers", || {
         running_by(&mut client, &job_id, "doomed").len() == 4 && std::fs::read_dir(&markers).unwrap().count() == 4
@@ -139,7 +140,8 @@ fn a_worker_killed_mid_task_leaves_its_tasks_to_be_redelivered() {
     signal(&doomed, "KILL");
     assert!(!wait_exit(&mut doomed, Duration::from_secs(10)), "SIGKILL is not a clean exit");
 
-    let mut survivor = spawn_worker(&url, &logs, "survivor", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "2"]);
+    let mut survivor =
+        spawn_worker(&url, &logs, "survivor", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "2"]);
     let status = wait_for_job(&mut client, &job_id, Duration::from_secs(120));
     assert_eq!(status["status"], json!("completed"), "{status}");
     for task_id in &held {
@@ -167,17 +169,19 @@ fn sigterm_finishes_nothing_long_and_releases_in_flight_tasks_at_once() {
     let mut client = connect(&url);
     register(&mut client, "sleepy", SLEEPY);
     let job_id = submit(&mut client, "sleepy", json!({"n": 3, "ms": 60000}));
-    let mut worker = spawn_worker(&url, &logs, "leaving", &["--queue", "sleepy", "--concurrency", "3", "--grace-seconds", "1"]);
+    let mut worker =
+        spawn_worker(&url, &logs, "leaving", &["--queue", "sleepy", "--concurrency", "3", "--grace-seconds", "1"]);
     wait_until(Duration::from_secs(30), "3 running tasks", || running_by(&mut client, &job_id, "leaving").len() == 3);
 
     let asked = Instant::now();
     signal(&worker, "TERM");
     assert!(wait_exit(&mut worker, Duration::from_secs(15)), "exit 0 after the grace period");
     println!("exited {:?} after SIGTERM", asked.elapsed());
-    let rows = client
-        .query("SELECT status, attempt FROM stageflow.tasks WHERE job_id = $1", &[&job_id])
-        .unwrap();
-    assert!(rows.iter().all(|r| r.get::<_, String>(0) == "queued" && r.get::<_, i32>(1) == 0), "released, attempt not spent");
+    let rows = client.query("SELECT status, attempt FROM stageflow.tasks WHERE job_id = $1", &[&job_id]).unwrap();
+    assert!(
+        rows.iter().all(|r| r.get::<_, String>(0) == "queued" && r.get::<_, i32>(1) == 0),
+        "released, attempt not spent"
+    );
     let again = claim(&mut client, "sleepy", 10, 60);
     assert_eq!(again.len(), 3, "released tasks are claimable at once, not after their lease");
     assert!(again.iter().all(|t| t.attempt == 1));
@@ -238,7 +242,8 @@ fn lost_connections_are_retried_and_nothing_is_lost() {
     let mut client = connect(&url);
     register(&mut client, "sleepy", SLEEPY);
     let job_id = submit(&mut client, "sleepy", json!({"n": 60, "ms": 50}));
-    let mut worker = spawn_worker(&url, &logs, "resilient", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "3"]);
+    let mut worker =
+        spawn_worker(&url, &logs, "resilient", &["--queue", "sleepy", "--concurrency", "4", "--lease-seconds", "3"]);
 
     for cut in 0..3 {
         wait_until(Duration::from_secs(30), "progress", || {
@@ -290,10 +295,12 @@ fn a_stage_lease_shorter_than_the_workers_is_kept_alive_by_heartbeats() {
     // 5 s of work under the stage's 2 s lease, by a worker whose own lease is 60 s: only heartbeats
     // every third of the stage's lease keep it (at a third of 60 s it would lapse and be claimed again).
     let job_id = submit(&mut client, "short_lease", json!({"ms": 5000, "marker_dir": markers.to_str().unwrap()}));
-    let mut worker = spawn_worker(&url, &logs, "keeper", &["--queue", "shortq", "--concurrency", "2", "--lease-seconds", "60"]);
+    let mut worker =
+        spawn_worker(&url, &logs, "keeper", &["--queue", "shortq", "--concurrency", "2", "--lease-seconds", "60"]);
     let status = wait_for_job(&mut client, &job_id, Duration::from_secs(60));
     assert_eq!(status["status"], json!("completed"), "{status}");
-    let attempt: i32 = client.query_one("SELECT attempt FROM stageflow.tasks WHERE job_id = $1", &[&job_id]).unwrap().get(0);
+    let attempt: i32 =
+        client.query_one("SELECT attempt FROM stageflow.tasks WHERE job_id = $1", &[&job_id]).unwrap().get(0);
     assert_eq!(attempt, 1, "the lease never lapsed");
     assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 1, "the handler ran once");
     assert!(log_lines(&logs, "keeper", &["lost the lease"]).is_empty(), "no lease lost");
@@ -308,8 +315,11 @@ fn a_worker_that_lost_a_lease_has_its_report_refused_once_and_goes_on() {
     let mut client = connect(&url);
     register(&mut client, "sleepy", SLEEPY);
     let job_id = submit(&mut client, "sleepy", json!({"n": 1, "ms": 8000}));
-    let mut worker = spawn_worker(&url, &logs, "loser", &["--queue", "sleepy", "--concurrency", "1", "--lease-seconds", "3"]);
-    wait_until(Duration::from_secs(30), "the worker to hold the task", || running_by(&mut client, &job_id, "loser").len() == 1);
+    let mut worker =
+        spawn_worker(&url, &logs, "loser", &["--queue", "sleepy", "--concurrency", "1", "--lease-seconds", "3"]);
+    wait_until(Duration::from_secs(30), "the worker to hold the task", || {
+        running_by(&mut client, &job_id, "loser").len() == 1
+    });
     let task_id = running_by(&mut client, &job_id, "loser").remove(0);
 
     // On this session's clock the worker's lease has expired: the task is claimed again at once.
@@ -328,8 +338,13 @@ fn a_worker_that_lost_a_lease_has_its_report_refused_once_and_goes_on() {
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert!(refusals[0].contains("WARN"), "{}", refusals[0]);
     assert!(log_lines(&logs, "loser", &["ERROR"]).is_empty(), "nothing logged as an error");
-    let row = client.query_one("SELECT status, worker_id FROM stageflow.tasks WHERE task_id = $1", &[&task_id]).unwrap();
-    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("running".to_owned(), "test".to_owned()), "the new lease holds");
+    let row =
+        client.query_one("SELECT status, worker_id FROM stageflow.tasks WHERE task_id = $1", &[&task_id]).unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("running".to_owned(), "test".to_owned()),
+        "the new lease holds"
+    );
 
     // The new holder completes; the worker's slot (its only one) was freed: it runs the next job.
     complete_fenced(&mut client, &taken[0], json!({"by": "test"}));
@@ -348,7 +363,8 @@ fn a_python_worker_runs_hello_world_beside_a_rust_worker() {
     let mut client = connect(&url);
     let job_id = submit(&mut client, "hello_world", json!({"message": "polyglot", "n": 300}));
     // The runtime variable, not env!(): a shared build cache may hold a binary built in another checkout.
-    let script = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("../../examples/python_worker.py");
+    let script = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test"))
+        .join("../../examples/python_worker.py");
     // Debian's interpreter, which has python3-psycopg (scripts/setup.sh installs it).
     let python = Command::new("/usr/bin/python3")
         .arg(&script)

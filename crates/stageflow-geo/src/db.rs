@@ -12,7 +12,6 @@ pub const TABLE_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}([.][a-z_][a-z0-9_]{0,62}
 /// The schema of a table named without one.
 pub const DEFAULT_SCHEMA: &str = "stageflow_geo";
 
-
 /// A validated `schema.name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableName {
@@ -49,7 +48,9 @@ impl TableName {
 fn bad_table(text: &str) -> TaskError {
     TaskError::permanent(
         "bad_params",
-        format!("table {text:?} must be `name` or `schema.name`, each 1-63 of a-z, 0-9 and _ not starting with a digit"),
+        format!(
+            "table {text:?} must be `name` or `schema.name`, each 1-63 of a-z, 0-9 and _ not starting with a digit"
+        ),
     )
 }
 

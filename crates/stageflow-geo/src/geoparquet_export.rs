@@ -35,8 +35,8 @@ use postgres::{GenericClient, IsolationLevel};
 use serde_json::{json, Value};
 use stageflow_worker::{Task, TaskError};
 
-use crate::raster::param_str;
 use crate::db::{connect, db_error, quote_ident, TableName, TABLE_PATTERN};
+use crate::raster::param_str;
 
 /// Rows per Arrow record batch (and Parquet row group at most).
 const BATCH_ROWS: usize = 8192;
@@ -177,9 +177,11 @@ fn describe<C: GenericClient>(client: &mut C, table: &TableName) -> Result<Descr
     } else {
         None
     };
-    let geometry =
-        geometry.ok_or_else(|| TaskError::permanent("unsupported_format", format!("{} has no geometry column", table.display())))?;
-    let (geometry_column, geometry_type, mut srid): (String, String, i32) = (geometry.get(0), geometry.get(1), geometry.get(2));
+    let geometry = geometry.ok_or_else(|| {
+        TaskError::permanent("unsupported_format", format!("{} has no geometry column", table.display()))
+    })?;
+    let (geometry_column, geometry_type, mut srid): (String, String, i32) =
+        (geometry.get(0), geometry.get(1), geometry.get(2));
     if srid == 0 {
         // An unconstrained column: the SRID of its rows, when they agree.
         let srids: Vec<i32> = client
@@ -234,7 +236,8 @@ fn crs_projjson(srid: i32) -> Result<Value, TaskError> {
     let text = SpatialRef::from_epsg(srid as u32)
         .and_then(|srs| srs.to_projjson())
         .map_err(|e| TaskError::permanent("missing_crs", format!("EPSG:{srid} has no PROJJSON in GDAL: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| TaskError::permanent("missing_crs", format!("EPSG:{srid}: GDAL's PROJJSON is not JSON: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| TaskError::permanent("missing_crs", format!("EPSG:{srid}: GDAL's PROJJSON is not JSON: {e}")))
 }
 
 /// An error of writing the file as a task error: the file-system error inside it, if any, as
@@ -344,7 +347,14 @@ pub fn write(task: &Task, url: &str) -> Result<Value, TaskError> {
     result
 }
 
-fn write_file(task: &Task, url: &str, table: &TableName, output: &str, tmp: &str, started: Instant) -> Result<Value, TaskError> {
+fn write_file(
+    task: &Task,
+    url: &str,
+    table: &TableName,
+    output: &str,
+    tmp: &str,
+    started: Instant,
+) -> Result<Value, TaskError> {
     let mut client = connect(url)?;
     // One snapshot for the description and the rows.
     let mut tx = client
@@ -449,7 +459,8 @@ fn write_file(task: &Task, url: &str, table: &TableName, output: &str, tmp: &str
     tx.commit().map_err(|e| db_error("ending the snapshot", e))?;
 
     // The geo metadata, then the footer; synced before the rename.
-    let geo = encoder.into_keyvalue().map_err(|e| TaskError::permanent("geoparquet", format!("the geo metadata: {e}")))?;
+    let geo =
+        encoder.into_keyvalue().map_err(|e| TaskError::permanent("geoparquet", format!("the geo metadata: {e}")))?;
     let geo_json: Value = geo.value.as_deref().and_then(|v| serde_json::from_str(v).ok()).unwrap_or(Value::Null);
     writer.append_key_value_metadata(geo);
     writer.finish().map_err(|e| io_error(&format!("finishing {tmp}"), &e))?;

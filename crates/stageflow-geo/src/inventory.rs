@@ -78,7 +78,10 @@ impl Source {
             }
             let prefix = prefix.trim_matches('/');
             if prefix.split('/').any(|part| part == "." || part == "..") || prefix.contains("//") {
-                return Err(TaskError::permanent("bad_url", format!("{source}: the prefix has empty, . or .. segments")));
+                return Err(TaskError::permanent(
+                    "bad_url",
+                    format!("{source}: the prefix has empty, . or .. segments"),
+                ));
             }
             return Ok(Source::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() });
         }
@@ -114,7 +117,8 @@ impl Source {
                 Ok((Arc::new(store), None))
             }
             Source::S3 { bucket, prefix } => {
-                let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(30), ..RetryConfig::default() };
+                let retry =
+                    RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(30), ..RetryConfig::default() };
                 let store = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry)
@@ -248,19 +252,32 @@ async fn tiff_is_geotiff(store: &dyn ObjectStore, location: &ObjectPath, head: &
     let little = head[0] == b'I';
     let u16_at = |b: &[u8], i: usize| {
         let v = [b[i], b[i + 1]];
-        if little { u16::from_le_bytes(v) } else { u16::from_be_bytes(v) }
+        if little {
+            u16::from_le_bytes(v)
+        } else {
+            u16::from_be_bytes(v)
+        }
     };
     let u32_at = |b: &[u8], i: usize| {
         let v = [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        if little { u32::from_le_bytes(v) } else { u32::from_be_bytes(v) }
+        if little {
+            u32::from_le_bytes(v)
+        } else {
+            u32::from_be_bytes(v)
+        }
     };
     let u64_at = |b: &[u8], i: usize| {
         let mut v = [0u8; 8];
         v.copy_from_slice(&b[i..i + 8]);
-        if little { u64::from_le_bytes(v) } else { u64::from_be_bytes(v) }
+        if little {
+            u64::from_le_bytes(v)
+        } else {
+            u64::from_be_bytes(v)
+        }
     };
     let big = u16_at(head, 2) == 43;
-    let (ifd, count_size, entry_size) = if big { (u64_at(head, 8), 8u64, 20u64) } else { (u32_at(head, 4) as u64, 2, 12) };
+    let (ifd, count_size, entry_size) =
+        if big { (u64_at(head, 8), 8u64, 20u64) } else { (u32_at(head, 4) as u64, 2, 12) };
     // The offset is untrusted: `ifd + count_size` may overflow.
     if ifd < 8 || ifd.checked_add(count_size).map_or(true, |end| end > size) {
         return false;
@@ -277,7 +294,14 @@ async fn tiff_is_geotiff(store: &dyn ObjectStore, location: &ObjectPath, head: &
 }
 
 const GEOJSON_TYPES: [&str; 9] = [
-    "FeatureCollection", "Feature", "Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
+    "FeatureCollection",
+    "Feature",
+    "Point",
+    "MultiPoint",
+    "LineString",
+    "MultiLineString",
+    "Polygon",
+    "MultiPolygon",
     "GeometryCollection",
 ];
 
@@ -291,7 +315,11 @@ pub fn sniff(head: &[u8], whole: Option<&[u8]>, tail: &[u8], size: u64, path: &s
     if size == 0 {
         return ("application/x-empty".into(), json!({}));
     }
-    if head.starts_with(b"II*\0") || head.starts_with(b"MM\0*") || head.starts_with(b"II+\0") || head.starts_with(b"MM\0+") {
+    if head.starts_with(b"II*\0")
+        || head.starts_with(b"MM\0*")
+        || head.starts_with(b"II+\0")
+        || head.starts_with(b"MM\0+")
+    {
         return ("image/tiff".into(), json!({"bigtiff": head[2] == b'+' || head[3] == b'+'}));
     }
     if head.starts_with(b"SQLite format 3\0") {
@@ -332,8 +360,12 @@ pub fn sniff(head: &[u8], whole: Option<&[u8]>, tail: &[u8], size: u64, path: &s
     if let (Some(records), Some(header), Some(record)) = (le32(4), le16(8), le16(10)) {
         let versions = [0x02u8, 0x03, 0x04, 0x05, 0x30, 0x31, 0x32, 0x43, 0x63, 0x83, 0x8B, 0xCB, 0xF5, 0xFB];
         let body = header as u64 + records as u64 * record as u64;
-        if versions.contains(&head[0]) && (1..=12).contains(&head[2]) && (1..=31).contains(&head[3]) && header >= 33
-            && record > 0 && (size == body || size == body + 1)
+        if versions.contains(&head[0])
+            && (1..=12).contains(&head[2])
+            && (1..=31).contains(&head[3])
+            && header >= 33
+            && record > 0
+            && (size == body || size == body + 1)
         {
             return ("application/vnd.dbf".into(), json!({"records": records}));
         }
@@ -355,7 +387,9 @@ pub fn sniff(head: &[u8], whole: Option<&[u8]>, tail: &[u8], size: u64, path: &s
             None => {
                 // Too large to parse here: say what its first bytes say, and that it was not parsed.
                 let text = String::from_utf8_lossy(head);
-                let geo = GEOJSON_TYPES.iter().any(|t| text.contains(&format!("\"type\": \"{t}\"")) || text.contains(&format!("\"type\":\"{t}\"")));
+                let geo = GEOJSON_TYPES.iter().any(|t| {
+                    text.contains(&format!("\"type\": \"{t}\"")) || text.contains(&format!("\"type\":\"{t}\""))
+                });
                 let media = if geo { "application/geo+json" } else { "application/json" };
                 return (media.into(), json!({"parsed": false}));
             }
@@ -383,7 +417,8 @@ pub async fn inspect(task: Task) -> Result<Value, TaskError> {
     let source = Source::parse(text)?;
     let (store, _) = source.open()?;
     let shown = source.display(object);
-    let location = ObjectPath::parse(object).map_err(|e| TaskError::permanent("bad_params", format!("{object}: {e}")))?;
+    let location =
+        ObjectPath::parse(object).map_err(|e| TaskError::permanent("bad_params", format!("{object}: {e}")))?;
     let got = store.get(&location).await.map_err(|e| store_error(&source, &format!("reading {shown}"), e))?;
     let modified = got.meta.last_modified;
     let mut stream = got.into_stream();
@@ -448,7 +483,9 @@ pub fn catalog(task: &Task, database_url: &str) -> Result<Value, TaskError> {
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     let mut total: u64 = 0;
     for file in &files {
-        let media = file["media_type"].as_str().ok_or_else(|| TaskError::permanent("bad_input", format!("an inspect result without media_type: {file}")))?;
+        let media = file["media_type"].as_str().ok_or_else(|| {
+            TaskError::permanent("bad_input", format!("an inspect result without media_type: {file}"))
+        })?;
         *by_type.entry(media.to_owned()).or_default() += 1;
         total += file["size"].as_u64().unwrap_or(0);
     }
@@ -514,18 +551,25 @@ mod unit {
 
     #[test]
     fn sources_parse() {
-        assert_eq!(Source::parse("s3://bucket-1/a/b/").unwrap(), Source::S3 { bucket: "bucket-1".into(), prefix: "a/b".into() });
+        assert_eq!(
+            Source::parse("s3://bucket-1/a/b/").unwrap(),
+            Source::S3 { bucket: "bucket-1".into(), prefix: "a/b".into() }
+        );
         assert_eq!(Source::parse("s3://Bad_Bucket/x").unwrap_err().kind, "bad_url");
         assert_eq!(Source::parse("gs://b/x").unwrap_err().kind, "bad_url");
         assert_eq!(Source::parse("/nonexistent/dir").unwrap_err().kind, "not_found");
-        assert_eq!(Source::parse(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap_err().kind, "not_a_directory");
+        assert_eq!(
+            Source::parse(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap_err().kind,
+            "not_a_directory"
+        );
     }
 
     #[test]
     fn s3_statuses_are_categorised() {
         let s3 = Source::S3 { bucket: "b".into(), prefix: String::new() };
         let generic = |text: &str| object_store::Error::Generic { store: "S3", source: text.to_owned().into() };
-        let missing = store_error(&s3, "listing", generic("Server returned non-2xx status code: 404 Not Found: NoSuchBucket"));
+        let missing =
+            store_error(&s3, "listing", generic("Server returned non-2xx status code: 404 Not Found: NoSuchBucket"));
         assert_eq!((missing.kind.as_str(), missing.category.as_str()), ("not_found", "permanent"));
         let denied = store_error(&s3, "listing", generic("Server returned non-2xx status code: 403 Forbidden"));
         assert_eq!(denied.kind, "access_denied");

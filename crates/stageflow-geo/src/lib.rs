@@ -67,7 +67,10 @@ fn blocking(handler: fn(&Task) -> Result<Value, TaskError>) -> impl Fn(Task) -> 
 }
 
 /// Runs a blocking handler that connects to the database at `url` on tokio's blocking pool.
-fn blocking_db(handler: fn(&Task, &str) -> Result<Value, TaskError>, url: &str) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone {
+fn blocking_db(
+    handler: fn(&Task, &str) -> Result<Value, TaskError>,
+    url: &str,
+) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone {
     let url: Arc<str> = Arc::from(url);
     move |task: Task| -> HandlerFuture {
         let url = url.clone();
@@ -98,12 +101,8 @@ fn extract_metadata(task: &Task) -> Result<Value, TaskError> {
 /// What `stageflow geo-install` runs before registering the job types: PostGIS and the schema
 /// `stageflow_geo`, where the geospatial job types keep their tables.
 pub fn install_sql() -> String {
-    [
-        "CREATE EXTENSION IF NOT EXISTS postgis",
-        "CREATE SCHEMA IF NOT EXISTS stageflow_geo",
-        inventory::TABLE_SQL,
-    ]
-    .join(";\n")
+    ["CREATE EXTENSION IF NOT EXISTS postgis", "CREATE SCHEMA IF NOT EXISTS stageflow_geo", inventory::TABLE_SQL]
+        .join(";\n")
 }
 
 /// The job types of this crate: (name, definition) for `stageflow.register_job_type`.

@@ -177,7 +177,10 @@ pub fn validate(task: &Task) -> Result<Value, TaskError> {
     let info = metadata(source)?;
     let (w, h) = (info["width"].as_u64().unwrap_or(0) as usize, info["height"].as_u64().unwrap_or(0) as usize);
     if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
-        return Err(TaskError::permanent("bad_size", format!("{source} is {w}x{h}: each side must be 1 to {MAX_SIDE} pixels")));
+        return Err(TaskError::permanent(
+            "bad_size",
+            format!("{source} is {w}x{h}: each side must be 1 to {MAX_SIDE} pixels"),
+        ));
     }
     Ok(info)
 }
@@ -211,7 +214,8 @@ fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(),
     let args: Vec<CString> = args.iter().map(|a| CString::new(a.as_str()).expect("no NUL in arguments")).collect();
     let mut argv: Vec<*mut std::ffi::c_char> = args.iter().map(|a| a.as_ptr() as *mut _).collect();
     argv.push(std::ptr::null_mut());
-    let destination_c = CString::new(destination).map_err(|_| TaskError::permanent("bad_params", "NUL in the output path"))?;
+    let destination_c =
+        CString::new(destination).map_err(|_| TaskError::permanent("bad_params", "NUL in the output path"))?;
     unsafe {
         let options = gdal_sys::GDALTranslateOptionsNew(argv.as_mut_ptr(), std::ptr::null_mut());
         if options.is_null() {
@@ -242,7 +246,11 @@ fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(),
 
 /// A GDAL error handler (pushed for one call on one thread) that keeps the messages in the
 /// `Vec<String>` given as its user data.
-unsafe extern "C" fn collect_gdal_error(class: gdal_sys::CPLErr::Type, _number: std::ffi::c_int, message: *const std::ffi::c_char) {
+unsafe extern "C" fn collect_gdal_error(
+    class: gdal_sys::CPLErr::Type,
+    _number: std::ffi::c_int,
+    message: *const std::ffi::c_char,
+) {
     let messages = unsafe { gdal_sys::CPLGetErrorHandlerUserData() }.cast::<Vec<String>>();
     if class >= gdal_sys::CPLErr::CE_Failure && !messages.is_null() && !message.is_null() {
         unsafe { (*messages).push(CStr::from_ptr(message).to_string_lossy().into_owned()) };
@@ -261,7 +269,12 @@ pub fn cog(task: &Task) -> Result<Value, TaskError> {
     let p = &task.params;
     let window: Vec<String> = ["xoff", "yoff", "xsize", "ysize"]
         .iter()
-        .map(|k| p[*k].as_u64().map(|v| v.to_string()).ok_or_else(|| TaskError::permanent("bad_params", format!("params.{k} is missing"))))
+        .map(|k| {
+            p[*k]
+                .as_u64()
+                .map(|v| v.to_string())
+                .ok_or_else(|| TaskError::permanent("bad_params", format!("params.{k} is missing")))
+        })
         .collect::<Result<_, _>>()?;
     let predictor = match dataset.rasterband(1).map(|b| b.band_type().name()) {
         Ok(t) if t.starts_with("Float") => "3",
@@ -270,8 +283,20 @@ pub fn cog(task: &Task) -> Result<Value, TaskError> {
     let destination = format!("{output}/{}.tif", task.task_key);
     let mut args = vec!["-srcwin".to_string()];
     args.extend(window);
-    for option in ["-of", "COG", "-co", "COMPRESS=DEFLATE", "-co", &format!("PREDICTOR={predictor}"), "-co", "BLOCKSIZE=256",
-                   "-co", "OVERVIEWS=AUTO", "-co", "OVERVIEW_RESAMPLING=AVERAGE"] {
+    for option in [
+        "-of",
+        "COG",
+        "-co",
+        "COMPRESS=DEFLATE",
+        "-co",
+        &format!("PREDICTOR={predictor}"),
+        "-co",
+        "BLOCKSIZE=256",
+        "-co",
+        "OVERVIEWS=AUTO",
+        "-co",
+        "OVERVIEW_RESAMPLING=AVERAGE",
+    ] {
         args.push(option.to_string());
     }
     translate(&dataset, &destination, &args)?;
@@ -288,9 +313,8 @@ pub fn generate(path: &str, size: usize) -> Result<(), TaskError> {
     let gdal_error = |e: gdal::errors::GdalError| TaskError::permanent("gdal", e.to_string());
     let driver = gdal::DriverManager::get_driver_by_name("GTiff").map_err(gdal_error)?;
     let options = gdal::raster::RasterCreationOptions::from_iter(["TILED=YES", "COMPRESS=DEFLATE"]);
-    let mut dataset = driver
-        .create_with_band_type_with_options::<u16, _>(path, size, size, 1, &options)
-        .map_err(gdal_error)?;
+    let mut dataset =
+        driver.create_with_band_type_with_options::<u16, _>(path, size, size, 1, &options).map_err(gdal_error)?;
     dataset.set_geo_transform(&[500_000.0, 10.0, 0.0, 5_000_000.0, 0.0, -10.0]).map_err(gdal_error)?;
     dataset.set_spatial_ref(&SpatialRef::from_epsg(32633).map_err(gdal_error)?).map_err(gdal_error)?;
     let mut band = dataset.rasterband(1).map_err(gdal_error)?;
@@ -301,9 +325,14 @@ pub fn generate(path: &str, size: usize) -> Result<(), TaskError> {
         let data: Vec<u16> = (0..height * size)
             .map(|i| {
                 let (y, x) = (top + i / size, i % size);
-                let mut h = (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+                let mut h =
+                    (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
                 h ^= h >> 29;
-                if x < 16 || y < 16 || x >= size - 16 || y >= size - 16 { 0 } else { (1 + (x + y) % 4000 + (h % 512) as usize) as u16 }
+                if x < 16 || y < 16 || x >= size - 16 || y >= size - 16 {
+                    0
+                } else {
+                    (1 + (x + y) % 4000 + (h % 512) as usize) as u16
+                }
             })
             .collect();
         let mut buffer = gdal::raster::Buffer::new((size, height), data);

@@ -35,17 +35,17 @@ pub fn write_catalog(task: &Task) -> Result<Value, TaskError> {
     if tiles.is_empty() {
         return Err(TaskError::permanent("no_tiles", "the cog stage produced no tiles"));
     }
-    let collection_id = std::path::Path::new(source).file_stem().and_then(|s| s.to_str()).unwrap_or("raster").to_owned();
+    let collection_id =
+        std::path::Path::new(source).file_stem().and_then(|s| s.to_str()).unwrap_or("raster").to_owned();
 
     let mut extent = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
     let now = "1970-01-01T00:00:00Z";
-    let datetime = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let datetime = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let datetime = format_rfc3339(datetime).unwrap_or_else(|| now.to_owned());
-    let mut links = vec![json!({"rel": "root", "href": "./collection.json", "type": "application/json"}),
-                         json!({"rel": "self", "href": "./collection.json", "type": "application/json"})];
+    let mut links = vec![
+        json!({"rel": "root", "href": "./collection.json", "type": "application/json"}),
+        json!({"rel": "self", "href": "./collection.json", "type": "application/json"}),
+    ];
     for tile in &tiles {
         let key = tile["key"].as_str().ok_or_else(|| TaskError::permanent("bad_input", "a tile result without key"))?;
         let wgs84 = bbox(&tile["bounds_wgs84"])?;

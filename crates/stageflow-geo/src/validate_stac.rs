@@ -116,10 +116,7 @@ fn compile() -> Result<Schemas, String> {
 /// The validators, compiled on first use.
 pub fn schemas() -> Result<&'static Schemas, TaskError> {
     static SCHEMAS: OnceLock<Result<Schemas, String>> = OnceLock::new();
-    SCHEMAS
-        .get_or_init(compile)
-        .as_ref()
-        .map_err(|e| TaskError::permanent("schemas", e.clone()))
+    SCHEMAS.get_or_init(compile).as_ref().map_err(|e| TaskError::permanent("schemas", e.clone()))
 }
 
 /// `a/./b/../c` as `a/c`, without touching the filesystem.
@@ -159,7 +156,10 @@ pub fn discover(task: &Task) -> Result<Value, TaskError> {
     while let Some(path) = queue.pop_front() {
         documents.push(path.clone());
         if documents.len() > MAX_DOCUMENTS {
-            return Err(TaskError::permanent("too_many_documents", format!("{root_text} links more than {MAX_DOCUMENTS} documents")));
+            return Err(TaskError::permanent(
+                "too_many_documents",
+                format!("{root_text} links more than {MAX_DOCUMENTS} documents"),
+            ));
         }
         // What cannot be read or parsed is reported by its validate task; it has no links to follow.
         let Ok(bytes) = std::fs::read(&path) else { continue };
@@ -209,7 +209,8 @@ fn leaf_errors(error: &ValidationError, out: &mut Vec<(String, String)>) {
         }
         _ => Vec::new(),
     };
-    let rank = |branch: &&Vec<ValidationError>| (branch.iter().map(depth).max().unwrap_or(0), std::cmp::Reverse(branch.len()));
+    let rank =
+        |branch: &&Vec<ValidationError>| (branch.iter().map(depth).max().unwrap_or(0), std::cmp::Reverse(branch.len()));
     match branches.iter().map(rank).max() {
         Some(best) => {
             for branch in branches.iter().filter(|b| rank(b) == best) {
@@ -237,7 +238,9 @@ pub fn validate(task: &Task) -> Result<Value, TaskError> {
     let schemas = schemas()?;
     let mut errors: Vec<Value> = Vec::new();
     let mut checked: Vec<String> = Vec::new();
-    let mut error = |pointer: &str, message: String| errors.push(json!({"document": relative, "pointer": pointer, "message": message}));
+    let mut error = |pointer: &str, message: String| {
+        errors.push(json!({"document": relative, "pointer": pointer, "message": message}))
+    };
     let mut kind = Value::Null;
     match std::fs::read(path) {
         Err(e) => error("", format!("cannot read {relative}: {e}")),
@@ -269,7 +272,9 @@ pub fn validate(task: &Task) -> Result<Value, TaskError> {
                             error(&pointer, message);
                         }
                     }
-                    (Some(_), Some(other)) => error("/stac_version", format!("STAC {other}: only the 1.0.0 schemas are shipped")),
+                    (Some(_), Some(other)) => {
+                        error("/stac_version", format!("STAC {other}: only the 1.0.0 schemas are shipped"))
+                    }
                     (Some(_), None) => error("/stac_version", "stac_version is missing or not a string".into()),
                     (None, _) => {}
                 }
@@ -302,7 +307,8 @@ pub fn report(task: &Task) -> Result<Value, TaskError> {
     let results = task.inputs.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
     let valid = results.iter().filter(|r| r["valid"] == json!(true)).count();
     let errors: Vec<Value> = results.iter().flat_map(|r| r["errors"].as_array().cloned().unwrap_or_default()).collect();
-    let invalid: Vec<Value> = results.iter().filter(|r| r["valid"] != json!(true)).map(|r| r["document"].clone()).collect();
+    let invalid: Vec<Value> =
+        results.iter().filter(|r| r["valid"] != json!(true)).map(|r| r["document"].clone()).collect();
     Ok(json!({
         "root": root,
         "documents": results.len(),
@@ -329,6 +335,10 @@ mod unit {
     #[test]
     fn paths_normalise() {
         assert_eq!(normalise(Path::new("/a/b/./../c/d.json")), PathBuf::from("/a/c/d.json"));
-        assert!(is_relative_href("./items/x.json") && !is_relative_href("https://x/y.json") && !is_relative_href("/abs.json"));
+        assert!(
+            is_relative_href("./items/x.json")
+                && !is_relative_href("https://x/y.json")
+                && !is_relative_href("/abs.json")
+        );
     }
 }

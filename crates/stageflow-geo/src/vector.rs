@@ -81,7 +81,10 @@ fn open_source(path: &str) -> Result<Dataset, TaskError> {
         ..Default::default()
     };
     Dataset::open_ex(path, options).map_err(|e| {
-        TaskError::permanent("unsupported_format", format!("{path} is not a GeoJSON, GeoPackage or Shapefile that GDAL can read ({e})"))
+        TaskError::permanent(
+            "unsupported_format",
+            format!("{path} is not a GeoJSON, GeoPackage or Shapefile that GDAL can read ({e})"),
+        )
     })
 }
 
@@ -204,8 +207,16 @@ fn columns_of(layer: &Layer) -> Vec<Column> {
     columns
 }
 
-const GEOMETRY_NAMES: [&str; 8] =
-    ["Geometry", "Point", "LineString", "Polygon", "MultiPoint", "MultiLineString", "MultiPolygon", "GeometryCollection"];
+const GEOMETRY_NAMES: [&str; 8] = [
+    "Geometry",
+    "Point",
+    "LineString",
+    "Polygon",
+    "MultiPoint",
+    "MultiLineString",
+    "MultiPolygon",
+    "GeometryCollection",
+];
 
 /// The column's geometry type for the flat OGR types seen (`declared` when no feature has a
 /// geometry) and whether single parts must be promoted to multi.
@@ -236,7 +247,8 @@ fn ewkb(geometry: &Geometry, srid: i32, keep_z: bool, promote: bool) -> Result<V
             gdal_sys::OGR_G_Set3D(geometry.c_geometry(), 0);
         }
     }
-    let wkb = geometry.iso_wkb().map_err(|e| TaskError::permanent("unreadable", format!("a geometry has no WKB: {e}")))?;
+    let wkb =
+        geometry.iso_wkb().map_err(|e| TaskError::permanent("unreadable", format!("a geometry has no WKB: {e}")))?;
     if wkb.len() < 5 {
         return Err(TaskError::permanent("unreadable", "a geometry's WKB is truncated"));
     }
@@ -368,9 +380,8 @@ pub(crate) fn encode_numeric(value: f64, out: &mut BytesMut) {
 }
 
 fn read_cell(feature: &Feature, column: &Column) -> Result<Cell, TaskError> {
-    let unreadable = |e: gdal::errors::GdalError| {
-        TaskError::permanent("unreadable", format!("field {:?}: {e}", column.source))
-    };
+    let unreadable =
+        |e: gdal::errors::GdalError| TaskError::permanent("unreadable", format!("field {:?}: {e}", column.source));
     let i = column.index;
     Ok(match column.pg_type.as_str() {
         "integer" => feature.field_as_integer(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Int),
@@ -379,9 +390,10 @@ fn read_cell(feature: &Feature, column: &Column) -> Result<Cell, TaskError> {
         "double precision" => feature.field_as_double(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Float),
         "numeric" => feature.field_as_double(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Numeric),
         "date" => feature.field_as_datetime(i).map_err(unreadable)?.map_or(Cell::Null, |d| Cell::Date(d.date_naive())),
-        "timestamp with time zone" => {
-            feature.field_as_datetime(i).map_err(unreadable)?.map_or(Cell::Null, |d| Cell::Timestamp(d.with_timezone(&Utc)))
-        }
+        "timestamp with time zone" => feature
+            .field_as_datetime(i)
+            .map_err(unreadable)?
+            .map_or(Cell::Null, |d| Cell::Timestamp(d.with_timezone(&Utc))),
         _ => feature.field_as_string(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Text),
     })
 }
@@ -408,19 +420,28 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
         Some(_) => param_u64(task, "chunk_size")?,
     };
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-        return Err(TaskError::permanent("bad_params", format!("chunk_size must be {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")));
+        return Err(TaskError::permanent(
+            "bad_params",
+            format!("chunk_size must be {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"),
+        ));
     }
     let requested_srid = match task.params.get("srid") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_i64().filter(|s| (1..=998_999).contains(s)).ok_or_else(|| {
-            TaskError::permanent("bad_params", "srid must be an integer from 1 to 998999")
-        })? as i32),
+        Some(v) => Some(
+            v.as_i64()
+                .filter(|s| (1..=998_999).contains(s))
+                .ok_or_else(|| TaskError::permanent("bad_params", "srid must be an integer from 1 to 998999"))?
+                as i32,
+        ),
     };
 
     let dataset = open_source(source)?;
     let mut layer = source_layer(&dataset, task, source)?;
     if layer.defn().geom_fields().count() == 0 {
-        return Err(TaskError::permanent("unsupported_format", format!("layer {} of {source} has no geometry", layer.name())));
+        return Err(TaskError::permanent(
+            "unsupported_format",
+            format!("layer {} of {source} has no geometry", layer.name()),
+        ));
     }
     let columns = columns_of(&layer);
 
@@ -429,7 +450,10 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
     let source_epsg = source_srs.as_ref().and_then(epsg_of);
     let (target_srid, reproject) = match (&source_srs, source_epsg, requested_srid) {
         (None, _, None) => {
-            return Err(TaskError::permanent("missing_crs", format!("{source} has no coordinate reference system: give srid")))
+            return Err(TaskError::permanent(
+                "missing_crs",
+                format!("{source} has no coordinate reference system: give srid"),
+            ))
         }
         (Some(_), None, None) => {
             return Err(TaskError::permanent(
@@ -445,7 +469,9 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
     let target_srs = SpatialRef::from_epsg(target_srid as u32)
         .map_err(|e| TaskError::permanent("bad_params", format!("EPSG:{target_srid} is not a CRS GDAL knows: {e}")))?;
     if reproject {
-        let from = traditional(source_srs.clone().ok_or_else(|| TaskError::permanent("missing_crs", "reprojecting needs a source CRS"))?);
+        let from = traditional(
+            source_srs.clone().ok_or_else(|| TaskError::permanent("missing_crs", "reprojecting needs a source CRS"))?,
+        );
         CoordTransform::new(&from, &traditional(target_srs))
             .map_err(|e| TaskError::permanent("bad_params", format!("cannot reproject to EPSG:{target_srid}: {e}")))?;
     }
@@ -476,7 +502,8 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
     let mut client = connect(url)?;
     let created = create_table(&mut client, &table, &columns, &column_type, target_srid)?;
     if !created {
-        let beyond = i64::try_from(features).map_err(|_| TaskError::permanent("bad_size", format!("{features} features")))?;
+        let beyond =
+            i64::try_from(features).map_err(|_| TaskError::permanent("bad_size", format!("{features} features")))?;
         client
             .execute(&format!("DELETE FROM {} WHERE fid > $1", table.quoted()), &[&beyond])
             .map_err(|e| db_error("emptying the rows past this source", e))?;
@@ -533,7 +560,10 @@ fn create_table(
     let postgis: Option<String> =
         client.query_one("SELECT to_regtype('geometry')::text", &[]).map_err(db("checking for PostGIS"))?.get(0);
     if postgis.is_none() {
-        return Err(TaskError::permanent("database", "PostGIS is not installed in this database: run `stageflow geo-install`"));
+        return Err(TaskError::permanent(
+            "database",
+            "PostGIS is not installed in this database: run `stageflow geo-install`",
+        ));
     }
     let known: bool = client
         .query_one("SELECT EXISTS (SELECT FROM spatial_ref_sys WHERE srid = $1)", &[&srid])
@@ -558,20 +588,33 @@ fn create_table(
     let mut expected = vec![("fid".to_owned(), "bigint".to_owned())];
     expected.extend(columns.iter().map(|c| (c.name.clone(), c.pg_type.clone())));
     expected.push(("geom".to_owned(), column_type.to_owned()));
-    let definition: Vec<String> = expected
-        .iter()
-        .map(|(name, ty)| if name == "fid" { "fid bigint PRIMARY KEY".to_owned() } else { format!("{} {ty}", quote_ident(name)) })
-        .collect();
+    let definition: Vec<String> =
+        expected
+            .iter()
+            .map(|(name, ty)| {
+                if name == "fid" {
+                    "fid bigint PRIMARY KEY".to_owned()
+                } else {
+                    format!("{} {ty}", quote_ident(name))
+                }
+            })
+            .collect();
     let existed = current_columns(client, table)?.is_some();
     client
         .batch_execute(&format!("CREATE TABLE IF NOT EXISTS {} ({})", table.quoted(), definition.join(", ")))
         .map_err(db("creating the table"))?;
     let actual = current_columns(client, table)?.unwrap_or_default();
     if actual != expected {
-        let show = |cols: &[(String, String)]| cols.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", ");
+        let show =
+            |cols: &[(String, String)]| cols.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", ");
         return Err(TaskError::permanent(
             "table_exists",
-            format!("{} exists with another definition ({}) than this source needs ({})", table.display(), show(&actual), show(&expected)),
+            format!(
+                "{} exists with another definition ({}) than this source needs ({})",
+                table.display(),
+                show(&actual),
+                show(&expected)
+            ),
         ));
     }
     Ok(!existed)
@@ -612,13 +655,15 @@ pub fn load(task: &Task, url: &str) -> Result<Value, TaskError> {
     let count = param_u64(task, "count")?;
     // Untrusted: bounded before they size a buffer or are added and cast to i64.
     if count > MAX_CHUNK_SIZE || start > i64::MAX as u64 - MAX_CHUNK_SIZE {
-        return Err(TaskError::permanent("bad_params", format!("a chunk of {count} features from {start} is out of range")));
+        return Err(TaskError::permanent(
+            "bad_params",
+            format!("a chunk of {count} features from {start} is out of range"),
+        ));
     }
-    let srid = task.params["target_srid"]
-        .as_i64()
-        .and_then(|s| i32::try_from(s).ok())
-        .filter(|s| *s > 0)
-        .ok_or_else(|| TaskError::permanent("bad_params", "params.target_srid must be a positive 32-bit integer"))?;
+    let srid =
+        task.params["target_srid"].as_i64().and_then(|s| i32::try_from(s).ok()).filter(|s| *s > 0).ok_or_else(
+            || TaskError::permanent("bad_params", "params.target_srid must be a positive 32-bit integer"),
+        )?;
     let columns = task.params["columns"]
         .as_array()
         .ok_or_else(|| TaskError::permanent("bad_params", "params.columns must be an array"))?
@@ -637,8 +682,9 @@ pub fn load(task: &Task, url: &str) -> Result<Value, TaskError> {
         None => source_layer(&dataset, task, source)?,
     };
     let transform = if reproject {
-        let from = layer_srs(&layer)
-            .ok_or_else(|| TaskError::permanent("missing_crs", format!("{source} has no coordinate reference system")))?;
+        let from = layer_srs(&layer).ok_or_else(|| {
+            TaskError::permanent("missing_crs", format!("{source} has no coordinate reference system"))
+        })?;
         let to = SpatialRef::from_epsg(srid as u32).map_err(|e| TaskError::permanent("bad_params", e.to_string()))?;
         Some(
             CoordTransform::new(&traditional(from), &traditional(to))
@@ -667,7 +713,10 @@ pub fn load(task: &Task, url: &str) -> Result<Value, TaskError> {
                 None => Cell::Geometry(ewkb(geometry, srid, keep_z, promote)?),
                 Some(transform) => {
                     let projected = geometry.transform(transform).map_err(|e| {
-                        TaskError::permanent("reprojection", format!("feature {}: cannot reproject to EPSG:{srid}: {e}", start + i as u64 + 1))
+                        TaskError::permanent(
+                            "reprojection",
+                            format!("feature {}: cannot reproject to EPSG:{srid}: {e}", start + i as u64 + 1),
+                        )
                     })?;
                     Cell::Geometry(ewkb(&projected, srid, keep_z, promote)?)
                 }
@@ -678,7 +727,10 @@ pub fn load(task: &Task, url: &str) -> Result<Value, TaskError> {
     if rows.len() as u64 != count {
         return Err(TaskError::permanent(
             "unreadable",
-            format!("{source} has {} features from {start} where {count} were planned: did the file change?", rows.len()),
+            format!(
+                "{source} has {} features from {start} where {count} were planned: did the file change?",
+                rows.len()
+            ),
         ));
     }
     let read_seconds = started.elapsed().as_secs_f64();
@@ -787,7 +839,11 @@ pub fn finish(task: &Task, url: &str) -> Result<Value, TaskError> {
     };
     let index = quote_ident(&index);
     client
-        .batch_execute(&format!("CREATE INDEX IF NOT EXISTS {index} ON {} USING gist (geom); ANALYZE {}", table.quoted(), table.quoted()))
+        .batch_execute(&format!(
+            "CREATE INDEX IF NOT EXISTS {index} ON {} USING gist (geom); ANALYZE {}",
+            table.quoted(),
+            table.quoted()
+        ))
         .map_err(|e| db_error("indexing", e))?;
     let row = client
         .query_one(

@@ -17,12 +17,21 @@ use stageflow_worker::Task;
 fn fixture() -> Vec<(String, PathBuf, &'static str)> {
     let shapes = "geopandas/usr/lib/python3/dist-packages/geopandas/datasets/naturalearth_lowres";
     let mut files = vec![
-        ("L7_ETMs.tif".to_owned(), jobs::geodata("stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif").into(), "image/tiff; application=geotiff"),
+        (
+            "L7_ETMs.tif".to_owned(),
+            jobs::geodata("stars/usr/lib/R/site-library/stars/tif/L7_ETMs.tif").into(),
+            "image/tiff; application=geotiff",
+        ),
         ("vector/nc.gpkg".to_owned(), jobs::geodata(jobs::NC).into(), "application/geopackage+sqlite3"),
         ("vector/cycle_hire.geojson".to_owned(), jobs::geodata(jobs::CYCLE_HIRE).into(), "application/geo+json"),
     ];
-    for (extension, media) in [("shp", "application/vnd.shp"), ("shx", "application/vnd.shx"), ("dbf", "application/vnd.dbf"),
-                               ("prj", "text/plain"), ("cpg", "text/plain")] {
+    for (extension, media) in [
+        ("shp", "application/vnd.shp"),
+        ("shx", "application/vnd.shx"),
+        ("dbf", "application/vnd.dbf"),
+        ("prj", "text/plain"),
+        ("cpg", "text/plain"),
+    ] {
         let name = format!("naturalearth_lowres.{extension}");
         files.push((format!("vector/countries/{name}"), jobs::geodata(&format!("{shapes}/{name}")).into(), media));
     }
@@ -55,7 +64,11 @@ fn make_container(name: &str) -> (PathBuf, BTreeMap<String, &'static str>) {
     let late = dir.join("generated/late_directory.tif");
     std::fs::write(&late, tiff_with_directory_last(300, 300)).unwrap();
     let info = stageflow_geo::raster::metadata(late.to_str().unwrap()).unwrap();
-    assert_eq!((info["crs"]["epsg"].clone(), info["width"].clone()), (json!(32633), json!(300)), "GDAL reads it: {info}");
+    assert_eq!(
+        (info["crs"]["epsg"].clone(), info["width"].clone()),
+        (json!(32633), json!(300)),
+        "GDAL reads it: {info}"
+    );
     expected.insert("generated/late_directory.tif".into(), "image/tiff; application=geotiff");
     let driver = gdal::DriverManager::get_driver_by_name("GTiff").unwrap();
     drop(driver.create_with_band_type::<u8, _>(dir.join("generated/plain.tif"), 4, 4, 1).unwrap());
@@ -88,8 +101,17 @@ fn tiff_with_directory_last(width: u32, height: u32) -> Vec<u8> {
     out[4..8].copy_from_slice(&directory.to_le_bytes());
     // (tag, type: 3 SHORT, 4 LONG, 12 DOUBLE, count, value or offset)
     let entries: [(u16, u16, u32, u32); 12] = [
-        (256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8),
-        (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, pixels), (33550, 12, 3, scale_at), (33922, 12, 6, tiepoint_at),
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, 1, 8),
+        (277, 3, 1, 1),
+        (278, 4, 1, height),
+        (279, 4, 1, pixels),
+        (33550, 12, 3, scale_at),
+        (33922, 12, 6, tiepoint_at),
         (34735, 3, keys.len() as u32, keys_at),
     ];
     out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
@@ -113,8 +135,13 @@ fn sha256sum(path: &Path) -> String {
 /// What a completed inventory must say about the files in `originals` (relative path -> the local
 /// file with the same content): each listed once, right size, checksum and media type, and the
 /// table's rows equal to the result.
-fn check_inventory(client: &mut postgres::Client, job_id: &str, status: &Value, originals: &BTreeMap<String, PathBuf>,
-                   expected: &BTreeMap<String, &'static str>) {
+fn check_inventory(
+    client: &mut postgres::Client,
+    job_id: &str,
+    status: &Value,
+    originals: &BTreeMap<String, PathBuf>,
+    expected: &BTreeMap<String, &'static str>,
+) {
     assert_eq!(status["status"], json!("completed"), "{status}");
     let result = &status["result"];
     let files = result["files"].as_array().unwrap();
@@ -159,7 +186,10 @@ fn check_inventory(client: &mut postgres::Client, job_id: &str, status: &Value, 
 /// A catalog task run again with the same inputs (a retry) leaves the same rows.
 fn rerun_catalog(url: &str, client: &mut postgres::Client, job_id: &str, source: &str) {
     let inputs: Value = client
-        .query_one("SELECT jsonb_agg(result ORDER BY task_key) FROM stageflow.job_tasks($1) WHERE stage = 2", &[&job_id])
+        .query_one(
+            "SELECT jsonb_agg(result ORDER BY task_key) FROM stageflow.job_tasks($1) WHERE stage = 2",
+            &[&job_id],
+        )
         .unwrap()
         .get(0);
     let rows = |client: &mut postgres::Client| -> (i64, String) {
@@ -173,10 +203,20 @@ fn rerun_catalog(url: &str, client: &mut postgres::Client, job_id: &str, source:
     };
     let before = rows(client);
     let task = Task {
-        task_id: "retry".into(), job_id: job_id.into(), job_type: "container_inventory".into(), stage: 3,
-        stage_name: "catalog".into(), handler: "geo.inventory_catalog".into(), task_key: "0".into(),
-        params: json!({"source": source}), predecessor: None, inputs: Some(inputs), attempt: 2, timeout_seconds: None,
-        lease_token: 0, lease_seconds: 0,
+        task_id: "retry".into(),
+        job_id: job_id.into(),
+        job_type: "container_inventory".into(),
+        stage: 3,
+        stage_name: "catalog".into(),
+        handler: "geo.inventory_catalog".into(),
+        task_key: "0".into(),
+        params: json!({"source": source}),
+        predecessor: None,
+        inputs: Some(inputs),
+        attempt: 2,
+        timeout_seconds: None,
+        lease_token: 0,
+        lease_seconds: 0,
     };
     let again = stageflow_geo::inventory::catalog(&task, url).unwrap();
     assert_eq!(again["count"].as_i64().unwrap(), before.0);
@@ -198,7 +238,8 @@ fn inventory_of_a_local_directory() {
     let (dir, expected) = make_container("local");
     let (url, mut client) = jobs::geo_database("geo_inventory_local");
     let source = dir.to_str().unwrap().to_owned();
-    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}), 2);
+    let (job_id, status, elapsed) =
+        jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}), 2);
     eprintln!("container_inventory of {} local files: {elapsed:.2?}", expected.len());
     let originals: BTreeMap<String, PathBuf> = expected.keys().map(|p| (p.clone(), dir.join(p))).collect();
     check_inventory(&mut client, &job_id, &status, &originals, &expected);
@@ -226,12 +267,17 @@ fn inventory_of_a_local_directory() {
 fn a_missing_source_fails_the_job_with_a_categorised_error() {
     let _serial = one_at_a_time();
     let (url, mut client) = jobs::geo_database("geo_inventory_missing");
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "/nonexistent/stageflow/survey"}), 2);
+    let (job_id, status, _) =
+        jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "/nonexistent/stageflow/survey"}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = jobs::task_errors(&mut client, &job_id);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].0, "list");
-    assert_eq!((errors[0].1["type"].clone(), errors[0].1["category"].clone()), (json!("not_found"), json!("permanent")), "{errors:?}");
+    assert_eq!(
+        (errors[0].1["type"].clone(), errors[0].1["category"].clone()),
+        (json!("not_found"), json!("permanent")),
+        "{errors:?}"
+    );
     let attempts: i32 = client.query_one("SELECT attempt FROM stageflow.job_tasks($1)", &[&job_id]).unwrap().get(0);
     assert_eq!(attempts, 1, "a permanent error is not retried");
 
@@ -240,7 +286,8 @@ fn a_missing_source_fails_the_job_with_a_categorised_error() {
     let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": file}), 2);
     assert_eq!(status["status"], json!("failed"));
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("not_a_directory"));
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "ftp://example/x"}), 2);
+    let (job_id, status, _) =
+        jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "ftp://example/x"}), 2);
     assert_eq!(status["status"], json!("failed"));
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("bad_url"));
 }
@@ -251,8 +298,13 @@ fn inventory_of_an_s3_prefix() {
     let moto = jobs::Moto::start();
     // The worker runs in this process: it reads the AWS_* variables set here (the other tests of
     // this binary wait for this one: see ONE_AT_A_TIME).
-    for (name, value) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
-                          ("AWS_ENDPOINT", moto.endpoint.as_str()), ("AWS_ALLOW_HTTP", "true")] {
+    for (name, value) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_ENDPOINT", moto.endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+    ] {
         std::env::set_var(name, value);
     }
     std::env::remove_var("AWS_SESSION_TOKEN");
@@ -270,12 +322,16 @@ for base, _, names in os.walk(root):
         s3.upload_file(path, "geo-survey", "survey/2024/" + os.path.relpath(path, root))
 s3.put_object(Bucket="geo-survey", Key="survey/2023/old.txt", Body=b"outside the prefix")
 "#;
-    let out = Command::new(format!("{PYTOOLS}/python")).args(["-c", upload, &moto.endpoint, dir.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(format!("{PYTOOLS}/python"))
+        .args(["-c", upload, &moto.endpoint, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "upload: {}", String::from_utf8_lossy(&out.stderr));
 
     let (url, mut client) = jobs::geo_database("geo_inventory_s3");
     let source = "s3://geo-survey/survey/2024";
-    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}), 2);
+    let (job_id, status, elapsed) =
+        jobs::run_job(&url, &mut client, "container_inventory", json!({"source": source}), 2);
     eprintln!("container_inventory of {} S3 objects: {elapsed:.2?}", expected.len());
     let originals: BTreeMap<String, PathBuf> = expected.keys().map(|p| (p.clone(), dir.join(p))).collect();
     check_inventory(&mut client, &job_id, &status, &originals, &expected);
@@ -285,10 +341,15 @@ s3.put_object(Bucket="geo-survey", Key="survey/2023/old.txt", Body=b"outside the
 
     // An empty prefix and a missing bucket: permanent not_found.
     for missing in ["s3://geo-survey/survey/1999", "s3://no-such-bucket/x"] {
-        let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": missing}), 2);
+        let (job_id, status, _) =
+            jobs::run_job(&url, &mut client, "container_inventory", json!({"source": missing}), 2);
         assert_eq!(status["status"], json!("failed"), "{missing}: {status}");
         let errors = jobs::task_errors(&mut client, &job_id);
-        assert_eq!((errors[0].1["type"].clone(), errors[0].1["category"].clone()), (json!("not_found"), json!("permanent")), "{missing}: {errors:?}");
+        assert_eq!(
+            (errors[0].1["type"].clone(), errors[0].1["category"].clone()),
+            (json!("not_found"), json!("permanent")),
+            "{missing}: {errors:?}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
     drop(moto);

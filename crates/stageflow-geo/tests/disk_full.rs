@@ -30,8 +30,13 @@ impl TinyDisk {
         let dir = std::env::temp_dir().join(format!("stageflow-tiny-{name}"));
         let _ = as_root(&["umount", "-l", dir.to_str().unwrap()]);
         std::fs::create_dir_all(&dir).unwrap();
-        let out = as_root(&["mount", "-t", "tmpfs", "-o", &format!("size={kib}k,mode=1777"), "tmpfs", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "mounting a tmpfs (needs root or sudo -n): {}", String::from_utf8_lossy(&out.stderr));
+        let out =
+            as_root(&["mount", "-t", "tmpfs", "-o", &format!("size={kib}k,mode=1777"), "tmpfs", dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (needs root or sudo -n): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         TinyDisk { dir }
     }
 

@@ -7,11 +7,12 @@ mod jobs;
 
 use std::process::Command;
 
-use serde_json::{json, Value};
 use jobs::*;
+use serde_json::{json, Value};
 
 fn python() -> String {
-    let python = std::env::var("STAGEFLOW_PYTOOLS_PYTHON").unwrap_or_else(|_| "/var/tmp/stageflow-pytools/bin/python".into());
+    let python =
+        std::env::var("STAGEFLOW_PYTOOLS_PYTHON").unwrap_or_else(|_| "/var/tmp/stageflow-pytools/bin/python".into());
     assert!(std::path::Path::new(&python).exists(), "{python} is missing: scripts/setup.sh makes the venv");
     python
 }
@@ -100,16 +101,26 @@ fn exports_the_nc_counties_to_geoparquet_that_pyarrow_and_geopandas_read() {
         let row = client
             .query_one("SELECT name, area, cress_id, ST_Area(geom) FROM stageflow_geo.nc WHERE fid = $1", &[&fid])
             .unwrap();
-        let (name, area, cress_id, geometry_area): (String, f64, i32, f64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (name, area, cress_id, geometry_area): (String, f64, i32, f64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
         let got = &read["values"][fid.to_string()];
-        assert_eq!((got["name"].clone(), got["area"].clone(), got["cress_id"].clone()), (json!(name), json!(area), json!(cress_id)), "fid {fid}");
+        assert_eq!(
+            (got["name"].clone(), got["area"].clone(), got["cress_id"].clone()),
+            (json!(name), json!(area), json!(cress_id)),
+            "fid {fid}"
+        );
         assert!((got["geometry_area"].as_f64().unwrap() - geometry_area).abs() < 1e-12, "fid {fid}");
     }
 
     // Exporting again to the same path replaces the file whole.
     let first = std::fs::read(&output).unwrap();
-    let (_, again, _) =
-        run_job(&url, &mut client, "export_geoparquet", json!({"table": "stageflow_geo.nc", "output": output.to_str().unwrap()}), 2);
+    let (_, again, _) = run_job(
+        &url,
+        &mut client,
+        "export_geoparquet",
+        json!({"table": "stageflow_geo.nc", "output": output.to_str().unwrap()}),
+        2,
+    );
     assert_eq!(again["status"], json!("completed"), "{again}");
     assert_eq!(std::fs::read(&output).unwrap(), first, "the same table, the same file");
     assert_eq!(temporary_files(&dir), Vec::<String>::new(), "the temporary file was renamed");
@@ -129,8 +140,13 @@ fn exports_wide_numerics_points_and_other_types() {
         .unwrap();
     let output = std::env::temp_dir().join("stageflow-geo-export-types.parquet");
     let _ = std::fs::remove_file(&output);
-    let (_, status, _) =
-        run_job(&url, &mut client, "export_geoparquet", json!({"table": "public.places", "output": output.to_str().unwrap()}), 2);
+    let (_, status, _) = run_job(
+        &url,
+        &mut client,
+        "export_geoparquet",
+        json!({"table": "public.places", "output": output.to_str().unwrap()}),
+        2,
+    );
     assert_eq!(status["status"], json!("completed"), "{status}");
     assert_eq!(status["result"]["crs"]["epsg"], json!(3857));
     let script = r#"
@@ -153,11 +169,16 @@ print(json.dumps({"types": {f.name: str(f.type) for f in t.schema}, "rows": t.to
         "{read}"
     );
     let first = &read["rows"][0];
-    assert_eq!((first["label"].clone(), first["big"].clone(), first["seen"].clone(), first["ok"].clone()),
-               (json!("a"), json!(123456789012345678.0f64), json!("2024-02-29"), json!(true)));
+    assert_eq!(
+        (first["label"].clone(), first["big"].clone(), first["seen"].clone(), first["ok"].clone()),
+        (json!("a"), json!(123456789012345678.0f64), json!("2024-02-29"), json!(true))
+    );
     assert_eq!(first["at"], json!("2024-02-29 12:00:00+00:00"));
     assert_eq!(read["rows"][1]["label"], Value::Null);
-    assert_eq!((read["epsg"].clone(), read["x"].clone(), read["null_geometry"].clone()), (json!(3857), json!(100.0), json!(true)));
+    assert_eq!(
+        (read["epsg"].clone(), read["x"].clone(), read["null_geometry"].clone()),
+        (json!(3857), json!(100.0), json!(true))
+    );
     assert_eq!(read["geo"]["columns"]["geom"]["geometry_types"], json!(["Point"]));
 }
 
@@ -175,14 +196,25 @@ fn a_missing_table_is_a_categorised_error() {
     let (url, mut client) = geo_database("geo_export_missing");
     let output = std::env::temp_dir().join("stageflow-geo-export-missing.parquet");
     let _ = std::fs::remove_file(&output);
-    let (job_id, status, _) =
-        run_job(&url, &mut client, "export_geoparquet", json!({"table": "no_such_table", "output": output.to_str().unwrap()}), 2);
+    let (job_id, status, _) = run_job(
+        &url,
+        &mut client,
+        "export_geoparquet",
+        json!({"table": "no_such_table", "output": output.to_str().unwrap()}),
+        2,
+    );
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = task_errors(&mut client, &job_id);
-    assert_eq!((errors[0].1["type"].clone(), errors[0].1["category"].clone()), (json!("not_found"), json!("permanent")), "{errors:?}");
+    assert_eq!(
+        (errors[0].1["type"].clone(), errors[0].1["category"].clone()),
+        (json!("not_found"), json!("permanent")),
+        "{errors:?}"
+    );
     assert!(!output.exists());
 
-    let direct = |params: Value| stageflow_geo::geoparquet_export::write(&task("geo.geoparquet_write", params), &url).unwrap_err();
+    let direct = |params: Value| {
+        stageflow_geo::geoparquet_export::write(&task("geo.geoparquet_write", params), &url).unwrap_err()
+    };
     let missing = direct(json!({"table": "public.nothing", "output": output.to_str().unwrap()}));
     assert_eq!(missing.kind, "not_found", "{missing}");
     assert!(!output.exists());

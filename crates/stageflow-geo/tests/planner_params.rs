@@ -11,7 +11,10 @@ use serde_json::{json, Value};
 fn a_planner_cannot_replace_the_output_of_process_raster() {
     let (_url, mut client) = jobs::geo_database("geo_planner_params");
     let job_id: String = client
-        .query_one("SELECT stageflow.submit_job('process_raster', $1)", &[&json!({"source": "/data/in.tif", "output": "/data/out"})])
+        .query_one(
+            "SELECT stageflow.submit_job('process_raster', $1)",
+            &[&json!({"source": "/data/in.tif", "output": "/data/out"})],
+        )
         .unwrap()
         .get(0);
     // The stages before the plan, completed by hand (their results do not shape the plan stage).
@@ -38,17 +41,16 @@ fn a_planner_cannot_replace_the_output_of_process_raster() {
 
     let plan_result = json!({"tasks": [{"key": "tile_x0_y0", "params": {"col": 0, "row": 0, "xoff": 0, "yoff": 0, "xsize": 8, "ysize": 8}}]});
     client
-        .execute("SELECT stageflow.complete_task_and_check_stage($1, $2, 'test', $3)", &[&plan.0, &plan_result, &plan.1])
+        .execute(
+            "SELECT stageflow.complete_task_and_check_stage($1, $2, 'test', $3)",
+            &[&plan.0, &plan_result, &plan.1],
+        )
         .unwrap();
-    let params: Value = client
-        .query_one("SELECT params FROM stageflow.claim_tasks('geo', 1, 60, 'test')", &[])
-        .unwrap()
-        .get(0);
+    let params: Value =
+        client.query_one("SELECT params FROM stageflow.claim_tasks('geo', 1, 60, 'test')", &[]).unwrap().get(0);
     assert_eq!(params["output"], json!("/data/out"), "{params}");
     assert_eq!(params["col"], json!(0), "{params}");
-    let status: String = client
-        .query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id])
-        .unwrap()
-        .get(0);
+    let status: String =
+        client.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).unwrap().get(0);
     assert_eq!(status, "processing");
 }

@@ -40,7 +40,8 @@ fn metadata_of_a_landsat_scene() {
 fn bad_inputs_are_categorised_errors_not_panics() {
     let missing = stageflow_geo::raster::metadata("/nonexistent/x.tif").unwrap_err();
     assert_eq!((missing.kind.as_str(), missing.category.as_str()), ("not_found", "permanent"));
-    let not_raster = stageflow_geo::raster::metadata(&format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"))).unwrap_err();
+    let not_raster =
+        stageflow_geo::raster::metadata(&format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"))).unwrap_err();
     assert_eq!(not_raster.kind, "unreadable");
     // A raster without a CRS, written with GDAL.
     let bare = std::env::temp_dir().join("stageflow-geo-no-crs.tif");
@@ -48,7 +49,9 @@ fn bad_inputs_are_categorised_errors_not_panics() {
     drop(driver.create_with_band_type::<u8, _>(&bare, 4, 4, 1).unwrap());
     let no_crs = stageflow_geo::raster::metadata(bare.to_str().unwrap()).unwrap_err();
     assert_eq!(no_crs.kind, "missing_crs", "{no_crs}");
-    let small = stageflow_geo::raster::plan(&task("geo.raster_plan", json!({"source": "/nonexistent.tif", "tile_size": 64}))).unwrap_err();
+    let small =
+        stageflow_geo::raster::plan(&task("geo.raster_plan", json!({"source": "/nonexistent.tif", "tile_size": 64})))
+            .unwrap_err();
     assert_eq!(small.kind, "not_found");
 }
 
@@ -62,7 +65,11 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
     let output = std::env::temp_dir().join("stageflow-geo-out");
     let _ = std::fs::remove_dir_all(&output);
     let source = data("L7_ETMs.tif");
-    let job_id = submit(&mut client, "process_raster", json!({"source": source, "tile_size": 128, "output": output.to_str().unwrap()}));
+    let job_id = submit(
+        &mut client,
+        "process_raster",
+        json!({"source": source, "tile_size": 128, "output": output.to_str().unwrap()}),
+    );
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut config = WorkerConfig::new(url.clone());
@@ -97,8 +104,15 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
         )
         .unwrap();
     let params: Value = row.get(0);
-    assert_eq!((params["col"].clone(), params["row"].clone(), params["xoff"].clone(), params["yoff"].clone()), (json!(1), json!(2), json!(128), json!(256)));
-    assert_eq!((params["xsize"].clone(), params["ysize"].clone()), (json!(128), json!(96)), "the last row is 352 - 256 = 96 high");
+    assert_eq!(
+        (params["col"].clone(), params["row"].clone(), params["xoff"].clone(), params["yoff"].clone()),
+        (json!(1), json!(2), json!(128), json!(256))
+    );
+    assert_eq!(
+        (params["xsize"].clone(), params["ysize"].clone()),
+        (json!(128), json!(96)),
+        "the last row is 352 - 256 = 96 high"
+    );
 
     // Every tile is a valid COG by GDAL's own validator and by rio-cogeo (PyPI, in the venv
     // scripts/setup.sh makes), neither of them ours.
@@ -108,12 +122,25 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
         for row in 0..3 {
             let tif = output.join(format!("tile_x{col}_y{row}.tif"));
             let check = Command::new("/usr/bin/python3").arg(validator).arg(&tif).output().unwrap();
-            assert!(check.status.success(), "{}: {}{}", tif.display(), String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
-            let check = Command::new(rio).args(["cogeo", "validate", "--strict"]).arg(&tif).output()
+            assert!(
+                check.status.success(),
+                "{}: {}{}",
+                tif.display(),
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+            let check = Command::new(rio)
+                .args(["cogeo", "validate", "--strict"])
+                .arg(&tif)
+                .output()
                 .unwrap_or_else(|e| panic!("{rio}: {e} (scripts/setup.sh installs it)"));
             let said = String::from_utf8_lossy(&check.stdout);
-            assert!(check.status.success() && said.contains("is a valid cloud optimized GeoTIFF"),
-                    "rio cogeo validate {}: {said}{}", tif.display(), String::from_utf8_lossy(&check.stderr));
+            assert!(
+                check.status.success() && said.contains("is a valid cloud optimized GeoTIFF"),
+                "rio cogeo validate {}: {said}{}",
+                tif.display(),
+                String::from_utf8_lossy(&check.stderr)
+            );
             let info = stageflow_geo::raster::metadata(tif.to_str().unwrap()).unwrap();
             assert_eq!(info["is_cog"], json!(true));
             assert_eq!(info["compression"], json!("DEFLATE"));
@@ -124,16 +151,33 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
     // The STAC catalog: a collection linking 9 items whose bboxes lie in its extent.
     let collection: Value = serde_json::from_slice(&std::fs::read(output.join("collection.json")).unwrap()).unwrap();
     assert_eq!(collection["type"], json!("Collection"));
-    let extent = collection["extent"]["spatial"]["bbox"][0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();
-    let items: Vec<&Value> = collection["links"].as_array().unwrap().iter().filter(|l| l["rel"] == json!("item")).collect();
+    let extent = collection["extent"]["spatial"]["bbox"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect::<Vec<_>>();
+    let items: Vec<&Value> =
+        collection["links"].as_array().unwrap().iter().filter(|l| l["rel"] == json!("item")).collect();
     assert_eq!(items.len(), 9);
     for link in items {
-        let item: Value = serde_json::from_slice(&std::fs::read(output.join(link["href"].as_str().unwrap())).unwrap()).unwrap();
+        let item: Value =
+            serde_json::from_slice(&std::fs::read(output.join(link["href"].as_str().unwrap())).unwrap()).unwrap();
         let b = item["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();
-        assert!(b[0] >= extent[0] - 1e-9 && b[1] >= extent[1] - 1e-9 && b[2] <= extent[2] + 1e-9 && b[3] <= extent[3] + 1e-9, "{b:?} in {extent:?}");
+        assert!(
+            b[0] >= extent[0] - 1e-9
+                && b[1] >= extent[1] - 1e-9
+                && b[2] <= extent[2] + 1e-9
+                && b[3] <= extent[3] + 1e-9,
+            "{b:?} in {extent:?}"
+        );
         assert_eq!(item["properties"]["proj:epsg"], json!(31985));
         assert_eq!(item["assets"]["data"]["raster:bands"].as_array().unwrap().len(), 6);
-        assert_eq!(item["assets"]["data"]["raster:bands"][0]["data_type"], json!("uint8"), "the raster extension's name");
+        assert_eq!(
+            item["assets"]["data"]["raster:bands"][0]["data_type"],
+            json!("uint8"),
+            "the raster extension's name"
+        );
         assert_eq!(item["geometry"]["coordinates"][0].as_array().unwrap().len(), 5);
     }
     assert_eq!(status["result"]["items"], json!(9), "the job's result is the fan-in's");

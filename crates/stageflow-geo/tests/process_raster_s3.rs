@@ -30,24 +30,36 @@ s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
 fn process_raster_reads_and_writes_s3() {
     assert!(PathBuf::from(LANDSAT).exists(), "{LANDSAT} is missing: scripts/setup.sh fetches it");
     let moto = jobs::Moto::start();
-    for (name, value) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
-                          ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT", moto.endpoint.as_str()), ("AWS_ALLOW_HTTP", "true")] {
+    for (name, value) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT", moto.endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+    ] {
         std::env::set_var(name, value);
     }
     std::env::remove_var("AWS_SESSION_TOKEN");
-    python(&format!("{S3}s3.create_bucket(Bucket='rasters')\ns3.upload_file(sys.argv[2], 'rasters', 'scenes/L7_ETMs.tif')"),
-           &[&moto.endpoint, LANDSAT]);
+    python(
+        &format!(
+            "{S3}s3.create_bucket(Bucket='rasters')\ns3.upload_file(sys.argv[2], 'rasters', 'scenes/L7_ETMs.tif')"
+        ),
+        &[&moto.endpoint, LANDSAT],
+    );
 
     let (url, mut client) = jobs::geo_database("geo_raster_s3");
 
     // extract_metadata straight from S3.
-    let (_, status, _) = jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/L7_ETMs.tif"}), 2);
+    let (_, status, _) =
+        jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/L7_ETMs.tif"}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
     assert_eq!(status["result"]["crs"]["epsg"], json!(31985));
     assert_eq!((status["result"]["width"].clone(), status["result"]["height"].clone()), (json!(349), json!(352)));
 
     // A missing object is a permanent not_found, as a missing local file is.
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/nothing.tif"}), 2);
+    let (job_id, status, _) =
+        jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/nothing.tif"}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("not_found"));
 
@@ -56,7 +68,9 @@ fn process_raster_reads_and_writes_s3() {
         &url,
         &mut client,
         "process_raster",
-        json!({"source": "s3://rasters/scenes/L7_ETMs.tif", "tile_size": 128, "output": "s3://rasters/tiles/l7"}), 2);
+        json!({"source": "s3://rasters/scenes/L7_ETMs.tif", "tile_size": 128, "output": "s3://rasters/tiles/l7"}),
+        2,
+    );
     assert_eq!(status["status"], json!("completed"), "{status}");
     eprintln!("process_raster S3 -> S3, 9 tiles: {:.2} s", elapsed.as_secs_f64());
     assert_eq!(status["result"]["items"], json!(9));
@@ -79,13 +93,24 @@ fn process_raster_reads_and_writes_s3() {
            &[&moto.endpoint, local.to_str().unwrap()]);
     for key in keys.iter().filter(|k| k.ends_with(".tif")) {
         let tif = local.join(key.trim_start_matches("tiles/l7/"));
-        let check = Command::new(format!("{PYTOOLS}/rio")).args(["cogeo", "validate", "--strict"]).arg(&tif).output().unwrap();
+        let check =
+            Command::new(format!("{PYTOOLS}/rio")).args(["cogeo", "validate", "--strict"]).arg(&tif).output().unwrap();
         let said = String::from_utf8_lossy(&check.stdout);
-        assert!(check.status.success() && said.contains("is a valid cloud optimized GeoTIFF"), "{}: {said}", tif.display());
+        assert!(
+            check.status.success() && said.contains("is a valid cloud optimized GeoTIFF"),
+            "{}: {said}",
+            tif.display()
+        );
     }
 
     // The downloaded catalog is valid STAC (offline schemas), its links resolving between files.
-    let (_, report, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": local.join("collection.json").to_str().unwrap()}), 2);
+    let (_, report, _) = jobs::run_job(
+        &url,
+        &mut client,
+        "validate_stac",
+        json!({"path": local.join("collection.json").to_str().unwrap()}),
+        2,
+    );
     assert_eq!(report["status"], json!("completed"), "{report}");
     let result: &Value = &report["result"];
     assert_eq!((result["documents"].clone(), result["error_count"].clone()), (json!(10), json!(0)), "{result}");

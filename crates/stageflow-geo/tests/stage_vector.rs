@@ -7,19 +7,16 @@ mod jobs;
 use std::collections::HashMap;
 
 use gdal::vector::LayerAccess;
+use jobs::*;
 use postgres::Client;
 use serde_json::{json, Value};
-use jobs::*;
 
 fn rows(client: &mut Client, table: &str) -> i64 {
     client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).unwrap().get(0)
 }
 
 fn invalid_in_postgis(client: &mut Client, table: &str) -> i64 {
-    client
-        .query_one(&format!("SELECT count(*) FROM {table} WHERE NOT ST_IsValid(geom)"), &[])
-        .unwrap()
-        .get(0)
+    client.query_one(&format!("SELECT count(*) FROM {table} WHERE NOT ST_IsValid(geom)"), &[]).unwrap().get(0)
 }
 
 fn has_gist_index(client: &mut Client, table: &str) -> bool {
@@ -47,7 +44,8 @@ fn srid_and_type(client: &mut Client, table: &str) -> (i32, String) {
 /// Loads one file, checks what every load must satisfy, and returns the job's result.
 fn stage_and_check(url: &str, client: &mut Client, file: &str, table_param: &str, extra: Value) -> Value {
     let mut params = stage_params(file, table_param);
-    let qualified = if table_param.contains('.') { table_param.to_owned() } else { format!("stageflow_geo.{table_param}") };
+    let qualified =
+        if table_param.contains('.') { table_param.to_owned() } else { format!("stageflow_geo.{table_param}") };
     let table = qualified.as_str();
     for (k, v) in extra.as_object().unwrap() {
         params[k] = v.clone();
@@ -105,13 +103,16 @@ fn stages_a_geopackage_with_its_types_and_crs() {
     let from_gdal: Vec<(String, f64, f64)> = layer
         .features()
         .map(|f| {
-            (f.field_as_string(name_index).unwrap().unwrap(), f.field_as_double(area_index).unwrap().unwrap(), f.geometry().unwrap().area())
+            (
+                f.field_as_string(name_index).unwrap().unwrap(),
+                f.field_as_double(area_index).unwrap().unwrap(),
+                f.geometry().unwrap().area(),
+            )
         })
         .collect();
     for fid in [1i64, 37, 100] {
-        let row = client
-            .query_one("SELECT name, area, ST_Area(geom) FROM stageflow_geo.nc WHERE fid = $1", &[&fid])
-            .unwrap();
+        let row =
+            client.query_one("SELECT name, area, ST_Area(geom) FROM stageflow_geo.nc WHERE fid = $1", &[&fid]).unwrap();
         let (name, area, geometry_area): (String, f64, f64) = (row.get(0), row.get(1), row.get(2));
         let expected = &from_gdal[fid as usize - 1];
         assert_eq!((name.as_str(), area), (expected.0.as_str(), expected.1), "fid {fid}");
@@ -129,7 +130,13 @@ fn stages_a_geopackage_with_its_types_and_crs() {
 fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicates() {
     let (url, mut client) = geo_database("geo_vector_cycle_hire");
     let file = geodata(CYCLE_HIRE);
-    let (job_id, status, elapsed) = run_job(&url, &mut client, "stage_vector", json!({"source": file, "table": "public.cycle_hire", "chunk_size": 100}), 3);
+    let (job_id, status, elapsed) = run_job(
+        &url,
+        &mut client,
+        "stage_vector",
+        json!({"source": file, "table": "public.cycle_hire", "chunk_size": 100}),
+        3,
+    );
     assert_eq!(status["status"], json!("completed"), "{status}");
     eprintln!("stage_vector cycle_hire in chunks of 100 with 3 slots: {:.3} s", elapsed.as_secs_f64());
     let result = &status["result"];
@@ -141,7 +148,10 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
     assert_eq!(status["stages"][1]["task_count"], json!(8), "{status}");
     assert!(has_gist_index(&mut client, "public.cycle_hire"));
     let types: HashMap<String, String> = column_types(&mut client, "public.cycle_hire").into_iter().collect();
-    assert_eq!((types["id"].as_str(), types["nbikes"].as_str(), types["name"].as_str()), ("integer", "integer", "text"));
+    assert_eq!(
+        (types["id"].as_str(), types["nbikes"].as_str(), types["name"].as_str()),
+        ("integer", "integer", "text")
+    );
     assert_eq!(types["geom"], "geometry(Point,4326)");
 
     // With 3 slots, load tasks ran at the same time: some two of them overlap in time.
@@ -156,16 +166,16 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(spans.len(), 8);
-    let overlapping = spans
-        .iter()
-        .enumerate()
-        .any(|(i, a)| spans.iter().skip(i + 1).any(|b| a.0 < b.1 && b.0 < a.1));
+    let overlapping = spans.iter().enumerate().any(|(i, a)| spans.iter().skip(i + 1).any(|b| a.0 < b.1 && b.0 < a.1));
     assert!(overlapping, "no two load tasks ran at once: {spans:?}");
 
     // A chunk run twice more, by hand, with the params the engine gave it.
     // The task's own params overlay the job's, as claim_tasks hands them to the worker.
     let own: Value = client
-        .query_one("SELECT params FROM stageflow.tasks WHERE job_id = $1 AND stage = 2 AND task_key = 'chunk_3'", &[&job_id])
+        .query_one(
+            "SELECT params FROM stageflow.tasks WHERE job_id = $1 AND stage = 2 AND task_key = 'chunk_3'",
+            &[&job_id],
+        )
         .unwrap()
         .get(0);
     let mut params = status["params"].clone();
@@ -174,7 +184,10 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
     }
     assert_eq!((params["start"].clone(), params["count"].clone()), (json!(300), json!(100)));
     let digest = |client: &mut Client| -> String {
-        client.query_one("SELECT md5(string_agg(t::text, '|' ORDER BY fid)) FROM public.cycle_hire t", &[]).unwrap().get(0)
+        client
+            .query_one("SELECT md5(string_agg(t::text, '|' ORDER BY fid)) FROM public.cycle_hire t", &[])
+            .unwrap()
+            .get(0)
     };
     let before = digest(&mut client);
     for _ in 0..2 {
@@ -183,28 +196,45 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
     }
     assert_eq!(rows(&mut client, "public.cycle_hire"), 742);
     assert_eq!(digest(&mut client), before, "the chunk's rows are the same rows");
-    let (first, last): (i64, i64) =
-        { let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap(); (r.get(0), r.get(1)) };
+    let (first, last): (i64, i64) = {
+        let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
     assert_eq!((first, last), (1, 742));
 
     // A shorter source of the same shape staged into the same table reloads it: the table holds
     // its 10 points and nothing of the 742 before (cut with GDAL's ogr2ogr, not by us).
     let short = std::env::temp_dir().join("stageflow-cycle-hire-10.geojson");
     let _ = std::fs::remove_file(&short);
-    let cut = std::process::Command::new("ogr2ogr").args(["-f", "GeoJSON", "-limit", "10"]).arg(&short).arg(&file).output().unwrap();
+    let cut = std::process::Command::new("ogr2ogr")
+        .args(["-f", "GeoJSON", "-limit", "10"])
+        .arg(&short)
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(cut.status.success(), "{}", String::from_utf8_lossy(&cut.stderr));
-    let (_, reloaded, _) =
-        run_job(&url, &mut client, "stage_vector", json!({"source": short.to_str().unwrap(), "table": "public.cycle_hire", "chunk_size": 100}), 2);
+    let (_, reloaded, _) = run_job(
+        &url,
+        &mut client,
+        "stage_vector",
+        json!({"source": short.to_str().unwrap(), "table": "public.cycle_hire", "chunk_size": 100}),
+        2,
+    );
     assert_eq!(reloaded["status"], json!("completed"), "{reloaded}");
     assert_eq!(reloaded["result"]["rows"], json!(10));
     assert_eq!(rows(&mut client, "public.cycle_hire"), 10);
-    let (first, last): (i64, i64) =
-        { let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap(); (r.get(0), r.get(1)) };
+    let (first, last): (i64, i64) = {
+        let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
     assert_eq!((first, last), (1, 10));
 
     // The chunk size has a minimum, enforced by the job type's schema at submission.
     let refused = client
-        .query_one("SELECT stageflow.submit_job('stage_vector', $1)", &[&json!({"source": file, "table": "x", "chunk_size": 5})])
+        .query_one(
+            "SELECT stageflow.submit_job('stage_vector', $1)",
+            &[&json!({"source": file, "table": "x", "chunk_size": 5})],
+        )
         .unwrap_err();
     assert_eq!(refused.code().unwrap().code(), "22023", "{refused}");
 }
@@ -231,11 +261,17 @@ fn stages_a_shapefile_promoting_mixed_polygons_with_wide_numerics() {
     for f in layer.features() {
         let geometry = f.geometry().unwrap();
         let parts = if geometry.geometry_name() == "MULTIPOLYGON" { geometry.geometry_count() } else { 1 };
-        from_gdal.insert(f.field_as_string(name).unwrap().unwrap(), (f.field_as_double(pop).unwrap().unwrap(), parts as i32));
+        from_gdal.insert(
+            f.field_as_string(name).unwrap().unwrap(),
+            (f.field_as_double(pop).unwrap().unwrap(), parts as i32),
+        );
     }
     for country in ["Canada", "Fiji", "Brazil", "Indonesia"] {
         let row = client
-            .query_one("SELECT pop_est::float8, ST_NumGeometries(geom) FROM stageflow_geo.countries WHERE name = $1", &[&country])
+            .query_one(
+                "SELECT pop_est::float8, ST_NumGeometries(geom) FROM stageflow_geo.countries WHERE name = $1",
+                &[&country],
+            )
             .unwrap();
         let (pop_est, parts): (f64, i32) = (row.get(0), row.get(1));
         assert_eq!((pop_est, parts), from_gdal[country], "{country}");
@@ -316,17 +352,16 @@ fn an_invalid_geometry_is_loaded_and_reported_not_dropped() {
     assert!(example["reason"].as_str().unwrap().contains("Self-intersection"), "{example}");
     assert_eq!(result["null_geometries"], json!(1));
     assert_eq!(invalid_in_postgis(&mut client, "stageflow_geo.bowtie"), 1);
-    let label: String = client
-        .query_one("SELECT label FROM stageflow_geo.bowtie WHERE NOT ST_IsValid(geom)", &[])
-        .unwrap()
-        .get(0);
+    let label: String =
+        client.query_one("SELECT label FROM stageflow_geo.bowtie WHERE NOT ST_IsValid(geom)", &[]).unwrap().get(0);
     assert_eq!(label, "bowtie");
 }
 
 #[test]
 fn bad_inputs_are_categorised_errors() {
     let (url, mut client) = geo_database("geo_vector_bad_inputs");
-    let inspect = |params: Value| stageflow_geo::vector::inspect(&task("geo.vector_inspect", params), &url).unwrap_err();
+    let inspect =
+        |params: Value| stageflow_geo::vector::inspect(&task("geo.vector_inspect", params), &url).unwrap_err();
 
     let missing = inspect(stage_params("/nonexistent/counties.gpkg", "x"));
     assert_eq!((missing.kind.as_str(), missing.category.as_str()), ("not_found", "permanent"), "{missing}");
@@ -334,7 +369,11 @@ fn bad_inputs_are_categorised_errors() {
     let text = std::env::temp_dir().join("stageflow-geo-notes.txt");
     std::fs::write(&text, "name,x,y\nnot,a,layer\n").unwrap();
     let unsupported = inspect(stage_params(text.to_str().unwrap(), "x"));
-    assert_eq!((unsupported.kind.as_str(), unsupported.category.as_str()), ("unsupported_format", "permanent"), "{unsupported}");
+    assert_eq!(
+        (unsupported.kind.as_str(), unsupported.category.as_str()),
+        ("unsupported_format", "permanent"),
+        "{unsupported}"
+    );
 
     let nc = geodata(NC);
     for bad in ["Bad", "a;drop table x", "a.b.c", "1x", "x\"y"] {
@@ -371,11 +410,15 @@ fn bad_inputs_are_categorised_errors() {
     assert_eq!(unknown_schema.kind, "not_found", "{unknown_schema}");
 
     // Through the engine: the job fails with the categorised error on its task, not a panic.
-    let (job_id, status, _) = run_job(&url, &mut client, "stage_vector", stage_params("/nonexistent/x.geojson", "x"), 2);
+    let (job_id, status, _) =
+        run_job(&url, &mut client, "stage_vector", stage_params("/nonexistent/x.geojson", "x"), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = task_errors(&mut client, &job_id);
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!((errors[0].1["type"].clone(), errors[0].1["category"].clone()), (json!("not_found"), json!("permanent")));
+    assert_eq!(
+        (errors[0].1["type"].clone(), errors[0].1["category"].clone()),
+        (json!("not_found"), json!("permanent"))
+    );
     let (job_id, status, _) = run_job(&url, &mut client, "stage_vector", stage_params(&nc, "taken"), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     assert_eq!(task_errors(&mut client, &job_id)[0].1["type"], json!("table_exists"));

@@ -41,19 +41,32 @@ fn landsat_catalog(url: &str, client: &mut postgres::Client) -> PathBuf {
     assert!(Path::new(scene).exists(), "{scene} is missing: scripts/setup.sh fetches it");
     let output = std::env::temp_dir().join(format!("stageflow-geo-validate-stac-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&output);
-    let (_, status, _) = jobs::run_job(url, client, "process_raster", json!({"source": scene, "tile_size": 128, "output": output.to_str().unwrap()}), 2);
+    let (_, status, _) = jobs::run_job(
+        url,
+        client,
+        "process_raster",
+        json!({"source": scene, "tile_size": 128, "output": output.to_str().unwrap()}),
+        2,
+    );
     assert_eq!(status["status"], json!("completed"), "{status}");
-    write(&output.join("catalog.json"), &json!({
-        "type": "Catalog", "stac_version": "1.0.0", "id": "landsat", "description": "The Landsat 7 scene of r-cran-stars",
-        "links": [{"rel": "root", "href": "./catalog.json"}, {"rel": "self", "href": "./catalog.json"},
-                  {"rel": "child", "href": "./collection.json", "type": "application/json"},
-                  {"rel": "license", "href": "https://example.com/not-followed.json"}],
-    }));
+    write(
+        &output.join("catalog.json"),
+        &json!({
+            "type": "Catalog", "stac_version": "1.0.0", "id": "landsat", "description": "The Landsat 7 scene of r-cran-stars",
+            "links": [{"rel": "root", "href": "./catalog.json"}, {"rel": "self", "href": "./catalog.json"},
+                      {"rel": "child", "href": "./collection.json", "type": "application/json"},
+                      {"rel": "license", "href": "https://example.com/not-followed.json"}],
+        }),
+    );
     output
 }
 
 fn has_error(errors: &[Value], document: &str, pointer: &str, needle: &str) -> bool {
-    errors.iter().any(|e| e["document"] == json!(document) && e["pointer"] == json!(pointer) && e["message"].as_str().unwrap().contains(needle))
+    errors.iter().any(|e| {
+        e["document"] == json!(document)
+            && e["pointer"] == json!(pointer)
+            && e["message"].as_str().unwrap().contains(needle)
+    })
 }
 
 #[test]
@@ -61,7 +74,13 @@ fn a_valid_catalog_and_a_broken_copy() {
     let (url, mut client) = jobs::geo_database("geo_validate_stac");
     let output = landsat_catalog(&url, &mut client);
 
-    let (job_id, status, elapsed) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": output.join("catalog.json").to_str().unwrap()}), 2);
+    let (job_id, status, elapsed) = jobs::run_job(
+        &url,
+        &mut client,
+        "validate_stac",
+        json!({"path": output.join("catalog.json").to_str().unwrap()}),
+        2,
+    );
     eprintln!("validate_stac of 11 documents: {elapsed:.2?}");
     assert_eq!(status["status"], json!("completed"), "{status}");
     let report = &status["result"];
@@ -72,10 +91,21 @@ fn a_valid_catalog_and_a_broken_copy() {
     assert_eq!(status["stages"][1]["task_count"], json!(11));
     // Each item was checked against the core item schema and both extensions.
     let item_task: Value = client
-        .query_one("SELECT result FROM stageflow.tasks WHERE job_id = $1 AND stage = 2 AND task_key = 'items:tile_x1_y2.json'", &[&job_id])
+        .query_one(
+            "SELECT result FROM stageflow.tasks WHERE job_id = $1 AND stage = 2 AND task_key = 'items:tile_x1_y2.json'",
+            &[&job_id],
+        )
         .unwrap()
         .get(0);
-    assert_eq!(item_task["schemas"], json!([stageflow_geo::validate_stac::ITEM, stageflow_geo::validate_stac::EXTENSIONS[0], stageflow_geo::validate_stac::EXTENSIONS[1]]), "{item_task}");
+    assert_eq!(
+        item_task["schemas"],
+        json!([
+            stageflow_geo::validate_stac::ITEM,
+            stageflow_geo::validate_stac::EXTENSIONS[0],
+            stageflow_geo::validate_stac::EXTENSIONS[1]
+        ]),
+        "{item_task}"
+    );
 
     // A broken copy.
     let broken = output.with_file_name(format!("{}-broken", output.file_name().unwrap().to_str().unwrap()));
@@ -89,7 +119,10 @@ fn a_valid_catalog_and_a_broken_copy() {
     bad_epsg["properties"]["proj:epsg"] = json!("EPSG:31985");
     write(&items.join("tile_x1_y0.json"), &bad_epsg);
     let mut unknown_extension = read(&items.join("tile_x2_y0.json"));
-    unknown_extension["stac_extensions"].as_array_mut().unwrap().push(json!("https://stac-extensions.github.io/eo/v1.1.0/schema.json"));
+    unknown_extension["stac_extensions"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("https://stac-extensions.github.io/eo/v1.1.0/schema.json"));
     write(&items.join("tile_x2_y0.json"), &unknown_extension);
     std::fs::write(items.join("tile_x0_y1.json"), "{\"type\": \"Feature\", truncated").unwrap();
     let mut collection = read(&broken.join("collection.json"));
@@ -97,7 +130,13 @@ fn a_valid_catalog_and_a_broken_copy() {
     collection["links"].as_array_mut().unwrap().push(json!({"rel": "item", "href": "./items/missing.json"}));
     write(&broken.join("collection.json"), &collection);
 
-    let (_, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": broken.join("catalog.json").to_str().unwrap()}), 2);
+    let (_, status, _) = jobs::run_job(
+        &url,
+        &mut client,
+        "validate_stac",
+        json!({"path": broken.join("catalog.json").to_str().unwrap()}),
+        2,
+    );
     assert_eq!(status["status"], json!("completed"), "a broken catalog is a report, not a failed job: {status}");
     let report = &status["result"];
     let errors = report["errors"].as_array().unwrap();
@@ -106,12 +145,25 @@ fn a_valid_catalog_and_a_broken_copy() {
     assert_eq!(report["error_count"], json!(errors.len()));
     let mut invalid: Vec<&str> = report["invalid"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
     invalid.sort();
-    assert_eq!(invalid, ["collection.json", "items/missing.json", "items/tile_x0_y0.json", "items/tile_x0_y1.json", "items/tile_x1_y0.json", "items/tile_x2_y0.json"]);
+    assert_eq!(
+        invalid,
+        [
+            "collection.json",
+            "items/missing.json",
+            "items/tile_x0_y0.json",
+            "items/tile_x0_y1.json",
+            "items/tile_x1_y0.json",
+            "items/tile_x2_y0.json"
+        ]
+    );
     let pretty = serde_json::to_string_pretty(errors).unwrap();
     assert!(has_error(errors, "items/tile_x0_y0.json", "", "\"geometry\" is a required property"), "{pretty}");
     assert!(has_error(errors, "items/tile_x1_y0.json", "/properties/proj:epsg", "is not of types"), "{pretty}");
     assert!(has_error(errors, "collection.json", "/extent/spatial/bbox/0", "has less than 4 items"), "{pretty}");
-    assert!(has_error(errors, "items/tile_x2_y0.json", "/stac_extensions/2", "eo/v1.1.0/schema.json is not shipped"), "{pretty}");
+    assert!(
+        has_error(errors, "items/tile_x2_y0.json", "/stac_extensions/2", "eo/v1.1.0/schema.json is not shipped"),
+        "{pretty}"
+    );
     assert!(has_error(errors, "items/tile_x0_y1.json", "", "not JSON"), "{pretty}");
     assert!(has_error(errors, "items/missing.json", "", "cannot read"), "{pretty}");
     // Nothing else is wrong: every error is in one of the broken documents, and the projection
@@ -126,16 +178,21 @@ fn a_valid_catalog_and_a_broken_copy() {
 #[test]
 fn roots_that_are_missing_or_not_stac() {
     let (url, mut client) = jobs::geo_database("geo_validate_stac_roots");
-    let (job_id, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": "/nonexistent/catalog.json"}), 2);
+    let (job_id, status, _) =
+        jobs::run_job(&url, &mut client, "validate_stac", json!({"path": "/nonexistent/catalog.json"}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = jobs::task_errors(&mut client, &job_id);
-    assert_eq!((errors[0].0.as_str(), errors[0].1["type"].clone(), errors[0].1["category"].clone()), ("discover", json!("not_found"), json!("permanent")));
+    assert_eq!(
+        (errors[0].0.as_str(), errors[0].1["type"].clone(), errors[0].1["category"].clone()),
+        ("discover", json!("not_found"), json!("permanent"))
+    );
 
     // JSON of no STAC type: one document, one error, in the report.
     let dir = std::env::temp_dir().join(format!("stageflow-geo-validate-root-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write(&dir.join("thing.json"), &json!({"hello": "world"}));
-    let (_, status, _) = jobs::run_job(&url, &mut client, "validate_stac", json!({"path": dir.join("thing.json").to_str().unwrap()}), 2);
+    let (_, status, _) =
+        jobs::run_job(&url, &mut client, "validate_stac", json!({"path": dir.join("thing.json").to_str().unwrap()}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
     assert_eq!((status["result"]["documents"].clone(), status["result"]["valid"].clone()), (json!(1), json!(0)));
     let errors = status["result"]["errors"].as_array().unwrap();

@@ -123,7 +123,12 @@ fn caller_of(state: &AppState, given: &str) -> Option<Caller> {
     caller
 }
 
-async fn require_token(State(state): State<AppState>, headers: HeaderMap, mut request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if state.token.is_none() && state.tenant_tokens.is_empty() {
         request.extensions_mut().insert(Caller::Operator);
         return next.run(request).await;
@@ -154,7 +159,9 @@ async fn require_operator(Extension(caller): Extension<Caller>, request: Request
             StatusCode::FORBIDDEN,
             None,
             "this route is the operator's",
-            Some("a tenant's token reads, lists, submits and cancels its own jobs; this route needs STAGEFLOW_API_TOKEN"),
+            Some(
+                "a tenant's token reads, lists, submits and cancels its own jobs; this route needs STAGEFLOW_API_TOKEN",
+            ),
         )
         .into_response(),
     }
@@ -181,13 +188,19 @@ async fn submit(
     body: Option<Json<Value>>,
 ) -> ApiResult {
     let params = body.map(|Json(v)| v).unwrap_or_else(|| json!({}));
-    let Json(submitted) =
-        one_json(&state, &caller, "SELECT to_jsonb(o) FROM stageflow.submit_job_outcome($1, $2, $3) AS o", &[&job_type, &params, &q.webhook_url])
-            .await?;
+    let Json(submitted) = one_json(
+        &state,
+        &caller,
+        "SELECT to_jsonb(o) FROM stageflow.submit_job_outcome($1, $2, $3) AS o",
+        &[&job_type, &params, &q.webhook_url],
+    )
+    .await?;
     let job_id = submitted["job_id"].as_str().unwrap_or_default();
     // Identical work of another login or tenant: its id and outcome, nothing of the job.
     if submitted["outcome"] == "owned_by_another" {
-        return Ok(Json(json!({"job_id": job_id, "outcome": "owned_by_another", "status": null, "job_type": job_type, "job": null})));
+        return Ok(Json(
+            json!({"job_id": job_id, "outcome": "owned_by_another", "status": null, "job_type": job_type, "job": null}),
+        ));
     }
     // A statement of its own: one that also submitted would not see its own job.
     let Json(status) = one_json(&state, &caller, "SELECT stageflow.job_status($1)", &[&job_id]).await?;
@@ -201,12 +214,26 @@ async fn submit(
     })))
 }
 
-async fn status(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+async fn status(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+) -> ApiResult {
     one_json(&state, &caller, "SELECT stageflow.job_status($1)", &[&job_id]).await
 }
 
-async fn tasks(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
-    one_json(&state, &caller, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t", &[&job_id]).await
+async fn tasks(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+) -> ApiResult {
+    one_json(
+        &state,
+        &caller,
+        "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t",
+        &[&job_id],
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -218,7 +245,11 @@ struct ListQuery {
     before: Option<String>,
 }
 
-async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller>, Query(q): Query<ListQuery>) -> ApiResult {
+async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
     one_json(
         &state,
         &caller,
@@ -228,16 +259,34 @@ async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller
     .await
 }
 
-async fn cancel(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+async fn cancel(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+) -> ApiResult {
     one_json(&state, &caller, "SELECT stageflow.cancel_job($1)", &[&job_id]).await
 }
 
-async fn retry(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
+async fn retry(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+) -> ApiResult {
     one_json(&state, &caller, "SELECT stageflow.retry_job($1)", &[&job_id]).await
 }
 
-async fn webhook_deliveries(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult {
-    one_json(&state, &caller, "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.webhook_deliveries($1) AS d", &[&job_id]).await
+async fn webhook_deliveries(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+) -> ApiResult {
+    one_json(
+        &state,
+        &caller,
+        "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.webhook_deliveries($1) AS d",
+        &[&job_id],
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -256,12 +305,24 @@ async fn dead_letters(State(state): State<AppState>, Query(q): Query<LimitQuery>
 }
 
 async fn job_types(State(state): State<AppState>) -> ApiResult {
-    one_json(&state, &Caller::Operator, "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_types() AS t", &[]).await
+    one_json(
+        &state,
+        &Caller::Operator,
+        "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_types() AS t",
+        &[],
+    )
+    .await
 }
 
 /// Which roles may claim from which queue (stageflow.list_queue_grants).
 async fn queue_grants(State(state): State<AppState>) -> ApiResult {
-    one_json(&state, &Caller::Operator, "SELECT coalesce(jsonb_agg(to_jsonb(g)), '[]') FROM stageflow.list_queue_grants() AS g", &[]).await
+    one_json(
+        &state,
+        &Caller::Operator,
+        "SELECT coalesce(jsonb_agg(to_jsonb(g)), '[]') FROM stageflow.list_queue_grants() AS g",
+        &[],
+    )
+    .await
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

@@ -70,7 +70,13 @@ pub async fn start(
         .query_one("SELECT to_regprocedure('stageflow.job_status(text)') IS NOT NULL", &[])
         .await
         .map_err(|e| ServeError(e.to_string()))
-        .and_then(|row| if row.get::<_, bool>(0) { Ok(()) } else { Err(ServeError("the stageflow extension is not installed in this database".into())) })?;
+        .and_then(|row| {
+            if row.get::<_, bool>(0) {
+                Ok(())
+            } else {
+                Err(ServeError("the stageflow extension is not installed in this database".into()))
+            }
+        })?;
     // Every tenant label is one the database takes (it refuses the others with a hint). An empty
     // label would mean no tenant: the operator's view.
     for (label, _) in &config.tenant_tokens {
@@ -81,14 +87,22 @@ pub async fn start(
             Ok(_) => client.execute("SELECT count(*) FROM stageflow.list_jobs(NULL, NULL, 1)", &[]).await,
             Err(e) => Err(e),
         };
-        checked.map_err(|e| ServeError(format!("tenant {label:?}: {}", e.as_db_error().map_or(e.to_string(), |d| format!("{} ({})", d.message(), d.hint().unwrap_or(""))))))?;
+        checked.map_err(|e| {
+            ServeError(format!(
+                "tenant {label:?}: {}",
+                e.as_db_error().map_or(e.to_string(), |d| format!("{} ({})", d.message(), d.hint().unwrap_or("")))
+            ))
+        })?;
     }
     client.batch_execute("RESET stageflow.tenant").await.map_err(|e| ServeError(e.to_string()))?;
     drop(client);
 
     let events = events::Events::start(config.database_url.clone());
     webhooks::spawn_dispatcher(pool.clone(), config.webhooks.clone(), events.clone());
-    let app = api::router(api::AppState { pool, token: config.token.clone(), tenant_tokens: config.tenant_tokens.clone(), events }, config.body_limit);
+    let app = api::router(
+        api::AppState { pool, token: config.token.clone(), tenant_tokens: config.tenant_tokens.clone(), events },
+        config.body_limit,
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServeError(format!("cannot listen on {}: {e}", config.listen)))?;

@@ -65,11 +65,22 @@ pub async fn render(client: &tokio_postgres::Client) -> Result<String, tokio_pos
         .await?
     {
         let (handler, done, failed): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        let _ = writeln!(out, "stageflow_handler_tasks_total{{handler=\"{}\",outcome=\"completed\"}} {done}", label(&handler));
-        let _ = writeln!(out, "stageflow_handler_tasks_total{{handler=\"{}\",outcome=\"failed\"}} {failed}", label(&handler));
+        let _ = writeln!(
+            out,
+            "stageflow_handler_tasks_total{{handler=\"{}\",outcome=\"completed\"}} {done}",
+            label(&handler)
+        );
+        let _ = writeln!(
+            out,
+            "stageflow_handler_tasks_total{{handler=\"{}\",outcome=\"failed\"}} {failed}",
+            label(&handler)
+        );
     }
 
-    let _ = writeln!(out, "# HELP stageflow_task_duration_seconds Claim-to-completion time of completed tasks per handler.");
+    let _ = writeln!(
+        out,
+        "# HELP stageflow_task_duration_seconds Claim-to-completion time of completed tasks per handler."
+    );
     let _ = writeln!(out, "# TYPE stageflow_task_duration_seconds summary");
     for row in client
         .query(

@@ -64,7 +64,11 @@ pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, ev
     });
 }
 
-async fn dispatch_due(pool: &deadpool_postgres::Pool, http: &reqwest::Client, config: &WebhookConfig) -> Result<usize, String> {
+async fn dispatch_due(
+    pool: &deadpool_postgres::Pool,
+    http: &reqwest::Client,
+    config: &WebhookConfig,
+) -> Result<usize, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let lease = (config.timeout.as_secs() as i32 * 2).max(5);
     let due = client
@@ -72,7 +76,8 @@ async fn dispatch_due(pool: &deadpool_postgres::Pool, http: &reqwest::Client, co
         .await
         .map_err(|e| e.to_string())?;
     for row in &due {
-        let (id, url, payload, attempts): (i64, String, serde_json::Value, i32) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (id, url, payload, attempts): (i64, String, serde_json::Value, i32) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
         let body = serde_json::to_vec(&payload).expect("JSON serialises");
         let mut request = http
             .post(&url)
@@ -84,7 +89,9 @@ async fn dispatch_due(pool: &deadpool_postgres::Pool, http: &reqwest::Client, co
         }
         let (delivered, status, error) = match request.body(body).send().await {
             Ok(response) if response.status().is_success() => (true, Some(response.status().as_u16() as i32), None),
-            Ok(response) => (false, Some(response.status().as_u16() as i32), Some(format!("HTTP {}", response.status()))),
+            Ok(response) => {
+                (false, Some(response.status().as_u16() as i32), Some(format!("HTTP {}", response.status())))
+            }
             Err(e) => (false, None, Some(e.to_string())),
         };
         let retry_in = (!delivered && attempts < config.max_attempts).then(|| {

@@ -65,11 +65,21 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     assert!(openapi["paths"]["/api/jobs/submit/{job_type}"]["post"].is_object());
 
     // The original endpoints, same shapes.
-    let (code, submitted) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"message": "http", "n": 3}))).await;
+    let (code, submitted) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/jobs/submit/hello_world"),
+        Some(json!({"message": "http", "n": 3})),
+    )
+    .await;
     assert_eq!(code, 200, "{submitted}");
     let job_id = submitted["job_id"].as_str().unwrap().to_owned();
     assert_eq!(submitted["status"], json!("queued"));
-    let (code, again) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"n": 3, "message": "http"}))).await;
+    let (code, again) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/jobs/submit/hello_world"),
+        Some(json!({"n": 3, "message": "http"})),
+    )
+    .await;
     assert_eq!((code, again["job_id"].as_str()), (200, Some(job_id.as_str())), "a resubmission returns the same job");
     let (code, status) = call(reqwest::Method::GET, &format!("{base}/api/jobs/status/{job_id}"), None).await;
     assert_eq!((code, status["total_stages"].clone()), (200, json!(2)));
@@ -78,7 +88,8 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     assert_eq!(tasks[0]["status"], json!("queued"));
 
     // Errors: JSON with the SQLSTATE and a status that fits.
-    let (code, error) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"n": 0}))).await;
+    let (code, error) =
+        call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"n": 0}))).await;
     assert_eq!(code, 400);
     assert!(error["error"]["message"].as_str().unwrap().contains("params.n: 0 is less than the minimum 1"), "{error}");
     assert_eq!(error["error"]["sqlstate"], json!("22023"));
@@ -114,14 +125,21 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     .unwrap();
     let (code, grants) = call(reqwest::Method::GET, &format!("{base}/api/queues/grants"), None).await;
     assert_eq!(code, 200, "{grants}");
-    assert_eq!((grants[0]["queue"].clone(), grants[0]["role_name"].clone()), (json!("default"), json!("stageflow_worker")), "{grants}");
+    assert_eq!(
+        (grants[0]["queue"].clone(), grants[0]["role_name"].clone()),
+        (json!("default"), json!("stageflow_worker")),
+        "{grants}"
+    );
 
     // Metrics: queue depth, tasks by status, per handler.
     let text = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("stageflow_queue_depth{queue=\"default\"} 3"), "{text}");
     assert!(text.contains("stageflow_tasks{status=\"queued\"} 3"), "{text}");
     assert!(text.contains("stageflow_jobs{status=\"processing\"} 1"), "{text}");
-    assert!(text.contains("stageflow_handler_tasks_total{handler=\"hello_world.greet\",outcome=\"completed\"} 0"), "{text}");
+    assert!(
+        text.contains("stageflow_handler_tasks_total{handler=\"hello_world.greet\",outcome=\"completed\"} 0"),
+        "{text}"
+    );
     assert!(text.contains("stageflow_task_duration_seconds_count{handler=\"hello_world.greet\"} 0"), "{text}");
     let _ = db_url;
 }
@@ -138,7 +156,11 @@ async fn tenant_tokens_see_only_their_own_jobs() {
     let work = json!({"message": "tenants", "n": 2});
 
     let (code, submitted) = call_as(acme, reqwest::Method::POST, &submit_url, Some(work.clone())).await;
-    assert_eq!((code, submitted["outcome"].clone(), submitted["job"]["tenant"].clone()), (200, json!("created"), json!("acme")), "{submitted}");
+    assert_eq!(
+        (code, submitted["outcome"].clone(), submitted["job"]["tenant"].clone()),
+        (200, json!("created"), json!("acme")),
+        "{submitted}"
+    );
     let job_id = submitted["job_id"].as_str().unwrap().to_owned();
 
     // globex: the job is unknown to it, whatever it tries; identical work is not its own.
@@ -154,7 +176,11 @@ async fn tenant_tokens_see_only_their_own_jobs() {
     let (code, listed) = call_as(globex, reqwest::Method::GET, &format!("{base}/api/jobs"), None).await;
     assert_eq!((code, listed), (200, json!([])));
     let (code, same) = call_as(globex, reqwest::Method::POST, &submit_url, Some(work.clone())).await;
-    assert_eq!((code, same["job_id"].as_str(), same["outcome"].clone(), same["job"].clone()), (200, Some(job_id.as_str()), json!("owned_by_another"), Value::Null), "{same}");
+    assert_eq!(
+        (code, same["job_id"].as_str(), same["outcome"].clone(), same["job"].clone()),
+        (200, Some(job_id.as_str()), json!("owned_by_another"), Value::Null),
+        "{same}"
+    );
 
     // The operator's routes are not a tenant's.
     for path in ["/api/dead-letters", "/api/queues/grants", "/api/events"] {
@@ -169,10 +195,15 @@ async fn tenant_tokens_see_only_their_own_jobs() {
     assert_eq!((listed.as_array().map(Vec::len), listed[0]["job_id"].as_str()), (Some(1), Some(job_id.as_str())));
     let (_, again) = call_as(acme, reqwest::Method::POST, &submit_url, Some(work.clone())).await;
     assert_eq!((again["outcome"].clone(), again["status"].clone()), (json!("exists"), json!("queued")), "{again}");
-    let (code, cancelled) = call_as(acme, reqwest::Method::POST, &format!("{base}/api/jobs/{job_id}/cancel"), None).await;
+    let (code, cancelled) =
+        call_as(acme, reqwest::Method::POST, &format!("{base}/api/jobs/{job_id}/cancel"), None).await;
     assert_eq!((code, cancelled["job_status"].clone()), (200, json!("cancelled")));
     let (_, resumed) = call_as(acme, reqwest::Method::POST, &submit_url, Some(work)).await;
-    assert_eq!((resumed["outcome"].clone(), resumed["status"].clone()), (json!("resumed"), json!("processing")), "{resumed}");
+    assert_eq!(
+        (resumed["outcome"].clone(), resumed["status"].clone()),
+        (json!("resumed"), json!("processing")),
+        "{resumed}"
+    );
 
     // The operator sees every job, with whose it is.
     let (_, all) = call(reqwest::Method::GET, &format!("{base}/api/jobs"), None).await;
@@ -216,7 +247,11 @@ async fn receiver(fail_first: usize) -> (SocketAddr, Arc<Mutex<Vec<(String, Vec<
                         seen.len()
                     };
                     let status = if attempt <= fail_first { "500 Internal Server Error" } else { "200 OK" };
-                    let _ = socket.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
+                    let _ = socket
+                        .write_all(
+                            format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
+                        )
+                        .await;
                     break;
                 }
             }
@@ -259,7 +294,10 @@ async fn a_finished_job_is_delivered_to_its_webhook_signed_and_retried() {
     assert_eq!(deliveries[0]["status"], json!("delivered"), "{deliveries}");
     assert_eq!(deliveries[0]["attempts"], json!(3), "two failed attempts, then delivered");
     let log = deliveries[0]["attempt_log"].as_array().unwrap();
-    assert_eq!(log.iter().map(|a| a["status_code"].clone()).collect::<Vec<_>>(), vec![json!(500), json!(500), json!(200)]);
+    assert_eq!(
+        log.iter().map(|a| a["status_code"].clone()).collect::<Vec<_>>(),
+        vec![json!(500), json!(500), json!(200)]
+    );
 
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3);
@@ -281,7 +319,8 @@ async fn a_finished_job_is_delivered_to_its_webhook_signed_and_retried() {
     })
     .await
     .unwrap();
-    let (_, failing) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hooked_type"), Some(json!({}))).await;
+    let (_, failing) =
+        call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hooked_type"), Some(json!({}))).await;
     let failing_id = failing["job_id"].as_str().unwrap().to_owned();
     call(reqwest::Method::POST, &format!("{base}/api/jobs/{failing_id}/cancel"), None).await;
     let mut last = Value::Null;
@@ -311,9 +350,18 @@ async fn events_stream_as_they_commit() {
     assert_eq!(response.status().as_u16(), 200);
     let mut stream = response;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, submitted) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/hello_world"), Some(json!({"message": "sse", "n": 1}))).await;
+    let (_, submitted) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/jobs/submit/hello_world"),
+        Some(json!({"message": "sse", "n": 1})),
+    )
+    .await;
     let job_id = submitted["job_id"].as_str().unwrap().to_owned();
-    let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await.expect("an event within 10 s").unwrap().unwrap();
+    let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
+        .await
+        .expect("an event within 10 s")
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&chunk);
     assert!(text.contains("event: stageflow"), "{text}");
     assert!(text.contains(&job_id) && text.contains("job_submitted"), "{text}");

@@ -14,9 +14,8 @@ static CREATE_LOCK: Mutex<bool> = Mutex::new(false);
 
 /// The URL of the test cluster's `postgres` database.
 pub fn cluster_url() -> String {
-    std::env::var("STAGEFLOW_TEST_DATABASE_URL").expect(
-        "STAGEFLOW_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which starts a cluster",
-    )
+    std::env::var("STAGEFLOW_TEST_DATABASE_URL")
+        .expect("STAGEFLOW_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which starts a cluster")
 }
 
 /// `url` with its database name replaced by `database`.
@@ -163,7 +162,9 @@ pub fn state_digest(client: &mut Client) -> String {
     for table in tables {
         let row = client
             .query_one(
-                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"),
+                &format!(
+                    "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+                ),
                 &[],
             )
             .unwrap();

@@ -58,10 +58,8 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
     let cancelled_task = claim(&mut client, "default", 1, 300).remove(0).task_id;
     json(&mut client, "SELECT stageflow.cancel_job($1)", &[&cancelled_job]);
     let queued_job = submit(&mut client, "hello_world", json!({"message": "queued", "n": 1}));
-    let queued_task: String = client
-        .query_one("SELECT task_id FROM stageflow.tasks WHERE job_id = $1", &[&queued_job])
-        .unwrap()
-        .get(0);
+    let queued_task: String =
+        client.query_one("SELECT task_id FROM stageflow.tasks WHERE job_id = $1", &[&queued_job]).unwrap().get(0);
     // This login's jobs hold 2 open tasks (the planner, the queued one): room for 8 more.
     client.batch_execute("SELECT stageflow.set_quota(session_user, 10, NULL)").unwrap();
     let (completed_task, failed_task) = (&hello[0].task_id, &hello[1].task_id);
@@ -144,14 +142,17 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
 
     for case in &cases {
         let before = state_digest(&mut client);
-        let error = client
-            .batch_execute(&case.sql)
-            .err()
-            .unwrap_or_else(|| panic!("{}: `{}` succeeded", case.what, case.sql));
+        let error =
+            client.batch_execute(&case.sql).err().unwrap_or_else(|| panic!("{}: `{}` succeeded", case.what, case.sql));
         let (sqlstate, message, hint) = db_error(&error);
         assert_eq!(sqlstate, case.sqlstate, "{}: {message}", case.what);
         assert_ne!(sqlstate, "P0001", "{}", case.what);
-        assert!(message.contains(case.message_contains), "{}: message {message:?} lacks {:?}", case.what, case.message_contains);
+        assert!(
+            message.contains(case.message_contains),
+            "{}: message {message:?} lacks {:?}",
+            case.what,
+            case.message_contains
+        );
         if !case.by_postgres {
             assert!(hint.as_deref().is_some_and(|h| !h.is_empty()), "{}: no hint ({message})", case.what);
         }
@@ -160,7 +161,8 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
     println!("{} bad calls refused with their SQLSTATE, database unchanged", cases.len());
 
     // The README's table lists every case with its SQLSTATE.
-    let readme_path = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("../../README.md");
+    let readme_path = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test"))
+        .join("../../README.md");
     let readme = std::fs::read_to_string(&readme_path).unwrap();
     let missing: Vec<String> = cases
         .iter()

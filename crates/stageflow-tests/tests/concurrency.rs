@@ -100,7 +100,10 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
         assert_eq!(tasks.len(), n as usize);
         let shards: (i32, i32) = {
             let row = client
-                .query_one("SELECT shards, open_shards FROM stageflow.stages WHERE job_id = $1 AND stage = 1", &[&job_id])
+                .query_one(
+                    "SELECT shards, open_shards FROM stageflow.stages WHERE job_id = $1 AND stage = 1",
+                    &[&job_id],
+                )
                 .unwrap();
             (row.get(0), row.get(1))
         };
@@ -124,14 +127,23 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
                             }
                         }
                         1 => {
-                            let results: Vec<Value> = mine.iter().map(|id| json!({"task_id": id, "result": {"by": k}})).collect();
-                            let reports = json(&mut client, "SELECT stageflow.complete_tasks($1)", &[&Value::Array(results)]);
-                            assert!(reports.as_array().unwrap().iter().all(|r| r["task_status"] == json!("completed")), "{reports}");
+                            let results: Vec<Value> =
+                                mine.iter().map(|id| json!({"task_id": id, "result": {"by": k}})).collect();
+                            let reports =
+                                json(&mut client, "SELECT stageflow.complete_tasks($1)", &[&Value::Array(results)]);
+                            assert!(
+                                reports.as_array().unwrap().iter().all(|r| r["task_status"] == json!("completed")),
+                                "{reports}"
+                            );
                         }
                         _ => {
                             for (i, id) in mine.iter().enumerate() {
                                 if i % 2 == 0 {
-                                    json(&mut client, "SELECT stageflow.fail_task($1, $2, false)", &[id, &json!({"message": "no"})]);
+                                    json(
+                                        &mut client,
+                                        "SELECT stageflow.fail_task($1, $2, false)",
+                                        &[id, &json!({"message": "no"})],
+                                    );
                                     failed += 1;
                                 } else {
                                     complete(&mut client, id, json!({"by": k}));
@@ -146,7 +158,10 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
         let failed: i32 = handles.into_iter().map(|h| h.join().expect("session panicked")).sum();
 
         let advances: i64 = client
-            .query_one("SELECT count(*) FROM stageflow.events WHERE job_id = $1 AND kind = 'stage_completed' AND stage = 1", &[&job_id])
+            .query_one(
+                "SELECT count(*) FROM stageflow.events WHERE job_id = $1 AND kind = 'stage_completed' AND stage = 1",
+                &[&job_id],
+            )
             .unwrap()
             .get(0);
         assert_eq!(advances, 1, "round {round}: the stage advanced exactly once");
@@ -213,8 +228,11 @@ fn a_claim_never_takes_a_task_whose_batch_completion_is_in_flight() {
         let (url, first, second) = (url.clone(), first.clone(), second.clone());
         thread::spawn(move || {
             let mut a = connect(&url);
-            json(&mut a, "SELECT stageflow.complete_tasks($1, 'A')",
-                 &[&json!([{"task_id": first, "result": {"by": "A"}}, {"task_id": second, "result": {"by": "A"}}])])
+            json(
+                &mut a,
+                "SELECT stageflow.complete_tasks($1, 'A')",
+                &[&json!([{"task_id": first, "result": {"by": "A"}}, {"task_id": second, "result": {"by": "A"}}])],
+            )
         })
     };
     // Wait until A's batch is blocked on the held message.

@@ -28,10 +28,8 @@ fn state_changes_are_announced_on_stageflow_events() {
         }
     }
     assert_eq!(kinds, ["job_submitted", "stage_completed", "stage_completed", "job_completed"]);
-    let stored: i64 = client
-        .query_one("SELECT count(*) FROM stageflow.events WHERE job_id = $1", &[&job_id])
-        .unwrap()
-        .get(0);
+    let stored: i64 =
+        client.query_one("SELECT count(*) FROM stageflow.events WHERE job_id = $1", &[&job_id]).unwrap().get(0);
     assert_eq!(stored, 4, "each announced event is a row of the outbox");
 }
 
@@ -66,9 +64,7 @@ fn the_background_worker_dead_letters_an_abandoned_task_with_nobody_claiming() {
     };
     assert_eq!(status["status"], json!("failed"), "{status}");
     assert_eq!(status["error"]["error"]["type"], json!("lease_expired"));
-    let dead: String = client
-        .query_one("SELECT status FROM stageflow.tasks WHERE job_id = $1", &[&job_id])
-        .unwrap()
-        .get(0);
+    let dead: String =
+        client.query_one("SELECT status FROM stageflow.tasks WHERE job_id = $1", &[&job_id]).unwrap().get(0);
     assert_eq!(dead, "dead");
 }

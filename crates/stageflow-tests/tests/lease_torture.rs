@@ -114,7 +114,8 @@ struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64, stream: u64) -> Rng {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x5EED);
+        let mut rng =
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x5EED);
         rng.next();
         rng
     }
@@ -220,7 +221,12 @@ fn classify(error: &postgres::Error) -> Failure {
         Some(db) => match db.code().code() {
             "55000" => Failure::Refused(db.message().to_owned()),
             "40P01" | "40001" => Failure::Conflict(db.code().code().to_owned()),
-            code => Failure::Other(format!("SQLSTATE {code}: {} (hint: {:?}, where: {:?})", db.message(), db.hint(), db.where_())),
+            code => Failure::Other(format!(
+                "SQLSTATE {code}: {} (hint: {:?}, where: {:?})",
+                db.message(),
+                db.hint(),
+                db.where_()
+            )),
         },
         None => Failure::Other(error.to_string()),
     }
@@ -251,7 +257,13 @@ const FAIL_SQL: &str = "SELECT stageflow.fail_task($1::text, $2::jsonb, $3::bool
 const RELEASE_SQL: &str = "SELECT stageflow.release_tasks($1::text[], $2::text, $3::bigint[])";
 const HEARTBEAT_SQL: &str = "SELECT task_id FROM stageflow.heartbeat($1::text[], $2::int, $3::text, $4::bigint[])";
 
-fn claim_late(client: &mut Client, max: i32, lease: i32, who: &str, delay: Duration) -> Result<Vec<Row>, postgres::Error> {
+fn claim_late(
+    client: &mut Client,
+    max: i32,
+    lease: i32,
+    who: &str,
+    delay: Duration,
+) -> Result<Vec<Row>, postgres::Error> {
     let mut tx = client.transaction()?;
     let rows = tx.query(CLAIM_SQL, &[&QUEUE, &max, &lease, &who])?;
     thread::sleep(delay);
@@ -311,7 +323,12 @@ impl Session {
     }
 
     /// Runs `f`, again after a deadlock or serialization failure (up to 5 times).
-    fn call<T>(&mut self, op: &str, subject: &str, mut f: impl FnMut(&mut Client) -> Result<T, postgres::Error>) -> Outcome<T> {
+    fn call<T>(
+        &mut self,
+        op: &str,
+        subject: &str,
+        mut f: impl FnMut(&mut Client) -> Result<T, postgres::Error>,
+    ) -> Outcome<T> {
         for _ in 0..5 {
             match f(&mut self.client) {
                 Ok(value) => return Outcome::Done(value),
@@ -385,7 +402,12 @@ impl Session {
             ));
         }
         if claim.attempt < 1 || claim.attempt > max_attempts(&claim.stage_name) {
-            self.error(format!("claim of {} returned attempt {} of {}", claim.task_id, claim.attempt, max_attempts(&claim.stage_name)));
+            self.error(format!(
+                "claim of {} returned attempt {} of {}",
+                claim.task_id,
+                claim.attempt,
+                max_attempts(&claim.stage_name)
+            ));
         }
         if claim.token < 1 {
             self.error(format!("claim of {} returned lease token {}", claim.task_id, claim.token));
@@ -405,7 +427,10 @@ impl Session {
     /// refused: that is a failure. (Once it is not running under a lease, a task can only run
     /// again under a new token, so what is seen here was already so when the report was refused.)
     fn diagnose(&mut self, op: &str, task_id: &str, given: i64, message: &str) -> Option<String> {
-        let row = match self.client.query_opt("SELECT status, lease_token FROM stageflow.tasks WHERE task_id = $1", &[&task_id]) {
+        let row = match self
+            .client
+            .query_opt("SELECT status, lease_token FROM stageflow.tasks WHERE task_id = $1", &[&task_id])
+        {
             Ok(Some(row)) => row,
             Ok(None) => {
                 self.error(format!("{op} of {task_id} was refused ({message}) and the task does not exist"));
@@ -418,7 +443,9 @@ impl Session {
         };
         let (status, current): (String, i64) = (row.get(0), row.get(1));
         if current != given {
-            return Some(if current > given { "lease superseded (claimed again)" } else { "token not issued yet" }.to_owned());
+            return Some(
+                if current > given { "lease superseded (claimed again)" } else { "token not issued yet" }.to_owned(),
+            );
         }
         let violation = match status.as_str() {
             "running" => true,
@@ -472,7 +499,10 @@ impl Session {
                 }
             }
             Outcome::Refused(message) if repeat => {
-                self.error(format!("a repeated completion of {} under the lease that completed it was refused: {message}", claim.task_id));
+                self.error(format!(
+                    "a repeated completion of {} under the lease that completed it was refused: {message}",
+                    claim.task_id
+                ));
             }
             Outcome::Refused(message) => self.refused(op, claim, claim.token, &message),
             Outcome::Lost => {}
@@ -510,7 +540,8 @@ impl Session {
         }
         let op = if retryable { "fail (retryable)" } else { "fail (permanent)" };
         match self.call(op, &claim.task_id, |c| {
-            c.query_one(FAIL_SQL, &[&claim.task_id, &error, &retryable, &who, &claim.token]).map(|r| r.get::<_, Value>(0))
+            c.query_one(FAIL_SQL, &[&claim.task_id, &error, &retryable, &who, &claim.token])
+                .map(|r| r.get::<_, Value>(0))
         }) {
             Outcome::Done(report) => {
                 // An accepted failure is this report's outcome: a retry it scheduled (on the
@@ -542,7 +573,9 @@ impl Session {
         self.shared.handed_back.lock().unwrap().insert(claim.task_id.clone(), claim.token);
         let ids = vec![claim.task_id.clone()];
         let tokens = vec![claim.token];
-        match self.call("release", &claim.task_id, |c| c.query_one(RELEASE_SQL, &[&ids, &who, &tokens]).map(|r| r.get::<_, i32>(0))) {
+        match self.call("release", &claim.task_id, |c| {
+            c.query_one(RELEASE_SQL, &[&ids, &who, &tokens]).map(|r| r.get::<_, i32>(0))
+        }) {
             Outcome::Done(1) => self.add("releases accepted", 1),
             Outcome::Done(0) => {
                 if let Some(kind) = self.diagnose("release", &claim.task_id, claim.token, "release_tasks returned 0") {
@@ -564,11 +597,15 @@ impl Session {
                 self.add("heartbeats extended", 1)
             }
             Outcome::Done(rows) if rows.is_empty() => {
-                if let Some(kind) = self.diagnose("heartbeat", &claim.task_id, claim.token, "heartbeat extended nothing") {
+                if let Some(kind) =
+                    self.diagnose("heartbeat", &claim.task_id, claim.token, "heartbeat extended nothing")
+                {
                     self.add(format!("heartbeats skipped: {kind}"), 1);
                 }
             }
-            Outcome::Done(rows) => self.error(format!("heartbeat of the one task {} returned {} rows", claim.task_id, rows.len())),
+            Outcome::Done(rows) => {
+                self.error(format!("heartbeat of the one task {} returned {} rows", claim.task_id, rows.len()))
+            }
             Outcome::Refused(message) => self.error(format!("heartbeat of {} raised 55000: {message}", claim.task_id)),
             Outcome::Lost => {}
         }
@@ -616,7 +653,9 @@ impl Session {
     }
 
     fn maintenance(&mut self) {
-        match self.call("run_maintenance", "", |c| c.query_one("SELECT stageflow.run_maintenance()", &[]).map(|r| r.get::<_, Value>(0))) {
+        match self.call("run_maintenance", "", |c| {
+            c.query_one("SELECT stageflow.run_maintenance()", &[]).map(|r| r.get::<_, Value>(0))
+        }) {
             Outcome::Done(report) => {
                 self.add("maintenance rounds", 1);
                 if let Some(error) = report.get("error") {
@@ -707,7 +746,8 @@ impl Session {
 // The other chaos threads.
 
 fn submit_job(session: &mut Session, seed: u64, index: usize) {
-    let (job_type, n) = if index % 3 == 2 { ("tort_b", session.rng.range(1, 6)) } else { ("tort_a", session.rng.range(2, 12)) };
+    let (job_type, n) =
+        if index % 3 == 2 { ("tort_b", session.rng.range(1, 6)) } else { ("tort_a", session.rng.range(2, 12)) };
     let params = json!({"n": n, "tag": seed * 1000 + index as u64});
     match session.client.query_one("SELECT stageflow.submit_job($1, $2)", &[&job_type, &params]) {
         Ok(row) => {
@@ -726,7 +766,9 @@ fn cancel_and_retry(mut session: Session, seed: u64, seconds: u64) -> Counters {
     while !session.shared.stopped() {
         let pause = session.rng.range(300, 900);
         thread::sleep(ms(pause));
-        while submitted < JOBS_AT_START + JOBS_DURING_RUN && started.elapsed() >= spacing * (submitted - JOBS_AT_START + 1) as u32 {
+        while submitted < JOBS_AT_START + JOBS_DURING_RUN
+            && started.elapsed() >= spacing * (submitted - JOBS_AT_START + 1) as u32
+        {
             submit_job(&mut session, seed, submitted);
             submitted += 1;
         }
@@ -762,7 +804,10 @@ fn cancel_and_retry(mut session: Session, seed: u64, seconds: u64) -> Counters {
             Outcome::Done(report) => {
                 let retried = report["retried_tasks"].as_u64().unwrap_or(0);
                 if retried > 0 {
-                    session.add(if wanted.contains("processing") { "running jobs retried" } else { "ended jobs retried" }, 1);
+                    session.add(
+                        if wanted.contains("processing") { "running jobs retried" } else { "ended jobs retried" },
+                        1,
+                    );
                     session.add("tasks re-queued by retry_job", retried);
                 } else {
                     session.add("retries with nothing to retry", 1);
@@ -851,7 +896,11 @@ fn violations(client: &mut Client, problems: &mut Vec<String>, title: &str, sql:
             let found: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
             if !found.is_empty() {
                 let shown: Vec<&String> = found.iter().take(20).collect();
-                problems.push(format!("{title}: {} violation(s), e.g.\n    {}", found.len(), shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n    ")));
+                problems.push(format!(
+                    "{title}: {} violation(s), e.g.\n    {}",
+                    found.len(),
+                    shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n    ")
+                ));
             }
         }
         Err(e) => problems.push(format!("{title}: the check itself failed: {e}")),
@@ -862,14 +911,28 @@ fn check_invariants(client: &mut Client, shared: &Shared) -> Vec<String> {
     let mut problems = Vec::new();
 
     // 1. Every job ended, consistently.
-    violations(client, &mut problems, "1. every job ended", r#"
+    violations(
+        client,
+        &mut problems,
+        "1. every job ended",
+        r#"
         SELECT format('job %s (%s) is still %s at stage %s of %s', job_id, job_type, status, current_stage, total_stages)
-          FROM stageflow.jobs WHERE status IN ('queued', 'processing') ORDER BY job_id"#);
-    violations(client, &mut problems, "1. no stage of an ended job is active", r#"
+          FROM stageflow.jobs WHERE status IN ('queued', 'processing') ORDER BY job_id"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "1. no stage of an ended job is active",
+        r#"
         SELECT format('stage %s (%s) of job %s is active but its job is %s', s.stage, s.name, s.job_id, j.status)
           FROM stageflow.stages AS s JOIN stageflow.jobs AS j USING (job_id)
-         WHERE s.status = 'active' AND j.status NOT IN ('queued', 'processing') ORDER BY 1"#);
-    violations(client, &mut problems, "1. completed jobs completed every stage, with errors exactly when a stage counts failures", r#"
+         WHERE s.status = 'active' AND j.status NOT IN ('queued', 'processing') ORDER BY 1"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "1. completed jobs completed every stage, with errors exactly when a stage counts failures",
+        r#"
         SELECT format('job %s is %s at stage %s of %s with %s completed stage(s), failures counted: %s, result: %s',
                       j.job_id, j.status, j.current_stage, j.total_stages, x.done, x.failures, j.result IS NOT NULL)
           FROM stageflow.jobs AS j
@@ -879,22 +942,37 @@ fn check_invariants(client: &mut Client, shared: &Shared) -> Vec<String> {
          WHERE j.status IN ('completed', 'completed_with_errors')
            AND (x.done <> j.total_stages OR j.current_stage <> j.total_stages OR j.result IS NULL
                 OR x.failures <> (j.status = 'completed_with_errors'))
-         ORDER BY 1"#);
+         ORDER BY 1"#,
+    );
 
     // 2. Completed results came from the last lease holder, and nothing overwrote them.
-    violations(client, &mut problems, "2. every completed task's result came from its last lease holder", r#"
+    violations(
+        client,
+        &mut problems,
+        "2. every completed task's result came from its last lease holder",
+        r#"
         SELECT format('task %s: lease_token %s, worker_id %s, but the result is %s', task_id, lease_token, worker_id, result)
           FROM stageflow.tasks
          WHERE status = 'completed'
            AND (result ->> 'lease_token' IS DISTINCT FROM lease_token::text OR result ->> 'worker' IS DISTINCT FROM worker_id
                 OR result ->> 'task' IS DISTINCT FROM task_id OR result ? 'repeat' OR result ? 'bogus')
-         ORDER BY task_id"#);
-    violations(client, &mut problems, "2. only completed tasks have results", r#"
+         ORDER BY task_id"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "2. only completed tasks have results",
+        r#"
         SELECT format('task %s is %s with a result %s', task_id, status, result)
-          FROM stageflow.tasks WHERE status <> 'completed' AND result IS NOT NULL ORDER BY task_id"#);
+          FROM stageflow.tasks WHERE status <> 'completed' AND result IS NOT NULL ORDER BY task_id"#,
+    );
 
     // 3. Stage counters equal their task rows.
-    violations(client, &mut problems, "3. stage counters equal their task rows", r#"
+    violations(
+        client,
+        &mut problems,
+        "3. stage counters equal their task rows",
+        r#"
         WITH t AS (
             SELECT job_id, stage,
                    count(*) FILTER (WHERE status IN ('queued', 'running')) AS open,
@@ -915,41 +993,71 @@ fn check_invariants(client: &mut Client, shared: &Shared) -> Vec<String> {
          WHERE coalesce(t.open, 0) <> coalesce(sh.remaining, 0) OR coalesce(t.done, 0) <> coalesce(sh.completed, 0)
             OR coalesce(t.failed, 0) <> s.failed_count OR coalesce(sh.open_shards, 0) <> s.open_shards
             OR coalesce(sh.shard_rows, 0) <> s.shards
-         ORDER BY s.job_id, s.stage"#);
-    violations(client, &mut problems, "3. every task belongs to a stage row", r#"
+         ORDER BY s.job_id, s.stage"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "3. every task belongs to a stage row",
+        r#"
         SELECT format('task %s (%s) has no stage row', t.task_id, t.status) FROM stageflow.tasks AS t
-         WHERE NOT EXISTS (SELECT 1 FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)"#);
-    violations(client, &mut problems, "3. attempts within bounds", r#"
+         WHERE NOT EXISTS (SELECT 1 FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "3. attempts within bounds",
+        r#"
         SELECT format('task %s is %s on attempt %s of %s', task_id, status, attempt, max_attempts) FROM stageflow.tasks
          WHERE attempt < 0 OR attempt > max_attempts OR (status = 'dead' AND attempt <> max_attempts)
             OR (status IN ('completed', 'failed', 'dead') AND attempt < 1)
-         ORDER BY task_id"#);
+         ORDER BY task_id"#,
+    );
 
     // 4. (run_seed ran the final maintenance rounds) Nothing open or queued belongs to an ended job.
-    violations(client, &mut problems, "4. no open task belongs to an ended job", r#"
+    violations(
+        client,
+        &mut problems,
+        "4. no open task belongs to an ended job",
+        r#"
         SELECT format('task %s is %s (attempt %s, lease %s, msg %s) but its job %s is %s', t.task_id, t.status, t.attempt,
                       t.lease_token, t.msg_id, t.job_id, j.status)
           FROM stageflow.tasks AS t JOIN stageflow.jobs AS j USING (job_id)
-         WHERE t.status IN ('queued', 'running') AND j.status NOT IN ('queued', 'processing') ORDER BY 1"#);
-    violations(client, &mut problems, "4. no message of the queue belongs to an ended job", r#"
+         WHERE t.status IN ('queued', 'running') AND j.status NOT IN ('queued', 'processing') ORDER BY 1"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "4. no message of the queue belongs to an ended job",
+        r#"
         SELECT format('message %s (task %s: %s, job %s: %s, the task''s msg_id %s, vt %s, read %s times) is left in pgmq.q_torture',
                       q.msg_id, q.message ->> 'task_id', coalesce(t.status, '(no such task)'), t.job_id,
                       coalesce(j.status, '(no job)'), t.msg_id, q.vt, q.read_ct)
           FROM pgmq.q_torture AS q
           LEFT JOIN stageflow.tasks AS t ON t.task_id = q.message ->> 'task_id'
           LEFT JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE j.status IS NULL OR j.status NOT IN ('queued', 'processing') ORDER BY q.msg_id"#);
+         WHERE j.status IS NULL OR j.status NOT IN ('queued', 'processing') ORDER BY q.msg_id"#,
+    );
 
     // 5. The events tell each job's story in a possible order.
-    violations(client, &mut problems, "5. each stage completed at most once", r#"
+    violations(
+        client,
+        &mut problems,
+        "5. each stage completed at most once",
+        r#"
         SELECT format('job %s stage %s: %s stage_completed events (%s job_retried events)', e.job_id, e.stage, count(*),
                       (SELECT count(*) FROM stageflow.events AS r WHERE r.job_id = e.job_id AND r.kind = 'job_retried'))
           FROM stageflow.events AS e WHERE e.kind = 'stage_completed'
-         GROUP BY e.job_id, e.stage HAVING count(*) > 1 ORDER BY 1"#);
+         GROUP BY e.job_id, e.stage HAVING count(*) > 1 ORDER BY 1"#,
+    );
     check_event_stories(client, &mut problems);
 
     // 6. Each stage's tasks were created once, from what the previous stage left.
-    violations(client, &mut problems, "6. each stage's tasks were created once", r#"
+    violations(
+        client,
+        &mut problems,
+        "6. each stage's tasks were created once",
+        r#"
         WITH x AS (
             SELECT s.job_id, s.stage, s.name, s.fan_out, s.task_count,
                    (SELECT count(*) FROM stageflow.tasks AS t WHERE t.job_id = s.job_id AND t.stage = s.stage) AS task_rows,
@@ -977,8 +1085,13 @@ fn check_invariants(client: &mut Client, shared: &Shared) -> Vec<String> {
           FROM x
          WHERE task_count <> task_rows OR ordinals <> task_rows OR span <> task_rows OR task_count <> expected
             OR inputs IS DISTINCT FROM predecessors
-         ORDER BY job_id, stage"#);
-    violations(client, &mut problems, "6. lineage tasks follow completed predecessors", r#"
+         ORDER BY job_id, stage"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "6. lineage tasks follow completed predecessors",
+        r#"
         SELECT format('lineage task %s: predecessor %s is %s (key %s, stage %s)', t.task_id, t.predecessor_id,
                       coalesce(p.status, 'missing'), p.task_key, p.stage)
           FROM stageflow.tasks AS t
@@ -986,14 +1099,20 @@ fn check_invariants(client: &mut Client, shared: &Shared) -> Vec<String> {
           LEFT JOIN stageflow.tasks AS p ON p.task_id = t.predecessor_id
          WHERE s.fan_out = 'lineage'
            AND (p.task_id IS NULL OR p.status <> 'completed' OR p.task_key <> t.task_key OR p.stage <> t.stage - 1)
-         ORDER BY 1"#);
-    violations(client, &mut problems, "6. a job has the stage rows 1 .. current_stage", r#"
+         ORDER BY 1"#,
+    );
+    violations(
+        client,
+        &mut problems,
+        "6. a job has the stage rows 1 .. current_stage",
+        r#"
         SELECT format('job %s (%s) is at stage %s of %s but has stage rows %s', j.job_id, j.status, j.current_stage,
                       j.total_stages, (SELECT array_agg(s.stage ORDER BY s.stage) FROM stageflow.stages AS s WHERE s.job_id = j.job_id))
           FROM stageflow.jobs AS j
          WHERE (SELECT array_agg(s.stage ORDER BY s.stage) FROM stageflow.stages AS s WHERE s.job_id = j.job_id)
                IS DISTINCT FROM (SELECT array_agg(g ORDER BY g) FROM generate_series(1, j.current_stage) AS g)
-         ORDER BY 1"#);
+         ORDER BY 1"#,
+    );
 
     // 7. Lease tokens: unique per claim, the last one current.
     check_tokens(client, shared, &mut problems);
@@ -1028,8 +1147,14 @@ fn check_event_stories(client: &mut Client, problems: &mut Vec<String>) {
     let mut found = Vec::new();
     for (job_id, (status, current, total)) in &jobs {
         let story = stories.remove(job_id).unwrap_or_default();
-        let told: Vec<String> = story.iter().map(|(id, kind, stage, _)| format!("{id}:{kind}{}", stage.map(|s| format!("({s})")).unwrap_or_default())).collect();
-        let mut complain = |what: String| found.push(format!("job {job_id} ({status}, stage {current} of {total}): {what}; events {}", told.join(" ")));
+        let told: Vec<String> = story
+            .iter()
+            .map(|(id, kind, stage, _)| format!("{id}:{kind}{}", stage.map(|s| format!("({s})")).unwrap_or_default()))
+            .collect();
+        let mut complain = |what: String| {
+            found
+                .push(format!("job {job_id} ({status}, stage {current} of {total}): {what}; events {}", told.join(" ")))
+        };
         let mut ended: Option<&str> = None;
         let mut next_stage = 1;
         let mut submitted = 0;
@@ -1046,13 +1171,17 @@ fn check_event_stories(client: &mut Client, problems: &mut Vec<String>) {
                         complain(format!("event {event_id}: stage {stage:?} completed after the job ended ({end})"));
                     }
                     if *stage != Some(next_stage) {
-                        complain(format!("event {event_id}: stage {stage:?} completed, the next to complete was {next_stage}"));
+                        complain(format!(
+                            "event {event_id}: stage {stage:?} completed, the next to complete was {next_stage}"
+                        ));
                     }
                     next_stage = stage.unwrap_or(next_stage) + 1;
                 }
                 "job_completed" | "job_completed_with_errors" | "job_failed" | "job_cancelled" => {
                     if let Some(end) = ended {
-                        complain(format!("event {event_id}: {kind} after the job had already ended ({end}) with no retry between"));
+                        complain(format!(
+                            "event {event_id}: {kind} after the job had already ended ({end}) with no retry between"
+                        ));
                     }
                     if kind.starts_with("job_completed") && next_stage != total + 1 {
                         complain(format!("event {event_id}: {kind} with stages up to {} completed", next_stage - 1));
@@ -1066,7 +1195,10 @@ fn check_event_stories(client: &mut Client, problems: &mut Vec<String>) {
                         }
                     }
                     if payload["stage"] != json!(next_stage) {
-                        complain(format!("event {event_id}: job_retried at stage {}, but the current stage was {next_stage}", payload["stage"]));
+                        complain(format!(
+                            "event {event_id}: job_retried at stage {}, but the current stage was {next_stage}",
+                            payload["stage"]
+                        ));
                     }
                     ended = None;
                 }
@@ -1078,12 +1210,17 @@ fn check_event_stories(client: &mut Client, problems: &mut Vec<String>) {
         }
         match ended {
             None => complain("the events never end the job".to_owned()),
-            Some(end) if end != format!("job_{status}") => complain(format!("the last end is {end}, the job is {status}")),
+            Some(end) if end != format!("job_{status}") => {
+                complain(format!("the last end is {end}, the job is {status}"))
+            }
             _ => {}
         }
         let expected_current = if status.starts_with("completed") { *total } else { next_stage };
         if *current != expected_current {
-            complain(format!("stages up to {} completed, so the current stage should be {expected_current}", next_stage - 1));
+            complain(format!(
+                "stages up to {} completed, so the current stage should be {expected_current}",
+                next_stage - 1
+            ));
         }
     }
     for job_id in stories.keys() {
@@ -1202,7 +1339,10 @@ fn run_seed(seed: u64, seconds: u64) -> SeedRun {
     let warnings = shared.warnings.lock().unwrap().clone();
     let maintenance_errors = counters.sum("maintenance errors") + counters.get("drain: maintenance errors");
     if maintenance_errors > warnings.len() as u64 {
-        shared.error(format!("run_maintenance counted {maintenance_errors} errors but only {} WARNINGs arrived: {warnings:?}", warnings.len()));
+        shared.error(format!(
+            "run_maintenance counted {maintenance_errors} errors but only {} WARNINGs arrived: {warnings:?}",
+            warnings.len()
+        ));
     }
     for (who, message) in &warnings {
         match ["40P01", "40001"].iter().find(|code| message.contains(&format!("SQLSTATE {code}"))) {
@@ -1251,7 +1391,10 @@ fn run_seed(seed: u64, seconds: u64) -> SeedRun {
         ));
     }
     match drained {
-        Err(dump) => failures.push(format!("jobs still open {} s after the chaos stopped; what is stuck:\n{dump}", DRAIN_TIMEOUT.as_secs())),
+        Err(dump) => failures.push(format!(
+            "jobs still open {} s after the chaos stopped; what is stuck:\n{dump}",
+            DRAIN_TIMEOUT.as_secs()
+        )),
         Ok(()) => {
             let problems = check_invariants(&mut admin.client, &shared);
             if !problems.is_empty() {
@@ -1259,13 +1402,22 @@ fn run_seed(seed: u64, seconds: u64) -> SeedRun {
             }
         }
     }
-    assert!(failures.is_empty(), "seed {seed} (database lease_torture_{seed} is left as it was): {}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "seed {seed} (database lease_torture_{seed} is left as it was): {}",
+        failures.join("\n")
+    );
     run
 }
 
 fn report(run: &SeedRun) {
     let c = &run.counters;
-    eprintln!("=== lease torture, seed {} ({:.1} s of chaos, {:.1} s of drain)", run.seed, run.chaos.as_secs_f64(), run.drain.as_secs_f64());
+    eprintln!(
+        "=== lease torture, seed {} ({:.1} s of chaos, {:.1} s of drain)",
+        run.seed,
+        run.chaos.as_secs_f64(),
+        run.drain.as_secs_f64()
+    );
     eprintln!("  jobs ended: {:?}; tasks: {}", run.statuses, run.task_statuses);
     for (key, value) in &c.0 {
         eprintln!("  {key}: {value}");
@@ -1311,12 +1463,19 @@ fn seeds_and_seconds() -> (Vec<u64>, u64) {
         Ok(list) if !list.trim().is_empty() => list
             .split(',')
             .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("STAGEFLOW_TORTURE_SEEDS: {s:?} is not a seed (a comma-separated list of integers)")))
+            .map(|s| {
+                s.trim().parse().unwrap_or_else(|_| {
+                    panic!("STAGEFLOW_TORTURE_SEEDS: {s:?} is not a seed (a comma-separated list of integers)")
+                })
+            })
             .collect(),
         _ => vec![1, 2, 3],
     };
     let seconds = match std::env::var("STAGEFLOW_TORTURE_SECONDS") {
-        Ok(s) if !s.trim().is_empty() => s.trim().parse().unwrap_or_else(|_| panic!("STAGEFLOW_TORTURE_SECONDS: {s:?} is not a whole number of seconds")),
+        Ok(s) if !s.trim().is_empty() => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("STAGEFLOW_TORTURE_SECONDS: {s:?} is not a whole number of seconds")),
         _ => 20,
     };
     (seeds, seconds)
@@ -1339,7 +1498,10 @@ fn leases_hold_under_randomized_torture() {
             .filter(|(k, _)| k.contains("refused") && k.contains("superseded"))
             .map(|(_, v)| v)
             .sum();
-        assert!(expiries > 0 && superseded > 0, "the torture exercised nothing: {expiries} expiries, {superseded} superseded reports refused");
+        assert!(
+            expiries > 0 && superseded > 0,
+            "the torture exercised nothing: {expiries} expiries, {superseded} superseded reports refused"
+        );
     }
     // Written past the test harness's capture, so that it shows on success too.
     for run in &runs {
@@ -1413,7 +1575,8 @@ fn a_fenced_failure_under_a_lease_that_ended_in_the_queue_is_refused() {
         assert_fail_refused(&mut client, "cancelled and retried", &task_id, "A", token, retryable);
     }
     // (a completion under it is refused, as it should be)
-    let refused = client.query_one("SELECT stageflow.complete_task_and_check_stage($1, '{}', 'A', $2)", &[&task_id, &token]);
+    let refused =
+        client.query_one("SELECT stageflow.complete_task_and_check_stage($1, '{}', 'A', $2)", &[&task_id, &token]);
     assert_eq!(refused.map_err(|e| db_error(&e).0).err().as_deref(), Some("55000"), "cancelled and retried: complete");
     json(&mut client, "SELECT stageflow.cancel_job($1)", &[&job_id]); // out of the next case's way
 

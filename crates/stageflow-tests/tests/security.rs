@@ -43,7 +43,10 @@ fn each_role_does_its_part_and_nothing_more() {
     assert_eq!(refused(&mut worker, "SELECT stageflow.job_status('x')").0, "42501");
     // It claims only from queues granted to it.
     let (code, message) = refused(&mut worker, "SELECT * FROM stageflow.claim_tasks('default', 1, 60, 'worker-a')");
-    assert_eq!((code.as_str(), message.as_str()), ("42501", "role sf_test_worker may not claim tasks from queue 'default'"));
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("42501", "role sf_test_worker may not claim tasks from queue 'default'")
+    );
     assert_eq!(refused(&mut worker, "SELECT stageflow.grant_queue('default', 'sf_test_worker')").0, "42501");
     admin.batch_execute("SELECT stageflow.grant_queue('default', 'sf_test_worker')").unwrap();
     let task_id: String = worker
@@ -58,7 +61,10 @@ fn each_role_does_its_part_and_nothing_more() {
     );
     assert_eq!(code, "55000");
     assert!(message.contains("leased to worker worker-a"), "{message}");
-    assert_eq!(refused(&mut worker, &format!("SELECT stageflow.fail_task('{task_id}', '{{}}', true, 'worker-b')")).0, "55000");
+    assert_eq!(
+        refused(&mut worker, &format!("SELECT stageflow.fail_task('{task_id}', '{{}}', true, 'worker-b')")).0,
+        "55000"
+    );
     let report = json(
         &mut worker,
         "SELECT stageflow.complete_task_and_check_stage($1, '{\"greeting\": \"hi\"}', 'worker-a')",
@@ -106,14 +112,24 @@ fn a_submitter_cannot_touch_another_logins_jobs() {
     assert_eq!(refused(&mut mallory, "SET stageflow.fake_now = '1970-01-01'").0, "42501");
     let listed: i64 = mallory.query_one("SELECT count(*) FROM stageflow.list_jobs()", &[]).unwrap().get(0);
     assert_eq!(listed, 0);
-    let row = mallory.query_one("SELECT job_id, outcome, job_status FROM stageflow.submit_job_outcome('hello_world', $1)", &[&params]).unwrap();
-    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, Option<String>>(2)), (job_id.clone(), "owned_by_another".into(), None));
+    let row = mallory
+        .query_one(
+            "SELECT job_id, outcome, job_status FROM stageflow.submit_job_outcome('hello_world', $1)",
+            &[&params],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, Option<String>>(2)),
+        (job_id.clone(), "owned_by_another".into(), None)
+    );
     assert_eq!(job_status(&mut alice, &job_id)["status"], json!("queued"), "alice's job is untouched");
     assert_eq!(job_status(&mut admin, &job_id)["owner"], json!("sf_test_alice"), "an admin sees whose it is");
 
     // A quota refusal changes nothing.
     admin.batch_execute("SELECT stageflow.set_quota('sf_test_mallory', 1, 10)").unwrap();
-    let error = mallory.batch_execute("SELECT stageflow.submit_job('hello_world', '{\"message\": \"big\", \"n\": 2}')").unwrap_err();
+    let error = mallory
+        .batch_execute("SELECT stageflow.submit_job('hello_world', '{\"message\": \"big\", \"n\": 2}')")
+        .unwrap_err();
     let (code, message, hint) = db_error(&error);
     assert_eq!(code, "54000", "{message}");
     assert!(hint.is_some_and(|h| h.contains("stageflow.set_quota")));

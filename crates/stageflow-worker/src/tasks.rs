@@ -53,7 +53,13 @@ impl TaskApi {
         self.client.is_closed()
     }
 
-    pub async fn claim(&self, queue: &str, max_tasks: i32, lease_seconds: i32, worker_id: &str) -> Result<Vec<Task>, tokio_postgres::Error> {
+    pub async fn claim(
+        &self,
+        queue: &str,
+        max_tasks: i32,
+        lease_seconds: i32,
+        worker_id: &str,
+    ) -> Result<Vec<Task>, tokio_postgres::Error> {
         let rows = self.client.query(&self.claim, &[&queue, &max_tasks, &lease_seconds, &worker_id]).await?;
         Ok(rows
             .iter()
@@ -78,14 +84,24 @@ impl TaskApi {
 
     /// Completes a task under the lease `lease_token` held by `worker_id`; refused with SQLSTATE
     /// 55000 once that lease is no longer the task's current one.
-    pub async fn complete(&self, task_id: &str, result: &Value, worker_id: &str, lease_token: i64) -> Result<Value, tokio_postgres::Error> {
+    pub async fn complete(
+        &self,
+        task_id: &str,
+        result: &Value,
+        worker_id: &str,
+        lease_token: i64,
+    ) -> Result<Value, tokio_postgres::Error> {
         Ok(self.client.query_one(&self.complete, &[&task_id, result, &worker_id, &lease_token]).await?.get(0))
     }
 
     /// Completes several tasks, each `(task_id, lease_token, result)` under its lease held by
     /// `worker_id`, in one transaction; one report per task, in order (a task that could not be
     /// completed has `{"task_id", "error": {"sqlstate", "message"}}`, sqlstate 55000 for a lost lease).
-    pub async fn complete_many(&self, results: &[(String, i64, Value)], worker_id: &str) -> Result<Vec<Value>, tokio_postgres::Error> {
+    pub async fn complete_many(
+        &self,
+        results: &[(String, i64, Value)],
+        worker_id: &str,
+    ) -> Result<Vec<Value>, tokio_postgres::Error> {
         let items = Value::Array(
             results
                 .iter()
@@ -100,21 +116,39 @@ impl TaskApi {
     }
 
     /// Fails a task under the lease `lease_token` held by `worker_id` (55000 once the lease is lost).
-    pub async fn fail(&self, task_id: &str, error: &Value, retryable: bool, worker_id: &str, lease_token: i64) -> Result<Value, tokio_postgres::Error> {
+    pub async fn fail(
+        &self,
+        task_id: &str,
+        error: &Value,
+        retryable: bool,
+        worker_id: &str,
+        lease_token: i64,
+    ) -> Result<Value, tokio_postgres::Error> {
         Ok(self.client.query_one(&self.fail, &[&task_id, error, &retryable, &worker_id, &lease_token]).await?.get(0))
     }
 
     /// Extends the leases of `task_ids` (`lease_tokens` parallel to them) by `lease_seconds`, or by
     /// a task's own stage lease; returns the tasks extended. A task missing from the answer is no
     /// longer under that lease.
-    pub async fn heartbeat(&self, task_ids: &[String], lease_tokens: &[i64], lease_seconds: i32, worker_id: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+    pub async fn heartbeat(
+        &self,
+        task_ids: &[String],
+        lease_tokens: &[i64],
+        lease_seconds: i32,
+        worker_id: &str,
+    ) -> Result<Vec<String>, tokio_postgres::Error> {
         let rows = self.client.query(&self.heartbeat, &[&task_ids, &lease_seconds, &worker_id, &lease_tokens]).await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     /// Gives back `task_ids` (`lease_tokens` parallel to them) for delivery again at once; returns
     /// how many were released (a task whose lease is lost is skipped).
-    pub async fn release(&self, task_ids: &[String], lease_tokens: &[i64], worker_id: &str) -> Result<i32, tokio_postgres::Error> {
+    pub async fn release(
+        &self,
+        task_ids: &[String],
+        lease_tokens: &[i64],
+        worker_id: &str,
+    ) -> Result<i32, tokio_postgres::Error> {
         Ok(self.client.query_one(&self.release, &[&task_ids, &worker_id, &lease_tokens]).await?.get(0))
     }
 }

@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tracing::Instrument;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
+use tracing::Instrument;
 
 use crate::handlers::{Handlers, Task, TaskError};
 use crate::tasks::{is_conflict, is_connection_error, listen, TaskApi};
@@ -216,7 +216,8 @@ async fn report_outcomes(
                     }
                 }
             };
-            let lease_tokens: HashMap<&str, i64> = completions.iter().map(|(id, token, _)| (id.as_str(), *token)).collect();
+            let lease_tokens: HashMap<&str, i64> =
+                completions.iter().map(|(id, token, _)| (id.as_str(), *token)).collect();
             for report in &reports {
                 let task_id = report["task_id"].as_str().unwrap_or_default().to_owned();
                 let lease_token = lease_tokens.get(task_id.as_str()).copied().unwrap_or_default();
@@ -280,7 +281,13 @@ fn lost_lease(task_id: &str, lease_token: i64, message: &str, what: &str) {
 /// lost, or after a short wait when another transaction was in the way (a deadlock PostgreSQL broke
 /// by rolling the call back: nothing was recorded), at most MAX_CONFLICT_RETRIES times. `what`
 /// names the report in the log.
-async fn report_again(error: &tokio_postgres::Error, conflicts: &mut u64, api: &mut TaskApi, url: &str, what: &str) -> bool {
+async fn report_again(
+    error: &tokio_postgres::Error,
+    conflicts: &mut u64,
+    api: &mut TaskApi,
+    url: &str,
+    what: &str,
+) -> bool {
     if is_connection_error(error) {
         tracing::warn!(%error, what, "lost the database while reporting; reconnecting");
         sleep(Duration::from_millis(100)).await;
@@ -536,9 +543,10 @@ mod unit {
     #[tokio::test]
     async fn hello_world_handlers_greet_and_reply() {
         let handlers = crate::builtin_handlers();
-        let greeting = run_handler(handlers.clone(), task("hello_world.greet", json!({"message": "hi", "index": 7})), None)
-            .await
-            .unwrap();
+        let greeting =
+            run_handler(handlers.clone(), task("hello_world.greet", json!({"message": "hi", "index": 7})), None)
+                .await
+                .unwrap();
         assert_eq!(greeting, json!({"greeting": "hi #7"}));
         let mut reply = task("hello_world.reply", json!({}));
         reply.predecessor = Some(greeting);

@@ -32,11 +32,8 @@ pub fn ogrinfo_feature_count(path: &str) -> i64 {
     let out = Command::new("ogrinfo").args(["-so", "-al", path]).output().expect("ogrinfo (gdal-bin) is installed");
     assert!(out.status.success(), "ogrinfo {path}: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    let counts: Vec<i64> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("Feature Count: "))
-        .map(|n| n.trim().parse().unwrap())
-        .collect();
+    let counts: Vec<i64> =
+        text.lines().filter_map(|l| l.strip_prefix("Feature Count: ")).map(|n| n.trim().parse().unwrap()).collect();
     assert_eq!(counts.len(), 1, "one layer in {path}: {text}");
     counts[0]
 }
@@ -56,7 +53,13 @@ pub fn geo_database(name: &str) -> (String, Client) {
 
 /// Submits a job and runs a worker with `slots` handler slots on the `geo` queue until the job
 /// ends; returns the job id, its status document and the time from submission to its end.
-pub fn run_job(url: &str, client: &mut Client, job_type: &str, params: Value, slots: usize) -> (String, Value, Duration) {
+pub fn run_job(
+    url: &str,
+    client: &mut Client,
+    job_type: &str,
+    params: Value,
+    slots: usize,
+) -> (String, Value, Duration) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut config = WorkerConfig::new(url.to_owned());
     config.queues = vec!["geo".into()];
@@ -90,7 +93,10 @@ pub fn task(handler: &str, params: Value) -> Task {
 /// The errors of a job's failed tasks, as stored by the engine: (stage name, error).
 pub fn task_errors(client: &mut Client, job_id: &str) -> Vec<(String, Value)> {
     client
-        .query("SELECT stage_name, error FROM stageflow.job_tasks($1) WHERE error IS NOT NULL ORDER BY stage, task_key", &[&job_id])
+        .query(
+            "SELECT stage_name, error FROM stageflow.job_tasks($1) WHERE error IS NOT NULL ORDER BY stage, task_key",
+            &[&job_id],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
