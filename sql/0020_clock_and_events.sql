@@ -136,6 +136,9 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- plpgsql_check would have it IMMUTABLE; raising is its whole effect, and an IMMUTABLE call
+    -- with constant arguments may be run while a query is planned: VOLATILE is right.
+    -- @plpgsql_check_options: performance_warnings = false
     RAISE EXCEPTION USING
         ERRCODE = p_refusal ->> 'sqlstate', MESSAGE = p_refusal ->> 'message', HINT = p_refusal ->> 'hint';
 END;

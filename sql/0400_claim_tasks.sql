@@ -39,10 +39,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_stray_msgs   bigint[] := '{}';
-    v_busy_msgs    bigint[] := '{}';
-    v_ended_jobs   text[] := '{}';
-    v_ended_tasks  text[] := '{}';
+    v_stray_msgs   bigint[] := '{}'::bigint[];
+    v_busy_msgs    bigint[] := '{}'::bigint[];
+    v_ended_jobs   text[] := '{}'::text[];
+    v_ended_tasks  text[] := '{}'::text[];
     r              record;
 BEGIN
     FOR r IN

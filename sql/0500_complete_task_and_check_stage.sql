@@ -125,7 +125,6 @@ DECLARE
     v_open       int;
     v_emptied    int := 0;
     r            record;
-    i            int;
 BEGIN
     -- Lock every named task (task_id order) and decide on it as it is now: a locked row is read in
     -- its newest version. The accepted ones are gathered in task_id order (the order of the

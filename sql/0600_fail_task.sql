@@ -70,19 +70,16 @@ DECLARE
     v_locked  int;
 BEGIN
     LOOP
+        -- No such job: v_stage is NULL, and so is the answer.
         SELECT j.current_stage INTO v_stage FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-        IF NOT FOUND THEN
-            RETURN NULL;
-        END IF;
-        IF v_stage IS NOT DISTINCT FROM v_locked THEN
-            RETURN v_stage;
-        END IF;
+        EXIT WHEN NOT FOUND OR v_stage IS NOT DISTINCT FROM v_locked;
         PERFORM 1 FROM stageflow.stage_shards AS sh
           WHERE sh.job_id = p_job_id AND sh.stage = v_stage
           ORDER BY sh.shard FOR UPDATE;
         PERFORM 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = v_stage FOR UPDATE;
         v_locked := v_stage;
     END LOOP;
+    RETURN v_stage;
 END;
 $$;
 
@@ -297,7 +294,7 @@ BEGIN
     IF v_row.status = 'running' THEN
         IF v_category <> 'permanent' AND v_row.attempt < v_row.max_attempts THEN
             v_delay := least((v_retry ->> 'backoff_max_seconds')::numeric,
-                             (v_retry ->> 'backoff_base_seconds')::numeric * power(2, v_row.attempt - 1));
+                             (v_retry ->> 'backoff_base_seconds')::numeric * power(2::numeric, v_row.attempt - 1));
             v_delay := round(v_delay / 2 + random()::numeric * v_delay / 2, 3);
             IF v_category = 'throttling' THEN
                 v_delay := greatest(coalesce(v_retry_after, 2 * v_delay), v_delay);

@@ -108,7 +108,7 @@ BEGIN
     SELECT array_agg(t.task_id ORDER BY t.ordinal),
            array_agg(t.ordinal ORDER BY t.ordinal) FILTER (WHERE t.status <> 'running'),
            array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
-           count(*) FILTER (WHERE t.status IN ('failed', 'dead'))
+           (count(*) FILTER (WHERE t.status IN ('failed', 'dead')))::int
       INTO v_ids, v_ordinals, v_old_msgs, v_failed
       FROM stageflow.tasks AS t
      WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage

@@ -6,6 +6,9 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- plpgsql_check would have it IMMUTABLE; the WARNING it logs is a side effect, which an
+    -- IMMUTABLE function may not have (it could be folded or skipped): VOLATILE is right.
+    -- @plpgsql_check_options: performance_warnings = false
     RAISE WARNING '%: % (SQLSTATE %)', p_unit, p_message, p_sqlstate;
     RETURN 1;
 END;
@@ -52,7 +55,7 @@ DECLARE
     v_timed_out  int := 0;
     v_deleted    int := 0;
     v_errors     int := 0;
-    v_reconciled jsonb := '{}';
+    v_reconciled jsonb := '{}'::jsonb;
     v_busy       boolean;
     v_retention  interval;
     v_error_message text;
@@ -175,7 +178,7 @@ BEGIN
             ), jobs_gone AS (
                 DELETE FROM stageflow.jobs AS j USING old WHERE j.job_id = old.job_id RETURNING 1
             )
-            SELECT count(*) INTO v_deleted FROM jobs_gone;
+            SELECT count(*)::int INTO v_deleted FROM jobs_gone;
         EXCEPTION WHEN OTHERS THEN
             v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
         END;
