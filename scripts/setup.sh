@@ -17,8 +17,9 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # chromium: the dashboard's browser test (driven by playwright-core from npm, no browser download).
 # libgdal-dev, gdal-bin, python3-gdal: the geospatial job types and GDAL's COG validator.
 # postgresql-15-postgis-3: stage_vector / export_geoparquet. python3-venv: the checking tools below.
+# postgresql-15-plpgsql-check: the PL/pgSQL linter of scripts/lint.sh (scripts/plpgsql_check.sh).
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg chromium
-          libgdal-dev gdal-bin python3-gdal postgresql-15-postgis-3 python3-venv)
+          libgdal-dev gdal-bin python3-gdal postgresql-15-postgis-3 python3-venv postgresql-15-plpgsql-check)
 command -v npm >/dev/null || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
