@@ -39,6 +39,8 @@ pub fn init() {
     );
     // A server-start setting can only be defined while the server starts: only when preloaded,
     // which is also the only time there is a background worker to read it.
+    // SAFETY: a plain bool PostgreSQL sets while it loads shared_preload_libraries, read from the
+    // single-threaded backend that runs _PG_init.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_string_guc(
             c"stageflow.database",
@@ -73,6 +75,8 @@ pub extern "C-unwind" fn stageflow_maintenance_main(_arg: pg_sys::Datum) {
     let mut wait = interval();
     while BackgroundWorker::wait_latch(Some(wait)) {
         if BackgroundWorker::sighup_received() {
+            // SAFETY: what a background worker does on SIGHUP: re-read the configuration files, in its own
+            // single-threaded process, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let outcome: Option<pgrx::JsonB> = BackgroundWorker::transaction(|| {

@@ -2,6 +2,9 @@
 //! one session sees. Commits, concurrency and workers are tested against a real cluster in
 //! `crates/stageflow-tests`.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 #[pgrx::pg_schema]
 mod tests {
     use pgrx::prelude::*;

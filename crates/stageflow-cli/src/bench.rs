@@ -56,7 +56,7 @@ async fn clients(url: &str, n: usize, sync: bool) -> Result<Vec<Client>, CliErro
 }
 
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    samples.sort_by(f64::total_cmp);
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
 }
 
@@ -243,7 +243,8 @@ async fn completion_cost(url: &str, n: usize, sync: bool, size: i64, sample: usi
         async move {
             let complete = client.prepare("SELECT stageflow.complete_task_and_check_stage($1, '{}')").await?;
             loop {
-                let next = queue.lock().unwrap().pop();
+                // A poisoned lock means another client panicked: its ids are as good as ever.
+                let next = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
                 match next {
                     Some(id) => {
                         client.query_one(&complete, &[&id]).await?;
@@ -489,7 +490,10 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     let admin = connect(&url).await?;
     admin.batch_execute("DROP DATABASE IF EXISTS stageflow_bench WITH (FORCE)").await?;
     admin.batch_execute("CREATE DATABASE stageflow_bench").await?;
-    let url = url.rsplit_once('/').map(|(base, _)| format!("{base}/stageflow_bench")).unwrap();
+    let url = url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/stageflow_bench"))
+        .ok_or_else(|| CliError::Setup(format!("the cluster's URL has no database part: {url}")))?;
     let setup = connect(&url).await?;
     setup.batch_execute("CREATE EXTENSION stageflow CASCADE").await?;
     register_bench_types(&setup).await?;
@@ -626,8 +630,8 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
         date.format("%Y-%m-%dT%H%M%S"),
         if options.quick { "-quick" } else { "" }
     ));
-    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap())
-        .map_err(|e| CliError::Setup(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&report).map_err(|e| CliError::Setup(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| CliError::Setup(e.to_string()))?;
     println!("\nwritten to {}", path.display());
     cluster.stop("fast").map_err(CliError::Setup)?;
     Ok(())

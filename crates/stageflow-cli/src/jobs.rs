@@ -124,7 +124,7 @@ pub async fn tasks(
         println!("{}", Value::Array(tasks));
         return Ok(());
     }
-    println!("{:<40} {:<12} {:<10} {:>7}  {}", "task", "stage", "status", "attempt", "result / error");
+    println!("{:<40} {:<12} {:<10} {:>7}  result / error", "task", "stage", "status", "attempt");
     for r in &rows {
         let outcome =
             r.get::<_, Option<Value>>(8).or(r.get::<_, Option<Value>>(7)).map(|v| v.to_string()).unwrap_or_default();
@@ -169,7 +169,7 @@ pub async fn list(
         println!("{}", Value::Array(jobs));
         return Ok(());
     }
-    println!("{:<64}  {:<16} {:<11} {:>7} {:>8}  {}", "job", "type", "status", "stage", "progress", "created");
+    println!("{:<64}  {:<16} {:<11} {:>7} {:>8}  created", "job", "type", "status", "stage", "progress");
     for r in &rows {
         println!(
             "{:<64}  {:<16} {:<11} {:>3}/{:<3} {:>7.1}%  {}",
@@ -200,7 +200,7 @@ pub async fn queue_grants(client: &Client, as_json: bool) -> Result<(), tokio_po
         println!("{}", Value::Array(grants));
         return Ok(());
     }
-    println!("{:<48} {:<32} {}", "queue", "role", "granted at");
+    println!("{:<48} {:<32} granted at", "queue", "role");
     for r in &rows {
         println!(
             "{:<48} {:<32} {}",
@@ -229,7 +229,7 @@ pub async fn quotas(client: &Client, as_json: bool) -> Result<(), tokio_postgres
         println!("{}", Value::Array(quotas));
         return Ok(());
     }
-    println!("{:<32} {:>14} {:>17} {:>12}  {}", "role", "max open tasks", "max tasks per job", "open tasks", "from");
+    println!("{:<32} {:>14} {:>17} {:>12}  from", "role", "max open tasks", "max tasks per job", "open tasks");
     for r in &rows {
         println!(
             "{:<32} {:>14} {:>17} {:>12}  {}",
@@ -264,7 +264,7 @@ pub async fn dead_letters(client: &Client, limit: i32, as_json: bool) -> Result<
         println!("{}", Value::Array(letters));
         return Ok(());
     }
-    println!("{:<40} {:<16} {:<12} {:<6} {:>7}  {}", "task", "job type", "stage", "status", "attempt", "error");
+    println!("{:<40} {:<16} {:<12} {:<6} {:>7}  error", "task", "job type", "stage", "status", "attempt");
     for r in &rows {
         let error = r
             .get::<_, Option<Value>>(7)

@@ -7,6 +7,9 @@
 //! exactly once in the final state, and every task's handler ran at least once (delivery is at
 //! least once: the extra runs are printed).
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,6 +1,9 @@
 //! The `stageflow` command against a real cluster: submit, wait, status, tasks, jobs, dead
 //! letters, retry and cancel, with --json output and database errors shown with their hint.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{json, Value};

@@ -2,6 +2,9 @@
 //! driven by `crates/stageflow-http/tests/browser/dashboard.mjs` in Debian's headless Chromium
 //! (playwright-core from npm, installed by scripts/setup.sh).
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

@@ -3,6 +3,9 @@
 //! connections, keeping a stage's short lease alive, losing a lease; and a worker written in plain
 //! Python beside them.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -279,7 +279,7 @@ async fn tiff_is_geotiff(store: &dyn ObjectStore, location: &ObjectPath, head: &
     let (ifd, count_size, entry_size) =
         if big { (u64_at(head, 8), 8u64, 20u64) } else { (u32_at(head, 4) as u64, 2, 12) };
     // The offset is untrusted: `ifd + count_size` may overflow.
-    if ifd < 8 || ifd.checked_add(count_size).map_or(true, |end| end > size) {
+    if ifd < 8 || ifd.checked_add(count_size).is_none_or(|end| end > size) {
         return false;
     }
     let Some(count) = read_range(store, location, head, ifd..ifd + count_size).await else { return false };

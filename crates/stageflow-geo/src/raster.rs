@@ -62,6 +62,8 @@ fn exists(path: &str) -> bool {
     let Ok(c_path) = CString::new(path) else { return false };
     // Opened and closed rather than VSIStatL'd: the prebuilt bindings' stat buffer is not to be
     // trusted to match this libc's.
+    // SAFETY: c_path is a NUL-terminated string that outlives the calls; the handle VSIFOpenL returns is
+    // checked for NULL and closed exactly once.
     unsafe {
         let file = gdal_sys::VSIFOpenL(c_path.as_ptr(), c"rb".as_ptr());
         if file.is_null() {
@@ -81,6 +83,8 @@ pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
         return std::fs::write(path, bytes).map_err(|e| crate::io_error(path, &e));
     }
     let c_path = CString::new(path).map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
+    // SAFETY: c_path is NUL-terminated and outlives the calls; the handle is checked for NULL, written
+    // from a slice of exactly bytes.len() bytes and closed exactly once.
     unsafe {
         let file = gdal_sys::VSIFOpenL(c_path.as_ptr(), c"wb".as_ptr());
         if file.is_null() {
@@ -206,6 +210,8 @@ pub fn plan(task: &Task) -> Result<Value, TaskError> {
 }
 
 fn last_gdal_error() -> String {
+    // SAFETY: CPLGetLastErrorMsg never returns NULL: a NUL-terminated, thread-local buffer (empty when
+    // there was no error), copied out at once.
     unsafe { CStr::from_ptr(gdal_sys::CPLGetLastErrorMsg()) }.to_string_lossy().into_owned()
 }
 
@@ -216,6 +222,10 @@ fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(),
     argv.push(std::ptr::null_mut());
     let destination_c =
         CString::new(destination).map_err(|_| TaskError::permanent("bad_params", "NUL in the output path"))?;
+    // SAFETY: argv is a NULL-terminated array of NUL-terminated strings (args) that outlive the call;
+    // options is checked for NULL and freed once; the error handler's user data points to
+    // `messages`, which lives until after the handler is popped on this thread; the dataset GDAL
+    // returns is closed once.
     unsafe {
         let options = gdal_sys::GDALTranslateOptionsNew(argv.as_mut_ptr(), std::ptr::null_mut());
         if options.is_null() {
@@ -251,8 +261,12 @@ unsafe extern "C" fn collect_gdal_error(
     _number: std::ffi::c_int,
     message: *const std::ffi::c_char,
 ) {
+    // SAFETY: GDAL calls this handler on the thread that pushed it, while it is pushed: the user data
+    // is the `Vec<String>` translate() pushed with it, or NULL (checked below).
     let messages = unsafe { gdal_sys::CPLGetErrorHandlerUserData() }.cast::<Vec<String>>();
     if class >= gdal_sys::CPLErr::CE_Failure && !messages.is_null() && !message.is_null() {
+        // SAFETY: both checked non-NULL above; `messages` is translate()'s live Vec, used by no one else
+        // during the call; `message` is GDAL's NUL-terminated message, copied at once.
         unsafe { (*messages).push(CStr::from_ptr(message).to_string_lossy().into_owned()) };
     }
 }

@@ -185,9 +185,13 @@ fn launder(name: &str) -> String {
 
 fn columns_of(layer: &Layer) -> Vec<Column> {
     let mut used: HashSet<String> = ["fid".to_owned(), "geom".to_owned()].into();
+    // SAFETY: layer.c_layer() is the live layer `layer` borrows; the definition it returns belongs
+    // to the layer and is only read while `layer` is borrowed here.
     let defn = unsafe { gdal_sys::OGR_L_GetLayerDefn(layer.c_layer()) };
     let mut columns = Vec::new();
     for (index, field) in layer.defn().fields().enumerate() {
+        // SAFETY: `index` comes from enumerating this layer's fields, so it is a valid field index of
+        // `defn`, which the borrowed layer keeps alive.
         let subtype = unsafe { gdal_sys::OGR_Fld_GetSubType(gdal_sys::OGR_FD_GetFieldDefn(defn, index as i32)) };
         let base = launder(&field.name());
         let mut name = base.clone();
@@ -241,6 +245,8 @@ fn column_geometry_type(seen: &BTreeSet<u32>, declared: u32) -> (&'static str, b
 /// wrapped into a one-part multi when `promote`.
 fn ewkb(geometry: &Geometry, srid: i32, keep_z: bool, promote: bool) -> Result<Vec<u8>, TaskError> {
     let geometry = geometry.clone();
+    // SAFETY: `geometry` is an owned clone; these calls only change that clone, which stays alive
+    // for the whole block.
     unsafe {
         gdal_sys::OGR_G_SetMeasured(geometry.c_geometry(), 0);
         if !keep_z {
@@ -400,6 +406,8 @@ fn read_cell(feature: &Feature, column: &Column) -> Result<Cell, TaskError> {
 
 /// The feature's geometry, unless it has none.
 fn geometry_of<'a>(feature: &'a Feature) -> Option<&'a Geometry> {
+    // SAFETY: feature.c_feature() is the live feature `feature` borrows; only the returned pointer's
+    // nullness is read.
     if unsafe { gdal_sys::OGR_F_GetGeometryRef(feature.c_feature()) }.is_null() {
         return None;
     }
@@ -477,6 +485,7 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
     }
 
     // Every feature once: the count and the geometry types.
+    // SAFETY: OGR_GT_Flatten is a pure function of a geometry type value: no pointers.
     let declared = unsafe { gdal_sys::OGR_GT_Flatten(layer.defn().geometry_type()) };
     let mut seen = BTreeSet::new();
     let (mut features, mut with_z, mut with_geometry) = (0u64, 0u64, 0u64);
@@ -485,8 +494,10 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
         features += 1;
         if let Some(geometry) = geometry_of(&feature) {
             let t = geometry.geometry_type();
+            // SAFETY: a pure function of a geometry type value: no pointers.
             seen.insert(unsafe { gdal_sys::OGR_GT_Flatten(t) });
             with_geometry += 1;
+            // SAFETY: a pure function of a geometry type value: no pointers.
             if unsafe { gdal_sys::OGR_GT_HasZ(t) } != 0 {
                 with_z += 1;
             }
@@ -696,6 +707,8 @@ pub fn load(task: &Task, url: &str) -> Result<Value, TaskError> {
 
     // Read the chunk.
     layer.reset_feature_reading();
+    // SAFETY: layer.c_layer() is the live layer `layer` borrows; an index past its end is reported
+    // as an error (checked below), not undefined behaviour.
     let err = unsafe { gdal_sys::OGR_L_SetNextByIndex(layer.c_layer(), start as i64) };
     if err != gdal_sys::OGRErr::OGRERR_NONE {
         return Err(TaskError::permanent("unreadable", format!("{source}: cannot seek to feature {start}")));

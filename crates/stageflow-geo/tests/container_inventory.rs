@@ -3,6 +3,9 @@
 //! scripts/setup.sh) in a local directory and on an S3 prefix of a local moto server. Checksums are
 //! checked against the `sha256sum` command, not against our own code.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 mod jobs;
 
 use std::collections::BTreeMap;

@@ -3,6 +3,9 @@
 //! as scripts/setup.sh also needs), which a COG tile of the Landsat scene and the North Carolina
 //! GeoParquet file do not fit in.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 mod jobs;
 
 use std::path::{Path, PathBuf};

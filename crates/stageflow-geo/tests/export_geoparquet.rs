@@ -3,6 +3,9 @@
 //! `geo` metadata) and geopandas (rows, CRS, validity, attribute values), from the venv that
 //! scripts/setup.sh makes.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 mod jobs;
 
 use std::process::Command;

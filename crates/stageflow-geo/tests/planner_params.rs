@@ -3,6 +3,9 @@
 //! when an entry's params name one of the job's parameters (here `output`), and an accepted plan's
 //! tasks see the job's own `output` beside their tile params.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 mod jobs;
 
 use serde_json::{json, Value};

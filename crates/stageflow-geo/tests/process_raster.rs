@@ -3,6 +3,9 @@
 //! GDAL's own validator (osgeo_utils' validate_cloud_optimized_geotiff.py) and by rio-cogeo, not by
 //! us.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};

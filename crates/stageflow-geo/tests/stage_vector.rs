@@ -2,6 +2,9 @@
 //! GeoJSON, Natural Earth countries as Shapefile), through the engine with the worker runtime on a
 //! real cluster with PostGIS. Counts are checked against GDAL's `ogrinfo`, validity against PostGIS.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 mod jobs;
 
 use std::collections::HashMap;

@@ -2,6 +2,9 @@
 //! status codes, listing, cancel and retry, dead letters, OpenAPI, metrics, server-sent events, a
 //! body limit, and webhooks delivered with a signature to a receiver that fails the first attempts.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -210,12 +213,15 @@ async fn tenant_tokens_see_only_their_own_jobs() {
     assert_eq!((all.as_array().map(Vec::len), all[0]["tenant"].clone()), (Some(1), json!("acme")), "{all}");
 }
 
+/// Each request a receiver saw: its signature header and body.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A receiver that answers 500 to the first `fail_first` requests and 200 after, keeping each body
 /// and signature it saw.
-async fn receiver(fail_first: usize) -> (SocketAddr, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+async fn receiver(fail_first: usize) -> (SocketAddr, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let log = seen.clone();
     tokio::spawn(async move {
         loop {

@@ -4,6 +4,9 @@
 //! gets a database of its own, copied from a template in which `CREATE EXTENSION stageflow CASCADE`
 //! ran once, so tests run in parallel without sharing queues.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Mutex;
 
 use postgres::{Client, NoTls};

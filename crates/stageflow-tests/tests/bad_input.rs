@@ -1,6 +1,9 @@
 //! Every bad call raises an error with a specific SQLSTATE (never the generic P0001), a message and
 //! a hint, and leaves the database exactly as it was.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use serde_json::json;
 use stageflow_tests::*;
 
@@ -135,7 +138,7 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("a submission over the open-task quota", "SELECT stageflow.submit_job('county', '{\"n\": 9}')", "54000", "would leave login postgres with 11 open tasks, more than its quota of 10"),
         case("a quota for an unknown role", "SELECT stageflow.set_quota('no_such_role', 1, 1)", "42704", "unknown role"),
         case("a negative quota", "SELECT stageflow.set_quota(session_user, -1, NULL)", "22023", "cannot be negative"),
-        case("submitting another tenant's identical work", format!("SET stageflow.tenant = 'other'; SELECT stageflow.submit_job('hello_world', '{{\"message\": \"queued\", \"n\": 1}}')"), "23505", "another login (or tenant) submitted this work"),
+        case("submitting another tenant's identical work", "SET stageflow.tenant = 'other'; SELECT stageflow.submit_job('hello_world', '{\"message\": \"queued\", \"n\": 1}')".to_string(), "23505", "another login (or tenant) submitted this work"),
         case("a tenant label with a space", "SET stageflow.tenant = 'a b'; SELECT * FROM stageflow.list_jobs()", "22023", "is not a tenant label"),
         case("registering a schema with an unsupported keyword", "SELECT stageflow.register_job_type('t', '{\"parameters\": {\"oneOf\": []}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "22023", "unsupported keyword"),
     ];

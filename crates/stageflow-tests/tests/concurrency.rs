@@ -2,6 +2,9 @@
 //! once, mixed completions, batches and failures settling sharded counters, hand-made advances racing the last completion, two workers holding the same task after
 //! its lease expired, and many workers emptying large jobs.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;

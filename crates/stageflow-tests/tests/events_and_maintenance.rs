@@ -1,6 +1,9 @@
 //! The outbox announces state changes with NOTIFY, and the background worker maintains the
 //! database by itself: a task whose worker vanished is dead-lettered with nobody claiming.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;

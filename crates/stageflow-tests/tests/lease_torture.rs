@@ -50,6 +50,9 @@
 //! by a lease token is refused once that lease is over, whether the task went back to the queue
 //! under the same token (cancelled and retried, or released) or was dead-lettered.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

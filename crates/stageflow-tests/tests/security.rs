@@ -2,6 +2,9 @@
 //! worker claims only from the queues granted to it, and cannot report a task whose lease it does
 //! not hold; a submitter sees and cancels only its own jobs, within its quota.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use serde_json::json;
 use stageflow_tests::*;
 

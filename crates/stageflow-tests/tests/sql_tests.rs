@@ -2,6 +2,9 @@
 //! statement in its own transaction, as a client would. A file fails by raising (plpgsql ASSERT or
 //! RAISE): psql stops at the first error.
 
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::Command;
 
