@@ -321,9 +321,8 @@ pub fn normalize(definition: &Value) -> Result<Value, Invalid> {
     };
     let schema = object.get("parameters");
     if let Some(schema) = schema {
-        if let Some(problem) = crate::params::schema_problems(schema, "definition.parameters").into_iter().next() {
-            let (field, what) = problem.split_once(": ").unwrap_or(("definition.parameters", &problem));
-            return Err(invalid(field, what));
+        if let Some(problem) = crate::schema::schema_problems(schema, "definition.parameters").into_iter().next() {
+            return Err(invalid(problem.path, problem.message));
         }
     }
     let retry = normalize_retry(object.get("retry"), &Value::Null, "definition.retry")?;

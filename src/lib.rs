@@ -2,10 +2,11 @@
 //!
 //! The state machine (submit, claim, complete, fail, advance) is set-based SQL in `sql/`, loaded
 //! in file order. Rust does what SQL does poorly: canonical JSON and the job id hash
-//! ([`job_id`]), JSON Schema checks of parameters ([`params`]), the validation of job type
-//! definitions ([`job_types`]), reading and deleting queue messages with plans kept per backend
-//! ([`queues`]), the superuser-only test clock ([`clock`]), the tenant label ([`ownership`]), the
-//! default quotas ([`quotas`]), and the background worker that runs maintenance ([`maintenance`]).
+//! ([`job_id`]), the JSON Schema subset ([`schema`]) and the checks of parameters ([`params`]),
+//! the validation of job type definitions ([`job_types`]), reading and deleting queue messages with
+//! plans kept per backend ([`queues`]), the superuser-only test clock ([`clock`]), the tenant label
+//! ([`ownership`]), the default quotas ([`quotas`]), and the background worker that runs
+//! maintenance ([`maintenance`]).
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -21,6 +22,7 @@ pub mod ownership;
 pub mod params;
 pub mod queues;
 pub mod quotas;
+pub mod schema;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
