@@ -1,5 +1,7 @@
 -- Stageflow's state: job types, jobs, the stages a job has reached, and their tasks.
 -- Messages that carry tasks to workers live in pgmq queues; a task row knows its message.
+-- The status lists here (CHECK constraints, partial index predicates) are literal; the code
+-- reads the classes of statuses (open, done, stopped, ended...) through sql/0015_statuses.sql.
 
 -- A job type: a named, validated definition (parameters schema, retry defaults, ordered stages).
 CREATE TABLE stageflow.job_types (

@@ -29,7 +29,8 @@ BEGIN
     INSERT INTO stageflow.events (job_id, stage, task_id, kind, payload, created_at)
     VALUES (p_job_id, p_stage, p_task_id, p_kind, p_payload, stageflow.now())
     RETURNING event_id INTO v_event_id;
-    IF p_kind IN ('job_completed', 'job_completed_with_errors', 'job_failed', 'job_cancelled') THEN
+    -- A job's end (kind job_<status>, a status it ended in):
+    IF left(p_kind, 4) = 'job_' AND stageflow._job_has_ended(substr(p_kind, 5)) THEN
         PERFORM stageflow._queue_webhook(v_event_id, p_job_id, p_kind);
     END IF;
     PERFORM pg_notify('stageflow_events',

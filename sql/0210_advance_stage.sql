@@ -36,7 +36,7 @@ BEGIN
         PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
     END IF;
 
-    WHILE v_job.status IN ('queued', 'processing') LOOP
+    WHILE stageflow._job_is_open(v_job.status) LOOP
         SELECT * INTO STRICT v_stage
           FROM stageflow.stages AS s
          WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
@@ -96,7 +96,7 @@ BEGIN
         EXIT WHEN v_created > 0;
     END LOOP;
 
-    IF NOT v_advanced AND v_job.status NOT IN ('queued', 'processing') THEN
+    IF NOT v_advanced AND NOT stageflow._job_is_open(v_job.status) THEN
         UPDATE stageflow.stages AS s
            SET status = CASE WHEN v_job.status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
                completed_at = stageflow.now()

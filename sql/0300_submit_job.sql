@@ -95,7 +95,7 @@ BEGIN
     v_access := stageflow._access(v_job.owner, v_job.tenant);
     IF v_access IS DISTINCT FROM 'owner' THEN
         RETURN QUERY SELECT v_job_id, 'owned_by_another'::text, CASE WHEN v_access = 'admin' THEN v_job.status END;
-    ELSIF v_job.status IN ('failed', 'cancelled') THEN
+    ELSIF stageflow._job_is_stopped(v_job.status) THEN
         -- The job's own label may be one this session does not name (the login's, seen without a
         -- label): its turn is taken too, after this session's ('' sorts first: no cycle).
         IF v_job.tenant IS DISTINCT FROM v_tenant THEN

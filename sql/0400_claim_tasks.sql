@@ -59,9 +59,9 @@ BEGIN
             v_stray_msgs := v_stray_msgs || r.msg_id;       -- not its task's current message
         ELSIF NOT r.mine THEN
             v_busy_msgs := v_busy_msgs || r.msg_id;         -- another session holds the task
-        ELSIF r.status NOT IN ('queued', 'running') THEN
+        ELSIF NOT stageflow._task_is_open(r.status) THEN
             v_stray_msgs := v_stray_msgs || r.msg_id;       -- its task has ended
-        ELSIF r.job_status NOT IN ('queued', 'processing') THEN
+        ELSIF NOT stageflow._job_is_open(r.job_status) THEN
             v_ended_jobs := v_ended_jobs || r.job_id;
             v_ended_tasks := v_ended_tasks || r.task_id;
         ELSIF r.status = 'running' AND r.lease_expires_at > p_now THEN
@@ -85,7 +85,7 @@ BEGIN
         -- A job a retry revived meanwhile keeps its tasks: their messages are visible again.
         PERFORM pgmq.set_vt(p_queue, m.msg_ids, p_now)
            FROM (SELECT array_agg(t.msg_id) AS msg_ids FROM stageflow.tasks AS t
-                  WHERE t.task_id = ANY (v_ended_tasks) AND t.status IN ('queued', 'running')) AS m
+                  WHERE t.task_id = ANY (v_ended_tasks) AND stageflow._task_is_open(t.status)) AS m
           WHERE m.msg_ids IS NOT NULL;
     END IF;
 END;
@@ -199,7 +199,7 @@ BEGIN
          WHERE t.task_id IN (SELECT l.task_id FROM locked AS l)
            AND j.job_id = t.job_id
            AND s.job_id = t.job_id AND s.stage = t.stage
-           AND j.status IN ('queued', 'processing')
+           AND stageflow._job_is_open(j.status)
            AND t.attempt < t.max_attempts
            AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
                 OR (t.status = 'running' AND t.lease_expires_at <= v_now))

@@ -23,7 +23,7 @@ BEGIN
         UPDATE stageflow.tasks AS t
            SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
          WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
-                              WHERE o.job_id = p_job_id AND o.status IN ('queued', 'running')
+                              WHERE o.job_id = p_job_id AND stageflow._task_is_open(o.status)
                               ORDER BY o.task_id
                                 FOR UPDATE SKIP LOCKED)
         RETURNING t.stage, t.ordinal, t.msg_id
@@ -102,7 +102,7 @@ BEGIN
     UPDATE stageflow.jobs AS j
        SET status = p_status, error = coalesce(p_error, j.error),
            completed_at = stageflow.now(), updated_at = stageflow.now()
-     WHERE j.job_id = p_job_id AND j.status IN ('queued', 'processing')
+     WHERE j.job_id = p_job_id AND stageflow._job_is_open(j.status)
        AND (p_deadline IS NULL OR j.deadline_at <= p_deadline);
     IF NOT FOUND THEN
         RETURN false;
@@ -132,7 +132,7 @@ AS $$
 BEGIN
     PERFORM stageflow._lock_current_stage(p_job_id);
     IF NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j
-                    WHERE j.job_id = p_job_id AND j.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')) THEN
+                    WHERE j.job_id = p_job_id AND stageflow._job_has_ended(j.status)) THEN
         RETURN 0;
     END IF;
     RETURN stageflow._cancel_open_tasks(p_job_id);
@@ -158,7 +158,7 @@ BEGIN
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
      WHERE t.task_id = p_task_id
        FOR UPDATE OF t;
-    IF v_task.status NOT IN ('queued', 'running') THEN
+    IF NOT stageflow._task_is_open(v_task.status) THEN
         RETURN false;
     END IF;
 
@@ -168,7 +168,7 @@ BEGIN
            errors = t.errors || jsonb_build_array(jsonb_build_object(
                'attempt', t.attempt, 'at', stageflow.now(), 'worker_id', t.worker_id, 'lease_token', t.lease_token,
                'error', p_error))
-     WHERE t.task_id = p_task_id AND t.status IN ('queued', 'running');
+     WHERE t.task_id = p_task_id AND stageflow._task_is_open(t.status);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -283,10 +283,11 @@ BEGIN
     -- another lease's, is refused: a failure from a lease that was released, re-queued by
     -- retry_job or dead-lettered while its holder worked is not recorded, and not answered as if
     -- it had been.
-    v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL AND v_row.status IN ('queued', 'failed', 'dead')
+    v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL
+                           AND (v_row.status = 'queued' OR stageflow._task_has_failed(v_row.status))
                            AND (v_row.errors -> -1 ->> 'lease_token')::bigint = fail_task.lease_token
                            AND v_row.errors -> -1 -> 'error' = v_error THEN NULL
-                      WHEN fail_task.lease_token IS NULL AND v_row.status IN ('failed', 'dead') THEN NULL
+                      WHEN fail_task.lease_token IS NULL AND stageflow._task_has_failed(v_row.status) THEN NULL
                       ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);

@@ -64,7 +64,7 @@ BEGIN
         'params', v_job.params,
         'current_stage', v_job.current_stage,
         'total_stages', v_job.total_stages,
-        'progress', CASE WHEN v_job.status IN ('completed', 'completed_with_errors') THEN 100
+        'progress', CASE WHEN stageflow._job_is_done(v_job.status) THEN 100
                          ELSE round(100 * v_done / v_job.total_stages, 1) END,
         'stages', v_stages,
         'created_at', v_job.created_at,

@@ -20,7 +20,8 @@ DECLARE
     v_tenant  text := stageflow._tenant();
     v_all     boolean := v_tenant IS NULL AND stageflow._session_is_admin();
 BEGIN
-    IF list_jobs.filter_status IS NOT NULL AND list_jobs.filter_status NOT IN ('queued', 'processing', 'completed', 'completed_with_errors', 'failed', 'cancelled') THEN
+    IF list_jobs.filter_status IS NOT NULL
+       AND NOT (stageflow._job_is_open(list_jobs.filter_status) OR stageflow._job_has_ended(list_jobs.filter_status)) THEN
         RAISE EXCEPTION USING
             ERRCODE = '22023',
             MESSAGE = format('unknown job status %L', list_jobs.filter_status),
@@ -34,7 +35,7 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT j.job_id, j.job_type, j.status, j.current_stage, j.total_stages, s.name,
-           CASE WHEN j.status IN ('completed', 'completed_with_errors') THEN 100::numeric
+           CASE WHEN stageflow._job_is_done(j.status) THEN 100::numeric
                 ELSE round(100 * ((j.current_stage - 1)
                                   + CASE WHEN s.status = 'completed' THEN 1
                                          WHEN s.task_count > 0 THEN c.completed_count::numeric / s.task_count

@@ -12,7 +12,7 @@ DECLARE
     v_changed   boolean;
 BEGIN
     v_status := (stageflow._visible_job(cancel_job.job_id)).status;
-    v_changed := v_status IN ('queued', 'processing')
+    v_changed := stageflow._job_is_open(v_status)
                  AND stageflow._end_job(cancel_job.job_id, 'cancelled',
                                         jsonb_build_object('message', 'cancelled by stageflow.cancel_job'));
     RETURN jsonb_build_object(
@@ -87,8 +87,8 @@ BEGIN
         PERFORM stageflow._raise_unknown('job', p_job_id);
     END IF;
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-    IF v_job.status IN ('completed', 'completed_with_errors')
-       OR (p_resubmission AND v_job.status NOT IN ('failed', 'cancelled')) THEN
+    IF stageflow._job_is_done(v_job.status)
+       OR (p_resubmission AND NOT stageflow._job_is_stopped(v_job.status)) THEN
         RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
     END IF;
     SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
@@ -96,10 +96,10 @@ BEGIN
 
     -- The tasks to run again, locked (and then read as they are now).
     PERFORM 1 FROM stageflow.tasks AS t
-     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status IN ('failed', 'dead', 'cancelled')
+     WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND stageflow._task_ended_without_result(t.status)
      ORDER BY t.task_id
        FOR UPDATE;
-    IF v_job.status IN ('failed', 'cancelled') THEN
+    IF stageflow._job_is_stopped(v_job.status) THEN
         v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
                             WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status = 'running'
                             ORDER BY t.task_id
@@ -108,13 +108,13 @@ BEGIN
     SELECT array_agg(t.task_id ORDER BY t.ordinal),
            array_agg(t.ordinal ORDER BY t.ordinal) FILTER (WHERE t.status <> 'running'),
            array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
-           (count(*) FILTER (WHERE t.status IN ('failed', 'dead')))::int
+           (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
       INTO v_ids, v_ordinals, v_old_msgs, v_failed
       FROM stageflow.tasks AS t
      WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
-       AND (t.status IN ('failed', 'dead', 'cancelled') OR t.task_id = ANY (coalesce(v_running, '{}')));
+       AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
     IF v_ids IS NULL THEN
-        IF v_job.status IN ('failed', 'cancelled') AND v_stage.open_shards = 0 THEN
+        IF stageflow._job_is_stopped(v_job.status) AND v_stage.open_shards = 0 THEN
             -- Nothing to retry, nothing open: the stage's last report landed as the job ended.
             PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, 0);
             v_advance := stageflow.advance_stage(v_job.job_id);
@@ -174,6 +174,7 @@ BEGIN
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+     -- literal list (not stageflow._task_has_failed): the partial index tasks_dead_letter_idx must match it
      WHERE t.status IN ('failed', 'dead')
      ORDER BY t.completed_at DESC
      LIMIT dead_letters.max_rows;

@@ -136,6 +136,7 @@ BEGIN
     FOR r IN
         SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
           FROM stageflow.jobs AS j
+         -- literal list (not stageflow._job_is_open): the partial index jobs_deadline_idx must match it
          WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
          ORDER BY j.deadline_at LIMIT max_rows
     LOOP
@@ -168,7 +169,7 @@ BEGIN
             WITH old AS (
                 SELECT j.job_id FROM stageflow.jobs AS j
                  WHERE j.completed_at < v_now - v_retention
-                   AND j.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+                   AND stageflow._job_has_ended(j.status)
                  ORDER BY j.completed_at LIMIT max_rows
                    FOR UPDATE SKIP LOCKED
             ), tasks_gone AS (
@@ -241,12 +242,12 @@ BEGIN
     FOR r IN
         SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
           JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE t.task_id = ANY (v_window) AND t.status IN ('queued', 'running')
-           AND j.status NOT IN ('queued', 'processing')
+         WHERE t.task_id = ANY (v_window) AND stageflow._task_is_open(t.status)
+           AND NOT stageflow._job_is_open(j.status)
         UNION
         (SELECT j.job_id FROM stageflow.jobs AS j
           WHERE j.completed_at > v_now - interval '1 hour'
-            AND j.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+            AND stageflow._job_has_ended(j.status)
             AND EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE t.job_id = j.job_id AND t.status = 'running')
           ORDER BY j.completed_at DESC
           LIMIT max_rows)
@@ -264,8 +265,8 @@ BEGIN
           FROM stageflow.tasks AS t
           JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
           JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE t.task_id = ANY (v_window) AND t.status IN ('queued', 'running')
-           AND j.status IN ('queued', 'processing')
+         WHERE t.task_id = ANY (v_window) AND stageflow._task_is_open(t.status)
+           AND stageflow._job_is_open(j.status)
          GROUP BY s.queue
     LOOP
         EXECUTE format('SELECT array_agg(u.msg_id) FROM unnest($1) AS u(msg_id) '
@@ -280,7 +281,7 @@ BEGIN
             BEGIN
                 -- Under the task's lock: still open, still on the missing message, and the message still gone?
                 PERFORM 1 FROM stageflow.tasks AS t
-                  WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND t.status IN ('queued', 'running')
+                  WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND stageflow._task_is_open(t.status)
                     FOR UPDATE SKIP LOCKED;
                 IF FOUND THEN
                     EXECUTE format('SELECT count(*) FROM pgmq.%I AS m WHERE m.msg_id = $1', pgmq.format_table_name(q.queue, 'q'))
@@ -325,7 +326,7 @@ BEGIN
             SELECT array_agg(u.msg_id) INTO v_stray
               FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
               LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
-             WHERE t.task_id IS NULL OR t.msg_id <> u.msg_id OR t.status NOT IN ('queued', 'running');
+             WHERE t.task_id IS NULL OR t.msg_id <> u.msg_id OR NOT stageflow._task_is_open(t.status);
             IF v_stray IS NOT NULL THEN
                 EXECUTE format(
                     'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '

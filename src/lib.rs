@@ -37,6 +37,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 extension_sql_file!("../sql/0010_tables.sql", name = "tables", bootstrap);
+extension_sql_file!("../sql/0015_statuses.sql", name = "statuses");
 extension_sql_file!("../sql/0020_clock_and_events.sql", name = "clock_and_events", requires = [clock::fake_now]);
 extension_sql_file!(
     "../sql/0050_ownership_and_quotas.sql",

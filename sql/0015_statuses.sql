@@ -1,0 +1,66 @@
+-- What a status means: the classes of job and task statuses, each list written here once and read
+-- everywhere else through these functions (docs/state_machine.md draws the transitions).
+-- They are SQL functions without a SET clause and with nothing to look up, so that PostgreSQL
+-- inlines them: `stageflow._job_is_open(j.status)` plans exactly as `j.status IN ('queued',
+-- 'processing')`. Only Stageflow's own functions, whose search_path is fixed, call them.
+-- Two places keep literal lists, and must: the tables' CHECK constraints (the statuses there are)
+-- and the predicates of partial indexes with the queries that use them, because the planner
+-- matches an index predicate only against a query's literal conditions; each such query says so.
+
+-- A job still to finish: queued (no task claimed yet) or processing.
+CREATE FUNCTION stageflow._job_is_open(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('queued', 'processing')
+$$;
+
+-- A job that ran to its end: completed, with failed tasks its stages tolerated or without.
+CREATE FUNCTION stageflow._job_is_done(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('completed', 'completed_with_errors')
+$$;
+
+-- A job stopped before its end: failed or cancelled (retry_job, or its owner resubmitting the
+-- work, resumes it).
+CREATE FUNCTION stageflow._job_is_stopped(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('failed', 'cancelled')
+$$;
+
+-- A job that has ended: done or stopped.
+CREATE FUNCTION stageflow._job_has_ended(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stageflow._job_is_done(p_status) OR stageflow._job_is_stopped(p_status)
+$$;
+
+-- An open task: queued (waiting, or due for a retry) or running (leased to a worker).
+CREATE FUNCTION stageflow._task_is_open(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('queued', 'running')
+$$;
+
+-- A task that failed for good, a dead letter: failed (a permanent error) or dead (its attempts
+-- ran out).
+CREATE FUNCTION stageflow._task_has_failed(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('failed', 'dead')
+$$;
+
+-- A task that ended without a result: failed, dead or cancelled (what retry_job queues again).
+CREATE FUNCTION stageflow._task_ended_without_result(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stageflow._task_has_failed(p_status) OR p_status = 'cancelled'
+$$;
