@@ -3,9 +3,11 @@
 -- They are SQL functions without a SET clause and with nothing to look up, so that PostgreSQL
 -- inlines them: `stageflow._job_is_open(j.status)` plans exactly as `j.status IN ('queued',
 -- 'processing')`. Only Stageflow's own functions, whose search_path is fixed, call them.
--- Two places keep literal lists, and must: the tables' CHECK constraints (the statuses there are)
--- and the predicates of partial indexes with the queries that use them, because the planner
--- matches an index predicate only against a query's literal conditions; each such query says so.
+-- Two places keep literal lists: the tables' CHECK constraints (the statuses there are), and the
+-- predicates of partial indexes with the queries meant to use them. The planner matches an index
+-- predicate against a query's conditions as they are after inlining, so an inlined call would
+-- match too (measured); but a call that stops being inlined (a SET clause, STRICT, another
+-- language) would not, and nothing would fail: those queries keep the literal and say so.
 
 -- A job still to finish: queued (no task claimed yet) or processing.
 CREATE FUNCTION stageflow._job_is_open(p_status text)

@@ -69,7 +69,7 @@ AS $$
     SELECT coalesce(sum(sh.remaining_tasks), 0)::bigint
       FROM stageflow.jobs AS j
       JOIN stageflow.stage_shards AS sh ON sh.job_id = j.job_id AND sh.stage = j.current_stage
-     -- literal list (not stageflow._job_is_open): the partial index jobs_open_owner_idx must match it
+     -- literal list: the predicate of jobs_open_owner_idx, whose use must not hang on inlining (0015_statuses.sql)
      WHERE j.owner = p_owner AND j.tenant IS NOT DISTINCT FROM p_tenant AND j.status IN ('queued', 'processing')
 $$;
 
@@ -201,7 +201,7 @@ BEGIN
            EXISTS (SELECT 1 FROM stageflow.role_quotas AS rq WHERE rq.role_name = r.owner)
       FROM (SELECT rq.role_name AS owner, NULL::text AS tenant FROM stageflow.role_quotas AS rq
              UNION
-            -- literal list (not stageflow._job_is_open): the partial index jobs_open_owner_idx must match it
+            -- literal list: the predicate of jobs_open_owner_idx, whose use must not hang on inlining (0015_statuses.sql)
             SELECT j.owner, j.tenant FROM stageflow.jobs AS j WHERE j.status IN ('queued', 'processing')
              UNION
             SELECT session_user, v_tenant) AS r

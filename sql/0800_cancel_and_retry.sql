@@ -174,7 +174,7 @@ BEGIN
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     -- literal list (not stageflow._task_has_failed): the partial index tasks_dead_letter_idx must match it
+     -- literal list: the predicate of tasks_dead_letter_idx, whose use must not hang on inlining (0015_statuses.sql)
      WHERE t.status IN ('failed', 'dead')
      ORDER BY t.completed_at DESC
      LIMIT dead_letters.max_rows;

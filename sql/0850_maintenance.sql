@@ -136,7 +136,7 @@ BEGIN
     FOR r IN
         SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
           FROM stageflow.jobs AS j
-         -- literal list (not stageflow._job_is_open): the partial index jobs_deadline_idx must match it
+         -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
          WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
          ORDER BY j.deadline_at LIMIT max_rows
     LOOP
