@@ -56,33 +56,6 @@ BEGIN
 END;
 $$;
 
--- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the
--- order of every completion), following the job if a completion advances it meanwhile; returns
--- the stage locked, or NULL for an unknown job. Whoever ends, revives or tidies a job takes these
--- first and the job row after, so they never wait in a cycle with a completion of that stage.
-CREATE FUNCTION stageflow._lock_current_stage(p_job_id text)
-RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_stage   int;
-    v_locked  int;
-BEGIN
-    LOOP
-        -- No such job: v_stage is NULL, and so is the answer.
-        SELECT j.current_stage INTO v_stage FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-        EXIT WHEN NOT FOUND OR v_stage IS NOT DISTINCT FROM v_locked;
-        PERFORM 1 FROM stageflow.stage_shards AS sh
-          WHERE sh.job_id = p_job_id AND sh.stage = v_stage
-          ORDER BY sh.shard FOR UPDATE;
-        PERFORM 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = v_stage FOR UPDATE;
-        v_locked := v_stage;
-    END LOOP;
-    RETURN v_stage;
-END;
-$$;
-
 -- Ends an open job as failed or cancelled (with p_deadline: only if its deadline is still at or
 -- before it, as a concurrent retry_job moves it). Its current stage's shards and row are locked
 -- first, then the job row: from then on nothing advances the job, and the statements after it see

@@ -38,13 +38,17 @@ pub extern "C-unwind" fn _PG_init() {
 
 extension_sql_file!("../sql/0010_tables.sql", name = "tables", bootstrap);
 extension_sql_file!("../sql/0015_statuses.sql", name = "statuses");
-extension_sql_file!("../sql/0020_clock_and_events.sql", name = "clock_and_events", requires = [clock::fake_now]);
+extension_sql_file!("../sql/0020_clock.sql", name = "clock", requires = [clock::fake_now]);
+extension_sql_file!("../sql/0025_job_ids.sql", name = "job_ids");
+extension_sql_file!("../sql/0030_errors.sql", name = "errors");
+extension_sql_file!("../sql/0040_events.sql", name = "events");
 extension_sql_file!(
     "../sql/0050_ownership_and_quotas.sql",
     name = "ownership_and_quotas",
     requires = [ownership::tenant, quotas::default_quotas]
 );
 extension_sql_file!("../sql/0100_register_job_type.sql", name = "register_job_type");
+extension_sql_file!("../sql/0150_shards.sql", name = "shards");
 extension_sql_file!("../sql/0200_create_stage_tasks.sql", name = "create_stage_tasks");
 extension_sql_file!("../sql/0210_advance_stage.sql", name = "advance_stage");
 extension_sql_file!("../sql/0300_submit_job.sql", name = "submit_job");
