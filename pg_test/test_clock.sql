@@ -47,3 +47,19 @@ BEGIN
     ASSERT stageflow.now() = now();
 END;
 $$;
+
+-- Everything a submission writes is dated by the engine's clock: the job, its stage and its tasks.
+SET stageflow.fake_now = '2031-06-01 12:00:00+00';
+CREATE TEMP TABLE dated AS SELECT stageflow.submit_job('hello_world', '{"n": 2, "message": "dated"}') AS id;
+DO $$
+DECLARE
+    v_job text := (SELECT id FROM dated);
+BEGIN
+    ASSERT (SELECT created_at FROM stageflow.jobs WHERE job_id = v_job) = '2031-06-01 12:00:00+00';
+    ASSERT (SELECT created_at FROM stageflow.stages WHERE job_id = v_job AND stage = 1) = '2031-06-01 12:00:00+00',
+           'the stage is dated by stageflow.now()';
+    ASSERT (SELECT array_agg(DISTINCT created_at) FROM stageflow.tasks WHERE job_id = v_job) = ARRAY['2031-06-01 12:00:00+00'::timestamptz],
+           'so are its tasks';
+END;
+$$;
+RESET stageflow.fake_now;

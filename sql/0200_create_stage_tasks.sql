@@ -33,6 +33,8 @@ DECLARE
     v_shards      int;
     v_msg_ids     bigint[];
     v_duplicate   text;
+    -- the engine's clock, read once for the stage and all its tasks
+    v_now         timestamptz := stageflow.now();
 BEGIN
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
     v_def := v_job.definition -> 'stages' -> (p_stage - 1);
@@ -94,7 +96,7 @@ BEGIN
     INSERT INTO stageflow.stages
         (job_id, stage, name, handler, queue, fan_out, param, next_fan_out, max_attempts,
          lease_seconds, timeout_seconds,
-         max_failed_tasks, max_failure_ratio, task_count, shards, open_shards, status, completed_at)
+         max_failed_tasks, max_failure_ratio, task_count, shards, open_shards, status, created_at, completed_at)
     VALUES
         (p_job_id, p_stage, v_def ->> 'name', v_def ->> 'handler', v_queue, v_fan_out, v_param,
          v_job.definition -> 'stages' -> p_stage ->> 'fan_out',
@@ -103,7 +105,7 @@ BEGIN
          (v_def ->> 'max_failed_tasks')::int, (v_def ->> 'max_failure_ratio')::numeric,
          v_count, v_shards, least(v_count, v_shards),
          CASE WHEN v_count = 0 THEN 'completed' ELSE 'active' END,
-         CASE WHEN v_count = 0 THEN stageflow.now() END);
+         v_now, CASE WHEN v_count = 0 THEN v_now END);
     -- Shard k counts the tasks whose ordinal % shards = k: ordinals 0 .. v_count - 1.
     INSERT INTO stageflow.stage_shards (job_id, stage, shard, remaining_tasks)
     SELECT p_job_id, p_stage, k, v_count / v_shards + CASE WHEN k < v_count % v_shards THEN 1 ELSE 0 END
@@ -120,9 +122,9 @@ BEGIN
                                        FROM unnest(v_keys) WITH ORDINALITY AS k(key, n)
                                       ORDER BY k.n)) AS s(msg_id);
         INSERT INTO stageflow.tasks
-            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id)
+            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at)
         SELECT v_prefix || u.key, p_job_id, p_stage, u.key, (u.n - 1)::int, u.params, u.pred, v_inputs,
-               (v_def -> 'retry' ->> 'max_attempts')::int, u.msg_id
+               (v_def -> 'retry' ->> 'max_attempts')::int, u.msg_id, v_now
           FROM unnest(v_keys, v_params, v_preds, v_msg_ids) WITH ORDINALITY AS u(key, params, pred, msg_id, n);
         PERFORM pg_notify('stageflow_tasks', v_queue);
     END IF;
