@@ -15,12 +15,12 @@ pub(super) struct Column {
     pub(super) index: usize,
     pub(super) source: String,
     pub(super) name: String,
-    pub(super) pg_type: String,
+    pub(super) pg_type: ColumnType,
 }
 
 impl Column {
     pub(super) fn to_json(&self) -> Value {
-        json!({"index": self.index, "source": self.source, "name": self.name, "type": self.pg_type})
+        json!({"index": self.index, "source": self.source, "name": self.name, "type": self.pg_type.sql_name()})
     }
 
     pub(super) fn from_json(value: &Value) -> Result<Column, TaskError> {
@@ -29,27 +29,71 @@ impl Column {
             index: value["index"].as_u64().ok_or_else(bad)? as usize,
             source: value["source"].as_str().ok_or_else(bad)?.to_owned(),
             name: value["name"].as_str().filter(|n| plain_identifier(n)).ok_or_else(bad)?.to_owned(),
-            pg_type: value["type"].as_str().filter(|t| PG_TYPES.contains(t)).ok_or_else(bad)?.to_owned(),
+            pg_type: value["type"].as_str().and_then(ColumnType::named).ok_or_else(bad)?,
         })
     }
 }
 
-const PG_TYPES: [&str; 8] =
-    ["integer", "bigint", "double precision", "numeric", "text", "date", "timestamp with time zone", "boolean"];
+/// The PostgreSQL type of an attribute column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ColumnType {
+    Integer,
+    Bigint,
+    DoublePrecision,
+    /// `numeric` without a precision.
+    Numeric,
+    Text,
+    Date,
+    TimestampTz,
+    Boolean,
+}
 
-/// The PostgreSQL type of an OGR field. Reals with a declared width (Shapefile's decimals) become
-/// `numeric` without a precision, so that values wider than the declaration (Natural Earth's
-/// `pop_est`) still fit; other reals are `double precision`.
-fn pg_type(field_type: OGRFieldType::Type, subtype: OGRFieldSubType::Type, width: i32) -> &'static str {
-    match field_type {
-        OGRFieldType::OFTInteger if subtype == OGRFieldSubType::OFSTBoolean => "boolean",
-        OGRFieldType::OFTInteger => "integer",
-        OGRFieldType::OFTInteger64 => "bigint",
-        OGRFieldType::OFTReal if width > 0 => "numeric",
-        OGRFieldType::OFTReal => "double precision",
-        OGRFieldType::OFTDate => "date",
-        OGRFieldType::OFTDateTime => "timestamp with time zone",
-        _ => "text",
+impl ColumnType {
+    const ALL: [ColumnType; 8] = [
+        ColumnType::Integer,
+        ColumnType::Bigint,
+        ColumnType::DoublePrecision,
+        ColumnType::Numeric,
+        ColumnType::Text,
+        ColumnType::Date,
+        ColumnType::TimestampTz,
+        ColumnType::Boolean,
+    ];
+
+    /// Of an OGR field. Reals with a declared width (Shapefile's decimals) become `numeric` without a
+    /// precision, so that values wider than the declaration (Natural Earth's `pop_est`) still fit;
+    /// other reals are `double precision`.
+    fn of(field_type: OGRFieldType::Type, subtype: OGRFieldSubType::Type, width: i32) -> ColumnType {
+        match field_type {
+            OGRFieldType::OFTInteger if subtype == OGRFieldSubType::OFSTBoolean => ColumnType::Boolean,
+            OGRFieldType::OFTInteger => ColumnType::Integer,
+            OGRFieldType::OFTInteger64 => ColumnType::Bigint,
+            OGRFieldType::OFTReal if width > 0 => ColumnType::Numeric,
+            OGRFieldType::OFTReal => ColumnType::DoublePrecision,
+            OGRFieldType::OFTDate => ColumnType::Date,
+            OGRFieldType::OFTDateTime => ColumnType::TimestampTz,
+            _ => ColumnType::Text,
+        }
+    }
+
+    /// By its SQL type name, as a plan carries it.
+    fn named(name: &str) -> Option<ColumnType> {
+        ColumnType::ALL.into_iter().find(|t| t.sql_name() == name)
+    }
+
+    /// The SQL type name, as `format_type` writes it: the table's definition, and what an existing
+    /// table's columns are compared with.
+    pub(super) fn sql_name(self) -> &'static str {
+        match self {
+            ColumnType::Integer => "integer",
+            ColumnType::Bigint => "bigint",
+            ColumnType::DoublePrecision => "double precision",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Text => "text",
+            ColumnType::Date => "date",
+            ColumnType::TimestampTz => "timestamp with time zone",
+            ColumnType::Boolean => "boolean",
+        }
     }
 }
 
@@ -89,7 +133,7 @@ pub(super) fn columns_of(layer: &Layer) -> Vec<Column> {
             index,
             source: field.name(),
             name,
-            pg_type: pg_type(field.field_type(), subtype, field.width()).to_owned(),
+            pg_type: ColumnType::of(field.field_type(), subtype, field.width()),
         });
     }
     columns
@@ -128,6 +172,19 @@ pub(super) fn column_geometry_type(seen: &BTreeSet<u32>, declared: u32) -> (&'st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn column_types_are_read_back_by_their_sql_names() {
+        let names = ColumnType::ALL.map(ColumnType::sql_name);
+        assert_eq!(
+            names,
+            ["integer", "bigint", "double precision", "numeric", "text", "date", "timestamp with time zone", "boolean"]
+        );
+        for t in ColumnType::ALL {
+            assert_eq!(ColumnType::named(t.sql_name()), Some(t));
+        }
+        assert_eq!(ColumnType::named("timestamptz"), None);
+    }
 
     #[test]
     fn geometry_types_promote_within_one_family() {

@@ -9,7 +9,7 @@ use gdal::vector::{Feature, Geometry};
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use stageflow_worker::TaskError;
 
-use super::columns::Column;
+use super::columns::{Column, ColumnType};
 
 /// The WKB of a geometry as PostGIS's EWKB with `srid`: Z kept or dropped, M dropped, a single part
 /// wrapped into a one-part multi when `promote`.
@@ -156,18 +156,22 @@ pub(super) fn read_cell(feature: &Feature, column: &Column) -> Result<Cell, Task
     let unreadable =
         |e: gdal::errors::GdalError| TaskError::permanent("unreadable", format!("field {:?}: {e}", column.source));
     let i = column.index;
-    Ok(match column.pg_type.as_str() {
-        "integer" => feature.field_as_integer(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Int),
-        "boolean" => feature.field_as_integer(i).map_err(unreadable)?.map_or(Cell::Null, |v| Cell::Bool(v != 0)),
-        "bigint" => feature.field_as_integer64(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Big),
-        "double precision" => feature.field_as_double(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Float),
-        "numeric" => feature.field_as_double(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Numeric),
-        "date" => feature.field_as_datetime(i).map_err(unreadable)?.map_or(Cell::Null, |d| Cell::Date(d.date_naive())),
-        "timestamp with time zone" => feature
+    Ok(match column.pg_type {
+        ColumnType::Integer => feature.field_as_integer(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Int),
+        ColumnType::Boolean => {
+            feature.field_as_integer(i).map_err(unreadable)?.map_or(Cell::Null, |v| Cell::Bool(v != 0))
+        }
+        ColumnType::Bigint => feature.field_as_integer64(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Big),
+        ColumnType::DoublePrecision => feature.field_as_double(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Float),
+        ColumnType::Numeric => feature.field_as_double(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Numeric),
+        ColumnType::Date => {
+            feature.field_as_datetime(i).map_err(unreadable)?.map_or(Cell::Null, |d| Cell::Date(d.date_naive()))
+        }
+        ColumnType::TimestampTz => feature
             .field_as_datetime(i)
             .map_err(unreadable)?
             .map_or(Cell::Null, |d| Cell::Timestamp(d.with_timezone(&Utc))),
-        _ => feature.field_as_string(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Text),
+        ColumnType::Text => feature.field_as_string(i).map_err(unreadable)?.map_or(Cell::Null, Cell::Text),
     })
 }
 

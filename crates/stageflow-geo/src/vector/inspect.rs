@@ -195,7 +195,7 @@ fn create_table(
     }
 
     let mut expected = vec![("fid".to_owned(), "bigint".to_owned())];
-    expected.extend(columns.iter().map(|c| (c.name.clone(), c.pg_type.clone())));
+    expected.extend(columns.iter().map(|c| (c.name.clone(), c.pg_type.sql_name().to_owned())));
     expected.push(("geom".to_owned(), column_type.to_owned()));
     let definition: Vec<String> =
         expected
