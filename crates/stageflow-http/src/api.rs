@@ -1,5 +1,5 @@
-//! The routes. Each handler calls one stageflow SQL function and returns its JSON; database errors
-//! become JSON errors with a status that fits their SQLSTATE.
+//! The routes. Each handler makes one call of the SQL API (`stageflow_client`) and returns its JSON;
+//! database errors become JSON errors with a status that fits their SQLSTATE.
 //!
 //! Two kinds of bearer token: the operator's (every route, every job the server's login sees) and
 //! tenants' (`--tenant-token TENANT=TOKEN`): a tenant's requests run with `stageflow.tenant` set to
@@ -7,6 +7,8 @@
 //! submitted; the operator's routes (retry, dead letters, queue grants, events) refuse it (403).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -18,6 +20,8 @@ use axum::{Json, Router};
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use stageflow_client::{Api, ListJobs, PrepareCached, SubmitOutcome};
+use tokio_postgres::Statement;
 
 use crate::events::Events;
 
@@ -48,23 +52,37 @@ impl ApiError {
     }
 }
 
+impl From<stageflow_client::Error> for ApiError {
+    fn from(error: stageflow_client::Error) -> Self {
+        use stageflow_client::Error;
+        if let Error::Connection(e) = &error {
+            return match e.as_db_error() {
+                // The server is going away (57P01, ...) and said so.
+                Some(db) => {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Some(db.code().code()), db.message(), db.hint())
+                }
+                None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("database: {e}"), None),
+            };
+        }
+        let Some(refusal) = error.refusal() else {
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, error.to_string(), None);
+        };
+        let status = match &error {
+            Error::UnknownObject(_) => StatusCode::NOT_FOUND,
+            Error::WrongState(_) => StatusCode::CONFLICT,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::LimitExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::InvalidName(_) => StatusCode::BAD_REQUEST,
+            _ if refusal.sqlstate.starts_with("22") => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, Some(&refusal.sqlstate), refusal.message.clone(), refusal.hint.as_deref())
+    }
+}
+
 impl From<tokio_postgres::Error> for ApiError {
     fn from(error: tokio_postgres::Error) -> Self {
-        match error.as_db_error() {
-            Some(db) => {
-                let code = db.code().code();
-                let status = match code {
-                    "42704" => StatusCode::NOT_FOUND,
-                    "55000" => StatusCode::CONFLICT,
-                    "42501" => StatusCode::FORBIDDEN,
-                    "54000" => StatusCode::PAYLOAD_TOO_LARGE,
-                    c if c.starts_with("22") || c == "42602" => StatusCode::BAD_REQUEST,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                ApiError::new(status, Some(code), db.message(), db.hint())
-            }
-            None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("database: {error}"), None),
-        }
+        stageflow_client::Error::from(error).into()
     }
 }
 
@@ -82,24 +100,49 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+/// A pooled connection's statement cache (deadpool's), for the SQL API: each statement prepared
+/// once per connection.
+pub(crate) struct PoolStatements<'a>(pub(crate) &'a deadpool_postgres::StatementCache);
 
-/// One JSON value from a statement returning one row with one jsonb column, as the caller: a
-/// tenant's statement runs in a transaction that sets `stageflow.tenant` to its label.
-async fn one_json(state: &AppState, caller: &Caller, sql: &str, params: &Params<'_>) -> ApiResult {
-    let mut client = state.pool.get().await?;
+impl PrepareCached for PoolStatements<'_> {
+    fn prepare<'a>(
+        &'a self,
+        client: &'a tokio_postgres::Client,
+        sql: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Statement, tokio_postgres::Error>> + Send + 'a>> {
+        Box::pin(self.0.prepare(client, sql))
+    }
+}
+
+/// Starts the transaction of a request: a tenant's sets `stageflow.tenant` to its label for it.
+async fn begin<'a>(
+    client: &'a mut deadpool_postgres::Object,
+    caller: &Caller,
+) -> Result<deadpool_postgres::Transaction<'a>, ApiError> {
     let transaction = client.transaction().await?;
     if let Caller::Tenant(label) = caller {
         // An empty label would be no tenant at all (start() refuses one; this holds for any caller).
         if label.is_empty() {
             return Err(ApiError::new(StatusCode::FORBIDDEN, None, "a tenant token without a tenant label", None));
         }
-        transaction.execute("SELECT set_config('stageflow.tenant', $1, true)", &[label]).await?;
+        let cache = PoolStatements(&transaction.statement_cache);
+        Api::cached(&*transaction, &cache).set_tenant(label, true).await?;
     }
-    let statement = transaction.prepare_cached(sql).await?;
-    let value = transaction.query_one(&statement, params).await?.get::<_, Value>(0);
-    transaction.commit().await?;
-    Ok(Json(value))
+    Ok(transaction)
+}
+
+/// Makes the call `$call` on `$api` (the SQL API) as `$caller`, in a transaction of its own
+/// ([`begin`]) committed after it; evaluates to the call's answer.
+macro_rules! as_caller {
+    ($state:expr, $caller:expr, |$api:ident| $call:expr) => {{
+        let mut client = $state.pool.get().await?;
+        let transaction = begin(&mut client, $caller).await?;
+        let cache = PoolStatements(&transaction.statement_cache);
+        let $api = Api::cached(&*transaction, &cache);
+        let answer = $call.await?;
+        transaction.commit().await?;
+        answer
+    }};
 }
 
 /// `access_token=<token>` in a query string: how a browser's EventSource, which cannot set
@@ -188,25 +231,20 @@ async fn submit(
     body: Option<Json<Value>>,
 ) -> ApiResult {
     let params = body.map(|Json(v)| v).unwrap_or_else(|| json!({}));
-    let Json(submitted) = one_json(
-        &state,
-        &caller,
-        "SELECT to_jsonb(o) FROM stageflow.submit_job_outcome($1, $2, $3) AS o",
-        &[&job_type, &params, &q.webhook_url],
-    )
-    .await?;
-    let job_id = submitted["job_id"].as_str().unwrap_or_default();
+    let submitted =
+        as_caller!(state, &caller, |api| api.submit_job_outcome(&job_type, &params, q.webhook_url.as_deref()));
+    let job_id = submitted.job_id.as_str();
     // Identical work of another login or tenant: its id and outcome, nothing of the job.
-    if submitted["outcome"] == "owned_by_another" {
+    if submitted.outcome == SubmitOutcome::OwnedByAnother {
         return Ok(Json(
             json!({"job_id": job_id, "outcome": "owned_by_another", "status": null, "job_type": job_type, "job": null}),
         ));
     }
     // A statement of its own: one that also submitted would not see its own job.
-    let Json(status) = one_json(&state, &caller, "SELECT stageflow.job_status($1)", &[&job_id]).await?;
+    let status = as_caller!(state, &caller, |api| api.job_status(job_id)).document;
     Ok(Json(json!({
         "job_id": status["job_id"],
-        "outcome": submitted["outcome"],
+        "outcome": submitted.outcome.as_str(),
         "status": status["status"],
         "job_type": status["job_type"],
         "created_at": status["created_at"],
@@ -219,7 +257,7 @@ async fn status(
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
 ) -> ApiResult {
-    one_json(&state, &caller, "SELECT stageflow.job_status($1)", &[&job_id]).await
+    Ok(Json(as_caller!(state, &caller, |api| api.job_status(&job_id)).document))
 }
 
 async fn tasks(
@@ -227,13 +265,7 @@ async fn tasks(
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
 ) -> ApiResult {
-    one_json(
-        &state,
-        &caller,
-        "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t",
-        &[&job_id],
-    )
-    .await
+    Ok(Json(as_caller!(state, &caller, |api| api.job_tasks_json(&job_id))))
 }
 
 #[derive(Deserialize)]
@@ -250,13 +282,13 @@ async fn list(
     Extension(caller): Extension<Caller>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult {
-    one_json(
-        &state,
-        &caller,
-        "SELECT coalesce(jsonb_agg(to_jsonb(j)), '[]') FROM stageflow.list_jobs($1, $2, $3, $4::text::timestamptz) AS j",
-        &[&q.status, &q.job_type, &q.limit.unwrap_or(50), &q.before],
-    )
-    .await
+    let filter = ListJobs {
+        status: q.status.as_deref(),
+        job_type: q.job_type.as_deref(),
+        max_rows: q.limit.unwrap_or(50),
+        before: q.before.as_deref(),
+    };
+    Ok(Json(as_caller!(state, &caller, |api| api.list_jobs_json(filter))))
 }
 
 async fn cancel(
@@ -264,7 +296,7 @@ async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
 ) -> ApiResult {
-    one_json(&state, &caller, "SELECT stageflow.cancel_job($1)", &[&job_id]).await
+    Ok(Json(as_caller!(state, &caller, |api| api.cancel_job_json(&job_id))))
 }
 
 async fn retry(
@@ -272,7 +304,7 @@ async fn retry(
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
 ) -> ApiResult {
-    one_json(&state, &caller, "SELECT stageflow.retry_job($1)", &[&job_id]).await
+    Ok(Json(as_caller!(state, &caller, |api| api.retry_job_json(&job_id))))
 }
 
 async fn webhook_deliveries(
@@ -280,13 +312,7 @@ async fn webhook_deliveries(
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
 ) -> ApiResult {
-    one_json(
-        &state,
-        &caller,
-        "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.webhook_deliveries($1) AS d",
-        &[&job_id],
-    )
-    .await
+    Ok(Json(as_caller!(state, &caller, |api| api.webhook_deliveries_json(&job_id))))
 }
 
 #[derive(Deserialize)]
@@ -295,36 +321,19 @@ struct LimitQuery {
 }
 
 async fn dead_letters(State(state): State<AppState>, Query(q): Query<LimitQuery>) -> ApiResult {
-    one_json(
-        &state,
-        &Caller::Operator,
-        "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.dead_letters($1) AS d",
-        &[&q.limit.unwrap_or(100)],
-    )
-    .await
+    Ok(Json(as_caller!(state, &Caller::Operator, |api| api.dead_letters_json(q.limit.unwrap_or(100)))))
 }
 
 async fn job_types(State(state): State<AppState>) -> ApiResult {
-    one_json(
-        &state,
-        &Caller::Operator,
-        "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_types() AS t",
-        &[],
-    )
-    .await
+    Ok(Json(as_caller!(state, &Caller::Operator, |api| api.job_types_json())))
 }
 
 /// Which roles may claim from which queue (stageflow.list_queue_grants).
 async fn queue_grants(State(state): State<AppState>) -> ApiResult {
-    one_json(
-        &state,
-        &Caller::Operator,
-        "SELECT coalesce(jsonb_agg(to_jsonb(g)), '[]') FROM stageflow.list_queue_grants() AS g",
-        &[],
-    )
-    .await
+    Ok(Json(as_caller!(state, &Caller::Operator, |api| api.list_queue_grants_json())))
 }
 
+/// Only that the database answers: no call of the API.
 async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await?;
     client.query_one("SELECT 1", &[]).await?;

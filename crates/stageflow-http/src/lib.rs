@@ -64,7 +64,8 @@ pub async fn start(
     let pool = pool_config
         .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
         .map_err(|e| ServeError(format!("database pool: {e}")))?;
-    // Fail early and clearly if the database or the extension is missing.
+    // Fail early and clearly if the database or the extension is missing (a catalog lookup: no call
+    // of the API, which would fail with less to say).
     let client = pool.get().await.map_err(|e| ServeError(format!("cannot connect to the database: {e}")))?;
     client
         .query_one("SELECT to_regprocedure('stageflow.job_status(text)') IS NOT NULL", &[])
@@ -83,14 +84,15 @@ pub async fn start(
         if label.is_empty() {
             return Err(ServeError("a tenant token needs a tenant label".into()));
         }
-        let checked = match client.execute("SELECT set_config('stageflow.tenant', $1, false)", &[label]).await {
-            Ok(_) => client.execute("SELECT count(*) FROM stageflow.list_jobs(NULL, NULL, 1)", &[]).await,
+        let api = stageflow_client::Api::new(&**client);
+        let checked = match api.set_tenant(label, false).await {
+            Ok(()) => api.list_jobs(stageflow_client::ListJobs { max_rows: 1, ..Default::default() }).await.map(drop),
             Err(e) => Err(e),
         };
         checked.map_err(|e| {
             ServeError(format!(
                 "tenant {label:?}: {}",
-                e.as_db_error().map_or(e.to_string(), |d| format!("{} ({})", d.message(), d.hint().unwrap_or("")))
+                e.refusal().map_or(e.to_string(), |r| format!("{} ({})", r.message, r.hint.as_deref().unwrap_or("")))
             ))
         })?;
     }

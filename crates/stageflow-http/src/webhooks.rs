@@ -11,6 +11,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::api::PoolStatements;
 use crate::events::Events;
 
 #[derive(Clone, Debug)]
@@ -70,17 +71,15 @@ async fn dispatch_due(
     config: &WebhookConfig,
 ) -> Result<usize, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
+    let cache = PoolStatements(&client.statement_cache);
+    let api = stageflow_client::Api::cached(&**client, &cache);
     let lease = (config.timeout.as_secs() as i32 * 2).max(5);
-    let due = client
-        .query("SELECT delivery_id, url, payload, attempts FROM stageflow.claim_webhook_deliveries(10, $1)", &[&lease])
-        .await
-        .map_err(|e| e.to_string())?;
-    for row in &due {
-        let (id, url, payload, attempts): (i64, String, serde_json::Value, i32) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        let body = serde_json::to_vec(&payload).expect("JSON serialises");
+    let due = api.claim_webhook_deliveries(10, lease).await.map_err(|e| e.to_string())?;
+    for delivery in &due {
+        let (id, url, payload, attempts) = (delivery.delivery_id, &delivery.url, &delivery.payload, delivery.attempts);
+        let body = serde_json::to_vec(payload).expect("JSON serialises");
         let mut request = http
-            .post(&url)
+            .post(url)
             .header("content-type", "application/json")
             .header("x-stageflow-delivery", id.to_string())
             .header("x-stageflow-event", payload["event"].as_str().unwrap_or_default());
@@ -98,12 +97,7 @@ async fn dispatch_due(
             let seconds = config.retry_base.as_secs_f64() * 2f64.powi(attempts - 1);
             seconds.min(3600.0)
         });
-        let retry_in = retry_in.map(|s| format!("{s:.3}"));
-        client
-            .query_one(
-                "SELECT stageflow.record_webhook_attempt($1, $2, $3, $4, $5::text::numeric)",
-                &[&id, &delivered, &status, &error, &retry_in],
-            )
+        api.record_webhook_attempt(id, delivered, status, error.as_deref(), retry_in)
             .await
             .map_err(|e| e.to_string())?;
         if delivered {
