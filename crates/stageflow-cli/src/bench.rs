@@ -12,6 +12,11 @@
 //! 7. memory: the worker's resident memory over a 100,000-task job, and job_status on it.
 //!
 //! Results are printed and written to `<out>/<date>.json`.
+//!
+//! Setup goes through the SQL API (`stageflow_client`); what a line times is written out as SQL
+//! here (prepared by each client, returning only the columns it uses, a batch built in the
+//! statement), so that a change of the client does not change what is measured, and runs on raw
+//! tokio-postgres connections.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,10 +50,11 @@ struct Sizes {
     commit_seconds: f64,
 }
 
+/// `n` raw connections for a timed line.
 async fn clients(url: &str, n: usize, sync: bool) -> Result<Vec<Client>, CliError> {
     let mut all = Vec::with_capacity(n);
     for _ in 0..n {
-        let client = connect(url).await?;
+        let client = connect(url).await?.into_raw();
         client.batch_execute(if sync { "SET synchronous_commit = on" } else { "SET synchronous_commit = off" }).await?;
         all.push(client);
     }
@@ -63,7 +69,8 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 /// Brings the database to the same quiet state before a timed line: the previous line's churn
 /// vacuumed and analysed and its WAL checkpointed, so that neither autovacuum nor a checkpoint
 /// competes with the line for the machine (on 2 cores an autovacuum worker halved a line).
-async fn settle(client: &Client) -> Result<(), CliError> {
+async fn settle(client: &stageflow_client::Client) -> Result<(), CliError> {
+    let client = client.raw();
     client.batch_execute("VACUUM (ANALYZE)").await?;
     client.batch_execute("CHECKPOINT").await?;
     Ok(())
@@ -86,7 +93,7 @@ where
 
 async fn commit_rate(url: &str, n: usize, sync: bool, seconds: f64) -> Result<f64, CliError> {
     let setup = connect(url).await?;
-    setup.batch_execute("DROP TABLE IF EXISTS bench_commits; CREATE TABLE bench_commits (id bigserial, at timestamptz DEFAULT now())").await?;
+    setup.raw().batch_execute("DROP TABLE IF EXISTS bench_commits; CREATE TABLE bench_commits (id bigserial, at timestamptz DEFAULT now())").await?;
     let done = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let (elapsed, _) = in_parallel(clients(url, n, sync).await?, |client| {
@@ -106,10 +113,10 @@ async fn commit_rate(url: &str, n: usize, sync: bool, seconds: f64) -> Result<f6
 
 async fn pgmq_rate(url: &str, n: usize, sync: bool, batch: i32, messages: usize) -> Result<f64, CliError> {
     let setup = connect(url).await?;
-    setup.batch_execute("SELECT pgmq.create('bench_pgmq'); SELECT pgmq.purge_queue('bench_pgmq')").await?;
+    setup.raw().batch_execute("SELECT pgmq.create('bench_pgmq'); SELECT pgmq.purge_queue('bench_pgmq')").await?;
     let payload: Vec<Value> = (0..1000).map(|i| json!({"task_id": format!("message-{i}")})).collect();
     for _ in 0..messages.div_ceil(1000) {
-        setup.execute("SELECT pgmq.send_batch('bench_pgmq', $1::jsonb[])", &[&payload]).await?;
+        setup.raw().execute("SELECT pgmq.send_batch('bench_pgmq', $1::jsonb[])", &[&payload]).await?;
     }
     let (elapsed, _) = in_parallel(clients(url, n, sync).await?, |client| async move {
         let read = client.prepare("SELECT msg_id FROM pgmq.read('bench_pgmq', 30, $1)").await?;
@@ -139,15 +146,16 @@ const BENCH_TYPE: &str = r#"{
                {"name": "second", "handler": "debug.sleep", "queue": "bench", "fan_out": "lineage"}]
 }"#;
 
-async fn register_bench_types(client: &Client) -> Result<(), CliError> {
+async fn register_bench_types(client: &stageflow_client::Client) -> Result<(), CliError> {
+    let api = client.api();
     let two: Value = serde_json::from_str(BENCH_TYPE).expect("valid");
-    client.execute("SELECT stageflow.register_job_type('bench', $1)", &[&two]).await?;
+    api.register_job_type("bench", &two).await?;
     let one = json!({"stages": [{"name": "only", "handler": "debug.sleep", "queue": "flat", "fan_out": "count", "param": "n"}],
                      "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "run": {"type": "string"}}}});
-    client.execute("SELECT stageflow.register_job_type('bench_flat', $1)", &[&one]).await?;
+    api.register_job_type("bench_flat", &one).await?;
     let hop = json!({"stages": [{"name": "a", "handler": "debug.sleep", "queue": "hop"}, {"name": "b", "handler": "debug.sleep", "queue": "hop"}],
                      "parameters": {"type": "object", "properties": {"run": {"type": "string"}}}});
-    client.execute("SELECT stageflow.register_job_type('bench_hop', $1)", &[&hop]).await?;
+    api.register_job_type("bench_hop", &hop).await?;
     Ok(())
 }
 
@@ -155,6 +163,7 @@ fn run_id() -> String {
     format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default())
 }
 
+/// Raw: the fan-out line times this statement.
 async fn submit(client: &Client, job_type: &str, params: Value) -> Result<String, CliError> {
     Ok(client.query_one("SELECT stageflow.submit_job($1, $2)", &[&job_type, &params]).await?.get(0))
 }
@@ -163,7 +172,7 @@ async fn submit(client: &Client, job_type: &str, params: Value) -> Result<String
 /// completion passes the worker id and the claim's lease token, as the worker runtime does.
 async fn stageflow_rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64) -> Result<f64, CliError> {
     let setup = connect(url).await?;
-    let job_id = submit(&setup, "bench", json!({"n": tasks, "run": run_id()})).await?;
+    let job_id = submit(setup.raw(), "bench", json!({"n": tasks, "run": run_id()})).await?;
     let finished = Arc::new(AtomicBool::new(false));
     let (elapsed, _) = in_parallel(clients(url, n, sync).await?, |client| {
         let (job_id, finished) = (job_id.clone(), finished.clone());
@@ -209,7 +218,7 @@ async fn fan_out_seconds(url: &str, sync: bool, tasks: i64) -> Result<f64, CliEr
     let start = Instant::now();
     let job_id = submit(&client, "bench_flat", json!({"n": tasks, "run": run_id()})).await?;
     let elapsed = start.elapsed().as_secs_f64();
-    client.execute("SELECT stageflow.cancel_job($1)", &[&job_id]).await?;
+    stageflow_client::Api::new(&client).cancel_job(&job_id).await?;
     Ok(elapsed)
 }
 
@@ -221,15 +230,16 @@ async fn completion_cost(url: &str, n: usize, sync: bool, size: i64, sample: usi
     let mut ids: Vec<String> = Vec::new();
     let mut job_ids = Vec::new();
     for _ in 0..jobs {
-        job_ids.push(submit(&setup, "bench_flat", json!({"n": size, "run": run_id()})).await?);
+        job_ids.push(submit(setup.raw(), "bench_flat", json!({"n": size, "run": run_id()})).await?);
     }
     while ids.len() < sample {
         let want = (sample - ids.len()).min(5000) as i32;
         let claimed: Vec<String> = setup
-            .query("SELECT task_id FROM stageflow.claim_tasks('flat', $1, 600, 'bench')", &[&want])
+            .api()
+            .claim_tasks("flat", want, 600, Some("bench"))
             .await?
-            .iter()
-            .map(|r| r.get(0))
+            .into_iter()
+            .map(|task| task.task_id)
             .collect();
         if claimed.is_empty() {
             break;
@@ -256,14 +266,14 @@ async fn completion_cost(url: &str, n: usize, sync: bool, size: i64, sample: usi
     })
     .await?;
     for job_id in job_ids {
-        setup.execute("SELECT stageflow.cancel_job($1)", &[&job_id]).await?;
+        setup.api().cancel_job(&job_id).await?;
     }
     Ok(elapsed.as_secs_f64() * 1e6 / count as f64)
 }
 
 /// Claims one task of the `hop` queue, sleeping until a notification while the queue is empty;
 /// returns it with the instant it was claimed.
-async fn claim_when_woken(worker: &TaskApi, wake: &Notify) -> Result<(String, Instant), tokio_postgres::Error> {
+async fn claim_when_woken(worker: &TaskApi, wake: &Notify) -> Result<(String, Instant), stageflow_client::Error> {
     loop {
         let tasks = worker.claim("hop", 1, 60, "bench-idle").await?;
         if let Some(task) = tasks.into_iter().next() {
@@ -303,6 +313,7 @@ async fn latencies(url: &str, sync: bool, rounds: usize) -> Result<(Vec<f64>, Ve
             _ = &mut pending => return Err(CliError::Setup("stage b appeared before stage a completed".into())),
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
+        // Raw, as the timed completions elsewhere: the latency is counted from its commit.
         driver.query_one("SELECT stageflow.complete_task_and_check_stage($1, '{}')", &[&task_id]).await?;
         let committed = Instant::now();
         let (task_id, claimed) = pending.await?;
@@ -329,7 +340,9 @@ fn rss_kib() -> u64 {
 /// Runs the worker runtime over a job of `tasks` tasks; returns (RSS at start, RSS at end, tasks/s,
 /// job_status p50 ms on the finished job).
 async fn memory(url: &str, n: usize, tasks: i64) -> Result<Value, CliError> {
-    let client = connect(url).await?;
+    // Raw: job_status is timed here as the statement it is; the job's state is polled from its
+    // row (lighter than job_status, so that polling does not weigh on the line).
+    let client = connect(url).await?.into_raw();
     let job_id = submit(&client, "bench", json!({"n": tasks / 2, "ms": 0, "run": run_id()})).await?;
     let mut config = WorkerConfig::new(url);
     config.queues = vec!["bench".into()];
@@ -381,8 +394,9 @@ async fn memory(url: &str, n: usize, tasks: i64) -> Result<Value, CliError> {
 /// against one `gdal_translate -of COG` of the whole raster with the same creation options.
 #[cfg(feature = "geo")]
 async fn geo_line(url: &str, dir: &std::path::Path, size: usize, tile: i64, workers: usize) -> Result<Value, CliError> {
-    let client = connect(url).await?;
-    crate::demo::install_geo(&client).await?;
+    let geo_client = connect(url).await?;
+    crate::demo::install_geo(&geo_client).await?;
+    let client = geo_client.raw();
     std::fs::create_dir_all(dir).map_err(|e| CliError::Setup(e.to_string()))?;
     let source = dir.join(format!("bench_{size}.tif")).to_string_lossy().into_owned();
     if !std::path::Path::new(&source).exists() {
@@ -403,7 +417,7 @@ async fn geo_line(url: &str, dir: &std::path::Path, size: usize, tile: i64, work
     }));
     let start = Instant::now();
     let job_id = submit(
-        &client,
+        client,
         "process_raster",
         json!({"source": source, "tile_size": tile, "output": output.to_string_lossy()}),
     )
@@ -488,16 +502,16 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     cluster.stop("fast").map_err(CliError::Setup)?;
     let url = cluster.ensure_running().map_err(CliError::Setup)?;
     let admin = connect(&url).await?;
-    admin.batch_execute("DROP DATABASE IF EXISTS stageflow_bench WITH (FORCE)").await?;
-    admin.batch_execute("CREATE DATABASE stageflow_bench").await?;
+    admin.raw().batch_execute("DROP DATABASE IF EXISTS stageflow_bench WITH (FORCE)").await?;
+    admin.raw().batch_execute("CREATE DATABASE stageflow_bench").await?;
     let url = url
         .rsplit_once('/')
         .map(|(base, _)| format!("{base}/stageflow_bench"))
         .ok_or_else(|| CliError::Setup(format!("the cluster's URL has no database part: {url}")))?;
     let setup = connect(&url).await?;
-    setup.batch_execute("CREATE EXTENSION stageflow CASCADE").await?;
+    setup.raw().batch_execute("CREATE EXTENSION stageflow CASCADE").await?;
     register_bench_types(&setup).await?;
-    let version: String = setup.query_one("SELECT version()", &[]).await?.get(0);
+    let version: String = setup.raw().query_one("SELECT version()", &[]).await?.get(0);
     let c = options.clients;
     println!("stageflow bench: {c} client connections, {}", if options.quick { "quick sizes" } else { "full sizes" });
 

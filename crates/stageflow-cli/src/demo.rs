@@ -26,7 +26,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     let url = cluster.ensure_running().map_err(CliError::Setup)?;
     println!("{state} PostgreSQL cluster in {} ({url})", cluster.dir().display());
     let client = connect(&url).await?;
-    client.batch_execute("CREATE EXTENSION IF NOT EXISTS stageflow CASCADE").await?;
+    client.raw().batch_execute("CREATE EXTENSION IF NOT EXISTS stageflow CASCADE").await?;
 
     let params = json!({
         "message": format!("hello from the demo at {}", chrono::Utc::now().format("%H:%M:%S%.3f")),
@@ -58,8 +58,8 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     let report = worker.await.map_err(|e| CliError::Setup(format!("the worker pool crashed: {e}")))?;
 
     println!();
-    jobs::print_status(&status);
-    let tasks: u64 = status["stages"].as_array().into_iter().flatten().filter_map(|s| s["task_count"].as_u64()).sum();
+    jobs::print_status(&status.document);
+    let tasks: u64 = status.stages.iter().filter_map(|s| s.task_count).map(|n| u64::try_from(n).unwrap_or(0)).sum();
     println!();
     println!(
         "{tasks} tasks in {:.2} s ({:.0} tasks/s end to end); the workers completed {} and failed {}",
@@ -68,7 +68,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
         report.completed,
         report.failed
     );
-    if let Some(replies) = status["result"].as_array() {
+    if let Some(replies) = status.result().as_array() {
         for reply in replies.iter().take(3) {
             println!("  {}", reply["reply"].as_str().unwrap_or_default());
         }
@@ -79,7 +79,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     println!();
     println!("The cluster keeps running. Connect with:  psql {url}");
     println!("Try:  stageflow jobs   |   stageflow status {job_id}   |   stageflow demo --stop");
-    if status["status"] != json!("completed") {
+    if status.status != "completed" {
         return Err(CliError::JobFailed(job_id));
     }
     Ok(())
@@ -87,11 +87,11 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
 
 /// Registers the geospatial job types; returns their names.
 #[cfg(feature = "geo")]
-pub async fn install_geo(client: &tokio_postgres::Client) -> Result<Vec<&'static str>, CliError> {
-    client.batch_execute(&stageflow_geo::install_sql()).await?;
+pub async fn install_geo(client: &stageflow_client::Client) -> Result<Vec<&'static str>, CliError> {
+    client.raw().batch_execute(&stageflow_geo::install_sql()).await?;
     let mut names = Vec::new();
     for (name, definition) in stageflow_geo::job_types() {
-        client.execute("SELECT stageflow.register_job_type($1, $2)", &[&name, &definition]).await?;
+        client.api().register_job_type(name, &definition).await?;
         names.push(name);
     }
     Ok(names)
@@ -103,7 +103,7 @@ pub async fn install_geo(client: &tokio_postgres::Client) -> Result<Vec<&'static
 pub async fn run_geo(cluster: &Cluster, workers: usize) -> Result<(), CliError> {
     let url = cluster.ensure_running().map_err(CliError::Setup)?;
     let client = connect(&url).await?;
-    client.batch_execute("CREATE EXTENSION IF NOT EXISTS stageflow CASCADE").await?;
+    client.raw().batch_execute("CREATE EXTENSION IF NOT EXISTS stageflow CASCADE").await?;
     install_geo(&client).await?;
     let base = cluster.dir().join("geo");
     let landsat = std::env::var("STAGEFLOW_GEODATA")
@@ -141,9 +141,9 @@ pub async fn run_geo(cluster: &Cluster, workers: usize) -> Result<(), CliError> 
         .await?;
         println!("\nprocess_raster of {source} (tiles of {tile}) as job {job_id}:");
         let status = progress::follow(&client, &job_id).await?;
-        jobs::print_status(&status);
+        jobs::print_status(&status.document);
         println!("{:.1} s; COGs and STAC catalog in {}", started.elapsed().as_secs_f64(), output.display());
-        if status["status"] != json!("completed") {
+        if status.status != "completed" {
             let _ = stop_tx.send(());
             return Err(CliError::JobFailed(job_id));
         }

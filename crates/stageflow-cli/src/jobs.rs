@@ -1,9 +1,9 @@
-//! The job commands: submit, status, tasks, jobs. Each calls one stageflow SQL function and prints
-//! its answer as text, or as JSON with `--json`.
+//! The job commands: submit, status, tasks, jobs. Each makes one call of the SQL API
+//! (`stageflow_client`) and prints its answer as text, or as JSON with `--json`.
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use tokio_postgres::Client;
+use stageflow_client::{Client, Error, ListJobs};
 
 /// Builds params from `--params JSON` and `-p key=value` pairs (a value that parses as JSON is
 /// taken as JSON, anything else as a string).
@@ -24,20 +24,9 @@ pub fn build_params(params: Option<&str>, pairs: &[String]) -> Result<Value, Str
     Ok(Value::Object(object))
 }
 
-pub async fn submit(client: &Client, job_type: &str, params: &Value) -> Result<String, tokio_postgres::Error> {
-    Ok(submit_outcome(client, job_type, params).await?.0)
-}
-
-/// Submits a job: its id and the outcome (`created`, `exists`, `resumed`, `owned_by_another`).
-pub async fn submit_outcome(
-    client: &Client,
-    job_type: &str,
-    params: &Value,
-) -> Result<(String, String), tokio_postgres::Error> {
-    let row = client
-        .query_one("SELECT job_id, outcome FROM stageflow.submit_job_outcome($1, $2)", &[&job_type, params])
-        .await?;
-    Ok((row.get(0), row.get(1)))
+/// Submits a job: its id (a new job's, or that of the job of identical work).
+pub async fn submit(client: &Client, job_type: &str, params: &Value) -> Result<String, Error> {
+    Ok(client.api().submit_job_outcome(job_type, params, None).await?.job_id)
 }
 
 fn timestamp(value: &Value) -> Option<DateTime<Utc>> {
@@ -99,26 +88,16 @@ pub fn print_status(status: &Value) {
     }
 }
 
-pub async fn tasks(
-    client: &Client,
-    job_id: &str,
-    status: Option<&str>,
-    as_json: bool,
-) -> Result<(), tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT task_id, stage_name, task_key, status, attempt, max_attempts, worker_id, result, error \
-               FROM stageflow.job_tasks($1) WHERE $2::text IS NULL OR status = $2",
-            &[&job_id, &status],
-        )
-        .await?;
+pub async fn tasks(client: &Client, job_id: &str, status: Option<&str>, as_json: bool) -> Result<(), Error> {
+    let mut rows = client.api().job_tasks(job_id).await?;
+    rows.retain(|r| status.is_none_or(|s| r.status == s));
     if as_json {
         let tasks: Vec<Value> = rows
             .iter()
             .map(|r| {
-                json!({"task_id": r.get::<_, String>(0), "stage_name": r.get::<_, String>(1), "task_key": r.get::<_, String>(2),
-                       "status": r.get::<_, String>(3), "attempt": r.get::<_, i32>(4), "max_attempts": r.get::<_, i32>(5),
-                       "worker_id": r.get::<_, Option<String>>(6), "result": r.get::<_, Option<Value>>(7), "error": r.get::<_, Option<Value>>(8)})
+                json!({"task_id": r.task_id, "stage_name": r.stage_name, "task_key": r.task_key,
+                       "status": r.status, "attempt": r.attempt, "max_attempts": r.max_attempts,
+                       "worker_id": r.worker_id, "result": r.result, "error": r.error})
             })
             .collect();
         println!("{}", Value::Array(tasks));
@@ -126,16 +105,11 @@ pub async fn tasks(
     }
     println!("{:<40} {:<12} {:<10} {:>7}  result / error", "task", "stage", "status", "attempt");
     for r in &rows {
-        let outcome =
-            r.get::<_, Option<Value>>(8).or(r.get::<_, Option<Value>>(7)).map(|v| v.to_string()).unwrap_or_default();
+        let outcome = r.error.as_ref().or(r.result.as_ref()).map(|v| v.to_string()).unwrap_or_default();
         let outcome: String = outcome.chars().take(80).collect();
         println!(
             "{:<40} {:<12} {:<10} {:>3}/{:<3}  {outcome}",
-            r.get::<_, String>(0),
-            r.get::<_, String>(1),
-            r.get::<_, String>(3),
-            r.get::<_, i32>(4),
-            r.get::<_, i32>(5)
+            r.task_id, r.stage_name, r.status, r.attempt, r.max_attempts
         );
     }
     println!("{} tasks", rows.len());
@@ -148,22 +122,16 @@ pub async fn list(
     job_type: Option<&str>,
     limit: i32,
     as_json: bool,
-) -> Result<(), tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT job_id, job_type, status, current_stage, total_stages, current_stage_name, progress::float8, created_at \
-               FROM stageflow.list_jobs($1, $2, $3)",
-            &[&status, &job_type, &limit],
-        )
-        .await?;
+) -> Result<(), Error> {
+    let rows = client.api().list_jobs(ListJobs { status, job_type, max_rows: limit, before: None }).await?;
     if as_json {
         let jobs: Vec<Value> = rows
             .iter()
             .map(|r| {
-                json!({"job_id": r.get::<_, String>(0), "job_type": r.get::<_, String>(1), "status": r.get::<_, String>(2),
-                       "current_stage": r.get::<_, i32>(3), "total_stages": r.get::<_, i32>(4),
-                       "current_stage_name": r.get::<_, Option<String>>(5), "progress": r.get::<_, f64>(6),
-                       "created_at": r.get::<_, DateTime<Utc>>(7).to_rfc3339()})
+                json!({"job_id": r.job_id, "job_type": r.job_type, "status": r.status,
+                       "current_stage": r.current_stage, "total_stages": r.total_stages,
+                       "current_stage_name": r.current_stage_name, "progress": r.progress,
+                       "created_at": r.created_at.to_rfc3339()})
             })
             .collect();
         println!("{}", Value::Array(jobs));
@@ -173,57 +141,46 @@ pub async fn list(
     for r in &rows {
         println!(
             "{:<64}  {:<16} {:<11} {:>3}/{:<3} {:>7.1}%  {}",
-            r.get::<_, String>(0),
-            r.get::<_, String>(1),
-            r.get::<_, String>(2),
-            r.get::<_, i32>(3),
-            r.get::<_, i32>(4),
-            r.get::<_, f64>(6),
-            r.get::<_, DateTime<Utc>>(7).format("%Y-%m-%d %H:%M:%S")
+            r.job_id,
+            r.job_type,
+            r.status,
+            r.current_stage,
+            r.total_stages,
+            r.progress,
+            r.created_at.format("%Y-%m-%d %H:%M:%S")
         );
     }
     Ok(())
 }
 
 /// Prints the queue grants: which roles may claim from which queue.
-pub async fn queue_grants(client: &Client, as_json: bool) -> Result<(), tokio_postgres::Error> {
-    let rows =
-        client.query("SELECT queue, role_name::text, granted_at FROM stageflow.list_queue_grants()", &[]).await?;
+pub async fn queue_grants(client: &Client, as_json: bool) -> Result<(), Error> {
+    let rows = client.api().list_queue_grants().await?;
     if as_json {
         let grants: Vec<Value> = rows
             .iter()
-            .map(|r| {
-                json!({"queue": r.get::<_, String>(0), "role_name": r.get::<_, String>(1),
-                       "granted_at": r.get::<_, DateTime<Utc>>(2).to_rfc3339()})
-            })
+            .map(|r| json!({"queue": r.queue, "role_name": r.role_name, "granted_at": r.granted_at.to_rfc3339()}))
             .collect();
         println!("{}", Value::Array(grants));
         return Ok(());
     }
     println!("{:<48} {:<32} granted at", "queue", "role");
     for r in &rows {
-        println!(
-            "{:<48} {:<32} {}",
-            r.get::<_, String>(0),
-            r.get::<_, String>(1),
-            r.get::<_, DateTime<Utc>>(2).to_rfc3339()
-        );
+        println!("{:<48} {:<32} {}", r.queue, r.role_name, r.granted_at.to_rfc3339());
     }
     Ok(())
 }
 
 /// Prints the quotas in force and the open tasks held against them (stageflow.list_quotas): the
 /// caller's own, or every login's for an admin.
-pub async fn quotas(client: &Client, as_json: bool) -> Result<(), tokio_postgres::Error> {
-    let rows = client
-        .query("SELECT role_name::text, max_open_tasks, max_tasks_per_job, open_tasks, custom FROM stageflow.list_quotas()", &[])
-        .await?;
+pub async fn quotas(client: &Client, as_json: bool) -> Result<(), Error> {
+    let rows = client.api().list_quotas().await?;
     if as_json {
         let quotas: Vec<Value> = rows
             .iter()
             .map(|r| {
-                json!({"role_name": r.get::<_, String>(0), "max_open_tasks": r.get::<_, i64>(1),
-                       "max_tasks_per_job": r.get::<_, i64>(2), "open_tasks": r.get::<_, i64>(3), "custom": r.get::<_, bool>(4)})
+                json!({"role_name": r.role_name, "max_open_tasks": r.max_open_tasks,
+                       "max_tasks_per_job": r.max_tasks_per_job, "open_tasks": r.open_tasks, "custom": r.custom})
             })
             .collect();
         println!("{}", Value::Array(quotas));
@@ -233,32 +190,26 @@ pub async fn quotas(client: &Client, as_json: bool) -> Result<(), tokio_postgres
     for r in &rows {
         println!(
             "{:<32} {:>14} {:>17} {:>12}  {}",
-            r.get::<_, String>(0),
-            r.get::<_, i64>(1),
-            r.get::<_, i64>(2),
-            r.get::<_, i64>(3),
-            if r.get::<_, bool>(4) { "set_quota" } else { "defaults" }
+            r.role_name,
+            r.max_open_tasks,
+            r.max_tasks_per_job,
+            r.open_tasks,
+            if r.custom { "set_quota" } else { "defaults" }
         );
     }
     Ok(())
 }
 
-pub async fn dead_letters(client: &Client, limit: i32, as_json: bool) -> Result<(), tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT task_id, job_id, job_type, stage_name, status, attempt, max_attempts, error, failed_at \
-               FROM stageflow.dead_letters($1)",
-            &[&limit],
-        )
-        .await?;
+pub async fn dead_letters(client: &Client, limit: i32, as_json: bool) -> Result<(), Error> {
+    let rows = client.api().dead_letters(limit).await?;
     if as_json {
         let letters: Vec<Value> = rows
             .iter()
             .map(|r| {
-                json!({"task_id": r.get::<_, String>(0), "job_id": r.get::<_, String>(1), "job_type": r.get::<_, String>(2),
-                       "stage_name": r.get::<_, String>(3), "status": r.get::<_, String>(4), "attempt": r.get::<_, i32>(5),
-                       "max_attempts": r.get::<_, i32>(6), "error": r.get::<_, Option<Value>>(7),
-                       "failed_at": r.get::<_, Option<DateTime<Utc>>>(8).map(|t| t.to_rfc3339())})
+                json!({"task_id": r.task_id, "job_id": r.job_id, "job_type": r.job_type,
+                       "stage_name": r.stage_name, "status": r.status, "attempt": r.attempt,
+                       "max_attempts": r.max_attempts, "error": r.error,
+                       "failed_at": r.failed_at.map(|t| t.to_rfc3339())})
             })
             .collect();
         println!("{}", Value::Array(letters));
@@ -267,17 +218,18 @@ pub async fn dead_letters(client: &Client, limit: i32, as_json: bool) -> Result<
     println!("{:<40} {:<16} {:<12} {:<6} {:>7}  error", "task", "job type", "stage", "status", "attempt");
     for r in &rows {
         let error = r
-            .get::<_, Option<Value>>(7)
+            .error
+            .as_ref()
             .map(|e| e["message"].as_str().map(str::to_owned).unwrap_or(e.to_string()))
             .unwrap_or_default();
         println!(
             "{:<40} {:<16} {:<12} {:<6} {:>3}/{:<3}  {}",
-            r.get::<_, String>(0),
-            r.get::<_, String>(2),
-            r.get::<_, String>(3),
-            r.get::<_, String>(4),
-            r.get::<_, i32>(5),
-            r.get::<_, i32>(6),
+            r.task_id,
+            r.job_type,
+            r.stage_name,
+            r.status,
+            r.attempt,
+            r.max_attempts,
             error.chars().take(80).collect::<String>()
         );
     }

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stageflow_worker::{builtin_handlers, shutdown_signal, Worker, WorkerConfig};
-use tokio_postgres::{Client, NoTls};
 
 use cluster::Cluster;
 
@@ -178,30 +177,41 @@ enum Command {
 
 #[derive(Debug)]
 pub enum CliError {
-    Database(tokio_postgres::Error),
+    Database(stageflow_client::Error),
     Setup(String),
     Usage(String),
     JobFailed(String),
 }
 
+impl From<stageflow_client::Error> for CliError {
+    fn from(error: stageflow_client::Error) -> Self {
+        CliError::Database(error)
+    }
+}
+
+/// SQL of the command's own (not a call of the API): its error sorted the same way.
 impl From<tokio_postgres::Error> for CliError {
     fn from(error: tokio_postgres::Error) -> Self {
-        CliError::Database(error)
+        CliError::Database(error.into())
     }
 }
 
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CliError::Database(error) => match error.as_db_error() {
-                Some(db) => {
-                    write!(f, "{} (SQLSTATE {})", db.message(), db.code().code())?;
-                    if let Some(hint) = db.hint() {
+            CliError::Database(stageflow_client::Error::Connection(error)) => match error.as_db_error() {
+                Some(db) => write!(f, "{} (SQLSTATE {})", db.message(), db.code().code()),
+                None => write!(f, "database: {error}"),
+            },
+            CliError::Database(error) => match error.refusal() {
+                Some(refusal) => {
+                    write!(f, "{refusal}")?;
+                    if let Some(hint) = &refusal.hint {
                         write!(f, "\nhint: {hint}")?;
                     }
                     Ok(())
                 }
-                None => write!(f, "database: {error}"),
+                None => write!(f, "{error}"),
             },
             CliError::Setup(message) | CliError::Usage(message) => write!(f, "{message}"),
             CliError::JobFailed(job_id) => write!(f, "job {job_id} failed"),
@@ -209,12 +219,8 @@ impl std::fmt::Display for CliError {
     }
 }
 
-pub async fn connect(url: &str) -> Result<Client, CliError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+pub async fn connect(url: &str) -> Result<stageflow_client::Client, CliError> {
+    Ok(stageflow_client::connect(url).await?)
 }
 
 /// The handlers of `stageflow worker`: the built-in ones, and the geospatial ones when built
@@ -312,9 +318,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Submit { job_type, params, pairs, wait } => {
             let params = jobs::build_params(params.as_deref(), pairs).map_err(CliError::Usage)?;
             let client = connect(&database_url(&cli)?).await?;
-            let (job_id, outcome) = jobs::submit_outcome(&client, job_type, &params).await?;
+            let submission = client.api().submit_job_outcome(job_type, &params, None).await?;
+            let (job_id, outcome) = (submission.job_id, submission.outcome.as_str());
             if !cli.json {
-                match outcome.as_str() {
+                match outcome {
                     "exists" => eprintln!("identical work: your job {job_id}, left as it is"),
                     "resumed" => eprintln!("identical work: your job {job_id} had failed or been cancelled and runs again"),
                     "owned_by_another" => eprintln!("identical work: job {job_id} was submitted by another login or tenant; it is not yours to read"),
@@ -331,18 +338,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             let status = progress::follow(&client, &job_id).await?;
             if cli.json {
-                println!("{status}");
+                println!("{}", status.document);
             } else {
-                jobs::print_status(&status);
+                jobs::print_status(&status.document);
             }
-            if status["status"] != serde_json::json!("completed") {
+            if status.status != "completed" {
                 return Err(CliError::JobFailed(job_id));
             }
             Ok(())
         }
         Command::Status { job_id } => {
             let client = connect(&database_url(&cli)?).await?;
-            let status = progress::job_status(&client, job_id).await?;
+            let status = client.api().job_status(job_id).await?.document;
             if cli.json {
                 println!("{status}");
             } else {
@@ -387,8 +394,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Cancel { job_id } => {
             let client = connect(&database_url(&cli)?).await?;
-            let report: serde_json::Value =
-                client.query_one("SELECT stageflow.cancel_job($1)", &[job_id]).await?.get(0);
+            let report = client.api().cancel_job_json(job_id).await?;
             println!(
                 "{}",
                 if cli.json {
@@ -401,7 +407,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Retry { job_id } => {
             let client = connect(&database_url(&cli)?).await?;
-            let report: serde_json::Value = client.query_one("SELECT stageflow.retry_job($1)", &[job_id]).await?.get(0);
+            let report = client.api().retry_job_json(job_id).await?;
             if cli.json {
                 println!("{report}");
             } else {

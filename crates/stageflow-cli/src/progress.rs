@@ -5,19 +5,10 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::Value;
-use tokio_postgres::Client;
-
-pub async fn job_status(client: &Client, job_id: &str) -> Result<Value, tokio_postgres::Error> {
-    Ok(client.query_one("SELECT stageflow.job_status($1)", &[&job_id]).await?.get(0))
-}
-
-pub fn is_finished(status: &Value) -> bool {
-    matches!(status["status"].as_str(), Some("completed" | "completed_with_errors" | "failed" | "cancelled"))
-}
+use stageflow_client::{Client, Error, JobStatus};
 
 /// Follows the job until it completes or fails; returns its last status.
-pub async fn follow(client: &Client, job_id: &str) -> Result<Value, tokio_postgres::Error> {
+pub async fn follow(client: &Client, job_id: &str) -> Result<JobStatus, Error> {
     let terminal = std::io::stderr().is_terminal();
     let multi = MultiProgress::with_draw_target(if terminal {
         ProgressDrawTarget::stderr()
@@ -31,41 +22,37 @@ pub async fn follow(client: &Client, job_id: &str) -> Result<Value, tokio_postgr
     let mut last_line = String::new();
     let started = Instant::now();
     loop {
-        let status = job_status(client, job_id).await?;
-        let stages = status["stages"].as_array().cloned().unwrap_or_default();
-        for (i, stage) in stages.iter().enumerate() {
+        let status = client.api().job_status(job_id).await?;
+        for (i, stage) in status.stages.iter().enumerate() {
             if bars.len() <= i {
                 let bar = multi.add(ProgressBar::new(0).with_style(style.clone()));
-                bar.set_prefix(format!("{}. {}", i + 1, stage["name"].as_str().unwrap_or("?")));
+                bar.set_prefix(format!("{}. {}", i + 1, stage.name));
                 bars.push(bar);
             }
             let bar = &bars[i];
-            let total = stage["task_count"].as_u64().unwrap_or(0);
-            let done =
-                stage["tasks"]["completed"].as_u64().unwrap_or(0) + stage["tasks"]["failed"].as_u64().unwrap_or(0);
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
+            let total = count(stage.task_count.unwrap_or(0));
+            let (completed, failed) = stage.tasks.map_or((0, 0), |t| (count(t.completed), count(t.failed)));
             bar.set_length(total);
-            bar.set_position(done);
-            let state = stage["status"].as_str().unwrap_or("?");
-            let failed = stage["tasks"]["failed"].as_u64().unwrap_or(0);
+            bar.set_position(completed + failed);
+            let state = stage.status.as_str();
             bar.set_message(if failed > 0 { format!("{state}, {failed} failed") } else { state.to_owned() });
             if state != "pending" && !bar.is_finished() && (state == "completed" || state == "failed") {
                 bar.finish();
             }
         }
         if !terminal {
+            let document = &status.document;
             let line = format!(
                 "{} stage {}/{} {}%",
-                status["status"].as_str().unwrap_or("?"),
-                status["current_stage"],
-                status["total_stages"],
-                status["progress"]
+                status.status, document["current_stage"], document["total_stages"], document["progress"]
             );
             if line != last_line {
                 eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
                 last_line = line;
             }
         }
-        if is_finished(&status) {
+        if status.is_finished() {
             for bar in &bars {
                 if !bar.is_finished() {
                     bar.abandon();

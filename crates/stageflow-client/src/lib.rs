@@ -145,6 +145,11 @@ impl Client {
         self.client.is_closed()
     }
 
+    /// The connection without the API (its prepared statements dropped with it).
+    pub fn into_raw(self) -> tokio_postgres::Client {
+        self.client
+    }
+
     /// Starts a transaction; its [`Transaction::api`] shares this connection's prepared statements.
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
         Ok(Transaction { transaction: self.client.transaction().await?, statements: &self.statements })

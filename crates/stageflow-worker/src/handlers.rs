@@ -35,6 +35,27 @@ pub struct Task {
     pub lease_seconds: i32,
 }
 
+impl From<stageflow_client::ClaimedTask> for Task {
+    fn from(claimed: stageflow_client::ClaimedTask) -> Self {
+        Task {
+            task_id: claimed.task_id,
+            job_id: claimed.job_id,
+            job_type: claimed.job_type,
+            stage: claimed.stage,
+            stage_name: claimed.stage_name,
+            handler: claimed.handler,
+            task_key: claimed.task_key,
+            params: claimed.params,
+            predecessor: claimed.predecessor,
+            inputs: claimed.inputs,
+            attempt: claimed.attempt,
+            timeout_seconds: claimed.timeout_seconds,
+            lease_token: claimed.lease_token,
+            lease_seconds: claimed.effective_lease_seconds,
+        }
+    }
+}
+
 impl Task {
     /// A task that no claim produced, for calling a handler directly (a test, a one-off run):
     /// first attempt of task `0` of stage 1 of a job of all zeros, with these params, and no lease

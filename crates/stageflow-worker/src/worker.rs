@@ -29,7 +29,9 @@ use tokio::time::{sleep, Instant};
 use tracing::Instrument;
 
 use crate::handlers::{Handlers, Task, TaskError};
-use crate::tasks::{is_conflict, is_connection_error, listen, TaskApi};
+use stageflow_client::Error;
+
+use crate::tasks::{listen, TaskApi};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -218,26 +220,24 @@ async fn report_outcomes(
             };
             let lease_tokens: HashMap<&str, i64> =
                 completions.iter().map(|(id, token, _)| (id.as_str(), *token)).collect();
-            for report in &reports {
-                let task_id = report["task_id"].as_str().unwrap_or_default().to_owned();
+            for report in reports {
+                let task_id = report.task_id;
                 let lease_token = lease_tokens.get(task_id.as_str()).copied().unwrap_or_default();
-                match report.get("error") {
-                    None => {
+                match report.outcome {
+                    Ok(_) => {
                         counters.completed.fetch_add(1, Ordering::Relaxed);
                         let _ = reported.send(task_id);
                     }
                     // The database refused the result (a malformed plan): the task fails with why.
-                    Some(error) if error["sqlstate"] == "22023" => failures.push((
-                        task_id,
-                        lease_token,
-                        TaskError::permanent("invalid_result", error["message"].as_str().unwrap_or_default()),
-                    )),
-                    Some(error) if error["sqlstate"] == "55000" => {
-                        lost_lease(&task_id, lease_token, error["message"].as_str().unwrap_or_default(), "completion");
+                    Err(Error::InvalidValue(refusal)) => {
+                        failures.push((task_id, lease_token, TaskError::permanent("invalid_result", refusal.message)))
+                    }
+                    Err(Error::WrongState(refusal)) => {
+                        lost_lease(&task_id, lease_token, &refusal.message, "completion");
                         let _ = reported.send(task_id);
                     }
                     // Refused for another reason: retrying will not change it.
-                    Some(error) => {
+                    Err(error) => {
                         tracing::info!(%task_id, %error, "completion refused");
                         let _ = reported.send(task_id);
                     }
@@ -254,13 +254,12 @@ async fn report_outcomes(
                         break;
                     }
                     Err(e) if report_again(&e, &mut conflicts, &mut api, &url, &task_id).await => {}
+                    Err(Error::WrongState(refusal)) => {
+                        lost_lease(&task_id, lease_token, &refusal.message, "failure");
+                        break;
+                    }
                     Err(e) => {
-                        let db = e.as_db_error().expect("not a connection error");
-                        if db.code().code() == "55000" {
-                            lost_lease(&task_id, lease_token, db.message(), "failure");
-                        } else {
-                            tracing::info!(%task_id, code = db.code().code(), message = db.message(), "failure report refused");
-                        }
+                        tracing::info!(%task_id, code = e.sqlstate().unwrap_or_default(), error = %e, "failure report refused");
                         break;
                     }
                 }
@@ -281,20 +280,14 @@ fn lost_lease(task_id: &str, lease_token: i64, message: &str, what: &str) {
 /// lost, or after a short wait when another transaction was in the way (a deadlock PostgreSQL broke
 /// by rolling the call back: nothing was recorded), at most MAX_CONFLICT_RETRIES times. `what`
 /// names the report in the log.
-async fn report_again(
-    error: &tokio_postgres::Error,
-    conflicts: &mut u64,
-    api: &mut TaskApi,
-    url: &str,
-    what: &str,
-) -> bool {
-    if is_connection_error(error) {
+async fn report_again(error: &Error, conflicts: &mut u64, api: &mut TaskApi, url: &str, what: &str) -> bool {
+    if error.is_connection() {
         tracing::warn!(%error, what, "lost the database while reporting; reconnecting");
         sleep(Duration::from_millis(100)).await;
         *api = connect_with_retry(url).await;
         return true;
     }
-    if is_conflict(error) && *conflicts < MAX_CONFLICT_RETRIES {
+    if error.is_retryable() && *conflicts < MAX_CONFLICT_RETRIES {
         *conflicts += 1;
         tracing::warn!(%error, what, attempt = *conflicts, "a report conflicted with another transaction; reporting again");
         sleep(Duration::from_millis(20 * *conflicts)).await;
@@ -394,7 +387,7 @@ impl Worker {
                         Err(error) => {
                             claim_failures += 1;
                             let delay = Duration::from_millis(100 * 2u64.pow(claim_failures.min(6)));
-                            if is_connection_error(&error) {
+                            if error.is_connection() {
                                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "lost the database while claiming");
                                 sleep(delay).await;
                                 api = connect_with_retry(&config.database_url).await;
@@ -471,7 +464,7 @@ impl Worker {
                     let released = loop {
                         match api.release(&ids, &tokens, &config.worker_id).await {
                             Ok(n) => break n,
-                            Err(error) if is_connection_error(&error) => {
+                            Err(error) if error.is_connection() => {
                                 api = connect_with_retry(&config.database_url).await;
                             }
                             Err(error) => {
