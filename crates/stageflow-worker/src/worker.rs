@@ -308,189 +308,263 @@ impl Worker {
         Worker { config, handlers }
     }
 
-    /// Runs until `shutdown` resolves and in-flight tasks are finished or released.
+    /// Runs until `shutdown` resolves and in-flight tasks are finished or released: claims while
+    /// slots are free, then waits for whichever comes first (a shutdown request, reported outcomes,
+    /// a notification, the poll interval, the next heartbeat, the end of the grace period).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> WorkerReport {
-        let config = self.config;
+        let mut run = Running::start(self.config, self.handlers).await;
+        tokio::pin!(shutdown);
+        // Set once a shutdown was asked for: when the grace period ends.
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let claimed_any = stopping.is_none() && run.claim().await;
+            if stopping.is_some() && run.in_flight.is_empty() {
+                return run.finish(0).await;
+            }
+            if claimed_any && run.in_flight.len() < run.config.concurrency {
+                continue;
+            }
+            if stopping.is_none() {
+                run.keep_listening().await;
+            }
+            let deadline = stopping.unwrap_or_else(Instant::now);
+            tokio::select! {
+                _ = &mut shutdown, if stopping.is_none() => stopping = Some(run.stop_claiming()),
+                Some(task_id) = run.reported.recv() => run.reported(task_id),
+                _ = run.wake.notified(), if stopping.is_none() => {}
+                _ = run.listener_ended.notified() => run.listener = None,
+                _ = sleep(run.config.poll_interval), if stopping.is_none() => {}
+                _ = tokio::time::sleep_until(run.heartbeat_at), if !run.in_flight.is_empty() => run.heartbeat().await,
+                _ = tokio::time::sleep_until(deadline), if stopping.is_some() => {
+                    let released = run.release_unfinished().await;
+                    return run.finish(released).await;
+                }
+            }
+        }
+    }
+}
+
+/// A running worker's state: its connection, the tasks in flight, the reporter and the listener.
+struct Running {
+    config: WorkerConfig,
+    handlers: Handlers,
+    api: TaskApi,
+    counters: Arc<Counters>,
+    /// Handlers' outcomes, to the reporter.
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    /// Task ids whose outcome the reporter has sent: their slots are free again.
+    reported: mpsc::UnboundedReceiver<String>,
+    reporter: JoinHandle<()>,
+    in_flight: HashMap<String, InFlight>,
+    /// When the leases in flight are next extended: a heartbeat period of the shortest of them after
+    /// the last heartbeat, or after the claim of a task with a shorter lease.
+    heartbeat_at: Instant,
+    wake: Arc<Notify>,
+    listener_ended: Arc<Notify>,
+    listener: Option<tokio_postgres::Client>,
+    claim_failures: u32,
+}
+
+impl Running {
+    /// Starts the reporter and the listener, and connects (retrying until the database answers).
+    async fn start(config: WorkerConfig, handlers: Handlers) -> Running {
         let counters = Arc::new(Counters::default());
-        let (outcome_tx, outcome_rx) = mpsc::unbounded_channel::<Outcome>();
-        // Task ids whose outcome the reporter has sent: their slots are free again.
-        let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<String>();
+        let (outcomes, outcome_rx) = mpsc::unbounded_channel::<Outcome>();
+        let (reported_tx, reported) = mpsc::unbounded_channel::<String>();
         let reporter = tokio::spawn(report_outcomes(
             config.database_url.clone(),
             config.worker_id.clone(),
             outcome_rx,
-            finished_tx,
+            reported_tx,
             counters.clone(),
         ));
-
         let wake = Arc::new(Notify::new());
         let listener_ended = Arc::new(Notify::new());
-        let mut listener = listen(&config.database_url, wake.clone(), listener_ended.clone()).await.ok();
-        let mut api = connect_with_retry(&config.database_url).await;
-
-        let mut in_flight: HashMap<String, InFlight> = HashMap::new();
-        // When the leases in flight are next extended: a heartbeat period of the shortest of them
-        // after the last heartbeat, or after the claim of a task with a shorter lease.
-        let mut heartbeat_at = Instant::now();
-        tokio::pin!(shutdown);
-        let mut stopping = false;
-        let mut deadline = Instant::now();
-        let mut claim_failures = 0u32;
+        let listener = listen(&config.database_url, wake.clone(), listener_ended.clone()).await.ok();
+        let api = connect_with_retry(&config.database_url).await;
         tracing::info!(worker_id = %config.worker_id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
+        Running {
+            config,
+            handlers,
+            api,
+            counters,
+            outcomes,
+            reported,
+            reporter,
+            in_flight: HashMap::new(),
+            heartbeat_at: Instant::now(),
+            wake,
+            listener_ended,
+            listener,
+            claim_failures: 0,
+        }
+    }
 
-        loop {
-            // Claim while there are free slots and the queues give work.
-            let mut claimed_any = false;
-            if !stopping {
-                for queue in &config.queues {
-                    let free = config.concurrency.saturating_sub(in_flight.len()).min(config.batch_size);
-                    if free == 0 {
-                        break;
-                    }
-                    match api.claim(queue, free as i32, config.lease_seconds, &config.worker_id).await {
-                        Ok(tasks) => {
-                            claim_failures = 0;
-                            claimed_any |= !tasks.is_empty();
-                            for task in tasks {
-                                let task_id = task.task_id.clone();
-                                let (lease_token, lease_seconds) = (task.lease_token, task.lease_seconds);
-                                let due = Instant::now() + heartbeat_period(lease_seconds);
-                                if in_flight.is_empty() || due < heartbeat_at {
-                                    heartbeat_at = due;
-                                }
-                                let (handlers, outcome_tx) = (self.handlers.clone(), outcome_tx.clone());
-                                // The shorter of the worker's and the stage's timeouts.
-                                let stage_timeout = task.timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
-                                let timeout = match (config.task_timeout, stage_timeout) {
-                                    (Some(a), Some(b)) => Some(a.min(b)),
-                                    (a, b) => a.or(b),
-                                };
-                                let id = task_id.clone();
-                                // Every log line of a handler carries its task, job and handler.
-                                let span = tracing::info_span!("task", task_id = %task.task_id, job_id = %task.job_id,
-                                                               handler = %task.handler, attempt = task.attempt);
-                                let handle = tokio::spawn(
-                                    async move {
-                                        tracing::debug!("started");
-                                        let outcome = run_handler(handlers, task, timeout).await;
-                                        match &outcome {
-                                            Ok(_) => tracing::debug!("succeeded"),
-                                            Err(error) => tracing::warn!(%error, "failed"),
-                                        }
-                                        let _ = outcome_tx.send((id, lease_token, outcome));
-                                    }
-                                    .instrument(span),
-                                );
-                                in_flight.insert(task_id, InFlight { handle, lease_token, lease_seconds, lost: false });
-                            }
-                        }
-                        Err(error) => {
-                            claim_failures += 1;
-                            let delay = Duration::from_millis(100 * 2u64.pow(claim_failures.min(6)));
-                            if error.is_connection() {
-                                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "lost the database while claiming");
-                                sleep(delay).await;
-                                api = connect_with_retry(&config.database_url).await;
-                            } else {
-                                tracing::error!(%queue, %error, "claim refused");
-                                sleep(delay).await;
-                            }
-                        }
-                    }
-                }
-            }
-            if stopping && in_flight.is_empty() {
+    /// Claims from each queue while slots are free, starting a handler for every task claimed;
+    /// whether any task was claimed. A claim that fails backs off (and reconnects if the
+    /// connection was lost).
+    async fn claim(&mut self) -> bool {
+        let mut claimed_any = false;
+        for queue in self.config.queues.clone() {
+            let free = self.config.concurrency.saturating_sub(self.in_flight.len()).min(self.config.batch_size);
+            if free == 0 {
                 break;
             }
-            if claimed_any && in_flight.len() < config.concurrency {
-                continue;
-            }
-            if listener.is_none() && !stopping {
-                listener = listen(&config.database_url, wake.clone(), listener_ended.clone()).await.ok();
-            }
-
-            tokio::select! {
-                _ = &mut shutdown, if !stopping => {
-                    tracing::info!(in_flight = in_flight.len(), grace = ?config.grace_period, "shutting down");
-                    stopping = true;
-                    deadline = Instant::now() + config.grace_period;
-                }
-                Some(task_id) = finished_rx.recv() => {
-                    in_flight.remove(&task_id);
-                    while let Ok(task_id) = finished_rx.try_recv() {
-                        in_flight.remove(&task_id);
+            match self.api.claim(&queue, free as i32, self.config.lease_seconds, &self.config.worker_id).await {
+                Ok(tasks) => {
+                    self.claim_failures = 0;
+                    claimed_any |= !tasks.is_empty();
+                    for task in tasks {
+                        self.start_handler(task);
                     }
                 }
-                _ = wake.notified(), if !stopping => {}
-                _ = listener_ended.notified() => { listener = None; }
-                _ = sleep(config.poll_interval), if !stopping => {}
-                _ = tokio::time::sleep_until(heartbeat_at), if !in_flight.is_empty() => {
-                    let (ids, tokens): (Vec<String>, Vec<i64>) =
-                        in_flight.iter().filter(|(_, task)| !task.lost).map(|(id, task)| (id.clone(), task.lease_token)).unzip();
-                    if !ids.is_empty() {
-                        // The server extends a task by its stage's own lease when it has one.
-                        match api.heartbeat(&ids, &tokens, config.lease_seconds, &config.worker_id).await {
-                            Ok(extended) => {
-                                let extended: HashSet<String> = extended.into_iter().collect();
-                                for id in ids.iter().filter(|id| !extended.contains(*id)) {
-                                    let task = in_flight.get_mut(id).expect("in flight during the heartbeat");
-                                    task.lost = true;
-                                    // A finished handler's outcome may have been reported meanwhile;
-                                    // if not, the reporter logs the refusal.
-                                    if !task.handle.is_finished() {
-                                        tracing::info!(task_id = %id, lease_token = task.lease_token,
-                                                       "lost the lease (the heartbeat did not extend it): the handler runs on, its report will be refused");
-                                    }
-                                }
-                            }
-                            Err(error) => tracing::warn!(%error, "heartbeat failed"),
-                        }
+                Err(error) => {
+                    self.claim_failures += 1;
+                    let delay = Duration::from_millis(100 * 2u64.pow(self.claim_failures.min(6)));
+                    if error.is_connection() {
+                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "lost the database while claiming");
+                        sleep(delay).await;
+                        self.api = connect_with_retry(&self.config.database_url).await;
+                    } else {
+                        tracing::error!(%queue, %error, "claim refused");
+                        sleep(delay).await;
                     }
-                    let shortest = in_flight.values().filter(|task| !task.lost).map(|task| task.lease_seconds).min();
-                    heartbeat_at = Instant::now() + heartbeat_period(shortest.unwrap_or(config.lease_seconds));
-                }
-                _ = tokio::time::sleep_until(deadline), if stopping => {
-                    // Handlers still running are aborted and their tasks released; those that
-                    // finished are left to the reporter, which sends their outcomes below.
-                    let (ids, tokens): (Vec<String>, Vec<i64>) = in_flight
-                        .iter()
-                        .filter(|(_, task)| !task.handle.is_finished())
-                        .map(|(id, task)| (id.clone(), task.lease_token))
-                        .unzip();
-                    for task in in_flight.values() {
-                        task.handle.abort();
-                    }
-                    in_flight.clear();
-                    let released = loop {
-                        match api.release(&ids, &tokens, &config.worker_id).await {
-                            Ok(n) => break n,
-                            Err(error) if error.is_connection() => {
-                                api = connect_with_retry(&config.database_url).await;
-                            }
-                            Err(error) => {
-                                tracing::error!(%error, "release refused; the tasks come back when their leases expire");
-                                break 0;
-                            }
-                        }
-                    };
-                    tracing::info!(released, "released unfinished tasks");
-                    drop(outcome_tx);
-                    let _ = reporter.await;
-                    return WorkerReport {
-                        completed: counters.completed.load(Ordering::Relaxed),
-                        failed: counters.failed.load(Ordering::Relaxed),
-                        released: released as u64,
-                    };
                 }
             }
         }
-        drop(outcome_tx);
+        claimed_any
+    }
+
+    /// Runs a claimed task's handler on a tokio task of its own, which sends the outcome to the
+    /// reporter; the task is in flight until the reporter says it is reported.
+    fn start_handler(&mut self, task: Task) {
+        let task_id = task.task_id.clone();
+        let (lease_token, lease_seconds) = (task.lease_token, task.lease_seconds);
+        let due = Instant::now() + heartbeat_period(lease_seconds);
+        if self.in_flight.is_empty() || due < self.heartbeat_at {
+            self.heartbeat_at = due;
+        }
+        let (handlers, outcomes) = (self.handlers.clone(), self.outcomes.clone());
+        // The shorter of the worker's and the stage's timeouts.
+        let stage_timeout = task.timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
+        let timeout = match (self.config.task_timeout, stage_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let id = task_id.clone();
+        // Every log line of a handler carries its task, job and handler.
+        let span = tracing::info_span!("task", task_id = %task.task_id, job_id = %task.job_id,
+                                       handler = %task.handler, attempt = task.attempt);
+        let handle = tokio::spawn(
+            async move {
+                tracing::debug!("started");
+                let outcome = run_handler(handlers, task, timeout).await;
+                match &outcome {
+                    Ok(_) => tracing::debug!("succeeded"),
+                    Err(error) => tracing::warn!(%error, "failed"),
+                }
+                let _ = outcomes.send((id, lease_token, outcome));
+            }
+            .instrument(span),
+        );
+        self.in_flight.insert(task_id, InFlight { handle, lease_token, lease_seconds, lost: false });
+    }
+
+    /// The reporter sent `task_id`'s outcome (and perhaps others' meanwhile): their slots are free.
+    fn reported(&mut self, task_id: String) {
+        self.in_flight.remove(&task_id);
+        while let Ok(task_id) = self.reported.try_recv() {
+            self.in_flight.remove(&task_id);
+        }
+    }
+
+    /// Listens for notifications again if the listening connection ended.
+    async fn keep_listening(&mut self) {
+        if self.listener.is_none() {
+            self.listener =
+                listen(&self.config.database_url, self.wake.clone(), self.listener_ended.clone()).await.ok();
+        }
+    }
+
+    /// Extends the leases in flight that are still this worker's, marks those the database no
+    /// longer extended as lost, and schedules the next heartbeat.
+    async fn heartbeat(&mut self) {
+        let (ids, tokens): (Vec<String>, Vec<i64>) = self
+            .in_flight
+            .iter()
+            .filter(|(_, task)| !task.lost)
+            .map(|(id, task)| (id.clone(), task.lease_token))
+            .unzip();
+        if !ids.is_empty() {
+            // The server extends a task by its stage's own lease when it has one.
+            match self.api.heartbeat(&ids, &tokens, self.config.lease_seconds, &self.config.worker_id).await {
+                Ok(extended) => {
+                    let extended: HashSet<String> = extended.into_iter().collect();
+                    for id in ids.iter().filter(|id| !extended.contains(*id)) {
+                        let Some(task) = self.in_flight.get_mut(id) else { continue };
+                        task.lost = true;
+                        // A finished handler's outcome may have been reported meanwhile; if not, the
+                        // reporter logs the refusal.
+                        if !task.handle.is_finished() {
+                            tracing::info!(task_id = %id, lease_token = task.lease_token,
+                                           "lost the lease (the heartbeat did not extend it): the handler runs on, its report will be refused");
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "heartbeat failed"),
+            }
+        }
+        let shortest = self.in_flight.values().filter(|task| !task.lost).map(|task| task.lease_seconds).min();
+        self.heartbeat_at = Instant::now() + heartbeat_period(shortest.unwrap_or(self.config.lease_seconds));
+    }
+
+    /// A shutdown was asked for: no more claims; running handlers have the grace period to
+    /// finish. Returns when it ends.
+    fn stop_claiming(&self) -> Instant {
+        tracing::info!(in_flight = self.in_flight.len(), grace = ?self.config.grace_period, "shutting down");
+        Instant::now() + self.config.grace_period
+    }
+
+    /// The grace period is over: handlers still running are aborted and their tasks released;
+    /// those that finished are left to the reporter, which sends their outcomes before it ends.
+    /// Returns how many tasks were released.
+    async fn release_unfinished(&mut self) -> u64 {
+        let (ids, tokens): (Vec<String>, Vec<i64>) = self
+            .in_flight
+            .iter()
+            .filter(|(_, task)| !task.handle.is_finished())
+            .map(|(id, task)| (id.clone(), task.lease_token))
+            .unzip();
+        for task in self.in_flight.values() {
+            task.handle.abort();
+        }
+        self.in_flight.clear();
+        let released = loop {
+            match self.api.release(&ids, &tokens, &self.config.worker_id).await {
+                Ok(n) => break n,
+                Err(error) if error.is_connection() => {
+                    self.api = connect_with_retry(&self.config.database_url).await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "release refused; the tasks come back when their leases expire");
+                    break 0;
+                }
+            }
+        };
+        tracing::info!(released, "released unfinished tasks");
+        released as u64
+    }
+
+    /// Waits for the reporter to send the outcomes it has, and says what this worker did.
+    async fn finish(self, released: u64) -> WorkerReport {
+        let Running { outcomes, reporter, counters, listener, .. } = self;
+        drop(outcomes);
         let _ = reporter.await;
         drop(listener);
         WorkerReport {
             completed: counters.completed.load(Ordering::Relaxed),
             failed: counters.failed.load(Ordering::Relaxed),
-            released: 0,
+            released,
         }
     }
 }
