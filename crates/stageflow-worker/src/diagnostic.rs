@@ -6,12 +6,18 @@
 //!   so a test can count how often each task ran.
 //! - `debug.fail`: fails with `params.message`, retryable unless `params.permanent` is true.
 //! - `debug.panic`: panics.
+//! - `debug.insert_row` (transactional): inserts `(task_id, lease_token)` into the table
+//!   `params.table` (one name, quoted as an identifier, found on the worker login's search path) in
+//!   its completion's transaction, then sleeps `params.ms` milliseconds (default 0) and returns
+//!   `{"table", "key"}`. The table must exist and the worker's login must be granted `INSERT` on
+//!   it (and `USAGE` on the sequences of its defaults); each completed task then leaves exactly one
+//!   row, however often it ran (`crates/stageflow-cli/tests/exactly_once.rs`).
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::handlers::{Task, TaskError};
+use crate::handlers::{Task, TaskError, Transaction};
 
 pub async fn sleep(task: Task) -> Result<Value, TaskError> {
     if let Some(dir) = task.params["marker_dir"].as_str() {
@@ -34,4 +40,18 @@ pub async fn fail(task: Task) -> Result<Value, TaskError> {
 
 pub async fn panic(task: Task) -> Result<Value, TaskError> {
     panic!("debug.panic was asked to panic in task {}", task.task_id)
+}
+
+pub async fn insert_row(task: Task, transaction: &Transaction<'_>) -> Result<Value, TaskError> {
+    let table = task.params["table"]
+        .as_str()
+        .ok_or_else(|| TaskError::permanent("bad_params", "debug.insert_row needs params.table, a table name"))?;
+    let insert = format!("INSERT INTO \"{}\" (task_id, lease_token) VALUES ($1, $2)", table.replace('"', "\"\""));
+    transaction
+        .execute(&insert, &[&task.task_id, &task.lease_token])
+        .await
+        .map_err(|e| TaskError::retryable("database", format!("{insert}: {e}")))?;
+    let ms = task.params["ms"].as_u64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(json!({"table": table, "key": task.task_key}))
 }

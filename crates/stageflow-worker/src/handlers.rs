@@ -1,5 +1,30 @@
 //! Handlers: async functions from a claimed [`Task`] to a JSON result or a [`TaskError`],
 //! registered once in one map keyed by the handler name that job type definitions use.
+//!
+//! A **transactional** handler ([`Handlers::register_transactional`]) also gets a database
+//! transaction, the one its completion will commit: the worker opens it (on a connection of its
+//! own) before the handler runs, calls `stageflow.complete_task_and_check_stage` with the handler's
+//! result and the claim's lease token in it, and commits. The handler's writes through it therefore
+//! commit exactly once, with the one completion the database accepts: if the handler fails, or the
+//! completion is refused because the lease went to another claim (SQLSTATE 55000), or the worker
+//! dies first, the transaction rolls back and the writes with it (`docs/guarantees.md`, "Database
+//! work: exactly-once effects").
+//!
+//! ```ignore
+//! async fn record(task: Task, transaction: &Transaction<'_>) -> Result<Value, TaskError> {
+//!     transaction
+//!         .execute("INSERT INTO deliveries (task_id) VALUES ($1)", &[&task.task_id])
+//!         .await
+//!         .map_err(|e| TaskError::retryable("database", e.to_string()))?;
+//!     Ok(json!({"recorded": task.task_key}))
+//! }
+//! let handlers = Handlers::new().register_transactional("deliveries.record", record);
+//! ```
+//!
+//! The transaction is open while the handler runs: keep such handlers short (PostgreSQL's
+//! `idle_in_transaction_session_timeout`, if the worker's login has one, must be longer), do not
+//! commit or roll it back yourself, and write only what the worker's login may write (it has no
+//! rights on `stageflow`'s own tables).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -7,6 +32,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+pub use tokio_postgres::Transaction;
 
 /// A claimed task, as `stageflow.claim_tasks` returns it.
 #[derive(Debug, Clone)]
@@ -150,10 +176,32 @@ impl std::fmt::Display for TaskError {
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
 type HandlerFn = Arc<dyn Fn(Task) -> HandlerFuture + Send + Sync>;
 
+/// A transactional handler's future, which borrows the transaction it writes through.
+pub type TransactionalFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send + 'a>>;
+pub(crate) type TransactionalFn =
+    Arc<dyn for<'a> Fn(Task, &'a Transaction<'a>) -> TransactionalFuture<'a> + Send + Sync>;
+
+/// A function that can be registered as a transactional handler: an
+/// `async fn(Task, &Transaction<'_>) -> Result<Value, TaskError>` whose future is `Send`. (The
+/// future borrows the transaction, which one generic future type cannot say for every lifetime:
+/// hence this trait, implemented for every such function.)
+pub trait TransactionalHandler<'a>: Fn(Task, &'a Transaction<'a>) -> Self::Future {
+    type Future: Future<Output = Result<Value, TaskError>> + Send + 'a;
+}
+
+impl<'a, F, Fut> TransactionalHandler<'a> for F
+where
+    F: Fn(Task, &'a Transaction<'a>) -> Fut,
+    Fut: Future<Output = Result<Value, TaskError>> + Send + 'a,
+{
+    type Future = Fut;
+}
+
 /// The handlers a worker can run, by name.
 #[derive(Clone, Default)]
 pub struct Handlers {
     by_name: HashMap<String, HandlerFn>,
+    transactional: HashMap<String, TransactionalFn>,
 }
 
 impl Handlers {
@@ -167,14 +215,40 @@ impl Handlers {
         F: Fn(Task) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
     {
+        self.transactional.remove(name);
         self.by_name.insert(name.to_owned(), Arc::new(move |task| Box::pin(handler(task))));
         self
     }
 
+    /// Adds the transactional `handler` under `name` (replacing a handler of the same name): it runs
+    /// in the transaction its completion commits (see the module doc).
+    pub fn register_transactional<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: for<'a> TransactionalHandler<'a> + Send + Sync + 'static,
+    {
+        self.by_name.remove(name);
+        self.transactional
+            .insert(name.to_owned(), Arc::new(move |task, transaction| Box::pin(handler(task, transaction))));
+        self
+    }
+
+    /// The transactional handler named `name`, if it is one.
+    pub(crate) fn transactional(&self, name: &str) -> Option<TransactionalFn> {
+        self.transactional.get(name).cloned()
+    }
+
     /// The handler's future for `task`, or a permanent error when no handler has its name.
+    /// A transactional handler needs its transaction: the worker runs it (a permanent error here).
     pub fn run(&self, task: Task) -> HandlerFuture {
         match self.by_name.get(&task.handler) {
             Some(handler) => handler(task),
+            None if self.transactional.contains_key(&task.handler) => {
+                let error = TaskError::permanent(
+                    "transactional_handler",
+                    format!("handler {:?} is transactional: it runs in its completion's transaction", task.handler),
+                );
+                Box::pin(async move { Err(error) })
+            }
             None => {
                 let error = TaskError::permanent(
                     "unknown_handler",
@@ -186,7 +260,7 @@ impl Handlers {
     }
 
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.by_name.keys().cloned().collect();
+        let mut names: Vec<String> = self.by_name.keys().chain(self.transactional.keys()).cloned().collect();
         names.sort();
         names
     }

@@ -1,5 +1,7 @@
 //! The worker's only way into the database: the extension's task functions through
-//! [`stageflow_client`], prepared once per connection. No other SQL is issued.
+//! [`stageflow_client`], prepared once per connection. No other SQL is issued, but for the
+//! transactions of transactional handlers ([`TaskApi::transaction`], [`complete_in`]) and what
+//! those handlers write in them.
 
 use std::sync::Arc;
 
@@ -29,6 +31,12 @@ impl TaskApi {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// Starts a transaction on this connection, for a transactional handler and its completion
+    /// ([`complete_in`]); rolled back if dropped uncommitted.
+    pub async fn transaction(&mut self) -> Result<stageflow_client::Transaction<'_>, Error> {
+        self.client.transaction().await
     }
 
     pub async fn claim(
@@ -101,6 +109,20 @@ impl TaskApi {
     pub async fn release(&self, task_ids: &[String], lease_tokens: &[i64], worker_id: &str) -> Result<i32, Error> {
         self.client.api().release_tasks(task_ids, Some(worker_id), Some(lease_tokens)).await
     }
+}
+
+/// Completes a task in `transaction` (which the caller then commits) under the lease `lease_token`
+/// held by `worker_id`: refused with SQLSTATE 55000 ([`Error::WrongState`]) once that lease is no
+/// longer the task's current one. Accepted, it holds the task's row lock until the transaction
+/// ends, so no claim takes the task before the commit.
+pub async fn complete_in(
+    transaction: &stageflow_client::Transaction<'_>,
+    task_id: &str,
+    result: &Value,
+    worker_id: &str,
+    lease_token: i64,
+) -> Result<CompletionReport, Error> {
+    transaction.api().complete_task_and_check_stage(task_id, Some(result), Some(worker_id), Some(lease_token)).await
 }
 
 /// Listens on [`CHANNEL`] and wakes `wake` on every notification. Returns the client, which must

@@ -13,6 +13,10 @@
 //!   ended): its handler runs on, and its report, refused with SQLSTATE 55000, is logged and dropped.
 //! - On shutdown: stop claiming, let running handlers finish within `grace_period`, then abort the
 //!   rest and release their tasks so they are delivered again at once.
+//! - A transactional handler runs in a transaction on a connection of its own (one per such task in
+//!   flight, kept for the next), and its task is completed in that transaction before it commits;
+//!   only its failures go through the reporter. Heartbeats go on meanwhile on the worker's
+//!   connection: the task's row lock is taken by the completion, just before the commit.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -28,10 +32,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 use tracing::Instrument;
 
-use crate::handlers::{Handlers, Task, TaskError};
+use crate::handlers::{Handlers, Task, TaskError, TransactionalFn};
 use stageflow_client::Error;
 
-use crate::tasks::{listen, TaskApi};
+use crate::tasks::{complete_in, listen, TaskApi};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -85,8 +89,14 @@ struct Counters {
     failed: AtomicU64,
 }
 
-/// A handler's outcome: the task, the lease it ran under, and what it returned.
-type Outcome = (String, i64, Result<Value, TaskError>);
+/// A handler's outcome, for the reporter.
+enum Outcome {
+    /// The task, the lease it ran under, and what its handler returned: to be reported.
+    Ran(String, i64, Result<Value, TaskError>),
+    /// A transactional handler's task, completed in the handler's transaction (or its completion
+    /// refused, or its commit lost with the connection): nothing to report, its slot is free.
+    Settled(String),
+}
 
 /// A claimed task whose outcome is not yet in the database.
 struct InFlight {
@@ -145,7 +155,16 @@ async fn connect_with_retry(url: &str) -> TaskApi {
 /// Runs one handler, turning a panic or a timeout into a [`TaskError`].
 async fn run_handler(handlers: Handlers, task: Task, timeout: Option<Duration>) -> Result<Value, TaskError> {
     let task_id = task.task_id.clone();
-    let guarded = AssertUnwindSafe(handlers.run(task)).catch_unwind();
+    guarded(handlers.run(task), &task_id, timeout).await
+}
+
+/// Awaits a handler's future, turning a panic or a timeout into a [`TaskError`].
+async fn guarded(
+    handler: impl Future<Output = Result<Value, TaskError>>,
+    task_id: &str,
+    timeout: Option<Duration>,
+) -> Result<Value, TaskError> {
+    let guarded = AssertUnwindSafe(handler).catch_unwind();
     let outcome = match timeout {
         Some(limit) => match tokio::time::timeout(limit, guarded).await {
             Ok(outcome) => outcome,
@@ -191,15 +210,17 @@ async fn report_outcomes(
                 _ = &mut window => break,
             }
         }
-        let (completions, failures): (Vec<Outcome>, Vec<Outcome>) = batch.into_iter().partition(|(_, _, o)| o.is_ok());
-        let completions: Vec<(String, i64, Value)> = completions
-            .into_iter()
-            .map(|(id, lease_token, outcome)| (id, lease_token, outcome.expect("partitioned on is_ok")))
-            .collect();
-        let mut failures: Vec<(String, i64, TaskError)> = failures
-            .into_iter()
-            .map(|(id, lease_token, outcome)| (id, lease_token, outcome.expect_err("partitioned on is_err")))
-            .collect();
+        let mut completions: Vec<(String, i64, Value)> = Vec::new();
+        let mut failures: Vec<(String, i64, TaskError)> = Vec::new();
+        for outcome in batch {
+            match outcome {
+                Outcome::Ran(task_id, lease_token, Ok(result)) => completions.push((task_id, lease_token, result)),
+                Outcome::Ran(task_id, lease_token, Err(error)) => failures.push((task_id, lease_token, error)),
+                Outcome::Settled(task_id) => {
+                    let _ = reported.send(task_id);
+                }
+            }
+        }
 
         if !completions.is_empty() {
             let mut conflicts = 0;
@@ -265,6 +286,132 @@ async fn report_outcomes(
                 }
             }
             let _ = reported.send(task_id);
+        }
+    }
+}
+
+/// Connections for transactional handlers: one per such task in flight (so no more than the
+/// worker's concurrency), each kept for the next such task when its transaction is over.
+struct Connections {
+    url: String,
+    idle: std::sync::Mutex<Vec<TaskApi>>,
+}
+
+impl Connections {
+    fn new(url: &str) -> Self {
+        Connections { url: url.to_owned(), idle: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// An idle connection, or a new one (retrying until the database answers).
+    async fn take(&self) -> TaskApi {
+        let idle = {
+            // A poisoned lock only means a task panicked while pushing or popping: the list is whole.
+            let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            idle.retain(|api| !api.is_closed());
+            idle.pop()
+        };
+        match idle {
+            Some(api) => api,
+            None => connect_with_retry(&self.url).await,
+        }
+    }
+
+    /// Keeps `api` for the next transactional task (its transaction is over), unless it is closed.
+    fn put_back(&self, api: TaskApi) {
+        if !api.is_closed() {
+            self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(api);
+        }
+    }
+}
+
+/// Runs a transactional handler in a transaction of its own and completes its task in that
+/// transaction, then commits: the handler's writes commit with the one completion the database
+/// accepts, or not at all.
+///
+/// - The handler fails (an error, a panic, a timeout): rolled back; the failure goes to the reporter
+///   (`fail_task`, outside the transaction).
+/// - The completion is refused because the lease went to another claim (55000): rolled back and
+///   dropped, as the reporter drops such a completion.
+/// - A malformed plan (22023): rolled back; the task fails with why, as in the reporter.
+/// - A conflict with another transaction (40P01, 40001, 55P03; nothing was recorded): rolled back,
+///   and the handler runs again in a new transaction, up to MAX_CONFLICT_RETRIES times.
+/// - Any other refusal of the completion, or of the commit (a deferred constraint of the writes):
+///   rolled back; the task fails with it, retryably.
+/// - The connection breaks before the commit is known: dropped; if nothing was committed, the
+///   task comes back when its lease expires. Never run again here: a committed completion repeated
+///   by the same lease is accepted again, and the writes would be made twice.
+async fn run_transactional(
+    handler: TransactionalFn,
+    task: Task,
+    timeout: Option<Duration>,
+    connections: &Connections,
+    worker_id: &str,
+    counters: &Counters,
+) -> Outcome {
+    let (task_id, lease_token) = (task.task_id.clone(), task.lease_token);
+    let mut conflicts = 0;
+    loop {
+        let mut api = connections.take().await;
+        let transaction = match api.transaction().await {
+            Ok(transaction) => transaction,
+            Err(error) => {
+                tracing::warn!(%error, "cannot start the handler's transaction; reconnecting");
+                sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let result = match guarded(handler(task.clone(), transaction.raw()), &task_id, timeout).await {
+            Ok(result) => result,
+            Err(error) => {
+                let _ = transaction.rollback().await;
+                connections.put_back(api);
+                return Outcome::Ran(task_id, lease_token, Err(error));
+            }
+        };
+        let refusal = match complete_in(&transaction, &task_id, &result, worker_id, lease_token).await {
+            Ok(_) => match transaction.commit().await {
+                Ok(()) => {
+                    counters.completed.fetch_add(1, Ordering::Relaxed);
+                    connections.put_back(api);
+                    return Outcome::Settled(task_id);
+                }
+                Err(error) if error.is_connection() => {
+                    tracing::error!(%error, "lost the database while committing a completion: if it was not committed, the task comes back when its lease expires");
+                    return Outcome::Settled(task_id);
+                }
+                // Refused at commit (a deferred constraint of the handler's writes): nothing was
+                // recorded, the task is still this lease's.
+                Err(error) => {
+                    connections.put_back(api);
+                    return Outcome::Ran(task_id, lease_token, Err(TaskError::retryable("commit", error.to_string())));
+                }
+            },
+            Err(error) if error.is_connection() => {
+                tracing::error!(%error, "lost the database while completing: nothing was committed, the task comes back when its lease expires");
+                return Outcome::Settled(task_id);
+            }
+            Err(refusal) => refusal,
+        };
+        let _ = transaction.rollback().await;
+        connections.put_back(api);
+        match refusal {
+            Error::WrongState(refusal) => {
+                lost_lease(&task_id, lease_token, &refusal.message, "completion (its transaction rolled back)");
+                return Outcome::Settled(task_id);
+            }
+            Error::InvalidValue(refusal) => {
+                let error = TaskError::permanent("invalid_result", refusal.message);
+                return Outcome::Ran(task_id, lease_token, Err(error));
+            }
+            error if error.is_retryable() && conflicts < MAX_CONFLICT_RETRIES => {
+                conflicts += 1;
+                tracing::warn!(%error, attempt = conflicts, "a completion conflicted with another transaction; running the handler again");
+                sleep(Duration::from_millis(20 * conflicts)).await;
+            }
+            error => {
+                let error = TaskError::retryable("completion_refused", error.to_string());
+                return Outcome::Ran(task_id, lease_token, Err(error));
+            }
         }
     }
 }
@@ -349,6 +496,8 @@ struct Running {
     config: WorkerConfig,
     handlers: Handlers,
     api: TaskApi,
+    /// Connections for transactional handlers.
+    connections: Arc<Connections>,
     counters: Arc<Counters>,
     /// Handlers' outcomes, to the reporter.
     outcomes: mpsc::UnboundedSender<Outcome>,
@@ -382,11 +531,13 @@ impl Running {
         let listener_ended = Arc::new(Notify::new());
         let listener = listen(&config.database_url, wake.clone(), listener_ended.clone()).await.ok();
         let api = connect_with_retry(&config.database_url).await;
+        let connections = Arc::new(Connections::new(&config.database_url));
         tracing::info!(worker_id = %config.worker_id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
         Running {
             config,
             handlers,
             api,
+            connections,
             counters,
             outcomes,
             reported,
@@ -445,6 +596,9 @@ impl Running {
             self.heartbeat_at = due;
         }
         let (handlers, outcomes) = (self.handlers.clone(), self.outcomes.clone());
+        let transactional = self.handlers.transactional(&task.handler);
+        let (connections, counters) = (self.connections.clone(), self.counters.clone());
+        let worker_id = self.config.worker_id.clone();
         // The shorter of the worker's and the stage's timeouts.
         let stage_timeout = task.timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
         let timeout = match (self.config.task_timeout, stage_timeout) {
@@ -458,12 +612,18 @@ impl Running {
         let handle = tokio::spawn(
             async move {
                 tracing::debug!("started");
-                let outcome = run_handler(handlers, task, timeout).await;
+                let outcome = match transactional {
+                    Some(handler) => {
+                        run_transactional(handler, task, timeout, &connections, &worker_id, &counters).await
+                    }
+                    None => Outcome::Ran(id, lease_token, run_handler(handlers, task, timeout).await),
+                };
                 match &outcome {
-                    Ok(_) => tracing::debug!("succeeded"),
-                    Err(error) => tracing::warn!(%error, "failed"),
+                    Outcome::Ran(_, _, Ok(_)) => tracing::debug!("succeeded"),
+                    Outcome::Ran(_, _, Err(error)) => tracing::warn!(%error, "failed"),
+                    Outcome::Settled(_) => tracing::debug!("settled in its transaction"),
                 }
-                let _ = outcomes.send((id, lease_token, outcome));
+                let _ = outcomes.send(outcome);
             }
             .instrument(span),
         );
@@ -598,6 +758,19 @@ mod unit {
         let error = run_handler(crate::builtin_handlers(), task("nope", json!({})), None).await.unwrap_err();
         assert_eq!((error.kind.as_str(), error.category.as_str()), ("unknown_handler", "permanent"));
         assert!(error.message.contains("hello_world.greet"));
+    }
+
+    #[tokio::test]
+    async fn a_transactional_handler_is_named_but_not_run_without_its_transaction() {
+        let handlers = crate::builtin_handlers();
+        assert!(handlers.names().contains(&"debug.insert_row".to_owned()));
+        assert!(
+            handlers.transactional("debug.insert_row").is_some() && handlers.transactional("debug.sleep").is_none()
+        );
+        let error = run_handler(handlers, task("debug.insert_row", json!({"table": "t"})), None).await.unwrap_err();
+        assert_eq!((error.kind.as_str(), error.category.as_str()), ("transactional_handler", "permanent"));
+        let replaced = crate::builtin_handlers().register("debug.insert_row", crate::diagnostic::sleep);
+        assert!(replaced.transactional("debug.insert_row").is_none(), "registering a name again replaces it");
     }
 
     #[test]
