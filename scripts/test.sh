@@ -2,8 +2,8 @@
 # Runs the tests of Stageflow, installing what is missing first (see scripts/setup.sh):
 #   1. unit tests and #[pg_test] tests         cargo pgrx test (pgrx's own throwaway cluster)
 #   2. on a private cluster started with `stageflow cluster start`: the isolation specs
-#      (scripts/isolation.sh), then the SQL-level tests (pg_test/*.sql), integration tests and
-#      worker tests (stageflow worker processes, examples/python_worker.py)
+#      (scripts/isolation.sh), then the SQL-level tests (pg_test/*.sql), integration tests, the
+#      typed client's tests and worker tests (stageflow worker processes, examples/python_worker.py)
 #                                              cargo test -p stageflow-tests -p stageflow-cli ...
 #
 #   scripts/test.sh            every test (what CI runs)
@@ -58,7 +58,7 @@ fi
 
 scripts/setup.sh
 say "SQL-level, integration and worker tests on a private cluster"
-packages=(-p stageflow-tests -p stageflow-cli -p stageflow-worker -p stageflow-http)
+packages=(-p stageflow-tests -p stageflow-client -p stageflow-cli -p stageflow-worker -p stageflow-http)
 test_args=(--test-threads "${STAGEFLOW_TEST_THREADS:-4}")
 if $core; then
     cargo build -p stageflow-cli
