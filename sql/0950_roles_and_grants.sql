@@ -4,7 +4,7 @@
 --                        0050_ownership_and_quotas.sql), see its quota
 --   stageflow_admin      both, plus every job, registering job types, retrying jobs, dead letters,
 --                        repairs, queue grants (a worker claims only from queues granted to it),
---                        quotas
+--                        quotas, metrics
 -- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
 -- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
 DO $$
@@ -61,5 +61,6 @@ GRANT EXECUTE ON FUNCTION
     stageflow.list_queue_grants(),
     stageflow.set_quota(name, bigint, bigint),
     stageflow.claim_webhook_deliveries(int, int),
-    stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric)
+    stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric),
+    stageflow.metrics()
 TO stageflow_admin;

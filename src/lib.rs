@@ -63,6 +63,7 @@ extension_sql_file!("../sql/0750_list_jobs.sql", name = "list_jobs");
 extension_sql_file!("../sql/0800_cancel_and_retry.sql", name = "cancel_and_retry");
 extension_sql_file!("../sql/0850_maintenance.sql", name = "maintenance");
 extension_sql_file!("../sql/0870_webhooks.sql", name = "webhooks");
+extension_sql_file!("../sql/0890_metrics.sql", name = "metrics");
 extension_sql_file!(
     "../sql/0900_hello_world.sql",
     name = "hello_world",

@@ -22,6 +22,7 @@ mod grants;
 mod job_types;
 mod jobs;
 mod maintenance;
+mod metrics;
 mod tasks;
 mod webhooks;
 
@@ -44,6 +45,7 @@ pub use jobs::{
     Submission, SubmitOutcome, TaskRow,
 };
 pub use maintenance::MaintenanceReport;
+pub use metrics::Metric;
 pub use tasks::{BatchCompletion, ClaimedTask, Completion, CompletionReport, ExtendedLease, FailReport, TASK_CALLS};
 pub use webhooks::{AttemptRecord, ClaimedDelivery, WebhookDelivery};
 

@@ -319,3 +319,35 @@ async fn calls_run_inside_a_callers_transaction() {
     });
     assert_eq!(spawned.await.unwrap().unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_samples_with_labels_by_name() {
+    let url = database("client_metrics").await;
+    let client = client(&url).await;
+    let api = client.api();
+    let job_id = api.submit_job("two", &json!({"n": 3, "run": "metrics"}), None).await.unwrap();
+    let claimed = api.claim_tasks("client_q", 2, 60, Some("w")).await.unwrap();
+    let (done, failed) = (&claimed[0], &claimed[1]);
+    api.complete_task_and_check_stage(&done.task_id, None, Some("w"), Some(done.lease_token)).await.unwrap();
+    api.fail_task(&failed.task_id, &json!({"message": "no"}), false, Some("w"), Some(failed.lease_token))
+        .await
+        .unwrap();
+
+    let samples = api.metrics().await.unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        let labels: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let found = samples.iter().find(|s| s.name == name && s.labels == labels);
+        found.unwrap_or_else(|| panic!("no {name} {labels:?} in {samples:?}")).value
+    };
+    // The job failed (a permanent failure beyond the stage's threshold): its third task was cancelled.
+    assert_eq!(value("stageflow_jobs", &[("status", "failed")]), 1.0, "{job_id}");
+    assert_eq!(value("stageflow_tasks", &[("status", "completed")]), 1.0);
+    assert_eq!(value("stageflow_tasks", &[("status", "failed")]), 1.0);
+    assert_eq!(value("stageflow_tasks", &[("status", "cancelled")]), 1.0);
+    assert_eq!(value("stageflow_dead_letters", &[]), 1.0);
+    assert_eq!(value("stageflow_handler_tasks_total", &[("handler", "test.first"), ("outcome", "completed")]), 1.0);
+    assert_eq!(value("stageflow_handler_tasks_total", &[("handler", "test.first"), ("outcome", "failed")]), 1.0);
+    assert_eq!(value("stageflow_task_duration_seconds_count", &[("handler", "test.first")]), 1.0);
+    assert!(value("stageflow_task_duration_seconds_sum", &[("handler", "test.first")]) >= 0.0);
+    assert_eq!(value("stageflow_queue_depth", &[("queue", "client_q")]), 0.0);
+}

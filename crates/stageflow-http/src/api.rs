@@ -344,9 +344,10 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
 }
 
+/// Prometheus metrics (stageflow.metrics), as the server's login: no tenant.
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let client = state.pool.get().await?;
-    let text = crate::metrics::render(&client).await?;
+    let samples = as_caller!(state, &Caller::Operator, |api| api.metrics());
+    let text = crate::metrics::render(&samples);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
