@@ -1,0 +1,33 @@
+//! The raw connections a timed line runs on, and running them all at once.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::{connect, CliError};
+
+/// `n` raw connections for a timed line.
+pub(super) async fn clients(url: &str, n: usize, sync: bool) -> Result<Vec<Client>, CliError> {
+    let mut all = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = connect(url).await?.into_raw();
+        client.batch_execute(if sync { "SET synchronous_commit = on" } else { "SET synchronous_commit = off" }).await?;
+        all.push(client);
+    }
+    Ok(all)
+}
+
+/// Runs `work` on every client at once until each returns; returns the elapsed time.
+pub(super) async fn in_parallel<F, Fut>(clients: Vec<Client>, work: F) -> Result<(Duration, Vec<Client>), CliError>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<Client, tokio_postgres::Error>> + Send + 'static,
+{
+    let start = Instant::now();
+    let handles: Vec<_> = clients.into_iter().map(|c| tokio::spawn(work(c))).collect();
+    let mut back = Vec::new();
+    for handle in handles {
+        back.push(handle.await.map_err(|e| CliError::Setup(format!("bench client crashed: {e}")))??);
+    }
+    Ok((start.elapsed(), back))
+}

@@ -1,0 +1,259 @@
+//! `stageflow bench`: Stageflow beside raw pgmq, on one private cluster, in one run, with the same
+//! number of client connections for every line; each line with synchronous_commit on and off.
+//! A module per line, named after what it measures:
+//!
+//! 1. `commits`: the machine's single-row commit rate (the physical limit of one commit per task);
+//! 2. `pgmq`: read + delete one message at a time, and 100 at a time;
+//! 3. `end_to_end`: Stageflow end to end (`count` N no-op tasks, then `lineage`): claim + complete
+//!    one at a time, and claim 100 + `complete_tasks`, each completion fenced by its lease as a
+//!    worker's is;
+//! 4. `fan_out`: submitting a job whose first stage has 100,000 tasks;
+//! 5. `flatness`: the cost of a completion in stages of 100, 10,000 and 100,000 tasks;
+//! 6. `latency`: last completion committed -> next stage's first task claimed by an idle worker
+//!    woken by NOTIFY, and submit -> first claim (p50, p99);
+//! 7. `memory`: the worker's resident memory over a 100,000-task job, and job_status on it;
+//! 8. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
+//!
+//! `clients` holds the raw connections a line runs on, `jobs` the benchmark's job types and its
+//! submission. This module runs the lines in order ([`run`]), prints them, and writes the report
+//! to `<out>/<date>.json`.
+//!
+//! Setup goes through the SQL API (`stageflow_client`); what a line times is written out as SQL
+//! in its module (prepared by each client, returning only the columns it uses, a batch built in
+//! the statement), so that a change of the client does not change what is measured, and runs on
+//! raw tokio-postgres connections.
+
+mod clients;
+mod commits;
+mod end_to_end;
+mod fan_out;
+mod flatness;
+#[cfg(feature = "geo")]
+mod geo;
+mod jobs;
+mod latency;
+mod memory;
+mod pgmq;
+
+use serde_json::json;
+
+use crate::cluster::Cluster;
+use crate::{connect, CliError};
+
+pub struct BenchOptions {
+    pub clients: usize,
+    pub quick: bool,
+    pub out_dir: std::path::PathBuf,
+    pub cluster_dir: std::path::PathBuf,
+}
+
+struct Sizes {
+    messages: usize,
+    e2e_tasks: i64,
+    e2e_batch_tasks: i64,
+    fan_out: i64,
+    flat_sample: usize,
+    flat_sizes: [i64; 3],
+    latency_rounds: usize,
+    memory_tasks: i64,
+    commit_seconds: f64,
+}
+
+/// The `p` quantile of `samples` (sorted in place), by nearest rank.
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Brings the database to the same quiet state before a timed line: the previous line's churn
+/// vacuumed and analysed and its WAL checkpointed, so that neither autovacuum nor a checkpoint
+/// competes with the line for the machine (on 2 cores an autovacuum worker halved a line).
+async fn settle(client: &stageflow_client::Client) -> Result<(), CliError> {
+    let client = client.raw();
+    client.batch_execute("VACUUM (ANALYZE)").await?;
+    client.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}
+
+pub async fn run(options: BenchOptions) -> Result<(), CliError> {
+    let sizes = if options.quick {
+        Sizes {
+            messages: 2000,
+            e2e_tasks: 500,
+            e2e_batch_tasks: 2000,
+            fan_out: 10_000,
+            flat_sample: 300,
+            flat_sizes: [100, 1000, 10_000],
+            latency_rounds: 10,
+            memory_tasks: 2000,
+            commit_seconds: 0.5,
+        }
+    } else {
+        Sizes {
+            messages: 20_000,
+            e2e_tasks: 5000,
+            e2e_batch_tasks: 50_000,
+            fan_out: 100_000,
+            flat_sample: 2000,
+            flat_sizes: [100, 10_000, 100_000],
+            latency_rounds: 100,
+            memory_tasks: 100_000,
+            commit_seconds: 3.0,
+        }
+    };
+    let cluster = Cluster::at(&options.cluster_dir).map_err(CliError::Setup)?.with_settings(&[
+        "shared_buffers=1GB",
+        "max_wal_size=4GB",
+        "stageflow.retention=0",
+    ]);
+    cluster.stop("fast").map_err(CliError::Setup)?;
+    let url = cluster.ensure_running().map_err(CliError::Setup)?;
+    let admin = connect(&url).await?;
+    admin.raw().batch_execute("DROP DATABASE IF EXISTS stageflow_bench WITH (FORCE)").await?;
+    admin.raw().batch_execute("CREATE DATABASE stageflow_bench").await?;
+    let url = url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/stageflow_bench"))
+        .ok_or_else(|| CliError::Setup(format!("the cluster's URL has no database part: {url}")))?;
+    let setup = connect(&url).await?;
+    setup.raw().batch_execute("CREATE EXTENSION stageflow CASCADE").await?;
+    jobs::register_bench_types(&setup).await?;
+    let version: String = setup.raw().query_one("SELECT version()", &[]).await?.get(0);
+    let c = options.clients;
+    println!("stageflow bench: {c} client connections, {}", if options.quick { "quick sizes" } else { "full sizes" });
+
+    let mut modes = serde_json::Map::new();
+    for sync in [true, false] {
+        let label = if sync { "on" } else { "off" };
+        println!("\n-- synchronous_commit = {label}");
+        settle(&setup).await?;
+        let commits = commits::rate(&url, c, sync, sizes.commit_seconds).await?;
+        println!("{:<58} {:>12.0} commits/s", "single-row INSERT commits", commits);
+        settle(&setup).await?;
+        let pgmq_one = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
+        println!("{:<58} {:>12.0} msg/s", "pgmq read + delete, one at a time", pgmq_one);
+        settle(&setup).await?;
+        let pgmq_batch = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
+        println!("{:<58} {:>12.0} msg/s", "pgmq read 100 + delete 100", pgmq_batch);
+        settle(&setup).await?;
+        let sf_one = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
+        println!(
+            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+            "stageflow claim + complete, one at a time",
+            sf_one,
+            sf_one / pgmq_one
+        );
+        settle(&setup).await?;
+        let sf_batch = end_to_end::rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
+        println!(
+            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+            "stageflow claim 100 + complete_tasks",
+            sf_batch,
+            sf_batch / pgmq_one
+        );
+        settle(&setup).await?;
+        let fan_out = fan_out::seconds(&url, sync, sizes.fan_out).await?;
+        println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
+        let mut costs = Vec::new();
+        for size in sizes.flat_sizes {
+            settle(&setup).await?;
+            let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
+            println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
+            costs.push(cost);
+        }
+        let flatness = costs[2] / costs[0];
+        println!("{:<58} {:>12.2}", "flatness (largest / smallest stage)", flatness);
+        settle(&setup).await?;
+        let (mut advance, mut first) = latency::latencies(&url, sync, sizes.latency_rounds).await?;
+        let (a50, a99, f50, f99) = (
+            percentile(&mut advance, 0.5),
+            percentile(&mut advance, 0.99),
+            percentile(&mut first, 0.5),
+            percentile(&mut first, 0.99),
+        );
+        println!("{:<58} {:>7.2} / {:.2} ms", "stage advance -> next task claimed, p50 / p99", a50, a99);
+        println!("{:<58} {:>7.2} / {:.2} ms", "submit -> first task claimed, p50 / p99", f50, f99);
+        modes.insert(
+            label.into(),
+            json!({
+                "commit_rate_per_s": commits,
+                "pgmq_one_at_a_time_msg_per_s": pgmq_one,
+                "pgmq_batch_100_msg_per_s": pgmq_batch,
+                "stageflow_one_at_a_time_tasks_per_s": sf_one,
+                "stageflow_batch_100_tasks_per_s": sf_batch,
+                "ratio_one_at_a_time_to_pgmq": sf_one / pgmq_one,
+                "ratio_batch_to_pgmq_one_at_a_time": sf_batch / pgmq_one,
+                "fan_out_tasks": sizes.fan_out,
+                "fan_out_seconds": fan_out,
+                "completion_cost_us": {"stage_sizes": sizes.flat_sizes, "per_task": costs},
+                "flatness_ratio": flatness,
+                "stage_advance_ms": {"p50": a50, "p99": a99},
+                "submit_to_first_claim_ms": {"p50": f50, "p99": f99},
+            }),
+        );
+    }
+    println!("\n-- the worker runtime over {} tasks", sizes.memory_tasks);
+    settle(&setup).await?;
+    let mem = memory::worker_runtime(&url, c, sizes.memory_tasks).await?;
+    println!(
+        "{:<58} {:>7} -> {} KiB (peak {})",
+        "worker RSS, start -> end", mem["rss_start_kib"], mem["rss_end_kib"], mem["rss_peak_kib"]
+    );
+    println!("{:<58} {:>12.0} tasks/s", "worker runtime end to end", mem["tasks_per_second"].as_f64().unwrap_or(0.0));
+    println!(
+        "{:<58} {:>7.2} / {:.2} ms",
+        format!("job_status of the {}-task job while it runs, p50 / max", sizes.memory_tasks),
+        mem["job_status_while_running_p50_ms"].as_f64().unwrap_or(0.0),
+        mem["job_status_while_running_max_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<58} {:>12.2} ms",
+        "job_status once completed (returns its 50,000-entry result), p50",
+        mem["job_status_p50_ms"].as_f64().unwrap_or(0.0)
+    );
+
+    #[cfg(feature = "geo")]
+    let geo = {
+        let (size, tile) = if options.quick { (1024, 512) } else { (8192, 2048) };
+        println!("\n-- process_raster beside gdal_translate");
+        let line = geo::process_raster_vs_gdal(&url, &options.cluster_dir.join("geo"), size, tile, 2).await?;
+        println!(
+            "{:<58} {:>7.2} s vs {:.2} s ({:.2}x)",
+            format!("process_raster {size}x{size}, 2 workers, vs one gdal_translate -of COG"),
+            line["process_raster_seconds"].as_f64().unwrap_or(0.0),
+            line["gdal_translate_seconds"].as_f64().unwrap_or(0.0),
+            line["ratio"].as_f64().unwrap_or(0.0)
+        );
+        line
+    };
+    #[cfg(not(feature = "geo"))]
+    let geo = serde_json::Value::Null;
+
+    let date = chrono::Utc::now();
+    let report = json!({
+        "geo": geo,
+        "date": date.to_rfc3339(),
+        "quick": options.quick,
+        "clients": c,
+        "machine": {
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "memory_kib": std::fs::read_to_string("/proc/meminfo").ok()
+                .and_then(|m| m.lines().next()?.split_whitespace().nth(1)?.parse::<u64>().ok()),
+            "postgres": version,
+            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        },
+        "synchronous_commit": modes,
+        "worker": mem,
+    });
+    std::fs::create_dir_all(&options.out_dir).map_err(|e| CliError::Setup(e.to_string()))?;
+    let path = options.out_dir.join(format!(
+        "{}{}.json",
+        date.format("%Y-%m-%dT%H%M%S"),
+        if options.quick { "-quick" } else { "" }
+    ));
+    let text = serde_json::to_string_pretty(&report).map_err(|e| CliError::Setup(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| CliError::Setup(e.to_string()))?;
+    println!("\nwritten to {}", path.display());
+    cluster.stop("fast").map_err(CliError::Setup)?;
+    Ok(())
+}
