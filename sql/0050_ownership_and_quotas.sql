@@ -6,16 +6,8 @@
 -- Quotas bound what a login's submissions create: the open tasks of its jobs under each tenant
 -- label when it submits, and the tasks of one job over all its stages.
 
--- Whether the session's login is a superuser or a member of stageflow_admin.
-CREATE FUNCTION stageflow._session_is_admin()
-RETURNS boolean
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r
-                    WHERE r.rolname = session_user
-                      AND (r.rolsuper OR pg_catalog.pg_has_role(r.oid, 'stageflow_admin', 'MEMBER')))
-$$;
+-- stageflow._session_is_admin() (Rust, src/ownership.rs): whether the session's login is a
+-- superuser or a member of stageflow_admin.
 
 -- The session's access to a job of p_owner under p_tenant: 'owner' (its login, and its tenant
 -- when the session names one), 'admin' (a superuser or stageflow_admin member naming no

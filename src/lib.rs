@@ -45,7 +45,7 @@ extension_sql_file!("../sql/0040_events.sql", name = "events");
 extension_sql_file!(
     "../sql/0050_ownership_and_quotas.sql",
     name = "ownership_and_quotas",
-    requires = [ownership::tenant, quotas::default_quotas]
+    requires = [ownership::tenant, ownership::session_is_admin, quotas::default_quotas]
 );
 extension_sql_file!("../sql/0100_register_job_type.sql", name = "register_job_type");
 extension_sql_file!("../sql/0150_shards.sql", name = "shards");
