@@ -8,18 +8,25 @@
 
 -- stageflow._session_is_admin() (Rust, src/ownership.rs): whether the session's login is a
 -- superuser or a member of stageflow_admin.
+--
+-- The helpers below are PL/pgSQL, not SQL: a SQL function that cannot be inlined (a FROM, a
+-- subquery) is planned again in every transaction that calls it, about 100 µs each; PL/pgSQL
+-- keeps its plans for the session.
 
 -- The session's access to a job of p_owner under p_tenant: 'owner' (its login, and its tenant
 -- when the session names one), 'admin' (a superuser or stageflow_admin member naming no
 -- tenant), or NULL: none, the job is not shown.
 CREATE FUNCTION stageflow._access(p_owner name, p_tenant text)
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN p_owner = session_user AND (s.tenant IS NULL OR p_tenant = s.tenant) THEN 'owner'
-                WHEN s.tenant IS NULL AND stageflow._session_is_admin() THEN 'admin' END
-      FROM (SELECT stageflow._tenant() AS tenant) AS s
+DECLARE
+    v_tenant text := stageflow._tenant();
+BEGIN
+    RETURN CASE WHEN p_owner = session_user AND (v_tenant IS NULL OR p_tenant = v_tenant) THEN 'owner'
+                WHEN v_tenant IS NULL AND stageflow._session_is_admin() THEN 'admin' END;
+END;
 $$;
 
 -- The job p_job_id if the session may see it; otherwise the error of an unknown job, so that a
@@ -43,26 +50,31 @@ $$;
 -- A login's quotas: its role_quotas row's limits, else the defaults (stageflow.max_open_tasks,
 -- stageflow.max_tasks_per_job).
 CREATE FUNCTION stageflow._quota(p_role name, OUT max_open_tasks bigint, OUT max_tasks_per_job bigint)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     SELECT coalesce(q.max_open_tasks, d.max_open_tasks), coalesce(q.max_tasks_per_job, d.max_tasks_per_job)
+      INTO _quota.max_open_tasks, _quota.max_tasks_per_job
       FROM stageflow._default_quotas() AS d
-      LEFT JOIN stageflow.role_quotas AS q ON q.role_name = p_role
+      LEFT JOIN stageflow.role_quotas AS q ON q.role_name = p_role;
+END;
 $$;
 
 -- The open (queued or running) tasks of a login's open jobs under one tenant label (NULL: none):
 -- the current stages' shard counters.
 CREATE FUNCTION stageflow._open_tasks(p_owner name, p_tenant text)
 RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(sum(sh.remaining_tasks), 0)::bigint
+BEGIN
+    RETURN (SELECT coalesce(sum(sh.remaining_tasks), 0)::bigint
       FROM stageflow.jobs AS j
       JOIN stageflow.stage_shards AS sh ON sh.job_id = j.job_id AND sh.stage = j.current_stage
      -- literal list: the predicate of jobs_open_owner_idx, whose use must not hang on inlining (0015_statuses.sql)
-     WHERE j.owner = p_owner AND j.tenant IS NOT DISTINCT FROM p_tenant AND j.status IN ('queued', 'processing')
+     WHERE j.owner = p_owner AND j.tenant IS NOT DISTINCT FROM p_tenant AND j.status IN ('queued', 'processing'));
+END;
 $$;
 
 -- The first step of every submission (submit_job_outcome): updates the row of the login and
