@@ -16,32 +16,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stageflow_tests::{connect, job_status, register, submit, url_for};
+use stageflow_tests::{connect, job_status, register, submit, url_for, Rng};
 
 const STAGE_TASKS: i64 = 1500;
 /// A worker is killed after every KILL_EVERY_MIN to KILL_EVERY_MIN + KILL_EVERY_SPREAD - 1
 /// completed tasks.
 const KILL_EVERY_MIN: i64 = 400;
 const KILL_EVERY_SPREAD: u64 = 400;
-
-/// A small deterministic generator (xorshift), so a seed replays the same kill schedule: which
-/// worker is killed once how many tasks of the job are completed. Kills follow the job's progress,
-/// not the clock, so a slower or faster machine kills at the same points. The count is polled
-/// (every 100 ms), so a kill lands at its count or up to one poll's worth of completions after it,
-/// and which tasks are in flight at that moment still varies from run to run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn stageflow(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_stageflow")).args(args).output().unwrap();
@@ -93,7 +74,10 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
         submit(&mut client, "chaos", json!({"n": STAGE_TASKS, "ms": 10, "marker_dir": markers.to_str().unwrap()}));
     drop(client);
 
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    // A seed replays the same kill schedule: which worker is killed once how many tasks of the job
+    // are completed (kills follow the job's progress, not the clock; the count is polled every
+    // 100 ms, so which tasks are in flight at a kill still varies from run to run).
+    let mut rng = Rng::new(seed, 0);
     let mut workers: Vec<Child> = (0..4).map(|i| spawn_worker(&url, &logs, &format!("w{i}"))).collect();
     let mut kills = 0;
     let mut restarted = false;

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stageflow_tests::{connect, fresh_database, job_status, register, submit};
+use stageflow_tests::{connect, fresh_database, job_status, register, submit, Rng};
 
 const TASKS: i64 = 1500;
 const WORKERS: usize = 4;
@@ -31,22 +31,6 @@ const DISTURB_EVERY_SPREAD: u64 = 50;
 /// How long a paused worker stays stopped: well past its 1-second leases.
 const PAUSE: Duration = Duration::from_millis(2500);
 const ROLE: &str = "sf_effects_worker";
-
-/// A small deterministic generator (xorshift): which worker is disturbed, and after how many
-/// completed tasks.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn spawn_worker(url: &str, logs: &Path, name: &str) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log"))).unwrap();
@@ -102,7 +86,7 @@ fn database_work_commits_once_per_task_under_killed_and_stale_workers() {
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs).unwrap();
 
-    let mut rng = Rng(0x5EED_F00D_1234_5679);
+    let mut rng = Rng::new(0x5EED_F00D_1234_5679, 0);
     let mut workers: Vec<Child> = (0..WORKERS).map(|i| spawn_worker(&worker_url, &logs, &format!("w{i}"))).collect();
     // When each paused worker is let go.
     let mut paused: Vec<Option<Instant>> = vec![None; WORKERS];
