@@ -28,7 +28,7 @@ pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64
                                                         FROM unnest($1::text[], $2::bigint[]) AS t(id, token)), 'bench')",
                 )
                 .await?;
-            let status = client.prepare("SELECT status FROM stageflow.jobs WHERE job_id = $1").await?;
+            let status = client.prepare("SELECT stageflow.job_status($1) ->> 'status'").await?;
             loop {
                 let (ids, tokens): (Vec<String>, Vec<i64>) =
                     client.query(&claim, &[&batch]).await?.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).unzip();

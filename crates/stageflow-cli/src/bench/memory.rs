@@ -44,7 +44,7 @@ pub(super) async fn worker_runtime(url: &str, n: usize, tasks: i64) -> Result<Va
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak = peak.max(rss_kib());
         let state: String =
-            client.query_one("SELECT status FROM stageflow.jobs WHERE job_id = $1", &[&job_id]).await?.get(0);
+            client.query_one("SELECT stageflow.job_status($1) ->> 'status'", &[&job_id]).await?.get(0);
         if state != "processing" && state != "queued" {
             break;
         }
