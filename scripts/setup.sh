@@ -2,7 +2,9 @@
 # Installs everything Stageflow needs on Debian 12 and installs the extension into the system's
 # PostgreSQL 15. Safe to run again: every step is skipped when already done.
 #   apt packages -> cargo-pgrx 0.18.1 -> pgrx init -> pgmq's SQL (from the pgmq crate) -> stageflow
-# `scripts/setup.sh deps` stops before building the extension.
+# `scripts/setup.sh deps` stops before building the extension. With STAGEFLOW_SETUP_TIER=core
+# (what `scripts/test.sh --core` sets) it leaves out what only the geospatial, browser and Python
+# tests need: GDAL, PostGIS, Chromium, python3-psycopg, the Python tools venv, the geodata, npm.
 # Environment: CARGO_TARGET_DIR (default /var/tmp/stageflow-target), STAGEFLOW_PROFILE=release to
 # install an optimised build.
 set -euo pipefail
@@ -18,9 +20,13 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # libgdal-dev, gdal-bin, python3-gdal: the geospatial job types and GDAL's COG validator.
 # postgresql-15-postgis-3: stage_vector / export_geoparquet. python3-venv: the checking tools below.
 # postgresql-15-plpgsql-check: the PL/pgSQL linter of scripts/lint.sh (scripts/plpgsql_check.sh).
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo python3-psycopg chromium
-          libgdal-dev gdal-bin python3-gdal postgresql-15-postgis-3 python3-venv postgresql-15-plpgsql-check)
-command -v npm >/dev/null || packages+=(nodejs npm)
+core_tier=false
+[ "${STAGEFLOW_SETUP_TIER:-full}" = core ] && core_tier=true
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo postgresql-15-plpgsql-check)
+if ! $core_tier; then
+    packages+=(python3-psycopg chromium libgdal-dev gdal-bin python3-gdal postgresql-15-postgis-3 python3-venv)
+    command -v npm >/dev/null || packages+=(nodejs npm)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -60,6 +66,9 @@ else
     sudo_if_needed install -m 644 "$embedded/sql/pgmq.sql" "$sharedir/pgmq--1.11.1.sql"
 fi
 
+if $core_tier; then
+    say "core tier: no geodata, Python tools or browser test packages"
+else
 # Real geodata that installs offline, unpacked from Debian packages without installing R or
 # geopandas: a Landsat 7 scene and an elevation model (r-cran-stars), North Carolina counties
 # (r-cran-sf, GeoPackage), London cycle-hire points (r-cran-spdata, GeoJSON), Natural Earth
@@ -96,6 +105,7 @@ if [ -d "$browser_tests/node_modules/playwright-core" ]; then
 else
     say "npm: installing the browser test's playwright-core"
     npm ci --prefix "$browser_tests" --no-audit --no-fund --loglevel=error
+fi
 fi
 
 [ "${1:-}" = deps ] && exit 0
