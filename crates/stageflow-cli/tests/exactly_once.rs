@@ -168,3 +168,69 @@ fn database_work_commits_once_per_task_under_killed_and_stale_workers() {
     assert!(writes > rows, "no handler's write was rolled back: the test did not exercise a re-run");
     assert!(refused_completions > 0, "no late completion was refused: the test did not exercise a stale worker");
 }
+
+/// A transactional handler that waits in the database past its stage's timeout is stopped there:
+/// the worker cancels its query, rolls its transaction back and reports the timeout, while the
+/// lock it waits for is still held (before, the rollback queued behind the waiting query until
+/// the lock was let go, and the task stayed running with its lease extended). The time it takes is
+/// the one thing this test times: it tells a cancelled query from one left to run.
+#[test]
+fn a_transactional_handler_stuck_in_the_database_times_out() {
+    let url = fresh_database("exactly_once_timeout");
+    let mut admin = connect(&url);
+    let role = "sf_stuck_worker";
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role};
+             CREATE ROLE {role} LOGIN IN ROLE stageflow_worker;
+             CREATE TABLE stuck_effects (task_id text NOT NULL, lease_token bigint NOT NULL);
+             GRANT INSERT ON stuck_effects TO {role};"
+        ))
+        .unwrap();
+    register(
+        &mut admin,
+        "stuck",
+        r#"{"retry": {"max_attempts": 1},
+            "parameters": {"type": "object", "properties": {"ms": {"type": "integer"}, "table": {"type": "string"}}},
+            "stages": [{"name": "write", "handler": "debug.insert_row", "queue": "stuck", "timeout_seconds": 1}]}"#,
+    );
+    admin.batch_execute(&format!("SELECT stageflow.grant_queue('stuck', '{role}')")).unwrap();
+    // The table the handler writes is locked until the end of the test.
+    let mut holder = connect(&url);
+    holder.batch_execute("BEGIN; LOCK TABLE stuck_effects IN ACCESS EXCLUSIVE MODE").unwrap();
+
+    let job_id = submit(&mut admin, "stuck", json!({"ms": 0, "table": "stuck_effects"}));
+    let worker_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_stageflow"))
+        .args(["worker", "--database-url", &worker_url, "--queue", "stuck", "--concurrency", "1"])
+        .args(["--lease-seconds", "30", "--poll-interval-ms", "200", "--worker-id", "stuck"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        let status = job_status(&mut admin, &job_id);
+        if status["status"] != json!("processing") && status["status"] != json!("queued") {
+            break status;
+        }
+        // A second for the timeout, the worker's start and a poll or two; not the five seconds
+        // the worker would give a rollback stuck behind the query before closing the connection.
+        assert!(
+            start.elapsed() < Duration::from_millis(4500),
+            "the handler stuck in the database was not stopped: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    assert_eq!(status["status"], json!("failed"), "{status}");
+    let error: serde_json::Value =
+        admin.query_one("SELECT error FROM stageflow.tasks WHERE job_id = $1", &[&job_id]).unwrap().get(0);
+    assert_eq!(error["type"], json!("timeout"), "{error}");
+    // Still locked: the worker gave up while the lock was held.
+    holder.batch_execute("ROLLBACK").unwrap();
+    let rows: i64 = admin.query_one("SELECT count(*) FROM stuck_effects", &[]).unwrap().get(0);
+    assert_eq!(rows, 0, "the timed-out handler's write rolled back");
+}

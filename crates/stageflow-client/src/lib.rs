@@ -153,8 +153,17 @@ impl Client {
     }
 
     /// Starts a transaction; its [`Transaction::api`] shares this connection's prepared statements.
+    /// Begins a transaction, READ COMMITTED whatever the session's default: the engine decides
+    /// under row locks on the rows as they are now, which a stricter level turns into
+    /// serialization failures (a heartbeat's update of the task row would fail a later completion).
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        Ok(Transaction { transaction: self.client.transaction().await?, statements: &self.statements })
+        let transaction = self
+            .client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await?;
+        Ok(Transaction { transaction, statements: &self.statements })
     }
 
     /// Prepares the statements of `sql` now rather than on first use (a worker prepares its task

@@ -324,6 +324,11 @@ impl Connections {
     }
 }
 
+/// How long a transactional handler's rollback may take before its connection is given up.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(5);
+/// The longest a transactional completion's locks are held waiting for its COMMIT.
+const COMMIT_WAIT_SQL: &str = "SET LOCAL idle_in_transaction_session_timeout = '10s'";
+
 /// Runs a transactional handler in a transaction of its own and completes its task in that
 /// transaction, then commits: the handler's writes commit with the one completion the database
 /// accepts, or not at all.
@@ -360,14 +365,29 @@ async fn run_transactional(
                 continue;
             }
         };
+        let cancel = transaction.raw().cancel_token();
         let result = match guarded(handler(task.clone(), transaction.raw()), &task_id, timeout).await {
             Ok(result) => result,
             Err(error) => {
-                let _ = transaction.rollback().await;
-                connections.put_back(api);
+                if error.kind == "timeout" {
+                    // The handler was dropped, perhaps in the middle of a query that goes on in the
+                    // database: stop it, or the rollback would wait behind it.
+                    let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                }
+                match tokio::time::timeout(ROLLBACK_WAIT, transaction.rollback()).await {
+                    Ok(Ok(())) => connections.put_back(api),
+                    _ => {
+                        tracing::warn!(%task_id, "the handler's transaction did not roll back in time; its connection is closed")
+                    }
+                }
                 return Outcome::Ran(task_id, lease_token, Err(error));
             }
         };
+        // From the completion to the commit the task's row (and, if it ends its stage, the stage's
+        // shards) stay locked: should this worker stall there, the server ends the session after
+        // COMMIT_WAIT (the writes roll back, the task comes back when its lease expires) instead of
+        // holding the locks against other completions.
+        let _ = transaction.raw().batch_execute(COMMIT_WAIT_SQL).await;
         let refusal = match complete_in(&transaction, &task_id, &result, worker_id, lease_token).await {
             Ok(_) => match transaction.commit().await {
                 Ok(()) => {

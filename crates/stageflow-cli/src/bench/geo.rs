@@ -46,8 +46,7 @@ pub(super) async fn process_raster_vs_gdal(
     )
     .await?;
     loop {
-        let state: String =
-            client.query_one("SELECT stageflow.job_status($1) ->> 'status'", &[&job_id]).await?.get(0);
+        let state: String = client.query_one("SELECT stageflow.job_status($1) ->> 'status'", &[&job_id]).await?.get(0);
         if state != "processing" && state != "queued" {
             if state != "completed" {
                 return Err(CliError::JobFailed(job_id));

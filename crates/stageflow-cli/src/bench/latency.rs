@@ -60,8 +60,7 @@ pub(super) async fn latencies(url: &str, sync: bool, rounds: usize) -> Result<(V
         let (task_id, claimed) = pending.await?;
         advance.push((claimed - committed).as_secs_f64() * 1000.0);
         driver.query_one("SELECT stageflow.complete_task_and_check_stage($1, '{}')", &[&task_id]).await?;
-        let state: String =
-            driver.query_one("SELECT stageflow.job_status($1) ->> 'status'", &[&job_id]).await?.get(0);
+        let state: String = driver.query_one("SELECT stageflow.job_status($1) ->> 'status'", &[&job_id]).await?.get(0);
         if state != "completed" {
             return Err(CliError::Setup(format!("latency job ended {state}")));
         }

@@ -43,8 +43,7 @@ pub(super) async fn worker_runtime(url: &str, n: usize, tasks: i64) -> Result<Va
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak = peak.max(rss_kib());
-        let state: String =
-            client.query_one("SELECT stageflow.job_status($1) ->> 'status'", &[&job_id]).await?.get(0);
+        let state: String = client.query_one("SELECT stageflow.job_status($1) ->> 'status'", &[&job_id]).await?.get(0);
         if state != "processing" && state != "queued" {
             break;
         }
