@@ -12,11 +12,17 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use stageflow_tests::{connect, job_status, register, submit, url_for, Rng};
+
+mod common;
+use common::spawn_worker;
+
+/// The chaos workers: four handlers each, leases of 2 s.
+const WORKER_ARGS: &[&str] = &["--queue", "chaos", "--concurrency", "4", "--lease-seconds", "2"];
 
 const STAGE_TASKS: i64 = 1500;
 /// A worker is killed after every KILL_EVERY_MIN to KILL_EVERY_MIN + KILL_EVERY_SPREAD - 1
@@ -28,18 +34,6 @@ fn stageflow(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_stageflow")).args(args).output().unwrap();
     assert!(output.status.success(), "stageflow {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-fn spawn_worker(url: &str, logs: &Path, name: &str) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_stageflow"))
-        .args(["worker", "--database-url", url, "--queue", "chaos", "--concurrency", "4", "--lease-seconds", "2"])
-        .args(["--poll-interval-ms", "200", "--worker-id", name])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 /// Polls with a fresh connection each time: the server may be down for a moment.
@@ -78,7 +72,7 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
     // are completed (kills follow the job's progress, not the clock; the count is polled every
     // 100 ms, so which tasks are in flight at a kill still varies from run to run).
     let mut rng = Rng::new(seed, 0);
-    let mut workers: Vec<Child> = (0..4).map(|i| spawn_worker(&url, &logs, &format!("w{i}"))).collect();
+    let mut workers: Vec<Child> = (0..4).map(|i| spawn_worker(&url, &logs, &format!("w{i}"), WORKER_ARGS)).collect();
     let mut kills = 0;
     let mut restarted = false;
     let start = Instant::now();
@@ -106,7 +100,7 @@ fn run(seed: u64, cluster_dir: &Path, admin_url: &str) {
                 let victim = rng.below(workers.len() as u64) as usize;
                 workers[victim].kill().unwrap();
                 workers[victim].wait().unwrap();
-                workers[victim] = spawn_worker(&url, &logs, &format!("w{victim}"));
+                workers[victim] = spawn_worker(&url, &logs, &format!("w{victim}"), WORKER_ARGS);
                 kills += 1;
                 next_kill += KILL_EVERY_MIN + rng.below(KILL_EVERY_SPREAD) as i64;
             }

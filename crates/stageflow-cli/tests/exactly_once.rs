@@ -15,12 +15,17 @@
 // Test code: a panic (unwrap, expect) is how a test reports a failure.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stageflow_tests::{connect, fresh_database, job_status, register, submit, Rng};
+
+mod common;
+use common::{signal, spawn_worker};
+
+/// The disturbed workers: four handlers each, leases of 1 s.
+const WORKER_ARGS: &[&str] = &["--queue", "effects", "--concurrency", "4", "--lease-seconds", "1"];
 
 const TASKS: i64 = 1500;
 const WORKERS: usize = 4;
@@ -31,23 +36,6 @@ const DISTURB_EVERY_SPREAD: u64 = 50;
 /// How long a paused worker stays stopped: well past its 1-second leases.
 const PAUSE: Duration = Duration::from_millis(2500);
 const ROLE: &str = "sf_effects_worker";
-
-fn spawn_worker(url: &str, logs: &Path, name: &str) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_stageflow"))
-        .args(["worker", "--database-url", url, "--queue", "effects", "--concurrency", "4", "--lease-seconds", "1"])
-        .args(["--poll-interval-ms", "200", "--worker-id", name])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
-    assert!(status.success(), "kill -{signal} failed");
-}
 
 #[test]
 fn database_work_commits_once_per_task_under_killed_and_stale_workers() {
@@ -87,7 +75,8 @@ fn database_work_commits_once_per_task_under_killed_and_stale_workers() {
     std::fs::create_dir_all(&logs).unwrap();
 
     let mut rng = Rng::new(0x5EED_F00D_1234_5679, 0);
-    let mut workers: Vec<Child> = (0..WORKERS).map(|i| spawn_worker(&worker_url, &logs, &format!("w{i}"))).collect();
+    let mut workers: Vec<Child> =
+        (0..WORKERS).map(|i| spawn_worker(&worker_url, &logs, &format!("w{i}"), WORKER_ARGS)).collect();
     // When each paused worker is let go.
     let mut paused: Vec<Option<Instant>> = vec![None; WORKERS];
     let (mut kills, mut pauses) = (0, 0);
@@ -112,7 +101,7 @@ fn database_work_commits_once_per_task_under_killed_and_stale_workers() {
                 if (kills + pauses) % 2 == 0 {
                     workers[victim].kill().unwrap();
                     workers[victim].wait().unwrap();
-                    workers[victim] = spawn_worker(&worker_url, &logs, &format!("w{victim}"));
+                    workers[victim] = spawn_worker(&worker_url, &logs, &format!("w{victim}"), WORKER_ARGS);
                     kills += 1;
                 } else {
                     signal(&workers[victim], "STOP");
@@ -201,14 +190,11 @@ fn a_transactional_handler_stuck_in_the_database_times_out() {
 
     let job_id = submit(&mut admin, "stuck", json!({"ms": 0, "table": "stuck_effects"}));
     let worker_url = url.replacen("postgres@", &format!("{role}@"), 1);
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_stageflow"))
-        .args(["worker", "--database-url", &worker_url, "--queue", "stuck", "--concurrency", "1"])
-        .args(["--lease-seconds", "30", "--poll-interval-ms", "200", "--worker-id", "stuck"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let logs = std::env::temp_dir().join("stageflow-exactly-once-timeout");
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut worker =
+        spawn_worker(&worker_url, &logs, "stuck", &["--queue", "stuck", "--concurrency", "1", "--lease-seconds", "30"]);
     let start = Instant::now();
     let status = loop {
         let status = job_status(&mut admin, &job_id);

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use stageflow_tests::*;
 
+mod common;
+use common::{signal, spawn_worker};
+
 const SLEEPY: &str = r#"{
     "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "ms": {"type": "integer"},
                                                     "marker_dir": {"type": "string"}, "run": {"type": "string"}}},
@@ -25,23 +28,6 @@ fn log_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn spawn_worker(url: &str, logs: &Path, name: &str, args: &[&str]) -> Child {
-    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_stageflow"))
-        .args(["worker", "--database-url", url, "--worker-id", name, "--poll-interval-ms", "200"])
-        .args(args)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("stageflow worker starts")
-}
-
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
-    assert!(status.success(), "kill -{signal} failed");
 }
 
 /// Waits for a child to exit, up to `limit`; returns whether it exited with success.
