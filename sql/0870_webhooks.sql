@@ -26,14 +26,15 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_job stageflow.jobs;
     v_url text;
 BEGIN
-    SELECT coalesce(j.webhook_url, j.definition ->> 'webhook_url') INTO v_url
-      FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    v_url := coalesce(v_job.webhook_url, v_job.definition ->> 'webhook_url');
     IF v_url IS NOT NULL THEN
         INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, next_attempt_at, created_at)
         VALUES (p_event_id, p_job_id, v_url,
-                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(p_job_id)),
+                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
                 stageflow.now(), stageflow.now());
     END IF;
 END;
