@@ -5,7 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The PostgreSQL 15 programs: Debian's, or `STAGEFLOW_PG_BINDIR` (a relocated copy of them, or
+/// another build of PostgreSQL 15).
+fn bin() -> String {
+    std::env::var("STAGEFLOW_PG_BINDIR").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string())
+}
 
 pub struct Cluster {
     dir: PathBuf,
@@ -84,7 +88,7 @@ impl Cluster {
 
     pub fn is_running(&self) -> bool {
         self.data().join("postmaster.pid").exists()
-            && as_owner(&format!("{BIN}/pg_ctl"))
+            && as_owner(&format!("{}/pg_ctl", bin()))
                 .arg("status")
                 .arg("-D")
                 .arg(self.data())
@@ -125,7 +129,7 @@ impl Cluster {
             }
         }
         if !self.data().join("PG_VERSION").exists() {
-            let mut initdb = as_owner(&format!("{BIN}/initdb"));
+            let mut initdb = as_owner(&format!("{}/initdb", bin()));
             initdb.arg("-D").arg(self.data()).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
             run(initdb, "initdb")?;
         }
@@ -147,7 +151,7 @@ impl Cluster {
         for setting in &self.settings {
             options.push_str(&format!(" -c {setting}"));
         }
-        let mut start = as_owner(&format!("{BIN}/pg_ctl"));
+        let mut start = as_owner(&format!("{}/pg_ctl", bin()));
         start
             .arg("-D")
             .arg(self.data())
@@ -165,7 +169,7 @@ impl Cluster {
         if !self.is_running() {
             return Ok(false);
         }
-        let mut stop = as_owner(&format!("{BIN}/pg_ctl"));
+        let mut stop = as_owner(&format!("{}/pg_ctl", bin()));
         stop.arg("-D").arg(self.data()).args(["-m", mode, "-w", "stop"]);
         run(stop, "pg_ctl stop")?;
         Ok(true)
