@@ -89,6 +89,11 @@ CREATE TABLE stageflow.stage_shards (
     stage             int NOT NULL,
     shard             int NOT NULL,
     remaining_tasks   int NOT NULL CHECK (remaining_tasks >= 0),
+    -- running tasks, counted where they start and stop running: a claim adds to the shard of its
+    -- session (pg_backend_pid() % shards, so concurrent claims lock different rows), a task that
+    -- stops running subtracts from its own shard. One row may go below zero; the stage's sum is
+    -- the number of its running tasks (job_status, metrics): no index on the task's status needed.
+    running_tasks     int NOT NULL DEFAULT 0,
     completed_count   int NOT NULL DEFAULT 0,
     completed_seconds double precision NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, stage, shard),
@@ -99,6 +104,7 @@ CREATE TABLE stageflow.stage_shards (
 CREATE VIEW stageflow.stage_counts AS
 SELECT sh.job_id, sh.stage,
        sum(sh.remaining_tasks)::int AS remaining_tasks,
+       sum(sh.running_tasks)::int AS running_tasks,
        sum(sh.completed_count)::int AS completed_count,
        sum(sh.completed_seconds) AS completed_seconds
   FROM stageflow.stage_shards AS sh
@@ -133,20 +139,25 @@ CREATE TABLE stageflow.tasks (
     errors            jsonb NOT NULL DEFAULT '[]',
     created_at        timestamptz NOT NULL DEFAULT now(),
     started_at        timestamptz,
-    completed_at      timestamptz
-);
+    completed_at      timestamptz,
+    -- when the task became a dead letter (ended failed or dead); NULL otherwise (retry_job clears it)
+    failed_at         timestamptz
+)
+-- Room on every page for the new versions of its rows' claims and completions: with no index on
+-- a column they change, both are HOT updates (the new version on the same page, no index entries).
+WITH (fillfactor = 70);
 -- No foreign key to stages: fan-out inserts up to a million rows at once and a per-row
 -- referential check would dominate it. Only stageflow's functions write tasks, always with
 -- their stage row in the same transaction.
 -- Set-based reads of one stage (lineage, fan-in, job result, job_tasks) in task order.
 CREATE INDEX tasks_stage_idx ON stageflow.tasks (job_id, stage, ordinal);
--- Running tasks are few (bounded by workers): job_status counts them without touching the rest.
-CREATE INDEX tasks_running_idx ON stageflow.tasks (job_id, stage) WHERE status = 'running';
--- Maintenance finds expired leases and due retries without a scan.
-CREATE INDEX tasks_lease_idx ON stageflow.tasks (lease_expires_at) WHERE status = 'running';
-CREATE INDEX tasks_retry_idx ON stageflow.tasks (next_attempt_at) WHERE status = 'queued' AND next_attempt_at IS NOT NULL;
--- The dead-letter list, newest first.
-CREATE INDEX tasks_dead_letter_idx ON stageflow.tasks (completed_at DESC) WHERE status IN ('failed', 'dead');
+-- No index names a column that a claim or a completion changes (status, attempt, lease, worker,
+-- times, result): both update the task row in place (HOT), writing no index entries. What the
+-- engine once found through partial indexes on the status it finds elsewhere: running tasks are
+-- counted on the stage's shards (stage_shards.running_tasks); expired leases and due retries are
+-- the messages whose visibility time has come (the claim, or maintenance walking each queue's
+-- messages by visibility time); dead letters by failed_at, which only a task's failure sets.
+CREATE INDEX tasks_dead_letter_idx ON stageflow.tasks (failed_at DESC) WHERE failed_at IS NOT NULL;
 
 -- The outbox: one row per state change of a job or stage and per task failure, written in the
 -- transaction that made the change (and announced with NOTIFY stageflow_events). Webhooks and

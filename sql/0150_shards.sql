@@ -7,8 +7,10 @@
 -- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
 -- order a completion takes them, before the stage row), moves the shards' counters, then updates
 -- the stage row: open_shards by the shards that emptied (-1 each) or had been empty (+1 each),
--- failed_count by p_failed. Returns the stage row as updated.
-CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_ordinals int[], p_sign int, p_failed int DEFAULT 0)
+-- failed_count by p_failed. p_running of the tasks were running (they stop running: the running
+-- counter of the first shard moved loses them). Returns the stage row as updated.
+CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_ordinals int[], p_sign int, p_failed int DEFAULT 0,
+                                       p_running int DEFAULT 0)
 RETURNS stageflow.stages
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -18,6 +20,7 @@ DECLARE
     v_before int;
     v_after  int;
     v_stage  stageflow.stages;
+    v_leave  int := p_running;
     r        record;
 BEGIN
     PERFORM 1 FROM stageflow.stage_shards AS sh
@@ -31,9 +34,10 @@ BEGIN
          ORDER BY 1
     LOOP
         UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks + p_sign * r.n
+           SET remaining_tasks = sh.remaining_tasks + p_sign * r.n, running_tasks = sh.running_tasks - v_leave
          WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = r.shard
         RETURNING sh.remaining_tasks - p_sign * r.n, sh.remaining_tasks INTO v_before, v_after;
+        v_leave := 0;
         IF v_before > 0 AND v_after = 0 THEN
             v_delta := v_delta - 1;
         ELSIF v_before = 0 AND v_after > 0 THEN
@@ -45,6 +49,30 @@ BEGIN
      WHERE s.job_id = p_job_id AND s.stage = p_stage
     RETURNING * INTO v_stage;
     RETURN v_stage;
+END;
+$$;
+
+-- Tasks of one stage that stop running but stay open (a retry scheduled, a lease handed back or
+-- re-queued by retry_job): their shards' running counters lose them, shards locked in shard order.
+CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_ordinals int[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT o % s.shards AS shard, count(*)::int AS n
+          FROM unnest(p_ordinals) AS o
+          JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = p_stage
+         GROUP BY o % s.shards
+         ORDER BY 1
+    LOOP
+        UPDATE stageflow.stage_shards AS sh
+           SET running_tasks = sh.running_tasks - r.n
+         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = r.shard;
+    END LOOP;
 END;
 $$;
 

@@ -140,6 +140,9 @@ DECLARE
     v_claimed_ids  text[];
     v_own_lease    int[];
     v_own_msgs     bigint[];
+    v_started_jobs    text[];
+    v_started_stages  int[];
+    v_started_shards  int[];
     r              record;
 BEGIN
     -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
@@ -181,7 +184,7 @@ BEGIN
     -- conditions re-checked there), then take those that may be claimed. The UPDATE re-checks
     -- its conditions on the newest version of each locked row.
     WITH locked AS (
-        SELECT t.task_id FROM stageflow.tasks AS t
+        SELECT t.task_id, t.status FROM stageflow.tasks AS t
          WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
          ORDER BY t.task_id
            FOR UPDATE SKIP LOCKED
@@ -195,15 +198,15 @@ BEGIN
                started_at = coalesce(t.started_at, v_now),
                claimed_at = v_now,
                next_attempt_at = NULL
-          FROM stageflow.jobs AS j, stageflow.stages AS s
-         WHERE t.task_id IN (SELECT l.task_id FROM locked AS l)
+          FROM locked AS l, stageflow.jobs AS j, stageflow.stages AS s
+         WHERE t.task_id = l.task_id
            AND j.job_id = t.job_id
            AND s.job_id = t.job_id AND s.stage = t.stage
            AND stageflow._job_is_open(j.status)
            AND t.attempt < t.max_attempts
            AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
                 OR (t.status = 'running' AND t.lease_expires_at <= v_now))
-        RETURNING t.task_id, t.job_id, t.msg_id, s.lease_seconds
+        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, s.lease_seconds, s.shards, l.status = 'queued' AS was_queued
     ), started AS (
         UPDATE stageflow.jobs AS j
            SET status = 'processing', started_at = v_now, updated_at = v_now
@@ -214,8 +217,10 @@ BEGIN
            array_agg(c.lease_seconds) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
                                                     AND c.lease_seconds IS NOT NULL),
            array_agg(c.msg_id) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
-                                             AND c.lease_seconds IS NOT NULL)
-      INTO v_locked, v_claimed_ids, v_own_lease, v_own_msgs
+                                             AND c.lease_seconds IS NOT NULL),
+           array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
+           array_agg(c.shards) FILTER (WHERE c.was_queued)
+      INTO v_locked, v_claimed_ids, v_own_lease, v_own_msgs, v_started_jobs, v_started_stages, v_started_shards
       FROM claimed AS c;
 
     -- Stages with a lease of their own: their messages stay invisible that long instead.
@@ -226,6 +231,17 @@ BEGIN
     IF coalesce(cardinality(v_claimed_ids), 0) < cardinality(v_msg_ids) THEN
         PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimed_ids, v_now);
     END IF;
+    -- The queued tasks it started count as running on this session's shard of their stage, one
+    -- row per stage in (job, stage) order, after the rare path above (whose dead letters lock a
+    -- stage's shards in shard order): a task re-claimed after its lease expired was counted
+    -- already.
+    FOR r IN SELECT u.job_id, u.stage, pg_backend_pid() % min(u.shards) AS shard, count(*)::int AS n
+               FROM unnest(v_started_jobs, v_started_stages, v_started_shards) AS u(job_id, stage, shards)
+              GROUP BY u.job_id, u.stage ORDER BY u.job_id, u.stage LOOP
+        UPDATE stageflow.stage_shards AS sh
+           SET running_tasks = sh.running_tasks + r.n
+         WHERE sh.job_id = r.job_id AND sh.stage = r.stage AND sh.shard = r.shard;
+    END LOOP;
     -- (After the rare path: a dead letter there that fails the job cancels what it handed out.)
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,

@@ -145,6 +145,16 @@ BEGIN
         PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
         PERFORM pg_notify('stageflow_tasks', r.queue);
     END LOOP;
+    -- They no longer run (tasks, messages, then shards: the lock order of every report).
+    FOR r IN
+        SELECT t.job_id, t.stage, array_agg(t.ordinal) AS ordinals
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = ANY (v_ids)
+         GROUP BY t.job_id, t.stage
+         ORDER BY t.job_id, t.stage
+    LOOP
+        PERFORM stageflow._leave_running(r.job_id, r.stage, r.ordinals);
+    END LOOP;
     RETURN cardinality(v_ids);
 END;
 $$;

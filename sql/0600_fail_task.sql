@@ -18,18 +18,22 @@ DECLARE
     v_ordinals   int[];
     v_queues     text[];
     v_msg_ids    bigint[];
+    v_running    boolean[];
 BEGIN
-    WITH cancelled AS (
+    WITH locked AS (
+        SELECT o.task_id, o.status FROM stageflow.tasks AS o
+         WHERE o.job_id = p_job_id AND stageflow._task_is_open(o.status)
+         ORDER BY o.task_id
+           FOR UPDATE SKIP LOCKED
+    ), cancelled AS (
         UPDATE stageflow.tasks AS t
            SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
-         WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
-                              WHERE o.job_id = p_job_id AND stageflow._task_is_open(o.status)
-                              ORDER BY o.task_id
-                                FOR UPDATE SKIP LOCKED)
-        RETURNING t.stage, t.ordinal, t.msg_id
+          FROM locked AS l
+         WHERE t.task_id = l.task_id
+        RETURNING t.stage, t.ordinal, t.msg_id, l.status = 'running' AS was_running
     )
-    SELECT array_agg(c.stage), array_agg(c.ordinal), array_agg(s.queue), array_agg(c.msg_id)
-      INTO v_stages, v_ordinals, v_queues, v_msg_ids
+    SELECT array_agg(c.stage), array_agg(c.ordinal), array_agg(s.queue), array_agg(c.msg_id), array_agg(c.was_running)
+      INTO v_stages, v_ordinals, v_queues, v_msg_ids, v_running
       FROM cancelled AS c
       JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = c.stage;
     IF v_stages IS NULL THEN
@@ -47,10 +51,11 @@ BEGIN
         USING v_group.msg_ids;
     END LOOP;
     FOR v_group IN
-        SELECT u.stage, array_agg(u.ordinal) AS ordinals FROM unnest(v_stages, v_ordinals) AS u(stage, ordinal)
+        SELECT u.stage, array_agg(u.ordinal) AS ordinals, (count(*) FILTER (WHERE u.was_running))::int AS running
+          FROM unnest(v_stages, v_ordinals, v_running) AS u(stage, ordinal, was_running)
          GROUP BY u.stage ORDER BY u.stage
     LOOP
-        PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.ordinals, -1);
+        PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.ordinals, -1, 0, v_group.running);
     END LOOP;
     RETURN cardinality(v_stages);
 END;
@@ -138,6 +143,7 @@ BEGIN
     PERFORM pgmq.archive(v_task.queue, v_task.msg_id);
     UPDATE stageflow.tasks AS t
        SET status = p_status, error = p_error, completed_at = stageflow.now(), lease_expires_at = NULL,
+           failed_at = stageflow.now(),
            errors = t.errors || jsonb_build_array(jsonb_build_object(
                'attempt', t.attempt, 'at', stageflow.now(), 'worker_id', t.worker_id, 'lease_token', t.lease_token,
                'error', p_error))
@@ -150,7 +156,8 @@ BEGIN
 
     -- All of the stage's shards are locked before its row: if this failure ends the job,
     -- cancelling the other open tasks moves their shards too, in the order shards -> stage.
-    v_stage := stageflow._move_shards(v_task.job_id, v_task.stage, ARRAY[v_task.ordinal], -1, 1);
+    v_stage := stageflow._move_shards(v_task.job_id, v_task.stage, ARRAY[v_task.ordinal], -1, 1,
+                                      CASE WHEN v_task.status = 'running' THEN 1 ELSE 0 END);
 
     IF v_stage.failed_count <= v_stage.max_failed_tasks
        OR v_stage.failed_count <= v_stage.max_failure_ratio * v_stage.task_count THEN
@@ -283,6 +290,7 @@ BEGIN
              WHERE t.task_id = fail_task.task_id AND t.status = 'running';
             IF FOUND THEN
                 PERFORM pgmq.set_vt(v_queue, v_row.msg_id, v_now + make_interval(secs => v_delay));
+                PERFORM stageflow._leave_running(v_row.job_id, v_row.stage, ARRAY[v_row.ordinal]);
                 PERFORM stageflow._emit(v_row.job_id, 'task_retry_scheduled',
                                         jsonb_build_object('attempt', v_row.attempt, 'retry_in_seconds', v_delay,
                                                            'error', v_error),

@@ -80,6 +80,7 @@ DECLARE
     v_ordinals int[];
     v_running  text[];
     v_old_msgs bigint[];
+    v_running_ordinals int[];
     v_failed   int;
     v_advance  jsonb;
 BEGIN
@@ -108,8 +109,9 @@ BEGIN
     SELECT array_agg(t.task_id ORDER BY t.ordinal),
            array_agg(t.ordinal ORDER BY t.ordinal) FILTER (WHERE t.status <> 'running'),
            array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
+           array_agg(t.ordinal) FILTER (WHERE t.status = 'running'),
            (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
-      INTO v_ids, v_ordinals, v_old_msgs, v_failed
+      INTO v_ids, v_ordinals, v_old_msgs, v_running_ordinals, v_failed
       FROM stageflow.tasks AS t
      WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage
        AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
@@ -130,7 +132,7 @@ BEGIN
     END IF;
     UPDATE stageflow.tasks AS t
        SET status = 'queued', attempt = 0, msg_id = m.msg_id, error = NULL, worker_id = NULL,
-           lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL
+           lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL, failed_at = NULL
       FROM unnest(v_ids) WITH ORDINALITY AS u(task_id, n)
       JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
               FROM pgmq.send_batch(v_stage.queue,
@@ -139,9 +141,13 @@ BEGIN
         ON m.n = u.n
      WHERE t.task_id = u.task_id;
 
-    -- Tasks that had ended open again on their shards; a running one never left its shard.
+    -- Tasks that had ended open again on their shards; a running one never left its shard's open
+    -- count, and stops running (queued again).
     IF v_ordinals IS NOT NULL THEN
         PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_ordinals, 1, -v_failed);
+    END IF;
+    IF v_running_ordinals IS NOT NULL THEN
+        PERFORM stageflow._leave_running(v_job.job_id, v_job.current_stage, v_running_ordinals);
     END IF;
     PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, cardinality(v_ids));
     PERFORM pg_notify('stageflow_tasks', v_stage.queue);
@@ -174,9 +180,9 @@ BEGIN
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     -- literal list: the predicate of tasks_dead_letter_idx, whose use must not hang on inlining (0015_statuses.sql)
-     WHERE t.status IN ('failed', 'dead')
-     ORDER BY t.completed_at DESC
+     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
+     WHERE t.failed_at IS NOT NULL
+     ORDER BY t.failed_at DESC
      LIMIT dead_letters.max_rows;
 END;
 $$;

@@ -30,8 +30,8 @@ $$;
 -- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
 -- re-checks what it acts on under the task's row lock (rows another session holds are left to the
 -- next round):
---   * due retries: their queues' workers are woken (their messages are visible by the same clock);
---   * expired leases with attempts left: their messages are made visible now, their queues woken;
+--   * due retries and expired leases with attempts left (their messages became visible, by the same
+--     clock, since the last round): their queues' workers are woken;
 --   * expired leases without attempts left: the tasks are dead-lettered;
 --   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
 --   * the reconciler (stageflow._reconcile) walks on through tasks and messages;
@@ -60,76 +60,99 @@ DECLARE
     v_retention  interval;
     v_error_message text;
     v_error_state   text;
+    v_from_vt    timestamptz;
+    v_from_msg   bigint;
+    v_last_vt    timestamptz;
+    v_msg_ids    bigint[];
+    v_task_ids   text[];
+    v_due        int;
+    v_expired    int;
+    q            record;
     r            record;
 BEGIN
-    -- Due retries: next_attempt_at is cleared (the claim takes a queued task whose retry is due or
-    -- unset) and the workers of their queues are woken.
-    FOR r IN
-        WITH due AS (
-            UPDATE stageflow.tasks AS t SET next_attempt_at = NULL
-             WHERE t.task_id IN (SELECT d.task_id FROM stageflow.tasks AS d
-                                  WHERE d.status = 'queued' AND d.next_attempt_at <= v_now
-                                  ORDER BY d.next_attempt_at LIMIT max_rows
-                                    FOR UPDATE SKIP LOCKED)
-            RETURNING t.job_id, t.stage
-        )
-        SELECT s.queue, count(*)::int AS n FROM due AS d
-          JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
-         GROUP BY s.queue ORDER BY s.queue
-    LOOP
-        v_released := v_released + r.n;
-        PERFORM pg_notify('stageflow_tasks', r.queue);
-    END LOOP;
-
-    -- Expired leases with attempts left, locked and re-checked: their current messages become
-    -- visible now (tasks before messages, the lock order of every report).
-    FOR r IN
-        WITH expired AS (
-            SELECT d.job_id, d.stage, d.msg_id FROM stageflow.tasks AS d
-             WHERE d.status = 'running' AND d.lease_expires_at <= v_now AND d.attempt < d.max_attempts
-             ORDER BY d.lease_expires_at LIMIT max_rows
-               FOR UPDATE SKIP LOCKED
-        )
-        SELECT s.queue, array_agg(e.msg_id ORDER BY e.msg_id) AS msg_ids FROM expired AS e
-          JOIN stageflow.stages AS s ON s.job_id = e.job_id AND s.stage = e.stage
-         GROUP BY s.queue ORDER BY s.queue
+    -- Messages whose visibility time has come since the last round, per queue the job types use:
+    -- the due retries and the expired leases (a claim, a heartbeat and a retry set their task's
+    -- message visible at the lease's end or when the retry is due; no index on the task's status
+    -- is needed to find them). Their queues' workers are woken; an expired lease with no attempts
+    -- left is dead-lettered. Each queue is walked by visibility time from where the last round
+    -- stopped, at most max_rows messages a round (a backlog of never-read messages is passed once).
+    FOR q IN
+        SELECT DISTINCT e.stage ->> 'queue' AS queue
+          FROM stageflow.job_types AS jt
+         CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
+         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
+         ORDER BY 1
     LOOP
         BEGIN
-            PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
-            v_redeliver := v_redeliver + cardinality(r.msg_ids);
-            PERFORM pg_notify('stageflow_tasks', r.queue);
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: expired leases of queue %s', r.queue), SQLERRM, SQLSTATE);
-        END;
-    END LOOP;
-
-    -- Expired leases without attempts left: dead letters, each in its own subtransaction, each
-    -- re-checked under its row lock. A task whose message a claim holds is left to that claim
-    -- (which dead-letters it itself): waiting for the message here, while holding the shards of an
-    -- earlier dead letter of the same stage, could deadlock with that claim.
-    FOR r IN
-        SELECT d.task_id, d.attempt, d.max_attempts, d.msg_id, s.queue FROM stageflow.tasks AS d
-          JOIN stageflow.stages AS s ON s.job_id = d.job_id AND s.stage = d.stage
-         WHERE d.status = 'running' AND d.lease_expires_at <= v_now AND d.attempt >= d.max_attempts
-         ORDER BY d.lease_expires_at LIMIT max_rows
-    LOOP
-        BEGIN
-            PERFORM 1 FROM stageflow.tasks AS t
-              WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND t.status = 'running'
-                AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
-                FOR UPDATE SKIP LOCKED;
-            IF FOUND THEN
-                EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
-                               'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
-                               pgmq.format_table_name(r.queue, 'q'))
-                   INTO v_busy USING r.msg_id;
-                IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
-                    v_dead := v_dead + 1;
-                END IF;
+            -- (The cursor's position: the visibility time in microseconds since the epoch and the msg_id.)
+            SELECT timestamptz 'epoch' + split_part(c.position, '|', 1)::bigint * interval '1 microsecond',
+                   split_part(c.position, '|', 2)::bigint
+              INTO v_from_vt, v_from_msg
+              FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
+            -- (A clock moved back, as tests move stageflow.fake_now, starts the walk over.)
+            IF v_from_vt IS NULL OR v_from_vt > v_now THEN
+                v_from_vt := '-infinity';
+                v_from_msg := 0;
+            END IF;
+            EXECUTE format('SELECT array_agg(w.msg_id ORDER BY w.vt, w.msg_id), array_agg(w.task_id ORDER BY w.vt, w.msg_id), '
+                           '(array_agg(w.vt ORDER BY w.vt DESC, w.msg_id DESC))[1] '
+                           'FROM (SELECT m.msg_id, m.vt, m.message ->> ''task_id'' AS task_id FROM pgmq.%I AS m '
+                           'WHERE m.vt >= $1 AND (m.vt, m.msg_id) > ($1, $2) AND m.vt <= $3 '
+                           'ORDER BY m.vt, m.msg_id LIMIT $4) AS w',
+                           pgmq.format_table_name(q.queue, 'q'))
+               INTO v_msg_ids, v_task_ids, v_last_vt USING v_from_vt, v_from_msg, v_now, max_rows;
+            INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+            VALUES ('visible:' || q.queue,
+                    CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN (extract(epoch FROM v_now) * 1000000)::bigint || '|' || (2^62)::bigint
+                         ELSE (extract(epoch FROM v_last_vt) * 1000000)::bigint || '|' || v_msg_ids[cardinality(v_msg_ids)] END)
+            ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+            IF v_msg_ids IS NULL THEN
+                CONTINUE;
+            END IF;
+            SELECT count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now),
+                   count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt < t.max_attempts)
+              INTO v_due, v_expired
+              FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
+              JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id;
+            v_released := v_released + v_due;
+            v_redeliver := v_redeliver + v_expired;
+            IF v_due + v_expired > 0 THEN
+                PERFORM pg_notify('stageflow_tasks', q.queue);
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: visible messages of queue %s', q.queue), SQLERRM, SQLSTATE);
+            CONTINUE;
         END;
+
+        -- Expired leases without attempts left: dead letters, each in its own subtransaction, each
+        -- re-checked under its row lock. A task whose message a claim holds is left to that claim
+        -- (which dead-letters it itself): waiting for the message here, while holding the shards of
+        -- an earlier dead letter of the same stage, could deadlock with that claim.
+        FOR r IN
+            SELECT t.task_id, t.attempt, t.max_attempts, t.msg_id
+              FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
+              JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id
+             WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
+             ORDER BY t.lease_expires_at, t.task_id
+        LOOP
+            BEGIN
+                PERFORM 1 FROM stageflow.tasks AS t
+                  WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND t.status = 'running'
+                    AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
+                    FOR UPDATE SKIP LOCKED;
+                IF FOUND THEN
+                    EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
+                                   'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
+                                   pgmq.format_table_name(q.queue, 'q'))
+                       INTO v_busy USING r.msg_id;
+                    IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
+                        v_dead := v_dead + 1;
+                    END IF;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
+            END;
+        END LOOP;
     END LOOP;
 
     -- Jobs past their deadline, one subtransaction each.
@@ -238,7 +261,7 @@ BEGIN
 
     -- Open tasks of ended jobs: their jobs' open tasks are cancelled. Found in the window, and
     -- among the jobs that ended in the last hour (a claim that held a task while its job ended
-    -- leaves it running; running tasks are found by index, without reading the rest).
+    -- leaves it running; its stages' shards count its running tasks, without reading them).
     FOR r IN
         SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
           JOIN stageflow.jobs AS j ON j.job_id = t.job_id
@@ -248,7 +271,7 @@ BEGIN
         (SELECT j.job_id FROM stageflow.jobs AS j
           WHERE j.completed_at > v_now - interval '1 hour'
             AND stageflow._job_has_ended(j.status)
-            AND EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE t.job_id = j.job_id AND t.status = 'running')
+            AND (SELECT sum(sh.running_tasks) FROM stageflow.stage_shards AS sh WHERE sh.job_id = j.job_id) > 0
           ORDER BY j.completed_at DESC
           LIMIT max_rows)
     LOOP

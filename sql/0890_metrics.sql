@@ -41,10 +41,9 @@ BEGIN
       INTO v_open, v_completed, v_failed, v_cancelled
       FROM stageflow.stages AS s
       JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
-    -- literal lists: the predicates of tasks_running_idx and tasks_dead_letter_idx, whose use must
-    -- not hang on inlining (0015_statuses.sql)
-    SELECT count(*) INTO v_running FROM stageflow.tasks AS t WHERE t.status = 'running';
-    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t WHERE t.status IN ('failed', 'dead');
+    SELECT coalesce(sum(sh.running_tasks), 0)::bigint INTO v_running FROM stageflow.stage_shards AS sh;
+    -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
+    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t WHERE t.failed_at IS NOT NULL;
     RETURN QUERY
     SELECT 'stageflow_tasks', jsonb_build_object('status', t.status), t.value::float8
       FROM (VALUES (1, 'queued', v_open - v_running), (2, 'running', v_running), (3, 'completed', v_completed),
