@@ -1,13 +1,16 @@
--- What a completion reports: the task, its stage, whether this task's completion finished the
--- stage (the stage row remembers which task did), and where the job is now.
+-- What completions report, one row per named task: the task, its stage, whether this task's
+-- completion finished the stage (the stage row remembers which task did), and where the job is
+-- now. Set-based: a batch of completions reads its tasks, stages and jobs in one statement.
 -- (plpgsql rather than sql: its plan is cached for the session, where a sql function's is not.)
-CREATE FUNCTION stageflow._completion_report(p_task_id text)
-RETURNS jsonb
+CREATE FUNCTION stageflow._completion_reports(p_task_ids text[])
+RETURNS TABLE (task_id text, report jsonb)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 BEGIN
-    RETURN (SELECT jsonb_build_object(
+    RETURN QUERY
+    SELECT t.task_id, jsonb_build_object(
                'task_id', t.task_id,
                'task_status', t.status,
                'stage', t.stage,
@@ -22,7 +25,7 @@ BEGIN
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     WHERE t.task_id = p_task_id);
+     WHERE t.task_id = ANY (p_task_ids);
 END;
 $$;
 
@@ -267,6 +270,6 @@ BEGIN
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);
     END IF;
-    RETURN stageflow._completion_report(complete_task_and_check_stage.task_id);
+    RETURN (SELECT r.report FROM stageflow._completion_reports(ARRAY[complete_task_and_check_stage.task_id]) AS r);
 END;
 $$;

@@ -67,9 +67,12 @@ BEGIN
     v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
 
     RETURN (
-        SELECT jsonb_agg(CASE WHEN u.refusal IS NULL THEN stageflow._completion_report(u.task_id)
+        SELECT jsonb_agg(CASE WHEN u.refusal IS NULL THEN r.report
                               ELSE jsonb_build_object('task_id', u.task_id, 'error', u.refusal) END
                          ORDER BY u.n)
-          FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n));
+          FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
+          LEFT JOIN stageflow._completion_reports(
+                        ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal)
+                               WHERE a.refusal IS NULL)) AS r ON r.task_id = u.task_id);
 END;
 $$;
