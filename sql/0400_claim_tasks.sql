@@ -207,10 +207,6 @@ BEGIN
            AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
                 OR (t.status = 'running' AND t.lease_expires_at <= v_now))
         RETURNING t.task_id, t.job_id, t.stage, t.msg_id, s.lease_seconds, s.shards, l.status = 'queued' AS was_queued
-    ), started AS (
-        UPDATE stageflow.jobs AS j
-           SET status = 'processing', started_at = v_now, updated_at = v_now
-         WHERE j.job_id IN (SELECT c.job_id FROM claimed AS c) AND j.status = 'queued'
     )
     SELECT (SELECT array_agg(l.task_id) FROM locked AS l),
            array_agg(c.task_id),
@@ -233,8 +229,8 @@ BEGIN
     END IF;
     -- The queued tasks it started count as running on this session's shard of their stage, one
     -- row per stage in (job, stage) order, after the rare path above (whose dead letters lock a
-    -- stage's shards in shard order): a task re-claimed after its lease expired was counted
-    -- already.
+    -- stage's shards in shard order, then its job): a task re-claimed after its lease expired was
+    -- counted already.
     FOR r IN SELECT u.job_id, u.stage, pg_backend_pid() % min(u.shards) AS shard, count(*)::int AS n
                FROM unnest(v_started_jobs, v_started_stages, v_started_shards) AS u(job_id, stage, shards)
               GROUP BY u.job_id, u.stage ORDER BY u.job_id, u.stage LOOP
@@ -242,6 +238,17 @@ BEGIN
            SET running_tasks = sh.running_tasks + r.n
          WHERE sh.job_id = r.job_id AND sh.stage = r.stage AND sh.shard = r.shard;
     END LOOP;
+    -- A job's first claim starts it (its job row after its shards, in job order: the lock order of
+    -- every path that takes both).
+    IF v_started_jobs IS NOT NULL THEN
+        UPDATE stageflow.jobs AS j
+           SET status = 'processing', started_at = v_now, updated_at = v_now
+         WHERE j.job_id IN (SELECT q.job_id FROM stageflow.jobs AS q
+                             WHERE q.job_id = ANY (v_started_jobs) AND q.status = 'queued'
+                             ORDER BY q.job_id
+                               FOR UPDATE)
+           AND j.status = 'queued';
+    END IF;
     -- (After the rare path: a dead letter there that fails the job cancels what it handed out.)
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
