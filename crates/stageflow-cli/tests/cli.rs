@@ -206,6 +206,10 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
         json!(2000),
         "the worker completed every task of the memory line"
     );
+    for key in ["job_status_p50_ms", "job_result_first_page_p50_ms"] {
+        assert!(report["worker"][key].as_f64().is_some_and(|v| v > 0.0), "worker.{key} = {}", report["worker"][key]);
+    }
+    assert_eq!(report["worker"]["job_result_first_page_entries"], json!(1000), "a full first page of the result");
     #[cfg(feature = "geo")]
     assert!(report["geo"]["ratio"].as_f64().is_some_and(|r| r > 0.0), "the geo line ran: {}", report["geo"]);
 }
