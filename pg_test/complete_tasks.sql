@@ -54,6 +54,6 @@ BEGIN
     PERFORM stageflow.complete_tasks((SELECT jsonb_agg(jsonb_build_object('task_id', c.task_id, 'result', c.predecessor))
                                         FROM stageflow.claim_tasks('default', 10) AS c));
     ASSERT (stageflow.job_status(v_a)) ->> 'status' = 'completed' AND (stageflow.job_status(v_b)) ->> 'status' = 'completed';
-    ASSERT (stageflow.job_status(v_a)) -> 'result' = '[{"greeting": "0"}, {"greeting": "1"}, {"greeting": "2"}]';
+    ASSERT (SELECT jsonb_agg(e -> 'result' ORDER BY (e ->> 'ordinal')::int) FROM jsonb_array_elements(stageflow.job_result(v_a) -> 'entries') AS e) = '[{"greeting": "0"}, {"greeting": "1"}, {"greeting": "2"}]';
 END;
 $$;

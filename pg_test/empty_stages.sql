@@ -35,7 +35,7 @@ BEGIN
     -- A job whose every stage is empty completes at submit; its result is the empty list.
     v_job := stageflow.submit_job('nothing', '{"n": 0}');
     ASSERT (stageflow.job_status(v_job)) ->> 'status' = 'completed';
-    ASSERT (stageflow.job_status(v_job)) -> 'result' = '[]'::jsonb;
+    ASSERT stageflow.job_result(v_job) -> 'entries' = '[]'::jsonb AND (stageflow.job_status(v_job)) -> 'result_count' = '0';
     ASSERT NOT EXISTS (SELECT 1 FROM pgmq.q_sparse);
 END;
 $$;

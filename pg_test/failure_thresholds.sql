@@ -32,7 +32,9 @@ BEGIN
         END IF;
     END LOOP;
     ASSERT (stageflow.job_status(v_job)) ->> 'status' = 'completed_with_errors', (stageflow.job_status(v_job))::text;
-    ASSERT (stageflow.job_status(v_job)) -> 'result' = '[{"tile": "1"}, {"tile": "2"}]';
+    -- The result: the completed tasks' results of the last stage, in task order.
+    ASSERT (SELECT jsonb_agg(e -> 'result' ORDER BY (e ->> 'ordinal')::int) FROM jsonb_array_elements(stageflow.job_result(v_job) -> 'entries') AS e) = '[{"tile": "1"}, {"tile": "2"}]';
+    ASSERT (stageflow.job_status(v_job)) -> 'result_count' = '2';
 END;
 $$;
 

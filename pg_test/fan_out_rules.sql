@@ -62,7 +62,8 @@ BEGIN
         'fan-in inputs: ' || r.inputs::text;
     ASSERT (stageflow.complete_task_and_check_stage(r.task_id, '{"catalog": 4}')) ->> 'job_status' = 'completed';
     -- The last stage is fan_in: the job's result is its one task's result.
-    ASSERT (stageflow.job_status(v_job)) -> 'result' = '{"catalog": 4}';
+    ASSERT (stageflow.job_result(v_job)) -> 'entries' -> 0 -> 'result' = '{"catalog": 4}';
+    ASSERT jsonb_array_length(stageflow.job_result(v_job) -> 'entries') = 1 AND stageflow.job_result(v_job) ->> 'fan_out' = 'fan_in';
     ASSERT NOT EXISTS (SELECT 1 FROM pgmq.q_pipe), 'no message left';
 END;
 $$;

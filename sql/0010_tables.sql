@@ -23,7 +23,6 @@ CREATE TABLE stageflow.jobs (
                                      'failed', 'cancelled')),
     current_stage  int NOT NULL DEFAULT 1,
     total_stages   int NOT NULL,
-    result         jsonb,
     error          jsonb,
     created_at     timestamptz NOT NULL DEFAULT now(),
     started_at     timestamptz,

@@ -1,5 +1,5 @@
 -- Moves a job past its current stage if that stage has no open task left: creates the next
--- stage's tasks, or completes the job with its result. Stages that fan out to nothing are passed
+-- stage's tasks, or completes the job. Stages that fan out to nothing are passed
 -- through in the same call. Idempotent: the job row lock serialises callers and the current
 -- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
 -- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
@@ -12,9 +12,9 @@
 -- A job that ended while its last completion was on the way here (cancelled, failed) is not
 -- advanced; the stage that completion emptied is closed with the job.
 --
--- The job's result: the task's result when the last stage is `single` or `fan_in`, otherwise the
--- array of the last stage's results in task order. A job some of whose tasks failed within their
--- stages' thresholds ends `completed_with_errors`.
+-- A job some of whose tasks failed within their stages' thresholds ends `completed_with_errors`.
+-- Its result stays in its last stage's tasks, where job_result pages over it: completing the job
+-- copies nothing, however many tasks the last stage has.
 CREATE FUNCTION stageflow.advance_stage(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -26,7 +26,6 @@ DECLARE
     v_stage     stageflow.stages;
     v_advanced  boolean := false;
     v_created   int;
-    v_result    jsonb;
     v_message   text;
     v_sqlstate  text;
     v_hint      text;
@@ -55,20 +54,11 @@ BEGIN
                                 v_stage.stage);
 
         IF v_job.current_stage >= v_job.total_stages THEN
-            IF v_stage.fan_out IN ('single', 'fan_in') THEN
-                SELECT t.result INTO v_result
-                  FROM stageflow.tasks AS t
-                 WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.ordinal = 0;
-            ELSE
-                SELECT coalesce(jsonb_agg(t.result ORDER BY t.ordinal), '[]'::jsonb) INTO v_result
-                  FROM stageflow.tasks AS t
-                 WHERE t.job_id = v_job.job_id AND t.stage = v_job.current_stage AND t.status = 'completed';
-            END IF;
             UPDATE stageflow.jobs AS j
                SET status = CASE WHEN EXISTS (SELECT 1 FROM stageflow.stages AS s
                                                WHERE s.job_id = v_job.job_id AND s.failed_count > 0)
                                  THEN 'completed_with_errors' ELSE 'completed' END,
-                   result = v_result, completed_at = stageflow.now(), updated_at = stageflow.now()
+                   completed_at = stageflow.now(), updated_at = stageflow.now()
              WHERE j.job_id = v_job.job_id
             RETURNING * INTO v_job;
             PERFORM stageflow._emit(v_job.job_id, 'job_' || v_job.status, jsonb_build_object('total_stages', v_job.total_stages));

@@ -43,6 +43,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.webhook_deliveries(text),
     stageflow.job_status(text),
     stageflow.job_tasks(text),
+    stageflow.job_result(text, int, int),
     stageflow.list_jobs(text, text, int, timestamptz),
     stageflow.cancel_job(text),
     stageflow.job_types(),

@@ -51,7 +51,11 @@ mod tests {
         let status = query_json(&format!("SELECT stageflow.job_status('{job_id}')"));
         assert_eq!(status["status"], json!("completed"));
         assert_eq!(status["progress"], json!(100));
-        assert_eq!(status["result"], json!([{"done": "0"}, {"done": "1"}, {"done": "2"}]));
+        assert_eq!(status["result_count"], json!(3));
+        let page = query_json(&format!("SELECT stageflow.job_result('{job_id}')"));
+        let results: Vec<&Value> = page["entries"].as_array().unwrap().iter().map(|e| &e["result"]).collect();
+        assert_eq!(results, [&json!({"done": "0"}), &json!({"done": "1"}), &json!({"done": "2"})]);
+        assert_eq!(page["next_after"], json!(null));
         assert_eq!(status["stages"][1]["tasks"]["completed"], json!(3));
     }
 

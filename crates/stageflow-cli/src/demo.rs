@@ -68,17 +68,20 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
         report.completed,
         report.failed
     );
-    if let Some(replies) = status.result().as_array() {
-        for reply in replies.iter().take(3) {
-            println!("  {}", reply["reply"].as_str().unwrap_or_default());
+    if status.result_count.is_some() {
+        let first = client.api().job_result(&job_id, None, 3).await?;
+        for entry in &first.entries {
+            println!("  {}", entry.result["reply"].as_str().unwrap_or_default());
         }
-        if replies.len() > 3 {
-            println!("  ... {} replies in all", replies.len());
+        if first.next_after.is_some() {
+            println!("  ... {} replies in all", status.result_count.unwrap_or_default());
         }
     }
     println!();
     println!("The cluster keeps running. Connect with:  psql {url}");
-    println!("Try:  stageflow jobs   |   stageflow status {job_id}   |   stageflow demo --stop");
+    println!(
+        "Try:  stageflow jobs   |   stageflow status {job_id}   |   stageflow result {job_id} --limit 5   |   stageflow demo --stop"
+    );
     if status.status != "completed" {
         return Err(CliError::JobFailed(job_id));
     }

@@ -1,9 +1,9 @@
-//! The job commands: submit, status, tasks, jobs. Each makes one call of the SQL API
+//! The job commands: submit, status, result, tasks, jobs. Each makes one call of the SQL API
 //! (`stageflow_client`) and prints its answer as text, or as JSON with `--json`.
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use stageflow_client::{Client, Error, ListJobs};
+use stageflow_client::{Client, Error, JobResultPage, ListJobs, MAX_RESULT_PAGE};
 
 /// Builds params from `--params JSON` and `-p key=value` pairs (a value that parses as JSON is
 /// taken as JSON, anything else as a string).
@@ -81,11 +81,67 @@ pub fn print_status(status: &Value) {
     if !status["error"].is_null() {
         println!("error    {}", status["error"]);
     }
-    if !status["result"].is_null() {
-        let text = status["result"].to_string();
-        let shown: String = text.chars().take(400).collect();
-        println!("result   {shown}{}", if text.len() > shown.len() { " ..." } else { "" });
+    if let Some(count) = status["result_count"].as_i64() {
+        let entries = if count == 1 { "1 entry" } else { &format!("{count} entries") };
+        println!("result   {entries}: stageflow result {}", status["job_id"].as_str().unwrap_or("?"));
     }
+}
+
+/// `stageflow result`: one page of a job's result (`limit` entries after `after`), or with `limit`
+/// `None` every page from `after` on; as `ordinal  task_key  result` lines, or as the page's JSON.
+pub async fn result(
+    client: &Client,
+    job_id: &str,
+    after: Option<i32>,
+    limit: Option<i32>,
+    as_json: bool,
+) -> Result<(), Error> {
+    let api = client.api();
+    if as_json {
+        let Some(limit) = limit else {
+            let mut page = api.job_result(job_id, after, MAX_RESULT_PAGE).await?;
+            all_pages(client, job_id, &mut page).await?;
+            println!("{}", page_json(&page));
+            return Ok(());
+        };
+        println!("{}", api.job_result_json(job_id, after, limit).await?);
+        return Ok(());
+    }
+    let mut page = api.job_result(job_id, after, limit.unwrap_or(MAX_RESULT_PAGE)).await?;
+    if limit.is_none() {
+        all_pages(client, job_id, &mut page).await?;
+    }
+    for entry in &page.entries {
+        println!("{:<8} {:<16} {}", entry.ordinal, entry.task_key, entry.result);
+    }
+    match page.next_after {
+        Some(next) => eprintln!(
+            "{} entries; more after ordinal {next}: stageflow result {job_id} --after {next}",
+            page.entries.len()
+        ),
+        None => eprintln!("{} entries; the end of the result", page.entries.len()),
+    }
+    Ok(())
+}
+
+/// Appends every page after `page` to it.
+async fn all_pages(client: &Client, job_id: &str, page: &mut JobResultPage) -> Result<(), Error> {
+    while let Some(after) = page.next_after {
+        let next = client.api().job_result(job_id, Some(after), MAX_RESULT_PAGE).await?;
+        page.entries.extend(next.entries);
+        page.next_after = next.next_after;
+    }
+    Ok(())
+}
+
+fn page_json(page: &JobResultPage) -> Value {
+    let entries: Vec<Value> = page
+        .entries
+        .iter()
+        .map(|e| json!({"ordinal": e.ordinal, "task_key": e.task_key, "task_id": e.task_id, "result": e.result}))
+        .collect();
+    json!({"job_id": page.job_id, "status": page.status, "fan_out": page.fan_out, "entries": entries,
+           "next_after": page.next_after})
 }
 
 pub async fn tasks(client: &Client, job_id: &str, status: Option<&str>, as_json: bool) -> Result<(), Error> {

@@ -97,8 +97,22 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// A job's status: stages, task counts, progress, ETA.
+    /// A job's status: stages, task counts, progress, ETA, how many entries its result has.
     Status { job_id: String },
+    /// A completed job's result, a page at a time: the last stage's completed tasks in task order
+    /// (one entry for a single or fan_in last stage), as `ordinal  task_key  result` lines.
+    Result {
+        job_id: String,
+        /// Entries after this task ordinal (the `next_after` of the previous page).
+        #[arg(long)]
+        after: Option<i32>,
+        /// Most entries (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: i32,
+        /// Every entry from --after on, in pages of 10000 (a large result is large).
+        #[arg(long, conflicts_with = "limit")]
+        all: bool,
+    },
     /// A job's tasks.
     Tasks {
         job_id: String,
@@ -356,6 +370,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 jobs::print_status(&status);
             }
             Ok(())
+        }
+        Command::Result { job_id, after, limit, all } => {
+            let client = connect(&database_url(&cli)?).await?;
+            Ok(jobs::result(&client, job_id, *after, (!*all).then_some(*limit), cli.json).await?)
         }
         Command::Tasks { job_id, status } => {
             let client = connect(&database_url(&cli)?).await?;

@@ -1,4 +1,4 @@
-//! The `stageflow` command against a real cluster: submit, wait, status, tasks, jobs, dead
+//! The `stageflow` command against a real cluster: submit, wait, status, result, tasks, jobs, dead
 //! letters, retry and cancel, with --json output and database errors shown with their hint.
 
 // Test code: a panic (unwrap, expect) is how a test reports a failure.
@@ -62,6 +62,49 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
     assert!(jobs.as_array().unwrap().iter().any(|j| j["job_id"] == json!(job_id)));
     let text = stageflow(&url, &["status", &job_id]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("reply"), "the text status names the stages");
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains(&format!("result   3 entries: stageflow result {job_id}")),
+        "the text status says how to read the result: {}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
+    // The result: not in the status (its size is), read by pages with `stageflow result`.
+    assert_eq!((status["result_count"].clone(), status.get("result")), (json!(3), None), "{status}");
+    let whole = json_of(&stageflow(&url, &["result", &job_id, "--json"]));
+    let ordinals = |page: &Value| -> Vec<i64> {
+        page["entries"].as_array().unwrap().iter().map(|e| e["ordinal"].as_i64().unwrap()).collect()
+    };
+    assert_eq!((ordinals(&whole), whole["next_after"].clone()), (vec![0, 1, 2], Value::Null), "{whole}");
+    assert_eq!(whole["fan_out"], json!("lineage"));
+    assert!(whole["entries"][2]["result"]["reply"].as_str().is_some_and(|r| r.contains("cli")), "{whole}");
+    let first = json_of(&stageflow(&url, &["result", &job_id, "--limit", "2", "--json"]));
+    assert_eq!((ordinals(&first), first["next_after"].clone()), (vec![0, 1], json!(1)), "{first}");
+    let rest = json_of(&stageflow(&url, &["result", &job_id, "--after", "1", "--limit", "2", "--json"]));
+    assert_eq!((ordinals(&rest), rest["next_after"].clone()), (vec![2], Value::Null), "{rest}");
+    assert_eq!(json_of(&stageflow(&url, &["result", &job_id, "--all", "--json"])), whole);
+    let from_one = json_of(&stageflow(&url, &["result", &job_id, "--all", "--after", "0", "--json"]));
+    assert_eq!((ordinals(&from_one), from_one["next_after"].clone()), (vec![1, 2], Value::Null), "{from_one}");
+    let lines = stageflow(&url, &["result", &job_id, "--limit", "2"]);
+    let stdout = String::from_utf8_lossy(&lines.stdout);
+    let keys: Vec<(&str, &str)> = stdout
+        .lines()
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next().unwrap(), words.next().unwrap())
+        })
+        .collect();
+    assert_eq!(keys, [("0", "0"), ("1", "1")], "`ordinal task_key result` lines: {stdout}");
+    assert!(stdout.lines().all(|l| l.contains("\"reply\"")), "{stdout}");
+    let stderr = String::from_utf8_lossy(&lines.stderr);
+    assert!(stderr.contains(&format!("stageflow result {job_id} --after 1")), "the next page's command: {stderr}");
+    let bad_limit = stageflow(&url, &["result", &job_id, "--limit", "0"]);
+    assert_eq!(bad_limit.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad_limit.stderr);
+    assert!(
+        stderr.contains("limit must be between 1 and 10000, got 0 (SQLSTATE 22023)")
+            && stderr.contains("hint: page through"),
+        "{stderr}"
+    );
 
     // A job that fails: --wait exits 1, its task is a dead letter, retry queues it again.
     let failed = stageflow(
@@ -72,6 +115,10 @@ fn the_command_drives_jobs_from_submit_to_dead_letters() {
     let failed_status: Value = serde_json::from_slice(&failed.stdout).unwrap();
     assert_eq!(failed_status["status"], json!("failed"));
     let failed_id = failed_status["job_id"].as_str().unwrap().to_owned();
+    let no_result = stageflow(&url, &["result", &failed_id]);
+    assert_eq!(no_result.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&no_result.stderr);
+    assert!(stderr.contains("has no result: it is failed (SQLSTATE 55000)") && stderr.contains("hint: "), "{stderr}");
     client.batch_execute("SELECT stageflow.grant_queue('default', 'stageflow_worker')").unwrap();
     let grants = json_of(&stageflow(&url, &["queue-grants", "--json"]));
     assert_eq!(
@@ -159,6 +206,10 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
         json!(2000),
         "the worker completed every task of the memory line"
     );
+    for key in ["job_status_p50_ms", "job_result_first_page_p50_ms"] {
+        assert!(report["worker"][key].as_f64().is_some_and(|v| v > 0.0), "worker.{key} = {}", report["worker"][key]);
+    }
+    assert_eq!(report["worker"]["job_result_first_page_entries"], json!(1000), "a full first page of the result");
     #[cfg(feature = "geo")]
     assert!(report["geo"]["ratio"].as_f64().is_some_and(|r| r > 0.0), "the geo line ran: {}", report["geo"]);
 }
@@ -184,5 +235,7 @@ fn geo_job_types_install_and_run_from_the_command_line() {
     assert!(worker.wait().unwrap().success());
     let status = json_of(&done);
     assert_eq!(status["status"], json!("completed"), "{status}");
-    assert_eq!(status["result"]["crs"]["epsg"], json!(31985));
+    let page = json_of(&stageflow(&url, &["result", status["job_id"].as_str().unwrap(), "--json"]));
+    assert_eq!(page["fan_out"], json!("single"), "{page}");
+    assert_eq!(page["entries"][0]["result"]["crs"]["epsg"], json!(31985));
 }

@@ -1,5 +1,6 @@
 //! The newcomer's path: `stageflow demo` ends by suggesting what to type next ("Connect with:  psql
-//! URL" and "Try:  stageflow jobs   |   stageflow status JOB   |   stageflow demo --stop"). This runs
+//! URL" and "Try:  stageflow jobs   |   stageflow status JOB   |   stageflow result JOB --limit 5   |
+//! stageflow demo --stop"). This runs
 //! the demo on a cluster of its own in a fresh directory, reads those suggestions from its output,
 //! and runs every one of them as a newcomer would: from the directory the demo ran in, with no
 //! database URL in the environment. Each must succeed and say something about the demo's job.
@@ -103,6 +104,14 @@ fn every_command_the_demo_suggests_works_where_the_demo_ran() {
                     assert_eq!(columns[2..], ["completed", "40", "0", "0", "40", "0", "0"], "{row}");
                 }
             }
+            ["result", id, "--limit", "5"] => {
+                assert_eq!(*id, job_id, "the demo suggests the result of its own job");
+                // "<ordinal> <task_key> <result>": the first 5 of the 40 replies, in task order.
+                let ordinals: Vec<&str> = stdout.lines().filter_map(|l| l.split_whitespace().next()).collect();
+                assert_eq!(ordinals, ["0", "1", "2", "3", "4"], "{stdout}");
+                assert!(stdout.lines().all(|l| l.contains("\"reply\"")), "{stdout}");
+                assert!(text(&output.stderr).contains("--after 4"), "{}", text(&output.stderr));
+            }
             ["demo", "--stop"] => assert_eq!(stdout.trim(), "Stopped the demo cluster."),
             // A suggestion this test does not know yet must at least succeed and print something.
             _ => assert!(!stdout.trim().is_empty(), "`{}` printed nothing", command.join(" ")),
@@ -112,6 +121,7 @@ fn every_command_the_demo_suggests_works_where_the_demo_ran() {
     println!("ran: psql {url}; {}", ran.join("; "));
     assert!(ran.iter().any(|c| c == "stageflow jobs"), "{ran:?}");
     assert!(ran.iter().any(|c| c == &format!("stageflow status {job_id}")), "{ran:?}");
+    assert!(ran.iter().any(|c| c == &format!("stageflow result {job_id} --limit 5")), "{ran:?}");
     assert_eq!(ran.last().map(String::as_str), Some("stageflow demo --stop"), "stopping comes last: {ran:?}");
 
     // With the cluster stopped, the same command says how to reach a database.

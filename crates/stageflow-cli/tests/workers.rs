@@ -99,7 +99,8 @@ fn several_worker_processes_run_every_task_of_a_large_job_once() {
         .collect();
     println!("tasks per worker: {split:?}");
     assert!(worker_count >= 2, "the work was shared: {split:?}");
-    assert_eq!(status["result"].as_array().map(Vec::len), Some(2000));
+    assert_eq!(status["result_count"], json!(2000));
+    assert_eq!(job_result(&mut client, &job_id).as_array().map(Vec::len), Some(2000));
 
     for worker in &workers {
         signal(worker, "TERM");
@@ -252,7 +253,7 @@ fn lost_connections_are_retried_and_nothing_is_lost() {
     let status = wait_for_job(&mut client, &job_id, Duration::from_secs(120));
     assert_eq!(status["status"], json!("completed"), "{status}");
     assert_eq!(status["stages"][0]["tasks"]["completed"], json!(60));
-    assert_eq!(status["result"].as_array().map(Vec::len), Some(60));
+    assert_eq!(job_result(&mut client, &job_id).as_array().map(Vec::len), Some(60));
     assert!(worker.try_wait().unwrap().is_none(), "the worker survived its lost connections");
     signal(&worker, "TERM");
     assert!(wait_exit(&mut worker, Duration::from_secs(20)));
@@ -377,7 +378,7 @@ fn a_python_worker_runs_hello_world_beside_a_rust_worker() {
     let summary: Value = serde_json::from_slice(&output.stdout).expect("the python worker prints a JSON summary");
     println!("python worker: {summary}");
     assert!(summary["completed"].as_i64().unwrap() > 0);
-    let from_python = status["result"]
+    let from_python = job_result(&mut client, &job_id)
         .as_array()
         .unwrap()
         .iter()

@@ -1,5 +1,5 @@
-//! A submitter's and an operator's calls on jobs: submit, status, tasks, list, cancel, retry,
-//! advance, dead letters.
+//! A submitter's and an operator's calls on jobs: submit, status, result, tasks, list, cancel,
+//! retry, advance, dead letters.
 //!
 //! The table functions come in two forms: typed rows, and `*_json`, the rows as `to_jsonb` makes
 //! them (PostgreSQL's own rendering of timestamps and numbers), for a caller that passes them on
@@ -81,7 +81,9 @@ pub struct StageTasks {
 }
 
 /// A job's status (`stageflow.job_status`), with the document as the function returned it:
-/// params, result and error are read from it ([`JobStatus::params`], ...), not copied.
+/// params and error are read from it ([`JobStatus::params`], ...), not copied. The result is not in
+/// it, only how many entries it has ([`JobStatus::result_count`]): read it with
+/// [`Api::job_result`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobStatus {
     pub job_id: String,
@@ -96,6 +98,9 @@ pub struct JobStatus {
     pub started_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The number of entries of the job's result ([`Api::job_result`]); `None` until the job is
+    /// completed (with errors or not).
+    pub result_count: Option<i64>,
     pub owner: Option<String>,
     pub tenant: Option<String>,
     /// The whole document, unchanged.
@@ -116,6 +121,8 @@ struct JobStatusFields {
     started_at: Option<DateTime<Utc>>,
     updated_at: Option<DateTime<Utc>>,
     completed_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    result_count: Option<i64>,
     #[serde(default)]
     owner: Option<String>,
     #[serde(default)]
@@ -138,6 +145,7 @@ impl JobStatus {
             started_at: f.started_at,
             updated_at: f.updated_at,
             completed_at: f.completed_at,
+            result_count: f.result_count,
             owner: f.owner,
             tenant: f.tenant,
             document,
@@ -146,11 +154,6 @@ impl JobStatus {
 
     pub fn params(&self) -> &Value {
         &self.document["params"]
-    }
-
-    /// The job's result (`null` until it completes).
-    pub fn result(&self) -> &Value {
-        &self.document["result"]
     }
 
     pub fn error(&self) -> &Value {
@@ -162,6 +165,47 @@ impl JobStatus {
         matches!(self.status.as_str(), "completed" | "completed_with_errors" | "failed" | "cancelled")
     }
 }
+
+/// One entry of a job's result: a task of its last stage, by its ordinal (task order).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ResultEntry {
+    pub ordinal: i32,
+    pub task_key: String,
+    pub task_id: String,
+    /// The task's result (`null` only for the task of a `single` or `fan_in` last stage that failed
+    /// within its stage's failure threshold).
+    pub result: Value,
+}
+
+/// A page of a job's result (`stageflow.job_result`): the completed tasks of its last stage in task
+/// order, or the one task of a `single` or `fan_in` last stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct JobResultPage {
+    pub job_id: String,
+    /// `completed` or `completed_with_errors`: only those jobs have a result.
+    pub status: String,
+    /// The last stage's fan-out: `single` and `fan_in` give one entry whose result is the job's.
+    pub fan_out: String,
+    pub entries: Vec<ResultEntry>,
+    /// The `after` of the next page; `None` on the last page.
+    pub next_after: Option<i32>,
+}
+
+impl JobResultPage {
+    /// Whether the result is one task's (a `single` or `fan_in` last stage): then
+    /// [`JobResultPage::one_result`] is the job's result.
+    pub fn is_one_task(&self) -> bool {
+        matches!(self.fan_out.as_str(), "single" | "fan_in")
+    }
+
+    /// The result of a one-task result's task (`None` for a result of many entries, or an empty page).
+    pub fn one_result(&self) -> Option<&Value> {
+        self.entries.first().filter(|_| self.is_one_task()).map(|e| &e.result)
+    }
+}
+
+/// The most entries one call of `stageflow.job_result` returns (its `limit`).
+pub const MAX_RESULT_PAGE: i32 = 10000;
 
 /// A row of `stageflow.job_tasks`.
 #[derive(Debug, Clone, PartialEq)]
@@ -291,6 +335,7 @@ pub struct AdvanceReport {
 const SUBMIT: &str = "SELECT stageflow.submit_job($1, $2, $3)";
 const SUBMIT_OUTCOME: &str = "SELECT job_id, outcome, job_status FROM stageflow.submit_job_outcome($1, $2, $3)";
 const JOB_STATUS: &str = "SELECT stageflow.job_status($1)";
+const JOB_RESULT: &str = "SELECT stageflow.job_result($1, $2, $3)";
 const JOB_TASKS: &str = "SELECT * FROM stageflow.job_tasks($1)";
 const JOB_TASKS_JSON: &str = "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t";
 const LIST_JOBS: &str = "SELECT job_id, job_type, status, current_stage, total_stages, current_stage_name, \
@@ -329,6 +374,31 @@ impl<C: GenericClient + Sync> Api<'_, C> {
     /// A job's status: for its owner and admins (anyone else: [`Error::UnknownObject`]).
     pub async fn job_status(&self, job_id: &str) -> Result<JobStatus, Error> {
         JobStatus::from_document(self.value(JOB_STATUS, &[&job_id]).await?)
+    }
+
+    /// A page of a completed job's result: at most `limit` (1 to [`MAX_RESULT_PAGE`]) entries after
+    /// the task ordinal `after` (`None`: from the first); pass the page's `next_after` for the next.
+    /// For those who see the job (anyone else: [`Error::UnknownObject`]); a job that is not
+    /// completed has no result ([`Error::WrongState`]); a bad limit is [`Error::InvalidValue`].
+    pub async fn job_result(&self, job_id: &str, after: Option<i32>, limit: i32) -> Result<JobResultPage, Error> {
+        self.document(JOB_RESULT, &[&job_id, &after, &limit]).await
+    }
+
+    /// [`Api::job_result`]'s page as the function returned it.
+    pub async fn job_result_json(&self, job_id: &str, after: Option<i32>, limit: i32) -> Result<Value, Error> {
+        self.value(JOB_RESULT, &[&job_id, &after, &limit]).await
+    }
+
+    /// A completed job's whole result: every page of [`Api::job_result`] (of the largest size) in
+    /// one, whose `next_after` is `None`. A large result is large: prefer the pages.
+    pub async fn job_result_all(&self, job_id: &str) -> Result<JobResultPage, Error> {
+        let mut all = self.job_result(job_id, None, MAX_RESULT_PAGE).await?;
+        while let Some(after) = all.next_after {
+            let page = self.job_result(job_id, Some(after), MAX_RESULT_PAGE).await?;
+            all.entries.extend(page.entries);
+            all.next_after = page.next_after;
+        }
+        Ok(all)
     }
 
     /// A job's tasks.

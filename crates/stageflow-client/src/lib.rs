@@ -41,8 +41,8 @@ pub use error::{Error, Refusal};
 pub use grants::{QueueGrant, QueueGrantChange, Quota, QuotaSetting};
 pub use job_types::{JobType, RegisteredJobType};
 pub use jobs::{
-    AdvanceReport, CancelReport, DeadLetter, JobStatus, JobSummary, ListJobs, RetryReport, StageStatus, StageTasks,
-    Submission, SubmitOutcome, TaskRow,
+    AdvanceReport, CancelReport, DeadLetter, JobResultPage, JobStatus, JobSummary, ListJobs, ResultEntry, RetryReport,
+    StageStatus, StageTasks, Submission, SubmitOutcome, TaskRow, MAX_RESULT_PAGE,
 };
 pub use maintenance::MaintenanceReport;
 pub use metrics::Metric;

@@ -273,6 +273,94 @@ async fn every_call_answers_in_typed_rows() {
     assert_eq!(api.webhook_deliveries_json(&hooked.job_id).await.unwrap()[0]["status"], json!("pending"));
 }
 
+/// Claims every task of `client_q` and completes each with `{"key": <task_key>}`.
+async fn work_through(api: &stageflow_client::Api<'_, tokio_postgres::Client>) {
+    loop {
+        let claimed = api.claim_tasks("client_q", 100, 60, Some("w")).await.unwrap();
+        if claimed.is_empty() {
+            return;
+        }
+        let results: Vec<Value> = claimed.iter().map(|t| json!({"key": t.task_key})).collect();
+        let completions: Vec<Completion> = claimed
+            .iter()
+            .zip(&results)
+            .map(|(t, result)| Completion { task_id: &t.task_id, result, lease_token: Some(t.lease_token) })
+            .collect();
+        api.complete_tasks(&completions, Some("w")).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_result_reads_in_typed_pages() {
+    let url = database("client_result").await;
+    let client = client(&url).await;
+    let api = client.api();
+    let job_id = api.submit_job("two", &json!({"n": 5}), None).await.unwrap();
+
+    // Not completed: no result yet (55000), and the status counts none.
+    let early = api.job_result(&job_id, None, 10).await.unwrap_err();
+    assert!(matches!(early, Error::WrongState(_)), "{early:?}");
+    let (code, message, hint) = refusal_of(&early);
+    assert_eq!(code, "55000");
+    assert!(message.contains("has no result: it is queued"), "{message}");
+    assert!(hint.is_some_and(|h| h.contains("job_status")), "{early:?}");
+    assert_eq!(api.job_status(&job_id).await.unwrap().result_count, None);
+
+    work_through(&api).await;
+    let status = api.job_status(&job_id).await.unwrap();
+    assert_eq!((status.status.as_str(), status.result_count), ("completed", Some(5)));
+    assert!(status.document.get("result").is_none(), "the status carries no result: {}", status.document);
+
+    // Pages of 2 over the 5 entries of the lineage stage, in task order.
+    let first = api.job_result(&job_id, None, 2).await.unwrap();
+    assert_eq!(
+        (first.job_id.as_str(), first.status.as_str(), first.fan_out.as_str()),
+        (job_id.as_str(), "completed", "lineage")
+    );
+    assert!(!first.is_one_task() && first.one_result().is_none());
+    let ordinals = |page: &stageflow_client::JobResultPage| page.entries.iter().map(|e| e.ordinal).collect::<Vec<_>>();
+    assert_eq!((ordinals(&first), first.next_after), (vec![0, 1], Some(1)));
+    assert_eq!(first.entries[1].task_key, "1");
+    assert!(first.entries[1].task_id.ends_with("-s2-1"), "{:?}", first.entries[1]);
+    assert_eq!(first.entries[1].result, json!({"key": "1"}));
+    let second = api.job_result(&job_id, first.next_after, 2).await.unwrap();
+    assert_eq!((ordinals(&second), second.next_after), (vec![2, 3], Some(3)));
+    let last = api.job_result(&job_id, second.next_after, 2).await.unwrap();
+    assert_eq!((ordinals(&last), last.next_after), (vec![4], None));
+    let all = api.job_result_all(&job_id).await.unwrap();
+    assert_eq!((ordinals(&all), all.next_after), (vec![0, 1, 2, 3, 4], None));
+    assert_eq!(all.entries[..2], first.entries[..]);
+    let json_page = api.job_result_json(&job_id, Some(3), 2).await.unwrap();
+    assert_eq!(json_page["entries"][0]["result"], json!({"key": "4"}));
+    assert_eq!(json_page["next_after"], Value::Null);
+
+    // Bad limits: 22023 with a hint; another tenant's job and an unknown one: 42704.
+    for limit in [0, -3, stageflow_client::MAX_RESULT_PAGE + 1] {
+        let bad = api.job_result(&job_id, None, limit).await.unwrap_err();
+        assert!(matches!(bad, Error::InvalidValue(_)), "limit {limit}: {bad:?}");
+        let (_, message, hint) = refusal_of(&bad);
+        assert!(message.contains(&format!("limit must be between 1 and 10000, got {limit}")), "{message}");
+        assert!(hint.is_some_and(|h| h.contains("next_after")), "{bad:?}");
+    }
+    assert_eq!(api.job_result(&job_id, None, stageflow_client::MAX_RESULT_PAGE).await.unwrap().entries.len(), 5);
+    api.set_tenant("client_other", false).await.unwrap();
+    let hidden = api.job_result(&job_id, None, 10).await.unwrap_err();
+    assert!(matches!(hidden, Error::UnknownObject(_)), "another tenant's job reads as unknown: {hidden:?}");
+    api.set_tenant("", false).await.unwrap();
+    let unknown = api.job_result(&"0".repeat(64), None, 10).await.unwrap_err();
+    assert!(matches!(unknown, Error::UnknownObject(_)), "{unknown:?}");
+
+    // A single last stage: one entry, whose result is the job's.
+    let single = json!({"stages": [{"name": "only", "handler": "test.only", "queue": "client_q"}]});
+    api.register_job_type("one", &single).await.unwrap();
+    let one = api.submit_job("one", &json!({}), None).await.unwrap();
+    work_through(&api).await;
+    let page = api.job_result(&one, None, 10).await.unwrap();
+    assert!(page.is_one_task(), "{page:?}");
+    assert_eq!((page.one_result(), page.next_after), (Some(&json!({"key": "0"})), None));
+    assert_eq!(api.job_status(&one).await.unwrap().result_count, Some(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_run_inside_a_callers_transaction() {
     let url = database("client_transaction").await;

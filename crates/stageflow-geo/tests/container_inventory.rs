@@ -146,7 +146,7 @@ fn check_inventory(
     expected: &BTreeMap<String, &'static str>,
 ) {
     assert_eq!(status["status"], json!("completed"), "{status}");
-    let result = &status["result"];
+    let result = &jobs::result_of(client, status);
     let files = result["files"].as_array().unwrap();
     assert_eq!(result["count"], json!(expected.len()), "{result}");
     assert_eq!(files.len(), expected.len());
@@ -258,7 +258,8 @@ fn inventory_of_a_local_directory() {
     assert!(keys.iter().any(|k| k.starts_with("notes:read_me.txt-")), "{keys:?}");
 
     // A local raster carries its GDAL metadata.
-    let tif = status["result"]["files"].as_array().unwrap().iter().find(|f| f["path"] == json!("L7_ETMs.tif")).unwrap();
+    let inventory = jobs::result_of(&mut client, &status);
+    let tif = inventory["files"].as_array().unwrap().iter().find(|f| f["path"] == json!("L7_ETMs.tif")).unwrap();
     assert_eq!(tif["metadata"]["raster"]["crs"]["epsg"], json!(31985), "{tif}");
     assert_eq!(tif["metadata"]["raster"]["bands"].as_array().unwrap().len(), 6);
 
@@ -338,7 +339,8 @@ s3.put_object(Bucket="geo-survey", Key="survey/2023/old.txt", Body=b"outside the
     eprintln!("container_inventory of {} S3 objects: {elapsed:.2?}", expected.len());
     let originals: BTreeMap<String, PathBuf> = expected.keys().map(|p| (p.clone(), dir.join(p))).collect();
     check_inventory(&mut client, &job_id, &status, &originals, &expected);
-    let tif = status["result"]["files"].as_array().unwrap().iter().find(|f| f["path"] == json!("L7_ETMs.tif")).unwrap();
+    let inventory = jobs::result_of(&mut client, &status);
+    let tif = inventory["files"].as_array().unwrap().iter().find(|f| f["path"] == json!("L7_ETMs.tif")).unwrap();
     assert_eq!(tif["location"], json!("s3://geo-survey/survey/2024/L7_ETMs.tif"));
     rerun_catalog(&url, &mut client, &job_id, source);
 

@@ -53,7 +53,7 @@ fn exports_the_nc_counties_to_geoparquet_that_pyarrow_and_geopandas_read() {
     let nc = geodata(NC);
     let (_, loaded, _) = run_job(&url, &mut client, "stage_vector", stage_params(&nc, "nc"), 2);
     assert_eq!(loaded["status"], json!("completed"), "{loaded}");
-    assert_eq!(loaded["result"]["invalid_geometries"]["count"], json!(0));
+    assert_eq!(result_of(&mut client, &loaded)["invalid_geometries"]["count"], json!(0));
 
     let dir = std::env::temp_dir().join("stageflow-geo-export");
     let _ = std::fs::remove_dir_all(&dir);
@@ -61,7 +61,7 @@ fn exports_the_nc_counties_to_geoparquet_that_pyarrow_and_geopandas_read() {
     let (_, status, elapsed) =
         run_job(&url, &mut client, "export_geoparquet", json!({"table": "nc", "output": output.to_str().unwrap()}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
-    let result = &status["result"];
+    let result = &result_of(&mut client, &status);
     eprintln!("export_geoparquet nc: {:.3} s, {} bytes", elapsed.as_secs_f64(), result["bytes"]);
     assert_eq!(result["rows"], json!(100), "{result}");
     assert_eq!(result["crs"]["epsg"], json!(4267));
@@ -151,7 +151,7 @@ fn exports_wide_numerics_points_and_other_types() {
         2,
     );
     assert_eq!(status["status"], json!("completed"), "{status}");
-    assert_eq!(status["result"]["crs"]["epsg"], json!(3857));
+    assert_eq!(result_of(&mut client, &status)["crs"]["epsg"], json!(3857));
     let script = r#"
 import json, sys
 import pyarrow.parquet as pq

@@ -183,5 +183,6 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
         );
         assert_eq!(item["geometry"]["coordinates"][0].as_array().unwrap().len(), 5);
     }
-    assert_eq!(status["result"]["items"], json!(9), "the job's result is the fan-in's");
+    let result = stageflow_tests::job_result(&mut client, &job_id);
+    assert_eq!(result["items"], json!(9), "the job's result is the fan-in's");
 }

@@ -57,8 +57,9 @@ fn process_raster_reads_and_writes_s3() {
     let (_, status, _) =
         jobs::run_job(&url, &mut client, "extract_metadata", json!({"path": "s3://rasters/scenes/L7_ETMs.tif"}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
-    assert_eq!(status["result"]["crs"]["epsg"], json!(31985));
-    assert_eq!((status["result"]["width"].clone(), status["result"]["height"].clone()), (json!(349), json!(352)));
+    let metadata = jobs::result_of(&mut client, &status);
+    assert_eq!(metadata["crs"]["epsg"], json!(31985));
+    assert_eq!((metadata["width"].clone(), metadata["height"].clone()), (json!(349), json!(352)));
 
     // A missing object is a permanent not_found, as a missing local file is.
     let (job_id, status, _) =
@@ -76,8 +77,9 @@ fn process_raster_reads_and_writes_s3() {
     );
     assert_eq!(status["status"], json!("completed"), "{status}");
     eprintln!("process_raster S3 -> S3, 9 tiles: {:.2} s", elapsed.as_secs_f64());
-    assert_eq!(status["result"]["items"], json!(9));
-    assert_eq!(status["result"]["collection"], json!("s3://rasters/tiles/l7/collection.json"));
+    let catalog = jobs::result_of(&mut client, &status);
+    assert_eq!(catalog["items"], json!(9));
+    assert_eq!(catalog["collection"], json!("s3://rasters/tiles/l7/collection.json"));
 
     // What is in the bucket, listed and downloaded with boto3 (not through our code).
     let listing = python(&format!("{S3}print('\\n'.join(sorted(o['Key'] for o in s3.list_objects_v2(Bucket='rasters', Prefix='tiles/l7/')['Contents'])))"),
@@ -115,6 +117,6 @@ fn process_raster_reads_and_writes_s3() {
         2,
     );
     assert_eq!(report["status"], json!("completed"), "{report}");
-    let result: &Value = &report["result"];
+    let result: &Value = &jobs::result_of(&mut client, &report);
     assert_eq!((result["documents"].clone(), result["error_count"].clone()), (json!(10), json!(0)), "{result}");
 }

@@ -55,7 +55,7 @@ fn stage_and_check(url: &str, client: &mut Client, file: &str, table_param: &str
     }
     let (_, status, elapsed) = run_job(url, client, "stage_vector", params, 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
-    let result = status["result"].clone();
+    let result = result_of(client, &status);
     eprintln!("stage_vector {file} -> {table}: {:.3} s, {} rows", elapsed.as_secs_f64(), result["rows"]);
     let expected = ogrinfo_feature_count(file);
     assert_eq!(result["rows"], json!(expected), "{result}");
@@ -142,7 +142,7 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
     );
     assert_eq!(status["status"], json!("completed"), "{status}");
     eprintln!("stage_vector cycle_hire in chunks of 100 with 3 slots: {:.3} s", elapsed.as_secs_f64());
-    let result = &status["result"];
+    let result = &result_of(&mut client, &status);
     assert_eq!(result["rows"], json!(ogrinfo_feature_count(&file)));
     assert_eq!(result["rows"], json!(742));
     assert_eq!(result["srid"], json!(4326));
@@ -224,7 +224,7 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
         2,
     );
     assert_eq!(reloaded["status"], json!("completed"), "{reloaded}");
-    assert_eq!(reloaded["result"]["rows"], json!(10));
+    assert_eq!(result_of(&mut client, &reloaded)["rows"], json!(10));
     assert_eq!(rows(&mut client, "public.cycle_hire"), 10);
     let (first, last): (i64, i64) = {
         let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap();
@@ -347,7 +347,7 @@ fn an_invalid_geometry_is_loaded_and_reported_not_dropped() {
     .unwrap();
     let (_, status, _) = run_job(&url, &mut client, "stage_vector", stage_params(file.to_str().unwrap(), "bowtie"), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
-    let result = &status["result"];
+    let result = &result_of(&mut client, &status);
     assert_eq!(result["rows"], json!(3), "{result}");
     assert_eq!(result["invalid_geometries"]["count"], json!(1), "{result}");
     let example = &result["invalid_geometries"]["examples"][0];

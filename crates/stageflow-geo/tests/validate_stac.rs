@@ -86,7 +86,7 @@ fn a_valid_catalog_and_a_broken_copy() {
     );
     eprintln!("validate_stac of 11 documents: {elapsed:.2?}");
     assert_eq!(status["status"], json!("completed"), "{status}");
-    let report = &status["result"];
+    let report = &jobs::result_of(&mut client, &status);
     // The root catalog, the collection and 9 items; the license link is not followed.
     assert_eq!(report["documents"], json!(11), "{report}");
     assert_eq!(report["valid"], json!(11), "{report}");
@@ -141,7 +141,7 @@ fn a_valid_catalog_and_a_broken_copy() {
         2,
     );
     assert_eq!(status["status"], json!("completed"), "a broken catalog is a report, not a failed job: {status}");
-    let report = &status["result"];
+    let report = &jobs::result_of(&mut client, &status);
     let errors = report["errors"].as_array().unwrap();
     assert_eq!(report["documents"], json!(12), "the missing item is checked too: {report}");
     assert_eq!(report["valid"], json!(6), "{report}");
@@ -197,8 +197,9 @@ fn roots_that_are_missing_or_not_stac() {
     let (_, status, _) =
         jobs::run_job(&url, &mut client, "validate_stac", json!({"path": dir.join("thing.json").to_str().unwrap()}), 2);
     assert_eq!(status["status"], json!("completed"), "{status}");
-    assert_eq!((status["result"]["documents"].clone(), status["result"]["valid"].clone()), (json!(1), json!(0)));
-    let errors = status["result"]["errors"].as_array().unwrap();
+    let report = jobs::result_of(&mut client, &status);
+    assert_eq!((report["documents"].clone(), report["valid"].clone()), (json!(1), json!(0)));
+    let errors = report["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1);
     assert!(has_error(errors, "thing.json", "", "no recognisable STAC type"), "{errors:?}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -261,6 +261,23 @@ async fn status(
     Ok(Json(as_caller!(state, &caller, |api| api.job_status(&job_id)).document))
 }
 
+#[derive(Deserialize)]
+struct ResultQuery {
+    after: Option<i32>,
+    limit: Option<i32>,
+}
+
+/// A page of a completed job's result (`stageflow.job_result`), for those who see the job, as the
+/// status route: another's job is 404, a job without a result 409, a bad limit 400.
+async fn result(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+    Query(q): Query<ResultQuery>,
+) -> ApiResult {
+    Ok(Json(as_caller!(state, &caller, |api| api.job_result_json(&job_id, q.after, q.limit.unwrap_or(1000)))))
+}
+
 async fn tasks(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -385,6 +402,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
     let api = Router::new()
         .route("/api/jobs/submit/{job_type}", post(submit))
         .route("/api/jobs/status/{job_id}", get(status))
+        .route("/api/jobs/{job_id}/result", get(result))
         .route("/api/db/tasks/{job_id}", get(tasks))
         .route("/api/jobs", get(list))
         .route("/api/jobs/{job_id}/cancel", post(cancel))

@@ -66,6 +66,8 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     let openapi: Value = client().get(format!("{base}/api/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert_eq!(openapi["openapi"], json!("3.0.3"));
     assert!(openapi["paths"]["/api/jobs/submit/{job_type}"]["post"].is_object());
+    assert!(openapi["paths"]["/api/jobs/{job_id}/result"]["get"]["parameters"].is_array());
+    assert!(openapi["components"]["schemas"]["JobStatus"]["properties"]["result_count"].is_object());
 
     // The original endpoints, same shapes.
     let (code, submitted) = call(
@@ -99,6 +101,20 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     let (code, error) = call(reqwest::Method::GET, &format!("{base}/api/jobs/status/{}", "0".repeat(64)), None).await;
     assert_eq!((code, error["error"]["sqlstate"].clone()), (404, json!("42704")));
     assert!(error["error"]["hint"].is_string());
+    // The result: an unknown job is 404, a queued job has none yet (409), a bad limit is 400.
+    let (code, error) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{}/result", "0".repeat(64)), None).await;
+    assert_eq!((code, error["error"]["sqlstate"].clone()), (404, json!("42704")), "{error}");
+    let (code, error) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/result"), None).await;
+    assert_eq!((code, error["error"]["sqlstate"].clone()), (409, json!("55000")), "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("has no result: it is queued"), "{error}");
+    assert!(error["error"]["hint"].is_string(), "{error}");
+    for limit in ["0", "10001", "-1"] {
+        let (code, error) =
+            call(reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/result?limit={limit}"), None).await;
+        assert_eq!((code, error["error"]["sqlstate"].clone()), (400, json!("22023")), "limit {limit}: {error}");
+        assert!(error["error"]["message"].as_str().unwrap().contains("limit must be between 1 and 10000"), "{error}");
+        assert!(error["error"]["hint"].as_str().unwrap().contains("next_after"), "{error}");
+    }
     let (code, _) = call(reqwest::Method::POST, &format!("{base}/api/jobs/submit/no_such_type"), Some(json!({}))).await;
     assert_eq!(code, 404);
     let (code, _) = call(reqwest::Method::GET, &format!("{base}/api/jobs?status=done"), None).await;
@@ -169,6 +185,8 @@ async fn tenant_tokens_see_only_their_own_jobs() {
     // globex: the job is unknown to it, whatever it tries; identical work is not its own.
     for (method, path) in [
         (reqwest::Method::GET, format!("/api/jobs/status/{job_id}")),
+        (reqwest::Method::GET, format!("/api/jobs/{job_id}/result")),
+        (reqwest::Method::GET, format!("/api/jobs/{job_id}/result?after=0&limit=1")),
         (reqwest::Method::GET, format!("/api/db/tasks/{job_id}")),
         (reqwest::Method::GET, format!("/api/jobs/{job_id}/webhooks")),
         (reqwest::Method::POST, format!("/api/jobs/{job_id}/cancel")),
@@ -196,6 +214,8 @@ async fn tenant_tokens_see_only_their_own_jobs() {
     // acme: its own job, as it is; cancelled and submitted again, resumed.
     let (_, listed) = call_as(acme, reqwest::Method::GET, &format!("{base}/api/jobs"), None).await;
     assert_eq!((listed.as_array().map(Vec::len), listed[0]["job_id"].as_str()), (Some(1), Some(job_id.as_str())));
+    let (code, error) = call_as(acme, reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/result"), None).await;
+    assert_eq!((code, error["error"]["sqlstate"].clone()), (409, json!("55000")), "its own job, not done yet: {error}");
     let (_, again) = call_as(acme, reqwest::Method::POST, &submit_url, Some(work.clone())).await;
     assert_eq!((again["outcome"].clone(), again["status"].clone()), (json!("exists"), json!("queued")), "{again}");
     let (code, cancelled) =
@@ -312,7 +332,23 @@ async fn a_finished_job_is_delivered_to_its_webhook_signed_and_retried() {
     let payload: Value = serde_json::from_slice(body).unwrap();
     assert_eq!(payload["event"], json!("job_completed"));
     assert_eq!(payload["job"]["job_id"], json!(job_id));
-    assert_eq!(payload["job"]["result"].as_array().map(Vec::len), Some(2));
+    // The payload stays small: the result's size, not the result; the receiver reads it by pages.
+    assert_eq!(payload["job"]["result_count"], json!(2), "{payload}");
+    assert!(payload["job"].get("result").is_none(), "{payload}");
+    let (code, page) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/result?limit=1"), None).await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!((page["entries"][0]["ordinal"].clone(), page["next_after"].clone()), (json!(0), json!(0)), "{page}");
+    assert_eq!(page["entries"][0]["result"], json!({"key": "0"}), "drain's result: {page}");
+    let (code, last) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/result?after=0"), None).await;
+    assert_eq!(code, 200, "{last}");
+    assert_eq!((last["entries"][0]["ordinal"].clone(), last["next_after"].clone()), (json!(1), Value::Null), "{last}");
+    assert_eq!(last["entries"].as_array().map(Vec::len), Some(1), "{last}");
+    let (_, whole) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/result"), None).await;
+    assert_eq!(
+        whole,
+        json!({"job_id": job_id, "status": "completed", "fan_out": "lineage",
+               "entries": [page["entries"][0], last["entries"][0]], "next_after": null})
+    );
 
     // A job type may name the webhook too; a failing receiver is given up on after max_attempts.
     let db = db_url.clone();

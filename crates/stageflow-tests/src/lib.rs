@@ -133,6 +133,31 @@ pub fn job_status(client: &mut Client, job_id: &str) -> Value {
     json(client, "SELECT stageflow.job_status($1)", &[&job_id])
 }
 
+/// A page of a completed job's result (`stageflow.job_result`).
+pub fn job_result_page(client: &mut Client, job_id: &str, after: Option<i32>, limit: i32) -> Value {
+    json(client, "SELECT stageflow.job_result($1, $2, $3)", &[&job_id, &after, &limit])
+}
+
+/// A completed job's whole result, read page by page, in the one value a caller of
+/// `stageflow.job_result` makes of it: the one entry's result for a `single` or `fan_in` last
+/// stage, else the array of the entries' results in task order.
+pub fn job_result(client: &mut Client, job_id: &str) -> Value {
+    let mut results = Vec::new();
+    let mut after = None;
+    loop {
+        let page = job_result_page(client, job_id, after, 10000);
+        let entries = page["entries"].as_array().expect("a page has entries");
+        if matches!(page["fan_out"].as_str(), Some("single" | "fan_in")) {
+            return entries.first().map(|e| e["result"].clone()).unwrap_or(Value::Null);
+        }
+        results.extend(entries.iter().map(|e| e["result"].clone()));
+        match page["next_after"].as_i64() {
+            Some(next) => after = Some(i32::try_from(next).expect("an ordinal")),
+            None => return Value::Array(results),
+        }
+    }
+}
+
 /// Claims and completes tasks of `queue` until none is left; returns how many it completed.
 pub fn drain(client: &mut Client, queue: &str, batch: i32) -> usize {
     let mut done = 0;

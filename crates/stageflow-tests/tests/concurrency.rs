@@ -405,7 +405,8 @@ fn many_workers_run_every_task_exactly_once() {
         )
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (2 * n as i64, 2 * n as i64));
-    let result = status["result"].as_array().expect("result is the array of replies");
+    let result = job_result(&mut client, &job_id);
+    let result = result.as_array().expect("result is the array of replies");
     assert_eq!(result.len(), n as usize);
     assert_eq!(result[0], json!({"reply_to": {"greeting": "0"}}));
     assert_eq!(result[n as usize - 1], json!({"reply_to": {"greeting": (n - 1).to_string()}}));
@@ -421,6 +422,7 @@ fn hello_world_of_ten_thousand_completes() {
     assert_eq!(per_worker.iter().sum::<usize>(), 20000);
     let status = job_status(&mut client, &job_id);
     assert_eq!(status["status"], json!("completed"));
-    assert_eq!(status["result"].as_array().map(Vec::len), Some(10000));
+    assert_eq!(status["result_count"], json!(10000));
+    assert_eq!(job_result(&mut client, &job_id).as_array().map(Vec::len), Some(10000));
     assert_eq!(status["stages"][1]["tasks"]["completed"], json!(10000));
 }

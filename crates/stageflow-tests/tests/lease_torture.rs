@@ -904,14 +904,19 @@ fn check_invariants(client: &mut Client, shared: &Shared) -> Vec<String> {
         &mut problems,
         "1. completed jobs completed every stage, with errors exactly when a stage counts failures",
         r#"
-        SELECT format('job %s is %s at stage %s of %s with %s completed stage(s), failures counted: %s, result: %s',
-                      j.job_id, j.status, j.current_stage, j.total_stages, x.done, x.failures, j.result IS NOT NULL)
+        SELECT format('job %s is %s at stage %s of %s with %s completed stage(s), failures counted: %s, '
+                      'result: %s entries read of %s counted',
+                      j.job_id, j.status, j.current_stage, j.total_stages, x.done, x.failures, r.entries, r.counted)
           FROM stageflow.jobs AS j
           CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE s.status = 'completed') AS done,
                                      coalesce(bool_or(s.failed_count > 0), false) AS failures
                                 FROM stageflow.stages AS s WHERE s.job_id = j.job_id) AS x
+          -- the result reads (job_result answers a completed job) and has as many entries as job_status counts
+          CROSS JOIN LATERAL (SELECT jsonb_array_length(stageflow.job_result(j.job_id, NULL, 10000) -> 'entries') AS entries,
+                                     (stageflow.job_status(j.job_id) ->> 'result_count')::int AS counted) AS r
          WHERE j.status IN ('completed', 'completed_with_errors')
-           AND (x.done <> j.total_stages OR j.current_stage <> j.total_stages OR j.result IS NULL
+           AND (x.done <> j.total_stages OR j.current_stage <> j.total_stages OR r.counted IS NULL
+                OR r.entries IS DISTINCT FROM r.counted
                 OR x.failures <> (j.status = 'completed_with_errors'))
          ORDER BY 1"#,
     );

@@ -1,5 +1,6 @@
 //! The worker runtime (`stageflow_worker::Worker`, in this process) over a large job: its resident
-//! memory, its throughput, and `job_status` on the job while it runs and once it has completed.
+//! memory, its throughput, `job_status` on the job while it runs and once it has completed, and the
+//! first page of its result (`job_result`, 1,000 entries).
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ fn rss_kib() -> u64 {
 }
 
 /// Runs the worker runtime over a job of `tasks` tasks; returns (RSS at start, RSS at end, tasks/s,
-/// job_status p50 ms on the finished job).
+/// job_status p50 ms on the finished job, job_result's first page of 1,000 entries p50 ms).
 pub(super) async fn worker_runtime(url: &str, n: usize, tasks: i64) -> Result<Value, CliError> {
     // Raw: job_status is timed here as the statement it is; the job's state is polled from its
     // row (lighter than job_status, so that polling does not weigh on the line).
@@ -47,7 +48,7 @@ pub(super) async fn worker_runtime(url: &str, n: usize, tasks: i64) -> Result<Va
         if state != "processing" && state != "queued" {
             break;
         }
-        // job_status of the running job (a small document: the result comes only at the end).
+        // job_status of the running job.
         let t = Instant::now();
         client.query_one("SELECT stageflow.job_status($1)", &[&job_id]).await?;
         running_status_ms.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -55,7 +56,7 @@ pub(super) async fn worker_runtime(url: &str, n: usize, tasks: i64) -> Result<Va
     let elapsed = start.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
     let report = worker.await.map_err(|e| CliError::Setup(e.to_string()))?;
-    // Before this process reads the finished job's large result below.
+    // Before this process reads pages of the finished job's result below.
     let end_rss = rss_kib();
     let mut status_ms = Vec::new();
     for _ in 0..20 {
@@ -63,10 +64,22 @@ pub(super) async fn worker_runtime(url: &str, n: usize, tasks: i64) -> Result<Va
         client.query_one("SELECT stageflow.job_status($1)", &[&job_id]).await?;
         status_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
+    // The first page of its result: 1,000 of the last stage's entries, read through tasks_stage_idx.
+    let first_page = client.prepare("SELECT stageflow.job_result($1, NULL, 1000)").await?;
+    let mut result_ms = Vec::new();
+    let mut entries = 0;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let page: Value = client.query_one(&first_page, &[&job_id]).await?.get(0);
+        result_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        entries = page["entries"].as_array().map_or(0, Vec::len);
+    }
     Ok(json!({
         "tasks": tasks, "completed_by_worker": report.completed, "tasks_per_second": tasks as f64 / elapsed,
         "rss_start_kib": start_rss, "rss_peak_kib": peak, "rss_end_kib": end_rss,
         "job_status_p50_ms": percentile(&mut status_ms, 0.5),
+        "job_result_first_page_entries": entries,
+        "job_result_first_page_p50_ms": percentile(&mut result_ms, 0.5),
         "job_status_while_running_p50_ms": percentile(&mut running_status_ms, 0.5),
         "job_status_while_running_max_ms": percentile(&mut running_status_ms, 1.0),
     }))

@@ -11,7 +11,8 @@
 //! 5. `flatness`: the cost of a completion in stages of 100, 10,000 and 100,000 tasks;
 //! 6. `latency`: last completion committed -> next stage's first task claimed by an idle worker
 //!    woken by NOTIFY, and submit -> first claim (p50, p99);
-//! 7. `memory`: the worker's resident memory over a 100,000-task job, and job_status on it;
+//! 7. `memory`: the worker's resident memory over a 100,000-task job, job_status on it, and the
+//!    first page of its result (job_result);
 //! 8. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
 //!
 //! `clients` holds the raw connections a line runs on, `jobs` the benchmark's job types and its
@@ -208,8 +209,13 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     );
     println!(
         "{:<58} {:>12.2} ms",
-        "job_status once completed (returns its 50,000-entry result), p50",
+        format!("job_status of the {}-task job once completed, p50", sizes.memory_tasks),
         mem["job_status_p50_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<58} {:>12.2} ms",
+        format!("job_result's first page ({} entries), p50", mem["job_result_first_page_entries"]),
+        mem["job_result_first_page_p50_ms"].as_f64().unwrap_or(0.0)
     );
 
     #[cfg(feature = "geo")]

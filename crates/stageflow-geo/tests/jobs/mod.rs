@@ -85,6 +85,12 @@ pub fn run_job(
     (job_id, status, elapsed)
 }
 
+/// The result of the job whose status document `status` is (`stageflow.job_result`, every page):
+/// the one task's result of a single or fan_in last stage, else the array of results.
+pub fn result_of(client: &mut Client, status: &Value) -> Value {
+    stageflow_tests::job_result(client, status["job_id"].as_str().expect("a status has a job_id"))
+}
+
 /// A task to call a handler with directly.
 pub fn task(handler: &str, params: Value) -> Task {
     Task::standalone(handler, params)

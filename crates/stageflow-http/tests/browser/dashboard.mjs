@@ -1,5 +1,6 @@
 // Opens the dashboard in headless Chromium, submits a job through the API, watches its bar reach
-// 100 %, takes a screenshot, checks a task's lineage, and retries a dead letter with its button.
+// 100 %, takes a screenshot, checks a task's lineage, pages through the job's result, and retries a
+// dead letter with its button.
 // Usage: node dashboard.mjs BASE_URL TOKEN SCREENSHOT.png   (exit 0 when every step passed)
 import { chromium } from "playwright-core";
 
@@ -42,6 +43,27 @@ try {
   const greet = await page.locator(`tr.task[data-task="${prefix}-s1-0"]`).textContent();
   if (!greet.includes(`→ ${prefix}-s2-0`)) throw new Error(`no successor in: ${greet}`);
   step("the job page shows a task's predecessor and successor");
+
+  // The result: 300 replies, 100 a page, in task order; next and previous move between pages.
+  const ordinals = () => page.locator("#result tr.result-entry").evaluateAll((rows) => rows.map((r) => Number(r.dataset.ordinal)));
+  await page.waitForSelector("#result tr.result-entry", { timeout: 15000 });
+  const expectPage = async (first, what) => {
+    await page.waitForFunction((f) => document.querySelector("#result tr.result-entry")?.dataset.ordinal === String(f), first, { timeout: 15000 });
+    const shown = await ordinals();
+    if (shown.length !== 100 || shown.some((o, i) => o !== first + i)) throw new Error(`${what}: ordinals ${shown}`);
+  };
+  await expectPage(0, "the first page");
+  if (!(await page.locator("#result h2").textContent()).includes("300 entries")) throw new Error("the result's size is not shown");
+  const firstReply = await page.locator('#result tr.result-entry[data-ordinal="0"]').textContent();
+  if (!firstReply.includes("reply")) throw new Error(`no reply in the result: ${firstReply}`);
+  await page.click("#result-next");
+  await expectPage(100, "the second page");
+  await page.click("#result-next");
+  await expectPage(200, "the last page");
+  if (!(await page.locator("#result-next").isDisabled())) throw new Error("next is enabled on the last page");
+  await page.click("#result-prev");
+  await expectPage(100, "back to the second page");
+  step("the job page shows its result a page at a time");
 
   const failing = await call("/api/jobs/submit/doomed", { permanent: true, message: "the browser test's failure" });
   await page.goto(`${base}/#`);
