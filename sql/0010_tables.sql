@@ -88,26 +88,41 @@ CREATE TABLE stageflow.stage_shards (
     stage             int NOT NULL,
     shard             int NOT NULL,
     remaining_tasks   int NOT NULL CHECK (remaining_tasks >= 0),
-    -- running tasks, counted where they start and stop running: a claim adds to the shard of its
-    -- session (pg_backend_pid() % shards, so concurrent claims lock different rows), a task that
-    -- stops running subtracts from its own shard. One row may go below zero; the stage's sum is
-    -- the number of its running tasks (job_status, metrics): no index on the task's status needed.
-    running_tasks     int NOT NULL DEFAULT 0,
+    -- tasks of this shard that stopped running (completed, failed, released, cancelled, re-queued):
+    -- a stage's running tasks are the tasks its claims started (stage_claims) minus these.
+    stopped_tasks     int NOT NULL DEFAULT 0 CHECK (stopped_tasks >= 0),
     completed_count   int NOT NULL DEFAULT 0,
     completed_seconds double precision NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, stage, shard),
     FOREIGN KEY (job_id, stage) REFERENCES stageflow.stages (job_id, stage) ON DELETE CASCADE
 );
 
--- A stage's counters summed over its shards.
+-- The tasks of a stage that each session's claims started (queued -> running), one row per stage
+-- and session (its backend's pid): a claim adds to its own row, which no other session writes, so
+-- claims never wait for one another or for a completion here. No foreign key (a referential
+-- check would lock the stage row, which completions hold); retention deletes the rows with their
+-- job.
+CREATE TABLE stageflow.stage_claims (
+    job_id   text NOT NULL,
+    stage    int NOT NULL,
+    session  int NOT NULL,
+    started  bigint NOT NULL CHECK (started >= 0),
+    PRIMARY KEY (job_id, stage, session)
+);
+
+-- A stage's counters summed over its shards; running = started by claims - stopped.
 CREATE VIEW stageflow.stage_counts AS
-SELECT sh.job_id, sh.stage,
-       sum(sh.remaining_tasks)::int AS remaining_tasks,
-       sum(sh.running_tasks)::int AS running_tasks,
-       sum(sh.completed_count)::int AS completed_count,
-       sum(sh.completed_seconds) AS completed_seconds
-  FROM stageflow.stage_shards AS sh
- GROUP BY sh.job_id, sh.stage;
+SELECT g.job_id, g.stage, g.remaining_tasks,
+       ((SELECT coalesce(sum(c.started), 0) FROM stageflow.stage_claims AS c
+          WHERE c.job_id = g.job_id AND c.stage = g.stage) - g.stopped_tasks)::int AS running_tasks,
+       g.completed_count, g.completed_seconds
+  FROM (SELECT sh.job_id, sh.stage,
+               sum(sh.remaining_tasks)::int AS remaining_tasks,
+               sum(sh.stopped_tasks)::bigint AS stopped_tasks,
+               sum(sh.completed_count)::int AS completed_count,
+               sum(sh.completed_seconds) AS completed_seconds
+          FROM stageflow.stage_shards AS sh
+         GROUP BY sh.job_id, sh.stage) AS g;
 
 -- A task: one unit of work of a stage. task_id = <16 hex of job id>-s<stage>-<key>.
 CREATE TABLE stageflow.tasks (
@@ -153,10 +168,24 @@ CREATE INDEX tasks_stage_idx ON stageflow.tasks (job_id, stage, ordinal);
 -- No index names a column that a claim or a completion changes (status, attempt, lease, worker,
 -- times, result): both update the task row in place (HOT), writing no index entries. What the
 -- engine once found through partial indexes on the status it finds elsewhere: running tasks are
--- counted on the stage's shards (stage_shards.running_tasks); expired leases and due retries are
--- the messages whose visibility time has come (the claim, or maintenance walking each queue's
--- messages by visibility time); dead letters by failed_at, which only a task's failure sets.
+-- counted (stage_claims, stage_shards.stopped_tasks); an expired last attempt by the note its
+-- claim left (last_attempt_leases); due retries and other expired leases are messages whose
+-- visibility time has come (claims read them); dead letters by failed_at, which only a task's
+-- failure sets.
 CREATE INDEX tasks_dead_letter_idx ON stageflow.tasks (failed_at DESC) WHERE failed_at IS NOT NULL;
+
+-- A claim of a task's last attempt leaves a note of its lease here; maintenance dead-letters the
+-- task when the lease has expired with the task still running on it (whether or not any worker
+-- reads the queue), and drops notes that no longer describe the task's lease (completed, failed,
+-- released, re-claimed) or follows a heartbeat's extension. Only last attempts write here, so
+-- the claims and completions of earlier attempts stay HOT updates of the task row alone.
+CREATE TABLE stageflow.last_attempt_leases (
+    task_id      text NOT NULL,
+    lease_token  bigint NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    PRIMARY KEY (task_id, lease_token)
+);
+CREATE INDEX last_attempt_leases_expiry_idx ON stageflow.last_attempt_leases (expires_at);
 
 -- The outbox: one row per state change of a job or stage and per task failure, written in the
 -- transaction that made the change (and announced with NOTIFY stageflow_events). Webhooks and
@@ -216,6 +245,8 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.job_types', $$WHERE name <
 SELECT pg_catalog.pg_extension_config_dump('stageflow.jobs', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.stages', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.stage_shards', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.stage_claims', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.last_attempt_leases', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');

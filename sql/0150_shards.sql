@@ -7,8 +7,8 @@
 -- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
 -- order a completion takes them, before the stage row), moves the shards' counters, then updates
 -- the stage row: open_shards by the shards that emptied (-1 each) or had been empty (+1 each),
--- failed_count by p_failed. p_running of the tasks were running (they stop running: the running
--- counter of the first shard moved loses them). Returns the stage row as updated.
+-- failed_count by p_failed. p_running of the tasks were running (they stop running: counted in
+-- stopped_tasks of the first shard moved). Returns the stage row as updated.
 CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_ordinals int[], p_sign int, p_failed int DEFAULT 0,
                                        p_running int DEFAULT 0)
 RETURNS stageflow.stages
@@ -34,7 +34,7 @@ BEGIN
          ORDER BY 1
     LOOP
         UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks + p_sign * r.n, running_tasks = sh.running_tasks - v_leave
+           SET remaining_tasks = sh.remaining_tasks + p_sign * r.n, stopped_tasks = sh.stopped_tasks + v_leave
          WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = r.shard
         RETURNING sh.remaining_tasks - p_sign * r.n, sh.remaining_tasks INTO v_before, v_after;
         v_leave := 0;
@@ -53,7 +53,7 @@ END;
 $$;
 
 -- Tasks of one stage that stop running but stay open (a retry scheduled, a lease handed back or
--- re-queued by retry_job): their shards' running counters lose them, shards locked in shard order.
+-- re-queued by retry_job): counted in their shards' stopped_tasks, shards locked in shard order.
 CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_ordinals int[])
 RETURNS void
 LANGUAGE plpgsql
@@ -70,7 +70,7 @@ BEGIN
          ORDER BY 1
     LOOP
         UPDATE stageflow.stage_shards AS sh
-           SET running_tasks = sh.running_tasks - r.n
+           SET stopped_tasks = sh.stopped_tasks + r.n
          WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = r.shard;
     END LOOP;
 END;

@@ -142,7 +142,10 @@ DECLARE
     v_own_msgs     bigint[];
     v_started_jobs    text[];
     v_started_stages  int[];
-    v_started_shards  int[];
+    v_queued_jobs     text[];
+    v_last_ids        text[];
+    v_last_tokens     bigint[];
+    v_last_expiry     timestamptz[];
     r              record;
 BEGIN
     -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
@@ -206,7 +209,9 @@ BEGIN
            AND t.attempt < t.max_attempts
            AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
                 OR (t.status = 'running' AND t.lease_expires_at <= v_now))
-        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, s.lease_seconds, s.shards, l.status = 'queued' AS was_queued
+        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, s.lease_seconds, l.status = 'queued' AS was_queued,
+                  j.status = 'queued' AS job_queued, t.attempt >= t.max_attempts AS last_attempt, t.lease_token,
+                  t.lease_expires_at
     )
     SELECT (SELECT array_agg(l.task_id) FROM locked AS l),
            array_agg(c.task_id),
@@ -215,36 +220,45 @@ BEGIN
            array_agg(c.msg_id) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
                                              AND c.lease_seconds IS NOT NULL),
            array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
-           array_agg(c.shards) FILTER (WHERE c.was_queued)
-      INTO v_locked, v_claimed_ids, v_own_lease, v_own_msgs, v_started_jobs, v_started_stages, v_started_shards
+           array_agg(DISTINCT c.job_id) FILTER (WHERE c.job_queued),
+           array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
+           array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
+      INTO v_locked, v_claimed_ids, v_own_lease, v_own_msgs, v_started_jobs, v_started_stages, v_queued_jobs,
+           v_last_ids, v_last_tokens, v_last_expiry
       FROM claimed AS c;
 
     -- Stages with a lease of their own: their messages stay invisible that long instead.
-    FOR r IN SELECT u.lease, array_agg(u.msg_id) AS msg_ids FROM unnest(v_own_lease, v_own_msgs) AS u(lease, msg_id) GROUP BY u.lease LOOP
-        PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, v_now + make_interval(secs => r.lease));
-    END LOOP;
+    IF v_own_lease IS NOT NULL THEN
+        FOR r IN SELECT u.lease, array_agg(u.msg_id) AS msg_ids FROM unnest(v_own_lease, v_own_msgs) AS u(lease, msg_id) GROUP BY u.lease LOOP
+            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, v_now + make_interval(secs => r.lease));
+        END LOOP;
+    END IF;
 
     IF coalesce(cardinality(v_claimed_ids), 0) < cardinality(v_msg_ids) THEN
         PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimed_ids, v_now);
     END IF;
-    -- The queued tasks it started count as running on this session's shard of their stage, one
-    -- row per stage in (job, stage) order, after the rare path above (whose dead letters lock a
-    -- stage's shards in shard order, then its job): a task re-claimed after its lease expired was
-    -- counted already.
-    FOR r IN SELECT u.job_id, u.stage, pg_backend_pid() % min(u.shards) AS shard, count(*)::int AS n
-               FROM unnest(v_started_jobs, v_started_stages, v_started_shards) AS u(job_id, stage, shards)
-              GROUP BY u.job_id, u.stage ORDER BY u.job_id, u.stage LOOP
-        UPDATE stageflow.stage_shards AS sh
-           SET running_tasks = sh.running_tasks + r.n
-         WHERE sh.job_id = r.job_id AND sh.stage = r.stage AND sh.shard = r.shard;
-    END LOOP;
-    -- A job's first claim starts it (its job row after its shards, in job order: the lock order of
-    -- every path that takes both).
+    -- The queued tasks it started count as running: this session's own row per stage (no other
+    -- session writes it, so no claim waits here); a task re-claimed after its lease expired was
+    -- counted already. A last attempt leaves a note of its lease for maintenance.
     IF v_started_jobs IS NOT NULL THEN
+        INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
+        SELECT u.job_id, u.stage, pg_backend_pid(), count(*)
+          FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
+         GROUP BY u.job_id, u.stage
+        ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
+    END IF;
+    IF v_last_ids IS NOT NULL THEN
+        INSERT INTO stageflow.last_attempt_leases (task_id, lease_token, expires_at)
+        SELECT u.task_id, u.lease_token, u.expires_at FROM unnest(v_last_ids, v_last_tokens, v_last_expiry) AS u(task_id, lease_token, expires_at)
+        -- (a note left by a deleted task of the same id, before maintenance dropped it)
+        ON CONFLICT (task_id, lease_token) DO UPDATE SET expires_at = excluded.expires_at;
+    END IF;
+    -- A job's first claim starts it (job rows in job order).
+    IF v_queued_jobs IS NOT NULL THEN
         UPDATE stageflow.jobs AS j
            SET status = 'processing', started_at = v_now, updated_at = v_now
          WHERE j.job_id IN (SELECT q.job_id FROM stageflow.jobs AS q
-                             WHERE q.job_id = ANY (v_started_jobs) AND q.status = 'queued'
+                             WHERE q.job_id = ANY (v_queued_jobs) AND q.status = 'queued'
                              ORDER BY q.job_id
                                FOR UPDATE)
            AND j.status = 'queued';

@@ -203,7 +203,7 @@ BEGIN
     FOR i IN 1 .. cardinality(v_jobs) LOOP
         UPDATE stageflow.stage_shards AS sh
            SET remaining_tasks = sh.remaining_tasks - v_counts[i],
-               running_tasks = sh.running_tasks - v_counts[i],
+               stopped_tasks = sh.stopped_tasks + v_counts[i],
                completed_count = sh.completed_count + v_counts[i],
                completed_seconds = sh.completed_seconds + coalesce(v_seconds[i], 0)
          WHERE sh.job_id = v_jobs[i] AND sh.stage = v_stages[i] AND sh.shard = v_shards[i]

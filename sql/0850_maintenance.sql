@@ -32,7 +32,7 @@ $$;
 -- next round):
 --   * due retries and expired leases with attempts left (their messages became visible, by the same
 --     clock, since the last round): their queues' workers are woken;
---   * expired leases without attempts left: the tasks are dead-lettered;
+--   * expired last attempts (the notes their claims left in last_attempt_leases): dead-lettered;
 --   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
 --   * the reconciler (stageflow._reconcile) walks on through tasks and messages;
 --   * finished jobs older than stageflow.retention (an interval, default 7 days; 0 keeps them)
@@ -61,7 +61,6 @@ DECLARE
     v_error_message text;
     v_error_state   text;
     v_from_vt    timestamptz;
-    v_from_msg   bigint;
     v_last_vt    timestamptz;
     v_msg_ids    bigint[];
     v_task_ids   text[];
@@ -70,12 +69,11 @@ DECLARE
     q            record;
     r            record;
 BEGIN
-    -- Messages whose visibility time has come since the last round, per queue the job types use:
-    -- the due retries and the expired leases (a claim, a heartbeat and a retry set their task's
-    -- message visible at the lease's end or when the retry is due; no index on the task's status
-    -- is needed to find them). Their queues' workers are woken; an expired lease with no attempts
-    -- left is dead-lettered. Each queue is walked by visibility time from where the last round
-    -- stopped, at most max_rows messages a round (a backlog of never-read messages is passed once).
+    -- Due retries and expired leases with attempts left: their messages' visibility time came
+    -- since the last round (a claim, a heartbeat and a retry set it to the lease's end or when the
+    -- retry is due). Their queues' workers are woken and they are counted; claims take them. Each
+    -- queue's messages are read by visibility time from where the last round stopped, at most
+    -- max_rows a round (this wakes workers; it is not what dead-letters, see below).
     FOR q IN
         SELECT DISTINCT e.stage ->> 'queue' AS queue
           FROM stageflow.job_types AS jt
@@ -84,75 +82,83 @@ BEGIN
          ORDER BY 1
     LOOP
         BEGIN
-            -- (The cursor's position: the visibility time in microseconds since the epoch and the msg_id.)
-            SELECT timestamptz 'epoch' + split_part(c.position, '|', 1)::bigint * interval '1 microsecond',
-                   split_part(c.position, '|', 2)::bigint
-              INTO v_from_vt, v_from_msg
+            -- (The cursor's position: a visibility time in microseconds since the epoch.)
+            SELECT timestamptz 'epoch' + c.position::bigint * interval '1 microsecond' INTO v_from_vt
               FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
-            -- (A clock moved back, as tests move stageflow.fake_now, starts the walk over.)
+            -- (A clock moved back, as tests move stageflow.fake_now, starts over from now.)
             IF v_from_vt IS NULL OR v_from_vt > v_now THEN
-                v_from_vt := '-infinity';
-                v_from_msg := 0;
+                v_from_vt := v_now - interval '1 hour';
             END IF;
-            EXECUTE format('SELECT array_agg(w.msg_id ORDER BY w.vt, w.msg_id), array_agg(w.task_id ORDER BY w.vt, w.msg_id), '
-                           '(array_agg(w.vt ORDER BY w.vt DESC, w.msg_id DESC))[1] '
+            EXECUTE format('SELECT array_agg(w.msg_id), array_agg(w.task_id), max(w.vt) '
                            'FROM (SELECT m.msg_id, m.vt, m.message ->> ''task_id'' AS task_id FROM pgmq.%I AS m '
-                           'WHERE m.vt >= $1 AND (m.vt, m.msg_id) > ($1, $2) AND m.vt <= $3 '
-                           'ORDER BY m.vt, m.msg_id LIMIT $4) AS w',
+                           'WHERE m.vt > $1 AND m.vt <= $2 ORDER BY m.vt LIMIT $3) AS w',
                            pgmq.format_table_name(q.queue, 'q'))
-               INTO v_msg_ids, v_task_ids, v_last_vt USING v_from_vt, v_from_msg, v_now, max_rows;
+               INTO v_msg_ids, v_task_ids, v_last_vt USING v_from_vt, v_now, max_rows;
             INSERT INTO stageflow.maintenance_cursors AS c (name, position)
             VALUES ('visible:' || q.queue,
-                    CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN (extract(epoch FROM v_now) * 1000000)::bigint || '|' || (2^62)::bigint
-                         ELSE (extract(epoch FROM v_last_vt) * 1000000)::bigint || '|' || v_msg_ids[cardinality(v_msg_ids)] END)
+                    (extract(epoch FROM CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN v_now ELSE v_last_vt END)
+                     * 1000000)::bigint::text)
             ON CONFLICT (name) DO UPDATE SET position = excluded.position;
-            IF v_msg_ids IS NULL THEN
-                CONTINUE;
-            END IF;
-            SELECT count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now),
-                   count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt < t.max_attempts)
-              INTO v_due, v_expired
-              FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
-              JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id;
-            v_released := v_released + v_due;
-            v_redeliver := v_redeliver + v_expired;
-            IF v_due + v_expired > 0 THEN
-                PERFORM pg_notify('stageflow_tasks', q.queue);
+            IF v_msg_ids IS NOT NULL THEN
+                SELECT count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now),
+                       count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt < t.max_attempts)
+                  INTO v_due, v_expired
+                  FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
+                  JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id;
+                v_released := v_released + v_due;
+                v_redeliver := v_redeliver + v_expired;
+                IF v_due + v_expired > 0 THEN
+                    PERFORM pg_notify('stageflow_tasks', q.queue);
+                END IF;
             END IF;
         EXCEPTION WHEN OTHERS THEN
             v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: visible messages of queue %s', q.queue), SQLERRM, SQLSTATE);
-            CONTINUE;
         END;
+    END LOOP;
 
-        -- Expired leases without attempts left: dead letters, each in its own subtransaction, each
-        -- re-checked under its row lock. A task whose message a claim holds is left to that claim
-        -- (which dead-letters it itself): waiting for the message here, while holding the shards of
-        -- an earlier dead letter of the same stage, could deadlock with that claim.
-        FOR r IN
-            SELECT t.task_id, t.attempt, t.max_attempts, t.msg_id
-              FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
-              JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id
-             WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
-             ORDER BY t.lease_expires_at, t.task_id
-        LOOP
-            BEGIN
+    -- Expired last attempts: the notes their claims left (last_attempt_leases), oldest first. A
+    -- note that no longer describes its task's lease (the task completed, failed, was released or
+    -- re-claimed, or its job is gone) is dropped; one whose lease a heartbeat extended follows it;
+    -- a task still running on the expired lease is dead-lettered, each in its own subtransaction,
+    -- re-checked under its row lock. A task whose row or message another session holds is left,
+    -- with its note, to the next round (a claim holding its message dead-letters it itself):
+    -- waiting here, while holding the shards of an earlier dead letter of the same stage, could
+    -- deadlock with that claim.
+    FOR r IN
+        SELECT n.task_id, n.lease_token, t.attempt, t.max_attempts, t.msg_id, t.status, t.lease_expires_at,
+               t.lease_token AS current_token, s.queue
+          FROM (SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
+                 WHERE l.expires_at <= v_now
+                 ORDER BY l.expires_at LIMIT max_rows
+                   FOR UPDATE SKIP LOCKED) AS n
+          LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
+          LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+    LOOP
+        BEGIN
+            IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
+                DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+            ELSIF r.lease_expires_at > v_now THEN
+                UPDATE stageflow.last_attempt_leases AS l SET expires_at = r.lease_expires_at
+                 WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+            ELSE
                 PERFORM 1 FROM stageflow.tasks AS t
-                  WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND t.status = 'running'
+                  WHERE t.task_id = r.task_id AND t.lease_token = r.lease_token AND t.status = 'running'
                     AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
                     FOR UPDATE SKIP LOCKED;
                 IF FOUND THEN
                     EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
                                    'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
-                                   pgmq.format_table_name(q.queue, 'q'))
+                                   pgmq.format_table_name(r.queue, 'q'))
                        INTO v_busy USING r.msg_id;
                     IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
                         v_dead := v_dead + 1;
+                        DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
                     END IF;
                 END IF;
-            EXCEPTION WHEN OTHERS THEN
-                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
-            END;
-        END LOOP;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
+        END;
     END LOOP;
 
     -- Jobs past their deadline, one subtransaction each.
@@ -195,6 +201,8 @@ BEGIN
                    AND stageflow._job_has_ended(j.status)
                  ORDER BY j.completed_at LIMIT max_rows
                    FOR UPDATE SKIP LOCKED
+            ), claims_gone AS (
+                DELETE FROM stageflow.stage_claims AS c USING old WHERE c.job_id = old.job_id
             ), tasks_gone AS (
                 DELETE FROM stageflow.tasks AS t USING old WHERE t.job_id = old.job_id
             ), events_gone AS (
@@ -271,7 +279,7 @@ BEGIN
         (SELECT j.job_id FROM stageflow.jobs AS j
           WHERE j.completed_at > v_now - interval '1 hour'
             AND stageflow._job_has_ended(j.status)
-            AND (SELECT sum(sh.running_tasks) FROM stageflow.stage_shards AS sh WHERE sh.job_id = j.job_id) > 0
+            AND EXISTS (SELECT 1 FROM stageflow.stage_counts AS c WHERE c.job_id = j.job_id AND c.running_tasks > 0)
           ORDER BY j.completed_at DESC
           LIMIT max_rows)
     LOOP

@@ -23,7 +23,7 @@
 //! 2. every completed task's result came from its last lease holder (the result carries the
 //!    worker and token that reported it: they equal the task's `worker_id` and `lease_token`), and
 //!    no repeated completion or report under a token never issued changed anything;
-//! 3. every stage's counters equal its task rows (open = remaining_tasks, running = running_tasks,
+//! 3. every stage's counters equal its task rows (open = remaining_tasks, running = started by claims - stopped_tasks,
 //!    completed = completed_count, failed + dead = failed_count, open_shards = shards with open
 //!    tasks), and exactly the failed and dead tasks carry failed_at (the dead-letter index);
 //! 4. after final maintenance rounds (one full reconciler pass), no open task and no message of
@@ -958,18 +958,21 @@ fn check_invariants(client: &mut Client, shared: &Shared) -> Vec<String> {
               FROM stageflow.tasks GROUP BY job_id, stage
         ), sh AS (
             SELECT job_id, stage, count(*) AS shard_rows, sum(remaining_tasks) AS remaining,
-                   sum(running_tasks) AS running, sum(completed_count) AS completed, count(*) FILTER (WHERE remaining_tasks > 0) AS open_shards
+                   sum(completed_count) AS completed, count(*) FILTER (WHERE remaining_tasks > 0) AS open_shards
               FROM stageflow.stage_shards GROUP BY job_id, stage
+        ), rc AS (
+            SELECT job_id, stage, running_tasks AS running FROM stageflow.stage_counts
         )
         SELECT format('job %s stage %s (%s, %s): open tasks %s vs remaining_tasks %s; running tasks %s vs running_tasks %s; '
                       'completed tasks %s vs completed_count %s; '
                       'failed+dead tasks %s vs failed_count %s; shards with open tasks %s vs open_shards %s; shard rows %s of %s',
                       s.job_id, s.stage, s.name, s.status, coalesce(t.open, 0), coalesce(sh.remaining, 0),
-                      coalesce(t.running, 0), coalesce(sh.running, 0),
+                      coalesce(t.running, 0), coalesce(rc.running, 0),
                       coalesce(t.done, 0), coalesce(sh.completed, 0), coalesce(t.failed, 0), s.failed_count,
                       coalesce(sh.open_shards, 0), s.open_shards, coalesce(sh.shard_rows, 0), s.shards)
           FROM stageflow.stages AS s LEFT JOIN t USING (job_id, stage) LEFT JOIN sh USING (job_id, stage)
-         WHERE coalesce(t.open, 0) <> coalesce(sh.remaining, 0) OR coalesce(t.running, 0) <> coalesce(sh.running, 0)
+          LEFT JOIN rc USING (job_id, stage)
+         WHERE coalesce(t.open, 0) <> coalesce(sh.remaining, 0) OR coalesce(t.running, 0) <> coalesce(rc.running, 0)
             OR coalesce(t.done, 0) <> coalesce(sh.completed, 0)
             OR coalesce(t.failed, 0) <> s.failed_count OR coalesce(sh.open_shards, 0) <> s.open_shards
             OR coalesce(sh.shard_rows, 0) <> s.shards
