@@ -100,8 +100,9 @@ BEGIN
                      * 1000000)::bigint::text)
             ON CONFLICT (name) DO UPDATE SET position = excluded.position;
             IF v_msg_ids IS NOT NULL THEN
-                SELECT count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now),
-                       count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now AND t.attempt < t.max_attempts)
+                SELECT (count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now))::int,
+                       (count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now
+                                                AND t.attempt < t.max_attempts))::int
                   INTO v_due, v_expired
                   FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
                   JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id;

@@ -41,8 +41,8 @@ BEGIN
       INTO v_open, v_completed, v_failed, v_cancelled
       FROM stageflow.stages AS s
       JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
-    SELECT (SELECT coalesce(sum(c.started), 0) FROM stageflow.stage_claims AS c)
-           - (SELECT coalesce(sum(sh.stopped_tasks), 0) FROM stageflow.stage_shards AS sh)
+    SELECT ((SELECT coalesce(sum(c.started), 0) FROM stageflow.stage_claims AS c)
+            - (SELECT coalesce(sum(sh.stopped_tasks), 0) FROM stageflow.stage_shards AS sh))::bigint
       INTO v_running;
     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
     SELECT count(*) INTO v_dead FROM stageflow.tasks AS t WHERE t.failed_at IS NOT NULL;
