@@ -356,6 +356,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             "package": format!("@pgflow/core@{}", pgflow::VERSION),
             "migrations": migrations,
             "stubs": ["pgmq created before its migrations (pgmq 1.11.1)", "realtime.send(jsonb, text, text, boolean): does nothing"],
+            "settings": ["jit = off in pgflow_bench (with jit = on every start_tasks was JIT-compiled once step_tasks grew)"],
             "flow": "map step 'items' over N integers, then single step 'total' depending on it",
             "worker": "pgmq.read_with_poll(flow, 2, batch, 2, 10), pgflow.start_tasks, one pgflow.complete_task per task; each its own transaction",
         })),

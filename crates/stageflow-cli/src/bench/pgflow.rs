@@ -24,6 +24,12 @@
 //!   a row into `realtime.messages`, so the stub makes pgflow cheaper here than there.
 //!
 //! pgflow's migrations grant nothing to Supabase's roles and use no `pg_cron`: no other stubs.
+//!
+//! One setting: `jit = off` in `pgflow_bench`. With PostgreSQL's default (`jit = on`), once
+//! `step_tasks` held some 15,000 completed rows the planner's estimate of `start_tasks`'s statement
+//! passed the JIT thresholds and every call compiled it with LLVM: `perf` of a worker's backend
+//! was LLVM and malloc, a `start_tasks` of an unknown message id took 4-5 s, and the line fell to
+//! a few tasks a second. Stageflow's database keeps the default.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -85,6 +91,7 @@ pub(super) async fn install(admin_url: &str, workers: usize) -> Result<Option<(S
     let admin = connect(admin_url).await?;
     admin.raw().batch_execute("DROP DATABASE IF EXISTS pgflow_bench WITH (FORCE)").await?;
     admin.raw().batch_execute("CREATE DATABASE pgflow_bench").await?;
+    admin.raw().batch_execute("ALTER DATABASE pgflow_bench SET jit = off").await?;
     let url = admin_url
         .rsplit_once('/')
         .map(|(base, _)| format!("{base}/pgflow_bench"))
