@@ -6,11 +6,13 @@
 # (what `scripts/test.sh --core` sets) it leaves out what only the geospatial, browser and Python
 # tests need: GDAL, PostGIS, Chromium, python3-psycopg, the Python tools venv, the geodata, npm.
 # Environment: CARGO_TARGET_DIR (default /var/tmp/stageflow-target), STAGEFLOW_PROFILE=release to
-# install an optimised build.
+# install an optimised build, PG_CONFIG (default Debian's PostgreSQL 15) to install pgmq and the
+# extension into another installation of PostgreSQL 15 (a relocated copy), STAGEFLOW_PGFLOW_DIR
+# (default /var/tmp/stageflow-pgflow) for the benchmark's copy of pgflow's SQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/stageflow-target}"
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 PGRX_VERSION=0.18.1
 say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 
@@ -64,6 +66,29 @@ else
     embedded="$crate_dir/src/install/embedded"
     sudo_if_needed install -m 644 "$embedded/pgmq.control" "$sharedir/pgmq.control"
     sudo_if_needed install -m 644 "$embedded/sql/pgmq.sql" "$sharedir/pgmq--1.11.1.sql"
+fi
+
+# pgflow, the benchmark's closest peer (`stageflow bench` loads its SQL beside Stageflow's): the
+# migrations inside the @pgflow/core npm package, pinned by version and by the registry's sha512,
+# checked here, unpacked into a cache so that the benchmark runs offline afterwards.
+PGFLOW_VERSION=0.8.1
+PGFLOW_INTEGRITY=sha512-ElLPkKGPjttBsjlLJfn4CcMeiFwtuUhUNuFADwhQjdrg+netkeONY12oxcbPSBMqBWXVAuKriLq+1T1dCPEWPQ==
+pgflow_dir="${STAGEFLOW_PGFLOW_DIR:-/var/tmp/stageflow-pgflow}/core-$PGFLOW_VERSION"
+if [ -d "$pgflow_dir/package/dist/supabase/migrations" ]; then
+    say "pgflow $PGFLOW_VERSION present in $pgflow_dir"
+elif ! command -v npm >/dev/null; then
+    say "pgflow: npm missing, not fetched (stageflow bench skips its pgflow lines)"
+else
+    say "pgflow: fetching @pgflow/core@$PGFLOW_VERSION into $pgflow_dir"
+    rm -rf "$pgflow_dir.tmp" && mkdir -p "$pgflow_dir.tmp"
+    (cd "$pgflow_dir.tmp" && npm pack --silent "@pgflow/core@$PGFLOW_VERSION" >/dev/null)
+    tarball="$pgflow_dir.tmp/pgflow-core-$PGFLOW_VERSION.tgz"
+    got="sha512-$(openssl dgst -sha512 -binary "$tarball" | base64 -w0)"
+    if [ "$got" != "$PGFLOW_INTEGRITY" ]; then
+        echo "pgflow: $tarball has $got, expected $PGFLOW_INTEGRITY" >&2
+        exit 1
+    fi
+    tar -xzf "$tarball" -C "$pgflow_dir.tmp" && mv "$pgflow_dir.tmp" "$pgflow_dir"
 fi
 
 if $core_tier; then

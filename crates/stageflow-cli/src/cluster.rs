@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 /// The PostgreSQL 15 programs: Debian's, or `STAGEFLOW_PG_BINDIR` (a relocated copy of them, or
 /// another build of PostgreSQL 15).
-fn bin() -> String {
+pub(crate) fn bin() -> String {
     std::env::var("STAGEFLOW_PG_BINDIR").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string())
 }
 

@@ -200,6 +200,32 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
             assert!(line[key].as_f64().is_some_and(|v| v > 0.0), "{mode}.{key} = {}", line[key]);
         }
         assert!(line["stage_advance_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0));
+        for key in ["pgmq_one_at_a_time", "pgmq_batch_100", "stageflow_one_at_a_time", "stageflow_batch_100"] {
+            let wal = &line["wal_per_unit"][key];
+            assert!(
+                wal["bytes"].as_f64().is_some_and(|v| v > 0.0) && wal["records"].as_f64().is_some_and(|v| v > 0.0),
+                "{mode}.{key}: {wal}"
+            );
+        }
+        for key in ["pgmq_one_at_a_time_msg_per_s", "stageflow_one_at_a_time_first_stage_tasks_per_s"] {
+            assert!(
+                line["pgbench"][key].as_f64().is_some_and(|v| v > 0.0),
+                "{mode}.pgbench.{key} = {}",
+                line["pgbench"]
+            );
+        }
+        // pgflow's lines run when scripts/setup.sh has fetched its SQL (it does when npm is there).
+        let pgflow = std::env::var("STAGEFLOW_PGFLOW_DIR").unwrap_or_else(|_| "/var/tmp/stageflow-pgflow".into());
+        if std::path::Path::new(&pgflow).join("core-0.8.1/package/dist/supabase/migrations").is_dir() {
+            for key in ["one_at_a_time_tasks_per_s", "batch_10_tasks_per_s"] {
+                assert!(
+                    line["pgflow"][key].as_f64().is_some_and(|v| v > 0.0),
+                    "{mode}.pgflow.{key} = {}",
+                    line["pgflow"]
+                );
+            }
+            assert!(line["pgflow"]["wal_per_task"]["one_at_a_time"]["bytes"].as_f64().is_some_and(|v| v > 0.0));
+        }
     }
     assert_eq!(
         report["worker"]["completed_by_worker"],

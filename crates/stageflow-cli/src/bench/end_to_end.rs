@@ -9,15 +9,18 @@ use serde_json::json;
 
 use super::clients::{clients, in_parallel};
 use super::jobs::{run_id, submit};
+use super::wal::{Meter, PerUnit};
 use crate::{connect, CliError};
 
 /// End to end: workers claim and complete until the job is done; returns tasks per second. Each
-/// completion passes the worker id and the claim's lease token, as the worker runtime does.
-pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64) -> Result<f64, CliError> {
+/// completion passes the worker id and the claim's lease token, as the worker runtime does. Also
+/// the WAL per task.
+pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64) -> Result<(f64, PerUnit), CliError> {
     let setup = connect(url).await?;
     let job_id = submit(setup.raw(), "bench", json!({"n": tasks, "run": run_id()})).await?;
     let finished = Arc::new(AtomicBool::new(false));
-    let (elapsed, _) = in_parallel(clients(url, n, sync).await?, |client| {
+    let wal = Meter::start(url).await?;
+    let (elapsed, line) = in_parallel(clients(url, n, sync).await?, |client| {
         let (job_id, finished) = (job_id.clone(), finished.clone());
         async move {
             let claim = client.prepare("SELECT task_id, lease_token FROM stageflow.claim_tasks('bench', $1, 60, 'bench')").await?;
@@ -53,5 +56,7 @@ pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64
         }
     })
     .await?;
-    Ok(2.0 * tasks as f64 / elapsed.as_secs_f64())
+    drop(line);
+    let done = 2.0 * tasks as f64;
+    Ok((done / elapsed.as_secs_f64(), wal.per(done).await?))
 }

@@ -16,6 +16,12 @@ pub(super) async fn register_bench_types(client: &stageflow_client::Client) -> R
     let api = client.api();
     let two: Value = serde_json::from_str(BENCH_TYPE).expect("valid");
     api.register_job_type("bench", &two).await?;
+    // The same on a queue of its own, for the pgbench line (whose leftover tasks it cancels).
+    let mut pgbench = two.clone();
+    for stage in pgbench["stages"].as_array_mut().into_iter().flatten() {
+        stage["queue"] = json!("pgbench");
+    }
+    api.register_job_type("bench_pgbench", &pgbench).await?;
     let one = json!({"stages": [{"name": "only", "handler": "debug.sleep", "queue": "flat", "fan_out": "count", "param": "n"}],
                      "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "run": {"type": "string"}}}});
     api.register_job_type("bench_flat", &one).await?;

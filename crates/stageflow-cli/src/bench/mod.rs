@@ -7,17 +7,23 @@
 //! 3. `end_to_end`: Stageflow end to end (`count` N no-op tasks, then `lineage`): claim + complete
 //!    one at a time, and claim 100 + `complete_tasks`, each completion fenced by its lease as a
 //!    worker's is;
-//! 4. `fan_out`: submitting a job whose first stage has 100,000 tasks;
-//! 5. `flatness`: the cost of a completion in stages of 100, 10,000 and 100,000 tasks;
-//! 6. `latency`: last completion committed -> next stage's first task claimed by an idle worker
+//! 4. `pgbench`: the one-at-a-time lines of pgmq and Stageflow again, under `pgbench` with the same
+//!    statements, to see what the benchmark's own client costs;
+//! 5. `pgflow`: pgflow's worker path (read, `start_tasks`, `complete_task`) one at a time and in
+//!    batches of 10, over a map step then a single step, its published SQL loaded into a database
+//!    of the same cluster;
+//! 6. `fan_out`: submitting a job whose first stage has 100,000 tasks;
+//! 7. `flatness`: the cost of a completion in stages of 100, 10,000 and 100,000 tasks;
+//! 8. `latency`: last completion committed -> next stage's first task claimed by an idle worker
 //!    woken by NOTIFY, and submit -> first claim (p50, p99);
-//! 7. `memory`: the worker's resident memory over a 100,000-task job, job_status on it, and the
+//! 9. `memory`: the worker's resident memory over a 100,000-task job, job_status on it, and the
 //!    first page of its result (job_result);
-//! 8. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
+//! 10. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
 //!
 //! `clients` holds the raw connections a line runs on, `jobs` the benchmark's job types and its
-//! submission. This module runs the lines in order ([`run`]), prints them, and writes the report
-//! to `<out>/<date>.json`.
+//! submission, `wal` the WAL per message or task of the pgmq, Stageflow and pgflow lines. This
+//! module runs the lines in order ([`run`]), prints them, and writes the report to
+//! `<out>/<date>.json`.
 //!
 //! Setup goes through the SQL API (`stageflow_client`); what a line times is written out as SQL
 //! in its module (prepared by each client, returning only the columns it uses, a batch built in
@@ -34,7 +40,10 @@ mod geo;
 mod jobs;
 mod latency;
 mod memory;
+mod pgbench;
+mod pgflow;
 mod pgmq;
+mod wal;
 
 use serde_json::json;
 
@@ -52,6 +61,8 @@ struct Sizes {
     messages: usize,
     e2e_tasks: i64,
     e2e_batch_tasks: i64,
+    pgflow_items: i32,
+    pgflow_batch_items: i32,
     fan_out: i64,
     flat_sample: usize,
     flat_sizes: [i64; 3],
@@ -66,14 +77,23 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Brings the database to the same quiet state before a timed line: the previous line's churn
-/// vacuumed and analysed and its WAL checkpointed, so that neither autovacuum nor a checkpoint
-/// competes with the line for the machine (on 2 cores an autovacuum worker halved a line).
-async fn settle(client: &stageflow_client::Client) -> Result<(), CliError> {
-    let client = client.raw();
-    client.batch_execute("VACUUM (ANALYZE)").await?;
-    client.batch_execute("CHECKPOINT").await?;
+/// Brings the databases (the benchmark's and pgflow's) to the same quiet state before a timed
+/// line: the previous line's churn vacuumed and analysed and its WAL checkpointed, so that neither
+/// autovacuum nor a checkpoint competes with the line for the machine (on 2 cores an autovacuum
+/// worker halved a line).
+async fn settle(databases: &[&tokio_postgres::Client]) -> Result<(), CliError> {
+    for client in databases {
+        client.batch_execute("VACUUM (ANALYZE)").await?;
+    }
+    if let Some(client) = databases.first() {
+        client.batch_execute("CHECKPOINT").await?;
+    }
     Ok(())
+}
+
+/// A printed line: its name, its rate and unit, what follows (ratios, WAL).
+fn line(name: &str, rate: f64, unit: &str, rest: &str) {
+    println!("{name:<58} {rate:>12.0} {unit:<8} {rest}");
 }
 
 pub async fn run(options: BenchOptions) -> Result<(), CliError> {
@@ -82,6 +102,8 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             messages: 2000,
             e2e_tasks: 500,
             e2e_batch_tasks: 2000,
+            pgflow_items: 1000,
+            pgflow_batch_items: 2000,
             fan_out: 10_000,
             flat_sample: 300,
             flat_sizes: [100, 1000, 10_000],
@@ -94,6 +116,8 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             messages: 20_000,
             e2e_tasks: 5000,
             e2e_batch_tasks: 50_000,
+            pgflow_items: 5000,
+            pgflow_batch_items: 10_000,
             fan_out: 100_000,
             flat_sample: 2000,
             flat_sizes: [100, 10_000, 100_000],
@@ -110,6 +134,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     cluster.stop("fast").map_err(CliError::Setup)?;
     let url = cluster.ensure_running().map_err(CliError::Setup)?;
     let admin = connect(&url).await?;
+    let pgflow_db = pgflow::install(&url, options.clients).await?;
     admin.raw().batch_execute("DROP DATABASE IF EXISTS stageflow_bench WITH (FORCE)").await?;
     admin.raw().batch_execute("CREATE DATABASE stageflow_bench").await?;
     let url = url
@@ -120,6 +145,12 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     setup.raw().batch_execute("CREATE EXTENSION stageflow CASCADE").await?;
     jobs::register_bench_types(&setup).await?;
     let version: String = setup.raw().query_one("SELECT version()", &[]).await?.get(0);
+    let pgflow_client = match &pgflow_db {
+        Some((pgflow_url, _)) => Some(connect(pgflow_url).await?.into_raw()),
+        None => None,
+    };
+    let quiet: Vec<&tokio_postgres::Client> = std::iter::once(setup.raw()).chain(pgflow_client.as_ref()).collect();
+    let scripts = options.cluster_dir.join("pgbench");
     let c = options.clients;
     println!("stageflow bench: {c} client connections, {}", if options.quick { "quick sizes" } else { "full sizes" });
 
@@ -127,44 +158,106 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     for sync in [true, false] {
         let label = if sync { "on" } else { "off" };
         println!("\n-- synchronous_commit = {label}");
-        settle(&setup).await?;
+        settle(&quiet).await?;
         let commits = commits::rate(&url, c, sync, sizes.commit_seconds).await?;
         println!("{:<58} {:>12.0} commits/s", "single-row INSERT commits", commits);
-        settle(&setup).await?;
-        let pgmq_one = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
-        println!("{:<58} {:>12.0} msg/s", "pgmq read + delete, one at a time", pgmq_one);
-        settle(&setup).await?;
-        let pgmq_batch = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
-        println!("{:<58} {:>12.0} msg/s", "pgmq read 100 + delete 100", pgmq_batch);
-        settle(&setup).await?;
-        let sf_one = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
-        println!(
-            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+        settle(&quiet).await?;
+        let (pgmq_one, pgmq_one_wal) = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
+        line("pgmq read + delete, one at a time", pgmq_one, "msg/s", &pgmq_one_wal.label());
+        settle(&quiet).await?;
+        let (pgmq_bench, pgmq_bench_wal) = pgbench::pgmq_one(&url, c, sync, sizes.messages, &scripts).await?;
+        line(
+            "  the same under pgbench",
+            pgmq_bench,
+            "msg/s",
+            &format!("{}  (the client measured {:.2}x of it)", pgmq_bench_wal.label(), pgmq_one / pgmq_bench),
+        );
+        settle(&quiet).await?;
+        let (pgmq_batch, pgmq_batch_wal) = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
+        line("pgmq read 100 + delete 100", pgmq_batch, "msg/s", &pgmq_batch_wal.label());
+        settle(&quiet).await?;
+        let (sf_one, sf_one_wal) = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
+        line(
             "stageflow claim + complete, one at a time",
             sf_one,
-            sf_one / pgmq_one
+            "tasks/s",
+            &format!(
+                "{}  ({:.2}x pgmq one at a time; WAL {:.2}x its bytes)",
+                sf_one_wal.label(),
+                sf_one / pgmq_one,
+                sf_one_wal.bytes / pgmq_one_wal.bytes
+            ),
         );
-        settle(&setup).await?;
-        let sf_batch = end_to_end::rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
-        println!(
-            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+        settle(&quiet).await?;
+        let tasks = 2 * sizes.e2e_tasks as usize;
+        let (sf_bench, sf_bench_wal) = pgbench::stageflow_one(&url, c, sync, tasks, &scripts).await?;
+        line(
+            "  the same under pgbench (first stage only)",
+            sf_bench,
+            "tasks/s",
+            &format!(
+                "{}  (the client measured {:.2}x of it; {:.2}x pgmq under pgbench)",
+                sf_bench_wal.label(),
+                sf_one / sf_bench,
+                sf_bench / pgmq_bench
+            ),
+        );
+        settle(&quiet).await?;
+        let (sf_batch, sf_batch_wal) = end_to_end::rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
+        line(
             "stageflow claim 100 + complete_tasks",
             sf_batch,
-            sf_batch / pgmq_one
+            "tasks/s",
+            &format!(
+                "{}  ({:.2}x pgmq one at a time, {:.2}x pgmq batched)",
+                sf_batch_wal.label(),
+                sf_batch / pgmq_one,
+                sf_batch / pgmq_batch
+            ),
         );
-        settle(&setup).await?;
+        let pgflow_lines = match &pgflow_db {
+            None => serde_json::Value::Null,
+            Some((pgflow_url, _)) => {
+                settle(&quiet).await?;
+                let (pf_one, pf_one_wal) = pgflow::rate(pgflow_url, c, sync, 1, sizes.pgflow_items).await?;
+                line(
+                    "pgflow read 1 + start_tasks + complete_task",
+                    pf_one,
+                    "tasks/s",
+                    &format!("{}  (stageflow one at a time {:.2}x of it)", pf_one_wal.label(), sf_one / pf_one),
+                );
+                settle(&quiet).await?;
+                let (pf_batch, pf_batch_wal) = pgflow::rate(pgflow_url, c, sync, 10, sizes.pgflow_batch_items).await?;
+                line(
+                    "pgflow read 10 + start_tasks + 10 complete_task",
+                    pf_batch,
+                    "tasks/s",
+                    &format!("{}  (stageflow batched {:.2}x of it)", pf_batch_wal.label(), sf_batch / pf_batch),
+                );
+                json!({
+                    "one_at_a_time_tasks_per_s": pf_one,
+                    "batch_10_tasks_per_s": pf_batch,
+                    "one_at_a_time_tasks": sizes.pgflow_items + 1,
+                    "batch_10_tasks": sizes.pgflow_batch_items + 1,
+                    "ratio_stageflow_one_at_a_time_to_pgflow_one_at_a_time": sf_one / pf_one,
+                    "ratio_stageflow_batch_100_to_pgflow_batch_10": sf_batch / pf_batch,
+                    "wal_per_task": {"one_at_a_time": pf_one_wal.json(), "batch_10": pf_batch_wal.json()},
+                })
+            }
+        };
+        settle(&quiet).await?;
         let fan_out = fan_out::seconds(&url, sync, sizes.fan_out).await?;
         println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
         let mut costs = Vec::new();
         for size in sizes.flat_sizes {
-            settle(&setup).await?;
+            settle(&quiet).await?;
             let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
             println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
             costs.push(cost);
         }
         let flatness = costs[2] / costs[0];
         println!("{:<58} {:>12.2}", "flatness (largest / smallest stage)", flatness);
-        settle(&setup).await?;
+        settle(&quiet).await?;
         let (mut advance, mut first) = latency::latencies(&url, sync, sizes.latency_rounds).await?;
         let (a50, a99, f50, f99) = (
             percentile(&mut advance, 0.5),
@@ -184,6 +277,22 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                 "stageflow_batch_100_tasks_per_s": sf_batch,
                 "ratio_one_at_a_time_to_pgmq": sf_one / pgmq_one,
                 "ratio_batch_to_pgmq_one_at_a_time": sf_batch / pgmq_one,
+                "ratio_batch_to_pgmq_batch": sf_batch / pgmq_batch,
+                "ratio_one_at_a_time_wal_bytes_to_pgmq": sf_one_wal.bytes / pgmq_one_wal.bytes,
+                "wal_per_unit": {
+                    "pgmq_one_at_a_time": pgmq_one_wal.json(),
+                    "pgmq_batch_100": pgmq_batch_wal.json(),
+                    "stageflow_one_at_a_time": sf_one_wal.json(),
+                    "stageflow_batch_100": sf_batch_wal.json(),
+                },
+                "pgbench": {
+                    "pgmq_one_at_a_time_msg_per_s": pgmq_bench,
+                    "stageflow_one_at_a_time_first_stage_tasks_per_s": sf_bench,
+                    "client_to_pgbench_pgmq": pgmq_one / pgmq_bench,
+                    "client_to_pgbench_stageflow": sf_one / sf_bench,
+                    "wal_per_unit": {"pgmq_one_at_a_time": pgmq_bench_wal.json(), "stageflow_one_at_a_time": sf_bench_wal.json()},
+                },
+                "pgflow": pgflow_lines,
                 "fan_out_tasks": sizes.fan_out,
                 "fan_out_seconds": fan_out,
                 "completion_cost_us": {"stage_sizes": sizes.flat_sizes, "per_task": costs},
@@ -194,7 +303,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
         );
     }
     println!("\n-- the worker runtime over {} tasks", sizes.memory_tasks);
-    settle(&setup).await?;
+    settle(&quiet).await?;
     let mem = memory::worker_runtime(&url, c, sizes.memory_tasks).await?;
     println!(
         "{:<58} {:>7} -> {} KiB (peak {})",
@@ -249,6 +358,14 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         },
         "synchronous_commit": modes,
+        "pgflow": pgflow_db.as_ref().map(|(_, migrations)| json!({
+            "package": format!("@pgflow/core@{}", pgflow::VERSION),
+            "migrations": migrations,
+            "stubs": ["pgmq created before its migrations (pgmq 1.11.1)", "realtime.send(jsonb, text, text, boolean): does nothing"],
+            "settings": ["jit = off in pgflow_bench (with jit = on every start_tasks was JIT-compiled once step_tasks grew)"],
+            "flow": "map step 'items' over N integers, then single step 'total' depending on it",
+            "worker": "pgmq.read_with_poll(flow, 2, batch, 2, 10), pgflow.start_tasks, one pgflow.complete_task per task; each its own transaction",
+        })),
         "worker": mem,
     });
     std::fs::create_dir_all(&options.out_dir).map_err(|e| CliError::Setup(e.to_string()))?;

@@ -1,0 +1,103 @@
+//! `pgbench` beside the benchmark's own client for the one-at-a-time lines: the same statements
+//! in a script file, the same number of connections, prepared (`-M prepared`, as the client
+//! prepares its statements), each statement its own transaction, `-t` scripts per connection over
+//! a queue or a stage that holds 10 % more than all of them (a claim that finds nothing would end
+//! a pgbench client: `\gset` needs a row). So the rates of the two clients differ by what the
+//! client costs, on a machine whose cores the client shares with the server.
+//!
+//! Unlike the client's Stageflow line, the pgbench run stays within the job's first stage (it
+//! cannot wait for a stage advance), and the job's leftover tasks are cancelled afterwards.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use super::jobs::{run_id, submit};
+use super::wal::{Meter, PerUnit};
+use crate::{connect, CliError};
+
+const PGMQ_SCRIPT: &str = "\
+SELECT msg_id FROM pgmq.read('bench_pgbench', 30, 1) \\gset
+SELECT pgmq.delete('bench_pgbench', :msg_id::bigint);
+";
+
+const STAGEFLOW_SCRIPT: &str = "\
+SELECT task_id, lease_token FROM stageflow.claim_tasks('pgbench', 1, 60, 'bench') \\gset
+SELECT stageflow.complete_task_and_check_stage(:task_id, '{}', 'bench', :lease_token);
+";
+
+/// pgmq's read 1 + delete under pgbench: messages per second and the WAL per message.
+pub(super) async fn pgmq_one(
+    url: &str,
+    n: usize,
+    sync: bool,
+    messages: usize,
+    dir: &Path,
+) -> Result<(f64, PerUnit), CliError> {
+    let per_client = messages.div_ceil(n);
+    let setup = connect(url).await?.into_raw();
+    setup.batch_execute("SELECT pgmq.create('bench_pgbench'); SELECT pgmq.purge_queue('bench_pgbench')").await?;
+    let count = (per_client * n * 11 / 10) as i32;
+    setup
+        .execute(
+            "SELECT pgmq.send_batch('bench_pgbench', array_agg(jsonb_build_object('task_id', 'message-' || i))) \
+               FROM generate_series(1, $1::int) AS i",
+            &[&count],
+        )
+        .await?;
+    let wal = Meter::start(url).await?;
+    let rate = run(url, n, sync, PGMQ_SCRIPT, per_client, &dir.join("pgmq_one.sql")).await?;
+    let per = wal.per((per_client * n) as f64).await?;
+    setup.batch_execute("SELECT pgmq.purge_queue('bench_pgbench')").await?;
+    Ok((rate, per))
+}
+
+/// Stageflow's claim 1 + complete under pgbench: tasks per second and the WAL per task.
+pub(super) async fn stageflow_one(
+    url: &str,
+    n: usize,
+    sync: bool,
+    tasks: usize,
+    dir: &Path,
+) -> Result<(f64, PerUnit), CliError> {
+    let per_client = tasks.div_ceil(n);
+    let setup = connect(url).await?.into_raw();
+    let job_id = submit(&setup, "bench_pgbench", json!({"n": per_client * n * 11 / 10, "run": run_id()})).await?;
+    let wal = Meter::start(url).await?;
+    let rate = run(url, n, sync, STAGEFLOW_SCRIPT, per_client, &dir.join("stageflow_one.sql")).await?;
+    let per = wal.per((per_client * n) as f64).await?;
+    setup.execute("SELECT stageflow.cancel_job($1)", &[&job_id]).await?;
+    Ok((rate, per))
+}
+
+/// Runs `script` with pgbench (`STAGEFLOW_PG_BINDIR`'s, or Debian's), `per_client` times on each
+/// of `n` connections; returns its rate (scripts per second, connection time excluded), after
+/// checking that every script ran.
+async fn run(url: &str, n: usize, sync: bool, script: &str, per_client: usize, file: &Path) -> Result<f64, CliError> {
+    let setup_err = |e: std::io::Error| CliError::Setup(format!("{}: {e}", file.display()));
+    std::fs::create_dir_all(file.parent().unwrap_or(Path::new("."))).map_err(setup_err)?;
+    std::fs::write(file, script).map_err(setup_err)?;
+    let pgbench = format!("{}/pgbench", crate::cluster::bin());
+    let threads = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1).min(n);
+    let output = tokio::process::Command::new(&pgbench)
+        .args(["-n", "-M", "prepared", "-c", &n.to_string(), "-j", &threads.to_string()])
+        .args(["-t", &per_client.to_string(), "-f"])
+        .arg(file)
+        .arg(url)
+        .env("PGOPTIONS", if sync { "-c synchronous_commit=on" } else { "-c synchronous_commit=off" })
+        .output()
+        .await
+        .map_err(|e| CliError::Setup(format!("{pgbench}: {e}")))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let failed = || CliError::Setup(format!("{pgbench} failed: {text}{}", String::from_utf8_lossy(&output.stderr)));
+    if !output.status.success() {
+        return Err(failed());
+    }
+    let expected = format!("number of transactions actually processed: {0}/{0}", per_client * n);
+    if !text.lines().any(|l| l.trim() == expected) {
+        return Err(failed());
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse::<f64>().ok())
+        .ok_or_else(failed)
+}

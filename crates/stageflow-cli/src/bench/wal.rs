@@ -1,0 +1,77 @@
+//! WAL accounting of a timed line: `pg_stat_wal` (the whole cluster's) read before and after it,
+//! divided by the messages or tasks the line handled.
+//!
+//! A backend adds its WAL counts to `pg_stat_wal` when it has been idle for a second or when it
+//! exits, so the reading after a line first waits for the line's connections to be gone (the
+//! count of client backends back to what it was before the line), then reads in a fresh
+//! transaction with the snapshot cleared. The line's own setup (sending its messages, submitting
+//! its job) is made before the first reading and is not counted; the full-page images the line
+//! writes after `settle()`'s checkpoint are counted, as every line pays them alike.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use crate::{connect, CliError};
+
+const READ: &str = "SELECT wal_bytes::bigint, wal_records, \
+                           (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') \
+                      FROM pg_stat_wal";
+
+pub(super) struct Meter {
+    client: Client,
+    bytes: i64,
+    records: i64,
+    backends: i64,
+}
+
+/// WAL per message or task of one line.
+#[derive(Clone, Copy)]
+pub(super) struct PerUnit {
+    pub bytes: f64,
+    pub records: f64,
+}
+
+impl PerUnit {
+    pub fn json(self) -> Value {
+        json!({"bytes": self.bytes, "records": self.records})
+    }
+
+    /// `  WAL 1234 B / 12.3 rec` for a printed line.
+    pub fn label(self) -> String {
+        format!("WAL {:>5.0} B / {:>4.1} rec", self.bytes, self.records)
+    }
+}
+
+async fn read(client: &Client) -> Result<(i64, i64, i64), CliError> {
+    client.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+    let row = client.query_one(READ, &[]).await?;
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+impl Meter {
+    /// The reading before a line, on a connection of its own (kept open until [`Meter::per`]).
+    pub async fn start(url: &str) -> Result<Meter, CliError> {
+        let client = connect(url).await?.into_raw();
+        let (bytes, records, backends) = read(&client).await?;
+        Ok(Meter { client, bytes, records, backends })
+    }
+
+    /// The WAL written since [`Meter::start`], per unit (`units` messages or tasks), once the
+    /// line's connections have closed (at most 10 s of waiting).
+    pub async fn per(self, units: f64) -> Result<PerUnit, CliError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, _, backends) = read(&self.client).await?;
+            if backends <= self.backends || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A backend leaves pg_stat_activity just before it flushes its statistics on exit.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (bytes, records, _) = read(&self.client).await?;
+        Ok(PerUnit { bytes: (bytes - self.bytes) as f64 / units, records: (records - self.records) as f64 / units })
+    }
+}
