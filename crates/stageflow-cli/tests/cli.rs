@@ -236,6 +236,12 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
         assert!(report["worker"][key].as_f64().is_some_and(|v| v > 0.0), "worker.{key} = {}", report["worker"][key]);
     }
     assert_eq!(report["worker"]["job_result_first_page_entries"], json!(1000), "a full first page of the result");
+    assert!(
+        report["fresh_statistics"]["stageflow_one_at_a_time_tasks_per_s"].as_f64().is_some_and(|v| v > 0.0)
+            && report["fresh_statistics"]["ratio_to_analysed"].as_f64().is_some_and(|v| v > 0.0),
+        "the line before any ANALYZE ran: {}",
+        report["fresh_statistics"]
+    );
     #[cfg(feature = "geo")]
     assert!(report["geo"]["ratio"].as_f64().is_some_and(|r| r > 0.0), "the geo line ran: {}", report["geo"]);
 }
