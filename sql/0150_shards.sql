@@ -53,26 +53,19 @@ END;
 $$;
 
 -- Tasks of one stage that stop running but stay open (a retry scheduled, a lease handed back or
--- re-queued by retry_job): counted in their shards' stopped_tasks, shards locked in shard order.
+-- re-queued by retry_job): counted in stopped_tasks of the first one's shard (a stage's running
+-- tasks are a sum over its shards, whichever shard counts them).
 CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_ordinals int[])
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    r record;
 BEGIN
-    FOR r IN
-        SELECT o % s.shards AS shard, count(*)::int AS n
-          FROM unnest(p_ordinals) AS o
-          JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = p_stage
-         GROUP BY o % s.shards
-         ORDER BY 1
-    LOOP
-        UPDATE stageflow.stage_shards AS sh
-           SET stopped_tasks = sh.stopped_tasks + r.n
-         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = r.shard;
-    END LOOP;
+    UPDATE stageflow.stage_shards AS sh
+       SET stopped_tasks = sh.stopped_tasks + cardinality(p_ordinals)
+      FROM stageflow.stages AS s
+     WHERE s.job_id = p_job_id AND s.stage = p_stage
+       AND sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_ordinals[1] % s.shards;
 END;
 $$;
 

@@ -26,6 +26,19 @@ AS $$
         'message', format('the lease of attempt %s of %s expired before the task was completed', p_attempt, p_max_attempts))
 $$;
 
+-- The queues the job types use (that exist), in name order: the ones maintenance walks.
+CREATE FUNCTION stageflow._job_type_queues()
+RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT DISTINCT e.stage ->> 'queue'
+      FROM stageflow.job_types AS jt
+     CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
+     WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
+     ORDER BY 1
+$$;
+
 -- One round of maintenance, run by the background worker every stageflow.maintenance_interval
 -- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
 -- re-checks what it acts on under the task's row lock (rows another session holds are left to the
@@ -75,11 +88,7 @@ BEGIN
     -- queue's messages are read by visibility time from where the last round stopped, at most
     -- max_rows a round (this wakes workers; it is not what dead-letters, see below).
     FOR q IN
-        SELECT DISTINCT e.stage ->> 'queue' AS queue
-          FROM stageflow.job_types AS jt
-         CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
-         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
-         ORDER BY 1
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
     LOOP
         BEGIN
             -- (The cursor's position: a visibility time in microseconds since the epoch.)
@@ -336,11 +345,7 @@ BEGIN
 
     -- Messages: the next window of each queue the job types use.
     FOR q IN
-        SELECT DISTINCT e.stage ->> 'queue' AS queue
-          FROM stageflow.job_types AS jt
-         CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
-         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
-         ORDER BY 1
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
     LOOP
         BEGIN
             v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
