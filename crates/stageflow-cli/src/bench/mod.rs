@@ -12,7 +12,10 @@
 //! 6. `latency`: last completion committed -> next stage's first task claimed by an idle worker
 //!    woken by NOTIFY, and submit -> first claim (p50, p99);
 //! 7. `memory`: the worker's resident memory over a 100,000-task job, and job_status on it;
-//! 8. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
+//! 8. `million` (with `--million`, and at a small size with `--quick`): a job of `count` N then
+//!    `lineage` N through several `stageflow worker` processes, its submission beside
+//!    `pgmq.send_batch` of N messages, memory, flatness, and the database's size through retention;
+//! 9. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
 //!
 //! `clients` holds the raw connections a line runs on, `jobs` the benchmark's job types and its
 //! submission. This module runs the lines in order ([`run`]), prints them, and writes the report
@@ -33,6 +36,7 @@ mod geo;
 mod jobs;
 mod latency;
 mod memory;
+mod million;
 mod pgmq;
 
 use serde_json::json;
@@ -43,6 +47,10 @@ use crate::{connect, CliError};
 pub struct BenchOptions {
     pub clients: usize,
     pub quick: bool,
+    /// Run the million-task line (always run, small, with `quick`).
+    pub million: bool,
+    /// Run only the million-task line.
+    pub million_only: bool,
     pub out_dir: std::path::PathBuf,
     pub cluster_dir: std::path::PathBuf,
 }
@@ -57,6 +65,10 @@ struct Sizes {
     latency_rounds: usize,
     memory_tasks: i64,
     commit_seconds: f64,
+    /// The million line's tasks per stage (0: not run), its worker processes and window.
+    million: i64,
+    million_workers: usize,
+    million_window: i64,
 }
 
 /// The `p` quantile of `samples` (sorted in place), by nearest rank.
@@ -68,7 +80,7 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 /// Brings the database to the same quiet state before a timed line: the previous line's churn
 /// vacuumed and analysed and its WAL checkpointed, so that neither autovacuum nor a checkpoint
 /// competes with the line for the machine (on 2 cores an autovacuum worker halved a line).
-async fn settle(client: &stageflow_client::Client) -> Result<(), CliError> {
+pub(super) async fn settle(client: &stageflow_client::Client) -> Result<(), CliError> {
     let client = client.raw();
     client.batch_execute("VACUUM (ANALYZE)").await?;
     client.batch_execute("CHECKPOINT").await?;
@@ -87,6 +99,9 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             latency_rounds: 10,
             memory_tasks: 2000,
             commit_seconds: 0.5,
+            million: 10_000,
+            million_workers: 4,
+            million_window: 1000,
         }
     } else {
         Sizes {
@@ -99,6 +114,9 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             latency_rounds: 100,
             memory_tasks: 100_000,
             commit_seconds: 3.0,
+            million: if options.million || options.million_only { 1_000_000 } else { 0 },
+            million_workers: 4,
+            million_window: 100_000,
         }
     };
     let cluster = Cluster::at(&options.cluster_dir).map_err(CliError::Setup)?.with_settings(&[
@@ -126,55 +144,56 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     for sync in [true, false] {
         let label = if sync { "on" } else { "off" };
         println!("\n-- synchronous_commit = {label}");
-        settle(&setup).await?;
-        let commits = commits::rate(&url, c, sync, sizes.commit_seconds).await?;
-        println!("{:<58} {:>12.0} commits/s", "single-row INSERT commits", commits);
-        settle(&setup).await?;
-        let pgmq_one = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
-        println!("{:<58} {:>12.0} msg/s", "pgmq read + delete, one at a time", pgmq_one);
-        settle(&setup).await?;
-        let pgmq_batch = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
-        println!("{:<58} {:>12.0} msg/s", "pgmq read 100 + delete 100", pgmq_batch);
-        settle(&setup).await?;
-        let sf_one = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
-        println!(
-            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
-            "stageflow claim + complete, one at a time",
-            sf_one,
-            sf_one / pgmq_one
-        );
-        settle(&setup).await?;
-        let sf_batch = end_to_end::rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
-        println!(
-            "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
-            "stageflow claim 100 + complete_tasks",
-            sf_batch,
-            sf_batch / pgmq_one
-        );
-        settle(&setup).await?;
-        let fan_out = fan_out::seconds(&url, sync, sizes.fan_out).await?;
-        println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
-        let mut costs = Vec::new();
-        for size in sizes.flat_sizes {
+        let mut line = if options.million_only {
+            json!({})
+        } else {
             settle(&setup).await?;
-            let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
-            println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
-            costs.push(cost);
-        }
-        let flatness = costs[2] / costs[0];
-        println!("{:<58} {:>12.2}", "flatness (largest / smallest stage)", flatness);
-        settle(&setup).await?;
-        let (mut advance, mut first) = latency::latencies(&url, sync, sizes.latency_rounds).await?;
-        let (a50, a99, f50, f99) = (
-            percentile(&mut advance, 0.5),
-            percentile(&mut advance, 0.99),
-            percentile(&mut first, 0.5),
-            percentile(&mut first, 0.99),
-        );
-        println!("{:<58} {:>7.2} / {:.2} ms", "stage advance -> next task claimed, p50 / p99", a50, a99);
-        println!("{:<58} {:>7.2} / {:.2} ms", "submit -> first task claimed, p50 / p99", f50, f99);
-        modes.insert(
-            label.into(),
+            let commits = commits::rate(&url, c, sync, sizes.commit_seconds).await?;
+            println!("{:<58} {:>12.0} commits/s", "single-row INSERT commits", commits);
+            settle(&setup).await?;
+            let pgmq_one = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
+            println!("{:<58} {:>12.0} msg/s", "pgmq read + delete, one at a time", pgmq_one);
+            settle(&setup).await?;
+            let pgmq_batch = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
+            println!("{:<58} {:>12.0} msg/s", "pgmq read 100 + delete 100", pgmq_batch);
+            settle(&setup).await?;
+            let sf_one = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
+            println!(
+                "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+                "stageflow claim + complete, one at a time",
+                sf_one,
+                sf_one / pgmq_one
+            );
+            settle(&setup).await?;
+            let sf_batch = end_to_end::rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
+            println!(
+                "{:<58} {:>12.0} tasks/s  ({:.2}x pgmq one at a time)",
+                "stageflow claim 100 + complete_tasks",
+                sf_batch,
+                sf_batch / pgmq_one
+            );
+            settle(&setup).await?;
+            let fan_out = fan_out::seconds(&url, sync, sizes.fan_out).await?;
+            println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
+            let mut costs = Vec::new();
+            for size in sizes.flat_sizes {
+                settle(&setup).await?;
+                let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
+                println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
+                costs.push(cost);
+            }
+            let flatness = costs[2] / costs[0];
+            println!("{:<58} {:>12.2}", "flatness (largest / smallest stage)", flatness);
+            settle(&setup).await?;
+            let (mut advance, mut first) = latency::latencies(&url, sync, sizes.latency_rounds).await?;
+            let (a50, a99, f50, f99) = (
+                percentile(&mut advance, 0.5),
+                percentile(&mut advance, 0.99),
+                percentile(&mut first, 0.5),
+                percentile(&mut first, 0.99),
+            );
+            println!("{:<58} {:>7.2} / {:.2} ms", "stage advance -> next task claimed, p50 / p99", a50, a99);
+            println!("{:<58} {:>7.2} / {:.2} ms", "submit -> first task claimed, p50 / p99", f50, f99);
             json!({
                 "commit_rate_per_s": commits,
                 "pgmq_one_at_a_time_msg_per_s": pgmq_one,
@@ -189,31 +208,105 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                 "flatness_ratio": flatness,
                 "stage_advance_ms": {"p50": a50, "p99": a99},
                 "submit_to_first_claim_ms": {"p50": f50, "p99": f99},
-            }),
-        );
+            })
+        };
+        if sizes.million > 0 {
+            settle(&setup).await?;
+            let logs = million::logs_dir(&options.cluster_dir);
+            std::fs::create_dir_all(&logs).map_err(|e| CliError::Setup(format!("{}: {e}", logs.display())))?;
+            let m = million::run(
+                &url,
+                &cluster.dir().join("data"),
+                &logs,
+                sync,
+                sizes.million,
+                sizes.million_workers,
+                sizes.million_window,
+            )
+            .await?;
+            let f = |key: &str| m[key].as_f64().unwrap_or(0.0);
+            println!(
+                "{:<58} {:>7.2} s vs {:.2} s ({:.2}x)",
+                format!("submit {} tasks vs pgmq.send_batch of as many", sizes.million),
+                f("submit_seconds"),
+                f("send_batch_seconds"),
+                f("submit_to_send_batch_ratio")
+            );
+            println!(
+                "{:<58} {:>7.1} s, {:.0} tasks/s (stages {:.0} / {:.0})",
+                format!("job of 2 x {} tasks, {} worker processes", sizes.million, sizes.million_workers),
+                f("wall_seconds"),
+                f("tasks_per_second"),
+                f("stage_1_tasks_per_second"),
+                f("stage_2_tasks_per_second")
+            );
+            println!(
+                "{:<58} {:>7.2} (max / min {:.2})",
+                format!("flatness, windows of {} completions, last / first", sizes.million_window),
+                f("flatness_last_to_first"),
+                f("flatness_max_to_min")
+            );
+            let peaks: Vec<String> =
+                m["workers"].as_array().into_iter().flatten().map(|w| w["peak_rss_kib"].to_string()).collect();
+            println!("{:<58} {:>12} KiB", "worker processes' peak RSS", peaks.join(" / "));
+            println!(
+                "{:<58} {:>7} / {} KiB",
+                "server peak PSS / private RSS (all its processes)",
+                m["server_peak_pss_kib"],
+                m["server_peak_private_rss_kib"]
+            );
+            let db = &m["database_mib"];
+            println!(
+                "{:<58} {:>7.0} -> {:.0} -> {:.0} -> {:.0} MiB",
+                "database: before -> completed -> retention -> VACUUM",
+                db["before"].as_f64().unwrap_or(0.0),
+                db["completed"].as_f64().unwrap_or(0.0),
+                db["after_retention"].as_f64().unwrap_or(0.0),
+                db["after_vacuum"].as_f64().unwrap_or(0.0)
+            );
+            println!(
+                "{:<58} {:>7} rounds, {:.1} s",
+                "retention deleting the job",
+                m["retention_rounds"],
+                f("retention_seconds")
+            );
+            line["million"] = m;
+        }
+        modes.insert(label.into(), line);
     }
-    println!("\n-- the worker runtime over {} tasks", sizes.memory_tasks);
-    settle(&setup).await?;
-    let mem = memory::worker_runtime(&url, c, sizes.memory_tasks).await?;
-    println!(
-        "{:<58} {:>7} -> {} KiB (peak {})",
-        "worker RSS, start -> end", mem["rss_start_kib"], mem["rss_end_kib"], mem["rss_peak_kib"]
-    );
-    println!("{:<58} {:>12.0} tasks/s", "worker runtime end to end", mem["tasks_per_second"].as_f64().unwrap_or(0.0));
-    println!(
-        "{:<58} {:>7.2} / {:.2} ms",
-        format!("job_status of the {}-task job while it runs, p50 / max", sizes.memory_tasks),
-        mem["job_status_while_running_p50_ms"].as_f64().unwrap_or(0.0),
-        mem["job_status_while_running_max_ms"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "{:<58} {:>12.2} ms",
-        "job_status once completed (returns its 50,000-entry result), p50",
-        mem["job_status_p50_ms"].as_f64().unwrap_or(0.0)
-    );
+    let mem = if options.million_only {
+        serde_json::Value::Null
+    } else {
+        println!("\n-- the worker runtime over {} tasks", sizes.memory_tasks);
+        settle(&setup).await?;
+        let mem = memory::worker_runtime(&url, c, sizes.memory_tasks).await?;
+        println!(
+            "{:<58} {:>7} -> {} KiB (peak {})",
+            "worker RSS, start -> end", mem["rss_start_kib"], mem["rss_end_kib"], mem["rss_peak_kib"]
+        );
+        println!(
+            "{:<58} {:>12.0} tasks/s",
+            "worker runtime end to end",
+            mem["tasks_per_second"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{:<58} {:>7.2} / {:.2} ms",
+            format!("job_status of the {}-task job while it runs, p50 / max", sizes.memory_tasks),
+            mem["job_status_while_running_p50_ms"].as_f64().unwrap_or(0.0),
+            mem["job_status_while_running_max_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{:<58} {:>12.2} ms",
+            "job_status once completed (returns its 50,000-entry result), p50",
+            mem["job_status_p50_ms"].as_f64().unwrap_or(0.0)
+        );
+        mem
+    };
 
     #[cfg(feature = "geo")]
-    let geo = {
+    let geo = if options.million_only {
+        serde_json::Value::Null
+    } else {
         let (size, tile) = if options.quick { (1024, 512) } else { (8192, 2048) };
         println!("\n-- process_raster beside gdal_translate");
         let line = geo::process_raster_vs_gdal(&url, &options.cluster_dir.join("geo"), size, tile, 2).await?;
