@@ -172,6 +172,13 @@ enum Command {
         /// Small sizes: checks the benchmark runs, measures nothing worth keeping.
         #[arg(long)]
         quick: bool,
+        /// Add the million-task line (a job of count 1,000,000 then lineage through 4 worker
+        /// processes, several minutes a mode); with --quick it runs anyway, at 10,000.
+        #[arg(long)]
+        million: bool,
+        /// Run only the million-task line (sized by --quick as above).
+        #[arg(long)]
+        million_only: bool,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
         #[arg(long, default_value = ".stageflow-bench")]
@@ -401,10 +408,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             server.handle.await.map_err(|e| CliError::Setup(e.to_string()))?;
             Ok(())
         }
-        Command::Bench { clients, quick, out, dir } => {
+        Command::Bench { clients, quick, million, million_only, out, dir } => {
             bench::run(bench::BenchOptions {
                 clients: *clients,
                 quick: *quick,
+                million: *million,
+                million_only: *million_only,
                 out_dir: out.clone(),
                 cluster_dir: dir.clone(),
             })

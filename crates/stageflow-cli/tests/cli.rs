@@ -226,6 +226,16 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
             }
             assert!(line["pgflow"]["wal_per_task"]["one_at_a_time"]["bytes"].as_f64().is_some_and(|v| v > 0.0));
         }
+        // The million-task line, at its quick size: the job ran to its end through the worker
+        // processes, and retention deleted it with all its tasks.
+        let million = &line["million"];
+        assert_eq!(million["tasks"], json!(20_000), "{mode}.million = {million}");
+        assert_eq!(million["job_status"], json!("completed"), "{mode}.million = {million}");
+        assert_eq!(million["tasks_left_after_retention"], json!(0), "{mode}.million = {million}");
+        assert_eq!(million["workers"].as_array().map(Vec::len), Some(4), "{mode}.million = {million}");
+        for key in ["submit_to_send_batch_ratio", "tasks_per_second", "flatness_last_to_first"] {
+            assert!(million[key].as_f64().is_some_and(|v| v > 0.0), "{mode}.million.{key} = {}", million[key]);
+        }
     }
     assert_eq!(
         report["worker"]["completed_by_worker"],

@@ -18,7 +18,10 @@
 //!    woken by NOTIFY, and submit -> first claim (p50, p99);
 //! 9. `memory`: the worker's resident memory over a 100,000-task job, job_status on it, and the
 //!    first page of its result (job_result);
-//! 10. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
+//! 10. `million` (with `--million`, and at a small size with `--quick`): a job of `count` N then
+//!    `lineage` N through several `stageflow worker` processes, its submission beside
+//!    `pgmq.send_batch` of N messages, memory, flatness, and the database's size through retention;
+//! 11. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
 //!
 //! `clients` holds the raw connections a line runs on, `jobs` the benchmark's job types and its
 //! submission, `wal` the WAL per message or task of the pgmq, Stageflow and pgflow lines. This
@@ -40,6 +43,7 @@ mod geo;
 mod jobs;
 mod latency;
 mod memory;
+mod million;
 mod pgbench;
 mod pgflow;
 mod pgmq;
@@ -53,6 +57,10 @@ use crate::{connect, CliError};
 pub struct BenchOptions {
     pub clients: usize,
     pub quick: bool,
+    /// Run the million-task line (always run, small, with `quick`).
+    pub million: bool,
+    /// Run only the million-task line.
+    pub million_only: bool,
     pub out_dir: std::path::PathBuf,
     pub cluster_dir: std::path::PathBuf,
 }
@@ -69,6 +77,10 @@ struct Sizes {
     latency_rounds: usize,
     memory_tasks: i64,
     commit_seconds: f64,
+    /// The million line's tasks per stage (0: not run), its worker processes and window.
+    million: i64,
+    million_workers: usize,
+    million_window: i64,
 }
 
 /// The `p` quantile of `samples` (sorted in place), by nearest rank.
@@ -96,6 +108,73 @@ fn line(name: &str, rate: f64, unit: &str, rest: &str) {
     println!("{name:<58} {rate:>12.0} {unit:<8} {rest}");
 }
 
+/// The million-task line in one mode: runs it and prints what it measured.
+async fn million_line(
+    url: &str,
+    cluster: &Cluster,
+    options: &BenchOptions,
+    sizes: &Sizes,
+    sync: bool,
+) -> Result<serde_json::Value, CliError> {
+    let logs = million::logs_dir(&options.cluster_dir);
+    std::fs::create_dir_all(&logs).map_err(|e| CliError::Setup(format!("{}: {e}", logs.display())))?;
+    let m = million::run(
+        url,
+        &cluster.dir().join("data"),
+        &logs,
+        sync,
+        sizes.million,
+        sizes.million_workers,
+        sizes.million_window,
+    )
+    .await?;
+    let f = |key: &str| m[key].as_f64().unwrap_or(0.0);
+    println!(
+        "{:<58} {:>7.2} s vs {:.2} s ({:.2}x)",
+        format!("submit {} tasks vs pgmq.send_batch of as many", sizes.million),
+        f("submit_seconds"),
+        f("send_batch_seconds"),
+        f("submit_to_send_batch_ratio")
+    );
+    println!(
+        "{:<58} {:>7.1} s, {:.0} tasks/s (stages {:.0} / {:.0})",
+        format!("job of 2 x {} tasks, {} worker processes", sizes.million, sizes.million_workers),
+        f("wall_seconds"),
+        f("tasks_per_second"),
+        f("stage_1_tasks_per_second"),
+        f("stage_2_tasks_per_second")
+    );
+    println!(
+        "{:<58} {:>7.2} (max / min {:.2})",
+        format!("flatness, windows of {} completions, last / first", sizes.million_window),
+        f("flatness_last_to_first"),
+        f("flatness_max_to_min")
+    );
+    let peaks: Vec<String> =
+        m["workers"].as_array().into_iter().flatten().map(|w| w["peak_rss_kib"].to_string()).collect();
+    println!("{:<58} {:>12} KiB", "worker processes' peak RSS", peaks.join(" / "));
+    println!(
+        "{:<58} {:>7} / {} KiB",
+        "server peak PSS / private RSS (all its processes)", m["server_peak_pss_kib"], m["server_peak_private_rss_kib"]
+    );
+    let db = &m["database_mib"];
+    println!(
+        "{:<58} {:>7.0} -> {:.0} -> {:.0} -> {:.0} MiB",
+        "database: before -> completed -> retention -> VACUUM",
+        db["before"].as_f64().unwrap_or(0.0),
+        db["completed"].as_f64().unwrap_or(0.0),
+        db["after_retention"].as_f64().unwrap_or(0.0),
+        db["after_vacuum"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<58} {:>7} rounds, {:.1} s",
+        "retention deleting the job",
+        m["retention_rounds"],
+        f("retention_seconds")
+    );
+    Ok(m)
+}
+
 pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     let sizes = if options.quick {
         Sizes {
@@ -110,6 +189,9 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             latency_rounds: 10,
             memory_tasks: 2000,
             commit_seconds: 0.5,
+            million: 10_000,
+            million_workers: 4,
+            million_window: 1000,
         }
     } else {
         Sizes {
@@ -124,6 +206,9 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             latency_rounds: 100,
             memory_tasks: 100_000,
             commit_seconds: 3.0,
+            million: if options.million || options.million_only { 1_000_000 } else { 0 },
+            million_workers: 4,
+            million_window: 100_000,
         }
     };
     let cluster = Cluster::at(&options.cluster_dir).map_err(CliError::Setup)?.with_settings(&[
@@ -159,132 +244,141 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
     // catches up). The hot path's plans must not depend on statistics; the sync-on one-at-a-time
     // line below runs the same work after VACUUM (ANALYZE).
     const FRESH_TABLES: [&str; 2] = ["stageflow.tasks", "pgmq.q_bench"];
-    for table in FRESH_TABLES {
-        setup.raw().batch_execute(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).await?;
+    let mut fresh = None;
+    if !options.million_only {
+        for table in FRESH_TABLES {
+            setup.raw().batch_execute(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).await?;
+        }
+        let (rate, wal) = end_to_end::rate(&url, c, true, 1, sizes.e2e_tasks).await?;
+        for table in FRESH_TABLES {
+            setup.raw().batch_execute(&format!("ALTER TABLE {table} RESET (autovacuum_enabled)")).await?;
+        }
+        println!("\n-- before any ANALYZE (synchronous_commit = on)");
+        line("stageflow claim + complete, one at a time, fresh statistics", rate, "tasks/s", &wal.label());
+        fresh = Some((rate, wal));
     }
-    let (fresh, fresh_wal) = end_to_end::rate(&url, c, true, 1, sizes.e2e_tasks).await?;
-    for table in FRESH_TABLES {
-        setup.raw().batch_execute(&format!("ALTER TABLE {table} RESET (autovacuum_enabled)")).await?;
-    }
-    println!("\n-- before any ANALYZE (synchronous_commit = on)");
-    line("stageflow claim + complete, one at a time, fresh statistics", fresh, "tasks/s", &fresh_wal.label());
 
     let mut modes = serde_json::Map::new();
     for sync in [true, false] {
         let label = if sync { "on" } else { "off" };
         println!("\n-- synchronous_commit = {label}");
-        settle(&quiet).await?;
-        let commits = commits::rate(&url, c, sync, sizes.commit_seconds).await?;
-        println!("{:<58} {:>12.0} commits/s", "single-row INSERT commits", commits);
-        settle(&quiet).await?;
-        let (pgmq_one, pgmq_one_wal) = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
-        line("pgmq read + delete, one at a time", pgmq_one, "msg/s", &pgmq_one_wal.label());
-        settle(&quiet).await?;
-        let (pgmq_bench, pgmq_bench_wal) = pgbench::pgmq_one(&url, c, sync, sizes.messages, &scripts).await?;
-        line(
-            "  the same under pgbench",
-            pgmq_bench,
-            "msg/s",
-            &format!("{}  (the client measured {:.2}x of it)", pgmq_bench_wal.label(), pgmq_one / pgmq_bench),
-        );
-        settle(&quiet).await?;
-        let (pgmq_batch, pgmq_batch_wal) = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
-        line("pgmq read 100 + delete 100", pgmq_batch, "msg/s", &pgmq_batch_wal.label());
-        settle(&quiet).await?;
-        let (sf_one, sf_one_wal) = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
-        line(
-            "stageflow claim + complete, one at a time",
-            sf_one,
-            "tasks/s",
-            &format!(
-                "{}  ({:.2}x pgmq one at a time; WAL {:.2}x its bytes{})",
-                sf_one_wal.label(),
-                sf_one / pgmq_one,
-                sf_one_wal.bytes / pgmq_one_wal.bytes,
-                if sync { format!("; fresh statistics {:.2}x of it", fresh / sf_one) } else { String::new() }
-            ),
-        );
-        settle(&quiet).await?;
-        let tasks = 2 * sizes.e2e_tasks as usize;
-        let (sf_bench, sf_bench_wal) = pgbench::stageflow_one(&url, c, sync, tasks, &scripts).await?;
-        line(
-            "  the same under pgbench (first stage only)",
-            sf_bench,
-            "tasks/s",
-            &format!(
-                "{}  (the client measured {:.2}x of it; {:.2}x pgmq under pgbench)",
-                sf_bench_wal.label(),
-                sf_one / sf_bench,
-                sf_bench / pgmq_bench
-            ),
-        );
-        settle(&quiet).await?;
-        let (sf_batch, sf_batch_wal) = end_to_end::rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
-        line(
-            "stageflow claim 100 + complete_tasks",
-            sf_batch,
-            "tasks/s",
-            &format!(
-                "{}  ({:.2}x pgmq one at a time, {:.2}x pgmq batched)",
-                sf_batch_wal.label(),
-                sf_batch / pgmq_one,
-                sf_batch / pgmq_batch
-            ),
-        );
-        let pgflow_lines = match &pgflow_db {
-            None => serde_json::Value::Null,
-            Some((pgflow_url, _)) => {
-                settle(&quiet).await?;
-                let (pf_one, pf_one_wal) = pgflow::rate(pgflow_url, c, sync, 1, sizes.pgflow_items).await?;
-                line(
-                    "pgflow read 1 + start_tasks + complete_task",
-                    pf_one,
-                    "tasks/s",
-                    &format!("{}  (stageflow one at a time {:.2}x of it)", pf_one_wal.label(), sf_one / pf_one),
-                );
-                settle(&quiet).await?;
-                let (pf_batch, pf_batch_wal) = pgflow::rate(pgflow_url, c, sync, 10, sizes.pgflow_batch_items).await?;
-                line(
-                    "pgflow read 10 + start_tasks + 10 complete_task",
-                    pf_batch,
-                    "tasks/s",
-                    &format!("{}  (stageflow batched {:.2}x of it)", pf_batch_wal.label(), sf_batch / pf_batch),
-                );
-                json!({
-                    "one_at_a_time_tasks_per_s": pf_one,
-                    "batch_10_tasks_per_s": pf_batch,
-                    "one_at_a_time_tasks": sizes.pgflow_items + 1,
-                    "batch_10_tasks": sizes.pgflow_batch_items + 1,
-                    "ratio_stageflow_one_at_a_time_to_pgflow_one_at_a_time": sf_one / pf_one,
-                    "ratio_stageflow_batch_100_to_pgflow_batch_10": sf_batch / pf_batch,
-                    "wal_per_task": {"one_at_a_time": pf_one_wal.json(), "batch_10": pf_batch_wal.json()},
-                })
-            }
-        };
-        settle(&quiet).await?;
-        let fan_out = fan_out::seconds(&url, sync, sizes.fan_out).await?;
-        println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
-        let mut costs = Vec::new();
-        for size in sizes.flat_sizes {
+        let mut line_json = if options.million_only {
+            json!({})
+        } else {
             settle(&quiet).await?;
-            let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
-            println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
-            costs.push(cost);
-        }
-        let flatness = costs[2] / costs[0];
-        println!("{:<58} {:>12.2}", "flatness (largest / smallest stage)", flatness);
-        settle(&quiet).await?;
-        let (mut advance, mut first) = latency::latencies(&url, sync, sizes.latency_rounds).await?;
-        let (a50, a99, f50, f99) = (
-            percentile(&mut advance, 0.5),
-            percentile(&mut advance, 0.99),
-            percentile(&mut first, 0.5),
-            percentile(&mut first, 0.99),
-        );
-        println!("{:<58} {:>7.2} / {:.2} ms", "stage advance -> next task claimed, p50 / p99", a50, a99);
-        println!("{:<58} {:>7.2} / {:.2} ms", "submit -> first task claimed, p50 / p99", f50, f99);
-        modes.insert(
-            label.into(),
+            let commits = commits::rate(&url, c, sync, sizes.commit_seconds).await?;
+            println!("{:<58} {:>12.0} commits/s", "single-row INSERT commits", commits);
+            settle(&quiet).await?;
+            let (pgmq_one, pgmq_one_wal) = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
+            line("pgmq read + delete, one at a time", pgmq_one, "msg/s", &pgmq_one_wal.label());
+            settle(&quiet).await?;
+            let (pgmq_bench, pgmq_bench_wal) = pgbench::pgmq_one(&url, c, sync, sizes.messages, &scripts).await?;
+            line(
+                "  the same under pgbench",
+                pgmq_bench,
+                "msg/s",
+                &format!("{}  (the client measured {:.2}x of it)", pgmq_bench_wal.label(), pgmq_one / pgmq_bench),
+            );
+            settle(&quiet).await?;
+            let (pgmq_batch, pgmq_batch_wal) = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
+            line("pgmq read 100 + delete 100", pgmq_batch, "msg/s", &pgmq_batch_wal.label());
+            settle(&quiet).await?;
+            let (sf_one, sf_one_wal) = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
+            line(
+                "stageflow claim + complete, one at a time",
+                sf_one,
+                "tasks/s",
+                &format!(
+                    "{}  ({:.2}x pgmq one at a time; WAL {:.2}x its bytes{})",
+                    sf_one_wal.label(),
+                    sf_one / pgmq_one,
+                    sf_one_wal.bytes / pgmq_one_wal.bytes,
+                    match (sync, fresh) {
+                        (true, Some((rate, _))) => format!("; fresh statistics {:.2}x of it", rate / sf_one),
+                        _ => String::new(),
+                    }
+                ),
+            );
+            settle(&quiet).await?;
+            let tasks = 2 * sizes.e2e_tasks as usize;
+            let (sf_bench, sf_bench_wal) = pgbench::stageflow_one(&url, c, sync, tasks, &scripts).await?;
+            line(
+                "  the same under pgbench (first stage only)",
+                sf_bench,
+                "tasks/s",
+                &format!(
+                    "{}  (the client measured {:.2}x of it; {:.2}x pgmq under pgbench)",
+                    sf_bench_wal.label(),
+                    sf_one / sf_bench,
+                    sf_bench / pgmq_bench
+                ),
+            );
+            settle(&quiet).await?;
+            let (sf_batch, sf_batch_wal) = end_to_end::rate(&url, c, sync, 100, sizes.e2e_batch_tasks).await?;
+            line(
+                "stageflow claim 100 + complete_tasks",
+                sf_batch,
+                "tasks/s",
+                &format!(
+                    "{}  ({:.2}x pgmq one at a time, {:.2}x pgmq batched)",
+                    sf_batch_wal.label(),
+                    sf_batch / pgmq_one,
+                    sf_batch / pgmq_batch
+                ),
+            );
+            let pgflow_lines = match &pgflow_db {
+                None => serde_json::Value::Null,
+                Some((pgflow_url, _)) => {
+                    settle(&quiet).await?;
+                    let (pf_one, pf_one_wal) = pgflow::rate(pgflow_url, c, sync, 1, sizes.pgflow_items).await?;
+                    line(
+                        "pgflow read 1 + start_tasks + complete_task",
+                        pf_one,
+                        "tasks/s",
+                        &format!("{}  (stageflow one at a time {:.2}x of it)", pf_one_wal.label(), sf_one / pf_one),
+                    );
+                    settle(&quiet).await?;
+                    let (pf_batch, pf_batch_wal) =
+                        pgflow::rate(pgflow_url, c, sync, 10, sizes.pgflow_batch_items).await?;
+                    line(
+                        "pgflow read 10 + start_tasks + 10 complete_task",
+                        pf_batch,
+                        "tasks/s",
+                        &format!("{}  (stageflow batched {:.2}x of it)", pf_batch_wal.label(), sf_batch / pf_batch),
+                    );
+                    json!({
+                        "one_at_a_time_tasks_per_s": pf_one,
+                        "batch_10_tasks_per_s": pf_batch,
+                        "one_at_a_time_tasks": sizes.pgflow_items + 1,
+                        "batch_10_tasks": sizes.pgflow_batch_items + 1,
+                        "ratio_stageflow_one_at_a_time_to_pgflow_one_at_a_time": sf_one / pf_one,
+                        "ratio_stageflow_batch_100_to_pgflow_batch_10": sf_batch / pf_batch,
+                        "wal_per_task": {"one_at_a_time": pf_one_wal.json(), "batch_10": pf_batch_wal.json()},
+                    })
+                }
+            };
+            settle(&quiet).await?;
+            let fan_out = fan_out::seconds(&url, sync, sizes.fan_out).await?;
+            println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
+            let mut costs = Vec::new();
+            for size in sizes.flat_sizes {
+                settle(&quiet).await?;
+                let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
+                println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
+                costs.push(cost);
+            }
+            let flatness = costs[2] / costs[0];
+            println!("{:<58} {:>12.2}", "flatness (largest / smallest stage)", flatness);
+            settle(&quiet).await?;
+            let (mut advance, mut first) = latency::latencies(&url, sync, sizes.latency_rounds).await?;
+            let (a50, a99, f50, f99) = (
+                percentile(&mut advance, 0.5),
+                percentile(&mut advance, 0.99),
+                percentile(&mut first, 0.5),
+                percentile(&mut first, 0.99),
+            );
+            println!("{:<58} {:>7.2} / {:.2} ms", "stage advance -> next task claimed, p50 / p99", a50, a99);
+            println!("{:<58} {:>7.2} / {:.2} ms", "submit -> first task claimed, p50 / p99", f50, f99);
             json!({
                 "commit_rate_per_s": commits,
                 "pgmq_one_at_a_time_msg_per_s": pgmq_one,
@@ -315,36 +409,52 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                 "flatness_ratio": flatness,
                 "stage_advance_ms": {"p50": a50, "p99": a99},
                 "submit_to_first_claim_ms": {"p50": f50, "p99": f99},
-            }),
-        );
+            })
+        };
+        if sizes.million > 0 {
+            settle(&quiet).await?;
+            line_json["million"] = million_line(&url, &cluster, &options, &sizes, sync).await?;
+        }
+        modes.insert(label.into(), line_json);
     }
-    println!("\n-- the worker runtime over {} tasks", sizes.memory_tasks);
-    settle(&quiet).await?;
-    let mem = memory::worker_runtime(&url, c, sizes.memory_tasks).await?;
-    println!(
-        "{:<58} {:>7} -> {} KiB (peak {})",
-        "worker RSS, start -> end", mem["rss_start_kib"], mem["rss_end_kib"], mem["rss_peak_kib"]
-    );
-    println!("{:<58} {:>12.0} tasks/s", "worker runtime end to end", mem["tasks_per_second"].as_f64().unwrap_or(0.0));
-    println!(
-        "{:<58} {:>7.2} / {:.2} ms",
-        format!("job_status of the {}-task job while it runs, p50 / max", sizes.memory_tasks),
-        mem["job_status_while_running_p50_ms"].as_f64().unwrap_or(0.0),
-        mem["job_status_while_running_max_ms"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "{:<58} {:>12.2} ms",
-        format!("job_status of the {}-task job once completed, p50", sizes.memory_tasks),
-        mem["job_status_p50_ms"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "{:<58} {:>12.2} ms",
-        format!("job_result's first page ({} entries), p50", mem["job_result_first_page_entries"]),
-        mem["job_result_first_page_p50_ms"].as_f64().unwrap_or(0.0)
-    );
+    let mem = if options.million_only {
+        serde_json::Value::Null
+    } else {
+        println!("\n-- the worker runtime over {} tasks", sizes.memory_tasks);
+        settle(&quiet).await?;
+        let mem = memory::worker_runtime(&url, c, sizes.memory_tasks).await?;
+        println!(
+            "{:<58} {:>7} -> {} KiB (peak {})",
+            "worker RSS, start -> end", mem["rss_start_kib"], mem["rss_end_kib"], mem["rss_peak_kib"]
+        );
+        println!(
+            "{:<58} {:>12.0} tasks/s",
+            "worker runtime end to end",
+            mem["tasks_per_second"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{:<58} {:>7.2} / {:.2} ms",
+            format!("job_status of the {}-task job while it runs, p50 / max", sizes.memory_tasks),
+            mem["job_status_while_running_p50_ms"].as_f64().unwrap_or(0.0),
+            mem["job_status_while_running_max_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{:<58} {:>12.2} ms",
+            format!("job_status of the {}-task job once completed, p50", sizes.memory_tasks),
+            mem["job_status_p50_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{:<58} {:>12.2} ms",
+            format!("job_result's first page ({} entries), p50", mem["job_result_first_page_entries"]),
+            mem["job_result_first_page_p50_ms"].as_f64().unwrap_or(0.0)
+        );
+        mem
+    };
 
     #[cfg(feature = "geo")]
-    let geo = {
+    let geo = if options.million_only {
+        serde_json::Value::Null
+    } else {
         let (size, tile) = if options.quick { (1024, 512) } else { (8192, 2048) };
         println!("\n-- process_raster beside gdal_translate");
         let line = geo::process_raster_vs_gdal(&url, &options.cluster_dir.join("geo"), size, tile, 2).await?;
@@ -374,11 +484,11 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         },
         "synchronous_commit": modes,
-        "fresh_statistics": json!({
-            "stageflow_one_at_a_time_tasks_per_s": fresh,
-            "ratio_to_analysed": modes.get("on").and_then(|m| m["stageflow_one_at_a_time_tasks_per_s"].as_f64()).map(|a| fresh / a),
-            "wal_per_task": fresh_wal.json(),
-        }),
+        "fresh_statistics": fresh.map(|(rate, wal)| json!({
+            "stageflow_one_at_a_time_tasks_per_s": rate,
+            "ratio_to_analysed": modes.get("on").and_then(|m| m["stageflow_one_at_a_time_tasks_per_s"].as_f64()).map(|a| rate / a),
+            "wal_per_task": wal.json(),
+        })),
         "pgflow": pgflow_db.as_ref().map(|(_, migrations)| json!({
             "package": format!("@pgflow/core@{}", pgflow::VERSION),
             "migrations": migrations,
