@@ -19,8 +19,8 @@
 //! 9. `memory`: the worker's resident memory over a 100,000-task job, job_status on it, and the
 //!    first page of its result (job_result);
 //! 10. `million` (with `--million`, and at a small size with `--quick`): a job of `count` N then
-//!    `lineage` N through several `stageflow worker` processes, its submission beside
-//!    `pgmq.send_batch` of N messages, memory, flatness, and the database's size through retention;
+//!     `lineage` N through several `stageflow worker` processes, its submission beside
+//!     `pgmq.send_batch` of N messages, memory, flatness, and the database's size through retention;
 //! 11. `geo` (with `--features geo`): process_raster beside one `gdal_translate -of COG`.
 //!
 //! `clients` holds the raw connections a line runs on, `jobs` the benchmark's job types and its
