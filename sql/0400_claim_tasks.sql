@@ -22,7 +22,9 @@ END;
 $$;
 
 -- The messages a claim read that did not become claims (rare), settled: p_locked are the tasks
--- the claim locked, p_claimed those it took. Read again in a new snapshot: the locked rows are as
+-- the claim locked, p_claimed those it is about to take (claimable under their locks: settled
+-- first, so that a dead letter here that fails a job cancels them before they are claimed). Read
+-- again in a new snapshot: the locked rows are as
 -- they are now and stay so until the claim's transaction ends.
 --   * a task another session holds: its message becomes visible again a second later;
 --   * a message that is not its task's current one (a duplicate, a leftover), or whose task has
@@ -137,6 +139,8 @@ DECLARE
     v_msg_ids      bigint[];
     v_task_ids     text[];
     v_locked       text[];
+    v_claimable    text[];
+    v_claimable_queued boolean[];
     v_claimed_ids  text[];
     v_own_lease    int[];
     v_own_msgs     bigint[];
@@ -184,14 +188,32 @@ BEGIN
 
     -- Lock the tasks whose current message was read (rows another session holds are skipped; a
     -- row changed since this statement's snapshot is locked in its newest version and its
-    -- conditions re-checked there), then take those that may be claimed. The UPDATE re-checks
-    -- its conditions on the newest version of each locked row.
-    WITH locked AS (
-        SELECT t.task_id, t.status FROM stageflow.tasks AS t
-         WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
-         ORDER BY t.task_id
-           FOR UPDATE SKIP LOCKED
-    ), claimed AS (
+    -- conditions re-checked there), and see which of them may be claimed.
+    SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
+           array_agg(l.status = 'queued') FILTER (WHERE l.claimable)
+      INTO v_locked, v_claimable, v_claimable_queued
+      FROM (SELECT t.task_id, t.status,
+                   stageflow._job_is_open(j.status) AND t.attempt < t.max_attempts
+                   AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
+                        OR (t.status = 'running' AND t.lease_expires_at <= v_now)) AS claimable
+              FROM stageflow.tasks AS t
+              JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+             WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
+             ORDER BY t.task_id
+               FOR UPDATE OF t SKIP LOCKED) AS l;
+
+    -- The messages that will not become claims (rare) are settled first: a dead letter there that
+    -- fails its job cancels the job's other open tasks, the claimable ones among them, before any
+    -- is claimed (a lease token is only ever spent on a lease handed out).
+    IF coalesce(cardinality(v_claimable), 0) < cardinality(v_msg_ids) THEN
+        PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimable, v_now);
+    END IF;
+    IF v_claimable IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Take them: the UPDATE re-checks its conditions on each row (locked, as the rare path left it).
+    WITH claimed AS (
         UPDATE stageflow.tasks AS t
            SET status = 'running',
                attempt = t.attempt + 1,
@@ -201,7 +223,7 @@ BEGIN
                started_at = coalesce(t.started_at, v_now),
                claimed_at = v_now,
                next_attempt_at = NULL
-          FROM locked AS l, stageflow.jobs AS j, stageflow.stages AS s
+          FROM unnest(v_claimable, v_claimable_queued) AS l(task_id, was_queued), stageflow.jobs AS j, stageflow.stages AS s
          WHERE t.task_id = l.task_id
            AND j.job_id = t.job_id
            AND s.job_id = t.job_id AND s.stage = t.stage
@@ -209,12 +231,11 @@ BEGIN
            AND t.attempt < t.max_attempts
            AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
                 OR (t.status = 'running' AND t.lease_expires_at <= v_now))
-        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, s.lease_seconds, l.status = 'queued' AS was_queued,
+        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, s.lease_seconds, l.was_queued,
                   j.status = 'queued' AS job_queued, t.attempt >= t.max_attempts AS last_attempt, t.lease_token,
                   t.lease_expires_at
     )
-    SELECT (SELECT array_agg(l.task_id) FROM locked AS l),
-           array_agg(c.task_id),
+    SELECT array_agg(c.task_id),
            array_agg(c.lease_seconds) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
                                                     AND c.lease_seconds IS NOT NULL),
            array_agg(c.msg_id) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
@@ -223,7 +244,7 @@ BEGIN
            array_agg(DISTINCT c.job_id) FILTER (WHERE c.job_queued),
            array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
            array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
-      INTO v_locked, v_claimed_ids, v_own_lease, v_own_msgs, v_started_jobs, v_started_stages, v_queued_jobs,
+      INTO v_claimed_ids, v_own_lease, v_own_msgs, v_started_jobs, v_started_stages, v_queued_jobs,
            v_last_ids, v_last_tokens, v_last_expiry
       FROM claimed AS c;
 
@@ -234,9 +255,6 @@ BEGIN
         END LOOP;
     END IF;
 
-    IF coalesce(cardinality(v_claimed_ids), 0) < cardinality(v_msg_ids) THEN
-        PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimed_ids, v_now);
-    END IF;
     -- The queued tasks it started count as running: this session's own row per stage (no other
     -- session writes it, so no claim waits here); a task re-claimed after its lease expired was
     -- counted already. A last attempt leaves a note of its lease for maintenance.
@@ -263,7 +281,6 @@ BEGIN
                                FOR UPDATE)
            AND j.status = 'queued';
     END IF;
-    -- (After the rare path: a dead letter there that fails the job cancels what it handed out.)
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
            CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END || t.params,
