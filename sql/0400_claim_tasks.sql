@@ -193,11 +193,13 @@ BEGIN
            array_agg(l.status = 'queued') FILTER (WHERE l.claimable)
       INTO v_locked, v_claimable, v_claimable_queued
       FROM (SELECT t.task_id, t.status,
-                   stageflow._job_is_open(j.status) AND t.attempt < t.max_attempts
+                   t.attempt < t.max_attempts
                    AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
-                        OR (t.status = 'running' AND t.lease_expires_at <= v_now)) AS claimable
+                        OR (t.status = 'running' AND t.lease_expires_at <= v_now))
+                   -- (the job by its key, a lookup whatever the statistics say: joined, the plan
+                   -- made without statistics cost a claim four times as much)
+                   AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id)) AS claimable
               FROM stageflow.tasks AS t
-              JOIN stageflow.jobs AS j ON j.job_id = t.job_id
              WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
              ORDER BY t.task_id
                FOR UPDATE OF t SKIP LOCKED) AS l;
@@ -213,27 +215,31 @@ BEGIN
     END IF;
 
     -- Take them: the UPDATE re-checks its conditions on each row (locked, as the rare path left it).
+    -- (Only the task table in FROM, by its key, the job and stage looked up by theirs: joined, a
+    -- plan made without statistics drove from the jobs through tasks_stage_idx and read the whole
+    -- stage for each claim.)
     WITH claimed AS (
         UPDATE stageflow.tasks AS t
            SET status = 'running',
                attempt = t.attempt + 1,
                lease_token = t.lease_token + 1,
-               lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, claim_tasks.lease_seconds)),
+               lease_expires_at = v_now + make_interval(secs => coalesce(
+                   (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage),
+                   claim_tasks.lease_seconds)),
                worker_id = claim_tasks.worker_id,
                started_at = coalesce(t.started_at, v_now),
                claimed_at = v_now,
                next_attempt_at = NULL
-          FROM unnest(v_claimable, v_claimable_queued) AS l(task_id, was_queued), stageflow.jobs AS j, stageflow.stages AS s
-         WHERE t.task_id = l.task_id
-           AND j.job_id = t.job_id
-           AND s.job_id = t.job_id AND s.stage = t.stage
-           AND stageflow._job_is_open(j.status)
+         WHERE t.task_id = ANY (v_claimable)
+           AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id))
            AND t.attempt < t.max_attempts
            AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
                 OR (t.status = 'running' AND t.lease_expires_at <= v_now))
-        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, s.lease_seconds, l.was_queued,
-                  j.status = 'queued' AS job_queued, t.attempt >= t.max_attempts AS last_attempt, t.lease_token,
-                  t.lease_expires_at
+        RETURNING t.task_id, t.job_id, t.stage, t.msg_id,
+                  (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) AS lease_seconds,
+                  v_claimable_queued[array_position(v_claimable, t.task_id)] AS was_queued,
+                  (SELECT j.status = 'queued' FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_queued,
+                  t.attempt >= t.max_attempts AS last_attempt, t.lease_token, t.lease_expires_at
     )
     SELECT array_agg(c.task_id),
            array_agg(c.lease_seconds) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
