@@ -66,3 +66,17 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT stageflow._task_has_failed(p_status) OR p_status = 'cancelled'
 $$;
+
+-- A task a claim may take at p_now: attempts left, and queued with its retry (if any) due, or
+-- running on a lease that has expired. (The claim asks it under the task's row lock, once to
+-- decide and once more in its UPDATE, after the rare path may have changed the row.)
+CREATE FUNCTION stageflow._task_is_claimable(p_status text, p_attempt int, p_max_attempts int,
+                                             p_next_attempt_at timestamptz, p_lease_expires_at timestamptz,
+                                             p_now timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_attempt < p_max_attempts
+           AND ((p_status = 'queued' AND (p_next_attempt_at IS NULL OR p_next_attempt_at <= p_now))
+                OR (p_status = 'running' AND p_lease_expires_at <= p_now))
+$$;

@@ -140,9 +140,9 @@ DECLARE
     v_task_ids     text[];
     v_locked       text[];
     v_claimable    text[];
-    v_claimable_queued boolean[];
+    v_reclaimed    text[];
     v_claimed_ids  text[];
-    v_own_lease    int[];
+    v_own_expiry   timestamptz[];
     v_own_msgs     bigint[];
     v_started_jobs    text[];
     v_started_stages  int[];
@@ -188,21 +188,25 @@ BEGIN
 
     -- Lock the tasks whose current message was read (rows another session holds are skipped; a
     -- row changed since this statement's snapshot is locked in its newest version and its
-    -- conditions re-checked there), and see which of them may be claimed.
+    -- conditions re-checked there), and see which of them may be claimed, which of those are
+    -- re-claims of an expired lease (already counted as running), and which jobs they would start.
     SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
-           array_agg(l.status = 'queued') FILTER (WHERE l.claimable)
-      INTO v_locked, v_claimable, v_claimable_queued
-      FROM (SELECT t.task_id, t.status,
-                   t.attempt < t.max_attempts
-                   AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
-                        OR (t.status = 'running' AND t.lease_expires_at <= v_now))
-                   -- (the job by its key, a lookup whatever the statistics say: joined, the plan
-                   -- made without statistics cost a claim four times as much)
-                   AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id)) AS claimable
-              FROM stageflow.tasks AS t
-             WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
-             ORDER BY t.task_id
-               FOR UPDATE OF t SKIP LOCKED) AS l;
+           array_agg(l.task_id) FILTER (WHERE l.claimable AND l.status = 'running'),
+           array_agg(DISTINCT l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
+      INTO v_locked, v_claimable, v_reclaimed, v_queued_jobs
+      FROM (SELECT k.task_id, k.job_id, k.status, k.job_status,
+                   stageflow._task_is_claimable(k.status, k.attempt, k.max_attempts, k.next_attempt_at,
+                                                k.lease_expires_at, v_now)
+                   AND stageflow._job_is_open(k.job_status) AS claimable
+              FROM (SELECT t.task_id, t.job_id, t.status, t.attempt, t.max_attempts, t.next_attempt_at,
+                           t.lease_expires_at,
+                           -- (the job by its key, a lookup whatever the statistics say: joined, the
+                           -- plan made without statistics cost a claim four times as much)
+                           (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_status
+                      FROM stageflow.tasks AS t
+                     WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
+                     ORDER BY t.task_id
+                       FOR UPDATE OF t SKIP LOCKED) AS k) AS l;
 
     -- The messages that will not become claims (rare) are settled first: a dead letter there that
     -- fails its job cancels the job's other open tasks, the claimable ones among them, before any
@@ -231,33 +235,27 @@ BEGIN
                claimed_at = v_now,
                next_attempt_at = NULL
          WHERE t.task_id = ANY (v_claimable)
+           AND stageflow._task_is_claimable(t.status, t.attempt, t.max_attempts, t.next_attempt_at, t.lease_expires_at, v_now)
            AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id))
-           AND t.attempt < t.max_attempts
-           AND ((t.status = 'queued' AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= v_now))
-                OR (t.status = 'running' AND t.lease_expires_at <= v_now))
-        RETURNING t.task_id, t.job_id, t.stage, t.msg_id,
-                  (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) AS lease_seconds,
-                  v_claimable_queued[array_position(v_claimable, t.task_id)] AS was_queued,
-                  (SELECT j.status = 'queued' FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_queued,
-                  t.attempt >= t.max_attempts AS last_attempt, t.lease_token, t.lease_expires_at
+        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, t.lease_token, t.lease_expires_at,
+                  NOT (t.task_id = ANY (coalesce(v_reclaimed, '{}'))) AS was_queued,
+                  t.attempt >= t.max_attempts AS last_attempt
     )
     SELECT array_agg(c.task_id),
-           array_agg(c.lease_seconds) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
-                                                    AND c.lease_seconds IS NOT NULL),
-           array_agg(c.msg_id) FILTER (WHERE c.lease_seconds IS DISTINCT FROM claim_tasks.lease_seconds
-                                             AND c.lease_seconds IS NOT NULL),
+           -- a stage's own lease_seconds made a lease other than the claim's
+           array_agg(c.lease_expires_at) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
+           array_agg(c.msg_id) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
            array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
-           array_agg(DISTINCT c.job_id) FILTER (WHERE c.job_queued),
            array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
            array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
-      INTO v_claimed_ids, v_own_lease, v_own_msgs, v_started_jobs, v_started_stages, v_queued_jobs,
+      INTO v_claimed_ids, v_own_expiry, v_own_msgs, v_started_jobs, v_started_stages,
            v_last_ids, v_last_tokens, v_last_expiry
       FROM claimed AS c;
 
     -- Stages with a lease of their own: their messages stay invisible that long instead.
-    IF v_own_lease IS NOT NULL THEN
-        FOR r IN SELECT u.lease, array_agg(u.msg_id) AS msg_ids FROM unnest(v_own_lease, v_own_msgs) AS u(lease, msg_id) GROUP BY u.lease LOOP
-            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, v_now + make_interval(secs => r.lease));
+    IF v_own_expiry IS NOT NULL THEN
+        FOR r IN SELECT u.expiry, array_agg(u.msg_id) AS msg_ids FROM unnest(v_own_expiry, v_own_msgs) AS u(expiry, msg_id) GROUP BY u.expiry LOOP
+            PERFORM pgmq.set_vt(claim_tasks.queue, r.msg_ids, r.expiry);
         END LOOP;
     END IF;
 
