@@ -32,18 +32,16 @@ BEGIN
      GROUP BY j.status
      ORDER BY j.status;
 
-    -- Tasks by status from the stage counters: open (queued or running), completed, failed; the
-    -- rest of a stage's tasks were cancelled.
+    -- Tasks by status from the stage counters: open (queued or running), running, completed,
+    -- failed; the rest of a stage's tasks were cancelled.
     SELECT coalesce(sum(c.remaining_tasks), 0)::bigint,
+           coalesce(sum(c.running_tasks), 0)::bigint,
            coalesce(sum(c.completed_count), 0)::bigint,
            coalesce(sum(s.failed_count), 0)::bigint,
            coalesce(sum(s.task_count - c.completed_count - s.failed_count - c.remaining_tasks), 0)::bigint
-      INTO v_open, v_completed, v_failed, v_cancelled
+      INTO v_open, v_running, v_completed, v_failed, v_cancelled
       FROM stageflow.stages AS s
       JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
-    SELECT ((SELECT coalesce(sum(c.started), 0) FROM stageflow.stage_claims AS c)
-            - (SELECT coalesce(sum(sh.stopped_tasks), 0) FROM stageflow.stage_shards AS sh))::bigint
-      INTO v_running;
     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
     SELECT count(*) INTO v_dead FROM stageflow.tasks AS t WHERE t.failed_at IS NOT NULL;
     RETURN QUERY
