@@ -155,7 +155,7 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
                 -- (they run with their caller's rights; a SET clause would stop PostgreSQL inlining them).
                 AND NOT (p.proname IN ('now', '_refusal', '_job_is_open', '_job_is_done', '_job_is_stopped',
                                        '_job_has_ended', '_task_is_open', '_task_has_failed',
-                                       '_task_ended_without_result')
+                                       '_task_ended_without_result', '_task_is_claimable')
                          AND NOT p.prosecdef)",
             &[],
         )
