@@ -262,11 +262,25 @@ BEGIN
     -- The queued tasks it started count as running: this session's own row per stage (no other
     -- session writes it, so no claim waits here); a task re-claimed after its lease expired was
     -- counted already. A last attempt leaves a note of its lease for maintenance.
+    -- (Updated where the row exists, inserted where not: an upsert locks the row before updating
+    -- it, a WAL record more per claim.)
     IF v_started_jobs IS NOT NULL THEN
+        WITH counts AS (
+            SELECT u.job_id, u.stage, count(*) AS n
+              FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
+             GROUP BY u.job_id, u.stage
+        ), counted AS (
+            UPDATE stageflow.stage_claims AS c
+               SET started = c.started + n.n
+              FROM counts AS n
+             WHERE c.job_id = n.job_id AND c.stage = n.stage AND c.session = pg_backend_pid()
+            RETURNING c.job_id, c.stage
+        )
         INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
-        SELECT u.job_id, u.stage, pg_backend_pid(), count(*)
-          FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
-         GROUP BY u.job_id, u.stage
+        SELECT n.job_id, n.stage, pg_backend_pid(), n.n
+          FROM counts AS n
+         WHERE NOT EXISTS (SELECT 1 FROM counted AS d WHERE d.job_id = n.job_id AND d.stage = n.stage)
+        -- (no other session writes this session's rows: a conflict cannot happen, and would add)
         ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
     END IF;
     IF v_last_ids IS NOT NULL THEN

@@ -94,15 +94,18 @@ $$;
 
 -- Records completions: the one settle path of complete_task_and_check_stage and complete_tasks.
 -- p_task_ids, p_results and p_tokens are parallel (a NULL token: no token given); the ids are
--- distinct. Every named task is locked first, in task_id order, and each report is decided under
--- its task's lock (stageflow._refusal, and a plan check for a result that feeds a dynamic
--- fan-out). The accepted ones have their messages deleted (tasks before messages: the lock order
--- of every report), are marked completed, and their stages' shard counters are decremented once
--- per shard for the whole call; a stage row is locked only when one of its shards empties (shards
--- before stage, in (job, stage, shard) order), and the call that takes the stage's open shards to
--- zero advances the job in this transaction. A completion repeated by the lease that made it is
--- accepted and changes nothing. Returns, per element, NULL when accepted, else its refusal
--- {"sqlstate", "message", "hint"}.
+-- distinct. Every report is decided under its task's row lock (stageflow._refusal, and a plan
+-- check for a result that feeds a dynamic fan-out): one UPDATE, in task_id order, completes the
+-- tasks that may be completed, its conditions checked on each row's newest version once it holds
+-- the row's lock (no separate lock first: a lock is a WAL record of its own). The rest (rare) are
+-- locked in task_id order and their refusals read; a task that became completable meanwhile (a
+-- report without a token, of a task claimed since) goes through the same UPDATE again. The
+-- accepted ones have their messages deleted (tasks before messages: the lock order of every
+-- report), and their stages' shard counters are decremented once per shard for the whole call; a
+-- stage row is locked only when one of its shards empties (shards before stage, in (job, stage,
+-- shard) order), and the call that takes the stage's open shards to zero advances the job in this
+-- transaction. A completion repeated by the lease that made it is accepted and changes nothing.
+-- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
 CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
@@ -112,60 +115,86 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now        timestamptz := stageflow.now();
-    v_refusals   jsonb[];
-    v_ids        text[];
-    v_results    jsonb[];
-    v_msg_ids    bigint[];
-    v_queues     text[];
-    v_jobs       text[];
-    v_stages     int[];
-    v_shards     int[];
-    v_ordinals   int[];
+    v_refusals   jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_task_ids)]);
+    v_todo       text[];
+    v_rest       text[];
+    v_ids        text[] := '{}';
+    v_msg_ids    bigint[] := '{}';
+    v_queues     text[] := '{}';
+    v_jobs       text[] := '{}';
+    v_stages     int[] := '{}';
+    v_shards     int[] := '{}';
+    v_ordinals   int[] := '{}';
+    v_seconds    double precision[] := '{}';
     v_counts     int[];
     v_last       text[];
-    v_seconds    double precision[];
     v_remaining  int;
     v_open       int;
     v_emptied    int := 0;
     r            record;
 BEGIN
-    -- Lock every named task (task_id order) and decide on it as it is now: a locked row is read in
-    -- its newest version. The accepted ones are gathered in task_id order (the order of the
-    -- subquery the aggregates read), the refusals in the order of the call. Each refusal is computed once (OFFSET 0 keeps the subquery from being
-    -- flattened into the aggregates, which would evaluate it once per use); a plan is checked only
-    -- where it feeds a dynamic stage.
-    SELECT array_agg(d.refusal ORDER BY d.n),
-           array_agg(d.task_id) FILTER (WHERE d.accepted),
-           array_agg(d.result) FILTER (WHERE d.accepted),
-           array_agg(d.msg_id) FILTER (WHERE d.accepted),
-           array_agg(d.queue) FILTER (WHERE d.accepted),
-           array_agg(d.job_id) FILTER (WHERE d.accepted),
-           array_agg(d.stage) FILTER (WHERE d.accepted),
-           array_agg(d.shard) FILTER (WHERE d.accepted),
-           array_agg(d.ordinal) FILTER (WHERE d.accepted),
-           array_agg(d.seconds) FILTER (WHERE d.accepted)
-      INTO v_refusals, v_ids, v_results, v_msg_ids, v_queues, v_jobs, v_stages, v_shards, v_ordinals, v_seconds
-      FROM (SELECT c.*, c.refusal IS NULL AND (c.task).status = 'running' AS accepted,
-                   (c.task).msg_id, (c.task).job_id, (c.task).stage, (c.task).ordinal % c.stage_shards AS shard,
-                   (c.task).ordinal, extract(epoch FROM v_now - (c.task).claimed_at)::double precision AS seconds
-              FROM (SELECT u.n, u.task_id, u.result, l.task, l.queue, l.shards AS stage_shards,
+    FOR v_pass IN 1 .. 2 LOOP
+        -- Complete the tasks of v_todo that may be completed, locking them in task_id order (the
+        -- sorted list drives the join); the UPDATE re-checks its conditions on a row changed
+        -- since its snapshot, in the row's newest version, under the lock.
+        WITH done AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'completed', result = u.result, completed_at = v_now, lease_expires_at = NULL
+              FROM (SELECT a.task_id, a.result, a.token
+                      FROM unnest(p_task_ids, p_results, p_tokens) AS a(task_id, result, token)
+                     WHERE v_pass = 1 OR a.task_id = ANY (v_todo)
+                     ORDER BY a.task_id) AS u
+             WHERE t.task_id = u.task_id
+               AND t.status = 'running'
+               AND stageflow._refusal(t, u.task_id, 'completed', u.token, p_worker_id) IS NULL
+               AND ((SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
+                        IS DISTINCT FROM 'dynamic'
+                    OR stageflow._planner_refusal(u.task_id, u.result, t.job_id) IS NULL)
+            RETURNING t.task_id, t.msg_id, t.job_id, t.stage, t.ordinal, t.claimed_at,
+                      (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) AS st
+        )
+        SELECT v_ids || coalesce(array_agg(d.task_id ORDER BY d.task_id), '{}'),
+               v_msg_ids || coalesce(array_agg(d.msg_id ORDER BY d.task_id), '{}'),
+               v_queues || coalesce(array_agg((d.st).queue ORDER BY d.task_id), '{}'),
+               v_jobs || coalesce(array_agg(d.job_id ORDER BY d.task_id), '{}'),
+               v_stages || coalesce(array_agg(d.stage ORDER BY d.task_id), '{}'),
+               v_shards || coalesce(array_agg(d.ordinal % (d.st).shards ORDER BY d.task_id), '{}'),
+               v_ordinals || coalesce(array_agg(d.ordinal ORDER BY d.task_id), '{}'),
+               v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision ORDER BY d.task_id), '{}')
+          INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_shards, v_ordinals, v_seconds
+          FROM done AS d;
+        EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
+
+        -- The others (rare), locked in task_id order and decided as they are now: refused, a
+        -- repeat of a completion (accepted, nothing to do), or completable now (the next pass).
+        -- Each refusal is computed once (OFFSET 0 keeps the subquery from being flattened into
+        -- the aggregates, which would evaluate it once per use).
+        v_rest := ARRAY(SELECT a.task_id FROM unnest(p_task_ids) AS a(task_id)
+                        EXCEPT SELECT d.task_id FROM unnest(v_ids) AS d(task_id));
+        SELECT array_agg(c.refusal ORDER BY c.n),
+               array_agg(c.task_id) FILTER (WHERE c.rest AND c.refusal IS NULL AND (c.task).status = 'running')
+          INTO v_refusals, v_todo
+          FROM (SELECT u.n, u.task_id, l.task, x.task_id IS NOT NULL AS rest,
+                       CASE WHEN x.task_id IS NOT NULL THEN
                            coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
                                     CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
-                                        stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END) AS refusal
-                      FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
-                      LEFT JOIN (SELECT t AS task, s.queue, s.shards, s.next_fan_out
-                                   FROM stageflow.tasks AS t
-                                   JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-                                  WHERE t.task_id = ANY (p_task_ids)
-                                  ORDER BY t.task_id
-                                    FOR UPDATE OF t) AS l ON (l.task).task_id = u.task_id
-                    OFFSET 0) AS c
-             ORDER BY c.task_id) AS d;
-    IF v_ids IS NULL THEN
+                                        stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END) END AS refusal
+                  FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
+                  LEFT JOIN unnest(v_rest) AS x(task_id) ON x.task_id = u.task_id
+                  LEFT JOIN (SELECT t AS task, s.next_fan_out
+                               FROM stageflow.tasks AS t
+                               JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+                              WHERE t.task_id = ANY (v_rest)
+                              ORDER BY t.task_id
+                                FOR UPDATE OF t) AS l ON (l.task).task_id = u.task_id
+                OFFSET 0) AS c;
+        EXIT WHEN v_todo IS NULL;
+    END LOOP;
+    IF cardinality(v_ids) = 0 THEN
         RETURN v_refusals;
     END IF;
 
-    -- Their messages (after the tasks: the lock order of every report), then the tasks.
+    -- Their messages (after the tasks: the lock order of every report).
     IF v_queues[1] = ALL (v_queues) THEN
         PERFORM stageflow._delete_messages(v_queues[1], v_msg_ids);
     ELSE
@@ -174,10 +203,6 @@ BEGIN
             PERFORM stageflow._delete_messages(r.queue, r.msg_ids);
         END LOOP;
     END IF;
-    UPDATE stageflow.tasks AS t
-       SET status = 'completed', result = u.result, completed_at = v_now, lease_expires_at = NULL
-      FROM unnest(v_ids, v_results) AS u(task_id, result)
-     WHERE t.task_id = u.task_id;
 
     -- One entry per shard touched, in (job, stage, shard) order: how many tasks it loses, the
     -- last of them by ordinal, their claim-to-completion seconds.
