@@ -24,7 +24,7 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # postgresql-15-plpgsql-check: the PL/pgSQL linter of scripts/lint.sh (scripts/plpgsql_check.sh).
 core_tier=false
 [ "${STAGEFLOW_SETUP_TIER:-full}" = core ] && core_tier=true
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo postgresql-15-plpgsql-check)
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo postgresql-15-plpgsql-check openssl curl)
 if ! $core_tier; then
     packages+=(python3-psycopg chromium libgdal-dev gdal-bin python3-gdal postgresql-15-postgis-3 python3-venv)
     command -v npm >/dev/null || packages+=(nodejs npm)

@@ -1,6 +1,13 @@
 //! A private PostgreSQL 15 cluster in a directory (`./.stageflow` for the demo): created on first
-//! use with the system's PostgreSQL, started on a free port with `stageflow` preloaded, reused
-//! while it runs. As root, the cluster runs as the `postgres` user (PostgreSQL refuses root).
+//! use with the system's PostgreSQL, started on a free port of 127.0.0.1 with `stageflow`
+//! preloaded, reused while it runs. As root, the cluster runs as the `postgres` user (PostgreSQL
+//! refuses root).
+//!
+//! Every connection needs a password (scram-sha-256, TCP and the unix socket alike): a local user
+//! who can reach 127.0.0.1 is not a superuser of it. The password is generated when the cluster is
+//! created and kept with its URL in `<dir>/url`, readable by its owner only (0600). A directory
+//! given as a symbolic link is refused (as root the command hands the directory to `postgres`,
+//! and would hand over wherever the link points).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -58,6 +65,13 @@ fn free_port() -> Result<u16, String> {
 impl Cluster {
     pub fn at(dir: impl AsRef<Path>) -> Result<Self, String> {
         let dir = dir.as_ref();
+        if dir.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!(
+                "{} is a symbolic link: a cluster directory must be a directory of its own (remove the link, or name \
+                 the directory it points to)",
+                dir.display()
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Cluster { dir, settings: Vec::new() })
@@ -128,10 +142,33 @@ impl Cluster {
                 ));
             }
         }
+        let mut password = self.password();
         if !self.data().join("PG_VERSION").exists() {
+            let generated = generate_password()?;
+            // initdb reads the superuser's password from a file the cluster's owner can read; it
+            // is removed once initdb has run, whatever the outcome.
+            let pwfile = self.dir.join(".initdb-password");
+            write_private(&pwfile, &generated)?;
+            if is_root() {
+                let mut chown = Command::new("chown");
+                chown.arg("postgres:postgres").arg(&pwfile);
+                run(chown, "chown")?;
+            }
             let mut initdb = as_owner(&format!("{}/initdb", bin()));
-            initdb.arg("-D").arg(self.data()).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
-            run(initdb, "initdb")?;
+            initdb.arg("-D").arg(self.data()).args([
+                "-U",
+                "postgres",
+                "-A",
+                "scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]);
+            initdb.arg(format!("--pwfile={}", pwfile.display()));
+            let created = run(initdb, "initdb");
+            let _ = std::fs::remove_file(&pwfile);
+            created?;
+            password = Some(generated);
         }
         // The port it had before, if still free, so clients reconnect to the same URL after a restart.
         let previous = std::fs::read_to_string(self.url_file())
@@ -159,9 +196,20 @@ impl Cluster {
             .arg(self.dir.join("postgres.log"))
             .args(["-w", "-t", "60", "start", "-o", &options]);
         run(start, "pg_ctl start").map_err(|e| format!("{e}\n(see {})", self.dir.join("postgres.log").display()))?;
-        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        std::fs::write(self.url_file(), &url).map_err(|e| e.to_string())?;
+        // (A cluster created before passwords keeps its own pg_hba.conf: no password in its URL.)
+        let url = match password {
+            Some(password) => format!("postgres://postgres:{password}@127.0.0.1:{port}/postgres"),
+            None => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        };
+        write_private(&self.url_file(), &url)?;
         Ok(url)
+    }
+
+    /// The superuser's password, from the URL the cluster was last started with.
+    fn password(&self) -> Option<String> {
+        let url = std::fs::read_to_string(self.url_file()).ok()?;
+        let userinfo = url.trim().strip_prefix("postgres://")?.split_once('@')?.0.to_owned();
+        userinfo.split_once(':').map(|(_, password)| password.to_owned())
     }
 
     /// Stops the cluster if it runs (`mode`: pg_ctl's smart, fast or immediate); returns whether it did.
@@ -173,5 +221,43 @@ impl Cluster {
         stop.arg("-D").arg(self.data()).args(["-m", mode, "-w", "stop"]);
         run(stop, "pg_ctl stop")?;
         Ok(true)
+    }
+}
+
+/// 32 random bytes from the system, in hex (URL-safe as it is).
+fn generate_password() -> Result<String, String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `contents` to a file only its owner can read or write (created so: never readable by
+/// others, not even for a moment).
+fn write_private(path: &Path, contents: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // (an existing file keeps its mode through open: set it)
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(contents.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `url` with its password, if any, shown as `***` (for output that others may read).
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            format!("{scheme}://{}:***@{host}", userinfo.split_once(':').map_or(userinfo, |(user, _)| user))
+        }
+        _ => url.to_owned(),
     }
 }

@@ -24,7 +24,7 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
         "Created a private"
     };
     let url = cluster.ensure_running().map_err(CliError::Setup)?;
-    println!("{state} PostgreSQL cluster in {} ({url})", cluster.dir().display());
+    println!("{state} PostgreSQL cluster in {} ({})", cluster.dir().display(), crate::cluster::redacted(&url));
     let client = connect(&url).await?;
     client.raw().batch_execute("CREATE EXTENSION IF NOT EXISTS stageflow CASCADE").await?;
 

@@ -19,7 +19,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stageflow_tests::{connect, fresh_database, job_status, register, submit, Rng};
+use stageflow_tests::{connect, fresh_database, job_status, register, submit, url_as, Rng, ROLE_PASSWORD};
 
 mod common;
 use common::{signal, spawn_worker};
@@ -44,7 +44,7 @@ fn database_work_commits_once_per_task_under_killed_and_stale_workers() {
     admin
         .batch_execute(&format!(
             "DROP ROLE IF EXISTS {ROLE};
-             CREATE ROLE {ROLE} LOGIN IN ROLE stageflow_worker;
+             CREATE ROLE {ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_worker;
              CREATE SEQUENCE effect_writes;
              CREATE TABLE effects (task_id text NOT NULL, lease_token bigint NOT NULL,
                                    write_no bigint NOT NULL DEFAULT nextval('effect_writes'));
@@ -63,7 +63,7 @@ fn database_work_commits_once_per_task_under_killed_and_stale_workers() {
     );
     admin.batch_execute(&format!("SELECT stageflow.grant_queue('effects', '{ROLE}')")).unwrap();
     // The worker's login cannot read or write stageflow's tables: what it writes, it was granted.
-    let worker_url = url.replacen("postgres@", &format!("{ROLE}@"), 1);
+    let worker_url = url_as(&url, ROLE);
     let mut as_worker = connect(&worker_url);
     let refused = as_worker.batch_execute("SELECT count(*) FROM stageflow.tasks").unwrap_err();
     assert_eq!(refused.code().map(|c| c.code()), Some("42501"));
@@ -171,7 +171,7 @@ fn a_transactional_handler_stuck_in_the_database_times_out() {
     admin
         .batch_execute(&format!(
             "DROP ROLE IF EXISTS {role};
-             CREATE ROLE {role} LOGIN IN ROLE stageflow_worker;
+             CREATE ROLE {role} LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_worker;
              CREATE TABLE stuck_effects (task_id text NOT NULL, lease_token bigint NOT NULL);
              GRANT INSERT ON stuck_effects TO {role};"
         ))
@@ -189,7 +189,7 @@ fn a_transactional_handler_stuck_in_the_database_times_out() {
     holder.batch_execute("BEGIN; LOCK TABLE stuck_effects IN ACCESS EXCLUSIVE MODE").unwrap();
 
     let job_id = submit(&mut admin, "stuck", json!({"ms": 0, "table": "stuck_effects"}));
-    let worker_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    let worker_url = url_as(&url, role);
     let logs = std::env::temp_dir().join("stageflow-exactly-once-timeout");
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs).unwrap();

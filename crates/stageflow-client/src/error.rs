@@ -57,11 +57,31 @@ pub enum Error {
     Other(Refusal),
     /// No answer: the connection broke, could not be made, or the server is going away (SQLSTATE
     /// classes 08 and 57P). Retry on a new connection.
-    #[error("database: {0}")]
+    #[error("database: {}", with_causes(.0))]
     Connection(#[source] tokio_postgres::Error),
     /// A row or document the client could not read (an extension of another version?).
     #[error("unexpected answer from the database: {0}")]
     Decode(String),
+    /// A database URL whose settings cannot be used (an unknown `sslmode`, a missing or empty
+    /// `sslrootcert`, a malformed connection string): nothing was sent.
+    #[error("connection settings: {0}")]
+    Config(String),
+}
+
+/// An error and its causes, `: `-separated (a TLS handshake's says why: "invalid peer
+/// certificate: UnknownIssuer").
+fn with_causes(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl Error {
@@ -96,7 +116,7 @@ impl Error {
             | Error::InvalidText(r)
             | Error::Conflict(r)
             | Error::Other(r) => Some(r),
-            Error::Connection(_) | Error::Decode(_) => None,
+            Error::Connection(_) | Error::Decode(_) | Error::Config(_) => None,
         }
     }
 

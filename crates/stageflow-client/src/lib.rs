@@ -24,6 +24,7 @@ mod jobs;
 mod maintenance;
 mod metrics;
 mod tasks;
+pub mod tls;
 mod webhooks;
 
 use std::collections::HashMap;
@@ -35,7 +36,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{GenericClient, NoTls, Row, Socket, Statement};
+use tokio_postgres::{GenericClient, Row, Socket, Statement};
 
 pub use error::{Error, Refusal};
 pub use grants::{QueueGrant, QueueGrantChange, Quota, QuotaSetting};
@@ -97,9 +98,17 @@ impl PrepareCached for Statements {
     }
 }
 
-/// Connects without TLS (see [`connect_with`]).
+/// Connects as the URL's `sslmode` and `sslrootcert` say ([`tls::ConnectConfig`]); the
+/// connection runs on a task of its own until the client is dropped.
 pub async fn connect(url: &str) -> Result<Client, Error> {
-    connect_with(url, NoTls).await
+    let settings = tls::ConnectConfig::from_url(url)?;
+    let (client, connection) = settings.config.connect(settings.tls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "database connection ended");
+        }
+    });
+    Ok(Client { client, statements: Statements::default() })
 }
 
 /// Connects with `tls` (any tokio-postgres TLS connector: `NoTls`, postgres-native-tls,

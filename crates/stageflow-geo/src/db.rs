@@ -3,7 +3,7 @@
 
 use std::error::Error;
 
-use postgres::{Client, NoTls};
+use postgres::Client;
 use stageflow_worker::TaskError;
 
 /// What `table` must match: `name` or `schema.name`, plain lowercase SQL identifiers.
@@ -93,7 +93,9 @@ pub(crate) fn db_error(context: &str, e: postgres::Error) -> TaskError {
 }
 
 pub(crate) fn connect(url: &str) -> Result<Client, TaskError> {
-    Client::connect(url, NoTls).map_err(|e| {
+    let settings = stageflow_client::tls::ConnectConfig::from_url(url)
+        .map_err(|e| TaskError::permanent("database", format!("database URL: {e}")))?;
+    postgres::Config::from(settings.config).connect(settings.tls).map_err(|e| {
         if e.as_db_error().is_some() {
             db_error("connecting to the database", e)
         } else {

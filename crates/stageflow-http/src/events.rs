@@ -3,7 +3,7 @@
 
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 #[derive(Clone)]
 pub struct Events {
@@ -16,7 +16,11 @@ impl Events {
         let events = Events { sender: sender.clone() };
         tokio::spawn(async move {
             loop {
-                match tokio_postgres::connect(&database_url, NoTls).await {
+                let connected = match stageflow_client::tls::ConnectConfig::from_url(&database_url) {
+                    Ok(settings) => settings.config.connect(settings.tls).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match connected {
                     Ok((client, mut connection)) => {
                         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                         let listening = client.batch_execute("LISTEN stageflow_events");

@@ -59,14 +59,29 @@ pub async fn start(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Server, ServeError> {
-    let mut pool_config = deadpool_postgres::Config::new();
-    pool_config.url = Some(config.database_url.clone());
-    let pool = pool_config
-        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
+    let settings = stageflow_client::tls::ConnectConfig::from_url(&config.database_url)
+        .map_err(|e| ServeError(format!("database URL: {e}")))?;
+    let manager = deadpool_postgres::Manager::from_config(
+        settings.config,
+        settings.tls,
+        deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
         .map_err(|e| ServeError(format!("database pool: {e}")))?;
     // Fail early and clearly if the database or the extension is missing (a catalog lookup: no call
     // of the API, which would fail with less to say).
-    let client = pool.get().await.map_err(|e| ServeError(format!("cannot connect to the database: {e}")))?;
+    let client = pool.get().await.map_err(|e| {
+        // (the causes say why: a TLS handshake's names the certificate problem)
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        ServeError(format!("cannot connect to the database: {text}"))
+    })?;
     client
         .query_one("SELECT to_regprocedure('stageflow.job_status(text)') IS NOT NULL", &[])
         .await

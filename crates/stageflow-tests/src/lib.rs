@@ -27,6 +27,17 @@ pub fn url_for(url: &str, database: &str) -> String {
     format!("{base}/{database}")
 }
 
+/// The password the tests give the login roles they create (a test cluster asks every login for
+/// one: scram-sha-256).
+pub const ROLE_PASSWORD: &str = "stageflow-test-role";
+
+/// `url` logging in as `role` (with [`ROLE_PASSWORD`]) instead of its own user.
+pub fn url_as(url: &str, role: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{role}:{ROLE_PASSWORD}@{host}")
+}
+
 pub fn connect(url: &str) -> Client {
     Client::connect(url, NoTls).unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
 }

@@ -19,14 +19,14 @@ fn each_role_does_its_part_and_nothing_more() {
     let url = fresh_database("roles");
     let mut admin = connect(&url);
     admin
-        .batch_execute(
+        .batch_execute(&format!(
             "DROP ROLE IF EXISTS sf_test_worker; DROP ROLE IF EXISTS sf_test_submitter; DROP ROLE IF EXISTS sf_test_nobody;
-             CREATE ROLE sf_test_worker LOGIN IN ROLE stageflow_worker;
-             CREATE ROLE sf_test_submitter LOGIN IN ROLE stageflow_submitter;
-             CREATE ROLE sf_test_nobody LOGIN;",
-        )
+             CREATE ROLE sf_test_worker LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_worker;
+             CREATE ROLE sf_test_submitter LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_submitter;
+             CREATE ROLE sf_test_nobody LOGIN PASSWORD '{ROLE_PASSWORD}';"
+        ))
         .unwrap();
-    let as_role = |role: &str| connect(&url.replacen("postgres@", &format!("{role}@"), 1));
+    let as_role = |role: &str| connect(&url_as(&url, role));
     let mut submitter = as_role("sf_test_submitter");
     let mut worker = as_role("sf_test_worker");
     let mut nobody = as_role("sf_test_nobody");
@@ -87,13 +87,13 @@ fn a_submitter_cannot_touch_another_logins_jobs() {
     let url = fresh_database("ownership");
     let mut admin = connect(&url);
     admin
-        .batch_execute(
+        .batch_execute(&format!(
             "DROP ROLE IF EXISTS sf_test_alice; DROP ROLE IF EXISTS sf_test_mallory;
-             CREATE ROLE sf_test_alice LOGIN IN ROLE stageflow_submitter;
-             CREATE ROLE sf_test_mallory LOGIN IN ROLE stageflow_submitter;",
-        )
+             CREATE ROLE sf_test_alice LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_submitter;
+             CREATE ROLE sf_test_mallory LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_submitter;"
+        ))
         .unwrap();
-    let as_role = |role: &str| connect(&url.replacen("postgres@", &format!("{role}@"), 1));
+    let as_role = |role: &str| connect(&url_as(&url, role));
     let mut alice = as_role("sf_test_alice");
     let mut mallory = as_role("sf_test_mallory");
     let params = json!({"message": "mine", "n": 2});

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use stageflow_client::{BatchCompletion, Completion, CompletionReport, Error, FailReport, TASK_CALLS};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::handlers::Task;
 
@@ -127,8 +127,9 @@ pub async fn complete_in(
 
 /// Listens on [`CHANNEL`] and wakes `wake` on every notification. Returns the client, which must
 /// be kept: dropping it ends the listening connection. `ended` is notified when the connection ends.
-pub async fn listen(url: &str, wake: Arc<Notify>, ended: Arc<Notify>) -> Result<Client, tokio_postgres::Error> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+pub async fn listen(url: &str, wake: Arc<Notify>, ended: Arc<Notify>) -> Result<Client, Error> {
+    let settings = stageflow_client::tls::ConnectConfig::from_url(url)?;
+    let (client, mut connection) = settings.config.connect(settings.tls).await?;
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {

@@ -372,7 +372,9 @@ async fn run_transactional(
                 if error.kind == "timeout" {
                     // The handler was dropped, perhaps in the middle of a query that goes on in the
                     // database: stop it, or the rollback would wait behind it.
-                    let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                    if let Ok(settings) = stageflow_client::tls::ConnectConfig::from_url(&connections.url) {
+                        let _ = cancel.cancel_query(settings.tls).await;
+                    }
                 }
                 match tokio::time::timeout(ROLLBACK_WAIT, transaction.rollback()).await {
                     Ok(Ok(())) => connections.put_back(api),
