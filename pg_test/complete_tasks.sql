@@ -57,3 +57,13 @@ BEGIN
     ASSERT (SELECT jsonb_agg(e -> 'result' ORDER BY (e ->> 'ordinal')::int) FROM jsonb_array_elements(stageflow.job_result(v_a) -> 'entries') AS e) = '[{"greeting": "0"}, {"greeting": "1"}, {"greeting": "2"}]';
 END;
 $$;
+
+-- A completion naming no task (NULL) is refused as an unknown task, and changes nothing.
+DO $$
+BEGIN
+    PERFORM stageflow.complete_task_and_check_stage(NULL, '{}');
+    RAISE EXCEPTION 'a completion of task NULL was accepted';
+EXCEPTION WHEN undefined_object THEN
+    ASSERT SQLERRM = 'unknown task NULL', SQLERRM;
+END;
+$$;

@@ -97,9 +97,12 @@ $$;
 -- distinct. Every report is decided under its task's row lock (stageflow._refusal, and a plan
 -- check for a result that feeds a dynamic fan-out): one UPDATE, in task_id order, completes the
 -- tasks that may be completed, its conditions checked on each row's newest version once it holds
--- the row's lock (no separate lock first: a lock is a WAL record of its own). The rest (rare) are
--- locked in task_id order and their refusals read; a task that became completable meanwhile (a
--- report without a token, of a task claimed since) goes through the same UPDATE again. The
+-- the row's lock (for one task, no separate lock first: a lock is a WAL record of its own). The
+-- rest (rare) are locked in task_id order and their refusals read; a task that became completable
+-- meanwhile (a report without a token, of a task claimed since) goes through the same UPDATE again.
+-- A call naming several tasks locks them all first, in task_id order: the UPDATE locks only the
+-- tasks it takes, and the refusals' locks would come after a higher task's (two batches, each
+-- with a stale report of a task the other holds, deadlocked so). The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
 -- report), and their stages' shard counters are decremented once per shard for the whole call; a
 -- stage row is locked only when one of its shards empties (shards before stage, in (job, stage,
@@ -133,6 +136,9 @@ DECLARE
     v_emptied    int := 0;
     r            record;
 BEGIN
+    IF cardinality(p_task_ids) > 1 THEN
+        PERFORM FROM stageflow.tasks AS t WHERE t.task_id = ANY (p_task_ids) ORDER BY t.task_id FOR UPDATE;
+    END IF;
     FOR v_pass IN 1 .. 2 LOOP
         -- Complete the tasks of v_todo that may be completed, locking them in task_id order (the
         -- sorted list drives the join); the UPDATE re-checks its conditions on a row changed
@@ -174,8 +180,9 @@ BEGIN
         SELECT array_agg(c.refusal ORDER BY c.n),
                array_agg(c.task_id) FILTER (WHERE c.rest AND c.refusal IS NULL AND (c.task).status = 'running')
           INTO v_refusals, v_todo
-          FROM (SELECT u.n, u.task_id, l.task, x.task_id IS NOT NULL AS rest,
-                       CASE WHEN x.task_id IS NOT NULL THEN
+          -- (a NULL id is never taken: it is refused as an unknown task)
+          FROM (SELECT u.n, u.task_id, l.task, x.task_id IS NOT NULL OR u.task_id IS NULL AS rest,
+                       CASE WHEN x.task_id IS NOT NULL OR u.task_id IS NULL THEN
                            coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
                                     CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
                                         stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END) END AS refusal
