@@ -48,9 +48,13 @@ pub async fn run(cluster: &Cluster, options: DemoOptions) -> Result<(), CliError
     config.poll_interval = Duration::from_millis(250);
     config.grace_period = Duration::from_secs(5);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(config.clone(), crate::worker_handlers(&config.database_url)).run(async {
-        let _ = stop_rx.await;
-    }));
+    let worker = tokio::spawn(
+        Worker::new(config.clone(), crate::worker_handlers(&config.database_url, &crate::GeoOptions::roots(&[]))?).run(
+            async {
+                let _ = stop_rx.await;
+            },
+        ),
+    );
 
     let status = progress::follow(&client, &job_id).await?;
     let elapsed = started.elapsed();
@@ -127,7 +131,11 @@ pub async fn run_geo(cluster: &Cluster, workers: usize) -> Result<(), CliError> 
     config.concurrency = workers.max(1);
     config.poll_interval = Duration::from_millis(200);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(config.clone(), crate::worker_handlers(&config.database_url)).run(async {
+    // The jobs read the scenes where they are and write under the demo's own directory.
+    let roots =
+        [std::path::PathBuf::from(&landsat).parent().map(|p| p.to_path_buf()).unwrap_or_default(), base.clone()];
+    let handlers = crate::worker_handlers(&config.database_url, &crate::GeoOptions::roots(&roots))?;
+    let worker = tokio::spawn(Worker::new(config.clone(), handlers).run(async {
         let _ = stop_rx.await;
     }));
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();

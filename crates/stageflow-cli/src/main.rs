@@ -83,6 +83,8 @@ enum Command {
         grace_seconds: u64,
         #[arg(long)]
         worker_id: Option<String>,
+        #[command(flatten)]
+        geo: GeoOptions,
     },
     /// Submit a job.
     Submit {
@@ -244,15 +246,47 @@ pub async fn connect(url: &str) -> Result<stageflow_client::Client, CliError> {
     Ok(stageflow_client::connect(url).await?)
 }
 
-/// The handlers of `stageflow worker`: the built-in ones, and the geospatial ones when built
-/// with the `geo` feature.
-pub fn worker_handlers(database_url: &str) -> stageflow_worker::Handlers {
+/// Where the geospatial job types may read and write (builds with the `geo` feature; see
+/// `stageflow_geo::confine`): every path and table a job's params name is checked against it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GeoOptions {
+    /// A directory whose files the geospatial job types may read and write (repeatable, or
+    /// comma-separated in the environment). Without one, every local path is refused.
+    #[arg(long = "geo-root", env = "STAGEFLOW_GEO_ROOTS", value_delimiter = ',')]
+    pub roots: Vec<PathBuf>,
+    /// An S3 location they may read and write under, as s3://bucket[/prefix] (repeatable, or
+    /// comma-separated in the environment). Without one, every S3 location is refused.
+    #[arg(long = "geo-bucket", env = "STAGEFLOW_GEO_BUCKETS", value_delimiter = ',')]
+    pub buckets: Vec<String>,
+    /// The schema whose tables they may create, read and write (a bare table name is put there).
+    #[arg(long = "geo-schema", env = "STAGEFLOW_GEO_SCHEMA", default_value = "stageflow_geo")]
+    pub schema: String,
+    /// The most pixels (width x height x bands) of a raster a task may open.
+    #[arg(long = "geo-max-pixels", env = "STAGEFLOW_GEO_MAX_PIXELS", default_value_t = 1 << 32)]
+    pub max_pixels: u64,
+}
+
+impl GeoOptions {
+    /// Confined to `roots` only (the demo's and the benchmark's own directories).
+    pub fn roots(roots: &[PathBuf]) -> Self {
+        GeoOptions { roots: roots.to_vec(), buckets: Vec::new(), schema: "stageflow_geo".into(), max_pixels: 1 << 32 }
+    }
+}
+
+/// The handlers of `stageflow worker`: the built-in ones, and the geospatial ones, confined by
+/// `geo`, when built with the `geo` feature.
+pub fn worker_handlers(database_url: &str, geo: &GeoOptions) -> Result<stageflow_worker::Handlers, CliError> {
     #[cfg(feature = "geo")]
-    return stageflow_geo::handlers(builtin_handlers(), database_url);
+    {
+        let confinement = stageflow_geo::Confinement::new(&geo.roots, &geo.buckets, &geo.schema, geo.max_pixels)
+            .map_err(CliError::Usage)?;
+        Ok(stageflow_geo::handlers(builtin_handlers(), database_url, confinement))
+    }
     #[cfg(not(feature = "geo"))]
-    let _ = database_url;
-    #[cfg(not(feature = "geo"))]
-    builtin_handlers()
+    {
+        let _ = (database_url, geo);
+        Ok(builtin_handlers())
+    }
 }
 
 fn database_url(cli: &Cli) -> Result<String, CliError> {
@@ -314,6 +348,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             task_timeout_seconds,
             grace_seconds,
             worker_id,
+            geo,
         } => {
             let mut config = WorkerConfig::new(database_url(&cli)?);
             config.queues = queues.clone();
@@ -327,7 +362,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 config.worker_id = id.clone();
             }
             let report =
-                Worker::new(config.clone(), worker_handlers(&config.database_url)).run(shutdown_signal()).await;
+                Worker::new(config.clone(), worker_handlers(&config.database_url, geo)?).run(shutdown_signal()).await;
             tracing::info!(
                 completed = report.completed,
                 failed = report.failed,

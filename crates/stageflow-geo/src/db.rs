@@ -22,9 +22,14 @@ pub struct TableName {
 impl TableName {
     /// `name` (in [`DEFAULT_SCHEMA`]) or `schema.name`, each a plain lowercase identifier.
     pub fn parse(text: &str) -> Result<TableName, TaskError> {
+        Self::parse_in(text, DEFAULT_SCHEMA)
+    }
+
+    /// `name` (in `default_schema`) or `schema.name`, each a plain lowercase identifier.
+    pub fn parse_in(text: &str, default_schema: &str) -> Result<TableName, TaskError> {
         let parts: Vec<&str> = text.split('.').collect();
         let (schema, name) = match parts.as_slice() {
-            [name] => (DEFAULT_SCHEMA, *name),
+            [name] => (default_schema, *name),
             [schema, name] => (*schema, *name),
             _ => return Err(bad_table(text)),
         };

@@ -466,6 +466,9 @@ fn write_file(
     writer.finish().map_err(|e| io_error(&format!("finishing {tmp}"), &e))?;
     writer.inner_mut().sync_all().map_err(|e| io_error(&format!("syncing {tmp}"), &e))?;
     drop(writer);
+    // Marked as this job's before it takes the output's name: a later run of the job may replace
+    // it, another job may not (see confine).
+    crate::confine::mark_file(Path::new(tmp), &task.job_id)?;
     std::fs::rename(tmp, output).map_err(|e| io_error(&format!("renaming {tmp} to {output}"), &e))?;
     if let Some(parent) = Path::new(output).parent().filter(|p| !p.as_os_str().is_empty()) {
         if let Ok(dir) = File::open(parent) {

@@ -20,6 +20,7 @@
 //! Every failure is a categorised [`TaskError`]: unreadable files, missing CRS, bad sizes and GDAL
 //! errors are permanent; none panics.
 
+pub mod confine;
 pub mod db;
 pub mod geoparquet_export;
 pub mod inventory;
@@ -32,53 +33,105 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use confine::{Confinement, Use};
 use serde_json::{json, Value};
 use stageflow_worker::{Handlers, Task, TaskError};
+use Use::{OutputDirectory, OutputFile, Raster, Read, Table};
 
 /// The geospatial handlers, to add to a worker's. `database_url` is where the handlers that read or
-/// write PostGIS tables connect (the database of the engine). GDAL, the `postgres` client and file
-/// reads block: those handlers run on tokio's blocking pool; the inventory's listing and reading
-/// through object_store are async.
-pub fn handlers(base: Handlers, database_url: &str) -> Handlers {
+/// write PostGIS tables connect (the database of the engine). `confinement` is what they may
+/// touch: every handler's path and table params are checked against it before it runs (see
+/// [`confine`]). GDAL, the `postgres` client and file reads block: those handlers run on tokio's
+/// blocking pool; the inventory's listing and reading through object_store are async.
+pub fn handlers(base: Handlers, database_url: &str, confinement: Confinement) -> Handlers {
+    raster::harden_gdal();
     let url = database_url;
-    base.register("geo.extract_metadata", blocking(extract_metadata))
-        .register("geo.raster_validate", blocking(raster::validate))
-        .register("geo.raster_plan", blocking(raster::plan))
-        .register("geo.raster_cog", blocking(raster::cog))
-        .register("geo.raster_stac", blocking(stac::write_catalog))
-        .register("geo.inventory_list", inventory::list)
-        .register("geo.inventory_inspect", inventory::inspect)
-        .register("geo.inventory_catalog", blocking_db(inventory::catalog, url))
-        .register("geo.stac_discover", blocking(validate_stac::discover))
-        .register("geo.stac_validate", blocking(validate_stac::validate))
-        .register("geo.stac_report", blocking(validate_stac::report))
-        .register("geo.vector_inspect", blocking_db(vector::inspect, url))
-        .register("geo.vector_load", blocking_db(vector::load, url))
-        .register("geo.vector_finish", blocking_db(vector::finish, url))
-        .register("geo.geoparquet_inspect", blocking_db(geoparquet_export::inspect, url))
-        .register("geo.geoparquet_write", blocking_db(geoparquet_export::write, url))
+    let c = Arc::new(confinement);
+    base.register("geo.extract_metadata", blocking(&c, &[Raster("path")], extract_metadata))
+        .register("geo.raster_validate", blocking(&c, &[Raster("source")], raster::validate))
+        .register("geo.raster_plan", blocking(&c, &[Raster("source")], raster::plan))
+        .register("geo.raster_cog", blocking(&c, &[Raster("source"), OutputDirectory("output")], raster::cog))
+        .register("geo.raster_stac", blocking(&c, &[Raster("source"), OutputDirectory("output")], stac::write_catalog))
+        .register("geo.inventory_list", confined(&c, &[Read("source")], inventory::list))
+        .register(
+            "geo.inventory_inspect",
+            confined(&c, &[Read("source"), Use::Within("source", "object")], inventory::inspect),
+        )
+        .register("geo.inventory_catalog", blocking_db(&c, &[], inventory::catalog, url))
+        .register("geo.stac_discover", blocking(&c, &[Read("path")], validate_stac::discover))
+        .register("geo.stac_validate", blocking(&c, &[Use::MaybeRead("document")], validate_stac::validate))
+        .register("geo.stac_report", blocking(&c, &[], validate_stac::report))
+        .register("geo.vector_inspect", blocking_db(&c, &[Read("source"), Table("table")], vector::inspect, url))
+        .register("geo.vector_load", blocking_db(&c, &[Read("source"), Table("table")], vector::load, url))
+        .register("geo.vector_finish", blocking_db(&c, &[Table("table")], vector::finish, url))
+        .register(
+            "geo.geoparquet_inspect",
+            blocking_db(&c, &[Table("table"), OutputFile("output")], geoparquet_export::inspect, url),
+        )
+        .register(
+            "geo.geoparquet_write",
+            blocking_db(&c, &[Table("table"), OutputFile("output")], geoparquet_export::write, url),
+        )
 }
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
 
-/// Runs a blocking handler on tokio's blocking pool.
-fn blocking(handler: fn(&Task) -> Result<Value, TaskError>) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone {
-    move |task: Task| -> HandlerFuture { Box::pin(off_the_runtime(move || handler(&task))) }
+/// An async handler run on the task as its confinement checked it.
+fn confined<Fut>(
+    confinement: &Arc<Confinement>,
+    uses: &'static [Use],
+    handler: fn(Task) -> Fut,
+) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone
+where
+    Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+{
+    let confinement = confinement.clone();
+    move |task: Task| -> HandlerFuture {
+        let confinement = confinement.clone();
+        Box::pin(async move {
+            // (the checks touch the file system: off the runtime)
+            let checked = off_the_runtime_with(move || confinement.check(task, uses)).await?;
+            handler(checked).await
+        })
+    }
 }
 
-/// Runs a blocking handler that connects to the database at `url` on tokio's blocking pool.
+/// A blocking handler run on tokio's blocking pool, on the task as its confinement checked it.
+fn blocking(
+    confinement: &Arc<Confinement>,
+    uses: &'static [Use],
+    handler: fn(&Task) -> Result<Value, TaskError>,
+) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone {
+    let confinement = confinement.clone();
+    move |task: Task| -> HandlerFuture {
+        let confinement = confinement.clone();
+        Box::pin(off_the_runtime(move || handler(&confinement.check(task, uses)?)))
+    }
+}
+
+/// As [`blocking`], for a handler that connects to the database at `url`.
 fn blocking_db(
+    confinement: &Arc<Confinement>,
+    uses: &'static [Use],
     handler: fn(&Task, &str) -> Result<Value, TaskError>,
     url: &str,
 ) -> impl Fn(Task) -> HandlerFuture + Send + Sync + Clone {
     let url: Arc<str> = Arc::from(url);
+    let confinement = confinement.clone();
     move |task: Task| -> HandlerFuture {
         let url = url.clone();
-        Box::pin(off_the_runtime(move || handler(&task, &url)))
+        let confinement = confinement.clone();
+        Box::pin(off_the_runtime(move || handler(&confinement.check(task, uses)?, &url)))
     }
 }
 
 async fn off_the_runtime(work: impl FnOnce() -> Result<Value, TaskError> + Send + 'static) -> Result<Value, TaskError> {
+    off_the_runtime_with(work).await
+}
+
+async fn off_the_runtime_with<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
+) -> Result<T, TaskError> {
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|e| Err(TaskError::permanent("panic", format!("the handler failed: {e}"))))

@@ -99,12 +99,52 @@ pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// The only driver a raster is opened with: GeoTIFF (COGs are GeoTIFFs). A VRT, say, could read
+/// any file the worker can as raw bands; other drivers fetch from the network.
+const RASTER_DRIVERS: [&str; 1] = ["GTiff"];
+
+/// What GDAL must not do whatever a file says, set once per process: a VRT's raw bands (which
+/// read any local file) and pixel functions in Python are off. (Rasters open with the GeoTIFF
+/// driver only; this is the second line, for any other code of the process that opens a VRT.)
+pub fn harden_gdal() {
+    static HARDENED: std::sync::Once = std::sync::Once::new();
+    HARDENED.call_once(|| {
+        let _ = gdal::config::set_config_option("GDAL_VRT_ENABLE_RAWRASTERBAND", "NO");
+        let _ = gdal::config::set_config_option("GDAL_VRT_ENABLE_PYTHON", "NO");
+    });
+}
+
 fn open(location: &str) -> Result<Dataset, TaskError> {
     let path = gdal_path(location)?;
     if !exists(&path) {
         return Err(TaskError::permanent("not_found", format!("{location}: no such file")));
     }
-    Dataset::open(&path).map_err(|e| TaskError::permanent("unreadable", format!("{location}: {e}")))
+    let options = gdal::DatasetOptions {
+        open_flags: gdal::GdalOpenFlags::GDAL_OF_RASTER | gdal::GdalOpenFlags::GDAL_OF_READONLY,
+        allowed_drivers: Some(&RASTER_DRIVERS),
+        ..Default::default()
+    };
+    Dataset::open_ex(&path, options)
+        .map_err(|e| TaskError::permanent("unreadable", format!("{location} is not a GeoTIFF GDAL can read ({e})")))
+}
+
+/// Refuses a raster whose pixels (width x height x bands) exceed `max_pixels`: a small file can
+/// declare a huge raster, and a task would read or write all of it.
+pub fn check_budget(location: &str, max_pixels: u64) -> Result<(), TaskError> {
+    let dataset = open(location)?;
+    let (width, height) = dataset.raster_size();
+    let pixels = (width as u64).saturating_mul(height as u64).saturating_mul(dataset.raster_count().max(1) as u64);
+    if pixels > max_pixels {
+        return Err(TaskError::permanent(
+            "over_budget",
+            format!(
+                "{location} is {width}x{height} with {} bands ({pixels} pixels), over this worker's budget of \
+                 {max_pixels} pixels (stageflow worker --geo-max-pixels)",
+                dataset.raster_count()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn srs_of(dataset: &Dataset, path: &str) -> Result<SpatialRef, TaskError> {

@@ -177,6 +177,14 @@ pub fn discover(task: &Task) -> Result<Value, TaskError> {
             let href = href.split(['#', '?']).next().unwrap_or(href);
             let target = normalise(&dir.join(href));
             let target = std::fs::canonicalize(&target).unwrap_or(target);
+            // Only documents inside the root's directory are read (a link climbing out of the
+            // catalog, or a symbolic link leading out of it, is reported, not followed).
+            if !target.starts_with(&base) {
+                skipped.push(
+                    json!({"from": path.to_string_lossy(), "href": href, "reason": "outside the catalog's directory"}),
+                );
+                continue;
+            }
             if seen.insert(target.clone()) {
                 queue.push_back(target);
             }

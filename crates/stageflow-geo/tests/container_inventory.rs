@@ -267,12 +267,17 @@ fn inventory_of_a_local_directory() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A directory that does not exist, under the workers' roots (the temporary directory).
+fn missing_survey() -> String {
+    std::env::temp_dir().join("stageflow-nonexistent/survey").to_string_lossy().into_owned()
+}
+
 #[test]
 fn a_missing_source_fails_the_job_with_a_categorised_error() {
     let _serial = one_at_a_time();
     let (url, mut client) = jobs::geo_database("geo_inventory_missing");
     let (job_id, status, _) =
-        jobs::run_job(&url, &mut client, "container_inventory", json!({"source": "/nonexistent/stageflow/survey"}), 2);
+        jobs::run_job(&url, &mut client, "container_inventory", json!({"source": missing_survey()}), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = jobs::task_errors(&mut client, &job_id);
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -286,7 +291,9 @@ fn a_missing_source_fails_the_job_with_a_categorised_error() {
     assert_eq!(attempts, 1, "a permanent error is not retried");
 
     // A file is not a directory, and an unsupported URL is a bad URL: both permanent.
-    let file = format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"));
+    let file = std::env::temp_dir().join(format!("stageflow-inventory-a-file-{}", std::process::id()));
+    std::fs::write(&file, "not a directory").unwrap();
+    let file = file.to_string_lossy().into_owned();
     let (job_id, status, _) = jobs::run_job(&url, &mut client, "container_inventory", json!({"source": file}), 2);
     assert_eq!(status["status"], json!("failed"));
     assert_eq!(jobs::task_errors(&mut client, &job_id)[0].1["type"], json!("not_a_directory"));

@@ -115,17 +115,19 @@ fn exports_the_nc_counties_to_geoparquet_that_pyarrow_and_geopandas_read() {
         assert!((got["geometry_area"].as_f64().unwrap() - geometry_area).abs() < 1e-12, "fid {fid}");
     }
 
-    // Exporting again to the same path replaces the file whole.
+    // Another job (other params, another id) exporting to the same path does not replace the
+    // file: it carries the first job's mark (see confine).
     let first = std::fs::read(&output).unwrap();
-    let (_, again, _) = run_job(
+    let (again_id, again, _) = run_job(
         &url,
         &mut client,
         "export_geoparquet",
         json!({"table": "stageflow_geo.nc", "output": output.to_str().unwrap()}),
         2,
     );
-    assert_eq!(again["status"], json!("completed"), "{again}");
-    assert_eq!(std::fs::read(&output).unwrap(), first, "the same table, the same file");
+    assert_eq!(again["status"], json!("failed"), "{again}");
+    assert_eq!(task_errors(&mut client, &again_id)[0].1["type"], json!("forbidden_path"));
+    assert_eq!(std::fs::read(&output).unwrap(), first, "the file is the first job's, whole");
     assert_eq!(temporary_files(&dir), Vec::<String>::new(), "the temporary file was renamed");
 }
 
@@ -134,9 +136,9 @@ fn exports_wide_numerics_points_and_other_types() {
     let (url, mut client) = geo_database("geo_export_types");
     client
         .batch_execute(
-            "CREATE TABLE public.places (id int PRIMARY KEY, label varchar(20), big numeric, seen date, at timestamptz, ok boolean, \
+            "CREATE TABLE stageflow_geo.places (id int PRIMARY KEY, label varchar(20), big numeric, seen date, at timestamptz, ok boolean, \
                  small smallint, geom geometry(Point, 3857));
-             INSERT INTO public.places VALUES
+             INSERT INTO stageflow_geo.places VALUES
                (1, 'a', 123456789012345678, '2024-02-29', '2024-02-29 12:00:00+00', true, 7, ST_SetSRID(ST_MakePoint(100, 200), 3857)),
                (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
         )
@@ -147,7 +149,7 @@ fn exports_wide_numerics_points_and_other_types() {
         &url,
         &mut client,
         "export_geoparquet",
-        json!({"table": "public.places", "output": output.to_str().unwrap()}),
+        json!({"table": "stageflow_geo.places", "output": output.to_str().unwrap()}),
         2,
     );
     assert_eq!(status["status"], json!("completed"), "{status}");

@@ -6,6 +6,8 @@
 // Test code: a panic (unwrap, expect) is how a test reports a failure.
 #![allow(clippy::unwrap_used)]
 
+mod jobs;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -80,9 +82,11 @@ fn process_raster_tiles_a_scene_into_valid_cogs_and_a_stac_catalog() {
     config.concurrency = 2;
     config.poll_interval = Duration::from_millis(100);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = runtime.spawn(Worker::new(config, stageflow_geo::handlers(builtin_handlers(), &url)).run(async {
-        let _ = stopped.await;
-    }));
+    let worker = runtime.spawn(
+        Worker::new(config, stageflow_geo::handlers(builtin_handlers(), &url, jobs::test_confinement())).run(async {
+            let _ = stopped.await;
+        }),
+    );
     let start = Instant::now();
     let status = loop {
         let status = job_status(&mut client, &job_id);

@@ -137,7 +137,7 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
         &url,
         &mut client,
         "stage_vector",
-        json!({"source": file, "table": "public.cycle_hire", "chunk_size": 100}),
+        json!({"source": file, "table": "stageflow_geo.cycle_hire", "chunk_size": 100}),
         3,
     );
     assert_eq!(status["status"], json!("completed"), "{status}");
@@ -149,8 +149,8 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
     assert_eq!(result["geometry_type"], json!("POINT"));
     assert_eq!(result["chunks"], json!(8), "742 features in chunks of 100");
     assert_eq!(status["stages"][1]["task_count"], json!(8), "{status}");
-    assert!(has_gist_index(&mut client, "public.cycle_hire"));
-    let types: HashMap<String, String> = column_types(&mut client, "public.cycle_hire").into_iter().collect();
+    assert!(has_gist_index(&mut client, "stageflow_geo.cycle_hire"));
+    let types: HashMap<String, String> = column_types(&mut client, "stageflow_geo.cycle_hire").into_iter().collect();
     assert_eq!(
         (types["id"].as_str(), types["nbikes"].as_str(), types["name"].as_str()),
         ("integer", "integer", "text")
@@ -188,7 +188,7 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
     assert_eq!((params["start"].clone(), params["count"].clone()), (json!(300), json!(100)));
     let digest = |client: &mut Client| -> String {
         client
-            .query_one("SELECT md5(string_agg(t::text, '|' ORDER BY fid)) FROM public.cycle_hire t", &[])
+            .query_one("SELECT md5(string_agg(t::text, '|' ORDER BY fid)) FROM stageflow_geo.cycle_hire t", &[])
             .unwrap()
             .get(0)
     };
@@ -197,10 +197,10 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
         let again = stageflow_geo::vector::load(&task("geo.vector_load", params.clone()), &url).unwrap();
         assert_eq!((again["rows"].clone(), again["replaced"].clone()), (json!(100), json!(100)), "{again}");
     }
-    assert_eq!(rows(&mut client, "public.cycle_hire"), 742);
+    assert_eq!(rows(&mut client, "stageflow_geo.cycle_hire"), 742);
     assert_eq!(digest(&mut client), before, "the chunk's rows are the same rows");
     let (first, last): (i64, i64) = {
-        let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap();
+        let r = client.query_one("SELECT min(fid), max(fid) FROM stageflow_geo.cycle_hire", &[]).unwrap();
         (r.get(0), r.get(1))
     };
     assert_eq!((first, last), (1, 742));
@@ -220,14 +220,14 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
         &url,
         &mut client,
         "stage_vector",
-        json!({"source": short.to_str().unwrap(), "table": "public.cycle_hire", "chunk_size": 100}),
+        json!({"source": short.to_str().unwrap(), "table": "stageflow_geo.cycle_hire", "chunk_size": 100}),
         2,
     );
     assert_eq!(reloaded["status"], json!("completed"), "{reloaded}");
     assert_eq!(result_of(&mut client, &reloaded)["rows"], json!(10));
-    assert_eq!(rows(&mut client, "public.cycle_hire"), 10);
+    assert_eq!(rows(&mut client, "stageflow_geo.cycle_hire"), 10);
     let (first, last): (i64, i64) = {
-        let r = client.query_one("SELECT min(fid), max(fid) FROM public.cycle_hire", &[]).unwrap();
+        let r = client.query_one("SELECT min(fid), max(fid) FROM stageflow_geo.cycle_hire", &[]).unwrap();
         (r.get(0), r.get(1))
     };
     assert_eq!((first, last), (1, 10));
@@ -414,7 +414,7 @@ fn bad_inputs_are_categorised_errors() {
 
     // Through the engine: the job fails with the categorised error on its task, not a panic.
     let (job_id, status, _) =
-        run_job(&url, &mut client, "stage_vector", stage_params("/nonexistent/x.geojson", "x"), 2);
+        run_job(&url, &mut client, "stage_vector", stage_params(&missing_under_tmp("x.geojson"), "x"), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = task_errors(&mut client, &job_id);
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -425,4 +425,9 @@ fn bad_inputs_are_categorised_errors() {
     let (job_id, status, _) = run_job(&url, &mut client, "stage_vector", stage_params(&nc, "taken"), 2);
     assert_eq!(status["status"], json!("failed"), "{status}");
     assert_eq!(task_errors(&mut client, &job_id)[0].1["type"], json!("table_exists"));
+}
+
+/// A file that does not exist, under the workers' roots (the temporary directory).
+fn missing_under_tmp(name: &str) -> String {
+    std::env::temp_dir().join("stageflow-nonexistent").join(name).to_string_lossy().into_owned()
 }

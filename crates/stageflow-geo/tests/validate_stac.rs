@@ -181,8 +181,13 @@ fn a_valid_catalog_and_a_broken_copy() {
 #[test]
 fn roots_that_are_missing_or_not_stac() {
     let (url, mut client) = jobs::geo_database("geo_validate_stac_roots");
-    let (job_id, status, _) =
-        jobs::run_job(&url, &mut client, "validate_stac", json!({"path": "/nonexistent/catalog.json"}), 2);
+    let (job_id, status, _) = jobs::run_job(
+        &url,
+        &mut client,
+        "validate_stac",
+        json!({"path": std::env::temp_dir().join("stageflow-nonexistent/catalog.json")}),
+        2,
+    );
     assert_eq!(status["status"], json!("failed"), "{status}");
     let errors = jobs::task_errors(&mut client, &job_id);
     assert_eq!(

@@ -35,7 +35,9 @@ pub(super) async fn process_raster_vs_gdal(
     config.concurrency = workers;
     config.poll_interval = Duration::from_millis(50);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(config.clone(), crate::worker_handlers(&config.database_url)).run(async {
+    // The benchmark's raster and tiles are in its own directory, the only one the job may use.
+    let handlers = crate::worker_handlers(&config.database_url, &crate::GeoOptions::roots(&[dir.to_path_buf()]))?;
+    let worker = tokio::spawn(Worker::new(config.clone(), handlers).run(async {
         let _ = stop_rx.await;
     }));
     let start = Instant::now();

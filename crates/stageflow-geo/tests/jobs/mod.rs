@@ -51,6 +51,20 @@ pub fn geo_database(name: &str) -> (String, Client) {
     (url, client)
 }
 
+/// What the tests' workers may touch: the geodata, the temporary directory, the local S3
+/// server's test buckets, the schema stageflow_geo.
+pub fn test_confinement() -> stageflow_geo::Confinement {
+    let geodata = std::env::var("STAGEFLOW_GEODATA_ROOT").unwrap_or_else(|_| "/var/tmp/stageflow-geodata".into());
+    stageflow_geo::Confinement::new(
+        &[PathBuf::from(geodata), std::env::temp_dir()],
+        // (no-such-bucket: allowed, and missing on the S3 server, for the not_found tests)
+        &["s3://rasters".into(), "s3://geo-survey".into(), "s3://no-such-bucket".into()],
+        "stageflow_geo",
+        stageflow_geo::confine::DEFAULT_MAX_PIXELS,
+    )
+    .expect("the test confinement is valid")
+}
+
 /// Submits a job and runs a worker with `slots` handler slots on the `geo` queue until the job
 /// ends; returns the job id, its status document and the time from submission to its end.
 pub fn run_job(
@@ -60,15 +74,28 @@ pub fn run_job(
     params: Value,
     slots: usize,
 ) -> (String, Value, Duration) {
+    run_job_confined(url, client, job_type, params, slots, test_confinement())
+}
+
+/// [`run_job`] with a worker confined by `confinement`.
+pub fn run_job_confined(
+    url: &str,
+    client: &mut Client,
+    job_type: &str,
+    params: Value,
+    slots: usize,
+    confinement: stageflow_geo::Confinement,
+) -> (String, Value, Duration) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut config = WorkerConfig::new(url.to_owned());
     config.queues = vec!["geo".into()];
     config.concurrency = slots;
     config.poll_interval = Duration::from_millis(50);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = runtime.spawn(Worker::new(config, stageflow_geo::handlers(builtin_handlers(), url)).run(async {
-        let _ = stopped.await;
-    }));
+    let worker =
+        runtime.spawn(Worker::new(config, stageflow_geo::handlers(builtin_handlers(), url, confinement)).run(async {
+            let _ = stopped.await;
+        }));
     let start = Instant::now();
     let job_id = submit(client, job_type, params);
     let status = loop {
