@@ -267,6 +267,8 @@ fn geo_job_types_install_and_run_from_the_command_line() {
     assert!(String::from_utf8_lossy(&installed.stdout).contains("registered process_raster"));
     let mut worker = Command::new(env!("CARGO_BIN_EXE_stageflow"))
         .args(["worker", "--database-url", &url, "--queue", "geo", "--poll-interval-ms", "100"])
+        // The scene's directory is the one the worker may read (see confine).
+        .args(["--geo-root", "/var/tmp/stageflow-geodata/stars"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
