@@ -113,15 +113,16 @@ fetch_deb r-cran-spdata spdata usr/lib/R/site-library/spData/shapes/cycle_hire.g
 fetch_deb python3-geopandas geopandas usr/lib/python3/dist-packages/geopandas/datasets/naturalearth_lowres/naturalearth_lowres.shp
 say "geodata present in $geodata"
 
-# Independent checkers the geospatial tests run on our outputs (PyPI, in a private venv):
-# rio-cogeo (COGs), pyarrow + geopandas (GeoParquet), moto's S3 server (container_inventory).
+# Independent checkers the tests run on our outputs (PyPI, in a private venv): rio-cogeo (COGs),
+# pyarrow + geopandas (GeoParquet), moto's S3 server (container_inventory), standardwebhooks (the
+# reference implementation that verifies our webhook signatures).
 pytools=/var/tmp/stageflow-pytools
-if "$pytools/bin/python" -c 'import rio_cogeo, pyarrow, geopandas, moto' 2>/dev/null; then
+if "$pytools/bin/python" -c 'import rio_cogeo, pyarrow, geopandas, moto, standardwebhooks' 2>/dev/null; then
     say "python tools present"
 else
-    say "python tools: installing rio-cogeo, pyarrow, geopandas, moto[server] into $pytools"
+    say "python tools: installing rio-cogeo, pyarrow, geopandas, moto[server], standardwebhooks into $pytools"
     /usr/bin/python3 -m venv "$pytools"
-    "$pytools/bin/pip" install -q --disable-pip-version-check rio-cogeo pyarrow geopandas 'moto[server]'
+    "$pytools/bin/pip" install -q --disable-pip-version-check rio-cogeo pyarrow geopandas 'moto[server]' standardwebhooks
 fi
 
 browser_tests=crates/stageflow-http/tests/browser

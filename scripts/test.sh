@@ -33,6 +33,7 @@ say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 core_skips=(
     the_dashboard_shows_jobs_live_and_retries_dead_letters_in_chromium  # crates/stageflow-cli/tests/dashboard.rs
     a_python_worker_runs_hello_world_beside_a_rust_worker               # crates/stageflow-cli/tests/workers.rs
+    webhooks_verify_with_the_standard_webhooks_library                  # crates/stageflow-http/tests/api.rs (the Python tools venv)
 )
 if $core; then
     say "--core: skipping the stageflow-geo tests and the geo feature (GDAL, PostGIS, the Python tools venv), the dashboard test (Chromium) and the Python worker test (python3-psycopg)"

@@ -162,9 +162,14 @@ enum Command {
         /// Serve without authentication (only on a trusted network).
         #[arg(long)]
         no_auth: bool,
-        /// The key that signs webhook deliveries (HMAC-SHA256).
+        /// The secret that signs webhook deliveries (Standard Webhooks: `whsec_<base64>`, or any
+        /// text); without one, deliveries wait unsent.
         #[arg(long, env = "STAGEFLOW_WEBHOOK_SECRET", hide_env_values = true)]
         webhook_secret: Option<String>,
+        /// A receiver host (name or address, as in the URL) that webhooks may reach over plain
+        /// http and at a non-public address (repeatable, or comma-separated in the environment).
+        #[arg(long = "webhook-allow-host", env = "STAGEFLOW_WEBHOOK_ALLOW_HOSTS", value_delimiter = ',')]
+        webhook_allow_hosts: Vec<String>,
     },
     /// Benchmark Stageflow beside raw pgmq on a private cluster (build with --release).
     Bench {
@@ -421,7 +426,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
         }
-        Command::Serve { listen, token, tenant_tokens, no_auth, webhook_secret } => {
+        Command::Serve { listen, token, tenant_tokens, no_auth, webhook_secret, webhook_allow_hosts } => {
             let tenant_tokens = parse_tenant_tokens(tenant_tokens, token.as_deref())?;
             let token = match (token, no_auth) {
                 (Some(_), true) => return Err(CliError::Usage("give either a token or --no-auth, not both".into())),
@@ -438,6 +443,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let mut config = stageflow_http::ServeConfig::new(database_url(&cli)?, *listen, token);
             config.tenant_tokens = tenant_tokens;
             config.webhooks.secret = webhook_secret.clone();
+            config.webhooks.allowed_hosts = webhook_allow_hosts.clone();
             let server = stageflow_http::start(config, shutdown_signal()).await.map_err(|e| CliError::Setup(e.0))?;
             println!("serving on http://{}", server.addr);
             server.handle.await.map_err(|e| CliError::Setup(e.to_string()))?;

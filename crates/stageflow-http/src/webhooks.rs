@@ -1,29 +1,57 @@
 //! The webhook dispatcher: claims due deliveries (`stageflow.claim_webhook_deliveries`), POSTs each
-//! payload with an HMAC-SHA256 signature, and records every attempt
+//! payload signed as the Standard Webhooks specification says, and records every attempt
 //! (`stageflow.record_webhook_attempt`), retrying with exponential backoff up to a limit. Several
 //! servers may dispatch at once: claims skip each other's rows.
 //!
-//! Headers: `X-Stageflow-Signature: sha256=<hex of HMAC-SHA256(secret, body)>` (when a secret is
-//! configured), `X-Stageflow-Delivery: <delivery id>`, `X-Stageflow-Event: <kind>`.
+//! Headers (<https://www.standardwebhooks.com/>): `webhook-id` (`msg_<delivery id>`, the same on
+//! every attempt, for the receiver's deduplication), `webhook-timestamp` (Unix seconds of the
+//! attempt) and `webhook-signature: v1,<base64 of HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`,
+//! where the key is the secret's bytes (a `whsec_<base64>` secret, as the specification's
+//! libraries make them, is decoded first); and `x-stageflow-event: <kind>`.
+//!
+//! Where a delivery may go (the URL is a submitter's): `https` only, unless the operator allows
+//! the host (`--webhook-allow-host`); the host is resolved before connecting and the delivery is
+//! refused when an address is not public (loopback, private, link-local, shared, multicast,
+//! unspecified, documentation, reserved; IPv4 and IPv6, IPv4 inside IPv6), the connection made to
+//! the addresses checked; redirects are not followed. An attempt's recorded error says what
+//! happened, never which address a name resolved to.
+//!
+//! Deliveries of a claim run at once, at most `per_endpoint` to one host, each within `timeout`;
+//! the claim's lease covers the longest that takes. Without a signing secret nothing is sent:
+//! deliveries wait (a warning says why).
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tokio::sync::Semaphore;
 
 use crate::api::PoolStatements;
 use crate::events::Events;
 
 #[derive(Clone, Debug)]
 pub struct WebhookConfig {
-    /// The HMAC key; without it deliveries are sent unsigned.
+    /// The signing secret (`whsec_<base64>`, or any text, whose bytes are the key); without it,
+    /// nothing is delivered.
     pub secret: Option<String>,
     /// The first retry's delay; each next one doubles, up to an hour.
     pub retry_base: Duration,
     pub max_attempts: i32,
+    /// The most one attempt may take, connection and response included.
     pub timeout: Duration,
     /// How often to look for due deliveries when no job ends.
     pub poll_interval: Duration,
+    /// Hosts (names or addresses, as in the URL) that may be reached over plain `http` and at
+    /// addresses that are not public: receivers on the operator's own network.
+    pub allowed_hosts: Vec<String>,
+    /// Deliveries claimed and sent at once.
+    pub concurrency: usize,
+    /// Of those, the most sent to one host at once.
+    pub per_endpoint: usize,
 }
 
 impl Default for WebhookConfig {
@@ -34,23 +62,128 @@ impl Default for WebhookConfig {
             max_attempts: 8,
             timeout: Duration::from_secs(10),
             poll_interval: Duration::from_secs(1),
+            allowed_hosts: Vec::new(),
+            concurrency: 16,
+            per_endpoint: 4,
         }
     }
 }
 
-/// `sha256=<hex>` of HMAC-SHA256(secret, body).
-pub fn signature(secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
+/// The HMAC key of a secret: a `whsec_` secret's base64 decoded, any other secret's bytes.
+fn key(secret: &str) -> Vec<u8> {
+    secret
+        .strip_prefix("whsec_")
+        .and_then(|encoded| base64::engine::general_purpose::STANDARD.decode(encoded).ok())
+        .unwrap_or_else(|| secret.as_bytes().to_vec())
+}
+
+/// `v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`: the Standard Webhooks signature.
+pub fn signature(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key(secret)).expect("HMAC takes a key of any length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// Whether an address is one a submitter's URL may reach: not loopback, private, link-local,
+/// shared (CGNAT), multicast, broadcast, unspecified, documentation, benchmarking or reserved.
+pub fn is_public(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_v4(v4);
+            }
+            let segments = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (segments[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (segments[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || (segments[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
+                || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
+                || (segments[0] == 0x0064 && segments[1] == 0xff9b) // NAT64 64:ff9b::/96 (an IPv4 inside)
+                || (segments[0] == 0x2002) // 6to4 (an IPv4 inside)
+                || (segments[0] == 0 && segments[1] == 0 && segments[2] == 0 && segments[3] == 0 && segments[4] == 0
+                    && segments[5] == 0)) // IPv4-compatible ::a.b.c.d
+        }
+    }
+}
+
+fn is_public_v4(v4: Ipv4Addr) -> bool {
+    let [a, b, c, _] = v4.octets();
+    !(v4.is_loopback()
+        || v4.is_private()
+        || v4.is_link_local()
+        || v4.is_multicast()
+        || v4.is_broadcast()
+        || v4.is_unspecified()
+        || v4.is_documentation()
+        || a == 0 // "this network"
+        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (18..20).contains(&b)) // benchmarking
+        || a >= 240) // reserved
+}
+
+/// Where a delivery may go: the URL's host and the addresses to connect to (`None`: resolve as
+/// usual, an allowed host), or why not.
+async fn target(
+    url: &str,
+    allowed_hosts: &[String],
+) -> Result<(reqwest::Url, Option<(String, Vec<SocketAddr>)>), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("refused: not a URL ({e})"))?;
+    let host = parsed.host_str().ok_or("refused: the URL has no host")?.to_owned();
+    let bare = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let allowed = allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host) || h.eq_ignore_ascii_case(&bare));
+    match parsed.scheme() {
+        "https" => {}
+        "http" if allowed => {}
+        "http" => {
+            return Err("refused: webhooks are delivered over https only (an operator may allow a host with \
+                        stageflow serve --webhook-allow-host)"
+                .into())
+        }
+        other => return Err(format!("refused: the scheme {other} is not https")),
+    }
+    if allowed {
+        return Ok((parsed, None));
+    }
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addresses: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((bare.as_str(), port))
+            .await
+            .map_err(|e| format!("the receiver's host does not resolve ({e})"))?
+            .collect(),
+    };
+    if addresses.is_empty() {
+        return Err("the receiver's host does not resolve".into());
+    }
+    if addresses.iter().any(|a| !is_public(a.ip())) {
+        return Err(
+            "refused: the receiver's address is not public (loopback, private, link-local or reserved \
+                    addresses are not reached; an operator may allow a host with stageflow serve --webhook-allow-host)"
+                .into(),
+        );
+    }
+    Ok((parsed, Some((bare, addresses))))
 }
 
 pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, events: Events) {
     tokio::spawn(async move {
-        let http = reqwest::Client::builder().timeout(config.timeout).build().expect("an HTTP client");
+        if config.secret.is_none() {
+            tracing::warn!(
+                "webhooks: no signing secret (STAGEFLOW_WEBHOOK_SECRET): deliveries are not sent unsigned; they wait"
+            );
+            return;
+        }
         let mut wake = events.subscribe();
         loop {
-            match dispatch_due(&pool, &http, &config).await {
+            match dispatch_due(&pool, &config).await {
                 Ok(0) => {
                     // Sleep until a job ends (its event may carry a delivery) or the poll interval passes.
                     let _ = tokio::time::timeout(config.poll_interval, wake.recv()).await;
@@ -65,34 +198,77 @@ pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, ev
     });
 }
 
-async fn dispatch_due(
-    pool: &deadpool_postgres::Pool,
-    http: &reqwest::Client,
+/// One attempt: (delivered, status code, error).
+async fn attempt(
     config: &WebhookConfig,
-) -> Result<usize, String> {
+    id: i64,
+    url: &str,
+    payload: &serde_json::Value,
+) -> (bool, Option<i32>, Option<String>) {
+    let (parsed, pinned) = match target(url, &config.allowed_hosts).await {
+        Ok(target) => target,
+        Err(error) => return (false, None, Some(error)),
+    };
+    let mut builder = reqwest::Client::builder().timeout(config.timeout).redirect(reqwest::redirect::Policy::none());
+    if let Some((host, addresses)) = &pinned {
+        // Connect to the addresses checked, not to whatever the name resolves to a moment later.
+        builder = builder.resolve_to_addrs(host, addresses);
+    }
+    let http = match builder.build() {
+        Ok(http) => http,
+        Err(e) => return (false, None, Some(format!("HTTP client: {e}"))),
+    };
+    let body = serde_json::to_vec(payload).expect("JSON serialises");
+    let message_id = format!("msg_{id}");
+    let timestamp = chrono::Utc::now().timestamp();
+    let secret = config.secret.as_deref().unwrap_or_default();
+    let request = http
+        .post(parsed)
+        .header("content-type", "application/json")
+        .header("webhook-id", &message_id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature(secret, &message_id, timestamp, &body))
+        .header("x-stageflow-event", payload["event"].as_str().unwrap_or_default())
+        .body(body);
+    match request.send().await {
+        Ok(response) if response.status().is_success() => (true, Some(response.status().as_u16() as i32), None),
+        Ok(response) if response.status().is_redirection() => (
+            false,
+            Some(response.status().as_u16() as i32),
+            Some(format!("HTTP {}: redirects are not followed", response.status())),
+        ),
+        Ok(response) => (false, Some(response.status().as_u16() as i32), Some(format!("HTTP {}", response.status()))),
+        Err(e) if e.is_timeout() => (false, None, Some(format!("no answer within {} s", config.timeout.as_secs()))),
+        Err(e) if e.is_connect() => (false, None, Some("cannot connect to the receiver".into())),
+        Err(e) => (false, None, Some(format!("request failed: {}", e.without_url()))),
+    }
+}
+
+async fn dispatch_due(pool: &deadpool_postgres::Pool, config: &WebhookConfig) -> Result<usize, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let cache = PoolStatements(&client.statement_cache);
     let api = stageflow_client::Api::cached(&**client, &cache);
-    let lease = (config.timeout.as_secs() as i32 * 2).max(5);
-    let due = api.claim_webhook_deliveries(10, lease).await.map_err(|e| e.to_string())?;
-    for delivery in &due {
-        let (id, url, payload, attempts) = (delivery.delivery_id, &delivery.url, &delivery.payload, delivery.attempts);
-        let body = serde_json::to_vec(payload).expect("JSON serialises");
-        let mut request = http
-            .post(url)
-            .header("content-type", "application/json")
-            .header("x-stageflow-delivery", id.to_string())
-            .header("x-stageflow-event", payload["event"].as_str().unwrap_or_default());
-        if let Some(secret) = &config.secret {
-            request = request.header("x-stageflow-signature", signature(secret, &body));
-        }
-        let (delivered, status, error) = match request.body(body).send().await {
-            Ok(response) if response.status().is_success() => (true, Some(response.status().as_u16() as i32), None),
-            Ok(response) => {
-                (false, Some(response.status().as_u16() as i32), Some(format!("HTTP {}", response.status())))
-            }
-            Err(e) => (false, None, Some(e.to_string())),
-        };
+    let batch = config.concurrency.clamp(1, 1000);
+    // Covers the longest a claim's deliveries take: all to one host, per_endpoint at a time.
+    let rounds = batch.div_ceil(config.per_endpoint.max(1)) as u64;
+    let lease = (config.timeout.as_secs().max(1) * rounds + 5).min(3600) as i32;
+    let due = api.claim_webhook_deliveries(batch as i32, lease).await.map_err(|e| e.to_string())?;
+    let mut per_host: HashMap<String, Arc<Semaphore>> = HashMap::new();
+    let mut running = Vec::new();
+    for delivery in due.iter().cloned() {
+        let host =
+            reqwest::Url::parse(&delivery.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+        let gate = per_host.entry(host).or_insert_with(|| Arc::new(Semaphore::new(config.per_endpoint.max(1)))).clone();
+        let config = config.clone();
+        running.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            let outcome = attempt(&config, delivery.delivery_id, &delivery.url, &delivery.payload).await;
+            (delivery, outcome)
+        }));
+    }
+    for handle in running {
+        let Ok((delivery, (delivered, status, error))) = handle.await else { continue };
+        let (id, url, attempts) = (delivery.delivery_id, &delivery.url, delivery.attempts);
         let retry_in = (!delivered && attempts < config.max_attempts).then(|| {
             let seconds = config.retry_base.as_secs_f64() * 2f64.powi(attempts - 1);
             seconds.min(3600.0)
@@ -111,12 +287,70 @@ async fn dispatch_due(
 
 #[cfg(test)]
 mod unit {
+    use super::*;
+
     #[test]
-    fn the_signature_is_hmac_sha256_in_hex() {
-        // RFC 4231 test case 2.
+    fn the_signature_is_the_standard_webhooks_one() {
+        // The specification's example: its secret, id, timestamp, body and signature.
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let body = br#"{"test": 2432232314}"#;
         assert_eq!(
-            super::signature("Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            signature(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[test]
+    fn only_public_addresses_are_reached() {
+        for public in ["93.184.216.34", "8.8.8.8", "2606:2800:220:1:248:1893:25c8:1946", "1.1.1.1"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "192.0.2.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001:db8::1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_is_https_and_public_unless_its_host_is_allowed() {
+        let refused =
+            |url: &'static str| async move { target(url, &[]).await.err().unwrap_or_else(|| panic!("{url} allowed")) };
+        assert!(refused("http://example.com/hook").await.contains("https only"));
+        for private in [
+            "https://127.0.0.1/hook",
+            "https://169.254.169.254/latest/meta-data/",
+            "https://[::1]:8443/hook",
+            "https://[::ffff:10.0.0.1]/hook",
+            "https://localhost:8443/hook",
+        ] {
+            assert!(refused(private).await.contains("not public"), "{private}");
+        }
+        assert!(refused("ftp://example.com/x").await.contains("scheme"));
+        let allowed = vec!["127.0.0.1".to_owned()];
+        assert!(target("http://127.0.0.1:9/hook", &allowed).await.is_ok());
     }
 }

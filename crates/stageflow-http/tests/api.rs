@@ -15,21 +15,30 @@ use stageflow_tests::{connect, fresh_database, register};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "test-token";
+/// The webhook signing secret, as Standard Webhooks libraries make them (`whsec_` + base64).
+const WEBHOOK_SECRET: &str = "whsec_c3RhZ2VmbG93IHRlc3Qgd2ViaG9vayBzZWNyZXQ=";
 
 async fn serve(database: &str) -> (String, String) {
     serve_with_tenants(database, Vec::new()).await
 }
 
 async fn serve_with_tenants(database: &str, tenant_tokens: Vec<(String, String)>) -> (String, String) {
+    serve_configured(database, move |config| config.tenant_tokens = tenant_tokens).await
+}
+
+/// A server on a fresh database with the tests' settings, then `adjust`ed.
+async fn serve_configured(database: &str, adjust: impl FnOnce(&mut ServeConfig)) -> (String, String) {
     let name = database.to_owned();
     // The test helpers use the blocking client, which must not run on the async runtime.
     let url = tokio::task::spawn_blocking(move || fresh_database(&name)).await.unwrap();
     let mut config = ServeConfig::new(url.clone(), "127.0.0.1:0".parse().unwrap(), Some(TOKEN.into()));
-    config.webhooks.secret = Some("shh".into());
+    config.webhooks.secret = Some(WEBHOOK_SECRET.into());
+    // The tests' receivers listen on 127.0.0.1 over plain http: allowed by the operator.
+    config.webhooks.allowed_hosts = vec!["127.0.0.1".into()];
     config.webhooks.retry_base = Duration::from_millis(50);
     config.webhooks.poll_interval = Duration::from_millis(100);
     config.body_limit = 64 * 1024;
-    config.tenant_tokens = tenant_tokens;
+    adjust(&mut config);
     let server = start(config, std::future::pending()).await.expect("server starts");
     (format!("http://{}", server.addr), url)
 }
@@ -233,12 +242,25 @@ async fn tenant_tokens_see_only_their_own_jobs() {
     assert_eq!((all.as_array().map(Vec::len), all[0]["tenant"].clone()), (Some(1), json!("acme")), "{all}");
 }
 
-/// Each request a receiver saw: its signature header and body.
-type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+/// Each request a receiver saw: its headers (lowercase names) and body.
+type Seen = Arc<Mutex<Vec<(std::collections::HashMap<String, String>, Vec<u8>)>>>;
 
-/// A receiver that answers 500 to the first `fail_first` requests and 200 after, keeping each body
-/// and signature it saw.
+/// A receiver that answers 500 to the first `fail_first` requests and 200 after, keeping each
+/// request's headers and body.
 async fn receiver(fail_first: usize) -> (SocketAddr, Seen) {
+    receiver_answering(move |attempt| {
+        if attempt <= fail_first {
+            "500 Internal Server Error\r\ncontent-length: 0".to_owned()
+        } else {
+            "200 OK\r\ncontent-length: 0".to_owned()
+        }
+    })
+    .await
+}
+
+/// A receiver whose answer to its n-th request (from 1) is `answer(n)`: the status line's rest and
+/// any headers, e.g. "302 Found\r\nlocation: http://...".
+async fn receiver_answering(answer: impl Fn(usize) -> String + Send + 'static) -> (SocketAddr, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen: Seen = Arc::default();
@@ -251,32 +273,31 @@ async fn receiver(fail_first: usize) -> (SocketAddr, Seen) {
             // Read headers, then the body by content-length.
             loop {
                 let n = socket.read(&mut buffer).await.unwrap();
+                if n == 0 {
+                    break;
+                }
                 request.extend_from_slice(&buffer[..n]);
                 if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
-                    let length: usize = head
+                    let head = String::from_utf8_lossy(&request[..end]).into_owned();
+                    let headers: std::collections::HashMap<String, String> = head
                         .lines()
-                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                        .unwrap_or(0);
+                        .skip(1)
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+                        .collect();
+                    let length: usize = headers.get("content-length").map(|v| v.parse().unwrap()).unwrap_or(0);
                     while request.len() < end + 4 + length {
                         let n = socket.read(&mut buffer).await.unwrap();
                         request.extend_from_slice(&buffer[..n]);
                     }
-                    let signature = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("x-stageflow-signature:").map(|v| v.trim().to_owned()))
-                        .unwrap_or_default();
                     let body = request[end + 4..end + 4 + length].to_vec();
                     let attempt = {
                         let mut seen = log.lock().unwrap();
-                        seen.push((signature, body));
+                        seen.push((headers, body));
                         seen.len()
                     };
-                    let status = if attempt <= fail_first { "500 Internal Server Error" } else { "200 OK" };
                     let _ = socket
-                        .write_all(
-                            format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
-                        )
+                        .write_all(format!("HTTP/1.1 {}\r\nconnection: close\r\n\r\n", answer(attempt)).as_bytes())
                         .await;
                     break;
                 }
@@ -327,8 +348,10 @@ async fn a_finished_job_is_delivered_to_its_webhook_signed_and_retried() {
 
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3);
-    let (signature, body) = &seen[2];
-    assert_eq!(signature, &stageflow_http_signature("shh", body), "signed with HMAC-SHA256 of the body");
+    let (headers, body) = &seen[2];
+    assert_standard_webhook_signature(headers, body);
+    // The same id on every attempt (the receiver's deduplication key).
+    assert!(seen.iter().all(|(h, _)| h["webhook-id"] == headers["webhook-id"]), "{seen:?}");
     let payload: Value = serde_json::from_slice(body).unwrap();
     assert_eq!(payload["event"], json!("job_completed"));
     assert_eq!(payload["job"]["job_id"], json!(job_id));
@@ -378,11 +401,21 @@ async fn a_finished_job_is_delivered_to_its_webhook_signed_and_retried() {
     assert_eq!(last[0]["attempts"], json!(8), "given up after max_attempts");
 }
 
-fn stageflow_http_signature(secret: &str, body: &[u8]) -> String {
+/// The Standard Webhooks signature, computed here from the specification (not with the server's
+/// code): `v1,` + base64 of HMAC-SHA256 with the secret's decoded key over `id.timestamp.body`; and
+/// the timestamp is now.
+fn assert_standard_webhook_signature(headers: &std::collections::HashMap<String, String>, body: &[u8]) {
+    use base64::Engine;
     use hmac::{Hmac, Mac};
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    let key = base64::engine::general_purpose::STANDARD.decode(WEBHOOK_SECRET.strip_prefix("whsec_").unwrap()).unwrap();
+    let (id, timestamp) = (&headers["webhook-id"], &headers["webhook-timestamp"]);
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    let expected = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
+    assert_eq!(headers["webhook-signature"], expected, "{headers:?}");
+    let age = chrono::Utc::now().timestamp() - timestamp.parse::<i64>().unwrap();
+    assert!((0..60).contains(&age), "a fresh timestamp: {timestamp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,4 +440,119 @@ async fn events_stream_as_they_commit() {
     let text = String::from_utf8_lossy(&chunk);
     assert!(text.contains("event: stageflow"), "{text}");
     assert!(text.contains(&job_id) && text.contains("job_submitted"), "{text}");
+}
+
+/// Submits hello_world (`message` makes it a job of its own) with `webhook_url` and cancels it:
+/// its end queues a delivery. Returns the job id.
+async fn job_ending_with_webhook(base: &str, message: &str, webhook_url: &str) -> String {
+    let url = format!("{base}/api/jobs/submit/hello_world?webhook_url={}", urlencode(webhook_url));
+    let (code, submitted) = call(reqwest::Method::POST, &url, Some(json!({"message": message, "n": 1}))).await;
+    assert_eq!(code, 200, "{submitted}");
+    let job_id = submitted["job_id"].as_str().unwrap().to_owned();
+    let (code, cancelled) = call(reqwest::Method::POST, &format!("{base}/api/jobs/{job_id}/cancel"), None).await;
+    assert_eq!(code, 200, "{cancelled}");
+    job_id
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The job's first delivery once it has had at least one attempt.
+async fn first_attempt(base: &str, job_id: &str) -> Value {
+    for _ in 0..100 {
+        let (_, d) = call(reqwest::Method::GET, &format!("{base}/api/jobs/{job_id}/webhooks"), None).await;
+        if d[0]["attempt_log"].as_array().is_some_and(|log| !log.is_empty()) {
+            return d[0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no attempt for job {job_id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_reach_only_public_https_receivers_and_follow_no_redirect() {
+    // A server whose operator allowed no host: a submitter's URL to the server's own machine or
+    // network, or to the cloud metadata address, is refused before any connection.
+    let (base, _) = serve_configured("http_webhook_targets", |config| config.webhooks.allowed_hosts.clear()).await;
+    let (hook, seen) = receiver(0).await;
+    let port = hook.port();
+    for (n, (url, refusal)) in [
+        (format!("http://example.com:{port}/hook"), "https only"),
+        (format!("https://127.0.0.1:{port}/hook"), "not public"),
+        (format!("https://localhost:{port}/hook"), "not public"),
+        (format!("https://[::1]:{port}/hook"), "not public"),
+        ("https://169.254.169.254/latest/meta-data/iam".to_owned(), "not public"),
+        (format!("https://[::ffff:127.0.0.1]:{port}/hook"), "not public"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let job_id = job_ending_with_webhook(&base, &format!("ssrf {n}"), &url).await;
+        let delivery = first_attempt(&base, &job_id).await;
+        let error = delivery["attempt_log"][0]["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.starts_with("refused") && error.contains(refusal), "{url}: {delivery}");
+        assert!(!error.contains("127.0.0.1") && !error.contains("::1"), "no address in the error: {error}");
+        assert_eq!(delivery["attempt_log"][0]["status_code"], Value::Null, "{delivery}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 0, "nothing reached the receiver");
+
+    // An allowed receiver that redirects elsewhere: the redirect is not followed.
+    let (base, _) = serve("http_webhook_redirect").await;
+    let (elsewhere, stolen) = receiver(0).await;
+    let (hook, seen) =
+        receiver_answering(move |_| format!("302 Found\r\nlocation: http://{elsewhere}/stolen\r\ncontent-length: 0"))
+            .await;
+    let job_id = job_ending_with_webhook(&base, "redirected", &format!("http://{hook}/hook")).await;
+    let delivery = first_attempt(&base, &job_id).await;
+    assert_eq!(delivery["attempt_log"][0]["status_code"], json!(302), "{delivery}");
+    assert!(delivery["attempt_log"][0]["error"].as_str().unwrap().contains("redirects are not followed"), "{delivery}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(stolen.lock().unwrap().len(), 0, "the redirect's target got nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_verify_with_the_standard_webhooks_library() {
+    let (base, _) = serve("http_webhook_standard").await;
+    let (hook, seen) = receiver(0).await;
+    let job_id = job_ending_with_webhook(&base, "standard", &format!("http://{hook}/hook")).await;
+    let delivery = first_attempt(&base, &job_id).await;
+    assert_eq!(delivery["status"], json!("delivered"), "{delivery}");
+    let (headers, body) = seen.lock().unwrap()[0].clone();
+    // The Python reference implementation (PyPI `standardwebhooks`, in the tools venv) verifies the
+    // delivery, and refuses it with one byte of the body changed.
+    let python =
+        std::env::var("STAGEFLOW_PYTOOLS_PYTHON").unwrap_or_else(|_| "/var/tmp/stageflow-pytools/bin/python".into());
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+secret, headers, body = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+payload = Webhook(secret).verify(body, headers)
+tampered = body.replace('job_cancelled', 'job_completed')
+try:
+    Webhook(secret).verify(tampered, headers)
+    print(json.dumps({"verified": payload["event"], "tampered": "accepted"}))
+except WebhookVerificationError:
+    print(json.dumps({"verified": payload["event"], "tampered": "refused"}))
+"#;
+    let wanted: std::collections::HashMap<&str, &String> =
+        ["webhook-id", "webhook-timestamp", "webhook-signature"].iter().map(|k| (*k, &headers[*k])).collect();
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            script,
+            WEBHOOK_SECRET,
+            &serde_json::to_string(&wanted).unwrap(),
+            &String::from_utf8(body).unwrap(),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (scripts/setup.sh makes the venv)"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdict, json!({"verified": "job_cancelled", "tampered": "refused"}));
 }
