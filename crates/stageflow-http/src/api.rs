@@ -5,6 +5,13 @@
 //! tenants' (`--tenant-token TENANT=TOKEN`): a tenant's requests run with `stageflow.tenant` set to
 //! its label for their transaction, so the database shows and lets it cancel only the jobs it
 //! submitted; the operator's routes (retry, dead letters, queue grants, events) refuse it (403).
+//!
+//! A token travels in the `Authorization` header, never in a URL (where logs and histories keep
+//! it). A browser signs in once (`POST /api/session` with the header) and gets the token back as
+//! an HttpOnly, SameSite=Strict cookie, which its page's scripts cannot read and its
+//! `EventSource` sends; a request authenticated by that cookie must also carry the header
+//! `x-stageflow-request` unless it is a GET (another site's page cannot add it). Every response
+//! carries a content security policy without inline script, `nosniff`, and no framing.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -142,10 +149,20 @@ macro_rules! as_caller {
     }};
 }
 
-/// `access_token=<token>` in a query string: how a browser's EventSource, which cannot set
-/// headers, authenticates.
-fn query_token(request: &Request) -> Option<String> {
-    request.uri().query()?.split('&').find_map(|pair| pair.strip_prefix("access_token=")).map(|t| format!("Bearer {t}"))
+/// The name of the session cookie a browser signs in with.
+const SESSION_COOKIE: &str = "stageflow_session";
+/// How long a browser's session lasts.
+const SESSION_SECONDS: u32 = 12 * 3600;
+
+/// The token of the session cookie, if the request carries one.
+fn session_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('=').map(str::to_owned))
+        .filter(|t| !t.is_empty())
 }
 
 /// Who the bearer token names: the operator token, or a tenant's. Every token is compared (in
@@ -174,8 +191,15 @@ async fn require_token(
         request.extensions_mut().insert(Caller::Operator);
         return next.run(request).await;
     }
-    let from_query = query_token(&request);
-    match headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned).or(from_query).as_deref() {
+    // The header first; the session cookie only with x-stageflow-request, unless the request reads.
+    let from_cookie = session_token(&headers)
+        .filter(|_| request.method() == axum::http::Method::GET || headers.contains_key("x-stageflow-request"));
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(from_cookie.map(|token| format!("Bearer {token}")));
+    match given.as_deref() {
         None => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -388,6 +412,63 @@ async fn dashboard() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard.html"))
 }
 
+async fn dashboard_script() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("dashboard.js"))
+}
+
+/// `POST /api/session`: a browser signs in with its token in the Authorization header and gets it
+/// back as an HttpOnly cookie (204), or 403 for a token this server does not know.
+async fn open_session(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given.filter(|token| caller_of(&state, token).is_some()) {
+        Some(token) if token.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',') => (
+            StatusCode::NO_CONTENT,
+            [(
+                header::SET_COOKIE,
+                format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/api; Max-Age={SESSION_SECONDS}"),
+            )],
+        )
+            .into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            None,
+            "this token cannot be kept in a cookie",
+            Some("send it in the Authorization header instead"),
+        )
+        .into_response(),
+        None => (StatusCode::FORBIDDEN, Json(json!({"error": {"message": "wrong or missing bearer token"}})))
+            .into_response(),
+    }
+}
+
+/// `DELETE /api/session`: the cookie is cleared.
+async fn close_session() -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/api; Max-Age=0"))],
+    )
+        .into_response()
+}
+
+/// Headers on every response: a content security policy with scripts from this server only (no
+/// inline script), no sniffing of content types, no framing, no referrer.
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; \
+             img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, header::HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
+    response
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, None, "no such route", Some("see /api/openapi.json"))
 }
@@ -413,10 +494,13 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
     Router::new()
         .merge(api)
         .route("/", get(dashboard))
+        .route("/dashboard.js", get(dashboard_script))
+        .route("/api/session", post(open_session).delete(close_session))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn(security_headers))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

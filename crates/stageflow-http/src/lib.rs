@@ -59,8 +59,16 @@ pub async fn start(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Server, ServeError> {
-    let settings = stageflow_client::tls::ConnectConfig::from_url(&config.database_url)
+    let mut settings = stageflow_client::tls::ConnectConfig::from_url(&config.database_url)
         .map_err(|e| ServeError(format!("database URL: {e}")))?;
+    // No request holds a connection or a statement for long: a few slow ones must not hang the API.
+    let options = format!(
+        "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        settings.config.get_options().unwrap_or_default(),
+        STATEMENT_TIMEOUT.as_millis(),
+        STATEMENT_TIMEOUT.as_millis()
+    );
+    settings.config.options(options.trim());
     let manager = deadpool_postgres::Manager::from_config(
         settings.config,
         settings.tls,
@@ -68,6 +76,9 @@ pub async fn start(
     );
     let pool = deadpool_postgres::Pool::builder(manager)
         .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(POOL_TIMEOUT))
+        .create_timeout(Some(POOL_TIMEOUT))
+        .recycle_timeout(Some(POOL_TIMEOUT))
         .build()
         .map_err(|e| ServeError(format!("database pool: {e}")))?;
     // Fail early and clearly if the database or the extension is missing (a catalog lookup: no call
@@ -132,6 +143,11 @@ pub async fn start(
     });
     Ok(Server { addr, handle })
 }
+
+/// The longest a request's statement (or its transaction, idle) may take in the database.
+pub(crate) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a request waits for a pooled connection (or for one to be made or checked).
+pub(crate) const POOL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the dispatcher and listener wait before trying the database again.
 pub(crate) const RETRY: Duration = Duration::from_secs(1);

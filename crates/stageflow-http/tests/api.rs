@@ -556,3 +556,73 @@ except WebhookVerificationError:
     let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(verdict, json!({"verified": "job_cancelled", "tampered": "refused"}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stay_out_of_urls_and_a_browser_session_is_an_httponly_cookie() {
+    let (base, _) = serve("http_sessions").await;
+    // A token in the query string is not accepted (it would sit in logs and histories).
+    for path in
+        ["/api/jobs?access_token=test-token", "/api/events?access_token=test-token", "/api/jobs?token=test-token"]
+    {
+        let response = client().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401, "{path}");
+    }
+    // Signing in: the token in the header, back as an HttpOnly, SameSite=Strict cookie.
+    let refused = client().post(format!("{base}/api/session")).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    assert!(refused.headers().get("set-cookie").is_none());
+    let signed_in = client().post(format!("{base}/api/session")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(signed_in.status().as_u16(), 204);
+    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in ["stageflow_session=test-token", "HttpOnly", "SameSite=Strict", "Path=/api", "Max-Age=43200"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    let session = "stageflow_session=test-token";
+    // The cookie reads (GET, the event stream), and changes only with x-stageflow-request.
+    let listed = client().get(format!("{base}/api/jobs")).header("cookie", session).send().await.unwrap();
+    assert_eq!(listed.status().as_u16(), 200);
+    let stream = client().get(format!("{base}/api/events")).header("cookie", session).send().await.unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    drop(stream);
+    let submit = format!("{base}/api/jobs/submit/hello_world");
+    let forged = client()
+        .post(&submit)
+        .header("cookie", session)
+        .json(&json!({"message": "csrf", "n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 401, "a cookie alone does not change anything");
+    let asked = client()
+        .post(&submit)
+        .header("cookie", session)
+        .header("x-stageflow-request", "dashboard")
+        .json(&json!({"message": "csrf", "n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asked.status().as_u16(), 200);
+    let wrong_cookie =
+        client().get(format!("{base}/api/jobs")).header("cookie", "stageflow_session=nope").send().await.unwrap();
+    assert_eq!(wrong_cookie.status().as_u16(), 403);
+    // Signing out clears it.
+    let signed_out = client().delete(format!("{base}/api/session")).send().await.unwrap();
+    assert_eq!(signed_out.status().as_u16(), 204);
+    assert!(signed_out.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+
+    // Every response carries the security headers; the page's script is a file of the server's.
+    for path in ["/", "/api/jobs", "/healthz", "/dashboard.js"] {
+        let response = client().get(format!("{base}{path}")).bearer_auth(TOKEN).send().await.unwrap();
+        let headers = response.headers();
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        let script_src = csp.split(';').find(|d| d.trim().starts_with("script-src")).unwrap();
+        assert_eq!(script_src.trim(), "script-src 'self'", "{path}: {csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+    }
+    let page = client().get(format!("{base}/")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains(r#"<script src="/dashboard.js"></script>"#));
+    assert_eq!(page.matches("<script").count(), 1, "no inline script in the page");
+}

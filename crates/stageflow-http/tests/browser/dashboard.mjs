@@ -20,8 +20,18 @@ const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || 
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   page.on("pageerror", (e) => { console.error("page error:", e.message); process.exitCode = 1; });
-  await page.goto(`${base}/?token=${encodeURIComponent(token)}`);
+  // Signed out, the page asks for the token; signing in keeps it in an HttpOnly cookie.
+  await page.goto(`${base}/`);
+  await page.waitForSelector("#login", { state: "visible" });
+  await page.fill("#token", token);
+  await page.click("#save-token");
   await page.waitForSelector("text=Recent jobs");
+  const cookies = await page.context().cookies();
+  const session = cookies.find((c) => c.name === "stageflow_session");
+  if (!session || !session.httpOnly || session.sameSite !== "Strict") throw new Error(`session cookie: ${JSON.stringify(cookies)}`);
+  if (await page.evaluate(() => document.cookie.includes("stageflow_session"))) throw new Error("the page's script can read the token");
+  if (await page.evaluate(() => Object.keys(localStorage).length) !== 0) throw new Error("the token is kept in localStorage");
+  step("signing in keeps the token in an HttpOnly cookie, out of the page's reach");
   await page.waitForSelector("#live:has-text('live')");
   step("the dashboard loads and its event stream connects");
 
