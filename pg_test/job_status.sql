@@ -35,3 +35,37 @@ DO $$ BEGIN
     ASSERT (SELECT completed_seconds FROM stageflow.stage_counts WHERE job_id = (SELECT id FROM timed) AND stage = 1) = 12,
         'claimed at 0 s, completed at 5 s and 7 s: 12 s in all';
 END $$;
+
+-- job_tasks a page at a time: after the last task of the previous page, at most max_rows; the
+-- pages together are the whole list in order; a bad page size or a cursor of another job is 22023.
+DO $$
+DECLARE
+    v_job text := stageflow.submit_job('hello_world', '{"message": "pages", "n": 5}');
+    v_other text := stageflow.submit_job('hello_world', '{"message": "other pages", "n": 1}');
+    v_all text[] := ARRAY(SELECT task_id FROM stageflow.job_tasks(v_job));
+    v_first text[] := ARRAY(SELECT task_id FROM stageflow.job_tasks(v_job, NULL, 2));
+    v_second text[];
+    v_third text[];
+    v_state text;
+BEGIN
+    ASSERT cardinality(v_all) = 5;
+    v_second := ARRAY(SELECT task_id FROM stageflow.job_tasks(v_job, v_first[2], 2));
+    v_third := ARRAY(SELECT task_id FROM stageflow.job_tasks(v_job, v_second[2], 2));
+    ASSERT v_first || v_second || v_third = v_all, (v_first || v_second || v_third)::text;
+    ASSERT cardinality(v_third) = 1;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.job_tasks(v_job, v_third[1], 2)), 'nothing after the last task';
+    BEGIN
+        PERFORM stageflow.job_tasks(v_job, NULL, 0);
+        RAISE EXCEPTION 'a page of 0 rows was accepted';
+    EXCEPTION WHEN invalid_parameter_value THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
+        ASSERT SQLERRM = 'max_rows must be between 1 and 10000, got 0', SQLERRM;
+    END;
+    BEGIN
+        PERFORM stageflow.job_tasks(v_job, (SELECT task_id FROM stageflow.job_tasks(v_other) LIMIT 1), 2);
+        RAISE EXCEPTION 'a cursor of another job was accepted';
+    EXCEPTION WHEN invalid_parameter_value THEN
+        ASSERT SQLERRM LIKE 'after_task % is not a task of job %', SQLERRM;
+    END;
+END;
+$$;

@@ -90,8 +90,11 @@ END;
 $$;
 
 -- A job's tasks in stage and task order, with status, attempts, result and errors (for those who
--- see the job, as job_status).
-CREATE FUNCTION stageflow.job_tasks(job_id text)
+-- see the job, as job_status). A page at a time when asked: the tasks after the task after_task
+-- (the last task_id of the previous page; NULL: from the first), at most max_rows (1 to 10000;
+-- NULL: all of them). A page reads its tasks through tasks_stage_idx from the cursor on, never the
+-- job's other tasks.
+CREATE FUNCTION stageflow.job_tasks(job_id text, after_task text DEFAULT NULL, max_rows int DEFAULT NULL)
 RETURNS TABLE (
     task_id text, stage int, stage_name text, task_key text, status text, attempt int,
     max_attempts int, worker_id text, params jsonb, predecessor_id text, result jsonb, error jsonb,
@@ -102,16 +105,39 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
+DECLARE
+    v_stage    int;
+    v_ordinal  int;
 BEGIN
     PERFORM stageflow._visible_job(job_tasks.job_id);
+    IF job_tasks.max_rows IS NOT NULL AND job_tasks.max_rows NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be between 1 and 10000, got %s', job_tasks.max_rows),
+            HINT = 'read a large job''s tasks a page at a time: pass the last task_id of a page as after_task';
+    END IF;
+    IF job_tasks.after_task IS NOT NULL THEN
+        SELECT t.stage, t.ordinal INTO v_stage, v_ordinal
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = job_tasks.after_task AND t.job_id = job_tasks.job_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '22023',
+                MESSAGE = format('after_task %L is not a task of job %s', job_tasks.after_task, job_tasks.job_id),
+                HINT = 'pass the task_id of the last row of the previous page (NULL for the first page)';
+        END IF;
+    END IF;
+    -- (from the first task, the cursor is before every task: stages start at 1, ordinals at 0;
+    -- one statement either way, an index range on (job_id, stage, ordinal) from the cursor on)
     RETURN QUERY
     SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
            t.params, t.predecessor_id, t.result, t.error, t.errors, t.created_at, t.started_at,
            t.completed_at, t.lease_expires_at, t.next_attempt_at
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-     WHERE t.job_id = job_tasks.job_id
-     ORDER BY t.stage, t.ordinal;
+     WHERE t.job_id = job_tasks.job_id AND (t.stage, t.ordinal) > (coalesce(v_stage, 0), coalesce(v_ordinal, -1))
+     ORDER BY t.stage, t.ordinal
+     LIMIT job_tasks.max_rows;
 END;
 $$;
 

@@ -2,9 +2,11 @@
 --   stageflow_worker     claim, heartbeat, complete, fail and release tasks
 --   stageflow_submitter  submit, list, read and cancel its own jobs (the login's, see
 --                        0050_ownership_and_quotas.sql), see its quota
---   stageflow_admin      both, plus every job, registering job types, retrying jobs, dead letters,
---                        repairs, queue grants (a worker claims only from queues granted to it),
---                        quotas, metrics
+--   stageflow_monitor    metrics (every job's counters, no job's data): what an HTTP server's login
+--                        needs for /metrics without being an admin
+--   stageflow_admin      all of the above, plus every job, registering job types, retrying jobs,
+--                        dead letters, repairs, queue grants (a worker claims only from queues
+--                        granted to it), quotas
 -- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
 -- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
 DO $$
@@ -15,17 +17,20 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_submitter') THEN
         CREATE ROLE stageflow_submitter NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_monitor') THEN
+        CREATE ROLE stageflow_monitor NOLOGIN;
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_admin') THEN
         CREATE ROLE stageflow_admin NOLOGIN;
     END IF;
 END;
 $$;
-GRANT stageflow_worker, stageflow_submitter TO stageflow_admin;
+GRANT stageflow_worker, stageflow_submitter, stageflow_monitor TO stageflow_admin;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA stageflow FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA stageflow FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA stageflow FROM PUBLIC;
-GRANT USAGE ON SCHEMA stageflow TO stageflow_worker, stageflow_submitter, stageflow_admin;
+GRANT USAGE ON SCHEMA stageflow TO stageflow_worker, stageflow_submitter, stageflow_monitor, stageflow_admin;
 
 GRANT EXECUTE ON FUNCTION
     stageflow.claim_tasks(text, int, int, text),
@@ -42,7 +47,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.list_quotas(),
     stageflow.webhook_deliveries(text),
     stageflow.job_status(text),
-    stageflow.job_tasks(text),
+    stageflow.job_tasks(text, text, int),
     stageflow.job_result(text, int, int),
     stageflow.list_jobs(text, text, int, timestamptz),
     stageflow.cancel_job(text),
@@ -62,6 +67,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.list_queue_grants(),
     stageflow.set_quota(name, bigint, bigint),
     stageflow.claim_webhook_deliveries(int, int),
-    stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric),
-    stageflow.metrics()
+    stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric)
 TO stageflow_admin;
+
+GRANT EXECUTE ON FUNCTION stageflow.metrics() TO stageflow_monitor;

@@ -159,6 +159,10 @@ enum Command {
             hide_env_values = true
         )]
         tenant_tokens: Vec<String>,
+        /// A read-only token (repeatable, or comma-separated in the environment): every GET route
+        /// (every job the server's login sees) and /metrics; nothing that changes anything.
+        #[arg(long = "read-token", env = "STAGEFLOW_API_READ_TOKENS", value_delimiter = ',', hide_env_values = true)]
+        read_tokens: Vec<String>,
         /// Serve without authentication (only on a trusted network).
         #[arg(long)]
         no_auth: bool,
@@ -426,12 +430,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
         }
-        Command::Serve { listen, token, tenant_tokens, no_auth, webhook_secret, webhook_allow_hosts } => {
+        Command::Serve { listen, token, tenant_tokens, read_tokens, no_auth, webhook_secret, webhook_allow_hosts } => {
             let tenant_tokens = parse_tenant_tokens(tenant_tokens, token.as_deref())?;
+            if read_tokens.iter().any(|t| {
+                t.is_empty()
+                    || token.as_deref() == Some(t.as_str())
+                    || tenant_tokens.iter().any(|(_, other)| other == t)
+                    || read_tokens.iter().filter(|o| *o == t).count() > 1
+            }) {
+                return Err(CliError::Usage("each read-only token must be non-empty and used by no one else".into()));
+            }
             let token = match (token, no_auth) {
                 (Some(_), true) => return Err(CliError::Usage("give either a token or --no-auth, not both".into())),
-                (_, true) if !tenant_tokens.is_empty() => {
-                    return Err(CliError::Usage("tenant tokens need authentication: drop --no-auth".into()))
+                (_, true) if !tenant_tokens.is_empty() || !read_tokens.is_empty() => {
+                    return Err(CliError::Usage("tenant and read-only tokens need authentication: drop --no-auth".into()))
                 }
                 (None, false) => {
                     return Err(CliError::Usage(
@@ -442,6 +454,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             };
             let mut config = stageflow_http::ServeConfig::new(database_url(&cli)?, *listen, token);
             config.tenant_tokens = tenant_tokens;
+            config.read_tokens = read_tokens.clone();
             config.webhooks.secret = webhook_secret.clone();
             config.webhooks.allowed_hosts = webhook_allow_hosts.clone();
             let server = stageflow_http::start(config, shutdown_signal()).await.map_err(|e| CliError::Setup(e.0))?;

@@ -337,7 +337,8 @@ const SUBMIT_OUTCOME: &str = "SELECT job_id, outcome, job_status FROM stageflow.
 const JOB_STATUS: &str = "SELECT stageflow.job_status($1)";
 const JOB_RESULT: &str = "SELECT stageflow.job_result($1, $2, $3)";
 const JOB_TASKS: &str = "SELECT * FROM stageflow.job_tasks($1)";
-const JOB_TASKS_JSON: &str = "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1) AS t";
+const JOB_TASKS_JSON: &str =
+    "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM stageflow.job_tasks($1, $2, $3::int) AS t";
 const LIST_JOBS: &str = "SELECT job_id, job_type, status, current_stage, total_stages, current_stage_name, \
                                 progress::float8 AS progress, created_at, updated_at, completed_at, owner::text AS owner, tenant \
                            FROM stageflow.list_jobs($1, $2, $3, $4::text::timestamptz)";
@@ -408,7 +409,18 @@ impl<C: GenericClient + Sync> Api<'_, C> {
 
     /// A job's tasks as a JSON array of `to_jsonb` rows.
     pub async fn job_tasks_json(&self, job_id: &str) -> Result<Value, Error> {
-        self.value(JOB_TASKS_JSON, &[&job_id]).await
+        self.job_tasks_page_json(job_id, None, None).await
+    }
+
+    /// A page of a job's tasks as a JSON array of `to_jsonb` rows: those after the task
+    /// `after_task` (the last task_id of the previous page), at most `max_rows` (1 to 10,000).
+    pub async fn job_tasks_page_json(
+        &self,
+        job_id: &str,
+        after_task: Option<&str>,
+        max_rows: Option<i32>,
+    ) -> Result<Value, Error> {
+        self.value(JOB_TASKS_JSON, &[&job_id, &after_task, &max_rows]).await
     }
 
     /// Jobs, newest first: the session's own (of its tenant, if it names one); every job for an admin.

@@ -240,8 +240,12 @@ impl Confinement {
     /// A file the task writes: under a root, its directory created if need be; if it exists, it
     /// carries this job's mark.
     pub fn output_file(&self, location: &str, job_id: &str) -> Result<String, TaskError> {
-        if let Some(checked) = self.s3(location)? {
-            return Ok(checked);
+        // (the one output file, export_geoparquet's, is written locally and renamed into place)
+        if location.starts_with("s3://") {
+            return Err(TaskError::permanent(
+                "bad_params",
+                format!("{location}: this output is a local file (write it under a root, then copy it to S3)"),
+            ));
         }
         let path = self.output_path(location)?;
         let parent = path.parent().ok_or_else(|| forbidden(format!("{location} names no file")))?;
@@ -500,6 +504,8 @@ mod tests {
         mark_file(&file, "job-a").unwrap();
         c.output_file(file.to_str().unwrap(), "job-a").unwrap();
         assert_eq!(c.output_file(file.to_str().unwrap(), "job-b").unwrap_err().kind, "forbidden_path");
+        // An output file is local: an s3:// one would have been written to a relative path.
+        assert_eq!(c.output_file("s3://bucket/out.parquet", "job-a").unwrap_err().kind, "bad_params");
         let _ = std::fs::remove_dir_all(&root);
     }
 

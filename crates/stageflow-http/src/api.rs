@@ -38,14 +38,19 @@ pub struct AppState {
     pub token: Option<String>,
     /// (tenant label, token) pairs.
     pub tenant_tokens: Vec<(String, String)>,
+    /// Read-only tokens: every GET route (every job the server's login sees) and /metrics.
+    pub read_tokens: Vec<String>,
     pub events: Events,
 }
 
-/// Who a request comes from: the operator, or a tenant (by its label).
+/// Who a request comes from, by its token's scope: the operator (admin: everything), a tenant
+/// (submit: reads, submits and cancels the jobs of its label), or a reader (read: every GET
+/// route and /metrics, nothing that changes anything).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Caller {
     Operator,
     Tenant(String),
+    Reader,
 }
 
 pub struct ApiError {
@@ -178,6 +183,11 @@ fn caller_of(state: &AppState, given: &str) -> Option<Caller> {
             caller = Some(Caller::Tenant(label.clone()));
         }
     }
+    for token in &state.read_tokens {
+        if digests_equal(&given, &digest(token)) && caller.is_none() {
+            caller = Some(Caller::Reader);
+        }
+    }
     caller
 }
 
@@ -187,7 +197,7 @@ async fn require_token(
     mut request: Request,
     next: Next,
 ) -> Response {
-    if state.token.is_none() && state.tenant_tokens.is_empty() {
+    if state.token.is_none() && state.tenant_tokens.is_empty() && state.read_tokens.is_empty() {
         request.extensions_mut().insert(Caller::Operator);
         return next.run(request).await;
     }
@@ -207,6 +217,13 @@ async fn require_token(
         )
             .into_response(),
         Some(value) => match value.strip_prefix("Bearer ").and_then(|given| caller_of(&state, given)) {
+            Some(Caller::Reader) if request.method() != axum::http::Method::GET => ApiError::new(
+                StatusCode::FORBIDDEN,
+                None,
+                "a read-only token changes nothing",
+                Some("submitting, cancelling and retrying need a tenant's token or STAGEFLOW_API_TOKEN"),
+            )
+            .into_response(),
             Some(caller) => {
                 request.extensions_mut().insert(caller);
                 next.run(request).await
@@ -216,10 +233,11 @@ async fn require_token(
     }
 }
 
-/// The operator's routes: a tenant's token is refused.
+/// The operator's routes: a tenant's token is refused (a reader's reads them: the token check
+/// refused its other methods).
 async fn require_operator(Extension(caller): Extension<Caller>, request: Request, next: Next) -> Response {
     match caller {
-        Caller::Operator => next.run(request).await,
+        Caller::Operator | Caller::Reader => next.run(request).await,
         Caller::Tenant(_) => ApiError::new(
             StatusCode::FORBIDDEN,
             None,
@@ -302,12 +320,22 @@ async fn result(
     Ok(Json(as_caller!(state, &caller, |api| api.job_result_json(&job_id, q.after, q.limit.unwrap_or(1000)))))
 }
 
+#[derive(Deserialize)]
+struct TasksQuery {
+    after: Option<String>,
+    limit: Option<i32>,
+}
+
+/// A page of a job's tasks (`?after=<last task_id of the previous page>&limit=`, default 1,000, at
+/// most 10,000): a job of a million tasks is never read whole by one request.
 async fn tasks(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
+    Query(q): Query<TasksQuery>,
 ) -> ApiResult {
-    Ok(Json(as_caller!(state, &caller, |api| api.job_tasks_json(&job_id))))
+    let limit = q.limit.unwrap_or(1000);
+    Ok(Json(as_caller!(state, &caller, |api| api.job_tasks_page_json(&job_id, q.after.as_deref(), Some(limit)))))
 }
 
 #[derive(Deserialize)]
@@ -387,7 +415,16 @@ async fn openapi() -> impl IntoResponse {
 }
 
 /// Prometheus metrics (stageflow.metrics), as the server's login: no tenant.
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// `/metrics`: every job's counters, for the operator's and readers' tokens (not a tenant's).
+async fn metrics(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    if let Caller::Tenant(_) = caller {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            None,
+            "metrics count every tenant's jobs",
+            Some("scrape /metrics with a read-only token (stageflow serve --read-token) or STAGEFLOW_API_TOKEN"),
+        ));
+    }
     let samples = as_caller!(state, &Caller::Operator, |api| api.metrics());
     let text = crate::metrics::render(&samples);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
@@ -489,6 +526,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/jobs/{job_id}/cancel", post(cancel))
         .route("/api/jobs/{job_id}/webhooks", get(webhook_deliveries))
         .route("/api/job-types", get(job_types))
+        .route("/metrics", get(metrics))
         .merge(operator)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -498,7 +536,6 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/session", post(open_session).delete(close_session))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn(security_headers))
         .layer(DefaultBodyLimit::max(body_limit))

@@ -21,6 +21,8 @@ pub struct ServeConfig {
     pub token: Option<String>,
     /// Tenants' (label, bearer token) pairs: each sees and cancels only the jobs submitted with its token.
     pub tenant_tokens: Vec<(String, String)>,
+    /// Read-only tokens: every GET route (every job the server's login sees) and /metrics.
+    pub read_tokens: Vec<String>,
     pub webhooks: WebhookConfig,
     /// The most bytes a request body may have.
     pub body_limit: usize,
@@ -33,6 +35,7 @@ impl ServeConfig {
             listen,
             token,
             tenant_tokens: Vec::new(),
+            read_tokens: Vec::new(),
             webhooks: WebhookConfig::default(),
             body_limit: 2 * 1024 * 1024,
         }
@@ -128,7 +131,13 @@ pub async fn start(
     let events = events::Events::start(config.database_url.clone());
     webhooks::spawn_dispatcher(pool.clone(), config.webhooks.clone(), events.clone());
     let app = api::router(
-        api::AppState { pool, token: config.token.clone(), tenant_tokens: config.tenant_tokens.clone(), events },
+        api::AppState {
+            pool,
+            token: config.token.clone(),
+            tenant_tokens: config.tenant_tokens.clone(),
+            read_tokens: config.read_tokens.clone(),
+            events,
+        },
         config.body_limit,
     );
     let listener = tokio::net::TcpListener::bind(config.listen)

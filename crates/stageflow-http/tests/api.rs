@@ -65,7 +65,7 @@ async fn call_as(token: &str, method: reqwest::Method, url: &str, body: Option<V
 async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     let (base, db_url) = serve("http_api").await;
 
-    // Auth: none -> 401, wrong -> 403; health, metrics and the OpenAPI document are open.
+    // Auth: none -> 401, wrong -> 403; health and the OpenAPI document are open (metrics are not).
     let anonymous = client().get(format!("{base}/api/jobs")).send().await.unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
     assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
@@ -100,6 +100,16 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
     let (code, tasks) = call(reqwest::Method::GET, &format!("{base}/api/db/tasks/{job_id}"), None).await;
     assert_eq!((code, tasks.as_array().map(Vec::len)), (200, Some(3)));
     assert_eq!(tasks[0]["status"], json!("queued"));
+    // A page at a time: after the last task of the previous page.
+    let (code, first) = call(reqwest::Method::GET, &format!("{base}/api/db/tasks/{job_id}?limit=2"), None).await;
+    assert_eq!((code, first.as_array().map(Vec::len)), (200, Some(2)), "{first}");
+    let last = first[1]["task_id"].as_str().unwrap();
+    let (code, rest) =
+        call(reqwest::Method::GET, &format!("{base}/api/db/tasks/{job_id}?after={last}&limit=2"), None).await;
+    assert_eq!((code, rest.as_array().map(Vec::len)), (200, Some(1)), "{rest}");
+    assert_eq!(rest[0]["task_id"], tasks[2]["task_id"]);
+    let (code, error) = call(reqwest::Method::GET, &format!("{base}/api/db/tasks/{job_id}?limit=100000"), None).await;
+    assert_eq!((code, error["error"]["sqlstate"].clone()), (400, json!("22023")), "{error}");
 
     // Errors: JSON with the SQLSTATE and a status that fits.
     let (code, error) =
@@ -159,8 +169,9 @@ async fn the_api_serves_jobs_with_auth_and_fitting_errors() {
         "{grants}"
     );
 
-    // Metrics: queue depth, tasks by status, per handler.
-    let text = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    // Metrics: queue depth, tasks by status, per handler; behind a token.
+    assert_eq!(client().get(format!("{base}/metrics")).send().await.unwrap().status().as_u16(), 401);
+    let text = client().get(format!("{base}/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("stageflow_queue_depth{queue=\"default\"} 3"), "{text}");
     assert!(text.contains("stageflow_tasks{status=\"queued\"} 3"), "{text}");
     assert!(text.contains("stageflow_jobs{status=\"processing\"} 1"), "{text}");
@@ -512,7 +523,8 @@ async fn webhooks_reach_only_public_https_receivers_and_follow_no_redirect() {
     let delivery = first_attempt(&base, &job_id).await;
     assert_eq!(delivery["attempt_log"][0]["status_code"], json!(302), "{delivery}");
     assert!(delivery["attempt_log"][0]["error"].as_str().unwrap().contains("redirects are not followed"), "{delivery}");
-    assert_eq!(seen.lock().unwrap().len(), 1);
+    // (the receiver may have seen a retry already: each attempt is one request to it)
+    assert!(!seen.lock().unwrap().is_empty());
     assert_eq!(stolen.lock().unwrap().len(), 0, "the redirect's target got nothing");
 }
 
@@ -625,4 +637,53 @@ async fn tokens_stay_out_of_urls_and_a_browser_session_is_an_httponly_cookie() {
     let page = client().get(format!("{base}/")).send().await.unwrap().text().await.unwrap();
     assert!(page.contains(r#"<script src="/dashboard.js"></script>"#));
     assert_eq!(page.matches("<script").count(), 1, "no inline script in the page");
+}
+
+/// A read-only token: every GET route (every job the server's login sees) and /metrics; refused
+/// on anything that changes something. A tenant's token does not read /metrics (every tenant's
+/// counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_reads_everything_and_changes_nothing() {
+    let (base, _) = serve_configured("http_read_tokens", |config| {
+        config.tenant_tokens = vec![("acme".into(), "token-acme".into())];
+        config.read_tokens = vec!["token-monitor".into()];
+    })
+    .await;
+    let (code, submitted) = call_as(
+        "token-acme",
+        reqwest::Method::POST,
+        &format!("{base}/api/jobs/submit/hello_world"),
+        Some(json!({"message": "read", "n": 1})),
+    )
+    .await;
+    assert_eq!(code, 200, "{submitted}");
+    let job_id = submitted["job_id"].as_str().unwrap().to_owned();
+    let reader = "token-monitor";
+    for path in [
+        format!("/api/jobs/status/{job_id}"),
+        format!("/api/db/tasks/{job_id}"),
+        "/api/jobs".to_owned(),
+        "/api/job-types".to_owned(),
+        "/api/dead-letters".to_owned(),
+        "/api/queues/grants".to_owned(),
+    ] {
+        let (code, body) = call_as(reader, reqwest::Method::GET, &format!("{base}{path}"), None).await;
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+    let metrics = client().get(format!("{base}/metrics")).bearer_auth(reader).send().await.unwrap();
+    assert_eq!(metrics.status().as_u16(), 200);
+    assert!(metrics.text().await.unwrap().contains("stageflow_jobs{status=\"queued\"} 1"));
+    for (method, path) in [
+        (reqwest::Method::POST, "/api/jobs/submit/hello_world".to_owned()),
+        (reqwest::Method::POST, format!("/api/jobs/{job_id}/cancel")),
+        (reqwest::Method::POST, format!("/api/jobs/{job_id}/retry")),
+    ] {
+        let (code, body) = call_as(reader, method, &format!("{base}{path}"), Some(json!({"message": "x"}))).await;
+        assert_eq!(code, 403, "{path}: {body}");
+        assert_eq!(body["error"]["message"], json!("a read-only token changes nothing"), "{body}");
+    }
+    let (_, status) = call_as(reader, reqwest::Method::GET, &format!("{base}/api/jobs/status/{job_id}"), None).await;
+    assert_eq!(status["status"], json!("queued"), "the job is as it was: {status}");
+    let tenant_metrics = client().get(format!("{base}/metrics")).bearer_auth("token-acme").send().await.unwrap();
+    assert_eq!(tenant_metrics.status().as_u16(), 403);
 }

@@ -174,3 +174,37 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
         .get(0);
     assert_eq!(public_grants, 0, "nothing is executable by PUBLIC");
 }
+
+/// stageflow_monitor reads the metrics (every job's counters) and nothing else: what an HTTP
+/// server's login needs for /metrics without being an admin.
+#[test]
+fn the_monitor_role_reads_metrics_and_nothing_else() {
+    let url = fresh_database("monitor_role");
+    let mut admin = connect(&url);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS sf_test_monitor;
+             CREATE ROLE sf_test_monitor LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_monitor;"
+        ))
+        .unwrap();
+    let job_id = submit(&mut admin, "hello_world", json!({"message": "monitored", "n": 2}));
+    let mut monitor = connect(&url_as(&url, "sf_test_monitor"));
+    let queued: f64 = monitor
+        .query_one(
+            "SELECT value FROM stageflow.metrics() WHERE metric = 'stageflow_tasks' AND labels ->> 'status' = 'queued'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 2.0);
+    for forbidden in [
+        format!("SELECT stageflow.job_status('{job_id}')"),
+        "SELECT * FROM stageflow.list_jobs()".to_owned(),
+        "SELECT stageflow.submit_job('hello_world', '{}')".to_owned(),
+        "SELECT * FROM stageflow.claim_tasks('default')".to_owned(),
+        "SELECT * FROM stageflow.dead_letters(10)".to_owned(),
+        "SELECT count(*) FROM stageflow.tasks".to_owned(),
+    ] {
+        assert_eq!(refused(&mut monitor, &forbidden).0, "42501", "{forbidden}");
+    }
+}
