@@ -13,11 +13,100 @@ CREATE TABLE stageflow.webhook_deliveries (
     attempt_log      jsonb NOT NULL DEFAULT '[]',
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
     created_at       timestamptz NOT NULL DEFAULT now(),
-    delivered_at     timestamptz
+    delivered_at     timestamptz,
+    -- The signing secret of the registered endpoint the job named (NULL: a URL, signed with the
+    -- dispatcher's own secret). Never shown by webhook_deliveries().
+    secret           text
 );
 CREATE INDEX webhook_deliveries_due_idx ON stageflow.webhook_deliveries (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_job_idx ON stageflow.webhook_deliveries (job_id);
 SELECT pg_catalog.pg_extension_config_dump('stageflow.webhook_deliveries', '');
+
+-- Registered webhook endpoints: a login's (and tenant label's) named receivers, each with a
+-- signing secret of its own (Standard Webhooks' whsec_<base64 of 32 random bytes>), shown once
+-- when it is registered. A submission names one with webhook_url => 'endpoint:<name>'.
+CREATE TABLE stageflow.webhook_endpoints (
+    owner       name NOT NULL,
+    tenant      text NOT NULL DEFAULT '',
+    name        text NOT NULL,
+    url         text NOT NULL,
+    secret      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (owner, tenant, name)
+);
+SELECT pg_catalog.pg_extension_config_dump('stageflow.webhook_endpoints', '');
+
+-- The endpoint a webhook_url of the form endpoint:<name> names, for this owner and tenant label
+-- (NULL: no such endpoint).
+CREATE FUNCTION stageflow._webhook_endpoint(p_url text, p_owner name, p_tenant text)
+RETURNS stageflow.webhook_endpoints
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e FROM stageflow.webhook_endpoints AS e
+     WHERE e.owner = p_owner AND e.tenant = coalesce(p_tenant, '') AND e.name = substr(p_url, length('endpoint:') + 1)
+$$;
+
+-- Registers (or replaces) the caller's endpoint `name` (its login's, under its tenant label) at
+-- `url` with a new signing secret, and returns the secret: the only time it is shown. Registering
+-- a name again rotates its secret.
+CREATE FUNCTION stageflow.register_webhook_endpoint(name text, url text)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_secret text := 'whsec_' || encode(decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'), 'base64');
+BEGIN
+    IF register_webhook_endpoint.name IS NULL OR register_webhook_endpoint.name !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('webhook endpoint name %L is not 1 to 63 lowercase letters, digits, _ or -', register_webhook_endpoint.name),
+            HINT = 'name it like orders-prod';
+    END IF;
+    IF register_webhook_endpoint.url IS NULL OR register_webhook_endpoint.url !~ '^https?://\S+$'
+       OR length(register_webhook_endpoint.url) > 2048 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('webhook endpoint url %L is not an http(s) URL', register_webhook_endpoint.url),
+            HINT = 'give a URL like https://example.org/hooks/stageflow';
+    END IF;
+    INSERT INTO stageflow.webhook_endpoints AS e (owner, tenant, name, url, secret, created_at)
+    VALUES (session_user, coalesce(stageflow._tenant(), ''), register_webhook_endpoint.name, register_webhook_endpoint.url,
+            v_secret, stageflow.now())
+    ON CONFLICT ON CONSTRAINT webhook_endpoints_pkey
+    DO UPDATE SET url = excluded.url, secret = excluded.secret, created_at = excluded.created_at;
+    RETURN v_secret;
+END;
+$$;
+
+-- The caller's endpoints (its login's, under its tenant label), without their secrets.
+CREATE FUNCTION stageflow.webhook_endpoints()
+RETURNS TABLE (name text, url text, created_at timestamptz)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e.name, e.url, e.created_at FROM stageflow.webhook_endpoints AS e
+     WHERE e.owner = session_user AND e.tenant = coalesce(stageflow._tenant(), '')
+     ORDER BY e.name
+$$;
+
+-- Drops the caller's endpoint `name`; whether there was one. A job that names it gets no delivery
+-- (its delivery is recorded as failed, saying why).
+CREATE FUNCTION stageflow.drop_webhook_endpoint(name text)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM stageflow.webhook_endpoints AS e
+     WHERE e.owner = session_user AND e.tenant = coalesce(stageflow._tenant(), '') AND e.name = drop_webhook_endpoint.name;
+    RETURN FOUND;
+END;
+$$;
 
 -- Queues a delivery for a job's terminal event when the job names a webhook.
 CREATE FUNCTION stageflow._queue_webhook(p_event_id bigint, p_job_id text, p_kind text)
@@ -28,10 +117,27 @@ AS $$
 DECLARE
     v_job stageflow.jobs;
     v_url text;
+    v_endpoint stageflow.webhook_endpoints;
 BEGIN
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
     v_url := coalesce(v_job.webhook_url, v_job.definition ->> 'webhook_url');
-    IF v_url IS NOT NULL THEN
+    IF v_url LIKE 'endpoint:%' THEN
+        v_endpoint := stageflow._webhook_endpoint(v_url, v_job.owner, v_job.tenant);
+        IF v_endpoint.name IS NULL THEN
+            -- Dropped since the submission: recorded, not sent.
+            INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, status, attempt_log, next_attempt_at, created_at)
+            VALUES (p_event_id, p_job_id, v_url,
+                    jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)), 'failed',
+                    jsonb_build_array(jsonb_build_object('attempt', 0, 'at', stageflow.now(),
+                                                         'error', format('the webhook endpoint %s was dropped', v_url))),
+                    stageflow.now(), stageflow.now());
+            RETURN;
+        END IF;
+        INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, next_attempt_at, created_at, secret)
+        VALUES (p_event_id, p_job_id, v_endpoint.url,
+                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
+                stageflow.now(), stageflow.now(), v_endpoint.secret);
+    ELSIF v_url IS NOT NULL THEN
         INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, next_attempt_at, created_at)
         VALUES (p_event_id, p_job_id, v_url,
                 jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
@@ -41,9 +147,10 @@ END;
 $$;
 
 -- Claims up to max_rows due deliveries for lease_seconds (they are not due again before), counting
--- the attempt. Deliveries claimed by another dispatcher are skipped.
+-- the attempt. Deliveries claimed by another dispatcher are skipped. secret: the registered
+-- endpoint's signing secret (NULL: sign with the dispatcher's own).
 CREATE FUNCTION stageflow.claim_webhook_deliveries(max_rows int DEFAULT 10, lease_seconds int DEFAULT 30)
-RETURNS TABLE (delivery_id bigint, job_id text, url text, payload jsonb, attempts int)
+RETURNS TABLE (delivery_id bigint, job_id text, url text, payload jsonb, attempts int, secret text)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -67,7 +174,7 @@ BEGIN
                               ORDER BY w.next_attempt_at
                               LIMIT claim_webhook_deliveries.max_rows
                                 FOR UPDATE SKIP LOCKED)
-    RETURNING d.delivery_id, d.job_id, d.url, d.payload, d.attempts;
+    RETURNING d.delivery_id, d.job_id, d.url, d.payload, d.attempts, d.secret;
 END;
 $$;
 

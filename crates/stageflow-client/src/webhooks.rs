@@ -17,6 +17,9 @@ pub struct ClaimedDelivery {
     pub payload: Value,
     /// Attempts so far, this one included.
     pub attempts: i32,
+    /// The signing secret of the registered endpoint the job named (`None`: a URL, signed with the
+    /// dispatcher's own secret).
+    pub secret: Option<String>,
 }
 
 /// A row of `stageflow.webhook_deliveries`.
@@ -43,7 +46,10 @@ const DELIVERIES: &str = "SELECT * FROM stageflow.webhook_deliveries($1)";
 const DELIVERIES_JSON: &str =
     "SELECT coalesce(jsonb_agg(to_jsonb(d)), '[]') FROM stageflow.webhook_deliveries($1) AS d";
 const CLAIM: &str =
-    "SELECT delivery_id, job_id, url, payload, attempts FROM stageflow.claim_webhook_deliveries($1, $2)";
+    "SELECT delivery_id, job_id, url, payload, attempts, secret FROM stageflow.claim_webhook_deliveries($1, $2)";
+const REGISTER_ENDPOINT: &str = "SELECT stageflow.register_webhook_endpoint($1, $2)";
+const ENDPOINTS_JSON: &str = "SELECT coalesce(jsonb_agg(to_jsonb(e)), '[]') FROM stageflow.webhook_endpoints() AS e";
+const DROP_ENDPOINT: &str = "SELECT stageflow.drop_webhook_endpoint($1)";
 const RECORD: &str = "SELECT stageflow.record_webhook_attempt($1, $2, $3, $4, $5::text::numeric)";
 
 impl<C: GenericClient + Sync> Api<'_, C> {
@@ -81,9 +87,28 @@ impl<C: GenericClient + Sync> Api<'_, C> {
                 url: column(row, "url")?,
                 payload: column(row, "payload")?,
                 attempts: column(row, "attempts")?,
+                secret: column(row, "secret")?,
             })
         })
         .await
+    }
+
+    /// Registers (or replaces, with a new secret) the session's webhook endpoint `name` at `url`;
+    /// returns its signing secret (`whsec_...`), shown this once. A submission names it with
+    /// `webhook_url` `endpoint:<name>`.
+    pub async fn register_webhook_endpoint(&self, name: &str, url: &str) -> Result<String, Error> {
+        self.value(REGISTER_ENDPOINT, &[&name, &url]).await
+    }
+
+    /// The session's webhook endpoints, without their secrets, as a JSON array of
+    /// `{"name", "url", "created_at"}`.
+    pub async fn webhook_endpoints_json(&self) -> Result<Value, Error> {
+        self.value(ENDPOINTS_JSON, &[]).await
+    }
+
+    /// Drops the session's webhook endpoint `name`; whether there was one.
+    pub async fn drop_webhook_endpoint(&self, name: &str) -> Result<bool, Error> {
+        self.value(DROP_ENDPOINT, &[&name]).await
     }
 
     /// Records an attempt of a delivery: delivered, or failed with the status code and error seen

@@ -22,7 +22,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use serde::Deserialize;
@@ -386,6 +386,36 @@ async fn webhook_deliveries(
 }
 
 #[derive(Deserialize)]
+struct EndpointBody {
+    name: String,
+    url: String,
+}
+
+/// `POST /api/webhook-endpoints` `{"name", "url"}`: registers the caller's endpoint (a tenant's
+/// under its label) and answers its signing secret, shown this once.
+async fn register_endpoint(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(body): Json<EndpointBody>,
+) -> ApiResult {
+    let secret = as_caller!(state, &caller, |api| api.register_webhook_endpoint(&body.name, &body.url));
+    Ok(Json(json!({"name": body.name, "url": body.url, "secret": secret})))
+}
+
+async fn list_endpoints(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> ApiResult {
+    Ok(Json(as_caller!(state, &caller, |api| api.webhook_endpoints_json())))
+}
+
+async fn drop_endpoint(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let dropped = as_caller!(state, &caller, |api| api.drop_webhook_endpoint(&name));
+    Ok(Json(json!({"name": name, "dropped": dropped})))
+}
+
+#[derive(Deserialize)]
 struct LimitQuery {
     limit: Option<i32>,
 }
@@ -525,6 +555,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/jobs", get(list))
         .route("/api/jobs/{job_id}/cancel", post(cancel))
         .route("/api/jobs/{job_id}/webhooks", get(webhook_deliveries))
+        .route("/api/webhook-endpoints", get(list_endpoints).post(register_endpoint))
+        .route("/api/webhook-endpoints/{name}", delete(drop_endpoint))
         .route("/api/job-types", get(job_types))
         .route("/metrics", get(metrics))
         .merge(operator)

@@ -7,7 +7,9 @@
 //! every attempt, for the receiver's deduplication), `webhook-timestamp` (Unix seconds of the
 //! attempt) and `webhook-signature: v1,<base64 of HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`,
 //! where the key is the secret's bytes (a `whsec_<base64>` secret, as the specification's
-//! libraries make them, is decoded first); and `x-stageflow-event: <kind>`.
+//! libraries make them, is decoded first); and `x-stageflow-event: <kind>`. The secret is the
+//! registered endpoint's, when the job named one (`webhook_url` `endpoint:<name>`,
+//! `stageflow.register_webhook_endpoint`), else the dispatcher's own.
 //!
 //! Where a delivery may go (the URL is a submitter's): `https` only, unless the operator allows
 //! the host (`--webhook-allow-host`); the host is resolved before connecting and the delivery is
@@ -17,8 +19,8 @@
 //! happened, never which address a name resolved to.
 //!
 //! Deliveries of a claim run at once, at most `per_endpoint` to one host, each within `timeout`;
-//! the claim's lease covers the longest that takes. Without a signing secret nothing is sent:
-//! deliveries wait (a warning says why).
+//! the claim's lease covers the longest that takes. Without a signing secret (neither the
+//! endpoint's nor the dispatcher's) nothing is sent: the attempt is recorded as failed, saying why.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -177,9 +179,9 @@ pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, ev
     tokio::spawn(async move {
         if config.secret.is_none() {
             tracing::warn!(
-                "webhooks: no signing secret (STAGEFLOW_WEBHOOK_SECRET): deliveries are not sent unsigned; they wait"
+                "webhooks: no signing secret (STAGEFLOW_WEBHOOK_SECRET): only deliveries to registered endpoints \
+                 (their own secrets) are sent; the others are not sent unsigned"
             );
-            return;
         }
         let mut wake = events.subscribe();
         loop {
@@ -198,13 +200,24 @@ pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, ev
     });
 }
 
-/// One attempt: (delivered, status code, error).
+/// One attempt, signed with `secret`: (delivered, status code, error).
 async fn attempt(
     config: &WebhookConfig,
     id: i64,
     url: &str,
     payload: &serde_json::Value,
+    secret: Option<&str>,
 ) -> (bool, Option<i32>, Option<String>) {
+    let Some(secret) = secret else {
+        return (
+            false,
+            None,
+            Some(
+                "not sent: no signing secret (register the endpoint, or set the server's STAGEFLOW_WEBHOOK_SECRET)"
+                    .into(),
+            ),
+        );
+    };
     let (parsed, pinned) = match target(url, &config.allowed_hosts).await {
         Ok(target) => target,
         Err(error) => return (false, None, Some(error)),
@@ -221,7 +234,6 @@ async fn attempt(
     let body = serde_json::to_vec(payload).expect("JSON serialises");
     let message_id = format!("msg_{id}");
     let timestamp = chrono::Utc::now().timestamp();
-    let secret = config.secret.as_deref().unwrap_or_default();
     let request = http
         .post(parsed)
         .header("content-type", "application/json")
@@ -262,7 +274,8 @@ async fn dispatch_due(pool: &deadpool_postgres::Pool, config: &WebhookConfig) ->
         let config = config.clone();
         running.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await;
-            let outcome = attempt(&config, delivery.delivery_id, &delivery.url, &delivery.payload).await;
+            let secret = delivery.secret.as_deref().or(config.secret.as_deref());
+            let outcome = attempt(&config, delivery.delivery_id, &delivery.url, &delivery.payload, secret).await;
             (delivery, outcome)
         }));
     }

@@ -528,23 +528,21 @@ async fn webhooks_reach_only_public_https_receivers_and_follow_no_redirect() {
     assert_eq!(stolen.lock().unwrap().len(), 0, "the redirect's target got nothing");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhooks_verify_with_the_standard_webhooks_library() {
-    let (base, _) = serve("http_webhook_standard").await;
-    let (hook, seen) = receiver(0).await;
-    let job_id = job_ending_with_webhook(&base, "standard", &format!("http://{hook}/hook")).await;
-    let delivery = first_attempt(&base, &job_id).await;
-    assert_eq!(delivery["status"], json!("delivered"), "{delivery}");
-    let (headers, body) = seen.lock().unwrap()[0].clone();
-    // The Python reference implementation (PyPI `standardwebhooks`, in the tools venv) verifies the
-    // delivery, and refuses it with one byte of the body changed.
+/// What the Python reference implementation of Standard Webhooks (PyPI `standardwebhooks`, in the
+/// tools venv) says of a delivery, verified with `secret`: `{"verified": <event>, "tampered":
+/// "refused"|"accepted"}` (the same delivery with its body changed), or `{"error": ...}`.
+fn standard_webhooks_verdict(secret: &str, headers: &std::collections::HashMap<String, String>, body: &[u8]) -> Value {
     let python =
         std::env::var("STAGEFLOW_PYTOOLS_PYTHON").unwrap_or_else(|_| "/var/tmp/stageflow-pytools/bin/python".into());
     let script = r#"
 import json, sys
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 secret, headers, body = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-payload = Webhook(secret).verify(body, headers)
+try:
+    payload = Webhook(secret).verify(body, headers)
+except WebhookVerificationError as e:
+    print(json.dumps({"error": str(e)}))
+    sys.exit(0)
 tampered = body.replace('job_cancelled', 'job_completed')
 try:
     Webhook(secret).verify(tampered, headers)
@@ -555,18 +553,64 @@ except WebhookVerificationError:
     let wanted: std::collections::HashMap<&str, &String> =
         ["webhook-id", "webhook-timestamp", "webhook-signature"].iter().map(|k| (*k, &headers[*k])).collect();
     let out = std::process::Command::new(&python)
-        .args([
-            "-c",
-            script,
-            WEBHOOK_SECRET,
-            &serde_json::to_string(&wanted).unwrap(),
-            &String::from_utf8(body).unwrap(),
-        ])
+        .args(["-c", script, secret, &serde_json::to_string(&wanted).unwrap(), std::str::from_utf8(body).unwrap()])
         .output()
         .unwrap_or_else(|e| panic!("{python}: {e} (scripts/setup.sh makes the venv)"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(verdict, json!({"verified": "job_cancelled", "tampered": "refused"}));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_verify_with_the_standard_webhooks_library() {
+    let (base, _) = serve("http_webhook_standard").await;
+    // A URL: signed with the server's secret.
+    let (hook, seen) = receiver(0).await;
+    let job_id = job_ending_with_webhook(&base, "standard", &format!("http://{hook}/hook")).await;
+    let delivery = first_attempt(&base, &job_id).await;
+    assert_eq!(delivery["status"], json!("delivered"), "{delivery}");
+    let (headers, body) = seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        standard_webhooks_verdict(WEBHOOK_SECRET, &headers, &body),
+        json!({"verified": "job_cancelled", "tampered": "refused"})
+    );
+
+    // A registered endpoint: its own secret, shown once at registration, signs its deliveries.
+    let (hook, seen) = receiver(0).await;
+    let (code, endpoint) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/webhook-endpoints"),
+        Some(json!({"name": "orders", "url": format!("http://{hook}/orders")})),
+    )
+    .await;
+    assert_eq!(code, 200, "{endpoint}");
+    let secret = endpoint["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_") && secret != WEBHOOK_SECRET, "{endpoint}");
+    let (_, listed) = call(reqwest::Method::GET, &format!("{base}/api/webhook-endpoints"), None).await;
+    assert_eq!(listed[0]["name"], json!("orders"), "{listed}");
+    assert!(!listed.to_string().contains("whsec_"), "the list shows no secret: {listed}");
+    let job_id = job_ending_with_webhook(&base, "to an endpoint", "endpoint:orders").await;
+    let delivery = first_attempt(&base, &job_id).await;
+    assert_eq!(delivery["status"], json!("delivered"), "{delivery}");
+    assert!(!delivery.to_string().contains("whsec_"), "{delivery}");
+    let (headers, body) = seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        standard_webhooks_verdict(&secret, &headers, &body),
+        json!({"verified": "job_cancelled", "tampered": "refused"})
+    );
+    assert!(
+        standard_webhooks_verdict(WEBHOOK_SECRET, &headers, &body).get("error").is_some(),
+        "the server's secret does not verify an endpoint's delivery"
+    );
+    // An unknown endpoint is refused at submission.
+    let (code, refused) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/jobs/submit/hello_world?webhook_url=endpoint%3Anope"),
+        Some(json!({"message": "nope", "n": 1})),
+    )
+    .await;
+    assert_eq!((code, refused["error"]["sqlstate"].clone()), (404, json!("42704")), "{refused}");
+    let (code, dropped) = call(reqwest::Method::DELETE, &format!("{base}/api/webhook-endpoints/orders"), None).await;
+    assert_eq!((code, dropped["dropped"].clone()), (200, json!(true)), "{dropped}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
