@@ -55,12 +55,8 @@ BEGIN
                 MESSAGE = format('unknown webhook endpoint %L', substr(submit_job_outcome.webhook_url, 10)),
                 HINT = 'register it with stageflow.register_webhook_endpoint(name, url) under the same login and tenant';
         END IF;
-    ELSIF submit_job_outcome.webhook_url IS NOT NULL
-       AND (submit_job_outcome.webhook_url !~ '^https?://\S+$' OR length(submit_job_outcome.webhook_url) > 2048) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('webhook_url %L is not an http(s) URL', submit_job_outcome.webhook_url),
-            HINT = 'give a URL like https://example.org/hooks/stageflow, or endpoint:<name> for a registered endpoint';
+    ELSIF submit_job_outcome.webhook_url IS NOT NULL THEN
+        PERFORM stageflow._check_webhook_url(submit_job_outcome.webhook_url, 'webhook_url');
     END IF;
     v_params := stageflow._validate_params(submit_job_outcome.job_type, v_definition, submit_job_outcome.params::text);
     v_job_id := stageflow._job_id(submit_job_outcome.job_type, v_params::text);

@@ -36,6 +36,26 @@ CREATE TABLE stageflow.webhook_endpoints (
 );
 SELECT pg_catalog.pg_extension_config_dump('stageflow.webhook_endpoints', '');
 
+-- Raises 22023 unless p_url is an http(s) URL of at most 2048 characters (p_what: what the caller
+-- calls it, for the message): the one rule for a submission's webhook_url and an endpoint's url.
+CREATE FUNCTION stageflow._check_webhook_url(p_url text, p_what text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- (raising is its whole effect: VOLATILE, as _raise_refusal)
+    -- @plpgsql_check_options: performance_warnings = false
+    IF p_url IS NULL OR p_url !~ '^https?://\S+$' OR length(p_url) > 2048 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('%s %L is not an http(s) URL of at most 2048 characters', p_what, p_url),
+            HINT = 'give a URL like https://example.org/hooks/stageflow (a submission may name a registered endpoint '
+                   'instead: endpoint:<name>)';
+    END IF;
+END;
+$$;
+
 -- The endpoint a webhook_url of the form endpoint:<name> names, for this owner and tenant label
 -- (NULL: no such endpoint).
 CREATE FUNCTION stageflow._webhook_endpoint(p_url text, p_owner name, p_tenant text)
@@ -65,13 +85,7 @@ BEGIN
             MESSAGE = format('webhook endpoint name %L is not 1 to 63 lowercase letters, digits, _ or -', register_webhook_endpoint.name),
             HINT = 'name it like orders-prod';
     END IF;
-    IF register_webhook_endpoint.url IS NULL OR register_webhook_endpoint.url !~ '^https?://\S+$'
-       OR length(register_webhook_endpoint.url) > 2048 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('webhook endpoint url %L is not an http(s) URL', register_webhook_endpoint.url),
-            HINT = 'give a URL like https://example.org/hooks/stageflow';
-    END IF;
+    PERFORM stageflow._check_webhook_url(register_webhook_endpoint.url, 'webhook endpoint url');
     INSERT INTO stageflow.webhook_endpoints AS e (owner, tenant, name, url, secret, created_at)
     VALUES (session_user, coalesce(stageflow._tenant(), ''), register_webhook_endpoint.name, register_webhook_endpoint.url,
             v_secret, stageflow.now())
