@@ -273,12 +273,22 @@ pub struct GeoOptions {
     /// The most pixels (width x height x bands) of a raster a task may open.
     #[arg(long = "geo-max-pixels", env = "STAGEFLOW_GEO_MAX_PIXELS", default_value_t = 1 << 32)]
     pub max_pixels: u64,
+    /// The most bytes of a local file a task may read (a raster, a vector source, a file of an
+    /// inventory, a STAC document).
+    #[arg(long = "geo-max-bytes", env = "STAGEFLOW_GEO_MAX_BYTES", default_value_t = 16 << 30)]
+    pub max_bytes: u64,
 }
 
 impl GeoOptions {
     /// Confined to `roots` only (the demo's and the benchmark's own directories).
     pub fn roots(roots: &[PathBuf]) -> Self {
-        GeoOptions { roots: roots.to_vec(), buckets: Vec::new(), schema: "stageflow_geo".into(), max_pixels: 1 << 32 }
+        GeoOptions {
+            roots: roots.to_vec(),
+            buckets: Vec::new(),
+            schema: "stageflow_geo".into(),
+            max_pixels: 1 << 32,
+            max_bytes: 16 << 30,
+        }
     }
 }
 
@@ -288,7 +298,8 @@ pub fn worker_handlers(database_url: &str, geo: &GeoOptions) -> Result<stageflow
     #[cfg(feature = "geo")]
     {
         let confinement = stageflow_geo::Confinement::new(&geo.roots, &geo.buckets, &geo.schema, geo.max_pixels)
-            .map_err(CliError::Usage)?;
+            .map_err(CliError::Usage)?
+            .with_max_bytes(geo.max_bytes);
         Ok(stageflow_geo::handlers(builtin_handlers(), database_url, confinement))
     }
     #[cfg(not(feature = "geo"))]

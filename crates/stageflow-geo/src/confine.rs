@@ -35,6 +35,8 @@ pub const DIRECTORY_MARK: &str = ".stageflow-job";
 pub const FILE_MARK: &str = "user.stageflow.job";
 /// The default pixel budget of a raster a task opens: 4 gigapixels (a 65,536 x 65,536 scene).
 pub const DEFAULT_MAX_PIXELS: u64 = 1 << 32;
+/// The default byte budget of a local file a task reads: 16 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 16 << 30;
 
 /// What a worker's geospatial handlers may touch.
 #[derive(Clone, Debug)]
@@ -43,6 +45,7 @@ pub struct Confinement {
     buckets: Vec<(String, String)>,
     schema: String,
     max_pixels: u64,
+    max_bytes: u64,
 }
 
 /// How a handler uses one of its params.
@@ -92,7 +95,31 @@ impl Confinement {
         if max_pixels == 0 {
             return Err("the pixel budget must be at least 1".into());
         }
-        Ok(Confinement { roots, buckets, schema: schema.to_owned(), max_pixels })
+        Ok(Confinement { roots, buckets, schema: schema.to_owned(), max_pixels, max_bytes: DEFAULT_MAX_BYTES })
+    }
+
+    /// With a byte budget of `max_bytes` for each local file a task reads (a larger one is refused
+    /// with `over_budget` before it is opened).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// Refuses a local file over the byte budget (directories and S3 objects are not measured).
+    fn check_bytes(&self, location: &str, canonical: &Path) -> Result<(), TaskError> {
+        let Ok(meta) = std::fs::metadata(canonical) else { return Ok(()) };
+        if meta.is_file() && meta.len() > self.max_bytes {
+            return Err(TaskError::permanent(
+                "over_budget",
+                format!(
+                    "{location} is {} bytes, over this worker's budget of {} bytes for a file a task reads \
+                     (stageflow worker --geo-max-bytes)",
+                    meta.len(),
+                    self.max_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The schema tables are confined to.
@@ -160,6 +187,7 @@ impl Confinement {
         match path.canonicalize() {
             Ok(canonical) => {
                 self.under_root(location, &canonical)?;
+                self.check_bytes(location, &canonical)?;
                 Ok(canonical.to_string_lossy().into_owned())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -191,7 +219,7 @@ impl Confinement {
                 canonical.display()
             )));
         }
-        Ok(())
+        self.check_bytes(object, &canonical)
     }
 
     /// A directory the task writes into: under a root (created if need be), empty or marked as
@@ -504,6 +532,15 @@ mod tests {
         mark_file(&file, "job-a").unwrap();
         c.output_file(file.to_str().unwrap(), "job-a").unwrap();
         assert_eq!(c.output_file(file.to_str().unwrap(), "job-b").unwrap_err().kind, "forbidden_path");
+        // A file over the byte budget is not read.
+        let small = Confinement::new(std::slice::from_ref(&root), &[], "stageflow_geo", DEFAULT_MAX_PIXELS)
+            .unwrap()
+            .with_max_bytes(4);
+        std::fs::write(root.join("big.bin"), b"12345").unwrap();
+        std::fs::write(root.join("tiny.bin"), b"1234").unwrap();
+        assert_eq!(small.read(root.join("big.bin").to_str().unwrap()).unwrap_err().kind, "over_budget");
+        assert!(small.read(root.join("tiny.bin").to_str().unwrap()).is_ok());
+        assert_eq!(small.within(root.to_str().unwrap(), "big.bin").unwrap_err().kind, "over_budget");
         // An output file is local: an s3:// one would have been written to a relative path.
         assert_eq!(c.output_file("s3://bucket/out.parquet", "job-a").unwrap_err().kind, "bad_params");
         let _ = std::fs::remove_dir_all(&root);

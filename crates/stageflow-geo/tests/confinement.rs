@@ -252,6 +252,20 @@ fn an_inventory_and_a_stac_validation_read_nothing_outside_their_source() {
         !hashed.iter().any(|r| r.contains("BEGIN PRIVATE KEY") || (r.contains("b.key") && r.contains("sha256"))),
         "{hashed:?}"
     );
+    // A file over the worker's byte budget is not read (its inspect task refuses it).
+    let budget = root.join("budget");
+    std::fs::create_dir_all(&budget).unwrap();
+    std::fs::write(budget.join("small.txt"), "a").unwrap();
+    std::fs::write(budget.join("large.txt"), "0123456789").unwrap();
+    let (job_id, status, _) = run_job_confined(
+        &url,
+        &mut client,
+        "container_inventory",
+        json!({"source": budget.to_str().unwrap()}),
+        1,
+        confined_to(&root).with_max_bytes(4),
+    );
+    refused(&mut client, &job_id, &status, "over_budget", "over this worker's budget of 4 bytes");
     // A STAC catalog whose child link climbs out of its directory: not followed.
     let catalog_dir = root.join("catalog");
     std::fs::create_dir_all(&catalog_dir).unwrap();
