@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `disable` | never | — |
 //! | `prefer` (the default, as in libpq) | when the server offers it | no |
-//! | `require` | always | no; with `sslrootcert` given, as `verify-ca` (libpq does the same) |
+//! | `require` | always | no; with a root certificate file (`sslrootcert`, or the default one when it exists), as `verify-ca` (libpq does the same) |
 //! | `verify-ca` | always | signed by a certificate of `sslrootcert` |
 //! | `verify-full` | always | as `verify-ca`, and issued for the host connected to |
 //!
@@ -93,7 +93,8 @@ impl ConnectConfig {
         };
         if root.as_deref() == Some("system") {
             mode = SslMode::VerifyFull;
-        } else if mode == SslMode::Require && root.is_some() {
+        } else if mode == SslMode::Require && (root.is_some() || default_root_file().exists()) {
+            // libpq: require with a root certificate file (named, or its default one) is verify-ca.
             mode = SslMode::VerifyCa;
         }
         config.ssl_mode(match mode {
@@ -249,7 +250,7 @@ fn root_store(root: Option<&str>) -> Result<RootCertStore, Error> {
     }
     let path = match root {
         Some(path) => PathBuf::from(path),
-        None => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".postgresql/root.crt"),
+        None => default_root_file(),
     };
     if !path.exists() {
         return Err(Error::Config(format!(
@@ -266,6 +267,11 @@ fn root_store(root: Option<&str>) -> Result<RootCertStore, Error> {
         return Err(Error::Config(format!("sslrootcert {}: no certificate in it", path.display())));
     }
     Ok(store)
+}
+
+/// libpq's default root certificate file: `~/.postgresql/root.crt`.
+fn default_root_file() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".postgresql/root.crt")
 }
 
 /// `verify-ca`: the chain is checked, the name is not.

@@ -207,6 +207,9 @@ impl Confinement {
     /// An object relative to a checked location: an S3 key of clean segments, or a local path
     /// whose canonical form is inside the (canonical) location.
     fn within(&self, location: &str, object: &str) -> Result<(), TaskError> {
+        if location.is_empty() {
+            return Err(TaskError::permanent("bad_params", format!("{object}: no source to read it from")));
+        }
         if location.starts_with("s3://") {
             return clean_key(object).map_err(|e| forbidden(format!("{object}: {e}")));
         }

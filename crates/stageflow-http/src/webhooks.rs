@@ -108,6 +108,7 @@ pub fn is_public(address: IpAddr) -> bool {
                 || (segments[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
                 || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
                 || (segments[0] == 0x0064 && segments[1] == 0xff9b) // NAT64 64:ff9b::/96 (an IPv4 inside)
+                || (segments[0..4] == [0, 0, 0, 0] && segments[4] == 0xffff && segments[5] == 0) // ::ffff:0:a.b.c.d (SIIT)
                 || (segments[0] == 0x2002) // 6to4 (an IPv4 inside)
                 || (segments[0] == 0 && segments[1] == 0 && segments[2] == 0 && segments[3] == 0 && segments[4] == 0
                     && segments[5] == 0)) // IPv4-compatible ::a.b.c.d
@@ -127,6 +128,7 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
         || a == 0 // "this network"
         || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
         || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast
         || (a == 198 && (18..20).contains(&b)) // benchmarking
         || a >= 240) // reserved
 }
@@ -222,7 +224,9 @@ async fn attempt(
         Ok(target) => target,
         Err(error) => return (false, None, Some(error)),
     };
-    let mut builder = reqwest::Client::builder().timeout(config.timeout).redirect(reqwest::redirect::Policy::none());
+    // No proxy from the environment: a proxy would resolve the name itself, past the checks above.
+    let mut builder =
+        reqwest::Client::builder().timeout(config.timeout).redirect(reqwest::redirect::Policy::none()).no_proxy();
     if let Some((host, addresses)) = &pinned {
         // Connect to the addresses checked, not to whatever the name resolves to a moment later.
         builder = builder.resolve_to_addrs(host, addresses);
@@ -343,6 +347,8 @@ mod unit {
             "64:ff9b::a9fe:a9fe",
             "2002:a9fe:a9fe::1",
             "2001:db8::1",
+            "::ffff:0:7f00:1",
+            "192.88.99.1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
