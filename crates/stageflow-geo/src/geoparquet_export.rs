@@ -402,7 +402,16 @@ fn write_file(
     if let Some(parent) = Path::new(output).parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| io_error(&format!("creating {}", parent.display()), &e))?;
     }
-    let file = File::create(tmp).map_err(|e| io_error(&format!("creating {tmp}"), &e))?;
+    // A new file of this attempt's own, never through a link planted at its name.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(tmp)
+            .map_err(|e| io_error(&format!("creating {tmp}"), &e))?
+    };
     let properties = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(64 * 1024))

@@ -97,6 +97,18 @@ fn an_export_never_writes_outside_the_roots_nor_over_a_file_it_did_not_write() {
     );
     refused(&mut client, &job_id, &status, "forbidden_path", "was not written by this job");
     assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "someone's data");
+    // A link planted where the export writes its temporary file is not followed.
+    let planted = root.join("planted.parquet");
+    let tmp = format!("{}.0000000000000000-s1-0-1.tmp", planted.display());
+    std::os::unix::fs::symlink(&keys, &tmp).unwrap();
+    let error = stageflow_geo::geoparquet_export::write(
+        &task("geo.geoparquet_write", json!({"table": "nc", "output": planted.to_str().unwrap()})),
+        &url,
+    )
+    .unwrap_err();
+    assert_eq!(error.kind, "io", "{error:?}");
+    assert_eq!(std::fs::read_to_string(&keys).unwrap(), "ssh-ed25519 AAAA the owner's key\n");
+    assert!(!planted.exists());
     let mine = root.join("out/nc.parquet");
     let params = json!({"table": "nc", "output": mine.to_str().unwrap()});
     let (job_id, status, _) =
