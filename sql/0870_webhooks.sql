@@ -132,31 +132,27 @@ DECLARE
     v_job stageflow.jobs;
     v_url text;
     v_endpoint stageflow.webhook_endpoints;
+    v_dropped boolean := false;
 BEGIN
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
     v_url := coalesce(v_job.webhook_url, v_job.definition ->> 'webhook_url');
+    IF v_url IS NULL THEN
+        RETURN;
+    END IF;
     IF v_url LIKE 'endpoint:%' THEN
         v_endpoint := stageflow._webhook_endpoint(v_url, v_job.owner, v_job.tenant);
-        IF v_endpoint.name IS NULL THEN
-            -- Dropped since the submission: recorded, not sent.
-            INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, status, attempt_log, next_attempt_at, created_at)
-            VALUES (p_event_id, p_job_id, v_url,
-                    jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)), 'failed',
-                    jsonb_build_array(jsonb_build_object('attempt', 0, 'at', stageflow.now(),
-                                                         'error', format('the webhook endpoint %s was dropped', v_url))),
-                    stageflow.now(), stageflow.now());
-            RETURN;
-        END IF;
-        INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, next_attempt_at, created_at, secret)
-        VALUES (p_event_id, p_job_id, v_endpoint.url,
-                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
-                stageflow.now(), stageflow.now(), v_endpoint.secret);
-    ELSIF v_url IS NOT NULL THEN
-        INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, next_attempt_at, created_at)
-        VALUES (p_event_id, p_job_id, v_url,
-                jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
-                stageflow.now(), stageflow.now());
+        -- Dropped since the submission: recorded as failed, saying so, and not sent.
+        v_dropped := v_endpoint.name IS NULL;
     END IF;
+    INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, status, attempt_log, next_attempt_at,
+                                              created_at, secret)
+    VALUES (p_event_id, p_job_id, coalesce(v_endpoint.url, v_url),
+            jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
+            CASE WHEN v_dropped THEN 'failed' ELSE 'pending' END,
+            CASE WHEN v_dropped THEN jsonb_build_array(jsonb_build_object(
+                'attempt', 0, 'at', stageflow.now(), 'error', format('the webhook endpoint %s was dropped', v_url)))
+                 ELSE '[]' END,
+            stageflow.now(), stageflow.now(), v_endpoint.secret);
 END;
 $$;
 
