@@ -273,8 +273,8 @@ pub struct GeoOptions {
     /// The most pixels (width x height x bands) of a raster a task may open.
     #[arg(long = "geo-max-pixels", env = "STAGEFLOW_GEO_MAX_PIXELS", default_value_t = 1 << 32)]
     pub max_pixels: u64,
-    /// The most bytes of a local file a task may read (a raster, a vector source, a file of an
-    /// inventory, a STAC document).
+    /// The most bytes of a local file or S3 object a task may read (a raster, a vector source, a
+    /// file of an inventory, a STAC document).
     #[arg(long = "geo-max-bytes", env = "STAGEFLOW_GEO_MAX_BYTES", default_value_t = 16 << 30)]
     pub max_bytes: u64,
 }

@@ -13,11 +13,13 @@
 //!   or `..` segment); without one, every S3 location is refused;
 //! - anything else GDAL would open (`/vsicurl/...`, `/vsistdin/`, `GTIFF_RAW:...`, a URL) is
 //!   refused: GDAL sees only plain paths under the roots and `/vsis3/` paths of allowed buckets;
-//! - outputs never replace what this job did not write: an output directory must be empty or
-//!   carry this job's mark (a `.stageflow-job` file holding the job id, left by the job's first
-//!   writer), an output file must not exist or carry the mark in its `user.stageflow.job`
-//!   extended attribute;
-//! - a table is in the configured schema (default `stageflow_geo`; a bare name is put there);
+//! - outputs never replace what this job did not write: an output directory or S3 prefix must be
+//!   empty or carry this job's mark (a `.stageflow-job` file or object holding the job id, left by
+//!   the job's first writer), an output file must not exist or carry the mark in its
+//!   `user.stageflow.job` extended attribute;
+//! - a table is in the configured schema (default `stageflow_geo`; a bare name is put there), and
+//!   a job writes only into a table it created (`stage_vector` marks it: [`crate::db::table_mark`]);
+//! - a file or S3 object read must fit the byte budget (`over_budget`);
 //! - a raster is opened with the GeoTIFF driver only (VRT raw bands are off for the whole
 //!   process) and its pixels (width x height x bands) must fit the worker's budget (else a
 //!   permanent `over_budget` error).
@@ -35,7 +37,7 @@ pub const DIRECTORY_MARK: &str = ".stageflow-job";
 pub const FILE_MARK: &str = "user.stageflow.job";
 /// The default pixel budget of a raster a task opens: 4 gigapixels (a 65,536 x 65,536 scene).
 pub const DEFAULT_MAX_PIXELS: u64 = 1 << 32;
-/// The default byte budget of a local file a task reads: 16 GiB.
+/// The default byte budget of a file or S3 object a task reads: 16 GiB.
 pub const DEFAULT_MAX_BYTES: u64 = 16 << 30;
 
 /// What a worker's geospatial handlers may touch.
@@ -98,28 +100,31 @@ impl Confinement {
         Ok(Confinement { roots, buckets, schema: schema.to_owned(), max_pixels, max_bytes: DEFAULT_MAX_BYTES })
     }
 
-    /// With a byte budget of `max_bytes` for each local file a task reads (a larger one is refused
+    /// With a byte budget of `max_bytes` for each file or S3 object a task reads (a larger one is refused
     /// with `over_budget` before it is opened).
     pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes.max(1);
         self
     }
 
-    /// Refuses a local file over the byte budget (directories and S3 objects are not measured).
+    /// Refuses a file over the byte budget: a local file (`canonical`), or an S3 object (GDAL's
+    /// path for it). Directories and S3 prefixes are not measured.
     fn check_bytes(&self, location: &str, canonical: &Path) -> Result<(), TaskError> {
-        let Ok(meta) = std::fs::metadata(canonical) else { return Ok(()) };
-        if meta.is_file() && meta.len() > self.max_bytes {
-            return Err(TaskError::permanent(
+        let size = match canonical.to_str() {
+            Some(path) if path.starts_with("/vsis3/") => crate::vsi::size(path),
+            _ => std::fs::metadata(canonical).ok().filter(|meta| meta.is_file()).map(|meta| meta.len()),
+        };
+        match size {
+            Some(size) if size > self.max_bytes => Err(TaskError::permanent(
                 "over_budget",
                 format!(
-                    "{location} is {} bytes, over this worker's budget of {} bytes for a file a task reads \
+                    "{location} is {size} bytes, over this worker's budget of {} bytes for a file a task reads \
                      (stageflow worker --geo-max-bytes)",
-                    meta.len(),
                     self.max_bytes
                 ),
-            ));
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The schema tables are confined to.
@@ -181,6 +186,7 @@ impl Confinement {
     /// A location read: a canonical local path under a root, or an S3 location under a bucket.
     pub fn read(&self, location: &str) -> Result<String, TaskError> {
         if let Some(checked) = self.s3(location)? {
+            self.check_bytes(location, Path::new(&crate::vsi::gdal_path(&checked)?))?;
             return Ok(checked);
         }
         let path = self.plain_path(location)?;
@@ -211,7 +217,9 @@ impl Confinement {
             return Err(TaskError::permanent("bad_params", format!("{object}: no source to read it from")));
         }
         if location.starts_with("s3://") {
-            return clean_key(object).map_err(|e| forbidden(format!("{object}: {e}")));
+            clean_key(object).map_err(|e| forbidden(format!("{object}: {e}")))?;
+            let gdal = crate::vsi::gdal_path(&format!("{}/{object}", location.trim_end_matches('/')))?;
+            return self.check_bytes(object, Path::new(&gdal));
         }
         let base = Path::new(location);
         let joined = base.join(object);
@@ -225,10 +233,29 @@ impl Confinement {
         self.check_bytes(object, &canonical)
     }
 
-    /// A directory the task writes into: under a root (created if need be), empty or marked as
-    /// this job's (the mark is left here).
+    /// A directory (or S3 prefix) the task writes into: under a root (created if need be) or an
+    /// allowed bucket prefix, empty or marked as this job's (the mark is left there).
     pub fn output_directory(&self, location: &str, job_id: &str) -> Result<String, TaskError> {
         if let Some(checked) = self.s3(location)? {
+            let prefix = crate::vsi::gdal_path(&checked)?;
+            let mark = format!("{prefix}/{DIRECTORY_MARK}");
+            let owner = || {
+                crate::vsi::forget(&mark);
+                crate::vsi::read_file(&mark, 256)
+                    .ok()
+                    .flatten()
+                    .map(|id| String::from_utf8_lossy(&id).trim().to_owned())
+            };
+            let others = || Ok(crate::vsi::list(&prefix)?.iter().any(|name| name != DIRECTORY_MARK));
+            // (a PUT replaces an object whole: a racing task of the same job reads the mark whole or
+            // not at all. Two different jobs creating the same new prefix at the same instant both
+            // write a mark; the one read back decides, so at most the tasks already past this check
+            // write.)
+            let write = || {
+                crate::vsi::write_file(&mark, job_id.as_bytes())?;
+                Ok(owner())
+            };
+            claim_directory(location, job_id, owner, others, write)?;
             return Ok(checked);
         }
         let path = self.output_path(location)?;
@@ -237,34 +264,28 @@ impl Confinement {
         self.under_root(location, &canonical)?;
         let mark = canonical.join(DIRECTORY_MARK);
         let owner = || std::fs::read_to_string(&mark).ok().map(|owner| owner.trim().to_owned());
-        match owner() {
-            Some(owner) if owner == job_id => {}
-            Some(owner) => {
-                return Err(forbidden(format!(
-                    "{location} holds the output of job {owner}, not of this job: outputs never replace another job's"
-                )))
-            }
-            None => {
-                let entries = std::fs::read_dir(&canonical).map_err(|e| crate::io_error(location, &e))?;
-                let others = entries
-                    .filter_map(Result::ok)
-                    .any(|entry| !entry.file_name().to_string_lossy().starts_with(DIRECTORY_MARK));
-                // (a task of the same job may have marked it and written since the mark was read)
-                if others && owner().as_deref() != Some(job_id) {
-                    return Err(forbidden(format!(
-                        "{location} is not empty and was not written by this job: an output directory must be new, \
-                         empty, or this job's own"
-                    )));
+        let others = || {
+            let entries = std::fs::read_dir(&canonical).map_err(|e| crate::io_error(location, &e))?;
+            Ok(entries
+                .filter_map(Result::ok)
+                .any(|entry| !entry.file_name().to_string_lossy().starts_with(DIRECTORY_MARK)))
+        };
+        // Written whole, then linked into place (a link never replaces a name): of two jobs racing
+        // for a new directory one gets the mark, and a task of the same job reads it whole or not
+        // at all.
+        let write = || {
+            let partial = canonical.join(format!("{DIRECTORY_MARK}.{}.{}", std::process::id(), task_suffix()));
+            std::fs::write(&partial, job_id).map_err(|e| crate::io_error(&partial.to_string_lossy(), &e))?;
+            let linked = std::fs::hard_link(&partial, &mark);
+            let _ = std::fs::remove_file(&partial);
+            match linked {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    Err(crate::io_error(&mark.to_string_lossy(), &e))
                 }
-                if !others {
-                    // Written whole then renamed into place: a task of the same job racing this
-                    // one reads the mark complete or not at all.
-                    let partial = canonical.join(format!("{DIRECTORY_MARK}.{}.{}", std::process::id(), task_suffix()));
-                    std::fs::write(&partial, job_id).map_err(|e| crate::io_error(&partial.to_string_lossy(), &e))?;
-                    std::fs::rename(&partial, &mark).map_err(|e| crate::io_error(&mark.to_string_lossy(), &e))?;
-                }
+                _ => Ok(owner()),
             }
-        }
+        };
+        claim_directory(location, job_id, owner, others, write)?;
         Ok(canonical.to_string_lossy().into_owned())
     }
 
@@ -401,6 +422,39 @@ impl Confinement {
                 self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
             }
         )))
+    }
+}
+
+/// The rule of an output directory, local or S3: marked as this job's, or else empty and then
+/// marked (`write` leaves the mark and returns the owner read back), or refused.
+fn claim_directory(
+    location: &str,
+    job_id: &str,
+    owner: impl Fn() -> Option<String>,
+    others: impl FnOnce() -> Result<bool, TaskError>,
+    write: impl FnOnce() -> Result<Option<String>, TaskError>,
+) -> Result<(), TaskError> {
+    let someone_else = |owner: String| {
+        forbidden(format!(
+            "{location} holds the output of job {owner}, not of this job: outputs never replace another job's"
+        ))
+    };
+    match owner() {
+        Some(owner) if owner == job_id => Ok(()),
+        Some(owner) => Err(someone_else(owner)),
+        // (a task of the same job may have marked it and written since the mark was read)
+        None if others()? => match owner() {
+            Some(owner) if owner == job_id => Ok(()),
+            _ => Err(forbidden(format!(
+                "{location} is not empty and was not written by this job: an output directory must be new, \
+                 empty, or this job's own"
+            ))),
+        },
+        None => match write()? {
+            Some(owner) if owner == job_id => Ok(()),
+            Some(owner) => Err(someone_else(owner)),
+            None => Err(TaskError::retryable("io", format!("{location}: the mark written was not read back"))),
+        },
     }
 }
 

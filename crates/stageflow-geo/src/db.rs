@@ -70,6 +70,42 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// `'text'`, a SQL string literal (standard_conforming_strings, on since PostgreSQL 9.1).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The mark a table a job created carries, in its comment: `stageflow job <job id>`. A job writes
+/// only into a table it created (or a new one), as it writes only into directories it marked.
+pub fn table_mark(job_id: &str) -> String {
+    format!("stageflow job {job_id}")
+}
+
+/// The job whose mark the table's comment holds (`None`: no table, or not a job's).
+pub fn table_owner(client: &mut Client, table: &TableName) -> Result<Option<String>, TaskError> {
+    let comment: Option<String> = client
+        .query_opt("SELECT obj_description(to_regclass($1)::oid, 'pg_class')", &[&table.quoted()])
+        .map_err(|e| db_error("reading the table's comment", e))?
+        .and_then(|row| row.get(0));
+    Ok(comment.and_then(|c| c.strip_prefix("stageflow job ").map(str::to_owned)))
+}
+
+/// Refuses (`forbidden_path`) a table that exists without this job's mark.
+pub fn check_table_owner(client: &mut Client, table: &TableName, job_id: &str) -> Result<(), TaskError> {
+    match table_owner(client, table)? {
+        Some(owner) if owner == job_id => Ok(()),
+        owner => Err(TaskError::permanent(
+            "forbidden_path",
+            format!(
+                "table {} was not created by this job ({}): a job writes only into a table it created; \
+                 drop it or name a new one",
+                table.display(),
+                owner.map_or_else(|| "it is no job's".to_owned(), |o| format!("job {o} created it")),
+            ),
+        )),
+    }
+}
+
 /// A database error as a task error: connection trouble, lock conflicts, a full disk or a lack of
 /// resources are worth a retry; anything else is permanent.
 pub(crate) fn db_error(context: &str, e: postgres::Error) -> TaskError {

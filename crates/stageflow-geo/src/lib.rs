@@ -28,6 +28,7 @@ pub mod raster;
 pub mod stac;
 pub mod validate_stac;
 pub mod vector;
+pub mod vsi;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,7 +1,6 @@
 //! Raster reading and COG writing with GDAL.
 
 use std::ffi::{CStr, CString};
-use std::path::Path;
 
 use gdal::spatial_ref::{AxisMappingStrategy, CoordTransform, SpatialRef};
 use gdal::{Dataset, Metadata};
@@ -15,88 +14,6 @@ pub fn param_str<'a>(task: &'a Task, name: &str) -> Result<&'a str, TaskError> {
     task.params[name]
         .as_str()
         .ok_or_else(|| TaskError::permanent("bad_params", format!("params.{name} must be a string")))
-}
-
-/// The path GDAL opens for a location: `s3://bucket/key` becomes `/vsis3/bucket/key` (GDAL's S3
-/// reader, configured from the same AWS_* variables as the inventory's object store: see
-/// [`configure_s3`]); anything else is a local path and stays as it is.
-pub fn gdal_path(location: &str) -> Result<String, TaskError> {
-    match location.strip_prefix("s3://") {
-        Some(rest) => {
-            let bucket = rest.split('/').next().unwrap_or_default();
-            if bucket.is_empty() {
-                return Err(TaskError::permanent("bad_url", format!("{location}: no bucket")));
-            }
-            configure_s3();
-            Ok(format!("/vsis3/{}", rest.trim_end_matches('/')))
-        }
-        None => Ok(location.to_owned()),
-    }
-}
-
-/// Points GDAL's S3 client at `AWS_ENDPOINT` (or `AWS_ENDPOINT_URL`) when one is set, as
-/// object_store does: path-style addressing, and plain HTTP for an `http://` endpoint. Writing a
-/// COG to S3 needs a local temporary file (GDAL writes TIFFs out of order). Once per process.
-fn configure_s3() {
-    static CONFIGURED: std::sync::Once = std::sync::Once::new();
-    CONFIGURED.call_once(|| {
-        let _ = gdal::config::set_config_option("CPL_VSIL_USE_TEMP_FILE_FOR_RANDOM_WRITE", "YES");
-        let endpoint = std::env::var("AWS_ENDPOINT").or_else(|_| std::env::var("AWS_ENDPOINT_URL"));
-        if let Ok(endpoint) = endpoint {
-            let (https, host) = match endpoint.split_once("://") {
-                Some((scheme, host)) => (scheme != "http", host.trim_end_matches('/')),
-                None => (true, endpoint.trim_end_matches('/')),
-            };
-            let _ = gdal::config::set_config_option("AWS_S3_ENDPOINT", host);
-            let _ = gdal::config::set_config_option("AWS_HTTPS", if https { "YES" } else { "NO" });
-            let _ = gdal::config::set_config_option("AWS_VIRTUAL_HOSTING", "FALSE");
-        }
-    });
-}
-
-/// Whether a path exists, for local paths and GDAL's virtual ones (`/vsis3/...`) alike.
-fn exists(path: &str) -> bool {
-    if !path.starts_with("/vsi") {
-        return Path::new(path).exists();
-    }
-    let Ok(c_path) = CString::new(path) else { return false };
-    // Opened and closed rather than VSIStatL'd: the prebuilt bindings' stat buffer is not to be
-    // trusted to match this libc's.
-    // SAFETY: c_path is a NUL-terminated string that outlives the calls; the handle VSIFOpenL returns is
-    // checked for NULL and closed exactly once.
-    unsafe {
-        let file = gdal_sys::VSIFOpenL(c_path.as_ptr(), c"rb".as_ptr());
-        if file.is_null() {
-            return false;
-        }
-        gdal_sys::VSIFCloseL(file);
-    }
-    true
-}
-
-/// Writes a whole file at a local path or a GDAL virtual one (`/vsis3/...`).
-pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
-    if !path.starts_with("/vsi") {
-        if let Some(parent) = Path::new(path).parent() {
-            std::fs::create_dir_all(parent).map_err(|e| crate::io_error(path, &e))?;
-        }
-        return std::fs::write(path, bytes).map_err(|e| crate::io_error(path, &e));
-    }
-    let c_path = CString::new(path).map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
-    // SAFETY: c_path is NUL-terminated and outlives the calls; the handle is checked for NULL, written
-    // from a slice of exactly bytes.len() bytes and closed exactly once.
-    unsafe {
-        let file = gdal_sys::VSIFOpenL(c_path.as_ptr(), c"wb".as_ptr());
-        if file.is_null() {
-            return Err(TaskError::retryable("io", format!("opening {path}: {}", last_gdal_error())));
-        }
-        let written = gdal_sys::VSIFWriteL(bytes.as_ptr().cast(), 1, bytes.len(), file);
-        let closed = gdal_sys::VSIFCloseL(file);
-        if written != bytes.len() || closed != 0 {
-            return Err(TaskError::retryable("io", format!("writing {path}: {}", last_gdal_error())));
-        }
-    }
-    Ok(())
 }
 
 /// The only driver a raster is opened with: GeoTIFF (COGs are GeoTIFFs). A VRT, say, could read
@@ -115,8 +32,8 @@ pub fn harden_gdal() {
 }
 
 fn open(location: &str) -> Result<Dataset, TaskError> {
-    let path = gdal_path(location)?;
-    if !exists(&path) {
+    let path = crate::vsi::gdal_path(location)?;
+    if !crate::vsi::exists(&path) {
         return Err(TaskError::permanent("not_found", format!("{location}: no such file")));
     }
     let options = gdal::DatasetOptions {
@@ -249,12 +166,6 @@ pub fn plan(task: &Task) -> Result<Value, TaskError> {
     Ok(json!({"tasks": tasks, "width": width, "height": height, "tile_size": tile}))
 }
 
-fn last_gdal_error() -> String {
-    // SAFETY: CPLGetLastErrorMsg never returns NULL: a NUL-terminated, thread-local buffer (empty when
-    // there was no error), copied out at once.
-    unsafe { CStr::from_ptr(gdal_sys::CPLGetLastErrorMsg()) }.to_string_lossy().into_owned()
-}
-
 /// `gdal_translate` as a library call (the safe crate has no wrapper for it).
 fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(), TaskError> {
     let args: Vec<CString> = args.iter().map(|a| CString::new(a.as_str()).expect("no NUL in arguments")).collect();
@@ -269,7 +180,10 @@ fn translate(source: &Dataset, destination: &str, args: &[String]) -> Result<(),
     unsafe {
         let options = gdal_sys::GDALTranslateOptionsNew(argv.as_mut_ptr(), std::ptr::null_mut());
         if options.is_null() {
-            return Err(TaskError::permanent("gdal", format!("bad translate options: {}", last_gdal_error())));
+            return Err(TaskError::permanent(
+                "gdal",
+                format!("bad translate options: {}", crate::vsi::last_gdal_error()),
+            ));
         }
         // Every error GDAL raises on this thread during the call, not only the last: a full disk
         // shows in an early one ("No space left on device"), the last one is often a seek error.
@@ -315,7 +229,7 @@ unsafe extern "C" fn collect_gdal_error(
 /// overviews, nodata kept), written to `<output>/<key>.tif`; returns its metadata.
 pub fn cog(task: &Task) -> Result<Value, TaskError> {
     let source = param_str(task, "source")?;
-    let output = gdal_path(param_str(task, "output")?)?;
+    let output = crate::vsi::gdal_path(param_str(task, "output")?)?;
     if !output.starts_with("/vsi") {
         std::fs::create_dir_all(&output).map_err(|e| crate::io_error(&output, &e))?;
     }

@@ -24,12 +24,12 @@ fn bbox(value: &Value) -> Result<Vec<f64>, TaskError> {
 
 fn write(path: &str, document: &Value) -> Result<(), TaskError> {
     let bytes = serde_json::to_vec_pretty(document).map_err(|e| TaskError::permanent("json", e.to_string()))?;
-    crate::raster::write_file(path, &bytes)
+    crate::vsi::write_file(path, &bytes)
 }
 
 pub fn write_catalog(task: &Task) -> Result<Value, TaskError> {
     let location = param_str(task, "output")?.trim_end_matches('/');
-    let output = crate::raster::gdal_path(location)?;
+    let output = crate::vsi::gdal_path(location)?;
     let source = param_str(task, "source")?;
     let tiles = task.inputs.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
     if tiles.is_empty() {

@@ -221,6 +221,29 @@ fn a_vector_job_touches_only_tables_of_its_schema() {
     );
     refused(&mut client, &job_id, &status, "forbidden_path", "tables of schema stageflow_geo only");
     assert!(!out.exists());
+
+    // Inside the schema, a job writes only into a table it created: another job's table of the
+    // same definition (the same source, loaded in other chunks) is not emptied and reloaded, nor
+    // one that no job marked.
+    let (_, status, _) = run_job(&url, &mut client, "stage_vector", json!({"source": nc, "table": "shared"}), 1);
+    assert_eq!(status["status"], json!("completed"), "{status}");
+    client.batch_execute("UPDATE stageflow_geo.shared SET name = 'theirs' WHERE fid = 1").unwrap();
+    let digest = |client: &mut postgres::Client| -> String {
+        client
+            .query_one("SELECT md5(string_agg(t::text, '|' ORDER BY fid)) FROM stageflow_geo.shared t", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = digest(&mut client);
+    let (job_id, status, _) =
+        run_job(&url, &mut client, "stage_vector", json!({"source": nc, "table": "shared", "chunk_size": 17}), 1);
+    refused(&mut client, &job_id, &status, "forbidden_path", "was not created by this job (job ");
+    assert_eq!(digest(&mut client), before, "another job's table is untouched");
+    client.batch_execute("COMMENT ON TABLE stageflow_geo.shared IS NULL").unwrap();
+    let (job_id, status, _) =
+        run_job(&url, &mut client, "stage_vector", json!({"source": nc, "table": "shared", "chunk_size": 19}), 1);
+    refused(&mut client, &job_id, &status, "forbidden_path", "it is no job's");
+    assert_eq!(digest(&mut client), before, "an unmarked table is untouched");
 }
 
 #[test]

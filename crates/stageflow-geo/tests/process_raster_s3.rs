@@ -90,6 +90,83 @@ fn process_raster_reads_and_writes_s3() {
     assert_eq!((tifs, items), (9, 9), "{keys:?}");
     assert!(keys.contains(&"tiles/l7/collection.json"), "{keys:?}");
 
+    // The prefix carries the writing job's mark; another job's output onto it is refused and
+    // writes nothing, as is one onto a prefix holding someone else's object.
+    let first = python(
+        &format!("{S3}print(s3.get_object(Bucket='rasters', Key='tiles/l7/.stageflow-job')['Body'].read().decode())"),
+        &[&moto.endpoint],
+    );
+    let writer: String = client
+        .query_one("SELECT job_id FROM stageflow.jobs WHERE job_type = 'process_raster' AND params->>'output' = 's3://rasters/tiles/l7'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(first.trim(), writer);
+    let etags = || {
+        python(&format!("{S3}print('\\n'.join(sorted(o['Key'] + ' ' + o['ETag'] for o in s3.list_objects_v2(Bucket='rasters', Prefix='tiles/l7/')['Contents'])))"),
+                             &[&moto.endpoint])
+    };
+    let before = etags();
+    assert_eq!(before.lines().count(), keys.len(), "{before}");
+    let (job_id, status, _) = jobs::run_job(
+        &url,
+        &mut client,
+        "process_raster",
+        json!({"source": "s3://rasters/scenes/L7_ETMs.tif", "tile_size": 256, "output": "s3://rasters/tiles/l7"}),
+        2,
+    );
+    assert_eq!(status["status"], json!("failed"), "{status}");
+    let error = &jobs::task_errors(&mut client, &job_id)[0].1;
+    assert_eq!(error["type"], json!("forbidden_path"), "{error}");
+    assert!(error["message"].as_str().unwrap().contains(&format!("holds the output of job {writer}")), "{error}");
+    assert_eq!(etags(), before, "the first job's objects are untouched");
+    assert_eq!(
+        python(
+            &format!(
+                "{S3}print(s3.get_object(Bucket='rasters', Key='tiles/l7/.stageflow-job')['Body'].read().decode())"
+            ),
+            &[&moto.endpoint]
+        )
+        .trim(),
+        writer
+    );
+    python(&format!("{S3}s3.put_object(Bucket='rasters', Key='theirs/notes.txt', Body=b'theirs')"), &[&moto.endpoint]);
+    let (job_id, status, _) = jobs::run_job(
+        &url,
+        &mut client,
+        "process_raster",
+        json!({"source": "s3://rasters/scenes/L7_ETMs.tif", "tile_size": 128, "output": "s3://rasters/theirs"}),
+        2,
+    );
+    assert_eq!(status["status"], json!("failed"), "{status}");
+    let error = &jobs::task_errors(&mut client, &job_id)[0].1;
+    assert_eq!(error["type"], json!("forbidden_path"), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("is not empty and was not written by this job"), "{error}");
+    let theirs = python(
+        &format!(
+            "{S3}print(' '.join(o['Key'] for o in s3.list_objects_v2(Bucket='rasters', Prefix='theirs/')['Contents']))"
+        ),
+        &[&moto.endpoint],
+    );
+    assert_eq!(theirs.trim(), "theirs/notes.txt");
+
+    // An object over the worker's byte budget is refused before GDAL reads it (a copy of the
+    // scene: the same params would name the job that read it above).
+    python(&format!("{S3}s3.copy_object(Bucket='rasters', Key='scenes/copy.tif', CopySource={{'Bucket': 'rasters', 'Key': 'scenes/L7_ETMs.tif'}})"),
+           &[&moto.endpoint]);
+    let (job_id, status, _) = jobs::run_job_confined(
+        &url,
+        &mut client,
+        "extract_metadata",
+        json!({"path": "s3://rasters/scenes/copy.tif"}),
+        2,
+        jobs::test_confinement().with_max_bytes(100_000),
+    );
+    assert_eq!(status["status"], json!("failed"), "{status}");
+    let error = &jobs::task_errors(&mut client, &job_id)[0].1;
+    assert_eq!(error["type"], json!("over_budget"), "{error}");
+    let size = std::fs::metadata(LANDSAT).unwrap().len();
+    assert!(error["message"].as_str().unwrap().contains(&format!("is {size} bytes")), "{error}");
+
     let local = std::env::temp_dir().join("stageflow-geo-s3-download");
     let _ = std::fs::remove_dir_all(&local);
     python(&format!("{S3}import os\nfor o in s3.list_objects_v2(Bucket='rasters', Prefix='tiles/l7/')['Contents']:\n    \

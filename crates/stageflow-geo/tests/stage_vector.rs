@@ -122,11 +122,23 @@ fn stages_a_geopackage_with_its_types_and_crs() {
         assert!((geometry_area - expected.2).abs() < 1e-12, "fid {fid}: {geometry_area} vs {}", expected.2);
     }
 
-    // Running it again is harmless: the table is reused, the rows replaced, not duplicated.
-    let again = stage_and_check(&url, &mut client, &file, "nc", json!({"chunk_size": 30}));
-    assert_eq!(again["rows"], json!(100));
-    let inspect = stageflow_geo::vector::inspect(&task("geo.vector_inspect", stage_params(&file, "nc")), &url).unwrap();
+    // The table carries the mark of the job that created it, in its comment.
+    let comment: String =
+        client.query_one("SELECT obj_description('stageflow_geo.nc'::regclass, 'pg_class')", &[]).unwrap().get(0);
+    let job_id = comment.strip_prefix("stageflow job ").unwrap_or_else(|| panic!("no job's mark: {comment:?}"));
+    assert_eq!(job_id.len(), 64, "{comment}");
+    // A retry of the job's own inspect task reuses its table: nothing is created, nothing duplicated.
+    let mut retry = task("geo.vector_inspect", stage_params(&file, "nc"));
+    retry.job_id = job_id.to_owned();
+    let inspect = stageflow_geo::vector::inspect(&retry, &url).unwrap();
     assert_eq!(inspect["created"], json!(false), "{inspect}");
+    assert_eq!(rows(&mut client, "stageflow_geo.nc"), 100);
+    // The same task of another job (here: a standalone one) does not reuse it (confinement.rs
+    // tries it through the engine).
+    let other =
+        stageflow_geo::vector::inspect(&task("geo.vector_inspect", stage_params(&file, "nc")), &url).unwrap_err();
+    assert_eq!((other.kind.as_str(), other.category.as_str()), ("forbidden_path", "permanent"), "{other}");
+    assert_eq!(rows(&mut client, "stageflow_geo.nc"), 100);
 }
 
 #[test]
@@ -193,8 +205,10 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
             .get(0)
     };
     let before = digest(&mut client);
+    let mut chunk = task("geo.vector_load", params.clone());
+    chunk.job_id = job_id.clone();
     for _ in 0..2 {
-        let again = stageflow_geo::vector::load(&task("geo.vector_load", params.clone()), &url).unwrap();
+        let again = stageflow_geo::vector::load(&chunk, &url).unwrap();
         assert_eq!((again["rows"].clone(), again["replaced"].clone()), (json!(100), json!(100)), "{again}");
     }
     assert_eq!(rows(&mut client, "stageflow_geo.cycle_hire"), 742);
@@ -205,8 +219,10 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
     };
     assert_eq!((first, last), (1, 742));
 
-    // A shorter source of the same shape staged into the same table reloads it: the table holds
-    // its 10 points and nothing of the 742 before (cut with GDAL's ogr2ogr, not by us).
+    // A shorter source of the same shape, staged by another job into the same table, is refused
+    // (a job writes only into a table it created) and changes nothing; with the table dropped,
+    // it is created anew holding the 10 points and nothing of the 742 before (cut with GDAL's
+    // ogr2ogr, not by us).
     let short = std::env::temp_dir().join("stageflow-cycle-hire-10.geojson");
     let _ = std::fs::remove_file(&short);
     let cut = std::process::Command::new("ogr2ogr")
@@ -216,13 +232,21 @@ fn stages_geojson_points_in_parallel_chunks_and_a_chunk_twice_leaves_no_duplicat
         .output()
         .unwrap();
     assert!(cut.status.success(), "{}", String::from_utf8_lossy(&cut.stderr));
-    let (_, reloaded, _) = run_job(
-        &url,
-        &mut client,
-        "stage_vector",
-        json!({"source": short.to_str().unwrap(), "table": "stageflow_geo.cycle_hire", "chunk_size": 100}),
-        2,
-    );
+    let reload = |client: &mut Client, chunk_size: u64| {
+        run_job(
+            &url,
+            client,
+            "stage_vector",
+            json!({"source": short.to_str().unwrap(), "table": "stageflow_geo.cycle_hire", "chunk_size": chunk_size}),
+            2,
+        )
+    };
+    let (other, refused, _) = reload(&mut client, 100);
+    assert_eq!(refused["status"], json!("failed"), "{refused}");
+    assert_eq!(task_errors(&mut client, &other)[0].1["type"], json!("forbidden_path"));
+    assert_eq!(rows(&mut client, "stageflow_geo.cycle_hire"), 742);
+    client.batch_execute("DROP TABLE stageflow_geo.cycle_hire").unwrap();
+    let (_, reloaded, _) = reload(&mut client, 50);
     assert_eq!(reloaded["status"], json!("completed"), "{reloaded}");
     assert_eq!(result_of(&mut client, &reloaded)["rows"], json!(10));
     assert_eq!(rows(&mut client, "stageflow_geo.cycle_hire"), 10);

@@ -82,7 +82,7 @@ pub fn register(client: &mut Client, name: &str, definition: &str) {
 pub fn submit(client: &mut Client, job_type: &str, params: Value) -> String {
     client
         .query_one("SELECT stageflow.submit_job($1, $2)", &[&job_type, &params])
-        .unwrap_or_else(|e| panic!("submit {job_type}: {e}"))
+        .unwrap_or_else(|e| panic!("submit {job_type}: {e:?}"))
         .get(0)
 }
 

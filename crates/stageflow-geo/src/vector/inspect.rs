@@ -12,7 +12,9 @@ use stageflow_worker::{Task, TaskError};
 use super::columns::{column_geometry_type, columns_of, Column};
 use super::source::{epsg_of, geometry_of, layer_srs, open_source, source_layer, traditional};
 use super::{param_u64, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use crate::db::{connect, db_error, quote_ident, TableName, DEFAULT_SCHEMA};
+use crate::db::{
+    check_table_owner, connect, db_error, quote_ident, quote_literal, table_mark, TableName, DEFAULT_SCHEMA,
+};
 use crate::raster::param_str;
 
 /// Stage 1: reads the layer's schema, geometry types, CRS and feature count, creates (or reuses)
@@ -109,7 +111,7 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
     // reloaded: the chunks replace rows 1..=features, and rows past them (an earlier, longer
     // source) go now, so the table ends up holding this source and nothing else.
     let mut client = connect(url)?;
-    let created = create_table(&mut client, &table, &columns, &column_type, target_srid)?;
+    let created = create_table(&mut client, &table, &columns, &column_type, target_srid, &task.job_id)?;
     if !created {
         let beyond =
             i64::try_from(features).map_err(|_| TaskError::permanent("bad_size", format!("{features} features")))?;
@@ -153,14 +155,15 @@ pub fn inspect(task: &Task, url: &str) -> Result<Value, TaskError> {
     }))
 }
 
-/// Creates the table, or checks that the existing one has exactly this definition. Returns whether
-/// it was created.
+/// Creates the table with this job's mark, or checks that the existing one has exactly this
+/// definition and this job's mark (a retry of this task). Returns whether it was created.
 fn create_table(
     client: &mut Client,
     table: &TableName,
     columns: &[Column],
     column_type: &str,
     srid: i32,
+    job_id: &str,
 ) -> Result<bool, TaskError> {
     let db = |context: &str| {
         let context = context.to_owned();
@@ -209,9 +212,23 @@ fn create_table(
             })
             .collect();
     let existed = current_columns(client, table)?.is_some();
-    client
-        .batch_execute(&format!("CREATE TABLE IF NOT EXISTS {} ({})", table.quoted(), definition.join(", ")))
-        .map_err(db("creating the table"))?;
+    if !existed {
+        // Created and marked in one transaction: no one sees it unmarked. (Another job creating
+        // the same name at the same time wins or loses here; the loser then finds it not its own.)
+        let created = client.batch_execute(&format!(
+            "BEGIN; CREATE TABLE {} ({}); COMMENT ON TABLE {} IS {}; COMMIT",
+            table.quoted(),
+            definition.join(", "),
+            table.quoted(),
+            quote_literal(&table_mark(job_id))
+        ));
+        if let Err(e) = created {
+            let _ = client.batch_execute("ROLLBACK");
+            if current_columns(client, table)?.is_none() {
+                return Err(db("creating the table")(e));
+            }
+        }
+    }
     let actual = current_columns(client, table)?.unwrap_or_default();
     if actual != expected {
         let show =
@@ -226,6 +243,7 @@ fn create_table(
             ),
         ));
     }
+    check_table_owner(client, table, job_id)?;
     Ok(!existed)
 }
 

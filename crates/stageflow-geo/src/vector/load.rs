@@ -13,7 +13,7 @@ use super::columns::Column;
 use super::copy::{ewkb, read_cell, Cell};
 use super::source::{geometry_of, layer_srs, open_source, source_layer, traditional};
 use super::{param_u64, INVALID_EXAMPLES, MAX_CHUNK_SIZE};
-use crate::db::{connect, db_error, quote_ident, TableName};
+use crate::db::{check_table_owner, connect, db_error, quote_ident, TableName};
 use crate::raster::param_str;
 
 /// Stage 2: one chunk of features, replaced in one transaction.
@@ -110,6 +110,7 @@ pub fn load(task: &Task, url: &str) -> Result<Value, TaskError> {
     // Replace the chunk's rows in one transaction.
     let (first, last) = (start as i64 + 1, (start + count) as i64);
     let mut client = connect(url)?;
+    check_table_owner(&mut client, &table, &task.job_id)?;
     let mut tx = client.transaction().map_err(|e| db_error("beginning", e))?;
     let column_list = std::iter::once("fid".to_owned())
         .chain(columns.iter().map(|c| quote_ident(&c.name)))
