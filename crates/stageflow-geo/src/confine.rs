@@ -518,6 +518,38 @@ pub fn mark_file(path: &Path, job_id: &str) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// Gives a finished output file (`tmp`, marked as this job's) its name: taken only if the name is
+/// free at that instant (`RENAME_NOREPLACE`), or holds a plain file marked as this job's. A file
+/// another job put there after the params were checked is not replaced.
+pub fn place_output(tmp: &Path, output: &Path, job_id: &str) -> Result<(), TaskError> {
+    use std::os::unix::ffi::OsStrExt;
+    let context = || format!("renaming {} to {}", tmp.display(), output.display());
+    let c_tmp = std::ffi::CString::new(tmp.as_os_str().as_bytes())
+        .map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
+    let c_output = std::ffi::CString::new(output.as_os_str().as_bytes())
+        .map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; AT_FDCWD makes them plain paths.
+    let renamed = unsafe {
+        libc::renameat2(libc::AT_FDCWD, c_tmp.as_ptr(), libc::AT_FDCWD, c_output.as_ptr(), libc::RENAME_NOREPLACE)
+    };
+    if renamed == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.kind() != std::io::ErrorKind::AlreadyExists {
+        return Err(crate::io_error(&context(), &error));
+    }
+    match std::fs::symlink_metadata(output) {
+        Ok(meta) if meta.is_file() && file_mark(output).as_deref() == Some(job_id) => {
+            std::fs::rename(tmp, output).map_err(|e| crate::io_error(&context(), &e))
+        }
+        _ => Err(forbidden(format!(
+            "{} was created by someone else while this task wrote: outputs never replace another's file",
+            output.display()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,6 +621,24 @@ mod tests {
         mark_file(&file, "job-a").unwrap();
         c.output_file(file.to_str().unwrap(), "job-a").unwrap();
         assert_eq!(c.output_file(file.to_str().unwrap(), "job-b").unwrap_err().kind, "forbidden_path");
+        // The finished file takes a free name or the job's own file, not one put there since.
+        let (tmp, placed) = (root.join("out.tmp"), root.join("placed.parquet"));
+        let finished = |job: &str| {
+            std::fs::write(&tmp, job).unwrap();
+            mark_file(&tmp, job).unwrap();
+        };
+        finished("job-a");
+        place_output(&tmp, &placed, "job-a").unwrap();
+        finished("job-a");
+        place_output(&tmp, &placed, "job-a").unwrap();
+        assert_eq!(std::fs::read_to_string(&placed).unwrap(), "job-a");
+        finished("job-b");
+        assert_eq!(place_output(&tmp, &placed, "job-b").unwrap_err().kind, "forbidden_path");
+        std::fs::remove_file(&placed).unwrap();
+        std::os::unix::fs::symlink(root.join("home/notes"), &placed).unwrap();
+        finished("job-a");
+        assert_eq!(place_output(&tmp, &placed, "job-a").unwrap_err().kind, "forbidden_path");
+        assert_eq!(std::fs::read_to_string(root.join("home/notes")).unwrap(), "x");
         // A file over the byte budget is not read.
         let small = Confinement::new(std::slice::from_ref(&root), &[], "stageflow_geo", DEFAULT_MAX_PIXELS)
             .unwrap()

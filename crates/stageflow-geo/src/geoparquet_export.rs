@@ -478,7 +478,7 @@ fn write_file(
     // Marked as this job's before it takes the output's name: a later run of the job may replace
     // it, another job may not (see confine).
     crate::confine::mark_file(Path::new(tmp), &task.job_id)?;
-    std::fs::rename(tmp, output).map_err(|e| io_error(&format!("renaming {tmp} to {output}"), &e))?;
+    crate::confine::place_output(Path::new(tmp), Path::new(output), &task.job_id)?;
     if let Some(parent) = Path::new(output).parent().filter(|p| !p.as_os_str().is_empty()) {
         if let Ok(dir) = File::open(parent) {
             let _ = dir.sync_all();
