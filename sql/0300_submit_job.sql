@@ -72,6 +72,11 @@ BEGIN
                 (stageflow._quota(session_user)).max_tasks_per_job)
         ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
         IF FOUND THEN
+            -- The same work's earlier job, deleted by retention, may still have rows being deleted:
+            -- they go now, before the new job writes any (stageflow.deleted_jobs).
+            IF EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = v_job_id) THEN
+                PERFORM stageflow._finish_job_deletion(v_job_id);
+            END IF;
             PERFORM stageflow._emit(v_job_id, 'job_submitted',
                                     jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
                                                        'tenant', v_tenant));

@@ -26,6 +26,212 @@ AS $$
         'message', format('the lease of attempt %s of %s expired before the task was completed', p_attempt, p_max_attempts))
 $$;
 
+-- Jobs that retention has deleted (their job row, stages, shards and claims are gone) whose tasks,
+-- events and webhook deliveries are still being deleted, a bounded batch a round: a job of a
+-- million tasks is never deleted in one statement. From the job row's deletion on, the job is
+-- gone for the API; its leftover rows are invisible (every reader joins the job or stage row). A
+-- submission of the same work (the same job id) finishes its deletion first
+-- (stageflow._finish_job_deletion), so the new job's rows never meet the old one's.
+CREATE TABLE stageflow.deleted_jobs (
+    job_id      text PRIMARY KEY,
+    deleted_at  timestamptz NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('stageflow.deleted_jobs', '');
+
+-- The retention's settings: the interval (stageflow.retention; unset, when the library is not
+-- loaded in this session, means the default, 7 days; '' or 0 means forever: NULL) and the rows a
+-- round deletes at most from each table (stageflow.retention_batch_size, default 10000).
+CREATE FUNCTION stageflow._retention()
+RETURNS interval
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT nullif(nullif(coalesce(current_setting('stageflow.retention', true), '7 days'), ''), '0')::interval
+$$;
+
+CREATE FUNCTION stageflow._retention_batch_size()
+RETURNS int
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT greatest(coalesce(nullif(current_setting('stageflow.retention_batch_size', true), '')::int, 10000), 1)
+$$;
+
+-- Finishes the deletion of job p_job_id now, whatever its size, if retention has begun it: a
+-- submission that creates the job again calls it before it writes anything of the new job.
+-- Deleting the note first waits for a maintenance round that is draining the job (it holds the
+-- note) and keeps later rounds off it. Returns whether there was a deletion to finish.
+CREATE FUNCTION stageflow._finish_job_deletion(p_job_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM stageflow.deleted_jobs AS d WHERE d.job_id = p_job_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM stageflow.tasks AS t WHERE t.job_id = p_job_id;
+    DELETE FROM stageflow.events AS e WHERE e.job_id = p_job_id;
+    DELETE FROM stageflow.webhook_deliveries AS w WHERE w.job_id = p_job_id;
+    DELETE FROM stageflow.stage_claims AS c WHERE c.job_id = p_job_id;
+    RETURN true;
+END;
+$$;
+
+-- One round of retention (run_maintenance's last step), each part bounded, on the engine's clock:
+--   1. up to least(max_rows, batch) finished jobs whose completed_at is older than the retention
+--      (rows another session holds are skipped) lose their job row (with it, by cascade, their
+--      stages and shards: at most 16 shards a stage) and stage claims, and are noted in
+--      stageflow.deleted_jobs;
+--   2. the jobs noted there (as many, oldest first, notes another round holds skipped) lose up
+--      to `batch` tasks, `batch` events and `batch` webhook deliveries; a note with nothing left
+--      is removed (a small job goes in the round that deleted its row);
+--   3. each queue the job types use loses up to `batch` archived messages (pgmq.a_<queue>: the
+--      messages of tasks that failed or were dead-lettered, pgmq.archive) archived before the
+--      retention; pgmq dates them with the real clock;
+--   4. the next least(max_rows, batch) webhook deliveries (a cursor walks them in delivery_id
+--      order, wrapping around) lose those older than the retention whose job is gone and not
+--      noted in deleted_jobs: what 0.1.0's retention, which left deliveries behind, orphaned.
+-- Completed and cancelled tasks' messages are deleted, not archived, when they end: pgmq.q_<queue>
+-- holds only the open tasks' messages (and strays the reconciler deletes); its dead tuples are
+-- vacuum's. Returns {"jobs_deleted", "tasks_deleted", "events_deleted",
+-- "webhook_deliveries_deleted", "archived_messages_deleted", "errors"}; each part runs in a
+-- subtransaction of its own (an error is logged as a WARNING and counted).
+CREATE FUNCTION stageflow._prune(max_rows int, p_retention interval)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now        timestamptz := stageflow.now();
+    v_cutoff     timestamptz := stageflow.now() - p_retention;
+    v_batch      int := stageflow._retention_batch_size();
+    v_jobs       int;
+    v_ids        text[];
+    v_count      int;
+    v_window     bigint[];
+    v_cursor     bigint;
+    v_deleted    jsonb := '{"jobs_deleted": 0, "tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0, "archived_messages_deleted": 0}'::jsonb;
+    v_errors     int := 0;
+    q            record;
+BEGIN
+    v_jobs := greatest(least(max_rows, v_batch), 1);
+
+    -- 1. Job rows.
+    BEGIN
+        WITH old AS (
+            SELECT j.job_id FROM stageflow.jobs AS j
+             WHERE j.completed_at < v_cutoff
+               AND stageflow._job_has_ended(j.status)
+             ORDER BY j.completed_at LIMIT v_jobs
+               FOR UPDATE SKIP LOCKED
+        ), noted AS (
+            INSERT INTO stageflow.deleted_jobs AS d (job_id, deleted_at)
+            SELECT old.job_id, v_now FROM old
+            ON CONFLICT ON CONSTRAINT deleted_jobs_pkey DO NOTHING
+        ), claims_gone AS (
+            DELETE FROM stageflow.stage_claims AS c USING old WHERE c.job_id = old.job_id
+        ), jobs_gone AS (
+            DELETE FROM stageflow.jobs AS j USING old WHERE j.job_id = old.job_id RETURNING 1
+        )
+        SELECT count(*)::int INTO v_count FROM jobs_gone;
+        v_deleted := v_deleted || jsonb_build_object('jobs_deleted', v_count);
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of jobs', SQLERRM, SQLSTATE);
+    END;
+
+    -- 2. Their tasks, events and webhook deliveries.
+    BEGIN
+        SELECT array_agg(d.job_id) INTO v_ids
+          FROM (SELECT d.job_id FROM stageflow.deleted_jobs AS d
+                 ORDER BY d.deleted_at, d.job_id LIMIT v_jobs
+                   FOR UPDATE SKIP LOCKED) AS d;
+        IF v_ids IS NOT NULL THEN
+            WITH gone AS (
+                DELETE FROM stageflow.tasks AS t
+                 WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o WHERE o.job_id = ANY (v_ids) LIMIT v_batch)
+                RETURNING 1
+            )
+            SELECT count(*)::int INTO v_count FROM gone;
+            v_deleted := v_deleted || jsonb_build_object('tasks_deleted', v_count);
+            WITH gone AS (
+                DELETE FROM stageflow.events AS e
+                 WHERE e.event_id IN (SELECT o.event_id FROM stageflow.events AS o WHERE o.job_id = ANY (v_ids) LIMIT v_batch)
+                RETURNING 1
+            )
+            SELECT count(*)::int INTO v_count FROM gone;
+            v_deleted := v_deleted || jsonb_build_object('events_deleted', v_count);
+            WITH gone AS (
+                DELETE FROM stageflow.webhook_deliveries AS w
+                 WHERE w.delivery_id IN (SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
+                                          WHERE o.job_id = ANY (v_ids) LIMIT v_batch)
+                RETURNING 1
+            )
+            SELECT count(*)::int INTO v_count FROM gone;
+            v_deleted := v_deleted || jsonb_build_object('webhook_deliveries_deleted', v_count);
+            DELETE FROM stageflow.deleted_jobs AS d
+             WHERE d.job_id = ANY (v_ids)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE t.job_id = d.job_id)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.events AS e WHERE e.job_id = d.job_id)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w WHERE w.job_id = d.job_id);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
+    END;
+
+    -- 3. Archived messages.
+    FOR q IN
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+    LOOP
+        BEGIN
+            EXECUTE format(
+                'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
+                '(SELECT a.msg_id FROM pgmq.%1$I AS a WHERE a.archived_at < $1 ORDER BY a.archived_at LIMIT $2 '
+                'FOR UPDATE SKIP LOCKED) RETURNING 1) SELECT count(*)::int FROM gone',
+                pgmq.format_table_name(q.queue, 'a'))
+               INTO v_count USING v_cutoff, v_batch;
+            v_deleted := v_deleted || jsonb_build_object('archived_messages_deleted',
+                                                         (v_deleted ->> 'archived_messages_deleted')::int + v_count);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: retention of queue %s''s archive', q.queue), SQLERRM, SQLSTATE);
+        END;
+    END LOOP;
+
+    -- 4. Orphaned webhook deliveries: the next window.
+    BEGIN
+        v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
+                               WHERE c.name = 'retention:webhook_deliveries'), 0);
+        SELECT array_agg(w.delivery_id ORDER BY w.delivery_id) INTO v_window
+          FROM (SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
+                 WHERE o.delivery_id > v_cursor ORDER BY o.delivery_id LIMIT v_jobs) AS w;
+        INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+        VALUES ('retention:webhook_deliveries',
+                CASE WHEN coalesce(cardinality(v_window), 0) < v_jobs THEN '0' ELSE v_window[cardinality(v_window)]::text END)
+        ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+        IF v_window IS NOT NULL THEN
+            WITH gone AS (
+                DELETE FROM stageflow.webhook_deliveries AS w
+                 WHERE w.delivery_id IN (
+                       SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
+                        WHERE o.delivery_id = ANY (v_window) AND o.created_at < v_cutoff
+                          AND NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j WHERE j.job_id = o.job_id)
+                          AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = o.job_id)
+                          FOR UPDATE SKIP LOCKED)
+                RETURNING 1
+            )
+            SELECT count(*)::int INTO v_count FROM gone;
+            v_deleted := v_deleted || jsonb_build_object('webhook_deliveries_deleted',
+                                                         (v_deleted ->> 'webhook_deliveries_deleted')::int + v_count);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of orphaned webhook deliveries', SQLERRM, SQLSTATE);
+    END;
+
+    RETURN v_deleted || jsonb_build_object('errors', v_errors);
+END;
+$$;
+
 -- The queues the job types use (that exist), in name order: the ones maintenance walks.
 CREATE FUNCTION stageflow._job_type_queues()
 RETURNS SETOF text
@@ -48,8 +254,10 @@ $$;
 --   * expired last attempts (the notes their claims left in last_attempt_leases): dead-lettered;
 --   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
 --   * the reconciler (stageflow._reconcile) walks on through tasks and messages;
---   * finished jobs older than stageflow.retention (an interval, default 7 days; 0 keeps them)
---     are deleted with their stages, tasks and events.
+--   * retention (stageflow._prune): finished jobs older than stageflow.retention (an interval,
+--     default 7 days; 0 keeps them) are deleted with their stages, tasks, events and webhook
+--     deliveries, and the queues' archived messages older than it, at most
+--     stageflow.retention_batch_size rows of each table a round.
 -- Each unit of work (a task, a job, a reconciler window, a retention batch) runs in a
 -- subtransaction: an error in one is logged as a WARNING, counted in "errors", and the round
 -- goes on. Returns what it did. Only an error outside every unit is returned as {"error": ...}
@@ -66,9 +274,9 @@ DECLARE
     v_redeliver  int := 0;
     v_dead       int := 0;
     v_timed_out  int := 0;
-    v_deleted    int := 0;
     v_errors     int := 0;
     v_reconciled jsonb := '{}'::jsonb;
+    v_pruned     jsonb := '{}'::jsonb;
     v_busy       boolean;
     v_retention  interval;
     v_error_message text;
@@ -125,6 +333,26 @@ BEGIN
             v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: visible messages of queue %s', q.queue), SQLERRM, SQLSTATE);
         END;
     END LOOP;
+
+    -- Expired notes of last attempts that no longer describe their task's lease (the task
+    -- completed, failed, was released or re-claimed, or is gone: the common case) are dropped in
+    -- one statement first, at most stageflow.retention_batch_size a round, oldest first (notes
+    -- another session holds skipped), so that the notes of a job type whose every claim is a last
+    -- attempt (max_attempts 1) do not pile up faster than the loop below goes through them.
+    BEGIN
+        WITH stale AS (
+            SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
+             WHERE l.expires_at <= v_now
+               AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t
+                                WHERE t.task_id = l.task_id AND t.lease_token = l.lease_token AND t.status = 'running')
+             ORDER BY l.expires_at LIMIT stageflow._retention_batch_size()
+               FOR UPDATE OF l SKIP LOCKED
+        )
+        DELETE FROM stageflow.last_attempt_leases AS l USING stale
+         WHERE l.task_id = stale.task_id AND l.lease_token = stale.lease_token;
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: dropping stale last-attempt notes', SQLERRM, SQLSTATE);
+    END;
 
     -- Expired last attempts: the notes their claims left (last_attempt_leases), oldest first. A
     -- note that no longer describes its task's lease (the task completed, failed, was released or
@@ -200,35 +428,24 @@ BEGIN
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: reconciling', SQLERRM, SQLSTATE);
     END;
 
-    -- Retention.
-    -- Unset (the library not loaded in this session) means the default, 7 days; '' or 0 means forever.
-    v_retention := nullif(nullif(coalesce(current_setting('stageflow.retention', true), '7 days'), ''), '0')::interval;
-    IF v_retention IS NOT NULL THEN
-        BEGIN
-            WITH old AS (
-                SELECT j.job_id FROM stageflow.jobs AS j
-                 WHERE j.completed_at < v_now - v_retention
-                   AND stageflow._job_has_ended(j.status)
-                 ORDER BY j.completed_at LIMIT max_rows
-                   FOR UPDATE SKIP LOCKED
-            ), claims_gone AS (
-                DELETE FROM stageflow.stage_claims AS c USING old WHERE c.job_id = old.job_id
-            ), tasks_gone AS (
-                DELETE FROM stageflow.tasks AS t USING old WHERE t.job_id = old.job_id
-            ), events_gone AS (
-                DELETE FROM stageflow.events AS e USING old WHERE e.job_id = old.job_id
-            ), jobs_gone AS (
-                DELETE FROM stageflow.jobs AS j USING old WHERE j.job_id = old.job_id RETURNING 1
-            )
-            SELECT count(*)::int INTO v_deleted FROM jobs_gone;
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
-        END;
-    END IF;
+    -- Retention (stageflow._prune): bounded batches of finished jobs past the retention and of
+    -- their rows, archived messages and orphaned webhook deliveries. (A setting that is not an
+    -- interval fails the round: it is the operator's to fix, not a unit's.)
+    v_retention := stageflow._retention();
+    BEGIN
+        IF v_retention IS NOT NULL THEN
+            v_pruned := stageflow._prune(max_rows, v_retention);
+            v_errors := v_errors + coalesce((v_pruned ->> 'errors')::int, 0);
+            v_pruned := v_pruned - 'errors';
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
+    END;
 
     RETURN jsonb_build_object(
         'retries_released', v_released, 'leases_expired', v_redeliver, 'dead_lettered', v_dead,
-        'jobs_timed_out', v_timed_out, 'jobs_deleted', v_deleted, 'errors', v_errors) || v_reconciled;
+        'jobs_timed_out', v_timed_out, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
+        'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
     RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
@@ -310,13 +527,17 @@ BEGIN
            AND stageflow._job_is_open(j.status)
          GROUP BY s.queue
     LOOP
+        -- (a queue a restore or a DBA dropped comes back, empty: its tasks get messages below)
+        PERFORM stageflow._ensure_queue(q.queue);
         EXECUTE format('SELECT array_agg(u.msg_id) FROM unnest($1) AS u(msg_id) '
                        'WHERE NOT EXISTS (SELECT 1 FROM pgmq.%I AS m WHERE m.msg_id = u.msg_id)',
                        pgmq.format_table_name(q.queue, 'q'))
            INTO v_missing USING q.msg_ids;
         FOR r IN
+            -- (this queue's tasks only: every queue numbers its messages from 1)
             SELECT t.task_id, t.msg_id FROM stageflow.tasks AS t
-             WHERE t.task_id = ANY (v_window) AND t.msg_id = ANY (coalesce(v_missing, '{}'))
+              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+             WHERE t.task_id = ANY (v_window) AND s.queue = q.queue AND t.msg_id = ANY (coalesce(v_missing, '{}'))
              ORDER BY t.task_id
         LOOP
             BEGIN

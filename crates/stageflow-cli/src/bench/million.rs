@@ -227,7 +227,9 @@ pub(super) async fn run(
     let size_done: i64 = setup.query_one(size, &[]).await?.get(0);
     let pgmq_done: i64 = setup.query_one(pgmq_size, &[]).await?.get(0);
 
-    // Retention: the finished job is deleted by maintenance rounds of at most 1000 jobs.
+    // Retention: the finished job is deleted by maintenance rounds, its row first, then its tasks
+    // and events at most stageflow.retention_batch_size (default 10000) of each a round, until
+    // stageflow.deleted_jobs no longer notes it.
     setup.batch_execute("SET stageflow.retention = '1 microsecond'").await?;
     let retention_start = Instant::now();
     let mut rounds = 0;
@@ -238,7 +240,11 @@ pub(super) async fn run(
             return Err(CliError::Setup(format!("run_maintenance: {report}")));
         }
         let gone: bool = setup
-            .query_one("SELECT NOT EXISTS (SELECT FROM stageflow.jobs WHERE job_id = $1)", &[&job_id])
+            .query_one(
+                "SELECT NOT EXISTS (SELECT FROM stageflow.jobs WHERE job_id = $1) \
+                    AND NOT EXISTS (SELECT FROM stageflow.deleted_jobs WHERE job_id = $1)",
+                &[&job_id],
+            )
             .await?
             .get(0);
         if gone {
