@@ -16,7 +16,10 @@
 //! `sslrootcert` is a PEM file of CA certificates (default `~/.postgresql/root.crt`, as libpq),
 //! or `system`: the Mozilla roots built in (webpki-roots), which implies `verify-full`, as in
 //! libpq 16. A URL is `postgres://...?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem` or a
-//! key/value string (`host=... sslmode=require`).
+//! key/value string (`host=... sslmode=require`). Its other settings are tokio-postgres's, among
+//! them several hosts tried in turn and the kind of server wanted:
+//! `postgresql://u@db1:5432,db2:5432/app?target_session_attrs=read-write` connects to whichever
+//! takes writes (a primary, not a standby: `docs/operations.md`, "Failover").
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -385,6 +388,29 @@ mod tests {
         assert_eq!(s.mode.as_deref(), Some("require"));
         assert_eq!(s.root_cert.as_deref(), Some("/x y/ca.pem"));
         assert!(take_tls_settings("host=h password='open").is_err());
+    }
+
+    #[test]
+    fn a_url_may_name_several_hosts_and_ask_for_the_writable_one() {
+        use tokio_postgres::config::{Host, TargetSessionAttrs};
+        let config = ConnectConfig::from_url(
+            "postgresql://u:p@10.0.0.1:5601,10.0.0.2:5602/db?target_session_attrs=read-write&sslmode=disable&connect_timeout=2",
+        )
+        .unwrap();
+        let hosts: Vec<String> = config
+            .config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        assert_eq!(hosts, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(config.config.get_ports(), [5601, 5602]);
+        assert_eq!(config.config.get_target_session_attrs(), TargetSessionAttrs::ReadWrite);
+        assert_eq!(config.config.get_connect_timeout(), Some(&std::time::Duration::from_secs(2)));
+        assert_eq!(config.mode, SslMode::Disable);
     }
 
     #[test]

@@ -247,6 +247,7 @@ async fn report_outcomes(
                 match report.outcome {
                     Ok(_) => {
                         counters.completed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%task_id, lease_token, "completion committed");
                         let _ = reported.send(task_id);
                     }
                     // The database refused the result (a malformed plan): the task fails with why.
@@ -394,6 +395,7 @@ async fn run_transactional(
             Ok(_) => match transaction.commit().await {
                 Ok(()) => {
                     counters.completed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%task_id, lease_token, "completion committed");
                     connections.put_back(api);
                     return Outcome::Settled(task_id);
                 }

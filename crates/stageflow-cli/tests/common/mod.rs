@@ -10,6 +10,11 @@ use std::process::{Child, Command, Stdio};
 /// Starts `stageflow worker --database-url URL --worker-id NAME --poll-interval-ms 200 ARGS...`,
 /// its output appended to `<logs>/<name>.log` (a worker started again under its name keeps one log).
 pub fn spawn_worker(url: &str, logs: &Path, name: &str, args: &[&str]) -> Child {
+    spawn_worker_with_env(url, logs, name, args, &[])
+}
+
+/// [`spawn_worker`] with environment variables of its own (e.g. `STAGEFLOW_LOG`).
+pub fn spawn_worker_with_env(url: &str, logs: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -18,6 +23,7 @@ pub fn spawn_worker(url: &str, logs: &Path, name: &str, args: &[&str]) -> Child 
     Command::new(env!("CARGO_BIN_EXE_stageflow"))
         .args(["worker", "--database-url", url, "--worker-id", name, "--poll-interval-ms", "200"])
         .args(args)
+        .envs(env.iter().copied())
         .stdout(log.try_clone().expect("the log's handle is cloned"))
         .stderr(log)
         .stdin(Stdio::null())
