@@ -257,6 +257,8 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.stage_claims', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.last_attempt_leases', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
+-- (and the identity's sequence: restored rows keep their ids, new ones must not reuse them)
+SELECT pg_catalog.pg_extension_config_dump('stageflow.events_event_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.role_quotas', '');

@@ -1,3 +1,23 @@
+-- Creates pgmq queue p_queue unless it exists: the one place Stageflow creates queues. Called when
+-- a job type naming the queue is registered, and again where a queue is needed (a stage's tasks
+-- are sent, a claim or a grant names a job type's queue), so that a queue is made on first use
+-- where it does not exist: the built-in hello_world's `default` queue (CREATE EXTENSION makes no
+-- queue, so that pg_restore, which runs CREATE EXTENSION and then restores pgmq's queues with
+-- their messages, finds none in its way), or a queue a restore or a DBA dropped.
+CREATE FUNCTION stageflow._ensure_queue(p_queue text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+        -- (two sessions making the same queue at once would collide in the catalogs)
+        PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
+        PERFORM pgmq.create(p_queue);
+    END IF;
+END;
+$$;
+
 -- Stores a job type, or replaces its definition for jobs submitted from now on.
 -- stageflow._normalize_definition (Rust) validates the definition, naming the bad field, and fills
 -- in defaults; every queue a stage names is created in pgmq if it does not exist yet.
@@ -14,9 +34,7 @@ BEGIN
     FOR v_queue IN
         SELECT DISTINCT s.stage ->> 'queue' FROM jsonb_array_elements(v_definition -> 'stages') AS s(stage)
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = v_queue) THEN
-            PERFORM pgmq.create(v_queue);
-        END IF;
+        PERFORM stageflow._ensure_queue(v_queue);
     END LOOP;
 
     INSERT INTO stageflow.job_types AS jt (name, definition)

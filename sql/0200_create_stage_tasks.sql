@@ -112,6 +112,10 @@ BEGIN
     -- the ids. A count fan-out builds no arrays of keys and params either: its keys are the
     -- ordinals. (Measured on a count of 1,000,000: the arrays of keys and params, the sorted
     -- message array and the sorted id array took half the function's time.)
+    IF v_count > 0 THEN
+        -- (made on first use: the built-in hello_world's queue, or one a restore dropped)
+        PERFORM stageflow._ensure_queue(v_queue);
+    END IF;
     IF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at)

@@ -1,8 +1,9 @@
 -- Checks a queue name the way every function taking one does: pgmq's own rules (lowercase
--- letters, digits and underscores, at most 47 characters) and that the queue exists.
+-- letters, digits and underscores, at most 47 characters) and that the queue exists, or is named
+-- by a registered job type (then it is created: see _ensure_queue).
 CREATE FUNCTION stageflow._check_queue(p_queue text)
 RETURNS void
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -12,7 +13,12 @@ BEGIN
             MESSAGE = format('invalid queue name %L', p_queue),
             HINT = 'queue names are 1 to 47 lowercase letters, digits or underscores, not starting with a digit';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue)
+       AND EXISTS (SELECT 1 FROM stageflow.job_types AS jt
+                     CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
+                    WHERE e.stage ->> 'queue' = p_queue) THEN
+        PERFORM stageflow._ensure_queue(p_queue);
+    ELSIF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
         RAISE EXCEPTION USING
             ERRCODE = '42704',
             MESSAGE = format('unknown queue %L', p_queue),

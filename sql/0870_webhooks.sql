@@ -21,6 +21,7 @@ CREATE TABLE stageflow.webhook_deliveries (
 CREATE INDEX webhook_deliveries_due_idx ON stageflow.webhook_deliveries (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_job_idx ON stageflow.webhook_deliveries (job_id);
 SELECT pg_catalog.pg_extension_config_dump('stageflow.webhook_deliveries', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.webhook_deliveries_delivery_id_seq', '');
 
 -- Registered webhook endpoints: a login's (and tenant label's) named receivers, each with a
 -- signing secret of its own (Standard Webhooks' whsec_<base64 of 32 random bytes>), shown once

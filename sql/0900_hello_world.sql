@@ -1,6 +1,10 @@
 -- The built-in job type: stage 1 `greet` fans out n greetings, stage 2 `reply` answers each one
 -- (lineage: every reply task receives its greeting's result). The job's result is the n replies.
-SELECT stageflow.register_job_type('hello_world', $json$
+-- Stored without creating its queue (what register_job_type would do): CREATE EXTENSION makes no
+-- pgmq queue, so a pg_restore, which runs CREATE EXTENSION and then restores every queue with
+-- its messages, finds none in its way; `default` is made on first use (_ensure_queue).
+INSERT INTO stageflow.job_types AS jt (name, definition)
+SELECT 'hello_world', stageflow._normalize_definition('hello_world', $json$
 {
   "description": "Greets n times, then replies to each greeting: the smallest job with fan-out and lineage.",
   "parameters": {
@@ -18,4 +22,5 @@ SELECT stageflow.register_job_type('hello_world', $json$
     {"name": "reply", "handler": "hello_world.reply", "fan_out": "lineage"}
   ]
 }
-$json$::jsonb);
+$json$::jsonb)
+ON CONFLICT ON CONSTRAINT job_types_pkey DO UPDATE SET definition = excluded.definition, updated_at = now();
