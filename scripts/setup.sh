@@ -144,3 +144,11 @@ profile_flag=()
 sudo_if_needed rm -f "$("$PG_CONFIG" --pkglibdir)/stageflow.so"
 sudo_if_needed env "PATH=$PATH" "CARGO_TARGET_DIR=$CARGO_TARGET_DIR" "HOME=$HOME" \
     cargo pgrx install --pg-config "$PG_CONFIG" "${profile_flag[@]}"
+# The install scripts of earlier versions (sql/versions/), beside the current one and the upgrade
+# scripts pgrx copied: `CREATE EXTENSION stageflow VERSION '0.1.0'` then `ALTER EXTENSION stageflow
+# UPDATE` is how the upgrade tests start.
+current_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+for script in sql/versions/stageflow--*.sql; do
+    [ "$script" = "sql/versions/stageflow--$current_version.sql" ] && continue
+    sudo_if_needed install -m 644 "$script" "$("$PG_CONFIG" --sharedir)/extension/"
+done

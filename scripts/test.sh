@@ -61,6 +61,8 @@ else
 fi
 
 scripts/setup.sh
+say "versions: the schema is recorded, released ones unchanged, every version upgrades (scripts/versions.py)"
+PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" python3 scripts/versions.py check
 say "SQL-level, integration and worker tests on a private cluster"
 packages=(-p stageflow-tests -p stageflow-client -p stageflow-cli -p stageflow-worker -p stageflow-http)
 test_args=(--test-threads "${STAGEFLOW_TEST_THREADS:-4}")

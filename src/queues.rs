@@ -92,8 +92,12 @@ fn with_plan<R>(
 /// Reads up to `qty` messages of `queue` visible at `now` (the engine's clock), making them
 /// invisible until `now` + `vt` seconds (what pgmq.read does on the wall clock): their msg_id and
 /// the task_id they carry, in msg_id order.
+///
+/// A C function's symbol keeps its signature forever: an installed schema of an older version
+/// calls this library until `ALTER EXTENSION stageflow UPDATE` (see [`read_messages`]), so a new
+/// signature gets a new symbol (`read_messages_at_wrapper`).
 #[pg_extern(name = "_read_messages")]
-fn read_messages(
+fn read_messages_at(
     queue: &str,
     vt: i32,
     qty: i32,
@@ -111,6 +115,23 @@ fn read_messages(
     .unwrap_or_else(|error| error!("reading queue {queue}: {error}"));
     rows.sort_unstable_by_key(|(msg_id, _)| *msg_id);
     TableIterator::new(rows)
+}
+
+/// 0.1.0's `_read_messages(queue, vt, qty)` (symbol `read_messages_wrapper`), for a 0.1.0 schema
+/// on this library between installing the new files and `ALTER EXTENSION stageflow UPDATE`:
+/// reads at the wall clock, as 0.1.0 did. No SQL of this version declares it.
+#[pg_extern(sql = false)]
+fn read_messages(
+    queue: &str,
+    vt: i32,
+    qty: i32,
+) -> TableIterator<'static, (name!(msg_id, i64), name!(task_id, Option<String>))> {
+    // SAFETY: GetCurrentTransactionStartTimestamp only reads the backend's transaction state, and
+    // a function call runs inside a transaction (what now() returns).
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let now = pgrx::datum::TimestampWithTimeZone::try_from(now)
+        .unwrap_or_else(|error| error!("the transaction's start time: {error:?}"));
+    read_messages_at(queue, vt, qty, now)
 }
 
 /// Deletes messages of `queue` (what pgmq.delete does); returns how many there were.

@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""The extension's versions: the install script of each, and the upgrade scripts between them.
+
+  sql/versions/stageflow--V.sql   the install script of version V, as `cargo pgrx schema` wrote it
+                                  when V was made; kept, so that tests install older versions
+  sql/versions/released           the versions released, with the sha256 of their install script:
+                                  a released version's schema never changes again
+  sql/upgrades/OLD--NEW.sql       what changes in the tables from OLD to NEW, by hand, in two parts
+                                  split by a line `-- @definitions`: before (tables, data carried
+                                  over) and after (what needs NEW's functions)
+  sql/stageflow--OLD--NEW.sql     the upgrade script (ALTER EXTENSION stageflow UPDATE), written by
+                                  `write` from the three above: it
+                                    1. drops every function and view of OLD (NEW defines all again;
+                                       no table's default, check or index uses one),
+                                    2. creates the tables NEW adds, with their indexes and dump marks,
+                                    3. runs the first hand-written part,
+                                    4. creates NEW's functions, views, roles, grants and built-in job
+                                       types, in the order of NEW's install script,
+                                    5. runs the second hand-written part.
+
+usage:
+  scripts/versions.py write     record the current version's install script (`cargo pgrx schema`)
+                                and write the upgrade script into it from the version before
+  scripts/versions.py check     what CI checks (scripts/test.sh): the current install script is the
+                                recorded one (else: a schema change without recording it, or of a
+                                released version without a version bump), released versions are
+                                unchanged, every recorded version upgrades to the current one with
+                                an up-to-date script, and every C symbol a version's script names
+                                keeps one signature across versions and is in the built library
+  scripts/versions.py release   mark the current version released
+
+Environment: PG_CONFIG (default /usr/lib/postgresql/15/bin/pg_config), CARGO_TARGET_DIR.
+"""
+import hashlib
+import re
+import subprocess
+import sys
+import tempfile
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def statements(text):
+    """The statements of an SQL script, each with the comments before it (quotes, dollar quotes
+    and comments respected)."""
+    out, buf, i, n = [], [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if text.startswith('--', i):
+            j = text.find('\n', i)
+            j = n if j < 0 else j + 1
+            buf.append(text[i:j])
+            i = j
+        elif text.startswith('/*', i):
+            j = text.find('*/', i) + 2
+            buf.append(text[i:j])
+            i = j
+        elif c == "'":
+            j = i + 1
+            while True:
+                k = text.find("'", j)
+                if k + 1 < n and text[k + 1] == "'":
+                    j = k + 2
+                    continue
+                break
+            buf.append(text[i:k + 1])
+            i = k + 1
+        elif c == '$' and re.match(r'\$([A-Za-z_][A-Za-z0-9_]*)?\$', text[i:]):
+            tag = re.match(r'\$([A-Za-z_][A-Za-z0-9_]*)?\$', text[i:]).group(0)
+            k = text.find(tag, i + len(tag))
+            buf.append(text[i:k + len(tag)])
+            i = k + len(tag)
+        elif c == ';':
+            buf.append(';')
+            out.append(''.join(buf))
+            buf = []
+            i += 1
+        else:
+            buf.append(c)
+            i += 1
+    return out
+
+
+def code(statement):
+    """A statement without its comments, on one line."""
+    text = re.sub(r'/\*.*?\*/', '', statement, flags=re.S)
+    text = '\n'.join(line for line in text.split('\n') if not line.strip().startswith('--'))
+    return ' '.join(text.split())
+
+
+TABLE = re.compile(r'^CREATE TABLE stageflow\.(\w+)', re.I)
+ON_TABLE = re.compile(r'^CREATE (?:UNIQUE )?INDEX \w+ ON stageflow\.(\w+)', re.I)
+DUMPED = re.compile(r"^SELECT pg_catalog\.pg_extension_config_dump\('stageflow\.(\w+)'", re.I)
+DEFINITIONS = re.compile(r'^(CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|VIEW)|COMMENT ON (FUNCTION|VIEW)|GRANT|REVOKE|DO |'
+                         r'ALTER FUNCTION|SELECT stageflow\.register_job_type\(|INSERT INTO stageflow\.job_types )', re.I)
+
+
+def tables(script):
+    return {m.group(1) for s in statements(script) if (m := TABLE.match(code(s)))}
+
+
+def read(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
+
+
+def upgrade_script(old, new):
+    """The text of sql/stageflow--OLD--NEW.sql."""
+    old_script, new_script = read(f'sql/versions/stageflow--{old}.sql'), read(f'sql/versions/stageflow--{new}.sql')
+    before, marker, after = read(f'sql/upgrades/{old}--{new}.sql').partition('-- @definitions\n')
+    if not marker:
+        sys.exit(f'sql/upgrades/{old}--{new}.sql has no line "-- @definitions"')
+    added = tables(new_script) - tables(old_script)
+    new_tables, definitions = [], []
+    for statement in statements(new_script):
+        line = code(statement)
+        target = TABLE.match(line) or ON_TABLE.match(line) or DUMPED.match(line)
+        if target and target.group(1) in added:
+            new_tables.append(statement.strip('\n'))
+        elif DEFINITIONS.match(line):
+            definitions.append(statement.strip('\n'))
+        elif line and not target:
+            sys.exit(f'stageflow--{new}.sql: a statement scripts/versions.py does not know where to put: {line[:200]}')
+    out = [
+        f'-- Stageflow {old} -> {new}: ALTER EXTENSION stageflow UPDATE TO \'{new}\'.',
+        f'-- Written by scripts/versions.py write from sql/versions/ and sql/upgrades/{old}--{new}.sql;',
+        '-- edit those, not this file.',
+        f"\\echo Use \"ALTER EXTENSION stageflow UPDATE TO '{new}'\" to load this file. \\quit",
+        '',
+        f'-- 1. Every function and view of {old} goes: {new} defines all of them again below.',
+        '''DO $upgrade$
+DECLARE
+    r record;
+BEGIN
+    -- (the extension's members only: not what someone else created in its schema)
+    FOR r IN SELECT c.oid::regclass AS name FROM pg_catalog.pg_class AS c
+               JOIN pg_catalog.pg_depend AS d ON d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+                AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e'
+              WHERE c.relnamespace = 'stageflow'::regnamespace AND c.relkind IN ('v', 'm') LOOP
+        EXECUTE format('DROP VIEW %s', r.name);
+    END LOOP;
+    FOR r IN SELECT p.oid::regprocedure AS name FROM pg_catalog.pg_proc AS p
+               JOIN pg_catalog.pg_depend AS d ON d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
+                AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e'
+              WHERE p.pronamespace = 'stageflow'::regnamespace LOOP
+        EXECUTE format('DROP ROUTINE %s', r.name);
+    END LOOP;
+END
+$upgrade$;''',
+        '',
+        f'-- 2. The tables {new} adds.',
+        *new_tables,
+        '',
+        f'-- 3. What changes in the tables of {old} (sql/upgrades/{old}--{new}.sql).',
+        before.strip('\n'),
+        '',
+        f'-- 4. The functions, views, roles, grants and built-in job types of {new}.',
+        *definitions,
+        '',
+        f'-- 5. What needs the functions of {new} (sql/upgrades/{old}--{new}.sql).',
+        after.strip('\n'),
+        '',
+    ]
+    return '\n'.join(out)
+
+
+def version_key(version):
+    return tuple(int(part) for part in version.split('.'))
+
+
+def current_version():
+    return re.search(r'^version = "([^"]+)"', read('Cargo.toml'), re.M).group(1)
+
+
+def recorded_versions():
+    names = os.listdir(os.path.join(ROOT, 'sql/versions'))
+    found = [m.group(1) for name in names if (m := re.match(r'^stageflow--([0-9.]+)\.sql$', name))]
+    return sorted(found, key=version_key)
+
+
+def released():
+    """{version: sha256} of sql/versions/released."""
+    path = os.path.join(ROOT, 'sql/versions/released')
+    if not os.path.exists(path):
+        return {}
+    return dict(line.split() for line in read('sql/versions/released').splitlines() if line.strip())
+
+
+def sha256(path):
+    with open(os.path.join(ROOT, path), 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def pg_config():
+    return os.environ.get('PG_CONFIG', '/usr/lib/postgresql/15/bin/pg_config')
+
+
+def generated_install_script():
+    """The install script `cargo pgrx schema` writes for the code as it is."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, 'schema.sql')
+        run = subprocess.run(['cargo', 'pgrx', 'schema', 'pg15', '--pg-config', pg_config(), '-o', out],
+                             cwd=ROOT, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f'cargo pgrx schema failed:\n{run.stdout}{run.stderr}')
+        with open(out) as f:
+            return f.read()
+
+
+def normalized(script):
+    """The statements of a script without comments and layout, sorted: `cargo pgrx schema` does not
+    write its statements in the same order from one run to the next."""
+    return sorted(line for s in statements(script) if (line := code(s)))
+
+
+def symbols(script):
+    """{C symbol: its CREATE FUNCTION without name and comments} of a script."""
+    found = {}
+    for statement in statements(script):
+        line = code(statement)
+        m = re.search(r"AS 'MODULE_PATHNAME', '(\w+)'", line)
+        if m:
+            found[m.group(1)] = re.sub(r'^CREATE +FUNCTION +"?\w+"?', '', line.replace(m.group(0), ''))
+    return found
+
+
+def write():
+    version = current_version()
+    if version in released():
+        sys.exit(f'{version} is released: its schema does not change again; bump the version in Cargo.toml first')
+    path = f'sql/versions/stageflow--{version}.sql'
+    with open(os.path.join(ROOT, path), 'w') as f:
+        f.write(generated_install_script())
+    print(path)
+    older = [v for v in recorded_versions() if version_key(v) < version_key(version)]
+    if older:
+        old = older[-1]
+        if not os.path.exists(os.path.join(ROOT, f'sql/upgrades/{old}--{version}.sql')):
+            sys.exit(f'write sql/upgrades/{old}--{version}.sql (the table changes, by hand), then run this again')
+        path = f'sql/stageflow--{old}--{version}.sql'
+        with open(os.path.join(ROOT, path), 'w') as f:
+            f.write(upgrade_script(old, version))
+        print(path)
+
+
+def check():
+    version, problems = current_version(), []
+    recorded = recorded_versions()
+    if version not in recorded:
+        problems.append(f'sql/versions/stageflow--{version}.sql is missing: run scripts/versions.py write')
+    elif normalized(generated_install_script()) != normalized(read(f'sql/versions/stageflow--{version}.sql')):
+        if version in released():
+            problems.append(f'the schema changed, but {version} is released: bump the version in Cargo.toml, write '
+                            f'sql/upgrades/{version}--<new>.sql and run scripts/versions.py write')
+        else:
+            problems.append(f'the schema changed: run scripts/versions.py write (and update sql/upgrades/ to match)')
+    for v, digest in released().items():
+        if v not in recorded or sha256(f'sql/versions/stageflow--{v}.sql') != digest:
+            problems.append(f'sql/versions/stageflow--{v}.sql is not what was released (sha256 {digest})')
+    for old, new in zip(recorded, recorded[1:]):
+        path = f'sql/stageflow--{old}--{new}.sql'
+        if not os.path.exists(os.path.join(ROOT, path)):
+            problems.append(f'{path} is missing: write sql/upgrades/{old}--{new}.sql and run scripts/versions.py write')
+        elif read(path) != upgrade_script(old, new):
+            problems.append(f'{path} is not what scripts/versions.py write makes of sql/upgrades/{old}--{new}.sql')
+    library = subprocess.run([pg_config(), '--pkglibdir'], capture_output=True, text=True, check=True).stdout.strip()
+    exported = set(subprocess.run(['nm', '-D', '--defined-only', f'{library}/stageflow.so'], capture_output=True,
+                                  text=True, check=True).stdout.split())
+    signatures = {}
+    for v in recorded:
+        for symbol, signature in symbols(read(f'sql/versions/stageflow--{v}.sql')).items():
+            if symbol not in exported:
+                problems.append(f'{library}/stageflow.so lacks {symbol}, which version {v} calls')
+            first = signatures.setdefault(symbol, (v, signature))
+            if first[1] != signature:
+                problems.append(f'the C function {symbol} is declared differently by {first[0]} and {v}: a schema of '
+                                f'{first[0]} calls this library until ALTER EXTENSION UPDATE, so a new signature needs '
+                                f'a new symbol')
+    for problem in problems:
+        print(f'scripts/versions.py check: {problem}', file=sys.stderr)
+    if problems:
+        sys.exit(1)
+    print(f'scripts/versions.py check: {version}; versions {", ".join(recorded)}; '
+          f'released {", ".join(released()) or "none"}; {len(signatures)} C symbols')
+
+
+def release():
+    version = current_version()
+    digests = released()
+    digests[version] = sha256(f'sql/versions/stageflow--{version}.sql')
+    with open(os.path.join(ROOT, 'sql/versions/released'), 'w') as f:
+        f.write(''.join(f'{v} {d}\n' for v, d in sorted(digests.items(), key=lambda i: version_key(i[0]))))
+
+
+if __name__ == '__main__':
+    commands = {'write': write, 'check': check, 'release': release}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        sys.exit(__doc__)
+    commands[sys.argv[1]]()
