@@ -4,6 +4,32 @@
 -- queue numbers its messages from 1, so a task of one queue and a task of another can share a
 -- msg_id: a message missing from one queue is sent again for that queue's task, never for the
 -- other's (it was: both were re-sent, the other into the wrong queue).
+-- A login the queue is not granted to is refused before anything is made: no catalog row is
+-- written, not even one rolled back with the refusal (counted in this transaction's statistics).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'first_use_worker') THEN
+        CREATE ROLE first_use_worker LOGIN IN ROLE stageflow_worker;
+    END IF;
+END;
+$$;
+SET SESSION AUTHORIZATION first_use_worker;
+DO $$
+DECLARE
+    v_before bigint := (SELECT n_tup_ins FROM pg_stat_xact_sys_tables WHERE relname = 'pg_class');
+BEGIN
+    BEGIN
+        PERFORM stageflow.claim_tasks('default', 1, 60, 'w');
+        RAISE EXCEPTION 'claimed from a queue not granted';
+    EXCEPTION WHEN SQLSTATE '42501' THEN
+        NULL;
+    END;
+    ASSERT (SELECT n_tup_ins FROM pg_stat_xact_sys_tables WHERE relname = 'pg_class') = v_before,
+           'the refused claim made no queue';
+END;
+$$;
+RESET SESSION AUTHORIZATION;
+
 DO $$
 BEGIN
     ASSERT NOT EXISTS (SELECT 1 FROM pgmq.meta), 'CREATE EXTENSION made no queue';

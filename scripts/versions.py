@@ -3,8 +3,8 @@
 
   sql/versions/stageflow--V.sql   the install script of version V, as `cargo pgrx schema` wrote it
                                   when V was made; kept, so that tests install older versions
-  sql/versions/released           the versions released, with the sha256 of their install script:
-                                  a released version's schema never changes again
+  sql/versions/released           the versions released, with the sha256 of their install script
+                                  and of the upgrade script into them: neither changes again
   sql/upgrades/OLD--NEW.sql       what changes in the tables from OLD to NEW, by hand, in two parts
                                   split by a line `-- @definitions`: before (tables, data carried
                                   over) and after (what needs NEW's functions)
@@ -182,11 +182,18 @@ def recorded_versions():
 
 
 def released():
-    """{version: sha256} of sql/versions/released."""
+    """{version: [sha256 of its install script, sha256 of the upgrade script into it (if any)]} of
+    sql/versions/released."""
     path = os.path.join(ROOT, 'sql/versions/released')
     if not os.path.exists(path):
         return {}
-    return dict(line.split() for line in read('sql/versions/released').splitlines() if line.strip())
+    return {line.split()[0]: line.split()[1:] for line in read('sql/versions/released').splitlines() if line.strip()}
+
+
+def upgrade_into(version):
+    """The path of the upgrade script into `version` from the recorded version before it, or None."""
+    older = [v for v in recorded_versions() if version_key(v) < version_key(version)]
+    return f'sql/stageflow--{older[-1]}--{version}.sql' if older else None
 
 
 def sha256(path):
@@ -210,10 +217,51 @@ def generated_install_script():
             return f.read()
 
 
+def canonical(statement):
+    """A statement without its comments and with its layout collapsed, outside string literals,
+    quoted identifiers and dollar-quoted bodies, which are kept as they are (a function's body is
+    what PostgreSQL stores, comments and spaces included)."""
+    out, i, n = [], 0, len(statement)
+    while i < n:
+        c = statement[i]
+        if statement.startswith('--', i):
+            j = statement.find('\n', i)
+            i = n if j < 0 else j
+        elif statement.startswith('/*', i):
+            i = statement.find('*/', i) + 2
+        elif c.isspace():
+            while i < n and statement[i].isspace():
+                i += 1
+            if out and not out[-1].endswith(' '):
+                out.append(' ')
+        elif c in "'\"":
+            j = i + 1
+            while True:
+                k = statement.find(c, j)
+                if k < 0:
+                    k = n - 1
+                    break
+                if k + 1 < n and statement[k + 1] == c:
+                    j = k + 2
+                    continue
+                break
+            out.append(statement[i:k + 1])
+            i = k + 1
+        elif c == '$' and (m := re.match(r'\$([A-Za-z_][A-Za-z0-9_]*)?\$', statement[i:])):
+            k = statement.find(m.group(0), i + len(m.group(0)))
+            k = n if k < 0 else k + len(m.group(0))
+            out.append(statement[i:k])
+            i = k
+        else:
+            out.append(c)
+            i += 1
+    return ''.join(out).strip()
+
+
 def normalized(script):
-    """The statements of a script without comments and layout, sorted: `cargo pgrx schema` does not
-    write its statements in the same order from one run to the next."""
-    return sorted(line for s in statements(script) if (line := code(s)))
+    """The statements of a script, canonical, sorted: `cargo pgrx schema` does not write its
+    statements in the same order from one run to the next."""
+    return sorted(line for s in statements(script) if (line := canonical(s)))
 
 
 def symbols(script):
@@ -257,9 +305,16 @@ def check():
                             f'sql/upgrades/{version}--<new>.sql and run scripts/versions.py write')
         else:
             problems.append(f'the schema changed: run scripts/versions.py write (and update sql/upgrades/ to match)')
-    for v, digest in released().items():
-        if v not in recorded or sha256(f'sql/versions/stageflow--{v}.sql') != digest:
-            problems.append(f'sql/versions/stageflow--{v}.sql is not what was released (sha256 {digest})')
+    for v, digests in released().items():
+        if v not in recorded or sha256(f'sql/versions/stageflow--{v}.sql') != digests[0]:
+            problems.append(f'sql/versions/stageflow--{v}.sql is not what was released (sha256 {digests[0]})')
+        upgrade = upgrade_into(v) if v in recorded else None
+        if upgrade and (len(digests) < 2 or not os.path.exists(os.path.join(ROOT, upgrade))
+                        or sha256(upgrade) != digests[1]):
+            problems.append(f'{upgrade} is not what was released with {v}')
+    for v in recorded:
+        if version_key(v) < version_key(version) and v not in released():
+            problems.append(f'{v} is older than the current version {version} but not marked released')
     for old, new in zip(recorded, recorded[1:]):
         path = f'sql/stageflow--{old}--{new}.sql'
         if not os.path.exists(os.path.join(ROOT, path)):
@@ -290,9 +345,11 @@ def check():
 def release():
     version = current_version()
     digests = released()
-    digests[version] = sha256(f'sql/versions/stageflow--{version}.sql')
+    upgrade = upgrade_into(version)
+    digests[version] = [sha256(f'sql/versions/stageflow--{version}.sql')] + ([sha256(upgrade)] if upgrade else [])
     with open(os.path.join(ROOT, 'sql/versions/released'), 'w') as f:
-        f.write(''.join(f'{v} {d}\n' for v, d in sorted(digests.items(), key=lambda i: version_key(i[0]))))
+        for v, d in sorted(digests.items(), key=lambda i: version_key(i[0])):
+            f.write(' '.join([v, *d]) + '\n')
 
 
 if __name__ == '__main__':

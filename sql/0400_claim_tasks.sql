@@ -1,9 +1,10 @@
 -- Checks a queue name the way every function taking one does: pgmq's own rules (lowercase
 -- letters, digits and underscores, at most 47 characters) and that the queue exists, or is named
--- by a registered job type (then it is created: see _ensure_queue).
+-- by a registered job type: then it returns true, and the caller, once it has checked that the
+-- session may use the queue, makes it (_ensure_queue).
 CREATE FUNCTION stageflow._check_queue(p_queue text)
-RETURNS void
-LANGUAGE plpgsql
+RETURNS boolean
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -13,17 +14,17 @@ BEGIN
             MESSAGE = format('invalid queue name %L', p_queue),
             HINT = 'queue names are 1 to 47 lowercase letters, digits or underscores, not starting with a digit';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue)
-       AND EXISTS (SELECT 1 FROM stageflow.job_types AS jt
-                     CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
-                    WHERE e.stage ->> 'queue' = p_queue) THEN
-        PERFORM stageflow._ensure_queue(p_queue);
-    ELSIF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown queue %L', p_queue),
-            HINT = 'queues are created by stageflow.register_job_type for the stages that name them';
+    IF EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+        RETURN false;
+    ELSIF EXISTS (SELECT 1 FROM stageflow.job_types AS jt
+                    CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
+                   WHERE e.stage ->> 'queue' = p_queue) THEN
+        RETURN true;
     END IF;
+    RAISE EXCEPTION USING
+        ERRCODE = '42704',
+        MESSAGE = format('unknown queue %L', p_queue),
+        HINT = 'queues are created by stageflow.register_job_type for the stages that name them';
 END;
 $$;
 
@@ -156,12 +157,15 @@ DECLARE
     v_last_ids        text[];
     v_last_tokens     bigint[];
     v_last_expiry     timestamptz[];
+    v_make_queue      boolean := false;
     r              record;
 BEGIN
-    -- _check_queue's rules inline (this is the hot path); it raises the error when they fail.
+    -- _check_queue's rules inline (this is the hot path); it raises the error when they fail, and
+    -- says whether a job type's queue is to be made (after the grant check: a session that may not
+    -- claim from it makes nothing).
     IF claim_tasks.queue IS NULL OR claim_tasks.queue !~ '^[a-z_][a-z0-9_]{0,46}$'
        OR NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
-        PERFORM stageflow._check_queue(claim_tasks.queue);
+        v_make_queue := stageflow._check_queue(claim_tasks.queue);
     END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
     -- a superuser or a member of stageflow_admin (stageflow.grant_queue).
@@ -173,6 +177,9 @@ BEGIN
             ERRCODE = '42501',
             MESSAGE = format('role %s may not claim tasks from queue %L', session_user, claim_tasks.queue),
             HINT = format('an admin grants it with SELECT stageflow.grant_queue(%L, %L)', claim_tasks.queue, session_user);
+    END IF;
+    IF v_make_queue THEN
+        PERFORM stageflow._ensure_queue(claim_tasks.queue);
     END IF;
     IF claim_tasks.max_tasks IS NULL OR claim_tasks.max_tasks NOT BETWEEN 1 AND 10000 THEN
         RAISE EXCEPTION USING

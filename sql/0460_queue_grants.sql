@@ -11,14 +11,18 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_new boolean;
+    v_new  boolean;
+    v_make boolean;
 BEGIN
-    PERFORM stageflow._check_queue(grant_queue.queue);
+    v_make := stageflow._check_queue(grant_queue.queue);
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = grant_queue.role) THEN
         RAISE EXCEPTION USING
             ERRCODE = '42704',
             MESSAGE = format('unknown role %L', grant_queue.role),
             HINT = 'grant a queue to an existing role, e.g. a group role your worker logins are members of';
+    END IF;
+    IF v_make THEN
+        PERFORM stageflow._ensure_queue(grant_queue.queue);
     END IF;
     INSERT INTO stageflow.queue_grants (queue, role_name) VALUES (grant_queue.queue, grant_queue.role)
     ON CONFLICT ON CONSTRAINT queue_grants_pkey DO NOTHING;

@@ -10,19 +10,19 @@
 -- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
 -- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
 DO $$
+DECLARE
+    v_role text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_worker') THEN
-        CREATE ROLE stageflow_worker NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_submitter') THEN
-        CREATE ROLE stageflow_submitter NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_monitor') THEN
-        CREATE ROLE stageflow_monitor NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'stageflow_admin') THEN
-        CREATE ROLE stageflow_admin NOLOGIN;
-    END IF;
+    FOREACH v_role IN ARRAY ARRAY['stageflow_worker', 'stageflow_submitter', 'stageflow_monitor', 'stageflow_admin'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_role) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+            EXCEPTION WHEN unique_violation OR duplicate_object THEN
+                -- (CREATE EXTENSION in another database made it at the same time)
+                NULL;
+            END;
+        END IF;
+    END LOOP;
 END;
 $$;
 GRANT stageflow_worker, stageflow_submitter, stageflow_monitor TO stageflow_admin;

@@ -6,8 +6,7 @@
 
 -- jobs: the result is read from the tasks (job_result); owner, tenant and max_tasks are new. A job
 -- submitted before 0.2.0 had no owner: it belongs to the extension's owner (stageflow_admin and
--- superusers see it), with the default per-job task quota (both set in part 5, which has the
--- functions).
+-- superusers see it); it had no task quota and gets none (set in part 5).
 ALTER TABLE stageflow.jobs DROP COLUMN result;
 ALTER TABLE stageflow.jobs ADD COLUMN owner name, ADD COLUMN tenant text, ADD COLUMN max_tasks bigint;
 CREATE INDEX jobs_owner_idx ON stageflow.jobs (owner, created_at DESC);
@@ -109,11 +108,19 @@ ALTER TABLE stageflow.webhook_deliveries ADD COLUMN secret text;
 
 -- Queue grants are new in 0.2.0: without one, only stageflow_admin and superusers claim. The
 -- workers of 0.1.0 (members of stageflow_worker) claimed from every queue; they keep the queues
--- of the job types registered now.
+-- of the job types registered now and those the jobs' stages use (a job keeps the definition it
+-- was submitted with: a job type registered again on another queue leaves its jobs on the old).
 INSERT INTO stageflow.queue_grants (queue, role_name)
-SELECT DISTINCT s.stage ->> 'queue', 'stageflow_worker'::name
-  FROM stageflow.job_types AS jt, jsonb_array_elements(jt.definition -> 'stages') AS s(stage)
- WHERE s.stage ->> 'queue' IS NOT NULL
+SELECT q.queue, 'stageflow_worker'::name
+  FROM (SELECT s.stage ->> 'queue' AS queue
+          FROM stageflow.job_types AS jt, jsonb_array_elements(jt.definition -> 'stages') AS s(stage)
+        UNION
+        SELECT st.queue FROM stageflow.stages AS st
+        UNION
+        SELECT s.stage ->> 'queue'
+          FROM stageflow.jobs AS j, jsonb_array_elements(j.definition -> 'stages') AS s(stage)
+         WHERE j.status IN ('queued', 'processing')) AS q
+ WHERE q.queue IS NOT NULL
 ON CONFLICT DO NOTHING;
 
 -- The identity sequences of events and webhook deliveries are dumped with their tables: restored
@@ -138,11 +145,10 @@ END
 $upgrade$;
 
 -- @definitions
--- The jobs of 0.1.0: owned by the extension's owner, with the default task quota per job (or
--- the tasks they already have, if more).
+-- The jobs of 0.1.0: owned by the extension's owner, and without a task quota, as they were
+-- submitted (a later stage of theirs may fan out to any size).
 UPDATE stageflow.jobs AS j
    SET owner = (SELECT e.extowner::regrole::name FROM pg_catalog.pg_extension AS e WHERE e.extname = 'stageflow'),
-       max_tasks = greatest((SELECT q.max_tasks_per_job FROM stageflow._default_quotas() AS q),
-                            (SELECT count(*) FROM stageflow.tasks AS t WHERE t.job_id = j.job_id))
+       max_tasks = 9223372036854775807
  WHERE j.owner IS NULL;
 ALTER TABLE stageflow.jobs ALTER COLUMN owner SET NOT NULL, ALTER COLUMN max_tasks SET NOT NULL;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Client;
 use serde_json::{json, Value};
-use stageflow_tests::{cluster_url, connect, url_for};
+use stageflow_tests::{cluster_url, connect, url_as, url_for, ROLE_PASSWORD};
 
 /// One line per fact of the extension's catalog: members, tables, columns in order, constraints,
 /// indexes, views, functions (a digest of each definition), grants, comments, dump marks.
@@ -35,8 +35,13 @@ fn recorded_versions() -> Vec<String> {
     versions.iter().map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(".")).collect()
 }
 
+/// One CREATE EXTENSION at a time: 0.1.0's makes the cluster's stageflow_* roles without
+/// minding another session making them at the same moment.
+static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A new database of the test cluster with the extension at `version` (None: the current one).
 fn database(name: &str, version: Option<&str>) -> (String, Client) {
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut admin = connect(&cluster_url());
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
     admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
@@ -171,8 +176,24 @@ fn jobs_in_flight_on_0_1_0_finish_after_the_upgrade() {
     // One job nobody has touched.
     let queued = submit(&mut client, "up_two", json!({"n": 3, "ms": 10, "tag": "queued"}));
     let jobs = [&done, &running, &expiring, &retried, &planning, &queued];
+    // The job type moves to another queue: its jobs keep the definition (and the queue) they were
+    // submitted with, and 0.2.0's workers, which claim only from queues granted to them, must
+    // still get them.
+    let moved = json!({"retry": retry, "stages": [
+        {"name": "first", "handler": "debug.sleep", "fan_out": "count", "param": "n", "queue": "up_next"},
+        {"name": "second", "handler": "debug.sleep", "fan_out": "lineage", "queue": "up_next"}]});
+    let moved_planned = json!({"retry": retry, "stages": [
+        {"name": "plan", "handler": "up.plan", "fan_out": "count", "param": "n", "queue": "up_plan_next"},
+        {"name": "work", "handler": "debug.sleep", "fan_out": "dynamic", "queue": "up_next"}]});
+    client.execute("SELECT stageflow.register_job_type('up_two', $1)", &[&moved]).unwrap();
+    client.execute("SELECT stageflow.register_job_type('up_planned', $1)", &[&moved_planned]).unwrap();
 
+    // 0.2.0 limits the tasks a job may create (its owner's quota when submitted); 0.1.0's jobs
+    // had no limit and keep none, whatever the default is when the update runs (here 1: the half
+    // planned job's two planners would already fill it).
+    client.batch_execute("SET stageflow.max_tasks_per_job = 1").unwrap();
     client.batch_execute("ALTER EXTENSION stageflow UPDATE").unwrap_or_else(|e| panic!("{e:?}"));
+    client.batch_execute("RESET stageflow.max_tasks_per_job").unwrap();
     assert_eq!(installed_version(&mut client), current_version(&mut client));
 
     // The old worker reports what it held, as it did (worker_id, no lease token): accepted.
@@ -181,11 +202,21 @@ fn jobs_in_flight_on_0_1_0_finish_after_the_upgrade() {
     let report = complete_010(&mut client, &planners[1].0, json!({"tasks": [{"key": "b", "params": {"ms": 10}}]}));
     assert_eq!(report["stage_completed"], json!(true), "{report}");
 
-    // The current version's workers finish the rest.
+    // The current version's workers finish the rest, logged in as a member of stageflow_worker
+    // (0.1.0's workers were: they claimed from every queue).
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'upgrade_worker') THEN \
+               CREATE ROLE upgrade_worker LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_worker; END IF; END $$"
+        ))
+        .unwrap();
     let logs = std::env::temp_dir().join(format!("stageflow-upgrade-{}", std::process::id()));
     std::fs::create_dir_all(&logs).unwrap();
-    let mut workers: Vec<_> =
-        ["new-1", "new-2"].iter().map(|name| common::spawn_worker(&url, &logs, name, &["--queue", "up"])).collect();
+    let worker_url = url_as(&url, "upgrade_worker");
+    let mut workers: Vec<_> = ["new-1", "new-2"]
+        .iter()
+        .map(|name| common::spawn_worker(&worker_url, &logs, name, &["--queue", "up"]))
+        .collect();
     let started = Instant::now();
     let statuses = loop {
         let statuses: Vec<Value> = jobs
