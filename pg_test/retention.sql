@@ -167,6 +167,60 @@ BEGIN
 END;
 $$;
 
+-- A job whose webhook delivery is still pending (a dispatcher that is down) is kept until that
+-- delivery's next attempt is a retention overdue; the dead-letter metric and dead_letters() agree
+-- about a job retention has deleted and is still draining; retention turned off still drains
+-- the jobs it has deleted.
+SET stageflow.fake_now = '2030-06-01 00:00:00+00';
+CREATE TEMP TABLE c AS SELECT stageflow.submit_job('kept', '{"n": 12}') AS id;
+DO $$
+DECLARE
+    v_job text := (SELECT id FROM c);
+    v_report jsonb;
+    r record;
+BEGIN
+    FOR r IN SELECT * FROM stageflow.claim_tasks('kept', 20, 60) LOOP
+        PERFORM stageflow.fail_task(r.task_id, '{"message": "no"}', false);
+    END LOOP;
+    ASSERT (SELECT status FROM stageflow.webhook_deliveries WHERE job_id = v_job) = 'pending';
+    -- The dispatcher would try again in an hour; it never comes.
+    UPDATE stageflow.webhook_deliveries SET next_attempt_at = '2030-06-01 01:00:00+00' WHERE job_id = v_job;
+    -- (the older jobs of this file go, and are drained, meanwhile)
+    PERFORM set_config('stageflow.fake_now', '2030-06-02 00:30:00+00', false);
+    FOR i IN 1..50 LOOP
+        v_report := stageflow.run_maintenance();
+        ASSERT (v_report ->> 'errors')::int = 0, v_report::text;
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs);
+    END LOOP;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs);
+    ASSERT EXISTS (SELECT 1 FROM stageflow.jobs WHERE job_id = v_job), 'kept: its delivery is pending';
+    PERFORM set_config('stageflow.fake_now', '2030-06-02 01:01:00+00', false);
+    v_report := stageflow.run_maintenance();
+    ASSERT v_report @> '{"jobs_deleted": 1, "tasks_deleted": 4, "errors": 0}', v_report::text;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.dead_letters() WHERE job_id = v_job);
+    ASSERT (SELECT m.value FROM stageflow.metrics() AS m WHERE m.metric = 'stageflow_dead_letters')
+           = (SELECT count(*) FROM stageflow.dead_letters()), 'the metric counts what dead_letters() lists';
+    -- Retention off: nothing more is deleted, but the deleted job's rows still go.
+    PERFORM set_config('stageflow.retention', '0', false);
+    v_report := stageflow.run_maintenance();
+    ASSERT v_report @> '{"jobs_deleted": 0, "tasks_deleted": 4}', v_report::text;
+    FOR i IN 1..10 LOOP
+        v_report := stageflow.run_maintenance();
+        ASSERT v_report @> '{"jobs_deleted": 0, "errors": 0}', v_report::text;
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs);
+    END LOOP;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks WHERE job_id = v_job);
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.events WHERE job_id = v_job);
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs), 'drained with retention off';
+    PERFORM set_config('stageflow.retention', '1 day', false);
+    -- (a finished job for the part below)
+    PERFORM stageflow.submit_job('kept', '{"n": 1}');
+    FOR r IN SELECT * FROM stageflow.claim_tasks('kept', 20, 60) LOOP
+        PERFORM stageflow.complete_task_and_check_stage(r.task_id, '{"ok": true}');
+    END LOOP;
+END;
+$$;
+
 -- retention 0 keeps everything; the batch size is a setting with bounds.
 SET stageflow.retention = 0;
 SET stageflow.fake_now = '2031-01-01 00:00:00+00';

@@ -72,6 +72,15 @@ BEGIN
                 (stageflow._quota(session_user)).max_tasks_per_job)
         ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
         IF FOUND THEN
+            -- Under REPEATABLE READ, a snapshot taken before retention deleted the same work's
+            -- earlier job still sees that job's row beside the new one: the transaction must run
+            -- again, as for any serialization conflict.
+            IF (SELECT count(*) FROM stageflow.jobs AS o WHERE o.job_id = v_job_id) > 1 THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = '40001',
+                    MESSAGE = format('could not serialize the submission of job %s: retention deleted the same work''s earlier job after this transaction began', v_job_id),
+                    HINT = 'run the transaction again';
+            END IF;
             -- The same work's earlier job, deleted by retention, may still have rows being deleted:
             -- they go now, before the new job writes any (stageflow.deleted_jobs).
             IF EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = v_job_id) THEN

@@ -79,7 +79,8 @@ BEGIN
 END;
 $$;
 
--- One round of retention (run_maintenance's last step), each part bounded, on the engine's clock:
+-- One round of retention (run_maintenance's last step), each part bounded, on the engine's clock
+-- (p_retention NULL, retention off: parts 1, 3 and 4 delete nothing, part 2 still drains):
 --   1. up to least(max_rows, batch) finished jobs whose completed_at is older than the retention
 --      (rows another session holds are skipped) lose their job row (with it, by cascade, their
 --      stages and shards: at most 16 shards a stage) and stage claims, and are noted in
@@ -114,16 +115,24 @@ DECLARE
     v_cursor     bigint;
     v_deleted    jsonb := '{"jobs_deleted": 0, "tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0, "archived_messages_deleted": 0}'::jsonb;
     v_errors     int := 0;
+    v_lock_timeout text := current_setting('lock_timeout');
     q            record;
 BEGIN
     v_jobs := greatest(least(max_rows, v_batch), 1);
 
-    -- 1. Job rows.
+    -- 1. Job rows. Locked before their stages and shards (the cascade), the reverse of the order
+    -- every other path takes (shards, stage, job): a wait here gives up after 50 ms (before the
+    -- deadlock detector's second), so a retry_job or a resubmission that holds a job's stage goes
+    -- on and this batch waits for the next round. A job whose webhook delivery is still pending
+    -- stays until that delivery's next attempt is a retention overdue (a dispatcher that was down).
     BEGIN
+        PERFORM set_config('lock_timeout', '50ms', true);
         WITH old AS (
             SELECT j.job_id FROM stageflow.jobs AS j
              WHERE j.completed_at < v_cutoff
                AND stageflow._job_has_ended(j.status)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w
+                                WHERE w.job_id = j.job_id AND w.status = 'pending' AND w.next_attempt_at >= v_cutoff)
              ORDER BY j.completed_at LIMIT v_jobs
                FOR UPDATE SKIP LOCKED
         ), noted AS (
@@ -137,7 +146,11 @@ BEGIN
         )
         SELECT count(*)::int INTO v_count FROM jobs_gone;
         v_deleted := v_deleted || jsonb_build_object('jobs_deleted', v_count);
-    EXCEPTION WHEN OTHERS THEN
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    EXCEPTION WHEN lock_not_available THEN
+        -- (the setting goes back with the subtransaction)
+        NULL;
+    WHEN OTHERS THEN
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of jobs', SQLERRM, SQLSTATE);
     END;
 
@@ -431,13 +444,12 @@ BEGIN
     -- Retention (stageflow._prune): bounded batches of finished jobs past the retention and of
     -- their rows, archived messages and orphaned webhook deliveries. (A setting that is not an
     -- interval fails the round: it is the operator's to fix, not a unit's.)
+    -- With retention off (NULL) nothing more is deleted, but the jobs already deleted are drained.
     v_retention := stageflow._retention();
     BEGIN
-        IF v_retention IS NOT NULL THEN
-            v_pruned := stageflow._prune(max_rows, v_retention);
-            v_errors := v_errors + coalesce((v_pruned ->> 'errors')::int, 0);
-            v_pruned := v_pruned - 'errors';
-        END IF;
+        v_pruned := stageflow._prune(max_rows, v_retention);
+        v_errors := v_errors + coalesce((v_pruned ->> 'errors')::int, 0);
+        v_pruned := v_pruned - 'errors';
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
     END;

@@ -43,7 +43,9 @@ BEGIN
       FROM stageflow.stages AS s
       JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
-    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t WHERE t.failed_at IS NOT NULL;
+    -- (not those of jobs retention has deleted and is draining: dead_letters() lists them no more)
+    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t
+     WHERE t.failed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = t.job_id);
     RETURN QUERY
     SELECT 'stageflow_tasks', jsonb_build_object('status', t.status), t.value::float8
       FROM (VALUES (1, 'queued', v_open - v_running), (2, 'running', v_running), (3, 'completed', v_completed),
