@@ -117,7 +117,7 @@ fn tls_cluster(dir: &Path) -> TlsCluster {
             "server.crt",
         ],
     );
-    for file in ["server.crt", "server.key"] {
+    for file in ["server.crt", "server.key", "ca.crt"] {
         std::fs::copy(dir.join(file), data.join(file)).unwrap();
         chown_postgres(&data.join(file));
     }
@@ -126,11 +126,13 @@ fn tls_cluster(dir: &Path) -> TlsCluster {
     // TCP only over TLS; the unix socket stays for the cluster command's own checks.
     std::fs::write(
         data.join("pg_hba.conf"),
-        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        "local all all trust\nhostssl all certuser 127.0.0.1/32 cert\nhostssl all certuser ::1/128 cert\n\
+         hostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
     )
     .unwrap();
     let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();
-    conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    // (ssl_ca_file: the CA the clients' certificates must come from, for the `cert` line)
+    conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n");
     std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
     let restarted = stageflow(&["cluster", "start", "--dir", dir.to_str().unwrap()]);
     assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
@@ -209,6 +211,76 @@ async fn every_client_honours_sslmode_and_sslrootcert() {
     assert!(wrong_ca_require.to_lowercase().contains("certificate"), "{wrong_ca_require}");
     let missing = refused(url("localhost", "verify-full", Some(&base.join("missing.crt")))).await;
     assert!(missing.contains("missing.crt") && missing.contains("does not exist"), "{missing}");
+
+    // A login whose pg_hba.conf line says `cert`: it presents a certificate for its name, signed
+    // by the CA the server trusts (sslcert, sslkey); without one it is refused; a key file others
+    // may read is refused before connecting, as libpq does.
+    let admin = stageflow_client::connect(&full).await.unwrap();
+    admin.raw().batch_execute("CREATE ROLE certuser LOGIN").await.unwrap();
+    drop(admin);
+    // (an X.509 v3 certificate: rustls takes no other)
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage = clientAuth\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=certuser",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+            "-out",
+            "client.crt",
+        ],
+    );
+    let key = dir.join("client.key");
+    let status = Command::new("chmod").arg("600").arg(&key).status().unwrap();
+    assert!(status.success());
+    let as_certuser = |cert: bool| {
+        let mut url =
+            format!("postgres://certuser@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={}", ca.display());
+        if cert {
+            url.push_str(&format!("&sslcert={}&sslkey={}", dir.join("client.crt").display(), key.display()));
+        }
+        url
+    };
+    let certified = stageflow_client::connect(&as_certuser(true)).await.unwrap();
+    let row = certified
+        .raw()
+        .query_one("SELECT current_user::text, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "certuser");
+    assert!(row.get::<_, Option<String>>(1).unwrap_or_default().contains("CN=certuser"), "no client certificate seen");
+    drop(certified);
+    let uncertified = refused(as_certuser(false)).await;
+    assert!(uncertified.contains("certificate") || uncertified.contains("pg_hba.conf"), "{uncertified}");
+    let status = Command::new("chmod").arg("644").arg(&key).status().unwrap();
+    assert!(status.success());
+    let exposed = refused(as_certuser(true)).await;
+    assert!(exposed.contains("lets others read the private key"), "{exposed}");
 
     // The worker, the CLI and the HTTP server on the verify-full URL: a job runs through.
     let mut worker = common::spawn_worker(&full, &base, "tls-worker", &[]);

@@ -16,7 +16,13 @@
 //! `sslrootcert` is a PEM file of CA certificates (default `~/.postgresql/root.crt`, as libpq),
 //! or `system`: the Mozilla roots built in (webpki-roots), which implies `verify-full`, as in
 //! libpq 16. A URL is `postgres://...?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem` or a
-//! key/value string (`host=... sslmode=require`). Its other settings are tokio-postgres's, among
+//! key/value string (`host=... sslmode=require`).
+//!
+//! A client certificate, for a server whose pg_hba.conf says `cert` (or `clientcert=verify-*`):
+//! `sslcert` (a PEM file, the certificate and any intermediates) and `sslkey` (its private key, a
+//! PEM file that only its owner may read: mode 0600, or 0640 owned by root, as libpq demands),
+//! by default `~/.postgresql/postgresql.crt` and `~/.postgresql/postgresql.key` when the first
+//! exists, as libpq. Its other settings are tokio-postgres's, among
 //! them several hosts tried in turn and the kind of server wanted:
 //! `postgresql://u@db1:5432,db2:5432/app?target_session_attrs=read-write` connects to whichever
 //! takes writes (a primary, not a standby: `docs/operations.md`, "Failover").
@@ -28,7 +34,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -120,12 +126,17 @@ impl ConnectConfig {
                 }
             }
         };
-        let tls_config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Config(format!("TLS: {e}")))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let tls_config = match client_certificate(settings.cert.as_deref(), settings.key.as_deref())? {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Config(format!("sslcert and sslkey: {e}")))?,
+            None => builder.with_no_client_auth(),
+        };
         Ok(ConnectConfig { config, tls: MakeRustlsConnect::new(tls_config), mode })
     }
 }
@@ -133,11 +144,13 @@ impl ConnectConfig {
 struct TlsSettings {
     mode: Option<String>,
     root_cert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
 }
 
 /// `url` without its `sslmode` and `sslrootcert`, and their values.
 fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), Error> {
-    let mut settings = TlsSettings { mode: None, root_cert: None };
+    let mut settings = TlsSettings { mode: None, root_cert: None, cert: None, key: None };
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let Some((base, query)) = url.split_once('?') else {
             return Ok((url.to_owned(), settings));
@@ -148,6 +161,8 @@ fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), Error> {
             match key {
                 "sslmode" => settings.mode = Some(percent_decode(value)?),
                 "sslrootcert" => settings.root_cert = Some(percent_decode(value)?),
+                "sslcert" => settings.cert = Some(percent_decode(value)?),
+                "sslkey" => settings.key = Some(percent_decode(value)?),
                 _ => kept.push(pair),
             }
         }
@@ -218,6 +233,8 @@ fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), Error> {
         match key.as_str() {
             "sslmode" => settings.mode = Some(value),
             "sslrootcert" => settings.root_cert = Some(value),
+            "sslcert" => settings.cert = Some(value),
+            "sslkey" => settings.key = Some(value),
             _ => kept.push(format!("{key}={raw}")),
         }
     }
@@ -270,6 +287,50 @@ fn root_store(root: Option<&str>) -> Result<RootCertStore, Error> {
         return Err(Error::Config(format!("sslrootcert {}: no certificate in it", path.display())));
     }
     Ok(store)
+}
+
+/// The client certificate chain and key `sslcert` and `sslkey` name (or libpq's default files,
+/// when the certificate's exists); None when there is no certificate to present.
+fn client_certificate(
+    cert: Option<&str>,
+    key: Option<&str>,
+) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, Error> {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let cert = match cert {
+        Some(path) => PathBuf::from(path),
+        None if key.is_none() && home.join(".postgresql/postgresql.crt").exists() => {
+            home.join(".postgresql/postgresql.crt")
+        }
+        None if key.is_none() => return Ok(None),
+        None => return Err(Error::Config("sslkey without sslcert: name the certificate too".into())),
+    };
+    let key = key.map_or_else(|| home.join(".postgresql/postgresql.key"), PathBuf::from);
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| Error::Config(format!("sslcert {}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(Error::Config(format!("sslcert {}: no certificate in it", cert.display())));
+    }
+    check_key_permissions(&key)?;
+    let private =
+        PrivateKeyDer::from_pem_file(&key).map_err(|e| Error::Config(format!("sslkey {}: {e}", key.display())))?;
+    Ok(Some((chain, private)))
+}
+
+/// libpq's rule for a private key file: readable by its owner only (0600 or less), or 0640 if
+/// root owns it (a key a group of services shares).
+fn check_key_permissions(path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::Config(format!("sslkey {}: {e}", path.display())))?;
+    let mode = meta.mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    if mode & !allowed != 0 {
+        return Err(Error::Config(format!(
+            "sslkey {}: mode {mode:04o} lets others read the private key: chmod 0600 it (0640 if root owns it)",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// libpq's default root certificate file: `~/.postgresql/root.crt`.
@@ -377,6 +438,9 @@ mod tests {
         let (rest, s) = take_tls_settings("postgresql://h/db?sslmode=disable").unwrap();
         assert_eq!(rest, "postgresql://h/db");
         assert_eq!(s.mode.as_deref(), Some("disable"));
+        let (rest, s) = take_tls_settings("postgresql://h/db?sslcert=%2Fc.pem&user=u&sslkey=%2Fk.pem").unwrap();
+        assert_eq!(rest, "postgresql://h/db?user=u");
+        assert_eq!((s.cert.as_deref(), s.key.as_deref()), (Some("/c.pem"), Some("/k.pem")));
     }
 
     #[test]
@@ -387,6 +451,9 @@ mod tests {
         assert_eq!(rest, "host=h port=5432 password='a b\\'c'");
         assert_eq!(s.mode.as_deref(), Some("require"));
         assert_eq!(s.root_cert.as_deref(), Some("/x y/ca.pem"));
+        let (rest, s) = take_tls_settings("host=h sslcert=/c.pem sslkey='/k y.pem'").unwrap();
+        assert_eq!(rest, "host=h");
+        assert_eq!((s.cert.as_deref(), s.key.as_deref()), (Some("/c.pem"), Some("/k y.pem")));
         assert!(take_tls_settings("host=h password='open").is_err());
     }
 
