@@ -12,11 +12,11 @@
 //! `stageflow.register_webhook_endpoint`), else the dispatcher's own.
 //!
 //! Where a delivery may go (the URL is a submitter's): `https` only, unless the operator allows
-//! the host (`--webhook-allow-host`); the host is resolved before connecting and the delivery is
-//! refused when an address is not public (loopback, private, link-local, shared, multicast,
-//! unspecified, documentation, reserved; IPv4 and IPv6, IPv4 inside IPv6), the connection made to
-//! the addresses checked; redirects are not followed. An attempt's recorded error says what
-//! happened, never which address a name resolved to.
+//! the host (`--webhook-allow-host`); the delivery is refused when an address of the host is not
+//! public (loopback, private, link-local, shared, multicast, unspecified, documentation,
+//! reserved; IPv4 and IPv6, IPv4 inside IPv6), checked by the dispatcher's one HTTP client's own
+//! resolver, so the connection goes to the addresses checked; redirects are not followed. An
+//! attempt's recorded error says what happened, never which address a name resolved to.
 //!
 //! Deliveries of a claim run at once, at most `per_endpoint` to one host, each within `timeout`;
 //! the claim's lease covers the longest that takes. Without a signing secret (neither the
@@ -135,14 +135,18 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
 
 /// Where a delivery may go: the URL's host and the addresses to connect to (`None`: resolve as
 /// usual, an allowed host), or why not.
-async fn target(
-    url: &str,
-    allowed_hosts: &[String],
-) -> Result<(reqwest::Url, Option<(String, Vec<SocketAddr>)>), String> {
+/// The refusal of a receiver whose address is not public.
+const NOT_PUBLIC: &str = "refused: the receiver's address is not public (loopback, private, link-local or reserved \
+                          addresses are not reached; an operator may allow a host with stageflow serve --webhook-allow-host)";
+
+/// A delivery's URL, checked: `https` (or `http` to an allowed host), and a host given as an
+/// address must be public. A host given as a name is checked when the client resolves it
+/// ([`PublicOnly`]): the addresses checked are the ones connected to.
+fn target(url: &str, allowed_hosts: &[String]) -> Result<reqwest::Url, String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("refused: not a URL ({e})"))?;
     let host = parsed.host_str().ok_or("refused: the URL has no host")?.to_owned();
     let bare = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let allowed = allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host) || h.eq_ignore_ascii_case(&bare));
+    let allowed = is_allowed(allowed_hosts, &host) || is_allowed(allowed_hosts, &bare);
     match parsed.scheme() {
         "https" => {}
         "http" if allowed => {}
@@ -153,32 +157,93 @@ async fn target(
         }
         other => return Err(format!("refused: the scheme {other} is not https")),
     }
-    if allowed {
-        return Ok((parsed, None));
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        if !allowed && !is_public(ip) {
+            return Err(NOT_PUBLIC.into());
+        }
     }
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    let addresses: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
-        Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => tokio::net::lookup_host((bare.as_str(), port))
-            .await
-            .map_err(|e| format!("the receiver's host does not resolve ({e})"))?
-            .collect(),
-    };
-    if addresses.is_empty() {
-        return Err("the receiver's host does not resolve".into());
+    Ok(parsed)
+}
+
+fn is_allowed(allowed_hosts: &[String], host: &str) -> bool {
+    allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+}
+
+/// A refusal by the resolver, found again in the error the request returns.
+#[derive(Debug)]
+struct Refusal(String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
-    if addresses.iter().any(|a| !is_public(a.ip())) {
-        return Err(
-            "refused: the receiver's address is not public (loopback, private, link-local or reserved \
-                    addresses are not reached; an operator may allow a host with stageflow serve --webhook-allow-host)"
-                .into(),
-        );
+}
+
+impl std::error::Error for Refusal {}
+
+/// The dispatcher's name resolution: a receiver's name resolves only if every address it has is
+/// public, or the operator allowed the host. The client connects to the addresses returned here,
+/// so no second lookup can point it elsewhere.
+struct PublicOnly {
+    allowed_hosts: Vec<String>,
+}
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        let allowed = is_allowed(&self.allowed_hosts, &host);
+        Box::pin(async move {
+            let refuse = |message: String| -> Box<dyn std::error::Error + Send + Sync> { Box::new(Refusal(message)) };
+            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| refuse(format!("the receiver's host does not resolve ({e})")))?
+                .collect();
+            if addresses.is_empty() {
+                return Err(refuse("the receiver's host does not resolve".into()));
+            }
+            if !allowed && addresses.iter().any(|a| !is_public(a.ip())) {
+                return Err(refuse(NOT_PUBLIC.into()));
+            }
+            let addresses: reqwest::dns::Addrs = Box::new(addresses.into_iter());
+            Ok(addresses)
+        })
     }
-    Ok((parsed, Some((bare, addresses))))
+}
+
+/// The one HTTP client of the dispatcher: names resolved by [`PublicOnly`], no redirects, no
+/// proxy from the environment (a proxy would resolve the name itself, past the check), each
+/// request within the timeout; connections to a receiver are kept and reused.
+fn http_client(config: &WebhookConfig) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(config.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(PublicOnly { allowed_hosts: config.allowed_hosts.clone() }))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+/// The resolver's refusal inside a request's error, if that is why it failed.
+fn refusal(error: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(refused) = current.downcast_ref::<Refusal>() {
+            return Some(refused.0.clone());
+        }
+        source = current.source();
+    }
+    None
 }
 
 pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, events: Events) {
     tokio::spawn(async move {
+        let http = match http_client(&config) {
+            Ok(http) => http,
+            Err(error) => {
+                tracing::error!(%error, "webhooks: no dispatcher");
+                return;
+            }
+        };
         if config.secret.is_none() {
             tracing::warn!(
                 "webhooks: no signing secret (STAGEFLOW_WEBHOOK_SECRET): only deliveries to registered endpoints \
@@ -187,7 +252,7 @@ pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, ev
         }
         let mut wake = events.subscribe();
         loop {
-            match dispatch_due(&pool, &config).await {
+            match dispatch_due(&pool, &http, &config).await {
                 Ok(0) => {
                     // Sleep until a job ends (its event may carry a delivery) or the poll interval passes.
                     let _ = tokio::time::timeout(config.poll_interval, wake.recv()).await;
@@ -204,6 +269,7 @@ pub fn spawn_dispatcher(pool: deadpool_postgres::Pool, config: WebhookConfig, ev
 
 /// One attempt, signed with `secret`: (delivered, status code, error).
 async fn attempt(
+    http: &reqwest::Client,
     config: &WebhookConfig,
     id: i64,
     url: &str,
@@ -220,20 +286,9 @@ async fn attempt(
             ),
         );
     };
-    let (parsed, pinned) = match target(url, &config.allowed_hosts).await {
-        Ok(target) => target,
+    let parsed = match target(url, &config.allowed_hosts) {
+        Ok(parsed) => parsed,
         Err(error) => return (false, None, Some(error)),
-    };
-    // No proxy from the environment: a proxy would resolve the name itself, past the checks above.
-    let mut builder =
-        reqwest::Client::builder().timeout(config.timeout).redirect(reqwest::redirect::Policy::none()).no_proxy();
-    if let Some((host, addresses)) = &pinned {
-        // Connect to the addresses checked, not to whatever the name resolves to a moment later.
-        builder = builder.resolve_to_addrs(host, addresses);
-    }
-    let http = match builder.build() {
-        Ok(http) => http,
-        Err(e) => return (false, None, Some(format!("HTTP client: {e}"))),
     };
     let body = serde_json::to_vec(payload).expect("JSON serialises");
     let message_id = format!("msg_{id}");
@@ -254,13 +309,18 @@ async fn attempt(
             Some(format!("HTTP {}: redirects are not followed", response.status())),
         ),
         Ok(response) => (false, Some(response.status().as_u16() as i32), Some(format!("HTTP {}", response.status()))),
+        Err(e) if refusal(&e).is_some() => (false, None, refusal(&e)),
         Err(e) if e.is_timeout() => (false, None, Some(format!("no answer within {} s", config.timeout.as_secs()))),
         Err(e) if e.is_connect() => (false, None, Some("cannot connect to the receiver".into())),
         Err(e) => (false, None, Some(format!("request failed: {}", e.without_url()))),
     }
 }
 
-async fn dispatch_due(pool: &deadpool_postgres::Pool, config: &WebhookConfig) -> Result<usize, String> {
+async fn dispatch_due(
+    pool: &deadpool_postgres::Pool,
+    http: &reqwest::Client,
+    config: &WebhookConfig,
+) -> Result<usize, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let cache = PoolStatements(&client.statement_cache);
     let api = stageflow_client::Api::cached(&**client, &cache);
@@ -275,11 +335,11 @@ async fn dispatch_due(pool: &deadpool_postgres::Pool, config: &WebhookConfig) ->
         let host =
             reqwest::Url::parse(&delivery.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
         let gate = per_host.entry(host).or_insert_with(|| Arc::new(Semaphore::new(config.per_endpoint.max(1)))).clone();
-        let config = config.clone();
+        let (config, http) = (config.clone(), http.clone());
         running.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await;
             let secret = delivery.secret.as_deref().or(config.secret.as_deref());
-            let outcome = attempt(&config, delivery.delivery_id, &delivery.url, &delivery.payload, secret).await;
+            let outcome = attempt(&http, &config, delivery.delivery_id, &delivery.url, &delivery.payload, secret).await;
             (delivery, outcome)
         }));
     }
@@ -356,20 +416,27 @@ mod unit {
 
     #[tokio::test]
     async fn a_target_is_https_and_public_unless_its_host_is_allowed() {
-        let refused =
-            |url: &'static str| async move { target(url, &[]).await.err().unwrap_or_else(|| panic!("{url} allowed")) };
-        assert!(refused("http://example.com/hook").await.contains("https only"));
+        let refused = |url: &'static str| target(url, &[]).err().unwrap_or_else(|| panic!("{url} allowed"));
+        assert!(refused("http://example.com/hook").contains("https only"));
         for private in [
             "https://127.0.0.1/hook",
             "https://169.254.169.254/latest/meta-data/",
             "https://[::1]:8443/hook",
             "https://[::ffff:10.0.0.1]/hook",
-            "https://localhost:8443/hook",
         ] {
-            assert!(refused(private).await.contains("not public"), "{private}");
+            assert!(refused(private).contains("not public"), "{private}");
         }
-        assert!(refused("ftp://example.com/x").await.contains("scheme"));
+        assert!(refused("ftp://example.com/x").contains("scheme"));
         let allowed = vec!["127.0.0.1".to_owned()];
-        assert!(target("http://127.0.0.1:9/hook", &allowed).await.is_ok());
+        assert!(target("http://127.0.0.1:9/hook", &allowed).is_ok());
+        // A name is checked where the client resolves it: every address must be public.
+        use reqwest::dns::Resolve;
+        let name = |host: &str| host.parse::<reqwest::dns::Name>().unwrap();
+        let resolver = PublicOnly { allowed_hosts: Vec::new() };
+        let error = resolver.resolve(name("localhost")).await.err().expect("localhost resolved");
+        assert!(error.to_string().contains("not public"), "{error}");
+        let resolver = PublicOnly { allowed_hosts: vec!["localhost".to_owned()] };
+        let addresses: Vec<SocketAddr> = resolver.resolve(name("localhost")).await.unwrap().collect();
+        assert!(addresses.iter().all(|a| a.ip().is_loopback()) && !addresses.is_empty(), "{addresses:?}");
     }
 }
