@@ -166,6 +166,10 @@ enum Command {
         /// Serve without authentication (only on a trusted network).
         #[arg(long)]
         no_auth: bool,
+        /// Mark the dashboard's session cookie `Secure` (sent over HTTPS only): for a server
+        /// reached through an HTTPS proxy.
+        #[arg(long, env = "STAGEFLOW_COOKIE_SECURE")]
+        cookie_secure: bool,
         /// The secret that signs webhook deliveries (Standard Webhooks: `whsec_<base64>`, or any
         /// text); without one, deliveries wait unsent.
         #[arg(long, env = "STAGEFLOW_WEBHOOK_SECRET", hide_env_values = true)]
@@ -441,7 +445,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let client = connect(&database_url(&cli)?).await?;
             Ok(jobs::tasks(&client, job_id, status.as_deref(), cli.json).await?)
         }
-        Command::Serve { listen, token, tenant_tokens, read_tokens, no_auth, webhook_secret, webhook_allow_hosts } => {
+        Command::Serve {
+            listen,
+            token,
+            tenant_tokens,
+            read_tokens,
+            no_auth,
+            cookie_secure,
+            webhook_secret,
+            webhook_allow_hosts,
+        } => {
             let tenant_tokens = parse_tenant_tokens(tenant_tokens, token.as_deref())?;
             if read_tokens.iter().any(|t| {
                 t.is_empty()
@@ -466,6 +479,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let mut config = stageflow_http::ServeConfig::new(database_url(&cli)?, *listen, token);
             config.tenant_tokens = tenant_tokens;
             config.read_tokens = read_tokens.clone();
+            config.cookie_secure = *cookie_secure;
             config.webhooks.secret = webhook_secret.clone();
             config.webhooks.allowed_hosts = webhook_allow_hosts.clone();
             let server = stageflow_http::start(config, shutdown_signal()).await.map_err(|e| CliError::Setup(e.0))?;

@@ -40,6 +40,8 @@ pub struct AppState {
     pub tenant_tokens: Vec<(String, String)>,
     /// Read-only tokens: every GET route (every job the server's login sees) and /metrics.
     pub read_tokens: Vec<String>,
+    /// The session cookie carries `Secure`.
+    pub cookie_secure: bool,
     pub events: Events,
 }
 
@@ -493,7 +495,10 @@ async fn open_session(State(state): State<AppState>, headers: HeaderMap) -> Resp
             StatusCode::NO_CONTENT,
             [(
                 header::SET_COOKIE,
-                format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/api; Max-Age={SESSION_SECONDS}"),
+                format!(
+                    "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/api; Max-Age={SESSION_SECONDS}{}",
+                    if state.cookie_secure { "; Secure" } else { "" }
+                ),
             )],
         )
             .into_response(),
@@ -510,10 +515,11 @@ async fn open_session(State(state): State<AppState>, headers: HeaderMap) -> Resp
 }
 
 /// `DELETE /api/session`: the cookie is cleared.
-async fn close_session() -> Response {
+async fn close_session(State(state): State<AppState>) -> Response {
+    let secure = if state.cookie_secure { "; Secure" } else { "" };
     (
         StatusCode::NO_CONTENT,
-        [(header::SET_COOKIE, format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/api; Max-Age=0"))],
+        [(header::SET_COOKIE, format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/api; Max-Age=0{secure}"))],
     )
         .into_response()
 }

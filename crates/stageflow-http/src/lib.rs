@@ -26,6 +26,9 @@ pub struct ServeConfig {
     pub webhooks: WebhookConfig,
     /// The most bytes a request body may have.
     pub body_limit: usize,
+    /// The session cookie carries `Secure` (browsers send it over HTTPS only): for a server
+    /// reached through an HTTPS proxy.
+    pub cookie_secure: bool,
 }
 
 impl ServeConfig {
@@ -38,6 +41,7 @@ impl ServeConfig {
             read_tokens: Vec::new(),
             webhooks: WebhookConfig::default(),
             body_limit: 2 * 1024 * 1024,
+            cookie_secure: false,
         }
     }
 }
@@ -136,6 +140,7 @@ pub async fn start(
             token: config.token.clone(),
             tenant_tokens: config.tenant_tokens.clone(),
             read_tokens: config.read_tokens.clone(),
+            cookie_secure: config.cookie_secure,
             events,
         },
         config.body_limit,

@@ -633,6 +633,12 @@ async fn tokens_stay_out_of_urls_and_a_browser_session_is_an_httponly_cookie() {
     for part in ["stageflow_session=test-token", "HttpOnly", "SameSite=Strict", "Path=/api", "Max-Age=43200"] {
         assert!(cookie.contains(part), "{cookie}");
     }
+    assert!(!cookie.contains("Secure"), "plain http by default: {cookie}");
+    // Behind an HTTPS proxy the operator marks it Secure (stageflow serve --cookie-secure).
+    let (behind_proxy, _) = serve_configured("http_sessions_secure", |config| config.cookie_secure = true).await;
+    let secure = client().post(format!("{behind_proxy}/api/session")).bearer_auth(TOKEN).send().await.unwrap();
+    let secure_cookie = secure.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(secure_cookie.ends_with("; Secure") && secure_cookie.contains("HttpOnly"), "{secure_cookie}");
     let session = "stageflow_session=test-token";
     // The cookie reads (GET, the event stream), and changes only with x-stageflow-request.
     let listed = client().get(format!("{base}/api/jobs")).header("cookie", session).send().await.unwrap();
