@@ -43,52 +43,76 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def statements(text):
-    """The statements of an SQL script, each with the comments before it (quotes, dollar quotes
-    and comments respected)."""
-    out, buf, i, n = [], [], 0, len(text)
+DOLLAR_QUOTE = re.compile(r'\$([A-Za-z_][A-Za-z0-9_]*)?\$')
+
+
+def tokens(text):
+    """The pieces of an SQL text, in order, as (kind, text): 'comment' (`--` to the end of the line
+    and its newline, or `/* */`), 'space', 'quoted' (a string literal, a quoted identifier or a
+    dollar-quoted body, whole), ';', and 'code' (one character of anything else)."""
+    i, n = 0, len(text)
     while i < n:
         c = text[i]
         if text.startswith('--', i):
             j = text.find('\n', i)
             j = n if j < 0 else j + 1
-            buf.append(text[i:j])
-            i = j
+            kind = 'comment'
         elif text.startswith('/*', i):
-            j = text.find('*/', i) + 2
-            buf.append(text[i:j])
-            i = j
-        elif c == "'":
+            j = text.find('*/', i)
+            j = n if j < 0 else j + 2
+            kind = 'comment'
+        elif c.isspace():
+            j = i
+            while j < n and text[j].isspace():
+                j += 1
+            kind = 'space'
+        elif c in "'\"":
             j = i + 1
             while True:
-                k = text.find("'", j)
-                if k + 1 < n and text[k + 1] == "'":
+                k = text.find(c, j)
+                if k < 0:
+                    j = n
+                    break
+                if k + 1 < n and text[k + 1] == c:
                     j = k + 2
                     continue
+                j = k + 1
                 break
-            buf.append(text[i:k + 1])
-            i = k + 1
-        elif c == '$' and re.match(r'\$([A-Za-z_][A-Za-z0-9_]*)?\$', text[i:]):
-            tag = re.match(r'\$([A-Za-z_][A-Za-z0-9_]*)?\$', text[i:]).group(0)
-            k = text.find(tag, i + len(tag))
-            buf.append(text[i:k + len(tag)])
-            i = k + len(tag)
-        elif c == ';':
-            buf.append(';')
+            kind = 'quoted'
+        elif c == '$' and (m := DOLLAR_QUOTE.match(text, i)):
+            k = text.find(m.group(0), m.end())
+            j = n if k < 0 else k + len(m.group(0))
+            kind = 'quoted'
+        else:
+            j = i + 1
+            kind = ';' if c == ';' else 'code'
+        yield kind, text[i:j]
+        i = j
+
+
+def statements(text):
+    """The statements of an SQL script, each with the comments before it."""
+    out, buf = [], []
+    for kind, piece in tokens(text):
+        buf.append(piece)
+        if kind == ';':
             out.append(''.join(buf))
             buf = []
-            i += 1
-        else:
-            buf.append(c)
-            i += 1
     return out
 
 
-def code(statement):
-    """A statement without its comments, on one line."""
-    text = re.sub(r'/\*.*?\*/', '', statement, flags=re.S)
-    text = '\n'.join(line for line in text.split('\n') if not line.strip().startswith('--'))
-    return ' '.join(text.split())
+def canonical(statement):
+    """A statement without its comments and with its layout collapsed to single spaces, outside
+    string literals, quoted identifiers and dollar-quoted bodies, which are kept as they are (a
+    function's body is what PostgreSQL stores, comments and spaces included)."""
+    out = []
+    for kind, piece in tokens(statement):
+        if kind in ('space', 'comment'):
+            if out and out[-1] != ' ':
+                out.append(' ')
+        else:
+            out.append(piece)
+    return ''.join(out).strip()
 
 
 TABLE = re.compile(r'^CREATE TABLE stageflow\.(\w+)', re.I)
@@ -99,7 +123,7 @@ DEFINITIONS = re.compile(r'^(CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|VIEW)|COMM
 
 
 def tables(script):
-    return {m.group(1) for s in statements(script) if (m := TABLE.match(code(s)))}
+    return {m.group(1) for s in statements(script) if (m := TABLE.match(canonical(s)))}
 
 
 def read(path):
@@ -116,7 +140,7 @@ def upgrade_script(old, new):
     added = tables(new_script) - tables(old_script)
     new_tables, definitions = [], []
     for statement in statements(new_script):
-        line = code(statement)
+        line = canonical(statement)
         target = TABLE.match(line) or ON_TABLE.match(line) or DUMPED.match(line)
         if target and target.group(1) in added:
             new_tables.append(statement.strip('\n'))
@@ -217,47 +241,6 @@ def generated_install_script():
             return f.read()
 
 
-def canonical(statement):
-    """A statement without its comments and with its layout collapsed, outside string literals,
-    quoted identifiers and dollar-quoted bodies, which are kept as they are (a function's body is
-    what PostgreSQL stores, comments and spaces included)."""
-    out, i, n = [], 0, len(statement)
-    while i < n:
-        c = statement[i]
-        if statement.startswith('--', i):
-            j = statement.find('\n', i)
-            i = n if j < 0 else j
-        elif statement.startswith('/*', i):
-            i = statement.find('*/', i) + 2
-        elif c.isspace():
-            while i < n and statement[i].isspace():
-                i += 1
-            if out and not out[-1].endswith(' '):
-                out.append(' ')
-        elif c in "'\"":
-            j = i + 1
-            while True:
-                k = statement.find(c, j)
-                if k < 0:
-                    k = n - 1
-                    break
-                if k + 1 < n and statement[k + 1] == c:
-                    j = k + 2
-                    continue
-                break
-            out.append(statement[i:k + 1])
-            i = k + 1
-        elif c == '$' and (m := re.match(r'\$([A-Za-z_][A-Za-z0-9_]*)?\$', statement[i:])):
-            k = statement.find(m.group(0), i + len(m.group(0)))
-            k = n if k < 0 else k + len(m.group(0))
-            out.append(statement[i:k])
-            i = k
-        else:
-            out.append(c)
-            i += 1
-    return ''.join(out).strip()
-
-
 def normalized(script):
     """The statements of a script, canonical, sorted: `cargo pgrx schema` does not write its
     statements in the same order from one run to the next."""
@@ -268,7 +251,7 @@ def symbols(script):
     """{C symbol: its CREATE FUNCTION without name and comments} of a script."""
     found = {}
     for statement in statements(script):
-        line = code(statement)
+        line = canonical(statement)
         m = re.search(r"AS 'MODULE_PATHNAME', '(\w+)'", line)
         if m:
             found[m.group(1)] = re.sub(r'^CREATE +FUNCTION +"?\w+"?', '', line.replace(m.group(0), ''))
