@@ -110,11 +110,7 @@ impl Confinement {
     /// Refuses a file over the byte budget: a local file (`canonical`), or an S3 object (GDAL's
     /// path for it). Directories and S3 prefixes are not measured.
     fn check_bytes(&self, location: &str, canonical: &Path) -> Result<(), TaskError> {
-        let size = match canonical.to_str() {
-            Some(path) if path.starts_with("/vsis3/") => crate::vsi::size(path),
-            _ => std::fs::metadata(canonical).ok().filter(|meta| meta.is_file()).map(|meta| meta.len()),
-        };
-        match size {
+        match crate::vsi::size(canonical) {
             Some(size) if size > self.max_bytes => Err(TaskError::permanent(
                 "over_budget",
                 format!(

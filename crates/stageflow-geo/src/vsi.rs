@@ -92,14 +92,7 @@ pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
 /// Reads a whole file of at most `max` bytes; `None` when it does not exist (or cannot be
 /// opened), an error when it is longer.
 pub fn read_file(path: &str, max: usize) -> Result<Option<Vec<u8>>, TaskError> {
-    if !path.starts_with("/vsi") {
-        return match std::fs::read(path) {
-            Ok(bytes) if bytes.len() > max => Err(TaskError::permanent("io", format!("{path} is over {max} bytes"))),
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(crate::io_error(path, &e)),
-        };
-    }
+    // (GDAL opens local paths too)
     let c_path = CString::new(path).map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
     let mut bytes = vec![0u8; max + 1];
     // SAFETY: c_path is NUL-terminated and outlives the calls; the handle is checked for NULL, read
@@ -122,10 +115,10 @@ pub fn read_file(path: &str, max: usize) -> Result<Option<Vec<u8>>, TaskError> {
 
 /// The size of a file (an S3 object: its Content-Length, asked afresh), `None` when it cannot be
 /// opened (a missing object, or an S3 prefix).
-pub fn size(path: &str) -> Option<u64> {
-    if !path.starts_with("/vsi") {
+pub fn size(path: &Path) -> Option<u64> {
+    let Some(path) = path.to_str().filter(|p| p.starts_with("/vsi")) else {
         return std::fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len());
-    }
+    };
     // What GDAL remembers of the object's directory goes first: a listing read before the object
     // was uploaded would say it does not exist (and a replaced object has another size).
     forget(path.rsplit_once('/').map_or(path, |(directory, _)| directory));
