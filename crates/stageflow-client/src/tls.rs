@@ -295,16 +295,13 @@ fn client_certificate(
     cert: Option<&str>,
     key: Option<&str>,
 ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, Error> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     let cert = match cert {
         Some(path) => PathBuf::from(path),
-        None if key.is_none() && home.join(".postgresql/postgresql.crt").exists() => {
-            home.join(".postgresql/postgresql.crt")
-        }
+        None if key.is_none() && libpq_file("postgresql.crt").exists() => libpq_file("postgresql.crt"),
         None if key.is_none() => return Ok(None),
         None => return Err(Error::Config("sslkey without sslcert: name the certificate too".into())),
     };
-    let key = key.map_or_else(|| home.join(".postgresql/postgresql.key"), PathBuf::from);
+    let key = key.map_or_else(|| libpq_file("postgresql.key"), PathBuf::from);
     let chain = CertificateDer::pem_file_iter(&cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| Error::Config(format!("sslcert {}: {e}", cert.display())))?;
@@ -335,7 +332,12 @@ fn check_key_permissions(path: &std::path::Path) -> Result<(), Error> {
 
 /// libpq's default root certificate file: `~/.postgresql/root.crt`.
 fn default_root_file() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".postgresql/root.crt")
+    libpq_file("root.crt")
+}
+
+/// One of libpq's default files: `~/.postgresql/<name>`.
+fn libpq_file(name: &str) -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".postgresql").join(name)
 }
 
 /// `verify-ca`: the chain is checked, the name is not.
