@@ -235,12 +235,19 @@ impl Confinement {
         if let Some(checked) = self.s3(location)? {
             let prefix = crate::vsi::gdal_path(&checked)?;
             let mark = format!("{prefix}/{DIRECTORY_MARK}");
+            // (a read that fails is an error worth a retry, not a missing mark; an empty mark is one
+            // being written by a task of the same job at this instant: read again, a little later)
             let owner = || {
-                crate::vsi::forget(&mark);
-                crate::vsi::read_file(&mark, 256)
-                    .ok()
-                    .flatten()
-                    .map(|id| String::from_utf8_lossy(&id).trim().to_owned())
+                for _ in 0..20 {
+                    crate::vsi::forget(&mark);
+                    match crate::vsi::read_file(&mark, 256)? {
+                        Some(id) if id.iter().all(u8::is_ascii_whitespace) => {
+                            std::thread::sleep(std::time::Duration::from_millis(50))
+                        }
+                        read => return Ok(read.map(|id| String::from_utf8_lossy(&id).trim().to_owned())),
+                    }
+                }
+                Err(TaskError::retryable("io", format!("{location}: its mark {DIRECTORY_MARK} stays empty")))
             };
             let others = || Ok(crate::vsi::list(&prefix)?.iter().any(|name| name != DIRECTORY_MARK));
             // (a PUT replaces an object whole: a racing task of the same job reads the mark whole or
@@ -249,7 +256,7 @@ impl Confinement {
             // write.)
             let write = || {
                 crate::vsi::write_file(&mark, job_id.as_bytes())?;
-                Ok(owner())
+                owner()
             };
             claim_directory(location, job_id, owner, others, write)?;
             return Ok(checked);
@@ -259,7 +266,7 @@ impl Confinement {
         let canonical = path.canonicalize().map_err(|e| crate::io_error(location, &e))?;
         self.under_root(location, &canonical)?;
         let mark = canonical.join(DIRECTORY_MARK);
-        let owner = || std::fs::read_to_string(&mark).ok().map(|owner| owner.trim().to_owned());
+        let owner = || Ok(std::fs::read_to_string(&mark).ok().map(|owner| owner.trim().to_owned()));
         let others = || {
             let entries = std::fs::read_dir(&canonical).map_err(|e| crate::io_error(location, &e))?;
             Ok(entries
@@ -278,7 +285,7 @@ impl Confinement {
                 Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                     Err(crate::io_error(&mark.to_string_lossy(), &e))
                 }
-                _ => Ok(owner()),
+                _ => owner(),
             }
         };
         claim_directory(location, job_id, owner, others, write)?;
@@ -426,7 +433,7 @@ impl Confinement {
 fn claim_directory(
     location: &str,
     job_id: &str,
-    owner: impl Fn() -> Option<String>,
+    owner: impl Fn() -> Result<Option<String>, TaskError>,
     others: impl FnOnce() -> Result<bool, TaskError>,
     write: impl FnOnce() -> Result<Option<String>, TaskError>,
 ) -> Result<(), TaskError> {
@@ -435,11 +442,11 @@ fn claim_directory(
             "{location} holds the output of job {owner}, not of this job: outputs never replace another job's"
         ))
     };
-    match owner() {
+    match owner()? {
         Some(owner) if owner == job_id => Ok(()),
         Some(owner) => Err(someone_else(owner)),
         // (a task of the same job may have marked it and written since the mark was read)
-        None if others()? => match owner() {
+        None if others()? => match owner()? {
             Some(owner) if owner == job_id => Ok(()),
             _ => Err(forbidden(format!(
                 "{location} is not empty and was not written by this job: an output directory must be new, \

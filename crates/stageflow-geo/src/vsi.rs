@@ -90,27 +90,38 @@ pub fn write_file(path: &str, bytes: &[u8]) -> Result<(), TaskError> {
 }
 
 /// Reads a whole file of at most `max` bytes; `None` when it does not exist (or cannot be
-/// opened), an error when it is longer.
+/// opened), an error when it is longer or cannot be read whole.
 pub fn read_file(path: &str, max: usize) -> Result<Option<Vec<u8>>, TaskError> {
     // (GDAL opens local paths too)
     let c_path = CString::new(path).map_err(|_| TaskError::permanent("bad_params", "NUL in a path"))?;
-    let mut bytes = vec![0u8; max + 1];
     // SAFETY: c_path is NUL-terminated and outlives the calls; the handle is checked for NULL, read
-    // into a buffer of exactly bytes.len() bytes and closed exactly once.
-    let read = unsafe {
+    // into a buffer of exactly `size` bytes (bytes.len()) and closed exactly once.
+    unsafe {
         let file = gdal_sys::VSIFOpenL(c_path.as_ptr(), c"rb".as_ptr());
         if file.is_null() {
             return Ok(None);
         }
-        let read = gdal_sys::VSIFReadL(bytes.as_mut_ptr().cast(), 1, bytes.len(), file);
+        let size = (gdal_sys::VSIFSeekL(file, 0, SEEK_END) == 0).then(|| gdal_sys::VSIFTellL(file));
+        let outcome = match size.and_then(|size| usize::try_from(size).ok()) {
+            None => Err(TaskError::retryable("io", format!("reading {path}: {}", last_gdal_error()))),
+            Some(size) if size > max => Err(TaskError::permanent("io", format!("{path} is over {max} bytes"))),
+            Some(size) => {
+                let mut bytes = vec![0u8; size];
+                let read = if gdal_sys::VSIFSeekL(file, 0, SEEK_SET) == 0 {
+                    gdal_sys::VSIFReadL(bytes.as_mut_ptr().cast(), 1, bytes.len(), file)
+                } else {
+                    0
+                };
+                if read == size {
+                    Ok(Some(bytes))
+                } else {
+                    Err(TaskError::retryable("io", format!("reading {path}: {}", last_gdal_error())))
+                }
+            }
+        };
         gdal_sys::VSIFCloseL(file);
-        read
-    };
-    if read > max {
-        return Err(TaskError::permanent("io", format!("{path} is over {max} bytes")));
+        outcome
     }
-    bytes.truncate(read);
-    Ok(Some(bytes))
 }
 
 /// The size of a file (an S3 object: its Content-Length, asked afresh), `None` when it cannot be
@@ -137,7 +148,8 @@ pub fn size(path: &Path) -> Option<u64> {
     }
 }
 
-/// SEEK_END, as C's stdio defines it (the bindings leave it out).
+/// SEEK_SET and SEEK_END, as C's stdio defines them (the bindings leave them out).
+const SEEK_SET: std::ffi::c_int = 0;
 const SEEK_END: std::ffi::c_int = 2;
 
 /// The names directly in a directory (an S3 prefix: its objects and "subdirectories"), read
