@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
@@ -31,17 +30,22 @@ thread_local! {
 /// table was last vacuumed leaves an index entry on that walk: one at a time, 100,000 deleted
 /// messages made a claim plus a completion 30 % slower (1,131 -> 859 a second, 1,467 after
 /// `VACUUM`), and autovacuum of a million-message queue waits for 200,000 of them. So a read
-/// starts at the lowest msg_id the backend's last read of the queue took (messages are numbered in
-/// the order they are sent), and looks at the whole queue again once a second, or when the
-/// messages from there on run out: a message that becomes visible again below that point (an
-/// expired lease, a retry coming due, a released task) waits for that look, at most a second.
+/// starts at the lowest msg_id this backend's last read of the queue took, and looks below it only
+/// when the messages from there on run out, or when a second has passed on the engine's clock
+/// (the `now` the claim passes) since its last look at the whole queue. A message that becomes
+/// visible again below that point (an expired lease, a retry coming due, a released task) waits
+/// for one of those. (msg_ids are handed out as messages are sent but committed in any order: a
+/// long fan-out's lower ids appear late, and are found the same way.) The state is the backend's:
+/// a new connection starts with a look at the whole queue; a queue dropped and made again under
+/// the same name may start below the old point, and is looked at whole within the second.
 struct ReadFrom {
     low: i64,
-    whole_at: Instant,
+    /// the engine's clock, in microseconds, at this backend's last look at the whole queue
+    whole_at: i64,
 }
 
-/// How often a backend's read looks at the whole queue (see [`ReadFrom`]).
-const WHOLE_QUEUE_EVERY: Duration = Duration::from_secs(1);
+/// How often, on the engine's clock, a backend's read looks at the whole queue (see [`ReadFrom`]).
+const WHOLE_QUEUE_EVERY_US: i64 = 1_000_000;
 
 /// pgmq's table of a queue, quoted, or an error for a name pgmq would not have made (the callers
 /// check the queue first; this keeps the statement text safe whatever the caller).
@@ -72,7 +76,7 @@ fn sql(statement: Statement, table: &str) -> String {
                     read_ct = m.read_ct OPERATOR(pg_catalog.+) 1 \
               WHERE m.msg_id OPERATOR(pg_catalog.=) ANY (ARRAY( \
                     SELECT q.msg_id FROM {table} AS q WHERE q.vt OPERATOR(pg_catalog.<=) $3 \
-                       AND q.msg_id OPERATOR(pg_catalog.>=) $4 \
+                       AND q.msg_id OPERATOR(pg_catalog.>=) $4 AND q.msg_id OPERATOR(pg_catalog.<) $5 \
                      ORDER BY q.msg_id LIMIT $2 FOR UPDATE SKIP LOCKED)) \
              RETURNING m.msg_id, m.message OPERATOR(pg_catalog.->>) 'task_id'"
         ),
@@ -100,6 +104,7 @@ fn with_plan<R>(
                     PgOid::BuiltIn(PgBuiltInOids::INT4OID),
                     PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID),
                     PgOid::BuiltIn(PgBuiltInOids::INT8OID),
+                    PgOid::BuiltIn(PgBuiltInOids::INT8OID),
                 ],
                 Statement::Delete => &[PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)],
             };
@@ -125,38 +130,41 @@ fn read_messages_at(
     now: pgrx::datum::TimestampWithTimeZone,
 ) -> TableIterator<'static, (name!(msg_id, i64), name!(task_id, Option<String>))> {
     let qty = qty.max(0);
+    let now_us = pg_sys::TimestampTz::from(now);
+    // Where this read starts (None: the whole queue; see ReadFrom).
     let low = READ_FROM.with(|from| match from.borrow().get(queue) {
-        Some(from) if from.whole_at.elapsed() < WHOLE_QUEUE_EVERY => Some(from.low),
+        Some(from) if (0..WHOLE_QUEUE_EVERY_US).contains(&(now_us - from.whole_at)) => Some(from.low),
         _ => None,
     });
-    let read = |from: i64, qty: i32| -> Vec<(i64, Option<String>)> {
+    // The visible messages with from <= msg_id < below, oldest first.
+    let read = |from: i64, below: i64, qty: i32| -> Vec<(i64, Option<String>)> {
         Spi::connect_mut(|client| {
             with_plan(client, Statement::Read, queue, |client, plan| {
                 client
-                    .update(plan, None, &[vt.into(), qty.into(), now.into(), from.into()])?
+                    .update(plan, None, &[vt.into(), qty.into(), now.into(), from.into(), below.into()])?
                     .map(|row| Ok((row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?)))
                     .collect()
             })
         })
         .unwrap_or_else(|error| error!("reading queue {queue}: {error}"))
     };
-    let mut rows = read(low.unwrap_or(i64::MIN), qty);
-    // The messages from `low` on ran out: the rest from the whole queue (the messages just read
-    // are invisible to this second look: their vt is this transaction's new one).
-    let whole = low.is_none() || rows.len() < qty as usize;
-    if low.is_some() && rows.len() < qty as usize {
-        rows.extend(read(i64::MIN, qty - rows.len() as i32));
+    let mut rows = read(low.unwrap_or(i64::MIN), i64::MAX, qty);
+    // The messages from `low` on ran out: the rest from below it, which makes this a look at the
+    // whole queue.
+    let short = rows.len() < qty as usize;
+    if let Some(low) = low.filter(|_| short) {
+        rows.extend(read(i64::MIN, low, qty - rows.len() as i32));
     }
+    let whole = low.is_none() || short;
     rows.sort_unstable_by_key(|(msg_id, _)| *msg_id);
     READ_FROM.with(|from| {
         let mut from = from.borrow_mut();
-        let entry =
-            from.entry(queue.to_owned()).or_insert_with(|| ReadFrom { low: i64::MIN, whole_at: Instant::now() });
+        let entry = from.entry(queue.to_owned()).or_insert(ReadFrom { low: i64::MIN, whole_at: now_us });
         if let Some((first, _)) = rows.first() {
             entry.low = *first;
         }
         if whole {
-            entry.whole_at = Instant::now();
+            entry.whole_at = now_us;
         }
     });
     TableIterator::new(rows)
