@@ -67,3 +67,27 @@ EXCEPTION WHEN undefined_object THEN
     ASSERT SQLERRM = 'unknown task NULL', SQLERRM;
 END;
 $$;
+
+-- reports => false: the same completions, decided the same way; an accepted element's entry is
+-- only {"task_id"}, a refused one still says why.
+DO $$
+DECLARE
+    v_job text := stageflow.submit_job('hello_world', '{"message": "quiet", "n": 3}');
+    v_items jsonb;
+    v_reports jsonb;
+BEGIN
+    SELECT jsonb_agg(jsonb_build_object('task_id', c.task_id, 'result', '{}'::jsonb, 'lease_token', c.lease_token) ORDER BY c.task_id)
+           FILTER (WHERE c.job_id = v_job)
+      INTO v_items FROM stageflow.claim_tasks('default', 10, 60, 'wq') AS c;
+    ASSERT jsonb_array_length(v_items) = 3, v_items::text;
+    v_reports := stageflow.complete_tasks(v_items || jsonb_build_array(jsonb_build_object('task_id', 'nope')), 'wq', reports => false);
+    ASSERT v_reports = (SELECT jsonb_agg(jsonb_build_object('task_id', i ->> 'task_id')) FROM jsonb_array_elements(v_items) AS i)
+                       || jsonb_build_array(jsonb_build_object('task_id', 'nope', 'error', v_reports -> 3 -> 'error')), v_reports::text;
+    ASSERT v_reports -> 3 -> 'error' ->> 'sqlstate' = '42704', v_reports::text;
+    ASSERT (SELECT count(*) FROM stageflow.tasks WHERE job_id = v_job AND stage = 2) = 3, 'the stage advanced as with reports';
+    -- Repeated by the same lease: accepted again, nothing changes.
+    ASSERT stageflow.complete_tasks(v_items, 'wq', false)
+           = (SELECT jsonb_agg(jsonb_build_object('task_id', i ->> 'task_id')) FROM jsonb_array_elements(v_items) AS i);
+    ASSERT (SELECT count(*) FROM stageflow.tasks WHERE job_id = v_job AND stage = 2) = 3;
+END;
+$$;

@@ -5,10 +5,13 @@
 -- whole batch and the stage advanced when its last open shard empties. A task that cannot be
 -- completed (unknown, not running, another lease's, a bad plan) does not stop the others: its
 -- entry in the answer is {"task_id", "error": {"sqlstate", "message", "hint"}}, the refusal
--- complete_task_and_check_stage would raise. Returns one report per element, in order.
+-- complete_task_and_check_stage would raise. Returns one report per element, in order; with
+-- reports => false an accepted element's entry is only {"task_id"} (a worker that does not read
+-- the reports saves their cost: looking up each task's stage and job and building its report was
+-- a fifth of the batched benchmark line, bench/README.md).
 -- Locks are taken in task_id order (tasks, then their messages), then (job, stage, shard) order
 -- (shards), then (job, stage) order (stages), so concurrent batches do not deadlock.
-CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL)
+CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL, reports boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -65,6 +68,12 @@ BEGIN
         RETURN '[]'::jsonb;
     END IF;
     v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
+    IF complete_tasks.reports IS FALSE THEN
+        RETURN (SELECT jsonb_agg(CASE WHEN u.refusal IS NULL THEN jsonb_build_object('task_id', u.task_id)
+                                      ELSE jsonb_build_object('task_id', u.task_id, 'error', u.refusal) END
+                                 ORDER BY u.n)
+                  FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n));
+    END IF;
 
     RETURN (
         SELECT jsonb_agg(CASE WHEN u.refusal IS NULL THEN r.report

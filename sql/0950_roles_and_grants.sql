@@ -36,7 +36,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.claim_tasks(text, int, int, text),
     stageflow.heartbeat(text[], int, text, bigint[]),
     stageflow.complete_task_and_check_stage(text, jsonb, text, bigint),
-    stageflow.complete_tasks(jsonb, text),
+    stageflow.complete_tasks(jsonb, text, boolean),
     stageflow.fail_task(text, jsonb, boolean, text, bigint),
     stageflow.release_tasks(text[], text, bigint[])
 TO stageflow_worker;

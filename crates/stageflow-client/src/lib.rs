@@ -47,7 +47,9 @@ pub use jobs::{
 };
 pub use maintenance::MaintenanceReport;
 pub use metrics::Metric;
-pub use tasks::{BatchCompletion, ClaimedTask, Completion, CompletionReport, ExtendedLease, FailReport, TASK_CALLS};
+pub use tasks::{
+    BatchCompletion, BatchOutcome, ClaimedTask, Completion, CompletionReport, ExtendedLease, FailReport, TASK_CALLS,
+};
 pub use webhooks::{AttemptRecord, ClaimedDelivery, WebhookDelivery};
 
 /// The parameters of a statement, as tokio-postgres takes them.

@@ -177,6 +177,27 @@ async fn every_call_answers_in_typed_rows() {
     let lost = batch[1].outcome.as_ref().unwrap_err();
     assert!(matches!(lost, Error::WrongState(_)), "{lost:?}");
     assert!(lost.message().unwrap().contains("lease"), "{lost:?}");
+    // The same batch without reports: the repeat is accepted again, the lost lease refused.
+    let quiet = api
+        .complete_tasks_unreported(
+            &[
+                Completion { task_id: &claimed[1].task_id, result: &one, lease_token: Some(claimed[1].lease_token) },
+                Completion {
+                    task_id: &claimed[2].task_id,
+                    result: &two,
+                    lease_token: Some(claimed[2].lease_token + 7),
+                },
+            ],
+            Some("w1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        quiet.iter().map(|o| o.task_id.as_str()).collect::<Vec<_>>(),
+        [&claimed[1].task_id, &claimed[2].task_id]
+    );
+    assert!(quiet[0].outcome.is_ok(), "{quiet:?}");
+    assert!(matches!(quiet[1].outcome, Err(Error::WrongState(_))), "{quiet:?}");
     let last = api
         .complete_task_and_check_stage(&claimed[2].task_id, Some(&two), Some("w1"), Some(claimed[2].lease_token))
         .await

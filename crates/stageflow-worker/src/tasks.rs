@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use stageflow_client::{BatchCompletion, Completion, CompletionReport, Error, FailReport, TASK_CALLS};
+use stageflow_client::{BatchOutcome, Completion, CompletionReport, Error, FailReport, TASK_CALLS};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client};
 
@@ -64,17 +64,18 @@ impl TaskApi {
 
     /// Completes several tasks, each `(task_id, lease_token, result)` under its lease held by
     /// `worker_id`, in one transaction; one outcome per task, in order (a task that could not be
-    /// completed has its own error, [`Error::WrongState`] for a lost lease).
+    /// completed has its own error, [`Error::WrongState`] for a lost lease). Without the reports of
+    /// the accepted ones: the worker does not read them.
     pub async fn complete_many(
         &self,
         results: &[(String, i64, Value)],
         worker_id: &str,
-    ) -> Result<Vec<BatchCompletion>, Error> {
+    ) -> Result<Vec<BatchOutcome>, Error> {
         let completions: Vec<Completion<'_>> = results
             .iter()
             .map(|(task_id, lease_token, result)| Completion { task_id, result, lease_token: Some(*lease_token) })
             .collect();
-        self.client.api().complete_tasks(&completions, Some(worker_id)).await
+        self.client.api().complete_tasks_unreported(&completions, Some(worker_id)).await
     }
 
     /// Fails a task under the lease `lease_token` held by `worker_id` (55000 once the lease is lost).
