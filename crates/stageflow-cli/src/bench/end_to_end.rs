@@ -1,5 +1,6 @@
 //! Stageflow end to end (`count` N no-op tasks, then `lineage`): claim + complete one at a time, or
-//! claim a batch + `complete_tasks`, each completion fenced by its lease as a worker's is.
+//! claim a batch + `complete_tasks` (without the accepted ones' reports, `reports => false`, as
+//! the worker runtime calls it), each completion fenced by its lease as a worker's is.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,7 +29,7 @@ pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64
             let complete_many = client
                 .prepare(
                     "SELECT stageflow.complete_tasks((SELECT jsonb_agg(jsonb_build_object('task_id', id, 'lease_token', token)) \
-                                                        FROM unnest($1::text[], $2::bigint[]) AS t(id, token)), 'bench')",
+                                                        FROM unnest($1::text[], $2::bigint[]) AS t(id, token)), 'bench', false)",
                 )
                 .await?;
             let status = client.prepare("SELECT stageflow.job_status($1) ->> 'status'").await?;
