@@ -18,6 +18,20 @@ BEGIN
 END;
 $$;
 
+-- The queues the job types' stages name, in name order: those that exist (the ones maintenance
+-- walks), or all of them (p_existing false: the ones _check_queue may make on first use).
+CREATE FUNCTION stageflow._job_type_queues(p_existing boolean DEFAULT true)
+RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT DISTINCT e.stage ->> 'queue'
+      FROM stageflow.job_types AS jt
+     CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
+     WHERE NOT p_existing OR EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
+     ORDER BY 1
+$$;
+
 -- Stores a job type, or replaces its definition for jobs submitted from now on.
 -- stageflow._normalize_definition (Rust) validates the definition, naming the bad field, and fills
 -- in defaults; every queue a stage names is created in pgmq if it does not exist yet.

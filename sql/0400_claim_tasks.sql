@@ -16,9 +16,7 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
         RETURN false;
-    ELSIF EXISTS (SELECT 1 FROM stageflow.job_types AS jt
-                    CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
-                   WHERE e.stage ->> 'queue' = p_queue) THEN
+    ELSIF p_queue IN (SELECT u.queue FROM stageflow._job_type_queues(false) AS u(queue)) THEN
         RETURN true;
     END IF;
     RAISE EXCEPTION USING

@@ -68,20 +68,16 @@ BEGIN
         RETURN '[]'::jsonb;
     END IF;
     v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
-    IF complete_tasks.reports IS FALSE THEN
-        RETURN (SELECT jsonb_agg(CASE WHEN u.refusal IS NULL THEN jsonb_build_object('task_id', u.task_id)
-                                      ELSE jsonb_build_object('task_id', u.task_id, 'error', u.refusal) END
-                                 ORDER BY u.n)
-                  FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n));
-    END IF;
 
+    -- (reports => false: no report is built, the accepted ones answer their task_id)
     RETURN (
-        SELECT jsonb_agg(CASE WHEN u.refusal IS NULL THEN r.report
-                              ELSE jsonb_build_object('task_id', u.task_id, 'error', u.refusal) END
+        SELECT jsonb_agg(CASE WHEN u.refusal IS NOT NULL THEN jsonb_build_object('task_id', u.task_id, 'error', u.refusal)
+                              WHEN complete_tasks.reports IS FALSE THEN jsonb_build_object('task_id', u.task_id)
+                              ELSE r.report END
                          ORDER BY u.n)
           FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
           LEFT JOIN stageflow._completion_reports(
                         ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal)
-                               WHERE a.refusal IS NULL)) AS r ON r.task_id = u.task_id);
+                               WHERE a.refusal IS NULL AND complete_tasks.reports IS NOT FALSE)) AS r ON r.task_id = u.task_id);
 END;
 $$;

@@ -245,19 +245,6 @@ BEGIN
 END;
 $$;
 
--- The queues the job types use (that exist), in name order: the ones maintenance walks.
-CREATE FUNCTION stageflow._job_type_queues()
-RETURNS SETOF text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT DISTINCT e.stage ->> 'queue'
-      FROM stageflow.job_types AS jt
-     CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
-     WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
-     ORDER BY 1
-$$;
-
 -- One round of maintenance, run by the background worker every stageflow.maintenance_interval
 -- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
 -- re-checks what it acts on under the task's row lock (rows another session holds are left to the
