@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::{connect, CliError};
 
@@ -30,4 +31,25 @@ where
         back.push(handle.await.map_err(|e| CliError::Setup(format!("bench client crashed: {e}")))??);
     }
     Ok((start.elapsed(), back))
+}
+
+/// A connection listening on `stageflow_tasks`, as the worker runtime's does, and a receiver whose
+/// value changes on every notification (a watch: a client that marks it seen before its claim
+/// and waits for a change after an empty one misses no notification sent in between). Keep the
+/// client: dropping it ends the listening connection.
+pub(super) async fn notifications(url: &str) -> Result<(Client, watch::Receiver<u64>), CliError> {
+    let settings = stageflow_client::tls::ConnectConfig::from_url(url)?;
+    let (client, mut connection) = settings.config.connect(settings.tls).await?;
+    let (tx, rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => tx.send_modify(|n| *n += 1),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {}", stageflow_worker::tasks::CHANNEL)).await?;
+    Ok((client, rx))
 }

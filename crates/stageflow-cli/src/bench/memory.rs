@@ -24,8 +24,8 @@ fn rss_kib() -> u64 {
 /// Runs the worker runtime over a job of `tasks` tasks; returns (RSS at start, RSS at end, tasks/s,
 /// job_status p50 ms on the finished job, job_result's first page of 1,000 entries p50 ms).
 pub(super) async fn worker_runtime(url: &str, n: usize, tasks: i64) -> Result<Value, CliError> {
-    // Raw: job_status is timed here as the statement it is; the job's state is polled from its
-    // row (lighter than job_status, so that polling does not weigh on the line).
+    // Raw: job_status is timed here as the statement it is (and polled every 200 ms, to see the
+    // job end: too seldom to weigh on the line).
     let client = connect(url).await?.into_raw();
     let job_id = submit(&client, "bench", json!({"n": tasks / 2, "ms": 0, "run": run_id()})).await?;
     let mut config = WorkerConfig::new(url);
