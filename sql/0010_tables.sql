@@ -175,8 +175,14 @@ WITH (fillfactor = 35);
 -- No foreign key to stages: fan-out inserts up to a million rows at once and a per-row
 -- referential check would dominate it. Only stageflow's functions write tasks, always with
 -- their stage row in the same transaction.
--- Set-based reads of one stage (lineage, fan-in, job result, job_tasks) in task order.
-CREATE INDEX tasks_stage_idx ON stageflow.tasks (job_id, stage, ordinal);
+-- Set-based reads of one stage (lineage, fan-in, job result, job_tasks) in task order. The job is
+-- named by a 64-bit hash of its id rather than the 64-character id itself: an entry of 24 bytes
+-- instead of 88 (a million-task stage: 32 MB of index instead of 105, and 73 bytes less WAL per
+-- task created). Every read through it compares both (hashtextextended(job_id, 0) = the hash of
+-- the id it wants AND job_id = the id): a hash shared by two jobs only costs the rows it reads.
+-- (A built-in function: no index or default here uses one of the extension's, which its upgrade
+-- scripts drop and create again.)
+CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job_id, 0), stage, ordinal);
 -- No index names a column that a claim or a completion changes (status, attempt, lease, worker,
 -- times, result): both update the task row in place (HOT), writing no index entries. What the
 -- engine once found through partial indexes on the status it finds elsewhere: running tasks are

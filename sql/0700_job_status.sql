@@ -128,14 +128,15 @@ BEGIN
         END IF;
     END IF;
     -- (from the first task, the cursor is before every task: stages start at 1, ordinals at 0;
-    -- one statement either way, an index range on (job_id, stage, ordinal) from the cursor on)
+    -- one statement either way, an index range on (job, stage, ordinal) from the cursor on)
     RETURN QUERY
     SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
            t.params, t.predecessor_id, t.result, t.error, t.errors, t.created_at, t.started_at,
            t.completed_at, t.lease_expires_at, t.next_attempt_at
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-     WHERE t.job_id = job_tasks.job_id AND (t.stage, t.ordinal) > (coalesce(v_stage, 0), coalesce(v_ordinal, -1))
+     WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(job_tasks.job_id, 0) AND t.job_id = job_tasks.job_id
+       AND (t.stage, t.ordinal) > (coalesce(v_stage, 0), coalesce(v_ordinal, -1))
      ORDER BY t.stage, t.ordinal
      LIMIT job_tasks.max_rows;
 END;
@@ -200,7 +201,7 @@ BEGIN
       INTO v_entries, v_rows, v_last
       FROM (SELECT t.ordinal, t.task_key, t.task_id, t.result, row_number() OVER (ORDER BY t.ordinal) AS n
               FROM stageflow.tasks AS t
-             WHERE t.job_id = v_job.job_id AND t.stage = v_job.total_stages
+             WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(v_job.job_id, 0) AND t.job_id = v_job.job_id AND t.stage = v_job.total_stages
                AND t.ordinal > coalesce(job_result.after, -1)
                AND t.ordinal <= CASE WHEN v_one THEN 0 ELSE 2147483647 END
                AND (v_one OR t.status = 'completed')

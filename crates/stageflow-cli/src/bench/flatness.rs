@@ -9,13 +9,16 @@ use super::jobs::{run_id, submit};
 use crate::{connect, CliError};
 
 /// Microseconds per completion (at n clients) in stages of `size` tasks, over `sample` completions,
-/// in the psql form (no worker id, no lease token).
+/// in the psql form (no worker id, no lease token). The jobs are submitted and the tasks claimed
+/// first, then the databases settled (`quiet`, as before every line), so that the autovacuum a
+/// large submission sets off and the flushing of its pages do not fall into one stage's timing.
 pub(super) async fn completion_cost(
     url: &str,
     n: usize,
     sync: bool,
     size: i64,
     sample: usize,
+    quiet: &[&tokio_postgres::Client],
 ) -> Result<f64, CliError> {
     let setup = connect(url).await?;
     let jobs = ((sample as i64 + size - 1) / size).max(1);
@@ -39,6 +42,7 @@ pub(super) async fn completion_cost(
         ids.extend(claimed);
     }
     let count = ids.len();
+    super::settle(quiet).await?;
     let queue = Arc::new(std::sync::Mutex::new(ids));
     let (elapsed, _) = in_parallel(clients(url, n, sync).await?, |client| {
         let queue = queue.clone();

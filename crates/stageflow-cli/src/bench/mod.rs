@@ -201,7 +201,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             pgflow_items: 5000,
             pgflow_batch_items: 10_000,
             fan_out: 100_000,
-            flat_sample: 2000,
+            flat_sample: 4000,
             flat_sizes: [100, 10_000, 100_000],
             latency_rounds: 100,
             memory_tasks: 100_000,
@@ -362,8 +362,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             println!("{:<58} {:>12.3} s", format!("submit a job of {} first-stage tasks", sizes.fan_out), fan_out);
             let mut costs = Vec::new();
             for size in sizes.flat_sizes {
-                settle(&quiet).await?;
-                let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample).await?;
+                let cost = flatness::completion_cost(&url, c, sync, size, sizes.flat_sample, &quiet).await?;
                 println!("{:<58} {:>12.1} us/task", format!("completion in a stage of {size} tasks"), cost);
                 costs.push(cost);
             }
