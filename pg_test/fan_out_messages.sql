@@ -56,9 +56,12 @@ DECLARE
 BEGIN
     ASSERT pg_temp.check_messages(v_job, 1, 'fo') = 1234;
     ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE t.job_id = v_job AND t.stage = 1
-                          AND (t.task_key <> t.ordinal::text OR t.params <> jsonb_build_object('index', t.ordinal)
+                          AND (t.task_key <> t.ordinal::text OR t.params <> '{}'
                                OR t.predecessor_id IS NOT NULL OR t.inputs IS NOT NULL)),
-        'count: key and params of each task are its ordinal';
+        'count: the key of each task is its ordinal, its row holds no params of its own';
+    ASSERT (SELECT count(*) FROM stageflow.job_tasks(v_job, NULL, 10000) AS r
+             WHERE r.stage = 1 AND r.params = jsonb_build_object('index', r.task_key::int)) = 1234,
+        'count: each task''s params, as job_tasks reads them, are {"index": its ordinal}';
 
     -- Stage 1 completed in batches of 500: the lineage is created (its queue is another, so
     -- that this loop does not claim it).
@@ -74,8 +77,9 @@ BEGIN
     ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t
                          JOIN stageflow.tasks AS p ON p.task_id = t.predecessor_id
                         WHERE t.job_id = v_job AND t.stage = 2
-                          AND (p.stage <> 1 OR p.task_key <> t.task_key OR p.ordinal <> t.ordinal OR p.params <> t.params)),
-        'lineage: each task follows its predecessor: same key, ordinal and params';
+                          AND (p.stage <> 1 OR p.task_key <> t.task_key OR p.ordinal <> t.ordinal
+                               OR t.params <> jsonb_build_object('index', p.ordinal))),
+        'lineage: each task follows its predecessor: same key and ordinal, and the params it was given ({"index"} of a count task)';
     ASSERT (SELECT count(*) FROM stageflow.tasks AS t WHERE t.job_id = v_job AND t.stage = 2 AND t.predecessor_id IS NOT NULL) = 1234;
 END;
 $$;

@@ -137,6 +137,7 @@ CREATE TABLE stageflow.tasks (
     msg_id            bigint NOT NULL,
     created_at        timestamptz NOT NULL DEFAULT now(),
     task_key          text NOT NULL,
+    -- the task's own params ('{}' for a count task: its {"index"} is made when read, _task_params)
     params            jsonb NOT NULL DEFAULT '{}',
     predecessor_id    text,
     inputs            jsonb,

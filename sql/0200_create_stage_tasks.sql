@@ -6,13 +6,26 @@
 --
 -- Fan-out rules (the stage definition's fan_out):
 --   single   one task, key '0'
---   count    N tasks, keys '0'..'N-1', N = params->>param
+--   count    N tasks, keys '0'..'N-1', N = params->>param; task params {"index"} (_task_params)
 --   each     one task per element of the array params->param; task params {"index", "item"}
 --   dynamic  one task per entry of the previous stage's results' "tasks" lists, in task order;
 --            entry {"key"?: text, "params"?: object}; key defaults to the entry's position
 --   lineage  one task per completed task of the previous stage, same key and params; the
 --            predecessor's result reaches the worker as `predecessor`
 --   fan_in   one task, key '0', whose `inputs` are the previous stage's results in task order
+-- A task's own params as claims, job_tasks and a lineage read them: a `count` task's are
+-- {"index": ordinal}, made here rather than stored (31 of the 215 bytes of its row: a million
+-- tasks write 22 MB less WAL when they are made, and each claim's full-page image of a task page
+-- carries 26 bytes less per task); its row holds '{}' (tasks made before 0.3.0 hold the same
+-- object, which this returns unchanged).
+CREATE FUNCTION stageflow._task_params(p_fan_out text, p_ordinal int, p_params jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN p_fan_out = 'count' THEN pg_catalog.jsonb_build_object('index', p_ordinal) || p_params
+                ELSE p_params END
+$$;
+
 CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int)
 RETURNS int
 LANGUAGE plpgsql
@@ -71,7 +84,9 @@ BEGIN
                 HINT = 'each entry of a dynamic fan-out needs a unique "key" across all planner tasks of the previous stage';
         END IF;
     WHEN 'lineage' THEN
-        SELECT array_agg(t.task_key ORDER BY t.ordinal), array_agg(t.params ORDER BY t.ordinal),
+        SELECT array_agg(t.task_key ORDER BY t.ordinal),
+               array_agg(stageflow._task_params(v_job.definition -> 'stages' -> (p_stage - 2) ->> 'fan_out',
+                                                t.ordinal, t.params) ORDER BY t.ordinal),
                array_agg(t.task_id ORDER BY t.ordinal)
           INTO v_keys, v_params, v_preds
           FROM stageflow.tasks AS t
@@ -120,7 +135,7 @@ BEGIN
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at)
         SELECT v_prefix || (m.n - 1), p_job_id, p_stage, (m.n - 1)::text, (m.n - 1)::int,
-               jsonb_build_object('index', m.n - 1), NULL, v_inputs,
+               '{}'::jsonb, NULL, v_inputs,
                (v_def -> 'retry' ->> 'max_attempts')::int, m.msg_id, v_now
           FROM pgmq.send_batch(v_queue,
                                ARRAY(SELECT jsonb_build_object('task_id', v_prefix || i)

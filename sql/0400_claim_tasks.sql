@@ -312,7 +312,8 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
-           CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END || t.params,
+           CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END
+           || stageflow._task_params(s.fan_out, t.ordinal, t.params),
            p.result, t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds, t.lease_token,
            coalesce(s.lease_seconds, claim_tasks.lease_seconds)
       FROM stageflow.tasks AS t

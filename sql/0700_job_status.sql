@@ -131,7 +131,8 @@ BEGIN
     -- one statement either way, an index range on (job, stage, ordinal) from the cursor on)
     RETURN QUERY
     SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
-           t.params, t.predecessor_id, t.result, t.error, t.errors, t.created_at, t.started_at,
+           stageflow._task_params(s.fan_out, t.ordinal, t.params), t.predecessor_id, t.result, t.error, t.errors,
+           t.created_at, t.started_at,
            t.completed_at, t.lease_expires_at, t.next_attempt_at
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
