@@ -17,12 +17,14 @@
 -- {"index": ordinal}, made here rather than stored (31 of the 215 bytes of its row: a million
 -- tasks write 22 MB less WAL when they are made, and each claim's full-page image of a task page
 -- carries 26 bytes less per task); its row holds '{}' (tasks made before 0.3.0 hold the same
--- object, which this returns unchanged).
+-- object, which this returns unchanged). Inlinable, as the status classes: no SET clause,
+-- everything qualified.
 CREATE FUNCTION stageflow._task_params(p_fan_out text, p_ordinal int, p_params jsonb)
 RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT CASE WHEN p_fan_out = 'count' THEN pg_catalog.jsonb_build_object('index', p_ordinal) || p_params
+    SELECT CASE WHEN p_fan_out OPERATOR(pg_catalog.=) 'count'
+                THEN pg_catalog.jsonb_build_object('index', p_ordinal) OPERATOR(pg_catalog.||) p_params
                 ELSE p_params END
 $$;
 

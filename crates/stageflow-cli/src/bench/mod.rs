@@ -272,7 +272,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             let (pgmq_one, pgmq_one_wal) = pgmq::rate(&url, c, sync, 1, sizes.messages).await?;
             line("pgmq read + delete, one at a time", pgmq_one, "msg/s", &pgmq_one_wal.label());
             settle(&quiet).await?;
-            let (pgmq_bench, pgmq_bench_wal) = pgbench::pgmq_one(&url, c, sync, sizes.messages, &scripts).await?;
+            let (pgmq_bench, pgmq_bench_wal) = pgbench::pgmq(&url, c, sync, 1, sizes.messages, &scripts).await?;
             line(
                 "  the same under pgbench",
                 pgmq_bench,
@@ -280,8 +280,24 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                 &format!("{}  (the client measured {:.2}x of it)", pgmq_bench_wal.label(), pgmq_one / pgmq_bench),
             );
             settle(&quiet).await?;
-            let (pgmq_batch, pgmq_batch_wal) = pgmq::rate(&url, c, sync, 100, sizes.messages).await?;
+            // (as many messages as the batched Stageflow line has tasks: at 20,000 the line lasted
+            // a third of a second and moved by half between runs)
+            let batch_units = 2 * sizes.e2e_batch_tasks as usize;
+            let (pgmq_batch, pgmq_batch_wal) = pgmq::rate(&url, c, sync, 100, batch_units).await?;
             line("pgmq read 100 + delete 100", pgmq_batch, "msg/s", &pgmq_batch_wal.label());
+            settle(&quiet).await?;
+            let (pgmq_batch_bench, pgmq_batch_bench_wal) =
+                pgbench::pgmq(&url, c, sync, 100, batch_units, &scripts).await?;
+            line(
+                "  the same under pgbench",
+                pgmq_batch_bench,
+                "msg/s",
+                &format!(
+                    "{}  (the client measured {:.2}x of it)",
+                    pgmq_batch_bench_wal.label(),
+                    pgmq_batch / pgmq_batch_bench
+                ),
+            );
             settle(&quiet).await?;
             let (sf_one, sf_one_wal) = end_to_end::rate(&url, c, sync, 1, sizes.e2e_tasks).await?;
             line(
@@ -301,7 +317,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             );
             settle(&quiet).await?;
             let tasks = 2 * sizes.e2e_tasks as usize;
-            let (sf_bench, sf_bench_wal) = pgbench::stageflow_one(&url, c, sync, tasks, &scripts).await?;
+            let (sf_bench, sf_bench_wal) = pgbench::stageflow(&url, c, sync, 1, tasks, &scripts).await?;
             line(
                 "  the same under pgbench (first stage only)",
                 sf_bench,
@@ -324,6 +340,20 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                     sf_batch_wal.label(),
                     sf_batch / pgmq_one,
                     sf_batch / pgmq_batch
+                ),
+            );
+            settle(&quiet).await?;
+            let (sf_batch_bench, sf_batch_bench_wal) =
+                pgbench::stageflow(&url, c, sync, 100, batch_units, &scripts).await?;
+            line(
+                "  the same under pgbench (first stage only)",
+                sf_batch_bench,
+                "tasks/s",
+                &format!(
+                    "{}  (the client measured {:.2}x of it; {:.2}x pgmq batched under pgbench)",
+                    sf_batch_bench_wal.label(),
+                    sf_batch / sf_batch_bench,
+                    sf_batch_bench / pgmq_batch_bench
                 ),
             );
             let pgflow_lines = match &pgflow_db {
@@ -399,7 +429,17 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                     "stageflow_one_at_a_time_first_stage_tasks_per_s": sf_bench,
                     "client_to_pgbench_pgmq": pgmq_one / pgmq_bench,
                     "client_to_pgbench_stageflow": sf_one / sf_bench,
-                    "wal_per_unit": {"pgmq_one_at_a_time": pgmq_bench_wal.json(), "stageflow_one_at_a_time": sf_bench_wal.json()},
+                    "pgmq_batch_100_msg_per_s": pgmq_batch_bench,
+                    "stageflow_batch_100_first_stage_tasks_per_s": sf_batch_bench,
+                    "ratio_batch_to_pgmq_batch": sf_batch_bench / pgmq_batch_bench,
+                    "client_to_pgbench_pgmq_batch": pgmq_batch / pgmq_batch_bench,
+                    "client_to_pgbench_stageflow_batch": sf_batch / sf_batch_bench,
+                    "wal_per_unit": {
+                        "pgmq_one_at_a_time": pgmq_bench_wal.json(),
+                        "stageflow_one_at_a_time": sf_bench_wal.json(),
+                        "pgmq_batch_100": pgmq_batch_bench_wal.json(),
+                        "stageflow_batch_100": sf_batch_bench_wal.json(),
+                    },
                 },
                 "pgflow": pgflow_lines,
                 "fan_out_tasks": sizes.fan_out,

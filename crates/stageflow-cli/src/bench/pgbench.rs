@@ -1,11 +1,11 @@
-//! `pgbench` beside the benchmark's own client for the one-at-a-time lines: the same statements
+//! `pgbench` beside the benchmark's own client for the one-at-a-time and batched lines: the same statements
 //! in a script file, the same number of connections, prepared (`-M prepared`, as the client
 //! prepares its statements), each statement its own transaction, `-t` scripts per connection over
 //! a queue or a stage that holds 10 % more than all of them (a claim that finds nothing would end
 //! a pgbench client: `\gset` needs a row). So the rates of the two clients differ by what the
 //! client costs, on a machine whose cores the client shares with the server.
 //!
-//! Unlike the client's Stageflow line, the pgbench run stays within the job's first stage (it
+//! Unlike the client's Stageflow lines, the pgbench run stays within the job's first stage (it
 //! cannot wait for a stage advance), and the job's leftover tasks are cancelled afterwards.
 
 use std::path::Path;
@@ -26,18 +26,31 @@ SELECT task_id, lease_token FROM stageflow.claim_tasks('pgbench', 1, 60, 'bench'
 SELECT stageflow.complete_task_and_check_stage(:task_id, '{}', 'bench', :lease_token);
 ";
 
-/// pgmq's read 1 + delete under pgbench: messages per second and the WAL per message.
-pub(super) async fn pgmq_one(
+const PGMQ_BATCH_SCRIPT: &str = "\
+SELECT array_agg(msg_id) AS msg_ids FROM pgmq.read('bench_pgbench', 30, 100) \\gset
+SELECT count(*) FROM pgmq.delete('bench_pgbench', :msg_ids::bigint[]);
+";
+
+const STAGEFLOW_BATCH_SCRIPT: &str = "\
+SELECT jsonb_agg(jsonb_build_object('task_id', task_id, 'lease_token', lease_token)) AS batch \
+  FROM stageflow.claim_tasks('pgbench', 100, 60, 'bench') \\gset
+SELECT jsonb_array_length(stageflow.complete_tasks(:batch::jsonb, 'bench', false));
+";
+
+/// pgmq's read + delete under pgbench, `batch` (1 or 100) messages a script: messages per second
+/// and the WAL per message.
+pub(super) async fn pgmq(
     url: &str,
     n: usize,
     sync: bool,
+    batch: usize,
     messages: usize,
     dir: &Path,
 ) -> Result<(f64, PerUnit), CliError> {
-    let per_client = messages.div_ceil(n);
+    let per_client = messages.div_ceil(n * batch);
     let setup = connect(url).await?.into_raw();
     setup.batch_execute("SELECT pgmq.create('bench_pgbench'); SELECT pgmq.purge_queue('bench_pgbench')").await?;
-    let count = (per_client * n * 11 / 10) as i32;
+    let count = (per_client * n * batch * 11 / 10) as i32;
     setup
         .execute(
             "SELECT pgmq.send_batch('bench_pgbench', array_agg(jsonb_build_object('task_id', 'message-' || i))) \
@@ -46,26 +59,36 @@ pub(super) async fn pgmq_one(
         )
         .await?;
     let wal = Meter::start(url).await?;
-    let rate = run(url, n, sync, PGMQ_SCRIPT, per_client, &dir.join("pgmq_one.sql")).await?;
-    let per = wal.per((per_client * n) as f64).await?;
+    let (script, file) = if batch == 1 { (PGMQ_SCRIPT, "pgmq_one.sql") } else { (PGMQ_BATCH_SCRIPT, "pgmq_batch.sql") };
+    let rate = batch as f64 * run(url, n, sync, script, per_client, &dir.join(file)).await?;
+    let per = wal.per((per_client * n * batch) as f64).await?;
     setup.batch_execute("SELECT pgmq.purge_queue('bench_pgbench')").await?;
     Ok((rate, per))
 }
 
-/// Stageflow's claim 1 + complete under pgbench: tasks per second and the WAL per task.
-pub(super) async fn stageflow_one(
+/// Stageflow's claim + complete under pgbench, `batch` tasks a script (1: `claim_tasks(q, 1)` and
+/// `complete_task_and_check_stage`; 100: `claim_tasks(q, 100)` and `complete_tasks` without the
+/// accepted ones' reports, as the client's batched line): tasks per second and the WAL per task.
+pub(super) async fn stageflow(
     url: &str,
     n: usize,
     sync: bool,
+    batch: usize,
     tasks: usize,
     dir: &Path,
 ) -> Result<(f64, PerUnit), CliError> {
-    let per_client = tasks.div_ceil(n);
+    let per_client = tasks.div_ceil(n * batch);
     let setup = connect(url).await?.into_raw();
-    let job_id = submit(&setup, "bench_pgbench", json!({"n": per_client * n * 11 / 10, "run": run_id()})).await?;
+    let job_id =
+        submit(&setup, "bench_pgbench", json!({"n": per_client * n * batch * 11 / 10, "run": run_id()})).await?;
     let wal = Meter::start(url).await?;
-    let rate = run(url, n, sync, STAGEFLOW_SCRIPT, per_client, &dir.join("stageflow_one.sql")).await?;
-    let per = wal.per((per_client * n) as f64).await?;
+    let (script, file) = if batch == 1 {
+        (STAGEFLOW_SCRIPT, "stageflow_one.sql")
+    } else {
+        (STAGEFLOW_BATCH_SCRIPT, "stageflow_batch.sql")
+    };
+    let rate = batch as f64 * run(url, n, sync, script, per_client, &dir.join(file)).await?;
+    let per = wal.per((per_client * n * batch) as f64).await?;
     setup.execute("SELECT stageflow.cancel_job($1)", &[&job_id]).await?;
     Ok((rate, per))
 }
