@@ -281,13 +281,14 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             );
             settle(&quiet).await?;
             // (as many messages as the batched Stageflow line has tasks: at 20,000 the line lasted
-            // a third of a second and moved by half between runs)
+            // a third of a second and moved by half between runs; the pgbench lines take half as
+            // many, a job of 55,000 tasks within the bench login's quota of 100,000 a job)
             let batch_units = 2 * sizes.e2e_batch_tasks as usize;
             let (pgmq_batch, pgmq_batch_wal) = pgmq::rate(&url, c, sync, 100, batch_units).await?;
             line("pgmq read 100 + delete 100", pgmq_batch, "msg/s", &pgmq_batch_wal.label());
             settle(&quiet).await?;
             let (pgmq_batch_bench, pgmq_batch_bench_wal) =
-                pgbench::pgmq(&url, c, sync, 100, batch_units, &scripts).await?;
+                pgbench::pgmq(&url, c, sync, 100, sizes.e2e_batch_tasks as usize, &scripts).await?;
             line(
                 "  the same under pgbench",
                 pgmq_batch_bench,
@@ -344,7 +345,7 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             );
             settle(&quiet).await?;
             let (sf_batch_bench, sf_batch_bench_wal) =
-                pgbench::stageflow(&url, c, sync, 100, batch_units, &scripts).await?;
+                pgbench::stageflow(&url, c, sync, 100, sizes.e2e_batch_tasks as usize, &scripts).await?;
             line(
                 "  the same under pgbench (first stage only)",
                 sf_batch_bench,
