@@ -279,3 +279,22 @@ BEGIN
     ASSERT stageflow.job_result(v_job) - 'job_id' = '{"status": "completed", "fan_out": "count", "entries": [], "next_after": null}', stageflow.job_result(v_job)::text;
 END;
 $$;
+
+-- A job's tasks are read through tasks_stage_idx, which names the job by a hash of its id: the
+-- one predicate every such read uses (stageflow._is_task_of_job) is inlined, and the index serves
+-- it. (Were the call not inlined, the planner could not match the index and would scan the table,
+-- and nothing else would fail.)
+DO $$
+DECLARE
+    v_plan text;
+BEGIN
+    SET LOCAL enable_seqscan = off;
+    SET LOCAL enable_bitmapscan = off;
+    EXECUTE 'EXPLAIN (FORMAT JSON) SELECT t.task_id FROM stageflow.tasks AS t
+              WHERE stageflow._is_task_of_job(t.job_id, ''0123'') AND t.stage = 1 ORDER BY t.ordinal'
+       INTO v_plan;
+    ASSERT v_plan LIKE '%"Index Name": "tasks_stage_idx"%"Index Cond": "((hashtextextended(job_id, %',
+        'a job''s tasks are read through tasks_stage_idx, by the hash of its id: ' || v_plan;
+    ASSERT v_plan NOT LIKE '%"Node Type": "Sort"%', 'in task order, without a sort: ' || v_plan;
+END;
+$$;

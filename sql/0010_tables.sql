@@ -179,8 +179,8 @@ WITH (fillfactor = 35);
 -- Set-based reads of one stage (lineage, fan-in, job result, job_tasks) in task order. The job is
 -- named by a 64-bit hash of its id rather than the 64-character id itself: an entry of 24 bytes
 -- instead of 88 (a million-task stage: 32 MB of index instead of 105, and 73 bytes less WAL per
--- task created). Every read through it compares both (hashtextextended(job_id, 0) = the hash of
--- the id it wants AND job_id = the id): a hash shared by two jobs only costs the rows it reads.
+-- task created). Every read through it compares both, the hash for the index and the id for the
+-- answer (stageflow._is_task_of_job): a hash shared by two jobs only costs the rows it reads.
 -- (A built-in function: no index or default here uses one of the extension's, which its upgrade
 -- scripts drop and create again.)
 CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job_id, 0), stage, ordinal);

@@ -80,3 +80,15 @@ AS $$
            AND ((p_status = 'queued' AND (p_next_attempt_at IS NULL OR p_next_attempt_at <= p_now))
                 OR (p_status = 'running' AND p_lease_expires_at <= p_now))
 $$;
+
+-- A task of the job p_job_id, as every read of a job's tasks asks it: tasks_stage_idx names the job
+-- by hashtextextended(job_id, 0) (sql/0010_tables.sql), so the hash is compared for the index and
+-- the id for the answer. Written once here; inlined like the classes above, so the planner sees
+-- both conditions and uses the index (pg_test/job_result.sql checks that it does).
+CREATE FUNCTION stageflow._is_task_of_job(p_task_job_id text, p_job_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT pg_catalog.hashtextextended(p_task_job_id, 0) OPERATOR(pg_catalog.=) pg_catalog.hashtextextended(p_job_id, 0)
+           AND p_task_job_id OPERATOR(pg_catalog.=) p_job_id
+$$;

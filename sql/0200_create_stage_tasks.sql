@@ -77,7 +77,7 @@ BEGIN
           FROM (SELECT e.entry, row_number() OVER (ORDER BY t.ordinal, e.i) AS n
                   FROM stageflow.tasks AS t
                  CROSS JOIN LATERAL jsonb_array_elements(t.result -> 'tasks') WITH ORDINALITY AS e(entry, i)
-                 WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(p_job_id, 0) AND t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed') AS d;
+                 WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed') AS d;
         SELECT k INTO v_duplicate FROM unnest(v_keys) AS k GROUP BY k HAVING count(*) > 1 LIMIT 1;
         IF v_duplicate IS NOT NULL THEN
             RAISE EXCEPTION USING
@@ -93,14 +93,14 @@ BEGIN
                array_agg(t.task_id ORDER BY t.ordinal)
           INTO v_keys, v_params, v_preds
           FROM stageflow.tasks AS t
-         WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(p_job_id, 0) AND t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed';
+         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
     WHEN 'fan_in' THEN
         v_keys := ARRAY['0'];
         v_params := ARRAY['{}'::jsonb];
         SELECT coalesce(jsonb_agg(t.result ORDER BY t.ordinal), '[]'::jsonb)
           INTO v_inputs
           FROM stageflow.tasks AS t
-         WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(p_job_id, 0) AND t.job_id = p_job_id AND t.stage = p_stage - 1 AND t.status = 'completed';
+         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
     END CASE;
     v_count := coalesce(v_count, cardinality(v_keys), 0);
     PERFORM stageflow._check_quota(v_job, p_stage, v_count);
@@ -158,8 +158,7 @@ BEGIN
         -- both ends of the stage (two index lookups), so that a pgmq that returned them otherwise
         -- fails the fan-out instead of pairing tasks with other tasks' messages.
         EXECUTE format('SELECT count(*) FROM stageflow.tasks AS t JOIN pgmq.%I AS m ON m.msg_id = t.msg_id '
-                       'WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended($1, 0) '
-                       'AND t.job_id = $1 AND t.stage = $2 AND t.ordinal IN (0, $3 - 1) '
+                       'WHERE stageflow._is_task_of_job(t.job_id, $1) AND t.stage = $2 AND t.ordinal IN (0, $3 - 1) '
                        'AND m.message ->> ''task_id'' = t.task_id', pgmq.format_table_name(v_queue, 'q'))
            INTO v_matched USING p_job_id, p_stage, v_count;
         IF v_matched <> least(v_count, 2) THEN

@@ -22,7 +22,7 @@ DECLARE
 BEGIN
     WITH locked AS (
         SELECT o.task_id, o.status FROM stageflow.tasks AS o
-         WHERE pg_catalog.hashtextextended(o.job_id, 0) = pg_catalog.hashtextextended(p_job_id, 0) AND o.job_id = p_job_id AND stageflow._task_is_open(o.status)
+         WHERE stageflow._is_task_of_job(o.job_id, p_job_id) AND stageflow._task_is_open(o.status)
          ORDER BY o.task_id
            FOR UPDATE SKIP LOCKED
     ), cancelled AS (

@@ -141,7 +141,7 @@ BEGIN
            t.completed_at, t.lease_expires_at, t.next_attempt_at
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-     WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(job_tasks.job_id, 0) AND t.job_id = job_tasks.job_id
+     WHERE stageflow._is_task_of_job(t.job_id, job_tasks.job_id)
        AND (t.stage, t.ordinal) > (coalesce(v_stage, 0), coalesce(v_ordinal, -1))
      ORDER BY t.stage, t.ordinal
      LIMIT job_tasks.max_rows;
@@ -209,7 +209,7 @@ BEGIN
       INTO v_entries, v_rows, v_last
       FROM (SELECT t.ordinal, t.task_key, t.task_id, t.result, row_number() OVER (ORDER BY t.ordinal) AS n
               FROM stageflow.tasks AS t
-             WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(v_job.job_id, 0) AND t.job_id = v_job.job_id AND t.stage = v_job.total_stages
+             WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.total_stages
                AND t.ordinal > coalesce(job_result.after, -1)
                AND t.ordinal <= CASE WHEN v_one THEN 0 ELSE 2147483647 END
                AND (v_one OR t.status = 'completed')

@@ -97,13 +97,13 @@ BEGIN
 
     -- The tasks to run again, locked (and then read as they are now).
     PERFORM 1 FROM stageflow.tasks AS t
-     WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(v_job.job_id, 0) AND t.job_id = v_job.job_id AND t.stage = v_job.current_stage
+     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
        AND stageflow._task_ended_without_result(t.status)
      ORDER BY t.task_id
        FOR UPDATE;
     IF stageflow._job_is_stopped(v_job.status) THEN
         v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
-                            WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(v_job.job_id, 0) AND t.job_id = v_job.job_id
+                            WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id)
                               AND t.stage = v_job.current_stage AND t.status = 'running'
                             ORDER BY t.task_id
                               FOR UPDATE SKIP LOCKED);
@@ -115,7 +115,7 @@ BEGIN
            (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
       INTO v_ids, v_ordinals, v_old_msgs, v_running_ordinals, v_failed
       FROM stageflow.tasks AS t
-     WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(v_job.job_id, 0) AND t.job_id = v_job.job_id AND t.stage = v_job.current_stage
+     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
        AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
     IF v_ids IS NULL THEN
         IF stageflow._job_is_stopped(v_job.status) AND v_stage.open_shards = 0 THEN

@@ -71,7 +71,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    DELETE FROM stageflow.tasks AS t WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(p_job_id, 0) AND t.job_id = p_job_id;
+    DELETE FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, p_job_id);
     DELETE FROM stageflow.events AS e WHERE e.job_id = p_job_id;
     DELETE FROM stageflow.webhook_deliveries AS w WHERE w.job_id = p_job_id;
     DELETE FROM stageflow.stage_claims AS c WHERE c.job_id = p_job_id;
@@ -163,6 +163,7 @@ BEGIN
         IF v_ids IS NOT NULL THEN
             WITH gone AS (
                 DELETE FROM stageflow.tasks AS t
+                 -- (_is_task_of_job's two conditions, for a list of jobs)
                  WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
                                       WHERE pg_catalog.hashtextextended(o.job_id, 0)
                                             = ANY (ARRAY(SELECT pg_catalog.hashtextextended(u.job_id, 0) FROM unnest(v_ids) AS u(job_id)))
@@ -189,7 +190,7 @@ BEGIN
             v_deleted := v_deleted || jsonb_build_object('webhook_deliveries_deleted', v_count);
             DELETE FROM stageflow.deleted_jobs AS d
              WHERE d.job_id = ANY (v_ids)
-               AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE pg_catalog.hashtextextended(t.job_id, 0) = pg_catalog.hashtextextended(d.job_id, 0) AND t.job_id = d.job_id)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, d.job_id))
                AND NOT EXISTS (SELECT 1 FROM stageflow.events AS e WHERE e.job_id = d.job_id)
                AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w WHERE w.job_id = d.job_id);
         END IF;
