@@ -91,3 +91,20 @@ BEGIN
     ASSERT (SELECT count(*) FROM stageflow.tasks WHERE job_id = v_job AND stage = 2) = 3;
 END;
 $$;
+
+-- The reports are planned into the statement that reads them (stageflow._completion_reports is
+-- inlined): no function scan of their own. (Were the call not inlined, each completion would run
+-- a function with a query of its own, and nothing else would fail.)
+DO $$
+DECLARE
+    v_plan text;
+BEGIN
+    -- (as its callers run: complete_task_and_check_stage and complete_tasks)
+    SET LOCAL search_path = pg_catalog, pg_temp;
+    SET LOCAL enable_seqscan = off;
+    EXECUTE 'EXPLAIN (FORMAT JSON) SELECT r.report FROM stageflow._completion_reports(ARRAY[''a'', ''b'']) AS r'
+       INTO v_plan;
+    ASSERT v_plan NOT LIKE '%"Function Scan"%', 'completion reports are inlined: ' || v_plan;
+    ASSERT v_plan LIKE '%"Index Name": "tasks_pkey"%', 'completion reports read tasks by their key: ' || v_plan;
+END;
+$$;

@@ -1,32 +1,32 @@
 -- What completions report, one row per named task: the task, its stage, whether this task's
 -- completion finished the stage (the stage row remembers which task did), and where the job is
 -- now. Set-based: a batch of completions reads its tasks, stages and jobs in one statement.
--- (plpgsql rather than sql: its plan is cached for the session, where a sql function's is not.)
+-- Inlinable, as the status classes are (no SET clause, every operator and function qualified, not
+-- STRICT, not SECURITY DEFINER): PostgreSQL plans it into its callers' statements, whose plans
+-- are kept for the session. (As a plpgsql function of its own it cost each single completion
+-- about 25 us of its 200, measured with complete_task_and_check_stage under pgbench.)
 CREATE FUNCTION stageflow._completion_reports(p_task_ids text[])
 RETURNS TABLE (task_id text, report jsonb)
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE
 AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN QUERY
-    SELECT t.task_id, jsonb_build_object(
+    SELECT t.task_id, pg_catalog.jsonb_build_object(
                'task_id', t.task_id,
                'task_status', t.status,
                'stage', t.stage,
-               'stage_completed', s.completed_by IS NOT DISTINCT FROM t.task_id AND s.status = 'completed',
-               'next_stage', CASE WHEN s.completed_by IS NOT DISTINCT FROM t.task_id AND s.status = 'completed'
-                                       AND t.stage < j.total_stages
-                                  THEN t.stage + 1 END,
+               'stage_completed', s.status OPERATOR(pg_catalog.=) 'completed'
+                                  AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false),
+               'next_stage', CASE WHEN s.status OPERATOR(pg_catalog.=) 'completed'
+                                       AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
+                                       AND t.stage OPERATOR(pg_catalog.<) j.total_stages
+                                  THEN t.stage OPERATOR(pg_catalog.+) 1 END,
                'job_id', j.job_id,
                'job_status', j.status,
                'current_stage', j.current_stage,
                'total_stages', j.total_stages)
       FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     WHERE t.task_id = ANY (p_task_ids);
-END;
+      JOIN stageflow.stages AS s ON s.job_id OPERATOR(pg_catalog.=) t.job_id AND s.stage OPERATOR(pg_catalog.=) t.stage
+      JOIN stageflow.jobs AS j ON j.job_id OPERATOR(pg_catalog.=) t.job_id
+     WHERE t.task_id OPERATOR(pg_catalog.=) ANY (p_task_ids)
 $$;
 
 -- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
