@@ -160,18 +160,18 @@ DECLARE
 BEGIN
     -- _check_queue's rules inline (this is the hot path); it raises the error when they fail, and
     -- says whether a job type's queue is to be made (after the grant check: a session that may not
-    -- claim from it makes nothing). The queue's table is looked up in the catalog caches (pgmq
-    -- makes and drops it with the queue's row in pgmq.meta): an expression without a query, which
-    -- PL/pgSQL evaluates without starting the executor (a query of pgmq.meta here cost each claim
-    -- about 10 us).
-    IF claim_tasks.queue IS NULL OR claim_tasks.queue !~ '^[a-z_][a-z0-9_]{0,46}$' THEN
-        v_make_queue := stageflow._check_queue(claim_tasks.queue);
-    ELSIF pg_catalog.to_regclass('pgmq.q_' || claim_tasks.queue) IS NULL THEN
+    -- claim from it makes nothing). (pgmq.meta is the authority: a lookup of the queue's table in
+    -- the catalog caches, tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and
+    -- the like, and a table whose pgmq.meta row was gone, which this check refuses or, for a job
+    -- type's queue, makes whole again.)
+    IF claim_tasks.queue IS NULL OR claim_tasks.queue !~ '^[a-z_][a-z0-9_]{0,46}$'
+       OR NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
         v_make_queue := stageflow._check_queue(claim_tasks.queue);
     END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
     -- a superuser or a member of stageflow_admin (stageflow.grant_queue). (Asked in that order, in
-    -- two statements: the first an expression without a query, as above.)
+    -- two statements: the first is an expression without a query, which PL/pgSQL evaluates without
+    -- starting the executor; as one expression, the grants' query ran for every claim.)
     IF NOT stageflow._session_is_admin() THEN
         IF NOT EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
                          JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name

@@ -24,6 +24,7 @@ DECLARE
     v_results    jsonb[];
     v_tokens     bigint[];
     v_refusals   jsonb[];
+    v_reported   text[];
 BEGIN
     IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION USING
@@ -70,14 +71,18 @@ BEGIN
     v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
 
     -- (reports => false: no report is built, the accepted ones answer their task_id)
+    -- The accepted ones are listed first, into a variable: PostgreSQL inlines no set-returning
+    -- function whose argument holds a subquery, and _completion_reports called instead of inlined
+    -- is planned again on every call (170 us a call of six tasks).
+    IF complete_tasks.reports IS NOT FALSE THEN
+        v_reported := ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal) WHERE a.refusal IS NULL);
+    END IF;
     RETURN (
         SELECT jsonb_agg(CASE WHEN u.refusal IS NOT NULL THEN jsonb_build_object('task_id', u.task_id, 'error', u.refusal)
                               WHEN complete_tasks.reports IS FALSE THEN jsonb_build_object('task_id', u.task_id)
                               ELSE r.report END
                          ORDER BY u.n)
           FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
-          LEFT JOIN stageflow._completion_reports(
-                        ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal)
-                               WHERE a.refusal IS NULL AND complete_tasks.reports IS NOT FALSE)) AS r ON r.task_id = u.task_id);
+          LEFT JOIN stageflow._completion_reports(coalesce(v_reported, '{}')) AS r ON r.task_id = u.task_id);
 END;
 $$;
