@@ -55,16 +55,16 @@ $$;
 -- claim, with the unknown queue's error and hint, as a name nothing answers to.
 DO $$
 DECLARE
-    v_state text;
+    v_queue text;
     v_hint  text;
 BEGIN
     ASSERT (SELECT count(*) FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
              WHERE n.nspname = 'pgmq' AND c.relname IN ('q_qa_pkey', 'q_qa_vt_idx', 'q_qa_msg_id_seq')) = 3,
         'pgmq made the index and sequence names this test uses';
-    FOREACH v_state IN ARRAY ARRAY['qa_pkey', 'qa_vt_idx', 'qa_msg_id_seq', 'no_such_queue'] LOOP
+    FOREACH v_queue IN ARRAY ARRAY['qa_pkey', 'qa_vt_idx', 'qa_msg_id_seq', 'no_such_queue'] LOOP
         BEGIN
-            PERFORM stageflow.claim_tasks(v_state, 1, 60, 'w');
-            RAISE EXCEPTION 'claim_tasks(%) was not refused', v_state;
+            PERFORM stageflow.claim_tasks(v_queue, 1, 60, 'w');
+            RAISE EXCEPTION 'claim_tasks(%) was not refused', v_queue;
         EXCEPTION WHEN undefined_object THEN
             GET STACKED DIAGNOSTICS v_hint = PG_EXCEPTION_HINT;
             ASSERT v_hint LIKE 'queues are created by stageflow.register_job_type%', v_hint;

@@ -24,7 +24,7 @@ DECLARE
     v_results    jsonb[];
     v_tokens     bigint[];
     v_refusals   jsonb[];
-    v_reported   text[];
+    v_reported   text[] := '{}';  -- the accepted ones, when reports are built
 BEGIN
     IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION USING
@@ -83,6 +83,6 @@ BEGIN
                               ELSE r.report END
                          ORDER BY u.n)
           FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
-          LEFT JOIN stageflow._completion_reports(coalesce(v_reported, '{}')) AS r ON r.task_id = u.task_id);
+          LEFT JOIN stageflow._completion_reports(v_reported) AS r ON r.task_id = u.task_id);
 END;
 $$;
