@@ -24,7 +24,7 @@ DECLARE
     v_results    jsonb[];
     v_tokens     bigint[];
     v_refusals   jsonb[];
-    v_reported   text[] := '{}';  -- the accepted ones, when reports are built
+    v_reported   text[] := '{}'::text[];  -- the accepted ones, when reports are built
 BEGIN
     IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION USING
