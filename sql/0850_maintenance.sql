@@ -33,7 +33,7 @@ $$;
 -- submission of the same work (the same job id) finishes its deletion first
 -- (stageflow._finish_job_deletion), so the new job's rows never meet the old one's.
 CREATE TABLE stageflow.deleted_jobs (
-    job_id      text PRIMARY KEY,
+    job_id      text COLLATE "C" PRIMARY KEY,
     deleted_at  timestamptz NOT NULL
 );
 SELECT pg_catalog.pg_extension_config_dump('stageflow.deleted_jobs', '');

@@ -5,7 +5,7 @@
 CREATE TABLE stageflow.webhook_deliveries (
     delivery_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     event_id         bigint NOT NULL,
-    job_id           text NOT NULL,
+    job_id           text COLLATE "C" NOT NULL,
     url              text NOT NULL,
     payload          jsonb NOT NULL,
     status           text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),

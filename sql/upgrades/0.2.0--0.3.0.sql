@@ -7,8 +7,24 @@
 ALTER TABLE stageflow.tasks SET (fillfactor = 35);
 
 -- tasks_stage_idx: the job named by a 64-bit hash of its id rather than the id (24-byte entries
--- instead of 88; see 0010_tables.sql). Built again over the rows there are.
+-- instead of 88; see 0010_tables.sql). Dropped here and built again over the rows there are
+-- below, once (after the ids' collation changed, which would build it again otherwise).
 DROP INDEX stageflow.tasks_stage_idx;
+
+-- Ids compare byte by byte (COLLATE "C", see 0010_tables.sql): each column holding a job id or a
+-- task id. The rows stay as they are (a collation is not in the data); the indexes on these
+-- columns are built again, and the foreign keys to jobs checked again.
+ALTER TABLE stageflow.jobs ALTER COLUMN job_id TYPE text COLLATE "C";
+ALTER TABLE stageflow.stages ALTER COLUMN job_id TYPE text COLLATE "C", ALTER COLUMN completed_by TYPE text COLLATE "C";
+ALTER TABLE stageflow.stage_shards ALTER COLUMN job_id TYPE text COLLATE "C";
+ALTER TABLE stageflow.stage_claims ALTER COLUMN job_id TYPE text COLLATE "C";
+ALTER TABLE stageflow.tasks ALTER COLUMN task_id TYPE text COLLATE "C", ALTER COLUMN job_id TYPE text COLLATE "C",
+                            ALTER COLUMN predecessor_id TYPE text COLLATE "C";
+ALTER TABLE stageflow.last_attempt_leases ALTER COLUMN task_id TYPE text COLLATE "C";
+ALTER TABLE stageflow.events ALTER COLUMN job_id TYPE text COLLATE "C", ALTER COLUMN task_id TYPE text COLLATE "C";
+ALTER TABLE stageflow.webhook_deliveries ALTER COLUMN job_id TYPE text COLLATE "C";
+ALTER TABLE stageflow.deleted_jobs ALTER COLUMN job_id TYPE text COLLATE "C";
+
 CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job_id, 0), stage, ordinal);
 
 -- @definitions

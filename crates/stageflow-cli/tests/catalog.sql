@@ -17,10 +17,10 @@ SELECT line FROM (
                   c.reloptions, (SELECT string_agg(x::text, ',' ORDER BY x::text) FROM unnest(c.relacl) AS x), obj_description(c.oid, 'pg_class'))
       FROM pg_class c WHERE c.relnamespace = 'stageflow'::regnamespace AND c.relkind <> 'i'
     UNION ALL
-    SELECT format('column %s.%s #%s %s notnull %s default %s identity %s generated %s acl %s comment %s', r.relname,
+    SELECT format('column %s.%s #%s %s collation %s notnull %s default %s identity %s generated %s acl %s comment %s', r.relname,
                   a.attname,
                   (SELECT count(*) FROM pg_attribute b WHERE b.attrelid = a.attrelid AND b.attnum > 0 AND NOT b.attisdropped AND b.attnum <= a.attnum),
-                  format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid), a.attidentity,
+                  format_type(a.atttypid, a.atttypmod), a.attcollation::regcollation, a.attnotnull, pg_get_expr(d.adbin, d.adrelid), a.attidentity,
                   a.attgenerated, (SELECT string_agg(x::text, ',' ORDER BY x::text) FROM unnest(a.attacl) AS x), col_description(a.attrelid, a.attnum))
       FROM pg_attribute a JOIN rels r ON r.oid = a.attrelid LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
      WHERE a.attnum > 0 AND NOT a.attisdropped AND r.relkind IN ('r', 'v', 'p', 'c', 'm')

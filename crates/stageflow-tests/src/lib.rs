@@ -49,7 +49,14 @@ pub fn fresh_database(name: &str) -> String {
     let mut admin = connect(&admin_url);
     if !*template_ready {
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {TEMPLATE}")).unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {TEMPLATE}")).unwrap();
+        // A linguistic collation (ICU's en-US) as the database's own, as many installations have,
+        // rather than the cluster's C.UTF-8: the engine's ids compare byte by byte whatever it is
+        // (COLLATE "C" columns), and its queries must mix the two without a collation conflict.
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {TEMPLATE} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            ))
+            .unwrap();
         let mut template = connect(&url_for(&admin_url, TEMPLATE));
         template.batch_execute("CREATE EXTENSION stageflow CASCADE").unwrap();
         drop(template);
