@@ -15,9 +15,10 @@ CREATE TABLE stageflow.job_types (
 -- the database's collation. They are hex digits and ASCII keys, looked up by key and sorted for
 -- lock order on every claim and completion; under a linguistic collation each comparison went
 -- through the collation library (a database with ICU en-US: submitting a 1,000,000-task stage
--- 8.5-8.9 s instead of 7.5-7.6 s, bench/README.md). One collation for all of them also keeps every
--- lock order one order: a sort of ids from an array (the database's collation) sorts them as a
--- sort of the column would.
+-- 8.7-9.3 s instead of 7.2-7.6 s, bench/README.md). Lock orders sort these columns, so byte by
+-- byte; a sort of ids from an array follows the database's collation instead, which sorts job
+-- ids (hex digits) alike but not every task id (keys may hold '-', '_', capitals): the one sort of
+-- task ids from an array that takes locks (_settle_completions) names COLLATE "C".
 
 -- A job: one submission of a job type with canonical parameters. The definition is copied in so
 -- that re-registering the type changes future jobs only.

@@ -149,7 +149,7 @@ BEGIN
               FROM (SELECT a.task_id, a.result, a.token
                       FROM unnest(p_task_ids, p_results, p_tokens) AS a(task_id, result, token)
                      WHERE v_pass = 1 OR a.task_id = ANY (v_todo)
-                     ORDER BY a.task_id) AS u
+                     ORDER BY a.task_id COLLATE "C") AS u
              WHERE t.task_id = u.task_id
                AND t.status = 'running'
                AND stageflow._refusal(t, u.task_id, 'completed', u.token, p_worker_id) IS NULL
