@@ -5,7 +5,9 @@
 #   scripts/isolation.sh [URL]        URL defaults to $STAGEFLOW_TEST_DATABASE_URL
 #
 # On that cluster it drops and creates the database stageflow_isolation (or
-# $STAGEFLOW_ISOLATION_DATABASE) with CREATE EXTENSION stageflow CASCADE (pgmq comes with it),
+# $STAGEFLOW_ISOLATION_DATABASE), of ICU's en-US collation as many installations have (the
+# engine's ids compare byte by byte whatever the database's collation: COLLATE "C" columns),
+# with CREATE EXTENSION stageflow CASCADE (pgmq comes with it),
 # then runs pg_isolation_regress --use-existing with every spec in pg_test/isolation/specs as
 # the schedule, comparing each output with pg_test/isolation/expected/<spec>.out. Results go to
 # /var/tmp/stageflow-isolation (or $STAGEFLOW_ISOLATION_OUTPUT), outside the checkout. On a
@@ -76,7 +78,7 @@ fi
 psql=("$bindir/psql" -X -q -v ON_ERROR_STOP=1)
 "${psql[@]}" -d "$admin_db" -c "SET client_min_messages = warning" \
     -c "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" \
-    -c "CREATE DATABASE \"$database\""
+    -c "CREATE DATABASE \"$database\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
 "${psql[@]}" -d "$database" -c "SET client_min_messages = warning" -c "CREATE EXTENSION stageflow CASCADE"
 
 rm -rf "$output"

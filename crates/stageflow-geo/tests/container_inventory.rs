@@ -172,9 +172,10 @@ fn check_inventory(
     let geojson = files.iter().find(|f| f["path"] == json!("vector/cycle_hire.geojson")).unwrap();
     assert_eq!(geojson["metadata"]["features"], json!(742), "cycle_hire has 742 docking stations");
 
-    // The table holds the same rows as the result.
+    // The table holds the same rows as the result (in byte order, as the result lists them: the
+    // database's own collation may sort paths otherwise).
     let rows = client
-        .query("SELECT path, size, sha256, media_type, modified::text FROM stageflow_geo.inventory WHERE job_id = $1 ORDER BY path", &[&job_id])
+        .query("SELECT path, size, sha256, media_type, modified::text FROM stageflow_geo.inventory WHERE job_id = $1 ORDER BY path COLLATE \"C\"", &[&job_id])
         .unwrap();
     assert_eq!(rows.len() as u64, result["count"].as_u64().unwrap(), "one row per file");
     for (row, file) in rows.iter().zip(files) {
