@@ -258,13 +258,34 @@ def symbols(script):
     return found
 
 
+BLOCK = '/* <begin connected objects> */'
+
+
+def in_recorded_order(script, recorded):
+    """`script` with its blocks of connected objects in the order `recorded` has them, when both
+    have the same blocks (each named by its first two lines: the source line and the item); else
+    `script` as it is. pgrx orders the blocks by their dependencies and breaks ties at random, so
+    the same order as before keeps a recorded script's diff to what changed."""
+    def blocks(text):
+        head, *rest = text.split(BLOCK)
+        return head, {'\n'.join(b.strip('\n').split('\n')[:2]): BLOCK + b for b in rest}, len(rest)
+    head, new, count = blocks(script)
+    _, old, old_count = blocks(recorded)
+    if count != len(new) or old_count != len(old) or set(new) != set(old):
+        return script
+    return head + ''.join(new[name] for name in old)
+
+
 def write():
     version = current_version()
     if version in released():
         sys.exit(f'{version} is released: its schema does not change again; bump the version in Cargo.toml first')
     path = f'sql/versions/stageflow--{version}.sql'
+    script = generated_install_script()
+    if os.path.exists(os.path.join(ROOT, path)):
+        script = in_recorded_order(script, read(path))
     with open(os.path.join(ROOT, path), 'w') as f:
-        f.write(generated_install_script())
+        f.write(script)
     print(path)
     older = [v for v in recorded_versions() if version_key(v) < version_key(version)]
     if older:

@@ -55,6 +55,7 @@ RETURNS TABLE (task_id text, lease_expires_at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET wal_compression = pglz
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -106,6 +107,7 @@ RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET wal_compression = pglz
 AS $$
 DECLARE
     v_now       timestamptz := stageflow.now();

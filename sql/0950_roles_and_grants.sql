@@ -9,6 +9,12 @@
 --                        granted to it), quotas
 -- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
 -- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
+-- Every entry point that updates task rows (claims, heartbeats, releases, completions, failures,
+-- cancel, retry, resubmission, advance_stage, maintenance) also carries SET wal_compression = pglz:
+-- a report is often the first change of its task's page after a checkpoint, so it logs the whole
+-- page, and the page of narrow task rows compresses to a fifth (bench/README.md). The setting is a
+-- superuser's; the function applies it as its owner, so these functions must stay owned by the
+-- superuser who created the extension (which CREATE EXTENSION does).
 DO $$
 DECLARE
     v_role text;

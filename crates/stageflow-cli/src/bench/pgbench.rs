@@ -38,11 +38,12 @@ SELECT jsonb_array_length(stageflow.complete_tasks(:batch::jsonb, 'bench', false
 ";
 
 /// pgmq's read + delete under pgbench, `batch` (1 or 100) messages a script: messages per second
-/// and the WAL per message.
+/// and the WAL per message. `settings` (`-c name=value ...`) go to every connection's PGOPTIONS.
 pub(super) async fn pgmq(
     url: &str,
     n: usize,
     sync: bool,
+    settings: &str,
     batch: usize,
     messages: usize,
     dir: &Path,
@@ -60,7 +61,7 @@ pub(super) async fn pgmq(
         .await?;
     let wal = Meter::start(url).await?;
     let (script, file) = if batch == 1 { (PGMQ_SCRIPT, "pgmq_one.sql") } else { (PGMQ_BATCH_SCRIPT, "pgmq_batch.sql") };
-    let rate = batch as f64 * run(url, n, sync, script, per_client, &dir.join(file)).await?;
+    let rate = batch as f64 * run(url, n, sync, settings, script, per_client, &dir.join(file)).await?;
     let per = wal.per((per_client * n * batch) as f64).await?;
     setup.batch_execute("SELECT pgmq.purge_queue('bench_pgbench')").await?;
     Ok((rate, per))
@@ -69,10 +70,12 @@ pub(super) async fn pgmq(
 /// Stageflow's claim + complete under pgbench, `batch` tasks a script (1: `claim_tasks(q, 1)` and
 /// `complete_task_and_check_stage`; 100: `claim_tasks(q, 100)` and `complete_tasks` without the
 /// accepted ones' reports, as the client's batched line): tasks per second and the WAL per task.
+/// `settings` as for [`pgmq`].
 pub(super) async fn stageflow(
     url: &str,
     n: usize,
     sync: bool,
+    settings: &str,
     batch: usize,
     tasks: usize,
     dir: &Path,
@@ -87,16 +90,24 @@ pub(super) async fn stageflow(
     } else {
         (STAGEFLOW_BATCH_SCRIPT, "stageflow_batch.sql")
     };
-    let rate = batch as f64 * run(url, n, sync, script, per_client, &dir.join(file)).await?;
+    let rate = batch as f64 * run(url, n, sync, settings, script, per_client, &dir.join(file)).await?;
     let per = wal.per((per_client * n * batch) as f64).await?;
     setup.execute("SELECT stageflow.cancel_job($1)", &[&job_id]).await?;
     Ok((rate, per))
 }
 
 /// Runs `script` with pgbench (`STAGEFLOW_PG_BINDIR`'s, or Debian's), `per_client` times on each
-/// of `n` connections; returns its rate (scripts per second, connection time excluded), after
-/// checking that every script ran.
-async fn run(url: &str, n: usize, sync: bool, script: &str, per_client: usize, file: &Path) -> Result<f64, CliError> {
+/// of `n` connections (with `settings` besides synchronous_commit); returns its rate (scripts per
+/// second, connection time excluded), after checking that every script ran.
+async fn run(
+    url: &str,
+    n: usize,
+    sync: bool,
+    settings: &str,
+    script: &str,
+    per_client: usize,
+    file: &Path,
+) -> Result<f64, CliError> {
     let setup_err = |e: std::io::Error| CliError::Setup(format!("{}: {e}", file.display()));
     std::fs::create_dir_all(file.parent().unwrap_or(Path::new("."))).map_err(setup_err)?;
     std::fs::write(file, script).map_err(setup_err)?;
@@ -107,7 +118,7 @@ async fn run(url: &str, n: usize, sync: bool, script: &str, per_client: usize, f
         .args(["-t", &per_client.to_string(), "-f"])
         .arg(file)
         .arg(url)
-        .env("PGOPTIONS", if sync { "-c synchronous_commit=on" } else { "-c synchronous_commit=off" })
+        .env("PGOPTIONS", format!("-c synchronous_commit={} {settings}", if sync { "on" } else { "off" }))
         .output()
         .await
         .map_err(|e| CliError::Setup(format!("{pgbench}: {e}")))?;

@@ -1,0 +1,103 @@
+//! What the engine writes to the WAL: a report is often the first change of its task's page after
+//! a checkpoint, so PostgreSQL logs the whole page with it; every entry point that updates task
+//! rows compresses those full-page images (SET wal_compression = pglz, applied as the function's
+//! superuser owner), whoever calls it and whatever the cluster's own setting.
+
+// Test code: a panic (unwrap, expect) is how a test reports a failure.
+#![allow(clippy::unwrap_used)]
+
+use postgres::Client;
+use serde_json::json;
+use stageflow_tests::*;
+
+const ONE_STAGE: &str = r#"{
+    "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}},
+    "stages": [{"name": "work", "handler": "wal.work", "queue": "wal", "fan_out": "count", "param": "n"}]
+}"#;
+
+/// Runs `call` as `worker` right after a checkpoint and returns the block references of the
+/// full-page images of `stageflow.tasks` that the WAL holds since (pg_walinspect's text, which
+/// names the compression method of a compressed image).
+fn task_page_images(admin: &mut Client, worker: &mut Client, call: &str) -> Vec<String> {
+    admin.batch_execute("CHECKPOINT").unwrap();
+    let start: String = admin.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    worker.batch_execute(call).unwrap_or_else(|e| panic!("{call}: {e}"));
+    admin
+        .query(
+            "SELECT w.block_ref
+               FROM pg_get_wal_records_info_till_end_of_wal($1::text::pg_lsn) AS w,
+                    (SELECT format(' rel %s/%s/%s fork main ',
+                                   CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END,
+                                   d.oid, pg_relation_filenode(c.oid)) AS rel
+                       FROM pg_class c, pg_database d
+                      WHERE c.oid = 'stageflow.tasks'::regclass AND d.datname = current_database()) AS t
+              WHERE w.fpi_length > 0 AND strpos(w.block_ref, t.rel) > 0",
+            &[&start],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[test]
+fn every_report_compresses_the_task_pages_it_logs_whole() {
+    let url = fresh_database("wal_images");
+    let mut admin = connect(&url);
+    let cluster_setting: String = admin.query_one("SHOW wal_compression", &[]).unwrap().get(0);
+    assert_eq!(cluster_setting, "off", "the test cluster must keep the default for this test to tell anything");
+    admin
+        .batch_execute(&format!(
+            "CREATE EXTENSION pg_walinspect;
+             DROP ROLE IF EXISTS sf_test_wal_worker;
+             CREATE ROLE sf_test_wal_worker LOGIN PASSWORD '{ROLE_PASSWORD}' IN ROLE stageflow_worker;"
+        ))
+        .unwrap();
+    register(&mut admin, "wal_images", ONE_STAGE);
+    admin.batch_execute("SELECT stageflow.grant_queue('wal', 'sf_test_wal_worker')").unwrap();
+    submit(&mut admin, "wal_images", json!({"n": 4}));
+    // A worker that is not a superuser: the functions set a superuser's setting as their owner.
+    let mut worker = connect(&url_as(&url, "sf_test_wal_worker"));
+    let is_superuser: bool =
+        worker.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[]).unwrap().get(0);
+    assert!(!is_superuser);
+
+    let claimed: Vec<(String, i64)> = worker
+        .query("SELECT task_id, lease_token FROM stageflow.claim_tasks('wal', 3, 60, 'w')", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(claimed.len(), 3);
+    let [(first, first_token), (second, second_token), (third, third_token)] = <[_; 3]>::try_from(claimed).unwrap();
+
+    let calls = [
+        // (the fourth task)
+        ("a claim", "SELECT * FROM stageflow.claim_tasks('wal', 1, 60, 'w')".to_owned()),
+        (
+            "a heartbeat",
+            format!("SELECT * FROM stageflow.heartbeat(ARRAY['{first}'], 120, 'w', ARRAY[{first_token}]::bigint[])"),
+        ),
+        (
+            "a completion",
+            format!("SELECT stageflow.complete_task_and_check_stage('{first}', '{{}}', 'w', {first_token})"),
+        ),
+        (
+            "a batch of completions",
+            format!(
+                "SELECT stageflow.complete_tasks('[{{\"task_id\": \"{second}\", \"result\": {{}}, \"lease_token\": {second_token}}}]', 'w')"
+            ),
+        ),
+        (
+            "a failure",
+            format!("SELECT stageflow.fail_task('{third}', '{{\"e\": 1}}', true, 'w', {third_token})"),
+        ),
+    ];
+    for (what, call) in calls {
+        let images = task_page_images(&mut admin, &mut worker, &call);
+        assert!(!images.is_empty(), "{what} logged no full-page image of its task's page after a checkpoint");
+        for image in &images {
+            assert!(image.contains("method: pglz"), "{what} logged an uncompressed page: {image}");
+        }
+    }
+}
