@@ -37,13 +37,39 @@ SELECT jsonb_agg(jsonb_build_object('task_id', task_id, 'lease_token', lease_tok
 SELECT jsonb_array_length(stageflow.complete_tasks(:batch::jsonb, 'bench', false));
 ";
 
+/// How a pgbench line runs besides its statements.
+#[derive(Clone, Copy)]
+pub(super) struct Variant {
+    pub sync: bool,
+    /// `-c name=value ...` for every connection's PGOPTIONS.
+    pub settings: &'static str,
+    /// The queue's messages or the job's tasks made before a `VACUUM (ANALYZE)` and a
+    /// `CHECKPOINT`, as a backlog is when a checkpoint comes between a submission and the claims:
+    /// the line's first change of each page then logs the whole page (without it, the pages are
+    /// made after the line's checkpoint and none is logged whole).
+    pub backlog: bool,
+}
+
+impl Variant {
+    pub fn plain(sync: bool) -> Variant {
+        Variant { sync, settings: "", backlog: false }
+    }
+}
+
+async fn before_line(setup: &tokio_postgres::Client, variant: Variant) -> Result<(), CliError> {
+    if variant.backlog {
+        setup.batch_execute("VACUUM (ANALYZE)").await?;
+        setup.batch_execute("CHECKPOINT").await?;
+    }
+    Ok(())
+}
+
 /// pgmq's read + delete under pgbench, `batch` (1 or 100) messages a script: messages per second
-/// and the WAL per message. `settings` (`-c name=value ...`) go to every connection's PGOPTIONS.
+/// and the WAL per message.
 pub(super) async fn pgmq(
     url: &str,
     n: usize,
-    sync: bool,
-    settings: &str,
+    variant: Variant,
     batch: usize,
     messages: usize,
     dir: &Path,
@@ -59,9 +85,10 @@ pub(super) async fn pgmq(
             &[&count],
         )
         .await?;
+    before_line(&setup, variant).await?;
     let wal = Meter::start(url).await?;
     let (script, file) = if batch == 1 { (PGMQ_SCRIPT, "pgmq_one.sql") } else { (PGMQ_BATCH_SCRIPT, "pgmq_batch.sql") };
-    let rate = batch as f64 * run(url, n, sync, settings, script, per_client, &dir.join(file)).await?;
+    let rate = batch as f64 * run(url, n, variant, script, per_client, &dir.join(file)).await?;
     let per = wal.per((per_client * n * batch) as f64).await?;
     setup.batch_execute("SELECT pgmq.purge_queue('bench_pgbench')").await?;
     Ok((rate, per))
@@ -70,12 +97,10 @@ pub(super) async fn pgmq(
 /// Stageflow's claim + complete under pgbench, `batch` tasks a script (1: `claim_tasks(q, 1)` and
 /// `complete_task_and_check_stage`; 100: `claim_tasks(q, 100)` and `complete_tasks` without the
 /// accepted ones' reports, as the client's batched line): tasks per second and the WAL per task.
-/// `settings` as for [`pgmq`].
 pub(super) async fn stageflow(
     url: &str,
     n: usize,
-    sync: bool,
-    settings: &str,
+    variant: Variant,
     batch: usize,
     tasks: usize,
     dir: &Path,
@@ -84,26 +109,26 @@ pub(super) async fn stageflow(
     let setup = connect(url).await?.into_raw();
     let job_id =
         submit(&setup, "bench_pgbench", json!({"n": per_client * n * batch * 11 / 10, "run": run_id()})).await?;
+    before_line(&setup, variant).await?;
     let wal = Meter::start(url).await?;
     let (script, file) = if batch == 1 {
         (STAGEFLOW_SCRIPT, "stageflow_one.sql")
     } else {
         (STAGEFLOW_BATCH_SCRIPT, "stageflow_batch.sql")
     };
-    let rate = batch as f64 * run(url, n, sync, settings, script, per_client, &dir.join(file)).await?;
+    let rate = batch as f64 * run(url, n, variant, script, per_client, &dir.join(file)).await?;
     let per = wal.per((per_client * n * batch) as f64).await?;
     setup.execute("SELECT stageflow.cancel_job($1)", &[&job_id]).await?;
     Ok((rate, per))
 }
 
 /// Runs `script` with pgbench (`STAGEFLOW_PG_BINDIR`'s, or Debian's), `per_client` times on each
-/// of `n` connections (with `settings` besides synchronous_commit); returns its rate (scripts per
-/// second, connection time excluded), after checking that every script ran.
+/// of `n` connections; returns its rate (scripts per second, connection time excluded), after
+/// checking that every script ran.
 async fn run(
     url: &str,
     n: usize,
-    sync: bool,
-    settings: &str,
+    variant: Variant,
     script: &str,
     per_client: usize,
     file: &Path,
@@ -118,7 +143,10 @@ async fn run(
         .args(["-t", &per_client.to_string(), "-f"])
         .arg(file)
         .arg(url)
-        .env("PGOPTIONS", format!("-c synchronous_commit={} {settings}", if sync { "on" } else { "off" }))
+        .env(
+            "PGOPTIONS",
+            format!("-c synchronous_commit={} {}", if variant.sync { "on" } else { "off" }, variant.settings),
+        )
         .output()
         .await
         .map_err(|e| CliError::Setup(format!("{pgbench}: {e}")))?;
