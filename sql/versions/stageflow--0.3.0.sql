@@ -2444,10 +2444,30 @@ DECLARE
     v_remaining  int;
     v_open       int;
     v_emptied    int := 0;
+    -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
+    -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
+    -- server CPU, bench/README.md).
+    v_one_stage  boolean := false;
+    v_job_id     text;
+    v_stage      int;
+    v_dynamic    boolean;
+    v_queue      text;
+    v_shard_count int;
     r            record;
 BEGIN
     IF cardinality(p_task_ids) > 1 THEN
-        PERFORM FROM stageflow.tasks AS t WHERE t.task_id = ANY (p_task_ids) ORDER BY t.task_id FOR UPDATE;
+        -- (every task named found, and locked: no task of another stage can turn up later in the call)
+        SELECT count(*) = cardinality(p_task_ids) AND min(k.job_id) = max(k.job_id) AND min(k.stage) = max(k.stage),
+               min(k.job_id), min(k.stage)
+          INTO v_one_stage, v_job_id, v_stage
+          FROM (SELECT t.job_id, t.stage FROM stageflow.tasks AS t
+                 WHERE t.task_id = ANY (p_task_ids) ORDER BY t.task_id FOR UPDATE) AS k;
+        IF v_one_stage THEN
+            -- (what is read here does not change after the stage is made)
+            SELECT s.next_fan_out IS NOT DISTINCT FROM 'dynamic', s.queue, s.shards
+              INTO v_dynamic, v_queue, v_shard_count
+              FROM stageflow.stages AS s WHERE s.job_id = v_job_id AND s.stage = v_stage;
+        END IF;
     END IF;
     FOR v_pass IN 1 .. 2 LOOP
         -- Complete the tasks of v_todo that may be completed, locking them in task_id order (the
@@ -2463,18 +2483,21 @@ BEGIN
              WHERE t.task_id = u.task_id
                AND t.status = 'running'
                AND stageflow._refusal(t, u.task_id, 'completed', u.token, p_worker_id) IS NULL
-               AND ((SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
-                        IS DISTINCT FROM 'dynamic'
+               AND (CASE WHEN v_one_stage THEN v_dynamic IS NOT TRUE
+                         ELSE (SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
+                              IS DISTINCT FROM 'dynamic' END
                     OR stageflow._planner_refusal(u.task_id, u.result, t.job_id) IS NULL)
             RETURNING t.task_id, t.msg_id, t.job_id, t.stage, t.ordinal, t.claimed_at,
-                      (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) AS st
+                      CASE WHEN NOT v_one_stage THEN
+                          (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
         )
         SELECT v_ids || coalesce(array_agg(d.task_id ORDER BY d.task_id), '{}'),
                v_msg_ids || coalesce(array_agg(d.msg_id ORDER BY d.task_id), '{}'),
-               v_queues || coalesce(array_agg((d.st).queue ORDER BY d.task_id), '{}'),
+               v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END ORDER BY d.task_id), '{}'),
                v_jobs || coalesce(array_agg(d.job_id ORDER BY d.task_id), '{}'),
                v_stages || coalesce(array_agg(d.stage ORDER BY d.task_id), '{}'),
-               v_shards || coalesce(array_agg(d.ordinal % (d.st).shards ORDER BY d.task_id), '{}'),
+               v_shards || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END
+                                             ORDER BY d.task_id), '{}'),
                v_ordinals || coalesce(array_agg(d.ordinal ORDER BY d.task_id), '{}'),
                v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision ORDER BY d.task_id), '{}')
           INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_shards, v_ordinals, v_seconds

@@ -144,6 +144,7 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("recording an attempt of an unknown delivery", "SELECT stageflow.record_webhook_attempt(-1, true)", "42704", "no pending webhook delivery"),
         case("a batch of results that is not an array", "SELECT stageflow.complete_tasks('{}')", "22023", "must be a JSON array"),
         case("a batch element without a task_id", "SELECT stageflow.complete_tasks('[{\"result\": 1}]')", "22023", "needs a \"task_id\""),
+        case("a batch element whose lease_token is text", format!("SELECT stageflow.complete_tasks('[{{\"task_id\": \"{planner_task}\", \"lease_token\": \"x\"}}]')"), "22023", "is a number"),
         case("a batch naming a task twice", format!("SELECT stageflow.complete_tasks('[{{\"task_id\": \"{planner_task}\"}}, {{\"task_id\": \"{planner_task}\"}}]')"), "22023", "more than once"),
         case("a job over the tasks a job may have", "SELECT stageflow.submit_job('county', '{\"n\": 100001}')", "54000", "more than the 100000 tasks it may have"),
         case("a submission over the open-task quota", "SELECT stageflow.submit_job('county', '{\"n\": 9}')", "54000", "would leave login postgres with 11 open tasks, more than its quota of 10"),
