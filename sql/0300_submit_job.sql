@@ -21,7 +21,6 @@ RETURNS TABLE (job_id text, outcome text, job_status text)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -136,7 +135,6 @@ RETURNS text
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_submitted record;

@@ -132,7 +132,6 @@ RETURNS TABLE (
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 AS $$

@@ -55,7 +55,6 @@ RETURNS TABLE (task_id text, lease_expires_at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -107,7 +106,6 @@ RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_now       timestamptz := stageflow.now();

@@ -198,7 +198,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_row          stageflow.tasks;

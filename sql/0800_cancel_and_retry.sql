@@ -6,7 +6,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_status    text;
@@ -63,7 +62,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 BEGIN
     RETURN stageflow._retry_job(retry_job.job_id, false);

@@ -129,7 +129,6 @@ RETURNS TABLE (task_id text, lease_expires_at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -180,7 +179,6 @@ RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_now       timestamptz := stageflow.now();
@@ -549,7 +547,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 AS $$
@@ -632,7 +629,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_status    text;
@@ -687,7 +683,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 BEGIN
     RETURN stageflow._retry_job(retry_job.job_id, false);
@@ -924,7 +919,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_job       stageflow.jobs;
@@ -1317,7 +1311,6 @@ RETURNS TABLE (
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 AS $$
@@ -1928,7 +1921,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_row          stageflow.tasks;
@@ -2355,7 +2347,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 AS $$
@@ -2865,7 +2856,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_now        timestamptz := stageflow.now();
@@ -3453,7 +3443,6 @@ RETURNS TABLE (job_id text, outcome text, job_status text)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -3567,7 +3556,6 @@ RETURNS text
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET wal_compression = pglz
 AS $$
 DECLARE
     v_submitted record;
@@ -4003,12 +3991,6 @@ ON CONFLICT ON CONSTRAINT job_types_pkey DO UPDATE SET definition = excluded.def
 --                        granted to it), quotas
 -- The functions are SECURITY DEFINER with search_path pg_catalog, pg_temp and every name
 -- qualified, so no role needs (or has) any privilege on the tables. Nothing is granted to PUBLIC.
--- Every entry point that updates task rows (claims, heartbeats, releases, completions, failures,
--- cancel, retry, resubmission, advance_stage, maintenance) also carries SET wal_compression = pglz:
--- a report is often the first change of its task's page after a checkpoint, so it logs the whole
--- page, and the page of narrow task rows compresses to a fifth (bench/README.md). The setting is a
--- superuser's; the function applies it as its owner, so these functions must stay owned by the
--- superuser who created the extension (which CREATE EXTENSION does).
 DO $$
 DECLARE
     v_role text;
@@ -4069,6 +4051,37 @@ GRANT EXECUTE ON FUNCTION
     stageflow.record_webhook_attempt(bigint, boolean, int, text, numeric)
 TO stageflow_admin;
 GRANT EXECUTE ON FUNCTION stageflow.metrics() TO stageflow_monitor;
+-- Every entry point that updates task rows compresses the full-page images it logs, whatever the
+-- cluster's wal_compression: a claim or a report is often the first change of its task's page
+-- after a checkpoint, so PostgreSQL logs the whole page with it, and a page of task rows
+-- compresses to about a fifth (bench/README.md, seventh pass). lz4 where this PostgreSQL has it
+-- (a batch spent 3 % of its server CPU more in pglz), else pglz, which every build has. The
+-- setting is a superuser's, which a function applies as its owner: these functions stay owned by
+-- the superuser who created the extension.
+DO $$
+DECLARE
+    v_method   text := CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_settings AS s
+                                          WHERE s.name = 'wal_compression' AND 'lz4' = ANY (s.enumvals))
+                            THEN 'lz4' ELSE 'pglz' END;
+    v_function regprocedure;
+BEGIN
+    FOREACH v_function IN ARRAY ARRAY[
+        'stageflow.claim_tasks(text, int, int, text)',
+        'stageflow.heartbeat(text[], int, text, bigint[])',
+        'stageflow.release_tasks(text[], text, bigint[])',
+        'stageflow.complete_task_and_check_stage(text, jsonb, text, bigint)',
+        'stageflow.complete_tasks(jsonb, text, boolean)',
+        'stageflow.fail_task(text, jsonb, boolean, text, bigint)',
+        'stageflow.cancel_job(text)',
+        'stageflow.retry_job(text)',
+        'stageflow.submit_job_outcome(text, jsonb, text)',
+        'stageflow.submit_job(text, jsonb, text)',
+        'stageflow.advance_stage(text)',
+        'stageflow.run_maintenance(int)']::regprocedure[] LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET wal_compression = %s', v_function, v_method);
+    END LOOP;
+END;
+$$;
 
 -- 5. What needs the functions of 0.3.0 (sql/upgrades/0.2.0--0.3.0.sql).
 

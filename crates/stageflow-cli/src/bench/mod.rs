@@ -335,19 +335,34 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             );
             // A backlog: the messages sent and the job submitted, then a checkpoint, so that the
             // line's first change of each page logs the whole page. Stageflow's functions that
-            // update task rows compress those images whatever the cluster says (SET
-            // wal_compression = pglz, sql/0950_roles_and_grants.sql); pgmq's with the cluster's
-            // default (off), then with pglz too, the honest counterpart.
+            // update task rows compress those images whatever the cluster says (wal_compression
+            // set on them, sql/0950_roles_and_grants.sql); pgmq's with the cluster's default
+            // (off), then with the same method in its sessions too, the honest counterpart.
             let backlog = if sync {
+                let method: String = setup
+                    .raw()
+                    .query_one(
+                        "SELECT coalesce((SELECT split_part(c, '=', 2) FROM pg_proc AS p, unnest(p.proconfig) AS c
+                                           WHERE p.oid = 'stageflow.claim_tasks(text, int, int, text)'::regprocedure
+                                             AND c LIKE 'wal_compression=%'), 'off')",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                let compressed = format!("-c wal_compression={method}");
                 let at = |settings| Variant { sync, settings, backlog: true };
                 settle(&quiet).await?;
                 let (pgmq_rate, pgmq_wal) = pgbench::pgmq(&url, c, at(""), 1, sizes.messages, &scripts).await?;
                 line("  pgmq under pgbench, a checkpointed backlog", pgmq_rate, "msg/s", &pgmq_wal.label());
                 settle(&quiet).await?;
-                let pglz = "-c wal_compression=pglz";
-                let (pgmq_pglz_rate, pgmq_pglz_wal) =
-                    pgbench::pgmq(&url, c, at(pglz), 1, sizes.messages, &scripts).await?;
-                line("  the same with wal_compression = pglz", pgmq_pglz_rate, "msg/s", &pgmq_pglz_wal.label());
+                let (pgmq_compressed_rate, pgmq_compressed_wal) =
+                    pgbench::pgmq(&url, c, at(&compressed), 1, sizes.messages, &scripts).await?;
+                line(
+                    &format!("  the same with wal_compression = {method}"),
+                    pgmq_compressed_rate,
+                    "msg/s",
+                    &pgmq_compressed_wal.label(),
+                );
                 settle(&quiet).await?;
                 let (sf_rate, sf_wal) = pgbench::stageflow(&url, c, at(""), 1, tasks, &scripts).await?;
                 line(
@@ -355,23 +370,24 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                     sf_rate,
                     "tasks/s",
                     &format!(
-                        "{}  (WAL {:.2}x pgmq's bytes; {:.2}x pgmq's with pglz)",
+                        "{}  (WAL {:.2}x pgmq's bytes; {:.2}x pgmq's with {method})",
                         sf_wal.label(),
                         sf_wal.bytes / pgmq_wal.bytes,
-                        sf_wal.bytes / pgmq_pglz_wal.bytes
+                        sf_wal.bytes / pgmq_compressed_wal.bytes
                     ),
                 );
                 json!({
+                    "wal_compression_of_the_engine": method,
                     "pgmq_one_at_a_time_msg_per_s": pgmq_rate,
-                    "pgmq_one_at_a_time_wal_compression_pglz_msg_per_s": pgmq_pglz_rate,
+                    "pgmq_one_at_a_time_compressed_msg_per_s": pgmq_compressed_rate,
                     "stageflow_one_at_a_time_first_stage_tasks_per_s": sf_rate,
                     "wal_per_unit": {
                         "pgmq_one_at_a_time": pgmq_wal.json(),
-                        "pgmq_one_at_a_time_wal_compression_pglz": pgmq_pglz_wal.json(),
+                        "pgmq_one_at_a_time_compressed": pgmq_compressed_wal.json(),
                         "stageflow_one_at_a_time": sf_wal.json(),
                     },
                     "ratio_one_at_a_time_wal_bytes_to_pgmq": sf_wal.bytes / pgmq_wal.bytes,
-                    "ratio_one_at_a_time_wal_bytes_to_pgmq_wal_compression_pglz": sf_wal.bytes / pgmq_pglz_wal.bytes,
+                    "ratio_one_at_a_time_wal_bytes_to_pgmq_compressed": sf_wal.bytes / pgmq_compressed_wal.bytes,
                 })
             } else {
                 serde_json::Value::Null

@@ -39,10 +39,10 @@ SELECT jsonb_array_length(stageflow.complete_tasks(:batch::jsonb, 'bench', false
 
 /// How a pgbench line runs besides its statements.
 #[derive(Clone, Copy)]
-pub(super) struct Variant {
+pub(super) struct Variant<'a> {
     pub sync: bool,
     /// `-c name=value ...` for every connection's PGOPTIONS.
-    pub settings: &'static str,
+    pub settings: &'a str,
     /// The queue's messages or the job's tasks made before a `VACUUM (ANALYZE)` and a
     /// `CHECKPOINT`, as a backlog is when a checkpoint comes between a submission and the claims:
     /// the line's first change of each page then logs the whole page (without it, the pages are
@@ -50,13 +50,13 @@ pub(super) struct Variant {
     pub backlog: bool,
 }
 
-impl Variant {
-    pub fn plain(sync: bool) -> Variant {
+impl Variant<'static> {
+    pub fn plain(sync: bool) -> Variant<'static> {
         Variant { sync, settings: "", backlog: false }
     }
 }
 
-async fn before_line(setup: &tokio_postgres::Client, variant: Variant) -> Result<(), CliError> {
+async fn before_line(setup: &tokio_postgres::Client, variant: Variant<'_>) -> Result<(), CliError> {
     if variant.backlog {
         setup.batch_execute("VACUUM (ANALYZE)").await?;
         setup.batch_execute("CHECKPOINT").await?;
@@ -69,7 +69,7 @@ async fn before_line(setup: &tokio_postgres::Client, variant: Variant) -> Result
 pub(super) async fn pgmq(
     url: &str,
     n: usize,
-    variant: Variant,
+    variant: Variant<'_>,
     batch: usize,
     messages: usize,
     dir: &Path,
@@ -100,7 +100,7 @@ pub(super) async fn pgmq(
 pub(super) async fn stageflow(
     url: &str,
     n: usize,
-    variant: Variant,
+    variant: Variant<'_>,
     batch: usize,
     tasks: usize,
     dir: &Path,
@@ -128,7 +128,7 @@ pub(super) async fn stageflow(
 async fn run(
     url: &str,
     n: usize,
-    variant: Variant,
+    variant: Variant<'_>,
     script: &str,
     per_client: usize,
     file: &Path,
