@@ -125,3 +125,39 @@ BEGIN
         || coalesce(pg_stat_get_xact_function_calls('stageflow._completion_reports'::regproc), 0) - v_reported;
 END;
 $$;
+
+-- A batch of one stage is read with its stage row once (_settle_completions): a batch of planners
+-- (the next stage dynamic) still checks each plan, refuses a bad one alone, and counts the others
+-- on their shards, so that the stage advances once its last planner completes, with every plan.
+SELECT stageflow.register_job_type('planned_many', $$
+{"parameters": {"type": "object", "properties": {"n": {"type": "integer"}}},
+ "stages": [{"name": "plan", "handler": "p.plan", "queue": "batch_planners", "fan_out": "count", "param": "n"},
+            {"name": "work", "handler": "p.work", "queue": "batch_planners", "fan_out": "dynamic"}]}
+$$);
+DO $$
+DECLARE
+    v_job     text := stageflow.submit_job('planned_many', '{"n": 3}');
+    v_tasks   text[];
+    v_tokens  bigint[];
+    v_reports jsonb;
+BEGIN
+    SELECT array_agg(c.task_id ORDER BY c.task_id), array_agg(c.lease_token ORDER BY c.task_id)
+      INTO v_tasks, v_tokens FROM stageflow.claim_tasks('batch_planners', 3, 60, 'wp') AS c;
+    ASSERT cardinality(v_tasks) = 3, v_tasks::text;
+    v_reports := stageflow.complete_tasks(jsonb_build_array(
+        jsonb_build_object('task_id', v_tasks[1], 'lease_token', v_tokens[1], 'result', '{"tasks": [{"key": "a"}]}'::jsonb),
+        jsonb_build_object('task_id', v_tasks[2], 'lease_token', v_tokens[2], 'result', '{"not": "a plan"}'::jsonb),
+        jsonb_build_object('task_id', v_tasks[3], 'lease_token', v_tokens[3], 'result', '{"tasks": [{"key": "c"}]}'::jsonb)), 'wp');
+    ASSERT v_reports -> 0 ->> 'task_status' = 'completed' AND v_reports -> 2 ->> 'task_status' = 'completed', v_reports::text;
+    ASSERT v_reports -> 1 -> 'error' ->> 'sqlstate' = '22023', v_reports::text;
+    ASSERT (SELECT array_agg(status ORDER BY task_id) FROM stageflow.tasks WHERE job_id = v_job AND stage = 1)
+           = ARRAY['completed', 'running', 'completed'];
+    ASSERT (SELECT sum(remaining_tasks) FROM stageflow.stage_shards WHERE job_id = v_job AND stage = 1) = 1;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks WHERE job_id = v_job AND stage = 2), 'the stage waits for its last planner';
+    ASSERT (SELECT count(*) FROM pgmq.q_batch_planners) = 1, 'the completed planners'' messages are deleted';
+    v_reports := stageflow.complete_tasks(jsonb_build_array(
+        jsonb_build_object('task_id', v_tasks[2], 'lease_token', v_tokens[2], 'result', '{"tasks": [{"key": "b"}]}'::jsonb)), 'wp');
+    ASSERT v_reports -> 0 ->> 'stage_completed' = 'true', v_reports::text;
+    ASSERT (SELECT array_agg(task_key ORDER BY ordinal) FROM stageflow.tasks WHERE job_id = v_job AND stage = 2) = ARRAY['a', 'b', 'c'];
+END;
+$$;

@@ -40,10 +40,11 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
                 WHERE jsonb_typeof(e.item) <> 'object' OR jsonb_typeof(e.item -> 'task_id') IS DISTINCT FROM 'string'
-                   OR (e.item ? 'lease_token' AND jsonb_typeof(e.item -> 'lease_token') NOT IN ('number', 'null'))) THEN
+                   OR (e.item ? 'lease_token' AND jsonb_typeof(e.item -> 'lease_token') IS DISTINCT FROM 'null'
+                       AND (jsonb_typeof(e.item -> 'lease_token') <> 'number' OR (e.item ->> 'lease_token') !~ '^-?[0-9]{1,18}$'))) THEN
         RAISE EXCEPTION USING
             ERRCODE = '22023',
-            MESSAGE = 'every element of results needs a "task_id" string (and a "lease_token", when given, is a number)',
+            MESSAGE = 'every element of results needs a "task_id" string (and a "lease_token", when given, is an integer)',
             HINT = 'pass [{"task_id": "...", "result": {...}, "lease_token": 1}, ...]';
     END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
