@@ -4405,9 +4405,9 @@ GRANT EXECUTE ON FUNCTION stageflow.metrics() TO stageflow_monitor;
 -- cluster's wal_compression: a claim or a report is often the first change of its task's page
 -- after a checkpoint, so PostgreSQL logs the whole page with it, and a page of task rows
 -- compresses to about a fifth (bench/README.md, seventh pass). lz4 where this PostgreSQL has it
--- (a batch spent 3 % of its server CPU more in pglz), else pglz, which every build has. The
--- setting is a superuser's, which a function applies as its owner: these functions stay owned by
--- the superuser who created the extension.
+-- (with pglz, a batch over a backlog cost 2-6 % more server CPU), else pglz, which every build
+-- has. The setting is a superuser's, which a function applies as its owner: these functions stay
+-- owned by the superuser who created the extension.
 DO $$
 DECLARE
     v_method   text := CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_settings AS s

@@ -107,3 +107,51 @@ fn every_report_compresses_the_task_pages_it_logs_whole() {
         }
     }
 }
+
+/// The list in sql/0950_roles_and_grants.sql is complete: every SECURITY DEFINER function whose
+/// body, or the body of a function it calls (by name, transitively), updates, deletes or locks
+/// task rows carries a wal_compression setting; and no other function does (the setting is a
+/// superuser's: on a function that runs as its caller, a non-superuser's call would fail).
+#[test]
+fn every_entry_point_that_writes_task_rows_compresses_and_no_other_function_does() {
+    let url = fresh_database("wal_entry_points");
+    let mut client = connect(&url);
+    let rows = client
+        .query(
+            r"WITH RECURSIVE fns AS (
+                  SELECT p.oid, p.proname, p.prosrc, p.prosecdef,
+                         coalesce(EXISTS (SELECT 1 FROM unnest(p.proconfig) AS c WHERE c LIKE 'wal_compression=%'), false)
+                             AS compresses
+                    FROM pg_proc AS p
+                   WHERE p.pronamespace = 'stageflow'::regnamespace
+                     AND p.prolang <> (SELECT l.oid FROM pg_language AS l WHERE l.lanname = 'c')
+              ), writers AS (
+                  SELECT f.oid FROM fns AS f
+                   WHERE f.prosrc ~* '(UPDATE|DELETE\s+FROM)\s+stageflow\.tasks\M'
+                      OR f.prosrc ~* 'FROM\s+stageflow\.tasks\M[^;]*FOR\s+UPDATE'
+                  UNION
+                  SELECT a.oid FROM writers AS w JOIN fns AS b ON b.oid = w.oid
+                    JOIN fns AS a ON a.prosrc ~ ('stageflow\.' || b.proname || '\(')
+              )
+              SELECT f.oid::regprocedure::text, f.prosecdef, f.compresses, f.oid IN (SELECT w.oid FROM writers AS w)
+                FROM fns AS f
+               ORDER BY 1",
+            &[],
+        )
+        .unwrap();
+    let entry_points: Vec<String> =
+        rows.iter().filter(|r| r.get::<_, bool>(1) && r.get::<_, bool>(3)).map(|r| r.get(0)).collect();
+    assert!(
+        entry_points.len() >= 12 && entry_points.iter().any(|f| f.starts_with("stageflow.claim_tasks(")),
+        "the walk finds the entry points: {entry_points:?}"
+    );
+    let missing: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(1) && r.get::<_, bool>(3) && !r.get::<_, bool>(2))
+        .map(|r| r.get(0))
+        .collect();
+    assert!(missing.is_empty(), "entry points that write task rows without wal_compression: {missing:?}");
+    let on_callers_rights: Vec<String> =
+        rows.iter().filter(|r| !r.get::<_, bool>(1) && r.get::<_, bool>(2)).map(|r| r.get(0)).collect();
+    assert!(on_callers_rights.is_empty(), "functions not SECURITY DEFINER with wal_compression: {on_callers_rights:?}");
+}
