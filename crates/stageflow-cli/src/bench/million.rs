@@ -3,8 +3,8 @@
 //! `ms` 0). Measured: the submission (the N-task fan-out) beside `pgmq.send_batch` of N messages
 //! into a fresh queue, the wall time and tasks/s overall and per stage, the time per completion
 //! over successive windows of the run (flatness: last window / first), the peak memory of each
-//! worker process and of the server, and the database's size before the submission, after the
-//! job completed, after retention deleted it, and after VACUUM.
+//! worker process and of the server, the WAL per task of the run, and the database's size before
+//! the submission, after the job completed, after retention deleted it, and after VACUUM.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::clients::clients;
 use super::jobs::{run_id, submit};
+use super::wal::Meter;
 use crate::{connect, CliError};
 
 /// A `/proc/<pid>/status` field in KiB (VmRSS, VmHWM), 0 when /proc does not say.
@@ -160,6 +161,9 @@ pub(super) async fn run(
     let job_id = submit(&submitter, "bench", json!({"n": n, "ms": 0, "run": run_id()})).await?;
     let submit_seconds = start.elapsed().as_secs_f64();
     drop(submitter);
+    // The WAL of the run, stage 2's lineage fan-out included (checkpoints fall within it, so its
+    // claims and completions log task pages whole as a backlog does).
+    let wal = Meter::start(url).await?;
 
     let mut children = Vec::new();
     for i in 0..workers {
@@ -211,6 +215,7 @@ pub(super) async fn run(
     for child in children {
         stop_worker(child)?;
     }
+    let wal = wal.per((2 * n) as f64).await?;
     let stage1_done = stage1_done.unwrap_or(wall);
     let flat = windows(&samples, window, 2 * n);
     let flatness = match (flat.first(), flat.last()) {
@@ -276,6 +281,7 @@ pub(super) async fn run(
         "stage_2_tasks_per_second": n as f64 / (wall - stage1_done),
         "window_tasks": window, "window_us_per_task": flat,
         "flatness_last_to_first": flatness, "flatness_max_to_min": worst,
+        "wal_per_task": wal.json(),
         "workers": worker_kib,
         "server_peak_pss_kib": peak_pss, "server_peak_private_rss_kib": peak_private,
         "database_mib": {"before": mib(size_before), "completed": mib(size_done),

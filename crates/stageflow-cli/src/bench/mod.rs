@@ -151,6 +151,14 @@ async fn million_line(
         f("flatness_last_to_first"),
         f("flatness_max_to_min")
     );
+    let wal = &m["wal_per_task"];
+    println!(
+        "{:<58} {:>7.0} B / {:.1} rec / {:.3} full pages",
+        "WAL per task of the run",
+        wal["bytes"].as_f64().unwrap_or(0.0),
+        wal["records"].as_f64().unwrap_or(0.0),
+        wal["full_page_images"].as_f64().unwrap_or(0.0)
+    );
     let peaks: Vec<String> =
         m["workers"].as_array().into_iter().flatten().map(|w| w["peak_rss_kib"].to_string()).collect();
     println!("{:<58} {:>12} KiB", "worker processes' peak RSS", peaks.join(" / "));

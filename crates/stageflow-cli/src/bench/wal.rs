@@ -16,7 +16,8 @@ use tokio_postgres::Client;
 use crate::{connect, CliError};
 
 const READ: &str = "SELECT wal_bytes::bigint, wal_records, \
-                           (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') \
+                           (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
+                           wal_fpi \
                       FROM pg_stat_wal";
 
 pub(super) struct Meter {
@@ -24,6 +25,7 @@ pub(super) struct Meter {
     bytes: i64,
     records: i64,
     backends: i64,
+    images: i64,
 }
 
 /// WAL per message or task of one line.
@@ -31,11 +33,13 @@ pub(super) struct Meter {
 pub(super) struct PerUnit {
     pub bytes: f64,
     pub records: f64,
+    /// full-page images
+    pub images: f64,
 }
 
 impl PerUnit {
     pub fn json(self) -> Value {
-        json!({"bytes": self.bytes, "records": self.records})
+        json!({"bytes": self.bytes, "records": self.records, "full_page_images": self.images})
     }
 
     /// `  WAL 1234 B / 12.3 rec` for a printed line.
@@ -44,18 +48,18 @@ impl PerUnit {
     }
 }
 
-async fn read(client: &Client) -> Result<(i64, i64, i64), CliError> {
+async fn read(client: &Client) -> Result<(i64, i64, i64, i64), CliError> {
     client.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
     let row = client.query_one(READ, &[]).await?;
-    Ok((row.get(0), row.get(1), row.get(2)))
+    Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
 }
 
 impl Meter {
     /// The reading before a line, on a connection of its own (kept open until [`Meter::per`]).
     pub async fn start(url: &str) -> Result<Meter, CliError> {
         let client = connect(url).await?.into_raw();
-        let (bytes, records, backends) = read(&client).await?;
-        Ok(Meter { client, bytes, records, backends })
+        let (bytes, records, backends, images) = read(&client).await?;
+        Ok(Meter { client, bytes, records, backends, images })
     }
 
     /// The WAL written since [`Meter::start`], per unit (`units` messages or tasks), once the
@@ -63,7 +67,7 @@ impl Meter {
     pub async fn per(self, units: f64) -> Result<PerUnit, CliError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (_, _, backends) = read(&self.client).await?;
+            let (_, _, backends, _) = read(&self.client).await?;
             if backends <= self.backends || Instant::now() > deadline {
                 break;
             }
@@ -71,7 +75,11 @@ impl Meter {
         }
         // A backend leaves pg_stat_activity just before it flushes its statistics on exit.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let (bytes, records, _) = read(&self.client).await?;
-        Ok(PerUnit { bytes: (bytes - self.bytes) as f64 / units, records: (records - self.records) as f64 / units })
+        let (bytes, records, _, images) = read(&self.client).await?;
+        Ok(PerUnit {
+            bytes: (bytes - self.bytes) as f64 / units,
+            records: (records - self.records) as f64 / units,
+            images: (images - self.images) as f64 / units,
+        })
     }
 }
