@@ -56,10 +56,10 @@ impl Variant<'static> {
     }
 }
 
+/// A backlog's checkpoint after the line's setup: the same settling as before every line.
 async fn before_line(setup: &tokio_postgres::Client, variant: Variant<'_>) -> Result<(), CliError> {
     if variant.backlog {
-        setup.batch_execute("VACUUM (ANALYZE)").await?;
-        setup.batch_execute("CHECKPOINT").await?;
+        super::settle(&[setup]).await?;
     }
     Ok(())
 }
