@@ -1,4 +1,5 @@
-//! `stageflow worker` processes against a real cluster: sharing a large job, being killed with
+//! `stageflow worker` processes against a real cluster: sharing a large job, claiming ahead of its
+//! reports within a bound on the leases it holds, being killed with
 //! SIGKILL mid-task, shutting down on SIGTERM, surviving a panicking handler and lost
 //! connections, keeping a stage's short lease alive, losing a lease; and a worker written in plain
 //! Python beside them.
@@ -108,6 +109,43 @@ fn several_worker_processes_run_every_task_of_a_large_job_once() {
     for worker in &mut workers {
         assert!(wait_exit(worker, Duration::from_secs(20)), "a worker exits 0 on SIGTERM");
     }
+}
+
+/// A handler's slot frees when it returns, so a worker with fast handlers claims the next batch
+/// while the reporter is still sending the last one's outcomes; the finished tasks waiting for
+/// their report are bounded (twice `--concurrency`), so the leases a worker holds are at most
+/// three times its concurrency, whatever the speed of its handlers and of the database.
+#[test]
+fn a_worker_claims_ahead_of_its_reports_within_three_times_its_concurrency() {
+    let url = fresh_database("workers_pipeline");
+    let logs = log_dir("workers_pipeline");
+    let mut client = connect(&url);
+    register(&mut client, "sleepy", SLEEPY);
+    let job_id = submit(&mut client, "sleepy", json!({"n": 1500, "ms": 0}));
+    let mut worker =
+        spawn_worker(&url, &logs, "ahead", &["--queue", "sleepy", "--concurrency", "4", "--batch-size", "8"]);
+
+    let mut sampler = connect(&url);
+    let (mut most, mut samples) = (0, 0);
+    let start = Instant::now();
+    while job_state(&mut client, &job_id) != "completed" {
+        assert!(start.elapsed() < Duration::from_secs(120), "the job did not complete");
+        let held = running_by(&mut sampler, &job_id, "ahead").len();
+        most = most.max(held);
+        samples += 1;
+    }
+    println!("leases held at once: at most {most} over {samples} samples");
+    assert!(most <= 12, "a worker of concurrency 4 held {most} leases at once");
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'completed' AND attempt = 1), count(*) FROM stageflow.tasks WHERE job_id = $1",
+            &[&job_id],
+        )
+        .unwrap();
+    let (once, tasks): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((once, tasks), (1500, 1500), "every task completed on its first attempt");
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)), "the worker exits 0 on SIGTERM");
 }
 
 #[test]

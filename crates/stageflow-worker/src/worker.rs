@@ -7,6 +7,10 @@
 //! - Outcomes are reported by a reporter with its own connection, completions at hand in one
 //!   `complete_tasks` call; a lost connection is retried with backoff and the report sent again
 //!   (completion is idempotent, so nothing counts twice).
+//! - A handler's slot frees when it returns, so claiming goes on while the reporter sends the
+//!   outcomes (claims and reports overlap instead of taking turns); at most `concurrency` finished
+//!   tasks wait for their report, so a slow database slows claiming. A finished task keeps its
+//!   lease, extended by heartbeats, until its outcome is in the database.
 //! - Every report and heartbeat carries the claim's lease token. A heartbeat runs every third of the
 //!   shortest lease in flight (a stage's own `lease_seconds` wins over the worker's); a task it no
 //!   longer extends has lost its lease (it expired and the task went to another claim, or its job
@@ -103,9 +107,28 @@ struct InFlight {
     handle: JoinHandle<()>,
     lease_token: i64,
     lease_seconds: i32,
+    /// Its handler returned: the outcome is with the reporter, the slot is free.
+    finished: bool,
     /// A heartbeat no longer extended the lease: it gets no more heartbeats, and its report will be
     /// refused.
     lost: bool,
+}
+
+/// How many tasks a claim may ask for, with `running` handlers running and `waiting` finished
+/// tasks waiting for their report: no more than `batch_size`, than the slots of handlers not
+/// running, or than the room left in the backlog of finished tasks (at most twice `concurrency`,
+/// so that a batch can be claimed and run while the one before is being reported).
+fn free_slots(config: &WorkerConfig, running: usize, waiting: usize) -> usize {
+    let concurrency = config.concurrency;
+    concurrency.saturating_sub(running).min((2 * concurrency).saturating_sub(waiting)).min(config.batch_size)
+}
+
+/// Whether a claim of `free` tasks is due: some slot is free and `any_free` says to claim it (the
+/// first round, a notification, the poll interval, a slot free for BATCH_WINDOW), or half a batch
+/// is free (so that handlers returning one by one do not make a claim each).
+fn claim_due(config: &WorkerConfig, free: usize, any_free: bool) -> bool {
+    let half_batch = config.batch_size.min(config.concurrency).div_ceil(2);
+    free > 0 && (any_free || free >= half_batch)
 }
 
 /// How often a lease of `lease_seconds` is extended: three times per its length, so that one late
@@ -186,9 +209,9 @@ async fn guarded(
 /// Reports outcomes on its own connection until the channel closes: completions at hand are sent
 /// together with `stageflow.complete_tasks` (waiting at most `BATCH_WINDOW` for more to gather,
 /// up to `MAX_BATCH`), failures one by one with `stageflow.fail_task`. It tells the claim loop
-/// (`reported`) when a task is off its hands: a slot frees only once its outcome is in the
-/// database, so a slow database slows claiming instead of letting leases of finished but
-/// unreported tasks run out.
+/// (`reported`) when a task is off its hands: its outcome is in the database (or was refused), so
+/// its lease needs no more heartbeats and it no longer counts against the backlog of finished
+/// tasks (`Running::free`).
 async fn report_outcomes(
     url: String,
     worker_id: String,
@@ -487,12 +510,16 @@ impl Worker {
         tokio::pin!(shutdown);
         // Set once a shutdown was asked for: when the grace period ends.
         let mut stopping: Option<Instant> = None;
+        // Claim whatever slots are free, however few (the first round, a notification, the poll
+        // interval, slots free for BATCH_WINDOW); otherwise a claim waits for half a batch.
+        let mut any_free = true;
         loop {
-            let claimed_any = stopping.is_none() && run.claim().await;
+            let claimed_any = stopping.is_none() && run.claim_due(any_free) && run.claim().await;
+            any_free = false;
             if stopping.is_some() && run.in_flight.is_empty() {
                 return run.finish(0).await;
             }
-            if claimed_any && run.in_flight.len() < run.config.concurrency {
+            if claimed_any && run.claim_due(false) {
                 continue;
             }
             if stopping.is_none() {
@@ -502,9 +529,12 @@ impl Worker {
             tokio::select! {
                 _ = &mut shutdown, if stopping.is_none() => stopping = Some(run.stop_claiming()),
                 Some(task_id) = run.reported.recv() => run.reported(task_id),
-                _ = run.wake.notified(), if stopping.is_none() => {}
+                Some(done) = run.finished.recv() => run.finished(done),
+                _ = run.wake.notified(), if stopping.is_none() => any_free = true,
                 _ = run.listener_ended.notified() => run.listener = None,
-                _ = sleep(run.config.poll_interval), if stopping.is_none() => {}
+                _ = sleep(run.config.poll_interval), if stopping.is_none() => any_free = true,
+                _ = tokio::time::sleep_until(run.free_since.unwrap_or_else(Instant::now) + BATCH_WINDOW),
+                    if stopping.is_none() && run.free_since.is_some() => any_free = true,
                 _ = tokio::time::sleep_until(run.heartbeat_at), if !run.in_flight.is_empty() => run.heartbeat().await,
                 _ = tokio::time::sleep_until(deadline), if stopping.is_some() => {
                     let released = run.release_unfinished().await;
@@ -525,10 +555,16 @@ struct Running {
     counters: Arc<Counters>,
     /// Handlers' outcomes, to the reporter.
     outcomes: mpsc::UnboundedSender<Outcome>,
-    /// Task ids whose outcome the reporter has sent: their slots are free again.
+    /// Tasks whose handler returned (their outcome went to the reporter), with the lease they ran
+    /// under: their slots are free.
+    finished: mpsc::UnboundedReceiver<(String, i64)>,
+    finished_tx: mpsc::UnboundedSender<(String, i64)>,
+    /// Task ids whose outcome the reporter has sent: off this worker's hands.
     reported: mpsc::UnboundedReceiver<String>,
     reporter: JoinHandle<()>,
     in_flight: HashMap<String, InFlight>,
+    /// Since when a slot has been free without a claim asking for it.
+    free_since: Option<Instant>,
     /// When the leases in flight are next extended: a heartbeat period of the shortest of them after
     /// the last heartbeat, or after the claim of a task with a shorter lease.
     heartbeat_at: Instant,
@@ -544,6 +580,7 @@ impl Running {
         let counters = Arc::new(Counters::default());
         let (outcomes, outcome_rx) = mpsc::unbounded_channel::<Outcome>();
         let (reported_tx, reported) = mpsc::unbounded_channel::<String>();
+        let (finished_tx, finished) = mpsc::unbounded_channel::<(String, i64)>();
         let reporter = tokio::spawn(report_outcomes(
             config.database_url.clone(),
             config.worker_id.clone(),
@@ -564,9 +601,12 @@ impl Running {
             connections,
             counters,
             outcomes,
+            finished,
+            finished_tx,
             reported,
             reporter,
             in_flight: HashMap::new(),
+            free_since: None,
             heartbeat_at: Instant::now(),
             wake,
             listener_ended,
@@ -579,9 +619,10 @@ impl Running {
     /// whether any task was claimed. A claim that fails backs off (and reconnects if the
     /// connection was lost).
     async fn claim(&mut self) -> bool {
+        self.free_since = None;
         let mut claimed_any = false;
         for queue in self.config.queues.clone() {
-            let free = self.config.concurrency.saturating_sub(self.in_flight.len()).min(self.config.batch_size);
+            let free = self.free();
             if free == 0 {
                 break;
             }
@@ -610,8 +651,26 @@ impl Running {
         claimed_any
     }
 
+    /// How many tasks a claim may ask for now (see [`free_slots`]).
+    fn free(&self) -> usize {
+        let running = self.in_flight.values().filter(|task| !task.finished).count();
+        free_slots(&self.config, running, self.in_flight.len() - running)
+    }
+
+    /// Whether to claim now (see [`claim_due`]).
+    fn claim_due(&self, any_free: bool) -> bool {
+        claim_due(&self.config, self.free(), any_free)
+    }
+
+    /// Slots were freed: if some is free, the claim that takes it is due within BATCH_WINDOW.
+    fn slots_freed(&mut self) {
+        if self.free_since.is_none() && self.free() > 0 {
+            self.free_since = Some(Instant::now());
+        }
+    }
+
     /// Runs a claimed task's handler on a tokio task of its own, which sends the outcome to the
-    /// reporter; the task is in flight until the reporter says it is reported.
+    /// reporter and frees the slot; the task is in flight until the reporter says it is reported.
     fn start_handler(&mut self, task: Task) {
         let task_id = task.task_id.clone();
         let (lease_token, lease_seconds) = (task.lease_token, task.lease_seconds);
@@ -619,7 +678,7 @@ impl Running {
         if self.in_flight.is_empty() || due < self.heartbeat_at {
             self.heartbeat_at = due;
         }
-        let (handlers, outcomes) = (self.handlers.clone(), self.outcomes.clone());
+        let (handlers, outcomes, finished) = (self.handlers.clone(), self.outcomes.clone(), self.finished_tx.clone());
         let transactional = self.handlers.transactional(&task.handler);
         let (connections, counters) = (self.connections.clone(), self.counters.clone());
         let worker_id = self.config.worker_id.clone();
@@ -630,6 +689,7 @@ impl Running {
             (a, b) => a.or(b),
         };
         let id = task_id.clone();
+        let id_for_slot = task_id.clone();
         // Every log line of a handler carries its task, job and handler.
         let span = tracing::info_span!("task", task_id = %task.task_id, job_id = %task.job_id,
                                        handler = %task.handler, attempt = task.attempt);
@@ -648,10 +708,25 @@ impl Running {
                     Outcome::Settled(_) => tracing::debug!("settled in its transaction"),
                 }
                 let _ = outcomes.send(outcome);
+                let _ = finished.send((id_for_slot, lease_token));
             }
             .instrument(span),
         );
-        self.in_flight.insert(task_id, InFlight { handle, lease_token, lease_seconds, lost: false });
+        self.in_flight.insert(task_id, InFlight { handle, lease_token, lease_seconds, finished: false, lost: false });
+    }
+
+    /// The handler of a task (and perhaps others' meanwhile) returned under the lease named: their
+    /// slots are free. (A task already reported is gone from the map, or is in it again under a
+    /// later claim's lease, which is left as it is.)
+    fn finished(&mut self, done: (String, i64)) {
+        let mut next = Some(done);
+        while let Some((task_id, lease_token)) = next {
+            if let Some(task) = self.in_flight.get_mut(&task_id).filter(|task| task.lease_token == lease_token) {
+                task.finished = true;
+            }
+            next = self.finished.try_recv().ok();
+        }
+        self.slots_freed();
     }
 
     /// The reporter sent `task_id`'s outcome (and perhaps others' meanwhile): their slots are free.
@@ -660,6 +735,7 @@ impl Running {
         while let Ok(task_id) = self.reported.try_recv() {
             self.in_flight.remove(&task_id);
         }
+        self.slots_freed();
     }
 
     /// Listens for notifications again if the listening connection ended.
@@ -795,6 +871,30 @@ mod unit {
         assert_eq!((error.kind.as_str(), error.category.as_str()), ("transactional_handler", "permanent"));
         let replaced = crate::builtin_handlers().register("debug.insert_row", crate::diagnostic::sleep);
         assert!(replaced.transactional("debug.insert_row").is_none(), "registering a name again replaces it");
+    }
+
+    #[test]
+    fn a_claim_fills_free_slots_while_the_backlog_of_reports_has_room() {
+        let config = WorkerConfig { concurrency: 32, batch_size: 64, ..WorkerConfig::new("postgresql://unused") };
+        assert_eq!(free_slots(&config, 0, 0), 32, "no more than the handlers that may run");
+        assert_eq!(free_slots(&config, 20, 0), 12, "the slots of handlers not running");
+        assert_eq!(free_slots(&config, 0, 32), 32, "a batch is claimed while the one before is reported");
+        assert_eq!(free_slots(&config, 0, 50), 14, "the backlog of finished tasks holds twice the concurrency");
+        assert_eq!(free_slots(&config, 0, 64), 0, "a full backlog stops claiming");
+        assert_eq!(free_slots(&config, 32, 64), 0);
+        let small = WorkerConfig { concurrency: 8, batch_size: 4, ..config.clone() };
+        assert_eq!(free_slots(&small, 0, 0), 4, "no more than a batch");
+    }
+
+    #[test]
+    fn a_claim_waits_for_half_a_batch_unless_told_to_take_any_free_slot() {
+        let config = WorkerConfig { concurrency: 32, batch_size: 64, ..WorkerConfig::new("postgresql://unused") };
+        assert!(!claim_due(&config, 0, true), "nothing free, nothing to claim");
+        assert!(!claim_due(&config, 15, false), "under half of the 32 a claim can take");
+        assert!(claim_due(&config, 16, false));
+        assert!(claim_due(&config, 1, true), "a notification, the poll or BATCH_WINDOW claims any free slot");
+        let one = WorkerConfig { concurrency: 1, batch_size: 1, ..config };
+        assert!(claim_due(&one, 1, false), "a worker of one slot claims as soon as it is free");
     }
 
     #[test]
