@@ -8,8 +8,8 @@
 //!   `complete_tasks` call; a lost connection is retried with backoff and the report sent again
 //!   (completion is idempotent, so nothing counts twice).
 //! - A handler's slot frees when it returns, so claiming goes on while the reporter sends the
-//!   outcomes (claims and reports overlap instead of taking turns); at most `concurrency` finished
-//!   tasks wait for their report, so a slow database slows claiming. A finished task keeps its
+//!   outcomes (claims and reports overlap instead of taking turns); at most twice `concurrency`
+//!   finished tasks wait for their report, so a slow database slows claiming. A finished task keeps its
 //!   lease, extended by heartbeats, until its outcome is in the database.
 //! - Every report and heartbeat carries the claim's lease token. A heartbeat runs every third of the
 //!   shortest lease in flight (a stage's own `lease_seconds` wins over the worker's); a task it no
