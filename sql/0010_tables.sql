@@ -55,11 +55,11 @@ CREATE INDEX jobs_owner_idx ON stageflow.jobs (owner, created_at DESC);
 CREATE INDEX jobs_open_owner_idx ON stageflow.jobs (owner, tenant) WHERE status IN ('queued', 'processing');
 CREATE INDEX jobs_finished_idx ON stageflow.jobs (completed_at) WHERE completed_at IS NOT NULL;
 
--- A stage a job has reached. Its open tasks are counted in `shards` rows of stage_shards (task
--- `ordinal` goes to shard ordinal % shards), so concurrent completions lock different rows; the
--- stage row counts the shards that still have open tasks (open_shards) and is locked only by the
--- transaction that empties a shard: the one that takes open_shards to zero ends the stage. No
--- completion ever scans the stage's tasks.
+-- A stage a job has reached. Its open tasks are counted in `shards` rows of stage_shards (no task
+-- belongs to a shard: a completion takes its tasks off a shard no other transaction holds), so
+-- concurrent completions lock different rows; the stage row counts the shards that still have
+-- open tasks (open_shards) and is locked only by the transaction that empties a shard: the one
+-- that takes open_shards to zero ends the stage. No completion ever scans the stage's tasks.
 CREATE TABLE stageflow.stages (
     job_id            text COLLATE "C" NOT NULL REFERENCES stageflow.jobs (job_id) ON DELETE CASCADE,
     stage             int NOT NULL,
@@ -97,7 +97,7 @@ CREATE TABLE stageflow.stage_shards (
     stage             int NOT NULL,
     shard             int NOT NULL,
     remaining_tasks   int NOT NULL CHECK (remaining_tasks >= 0),
-    -- tasks of this shard that stopped running (completed, failed, released, cancelled, re-queued):
+    -- tasks counted here that stopped running (completed, failed, released, cancelled, re-queued):
     -- a stage's running tasks are the tasks its claims started (stage_claims) minus these.
     stopped_tasks     int NOT NULL DEFAULT 0 CHECK (stopped_tasks >= 0),
     completed_count   int NOT NULL DEFAULT 0,

@@ -1,49 +1,161 @@
--- A stage's shards: its open tasks are counted in up to 16 rows of stageflow.stage_shards (task
--- ordinal % shards), its row counts the shards still open. The primitives every path shares to
--- move those counters and to lock them in the one order: a stage's shards in shard order, then
--- the stage row, then the job row (docs/state_machine.md, "Lock order").
+-- A stage's shards: its open tasks are counted in up to 16 rows of stageflow.stage_shards, its
+-- row counts the shards still open. A task belongs to no shard: the shards' counters only add up
+-- to the stage's open tasks, so whoever ends tasks takes them from any shard that has that many.
+-- The primitives every path shares to move those counters and to lock them: shards (a blocking
+-- wait only in shard order, holding no shard of that stage above it), then the stage row, then
+-- the job row (docs/state_machine.md, "Lock order").
+
+-- Takes p_count ended tasks off a stage's shards, and returns how many shards this emptied (the
+-- caller then settles the stage row). p_completed of them completed, in p_seconds from claim to
+-- completion; p_stopped of them stop running. These go to the first shard taken from (a stage's
+-- running, completed and seconds are sums over its shards, whichever shard counts them).
+-- First, without waiting for a shard another transaction holds: a single task from shard
+-- p_prefer (waited for: a lock taken on its own is a WAL record of its own, and consecutive tasks
+-- prefer different shards); else one shard no one holds that has them all, the first from
+-- p_prefer on (concurrent batches of one stage then settle on different rows instead of queueing
+-- on shared ones); else shards no one holds, one by one, while they have some. If those are too
+-- few, every shard in shard order, each waited for, until they are all taken. The attempts
+-- without waiting run in a subtransaction, rolled back before the waits: a row whose re-check
+-- failed once its lock came stays locked otherwise, and a transaction holding a shard out of
+-- order must not then wait for a lower one.
+CREATE FUNCTION stageflow._take_from_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
+                                            p_completed int DEFAULT 0, p_seconds double precision DEFAULT 0,
+                                            p_stopped int DEFAULT 0)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_remaining int;
+    v_emptied   int := 0;
+    v_taken     int := 0;
+    v_shard     int;
+    -- the counters not yet moved
+    v_completed int := p_completed;
+    v_seconds   double precision := p_seconds;
+    v_stopped   int := p_stopped;
+BEGIN
+    BEGIN
+        IF p_count = 1 THEN
+            UPDATE stageflow.stage_shards AS sh
+               SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
+                   completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
+             WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
+            RETURNING sh.remaining_tasks INTO v_remaining;
+            IF FOUND THEN
+                RETURN (v_remaining = 0)::int;
+            END IF;
+        END IF;
+        UPDATE stageflow.stage_shards AS sh
+           SET remaining_tasks = sh.remaining_tasks - p_count, stopped_tasks = sh.stopped_tasks + p_stopped,
+               completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
+         WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+           AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
+                            WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks >= p_count
+                            ORDER BY f.shard < p_prefer, f.shard
+                            LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING sh.remaining_tasks INTO v_remaining;
+        IF FOUND THEN
+            RETURN (v_remaining = 0 AND p_count > 0)::int;
+        END IF;
+        LOOP
+            SELECT f.shard, f.remaining_tasks INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
+             WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks > 0
+             ORDER BY f.shard < p_prefer, f.shard
+             LIMIT 1 FOR UPDATE SKIP LOCKED;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'P0002';
+            END IF;
+            v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, v_shard, v_remaining, p_count - v_taken,
+                                                                 v_completed, v_seconds, v_stopped);
+            v_taken := v_taken + least(v_remaining, p_count - v_taken);
+            v_completed := 0; v_seconds := 0; v_stopped := 0;
+            IF v_taken = p_count THEN
+                RETURN v_emptied;
+            END IF;
+        END LOOP;
+    EXCEPTION WHEN no_data_found THEN
+        NULL;
+    END;
+    -- (what the subtransaction moved is back as it was)
+    v_emptied := 0;
+    v_taken := 0;
+    v_completed := p_completed;
+    v_seconds := p_seconds;
+    v_stopped := p_stopped;
+    FOR k IN 0 .. (SELECT s.shards - 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = p_stage) LOOP
+        SELECT f.remaining_tasks INTO v_remaining FROM stageflow.stage_shards AS f
+         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.shard = k AND (f.remaining_tasks > 0 OR p_count = 0)
+           FOR UPDATE;
+        IF FOUND THEN
+            v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, k, v_remaining, p_count - v_taken,
+                                                                 v_completed, v_seconds, v_stopped);
+            v_taken := v_taken + least(v_remaining, p_count - v_taken);
+            v_completed := 0; v_seconds := 0; v_stopped := 0;
+        END IF;
+        -- (one pass finds them all: the shards add up to every open task, and others take only
+        -- their own)
+        IF v_taken = p_count THEN
+            RETURN v_emptied;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION USING
+        ERRCODE = 'XX000',
+        MESSAGE = format('stage %s of job %s counts %s open tasks in its shards, fewer than the %s ending',
+                         p_stage, p_job_id, v_taken, p_count),
+        HINT = 'the stage''s counters disagree with its tasks: report this as a bug';
+END;
+$$;
+
+-- Takes up to p_want tasks off one shard whose lock the caller holds and whose remaining_tasks it
+-- read under that lock (p_remaining), with the other counters; returns 1 if the shard emptied.
+CREATE FUNCTION stageflow._take_from_shard(p_job_id text, p_stage int, p_shard int, p_remaining int, p_want int,
+                                           p_completed int, p_seconds double precision, p_stopped int)
+RETURNS int
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE stageflow.stage_shards AS sh
+       SET remaining_tasks = sh.remaining_tasks - least(p_remaining, p_want), stopped_tasks = sh.stopped_tasks + p_stopped,
+           completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
+     WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_shard
+    RETURNING (p_remaining > 0 AND sh.remaining_tasks = 0)::int;
+$$;
 
 -- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
 -- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
--- order a completion takes them, before the stage row), moves the shards' counters, then updates
--- the stage row: open_shards by the shards that emptied (-1 each) or had been empty (+1 each),
--- failed_count by p_failed. p_running of the tasks were running (they stop running: counted in
--- stopped_tasks of the first shard moved). Returns the stage row as updated.
-CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_ordinals int[], p_sign int, p_failed int DEFAULT 0,
+-- order of every wait for them, before the stage row), takes the tasks off the shards
+-- (_take_from_shards) or spreads them evenly over them, then updates the stage row: open_shards
+-- by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by p_failed.
+-- p_running of the tasks were running (they stop running). Returns the stage row as updated.
+CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_count int, p_sign int, p_failed int DEFAULT 0,
                                        p_running int DEFAULT 0)
 RETURNS stageflow.stages
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_delta  int := 0;
-    v_before int;
-    v_after  int;
+    v_delta  int;
     v_stage  stageflow.stages;
-    v_leave  int := p_running;
-    r        record;
 BEGIN
     PERFORM 1 FROM stageflow.stage_shards AS sh
       WHERE sh.job_id = p_job_id AND sh.stage = p_stage
       ORDER BY sh.shard FOR UPDATE;
-    FOR r IN
-        SELECT o % s.shards AS shard, count(*)::int AS n
-          FROM unnest(p_ordinals) AS o
-          JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = p_stage
-         GROUP BY o % s.shards
-         ORDER BY 1
-    LOOP
-        UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks + p_sign * r.n, stopped_tasks = sh.stopped_tasks + v_leave
-         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = r.shard
-        RETURNING sh.remaining_tasks - p_sign * r.n, sh.remaining_tasks INTO v_before, v_after;
-        v_leave := 0;
-        IF v_before > 0 AND v_after = 0 THEN
-            v_delta := v_delta - 1;
-        ELSIF v_before = 0 AND v_after > 0 THEN
-            v_delta := v_delta + 1;
-        END IF;
-    END LOOP;
+    IF p_sign < 0 THEN
+        v_delta := -stageflow._take_from_shards(p_job_id, p_stage, p_count, 0, p_stopped => p_running);
+    ELSE
+        WITH moved AS (
+            UPDATE stageflow.stage_shards AS sh
+               SET remaining_tasks = sh.remaining_tasks + a.n,
+                   stopped_tasks = sh.stopped_tasks + CASE WHEN a.shard = 0 THEN p_running ELSE 0 END
+              FROM (SELECT k AS shard, p_count / s.shards + (k < p_count % s.shards)::int AS n
+                      FROM stageflow.stages AS s, generate_series(0, s.shards - 1) AS k
+                     WHERE s.job_id = p_job_id AND s.stage = p_stage) AS a
+             WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = a.shard AND (a.n > 0 OR a.shard = 0)
+            RETURNING a.n, sh.remaining_tasks
+        )
+        SELECT count(*) FILTER (WHERE m.n > 0 AND m.remaining_tasks = m.n) INTO v_delta FROM moved AS m;
+    END IF;
     UPDATE stageflow.stages AS s
        SET open_shards = s.open_shards + v_delta, failed_count = s.failed_count + p_failed
      WHERE s.job_id = p_job_id AND s.stage = p_stage
@@ -52,21 +164,14 @@ BEGIN
 END;
 $$;
 
--- Tasks of one stage that stop running but stay open (a retry scheduled, a lease handed back or
--- re-queued by retry_job): counted in stopped_tasks of the first one's shard (a stage's running
--- tasks are a sum over its shards, whichever shard counts them).
-CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_ordinals int[])
+-- p_count tasks of one stage that stop running but stay open (a retry scheduled, a lease handed
+-- back or re-queued by retry_job): counted in stopped_tasks of a shard no one else holds, if any.
+CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_count int)
 RETURNS void
-LANGUAGE plpgsql
+LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-BEGIN
-    UPDATE stageflow.stage_shards AS sh
-       SET stopped_tasks = sh.stopped_tasks + cardinality(p_ordinals)
-      FROM stageflow.stages AS s
-     WHERE s.job_id = p_job_id AND s.stage = p_stage
-       AND sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_ordinals[1] % s.shards;
-END;
+    SELECT FROM stageflow._take_from_shards(p_job_id, p_stage, 0, 0, p_stopped => p_count);
 $$;
 
 -- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the

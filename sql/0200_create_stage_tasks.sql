@@ -119,7 +119,7 @@ BEGIN
          v_count, v_shards, least(v_count, v_shards),
          CASE WHEN v_count = 0 THEN 'completed' ELSE 'active' END,
          v_now, CASE WHEN v_count = 0 THEN v_now END);
-    -- Shard k counts the tasks whose ordinal % shards = k: ordinals 0 .. v_count - 1.
+    -- The stage's tasks spread evenly over its shards.
     INSERT INTO stageflow.stage_shards (job_id, stage, shard, remaining_tasks)
     SELECT p_job_id, p_stage, k, v_count / v_shards + CASE WHEN k < v_count % v_shards THEN 1 ELSE 0 END
       FROM generate_series(0, v_shards - 1) AS k;

@@ -147,13 +147,13 @@ BEGIN
     END LOOP;
     -- They no longer run (tasks, messages, then shards: the lock order of every report).
     FOR r IN
-        SELECT t.job_id, t.stage, array_agg(t.ordinal) AS ordinals
+        SELECT t.job_id, t.stage, count(*)::int AS tasks
           FROM stageflow.tasks AS t
          WHERE t.task_id = ANY (v_ids)
          GROUP BY t.job_id, t.stage
          ORDER BY t.job_id, t.stage
     LOOP
-        PERFORM stageflow._leave_running(r.job_id, r.stage, r.ordinals);
+        PERFORM stageflow._leave_running(r.job_id, r.stage, r.tasks);
     END LOOP;
     RETURN cardinality(v_ids);
 END;

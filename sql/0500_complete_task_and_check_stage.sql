@@ -104,10 +104,10 @@ $$;
 -- tasks it takes, and the refusals' locks would come after a higher task's (two batches, each
 -- with a stale report of a task the other holds, deadlocked so). The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
--- report), and their stages' shard counters are decremented once per shard for the whole call; a
--- stage row is locked only when one of its shards empties (shards before stage, in (job, stage,
--- shard) order), and the call that takes the stage's open shards to zero advances the job in this
--- transaction. A completion repeated by the lease that made it is accepted and changes nothing.
+-- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
+-- stage) order (_take_from_shards: one shard no other transaction holds, if one has them all); a
+-- stage row is locked only when one of its shards empties (shards before stage), and the call
+-- that takes the stage's open shards to zero advances the job in this transaction. A completion repeated by the lease that made it is accepted and changes nothing.
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
@@ -126,14 +126,13 @@ DECLARE
     v_queues     text[] := '{}'::text[];
     v_jobs       text[] := '{}'::text[];
     v_stages     int[] := '{}'::int[];
-    v_shards     int[] := '{}'::int[];
+    v_prefer     int[] := '{}'::int[];
     v_ordinals   int[] := '{}'::int[];
     v_seconds    double precision[] := '{}'::double precision[];
     v_counts     int[];
     v_last       text[];
-    v_remaining  int;
     v_open       int;
-    v_emptied    int := 0;
+    v_emptied    int;
     -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
     -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
     -- server CPU, bench/README.md).
@@ -186,11 +185,11 @@ BEGIN
                v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END ORDER BY d.task_id), '{}'),
                v_jobs || coalesce(array_agg(d.job_id ORDER BY d.task_id), '{}'),
                v_stages || coalesce(array_agg(d.stage ORDER BY d.task_id), '{}'),
-               v_shards || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END
+               v_prefer || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END
                                              ORDER BY d.task_id), '{}'),
                v_ordinals || coalesce(array_agg(d.ordinal ORDER BY d.task_id), '{}'),
                v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision ORDER BY d.task_id), '{}')
-          INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_shards, v_ordinals, v_seconds
+          INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
           FROM done AS d;
         EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
 
@@ -234,46 +233,37 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- One entry per shard touched, in (job, stage, shard) order: how many tasks it loses, the
-    -- last of them by ordinal, their claim-to-completion seconds.
+    -- One entry per stage, in (job, stage) order: how many tasks it loses, the last of them by
+    -- ordinal, their claim-to-completion seconds, the shard to try first (its first task's
+    -- ordinal % shards: consecutive batches of a stage start on different shards).
     IF cardinality(v_ids) = 1 THEN
         v_counts := ARRAY[1];
         v_last := v_ids;
     ELSE
-        SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage, g.shard), array_agg(g.stage ORDER BY g.job_id, g.stage, g.shard),
-               array_agg(g.shard ORDER BY g.job_id, g.stage, g.shard),
-               array_agg(g.n ORDER BY g.job_id, g.stage, g.shard), array_agg(g.last_task ORDER BY g.job_id, g.stage, g.shard),
-               array_agg(g.seconds ORDER BY g.job_id, g.stage, g.shard)
-          INTO v_jobs, v_stages, v_shards, v_counts, v_last, v_seconds
-          FROM (SELECT u.job_id, u.stage, u.shard, count(*)::int AS n,
+        SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage), array_agg(g.stage ORDER BY g.job_id, g.stage),
+               array_agg(g.prefer ORDER BY g.job_id, g.stage),
+               array_agg(g.n ORDER BY g.job_id, g.stage), array_agg(g.last_task ORDER BY g.job_id, g.stage),
+               array_agg(g.seconds ORDER BY g.job_id, g.stage)
+          INTO v_jobs, v_stages, v_prefer, v_counts, v_last, v_seconds
+          FROM (SELECT u.job_id, u.stage, count(*)::int AS n, (array_agg(u.shard ORDER BY u.ordinal))[1] AS prefer,
                        (array_agg(u.task_id ORDER BY u.ordinal DESC))[1] AS last_task,
                        coalesce(sum(u.seconds), 0)::double precision AS seconds
-                  FROM unnest(v_jobs, v_stages, v_shards, v_ids, v_ordinals, v_seconds)
+                  FROM unnest(v_jobs, v_stages, v_prefer, v_ids, v_ordinals, v_seconds)
                        AS u(job_id, stage, shard, task_id, ordinal, seconds)
-                 GROUP BY u.job_id, u.stage, u.shard) AS g;
+                 GROUP BY u.job_id, u.stage) AS g;
     END IF;
 
-    -- Every shard first, then the stage rows whose shards emptied (a stage row after all of its
-    -- shards, so the lock order stays shards -> stage for every caller).
+    -- Each stage's tasks off its shards (_take_from_shards), then its row if a shard emptied (the
+    -- lock order shards -> stage of every caller).
     FOR i IN 1 .. cardinality(v_jobs) LOOP
-        UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks - v_counts[i],
-               stopped_tasks = sh.stopped_tasks + v_counts[i],
-               completed_count = sh.completed_count + v_counts[i],
-               completed_seconds = sh.completed_seconds + coalesce(v_seconds[i], 0)
-         WHERE sh.job_id = v_jobs[i] AND sh.stage = v_stages[i] AND sh.shard = v_shards[i]
-        RETURNING sh.remaining_tasks INTO v_remaining;
-        IF v_remaining = 0 THEN
-            v_emptied := v_emptied + 1;
-        END IF;
-        IF v_emptied > 0 AND (i = cardinality(v_jobs) OR v_jobs[i + 1] <> v_jobs[i] OR v_stages[i + 1] <> v_stages[i]) THEN
-            -- The last shard of this stage in the call: settle the stage.
+        v_emptied := stageflow._take_from_shards(v_jobs[i], v_stages[i], v_counts[i], v_prefer[i],
+                                                 v_counts[i], coalesce(v_seconds[i], 0), v_counts[i]);
+        IF v_emptied > 0 THEN
             UPDATE stageflow.stages AS s
                SET open_shards = s.open_shards - v_emptied,
                    completed_by = CASE WHEN s.open_shards = v_emptied THEN v_last[i] ELSE s.completed_by END
              WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
             RETURNING s.open_shards INTO v_open;
-            v_emptied := 0;
             IF v_open = 0 THEN
                 PERFORM stageflow.advance_stage(v_jobs[i]);
             END IF;

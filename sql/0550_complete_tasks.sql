@@ -1,16 +1,17 @@
 -- Completes many tasks in one transaction: results is an array of {"task_id", "result",
 -- "lease_token"?}. Each task gets the semantics of complete_task_and_check_stage, through the same
 -- settle path (_settle_completions): decided under its row lock, fenced by its lease token (or by
--- worker_id when the element has none), its shard's counter decremented once per shard for the
--- whole batch and the stage advanced when its last open shard empties. A task that cannot be
+-- worker_id when the element has none), its stage's shard counters moved once for the whole
+-- batch and the stage advanced when its last open shard empties. A task that cannot be
 -- completed (unknown, not running, another lease's, a bad plan) does not stop the others: its
 -- entry in the answer is {"task_id", "error": {"sqlstate", "message", "hint"}}, the refusal
 -- complete_task_and_check_stage would raise. Returns one report per element, in order; with
 -- reports => false an accepted element's entry is only {"task_id"} (a worker that does not read
 -- the reports saves their cost: looking up each task's stage and job and building its report was
 -- a fifth of the batched benchmark line, bench/README.md).
--- Locks are taken in task_id order (tasks, then their messages), then (job, stage, shard) order
--- (shards), then (job, stage) order (stages), so concurrent batches do not deadlock.
+-- Locks are taken in task_id order (tasks, then their messages), then (job, stage) order (each
+-- stage's shards, waited for only in shard order, then its row), so concurrent batches do not
+-- deadlock.
 CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL, reports boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql

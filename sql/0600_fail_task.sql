@@ -15,7 +15,6 @@ AS $$
 DECLARE
     v_group      record;
     v_stages     int[];
-    v_ordinals   int[];
     v_queues     text[];
     v_msg_ids    bigint[];
     v_running    boolean[];
@@ -30,10 +29,10 @@ BEGIN
            SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
           FROM locked AS l
          WHERE t.task_id = l.task_id
-        RETURNING t.stage, t.ordinal, t.msg_id, l.status = 'running' AS was_running
+        RETURNING t.stage, t.msg_id, l.status = 'running' AS was_running
     )
-    SELECT array_agg(c.stage), array_agg(c.ordinal), array_agg(s.queue), array_agg(c.msg_id), array_agg(c.was_running)
-      INTO v_stages, v_ordinals, v_queues, v_msg_ids, v_running
+    SELECT array_agg(c.stage), array_agg(s.queue), array_agg(c.msg_id), array_agg(c.was_running)
+      INTO v_stages, v_queues, v_msg_ids, v_running
       FROM cancelled AS c
       JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = c.stage;
     IF v_stages IS NULL THEN
@@ -51,11 +50,11 @@ BEGIN
         USING v_group.msg_ids;
     END LOOP;
     FOR v_group IN
-        SELECT u.stage, array_agg(u.ordinal) AS ordinals, (count(*) FILTER (WHERE u.was_running))::int AS running
-          FROM unnest(v_stages, v_ordinals, v_running) AS u(stage, ordinal, was_running)
+        SELECT u.stage, count(*)::int AS tasks, (count(*) FILTER (WHERE u.was_running))::int AS running
+          FROM unnest(v_stages, v_running) AS u(stage, was_running)
          GROUP BY u.stage ORDER BY u.stage
     LOOP
-        PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.ordinals, -1, 0, v_group.running);
+        PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.tasks, -1, 0, v_group.running);
     END LOOP;
     RETURN cardinality(v_stages);
 END;
@@ -156,7 +155,7 @@ BEGIN
 
     -- All of the stage's shards are locked before its row: if this failure ends the job,
     -- cancelling the other open tasks moves their shards too, in the order shards -> stage.
-    v_stage := stageflow._move_shards(v_task.job_id, v_task.stage, ARRAY[v_task.ordinal], -1, 1,
+    v_stage := stageflow._move_shards(v_task.job_id, v_task.stage, 1, -1, 1,
                                       CASE WHEN v_task.status = 'running' THEN 1 ELSE 0 END);
 
     IF v_stage.failed_count <= v_stage.max_failed_tasks
@@ -290,7 +289,7 @@ BEGIN
              WHERE t.task_id = fail_task.task_id AND t.status = 'running';
             IF FOUND THEN
                 PERFORM pgmq.set_vt(v_queue, v_row.msg_id, v_now + make_interval(secs => v_delay));
-                PERFORM stageflow._leave_running(v_row.job_id, v_row.stage, ARRAY[v_row.ordinal]);
+                PERFORM stageflow._leave_running(v_row.job_id, v_row.stage, 1);
                 PERFORM stageflow._emit(v_row.job_id, 'task_retry_scheduled',
                                         jsonb_build_object('attempt', v_row.attempt, 'retry_in_seconds', v_delay,
                                                            'error', v_error),

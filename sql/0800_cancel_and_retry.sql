@@ -77,10 +77,10 @@ DECLARE
     v_job      stageflow.jobs;
     v_stage    stageflow.stages;
     v_ids      text[];
-    v_ordinals int[];
+    v_reopened int;
     v_running  text[];
     v_old_msgs bigint[];
-    v_running_ordinals int[];
+    v_stopped  int;
     v_failed   int;
     v_advance  jsonb;
 BEGIN
@@ -109,11 +109,11 @@ BEGIN
                               FOR UPDATE SKIP LOCKED);
     END IF;
     SELECT array_agg(t.task_id ORDER BY t.ordinal),
-           array_agg(t.ordinal ORDER BY t.ordinal) FILTER (WHERE t.status <> 'running'),
+           (count(*) FILTER (WHERE t.status <> 'running'))::int,
            array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
-           array_agg(t.ordinal) FILTER (WHERE t.status = 'running'),
+           (count(*) FILTER (WHERE t.status = 'running'))::int,
            (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
-      INTO v_ids, v_ordinals, v_old_msgs, v_running_ordinals, v_failed
+      INTO v_ids, v_reopened, v_old_msgs, v_stopped, v_failed
       FROM stageflow.tasks AS t
      WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
        AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
@@ -143,13 +143,13 @@ BEGIN
         ON m.n = u.n
      WHERE t.task_id = u.task_id;
 
-    -- Tasks that had ended open again on their shards; a running one never left its shard's open
+    -- Tasks that had ended are open again on the shards; a running one never left the shards' open
     -- count, and stops running (queued again).
-    IF v_ordinals IS NOT NULL THEN
-        PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_ordinals, 1, -v_failed);
+    IF v_reopened > 0 THEN
+        PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_reopened, 1, -v_failed);
     END IF;
-    IF v_running_ordinals IS NOT NULL THEN
-        PERFORM stageflow._leave_running(v_job.job_id, v_job.current_stage, v_running_ordinals);
+    IF v_stopped > 0 THEN
+        PERFORM stageflow._leave_running(v_job.job_id, v_job.current_stage, v_stopped);
     END IF;
     PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, cardinality(v_ids));
     PERFORM pg_notify('stageflow_tasks', v_stage.queue);

@@ -75,8 +75,8 @@ fn concurrent_last_completions_advance_the_stage_exactly_once() {
     }
 }
 
-/// A stage's counters are split over shards (task ordinal % 16), and only the session that empties
-/// a shard touches the stage row. 8 sessions settle a 48-task stage (3 tasks in each of 16
+/// A stage's counters are split over 16 shards (no task belongs to one: a completion takes its tasks
+/// off whichever shards have them), and only the session that empties a shard touches the stage row. 8 sessions settle a 48-task stage (3 tasks in each of 16
 /// shards) at once, each in its own way: single completions, `complete_tasks` batches, and
 /// permanent failures the stage tolerates. Every round: exactly one stage advance, counters equal
 /// to what the task rows say, every shard empty.
@@ -111,8 +111,9 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
             (row.get(0), row.get(1))
         };
         assert_eq!(shards, (16, 16), "round {round}");
-        // Session k takes tasks k, k + 8, ...: each session touches 6 of the 16 shards, and every
-        // shard is emptied by sessions racing on it.
+        // Session k takes tasks k, k + 8, ...: its batch of 6 finds no shard with 6 open tasks (3
+        // each), so it takes them shard by shard from shards no one holds, or else waits for every
+        // shard in shard order; every shard is emptied by sessions racing on it.
         let sessions = 8;
         let barrier = Arc::new(Barrier::new(sessions));
         let handles: Vec<_> = (0..sessions)
@@ -191,6 +192,192 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
         assert_eq!(row.get::<_, i32>(7), completed, "round {round}: one stage-2 task per completed stage-1 task");
         assert_eq!(drain(&mut client, "shards", 100), completed as usize);
         assert_eq!(job_status(&mut client, &job_id)["status"], json!("completed_with_errors"));
+    }
+}
+
+/// A stage's shards under random load: no task belongs to a shard, so each session takes its tasks
+/// off shards no other transaction holds, or waits for every shard in shard order when those are
+/// too few. 8 sessions settle one stage of 1,200 tasks (16 shards of 75) in random batches of 2 to
+/// 11 and of 1 to 120 (a batch larger than any shard, or than what other sessions leave unlocked, takes the
+/// waiting path), single completions and permanent failures, while a ninth session keeps calling
+/// `retry_job` (failed tasks open again, spread over the shards). Any error fails the test (a
+/// deadlock, 40P01, included); afterwards a drain completes what was retried, and the stage must
+/// have advanced exactly once with counters equal to the task rows. Seeds from
+/// `STAGEFLOW_SHARD_SEEDS` (default `1,2,3,4`) fix each session's choices, not the interleavings.
+#[test]
+fn shard_counters_settle_exactly_under_random_batches_failures_and_retries() {
+    let url = fresh_database("race_shard_random");
+    let mut client = connect(&url);
+    register(
+        &mut client,
+        "shard_random",
+        r#"{
+            "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "seed": {"type": "integer"}}},
+            "stages": [
+                {"name": "fan", "handler": "race.fan", "queue": "shard_random", "fan_out": "count", "param": "n",
+                 "max_failed_tasks": 1200},
+                {"name": "follow", "handler": "race.follow", "queue": "shard_random_next", "fan_out": "lineage"}
+            ]
+        }"#,
+    );
+    // splitmix64: a seed fixes the sequence.
+    fn next(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let seeds: Vec<u64> = std::env::var("STAGEFLOW_SHARD_SEEDS")
+        .unwrap_or_else(|_| "1,2,3,4".to_owned())
+        .split(',')
+        .map(|s| s.trim().parse().expect("STAGEFLOW_SHARD_SEEDS: comma-separated integers"))
+        .collect();
+    let n = 1200;
+    for seed in seeds {
+        let job_id = submit(&mut client, "shard_random", json!({"n": n, "seed": seed}));
+        let mut tasks = Vec::new();
+        while tasks.len() < n as usize {
+            let got = claim(&mut client, "shard_random", 500, 300);
+            assert!(!got.is_empty(), "seed {seed}: all {n} tasks claimable");
+            tasks.extend(got.into_iter().map(|t| t.task_id));
+        }
+        // Each session's share: a shuffled eighth of the tasks.
+        let mut state = seed;
+        for i in (1..tasks.len()).rev() {
+            tasks.swap(i, (next(&mut state) % (i as u64 + 1)) as usize);
+        }
+        let sessions = 8;
+        let barrier = Arc::new(Barrier::new(sessions + 1));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles: Vec<_> = (0..sessions)
+            .map(|k| {
+                let mine: Vec<String> = tasks.iter().skip(k).step_by(sessions).cloned().collect();
+                let (url, barrier) = (url.clone(), barrier.clone());
+                let mut state = seed.wrapping_mul(1000).wrapping_add(k as u64);
+                thread::spawn(move || {
+                    let mut client = connect(&url);
+                    barrier.wait();
+                    let mut at = 0;
+                    while at < mine.len() {
+                        let pick = next(&mut state) % 10;
+                        let size = match pick {
+                            0..=2 => 1 + (next(&mut state) % 120) as usize,
+                            3..=5 => 2 + (next(&mut state) % 10) as usize,
+                            _ => 1,
+                        };
+                        let chunk = &mine[at..(at + size).min(mine.len())];
+                        at += chunk.len();
+                        match pick {
+                            0..=5 => {
+                                let results: Vec<Value> =
+                                    chunk.iter().map(|id| json!({"task_id": id, "result": {"by": k}})).collect();
+                                let reports = client
+                                    .query_one(
+                                        "SELECT stageflow.complete_tasks($1, NULL, false)",
+                                        &[&Value::Array(results)],
+                                    )
+                                    .unwrap_or_else(|e| panic!("seed {seed} session {k}: complete_tasks: {e:?}"))
+                                    .get::<_, Value>(0);
+                                assert!(
+                                    reports.as_array().unwrap().iter().all(|r| r.get("error").is_none()),
+                                    "seed {seed} session {k}: {reports}"
+                                );
+                            }
+                            6..=7 => {
+                                client
+                                    .query_one(
+                                        "SELECT stageflow.complete_task_and_check_stage($1, $2)",
+                                        &[&chunk[0], &json!({"by": k})],
+                                    )
+                                    .unwrap_or_else(|e| panic!("seed {seed} session {k}: complete: {e:?}"));
+                            }
+                            _ => {
+                                client
+                                    .query_one(
+                                        "SELECT stageflow.fail_task($1, $2, false)",
+                                        &[&chunk[0], &json!({"message": "no"})],
+                                    )
+                                    .unwrap_or_else(|e| panic!("seed {seed} session {k}: fail_task: {e:?}"));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let retrier = {
+            let (url, barrier, stop, job_id) = (url.clone(), barrier.clone(), stop.clone(), job_id.clone());
+            thread::spawn(move || {
+                let mut client = connect(&url);
+                barrier.wait();
+                let mut rounds = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    client
+                        .query_one("SELECT stageflow.retry_job($1)", &[&job_id])
+                        .unwrap_or_else(|e| panic!("seed {seed}: retry_job: {e:?}"));
+                    rounds += 1;
+                    thread::sleep(Duration::from_millis(2));
+                }
+                rounds
+            })
+        };
+        for h in handles {
+            h.join().expect("session panicked");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = retrier.join().expect("retrier panicked");
+        assert!(rounds > 0, "seed {seed}: retry_job ran");
+
+        // What retry_job opened again: claimed and completed until the stage is done.
+        loop {
+            let stage: i32 = client
+                .query_one("SELECT current_stage FROM stageflow.jobs WHERE job_id = $1", &[&job_id])
+                .unwrap()
+                .get(0);
+            if stage == 2 {
+                break;
+            }
+            let got = claim(&mut client, "shard_random", 100, 300);
+            assert!(!got.is_empty(), "seed {seed}: stage 1 is still open with nothing to claim");
+            let results: Vec<Value> = got.iter().map(|t| json!({"task_id": t.task_id, "result": {}})).collect();
+            json(&mut client, "SELECT stageflow.complete_tasks($1)", &[&Value::Array(results)]);
+        }
+        let advances: i64 = client
+            .query_one(
+                "SELECT count(*) FROM stageflow.events WHERE job_id = $1 AND kind = 'stage_completed' AND stage = 1",
+                &[&job_id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(advances, 1, "seed {seed}: the stage advanced exactly once");
+        let row = client
+            .query_one(
+                "SELECT c.remaining_tasks, c.running_tasks, c.completed_count, s.failed_count, s.open_shards, s.status,
+                        (SELECT count(*)::int FROM stageflow.stage_shards AS sh
+                          WHERE sh.job_id = s.job_id AND sh.stage = 1 AND sh.remaining_tasks <> 0),
+                        (SELECT count(*)::int FROM stageflow.tasks AS t WHERE t.job_id = s.job_id AND t.stage = 1 AND t.status = 'completed'),
+                        (SELECT count(*)::int FROM stageflow.tasks AS t
+                          WHERE t.job_id = s.job_id AND t.stage = 1 AND t.status IN ('failed', 'dead')),
+                        (SELECT count(*)::int FROM stageflow.tasks AS t WHERE t.job_id = s.job_id AND t.stage = 2)
+                   FROM stageflow.stages AS s JOIN stageflow.stage_counts AS c USING (job_id, stage)
+                  WHERE s.job_id = $1 AND s.stage = 1",
+                &[&job_id],
+            )
+            .unwrap();
+        let completed: i32 = row.get(7);
+        assert_eq!(row.get::<_, i32>(0), 0, "seed {seed}: nothing open");
+        assert_eq!(row.get::<_, i32>(1), 0, "seed {seed}: nothing running");
+        assert_eq!(row.get::<_, i32>(2), completed, "seed {seed}: completions counted once each");
+        assert_eq!(row.get::<_, i32>(3), row.get::<_, i32>(8), "seed {seed}: failures counted as the task rows say");
+        assert_eq!(row.get::<_, i32>(4), 0, "seed {seed}: no open shard");
+        assert_eq!(row.get::<_, String>(5), "completed", "seed {seed}");
+        assert_eq!(row.get::<_, i32>(6), 0, "seed {seed}: every shard empty");
+        assert_eq!(completed + row.get::<_, i32>(8), n, "seed {seed}: every task ended once");
+        assert_eq!(row.get::<_, i32>(9), completed, "seed {seed}: one stage-2 task per completed stage-1 task");
+        eprintln!(
+            "shard seed {seed}: {completed} completed, {} failed, {rounds} retry_job rounds",
+            row.get::<_, i32>(8)
+        );
     }
 }
 
