@@ -175,13 +175,14 @@ CREATE TABLE stageflow.tasks (
 -- Room on every page for the new versions of its rows' claims and completions: with no index on
 -- a column they change, both are HOT updates (the new version on the same page, no index entries).
 -- Eight sessions claiming neighbouring tasks keep a page pinned, and a page is pruned only when no
--- other session holds it, so the room must hold about two new versions per row: with 70 %, a
--- quarter of one-at-a-time updates went to another page (a lock, two index entries, and a
--- full-page image of each index page they touched after a checkpoint); with 50 %, 1.6 %, which
--- still cost 112 of 1,413 bytes of WAL per task; with 35 %, 0.1 % (1,315 bytes per task).
+-- other session holds it, so the room must hold two new versions per row, a page a third full:
+-- with 70 %, a quarter of one-at-a-time updates went to another page (a lock, two index entries,
+-- and a full-page image of each index page they touched after a checkpoint); with 50 %, 1.6 %,
+-- which still cost 112 of 1,413 bytes of WAL per task; with 35 %, 0.1 % one at a time but 9 % in
+-- batches of 100 (1,080-1,100 bytes per task); with 30 %, none (898).
 -- The rows take more pages, but a full-page image leaves out the page's free space, and a
 -- fan-out's INSERT costs the same (2.41 s for 1,000,000 rows at 70 %, 2.47 s at 100 %).
-WITH (fillfactor = 35);
+WITH (fillfactor = 30);
 -- No foreign key to stages: fan-out inserts up to a million rows at once and a per-row
 -- referential check would dominate it. Only stageflow's functions write tasks, always with
 -- their stage row in the same transaction.

@@ -32,8 +32,8 @@ $upgrade$;
 -- flight keep going: no row changes.
 
 -- tasks: more room on each page for the new versions of claims and completions (HOT updates).
--- Pages written from now on are filled to 35 %; the rows already there stay where they are.
-ALTER TABLE stageflow.tasks SET (fillfactor = 35);
+-- Pages written from now on are filled to 30 %; the rows already there stay where they are.
+ALTER TABLE stageflow.tasks SET (fillfactor = 30);
 
 -- tasks_stage_idx: the job named by a 64-bit hash of its id rather than the id (24-byte entries
 -- instead of 88; see 0010_tables.sql). Dropped here and built again over the rows there are
