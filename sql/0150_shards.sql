@@ -30,6 +30,7 @@ DECLARE
     v_emptied   int := 0;
     v_taken     int := 0;
     v_shard     int;
+    k           int;
     -- the counters not yet moved
     v_completed int := p_completed;
     v_seconds   double precision := p_seconds;
@@ -83,22 +84,26 @@ BEGIN
     v_completed := p_completed;
     v_seconds := p_seconds;
     v_stopped := p_stopped;
-    FOR k IN 0 .. (SELECT s.shards - 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = p_stage) LOOP
-        SELECT f.remaining_tasks INTO v_remaining FROM stageflow.stage_shards AS f
-         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.shard = k AND (f.remaining_tasks > 0 OR p_count = 0)
-           FOR UPDATE;
-        IF FOUND THEN
+    -- Every shard, in shard order (a retry_job that opens tasks again adds to shards this would
+    -- otherwise pass as empty): held, they add up to the stage's open tasks, less what the other
+    -- holders of a shard took, each for tasks of its own; the tasks are taken greedily from them.
+    FOR k, v_remaining IN
+        SELECT f.shard, f.remaining_tasks FROM stageflow.stage_shards AS f
+         WHERE f.job_id = p_job_id AND f.stage = p_stage
+         ORDER BY f.shard
+           FOR UPDATE
+    LOOP
+        IF v_remaining > 0 OR p_count = 0 THEN
             v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, k, v_remaining, p_count - v_taken,
                                                                  v_completed, v_seconds, v_stopped);
             v_taken := v_taken + least(v_remaining, p_count - v_taken);
             v_completed := 0; v_seconds := 0; v_stopped := 0;
         END IF;
-        -- (one pass finds them all: the shards add up to every open task, and others take only
-        -- their own)
-        IF v_taken = p_count THEN
-            RETURN v_emptied;
-        END IF;
+        EXIT WHEN v_taken = p_count;
     END LOOP;
+    IF v_taken = p_count THEN
+        RETURN v_emptied;
+    END IF;
     RAISE EXCEPTION USING
         ERRCODE = 'XX000',
         MESSAGE = format('stage %s of job %s counts %s open tasks in its shards, fewer than the %s ending',

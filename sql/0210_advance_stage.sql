@@ -74,7 +74,7 @@ BEGIN
             PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
                 'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
                 'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_message),
-                'sqlstate', v_sqlstate, 'hint', nullif(v_hint, '')));
+                'sqlstate', v_sqlstate, 'hint', nullif(v_hint, '')), p_advancing => true);
             SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
             EXIT;
         END;

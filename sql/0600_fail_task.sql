@@ -66,8 +66,12 @@ $$;
 -- every stage and task a completion created before: its open tasks are cancelled and its active
 -- stages closed (stage rows another session holds are skipped: the completion holding one closes
 -- it when advance_stage finds the job ended). Records the error and emits job_<status>. Returns
--- false if the job had already ended.
-CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb, p_deadline timestamptz DEFAULT NULL)
+-- false if the job had already ended. p_advancing: called by advance_stage, which holds the job
+-- row and found the current stage without open tasks: nothing of that stage is left to cancel,
+-- and its shards are not waited for (the completion advancing the job holds one of them, and a
+-- cancel_job holding the lower ones waits for it: a deadlock).
+CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb, p_deadline timestamptz DEFAULT NULL,
+                                   p_advancing boolean DEFAULT false)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -75,7 +79,9 @@ AS $$
 DECLARE
     v_cancelled int;
 BEGIN
-    PERFORM stageflow._lock_current_stage(p_job_id);
+    IF NOT p_advancing THEN
+        PERFORM stageflow._lock_current_stage(p_job_id);
+    END IF;
     UPDATE stageflow.jobs AS j
        SET status = p_status, error = coalesce(p_error, j.error),
            completed_at = stageflow.now(), updated_at = stageflow.now()

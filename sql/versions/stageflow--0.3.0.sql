@@ -1074,8 +1074,12 @@ $$;
 -- every stage and task a completion created before: its open tasks are cancelled and its active
 -- stages closed (stage rows another session holds are skipped: the completion holding one closes
 -- it when advance_stage finds the job ended). Records the error and emits job_<status>. Returns
--- false if the job had already ended.
-CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb, p_deadline timestamptz DEFAULT NULL)
+-- false if the job had already ended. p_advancing: called by advance_stage, which holds the job
+-- row and found the current stage without open tasks: nothing of that stage is left to cancel,
+-- and its shards are not waited for (the completion advancing the job holds one of them, and a
+-- cancel_job holding the lower ones waits for it: a deadlock).
+CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb, p_deadline timestamptz DEFAULT NULL,
+                                   p_advancing boolean DEFAULT false)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1083,7 +1087,9 @@ AS $$
 DECLARE
     v_cancelled int;
 BEGIN
-    PERFORM stageflow._lock_current_stage(p_job_id);
+    IF NOT p_advancing THEN
+        PERFORM stageflow._lock_current_stage(p_job_id);
+    END IF;
     UPDATE stageflow.jobs AS j
        SET status = p_status, error = coalesce(p_error, j.error),
            completed_at = stageflow.now(), updated_at = stageflow.now()
@@ -2265,6 +2271,7 @@ DECLARE
     v_emptied   int := 0;
     v_taken     int := 0;
     v_shard     int;
+    k           int;
     -- the counters not yet moved
     v_completed int := p_completed;
     v_seconds   double precision := p_seconds;
@@ -2318,22 +2325,26 @@ BEGIN
     v_completed := p_completed;
     v_seconds := p_seconds;
     v_stopped := p_stopped;
-    FOR k IN 0 .. (SELECT s.shards - 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = p_stage) LOOP
-        SELECT f.remaining_tasks INTO v_remaining FROM stageflow.stage_shards AS f
-         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.shard = k AND (f.remaining_tasks > 0 OR p_count = 0)
-           FOR UPDATE;
-        IF FOUND THEN
+    -- Every shard, in shard order (a retry_job that opens tasks again adds to shards this would
+    -- otherwise pass as empty): held, they add up to the stage's open tasks, less what the other
+    -- holders of a shard took, each for tasks of its own; the tasks are taken greedily from them.
+    FOR k, v_remaining IN
+        SELECT f.shard, f.remaining_tasks FROM stageflow.stage_shards AS f
+         WHERE f.job_id = p_job_id AND f.stage = p_stage
+         ORDER BY f.shard
+           FOR UPDATE
+    LOOP
+        IF v_remaining > 0 OR p_count = 0 THEN
             v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, k, v_remaining, p_count - v_taken,
                                                                  v_completed, v_seconds, v_stopped);
             v_taken := v_taken + least(v_remaining, p_count - v_taken);
             v_completed := 0; v_seconds := 0; v_stopped := 0;
         END IF;
-        -- (one pass finds them all: the shards add up to every open task, and others take only
-        -- their own)
-        IF v_taken = p_count THEN
-            RETURN v_emptied;
-        END IF;
+        EXIT WHEN v_taken = p_count;
     END LOOP;
+    IF v_taken = p_count THEN
+        RETURN v_emptied;
+    END IF;
     RAISE EXCEPTION USING
         ERRCODE = 'XX000',
         MESSAGE = format('stage %s of job %s counts %s open tasks in its shards, fewer than the %s ending',
@@ -3953,7 +3964,7 @@ BEGIN
             PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
                 'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
                 'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_message),
-                'sqlstate', v_sqlstate, 'hint', nullif(v_hint, '')));
+                'sqlstate', v_sqlstate, 'hint', nullif(v_hint, '')), p_advancing => true);
             SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
             EXIT;
         END;
