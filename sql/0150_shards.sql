@@ -5,22 +5,20 @@
 -- wait only in shard order, holding no shard of that stage above it), then the stage row, then
 -- the job row (docs/state_machine.md, "Lock order").
 
--- Takes p_count ended tasks off a stage's shards, and returns how many shards this emptied (the
--- caller then settles the stage row). p_completed of them completed, in p_seconds from claim to
--- completion; p_stopped of them stop running. These go to the first shard taken from (a stage's
--- running, completed and seconds are sums over its shards, whichever shard counts them).
--- First, without waiting for a shard another transaction holds: a single task from shard
--- p_prefer (waited for: a lock taken on its own is a WAL record of its own, and consecutive tasks
--- prefer different shards); else one shard no one holds that has them all, the first from
--- p_prefer on (concurrent batches of one stage then settle on different rows instead of queueing
--- on shared ones); else shards no one holds, one by one, while they have some. If those are too
--- few, every shard in shard order, each waited for, until they are all taken. The attempts
--- without waiting run in a subtransaction, rolled back before the waits: a row whose re-check
--- failed once its lock came stays locked otherwise, and a transaction holding a shard out of
--- order must not then wait for a lower one.
-CREATE FUNCTION stageflow._take_from_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
-                                            p_completed int DEFAULT 0, p_seconds double precision DEFAULT 0,
-                                            p_stopped int DEFAULT 0)
+-- Takes p_count ended tasks off a stage's shards without waiting for a shard another transaction
+-- holds, and returns how many shards this emptied, or NULL if it cannot (the caller then rolls
+-- back what this took and locked, see _settle_stages). p_completed of them completed, in
+-- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
+-- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
+-- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
+-- on its own is a WAL record of its own, and consecutive tasks prefer different shards); else one
+-- shard no one holds that has them all, the first from p_prefer on (concurrent batches of one
+-- stage then settle on different rows instead of queueing on shared ones); else shards no one
+-- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
+-- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
+-- stage afterwards, or rolls back first.
+CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
+                                                 p_completed int, p_seconds double precision, p_stopped int)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -30,63 +28,64 @@ DECLARE
     v_emptied   int := 0;
     v_taken     int := 0;
     v_shard     int;
-    k           int;
-    -- the counters not yet moved
-    v_completed int := p_completed;
-    v_seconds   double precision := p_seconds;
-    v_stopped   int := p_stopped;
 BEGIN
-    BEGIN
-        IF p_count = 1 THEN
-            UPDATE stageflow.stage_shards AS sh
-               SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
-                   completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
-             WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
-            RETURNING sh.remaining_tasks INTO v_remaining;
-            IF FOUND THEN
-                RETURN (v_remaining = 0)::int;
-            END IF;
-        END IF;
+    IF p_count = 1 THEN
         UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks - p_count, stopped_tasks = sh.stopped_tasks + p_stopped,
+           SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
                completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
-         WHERE sh.job_id = p_job_id AND sh.stage = p_stage
-           AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
-                            WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks >= p_count
-                            ORDER BY f.shard < p_prefer, f.shard
-                            LIMIT 1 FOR UPDATE SKIP LOCKED)
+         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
         RETURNING sh.remaining_tasks INTO v_remaining;
         IF FOUND THEN
-            RETURN (v_remaining = 0 AND p_count > 0)::int;
+            RETURN (v_remaining = 0)::int;
         END IF;
-        LOOP
-            SELECT f.shard, f.remaining_tasks INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
-             WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks > 0
-             ORDER BY f.shard < p_prefer, f.shard
-             LIMIT 1 FOR UPDATE SKIP LOCKED;
-            IF NOT FOUND THEN
-                RAISE EXCEPTION USING ERRCODE = 'P0002';
-            END IF;
-            v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, v_shard, v_remaining, p_count - v_taken,
-                                                                 v_completed, v_seconds, v_stopped);
-            v_taken := v_taken + least(v_remaining, p_count - v_taken);
-            v_completed := 0; v_seconds := 0; v_stopped := 0;
-            IF v_taken = p_count THEN
-                RETURN v_emptied;
-            END IF;
-        END LOOP;
-    EXCEPTION WHEN no_data_found THEN
-        NULL;
-    END;
-    -- (what the subtransaction moved is back as it was)
-    v_emptied := 0;
-    v_taken := 0;
-    v_completed := p_completed;
-    v_seconds := p_seconds;
-    v_stopped := p_stopped;
-    -- Every shard, in shard order (a retry_job that opens tasks again adds to shards this would
-    -- otherwise pass as empty): held, they add up to the stage's open tasks, less what the other
-    -- holders of a shard took, each for tasks of its own; the tasks are taken greedily from them.
+    END IF;
+    UPDATE stageflow.stage_shards AS sh
+       SET remaining_tasks = sh.remaining_tasks - p_count, stopped_tasks = sh.stopped_tasks + p_stopped,
+           completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
+     WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+       AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
+                        WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks >= p_count
+                        ORDER BY f.shard < p_prefer, f.shard
+                        LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING sh.remaining_tasks INTO v_remaining;
+    IF FOUND THEN
+        RETURN (v_remaining = 0)::int;
+    END IF;
+    WHILE v_taken < p_count LOOP
+        SELECT f.shard, f.remaining_tasks INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
+         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks > 0
+         ORDER BY f.shard < p_prefer, f.shard
+         LIMIT 1 FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, v_shard, v_remaining, p_count - v_taken,
+                                                             p_completed, p_seconds, p_stopped);
+        v_taken := v_taken + least(v_remaining, p_count - v_taken);
+        p_completed := 0; p_seconds := 0; p_stopped := 0;
+    END LOOP;
+    RETURN v_emptied;
+END;
+$$;
+
+-- Takes p_count ended tasks off a stage's shards (the other counters as _take_from_free_shards),
+-- waiting for every shard in shard order: the caller holds no shard of that stage, or holds them
+-- all. Held, the shards add up to the stage's open tasks less what the other holders of a shard
+-- took, each for tasks of its own (a retry_job that opens tasks again adds to them only holding
+-- them all); the tasks are taken greedily in shard order. Returns how many shards this emptied.
+CREATE FUNCTION stageflow._take_from_shards_in_order(p_job_id text, p_stage int, p_count int,
+                                                     p_completed int DEFAULT 0, p_seconds double precision DEFAULT 0,
+                                                     p_stopped int DEFAULT 0)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_emptied   int := 0;
+    v_taken     int := 0;
+    k           int;
+    v_remaining int;
+BEGIN
     FOR k, v_remaining IN
         SELECT f.shard, f.remaining_tasks FROM stageflow.stage_shards AS f
          WHERE f.job_id = p_job_id AND f.stage = p_stage
@@ -95,20 +94,20 @@ BEGIN
     LOOP
         IF v_remaining > 0 OR p_count = 0 THEN
             v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, k, v_remaining, p_count - v_taken,
-                                                                 v_completed, v_seconds, v_stopped);
+                                                                 p_completed, p_seconds, p_stopped);
             v_taken := v_taken + least(v_remaining, p_count - v_taken);
-            v_completed := 0; v_seconds := 0; v_stopped := 0;
+            p_completed := 0; p_seconds := 0; p_stopped := 0;
         END IF;
         EXIT WHEN v_taken = p_count;
     END LOOP;
-    IF v_taken = p_count THEN
-        RETURN v_emptied;
+    IF v_taken < p_count THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'XX000',
+            MESSAGE = format('stage %s of job %s counts %s open tasks in its shards, fewer than the %s ending',
+                             p_stage, p_job_id, v_taken, p_count),
+            HINT = 'the stage''s counters disagree with its tasks: report this as a bug';
     END IF;
-    RAISE EXCEPTION USING
-        ERRCODE = 'XX000',
-        MESSAGE = format('stage %s of job %s counts %s open tasks in its shards, fewer than the %s ending',
-                         p_stage, p_job_id, v_taken, p_count),
-        HINT = 'the stage''s counters disagree with its tasks: report this as a bug';
+    RETURN v_emptied;
 END;
 $$;
 
@@ -130,7 +129,7 @@ $$;
 -- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
 -- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
 -- order of every wait for them, before the stage row), takes the tasks off the shards
--- (_take_from_shards) or spreads them evenly over them, then updates the stage row: open_shards
+-- (_take_from_shards_in_order) or spreads them evenly over them, then updates the stage row: open_shards
 -- by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by p_failed.
 -- p_running of the tasks were running (they stop running). Returns the stage row as updated.
 CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_count int, p_sign int, p_failed int DEFAULT 0,
@@ -147,7 +146,7 @@ BEGIN
       WHERE sh.job_id = p_job_id AND sh.stage = p_stage
       ORDER BY sh.shard FOR UPDATE;
     IF p_sign < 0 THEN
-        v_delta := -stageflow._take_from_shards(p_job_id, p_stage, p_count, 0, p_stopped => p_running);
+        v_delta := -stageflow._take_from_shards_in_order(p_job_id, p_stage, p_count, p_stopped => p_running);
     ELSE
         WITH moved AS (
             UPDATE stageflow.stage_shards AS sh
@@ -159,7 +158,7 @@ BEGIN
              WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = a.shard AND (a.n > 0 OR a.shard = 0)
             RETURNING a.n, sh.remaining_tasks
         )
-        SELECT count(*) FILTER (WHERE m.n > 0 AND m.remaining_tasks = m.n) INTO v_delta FROM moved AS m;
+        SELECT (count(*) FILTER (WHERE m.n > 0 AND m.remaining_tasks = m.n))::int INTO v_delta FROM moved AS m;
     END IF;
     UPDATE stageflow.stages AS s
        SET open_shards = s.open_shards + v_delta, failed_count = s.failed_count + p_failed
@@ -170,13 +169,73 @@ END;
 $$;
 
 -- p_count tasks of one stage that stop running but stay open (a retry scheduled, a lease handed
--- back or re-queued by retry_job): counted in stopped_tasks of a shard no one else holds, if any.
+-- back or re-queued by retry_job): counted in stopped_tasks of a shard no one else holds (one row
+-- locked, by its key: nothing re-checked can fail), else of shard 0, waited for (the caller holds
+-- no shard of the stage, or all of them).
 CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_count int)
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT FROM stageflow._take_from_shards(p_job_id, p_stage, 0, 0, p_stopped => p_count);
+BEGIN
+    UPDATE stageflow.stage_shards AS sh
+       SET stopped_tasks = sh.stopped_tasks + p_count
+     WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+       AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
+                        WHERE f.job_id = p_job_id AND f.stage = p_stage
+                        ORDER BY f.shard
+                        LIMIT 1 FOR UPDATE SKIP LOCKED);
+    IF NOT FOUND THEN
+        UPDATE stageflow.stage_shards AS sh
+           SET stopped_tasks = sh.stopped_tasks + p_count
+         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = 0;
+    END IF;
+END;
+$$;
+
+-- The tasks a call ended, per stage in (job, stage) order (parallel arrays: how many, the shard
+-- a single task prefers, their claim-to-completion seconds, the last of them by ordinal), taken
+-- off each stage's shards and then, when shards emptied, its row (shards -> stage, the order of
+-- every caller); the call that takes a stage's open shards to zero advances its job. With p_wait
+-- false, without waiting for shards (_take_from_free_shards), raising SQLSTATE SFW01 when a stage
+-- cannot: the caller (_settle_completions) runs it in one subtransaction, rolls that back (with
+-- every shard it left locked) and runs it again with p_wait, every stage's shards waited for in
+-- shard order (_take_from_shards_in_order). One subtransaction a call, however many stages: a
+-- transaction with more than 64 subtransactions makes every other session's snapshots look
+-- their transactions up in pg_subtrans.
+CREATE FUNCTION stageflow._settle_stages(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
+                                         p_seconds double precision[], p_last text[], p_wait boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_emptied int;
+    v_open    int;
+BEGIN
+    FOR i IN 1 .. cardinality(p_jobs) LOOP
+        IF p_wait THEN
+            v_emptied := stageflow._take_from_shards_in_order(p_jobs[i], p_stages[i], p_counts[i], p_counts[i],
+                                                              coalesce(p_seconds[i], 0), p_counts[i]);
+        ELSE
+            v_emptied := stageflow._take_from_free_shards(p_jobs[i], p_stages[i], p_counts[i], p_prefer[i], p_counts[i],
+                                                          coalesce(p_seconds[i], 0), p_counts[i]);
+            IF v_emptied IS NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled by _settle_completions)';
+            END IF;
+        END IF;
+        IF v_emptied > 0 THEN
+            UPDATE stageflow.stages AS s
+               SET open_shards = s.open_shards - v_emptied,
+                   completed_by = CASE WHEN s.open_shards = v_emptied THEN p_last[i] ELSE s.completed_by END
+             WHERE s.job_id = p_jobs[i] AND s.stage = p_stages[i]
+            RETURNING s.open_shards INTO v_open;
+            IF v_open = 0 THEN
+                PERFORM stageflow.advance_stage(p_jobs[i]);
+            END IF;
+        END IF;
+    END LOOP;
+END;
 $$;
 
 -- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the
