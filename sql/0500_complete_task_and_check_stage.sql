@@ -105,7 +105,7 @@ $$;
 -- with a stale report of a task the other holds, deadlocked so). The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
 -- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
--- stage) order (_settle_stages: one shard no other transaction holds, if one has them all); a
+-- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a
 -- stage row is locked only when one of its shards empties (shards before stage), and the call
 -- that takes the stage's open shards to zero advances the job in this transaction. A completion repeated by the lease that made it is accepted and changes nothing.
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
@@ -131,6 +131,8 @@ DECLARE
     v_seconds    double precision[] := '{}'::double precision[];
     v_counts     int[];
     v_last       text[];
+    v_emptied    int[];
+    v_open       int;
     -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
     -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
     -- server CPU, bench/README.md).
@@ -251,15 +253,29 @@ BEGIN
                  GROUP BY u.job_id, u.stage) AS g;
     END IF;
 
-    -- Each stage's tasks off its shards, then its row (_settle_stages): first without waiting for
-    -- a shard another transaction holds, in one subtransaction; if a stage cannot, that is rolled
+    -- Each stage's tasks off its shards (_take_stages_from_shards): first without waiting for a
+    -- shard another transaction holds, in one subtransaction; if a stage cannot, that is rolled
     -- back (a transaction holding a shard out of order must not then wait for another of that
     -- stage) and every stage waits for its shards in shard order.
     BEGIN
-        PERFORM stageflow._settle_stages(v_jobs, v_stages, v_counts, v_prefer, v_seconds, v_last, false);
+        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, false);
     EXCEPTION WHEN SQLSTATE 'SFW01' THEN
-        PERFORM stageflow._settle_stages(v_jobs, v_stages, v_counts, v_prefer, v_seconds, v_last, true);
+        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, true);
     END;
+    -- Then the rows of the stages whose shards emptied, in the same order (shards -> stage -> job);
+    -- the call that takes a stage's open shards to zero advances its job.
+    FOR i IN 1 .. cardinality(v_jobs) LOOP
+        IF v_emptied[i] > 0 THEN
+            UPDATE stageflow.stages AS s
+               SET open_shards = s.open_shards - v_emptied[i],
+                   completed_by = CASE WHEN s.open_shards = v_emptied[i] THEN v_last[i] ELSE s.completed_by END
+             WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
+            RETURNING s.open_shards INTO v_open;
+            IF v_open = 0 THEN
+                PERFORM stageflow.advance_stage(v_jobs[i]);
+            END IF;
+        END IF;
+    END LOOP;
     RETURN v_refusals;
 END;
 $$;

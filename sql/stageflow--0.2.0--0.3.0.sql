@@ -1944,7 +1944,7 @@ $$;
 
 -- Takes p_count ended tasks off a stage's shards without waiting for a shard another transaction
 -- holds, and returns how many shards this emptied, or NULL if it cannot (the caller then rolls
--- back what this took and locked, see _settle_stages). p_completed of them completed, in
+-- back what this took and locked, see _take_stages_from_shards). p_completed of them completed, in
 -- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
 -- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
 -- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
@@ -2015,6 +2015,9 @@ CREATE FUNCTION stageflow._take_from_shards_in_order(p_job_id text, p_stage int,
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- (called from completions, which plan with enable_seqscan off, and from paths that do not set
+-- it: its plan, made once a session by whichever calls first, is a key lookup either way)
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_emptied   int := 0;
@@ -2126,47 +2129,39 @@ BEGIN
 END;
 $$;
 -- The tasks a call ended, per stage in (job, stage) order (parallel arrays: how many, the shard
--- a single task prefers, their claim-to-completion seconds, the last of them by ordinal), taken
--- off each stage's shards and then, when shards emptied, its row (shards -> stage, the order of
--- every caller); the call that takes a stage's open shards to zero advances its job. With p_wait
--- false, without waiting for shards (_take_from_free_shards), raising SQLSTATE SFW01 when a stage
--- cannot: the caller (_settle_completions) runs it in one subtransaction, rolls that back (with
--- every shard it left locked) and runs it again with p_wait, every stage's shards waited for in
--- shard order (_take_from_shards_in_order). One subtransaction a call, however many stages: a
--- transaction with more than 64 subtransactions makes every other session's snapshots look
--- their transactions up in pg_subtrans.
-CREATE FUNCTION stageflow._settle_stages(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
-                                         p_seconds double precision[], p_last text[], p_wait boolean)
-RETURNS void
+-- a single task prefers, their claim-to-completion seconds), taken off each stage's shards;
+-- returns, per stage, how many shards emptied (the caller then settles the stage rows, in the
+-- same order: shards -> stage -> job for every caller). With p_wait false, without waiting for
+-- shards (_take_from_free_shards), raising SQLSTATE SFW01 when a stage cannot: the caller
+-- (_settle_completions) runs it in one subtransaction, rolls that back (with every shard it left
+-- locked) and runs it again with p_wait, every stage's shards waited for in shard order
+-- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
+-- with more than 64 makes every other session's snapshots look their transactions up in
+-- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
+CREATE FUNCTION stageflow._take_stages_from_shards(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
+                                                   p_seconds double precision[], p_wait boolean)
+RETURNS int[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_emptied int;
-    v_open    int;
+    v_emptied int[] := '{}'::int[];
+    v_one     int;
 BEGIN
     FOR i IN 1 .. cardinality(p_jobs) LOOP
         IF p_wait THEN
-            v_emptied := stageflow._take_from_shards_in_order(p_jobs[i], p_stages[i], p_counts[i], p_counts[i],
-                                                              coalesce(p_seconds[i], 0), p_counts[i]);
-        ELSE
-            v_emptied := stageflow._take_from_free_shards(p_jobs[i], p_stages[i], p_counts[i], p_prefer[i], p_counts[i],
+            v_one := stageflow._take_from_shards_in_order(p_jobs[i], p_stages[i], p_counts[i], p_counts[i],
                                                           coalesce(p_seconds[i], 0), p_counts[i]);
-            IF v_emptied IS NULL THEN
+        ELSE
+            v_one := stageflow._take_from_free_shards(p_jobs[i], p_stages[i], p_counts[i], p_prefer[i], p_counts[i],
+                                                      coalesce(p_seconds[i], 0), p_counts[i]);
+            IF v_one IS NULL THEN
                 RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled by _settle_completions)';
             END IF;
         END IF;
-        IF v_emptied > 0 THEN
-            UPDATE stageflow.stages AS s
-               SET open_shards = s.open_shards - v_emptied,
-                   completed_by = CASE WHEN s.open_shards = v_emptied THEN p_last[i] ELSE s.completed_by END
-             WHERE s.job_id = p_jobs[i] AND s.stage = p_stages[i]
-            RETURNING s.open_shards INTO v_open;
-            IF v_open = 0 THEN
-                PERFORM stageflow.advance_stage(p_jobs[i]);
-            END IF;
-        END IF;
+        v_emptied := v_emptied || v_one;
     END LOOP;
+    RETURN v_emptied;
 END;
 $$;
 -- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the
@@ -2367,7 +2362,7 @@ $$;
 -- with a stale report of a task the other holds, deadlocked so). The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
 -- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
--- stage) order (_settle_stages: one shard no other transaction holds, if one has them all); a
+-- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a
 -- stage row is locked only when one of its shards empties (shards before stage), and the call
 -- that takes the stage's open shards to zero advances the job in this transaction. A completion repeated by the lease that made it is accepted and changes nothing.
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
@@ -2393,6 +2388,8 @@ DECLARE
     v_seconds    double precision[] := '{}'::double precision[];
     v_counts     int[];
     v_last       text[];
+    v_emptied    int[];
+    v_open       int;
     -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
     -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
     -- server CPU, bench/README.md).
@@ -2513,15 +2510,29 @@ BEGIN
                  GROUP BY u.job_id, u.stage) AS g;
     END IF;
 
-    -- Each stage's tasks off its shards, then its row (_settle_stages): first without waiting for
-    -- a shard another transaction holds, in one subtransaction; if a stage cannot, that is rolled
+    -- Each stage's tasks off its shards (_take_stages_from_shards): first without waiting for a
+    -- shard another transaction holds, in one subtransaction; if a stage cannot, that is rolled
     -- back (a transaction holding a shard out of order must not then wait for another of that
     -- stage) and every stage waits for its shards in shard order.
     BEGIN
-        PERFORM stageflow._settle_stages(v_jobs, v_stages, v_counts, v_prefer, v_seconds, v_last, false);
+        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, false);
     EXCEPTION WHEN SQLSTATE 'SFW01' THEN
-        PERFORM stageflow._settle_stages(v_jobs, v_stages, v_counts, v_prefer, v_seconds, v_last, true);
+        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, true);
     END;
+    -- Then the rows of the stages whose shards emptied, in the same order (shards -> stage -> job);
+    -- the call that takes a stage's open shards to zero advances its job.
+    FOR i IN 1 .. cardinality(v_jobs) LOOP
+        IF v_emptied[i] > 0 THEN
+            UPDATE stageflow.stages AS s
+               SET open_shards = s.open_shards - v_emptied[i],
+                   completed_by = CASE WHEN s.open_shards = v_emptied[i] THEN v_last[i] ELSE s.completed_by END
+             WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
+            RETURNING s.open_shards INTO v_open;
+            IF v_open = 0 THEN
+                PERFORM stageflow.advance_stage(v_jobs[i]);
+            END IF;
+        END IF;
+    END LOOP;
     RETURN v_refusals;
 END;
 $$;
