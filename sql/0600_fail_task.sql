@@ -1,3 +1,22 @@
+-- Deletes the messages of queue p_queue among p_msg_ids that no other transaction holds (a claim
+-- that read one settles it: a message that is not its task's current one, or whose task ended, is
+-- deleted; the reconciler deletes what is left). Paths that hold a job's shards use it: a wait for
+-- a message a claim holds, while that claim waits for the shards, is a deadlock. (pgmq.delete
+-- cannot skip locked rows: this deletes from the queue table, named by pgmq.format_table_name.)
+CREATE FUNCTION stageflow._delete_free_messages(p_queue text, p_msg_ids bigint[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format(
+        'DELETE FROM pgmq.%1$I WHERE msg_id IN '
+        '(SELECT q.msg_id FROM pgmq.%1$I AS q WHERE q.msg_id = ANY ($1) ORDER BY q.msg_id FOR UPDATE SKIP LOCKED)',
+        pgmq.format_table_name(p_queue, 'q'))
+    USING p_msg_ids;
+END;
+$$;
+
 -- Cancels the open (queued or running) tasks of a job that has ended, skipping rows another
 -- session holds instead of waiting for them (waiting could deadlock with a completion that holds
 -- its task and waits for the job row). What was skipped settles itself or is mended: a report in
@@ -5,8 +24,7 @@
 -- task out, its report is recorded the same way, and maintenance's reconciler cancels the task if
 -- it is still running (retry_job re-queues it too). Tasks first, then their
 -- messages (also skipped when held: a claim holding one finds its task cancelled and deletes it),
--- then each stage's shards. pgmq.delete cannot skip locked rows, so this deletes from the queue
--- table, named by pgmq's own pgmq.format_table_name. Returns how many tasks it cancelled.
+-- then each stage's shards. Returns how many tasks it cancelled.
 CREATE FUNCTION stageflow._cancel_open_tasks(p_job_id text)
 RETURNS int
 LANGUAGE plpgsql
@@ -43,11 +61,7 @@ BEGIN
         SELECT u.queue, array_agg(u.msg_id ORDER BY u.msg_id) AS msg_ids FROM unnest(v_queues, v_msg_ids) AS u(queue, msg_id)
          GROUP BY u.queue ORDER BY u.queue
     LOOP
-        EXECUTE format(
-            'DELETE FROM pgmq.%1$I WHERE msg_id IN '
-            '(SELECT q.msg_id FROM pgmq.%1$I AS q WHERE q.msg_id = ANY ($1) ORDER BY q.msg_id FOR UPDATE SKIP LOCKED)',
-            pgmq.format_table_name(v_group.queue, 'q'))
-        USING v_group.msg_ids;
+        PERFORM stageflow._delete_free_messages(v_group.queue, v_group.msg_ids);
     END LOOP;
     FOR v_group IN
         SELECT u.stage, count(*)::int AS tasks, (count(*) FILTER (WHERE u.was_running))::int AS running

@@ -24,6 +24,31 @@ fn messages_in(client: &mut postgres::Client, queue: &str) -> i64 {
     client.query_one(&format!("SELECT count(*) FROM pgmq.q_{queue}"), &[]).unwrap().get(0)
 }
 
+/// Registers `name`: a `count` stage of `race.fan` tasks on `queue` that tolerates `max_failed`
+/// failed tasks, then a `lineage` stage on `next_queue`.
+fn register_tolerant_fan(client: &mut postgres::Client, name: &str, queue: &str, next_queue: &str, max_failed: i32) {
+    let definition = json!({
+        "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "seed": {"type": "integer"}}},
+        "stages": [
+            {"name": "fan", "handler": "race.fan", "queue": queue, "fan_out": "count", "param": "n",
+             "max_failed_tasks": max_failed},
+            {"name": "follow", "handler": "race.follow", "queue": next_queue, "fan_out": "lineage"}
+        ]
+    });
+    register(client, name, &definition.to_string());
+}
+
+/// How many times stage 1 of the job advanced (its `stage_completed` events).
+fn stage_one_advances(client: &mut postgres::Client, job_id: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM stageflow.events WHERE job_id = $1 AND kind = 'stage_completed' AND stage = 1",
+            &[&job_id],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// Claims all `n` tasks of stage 1 and completes them from `n` sessions released together by a
 /// barrier; returns the completion reports.
 fn complete_all_at_once(url: &str, tasks: Vec<Claimed>, extra: impl Fn(&str) + Send + Sync + 'static) -> Vec<Value> {
@@ -84,18 +109,7 @@ fn concurrent_last_completions_advance_the_stage_exactly_once() {
 fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
     let url = fresh_database("race_sharded_counters");
     let mut client = connect(&url);
-    register(
-        &mut client,
-        "shard_race",
-        r#"{
-            "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "seed": {"type": "integer"}}},
-            "stages": [
-                {"name": "fan", "handler": "race.fan", "queue": "shards", "fan_out": "count", "param": "n",
-                 "max_failed_tasks": 48},
-                {"name": "follow", "handler": "race.follow", "queue": "shards", "fan_out": "lineage"}
-            ]
-        }"#,
-    );
+    register_tolerant_fan(&mut client, "shard_race", "shards", "shards", 48);
     let n = 48;
     for round in 0..15 {
         let job_id = submit(&mut client, "shard_race", json!({"n": n, "seed": round}));
@@ -161,14 +175,7 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
             .collect();
         let failed: i32 = handles.into_iter().map(|h| h.join().expect("session panicked")).sum();
 
-        let advances: i64 = client
-            .query_one(
-                "SELECT count(*) FROM stageflow.events WHERE job_id = $1 AND kind = 'stage_completed' AND stage = 1",
-                &[&job_id],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(advances, 1, "round {round}: the stage advanced exactly once");
+        assert_eq!(stage_one_advances(&mut client, &job_id), 1, "round {round}: the stage advanced exactly once");
         let row = client
             .query_one(
                 "SELECT c.remaining_tasks, c.completed_count, s.failed_count, s.open_shards, s.status,
@@ -208,18 +215,7 @@ fn sharded_counters_settle_exactly_under_mixed_concurrent_outcomes() {
 fn shard_counters_settle_exactly_under_random_batches_failures_and_retries() {
     let url = fresh_database("race_shard_random");
     let mut client = connect(&url);
-    register(
-        &mut client,
-        "shard_random",
-        r#"{
-            "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "seed": {"type": "integer"}}},
-            "stages": [
-                {"name": "fan", "handler": "race.fan", "queue": "shard_random", "fan_out": "count", "param": "n",
-                 "max_failed_tasks": 1200},
-                {"name": "follow", "handler": "race.follow", "queue": "shard_random_next", "fan_out": "lineage"}
-            ]
-        }"#,
-    );
+    register_tolerant_fan(&mut client, "shard_random", "shard_random", "shard_random_next", 1200);
     // splitmix64: a seed fixes the sequence.
     fn next(state: &mut u64) -> u64 {
         *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -342,14 +338,7 @@ fn shard_counters_settle_exactly_under_random_batches_failures_and_retries() {
             let results: Vec<Value> = got.iter().map(|t| json!({"task_id": t.task_id, "result": {}})).collect();
             json(&mut client, "SELECT stageflow.complete_tasks($1)", &[&Value::Array(results)]);
         }
-        let advances: i64 = client
-            .query_one(
-                "SELECT count(*) FROM stageflow.events WHERE job_id = $1 AND kind = 'stage_completed' AND stage = 1",
-                &[&job_id],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(advances, 1, "seed {seed}: the stage advanced exactly once");
+        assert_eq!(stage_one_advances(&mut client, &job_id), 1, "seed {seed}: the stage advanced exactly once");
         let row = client
             .query_one(
                 "SELECT c.remaining_tasks, c.running_tasks, c.completed_count, s.failed_count, s.open_shards, s.status,
