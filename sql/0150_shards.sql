@@ -132,8 +132,9 @@ $$;
 -- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
 -- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
 -- order of every wait for them, before the stage row), takes the tasks off the shards
--- (_take_from_shards_in_order) or spreads them evenly over them, then updates the stage row: open_shards
--- by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by p_failed.
+-- (_take_from_shards_in_order) or spreads them evenly over them, then updates the stage row:
+-- open_shards by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by
+-- p_failed.
 -- p_running of the tasks were running (they stop running). Returns the stage row as updated.
 CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_count int, p_sign int, p_failed int DEFAULT 0,
                                        p_running int DEFAULT 0)

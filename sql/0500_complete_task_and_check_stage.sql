@@ -105,9 +105,10 @@ $$;
 -- with a stale report of a task the other holds, deadlocked so). The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
 -- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
--- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a
--- stage row is locked only when one of its shards empties (shards before stage), and the call
--- that takes the stage's open shards to zero advances the job in this transaction. A completion repeated by the lease that made it is accepted and changes nothing.
+-- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them
+-- all); a stage row is locked only when one of its shards empties (shards before stage), and the
+-- call that takes the stage's open shards to zero advances the job in this transaction. A
+-- completion repeated by the lease that made it is accepted and changes nothing.
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.

@@ -1,7 +1,7 @@
 -- Deletes the messages of queue p_queue among p_msg_ids that no other transaction holds (a claim
--- that read one settles it: a message that is not its task's current one, or whose task ended, is
--- deleted; the reconciler deletes what is left). Paths that hold a job's shards use it: a wait for
--- a message a claim holds, while that claim waits for the shards, is a deadlock. (pgmq.delete
+-- that reads one of the others deletes it, as not its task's current message or one whose task
+-- ended). Paths that hold a job's shards use it: a wait for a message a claim holds, while that
+-- claim waits for the shards, is a deadlock. (pgmq.delete
 -- cannot skip locked rows: this deletes from the queue table, named by pgmq.format_table_name.)
 CREATE FUNCTION stageflow._delete_free_messages(p_queue text, p_msg_ids bigint[])
 RETURNS void

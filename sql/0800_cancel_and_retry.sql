@@ -128,9 +128,9 @@ BEGIN
     END IF;
 
     -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old
-    -- messages of tasks that were still running go, but for one a claim holds (it waits for the
-    -- shards this holds, and deletes the message itself once it sees it is no longer the task's:
-    -- retry_job_racing_a_claim_of_leftovers).
+    -- messages of tasks that were still running go, but for one a claim holds (that claim may be
+    -- waiting for the shards this holds: retry_job_racing_a_claim_of_leftovers); a later claim
+    -- that reads it deletes it, as no longer its task's current message.
     IF v_old_msgs IS NOT NULL THEN
         PERFORM stageflow._delete_free_messages(v_stage.queue, v_old_msgs);
     END IF;

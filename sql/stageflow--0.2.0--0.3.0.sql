@@ -1126,8 +1126,9 @@ $$;
 -- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
 -- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
 -- order of every wait for them, before the stage row), takes the tasks off the shards
--- (_take_from_shards_in_order) or spreads them evenly over them, then updates the stage row: open_shards
--- by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by p_failed.
+-- (_take_from_shards_in_order) or spreads them evenly over them, then updates the stage row:
+-- open_shards by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by
+-- p_failed.
 -- p_running of the tasks were running (they stop running). Returns the stage row as updated.
 CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_count int, p_sign int, p_failed int DEFAULT 0,
                                        p_running int DEFAULT 0)
@@ -1537,9 +1538,9 @@ $$;
 /* <begin connected objects> */
 -- src/lib.rs:60
 -- Deletes the messages of queue p_queue among p_msg_ids that no other transaction holds (a claim
--- that read one settles it: a message that is not its task's current one, or whose task ended, is
--- deleted; the reconciler deletes what is left). Paths that hold a job's shards use it: a wait for
--- a message a claim holds, while that claim waits for the shards, is a deadlock. (pgmq.delete
+-- that reads one of the others deletes it, as not its task's current message or one whose task
+-- ended). Paths that hold a job's shards use it: a wait for a message a claim holds, while that
+-- claim waits for the shards, is a deadlock. (pgmq.delete
 -- cannot skip locked rows: this deletes from the queue table, named by pgmq.format_table_name.)
 CREATE FUNCTION stageflow._delete_free_messages(p_queue text, p_msg_ids bigint[])
 RETURNS void
@@ -2267,9 +2268,10 @@ $$;
 -- with a stale report of a task the other holds, deadlocked so). The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
 -- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
--- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a
--- stage row is locked only when one of its shards empties (shards before stage), and the call
--- that takes the stage's open shards to zero advances the job in this transaction. A completion repeated by the lease that made it is accepted and changes nothing.
+-- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them
+-- all); a stage row is locked only when one of its shards empties (shards before stage), and the
+-- call that takes the stage's open shards to zero advances the job in this transaction. A
+-- completion repeated by the lease that made it is accepted and changes nothing.
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
@@ -2906,9 +2908,9 @@ BEGIN
     END IF;
 
     -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old
-    -- messages of tasks that were still running go, but for one a claim holds (it waits for the
-    -- shards this holds, and deletes the message itself once it sees it is no longer the task's:
-    -- retry_job_racing_a_claim_of_leftovers).
+    -- messages of tasks that were still running go, but for one a claim holds (that claim may be
+    -- waiting for the shards this holds: retry_job_racing_a_claim_of_leftovers); a later claim
+    -- that reads it deletes it, as no longer its task's current message.
     IF v_old_msgs IS NOT NULL THEN
         PERFORM stageflow._delete_free_messages(v_stage.queue, v_old_msgs);
     END IF;
