@@ -39,6 +39,10 @@ $$;
 --     message becomes visible again);
 --   * a live lease's message, or a retry's not yet due: pushed back to that time;
 --   * a running task whose last attempt's lease expired: dead-lettered.
+-- Dead letters and ended jobs' leftovers are settled last, in (job, stage, task) order: each
+-- takes its stage's shards, and a batch of completions takes the shards of its stages in that
+-- order too (in msg_id order, this held one job's shards while waiting for a lower job's that a
+-- batch held, and the batch waited for the first: batch_racing_dead_letters_of_two_jobs).
 CREATE FUNCTION stageflow._settle_unclaimed(p_queue text, p_msg_ids bigint[], p_task_ids text[], p_locked text[],
                                             p_claimed text[], p_now timestamptz)
 RETURNS void
@@ -50,11 +54,15 @@ DECLARE
     v_busy_msgs    bigint[] := '{}'::bigint[];
     v_ended_jobs   text[] := '{}'::text[];
     v_ended_tasks  text[] := '{}'::text[];
+    v_dead_jobs    text[] := '{}'::text[];
+    v_dead_stages  int[] := '{}'::int[];
+    v_dead_tasks   text[] := '{}'::text[];
+    v_dead_errors  jsonb[] := '{}'::jsonb[];
     r              record;
 BEGIN
     FOR r IN
         SELECT u.msg_id, u.task_id, u.task_id = ANY (coalesce(p_locked, '{}')) AS mine,
-               t.job_id, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
+               t.job_id, t.stage, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
                t.next_attempt_at, j.status AS job_status
           FROM unnest(p_msg_ids, p_task_ids) AS u(msg_id, task_id)
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
@@ -74,7 +82,10 @@ BEGIN
         ELSIF r.status = 'running' AND r.lease_expires_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.lease_expires_at);
         ELSIF r.attempt >= r.max_attempts THEN
-            PERFORM stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts));
+            v_dead_jobs := v_dead_jobs || r.job_id;
+            v_dead_stages := v_dead_stages || r.stage;
+            v_dead_tasks := v_dead_tasks || r.task_id;
+            v_dead_errors := v_dead_errors || stageflow._lease_expired_error(r.attempt, r.max_attempts);
         ELSIF r.status = 'queued' AND r.next_attempt_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.next_attempt_at);
         ELSE
@@ -86,9 +97,23 @@ BEGIN
         PERFORM pgmq.set_vt(p_queue, v_busy_msgs, p_now + interval '1 second');
     END IF;
     PERFORM stageflow._delete_messages(p_queue, v_stray_msgs);
+    IF cardinality(v_dead_tasks) + cardinality(v_ended_jobs) > 0 THEN
+        -- (a job is either ended or open in the one snapshot the loop read: never in both lists)
+        FOR r IN
+            SELECT d.job_id, d.stage, d.task_id, d.error
+              FROM unnest(v_dead_jobs, v_dead_stages, v_dead_tasks, v_dead_errors) AS d(job_id, stage, task_id, error)
+            UNION ALL
+            SELECT DISTINCT u.job_id, NULL::int, NULL::text, NULL::jsonb FROM unnest(v_ended_jobs) AS u(job_id)
+             ORDER BY 1, 2, 3
+        LOOP
+            IF r.task_id IS NULL THEN
+                PERFORM stageflow._cancel_leftovers(r.job_id);
+            ELSE
+                PERFORM stageflow._end_task(r.task_id, 'dead', r.error);
+            END IF;
+        END LOOP;
+    END IF;
     IF cardinality(v_ended_jobs) > 0 THEN
-        PERFORM stageflow._cancel_leftovers(e.job_id)
-           FROM (SELECT DISTINCT u.job_id FROM unnest(v_ended_jobs) AS u(job_id) ORDER BY u.job_id) AS e;
         -- A job a retry revived meanwhile keeps its tasks: their messages are visible again.
         PERFORM pgmq.set_vt(p_queue, m.msg_ids, p_now)
            FROM (SELECT array_agg(t.msg_id) AS msg_ids FROM stageflow.tasks AS t

@@ -49,11 +49,14 @@ $$;
 -- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
 -- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
 -- Returns the number of tasks re-queued.
--- Lock order as every completion's, shards before stage before job: the current stage's shards
--- and row first (_lock_current_stage: a completion emptying the stage finishes first, and if it
--- advanced the job, the new current stage is taken instead), then the tasks to retry (failed,
--- dead or cancelled ones, which no claim or completion waits on anything while holding; running
--- ones only if no one holds them), the job row last.
+-- Lock order as every completion's, tasks before shards before stage before job: the tasks to
+-- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
+-- stale report it refuses, while it waits for the stage's shards), then the current stage's
+-- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
+-- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
+-- without waiting (one held: what this took of the stage is rolled back, and it starts over,
+-- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report), running ones only
+-- if no one holds them, the job row last.
 -- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
 -- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
 -- once its stage is locked (the submission then checks the owner's open-task quota).
@@ -83,10 +86,33 @@ DECLARE
     v_stopped  int;
     v_failed   int;
     v_advance  jsonb;
+    v_at       int;
 BEGIN
-    IF stageflow._lock_current_stage(p_job_id) IS NULL THEN
-        PERFORM stageflow._raise_unknown('job', p_job_id);
-    END IF;
+    LOOP
+        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+        IF NOT FOUND THEN
+            PERFORM stageflow._raise_unknown('job', p_job_id);
+        END IF;
+        PERFORM 1 FROM stageflow.tasks AS t
+         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+           AND stageflow._task_ended_without_result(t.status)
+         ORDER BY t.task_id
+           FOR UPDATE;
+        BEGIN
+            v_at := stageflow._lock_current_stage(p_job_id);
+            IF v_at IS NULL THEN
+                PERFORM stageflow._raise_unknown('job', p_job_id);
+            END IF;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE NOWAIT;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            -- (rolled back: round again)
+        END;
+    END LOOP;
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
     IF stageflow._job_is_done(v_job.status)
        OR (p_resubmission AND NOT stageflow._job_is_stopped(v_job.status)) THEN
@@ -95,12 +121,7 @@ BEGIN
     SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
      WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
 
-    -- The tasks to run again, locked (and then read as they are now).
-    PERFORM 1 FROM stageflow.tasks AS t
-     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
-       AND stageflow._task_ended_without_result(t.status)
-     ORDER BY t.task_id
-       FOR UPDATE;
+    -- The tasks to run again (those that ended are locked above), read as they are now.
     IF stageflow._job_is_stopped(v_job.status) THEN
         v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
                             WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id)

@@ -824,6 +824,10 @@ $$;
 --     message becomes visible again);
 --   * a live lease's message, or a retry's not yet due: pushed back to that time;
 --   * a running task whose last attempt's lease expired: dead-lettered.
+-- Dead letters and ended jobs' leftovers are settled last, in (job, stage, task) order: each
+-- takes its stage's shards, and a batch of completions takes the shards of its stages in that
+-- order too (in msg_id order, this held one job's shards while waiting for a lower job's that a
+-- batch held, and the batch waited for the first: batch_racing_dead_letters_of_two_jobs).
 CREATE FUNCTION stageflow._settle_unclaimed(p_queue text, p_msg_ids bigint[], p_task_ids text[], p_locked text[],
                                             p_claimed text[], p_now timestamptz)
 RETURNS void
@@ -835,11 +839,15 @@ DECLARE
     v_busy_msgs    bigint[] := '{}'::bigint[];
     v_ended_jobs   text[] := '{}'::text[];
     v_ended_tasks  text[] := '{}'::text[];
+    v_dead_jobs    text[] := '{}'::text[];
+    v_dead_stages  int[] := '{}'::int[];
+    v_dead_tasks   text[] := '{}'::text[];
+    v_dead_errors  jsonb[] := '{}'::jsonb[];
     r              record;
 BEGIN
     FOR r IN
         SELECT u.msg_id, u.task_id, u.task_id = ANY (coalesce(p_locked, '{}')) AS mine,
-               t.job_id, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
+               t.job_id, t.stage, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
                t.next_attempt_at, j.status AS job_status
           FROM unnest(p_msg_ids, p_task_ids) AS u(msg_id, task_id)
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
@@ -859,7 +867,10 @@ BEGIN
         ELSIF r.status = 'running' AND r.lease_expires_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.lease_expires_at);
         ELSIF r.attempt >= r.max_attempts THEN
-            PERFORM stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts));
+            v_dead_jobs := v_dead_jobs || r.job_id;
+            v_dead_stages := v_dead_stages || r.stage;
+            v_dead_tasks := v_dead_tasks || r.task_id;
+            v_dead_errors := v_dead_errors || stageflow._lease_expired_error(r.attempt, r.max_attempts);
         ELSIF r.status = 'queued' AND r.next_attempt_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.next_attempt_at);
         ELSE
@@ -871,9 +882,23 @@ BEGIN
         PERFORM pgmq.set_vt(p_queue, v_busy_msgs, p_now + interval '1 second');
     END IF;
     PERFORM stageflow._delete_messages(p_queue, v_stray_msgs);
+    IF cardinality(v_dead_tasks) + cardinality(v_ended_jobs) > 0 THEN
+        -- (a job is either ended or open in the one snapshot the loop read: never in both lists)
+        FOR r IN
+            SELECT d.job_id, d.stage, d.task_id, d.error
+              FROM unnest(v_dead_jobs, v_dead_stages, v_dead_tasks, v_dead_errors) AS d(job_id, stage, task_id, error)
+            UNION ALL
+            SELECT DISTINCT u.job_id, NULL::int, NULL::text, NULL::jsonb FROM unnest(v_ended_jobs) AS u(job_id)
+             ORDER BY 1, 2, 3
+        LOOP
+            IF r.task_id IS NULL THEN
+                PERFORM stageflow._cancel_leftovers(r.job_id);
+            ELSE
+                PERFORM stageflow._end_task(r.task_id, 'dead', r.error);
+            END IF;
+        END LOOP;
+    END IF;
     IF cardinality(v_ended_jobs) > 0 THEN
-        PERFORM stageflow._cancel_leftovers(e.job_id)
-           FROM (SELECT DISTINCT u.job_id FROM unnest(v_ended_jobs) AS u(job_id) ORDER BY u.job_id) AS e;
         -- A job a retry revived meanwhile keeps its tasks: their messages are visible again.
         PERFORM pgmq.set_vt(p_queue, m.msg_ids, p_now)
            FROM (SELECT array_agg(t.msg_id) AS msg_ids FROM stageflow.tasks AS t
@@ -3099,11 +3124,14 @@ $$;
 -- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
 -- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
 -- Returns the number of tasks re-queued.
--- Lock order as every completion's, shards before stage before job: the current stage's shards
--- and row first (_lock_current_stage: a completion emptying the stage finishes first, and if it
--- advanced the job, the new current stage is taken instead), then the tasks to retry (failed,
--- dead or cancelled ones, which no claim or completion waits on anything while holding; running
--- ones only if no one holds them), the job row last.
+-- Lock order as every completion's, tasks before shards before stage before job: the tasks to
+-- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
+-- stale report it refuses, while it waits for the stage's shards), then the current stage's
+-- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
+-- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
+-- without waiting (one held: what this took of the stage is rolled back, and it starts over,
+-- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report), running ones only
+-- if no one holds them, the job row last.
 -- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
 -- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
 -- once its stage is locked (the submission then checks the owner's open-task quota).
@@ -3133,10 +3161,33 @@ DECLARE
     v_stopped  int;
     v_failed   int;
     v_advance  jsonb;
+    v_at       int;
 BEGIN
-    IF stageflow._lock_current_stage(p_job_id) IS NULL THEN
-        PERFORM stageflow._raise_unknown('job', p_job_id);
-    END IF;
+    LOOP
+        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+        IF NOT FOUND THEN
+            PERFORM stageflow._raise_unknown('job', p_job_id);
+        END IF;
+        PERFORM 1 FROM stageflow.tasks AS t
+         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+           AND stageflow._task_ended_without_result(t.status)
+         ORDER BY t.task_id
+           FOR UPDATE;
+        BEGIN
+            v_at := stageflow._lock_current_stage(p_job_id);
+            IF v_at IS NULL THEN
+                PERFORM stageflow._raise_unknown('job', p_job_id);
+            END IF;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE NOWAIT;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            -- (rolled back: round again)
+        END;
+    END LOOP;
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
     IF stageflow._job_is_done(v_job.status)
        OR (p_resubmission AND NOT stageflow._job_is_stopped(v_job.status)) THEN
@@ -3145,12 +3196,7 @@ BEGIN
     SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
      WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
 
-    -- The tasks to run again, locked (and then read as they are now).
-    PERFORM 1 FROM stageflow.tasks AS t
-     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
-       AND stageflow._task_ended_without_result(t.status)
-     ORDER BY t.task_id
-       FOR UPDATE;
+    -- The tasks to run again (those that ended are locked above), read as they are now.
     IF stageflow._job_is_stopped(v_job.status) THEN
         v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
                             WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id)
