@@ -30,7 +30,9 @@ DECLARE
     v_sqlstate  text;
     v_hint      text;
 BEGIN
-    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR UPDATE;
+    -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
+    -- retry_job takes first, which keeps retention from deleting the job under it)
+    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
     END IF;

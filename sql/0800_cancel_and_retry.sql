@@ -49,7 +49,8 @@ $$;
 -- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
 -- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
 -- Returns the number of tasks re-queued.
--- Lock order as every completion's, tasks before shards before stage before job: the tasks to
+-- Lock order as every completion's, tasks before shards before stage before job (but for a KEY
+-- SHARE lock of the job row first, which only retention's delete waits for): the tasks to
 -- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
 -- stale report it refuses, while it waits for the stage's shards), then the current stage's
 -- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
@@ -89,7 +90,9 @@ DECLARE
     v_at       int;
 BEGIN
     LOOP
-        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+        -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks,
+        -- skips a job being retried; an UPDATE of the row, advance_stage's lock, does not wait)
+        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
         IF NOT FOUND THEN
             PERFORM stageflow._raise_unknown('job', p_job_id);
         END IF;

@@ -366,7 +366,10 @@ BEGIN
     -- re-checked under its row lock. A task whose row or message another session holds is left,
     -- with its note, to the next round (a claim holding its message dead-letters it itself):
     -- waiting here, while holding the shards of an earlier dead letter of the same stage, could
-    -- deadlock with that claim.
+    -- deadlock with that claim. The round's oldest notes are gone through in (job, stage, task)
+    -- order, the order in which a batch of completions takes its stages' shards (oldest first,
+    -- this held one job's shards while waiting for a lower job's a batch held, and the batch
+    -- waited for the first: maintenance_racing_a_batch_of_two_jobs).
     FOR r IN
         SELECT n.task_id, n.lease_token, t.attempt, t.max_attempts, t.msg_id, t.status, t.lease_expires_at,
                t.lease_token AS current_token, s.queue
@@ -376,6 +379,7 @@ BEGIN
                    FOR UPDATE SKIP LOCKED) AS n
           LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
           LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         ORDER BY t.job_id, t.stage, n.task_id
     LOOP
         BEGIN
             IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
@@ -404,13 +408,16 @@ BEGIN
         END;
     END LOOP;
 
-    -- Jobs past their deadline, one subtransaction each.
+    -- Jobs past their deadline, one subtransaction each: the round's earliest deadlines, in job
+    -- order (as above).
     FOR r IN
-        SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
-          FROM stageflow.jobs AS j
-         -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
-         WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
-         ORDER BY j.deadline_at LIMIT max_rows
+        SELECT d.* FROM (
+            SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
+              FROM stageflow.jobs AS j
+             -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
+             WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
+             ORDER BY j.deadline_at LIMIT max_rows) AS d
+         ORDER BY d.job_id
     LOOP
         BEGIN
             IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
@@ -500,7 +507,8 @@ BEGIN
 
     -- Open tasks of ended jobs: their jobs' open tasks are cancelled. Found in the window, and
     -- among the jobs that ended in the last hour (a claim that held a task while its job ended
-    -- leaves it running; its stages' shards count its running tasks, without reading them).
+    -- leaves it running; its stages' shards count its running tasks, without reading them), in
+    -- job order (as run_maintenance's dead letters).
     FOR r IN
         SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
           JOIN stageflow.jobs AS j ON j.job_id = t.job_id
@@ -513,6 +521,7 @@ BEGIN
             AND EXISTS (SELECT 1 FROM stageflow.stage_counts AS c WHERE c.job_id = j.job_id AND c.running_tasks > 0)
           ORDER BY j.completed_at DESC
           LIMIT max_rows)
+         ORDER BY 1
     LOOP
         BEGIN
             v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);

@@ -1487,7 +1487,9 @@ DECLARE
     v_sqlstate  text;
     v_hint      text;
 BEGIN
-    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR UPDATE;
+    -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
+    -- retry_job takes first, which keeps retention from deleting the job under it)
+    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
     END IF;
@@ -2855,7 +2857,8 @@ $$;
 -- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
 -- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
 -- Returns the number of tasks re-queued.
--- Lock order as every completion's, tasks before shards before stage before job: the tasks to
+-- Lock order as every completion's, tasks before shards before stage before job (but for a KEY
+-- SHARE lock of the job row first, which only retention's delete waits for): the tasks to
 -- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
 -- stale report it refuses, while it waits for the stage's shards), then the current stage's
 -- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
@@ -2894,7 +2897,9 @@ DECLARE
     v_at       int;
 BEGIN
     LOOP
-        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+        -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks,
+        -- skips a job being retried; an UPDATE of the row, advance_stage's lock, does not wait)
+        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
         IF NOT FOUND THEN
             PERFORM stageflow._raise_unknown('job', p_job_id);
         END IF;
@@ -3369,7 +3374,10 @@ BEGIN
     -- re-checked under its row lock. A task whose row or message another session holds is left,
     -- with its note, to the next round (a claim holding its message dead-letters it itself):
     -- waiting here, while holding the shards of an earlier dead letter of the same stage, could
-    -- deadlock with that claim.
+    -- deadlock with that claim. The round's oldest notes are gone through in (job, stage, task)
+    -- order, the order in which a batch of completions takes its stages' shards (oldest first,
+    -- this held one job's shards while waiting for a lower job's a batch held, and the batch
+    -- waited for the first: maintenance_racing_a_batch_of_two_jobs).
     FOR r IN
         SELECT n.task_id, n.lease_token, t.attempt, t.max_attempts, t.msg_id, t.status, t.lease_expires_at,
                t.lease_token AS current_token, s.queue
@@ -3379,6 +3387,7 @@ BEGIN
                    FOR UPDATE SKIP LOCKED) AS n
           LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
           LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         ORDER BY t.job_id, t.stage, n.task_id
     LOOP
         BEGIN
             IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
@@ -3407,13 +3416,16 @@ BEGIN
         END;
     END LOOP;
 
-    -- Jobs past their deadline, one subtransaction each.
+    -- Jobs past their deadline, one subtransaction each: the round's earliest deadlines, in job
+    -- order (as above).
     FOR r IN
-        SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
-          FROM stageflow.jobs AS j
-         -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
-         WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
-         ORDER BY j.deadline_at LIMIT max_rows
+        SELECT d.* FROM (
+            SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
+              FROM stageflow.jobs AS j
+             -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
+             WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
+             ORDER BY j.deadline_at LIMIT max_rows) AS d
+         ORDER BY d.job_id
     LOOP
         BEGIN
             IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
@@ -3502,7 +3514,8 @@ BEGIN
 
     -- Open tasks of ended jobs: their jobs' open tasks are cancelled. Found in the window, and
     -- among the jobs that ended in the last hour (a claim that held a task while its job ended
-    -- leaves it running; its stages' shards count its running tasks, without reading them).
+    -- leaves it running; its stages' shards count its running tasks, without reading them), in
+    -- job order (as run_maintenance's dead letters).
     FOR r IN
         SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
           JOIN stageflow.jobs AS j ON j.job_id = t.job_id
@@ -3515,6 +3528,7 @@ BEGIN
             AND EXISTS (SELECT 1 FROM stageflow.stage_counts AS c WHERE c.job_id = j.job_id AND c.running_tasks > 0)
           ORDER BY j.completed_at DESC
           LIMIT max_rows)
+         ORDER BY 1
     LOOP
         BEGIN
             v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);

@@ -74,8 +74,10 @@ fn the_background_worker_dead_letters_an_abandoned_task_with_nobody_claiming() {
 
 /// Retention deleting an old failed job while an admin retries it: retention locks the job row
 /// before the job's stage and shards (its cascade), the reverse of retry_job's order, and used to
-/// deadlock with it (one of them failed with 40P01 after a second). It now gives up its wait
-/// after 50 ms, skips the batch for the round, and the retry goes through.
+/// deadlock with it (one of them failed with 40P01 after a second). It now gives up a wait after
+/// 50 ms and skips the batch for the round; and retry_job, which now locks the tasks it runs again
+/// before the stage, first takes a KEY SHARE lock of the job row, which retention skips. The
+/// retry goes through.
 #[test]
 fn retention_gives_way_to_a_retry_of_the_job_it_would_delete() {
     let url = fresh_database("retention_vs_retry");
@@ -95,8 +97,8 @@ fn retention_gives_way_to_a_retry_of_the_job_it_would_delete() {
         .get(0);
     assert_eq!(failed["job_status"], json!("failed"), "{failed}");
 
-    // A session holds the job's tasks, so that retry_job waits there, holding the job's stage and
-    // shards (which it locks first) but not yet its row.
+    // A session holds the job's tasks, so that retry_job waits there, holding a KEY SHARE lock of
+    // the job's row (which it takes first; its stage and shards come after the tasks).
     let mut holder = connect(&url);
     let mut held = holder.transaction().unwrap();
     held.execute("SELECT 1 FROM stageflow.tasks WHERE job_id = $1 FOR UPDATE", &[&job_id]).unwrap();
@@ -125,7 +127,8 @@ fn retention_gives_way_to_a_retry_of_the_job_it_would_delete() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // Two days on, retention would delete the failed job: it waits for the stage, gives up, and
+    // Two days on, retention would delete the failed job: it skips the locked row (or, had
+    // retry_job taken the stage first as it used to, it would wait for the stage and give up) and
     // reports no error; the job is still there. (Waiting for the stage until the holder commits,
     // which comes after this call, it would hang: the statement timeout ends that.)
     let mut maintenance = connect(&url);
