@@ -3,6 +3,13 @@
 -- the stage is created already completed). Called only by submit_job and advance_stage, which hold
 -- the job's row lock (advance) or have just inserted the job (submit). The job's quotas are
 -- checked before anything is inserted (_check_quota).
+-- What can fail for the job's own reasons (its params, its planner's results, its quota) is
+-- found first, reading only, in a block of its own: a subtransaction that writes nothing gets no
+-- transaction id. With p_catch (advance_stage) that failure is returned in `failure`
+-- ({"message", "sqlstate", "hint"}) with nothing created, for the caller to fail the job; without
+-- it (a submission) it is raised. So a batch of completions that advances many jobs uses no
+-- subtransaction id per job: past 64 in one transaction, every other session's snapshot would
+-- have to look its transactions up in pg_subtrans.
 --
 -- Fan-out rules (the stage definition's fan_out):
 --   single   one task, key '0'
@@ -29,8 +36,8 @@ AS $$
                 ELSE p_params END
 $$;
 
-CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int)
-RETURNS int
+CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int, p_catch boolean DEFAULT false,
+                                              OUT created int, OUT failure jsonb)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -51,6 +58,9 @@ DECLARE
     v_duplicate   text;
     -- the engine's clock, read once for the stage and all its tasks
     v_now         timestamptz := stageflow.now();
+    v_message     text;
+    v_sqlstate    text;
+    v_hint        text;
 BEGIN
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
     v_def := v_job.definition -> 'stages' -> (p_stage - 1);
@@ -58,52 +68,63 @@ BEGIN
     v_param := v_def ->> 'param';
     v_queue := v_def ->> 'queue';
 
-    CASE v_fan_out
-    WHEN 'single' THEN
-        v_keys := ARRAY['0'];
-        v_params := ARRAY['{}'::jsonb];
-    WHEN 'count' THEN
-        -- generated after the quota check below
-        v_count := (v_job.params ->> v_param)::int;
-    WHEN 'each' THEN
-        SELECT array_agg((e.n - 1)::text ORDER BY e.n),
-               array_agg(jsonb_build_object('index', e.n - 1, 'item', e.item) ORDER BY e.n)
-          INTO v_keys, v_params
-          FROM jsonb_array_elements(v_job.params -> v_param) WITH ORDINALITY AS e(item, n);
-    WHEN 'dynamic' THEN
-        SELECT array_agg(coalesce(d.entry ->> 'key', (d.n - 1)::text) ORDER BY d.n),
-               array_agg(coalesce(d.entry -> 'params', '{}'::jsonb) ORDER BY d.n)
-          INTO v_keys, v_params
-          FROM (SELECT e.entry, row_number() OVER (ORDER BY t.ordinal, e.i) AS n
-                  FROM stageflow.tasks AS t
-                 CROSS JOIN LATERAL jsonb_array_elements(t.result -> 'tasks') WITH ORDINALITY AS e(entry, i)
-                 WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed') AS d;
-        SELECT k INTO v_duplicate FROM unnest(v_keys) AS k GROUP BY k HAVING count(*) > 1 LIMIT 1;
-        IF v_duplicate IS NOT NULL THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '22023',
-                MESSAGE = format('stage %s (%s) of job %s: the planner results name task key %L more than once',
-                                 p_stage, v_def ->> 'name', p_job_id, v_duplicate),
-                HINT = 'each entry of a dynamic fan-out needs a unique "key" across all planner tasks of the previous stage';
+    -- The stage's tasks, planned (reading only).
+    BEGIN
+        CASE v_fan_out
+        WHEN 'single' THEN
+            v_keys := ARRAY['0'];
+            v_params := ARRAY['{}'::jsonb];
+        WHEN 'count' THEN
+            -- generated after the quota check below
+            v_count := (v_job.params ->> v_param)::int;
+        WHEN 'each' THEN
+            SELECT array_agg((e.n - 1)::text ORDER BY e.n),
+                   array_agg(jsonb_build_object('index', e.n - 1, 'item', e.item) ORDER BY e.n)
+              INTO v_keys, v_params
+              FROM jsonb_array_elements(v_job.params -> v_param) WITH ORDINALITY AS e(item, n);
+        WHEN 'dynamic' THEN
+            SELECT array_agg(coalesce(d.entry ->> 'key', (d.n - 1)::text) ORDER BY d.n),
+                   array_agg(coalesce(d.entry -> 'params', '{}'::jsonb) ORDER BY d.n)
+              INTO v_keys, v_params
+              FROM (SELECT e.entry, row_number() OVER (ORDER BY t.ordinal, e.i) AS n
+                      FROM stageflow.tasks AS t
+                     CROSS JOIN LATERAL jsonb_array_elements(t.result -> 'tasks') WITH ORDINALITY AS e(entry, i)
+                     WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed') AS d;
+            SELECT k INTO v_duplicate FROM unnest(v_keys) AS k GROUP BY k HAVING count(*) > 1 LIMIT 1;
+            IF v_duplicate IS NOT NULL THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = '22023',
+                    MESSAGE = format('stage %s (%s) of job %s: the planner results name task key %L more than once',
+                                     p_stage, v_def ->> 'name', p_job_id, v_duplicate),
+                    HINT = 'each entry of a dynamic fan-out needs a unique "key" across all planner tasks of the previous stage';
+            END IF;
+        WHEN 'lineage' THEN
+            SELECT array_agg(t.task_key ORDER BY t.ordinal),
+                   array_agg(stageflow._task_params(v_job.definition -> 'stages' -> (p_stage - 2) ->> 'fan_out',
+                                                    t.ordinal, t.params) ORDER BY t.ordinal),
+                   array_agg(t.task_id ORDER BY t.ordinal)
+              INTO v_keys, v_params, v_preds
+              FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
+        WHEN 'fan_in' THEN
+            v_keys := ARRAY['0'];
+            v_params := ARRAY['{}'::jsonb];
+            SELECT coalesce(jsonb_agg(t.result ORDER BY t.ordinal), '[]'::jsonb)
+              INTO v_inputs
+              FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
+        END CASE;
+        v_count := coalesce(v_count, cardinality(v_keys), 0);
+        PERFORM stageflow._check_quota(v_job, p_stage, v_count);
+    EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
+                   OR syntax_error_or_access_rule_violation OR raise_exception THEN
+        IF NOT p_catch THEN
+            RAISE;
         END IF;
-    WHEN 'lineage' THEN
-        SELECT array_agg(t.task_key ORDER BY t.ordinal),
-               array_agg(stageflow._task_params(v_job.definition -> 'stages' -> (p_stage - 2) ->> 'fan_out',
-                                                t.ordinal, t.params) ORDER BY t.ordinal),
-               array_agg(t.task_id ORDER BY t.ordinal)
-          INTO v_keys, v_params, v_preds
-          FROM stageflow.tasks AS t
-         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
-    WHEN 'fan_in' THEN
-        v_keys := ARRAY['0'];
-        v_params := ARRAY['{}'::jsonb];
-        SELECT coalesce(jsonb_agg(t.result ORDER BY t.ordinal), '[]'::jsonb)
-          INTO v_inputs
-          FROM stageflow.tasks AS t
-         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
-    END CASE;
-    v_count := coalesce(v_count, cardinality(v_keys), 0);
-    PERFORM stageflow._check_quota(v_job, p_stage, v_count);
+        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_sqlstate = RETURNED_SQLSTATE, v_hint = PG_EXCEPTION_HINT;
+        failure := jsonb_build_object('message', v_message, 'sqlstate', v_sqlstate, 'hint', nullif(v_hint, ''));
+        RETURN;
+    END;
     v_shards := greatest(least(v_count, 16), 1);
 
     INSERT INTO stageflow.stages
@@ -167,6 +188,6 @@ BEGIN
         END IF;
         PERFORM pg_notify('stageflow_tasks', v_queue);
     END IF;
-    RETURN v_count;
+    created := v_count;
 END;
 $$;

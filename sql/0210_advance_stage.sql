@@ -4,11 +4,11 @@
 -- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
 -- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
 --
--- Fault isolation: an error while creating the next stage's tasks (a planner's results naming a
--- key twice, a fan-out over a limit, a definition problem) is that job's failure, never its
--- caller's: the stage's creation is rolled back and the job fails with a categorised
+-- Fault isolation: an error while planning the next stage's tasks (a planner's results naming a
+-- key twice, a fan-out over a limit, params that do not make one) is that job's failure, never its
+-- caller's: nothing of the stage is created and the job fails with a categorised
 -- `stage_creation_failed` error (event job_failed), whichever claim, batch or maintenance round
--- happened to advance it.
+-- happened to advance it (_create_stage_tasks finds these before it writes anything).
 -- A job that ended while its last completion was on the way here (cancelled, failed) is not
 -- advanced; the stage that completion emptied is closed with the job.
 --
@@ -26,9 +26,7 @@ DECLARE
     v_stage     stageflow.stages;
     v_advanced  boolean := false;
     v_created   int;
-    v_message   text;
-    v_sqlstate  text;
-    v_hint      text;
+    v_failure   jsonb;
 BEGIN
     -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
     -- retry_job takes first, which keeps retention from deleting the job under it)
@@ -68,18 +66,16 @@ BEGIN
             EXIT;
         END IF;
 
-        BEGIN
-            v_created := stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1);
-        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
-                       OR syntax_error_or_access_rule_violation OR raise_exception THEN
-            GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_sqlstate = RETURNED_SQLSTATE, v_hint = PG_EXCEPTION_HINT;
+        SELECT c.created, c.failure INTO v_created, v_failure
+          FROM stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1, p_catch => true) AS c;
+        IF v_failure IS NOT NULL THEN
             PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
                 'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
-                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_message),
-                'sqlstate', v_sqlstate, 'hint', nullif(v_hint, '')), p_advancing => true);
+                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_failure ->> 'message'),
+                'sqlstate', v_failure ->> 'sqlstate', 'hint', v_failure ->> 'hint'), p_advancing => true);
             SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
             EXIT;
-        END;
+        END IF;
         UPDATE stageflow.jobs AS j
            SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
          WHERE j.job_id = v_job.job_id

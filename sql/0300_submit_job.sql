@@ -89,7 +89,7 @@ BEGIN
             PERFORM stageflow._emit(v_job_id, 'job_submitted',
                                     jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
                                                        'tenant', v_tenant));
-            IF stageflow._create_stage_tasks(v_job_id, 1) = 0 THEN
+            IF (stageflow._create_stage_tasks(v_job_id, 1)).created = 0 THEN
                 PERFORM stageflow.advance_stage(v_job_id);
                 -- Stage 1 was empty: a later stage that could not be created is this call's error.
                 SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;

@@ -55,9 +55,10 @@ $$;
 -- stale report it refuses, while it waits for the stage's shards), then the current stage's
 -- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
 -- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
--- without waiting (one held: what this took of the stage is rolled back, and it starts over,
--- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report), running ones only
--- if no one holds them, the job row last.
+-- without waiting (one held: every task and shard this took is rolled back, and it starts over,
+-- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report,
+-- retry_job_racing_a_batch_holding_a_task_just_ended), running ones only if no one holds them,
+-- the job row last.
 -- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
 -- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
 -- once its stage is locked (the submission then checks the owner's open-task quota).
@@ -88,24 +89,28 @@ DECLARE
     v_failed   int;
     v_advance  jsonb;
     v_at       int;
+    v_nowait   boolean;
 BEGIN
+    -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks, skips
+    -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
+    PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
+    IF NOT FOUND THEN
+        PERFORM stageflow._raise_unknown('job', p_job_id);
+    END IF;
+    -- Each round in a subtransaction: one that finds an ended task held gives back every task and
+    -- shard it took, and the next round waits for that task holding nothing but the job's KEY
+    -- SHARE. Only the NOWAIT is caught (a lock_timeout of a waiting lock is the caller's error).
     LOOP
-        -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks,
-        -- skips a job being retried; an UPDATE of the row, advance_stage's lock, does not wait)
-        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
-        IF NOT FOUND THEN
-            PERFORM stageflow._raise_unknown('job', p_job_id);
-        END IF;
-        PERFORM 1 FROM stageflow.tasks AS t
-         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
-           AND stageflow._task_ended_without_result(t.status)
-         ORDER BY t.task_id
-           FOR UPDATE;
+        v_nowait := false;
         BEGIN
+            SELECT j.current_stage INTO STRICT v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE;
             v_at := stageflow._lock_current_stage(p_job_id);
-            IF v_at IS NULL THEN
-                PERFORM stageflow._raise_unknown('job', p_job_id);
-            END IF;
+            v_nowait := true;
             PERFORM 1 FROM stageflow.tasks AS t
              WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
                AND stageflow._task_ended_without_result(t.status)
@@ -113,7 +118,9 @@ BEGIN
                FOR UPDATE NOWAIT;
             EXIT;
         EXCEPTION WHEN lock_not_available THEN
-            -- (rolled back: round again)
+            IF NOT v_nowait THEN
+                RAISE;
+            END IF;
         END;
     END LOOP;
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;

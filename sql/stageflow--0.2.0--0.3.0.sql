@@ -224,7 +224,7 @@ BEGIN
             PERFORM stageflow._emit(v_job_id, 'job_submitted',
                                     jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
                                                        'tenant', v_tenant));
-            IF stageflow._create_stage_tasks(v_job_id, 1) = 0 THEN
+            IF (stageflow._create_stage_tasks(v_job_id, 1)).created = 0 THEN
                 PERFORM stageflow.advance_stage(v_job_id);
                 -- Stage 1 was empty: a later stage that could not be created is this call's error.
                 SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
@@ -1285,6 +1285,13 @@ $$;
 -- the stage is created already completed). Called only by submit_job and advance_stage, which hold
 -- the job's row lock (advance) or have just inserted the job (submit). The job's quotas are
 -- checked before anything is inserted (_check_quota).
+-- What can fail for the job's own reasons (its params, its planner's results, its quota) is
+-- found first, reading only, in a block of its own: a subtransaction that writes nothing gets no
+-- transaction id. With p_catch (advance_stage) that failure is returned in `failure`
+-- ({"message", "sqlstate", "hint"}) with nothing created, for the caller to fail the job; without
+-- it (a submission) it is raised. So a batch of completions that advances many jobs uses no
+-- subtransaction id per job: past 64 in one transaction, every other session's snapshot would
+-- have to look its transactions up in pg_subtrans.
 --
 -- Fan-out rules (the stage definition's fan_out):
 --   single   one task, key '0'
@@ -1310,8 +1317,8 @@ AS $$
                 THEN pg_catalog.jsonb_build_object('index', p_ordinal) OPERATOR(pg_catalog.||) p_params
                 ELSE p_params END
 $$;
-CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int)
-RETURNS int
+CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int, p_catch boolean DEFAULT false,
+                                              OUT created int, OUT failure jsonb)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1332,6 +1339,9 @@ DECLARE
     v_duplicate   text;
     -- the engine's clock, read once for the stage and all its tasks
     v_now         timestamptz := stageflow.now();
+    v_message     text;
+    v_sqlstate    text;
+    v_hint        text;
 BEGIN
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
     v_def := v_job.definition -> 'stages' -> (p_stage - 1);
@@ -1339,52 +1349,63 @@ BEGIN
     v_param := v_def ->> 'param';
     v_queue := v_def ->> 'queue';
 
-    CASE v_fan_out
-    WHEN 'single' THEN
-        v_keys := ARRAY['0'];
-        v_params := ARRAY['{}'::jsonb];
-    WHEN 'count' THEN
-        -- generated after the quota check below
-        v_count := (v_job.params ->> v_param)::int;
-    WHEN 'each' THEN
-        SELECT array_agg((e.n - 1)::text ORDER BY e.n),
-               array_agg(jsonb_build_object('index', e.n - 1, 'item', e.item) ORDER BY e.n)
-          INTO v_keys, v_params
-          FROM jsonb_array_elements(v_job.params -> v_param) WITH ORDINALITY AS e(item, n);
-    WHEN 'dynamic' THEN
-        SELECT array_agg(coalesce(d.entry ->> 'key', (d.n - 1)::text) ORDER BY d.n),
-               array_agg(coalesce(d.entry -> 'params', '{}'::jsonb) ORDER BY d.n)
-          INTO v_keys, v_params
-          FROM (SELECT e.entry, row_number() OVER (ORDER BY t.ordinal, e.i) AS n
-                  FROM stageflow.tasks AS t
-                 CROSS JOIN LATERAL jsonb_array_elements(t.result -> 'tasks') WITH ORDINALITY AS e(entry, i)
-                 WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed') AS d;
-        SELECT k INTO v_duplicate FROM unnest(v_keys) AS k GROUP BY k HAVING count(*) > 1 LIMIT 1;
-        IF v_duplicate IS NOT NULL THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '22023',
-                MESSAGE = format('stage %s (%s) of job %s: the planner results name task key %L more than once',
-                                 p_stage, v_def ->> 'name', p_job_id, v_duplicate),
-                HINT = 'each entry of a dynamic fan-out needs a unique "key" across all planner tasks of the previous stage';
+    -- The stage's tasks, planned (reading only).
+    BEGIN
+        CASE v_fan_out
+        WHEN 'single' THEN
+            v_keys := ARRAY['0'];
+            v_params := ARRAY['{}'::jsonb];
+        WHEN 'count' THEN
+            -- generated after the quota check below
+            v_count := (v_job.params ->> v_param)::int;
+        WHEN 'each' THEN
+            SELECT array_agg((e.n - 1)::text ORDER BY e.n),
+                   array_agg(jsonb_build_object('index', e.n - 1, 'item', e.item) ORDER BY e.n)
+              INTO v_keys, v_params
+              FROM jsonb_array_elements(v_job.params -> v_param) WITH ORDINALITY AS e(item, n);
+        WHEN 'dynamic' THEN
+            SELECT array_agg(coalesce(d.entry ->> 'key', (d.n - 1)::text) ORDER BY d.n),
+                   array_agg(coalesce(d.entry -> 'params', '{}'::jsonb) ORDER BY d.n)
+              INTO v_keys, v_params
+              FROM (SELECT e.entry, row_number() OVER (ORDER BY t.ordinal, e.i) AS n
+                      FROM stageflow.tasks AS t
+                     CROSS JOIN LATERAL jsonb_array_elements(t.result -> 'tasks') WITH ORDINALITY AS e(entry, i)
+                     WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed') AS d;
+            SELECT k INTO v_duplicate FROM unnest(v_keys) AS k GROUP BY k HAVING count(*) > 1 LIMIT 1;
+            IF v_duplicate IS NOT NULL THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = '22023',
+                    MESSAGE = format('stage %s (%s) of job %s: the planner results name task key %L more than once',
+                                     p_stage, v_def ->> 'name', p_job_id, v_duplicate),
+                    HINT = 'each entry of a dynamic fan-out needs a unique "key" across all planner tasks of the previous stage';
+            END IF;
+        WHEN 'lineage' THEN
+            SELECT array_agg(t.task_key ORDER BY t.ordinal),
+                   array_agg(stageflow._task_params(v_job.definition -> 'stages' -> (p_stage - 2) ->> 'fan_out',
+                                                    t.ordinal, t.params) ORDER BY t.ordinal),
+                   array_agg(t.task_id ORDER BY t.ordinal)
+              INTO v_keys, v_params, v_preds
+              FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
+        WHEN 'fan_in' THEN
+            v_keys := ARRAY['0'];
+            v_params := ARRAY['{}'::jsonb];
+            SELECT coalesce(jsonb_agg(t.result ORDER BY t.ordinal), '[]'::jsonb)
+              INTO v_inputs
+              FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
+        END CASE;
+        v_count := coalesce(v_count, cardinality(v_keys), 0);
+        PERFORM stageflow._check_quota(v_job, p_stage, v_count);
+    EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
+                   OR syntax_error_or_access_rule_violation OR raise_exception THEN
+        IF NOT p_catch THEN
+            RAISE;
         END IF;
-    WHEN 'lineage' THEN
-        SELECT array_agg(t.task_key ORDER BY t.ordinal),
-               array_agg(stageflow._task_params(v_job.definition -> 'stages' -> (p_stage - 2) ->> 'fan_out',
-                                                t.ordinal, t.params) ORDER BY t.ordinal),
-               array_agg(t.task_id ORDER BY t.ordinal)
-          INTO v_keys, v_params, v_preds
-          FROM stageflow.tasks AS t
-         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
-    WHEN 'fan_in' THEN
-        v_keys := ARRAY['0'];
-        v_params := ARRAY['{}'::jsonb];
-        SELECT coalesce(jsonb_agg(t.result ORDER BY t.ordinal), '[]'::jsonb)
-          INTO v_inputs
-          FROM stageflow.tasks AS t
-         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage - 1 AND t.status = 'completed';
-    END CASE;
-    v_count := coalesce(v_count, cardinality(v_keys), 0);
-    PERFORM stageflow._check_quota(v_job, p_stage, v_count);
+        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_sqlstate = RETURNED_SQLSTATE, v_hint = PG_EXCEPTION_HINT;
+        failure := jsonb_build_object('message', v_message, 'sqlstate', v_sqlstate, 'hint', nullif(v_hint, ''));
+        RETURN;
+    END;
     v_shards := greatest(least(v_count, 16), 1);
 
     INSERT INTO stageflow.stages
@@ -1448,7 +1469,7 @@ BEGIN
         END IF;
         PERFORM pg_notify('stageflow_tasks', v_queue);
     END IF;
-    RETURN v_count;
+    created := v_count;
 END;
 $$;
 /* </end connected objects> */
@@ -1461,11 +1482,11 @@ $$;
 -- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
 -- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
 --
--- Fault isolation: an error while creating the next stage's tasks (a planner's results naming a
--- key twice, a fan-out over a limit, a definition problem) is that job's failure, never its
--- caller's: the stage's creation is rolled back and the job fails with a categorised
+-- Fault isolation: an error while planning the next stage's tasks (a planner's results naming a
+-- key twice, a fan-out over a limit, params that do not make one) is that job's failure, never its
+-- caller's: nothing of the stage is created and the job fails with a categorised
 -- `stage_creation_failed` error (event job_failed), whichever claim, batch or maintenance round
--- happened to advance it.
+-- happened to advance it (_create_stage_tasks finds these before it writes anything).
 -- A job that ended while its last completion was on the way here (cancelled, failed) is not
 -- advanced; the stage that completion emptied is closed with the job.
 --
@@ -1483,9 +1504,7 @@ DECLARE
     v_stage     stageflow.stages;
     v_advanced  boolean := false;
     v_created   int;
-    v_message   text;
-    v_sqlstate  text;
-    v_hint      text;
+    v_failure   jsonb;
 BEGIN
     -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
     -- retry_job takes first, which keeps retention from deleting the job under it)
@@ -1525,18 +1544,16 @@ BEGIN
             EXIT;
         END IF;
 
-        BEGIN
-            v_created := stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1);
-        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
-                       OR syntax_error_or_access_rule_violation OR raise_exception THEN
-            GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_sqlstate = RETURNED_SQLSTATE, v_hint = PG_EXCEPTION_HINT;
+        SELECT c.created, c.failure INTO v_created, v_failure
+          FROM stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1, p_catch => true) AS c;
+        IF v_failure IS NOT NULL THEN
             PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
                 'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
-                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_message),
-                'sqlstate', v_sqlstate, 'hint', nullif(v_hint, '')), p_advancing => true);
+                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_failure ->> 'message'),
+                'sqlstate', v_failure ->> 'sqlstate', 'hint', v_failure ->> 'hint'), p_advancing => true);
             SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
             EXIT;
-        END;
+        END IF;
         UPDATE stageflow.jobs AS j
            SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
          WHERE j.job_id = v_job.job_id
@@ -2863,9 +2880,10 @@ $$;
 -- stale report it refuses, while it waits for the stage's shards), then the current stage's
 -- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
 -- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
--- without waiting (one held: what this took of the stage is rolled back, and it starts over,
--- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report), running ones only
--- if no one holds them, the job row last.
+-- without waiting (one held: every task and shard this took is rolled back, and it starts over,
+-- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report,
+-- retry_job_racing_a_batch_holding_a_task_just_ended), running ones only if no one holds them,
+-- the job row last.
 -- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
 -- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
 -- once its stage is locked (the submission then checks the owner's open-task quota).
@@ -2895,24 +2913,28 @@ DECLARE
     v_failed   int;
     v_advance  jsonb;
     v_at       int;
+    v_nowait   boolean;
 BEGIN
+    -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks, skips
+    -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
+    PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
+    IF NOT FOUND THEN
+        PERFORM stageflow._raise_unknown('job', p_job_id);
+    END IF;
+    -- Each round in a subtransaction: one that finds an ended task held gives back every task and
+    -- shard it took, and the next round waits for that task holding nothing but the job's KEY
+    -- SHARE. Only the NOWAIT is caught (a lock_timeout of a waiting lock is the caller's error).
     LOOP
-        -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks,
-        -- skips a job being retried; an UPDATE of the row, advance_stage's lock, does not wait)
-        SELECT j.current_stage INTO v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
-        IF NOT FOUND THEN
-            PERFORM stageflow._raise_unknown('job', p_job_id);
-        END IF;
-        PERFORM 1 FROM stageflow.tasks AS t
-         WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
-           AND stageflow._task_ended_without_result(t.status)
-         ORDER BY t.task_id
-           FOR UPDATE;
+        v_nowait := false;
         BEGIN
+            SELECT j.current_stage INTO STRICT v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE;
             v_at := stageflow._lock_current_stage(p_job_id);
-            IF v_at IS NULL THEN
-                PERFORM stageflow._raise_unknown('job', p_job_id);
-            END IF;
+            v_nowait := true;
             PERFORM 1 FROM stageflow.tasks AS t
              WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
                AND stageflow._task_ended_without_result(t.status)
@@ -2920,7 +2942,9 @@ BEGIN
                FOR UPDATE NOWAIT;
             EXIT;
         EXCEPTION WHEN lock_not_available THEN
-            -- (rolled back: round again)
+            IF NOT v_nowait THEN
+                RAISE;
+            END IF;
         END;
     END LOOP;
     SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;

@@ -602,3 +602,63 @@ fn hello_world_of_ten_thousand_completes() {
     assert_eq!(job_result(&mut client, &job_id).as_array().map(Vec::len), Some(10000));
     assert_eq!(status["stages"][1]["tasks"]["completed"], json!(10000));
 }
+
+/// A batch of completions that advances many jobs uses one subtransaction id, not one per job:
+/// past 64 in one transaction, PostgreSQL's snapshots in every other session stop knowing that
+/// transaction's subtransactions and look each of them up in pg_subtrans while it runs. Each
+/// advance plans the next stage in a subtransaction (a bad plan fails only its job), which reads
+/// only and so gets no id; the one id is the batch's attempt at the shards without waiting. Before
+/// the change, 100 jobs advancing took 101 (and a WAL record assigning the overflow). The commit
+/// record lists the transaction's subtransaction ids (pg_walinspect).
+#[test]
+fn a_batch_advancing_a_hundred_jobs_uses_one_subtransaction_id() {
+    let url = fresh_database("subxact_ids");
+    let mut client = connect(&url);
+    client.batch_execute("CREATE EXTENSION pg_walinspect").unwrap();
+    register(
+        &mut client,
+        "small",
+        r#"{"parameters": {"type": "object", "properties": {"i": {"type": "integer"}}},
+            "stages": [{"name": "a", "handler": "small.a", "queue": "small_a"},
+                       {"name": "b", "handler": "small.b", "queue": "small_b"}]}"#,
+    );
+    for i in 0..100 {
+        submit(&mut client, "small", json!({"i": i}));
+    }
+    let claimed = claim(&mut client, "small_a", 100, 300);
+    assert_eq!(claimed.len(), 100);
+    let results: Vec<Value> = claimed
+        .iter()
+        .map(|task| json!({"task_id": task.task_id, "result": {"i": task.task_key}, "lease_token": task.lease_token}))
+        .collect();
+    let start: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    let mut tx = client.transaction().unwrap();
+    let reports: Value =
+        tx.query_one("SELECT stageflow.complete_tasks($1, 'test')", &[&Value::Array(results)]).unwrap().get(0);
+    let refused: Vec<&Value> = reports.as_array().unwrap().iter().filter(|r| r.get("error").is_some()).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let xid: String = tx.query_one("SELECT pg_current_xact_id()::text", &[]).unwrap().get(0);
+    tx.commit().unwrap();
+    // (the transaction's commit record)
+    let records: Vec<(String, String)> = client
+        .query(
+            "SELECT record_type, description FROM pg_get_wal_records_info_till_end_of_wal($1::text::pg_lsn)
+              WHERE resource_manager = 'Transaction' AND xid::text = $2",
+            &[&start, &xid],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let (kind, description) = &records[0];
+    assert_eq!(kind, "COMMIT", "{records:?}");
+    let subxacts = description.split("subxacts:").nth(1).map_or(0, |ids| ids.split_whitespace().count());
+    assert_eq!(subxacts, 1, "{description}");
+    let advanced: i64 = client
+        .query_one("SELECT count(*) FROM stageflow.jobs WHERE job_type = 'small' AND current_stage = 2", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(advanced, 100);
+    assert_eq!(claim(&mut client, "small_b", 200, 300).len(), 100);
+}
