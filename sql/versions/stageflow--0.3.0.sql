@@ -3489,7 +3489,9 @@ BEGIN
                                       WHERE pg_catalog.hashtextextended(o.job_id, 0)
                                             = ANY (ARRAY(SELECT pg_catalog.hashtextextended(u.job_id, 0) FROM unnest(v_ids) AS u(job_id)))
                                         AND o.job_id = ANY (v_ids)
-                                      LIMIT v_batch)
+                                      LIMIT v_batch
+                                        -- (one a stale report holds: the next round)
+                                        FOR UPDATE SKIP LOCKED)
                 RETURNING 1
             )
             SELECT count(*)::int INTO v_count FROM gone;
@@ -3680,28 +3682,53 @@ BEGIN
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: dropping stale last-attempt notes', SQLERRM, SQLSTATE);
     END;
 
-    -- Expired last attempts: the notes their claims left (last_attempt_leases), oldest first. A
-    -- note that no longer describes its task's lease (the task completed, failed, was released or
-    -- re-claimed, or its job is gone) is dropped; one whose lease a heartbeat extended follows it;
-    -- a task still running on the expired lease is dead-lettered, each in its own subtransaction,
-    -- re-checked under its row lock. A task whose row or message another session holds is left,
-    -- with its note, to the next round (a claim holding its message dead-letters it itself):
-    -- waiting here, while holding the shards of an earlier dead letter of the same stage, could
-    -- deadlock with that claim. The round's oldest notes are gone through in (job, stage, task)
-    -- order, the order in which a batch of completions takes its stages' shards (oldest first,
-    -- this held one job's shards while waiting for a lower job's a batch held, and the batch
-    -- waited for the first: maintenance_racing_a_batch_of_two_jobs).
+    -- Expired last attempts and jobs past their deadline, one unit (a subtransaction) each: the
+    -- round's max_rows oldest notes of expired last attempts (last_attempt_leases) and its
+    -- max_rows earliest deadlines, gone through together in (job, stage, task) order, the order
+    -- in which a claim dead-letters and a batch of completions takes its stages' shards (taken in
+    -- any other order, a round holding one job's shards waited for a lower job's that a batch
+    -- held while the batch waited for the first: maintenance_racing_a_batch_of_two_jobs,
+    -- deadlines_racing_a_batch_of_two_jobs).
+    -- A note that no longer describes its task's lease (the task completed, failed, was released
+    -- or re-claimed, or its job is gone) is dropped; one whose lease a heartbeat extended follows
+    -- it; a task still running on the expired lease is dead-lettered, re-checked under its row
+    -- lock. A task whose row or message another session holds is left, with its note, to the next
+    -- round (a claim holding its message dead-letters it itself): waiting here, while holding the
+    -- shards of an earlier dead letter of the same stage, could deadlock with that claim. A job
+    -- past its deadline fails (_end_job).
     FOR r IN
-        SELECT n.task_id, n.lease_token, t.attempt, t.max_attempts, t.msg_id, t.status, t.lease_expires_at,
-               t.lease_token AS current_token, s.queue
-          FROM (SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
-                 WHERE l.expires_at <= v_now
-                 ORDER BY l.expires_at LIMIT max_rows
-                   FOR UPDATE SKIP LOCKED) AS n
-          LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
-          LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         ORDER BY t.job_id, t.stage, n.task_id
+        SELECT u.* FROM (
+            SELECT false AS deadline, t.job_id, t.stage, n.task_id, n.lease_token, t.attempt, t.max_attempts,
+                   t.msg_id, t.status, t.lease_expires_at, t.lease_token AS current_token, s.queue,
+                   NULL::timestamptz AS deadline_at, NULL::text AS timeout_seconds
+              FROM (SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
+                     WHERE l.expires_at <= v_now
+                     ORDER BY l.expires_at LIMIT max_rows
+                       FOR UPDATE SKIP LOCKED) AS n
+              LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
+              LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+            UNION ALL
+            SELECT true, d.job_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, d.deadline_at, d.timeout_seconds
+              FROM (SELECT j.job_id, j.deadline_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
+                      FROM stageflow.jobs AS j
+                     -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
+                     WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
+                     ORDER BY j.deadline_at LIMIT max_rows) AS d) AS u
+         ORDER BY u.job_id, u.deadline, u.stage, u.task_id
     LOOP
+        IF r.deadline THEN
+            BEGIN
+                IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
+                       'type', 'job_timeout', 'category', 'permanent',
+                       'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
+                                         r.timeout_seconds)), v_now) THEN
+                    v_timed_out := v_timed_out + 1;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: failing job %s past its deadline', r.job_id), SQLERRM, SQLSTATE);
+            END;
+            CONTINUE;
+        END IF;
         BEGIN
             IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
                 DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
@@ -3726,29 +3753,6 @@ BEGIN
             END IF;
         EXCEPTION WHEN OTHERS THEN
             v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
-        END;
-    END LOOP;
-
-    -- Jobs past their deadline, one subtransaction each: the round's earliest deadlines, in job
-    -- order (as above).
-    FOR r IN
-        SELECT d.* FROM (
-            SELECT j.job_id, j.deadline_at, j.created_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
-              FROM stageflow.jobs AS j
-             -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
-             WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
-             ORDER BY j.deadline_at LIMIT max_rows) AS d
-         ORDER BY d.job_id
-    LOOP
-        BEGIN
-            IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
-                   'type', 'job_timeout', 'category', 'permanent',
-                   'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
-                                     r.timeout_seconds)), v_now) THEN
-                v_timed_out := v_timed_out + 1;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: failing job %s past its deadline', r.job_id), SQLERRM, SQLSTATE);
         END;
     END LOOP;
 
@@ -3815,6 +3819,7 @@ DECLARE
     v_cursor     bigint;
     v_count      int;
     v_msg_id     bigint;
+    v_lock_timeout text := current_setting('lock_timeout');
     r            record;
     q            record;
 BEGIN
@@ -3844,9 +3849,17 @@ BEGIN
           LIMIT max_rows)
          ORDER BY 1
     LOOP
+        -- (A job whose stage another session holds for more than 20 ms is left to a later round:
+        -- the round may hold the shards of a higher job from its dead letters, and a batch holding
+        -- this job's shards may be waiting for those.)
         BEGIN
+            PERFORM set_config('lock_timeout', '20ms', true);
             v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);
-        EXCEPTION WHEN OTHERS THEN
+            PERFORM set_config('lock_timeout', v_lock_timeout, true);
+        EXCEPTION WHEN lock_not_available THEN
+            -- (the setting goes back with the subtransaction)
+            NULL;
+        WHEN OTHERS THEN
             v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: cancelling the open tasks of ended job %s', r.job_id), SQLERRM, SQLSTATE);
         END;
     END LOOP;
