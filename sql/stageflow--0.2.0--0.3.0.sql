@@ -2301,15 +2301,18 @@ END;
 $$;
 -- Records completions: the one settle path of complete_task_and_check_stage and complete_tasks.
 -- p_task_ids, p_results and p_tokens are parallel (a NULL token: no token given); the ids are
--- distinct. Every report is decided under its task's row lock (stageflow._refusal, and a plan
--- check for a result that feeds a dynamic fan-out): one UPDATE, in task_id order, completes the
--- tasks that may be completed, its conditions checked on each row's newest version once it holds
--- the row's lock (for one task, no separate lock first: a lock is a WAL record of its own). The
--- rest (rare) are locked in task_id order and their refusals read; a task that became completable
--- meanwhile (a report without a token, of a task claimed since) goes through the same UPDATE again.
--- A call naming several tasks locks them all first, in task_id order: the UPDATE locks only the
--- tasks it takes, and the refusals' locks would come after a higher task's (two batches, each
--- with a stale report of a task the other holds, deadlocked so). The
+-- distinct. Every report that may be accepted is decided under its task's row lock
+-- (stageflow._refusal, and a plan check for a result that feeds a dynamic fan-out): one UPDATE, in
+-- task_id order, completes the tasks that may be completed, its conditions checked on each row's
+-- newest version once it holds the row's lock (no separate lock first: a lock is a WAL record of
+-- its own). The rest (rare) are decided as they are now: a report naming another lease than the
+-- task's (a token other than its lease_token) is refused without the lock, since a lease that is
+-- over never comes back (tokens only grow); the others (no token, or the task's own lease: a
+-- repeat, or a task that ended) are locked in task_id order and their refusals read, and a task
+-- that became completable meanwhile (a report without a token, of a task claimed since) goes
+-- through the same UPDATE again. (A batch holding tasks it took waits for no task it refuses for
+-- a lease that is over: two batches, each with a stale report of a task the other took, deadlocked
+-- so before every named task was locked first; that lock cost a WAL record per task.) The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
 -- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
 -- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them
@@ -2329,6 +2332,7 @@ DECLARE
     v_refusals   jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_task_ids)]);
     v_todo       text[];
     v_rest       text[];
+    v_locked     text[];
     v_ids        text[] := '{}'::text[];
     v_msg_ids    bigint[] := '{}'::bigint[];
     v_queues     text[] := '{}'::text[];
@@ -2353,12 +2357,13 @@ DECLARE
     r            record;
 BEGIN
     IF cardinality(p_task_ids) > 1 THEN
-        -- (every task named found, and locked: no task of another stage can turn up later in the call)
-        SELECT count(*) = cardinality(p_task_ids) AND min(k.job_id) = max(k.job_id) AND min(k.stage) = max(k.stage),
-               min(k.job_id), min(k.stage)
+        -- (every task named found: no task of another stage can turn up later in the call, a
+        -- task's job and stage never change)
+        SELECT count(*) = cardinality(p_task_ids) AND min(t.job_id) = max(t.job_id) AND min(t.stage) = max(t.stage),
+               min(t.job_id), min(t.stage)
           INTO v_one_stage, v_job_id, v_stage
-          FROM (SELECT t.job_id, t.stage FROM stageflow.tasks AS t
-                 WHERE t.task_id = ANY (p_task_ids) ORDER BY t.task_id FOR UPDATE) AS k;
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = ANY (p_task_ids);
         IF v_one_stage THEN
             -- (what is read here does not change after the stage is made)
             SELECT s.next_fan_out IS NOT DISTINCT FROM 'dynamic', s.queue, s.shards
@@ -2401,12 +2406,18 @@ BEGIN
           FROM done AS d;
         EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
 
-        -- The others (rare), locked in task_id order and decided as they are now: refused, a
-        -- repeat of a completion (accepted, nothing to do), or completable now (the next pass).
+        -- The others (rare), decided as they are now: refused, a repeat of a completion
+        -- (accepted, nothing to do), or completable now (the next pass); those that do not name
+        -- a lease that is over locked first, in task_id order.
         -- Each refusal is computed once (OFFSET 0 keeps the subquery from being flattened into
         -- the aggregates, which would evaluate it once per use).
         v_rest := ARRAY(SELECT a.task_id FROM unnest(p_task_ids) AS a(task_id)
                         EXCEPT SELECT d.task_id FROM unnest(v_ids) AS d(task_id));
+        v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                            JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
+                           WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
+                           ORDER BY t.task_id
+                             FOR UPDATE OF t);
         SELECT array_agg(c.refusal ORDER BY c.n),
                array_agg(c.task_id) FILTER (WHERE c.rest AND c.refusal IS NULL AND (c.task).status = 'running')
           INTO v_refusals, v_todo
@@ -2415,15 +2426,19 @@ BEGIN
                        CASE WHEN x.task_id IS NOT NULL OR u.task_id IS NULL THEN
                            coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
                                     CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
-                                        stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END) END AS refusal
+                                        stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END,
+                                    -- (not locked: its token was not the task's a moment ago, and
+                                    -- now is: a token handed out after the report named it)
+                                    CASE WHEN NOT (u.task_id = ANY (v_locked)) THEN
+                                        jsonb_build_object('sqlstate', '40001',
+                                            'message', format('task %s changed while its report was decided', u.task_id),
+                                            'hint', 'report it again') END) END AS refusal
                   FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
                   LEFT JOIN unnest(v_rest) AS x(task_id) ON x.task_id = u.task_id
                   LEFT JOIN (SELECT t AS task, s.next_fan_out
                                FROM stageflow.tasks AS t
                                JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-                              WHERE t.task_id = ANY (v_rest)
-                              ORDER BY t.task_id
-                                FOR UPDATE OF t) AS l ON (l.task).task_id = u.task_id
+                              WHERE t.task_id = ANY (v_rest)) AS l ON (l.task).task_id = u.task_id
                 OFFSET 0) AS c;
         EXIT WHEN v_todo IS NULL;
     END LOOP;
