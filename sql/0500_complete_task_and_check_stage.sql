@@ -101,9 +101,11 @@ $$;
 -- its own). The rest (rare) are decided as they are now: a report naming another lease than the
 -- task's (a token other than its lease_token) is refused without the lock, since a lease that is
 -- over never comes back (tokens only grow); the others (no token, or the task's own lease: a
--- repeat, or a task that ended) are locked in task_id order and their refusals read, and a task
--- that became completable meanwhile (a report without a token, of a task claimed since) goes
--- through the same UPDATE again. (A batch holding tasks it took waits for no task it refuses for
+-- repeat, or a task that ended) are locked and their refusals read (in a call naming several
+-- tasks, a task another session holds is skipped and decided as it stands, 40001 if it could be
+-- completed: the call holds tasks of higher ids already), and a task that became completable
+-- meanwhile (a report without a token, of a task claimed since) goes through the same UPDATE
+-- again. (A batch holding tasks it took waits for no task it refuses for
 -- a lease that is over: two batches, each with a stale report of a task the other took, deadlocked
 -- so before every named task was locked first; that lock cost a WAL record per task.) The
 -- accepted ones have their messages deleted (tasks before messages: the lock order of every
@@ -206,11 +208,21 @@ BEGIN
         -- the aggregates, which would evaluate it once per use).
         v_rest := ARRAY(SELECT a.task_id FROM unnest(p_task_ids) AS a(task_id)
                         EXCEPT SELECT d.task_id FROM unnest(v_ids) AS d(task_id));
-        v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
-                            JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
-                           WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
-                           ORDER BY t.task_id
-                             FOR UPDATE OF t);
+        IF cardinality(p_task_ids) = 1 THEN
+            v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                                JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
+                               WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
+                                 FOR UPDATE OF t);
+        ELSE
+            -- (the call holds the tasks pass 1 took, and those whose re-check failed, of any ids:
+            -- a wait here could be out of task_id order, so a task another session holds is
+            -- skipped, and decided as it stands)
+            v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                                JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
+                               WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
+                               ORDER BY t.task_id
+                                 FOR UPDATE OF t SKIP LOCKED);
+        END IF;
         SELECT array_agg(c.refusal ORDER BY c.n),
                array_agg(c.task_id) FILTER (WHERE c.rest AND c.refusal IS NULL AND (c.task).status = 'running')
           INTO v_refusals, v_todo
@@ -220,11 +232,13 @@ BEGIN
                            coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
                                     CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
                                         stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END,
-                                    -- (not locked: its token was not the task's a moment ago, and
-                                    -- now is: a token handed out after the report named it)
-                                    CASE WHEN NOT (u.task_id = ANY (v_locked)) THEN
+                                    -- (not locked, yet running and completable as it stands:
+                                    -- another session holds it, or its token became current after
+                                    -- the report was read; a completed one is a repeat, accepted:
+                                    -- nothing changes a completed task)
+                                    CASE WHEN NOT (u.task_id = ANY (v_locked)) AND (l.task).status = 'running' THEN
                                         jsonb_build_object('sqlstate', '40001',
-                                            'message', format('task %s changed while its report was decided', u.task_id),
+                                            'message', format('task %s was held by another transaction, or changed, while its report was decided', u.task_id),
                                             'hint', 'report it again') END) END AS refusal
                   FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
                   LEFT JOIN unnest(v_rest) AS x(task_id) ON x.task_id = u.task_id

@@ -1,7 +1,7 @@
 -- Completes many tasks in one transaction: results is an array of {"task_id", "result",
 -- "lease_token"?}. Each task gets the semantics of complete_task_and_check_stage, through the same
--- settle path (_settle_completions): decided under its row lock, fenced by its lease token (or by
--- worker_id when the element has none), its stage's shard counters moved once for the whole
+-- settle path (_settle_completions): accepted only under its row lock, fenced by its lease token
+-- (or by worker_id when the element has none), its stage's shard counters moved once for the whole
 -- batch and the stage advanced when its last open shard empties. A task that cannot be
 -- completed (unknown, not running, another lease's, a bad plan) does not stop the others: its
 -- entry in the answer is {"task_id", "error": {"sqlstate", "message", "hint"}}, the refusal
@@ -9,9 +9,10 @@
 -- reports => false an accepted element's entry is only {"task_id"} (a worker that does not read
 -- the reports saves their cost: looking up each task's stage and job and building its report was
 -- a fifth of the batched benchmark line, bench/README.md).
--- Locks are taken in task_id order (tasks, then their messages), then (job, stage) order (each
--- stage's shards, waited for only in shard order, then its row), so concurrent batches do not
--- deadlock.
+-- Locks are waited for in task_id order (tasks, then their messages; a task refused after the
+-- UPDATE is locked only if no other session holds it: else it is decided as it stands, 40001 if
+-- it could have been completed, report it again), then (job, stage) order (each stage's shards,
+-- waited for only in shard order, then its row), so concurrent batches do not deadlock.
 CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL, reports boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql

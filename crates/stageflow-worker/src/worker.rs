@@ -245,7 +245,11 @@ async fn report_outcomes(
             }
         }
 
-        if !completions.is_empty() {
+        // Completions refused one by one with a conflict (another transaction held the task while
+        // the call decided it, 40001: nothing was recorded) are sent again, after a short wait, at
+        // most MAX_CONFLICT_RETRIES times.
+        let mut element_conflicts = 0;
+        while !completions.is_empty() {
             let mut conflicts = 0;
             let reports = loop {
                 match api.complete_many(&completions, &worker_id).await {
@@ -264,6 +268,7 @@ async fn report_outcomes(
             };
             let lease_tokens: HashMap<&str, i64> =
                 completions.iter().map(|(id, token, _)| (id.as_str(), *token)).collect();
+            let mut again: Vec<String> = Vec::new();
             for report in reports {
                 let task_id = report.task_id;
                 let lease_token = lease_tokens.get(task_id.as_str()).copied().unwrap_or_default();
@@ -281,12 +286,21 @@ async fn report_outcomes(
                         lost_lease(&task_id, lease_token, &refusal.message, "completion");
                         let _ = reported.send(task_id);
                     }
+                    Err(error) if error.is_retryable() && element_conflicts < MAX_CONFLICT_RETRIES => {
+                        tracing::info!(%task_id, %error, "completion conflicted with another transaction; reporting again");
+                        again.push(task_id);
+                    }
                     // Refused for another reason: retrying will not change it.
                     Err(error) => {
                         tracing::info!(%task_id, %error, "completion refused");
                         let _ = reported.send(task_id);
                     }
                 }
+            }
+            completions.retain(|(task_id, _, _)| again.contains(task_id));
+            if !completions.is_empty() {
+                element_conflicts += 1;
+                sleep(Duration::from_millis(20 * element_conflicts)).await;
             }
         }
 
