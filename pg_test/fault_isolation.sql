@@ -74,3 +74,37 @@ BEGIN
     ASSERT (stageflow.job_status(v_job)) ->> 'status' = 'processing';
 END;
 $$;
+
+-- Task ids keep 16 hex digits of their job's id. When another job's tasks already hold the ids of
+-- the stage a completion is about to create (two job ids with the same first 16 digits; made here
+-- with a task row of a job that does not exist), that job fails (stage_creation_failed, 23505),
+-- found before anything of the stage is written; the batch that advanced it goes on.
+SELECT stageflow.register_job_type('clash', $$
+{"stages": [{"name": "a", "handler": "c.a", "queue": "clash"}, {"name": "b", "handler": "c.b", "queue": "clash"}]}
+$$);
+SELECT stageflow.register_job_type('clash_bystander', $$
+{"stages": [{"name": "s", "handler": "b.s", "queue": "clash_bystander"}]}
+$$);
+SET stageflow.fake_now = '2030-01-03 00:00:00+00';
+DO $$
+DECLARE
+    v_job       text := stageflow.submit_job('clash', '{}');
+    v_other     text := stageflow.submit_job('clash_bystander', '{}');
+    v_reports   jsonb;
+    v_error     jsonb;
+BEGIN
+    INSERT INTO stageflow.tasks (task_id, job_id, stage, ordinal, max_attempts, msg_id, task_key)
+    VALUES (left(v_job, 16) || '-s2-0', repeat('0', 64), 2, 0, 1, 0, '0');
+    v_reports := stageflow.complete_tasks(
+        (SELECT jsonb_agg(jsonb_build_object('task_id', c.task_id, 'result', '{}'::jsonb, 'lease_token', c.lease_token))
+           FROM (SELECT * FROM stageflow.claim_tasks('clash', 1, 60, 'w')
+                 UNION ALL SELECT * FROM stageflow.claim_tasks('clash_bystander', 1, 60, 'w')) AS c), 'w');
+    ASSERT jsonb_array_length(v_reports) = 2 AND NOT jsonb_path_exists(v_reports, '$[*].error'), v_reports::text;
+    v_error := (stageflow.job_status(v_job)) -> 'error';
+    ASSERT (stageflow.job_status(v_job)) ->> 'status' = 'failed', (stageflow.job_status(v_job))::text;
+    ASSERT v_error ->> 'type' = 'stage_creation_failed' AND v_error ->> 'sqlstate' = '23505', v_error::text;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.stages AS s WHERE s.job_id = v_job AND s.stage = 2), 'nothing of stage 2 written';
+    ASSERT (stageflow.job_status(v_other)) ->> 'status' = 'completed';
+    DELETE FROM stageflow.tasks AS t WHERE t.job_id = repeat('0', 64);
+END;
+$$;

@@ -116,6 +116,16 @@ BEGIN
         END CASE;
         v_count := coalesce(v_count, cardinality(v_keys), 0);
         PERFORM stageflow._check_quota(v_job, p_stage, v_count);
+        -- Task ids keep 16 hex digits of the job's id: another job's tasks may hold this stage's
+        -- (one index probe; found by the INSERT below, it would fail the caller, not the job).
+        IF v_count > 0 AND EXISTS (SELECT 1 FROM stageflow.tasks AS t
+                                    WHERE t.task_id >= v_prefix AND t.task_id < left(v_prefix, -1) || '.') THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '23505',
+                MESSAGE = format('stage %s of job %s: its task ids (%s...) are taken by another job''s tasks',
+                                 p_stage, p_job_id, v_prefix),
+                HINT = 'two job ids share their first 16 hex digits; submit the work with other params (or wait until retention deletes the other job)';
+        END IF;
     EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
                    OR syntax_error_or_access_rule_violation OR raise_exception THEN
         IF NOT p_catch THEN

@@ -528,16 +528,17 @@ BEGIN
           LIMIT max_rows)
          ORDER BY 1
     LOOP
-        -- (A job whose stage another session holds for more than 20 ms is left to a later round:
-        -- the round may hold the shards of a higher job from its dead letters, and a batch holding
-        -- this job's shards may be waiting for those.)
+        -- (A job whose stage another session holds for more than 20 ms is left to the next round,
+        -- which reads the same window of tasks again: the round may hold the shards of a higher
+        -- job from its dead letters, and a batch holding this job's shards may be waiting for
+        -- those.)
         BEGIN
             PERFORM set_config('lock_timeout', '20ms', true);
             v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);
             PERFORM set_config('lock_timeout', v_lock_timeout, true);
         EXCEPTION WHEN lock_not_available THEN
             -- (the setting goes back with the subtransaction)
-            NULL;
+            UPDATE stageflow.maintenance_cursors AS c SET position = v_after WHERE c.name = 'tasks';
         WHEN OTHERS THEN
             v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: cancelling the open tasks of ended job %s', r.job_id), SQLERRM, SQLSTATE);
         END;

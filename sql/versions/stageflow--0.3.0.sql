@@ -1645,6 +1645,16 @@ BEGIN
         END CASE;
         v_count := coalesce(v_count, cardinality(v_keys), 0);
         PERFORM stageflow._check_quota(v_job, p_stage, v_count);
+        -- Task ids keep 16 hex digits of the job's id: another job's tasks may hold this stage's
+        -- (one index probe; found by the INSERT below, it would fail the caller, not the job).
+        IF v_count > 0 AND EXISTS (SELECT 1 FROM stageflow.tasks AS t
+                                    WHERE t.task_id >= v_prefix AND t.task_id < left(v_prefix, -1) || '.') THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '23505',
+                MESSAGE = format('stage %s of job %s: its task ids (%s...) are taken by another job''s tasks',
+                                 p_stage, p_job_id, v_prefix),
+                HINT = 'two job ids share their first 16 hex digits; submit the work with other params (or wait until retention deletes the other job)';
+        END IF;
     EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
                    OR syntax_error_or_access_rule_violation OR raise_exception THEN
         IF NOT p_catch THEN
@@ -3879,16 +3889,17 @@ BEGIN
           LIMIT max_rows)
          ORDER BY 1
     LOOP
-        -- (A job whose stage another session holds for more than 20 ms is left to a later round:
-        -- the round may hold the shards of a higher job from its dead letters, and a batch holding
-        -- this job's shards may be waiting for those.)
+        -- (A job whose stage another session holds for more than 20 ms is left to the next round,
+        -- which reads the same window of tasks again: the round may hold the shards of a higher
+        -- job from its dead letters, and a batch holding this job's shards may be waiting for
+        -- those.)
         BEGIN
             PERFORM set_config('lock_timeout', '20ms', true);
             v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);
             PERFORM set_config('lock_timeout', v_lock_timeout, true);
         EXCEPTION WHEN lock_not_available THEN
             -- (the setting goes back with the subtransaction)
-            NULL;
+            UPDATE stageflow.maintenance_cursors AS c SET position = v_after WHERE c.name = 'tasks';
         WHEN OTHERS THEN
             v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: cancelling the open tasks of ended job %s', r.job_id), SQLERRM, SQLSTATE);
         END;
