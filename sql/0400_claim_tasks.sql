@@ -54,15 +54,12 @@ DECLARE
     v_busy_msgs    bigint[] := '{}'::bigint[];
     v_ended_jobs   text[] := '{}'::text[];
     v_ended_tasks  text[] := '{}'::text[];
-    v_dead_jobs    text[] := '{}'::text[];
-    v_dead_stages  int[] := '{}'::int[];
     v_dead_tasks   text[] := '{}'::text[];
-    v_dead_errors  jsonb[] := '{}'::jsonb[];
     r              record;
 BEGIN
     FOR r IN
         SELECT u.msg_id, u.task_id, u.task_id = ANY (coalesce(p_locked, '{}')) AS mine,
-               t.job_id, t.stage, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
+               t.job_id, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
                t.next_attempt_at, j.status AS job_status
           FROM unnest(p_msg_ids, p_task_ids) AS u(msg_id, task_id)
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
@@ -82,10 +79,7 @@ BEGIN
         ELSIF r.status = 'running' AND r.lease_expires_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.lease_expires_at);
         ELSIF r.attempt >= r.max_attempts THEN
-            v_dead_jobs := v_dead_jobs || r.job_id;
-            v_dead_stages := v_dead_stages || r.stage;
             v_dead_tasks := v_dead_tasks || r.task_id;
-            v_dead_errors := v_dead_errors || stageflow._lease_expired_error(r.attempt, r.max_attempts);
         ELSIF r.status = 'queued' AND r.next_attempt_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.next_attempt_at);
         ELSE
@@ -98,10 +92,12 @@ BEGIN
     END IF;
     PERFORM stageflow._delete_messages(p_queue, v_stray_msgs);
     IF cardinality(v_dead_tasks) + cardinality(v_ended_jobs) > 0 THEN
-        -- (a job is either ended or open in the one snapshot the loop read: never in both lists)
+        -- (a job is either ended or open in the one snapshot the loop read: never in both lists;
+        -- the dead letters' rows are this claim's, locked, as the loop read them)
         FOR r IN
-            SELECT d.job_id, d.stage, d.task_id, d.error
-              FROM unnest(v_dead_jobs, v_dead_stages, v_dead_tasks, v_dead_errors) AS d(job_id, stage, task_id, error)
+            SELECT t.job_id, t.stage, t.task_id, stageflow._lease_expired_error(t.attempt, t.max_attempts) AS error
+              FROM stageflow.tasks AS t
+             WHERE t.task_id = ANY (v_dead_tasks)
             UNION ALL
             SELECT DISTINCT u.job_id, NULL::int, NULL::text, NULL::jsonb FROM unnest(v_ended_jobs) AS u(job_id)
              ORDER BY 1, 2, 3

@@ -105,15 +105,15 @@ $$;
 -- tasks, a task another session holds is skipped and decided as it stands, 40001 if it could be
 -- completed: the call holds tasks of higher ids already), and a task that became completable
 -- meanwhile (a report without a token, of a task claimed since) goes through the same UPDATE
--- again. (A batch holding tasks it took waits for no task it refuses for
--- a lease that is over: two batches, each with a stale report of a task the other took, deadlocked
--- so before every named task was locked first; that lock cost a WAL record per task.) The
--- accepted ones have their messages deleted (tasks before messages: the lock order of every
--- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
--- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them
--- all); a stage row is locked only when one of its shards empties (shards before stage), and the
--- call that takes the stage's open shards to zero advances the job in this transaction. A
--- completion repeated by the lease that made it is accepted and changes nothing.
+-- again. (A batch holding tasks it took waits for no task it refuses for a lease that is over: two
+-- batches, each with a stale report of a task the other took, deadlocked so before every named
+-- task was locked first; that lock cost a WAL record per task.) The accepted ones have their
+-- messages deleted (tasks before messages: the lock order of every report), and each stage's
+-- tasks are taken off its shards once for the whole call, in (job, stage) order
+-- (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a stage
+-- row is locked only when one of its shards empties (shards before stage), and the call that
+-- takes the stage's open shards to zero advances the job in this transaction. A completion
+-- repeated by the lease that made it is accepted and changes nothing.
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.

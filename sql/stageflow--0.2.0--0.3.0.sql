@@ -601,15 +601,12 @@ DECLARE
     v_busy_msgs    bigint[] := '{}'::bigint[];
     v_ended_jobs   text[] := '{}'::text[];
     v_ended_tasks  text[] := '{}'::text[];
-    v_dead_jobs    text[] := '{}'::text[];
-    v_dead_stages  int[] := '{}'::int[];
     v_dead_tasks   text[] := '{}'::text[];
-    v_dead_errors  jsonb[] := '{}'::jsonb[];
     r              record;
 BEGIN
     FOR r IN
         SELECT u.msg_id, u.task_id, u.task_id = ANY (coalesce(p_locked, '{}')) AS mine,
-               t.job_id, t.stage, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
+               t.job_id, t.status, t.msg_id AS current_msg_id, t.attempt, t.max_attempts, t.lease_expires_at,
                t.next_attempt_at, j.status AS job_status
           FROM unnest(p_msg_ids, p_task_ids) AS u(msg_id, task_id)
           LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
@@ -629,10 +626,7 @@ BEGIN
         ELSIF r.status = 'running' AND r.lease_expires_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.lease_expires_at);
         ELSIF r.attempt >= r.max_attempts THEN
-            v_dead_jobs := v_dead_jobs || r.job_id;
-            v_dead_stages := v_dead_stages || r.stage;
             v_dead_tasks := v_dead_tasks || r.task_id;
-            v_dead_errors := v_dead_errors || stageflow._lease_expired_error(r.attempt, r.max_attempts);
         ELSIF r.status = 'queued' AND r.next_attempt_at > p_now THEN
             PERFORM pgmq.set_vt(p_queue, r.msg_id, r.next_attempt_at);
         ELSE
@@ -645,10 +639,12 @@ BEGIN
     END IF;
     PERFORM stageflow._delete_messages(p_queue, v_stray_msgs);
     IF cardinality(v_dead_tasks) + cardinality(v_ended_jobs) > 0 THEN
-        -- (a job is either ended or open in the one snapshot the loop read: never in both lists)
+        -- (a job is either ended or open in the one snapshot the loop read: never in both lists;
+        -- the dead letters' rows are this claim's, locked, as the loop read them)
         FOR r IN
-            SELECT d.job_id, d.stage, d.task_id, d.error
-              FROM unnest(v_dead_jobs, v_dead_stages, v_dead_tasks, v_dead_errors) AS d(job_id, stage, task_id, error)
+            SELECT t.job_id, t.stage, t.task_id, stageflow._lease_expired_error(t.attempt, t.max_attempts) AS error
+              FROM stageflow.tasks AS t
+             WHERE t.task_id = ANY (v_dead_tasks)
             UNION ALL
             SELECT DISTINCT u.job_id, NULL::int, NULL::text, NULL::jsonb FROM unnest(v_ended_jobs) AS u(job_id)
              ORDER BY 1, 2, 3
@@ -2322,15 +2318,15 @@ $$;
 -- tasks, a task another session holds is skipped and decided as it stands, 40001 if it could be
 -- completed: the call holds tasks of higher ids already), and a task that became completable
 -- meanwhile (a report without a token, of a task claimed since) goes through the same UPDATE
--- again. (A batch holding tasks it took waits for no task it refuses for
--- a lease that is over: two batches, each with a stale report of a task the other took, deadlocked
--- so before every named task was locked first; that lock cost a WAL record per task.) The
--- accepted ones have their messages deleted (tasks before messages: the lock order of every
--- report), and each stage's tasks are taken off its shards once for the whole call, in (job,
--- stage) order (_take_stages_from_shards: one shard no other transaction holds, if one has them
--- all); a stage row is locked only when one of its shards empties (shards before stage), and the
--- call that takes the stage's open shards to zero advances the job in this transaction. A
--- completion repeated by the lease that made it is accepted and changes nothing.
+-- again. (A batch holding tasks it took waits for no task it refuses for a lease that is over: two
+-- batches, each with a stale report of a task the other took, deadlocked so before every named
+-- task was locked first; that lock cost a WAL record per task.) The accepted ones have their
+-- messages deleted (tasks before messages: the lock order of every report), and each stage's
+-- tasks are taken off its shards once for the whole call, in (job, stage) order
+-- (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a stage
+-- row is locked only when one of its shards empties (shards before stage), and the call that
+-- takes the stage's open shards to zero advances the job in this transaction. A completion
+-- repeated by the lease that made it is accepted and changes nothing.
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
