@@ -213,6 +213,117 @@ BEGIN
     ASSERT NOT EXISTS (SELECT 1 FROM stageflow.events WHERE job_id = v_job);
     ASSERT NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs), 'drained with retention off';
     PERFORM set_config('stageflow.retention', '1 day', false);
+END;
+$$;
+
+-- A worker that still holds a lease of a job retention deleted cannot report on the same work
+-- submitted again: the new job's tasks have the old ones' ids, and their lease tokens start above
+-- every token the deleted tasks handed out (stageflow.lease_token_floor), whether retention's
+-- rounds deleted the old tasks or the submission finished their deletion. Before the floor, the
+-- new tasks counted from 0 again, and the stale worker's report was taken for the new lease's.
+SELECT stageflow.register_job_type('again', $$
+{"retry": {"max_attempts": 5},
+ "stages": [{"name": "s", "handler": "a.s", "queue": "again", "fan_out": "count", "param": "n"}]}
+$$);
+SET stageflow.fake_now = '2030-09-01 00:00:00+00';
+CREATE TEMP TABLE stale (task_id text, lease_token bigint);
+-- The job's 6 tasks are claimed, and their leases are still held when the job is cancelled:
+-- those workers never hear of it.
+DO $$
+DECLARE
+    v_job text := stageflow.submit_job('again', '{"n": 6}');
+BEGIN
+    INSERT INTO stale SELECT c.task_id, c.lease_token FROM stageflow.claim_tasks('again', 10, 60) AS c;
+    ASSERT (SELECT count(*) FROM stale) = 6;
+    PERFORM stageflow.cancel_job(v_job);
+END;
+$$;
+DO $$
+DECLARE
+    v_job text := stageflow._job_id('again', '{"n": 6}');
+    v_report jsonb;
+    v_old_max bigint := (SELECT max(lease_token) FROM stale);
+    v_refused int := 0;
+    r record;
+BEGIN
+    -- Retention deletes the job and drains its tasks over two rounds (a batch is 4).
+    PERFORM set_config('stageflow.fake_now', '2030-09-03 00:00:00+00', false);
+    FOR i IN 1..10 LOOP
+        v_report := stageflow.run_maintenance();
+        ASSERT (v_report ->> 'errors')::int = 0, v_report::text;
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs);
+    END LOOP;
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks WHERE job_id = v_job), 'the old tasks are gone';
+    ASSERT (SELECT max(token) FROM stageflow.lease_token_floor) > v_old_max, 'the floor is above the deleted leases';
+    -- The same work again: the same job id, the same task ids, tokens above the old ones.
+    ASSERT stageflow.submit_job('again', '{"n": 6}') = v_job;
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('again', 10, 60) AS c
+              JOIN stale AS s ON s.task_id = c.task_id
+             WHERE c.lease_token > v_old_max) = 6, 'every task claimed again, on a token above the deleted ones';
+    -- The stale workers report (the first a failure, the rest completions, then all in one batch):
+    -- every report is refused, and the new leases are untouched.
+    FOR r IN SELECT * FROM stale ORDER BY task_id LOOP
+        BEGIN
+            IF v_refused = 0 THEN
+                PERFORM stageflow.fail_task(r.task_id, '{"message": "stale"}', false, NULL, r.lease_token);
+            ELSE
+                PERFORM stageflow.complete_task_and_check_stage(r.task_id, '{"stale": true}', NULL, r.lease_token);
+            END IF;
+            RAISE EXCEPTION 'the stale report on % (lease %) was accepted', r.task_id, r.lease_token;
+        EXCEPTION WHEN object_not_in_prerequisite_state THEN
+            v_refused := v_refused + 1;
+        END;
+    END LOOP;
+    ASSERT v_refused = 6;
+    v_report := stageflow.complete_tasks((SELECT jsonb_agg(jsonb_build_object('task_id', s.task_id, 'result', '{}'::jsonb,
+                                                                              'lease_token', s.lease_token))
+                                            FROM stale AS s));
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks WHERE job_id = v_job AND status <> 'running'),
+        'the new leases are untouched: ' || v_report::text;
+    ASSERT (stageflow.job_status(v_job)) ->> 'status' = 'processing';
+END;
+$$;
+-- The same once more, with the deletion finished by the submission: retention deletes the job row
+-- and 4 of its tasks in one round; the submission that comes next deletes the other 2. Their
+-- leases must be above what the round noted, so they are made the highest (by hand, as if those
+-- two had been claimed ten times more than the others).
+DO $$
+DECLARE
+    v_job text := stageflow._job_id('again', '{"n": 6}');
+    v_old_max bigint;
+    r record;
+BEGIN
+    DELETE FROM stale;
+    INSERT INTO stale SELECT c.task_id, c.lease_token FROM stageflow.claim_tasks('again', 10, 60) AS c;
+    ASSERT (SELECT count(*) FROM stale) = 0, 'the leases of the new job are still held';
+    PERFORM stageflow.cancel_job(v_job);
+    PERFORM set_config('stageflow.fake_now', '2030-09-05 00:00:00+00', false);
+    ASSERT stageflow.run_maintenance() @> '{"jobs_deleted": 1, "tasks_deleted": 4}';
+    UPDATE stageflow.tasks SET lease_token = lease_token + 10 WHERE job_id = v_job;
+    INSERT INTO stale SELECT t.task_id, t.lease_token FROM stageflow.tasks AS t WHERE t.job_id = v_job;
+    ASSERT (SELECT count(*) FROM stale) = 2;
+    v_old_max := (SELECT max(lease_token) FROM stale);
+    ASSERT (SELECT max(token) FROM stageflow.lease_token_floor) <= v_old_max, 'these two leases are above the floor';
+    ASSERT stageflow.submit_job('again', '{"n": 6}') = v_job;
+    ASSERT (SELECT max(token) FROM stageflow.lease_token_floor) > v_old_max, 'raised by the submission''s deletion';
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks WHERE job_id = v_job AND lease_token <= v_old_max),
+        'every new task starts above the deleted leases';
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('again', 10, 60) AS c
+              JOIN stale AS s ON s.task_id = c.task_id AND c.lease_token > v_old_max) = 2;
+    BEGIN
+        PERFORM stageflow.complete_task_and_check_stage(s.task_id, '{"stale": true}', NULL, s.lease_token)
+           FROM stale AS s ORDER BY s.task_id LIMIT 1;
+        RAISE EXCEPTION 'a stale report was accepted';
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        NULL;
+    END;
+    PERFORM stageflow.cancel_job(v_job);
+    -- Each round keeps only the highest note.
+    PERFORM set_config('stageflow.fake_now', '2030-09-07 00:00:00+00', false);
+    PERFORM stageflow.run_maintenance();
+    PERFORM stageflow.run_maintenance();
+    ASSERT (SELECT count(*) FROM stageflow.lease_token_floor) = 1, (SELECT array_agg(token) FROM stageflow.lease_token_floor)::text;
+    ASSERT (SELECT max(token) FROM stageflow.lease_token_floor) > v_old_max;
     -- (a finished job for the part below)
     PERFORM stageflow.submit_job('kept', '{"n": 1}');
     FOR r IN SELECT * FROM stageflow.claim_tasks('kept', 20, 60) LOOP

@@ -159,7 +159,9 @@ CREATE TABLE stageflow.tasks (
     -- new version from its first changed byte to its last (PostgreSQL logs the prefix and suffix
     -- it shares with the old version as lengths), so they log these columns and nothing before.
     -- The fencing token of the task's current (or last) lease: every claim adds one, nothing
-    -- else changes it. A report naming another token comes from a lease that is over.
+    -- else changes it. A report naming another token comes from a lease that is over. A task
+    -- starts from stageflow.lease_token_floor: above every token of the tasks retention deleted,
+    -- whose ids a job submitted again takes anew.
     lease_token       bigint NOT NULL DEFAULT 0,
     attempt           int NOT NULL DEFAULT 0,
     status            text NOT NULL DEFAULT 'queued'
@@ -202,6 +204,26 @@ CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job
 -- visibility time has come (claims read them); dead letters by failed_at, which only a task's
 -- failure sets.
 CREATE INDEX tasks_dead_letter_idx ON stageflow.tasks (failed_at DESC) WHERE failed_at IS NOT NULL;
+
+-- The token a task made from now on starts from (its first claim's is one more): the highest
+-- token noted here (none: 0), one more than the highest lease token of any task retention has
+-- deleted. Task ids are made from the job id, the stage and the key, so a job that retention
+-- deleted and that is submitted again makes its tasks anew under the same ids (as does another
+-- job whose id shares the first 16 hex digits); starting above every token the deleted tasks
+-- handed out refuses the report of a worker still holding a lease of a deleted task.
+-- Insert-only: each transaction that deletes task rows (a retention round, a resubmission
+-- finishing a deletion) adds a row, so none waits for another's (one row updated by all would
+-- make a round wait for an open transaction that resubmitted a job: deadlocks, and completions
+-- waiting behind the round). Each retention round deletes the rows below the highest. A stage
+-- created reads the highest once. It sees the note of its own ids' deletion: made by its own
+-- transaction (_finish_job_deletion), or committed before _finish_job_deletion's delete of the
+-- job's note in stageflow.deleted_jobs returned (that delete waits for the round holding the
+-- note; READ COMMITTED reads the floor in a later statement; under REPEATABLE READ a deletion
+-- committed after the snapshot makes that delete fail with 40001), or before the task-id probe
+-- of _create_stage_tasks found no other job's tasks.
+CREATE TABLE stageflow.lease_token_floor (
+    token  bigint NOT NULL CHECK (token >= 0)
+);
 
 -- A claim of a task's last attempt leaves a note of its lease here; maintenance dead-letters the
 -- task when the lease has expired with the task still running on it (whether or not any worker
@@ -281,6 +303,7 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
 -- (and the identity's sequence: restored rows keep their ids, new ones must not reuse them)
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events_event_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.role_quotas', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.admissions', '');

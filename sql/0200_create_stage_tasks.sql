@@ -56,6 +56,7 @@ DECLARE
     v_shards      int;
     v_matched     int;
     v_duplicate   text;
+    v_first_token bigint;
     -- the engine's clock, read once for the stage and all its tasks
     v_now         timestamptz := stageflow.now();
     v_message     text;
@@ -164,21 +165,25 @@ BEGIN
     IF v_count > 0 THEN
         -- (made on first use: the built-in hello_world's queue, or one a restore dropped)
         PERFORM stageflow._ensure_queue(v_queue);
+        -- (above the tokens of any deleted tasks that had these ids: stageflow.lease_token_floor)
+        v_first_token := coalesce((SELECT max(f.token) FROM stageflow.lease_token_floor AS f), 0);
     END IF;
     IF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
-            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at)
+            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
+             lease_token)
         SELECT v_prefix || (m.n - 1), p_job_id, p_stage, (m.n - 1)::text, (m.n - 1)::int,
                '{}'::jsonb, NULL, v_inputs,
-               (v_def -> 'retry' ->> 'max_attempts')::int, m.msg_id, v_now
+               (v_def -> 'retry' ->> 'max_attempts')::int, m.msg_id, v_now, v_first_token
           FROM pgmq.send_batch(v_queue,
                                ARRAY(SELECT jsonb_build_object('task_id', v_prefix || i)
                                        FROM generate_series(0, v_count - 1) AS i)) WITH ORDINALITY AS m(msg_id, n);
     ELSIF v_count > 0 THEN
         INSERT INTO stageflow.tasks
-            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at)
+            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
+             lease_token)
         SELECT v_prefix || u.key, p_job_id, p_stage, u.key, (u.n - 1)::int, u.params, u.pred, v_inputs,
-               (v_def -> 'retry' ->> 'max_attempts')::int, u.msg_id, v_now
+               (v_def -> 'retry' ->> 'max_attempts')::int, u.msg_id, v_now, v_first_token
           FROM ROWS FROM (unnest(v_keys), unnest(v_params), unnest(v_preds),
                           pgmq.send_batch(v_queue,
                                           ARRAY(SELECT jsonb_build_object('task_id', v_prefix || k)

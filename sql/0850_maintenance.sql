@@ -57,6 +57,17 @@ AS $$
     SELECT greatest(coalesce(nullif(current_setting('stageflow.retention_batch_size', true), '')::int, 10000), 1)
 $$;
 
+-- Raises stageflow.lease_token_floor above p_token, the highest lease token of task rows the
+-- caller's transaction has just deleted (NULL: none, nothing to do): a task made again under one
+-- of their ids starts above every lease they handed out. An insert: it waits for no one.
+CREATE FUNCTION stageflow._raise_lease_token_floor(p_token bigint)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO stageflow.lease_token_floor (token) SELECT p_token + 1 WHERE p_token IS NOT NULL
+$$;
+
 -- Finishes the deletion of job p_job_id now, whatever its size, if retention has begun it: a
 -- submission that creates the job again calls it before it writes anything of the new job.
 -- Deleting the note first waits for a maintenance round that is draining the job (it holds the
@@ -66,12 +77,19 @@ RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_max_token bigint;
 BEGIN
     DELETE FROM stageflow.deleted_jobs AS d WHERE d.job_id = p_job_id;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    DELETE FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, p_job_id);
+    WITH gone AS (
+        DELETE FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, p_job_id)
+        RETURNING t.lease_token
+    )
+    SELECT max(gone.lease_token) INTO v_max_token FROM gone;
+    PERFORM stageflow._raise_lease_token_floor(v_max_token);
     DELETE FROM stageflow.events AS e WHERE e.job_id = p_job_id;
     DELETE FROM stageflow.webhook_deliveries AS w WHERE w.job_id = p_job_id;
     DELETE FROM stageflow.stage_claims AS c WHERE c.job_id = p_job_id;
@@ -87,7 +105,9 @@ $$;
 --      stageflow.deleted_jobs;
 --   2. the jobs noted there (as many, oldest first, notes another round holds skipped) lose up
 --      to `batch` tasks, `batch` events and `batch` webhook deliveries; a note with nothing left
---      is removed (a small job goes in the round that deleted its row);
+--      is removed (a small job goes in the round that deleted its row); the highest lease token
+--      of the tasks deleted is noted in stageflow.lease_token_floor, whose notes but the
+--      highest go;
 --   3. each queue the job types use loses up to `batch` archived messages (pgmq.a_<queue>: the
 --      messages of tasks that failed or were dead-lettered, pgmq.archive) archived before the
 --      retention; pgmq dates them with the real clock;
@@ -111,6 +131,7 @@ DECLARE
     v_jobs       int;
     v_ids        text[];
     v_count      int;
+    v_max_token  bigint;
     v_window     bigint[];
     v_cursor     bigint;
     v_deleted    jsonb := '{"jobs_deleted": 0, "tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0, "archived_messages_deleted": 0}'::jsonb;
@@ -171,9 +192,10 @@ BEGIN
                                       LIMIT v_batch
                                         -- (one a stale report holds: the next round)
                                         FOR UPDATE SKIP LOCKED)
-                RETURNING 1
+                RETURNING t.lease_token
             )
-            SELECT count(*)::int INTO v_count FROM gone;
+            SELECT count(*)::int, max(gone.lease_token) INTO v_count, v_max_token FROM gone;
+            PERFORM stageflow._raise_lease_token_floor(v_max_token);
             v_deleted := v_deleted || jsonb_build_object('tasks_deleted', v_count);
             WITH gone AS (
                 DELETE FROM stageflow.events AS e
@@ -196,6 +218,12 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM stageflow.events AS e WHERE e.job_id = d.job_id)
                AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w WHERE w.job_id = d.job_id);
         END IF;
+        -- The floor's notes but the highest. (A note another round holds is skipped: that round
+        -- keeps a note at least as high as any it deletes, and its deletions roll back with it.)
+        DELETE FROM stageflow.lease_token_floor AS f
+         WHERE f.ctid IN (SELECT o.ctid FROM stageflow.lease_token_floor AS o
+                           ORDER BY o.token DESC OFFSET 1
+                             FOR UPDATE SKIP LOCKED);
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
     END;

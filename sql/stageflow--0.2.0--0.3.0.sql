@@ -25,6 +25,26 @@ END
 $upgrade$;
 
 -- 2. The tables 0.3.0 adds.
+-- The token a task made from now on starts from (its first claim's is one more): the highest
+-- token noted here (none: 0), one more than the highest lease token of any task retention has
+-- deleted. Task ids are made from the job id, the stage and the key, so a job that retention
+-- deleted and that is submitted again makes its tasks anew under the same ids (as does another
+-- job whose id shares the first 16 hex digits); starting above every token the deleted tasks
+-- handed out refuses the report of a worker still holding a lease of a deleted task.
+-- Insert-only: each transaction that deletes task rows (a retention round, a resubmission
+-- finishing a deletion) adds a row, so none waits for another's (one row updated by all would
+-- make a round wait for an open transaction that resubmitted a job: deadlocks, and completions
+-- waiting behind the round). Each retention round deletes the rows below the highest. A stage
+-- created reads the highest once. It sees the note of its own ids' deletion: made by its own
+-- transaction (_finish_job_deletion), or committed before _finish_job_deletion's delete of the
+-- job's note in stageflow.deleted_jobs returned (that delete waits for the round holding the
+-- note; READ COMMITTED reads the floor in a later statement; under REPEATABLE READ a deletion
+-- committed after the snapshot makes that delete fail with 40001), or before the task-id probe
+-- of _create_stage_tasks found no other job's tasks.
+CREATE TABLE stageflow.lease_token_floor (
+    token  bigint NOT NULL CHECK (token >= 0)
+);
+SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor', '');
 
 -- 3. What changes in the tables of 0.2.0 (sql/upgrades/0.2.0--0.3.0.sql).
 -- What 0.2.0 -> 0.3.0 changes in the tables 0.2.0 has, written by hand; scripts/versions.py write
@@ -55,6 +75,12 @@ ALTER TABLE stageflow.webhook_deliveries ALTER COLUMN job_id TYPE text COLLATE "
 ALTER TABLE stageflow.deleted_jobs ALTER COLUMN job_id TYPE text COLLATE "C";
 
 CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job_id, 0), stage, ordinal);
+
+-- lease_token_floor (new): 0.2.0's retention deleted tasks without noting their tokens, and the
+-- same work submitted again after the update makes its tasks anew under the same ids. Their
+-- tokens start at 2^31, above any token a task of 0.2.0 reached (one a claim), so a worker still
+-- holding a lease of such a deleted task is refused. Tasks made by a fresh install start at 0.
+INSERT INTO stageflow.lease_token_floor (token) VALUES (2147483648);
 
 -- 4. The functions, views, roles, grants and built-in job types of 0.3.0.
 -- A stage's counters summed over its shards; running = started by claims - stopped.
@@ -1333,6 +1359,7 @@ DECLARE
     v_shards      int;
     v_matched     int;
     v_duplicate   text;
+    v_first_token bigint;
     -- the engine's clock, read once for the stage and all its tasks
     v_now         timestamptz := stageflow.now();
     v_message     text;
@@ -1441,21 +1468,25 @@ BEGIN
     IF v_count > 0 THEN
         -- (made on first use: the built-in hello_world's queue, or one a restore dropped)
         PERFORM stageflow._ensure_queue(v_queue);
+        -- (above the tokens of any deleted tasks that had these ids: stageflow.lease_token_floor)
+        v_first_token := coalesce((SELECT max(f.token) FROM stageflow.lease_token_floor AS f), 0);
     END IF;
     IF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
-            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at)
+            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
+             lease_token)
         SELECT v_prefix || (m.n - 1), p_job_id, p_stage, (m.n - 1)::text, (m.n - 1)::int,
                '{}'::jsonb, NULL, v_inputs,
-               (v_def -> 'retry' ->> 'max_attempts')::int, m.msg_id, v_now
+               (v_def -> 'retry' ->> 'max_attempts')::int, m.msg_id, v_now, v_first_token
           FROM pgmq.send_batch(v_queue,
                                ARRAY(SELECT jsonb_build_object('task_id', v_prefix || i)
                                        FROM generate_series(0, v_count - 1) AS i)) WITH ORDINALITY AS m(msg_id, n);
     ELSIF v_count > 0 THEN
         INSERT INTO stageflow.tasks
-            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at)
+            (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
+             lease_token)
         SELECT v_prefix || u.key, p_job_id, p_stage, u.key, (u.n - 1)::int, u.params, u.pred, v_inputs,
-               (v_def -> 'retry' ->> 'max_attempts')::int, u.msg_id, v_now
+               (v_def -> 'retry' ->> 'max_attempts')::int, u.msg_id, v_now, v_first_token
           FROM ROWS FROM (unnest(v_keys), unnest(v_params), unnest(v_preds),
                           pgmq.send_batch(v_queue,
                                           ARRAY(SELECT jsonb_build_object('task_id', v_prefix || k)
@@ -3127,6 +3158,16 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT greatest(coalesce(nullif(current_setting('stageflow.retention_batch_size', true), '')::int, 10000), 1)
 $$;
+-- Raises stageflow.lease_token_floor above p_token, the highest lease token of task rows the
+-- caller's transaction has just deleted (NULL: none, nothing to do): a task made again under one
+-- of their ids starts above every lease they handed out. An insert: it waits for no one.
+CREATE FUNCTION stageflow._raise_lease_token_floor(p_token bigint)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO stageflow.lease_token_floor (token) SELECT p_token + 1 WHERE p_token IS NOT NULL
+$$;
 -- Finishes the deletion of job p_job_id now, whatever its size, if retention has begun it: a
 -- submission that creates the job again calls it before it writes anything of the new job.
 -- Deleting the note first waits for a maintenance round that is draining the job (it holds the
@@ -3136,12 +3177,19 @@ RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_max_token bigint;
 BEGIN
     DELETE FROM stageflow.deleted_jobs AS d WHERE d.job_id = p_job_id;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    DELETE FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, p_job_id);
+    WITH gone AS (
+        DELETE FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, p_job_id)
+        RETURNING t.lease_token
+    )
+    SELECT max(gone.lease_token) INTO v_max_token FROM gone;
+    PERFORM stageflow._raise_lease_token_floor(v_max_token);
     DELETE FROM stageflow.events AS e WHERE e.job_id = p_job_id;
     DELETE FROM stageflow.webhook_deliveries AS w WHERE w.job_id = p_job_id;
     DELETE FROM stageflow.stage_claims AS c WHERE c.job_id = p_job_id;
@@ -3156,7 +3204,9 @@ $$;
 --      stageflow.deleted_jobs;
 --   2. the jobs noted there (as many, oldest first, notes another round holds skipped) lose up
 --      to `batch` tasks, `batch` events and `batch` webhook deliveries; a note with nothing left
---      is removed (a small job goes in the round that deleted its row);
+--      is removed (a small job goes in the round that deleted its row); the highest lease token
+--      of the tasks deleted is noted in stageflow.lease_token_floor, whose notes but the
+--      highest go;
 --   3. each queue the job types use loses up to `batch` archived messages (pgmq.a_<queue>: the
 --      messages of tasks that failed or were dead-lettered, pgmq.archive) archived before the
 --      retention; pgmq dates them with the real clock;
@@ -3180,6 +3230,7 @@ DECLARE
     v_jobs       int;
     v_ids        text[];
     v_count      int;
+    v_max_token  bigint;
     v_window     bigint[];
     v_cursor     bigint;
     v_deleted    jsonb := '{"jobs_deleted": 0, "tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0, "archived_messages_deleted": 0}'::jsonb;
@@ -3240,9 +3291,10 @@ BEGIN
                                       LIMIT v_batch
                                         -- (one a stale report holds: the next round)
                                         FOR UPDATE SKIP LOCKED)
-                RETURNING 1
+                RETURNING t.lease_token
             )
-            SELECT count(*)::int INTO v_count FROM gone;
+            SELECT count(*)::int, max(gone.lease_token) INTO v_count, v_max_token FROM gone;
+            PERFORM stageflow._raise_lease_token_floor(v_max_token);
             v_deleted := v_deleted || jsonb_build_object('tasks_deleted', v_count);
             WITH gone AS (
                 DELETE FROM stageflow.events AS e
@@ -3265,6 +3317,12 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM stageflow.events AS e WHERE e.job_id = d.job_id)
                AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w WHERE w.job_id = d.job_id);
         END IF;
+        -- The floor's notes but the highest. (A note another round holds is skipped: that round
+        -- keeps a note at least as high as any it deletes, and its deletions roll back with it.)
+        DELETE FROM stageflow.lease_token_floor AS f
+         WHERE f.ctid IN (SELECT o.ctid FROM stageflow.lease_token_floor AS o
+                           ORDER BY o.token DESC OFFSET 1
+                             FOR UPDATE SKIP LOCKED);
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
     END;

@@ -27,4 +27,10 @@ ALTER TABLE stageflow.deleted_jobs ALTER COLUMN job_id TYPE text COLLATE "C";
 
 CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job_id, 0), stage, ordinal);
 
+-- lease_token_floor (new): 0.2.0's retention deleted tasks without noting their tokens, and the
+-- same work submitted again after the update makes its tasks anew under the same ids. Their
+-- tokens start at 2^31, above any token a task of 0.2.0 reached (one a claim), so a worker still
+-- holding a lease of such a deleted task is refused. Tasks made by a fresh install start at 0.
+INSERT INTO stageflow.lease_token_floor (token) VALUES (2147483648);
+
 -- @definitions

@@ -97,7 +97,14 @@ fn every_recorded_version_upgrades_to_the_catalog_of_a_fresh_install() {
         assert_eq!(installed_version(&mut client), current);
         let upgraded = catalog(&mut client);
         assert!(upgraded == expected, "{version} -> {current}: {}", difference(&upgraded, &expected));
+        // Tasks made after the update start above any token a deleted task of the old version
+        // reached (its retention noted none); a fresh install starts at 0.
+        let floor: Option<i64> =
+            client.query_one("SELECT max(token) FROM stageflow.lease_token_floor", &[]).unwrap().get(0);
+        assert_eq!(floor, Some(1 << 31), "from {version}");
     }
+    let floor: Option<i64> = fresh.query_one("SELECT max(token) FROM stageflow.lease_token_floor", &[]).unwrap().get(0);
+    assert_eq!(floor, None);
 }
 
 /// `(task_id, job_id, stage)` of the tasks 0.1.0's claim_tasks hands a worker.
