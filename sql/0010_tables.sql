@@ -206,23 +206,27 @@ CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job
 CREATE INDEX tasks_dead_letter_idx ON stageflow.tasks (failed_at DESC) WHERE failed_at IS NOT NULL;
 
 -- The token a task made from now on starts from (its first claim's is one more): the highest
--- token noted here (none: 0), one more than the highest lease token of any task retention has
--- deleted. Task ids are made from the job id, the stage and the key, so a job that retention
--- deleted and that is submitted again makes its tasks anew under the same ids (as does another
--- job whose id shares the first 16 hex digits); starting above every token the deleted tasks
--- handed out refuses the report of a worker still holding a lease of a deleted task.
--- Insert-only: each transaction that deletes task rows (a retention round, a resubmission
--- finishing a deletion) adds a row, so none waits for another's (one row updated by all would
--- make a round wait for an open transaction that resubmitted a job: deadlocks, and completions
--- waiting behind the round). Each retention round deletes the rows below the highest. A stage
--- created reads the highest once. It sees the note of its own ids' deletion: made by its own
--- transaction (_finish_job_deletion), or committed before _finish_job_deletion's delete of the
--- job's note in stageflow.deleted_jobs returned (that delete waits for the round holding the
--- note; READ COMMITTED reads the floor in a later statement; under REPEATABLE READ a deletion
--- committed after the snapshot makes that delete fail with 40001), or before the task-id probe
--- of _create_stage_tasks found no other job's tasks.
+-- token noted here (none: 0). Task ids are made from the job id, the stage and the key, so a job
+-- that retention deleted and that is submitted again makes its tasks anew under the same ids (as
+-- does another job whose id shares the first 16 hex digits); each transaction that deletes task
+-- rows (a retention round, a resubmission finishing a deletion) notes one more than the highest
+-- lease token among them, so a task made later never hands out a token a deleted task did, and
+-- the report of a worker still holding a lease of a deleted task is refused. (An update from
+-- 0.2.0, whose retention noted nothing, notes 2^31.)
+-- Insert-only: no transaction waits for another's note (one row updated by all would make a
+-- round wait for an open transaction that resubmitted a job: deadlocks, and completions waiting
+-- behind the round). Each retention round deletes the notes below the highest that no other
+-- round holds. The primary key is what a publication needs to replicate the deletes.
+-- A stage created reads the highest note once, and sees that of its own ids' deletion: made by
+-- its own transaction (_finish_job_deletion); or committed by a round before the resubmission's
+-- delete of the job's note in stageflow.deleted_jobs returned (it waits for the round that holds
+-- the note; READ COMMITTED reads the floor in a later statement; under REPEATABLE READ, tasks a
+-- round deleted after the snapshot make _finish_job_deletion's delete of the job's tasks fail
+-- with 40001); or committed before the task-id probe of _create_stage_tasks found no other job's
+-- tasks under the stage's ids.
 CREATE TABLE stageflow.lease_token_floor (
-    token  bigint NOT NULL CHECK (token >= 0)
+    note_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    token    bigint NOT NULL CHECK (token >= 0)
 );
 
 -- A claim of a task's last attempt leaves a note of its lease here; maintenance dead-letters the
@@ -304,6 +308,7 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events_event_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor_note_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.role_quotas', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.admissions', '');

@@ -221,10 +221,12 @@ BEGIN
         -- The floor's notes but the highest. (A note another round holds is skipped: that round
         -- keeps a note at least as high as any it deletes, and its deletions roll back with it.)
         DELETE FROM stageflow.lease_token_floor AS f
-         WHERE f.ctid IN (SELECT o.ctid FROM stageflow.lease_token_floor AS o
-                           ORDER BY o.token DESC OFFSET 1
-                             FOR UPDATE SKIP LOCKED);
+         WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
+                              ORDER BY o.token DESC OFFSET 1
+                                FOR UPDATE SKIP LOCKED);
     EXCEPTION WHEN OTHERS THEN
+        -- (what this part deleted was rolled back with it)
+        v_deleted := v_deleted || '{"tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0}'::jsonb;
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
     END;
 

@@ -26,23 +26,27 @@ $upgrade$;
 
 -- 2. The tables 0.3.0 adds.
 -- The token a task made from now on starts from (its first claim's is one more): the highest
--- token noted here (none: 0), one more than the highest lease token of any task retention has
--- deleted. Task ids are made from the job id, the stage and the key, so a job that retention
--- deleted and that is submitted again makes its tasks anew under the same ids (as does another
--- job whose id shares the first 16 hex digits); starting above every token the deleted tasks
--- handed out refuses the report of a worker still holding a lease of a deleted task.
--- Insert-only: each transaction that deletes task rows (a retention round, a resubmission
--- finishing a deletion) adds a row, so none waits for another's (one row updated by all would
--- make a round wait for an open transaction that resubmitted a job: deadlocks, and completions
--- waiting behind the round). Each retention round deletes the rows below the highest. A stage
--- created reads the highest once. It sees the note of its own ids' deletion: made by its own
--- transaction (_finish_job_deletion), or committed before _finish_job_deletion's delete of the
--- job's note in stageflow.deleted_jobs returned (that delete waits for the round holding the
--- note; READ COMMITTED reads the floor in a later statement; under REPEATABLE READ a deletion
--- committed after the snapshot makes that delete fail with 40001), or before the task-id probe
--- of _create_stage_tasks found no other job's tasks.
+-- token noted here (none: 0). Task ids are made from the job id, the stage and the key, so a job
+-- that retention deleted and that is submitted again makes its tasks anew under the same ids (as
+-- does another job whose id shares the first 16 hex digits); each transaction that deletes task
+-- rows (a retention round, a resubmission finishing a deletion) notes one more than the highest
+-- lease token among them, so a task made later never hands out a token a deleted task did, and
+-- the report of a worker still holding a lease of a deleted task is refused. (An update from
+-- 0.2.0, whose retention noted nothing, notes 2^31.)
+-- Insert-only: no transaction waits for another's note (one row updated by all would make a
+-- round wait for an open transaction that resubmitted a job: deadlocks, and completions waiting
+-- behind the round). Each retention round deletes the notes below the highest that no other
+-- round holds. The primary key is what a publication needs to replicate the deletes.
+-- A stage created reads the highest note once, and sees that of its own ids' deletion: made by
+-- its own transaction (_finish_job_deletion); or committed by a round before the resubmission's
+-- delete of the job's note in stageflow.deleted_jobs returned (it waits for the round that holds
+-- the note; READ COMMITTED reads the floor in a later statement; under REPEATABLE READ, tasks a
+-- round deleted after the snapshot make _finish_job_deletion's delete of the job's tasks fail
+-- with 40001); or committed before the task-id probe of _create_stage_tasks found no other job's
+-- tasks under the stage's ids.
 CREATE TABLE stageflow.lease_token_floor (
-    token  bigint NOT NULL CHECK (token >= 0)
+    note_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    token    bigint NOT NULL CHECK (token >= 0)
 );
 SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor', '');
 
@@ -81,6 +85,8 @@ CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job
 -- tokens start at 2^31, above any token a task of 0.2.0 reached (one a claim), so a worker still
 -- holding a lease of such a deleted task is refused. Tasks made by a fresh install start at 0.
 INSERT INTO stageflow.lease_token_floor (token) VALUES (2147483648);
+-- (and its identity's sequence, as 0010_tables.sql marks it: the table's dump mark is written above)
+SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor_note_id_seq', '');
 
 -- 4. The functions, views, roles, grants and built-in job types of 0.3.0.
 -- A stage's counters summed over its shards; running = started by claims - stopped.
@@ -3320,10 +3326,12 @@ BEGIN
         -- The floor's notes but the highest. (A note another round holds is skipped: that round
         -- keeps a note at least as high as any it deletes, and its deletions roll back with it.)
         DELETE FROM stageflow.lease_token_floor AS f
-         WHERE f.ctid IN (SELECT o.ctid FROM stageflow.lease_token_floor AS o
-                           ORDER BY o.token DESC OFFSET 1
-                             FOR UPDATE SKIP LOCKED);
+         WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
+                              ORDER BY o.token DESC OFFSET 1
+                                FOR UPDATE SKIP LOCKED);
     EXCEPTION WHEN OTHERS THEN
+        -- (what this part deleted was rolled back with it)
+        v_deleted := v_deleted || '{"tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0}'::jsonb;
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
     END;
 

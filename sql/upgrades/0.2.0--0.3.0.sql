@@ -32,5 +32,7 @@ CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job
 -- tokens start at 2^31, above any token a task of 0.2.0 reached (one a claim), so a worker still
 -- holding a lease of such a deleted task is refused. Tasks made by a fresh install start at 0.
 INSERT INTO stageflow.lease_token_floor (token) VALUES (2147483648);
+-- (and its identity's sequence, as 0010_tables.sql marks it: the table's dump mark is written above)
+SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor_note_id_seq', '');
 
 -- @definitions
