@@ -82,3 +82,12 @@ SET stageflow.retention = 'not an interval';
 DO $$ BEGIN
     ASSERT stageflow.run_maintenance() ? 'error';
 END $$;
+
+-- A round runs without JIT (what it runs are bounded batches, and JIT compiles a statement anew on
+-- every execution: an idle round with an unanalysed job_types table took 350-420 ms, 4 ms without).
+DO $$
+BEGIN
+    ASSERT (SELECT 'jit=off' = ANY (p.proconfig) FROM pg_proc AS p
+             WHERE p.oid = 'stageflow.run_maintenance(int)'::regprocedure), 'run_maintenance sets jit = off';
+END;
+$$;
