@@ -219,11 +219,14 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w WHERE w.job_id = d.job_id);
         END IF;
         -- The floor's notes but the highest. (A note another round holds is skipped: that round
-        -- keeps a note at least as high as any it deletes, and its deletions roll back with it.)
-        DELETE FROM stageflow.lease_token_floor AS f
-         WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
-                              ORDER BY o.token DESC OFFSET 1
-                                FOR UPDATE SKIP LOCKED);
+        -- keeps a note at least as high as any it deletes, and its deletions roll back with it.
+        -- A lone note is left unlocked: an idle round writes nothing here.)
+        IF (SELECT count(*) > 1 FROM stageflow.lease_token_floor) THEN
+            DELETE FROM stageflow.lease_token_floor AS f
+             WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
+                                  ORDER BY o.token DESC OFFSET 1
+                                    FOR UPDATE SKIP LOCKED);
+        END IF;
     EXCEPTION WHEN OTHERS THEN
         -- (what this part deleted was rolled back with it)
         v_deleted := v_deleted || '{"tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0}'::jsonb;

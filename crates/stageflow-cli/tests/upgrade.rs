@@ -97,11 +97,13 @@ fn every_recorded_version_upgrades_to_the_catalog_of_a_fresh_install() {
         assert_eq!(installed_version(&mut client), current);
         let upgraded = catalog(&mut client);
         assert!(upgraded == expected, "{version} -> {current}: {}", difference(&upgraded, &expected));
-        // Tasks made after the update start above any token a deleted task of the old version
-        // reached (its retention noted none); a fresh install starts at 0.
-        let floor: Option<i64> =
-            client.query_one("SELECT max(token) FROM stageflow.lease_token_floor", &[]).unwrap().get(0);
-        assert_eq!(floor, Some(1 << 31), "from {version}");
+        // Tasks made after the update start above any token a deleted task of a version before
+        // 0.3.0 reached (its retention noted none); a fresh install starts at 0.
+        if ["0.1.0", "0.2.0"].contains(&version.as_str()) {
+            let floor: Option<i64> =
+                client.query_one("SELECT max(token) FROM stageflow.lease_token_floor", &[]).unwrap().get(0);
+            assert_eq!(floor, Some(1 << 31), "from {version}");
+        }
     }
     let floor: Option<i64> = fresh.query_one("SELECT max(token) FROM stageflow.lease_token_floor", &[]).unwrap().get(0);
     assert_eq!(floor, None);
