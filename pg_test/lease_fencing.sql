@@ -120,7 +120,8 @@ END;
 $$;
 
 -- A failure made again by the same lease after its answer was lost reports the task as it is; a
--- failure from a lease that ended in the queue (released) is refused, not answered as recorded.
+-- failure from a lease that ended in the queue (released), or a repeat after another lease came,
+-- or from a worker that never held the task, is refused, not answered as recorded.
 SELECT stageflow.register_job_type('fenced_fail', $$
 {"retry": {"max_attempts": 3}, "stages": [{"name": "s", "handler": "f.s", "queue": "fenced_fail", "fan_out": "count", "param": "n"}]}
 $$);
@@ -129,6 +130,8 @@ DECLARE
     v_job    text := stageflow.submit_job('fenced_fail', '{"n": 2}');
     v_a      record;
     v_b      record;
+    v_c      record;
+    v_d      record;
     v_first  jsonb;
 BEGIN
     SELECT * INTO v_a FROM stageflow.claim_tasks('fenced_fail', 1, 60, 'A');
@@ -153,5 +156,36 @@ BEGIN
         NULL;
     END;
     ASSERT (SELECT status = 'queued' AND errors = '[]' FROM stageflow.tasks WHERE task_id = v_b.task_id);
+
+    -- A's task, queued for its retry, is claimed by C and released: A's repeat is no repeat any
+    -- more (another lease came since), and is refused (before: accepted, as A's tokens and error
+    -- were still the last the task recorded).
+    PERFORM set_config('stageflow.fake_now', '2030-01-01 01:00:00+00', true);
+    CREATE TEMP TABLE c_claims AS SELECT c.task_id, c.lease_token FROM stageflow.claim_tasks('fenced_fail', 2, 60, 'C') AS c;
+    SELECT * INTO v_c FROM c_claims AS c WHERE c.task_id = v_a.task_id;
+    ASSERT v_c.lease_token = v_a.lease_token + 1;
+    ASSERT stageflow.release_tasks((SELECT array_agg(task_id) FROM c_claims), 'C',
+                                   (SELECT array_agg(lease_token) FROM c_claims)) = 2;
+    BEGIN
+        PERFORM stageflow.fail_task(v_a.task_id, '{"message": "flaky"}', true, 'A', v_a.lease_token);
+        RAISE EXCEPTION 'a repeated failure from a lease that another claim followed must be refused';
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        NULL;
+    END;
+
+    -- A task that failed reports itself again, without a token, to the worker that held it and to
+    -- the psql form; another worker naming itself is refused (before: answered as if its own
+    -- failure had been recorded).
+    SELECT * INTO v_d FROM stageflow.claim_tasks('fenced_fail', 2, 60, 'D') AS c WHERE c.task_id = v_b.task_id;
+    ASSERT (stageflow.fail_task(v_b.task_id, '{"message": "bad input"}', false, 'D', v_d.lease_token)) ->> 'task_status' = 'failed';
+    ASSERT (stageflow.fail_task(v_b.task_id, '{"message": "bad input"}', false, 'D')) ->> 'task_status' = 'failed';
+    ASSERT (stageflow.fail_task(v_b.task_id, '{"message": "anything"}', false)) ->> 'task_status' = 'failed';
+    BEGIN
+        PERFORM stageflow.fail_task(v_b.task_id, '{"message": "never here"}', false, 'E');
+        RAISE EXCEPTION 'a failure from a worker that never held the task must be refused';
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        NULL;
+    END;
+    ASSERT (SELECT jsonb_array_length(errors) = 1 AND worker_id = 'D' FROM stageflow.tasks WHERE task_id = v_b.task_id);
 END;
 $$;

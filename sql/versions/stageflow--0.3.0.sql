@@ -2147,16 +2147,19 @@ BEGIN
     v_error := v_error || jsonb_build_object('category', v_category);
 
     -- A report made again after its answer was lost reports the task as it is (below): the last
-    -- error the task recorded is this one, from this lease. Without a token (the psql form), a
-    -- task that already failed or died reports itself again. Anything else not running, or
-    -- another lease's, is refused: a failure from a lease that was released, re-queued by
-    -- retry_job or dead-lettered while its holder worked is not recorded, and not answered as if
-    -- it had been.
+    -- error the task recorded is this one, from this lease, and no claim came since (the token is
+    -- still the task's). Without a token, a task that already failed or died reports itself
+    -- again to the worker that held it (with worker_id) or to the psql form (neither). Anything
+    -- else not running, or another lease's, is refused: a failure from a lease that was
+    -- released, re-queued by retry_job or dead-lettered while its holder worked is not recorded,
+    -- and not answered as if it had been.
     v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL
+                           AND v_row.lease_token = fail_task.lease_token
                            AND (v_row.status = 'queued' OR stageflow._task_has_failed(v_row.status))
                            AND (v_row.errors -> -1 ->> 'lease_token')::bigint = fail_task.lease_token
                            AND v_row.errors -> -1 -> 'error' = v_error THEN NULL
-                      WHEN fail_task.lease_token IS NULL AND stageflow._task_has_failed(v_row.status) THEN NULL
+                      WHEN fail_task.lease_token IS NULL AND stageflow._task_has_failed(v_row.status)
+                           AND (fail_task.worker_id IS NULL OR v_row.worker_id IS NOT DISTINCT FROM fail_task.worker_id) THEN NULL
                       ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);
