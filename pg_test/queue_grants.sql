@@ -85,3 +85,56 @@ BEGIN
     ASSERT (SELECT count(*) FROM stageflow.claim_tasks('granted_q', 5, 60, 'admin')) = 2;
 END;
 $$;
+
+-- A worker reports only tasks of the queues granted to it: another team's running task is refused
+-- (42501, with a hint) on every report path, with its lease token or with none, and nothing
+-- changes. (Before, the forms that name no lease took any running task: a worker of one team
+-- could complete, fail, release or keep alive another team's tasks.)
+SELECT set_config('qg.task', task_id, false), set_config('qg.token', lease_token::text, false)
+  FROM stageflow.tasks WHERE worker_id = 'admin' ORDER BY task_id LIMIT 1;
+SET SESSION AUTHORIZATION stageflow_qg_worker;
+DO $$
+DECLARE
+    v_task  text := current_setting('qg.task');
+    v_token bigint := current_setting('qg.token')::bigint;
+    v_call  text;
+BEGIN
+    FOREACH v_call IN ARRAY ARRAY[
+        format('SELECT stageflow.complete_task_and_check_stage(%L, %L)', v_task, '{"forged": true}'),
+        format('SELECT stageflow.complete_task_and_check_stage(%L, %L, %L, %s)', v_task, '{"forged": true}', 'admin', v_token),
+        format('SELECT stageflow.complete_tasks(%L)', jsonb_build_array(jsonb_build_object('task_id', v_task, 'result', '{}'::jsonb))),
+        format('SELECT stageflow.fail_task(%L, %L, false)', v_task, '{"message": "sabotage"}'),
+        format('SELECT stageflow.fail_task(%L, %L, false, %L, %s)', v_task, '{"message": "sabotage"}', 'admin', v_token),
+        format('SELECT count(*) FROM stageflow.heartbeat(ARRAY[%L], 604800)', v_task),
+        format('SELECT stageflow.release_tasks(ARRAY[%L])', v_task),
+        format('SELECT stageflow.release_tasks(ARRAY[%L], %L, ARRAY[%s::bigint])', v_task, 'admin', v_token)]
+    LOOP
+        BEGIN
+            EXECUTE v_call;
+            RAISE EXCEPTION 'a report on a task of a queue not granted must be refused: %', v_call;
+        EXCEPTION WHEN insufficient_privilege THEN
+            ASSERT SQLERRM = 'role stageflow_qg_worker may not report tasks of queue ''granted_q''', SQLERRM;
+        END;
+    END LOOP;
+END;
+$$;
+RESET SESSION AUTHORIZATION;
+DO $$
+BEGIN
+    ASSERT (SELECT status = 'running' AND worker_id = 'admin' AND result IS NULL AND errors = '[]'
+                   AND lease_expires_at < stageflow.now() + interval '1 hour'
+              FROM stageflow.tasks WHERE task_id = current_setting('qg.task')), 'the refused reports changed nothing';
+END;
+$$;
+-- Granted again, the worker reports its own task (the one it claimed above).
+SELECT stageflow.grant_queue('granted_q', 'stageflow_qg_team') ->> 'granted' AS granted;
+SELECT set_config('qg.own', task_id, false), set_config('qg.own_token', lease_token::text, false)
+  FROM stageflow.tasks WHERE worker_id = 'w';
+SET SESSION AUTHORIZATION stageflow_qg_worker;
+DO $$
+BEGIN
+    ASSERT (stageflow.complete_task_and_check_stage(current_setting('qg.own'), '{"ok": true}', 'w',
+                                                    current_setting('qg.own_token')::bigint)) ->> 'task_status' = 'completed';
+END;
+$$;
+RESET SESSION AUTHORIZATION;

@@ -5,7 +5,8 @@
 
 -- The running tasks among task_ids whose lease the caller holds, locked in task_id order:
 -- with lease_tokens (parallel to task_ids) the token must be the task's current one; else with
--- worker_id the holder must be that worker; with neither, any running task.
+-- worker_id the holder must be that worker; with neither, any running task. Only tasks of queues
+-- granted to the session's login (_check_report_grants: else 42501, nothing changed).
 CREATE FUNCTION stageflow._lock_leases(p_task_ids text[], p_worker_id text, p_lease_tokens bigint[])
 RETURNS SETOF stageflow.tasks
 LANGUAGE plpgsql
@@ -18,6 +19,7 @@ BEGIN
             MESSAGE = format('%s task ids but %s lease tokens', coalesce(cardinality(p_task_ids), 0), cardinality(p_lease_tokens)),
             HINT = 'pass one lease token per task id, in the same order (the lease_token claim_tasks returned)';
     END IF;
+    PERFORM stageflow._check_report_grants(p_task_ids);
     RETURN QUERY
     SELECT t.* FROM stageflow.tasks AS t
       JOIN unnest(p_task_ids, coalesce(p_lease_tokens, array_fill(NULL::bigint, ARRAY[cardinality(p_task_ids)])))

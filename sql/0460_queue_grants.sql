@@ -1,6 +1,41 @@
 -- Queue grants: a worker role claims only from the queues granted to it (or to a role it is a
--- member of); superusers and members of stageflow_admin claim from every queue. claim_tasks
--- checks them against the session's login.
+-- member of), and reports (completes, fails, heartbeats, releases) only tasks of those queues;
+-- superusers and members of stageflow_admin claim from and report on every queue. claim_tasks
+-- and stageflow._check_report_grants check them against the session's login.
+
+-- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
+-- before the report changes anything: without it, a worker of one team could complete, fail,
+-- release or keep alive another team's running tasks with the forms that name no lease (and
+-- guess the small tokens of the others). Called by every report path (_settle_completions,
+-- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
+CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_queue text;
+BEGIN
+    -- (Two statements: the first is an expression without a query, as in claim_tasks.)
+    IF stageflow._session_is_admin() THEN
+        RETURN;
+    END IF;
+    SELECT s.queue INTO v_queue
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+     WHERE t.task_id = ANY (p_task_ids)
+       AND NOT EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
+                         JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
+                        WHERE g.queue = s.queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'))
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+    END IF;
+END;
+$$;
 
 -- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
 -- what is granted already changes nothing. Returns {"queue", "role", "granted"}.

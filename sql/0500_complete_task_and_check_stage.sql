@@ -151,6 +151,8 @@ DECLARE
     v_shard_count int;
     r            record;
 BEGIN
+    -- Only tasks of queues granted to the session's login, checked before anything is locked.
+    PERFORM stageflow._check_report_grants(p_task_ids);
     IF cardinality(p_task_ids) > 1 THEN
         -- (every task named found: no task of another stage can turn up later in the call, a
         -- task's job and stage never change)

@@ -229,6 +229,8 @@ DECLARE
     v_retry_after  numeric;
     v_delay        numeric;
 BEGIN
+    -- Only a task of a queue granted to the session's login (before its lock is taken).
+    PERFORM stageflow._check_report_grants(ARRAY[fail_task.task_id]);
     -- The task row decides, under its lock (taken before its message, as every report does).
     SELECT * INTO v_row FROM stageflow.tasks AS t WHERE t.task_id = fail_task.task_id FOR UPDATE;
     IF NOT FOUND THEN

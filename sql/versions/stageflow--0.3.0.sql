@@ -556,7 +556,8 @@ $$;
 
 -- The running tasks among task_ids whose lease the caller holds, locked in task_id order:
 -- with lease_tokens (parallel to task_ids) the token must be the task's current one; else with
--- worker_id the holder must be that worker; with neither, any running task.
+-- worker_id the holder must be that worker; with neither, any running task. Only tasks of queues
+-- granted to the session's login (_check_report_grants: else 42501, nothing changed).
 CREATE FUNCTION stageflow._lock_leases(p_task_ids text[], p_worker_id text, p_lease_tokens bigint[])
 RETURNS SETOF stageflow.tasks
 LANGUAGE plpgsql
@@ -569,6 +570,7 @@ BEGIN
             MESSAGE = format('%s task ids but %s lease tokens', coalesce(cardinality(p_task_ids), 0), cardinality(p_lease_tokens)),
             HINT = 'pass one lease token per task id, in the same order (the lease_token claim_tasks returned)';
     END IF;
+    PERFORM stageflow._check_report_grants(p_task_ids);
     RETURN QUERY
     SELECT t.* FROM stageflow.tasks AS t
       JOIN unnest(p_task_ids, coalesce(p_lease_tokens, array_fill(NULL::bigint, ARRAY[cardinality(p_task_ids)])))
@@ -2099,6 +2101,8 @@ DECLARE
     v_retry_after  numeric;
     v_delay        numeric;
 BEGIN
+    -- Only a task of a queue granted to the session's login (before its lock is taken).
+    PERFORM stageflow._check_report_grants(ARRAY[fail_task.task_id]);
     -- The task row decides, under its lock (taken before its message, as every report does).
     SELECT * INTO v_row FROM stageflow.tasks AS t WHERE t.task_id = fail_task.task_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -2444,8 +2448,43 @@ $$;
 /* <begin connected objects> */
 -- src/lib.rs:57
 -- Queue grants: a worker role claims only from the queues granted to it (or to a role it is a
--- member of); superusers and members of stageflow_admin claim from every queue. claim_tasks
--- checks them against the session's login.
+-- member of), and reports (completes, fails, heartbeats, releases) only tasks of those queues;
+-- superusers and members of stageflow_admin claim from and report on every queue. claim_tasks
+-- and stageflow._check_report_grants check them against the session's login.
+
+-- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
+-- before the report changes anything: without it, a worker of one team could complete, fail,
+-- release or keep alive another team's running tasks with the forms that name no lease (and
+-- guess the small tokens of the others). Called by every report path (_settle_completions,
+-- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
+CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_queue text;
+BEGIN
+    -- (Two statements: the first is an expression without a query, as in claim_tasks.)
+    IF stageflow._session_is_admin() THEN
+        RETURN;
+    END IF;
+    SELECT s.queue INTO v_queue
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+     WHERE t.task_id = ANY (p_task_ids)
+       AND NOT EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
+                         JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
+                        WHERE g.queue = s.queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'))
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+    END IF;
+END;
+$$;
 
 -- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
 -- what is granted already changes nothing. Returns {"queue", "role", "granted"}.
@@ -2662,6 +2701,8 @@ DECLARE
     v_shard_count int;
     r            record;
 BEGIN
+    -- Only tasks of queues granted to the session's login, checked before anything is locked.
+    PERFORM stageflow._check_report_grants(p_task_ids);
     IF cardinality(p_task_ids) > 1 THEN
         -- (every task named found: no task of another stage can turn up later in the call, a
         -- task's job and stage never change)
