@@ -72,8 +72,17 @@ extension_sql_file!(
 extension_sql_file!("../sql/0950_roles_and_grants.sql", name = "roles_and_grants", finalize);
 
 /// Parses JSON text that PostgreSQL produced (jsonb output), turning what serde_json cannot hold
-/// into errors with a SQLSTATE: nesting deeper than 128 levels, numbers beyond 64-bit floats.
+/// into errors with a SQLSTATE: nesting deeper than 128 levels, numbers beyond 64-bit floats, and
+/// numbers a 64-bit integer or float does not hold exactly (serde_json would round them: two
+/// different params would make one job id, and the job's params would not be what was submitted).
 pub(crate) fn parse_json(text: &str, what: &str) -> serde_json::Value {
+    if let Some(number) = inexact_number(text) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{what} holds the number {number}, which a 64-bit float does not hold exactly"),
+            "pass very large or very precise numbers as strings",
+        )
+    }
     serde_json::from_str(text).unwrap_or_else(|error| {
         let message = error.to_string();
         if message.contains("recursion limit") {
@@ -96,6 +105,107 @@ pub(crate) fn parse_json(text: &str, what: &str) -> serde_json::Value {
             )
         }
     })
+}
+
+/// The first number in JSON text (outside its strings) that serde_json would not hold exactly:
+/// not a 64-bit integer, and not a decimal whose 64-bit float prints back as the same number.
+fn inexact_number(text: &str) -> Option<&str> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' => i += 2,
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len() && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                let number = &text[start..i];
+                let exact = number.parse::<i64>().is_ok()
+                    || number.parse::<u64>().is_ok()
+                    || number.parse::<f64>().is_ok_and(|float| {
+                        // (out of range is parse_json's other error; -0 is 0)
+                        !float.is_finite()
+                            || decimal(number).is_some_and(|value| Some(value) == decimal(&float.to_string()))
+                    });
+                if !exact {
+                    return Some(number);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// A decimal number as (negative, significant digits without leading or trailing zeros, power of
+/// ten of the last digit); zero is (false, "", 0).
+fn decimal(number: &str) -> Option<(bool, String, i64)> {
+    let (negative, unsigned) = match number.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, number),
+    };
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (&unsigned[..at], unsigned[at + 1..].parse::<i64>().ok()?),
+        None => (unsigned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{whole}{fraction}");
+    let significant = digits.trim_start_matches('0');
+    if significant.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    let trimmed = significant.trim_end_matches('0');
+    let power = exponent - fraction.len() as i64 + (significant.len() - trimmed.len()) as i64;
+    Some((negative, trimmed.to_owned(), power))
+}
+
+#[cfg(test)]
+mod numbers {
+    use super::inexact_number;
+
+    #[test]
+    fn numbers_held_exactly_pass_and_rounded_ones_are_named() {
+        for exact in [
+            "1",
+            "-7",
+            "0",
+            "-0",
+            "1.50",
+            "0.1",
+            "2.5e3",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "0.30000000000000004",
+            "12.345678",
+            "1e300",
+            "100000000000000000000",
+        ] {
+            assert_eq!(inexact_number(&format!("{{\"a\": [{exact}]}}")), None, "{exact}");
+        }
+        for rounded in
+            ["12345678901234567890123", "0.1000000000000000000001", "3.14159265358979323846", "18446744073709551617"]
+        {
+            assert_eq!(inexact_number(&format!("{{\"a\": {rounded}}}")), Some(rounded));
+        }
+        assert_eq!(
+            inexact_number(r#"{"s": "12345678901234567890123 \" 0.1000000000000000000001", "n": 2}"#),
+            None,
+            "numbers inside strings are text"
+        );
+    }
 }
 
 /// Raises an ERROR with a SQLSTATE, a message and a hint. Never returns.

@@ -119,6 +119,8 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("params larger than 1 MiB", "SELECT stageflow.submit_job('planner', jsonb_build_object('blob', repeat('x', 1100000)))", "54000", "more than the limit of 1048576"),
         case("params nested 200 levels deep", format!("SELECT stageflow.submit_job('planner', '{{\"deep\": {deep}}}')"), "54000", "nested more than 128 levels"),
         case("params with a number beyond a 64-bit float", "SELECT stageflow.submit_job('planner', '{\"big\": 1e400}')", "22023", "outside the range"),
+        case("params with an integer a 64-bit float would round", "SELECT stageflow.submit_job('planner', '{\"acct\": 12345678901234567890123}')", "22023", "does not hold exactly"),
+        case("params with a decimal a 64-bit float would round", "SELECT stageflow.submit_job('planner', '{\"x\": 0.1000000000000000000001}')", "22023", "does not hold exactly"),
         refused_by_postgres("params with NaN", "SELECT stageflow.submit_job('hello_world', '{\"n\": NaN}')", "22P02", "invalid input syntax for type json"),
         refused_by_postgres("params with Infinity", "SELECT stageflow.submit_job('hello_world', '{\"n\": Infinity}')", "22P02", "invalid input syntax for type json"),
         case("a result larger than 8 MiB", format!("SELECT stageflow.complete_task_and_check_stage('{planner_task}', (SELECT jsonb_object_agg(g::text, md5(g::text)) FROM generate_series(1, 250000) AS g))"), "54000", "more than the limit of 8388608"),
