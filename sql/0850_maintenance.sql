@@ -336,174 +336,183 @@ DECLARE
     q            record;
     r            record;
 BEGIN
-    -- Due retries and expired leases with attempts left: their messages' visibility time came
-    -- since the last round (a claim, a heartbeat and a retry set it to the lease's end or when the
-    -- retry is due). Their queues' workers are woken and they are counted; claims take them. Each
-    -- queue's messages are read by visibility time from where the last round stopped, at most
-    -- max_rows a round (this wakes workers; it is not what dead-letters, see below).
-    FOR q IN
-        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
-    LOOP
-        BEGIN
-            -- (The cursor's position: a visibility time in microseconds since the epoch.)
-            SELECT timestamptz 'epoch' + c.position::bigint * interval '1 microsecond' INTO v_from_vt
-              FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
-            -- (A clock moved back, as tests move stageflow.fake_now, starts over from now.)
-            IF v_from_vt IS NULL OR v_from_vt > v_now THEN
-                v_from_vt := v_now - interval '1 hour';
-            END IF;
-            EXECUTE format('SELECT array_agg(w.msg_id), array_agg(w.task_id), max(w.vt) '
-                           'FROM (SELECT m.msg_id, m.vt, m.message ->> ''task_id'' AS task_id FROM pgmq.%I AS m '
-                           'WHERE m.vt > $1 AND m.vt <= $2 ORDER BY m.vt LIMIT $3) AS w',
-                           pgmq.format_table_name(q.queue, 'q'))
-               INTO v_msg_ids, v_task_ids, v_last_vt USING v_from_vt, v_now, max_rows;
-            INSERT INTO stageflow.maintenance_cursors AS c (name, position)
-            VALUES ('visible:' || q.queue,
-                    (extract(epoch FROM CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN v_now ELSE v_last_vt END)
-                     * 1000000)::bigint::text)
-            ON CONFLICT (name) DO UPDATE SET position = excluded.position;
-            IF v_msg_ids IS NOT NULL THEN
-                SELECT (count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now))::int,
-                       (count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now
-                                                AND t.attempt < t.max_attempts))::int
-                  INTO v_due, v_expired
-                  FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
-                  JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id;
-                v_released := v_released + v_due;
-                v_redeliver := v_redeliver + v_expired;
-                IF v_due + v_expired > 0 THEN
-                    PERFORM pg_notify('stageflow_tasks', q.queue);
-                END IF;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: visible messages of queue %s', q.queue), SQLERRM, SQLSTATE);
-        END;
-    END LOOP;
-
-    -- Expired notes of last attempts that no longer describe their task's lease (the task
-    -- completed, failed, was released or re-claimed, or is gone: the common case) are dropped in
-    -- one statement first, at most stageflow.retention_batch_size a round, oldest first (notes
-    -- another session holds skipped), so that the notes of a job type whose every claim is a last
-    -- attempt (max_attempts 1) do not pile up faster than the loop below goes through them.
+    IF run_maintenance.max_rows IS NULL OR run_maintenance.max_rows < 1 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be at least 1, got %s', coalesce(run_maintenance.max_rows::text, 'NULL')),
+            HINT = 'pass how many rows each step of the round may look at, e.g. 1000 (the default)';
+    END IF;
+    -- (A bad argument above is the caller's error; an error below is the round's, reported.)
     BEGIN
-        WITH stale AS (
-            SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
-             WHERE l.expires_at <= v_now
-               AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t
-                                WHERE t.task_id = l.task_id AND t.lease_token = l.lease_token AND t.status = 'running')
-             ORDER BY l.expires_at LIMIT stageflow._retention_batch_size()
-               FOR UPDATE OF l SKIP LOCKED
-        )
-        DELETE FROM stageflow.last_attempt_leases AS l USING stale
-         WHERE l.task_id = stale.task_id AND l.lease_token = stale.lease_token;
-    EXCEPTION WHEN OTHERS THEN
-        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: dropping stale last-attempt notes', SQLERRM, SQLSTATE);
-    END;
-
-    -- Expired last attempts and jobs past their deadline, one unit (a subtransaction) each: the
-    -- round's max_rows oldest notes of expired last attempts (last_attempt_leases) and its
-    -- max_rows earliest deadlines, gone through together in (job, stage, task) order, the order
-    -- in which a claim dead-letters and a batch of completions takes its stages' shards (taken in
-    -- any other order, a round holding one job's shards waited for a lower job's that a batch
-    -- held while the batch waited for the first: maintenance_racing_a_batch_of_two_jobs,
-    -- deadlines_racing_a_batch_of_two_jobs).
-    -- A note that no longer describes its task's lease (the task completed, failed, was released
-    -- or re-claimed, or its job is gone) is dropped; one whose lease a heartbeat extended follows
-    -- it; a task still running on the expired lease is dead-lettered, re-checked under its row
-    -- lock. A task whose row or message another session holds is left, with its note, to the next
-    -- round (a claim holding its message dead-letters it itself): waiting here, while holding the
-    -- shards of an earlier dead letter of the same stage, could deadlock with that claim. A job
-    -- past its deadline fails (_end_job).
-    FOR r IN
-        SELECT u.* FROM (
-            SELECT false AS deadline, t.job_id, t.stage, n.task_id, n.lease_token, t.attempt, t.max_attempts,
-                   t.msg_id, t.status, t.lease_expires_at, t.lease_token AS current_token, s.queue,
-                   NULL::timestamptz AS deadline_at, NULL::text AS timeout_seconds
-              FROM (SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
-                     WHERE l.expires_at <= v_now
-                     ORDER BY l.expires_at LIMIT max_rows
-                       FOR UPDATE SKIP LOCKED) AS n
-              LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
-              LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-            UNION ALL
-            SELECT true, d.job_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, d.deadline_at, d.timeout_seconds
-              FROM (SELECT j.job_id, j.deadline_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
-                      FROM stageflow.jobs AS j
-                     -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
-                     WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
-                     ORDER BY j.deadline_at LIMIT max_rows) AS d) AS u
-         ORDER BY u.job_id, u.deadline, u.stage, u.task_id
-    LOOP
-        IF r.deadline THEN
+        -- Due retries and expired leases with attempts left: their messages' visibility time came
+        -- since the last round (a claim, a heartbeat and a retry set it to the lease's end or when the
+        -- retry is due). Their queues' workers are woken and they are counted; claims take them. Each
+        -- queue's messages are read by visibility time from where the last round stopped, at most
+        -- max_rows a round (this wakes workers; it is not what dead-letters, see below).
+        FOR q IN
+            SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+        LOOP
             BEGIN
-                IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
-                       'type', 'job_timeout', 'category', 'permanent',
-                       'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
-                                         r.timeout_seconds)), v_now) THEN
-                    v_timed_out := v_timed_out + 1;
+                -- (The cursor's position: a visibility time in microseconds since the epoch.)
+                SELECT timestamptz 'epoch' + c.position::bigint * interval '1 microsecond' INTO v_from_vt
+                  FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
+                -- (A clock moved back, as tests move stageflow.fake_now, starts over from now.)
+                IF v_from_vt IS NULL OR v_from_vt > v_now THEN
+                    v_from_vt := v_now - interval '1 hour';
                 END IF;
-            EXCEPTION WHEN OTHERS THEN
-                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: failing job %s past its deadline', r.job_id), SQLERRM, SQLSTATE);
-            END;
-            CONTINUE;
-        END IF;
-        BEGIN
-            IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
-                DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
-            ELSIF r.lease_expires_at > v_now THEN
-                UPDATE stageflow.last_attempt_leases AS l SET expires_at = r.lease_expires_at
-                 WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
-            ELSE
-                PERFORM 1 FROM stageflow.tasks AS t
-                  WHERE t.task_id = r.task_id AND t.lease_token = r.lease_token AND t.status = 'running'
-                    AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
-                    FOR UPDATE SKIP LOCKED;
-                IF FOUND THEN
-                    EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
-                                   'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
-                                   pgmq.format_table_name(r.queue, 'q'))
-                       INTO v_busy USING r.msg_id;
-                    IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
-                        v_dead := v_dead + 1;
-                        DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+                EXECUTE format('SELECT array_agg(w.msg_id), array_agg(w.task_id), max(w.vt) '
+                               'FROM (SELECT m.msg_id, m.vt, m.message ->> ''task_id'' AS task_id FROM pgmq.%I AS m '
+                               'WHERE m.vt > $1 AND m.vt <= $2 ORDER BY m.vt LIMIT $3) AS w',
+                               pgmq.format_table_name(q.queue, 'q'))
+                   INTO v_msg_ids, v_task_ids, v_last_vt USING v_from_vt, v_now, max_rows;
+                INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+                VALUES ('visible:' || q.queue,
+                        (extract(epoch FROM CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN v_now ELSE v_last_vt END)
+                         * 1000000)::bigint::text)
+                ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+                IF v_msg_ids IS NOT NULL THEN
+                    SELECT (count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now))::int,
+                           (count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now
+                                                    AND t.attempt < t.max_attempts))::int
+                      INTO v_due, v_expired
+                      FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
+                      JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id;
+                    v_released := v_released + v_due;
+                    v_redeliver := v_redeliver + v_expired;
+                    IF v_due + v_expired > 0 THEN
+                        PERFORM pg_notify('stageflow_tasks', q.queue);
                     END IF;
                 END IF;
-            END IF;
+            EXCEPTION WHEN OTHERS THEN
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: visible messages of queue %s', q.queue), SQLERRM, SQLSTATE);
+            END;
+        END LOOP;
+
+        -- Expired notes of last attempts that no longer describe their task's lease (the task
+        -- completed, failed, was released or re-claimed, or is gone: the common case) are dropped in
+        -- one statement first, at most stageflow.retention_batch_size a round, oldest first (notes
+        -- another session holds skipped), so that the notes of a job type whose every claim is a last
+        -- attempt (max_attempts 1) do not pile up faster than the loop below goes through them.
+        BEGIN
+            WITH stale AS (
+                SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
+                 WHERE l.expires_at <= v_now
+                   AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t
+                                    WHERE t.task_id = l.task_id AND t.lease_token = l.lease_token AND t.status = 'running')
+                 ORDER BY l.expires_at LIMIT stageflow._retention_batch_size()
+                   FOR UPDATE OF l SKIP LOCKED
+            )
+            DELETE FROM stageflow.last_attempt_leases AS l USING stale
+             WHERE l.task_id = stale.task_id AND l.lease_token = stale.lease_token;
         EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: dropping stale last-attempt notes', SQLERRM, SQLSTATE);
         END;
-    END LOOP;
 
-    -- The reconciler's next windows.
-    BEGIN
-        v_reconciled := stageflow._reconcile(max_rows);
-        v_errors := v_errors + coalesce((v_reconciled ->> 'errors')::int, 0);
-        v_reconciled := v_reconciled - 'errors';
+        -- Expired last attempts and jobs past their deadline, one unit (a subtransaction) each: the
+        -- round's max_rows oldest notes of expired last attempts (last_attempt_leases) and its
+        -- max_rows earliest deadlines, gone through together in (job, stage, task) order, the order
+        -- in which a claim dead-letters and a batch of completions takes its stages' shards (taken in
+        -- any other order, a round holding one job's shards waited for a lower job's that a batch
+        -- held while the batch waited for the first: maintenance_racing_a_batch_of_two_jobs,
+        -- deadlines_racing_a_batch_of_two_jobs).
+        -- A note that no longer describes its task's lease (the task completed, failed, was released
+        -- or re-claimed, or its job is gone) is dropped; one whose lease a heartbeat extended follows
+        -- it; a task still running on the expired lease is dead-lettered, re-checked under its row
+        -- lock. A task whose row or message another session holds is left, with its note, to the next
+        -- round (a claim holding its message dead-letters it itself): waiting here, while holding the
+        -- shards of an earlier dead letter of the same stage, could deadlock with that claim. A job
+        -- past its deadline fails (_end_job).
+        FOR r IN
+            SELECT u.* FROM (
+                SELECT false AS deadline, t.job_id, t.stage, n.task_id, n.lease_token, t.attempt, t.max_attempts,
+                       t.msg_id, t.status, t.lease_expires_at, t.lease_token AS current_token, s.queue,
+                       NULL::timestamptz AS deadline_at, NULL::text AS timeout_seconds
+                  FROM (SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
+                         WHERE l.expires_at <= v_now
+                         ORDER BY l.expires_at LIMIT max_rows
+                           FOR UPDATE SKIP LOCKED) AS n
+                  LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
+                  LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+                UNION ALL
+                SELECT true, d.job_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, d.deadline_at, d.timeout_seconds
+                  FROM (SELECT j.job_id, j.deadline_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
+                          FROM stageflow.jobs AS j
+                         -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
+                         WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
+                         ORDER BY j.deadline_at LIMIT max_rows) AS d) AS u
+             ORDER BY u.job_id, u.deadline, u.stage, u.task_id
+        LOOP
+            IF r.deadline THEN
+                BEGIN
+                    IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
+                           'type', 'job_timeout', 'category', 'permanent',
+                           'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
+                                             r.timeout_seconds)), v_now) THEN
+                        v_timed_out := v_timed_out + 1;
+                    END IF;
+                EXCEPTION WHEN OTHERS THEN
+                    v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: failing job %s past its deadline', r.job_id), SQLERRM, SQLSTATE);
+                END;
+                CONTINUE;
+            END IF;
+            BEGIN
+                IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
+                    DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+                ELSIF r.lease_expires_at > v_now THEN
+                    UPDATE stageflow.last_attempt_leases AS l SET expires_at = r.lease_expires_at
+                     WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+                ELSE
+                    PERFORM 1 FROM stageflow.tasks AS t
+                      WHERE t.task_id = r.task_id AND t.lease_token = r.lease_token AND t.status = 'running'
+                        AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
+                        FOR UPDATE SKIP LOCKED;
+                    IF FOUND THEN
+                        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
+                                       'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
+                                       pgmq.format_table_name(r.queue, 'q'))
+                           INTO v_busy USING r.msg_id;
+                        IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
+                            v_dead := v_dead + 1;
+                            DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+                        END IF;
+                    END IF;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
+            END;
+        END LOOP;
+
+        -- The reconciler's next windows.
+        BEGIN
+            v_reconciled := stageflow._reconcile(max_rows);
+            v_errors := v_errors + coalesce((v_reconciled ->> 'errors')::int, 0);
+            v_reconciled := v_reconciled - 'errors';
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: reconciling', SQLERRM, SQLSTATE);
+        END;
+
+        -- Retention (stageflow._prune): bounded batches of finished jobs past the retention and of
+        -- their rows, archived messages and orphaned webhook deliveries. (A setting that is not an
+        -- interval fails the round: it is the operator's to fix, not a unit's.)
+        -- With retention off (NULL) nothing more is deleted, but the jobs already deleted are drained.
+        v_retention := stageflow._retention();
+        BEGIN
+            v_pruned := stageflow._prune(max_rows, v_retention);
+            v_errors := v_errors + coalesce((v_pruned ->> 'errors')::int, 0);
+            v_pruned := v_pruned - 'errors';
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
+        END;
+
+        RETURN jsonb_build_object(
+            'retries_released', v_released, 'leases_expired', v_redeliver, 'dead_lettered', v_dead,
+            'jobs_timed_out', v_timed_out, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
+            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
     EXCEPTION WHEN OTHERS THEN
-        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: reconciling', SQLERRM, SQLSTATE);
+        GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+        RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
+        RETURN jsonb_build_object('error', jsonb_build_object('message', v_error_message, 'sqlstate', v_error_state));
     END;
-
-    -- Retention (stageflow._prune): bounded batches of finished jobs past the retention and of
-    -- their rows, archived messages and orphaned webhook deliveries. (A setting that is not an
-    -- interval fails the round: it is the operator's to fix, not a unit's.)
-    -- With retention off (NULL) nothing more is deleted, but the jobs already deleted are drained.
-    v_retention := stageflow._retention();
-    BEGIN
-        v_pruned := stageflow._prune(max_rows, v_retention);
-        v_errors := v_errors + coalesce((v_pruned ->> 'errors')::int, 0);
-        v_pruned := v_pruned - 'errors';
-    EXCEPTION WHEN OTHERS THEN
-        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
-    END;
-
-    RETURN jsonb_build_object(
-        'retries_released', v_released, 'leases_expired', v_redeliver, 'dead_lettered', v_dead,
-        'jobs_timed_out', v_timed_out, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
-        'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
-EXCEPTION WHEN OTHERS THEN
-    GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-    RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
-    RETURN jsonb_build_object('error', jsonb_build_object('message', v_error_message, 'sqlstate', v_error_state));
 END;
 $$;
 

@@ -134,6 +134,8 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("cancelling an unknown job", "SELECT stageflow.cancel_job('nope')", "42704", "unknown job"),
         case("retrying an unknown job", "SELECT stageflow.retry_job('nope')", "42704", "unknown job"),
         case("listing zero dead letters", "SELECT * FROM stageflow.dead_letters(0)", "22023", "max_rows"),
+        case("a maintenance round of no rows", "SELECT stageflow.run_maintenance(0)", "22023", "max_rows must be at least 1, got 0"),
+        case("a maintenance round of NULL rows", "SELECT stageflow.run_maintenance(NULL)", "22023", "max_rows must be at least 1, got NULL"),
         case("a heartbeat with a NULL lease", format!("SELECT * FROM stageflow.heartbeat(ARRAY['{planner_task}'], NULL)"), "22023", "lease_seconds"),
         case("a job type name with a quote and a semicolon", "SELECT stageflow.register_job_type('x''; DROP TABLE stageflow.jobs; --', '{\"stages\": [{\"name\": \"a\", \"handler\": \"h\"}]}')", "42602", "invalid job type name"),
         case("a stage name with a quote", "SELECT stageflow.register_job_type('t', '{\"stages\": [{\"name\": \"a''b\", \"handler\": \"h\"}]}')", "22023", "definition.stages[0].name"),
