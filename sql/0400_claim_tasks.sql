@@ -191,12 +191,9 @@ BEGIN
     END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
     -- a superuser or a member of stageflow_admin (stageflow.grant_queue). (Asked in that order, in
-    -- two statements: the first is an expression without a query, which PL/pgSQL evaluates without
-    -- starting the executor; as one expression, the grants' query ran for every claim.)
+    -- two statements: as one expression, the grants' query ran for every claim.)
     IF NOT stageflow._session_is_admin() THEN
-        IF NOT EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
-                         JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
-                        WHERE g.queue = claim_tasks.queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER')) THEN
+        IF NOT stageflow._queue_granted_to_session(claim_tasks.queue) THEN
             RAISE EXCEPTION USING
                 ERRCODE = '42501',
                 MESSAGE = format('role %s may not claim tasks from queue %L', session_user, claim_tasks.queue),

@@ -771,12 +771,9 @@ BEGIN
     END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
     -- a superuser or a member of stageflow_admin (stageflow.grant_queue). (Asked in that order, in
-    -- two statements: the first is an expression without a query, which PL/pgSQL evaluates without
-    -- starting the executor; as one expression, the grants' query ran for every claim.)
+    -- two statements: as one expression, the grants' query ran for every claim.)
     IF NOT stageflow._session_is_admin() THEN
-        IF NOT EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
-                         JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
-                        WHERE g.queue = claim_tasks.queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER')) THEN
+        IF NOT stageflow._queue_granted_to_session(claim_tasks.queue) THEN
             RAISE EXCEPTION USING
                 ERRCODE = '42501',
                 MESSAGE = format('role %s may not claim tasks from queue %L', session_user, claim_tasks.queue),
@@ -2199,6 +2196,21 @@ $$;
 -- superusers and members of stageflow_admin claim from and report on every queue. claim_tasks
 -- and stageflow._check_report_grants check them against the session's login.
 
+-- Whether p_queue is granted to the session's login or to a role it is a member of: the grant
+-- rule of claims (claim_tasks) and reports (_check_report_grants), each of which first exempts
+-- superusers and members of stageflow_admin (stageflow._session_is_admin(), asked alone: an
+-- expression without a query, which PL/pgSQL evaluates without starting the executor).
+CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
+                     JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
+                    WHERE g.queue = p_queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'));
+END;
+$$;
 -- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
 -- before the report changes anything: without it, a worker of one team could complete, fail,
 -- release or keep alive another team's running tasks with the forms that name no lease (and
@@ -2212,24 +2224,23 @@ AS $$
 DECLARE
     v_queue text;
 BEGIN
-    -- (Two statements: the first is an expression without a query, as in claim_tasks.)
     IF stageflow._session_is_admin() THEN
         RETURN;
     END IF;
-    SELECT s.queue INTO v_queue
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-     WHERE t.task_id = ANY (p_task_ids)
-       AND NOT EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
-                         JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
-                        WHERE g.queue = s.queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'))
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42501',
-            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
-            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
-    END IF;
+    FOR v_queue IN
+        SELECT DISTINCT s.queue
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         WHERE t.task_id = ANY (p_task_ids)
+         ORDER BY s.queue
+    LOOP
+        IF NOT stageflow._queue_granted_to_session(v_queue) THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '42501',
+                MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+                HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+        END IF;
+    END LOOP;
 END;
 $$;
 -- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
