@@ -220,6 +220,31 @@ pub fn state_digest(client: &mut Client) -> String {
     digest
 }
 
+/// The randomized tests' seeds and duration: `STAGEFLOW_TORTURE_SEEDS`, a comma-separated list of
+/// integers (default 1,2,3), and `STAGEFLOW_TORTURE_SECONDS` (default 20).
+pub fn torture_seeds_and_seconds() -> (Vec<u64>, u64) {
+    let seeds = match std::env::var("STAGEFLOW_TORTURE_SEEDS") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim().parse().unwrap_or_else(|_| {
+                    panic!("STAGEFLOW_TORTURE_SEEDS: {s:?} is not a seed (a comma-separated list of integers)")
+                })
+            })
+            .collect(),
+        _ => vec![1, 2, 3],
+    };
+    let seconds = match std::env::var("STAGEFLOW_TORTURE_SECONDS") {
+        Ok(s) if !s.trim().is_empty() => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("STAGEFLOW_TORTURE_SECONDS: {s:?} is not a whole number of seconds")),
+        _ => 20,
+    };
+    (seeds, seconds)
+}
+
 /// A small deterministic generator (splitmix64) for the randomized tests: a seed replays the same
 /// choices, one independent stream per (seed, stream), e.g. one per thread.
 pub struct Rng(u64);

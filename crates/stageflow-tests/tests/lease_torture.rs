@@ -1450,32 +1450,9 @@ fn summary_line(run: &SeedRun) -> String {
     )
 }
 
-fn seeds_and_seconds() -> (Vec<u64>, u64) {
-    let seeds = match std::env::var("STAGEFLOW_TORTURE_SEEDS") {
-        Ok(list) if !list.trim().is_empty() => list
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                s.trim().parse().unwrap_or_else(|_| {
-                    panic!("STAGEFLOW_TORTURE_SEEDS: {s:?} is not a seed (a comma-separated list of integers)")
-                })
-            })
-            .collect(),
-        _ => vec![1, 2, 3],
-    };
-    let seconds = match std::env::var("STAGEFLOW_TORTURE_SECONDS") {
-        Ok(s) if !s.trim().is_empty() => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("STAGEFLOW_TORTURE_SECONDS: {s:?} is not a whole number of seconds")),
-        _ => 20,
-    };
-    (seeds, seconds)
-}
-
 #[test]
 fn leases_hold_under_randomized_torture() {
-    let (seeds, seconds) = seeds_and_seconds();
+    let (seeds, seconds) = torture_seeds_and_seconds();
     let mut runs = Vec::new();
     for seed in seeds {
         runs.push(run_seed(seed, seconds));

@@ -51,22 +51,6 @@ const REFUSALS: [&str; 2] = ["55000", "42704"];
 /// Conflicts a caller makes its call again for (counted, not failures).
 const CONFLICTS: [&str; 2] = ["40P01", "40001"];
 
-fn seeds_and_seconds() -> (Vec<u64>, u64) {
-    let seeds = match std::env::var("STAGEFLOW_TORTURE_SEEDS") {
-        Ok(list) if !list.trim().is_empty() => list
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse().expect("STAGEFLOW_TORTURE_SEEDS: a comma-separated list of integers"))
-            .collect(),
-        _ => vec![1, 2, 3],
-    };
-    let seconds = match std::env::var("STAGEFLOW_TORTURE_SECONDS") {
-        Ok(s) if !s.trim().is_empty() => s.trim().parse().expect("STAGEFLOW_TORTURE_SECONDS: a whole number"),
-        _ => 20,
-    };
-    (seeds, seconds)
-}
-
 #[derive(Default)]
 struct Seen {
     /// Every claim: (task id, lease token) -> how many claims got it.
@@ -274,7 +258,7 @@ fn maintenance(url: String, seed: u64, stop: Arc<AtomicBool>, seen: Arc<Mutex<Se
 
 #[test]
 fn tokens_are_never_handed_out_twice_while_retention_deletes_the_same_work_again_and_again() {
-    let (seeds, seconds) = seeds_and_seconds();
+    let (seeds, seconds) = torture_seeds_and_seconds();
     for seed in seeds {
         let url = fresh_database(&format!("retention_torture_{seed}"));
         let mut client = connect(&url);
