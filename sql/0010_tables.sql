@@ -287,6 +287,29 @@ CREATE TABLE stageflow.admissions (
     PRIMARY KEY (owner, tenant)
 );
 
+-- A stage of more tasks than stageflow.message_window has messages for one window of them at a
+-- time; this row says which tasks have none yet (ordinal >= next_ordinal). Each task row holds its
+-- message's id from the start (taken from the queue's sequence, in task order, when the stage is
+-- made), so sending a window inserts messages and changes no task. The next window is sent by a
+-- claim that reads a message of the second half of the last window sent (msg_ids refill_at ..
+-- sent_up_to), or that reads fewer messages than it asked for (stageflow._send_next_window); the
+-- row goes once every task has its message, or the job ended. Locks on it never wait (SKIP
+-- LOCKED), but retention's, which deletes it with its stage.
+CREATE TABLE stageflow.message_windows (
+    job_id        text COLLATE "C" NOT NULL,
+    stage         int NOT NULL,
+    queue         text NOT NULL,
+    next_ordinal  int NOT NULL,
+    task_count    int NOT NULL,
+    refill_at     bigint NOT NULL,
+    sent_up_to    bigint NOT NULL,
+    created_at    timestamptz NOT NULL,
+    PRIMARY KEY (job_id, stage),
+    FOREIGN KEY (job_id, stage) REFERENCES stageflow.stages (job_id, stage) ON DELETE CASCADE,
+    CHECK (next_ordinal BETWEEN 0 AND task_count)
+);
+CREATE INDEX message_windows_queue_idx ON stageflow.message_windows (queue, created_at, job_id, stage);
+
 -- Where maintenance's reconciler left off in its walk over the tasks (name 'tasks', a task_id)
 -- and over each queue's messages (name 'queue:<queue>', a msg_id): each round looks at the next
 -- max_rows of them, so a full pass is bounded per round whatever the tables' sizes.
@@ -307,6 +330,7 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.events', '');
 -- (and the identity's sequence: restored rows keep their ids, new ones must not reuse them)
 SELECT pg_catalog.pg_extension_config_dump('stageflow.events_event_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.maintenance_cursors', '');
+SELECT pg_catalog.pg_extension_config_dump('stageflow.message_windows', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor_note_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');

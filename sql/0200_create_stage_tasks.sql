@@ -1,5 +1,6 @@
 -- Creates stage p_stage of a job: its stages row, all its task rows in one INSERT, and one message
--- per task in one pgmq.send_batch. Returns the number of tasks (0 for an empty fan-out, in which case
+-- per task in one pgmq.send_batch (for a stage of more than stageflow.message_window tasks, the
+-- messages of its first window, the rest later: stageflow.message_windows). Returns the number of tasks (0 for an empty fan-out, in which case
 -- the stage is created already completed). Called only by submit_job and advance_stage, which hold
 -- the job's row lock (advance) or have just inserted the job (submit). The job's quotas are
 -- checked before anything is inserted (_check_quota).
@@ -36,6 +37,104 @@ AS $$
                 ELSE p_params END
 $$;
 
+-- How many of a stage's tasks get their messages at once (stageflow.message_window): a stage of
+-- more sends the rest in windows (stageflow.message_windows).
+CREATE FUNCTION stageflow._message_window()
+RETURNS int
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT greatest(coalesce(nullif(current_setting('stageflow.message_window', true), '')::int, 10000), 1)
+$$;
+
+-- Sends the messages of a stage's queued tasks of ordinals p_from .. p_upto - 1, visible from
+-- p_vt, each with the msg_id its task row holds; a message of that id that exists already is left
+-- as it is (retry_job sends the tasks it opens again messages of their own, under new ids), and a
+-- task no longer queued gets none. Returns how many it sent. Never waits for a lock: the ids were
+-- taken from the queue's sequence for these tasks, so no other session inserts them.
+CREATE FUNCTION stageflow._send_stage_messages(p_job_id text, p_stage int, p_queue text, p_from int, p_upto int,
+                                               p_vt timestamptz)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sent int;
+BEGIN
+    EXECUTE format(
+        'WITH sent AS ('
+        '  INSERT INTO pgmq.%I AS m (msg_id, vt, message) OVERRIDING SYSTEM VALUE'
+        '  SELECT t.msg_id, $5, jsonb_build_object(''task_id'', t.task_id) FROM stageflow.tasks AS t'
+        '   WHERE stageflow._is_task_of_job(t.job_id, $1) AND t.stage = $2 AND t.ordinal >= $3 AND t.ordinal < $4'
+        '     AND t.status = ''queued'''
+        '   ORDER BY t.ordinal'
+        '  ON CONFLICT (msg_id) DO NOTHING RETURNING 1) '
+        'SELECT count(*) FROM sent', pgmq.format_table_name(p_queue, 'q'))
+       INTO v_sent USING p_job_id, p_stage, p_from, p_upto, p_vt;
+    RETURN v_sent;
+END;
+$$;
+
+-- The msg_id the task of that ordinal holds: where a window's refill point is.
+CREATE FUNCTION stageflow._msg_id_of(p_job_id text, p_stage int, p_ordinal int)
+RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.msg_id FROM stageflow.tasks AS t
+     WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage AND t.ordinal = p_ordinal
+$$;
+
+-- Sends the next window of the oldest stage on p_queue that is due one (a claim read msg_ids
+-- p_read_from .. p_read_to, a range that reaches into the second half of the stage's last window;
+-- any such stage when NULL: a claim found the queue short), its messages visible from p_vt. A stage another session is sending for is skipped
+-- (SKIP LOCKED: this never waits); a stage of a job that ended gets no more (its row goes); a
+-- window of which no task is still queued moves on to the next. Returns how many messages it sent.
+CREATE FUNCTION stageflow._send_next_window(p_queue text, p_vt timestamptz, p_read_from bigint DEFAULT NULL,
+                                             p_read_to bigint DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    w       stageflow.message_windows;
+    v_size  int := stageflow._message_window();
+    v_upto  int;
+    v_sent  int;
+BEGIN
+    LOOP
+        SELECT * INTO w FROM stageflow.message_windows AS mw
+         WHERE mw.queue = p_queue
+           AND (p_read_from IS NULL OR (mw.refill_at <= p_read_to AND p_read_from <= mw.sent_up_to))
+         ORDER BY mw.created_at, mw.job_id, mw.stage
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN 0;
+        END IF;
+        IF NOT stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = w.job_id)) THEN
+            DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+            CONTINUE;
+        END IF;
+        v_upto := least(w.next_ordinal::bigint + v_size, w.task_count)::int;
+        v_sent := stageflow._send_stage_messages(w.job_id, w.stage, w.queue, w.next_ordinal, v_upto, p_vt);
+        IF v_upto = w.task_count THEN
+            DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+        ELSE
+            UPDATE stageflow.message_windows AS mw
+               SET next_ordinal = v_upto,
+                   refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal + (v_upto - w.next_ordinal) / 2),
+                   sent_up_to = stageflow._msg_id_of(w.job_id, w.stage, v_upto - 1)
+             WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+        END IF;
+        IF v_sent > 0 THEN
+            PERFORM pg_notify('stageflow_tasks', p_queue);
+            RETURN v_sent;
+        END IF;
+    END LOOP;
+END;
+$$;
+
 CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int, p_catch boolean DEFAULT false,
                                               OUT created int, OUT failure jsonb)
 LANGUAGE plpgsql
@@ -57,6 +156,8 @@ DECLARE
     v_matched     int;
     v_duplicate   text;
     v_first_token bigint;
+    v_sequence    regclass;
+    v_window      int;
     -- the engine's clock, read once for the stage and all its tasks
     v_now         timestamptz := stageflow.now();
     v_message     text;
@@ -168,7 +269,33 @@ BEGIN
         -- (above the tokens of any deleted tasks that had these ids: stageflow.lease_token_floor)
         v_first_token := coalesce((SELECT max(f.token) FROM stageflow.lease_token_floor AS f), 0);
     END IF;
-    IF v_count > 0 AND v_fan_out = 'count' THEN
+    v_window := stageflow._message_window();
+    IF v_count > v_window THEN
+        -- A stage of more tasks than a window: every task row holds an id taken from the queue's
+        -- sequence (in task order), and only the first window's messages are sent now; the rest
+        -- go as claims find the queue short (stageflow._send_next_window).
+        v_sequence := pg_get_serial_sequence(format('pgmq.%I', pgmq.format_table_name(v_queue, 'q')), 'msg_id')::regclass;
+        IF v_fan_out = 'count' THEN
+            INSERT INTO stageflow.tasks
+                (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
+                 lease_token)
+            SELECT v_prefix || i, p_job_id, p_stage, i::text, i, '{}'::jsonb, NULL, v_inputs,
+                   (v_def -> 'retry' ->> 'max_attempts')::int, nextval(v_sequence), v_now, v_first_token
+              FROM generate_series(0, v_count - 1) AS i;
+        ELSE
+            INSERT INTO stageflow.tasks
+                (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
+                 lease_token)
+            SELECT v_prefix || u.key, p_job_id, p_stage, u.key, (u.n - 1)::int, u.params, u.pred, v_inputs,
+                   (v_def -> 'retry' ->> 'max_attempts')::int, nextval(v_sequence), v_now, v_first_token
+              FROM ROWS FROM (unnest(v_keys), unnest(v_params), unnest(v_preds)) WITH ORDINALITY AS u(key, params, pred, n);
+        END IF;
+        INSERT INTO stageflow.message_windows (job_id, stage, queue, next_ordinal, task_count, refill_at, sent_up_to, created_at)
+        VALUES (p_job_id, p_stage, v_queue, v_window, v_count,
+                stageflow._msg_id_of(p_job_id, p_stage, v_window / 2), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
+                v_now);
+        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window, clock_timestamp());
+    ELSIF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
              lease_token)
@@ -189,7 +316,7 @@ BEGIN
                                           ARRAY(SELECT jsonb_build_object('task_id', v_prefix || k)
                                                   FROM unnest(v_keys) AS k))) WITH ORDINALITY AS u(key, params, pred, msg_id, n);
     END IF;
-    IF v_count > 0 THEN
+    IF v_count > 0 AND v_sequence IS NULL THEN
         -- The zip by position stands on send_batch returning its ids in array order: checked at
         -- both ends of the stage (two index lookups), so that a pgmq that returned them otherwise
         -- fails the fan-out instead of pairing tasks with other tasks' messages.
@@ -201,6 +328,8 @@ BEGIN
             RAISE EXCEPTION 'stage % of job %: pgmq.send_batch did not return its message ids in array order',
                             p_stage, p_job_id;
         END IF;
+    END IF;
+    IF v_count > 0 THEN
         PERFORM pg_notify('stageflow_tasks', v_queue);
     END IF;
     created := v_count;

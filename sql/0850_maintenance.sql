@@ -600,6 +600,9 @@ BEGIN
           JOIN stageflow.jobs AS j ON j.job_id = t.job_id
          WHERE t.task_id = ANY (v_window) AND stageflow._task_is_open(t.status)
            AND stageflow._job_is_open(j.status)
+           -- (a task of a big stage whose window has not reached it has no message yet)
+           AND NOT EXISTS (SELECT 1 FROM stageflow.message_windows AS w
+                            WHERE w.job_id = t.job_id AND w.stage = t.stage AND t.ordinal >= w.next_ordinal)
          GROUP BY s.queue
     LOOP
         -- (a queue a restore or a DBA dropped comes back, empty: its tasks get messages below)

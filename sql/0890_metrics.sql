@@ -25,6 +25,13 @@ BEGIN
      CROSS JOIN LATERAL (VALUES (1, 'stageflow_queue_depth', q.queue_length::float8),
                                 (2, 'stageflow_queue_depth_visible', q.queue_visible_length::float8)) AS m(n, metric, value)
      ORDER BY q.queue_name, m.n;
+    -- Tasks of big stages whose messages are still to be sent (stageflow.message_windows): work a
+    -- queue's depth does not show yet.
+    RETURN QUERY
+    SELECT 'stageflow_tasks_unsent', jsonb_build_object('queue', w.queue), sum(w.task_count - w.next_ordinal)::float8
+      FROM stageflow.message_windows AS w
+     GROUP BY w.queue
+     ORDER BY w.queue;
 
     RETURN QUERY
     SELECT 'stageflow_jobs', jsonb_build_object('status', j.status), count(*)::float8

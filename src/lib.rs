@@ -30,6 +30,7 @@ pub extern "C-unwind" fn _PG_init() {
     maintenance::init();
     ownership::init();
     quotas::init();
+    queues::init();
     // No other stageflow.* setting can be made up: a typo is an error, and nobody can create a
     // placeholder for a setting the library defines later in the session.
     // SAFETY: called from _PG_init on the backend's one thread, with a static NUL-terminated name.

@@ -6,13 +6,32 @@
 //! The read takes the engine's clock (`stageflow.now()`) as an argument: a message is visible
 //! when its vt has passed by that clock, and a read message stays invisible until that clock
 //! plus the lease, the same instant the task's lease expires.
+//! It also defines `stageflow.message_window`: how many messages a big stage sends at a time.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
-use pgrx::{PgBuiltInOids, PgOid, PgSqlErrorCode};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgBuiltInOids, PgOid, PgSqlErrorCode};
+
+static MESSAGE_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// Defines `stageflow.message_window` (superuser only): how many of a stage's tasks get their
+/// messages when it is made, and how many more each time its queue runs low (read by SQL,
+/// `stageflow._message_window()`).
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"stageflow.message_window",
+        c"How many messages a stage's tasks get at once: when the stage is made, then each time a claim finds its queue short.",
+        c"A stage of more tasks sends the rest in windows of this size (stageflow.message_windows); the task rows are all made at once.",
+        &MESSAGE_WINDOW,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Statement {

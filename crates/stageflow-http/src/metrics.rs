@@ -9,6 +9,11 @@ use stageflow_client::Metric;
 /// family its name is, or starts with (`_visible`, `_sum`, `_count`: the family's other series).
 const FAMILIES: [(&str, &str, &str); 7] = [
     ("stageflow_queue_depth", "gauge", "Messages in a pgmq queue (visible: claimable now)."),
+    (
+        "stageflow_tasks_unsent",
+        "gauge",
+        "Tasks of big stages whose messages are still to be sent, per queue (stageflow.message_window).",
+    ),
     ("stageflow_jobs", "gauge", "Jobs by status."),
     ("stageflow_tasks", "gauge", "Tasks by status."),
     ("stageflow_dead_letters", "gauge", "Tasks that ended without a result (failed or dead)."),
@@ -60,6 +65,7 @@ mod tests {
             sample("stageflow_webhook_deliveries", &[("status", "pending")], 2.0),
             sample("stageflow_queue_depth", &[("queue", "default")], 3.0),
             sample("stageflow_queue_depth_visible", &[("queue", "default")], 1.0),
+            sample("stageflow_tasks_unsent", &[("queue", "default")], 7.0),
             sample("stageflow_tasks", &[("status", "queued")], 3.0),
             sample("stageflow_dead_letters", &[], 0.0),
             sample("stageflow_handler_tasks_total", &[("handler", "a\"b\\c\n"), ("outcome", "completed")], 5.0),
@@ -71,6 +77,9 @@ mod tests {
 # TYPE stageflow_queue_depth gauge
 stageflow_queue_depth{queue=\"default\"} 3
 stageflow_queue_depth_visible{queue=\"default\"} 1
+# HELP stageflow_tasks_unsent Tasks of big stages whose messages are still to be sent, per queue (stageflow.message_window).
+# TYPE stageflow_tasks_unsent gauge
+stageflow_tasks_unsent{queue=\"default\"} 7
 # HELP stageflow_jobs Jobs by status.
 # TYPE stageflow_jobs gauge
 # HELP stageflow_tasks Tasks by status.

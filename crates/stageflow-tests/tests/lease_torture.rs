@@ -8,6 +8,10 @@
 //! - `tort_b`: `plan` (count n, planner tasks) -> `work` (dynamic) -> `collect` (fan_in, with its
 //!   own `lease_seconds` of 2, which wins over the claim's).
 //!
+//! The database's `stageflow.message_window` is 3: a stage of more tasks has messages for 3 of
+//! them at a time, the next 3 sent by the claim that reads into the last window's second half or
+//! finds the queue short, while jobs are cancelled and retried around it.
+//!
 //! For `STAGEFLOW_TORTURE_SECONDS` (default 20) six workers claim with 1-second leases (a quarter
 //! of the claims inside a transaction committed up to 300 ms late), hold each task for a random
 //! time, sometimes longer than the lease, then complete it (one by one or with `complete_tasks`,
@@ -71,6 +75,8 @@ const WORKERS: usize = 6;
 const LEASE: i32 = 1;
 /// The lease of `tort_b`'s `collect` stage, which overrides the claim's.
 const COLLECT_LEASE: i32 = 2;
+/// `stageflow.message_window` in the torture's database.
+const MESSAGE_WINDOW: i32 = 3;
 const JOBS_AT_START: usize = 12;
 const JOBS_DURING_RUN: usize = 24;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1277,6 +1283,8 @@ struct SeedRun {
     counters: Counters,
     statuses: BTreeMap<String, i64>,
     task_statuses: String,
+    /// stages of more tasks than MESSAGE_WINDOW (their messages sent a window at a time)
+    windowed_stages: i64,
     samples: BTreeMap<String, String>,
     chaos: Duration,
     drain: Duration,
@@ -1284,6 +1292,11 @@ struct SeedRun {
 
 fn run_seed(seed: u64, seconds: u64) -> SeedRun {
     let url = fresh_database(&format!("lease_torture_{seed}"));
+    // Stages of more than 3 tasks get their messages 3 at a time (stageflow.message_windows), sent
+    // by the claims as they go; smaller ones all at once.
+    connect(&url)
+        .batch_execute(&format!("ALTER DATABASE lease_torture_{seed} SET stageflow.message_window = {MESSAGE_WINDOW}"))
+        .unwrap();
     let shared = Arc::new(Shared::default());
     let mut admin = Session::new(&url, "admin", Rng::new(seed, 0), "", shared.clone());
     register(&mut admin.client, "tort_a", TYPE_A);
@@ -1358,11 +1371,18 @@ fn run_seed(seed: u64, seconds: u64) -> SeedRun {
         .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1)))
         .collect();
 
+    let windowed_stages: i64 = admin
+        .client
+        .query_one("SELECT count(*) FROM stageflow.stages WHERE task_count > $1", &[&MESSAGE_WINDOW])
+        .unwrap()
+        .get(0);
+
     let run = SeedRun {
         seed,
         counters,
         statuses,
         task_statuses: task_statuses.join(", "),
+        windowed_stages,
         samples: shared.samples.lock().unwrap().clone(),
         chaos,
         drain: drain_time,
@@ -1372,6 +1392,9 @@ fn run_seed(seed: u64, seconds: u64) -> SeedRun {
     // Everything that went wrong, in one message: the errors seen during the run, then (if
     // every job ended) the invariants.
     let mut failures = Vec::new();
+    if run.windowed_stages == 0 {
+        failures.push(format!("no stage had more than {MESSAGE_WINDOW} tasks: no message window was tested"));
+    }
     let errors = shared.errors.lock().unwrap().clone();
     if !errors.is_empty() {
         let more = if errors.len() > 30 { format!("\n  ... and {} more", errors.len() - 30) } else { String::new() };
@@ -1425,7 +1448,7 @@ fn summary_line(run: &SeedRun) -> String {
     format!(
         "lease torture seed {}: {} jobs {:?}; {} tasks claimed ({} late commits, {} expiries observed); {} + {} batch completions accepted \
          ({} repeats); {} refused ({} superseded); {} releases; {} heartbeats; {} fails; {} cancels, {} retries; {} maintenance rounds; \
-         {} conflicts; reconciler: {} tasks cancelled, {} messages deleted; drain completed {}",
+         {} conflicts; reconciler: {} tasks cancelled, {} messages deleted; drain completed {}; {} stages sent in windows",
         run.seed,
         run.statuses.values().sum::<i64>(),
         run.statuses,
@@ -1447,6 +1470,7 @@ fn summary_line(run: &SeedRun) -> String {
         c.get("maintenance tasks_cancelled") + c.get("drain: maintenance tasks_cancelled"),
         c.get("maintenance messages_deleted") + c.get("drain: maintenance messages_deleted"),
         c.get("drain: batch completions accepted"),
+        run.windowed_stages,
     )
 }
 
