@@ -3,7 +3,8 @@
 -- the next window is sent by a claim that reads into the second half of the last one, or that
 -- finds the queue short. Claims take every task once, in order, across windows and ahead of a job
 -- submitted later on the same queue; the reconciler sends no message to a task whose window has
--- not come; a cancelled job's window goes, and retry_job gives every task it opens a message.
+-- not come; a cancelled job's window goes (with cancel_job, or at the next claim if a claim held
+-- it), and retry_job gives every task it opens a message.
 SET stageflow.message_window = 4;
 SELECT stageflow.register_job_type('windowed', $$
 {
@@ -132,8 +133,8 @@ BEGIN
 END;
 $$;
 
--- Cancelled with tasks not sent yet, then retried: the next claim on the queue drops the ended
--- job's window and claims nothing; retry_job gives every task it opens a message of its own.
+-- Cancelled with tasks not sent yet, then retried: cancel_job drops the window (a claim drops one
+-- left behind), nothing is claimed; retry_job gives every task it opens a message of its own.
 DO $$
 DECLARE
     v_job     text := stageflow.submit_job('windowed', '{"n": 10, "run": 2}');
@@ -141,8 +142,12 @@ DECLARE
     v_before  bigint;
 BEGIN
     ASSERT (SELECT count(*) FROM stageflow.claim_tasks('mw', 2, 60, 'w')) = 2;
-    PERFORM stageflow.cancel_job(v_job);
     ASSERT EXISTS (SELECT 1 FROM stageflow.message_windows AS w WHERE w.job_id = v_job);
+    PERFORM stageflow.cancel_job(v_job);
+    ASSERT NOT EXISTS (SELECT 1 FROM stageflow.message_windows AS w WHERE w.job_id = v_job), 'cancel_job drops the window';
+    -- (a window a claim held while the job ended is left: the next claim on the queue drops it)
+    INSERT INTO stageflow.message_windows (job_id, stage, queue, next_ordinal, task_count, refill_at, sent_up_to, created_at)
+    VALUES (v_job, 1, 'mw', 4, 10, 0, 0, stageflow.now());
     ASSERT NOT EXISTS (SELECT 1 FROM stageflow.claim_tasks('mw', 5, 60, 'w'));
     ASSERT NOT EXISTS (SELECT 1 FROM stageflow.message_windows AS w WHERE w.job_id = v_job), 'an ended job''s window goes';
     ASSERT pg_temp.sent(v_job, 1, 'mw') = 0, 'a cancelled job keeps no message';

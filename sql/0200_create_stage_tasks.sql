@@ -85,6 +85,24 @@ AS $$
      WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage AND t.ordinal = p_ordinal
 $$;
 
+-- Drops the windows of a job whose open tasks have all been cancelled (_end_job) or given messages
+-- (retry_job of a stopped job): those a claim holds are skipped, not waited for (that claim finds
+-- the job ended and drops it, or sends messages that exist already). Returns how many it dropped.
+CREATE FUNCTION stageflow._drop_message_windows(p_job_id text)
+RETURNS int
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH dropped AS (
+        DELETE FROM stageflow.message_windows AS w
+         WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
+                                        WHERE l.job_id = p_job_id
+                                        ORDER BY l.stage
+                                          FOR UPDATE SKIP LOCKED)
+        RETURNING 1)
+    SELECT count(*)::int FROM dropped
+$$;
+
 -- Sends the next window of the oldest stage on p_queue that is due one (a claim read msg_ids
 -- p_read_from .. p_read_to, a range that reaches into the second half of the stage's last window;
 -- any such stage when NULL: a claim found the queue short), its messages visible from p_vt. A stage another session is sending for is skipped

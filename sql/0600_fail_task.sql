@@ -105,6 +105,8 @@ BEGIN
         RETURN false;
     END IF;
     v_cancelled := stageflow._cancel_open_tasks(p_job_id);
+    -- (a big stage's tasks without messages were cancelled with the rest)
+    PERFORM stageflow._drop_message_windows(p_job_id);
     UPDATE stageflow.stages AS s
        SET status = CASE WHEN p_status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
            completed_at = stageflow.now()

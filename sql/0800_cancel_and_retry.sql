@@ -177,12 +177,8 @@ BEGIN
      WHERE t.task_id = u.task_id;
     -- (a stopped job's open tasks were all cancelled: every one has a message now, and a big
     -- stage's window has none left to send)
-    -- (skipping a row a claim holds, as every lock on these rows but retention's: that claim finds
-    -- the job ended and deletes it, or sends messages that exist already)
     IF stageflow._job_is_stopped(v_job.status) THEN
-        DELETE FROM stageflow.message_windows AS w
-         WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
-                                        WHERE l.job_id = v_job.job_id FOR UPDATE SKIP LOCKED);
+        PERFORM stageflow._drop_message_windows(v_job.job_id);
     END IF;
 
     -- Tasks that had ended are open again on the shards; a running one never left the shards' open

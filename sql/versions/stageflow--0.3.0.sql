@@ -1857,12 +1857,8 @@ BEGIN
      WHERE t.task_id = u.task_id;
     -- (a stopped job's open tasks were all cancelled: every one has a message now, and a big
     -- stage's window has none left to send)
-    -- (skipping a row a claim holds, as every lock on these rows but retention's: that claim finds
-    -- the job ended and deletes it, or sends messages that exist already)
     IF stageflow._job_is_stopped(v_job.status) THEN
-        DELETE FROM stageflow.message_windows AS w
-         WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
-                                        WHERE l.job_id = v_job.job_id FOR UPDATE SKIP LOCKED);
+        PERFORM stageflow._drop_message_windows(v_job.job_id);
     END IF;
 
     -- Tasks that had ended are open again on the shards; a running one never left the shards' open
@@ -1999,6 +1995,24 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT t.msg_id FROM stageflow.tasks AS t
      WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage AND t.ordinal = p_ordinal
+$$;
+
+-- Drops the windows of a job whose open tasks have all been cancelled (_end_job) or given messages
+-- (retry_job of a stopped job): those a claim holds are skipped, not waited for (that claim finds
+-- the job ended and drops it, or sends messages that exist already). Returns how many it dropped.
+CREATE FUNCTION stageflow._drop_message_windows(p_job_id text)
+RETURNS int
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH dropped AS (
+        DELETE FROM stageflow.message_windows AS w
+         WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
+                                        WHERE l.job_id = p_job_id
+                                        ORDER BY l.stage
+                                          FOR UPDATE SKIP LOCKED)
+        RETURNING 1)
+    SELECT count(*)::int FROM dropped
 $$;
 
 -- Sends the next window of the oldest stage on p_queue that is due one (a claim read msg_ids
@@ -3074,6 +3088,8 @@ BEGIN
         RETURN false;
     END IF;
     v_cancelled := stageflow._cancel_open_tasks(p_job_id);
+    -- (a big stage's tasks without messages were cancelled with the rest)
+    PERFORM stageflow._drop_message_windows(p_job_id);
     UPDATE stageflow.stages AS s
        SET status = CASE WHEN p_status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
            completed_at = stageflow.now()
