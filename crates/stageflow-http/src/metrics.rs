@@ -7,7 +7,7 @@ use stageflow_client::Metric;
 
 /// The metric families in the order they are written: name, type, help. A sample belongs to the
 /// family its name is, or starts with (`_visible`, `_sum`, `_count`: the family's other series).
-const FAMILIES: [(&str, &str, &str); 7] = [
+const FAMILIES: [(&str, &str, &str); 8] = [
     ("stageflow_queue_depth", "gauge", "Messages in a pgmq queue (visible: claimable now)."),
     (
         "stageflow_tasks_unsent",
