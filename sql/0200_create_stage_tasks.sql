@@ -127,9 +127,7 @@ BEGIN
          ORDER BY mw.created_at, mw.job_id, mw.stage
          LIMIT 1
            FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
-            RETURN 0;
-        END IF;
+        EXIT WHEN NOT FOUND;
         IF NOT stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = w.job_id)) THEN
             DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
             CONTINUE;
@@ -150,6 +148,7 @@ BEGIN
             RETURN v_sent;
         END IF;
     END LOOP;
+    RETURN 0;
 END;
 $$;
 
