@@ -288,21 +288,25 @@ CREATE TABLE stageflow.admissions (
 );
 
 -- A stage of more tasks than stageflow.message_window has messages for one window of them at a
--- time; this row says which tasks have none yet (ordinal >= next_ordinal). Each task row holds its
--- message's id from the start (taken from the queue's sequence, in task order, when the stage is
--- made), so sending a window inserts messages and changes no task. The next window is sent by a
--- claim that reads a message of the second half of the last window sent (msg_ids refill_at ..
--- sent_up_to), or that reads fewer messages than it asked for (stageflow._send_next_window); the
--- row goes once every task has its message, or the job ended. Locks on it never wait (SKIP
--- LOCKED), but retention's, which deletes it with its stage.
+-- time (window_size tasks, the setting when the stage was made); this row says which tasks have
+-- none yet (ordinal >= next_ordinal). Each task row holds its message's id from the start (taken
+-- from the queue's sequence, in task order, when the stage is made; the highest: last_msg_id), so
+-- sending a window inserts messages and changes no task. The next window is sent by a claim that
+-- reads a message of the second half of the last window sent (msg_ids refill_at .. sent_up_to),
+-- or that reads fewer messages than it asked for (stageflow._send_next_window), and by a
+-- maintenance round that finds that second half all read (_send_due_windows); the row goes once
+-- every task has its message, or the job ended. Locks on it never wait (SKIP LOCKED), but
+-- retention's, which deletes it with its stage.
 CREATE TABLE stageflow.message_windows (
     job_id        text COLLATE "C" NOT NULL,
     stage         int NOT NULL,
     queue         text NOT NULL,
     next_ordinal  int NOT NULL,
     task_count    int NOT NULL,
+    window_size   int NOT NULL CHECK (window_size >= 1),
     refill_at     bigint NOT NULL,
     sent_up_to    bigint NOT NULL,
+    last_msg_id   bigint NOT NULL,
     created_at    timestamptz NOT NULL,
     PRIMARY KEY (job_id, stage),
     FOREIGN KEY (job_id, stage) REFERENCES stageflow.stages (job_id, stage) ON DELETE CASCADE,

@@ -14,6 +14,12 @@ BEGIN
         -- (two sessions making the same queue at once would collide in the catalogs)
         PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
         PERFORM pgmq.create(p_queue);
+        -- (a queue made again, after a restore or a DBA dropped it: the tasks of its big stages
+        -- hold ids the old one's sequence handed out for messages still to be sent, which the new
+        -- one must not hand out again; until this transaction commits nobody else takes one)
+        PERFORM setval(pg_get_serial_sequence(format('pgmq.%I', pgmq.format_table_name(p_queue, 'q')), 'msg_id'), m.last_msg_id)
+           FROM (SELECT max(w.last_msg_id) AS last_msg_id FROM stageflow.message_windows AS w WHERE w.queue = p_queue) AS m
+          WHERE m.last_msg_id IS NOT NULL;
     END IF;
 END;
 $$;

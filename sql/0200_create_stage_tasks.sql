@@ -48,12 +48,13 @@ AS $$
 $$;
 
 -- Sends the messages of a stage's queued tasks of ordinals p_from .. p_upto - 1, visible from
--- p_vt, each with the msg_id its task row holds; a message of that id that exists already is left
--- as it is (retry_job sends the tasks it opens again messages of their own, under new ids), and a
--- task no longer queued gets none. Returns how many it sent. Never waits for a lock: the ids were
--- taken from the queue's sequence for these tasks, so no other session inserts them.
+-- p_vt, each with the msg_id its task row holds, if that is one the stage's tasks took from the
+-- queue's sequence when it was made (at most p_last_msg_id: a task retry_job opened again has a
+-- message of its own, under a newer id), and a task no longer queued gets none. Returns how many
+-- it sent. Never waits for a lock: the ids were taken for these tasks, so no other session
+-- inserts them (a message of that id that exists already is left as it is).
 CREATE FUNCTION stageflow._send_stage_messages(p_job_id text, p_stage int, p_queue text, p_from int, p_upto int,
-                                               p_vt timestamptz)
+                                               p_last_msg_id bigint, p_vt timestamptz)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -66,11 +67,11 @@ BEGIN
         '  INSERT INTO pgmq.%I AS m (msg_id, vt, message) OVERRIDING SYSTEM VALUE'
         '  SELECT t.msg_id, $5, jsonb_build_object(''task_id'', t.task_id) FROM stageflow.tasks AS t'
         '   WHERE stageflow._is_task_of_job(t.job_id, $1) AND t.stage = $2 AND t.ordinal >= $3 AND t.ordinal < $4'
-        '     AND t.status = ''queued'''
+        '     AND t.status = ''queued'' AND t.msg_id <= $6'
         '   ORDER BY t.ordinal'
         '  ON CONFLICT (msg_id) DO NOTHING RETURNING 1) '
         'SELECT count(*) FROM sent', pgmq.format_table_name(p_queue, 'q'))
-       INTO v_sent USING p_job_id, p_stage, p_from, p_upto, p_vt;
+       INTO v_sent USING p_job_id, p_stage, p_from, p_upto, p_vt, p_last_msg_id;
     RETURN v_sent;
 END;
 $$;
@@ -85,9 +86,52 @@ AS $$
      WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage AND t.ordinal = p_ordinal
 $$;
 
+-- Sends the next window of stage p_stage of p_job_id (its messages visible from p_vt), unless
+-- another session holds its row (SKIP LOCKED: this never waits) or it has none: returns how many
+-- messages it sent, NULL when it sent no window. A stage of a job that ended gets no more (its row
+-- goes).
+CREATE FUNCTION stageflow._send_window(p_job_id text, p_stage int, p_vt timestamptz)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    w       stageflow.message_windows;
+    v_upto  int;
+    v_sent  int;
+BEGIN
+    SELECT * INTO w FROM stageflow.message_windows AS mw
+     WHERE mw.job_id = p_job_id AND mw.stage = p_stage
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF NOT stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = w.job_id)) THEN
+        DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+        RETURN NULL;
+    END IF;
+    v_upto := least(w.next_ordinal::bigint + w.window_size, w.task_count)::int;
+    v_sent := stageflow._send_stage_messages(w.job_id, w.stage, w.queue, w.next_ordinal, v_upto, w.last_msg_id, p_vt);
+    IF v_upto = w.task_count THEN
+        DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+    ELSE
+        UPDATE stageflow.message_windows AS mw
+           SET next_ordinal = v_upto,
+               refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal + (v_upto - w.next_ordinal) / 2),
+               sent_up_to = stageflow._msg_id_of(w.job_id, w.stage, v_upto - 1)
+         WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+    END IF;
+    IF v_sent > 0 THEN
+        PERFORM pg_notify('stageflow_tasks', w.queue);
+    END IF;
+    RETURN v_sent;
+END;
+$$;
+
 -- Drops the windows of a job whose open tasks have all been cancelled (_end_job) or given messages
 -- (retry_job of a stopped job): those a claim holds are skipped, not waited for (that claim finds
--- the job ended and drops it, or sends messages that exist already). Returns how many it dropped.
+-- the job ended and drops it, or sends none of the tasks retry_job sent). Returns how many it
+-- dropped.
 CREATE FUNCTION stageflow._drop_message_windows(p_job_id text)
 RETURNS int
 LANGUAGE sql
@@ -103,52 +147,40 @@ AS $$
     SELECT count(*)::int FROM dropped
 $$;
 
--- Sends the next window of the oldest stage on p_queue that is due one (a claim read msg_ids
--- p_read_from .. p_read_to, a range that reaches into the second half of the stage's last window;
--- any such stage when NULL: a claim found the queue short), its messages visible from p_vt. A stage another session is sending for is skipped
--- (SKIP LOCKED: this never waits); a stage of a job that ended gets no more (its row goes); a
--- window of which no task is still queued moves on to the next. Returns how many messages it sent.
-CREATE FUNCTION stageflow._send_next_window(p_queue text, p_vt timestamptz, p_read_from bigint DEFAULT NULL,
-                                             p_read_to bigint DEFAULT NULL)
+-- A claim's part: sends the next window of every stage on p_queue whose last window's second
+-- half the claim's read reached (it read msg_ids p_read_from .. p_read_to); if it read fewer than
+-- it asked for (p_short) and those sent nothing, the next window of the oldest stage with one to
+-- send; visible from p_vt. Stages another session is sending for are skipped. Returns how many
+-- messages it sent.
+CREATE FUNCTION stageflow._send_next_window(p_queue text, p_vt timestamptz, p_read_from bigint, p_read_to bigint,
+                                             p_short boolean)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    w       stageflow.message_windows;
-    v_size  int := stageflow._message_window();
-    v_upto  int;
+    w       record;
     v_sent  int;
+    v_total int := 0;
 BEGIN
+    FOR w IN
+        SELECT u.* FROM (
+            SELECT mw.job_id, mw.stage, mw.created_at,
+                   coalesce(mw.refill_at <= p_read_to AND p_read_from <= mw.sent_up_to, false) AS reached
+              FROM stageflow.message_windows AS mw
+             WHERE mw.queue = p_queue) AS u
+         WHERE u.reached OR p_short
+         ORDER BY u.reached DESC, u.created_at, u.job_id, u.stage
     LOOP
-        SELECT * INTO w FROM stageflow.message_windows AS mw
-         WHERE mw.queue = p_queue
-           AND (p_read_from IS NULL OR (mw.refill_at <= p_read_to AND p_read_from <= mw.sent_up_to))
-         ORDER BY mw.created_at, mw.job_id, mw.stage
-         LIMIT 1
-           FOR UPDATE SKIP LOCKED;
-        EXIT WHEN NOT FOUND;
-        IF NOT stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = w.job_id)) THEN
-            DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
-            CONTINUE;
-        END IF;
-        v_upto := least(w.next_ordinal::bigint + v_size, w.task_count)::int;
-        v_sent := stageflow._send_stage_messages(w.job_id, w.stage, w.queue, w.next_ordinal, v_upto, p_vt);
-        IF v_upto = w.task_count THEN
-            DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
-        ELSE
-            UPDATE stageflow.message_windows AS mw
-               SET next_ordinal = v_upto,
-                   refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal + (v_upto - w.next_ordinal) / 2),
-                   sent_up_to = stageflow._msg_id_of(w.job_id, w.stage, v_upto - 1)
-             WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
-        END IF;
-        IF v_sent > 0 THEN
-            PERFORM pg_notify('stageflow_tasks', p_queue);
-            RETURN v_sent;
-        END IF;
+        EXIT WHEN NOT w.reached AND v_total > 0;
+        v_sent := stageflow._send_window(w.job_id, w.stage, p_vt);
+        -- (a window none of whose tasks is left to send, cancelled or retried under other ids: the next)
+        WHILE v_sent = 0 LOOP
+            v_sent := stageflow._send_window(w.job_id, w.stage, p_vt);
+        END LOOP;
+        v_total := v_total + coalesce(v_sent, 0);
     END LOOP;
-    RETURN 0;
+    RETURN v_total;
 END;
 $$;
 
@@ -307,11 +339,13 @@ BEGIN
                    (v_def -> 'retry' ->> 'max_attempts')::int, nextval(v_sequence), v_now, v_first_token
               FROM ROWS FROM (unnest(v_keys), unnest(v_params), unnest(v_preds)) WITH ORDINALITY AS u(key, params, pred, n);
         END IF;
-        INSERT INTO stageflow.message_windows (job_id, stage, queue, next_ordinal, task_count, refill_at, sent_up_to, created_at)
-        VALUES (p_job_id, p_stage, v_queue, v_window, v_count,
+        INSERT INTO stageflow.message_windows
+            (job_id, stage, queue, next_ordinal, task_count, window_size, refill_at, sent_up_to, last_msg_id, created_at)
+        VALUES (p_job_id, p_stage, v_queue, v_window, v_count, v_window,
                 stageflow._msg_id_of(p_job_id, p_stage, v_window / 2), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
-                v_now);
-        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window, clock_timestamp());
+                stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), v_now);
+        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window,
+                                               stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), clock_timestamp());
     ELSIF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,

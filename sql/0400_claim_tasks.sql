@@ -219,17 +219,15 @@ BEGIN
       INTO v_msg_ids, v_task_ids
       FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
-    -- gets its next window when this read took messages of the second half of its last one, or
-    -- came back short (never waiting for a lock); a claim that had read nothing reads again
-    -- (holding nothing, it reads in any order). (One index probe of a table with a row per such
-    -- stage.)
+    -- gets its next window when this read took messages of the second half of its last one (each
+    -- such stage), or came back short (the oldest, if none of those), never waiting for a lock;
+    -- a claim that had read nothing reads again (holding nothing, it reads in any order). (One
+    -- index probe of a table with a row per such stage.)
     v_short := coalesce(cardinality(v_msg_ids), 0) < claim_tasks.max_tasks;
     IF EXISTS (SELECT 1 FROM stageflow.message_windows AS w
                 WHERE w.queue = claim_tasks.queue
                   AND (v_short OR (w.refill_at <= v_msg_ids[cardinality(v_msg_ids)] AND v_msg_ids[1] <= w.sent_up_to))) THEN
-        IF stageflow._send_next_window(claim_tasks.queue, v_now,
-                                       CASE WHEN NOT v_short THEN v_msg_ids[1] END,
-                                       CASE WHEN NOT v_short THEN v_msg_ids[cardinality(v_msg_ids)] END) > 0
+        IF stageflow._send_next_window(claim_tasks.queue, v_now, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)], v_short) > 0
            AND v_msg_ids IS NULL THEN
             SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
               INTO v_msg_ids, v_task_ids

@@ -285,6 +285,39 @@ BEGIN
 END;
 $$;
 
+-- Maintenance's part of the message windows: sends the next window of every big stage whose last
+-- window's second half has all been read (no message of msg_ids refill_at .. sent_up_to is still
+-- unread in its queue) while no claim sent it (a claim's read that reached it sent another stage's
+-- window, or rolled back), at most max_rows stages a round, oldest first; visible from p_vt.
+-- Returns how many windows it sent.
+CREATE FUNCTION stageflow._send_due_windows(max_rows int, p_vt timestamptz)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    w       record;
+    v_due   boolean;
+    v_sent  int := 0;
+BEGIN
+    FOR w IN
+        SELECT mw.job_id, mw.stage, mw.queue, mw.refill_at, mw.sent_up_to FROM stageflow.message_windows AS mw
+         -- (a queue a restore or a DBA dropped is the reconciler's to make again first)
+         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = mw.queue)
+         ORDER BY mw.created_at, mw.job_id, mw.stage
+         LIMIT max_rows
+    LOOP
+        EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM pgmq.%I AS m WHERE m.msg_id BETWEEN $1 AND $2 AND m.read_ct = 0)',
+                       pgmq.format_table_name(w.queue, 'q'))
+           INTO v_due USING w.refill_at, w.sent_up_to;
+        IF v_due AND stageflow._send_window(w.job_id, w.stage, p_vt) IS NOT NULL THEN
+            v_sent := v_sent + 1;
+        END IF;
+    END LOOP;
+    RETURN v_sent;
+END;
+$$;
+
 -- One round of maintenance, run by the background worker every stageflow.maintenance_interval
 -- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
 -- re-checks what it acts on under the task's row lock (rows another session holds are left to the
@@ -320,6 +353,7 @@ DECLARE
     v_redeliver  int := 0;
     v_dead       int := 0;
     v_timed_out  int := 0;
+    v_windows    int := 0;
     v_errors     int := 0;
     v_reconciled jsonb := '{}'::jsonb;
     v_pruned     jsonb := '{}'::jsonb;
@@ -482,6 +516,13 @@ BEGIN
             END;
         END LOOP;
 
+        -- Big stages' next message windows that no claim sent.
+        BEGIN
+            v_windows := stageflow._send_due_windows(max_rows, v_now);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: sending message windows', SQLERRM, SQLSTATE);
+        END;
+
         -- The reconciler's next windows.
         BEGIN
             v_reconciled := stageflow._reconcile(max_rows);
@@ -506,7 +547,7 @@ BEGIN
 
         RETURN jsonb_build_object(
             'retries_released', v_released, 'leases_expired', v_redeliver, 'dead_lettered', v_dead,
-            'jobs_timed_out', v_timed_out, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
+            'jobs_timed_out', v_timed_out, 'windows_sent', v_windows, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
             'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;

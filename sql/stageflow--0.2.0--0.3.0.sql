@@ -49,21 +49,25 @@ CREATE TABLE stageflow.lease_token_floor (
     token    bigint NOT NULL CHECK (token >= 0)
 );
 -- A stage of more tasks than stageflow.message_window has messages for one window of them at a
--- time; this row says which tasks have none yet (ordinal >= next_ordinal). Each task row holds its
--- message's id from the start (taken from the queue's sequence, in task order, when the stage is
--- made), so sending a window inserts messages and changes no task. The next window is sent by a
--- claim that reads a message of the second half of the last window sent (msg_ids refill_at ..
--- sent_up_to), or that reads fewer messages than it asked for (stageflow._send_next_window); the
--- row goes once every task has its message, or the job ended. Locks on it never wait (SKIP
--- LOCKED), but retention's, which deletes it with its stage.
+-- time (window_size tasks, the setting when the stage was made); this row says which tasks have
+-- none yet (ordinal >= next_ordinal). Each task row holds its message's id from the start (taken
+-- from the queue's sequence, in task order, when the stage is made; the highest: last_msg_id), so
+-- sending a window inserts messages and changes no task. The next window is sent by a claim that
+-- reads a message of the second half of the last window sent (msg_ids refill_at .. sent_up_to),
+-- or that reads fewer messages than it asked for (stageflow._send_next_window), and by a
+-- maintenance round that finds that second half all read (_send_due_windows); the row goes once
+-- every task has its message, or the job ended. Locks on it never wait (SKIP LOCKED), but
+-- retention's, which deletes it with its stage.
 CREATE TABLE stageflow.message_windows (
     job_id        text COLLATE "C" NOT NULL,
     stage         int NOT NULL,
     queue         text NOT NULL,
     next_ordinal  int NOT NULL,
     task_count    int NOT NULL,
+    window_size   int NOT NULL CHECK (window_size >= 1),
     refill_at     bigint NOT NULL,
     sent_up_to    bigint NOT NULL,
+    last_msg_id   bigint NOT NULL,
     created_at    timestamptz NOT NULL,
     PRIMARY KEY (job_id, stage),
     FOREIGN KEY (job_id, stage) REFERENCES stageflow.stages (job_id, stage) ON DELETE CASCADE,
@@ -145,6 +149,12 @@ BEGIN
         -- (two sessions making the same queue at once would collide in the catalogs)
         PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
         PERFORM pgmq.create(p_queue);
+        -- (a queue made again, after a restore or a DBA dropped it: the tasks of its big stages
+        -- hold ids the old one's sequence handed out for messages still to be sent, which the new
+        -- one must not hand out again; until this transaction commits nobody else takes one)
+        PERFORM setval(pg_get_serial_sequence(format('pgmq.%I', pgmq.format_table_name(p_queue, 'q')), 'msg_id'), m.last_msg_id)
+           FROM (SELECT max(w.last_msg_id) AS last_msg_id FROM stageflow.message_windows AS w WHERE w.queue = p_queue) AS m
+          WHERE m.last_msg_id IS NOT NULL;
     END IF;
 END;
 $$;
@@ -889,17 +899,15 @@ BEGIN
       INTO v_msg_ids, v_task_ids
       FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
-    -- gets its next window when this read took messages of the second half of its last one, or
-    -- came back short (never waiting for a lock); a claim that had read nothing reads again
-    -- (holding nothing, it reads in any order). (One index probe of a table with a row per such
-    -- stage.)
+    -- gets its next window when this read took messages of the second half of its last one (each
+    -- such stage), or came back short (the oldest, if none of those), never waiting for a lock;
+    -- a claim that had read nothing reads again (holding nothing, it reads in any order). (One
+    -- index probe of a table with a row per such stage.)
     v_short := coalesce(cardinality(v_msg_ids), 0) < claim_tasks.max_tasks;
     IF EXISTS (SELECT 1 FROM stageflow.message_windows AS w
                 WHERE w.queue = claim_tasks.queue
                   AND (v_short OR (w.refill_at <= v_msg_ids[cardinality(v_msg_ids)] AND v_msg_ids[1] <= w.sent_up_to))) THEN
-        IF stageflow._send_next_window(claim_tasks.queue, v_now,
-                                       CASE WHEN NOT v_short THEN v_msg_ids[1] END,
-                                       CASE WHEN NOT v_short THEN v_msg_ids[cardinality(v_msg_ids)] END) > 0
+        IF stageflow._send_next_window(claim_tasks.queue, v_now, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)], v_short) > 0
            AND v_msg_ids IS NULL THEN
             SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
               INTO v_msg_ids, v_task_ids
@@ -1704,12 +1712,13 @@ AS $$
     SELECT greatest(coalesce(nullif(current_setting('stageflow.message_window', true), '')::int, 10000), 1)
 $$;
 -- Sends the messages of a stage's queued tasks of ordinals p_from .. p_upto - 1, visible from
--- p_vt, each with the msg_id its task row holds; a message of that id that exists already is left
--- as it is (retry_job sends the tasks it opens again messages of their own, under new ids), and a
--- task no longer queued gets none. Returns how many it sent. Never waits for a lock: the ids were
--- taken from the queue's sequence for these tasks, so no other session inserts them.
+-- p_vt, each with the msg_id its task row holds, if that is one the stage's tasks took from the
+-- queue's sequence when it was made (at most p_last_msg_id: a task retry_job opened again has a
+-- message of its own, under a newer id), and a task no longer queued gets none. Returns how many
+-- it sent. Never waits for a lock: the ids were taken for these tasks, so no other session
+-- inserts them (a message of that id that exists already is left as it is).
 CREATE FUNCTION stageflow._send_stage_messages(p_job_id text, p_stage int, p_queue text, p_from int, p_upto int,
-                                               p_vt timestamptz)
+                                               p_last_msg_id bigint, p_vt timestamptz)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1722,11 +1731,11 @@ BEGIN
         '  INSERT INTO pgmq.%I AS m (msg_id, vt, message) OVERRIDING SYSTEM VALUE'
         '  SELECT t.msg_id, $5, jsonb_build_object(''task_id'', t.task_id) FROM stageflow.tasks AS t'
         '   WHERE stageflow._is_task_of_job(t.job_id, $1) AND t.stage = $2 AND t.ordinal >= $3 AND t.ordinal < $4'
-        '     AND t.status = ''queued'''
+        '     AND t.status = ''queued'' AND t.msg_id <= $6'
         '   ORDER BY t.ordinal'
         '  ON CONFLICT (msg_id) DO NOTHING RETURNING 1) '
         'SELECT count(*) FROM sent', pgmq.format_table_name(p_queue, 'q'))
-       INTO v_sent USING p_job_id, p_stage, p_from, p_upto, p_vt;
+       INTO v_sent USING p_job_id, p_stage, p_from, p_upto, p_vt, p_last_msg_id;
     RETURN v_sent;
 END;
 $$;
@@ -1739,9 +1748,51 @@ AS $$
     SELECT t.msg_id FROM stageflow.tasks AS t
      WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = p_stage AND t.ordinal = p_ordinal
 $$;
+-- Sends the next window of stage p_stage of p_job_id (its messages visible from p_vt), unless
+-- another session holds its row (SKIP LOCKED: this never waits) or it has none: returns how many
+-- messages it sent, NULL when it sent no window. A stage of a job that ended gets no more (its row
+-- goes).
+CREATE FUNCTION stageflow._send_window(p_job_id text, p_stage int, p_vt timestamptz)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    w       stageflow.message_windows;
+    v_upto  int;
+    v_sent  int;
+BEGIN
+    SELECT * INTO w FROM stageflow.message_windows AS mw
+     WHERE mw.job_id = p_job_id AND mw.stage = p_stage
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF NOT stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = w.job_id)) THEN
+        DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+        RETURN NULL;
+    END IF;
+    v_upto := least(w.next_ordinal::bigint + w.window_size, w.task_count)::int;
+    v_sent := stageflow._send_stage_messages(w.job_id, w.stage, w.queue, w.next_ordinal, v_upto, w.last_msg_id, p_vt);
+    IF v_upto = w.task_count THEN
+        DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+    ELSE
+        UPDATE stageflow.message_windows AS mw
+           SET next_ordinal = v_upto,
+               refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal + (v_upto - w.next_ordinal) / 2),
+               sent_up_to = stageflow._msg_id_of(w.job_id, w.stage, v_upto - 1)
+         WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
+    END IF;
+    IF v_sent > 0 THEN
+        PERFORM pg_notify('stageflow_tasks', w.queue);
+    END IF;
+    RETURN v_sent;
+END;
+$$;
 -- Drops the windows of a job whose open tasks have all been cancelled (_end_job) or given messages
 -- (retry_job of a stopped job): those a claim holds are skipped, not waited for (that claim finds
--- the job ended and drops it, or sends messages that exist already). Returns how many it dropped.
+-- the job ended and drops it, or sends none of the tasks retry_job sent). Returns how many it
+-- dropped.
 CREATE FUNCTION stageflow._drop_message_windows(p_job_id text)
 RETURNS int
 LANGUAGE sql
@@ -1756,53 +1807,40 @@ AS $$
         RETURNING 1)
     SELECT count(*)::int FROM dropped
 $$;
--- Sends the next window of the oldest stage on p_queue that is due one (a claim read msg_ids
--- p_read_from .. p_read_to, a range that reaches into the second half of the stage's last window;
--- any such stage when NULL: a claim found the queue short), its messages visible from p_vt. A stage another session is sending for is skipped
--- (SKIP LOCKED: this never waits); a stage of a job that ended gets no more (its row goes); a
--- window of which no task is still queued moves on to the next. Returns how many messages it sent.
-CREATE FUNCTION stageflow._send_next_window(p_queue text, p_vt timestamptz, p_read_from bigint DEFAULT NULL,
-                                             p_read_to bigint DEFAULT NULL)
+-- A claim's part: sends the next window of every stage on p_queue whose last window's second
+-- half the claim's read reached (it read msg_ids p_read_from .. p_read_to); if it read fewer than
+-- it asked for (p_short) and those sent nothing, the next window of the oldest stage with one to
+-- send; visible from p_vt. Stages another session is sending for are skipped. Returns how many
+-- messages it sent.
+CREATE FUNCTION stageflow._send_next_window(p_queue text, p_vt timestamptz, p_read_from bigint, p_read_to bigint,
+                                             p_short boolean)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    w       stageflow.message_windows;
-    v_size  int := stageflow._message_window();
-    v_upto  int;
+    w       record;
     v_sent  int;
+    v_total int := 0;
 BEGIN
+    FOR w IN
+        SELECT u.* FROM (
+            SELECT mw.job_id, mw.stage, mw.created_at,
+                   coalesce(mw.refill_at <= p_read_to AND p_read_from <= mw.sent_up_to, false) AS reached
+              FROM stageflow.message_windows AS mw
+             WHERE mw.queue = p_queue) AS u
+         WHERE u.reached OR p_short
+         ORDER BY u.reached DESC, u.created_at, u.job_id, u.stage
     LOOP
-        SELECT * INTO w FROM stageflow.message_windows AS mw
-         WHERE mw.queue = p_queue
-           AND (p_read_from IS NULL OR (mw.refill_at <= p_read_to AND p_read_from <= mw.sent_up_to))
-         ORDER BY mw.created_at, mw.job_id, mw.stage
-         LIMIT 1
-           FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
-            RETURN 0;
-        END IF;
-        IF NOT stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = w.job_id)) THEN
-            DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
-            CONTINUE;
-        END IF;
-        v_upto := least(w.next_ordinal::bigint + v_size, w.task_count)::int;
-        v_sent := stageflow._send_stage_messages(w.job_id, w.stage, w.queue, w.next_ordinal, v_upto, p_vt);
-        IF v_upto = w.task_count THEN
-            DELETE FROM stageflow.message_windows AS mw WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
-        ELSE
-            UPDATE stageflow.message_windows AS mw
-               SET next_ordinal = v_upto,
-                   refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal + (v_upto - w.next_ordinal) / 2),
-                   sent_up_to = stageflow._msg_id_of(w.job_id, w.stage, v_upto - 1)
-             WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
-        END IF;
-        IF v_sent > 0 THEN
-            PERFORM pg_notify('stageflow_tasks', p_queue);
-            RETURN v_sent;
-        END IF;
+        EXIT WHEN NOT w.reached AND v_total > 0;
+        v_sent := stageflow._send_window(w.job_id, w.stage, p_vt);
+        -- (a window none of whose tasks is left to send, cancelled or retried under other ids: the next)
+        WHILE v_sent = 0 LOOP
+            v_sent := stageflow._send_window(w.job_id, w.stage, p_vt);
+        END LOOP;
+        v_total := v_total + coalesce(v_sent, 0);
     END LOOP;
+    RETURN v_total;
 END;
 $$;
 CREATE FUNCTION stageflow._create_stage_tasks(p_job_id text, p_stage int, p_catch boolean DEFAULT false,
@@ -1960,11 +1998,13 @@ BEGIN
                    (v_def -> 'retry' ->> 'max_attempts')::int, nextval(v_sequence), v_now, v_first_token
               FROM ROWS FROM (unnest(v_keys), unnest(v_params), unnest(v_preds)) WITH ORDINALITY AS u(key, params, pred, n);
         END IF;
-        INSERT INTO stageflow.message_windows (job_id, stage, queue, next_ordinal, task_count, refill_at, sent_up_to, created_at)
-        VALUES (p_job_id, p_stage, v_queue, v_window, v_count,
+        INSERT INTO stageflow.message_windows
+            (job_id, stage, queue, next_ordinal, task_count, window_size, refill_at, sent_up_to, last_msg_id, created_at)
+        VALUES (p_job_id, p_stage, v_queue, v_window, v_count, v_window,
                 stageflow._msg_id_of(p_job_id, p_stage, v_window / 2), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
-                v_now);
-        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window, clock_timestamp());
+                stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), v_now);
+        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window,
+                                               stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), clock_timestamp());
     ELSIF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
@@ -3837,6 +3877,38 @@ BEGIN
     RETURN v_deleted || jsonb_build_object('errors', v_errors);
 END;
 $$;
+-- Maintenance's part of the message windows: sends the next window of every big stage whose last
+-- window's second half has all been read (no message of msg_ids refill_at .. sent_up_to is still
+-- unread in its queue) while no claim sent it (a claim's read that reached it sent another stage's
+-- window, or rolled back), at most max_rows stages a round, oldest first; visible from p_vt.
+-- Returns how many windows it sent.
+CREATE FUNCTION stageflow._send_due_windows(max_rows int, p_vt timestamptz)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    w       record;
+    v_due   boolean;
+    v_sent  int := 0;
+BEGIN
+    FOR w IN
+        SELECT mw.job_id, mw.stage, mw.queue, mw.refill_at, mw.sent_up_to FROM stageflow.message_windows AS mw
+         -- (a queue a restore or a DBA dropped is the reconciler's to make again first)
+         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = mw.queue)
+         ORDER BY mw.created_at, mw.job_id, mw.stage
+         LIMIT max_rows
+    LOOP
+        EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM pgmq.%I AS m WHERE m.msg_id BETWEEN $1 AND $2 AND m.read_ct = 0)',
+                       pgmq.format_table_name(w.queue, 'q'))
+           INTO v_due USING w.refill_at, w.sent_up_to;
+        IF v_due AND stageflow._send_window(w.job_id, w.stage, p_vt) IS NOT NULL THEN
+            v_sent := v_sent + 1;
+        END IF;
+    END LOOP;
+    RETURN v_sent;
+END;
+$$;
 -- One round of maintenance, run by the background worker every stageflow.maintenance_interval
 -- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
 -- re-checks what it acts on under the task's row lock (rows another session holds are left to the
@@ -3872,6 +3944,7 @@ DECLARE
     v_redeliver  int := 0;
     v_dead       int := 0;
     v_timed_out  int := 0;
+    v_windows    int := 0;
     v_errors     int := 0;
     v_reconciled jsonb := '{}'::jsonb;
     v_pruned     jsonb := '{}'::jsonb;
@@ -4034,6 +4107,13 @@ BEGIN
             END;
         END LOOP;
 
+        -- Big stages' next message windows that no claim sent.
+        BEGIN
+            v_windows := stageflow._send_due_windows(max_rows, v_now);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: sending message windows', SQLERRM, SQLSTATE);
+        END;
+
         -- The reconciler's next windows.
         BEGIN
             v_reconciled := stageflow._reconcile(max_rows);
@@ -4058,7 +4138,7 @@ BEGIN
 
         RETURN jsonb_build_object(
             'retries_released', v_released, 'leases_expired', v_redeliver, 'dead_lettered', v_dead,
-            'jobs_timed_out', v_timed_out, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
+            'jobs_timed_out', v_timed_out, 'windows_sent', v_windows, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
             'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;

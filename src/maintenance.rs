@@ -145,6 +145,7 @@ pub extern "C-unwind" fn stageflow_maintenance_main(_arg: pg_sys::Datum) {
                     "leases_expired",
                     "dead_lettered",
                     "jobs_timed_out",
+                    "windows_sent",
                     "jobs_deleted",
                     "tasks_deleted",
                     "events_deleted",

@@ -15,6 +15,8 @@ pub struct MaintenanceReport {
     pub leases_expired: i64,
     pub dead_lettered: i64,
     pub jobs_timed_out: i64,
+    /// Big stages' message windows sent by the round (no claim had sent them).
+    pub windows_sent: i64,
     pub jobs_deleted: i64,
     pub tasks_cancelled: i64,
     pub messages_resent: i64,
