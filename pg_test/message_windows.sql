@@ -267,3 +267,19 @@ BEGIN
          = ARRAY['completed', 'completed'];
 END;
 $$;
+
+-- A window that meets a message already there under one of its ids (no path makes one: here two
+-- tasks made to share an id) is sent all the same, without that one, instead of failing the claim
+-- that sends it and every claim on the queue after.
+DO $$
+DECLARE
+    v_job text := stageflow.submit_job('two_windowed', '{"n": 12, "run": 4}');
+BEGIN
+    UPDATE stageflow.tasks AS t SET msg_id = (SELECT o.msg_id FROM stageflow.tasks AS o WHERE o.job_id = v_job AND o.ordinal = 4)
+     WHERE t.job_id = v_job AND t.ordinal = 5;
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('mw4', 4, 60, 'w')) = 4;
+    ASSERT pg_temp.sent(v_job, 1, 'mw4') = 7, format('%s of the 8 tasks have their message', pg_temp.sent(v_job, 1, 'mw4'));
+    ASSERT (SELECT w.next_ordinal FROM stageflow.message_windows AS w WHERE w.job_id = v_job) = 8;
+    PERFORM stageflow.cancel_job(v_job);
+END;
+$$;
