@@ -268,9 +268,9 @@ BEGIN
 END;
 $$;
 
--- A window that meets a message already there under one of its ids (no path makes one: here two
--- tasks made to share an id) is sent all the same, without that one, instead of failing the claim
--- that sends it and every claim on the queue after.
+-- A window two of whose tasks hold one id (no path makes that: here it is made by hand) is sent
+-- all the same, one message for that id, instead of failing the claim that sends it (and every
+-- claim on the queue after) with a duplicate key.
 DO $$
 DECLARE
     v_job text := stageflow.submit_job('two_windowed', '{"n": 12, "run": 4}');
