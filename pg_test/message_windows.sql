@@ -283,3 +283,33 @@ BEGIN
     PERFORM stageflow.cancel_job(v_job);
 END;
 $$;
+
+-- Maintenance's backstop counts only the windows that are due against max_rows (found by review:
+-- older windows of a queue nobody claims from, taken first, kept a busy queue's due window from
+-- being sent).
+SELECT stageflow.register_job_type('idle_windowed', $$
+{
+  "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "run": {"type": "integer"}}},
+  "stages": [{"name": "only", "handler": "h", "queue": "mwi", "fan_out": "count", "param": "n"}]
+}
+$$);
+-- (made first, each in a transaction of its own: older than the busy queue's window)
+SELECT stageflow.submit_job('idle_windowed', '{"n": 9, "run": 1}') IS NOT NULL AS idle;
+SELECT stageflow.submit_job('idle_windowed', '{"n": 9, "run": 2}') IS NOT NULL AS idle;
+SELECT stageflow.submit_job('idle_windowed', '{"n": 9, "run": 3}') IS NOT NULL AS idle;
+DO $$
+DECLARE
+    v_idle   text[] := ARRAY(SELECT j.job_id FROM stageflow.jobs AS j WHERE j.job_type = 'idle_windowed');
+    v_busy   text := stageflow.submit_job('two_windowed', '{"n": 12, "run": 5}');
+    v_report jsonb;
+BEGIN
+    PERFORM pgmq.read('mw4', 60, 4);
+    v_report := stageflow.run_maintenance(2);
+    ASSERT v_report @> '{"windows_sent": 1, "errors": 0}', format('maintenance: %s', v_report);
+    ASSERT (SELECT w.next_ordinal FROM stageflow.message_windows AS w WHERE w.job_id = v_busy) = 8;
+    ASSERT cardinality(v_idle) = 3
+       AND (SELECT array_agg(w.next_ordinal) FROM stageflow.message_windows AS w WHERE w.job_id = ANY (v_idle)) = ARRAY[4, 4, 4];
+    PERFORM stageflow.cancel_job(v_busy);
+    PERFORM stageflow.cancel_job(j) FROM unnest(v_idle) AS j;
+END;
+$$;

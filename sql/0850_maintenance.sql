@@ -285,34 +285,42 @@ BEGIN
 END;
 $$;
 
--- Maintenance's part of the message windows: sends the next window of every big stage whose last
+-- Maintenance's part of the message windows: sends the next window of each big stage whose last
 -- window's second half has all been read (no message of msg_ids refill_at .. sent_up_to is still
--- unread in its queue) while no claim sent it (a claim's read that reached it sent another stage's
--- window, or rolled back), at most max_rows stages a round, oldest first; visible from p_vt.
--- Returns how many windows it sent.
+-- unread in its queue) while no claim sent it (a claim whose read reached it rolled back, say), at
+-- most max_rows windows a round, oldest first in each queue; visible from p_vt. Only due windows
+-- count against max_rows (found by review: a LIMIT before the check let a thousand older windows
+-- of an idle queue keep a busy queue's window from being sent). Returns how many it sent.
 CREATE FUNCTION stageflow._send_due_windows(max_rows int, p_vt timestamptz)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    w       record;
-    v_due   boolean;
-    v_sent  int := 0;
+    q         record;
+    v_job_id  text;
+    v_stage   int;
+    v_sent    int := 0;
 BEGIN
-    FOR w IN
-        SELECT mw.job_id, mw.stage, mw.queue, mw.refill_at, mw.sent_up_to FROM stageflow.message_windows AS mw
+    FOR q IN
+        SELECT DISTINCT mw.queue FROM stageflow.message_windows AS mw
          -- (a queue a restore or a DBA dropped is the reconciler's to make again first)
-         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = mw.queue)
-         ORDER BY mw.created_at, mw.job_id, mw.stage
-         LIMIT max_rows
+         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = mw.queue)
+         ORDER BY mw.queue
     LOOP
-        EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM pgmq.%I AS m WHERE m.msg_id BETWEEN $1 AND $2 AND m.read_ct = 0)',
-                       pgmq.format_table_name(w.queue, 'q'))
-           INTO v_due USING w.refill_at, w.sent_up_to;
-        IF v_due AND stageflow._send_window(w.job_id, w.stage, p_vt) IS NOT NULL THEN
-            v_sent := v_sent + 1;
-        END IF;
+        FOR v_job_id, v_stage IN EXECUTE format(
+            'SELECT mw.job_id, mw.stage FROM stageflow.message_windows AS mw'
+            ' WHERE mw.queue = $1'
+            '   AND NOT EXISTS (SELECT 1 FROM pgmq.%I AS m'
+            '                    WHERE m.msg_id BETWEEN mw.refill_at AND mw.sent_up_to AND m.read_ct = 0)'
+            ' ORDER BY mw.created_at, mw.job_id, mw.stage LIMIT $2', pgmq.format_table_name(q.queue, 'q'))
+            USING q.queue, max_rows - v_sent
+        LOOP
+            IF stageflow._send_window(v_job_id, v_stage, p_vt) IS NOT NULL THEN
+                v_sent := v_sent + 1;
+            END IF;
+        END LOOP;
+        EXIT WHEN v_sent >= max_rows;
     END LOOP;
     RETURN v_sent;
 END;
@@ -326,6 +334,7 @@ $$;
 --     clock, since the last round): their queues' workers are woken;
 --   * expired last attempts (the notes their claims left in last_attempt_leases): dead-lettered;
 --   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
+--   * big stages' message windows that are due and that no claim sent are sent;
 --   * the reconciler (stageflow._reconcile) walks on through tasks and messages;
 --   * retention (stageflow._prune): finished jobs older than stageflow.retention (an interval,
 --     default 7 days; 0 keeps them) are deleted with their stages, tasks, events and webhook
