@@ -1,6 +1,6 @@
 -- A stage of more tasks than stageflow.message_window has messages for one window of them at a
 -- time (stageflow.message_windows): every task row holds its msg_id from the start, in task order;
--- the next window is sent by a claim that reads into the second half of the last one, or that
+-- the next window is sent by a claim that reads into the last one sent (one window ahead), or that
 -- finds the queue short. Claims take every task once, in order, across windows and ahead of a job
 -- submitted later on the same queue; the reconciler sends no message to a task whose window has
 -- not come; a cancelled job's window goes (with cancel_job, or at the next claim if a claim held
@@ -65,9 +65,9 @@ BEGIN
     ASSERT pg_temp.sent(v_job, 1, 'mw') = 4 AND pg_temp.messages('mw') = 4, 'the first window only';
     SELECT * INTO STRICT v_w FROM stageflow.message_windows AS w WHERE w.job_id = v_job;
     ASSERT v_w.stage = 1 AND v_w.queue = 'mw' AND v_w.next_ordinal = 4 AND v_w.task_count = 10, format('window %s', to_jsonb(v_w));
-    ASSERT v_w.refill_at = (SELECT t.msg_id FROM stageflow.tasks AS t WHERE t.job_id = v_job AND t.ordinal = 2)
+    ASSERT v_w.refill_at = (SELECT t.msg_id FROM stageflow.tasks AS t WHERE t.job_id = v_job AND t.ordinal = 0)
        AND v_w.sent_up_to = (SELECT t.msg_id FROM stageflow.tasks AS t WHERE t.job_id = v_job AND t.ordinal = 3),
-        format('refill at ordinal 2, sent up to ordinal 3: %s', to_jsonb(v_w));
+        format('the next window goes once a claim reads this one (ordinals 0 to 3): %s', to_jsonb(v_w));
 
     -- The reconciler sends nothing to a task whose window has not come (nor did it lose any).
     v_report := stageflow.run_maintenance();
@@ -211,7 +211,7 @@ END;
 $$;
 
 -- A window no claim sent (messages read outside claim_tasks here; in use: a claim whose read
--- reached it rolled back) is sent by the next maintenance round once its second half is all read.
+-- reached it rolled back) is sent by the next maintenance round once that window is all read.
 DO $$
 DECLARE
     v_job    text := stageflow.submit_job('two_windowed', '{"n": 12, "run": 3}');

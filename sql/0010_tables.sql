@@ -292,9 +292,9 @@ CREATE TABLE stageflow.admissions (
 -- none yet (ordinal >= next_ordinal). Each task row holds its message's id from the start (taken
 -- from the queue's sequence, in task order, when the stage is made; the highest: last_msg_id), so
 -- sending a window inserts messages and changes no task. The next window is sent by a claim that
--- reads a message of the second half of the last window sent (msg_ids refill_at .. sent_up_to),
+-- reads a message of the last window sent (msg_ids refill_at .. sent_up_to: one window stays ahead),
 -- or that reads fewer messages than it asked for (stageflow._send_next_window), and by a
--- maintenance round that finds that second half all read (_send_due_windows); the row goes once
+-- maintenance round that finds that window all read (_send_due_windows); the row goes once
 -- every task has its message, or the job ended. Locks on it never wait (SKIP LOCKED), but
 -- retention's, which deletes it with its stage.
 CREATE TABLE stageflow.message_windows (

@@ -123,7 +123,7 @@ BEGIN
     ELSE
         UPDATE stageflow.message_windows AS mw
            SET next_ordinal = v_upto,
-               refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal + (v_upto - w.next_ordinal) / 2),
+               refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal),
                sent_up_to = stageflow._msg_id_of(w.job_id, w.stage, v_upto - 1)
          WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
     END IF;
@@ -348,7 +348,7 @@ BEGIN
         INSERT INTO stageflow.message_windows
             (job_id, stage, queue, next_ordinal, task_count, window_size, refill_at, sent_up_to, last_msg_id, created_at)
         VALUES (p_job_id, p_stage, v_queue, v_window, v_count, v_window,
-                stageflow._msg_id_of(p_job_id, p_stage, v_window / 2), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
+                stageflow._msg_id_of(p_job_id, p_stage, 0), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
                 stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), v_now);
         PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window,
                                                stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), clock_timestamp());

@@ -219,7 +219,7 @@ BEGIN
       INTO v_msg_ids, v_task_ids
       FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
-    -- gets its next window when this read took messages of the second half of its last one (each
+    -- gets its next window when this read took messages of its last one, a window ahead (each
     -- such stage), or came back short (the oldest, if none of those), never waiting for a lock;
     -- a claim that had read nothing reads again (holding nothing, it reads in any order). (One
     -- index probe of a table with a row per such stage.)

@@ -286,7 +286,7 @@ END;
 $$;
 
 -- Maintenance's part of the message windows: sends the next window of each big stage whose last
--- window's second half has all been read (no message of msg_ids refill_at .. sent_up_to is still
+-- window has all been read (no message of msg_ids refill_at .. sent_up_to is still
 -- unread in its queue) while no claim sent it (a claim whose read reached it rolled back, say), at
 -- most max_rows windows a round, oldest first in each queue; visible from p_vt. Only due windows
 -- count against max_rows (found by review: a LIMIT before the check let a thousand older windows

@@ -53,9 +53,9 @@ CREATE TABLE stageflow.lease_token_floor (
 -- none yet (ordinal >= next_ordinal). Each task row holds its message's id from the start (taken
 -- from the queue's sequence, in task order, when the stage is made; the highest: last_msg_id), so
 -- sending a window inserts messages and changes no task. The next window is sent by a claim that
--- reads a message of the second half of the last window sent (msg_ids refill_at .. sent_up_to),
+-- reads a message of the last window sent (msg_ids refill_at .. sent_up_to: one window stays ahead),
 -- or that reads fewer messages than it asked for (stageflow._send_next_window), and by a
--- maintenance round that finds that second half all read (_send_due_windows); the row goes once
+-- maintenance round that finds that window all read (_send_due_windows); the row goes once
 -- every task has its message, or the job ended. Locks on it never wait (SKIP LOCKED), but
 -- retention's, which deletes it with its stage.
 CREATE TABLE stageflow.message_windows (
@@ -899,7 +899,7 @@ BEGIN
       INTO v_msg_ids, v_task_ids
       FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
-    -- gets its next window when this read took messages of the second half of its last one (each
+    -- gets its next window when this read took messages of its last one, a window ahead (each
     -- such stage), or came back short (the oldest, if none of those), never waiting for a lock;
     -- a claim that had read nothing reads again (holding nothing, it reads in any order). (One
     -- index probe of a table with a row per such stage.)
@@ -1785,7 +1785,7 @@ BEGIN
     ELSE
         UPDATE stageflow.message_windows AS mw
            SET next_ordinal = v_upto,
-               refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal + (v_upto - w.next_ordinal) / 2),
+               refill_at = stageflow._msg_id_of(w.job_id, w.stage, w.next_ordinal),
                sent_up_to = stageflow._msg_id_of(w.job_id, w.stage, v_upto - 1)
          WHERE mw.job_id = w.job_id AND mw.stage = w.stage;
     END IF;
@@ -2007,7 +2007,7 @@ BEGIN
         INSERT INTO stageflow.message_windows
             (job_id, stage, queue, next_ordinal, task_count, window_size, refill_at, sent_up_to, last_msg_id, created_at)
         VALUES (p_job_id, p_stage, v_queue, v_window, v_count, v_window,
-                stageflow._msg_id_of(p_job_id, p_stage, v_window / 2), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
+                stageflow._msg_id_of(p_job_id, p_stage, 0), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
                 stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), v_now);
         PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window,
                                                stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), clock_timestamp());
@@ -3884,7 +3884,7 @@ BEGIN
 END;
 $$;
 -- Maintenance's part of the message windows: sends the next window of each big stage whose last
--- window's second half has all been read (no message of msg_ids refill_at .. sent_up_to is still
+-- window has all been read (no message of msg_ids refill_at .. sent_up_to is still
 -- unread in its queue) while no claim sent it (a claim whose read reached it rolled back, say), at
 -- most max_rows windows a round, oldest first in each queue; visible from p_vt. Only due windows
 -- count against max_rows (found by review: a LIMIT before the check let a thousand older windows

@@ -673,7 +673,7 @@ fn a_batch_advancing_a_hundred_jobs_uses_one_subtransaction_id() {
     let windows: i64 = client.query_one("SELECT count(*) FROM stageflow.message_windows", &[]).unwrap().get(0);
     assert_eq!(windows, 50, "each wide job's stage b sends its messages in windows");
     assert_eq!(claim(&mut client, "small_b", 200, 300).len(), 50);
-    // The first windows, 3 of each stage's 4 tasks; that read reaches every window's second half
+    // The first windows, 3 of each stage's 4 tasks; that read reaches every stage's last window
     // and sends each stage's last task, which the next claim takes.
     assert_eq!(claim(&mut client, "wide_b", 150, 300).len(), 150);
     assert_eq!(claim(&mut client, "wide_b", 150, 300).len(), 50);

@@ -9,7 +9,7 @@
 //!   own `lease_seconds` of 2, which wins over the claim's).
 //!
 //! The database's `stageflow.message_window` is 3: a stage of more tasks has messages for 3 of
-//! them at a time, the next 3 sent by the claim that reads into the last window's second half or
+//! them at a time, the next 3 sent by the claim that reads into the last window sent or
 //! finds the queue short, while jobs are cancelled and retried around it.
 //!
 //! For `STAGEFLOW_TORTURE_SECONDS` (default 20) six workers claim with 1-second leases (a quarter
