@@ -1920,8 +1920,8 @@ $$;
 -- src/lib.rs:53
 -- Creates stage p_stage of a job: its stages row, all its task rows in one INSERT, and one message
 -- per task in one pgmq.send_batch (for a stage of more than stageflow.message_window tasks, the
--- messages of its first window, the rest later: stageflow.message_windows). Returns the number of tasks (0 for an empty fan-out, in which case
--- the stage is created already completed). Called only by submit_job and advance_stage, which hold
+-- messages of its first window, the rest later: stageflow.message_windows). Returns the number
+-- of tasks (0 for an empty fan-out, in which case the stage is created already completed). Called only by submit_job and advance_stage, which hold
 -- the job's row lock (advance) or have just inserted the job (submit). The job's quotas are
 -- checked before anything is inserted (_check_quota).
 -- What can fail for the job's own reasons (its params, its planner's results, its quota) is
@@ -2073,8 +2073,8 @@ AS $$
     SELECT count(*)::int FROM dropped
 $$;
 
--- A claim's part: sends the next window of every stage on p_queue whose last window's second
--- half the claim's read reached (it read msg_ids p_read_from .. p_read_to); if it read fewer than
+-- A claim's part: sends the next window of every stage on p_queue whose last window sent the
+-- claim's read reached (it read msg_ids p_read_from .. p_read_to); if it read fewer than
 -- it asked for (p_short) and those sent nothing, the next window of the oldest stage with one to
 -- send; visible from p_vt. Stages another session is sending for are skipped. Returns how many
 -- messages it sent.
@@ -2133,6 +2133,7 @@ DECLARE
     v_first_token bigint;
     v_sequence    regclass;
     v_window      int;
+    v_last_msg_id bigint;
     -- the engine's clock, read once for the stage and all its tasks
     v_now         timestamptz := stageflow.now();
     v_message     text;
@@ -2265,13 +2266,13 @@ BEGIN
                    (v_def -> 'retry' ->> 'max_attempts')::int, nextval(v_sequence), v_now, v_first_token
               FROM ROWS FROM (unnest(v_keys), unnest(v_params), unnest(v_preds)) WITH ORDINALITY AS u(key, params, pred, n);
         END IF;
+        v_last_msg_id := stageflow._msg_id_of(p_job_id, p_stage, v_count - 1);
         INSERT INTO stageflow.message_windows
             (job_id, stage, queue, next_ordinal, task_count, window_size, refill_at, sent_up_to, last_msg_id, created_at)
         VALUES (p_job_id, p_stage, v_queue, v_window, v_count, v_window,
                 stageflow._msg_id_of(p_job_id, p_stage, 0), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
-                stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), v_now);
-        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window,
-                                               stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), clock_timestamp());
+                v_last_msg_id, v_now);
+        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window, v_last_msg_id, clock_timestamp());
     ELSIF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
