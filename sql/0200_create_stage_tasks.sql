@@ -136,21 +136,28 @@ $$;
 
 -- Drops the windows of a job whose open tasks have all been cancelled (_end_job) or given messages
 -- (retry_job of a stopped job): those a claim holds are skipped, not waited for (that claim finds
--- the job ended and drops it, or sends none of the tasks retry_job sent). Returns how many it
--- dropped.
+-- the job ended and drops it, or sends none of the tasks retry_job sent).
 CREATE FUNCTION stageflow._drop_message_windows(p_job_id text)
-RETURNS int
+RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH dropped AS (
-        DELETE FROM stageflow.message_windows AS w
-         WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
-                                        WHERE l.job_id = p_job_id
-                                        ORDER BY l.stage
-                                          FOR UPDATE SKIP LOCKED)
-        RETURNING 1)
-    SELECT count(*)::int FROM dropped
+    DELETE FROM stageflow.message_windows AS w
+     WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
+                                    WHERE l.job_id = p_job_id
+                                    ORDER BY l.stage
+                                      FOR UPDATE SKIP LOCKED)
+$$;
+
+-- Whether a claim's read of msg_ids p_read_from .. p_read_to took messages of a stage's last
+-- window sent (p_refill_at .. p_sent_up_to, stageflow.message_windows), so that its next window
+-- is due: the one test of it, inlined where claim_tasks probes for such a stage and where
+-- _send_next_window picks them.
+CREATE FUNCTION stageflow._window_reached(p_refill_at bigint, p_sent_up_to bigint, p_read_from bigint, p_read_to bigint)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_refill_at <= p_read_to AND p_read_from <= p_sent_up_to
 $$;
 
 -- A claim's part: sends the next window of every stage on p_queue whose last window sent the
@@ -172,7 +179,7 @@ BEGIN
     FOR w IN
         SELECT u.* FROM (
             SELECT mw.job_id, mw.stage, mw.created_at,
-                   coalesce(mw.refill_at <= p_read_to AND p_read_from <= mw.sent_up_to, false) AS reached
+                   coalesce(stageflow._window_reached(mw.refill_at, mw.sent_up_to, p_read_from, p_read_to), false) AS reached
               FROM stageflow.message_windows AS mw
              WHERE mw.queue = p_queue) AS u
          WHERE u.reached OR p_short

@@ -226,7 +226,7 @@ BEGIN
     v_short := coalesce(cardinality(v_msg_ids), 0) < claim_tasks.max_tasks;
     IF EXISTS (SELECT 1 FROM stageflow.message_windows AS w
                 WHERE w.queue = claim_tasks.queue
-                  AND (v_short OR (w.refill_at <= v_msg_ids[cardinality(v_msg_ids)] AND v_msg_ids[1] <= w.sent_up_to))) THEN
+                  AND (v_short OR stageflow._window_reached(w.refill_at, w.sent_up_to, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)]))) THEN
         IF stageflow._send_next_window(claim_tasks.queue, v_now, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)], v_short) > 0
            AND v_msg_ids IS NULL THEN
             SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)

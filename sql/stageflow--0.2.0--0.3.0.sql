@@ -1348,21 +1348,27 @@ END;
 $$;
 -- Drops the windows of a job whose open tasks have all been cancelled (_end_job) or given messages
 -- (retry_job of a stopped job): those a claim holds are skipped, not waited for (that claim finds
--- the job ended and drops it, or sends none of the tasks retry_job sent). Returns how many it
--- dropped.
+-- the job ended and drops it, or sends none of the tasks retry_job sent).
 CREATE FUNCTION stageflow._drop_message_windows(p_job_id text)
-RETURNS int
+RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH dropped AS (
-        DELETE FROM stageflow.message_windows AS w
-         WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
-                                        WHERE l.job_id = p_job_id
-                                        ORDER BY l.stage
-                                          FOR UPDATE SKIP LOCKED)
-        RETURNING 1)
-    SELECT count(*)::int FROM dropped
+    DELETE FROM stageflow.message_windows AS w
+     WHERE (w.job_id, w.stage) IN (SELECT l.job_id, l.stage FROM stageflow.message_windows AS l
+                                    WHERE l.job_id = p_job_id
+                                    ORDER BY l.stage
+                                      FOR UPDATE SKIP LOCKED)
+$$;
+-- Whether a claim's read of msg_ids p_read_from .. p_read_to took messages of a stage's last
+-- window sent (p_refill_at .. p_sent_up_to, stageflow.message_windows), so that its next window
+-- is due: the one test of it, inlined where claim_tasks probes for such a stage and where
+-- _send_next_window picks them.
+CREATE FUNCTION stageflow._window_reached(p_refill_at bigint, p_sent_up_to bigint, p_read_from bigint, p_read_to bigint)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_refill_at <= p_read_to AND p_read_from <= p_sent_up_to
 $$;
 -- A claim's part: sends the next window of every stage on p_queue whose last window sent the
 -- claim's read reached (it read msg_ids p_read_from .. p_read_to); if it read fewer than
@@ -1383,7 +1389,7 @@ BEGIN
     FOR w IN
         SELECT u.* FROM (
             SELECT mw.job_id, mw.stage, mw.created_at,
-                   coalesce(mw.refill_at <= p_read_to AND p_read_from <= mw.sent_up_to, false) AS reached
+                   coalesce(stageflow._window_reached(mw.refill_at, mw.sent_up_to, p_read_from, p_read_to), false) AS reached
               FROM stageflow.message_windows AS mw
              WHERE mw.queue = p_queue) AS u
          WHERE u.reached OR p_short
@@ -3615,7 +3621,7 @@ BEGIN
     v_short := coalesce(cardinality(v_msg_ids), 0) < claim_tasks.max_tasks;
     IF EXISTS (SELECT 1 FROM stageflow.message_windows AS w
                 WHERE w.queue = claim_tasks.queue
-                  AND (v_short OR (w.refill_at <= v_msg_ids[cardinality(v_msg_ids)] AND v_msg_ids[1] <= w.sent_up_to))) THEN
+                  AND (v_short OR stageflow._window_reached(w.refill_at, w.sent_up_to, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)]))) THEN
         IF stageflow._send_next_window(claim_tasks.queue, v_now, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)], v_short) > 0
            AND v_msg_ids IS NULL THEN
             SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
