@@ -152,12 +152,12 @@ $$;
 -- Whether a claim's read of msg_ids p_read_from .. p_read_to took messages of a stage's last
 -- window sent (p_refill_at .. p_sent_up_to, stageflow.message_windows), so that its next window
 -- is due: the one test of it, inlined where claim_tasks probes for such a stage and where
--- _send_next_window picks them.
+-- _send_next_window picks them. (Inlinable: no SET clause, its operators qualified.)
 CREATE FUNCTION stageflow._window_reached(p_refill_at bigint, p_sent_up_to bigint, p_read_from bigint, p_read_to bigint)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT p_refill_at <= p_read_to AND p_read_from <= p_sent_up_to
+    SELECT p_refill_at OPERATOR(pg_catalog.<=) p_read_to AND p_read_from OPERATOR(pg_catalog.<=) p_sent_up_to
 $$;
 
 -- A claim's part: sends the next window of every stage on p_queue whose last window sent the

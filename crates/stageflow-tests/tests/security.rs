@@ -151,13 +151,13 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
               WHERE n.nspname = 'stageflow' AND p.prolang <> (SELECT oid FROM pg_language WHERE lanname = 'c')
                 AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
                 -- stageflow.now(), stageflow._refusal(), the status classes and _is_task_of_job of
-                -- sql/0015_statuses.sql, _task_params and _completion_reports are kept inlinable: no SET clause, every function qualified, not
+                -- sql/0015_statuses.sql, _task_params, _completion_reports and _window_reached are kept inlinable: no SET clause, every function qualified, not
                 -- SECURITY DEFINER (they run with their caller's rights; a SET clause would stop
                 -- PostgreSQL inlining them).
                 AND NOT (p.proname IN ('now', '_refusal', '_job_is_open', '_job_is_done', '_job_is_stopped',
                                        '_job_has_ended', '_task_is_open', '_task_has_failed',
                                        '_task_ended_without_result', '_task_is_claimable', '_task_params',
-                                       '_is_task_of_job', '_completion_reports')
+                                       '_is_task_of_job', '_completion_reports', '_window_reached')
                          AND NOT p.prosecdef)",
             &[],
         )
