@@ -23,7 +23,7 @@ pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64
     let job_id = submit(setup.raw(), "bench", json!({"n": tasks, "run": run_id()})).await?;
     let finished = Arc::new(AtomicBool::new(false));
     let (_listener, woken) = notifications(url).await?;
-    let wal = Meter::start(url).await?;
+    let wal = Meter::start(url, &[setup.raw()]).await?;
     let (elapsed, line) = in_parallel(clients(url, n, sync).await?, |client| {
         let (job_id, finished, mut woken) = (job_id.clone(), finished.clone(), woken.clone());
         async move {

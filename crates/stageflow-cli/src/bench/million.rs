@@ -160,10 +160,10 @@ pub(super) async fn run(
     let start = Instant::now();
     let job_id = submit(&submitter, "bench", json!({"n": n, "ms": 0, "run": run_id()})).await?;
     let submit_seconds = start.elapsed().as_secs_f64();
-    drop(submitter);
     // The WAL of the run, stage 2's lineage fan-out included (checkpoints fall within it, so its
-    // claims and completions log task pages whole as a backlog does).
-    let wal = Meter::start(url).await?;
+    // claims and completions log task pages whole as a backlog does); not the submission's.
+    let wal = Meter::start(url, &[&setup, &submitter]).await?;
+    drop(submitter);
 
     let mut children = Vec::new();
     for i in 0..workers {

@@ -86,7 +86,7 @@ pub(super) async fn pgmq(
         )
         .await?;
     before_line(&setup, variant).await?;
-    let wal = Meter::start(url).await?;
+    let wal = Meter::start(url, &[&setup]).await?;
     let (script, file) = if batch == 1 { (PGMQ_SCRIPT, "pgmq_one.sql") } else { (PGMQ_BATCH_SCRIPT, "pgmq_batch.sql") };
     let rate = batch as f64 * run(url, n, variant, script, per_client, &dir.join(file)).await?;
     let per = wal.per((per_client * n * batch) as f64).await?;
@@ -110,7 +110,7 @@ pub(super) async fn stageflow(
     let job_id =
         submit(&setup, "bench_pgbench", json!({"n": per_client * n * batch * 11 / 10, "run": run_id()})).await?;
     before_line(&setup, variant).await?;
-    let wal = Meter::start(url).await?;
+    let wal = Meter::start(url, &[&setup]).await?;
     let (script, file) = if batch == 1 {
         (STAGEFLOW_SCRIPT, "stageflow_one.sql")
     } else {

@@ -129,7 +129,7 @@ pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, items: i32
         )
         .await?
         .get(0);
-    let wal = Meter::start(url).await?;
+    let wal = Meter::start(url, &[&setup]).await?;
     let finished = Arc::new(AtomicBool::new(false));
     let completed_at = Arc::new(Mutex::new(None::<Instant>));
     let next_worker = Arc::new(AtomicUsize::new(0));

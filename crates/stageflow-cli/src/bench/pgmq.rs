@@ -20,7 +20,7 @@ pub(super) async fn rate(
     for _ in 0..messages.div_ceil(1000) {
         setup.raw().execute("SELECT pgmq.send_batch('bench_pgmq', $1::jsonb[])", &[&payload]).await?;
     }
-    let wal = Meter::start(url).await?;
+    let wal = Meter::start(url, &[setup.raw()]).await?;
     let (elapsed, line) = in_parallel(clients(url, n, sync).await?, |client| async move {
         let read = client.prepare("SELECT msg_id FROM pgmq.read('bench_pgmq', 30, $1)").await?;
         let delete_one = client.prepare("SELECT pgmq.delete('bench_pgmq', $1::bigint)").await?;

@@ -1,12 +1,18 @@
 //! WAL accounting of a timed line: `pg_stat_wal` (the whole cluster's) read before and after it,
 //! divided by the messages or tasks the line handled.
 //!
-//! A backend adds its WAL counts to `pg_stat_wal` when it has been idle for a second or when it
-//! exits, so the reading after a line first waits for the line's connections to be gone (the
-//! count of client backends back to what it was before the line), then reads in a fresh
-//! transaction with the snapshot cleared. The line's own setup (sending its messages, submitting
-//! its job) is made before the first reading and is not counted; the full-page images the line
-//! writes after `settle()`'s checkpoint are counted, as every line pays them alike.
+//! A backend adds its WAL counts to `pg_stat_wal` when it goes idle at least a second after it
+//! last did (else up to 10 s later, while it sits idle), or when it exits. So the reading before
+//! a line first makes each connection that set the line up (sent its messages, submitted its job,
+//! vacuumed) add its counts (`pg_stat_force_next_flush()`, which takes effect as that statement
+//! ends, before its answer comes back): without it, the WAL of a setup that had just run was added
+//! during the line and counted in it. pgmq's one-at-a-time lines measured 712-743 B a message with
+//! 10.4-10.8 records in several runs (runs AV, BC, BF, BI) against 431-456 B and 7.3-7.8 records
+//! otherwise: about its 20,000 messages' inserts (a heap row and two index entries each). The
+//! reading after a line first waits for the line's connections to be gone (the count of client
+//! backends back to what it was before the line), then reads in a fresh transaction with the
+//! snapshot cleared. The line's own setup is not counted; the full-page images the line writes
+//! after `settle()`'s checkpoint are, as every line pays them alike.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +54,14 @@ impl PerUnit {
     }
 }
 
+/// Makes each of `clients` add its pending statistics (its WAL counts among them) now.
+pub(super) async fn flush(clients: &[&Client]) -> Result<(), CliError> {
+    for client in clients {
+        client.batch_execute("SELECT pg_stat_force_next_flush()").await?;
+    }
+    Ok(())
+}
+
 async fn read(client: &Client) -> Result<(i64, i64, i64, i64), CliError> {
     client.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
     let row = client.query_one(READ, &[]).await?;
@@ -55,8 +69,11 @@ async fn read(client: &Client) -> Result<(i64, i64, i64, i64), CliError> {
 }
 
 impl Meter {
-    /// The reading before a line, on a connection of its own (kept open until [`Meter::per`]).
-    pub async fn start(url: &str) -> Result<Meter, CliError> {
+    /// The reading before a line, on a connection of its own (kept open until [`Meter::per`]),
+    /// once every connection in `setup` (those that wrote anything since they last went idle for
+    /// a second) has added its WAL counts.
+    pub async fn start(url: &str, setup: &[&Client]) -> Result<Meter, CliError> {
+        flush(setup).await?;
         let client = connect(url).await?.into_raw();
         let (bytes, records, backends, images) = read(&client).await?;
         Ok(Meter { client, bytes, records, backends, images })
