@@ -391,22 +391,28 @@ $$;
 -- table (its read then walks the primary key too). Only queues Stageflow makes (_ensure_queue;
 -- the upgrade to 0.3.0 shapes the existing queues its job types and jobs name): a queue made with
 -- pgmq.create and then named by a job type keeps its index. Pages written before stay as they are.
+-- Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
+-- fillfactor, and a queue whose table is gone has nothing to shape (the upgrade must not fail on
+-- either).
 CREATE FUNCTION stageflow._shape_queue(p_queue text)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_table oid := (SELECT c.oid FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'pgmq' AND c.relname = pgmq.format_table_name(p_queue, 'q') AND c.relkind = 'r');
     v_index name;
 BEGIN
+    IF v_table IS NULL THEN
+        RETURN;
+    END IF;
     FOR v_index IN
         SELECT ic.relname
           FROM pg_index AS i
           JOIN pg_class AS ic ON ic.oid = i.indexrelid
-          JOIN pg_class AS tc ON tc.oid = i.indrelid
-          JOIN pg_namespace AS n ON n.oid = tc.relnamespace
-          JOIN pg_attribute AS a ON a.attrelid = tc.oid AND a.attnum = ANY (i.indkey::int2[])
-         WHERE n.nspname = 'pgmq' AND tc.relname = pgmq.format_table_name(p_queue, 'q') AND a.attname = 'vt'
+          JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+         WHERE i.indrelid = v_table AND a.attname = 'vt'
     LOOP
         EXECUTE format('DROP INDEX pgmq.%I', v_index);
     END LOOP;
