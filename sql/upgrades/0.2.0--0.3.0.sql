@@ -36,12 +36,3 @@ INSERT INTO stageflow.lease_token_floor (token) VALUES (2147483648);
 SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor_note_id_seq', '');
 
 -- @definitions
-
--- The queues that the job types and the stages of jobs name, where they exist: shaped as a queue
--- made from now on is (_shape_queue: no index on vt, fillfactor 50), so that a claim's read of a
--- message is a HOT update.
-SELECT stageflow._shape_queue(u.queue)
-  FROM (SELECT j.queue FROM stageflow._job_type_queues() AS j(queue)
-        UNION
-        SELECT s.queue FROM stageflow.stages AS s) AS u
- WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = u.queue);

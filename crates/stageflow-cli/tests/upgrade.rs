@@ -201,36 +201,9 @@ fn jobs_in_flight_on_0_1_0_finish_after_the_upgrade() {
     // had no limit and keep none, whatever the default is when the update runs (here 1: the half
     // planned job's two planners would already fill it).
     client.batch_execute("SET stageflow.max_tasks_per_job = 1").unwrap();
-    // A queue of pgmq's own, which no job type names.
-    client.batch_execute("SELECT pgmq.create('up_own')").unwrap();
     client.batch_execute("ALTER EXTENSION stageflow UPDATE").unwrap_or_else(|e| panic!("{e:?}"));
     client.batch_execute("RESET stageflow.max_tasks_per_job").unwrap();
     assert_eq!(installed_version(&mut client), current_version(&mut client));
-    // The queues the jobs and the job types name lost pgmq's index on vt (a claim's read of a
-    // message is a HOT update, as on a queue made by 0.3.0), and only those.
-    let vt_indexed: Vec<String> = client
-        .query(
-            "SELECT m.queue_name FROM pgmq.meta AS m
-              WHERE EXISTS (SELECT 1 FROM pg_index AS i JOIN pg_attribute AS a
-                                ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
-                             WHERE i.indrelid = format('pgmq.%I', 'q_' || m.queue_name)::regclass AND a.attname = 'vt')
-              ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    let queues: Vec<String> = client
-        .query("SELECT queue_name FROM pgmq.meta ORDER BY 1", &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    for queue in ["up", "up_plan", "up_next", "up_plan_next"] {
-        assert!(queues.contains(&queue.to_owned()), "{queue}: {queues:?}");
-    }
-    assert_eq!(vt_indexed, ["up_own"], "the queues: {queues:?}");
 
     // The old worker reports what it held, as it did (worker_id, no lease token): accepted.
     let report = complete_010(&mut client, &held[1].0, json!({"by": "old-1", "after": "the upgrade"}));

@@ -162,8 +162,9 @@ pub(super) async fn run(
     let submit_seconds = start.elapsed().as_secs_f64();
     // The WAL of the run, stage 2's lineage fan-out included (checkpoints fall within it, so its
     // claims and completions log task pages whole as a backlog does); not the submission's.
+    // (the submitter stays connected until the reading after the run: the count of connections
+    // that reading waits to come back to includes it)
     let wal = Meter::start(url, &[&setup, &submitter]).await?;
-    drop(submitter);
 
     let mut children = Vec::new();
     for i in 0..workers {
@@ -216,6 +217,7 @@ pub(super) async fn run(
         stop_worker(child)?;
     }
     let wal = wal.per((2 * n) as f64).await?;
+    drop(submitter);
     let stage1_done = stage1_done.unwrap_or(wall);
     let flat = windows(&samples, window, 2 * n);
     let flatness = match (flat.first(), flat.last()) {
