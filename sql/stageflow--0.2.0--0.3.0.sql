@@ -2744,7 +2744,6 @@ DECLARE
     v_first_token bigint;
     v_sequence    regclass;
     v_window      int;
-    v_last_msg_id bigint;
     -- the engine's clock, read once for the stage and all its tasks
     v_now         timestamptz := stageflow.now();
     v_message     text;
@@ -2877,13 +2876,12 @@ BEGIN
                    (v_def -> 'retry' ->> 'max_attempts')::int, nextval(v_sequence), v_now, v_first_token
               FROM ROWS FROM (unnest(v_keys), unnest(v_params), unnest(v_preds)) WITH ORDINALITY AS u(key, params, pred, n);
         END IF;
-        v_last_msg_id := stageflow._msg_id_of(p_job_id, p_stage, v_count - 1);
+        -- (no window sent yet, the empty range 1 .. 0; the first goes as every later one does)
         INSERT INTO stageflow.message_windows
             (job_id, stage, queue, next_ordinal, task_count, window_size, refill_at, sent_up_to, last_msg_id, created_at)
-        VALUES (p_job_id, p_stage, v_queue, v_window, v_count, v_window,
-                stageflow._msg_id_of(p_job_id, p_stage, 0), stageflow._msg_id_of(p_job_id, p_stage, v_window - 1),
-                v_last_msg_id, v_now);
-        PERFORM stageflow._send_stage_messages(p_job_id, p_stage, v_queue, 0, v_window, v_last_msg_id, clock_timestamp());
+        VALUES (p_job_id, p_stage, v_queue, 0, v_count, v_window, 1, 0,
+                stageflow._msg_id_of(p_job_id, p_stage, v_count - 1), v_now);
+        PERFORM stageflow._send_window(p_job_id, p_stage, clock_timestamp());
     ELSIF v_count > 0 AND v_fan_out = 'count' THEN
         INSERT INTO stageflow.tasks
             (task_id, job_id, stage, task_key, ordinal, params, predecessor_id, inputs, max_attempts, msg_id, created_at,
