@@ -91,3 +91,35 @@ BEGIN
              WHERE p.oid = 'stageflow.run_maintenance(int)'::regprocedure), 'run_maintenance sets jit = off';
 END;
 $$;
+
+-- Messages that became visible are found by a walk over each queue in msg_id order, at most
+-- max_rows messages of it a round (not by pgmq's index on vt: Stageflow's queues have none), and
+-- each is counted once, by the first pass over the queue that starts after it became visible.
+RESET stageflow.retention;
+SELECT stageflow.register_job_type('walked', $$
+{"retry": {"max_attempts": 3}, "stages": [{"name": "s", "handler": "w.s", "queue": "walked", "fan_out": "count", "param": "n"}]}
+$$);
+SET stageflow.fake_now = '2030-04-01 00:00:00+00';
+CREATE TEMP TABLE walked_job AS SELECT stageflow.submit_job('walked', '{"n": 5}') AS id;
+DO $$
+DECLARE
+    v_report jsonb;
+    v_counts int[] := '{}';
+BEGIN
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('walked', 5, 60)) = 5;
+    -- (a pass starting now, over the 5 messages whose leases run to 00:01, counts nothing)
+    FOR i IN 1..3 LOOP
+        v_report := stageflow.run_maintenance(2);
+        ASSERT (v_report ->> 'leases_expired')::int = 0, v_report::text;
+    END LOOP;
+    PERFORM set_config('stageflow.fake_now', '2030-04-01 00:02:00+00', false);
+    FOR i IN 1..4 LOOP
+        v_report := stageflow.run_maintenance(2);
+        ASSERT (v_report ->> 'errors')::int = 0, v_report::text;
+        v_counts := v_counts || (v_report ->> 'leases_expired')::int;
+    END LOOP;
+    ASSERT v_counts = '{2,2,1,0}', 'two messages a round, each counted once: ' || v_counts::text;
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('walked', 5, 60) AS c WHERE c.attempt = 2) = 5;
+END;
+$$;
+RESET stageflow.fake_now;

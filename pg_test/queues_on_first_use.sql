@@ -84,3 +84,23 @@ BEGIN
     ASSERT EXISTS (SELECT 1 FROM pgmq.q_right_q AS q JOIN stageflow.tasks AS t ON t.msg_id = q.msg_id WHERE t.task_id = v_right);
 END;
 $$;
+
+-- A queue Stageflow makes has no index on vt and fillfactor 50 (_shape_queue: a claim's read of a
+-- message is a HOT update); a table it cannot shape is left as it is, without an error (the
+-- upgrade to 0.3.0 shapes every queue its job types and jobs name): a partitioned one, as pgmq
+-- makes with pg_partman, or none at all.
+DO $$
+BEGIN
+    ASSERT (SELECT c.reloptions FROM pg_class AS c WHERE c.oid = 'pgmq.q_default'::regclass) = '{fillfactor=50}',
+           'the default queue''s table has fillfactor 50';
+    ASSERT NOT EXISTS (SELECT 1 FROM pg_indexes AS x WHERE x.schemaname = 'pgmq' AND x.tablename = 'q_default'
+                                                        AND x.indexdef LIKE '%(vt)%'),
+           'the default queue has no index on vt';
+    CREATE TABLE pgmq.q_shape_parted (msg_id bigint, vt timestamptz NOT NULL) PARTITION BY RANGE (msg_id);
+    CREATE INDEX q_shape_parted_vt_idx ON pgmq.q_shape_parted (vt);
+    PERFORM stageflow._shape_queue('shape_parted');
+    ASSERT EXISTS (SELECT 1 FROM pg_class AS c WHERE c.relname = 'q_shape_parted_vt_idx'), 'a partitioned queue keeps its index';
+    PERFORM stageflow._shape_queue('shape_missing');
+    DROP TABLE pgmq.q_shape_parted;
+END;
+$$;

@@ -1,3 +1,59 @@
+-- Shapes the table of a queue the job types use for how the engine uses it. A claim reads a
+-- message (src/queues.rs) by walking the table's primary key in msg_id order, never by pgmq's
+-- index on vt, and moves its vt to the lease's end; with that index, the move is an update that
+-- writes an entry into both indexes. Without it, and with room on the page for the new version
+-- (fillfactor 50: a message row and its one new version), the move is a HOT update: no index
+-- entry. One at a time under pgbench (8 clients, sync on, pg_walinspect), a task's WAL went from
+-- 989-996 to 838-884 bytes (pgmq's read + delete: 431). Nothing of Stageflow reads a queue by vt
+-- (maintenance finds the messages that became visible in its bounded walk by msg_id, _reconcile),
+-- and pgmq's own functions keep working on the table (its read then walks the primary key too).
+-- Pages written before stay as they are.
+-- Called by _ensure_queue on the queue it makes (p_nowait false: nobody else can use it yet), and
+-- by every maintenance round on the job types' queues that still have the index (queues made
+-- before 0.3.0, or by pgmq.create and then named by a job type) with p_nowait: it takes the
+-- table's lock without waiting (55P03 when a claim or a completion holds it: the round tries
+-- again next time), so it never waits while holding anything a worker may be waiting for, and
+-- holds the lock until the round commits, its last step. (The upgrade does not shape: its
+-- transaction locks stageflow.tasks, and claims and completions take the queue and the task
+-- table in both orders.) Only an ordinary table is shaped: a partitioned queue's (pgmq with
+-- pg_partman) takes no fillfactor, and a queue whose table is gone has nothing to shape.
+-- Returns whether it changed the table.
+CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_table   oid;
+    v_shaped  boolean;
+    v_index   name;
+BEGIN
+    SELECT c.oid, coalesce('fillfactor=50' = ANY (c.reloptions), false) INTO v_table, v_shaped
+      FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'pgmq' AND c.relname = pgmq.format_table_name(p_queue, 'q') AND c.relkind = 'r';
+    IF v_table IS NULL
+       OR (v_shaped AND NOT EXISTS (SELECT 1 FROM pg_index AS i
+                                      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+                                     WHERE i.indrelid = v_table AND a.attname = 'vt')) THEN
+        RETURN false;
+    END IF;
+    IF p_nowait THEN
+        EXECUTE format('LOCK TABLE pgmq.%I IN ACCESS EXCLUSIVE MODE NOWAIT', pgmq.format_table_name(p_queue, 'q'));
+    END IF;
+    FOR v_index IN
+        SELECT ic.relname
+          FROM pg_index AS i
+          JOIN pg_class AS ic ON ic.oid = i.indexrelid
+          JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+         WHERE i.indrelid = v_table AND a.attname = 'vt'
+    LOOP
+        EXECUTE format('DROP INDEX pgmq.%I', v_index);
+    END LOOP;
+    EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    RETURN true;
+END;
+$$;
+
 -- Creates pgmq queue p_queue unless it exists: the one place Stageflow creates queues. Called when
 -- a job type naming the queue is registered, and again where a queue is needed (a stage's tasks
 -- are sent, a claim or a grant names a job type's queue), so that a queue is made on first use
@@ -14,6 +70,7 @@ BEGIN
         -- (two sessions making the same queue at once would collide in the catalogs)
         PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
         PERFORM pgmq.create(p_queue);
+        PERFORM stageflow._shape_queue(p_queue);
         -- (a queue made again, after a restore or a DBA dropped it: the tasks of its big stages
         -- hold ids the old one's sequence handed out for messages still to be sent, which the new
         -- one must not hand out again; until this transaction commits nobody else takes one)

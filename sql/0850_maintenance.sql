@@ -330,16 +330,17 @@ $$;
 -- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
 -- re-checks what it acts on under the task's row lock (rows another session holds are left to the
 -- next round):
---   * due retries and expired leases with attempts left (their messages became visible, by the same
---     clock, since the last round): their queues' workers are woken;
 --   * expired last attempts (the notes their claims left in last_attempt_leases): dead-lettered;
 --   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
 --   * big stages' message windows that are due and that no claim sent are sent;
---   * the reconciler (stageflow._reconcile) walks on through tasks and messages;
+--   * the reconciler (stageflow._reconcile) walks on through tasks and messages (and wakes the
+--     workers of queues where a retry came due or a lease expired);
 --   * retention (stageflow._prune): finished jobs older than stageflow.retention (an interval,
 --     default 7 days; 0 keeps them) are deleted with their stages, tasks, events and webhook
 --     deliveries, and the queues' archived messages older than it, at most
---     stageflow.retention_batch_size rows of each table a round.
+--     stageflow.retention_batch_size rows of each table a round;
+--   * last, the job types' queues that still have pgmq's index on vt are shaped (_shape_queue),
+--     each only if its table's lock is free at once: the lock is held until the round commits.
 -- Each unit of work (a task, a job, a reconciler window, a retention batch) runs in a
 -- subtransaction: an error in one is logged as a WARNING, counted in "errors", and the round
 -- goes on. Returns what it did. Only an error outside every unit is returned as {"error": ...}
@@ -358,11 +359,10 @@ SET jit = off
 AS $$
 DECLARE
     v_now        timestamptz := stageflow.now();
-    v_released   int := 0;
-    v_redeliver  int := 0;
     v_dead       int := 0;
     v_timed_out  int := 0;
     v_windows    int := 0;
+    v_shaped     int := 0;
     v_errors     int := 0;
     v_reconciled jsonb := '{}'::jsonb;
     v_pruned     jsonb := '{}'::jsonb;
@@ -370,13 +370,6 @@ DECLARE
     v_retention  interval;
     v_error_message text;
     v_error_state   text;
-    v_from_vt    timestamptz;
-    v_last_vt    timestamptz;
-    v_msg_ids    bigint[];
-    v_task_ids   text[];
-    v_due        int;
-    v_expired    int;
-    q            record;
     r            record;
 BEGIN
     IF run_maintenance.max_rows IS NULL OR run_maintenance.max_rows < 1 THEN
@@ -387,50 +380,6 @@ BEGIN
     END IF;
     -- (A bad argument above is the caller's error; an error below is the round's, reported.)
     BEGIN
-        -- Due retries and expired leases with attempts left: their messages' visibility time came
-        -- since the last round (a claim, a heartbeat and a retry set it to the lease's end or when the
-        -- retry is due). Their queues' workers are woken and they are counted; claims take them. Each
-        -- queue's messages are read by visibility time from where the last round stopped, at most
-        -- max_rows a round (this wakes workers; it is not what dead-letters, see below).
-        FOR q IN
-            SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
-        LOOP
-            BEGIN
-                -- (The cursor's position: a visibility time in microseconds since the epoch.)
-                SELECT timestamptz 'epoch' + c.position::bigint * interval '1 microsecond' INTO v_from_vt
-                  FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
-                -- (A clock moved back, as tests move stageflow.fake_now, starts over from now.)
-                IF v_from_vt IS NULL OR v_from_vt > v_now THEN
-                    v_from_vt := v_now - interval '1 hour';
-                END IF;
-                EXECUTE format('SELECT array_agg(w.msg_id), array_agg(w.task_id), max(w.vt) '
-                               'FROM (SELECT m.msg_id, m.vt, m.message ->> ''task_id'' AS task_id FROM pgmq.%I AS m '
-                               'WHERE m.vt > $1 AND m.vt <= $2 ORDER BY m.vt LIMIT $3) AS w',
-                               pgmq.format_table_name(q.queue, 'q'))
-                   INTO v_msg_ids, v_task_ids, v_last_vt USING v_from_vt, v_now, max_rows;
-                INSERT INTO stageflow.maintenance_cursors AS c (name, position)
-                VALUES ('visible:' || q.queue,
-                        (extract(epoch FROM CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN v_now ELSE v_last_vt END)
-                         * 1000000)::bigint::text)
-                ON CONFLICT (name) DO UPDATE SET position = excluded.position;
-                IF v_msg_ids IS NOT NULL THEN
-                    SELECT (count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now))::int,
-                           (count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now
-                                                    AND t.attempt < t.max_attempts))::int
-                      INTO v_due, v_expired
-                      FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
-                      JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id;
-                    v_released := v_released + v_due;
-                    v_redeliver := v_redeliver + v_expired;
-                    IF v_due + v_expired > 0 THEN
-                        PERFORM pg_notify('stageflow_tasks', q.queue);
-                    END IF;
-                END IF;
-            EXCEPTION WHEN OTHERS THEN
-                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: visible messages of queue %s', q.queue), SQLERRM, SQLSTATE);
-            END;
-        END LOOP;
-
         -- Expired notes of last attempts that no longer describe their task's lease (the task
         -- completed, failed, was released or re-claimed, or is gone: the common case) are dropped in
         -- one statement first, at most stageflow.retention_batch_size a round, oldest first (notes
@@ -554,10 +503,27 @@ BEGIN
             v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
         END;
 
+        -- Queues to shape, last (see _shape_queue): a lock taken here is held, without waiting
+        -- for anything more, until the round commits.
+        FOR r IN
+            SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+        LOOP
+            BEGIN
+                IF stageflow._shape_queue(r.queue, true) THEN
+                    v_shaped := v_shaped + 1;
+                END IF;
+            EXCEPTION WHEN lock_not_available THEN
+                NULL;  -- (a worker holds the queue: next round)
+            WHEN OTHERS THEN
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: shaping queue %s', r.queue), SQLERRM, SQLSTATE);
+            END;
+        END LOOP;
+
         RETURN jsonb_build_object(
-            'retries_released', v_released, 'leases_expired', v_redeliver, 'dead_lettered', v_dead,
+            'retries_released', 0, 'leases_expired', 0, 'dead_lettered', v_dead,
             'jobs_timed_out', v_timed_out, 'windows_sent', v_windows, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
-            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
+            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'queues_shaped', v_shaped, 'errors', v_errors)
+            || v_reconciled || v_pruned;
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
         RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
@@ -575,7 +541,10 @@ $$;
 --   * an open task of a live job without its message gets a new one, visible when the task is
 --     next due (a running task: at its lease's expiry);
 --   * a message that is not its task's current one, or whose task has ended, is deleted.
--- Returns {"tasks_cancelled", "messages_resent", "messages_deleted", "errors"}.
+-- It also counts the messages of its window that became visible since its last pass over their
+-- queue, for a due retry or an expired lease with attempts left, and wakes their queue's workers.
+-- Returns {"retries_released", "leases_expired", "tasks_cancelled", "messages_resent",
+-- "messages_deleted", "errors"}.
 CREATE FUNCTION stageflow._reconcile(max_rows int)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -594,6 +563,15 @@ DECLARE
     v_task_ids   text[];
     v_stray      bigint[];
     v_cursor     bigint;
+    v_vts        timestamptz[];
+    v_ended      boolean;
+    v_now_us     bigint := (extract(epoch FROM v_now) * 1000000)::bigint;
+    v_from_us    bigint;
+    v_to_us      bigint;
+    v_due        int;
+    v_expired    int;
+    v_released   int := 0;
+    v_redelivered int := 0;
     v_count      int;
     v_msg_id     bigint;
     v_lock_timeout text := current_setting('lock_timeout');
@@ -692,22 +670,63 @@ BEGIN
         END LOOP;
     END LOOP;
 
-    -- Messages: the next window of each queue the job types use.
+    -- Messages: the next window of each queue the job types use. Its messages whose visibility
+    -- time the pass over the queue counts, and whose tasks are queued for a retry that is due or
+    -- running on an expired lease with attempts left, are counted and their queue's workers woken
+    -- (claims take them; workers poll every few seconds anyway, so this is only a quicker start).
+    -- A pass counts the times from the start of the last pass to its own start ('visible:<queue>':
+    -- 'from/to' in microseconds while a pass goes on, 'to' once it ended): every position of the
+    -- queue is looked at after the pass started, so a message keeping one visibility time is
+    -- counted once, by the first pass whose range holds it, and no round reads more than max_rows
+    -- messages of a queue whatever its size (pgmq's index on vt, which reading by time would need,
+    -- is gone from the queues, see _shape_queue).
     FOR q IN
         SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
     LOOP
         BEGIN
             v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
                                    WHERE c.name = 'queue:' || q.queue), 0);
-            EXECUTE format('SELECT array_agg(w.msg_id ORDER BY w.msg_id), array_agg(w.task_id ORDER BY w.msg_id) '
-                           'FROM (SELECT m.msg_id, m.message ->> ''task_id'' AS task_id FROM pgmq.%I AS m '
+            SELECT nullif(split_part(c.position, '/', 1), '')::bigint, nullif(split_part(c.position, '/', 2), '')::bigint
+              INTO v_from_us, v_to_us
+              FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
+            IF NOT FOUND THEN
+                v_from_us := NULL;
+                v_to_us := NULL;
+            END IF;
+            IF v_to_us IS NULL THEN
+                -- (a pass starts)
+                v_to_us := v_now_us;
+            END IF;
+            -- (A first pass, or a clock moved back, as tests move stageflow.fake_now: the last hour.)
+            IF v_from_us IS NULL OR v_to_us > v_now_us OR v_from_us > v_to_us THEN
+                v_from_us := v_now_us - 3600000000;
+                v_to_us := v_now_us;
+            END IF;
+            EXECUTE format('SELECT array_agg(w.msg_id ORDER BY w.msg_id), array_agg(w.task_id ORDER BY w.msg_id), '
+                           'array_agg(w.vt ORDER BY w.msg_id) '
+                           'FROM (SELECT m.msg_id, m.message ->> ''task_id'' AS task_id, m.vt FROM pgmq.%I AS m '
                            'WHERE m.msg_id > $1 ORDER BY m.msg_id LIMIT $2) AS w',
                            pgmq.format_table_name(q.queue, 'q'))
-               INTO v_msg_ids, v_task_ids USING v_cursor, max_rows;
+               INTO v_msg_ids, v_task_ids, v_vts USING v_cursor, max_rows;
+            v_ended := coalesce(cardinality(v_msg_ids), 0) < max_rows;
             INSERT INTO stageflow.maintenance_cursors AS c (name, position)
-            VALUES ('queue:' || q.queue,
-                    CASE WHEN coalesce(cardinality(v_msg_ids), 0) < max_rows THEN '0' ELSE v_msg_ids[cardinality(v_msg_ids)]::text END)
+            VALUES ('queue:' || q.queue, CASE WHEN v_ended THEN '0' ELSE v_msg_ids[cardinality(v_msg_ids)]::text END),
+                   ('visible:' || q.queue, CASE WHEN v_ended THEN v_to_us::text ELSE v_from_us || '/' || v_to_us END)
             ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+            -- Visible since the last pass: due retries, expired leases with attempts left.
+            SELECT (count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now))::int,
+                   (count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now
+                                            AND t.attempt < t.max_attempts))::int
+              INTO v_due, v_expired
+              FROM unnest(v_msg_ids, v_task_ids, v_vts) AS u(msg_id, task_id, vt)
+              JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id
+             WHERE u.vt > timestamptz 'epoch' + v_from_us * interval '1 microsecond'
+               AND u.vt <= timestamptz 'epoch' + v_to_us * interval '1 microsecond';
+            v_released := v_released + v_due;
+            v_redelivered := v_redelivered + v_expired;
+            IF v_due + v_expired > 0 THEN
+                PERFORM pg_notify('stageflow_tasks', q.queue);
+            END IF;
             -- Stray: no such task, or not its task's current message, or its task has ended.
             SELECT array_agg(u.msg_id) INTO v_stray
               FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
@@ -727,7 +746,8 @@ BEGIN
         END;
     END LOOP;
 
-    RETURN jsonb_build_object('tasks_cancelled', v_cancelled, 'messages_resent', v_resent,
+    RETURN jsonb_build_object('retries_released', v_released, 'leases_expired', v_redelivered,
+                              'tasks_cancelled', v_cancelled, 'messages_resent', v_resent,
                               'messages_deleted', v_deleted, 'errors', v_errors);
 END;
 $$;

@@ -151,6 +151,7 @@ pub extern "C-unwind" fn stageflow_maintenance_main(_arg: pg_sys::Datum) {
                     "events_deleted",
                     "webhook_deliveries_deleted",
                     "archived_messages_deleted",
+                    "queues_shaped",
                 ]
                 .iter()
                 .any(|key| report[key].as_i64().unwrap_or(0) > 0);

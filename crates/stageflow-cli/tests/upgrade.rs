@@ -201,9 +201,46 @@ fn jobs_in_flight_on_0_1_0_finish_after_the_upgrade() {
     // had no limit and keep none, whatever the default is when the update runs (here 1: the half
     // planned job's two planners would already fill it).
     client.batch_execute("SET stageflow.max_tasks_per_job = 1").unwrap();
+    // A queue of pgmq's own, which no job type names.
+    client.batch_execute("SELECT pgmq.create('up_own')").unwrap();
     client.batch_execute("ALTER EXTENSION stageflow UPDATE").unwrap_or_else(|e| panic!("{e:?}"));
     client.batch_execute("RESET stageflow.max_tasks_per_job").unwrap();
     assert_eq!(installed_version(&mut client), current_version(&mut client));
+    // The update leaves the queues as they are (its transaction holds stageflow.tasks, and
+    // dropping a queue's index there deadlocked with a claim); the first maintenance round
+    // shapes the queues the job types name (pgmq's index on vt dropped, fillfactor 50, as a queue
+    // made by 0.3.0 is), and only those: the old queues that only jobs in flight name, and a
+    // queue of pgmq's own, keep theirs.
+    let vt_indexed = |client: &mut Client| -> Vec<String> {
+        client
+            .query(
+                "SELECT m.queue_name FROM pgmq.meta AS m
+                  WHERE EXISTS (SELECT 1 FROM pg_index AS i JOIN pg_attribute AS a
+                                    ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+                                 WHERE i.indrelid = format('pgmq.%I', 'q_' || m.queue_name)::regclass AND a.attname = 'vt')
+                  ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    let queues: Vec<String> =
+        client.query("SELECT queue_name FROM pgmq.meta ORDER BY 1", &[]).unwrap().iter().map(|row| row.get(0)).collect();
+    assert_eq!(vt_indexed(&mut client), queues, "the update shaped no queue");
+    for queue in ["up", "up_plan", "up_next", "up_plan_next", "up_own"] {
+        assert!(queues.contains(&queue.to_owned()), "{queue}: {queues:?}");
+    }
+    let round: Value =
+        serde_json::from_str(client.query_one("SELECT stageflow.run_maintenance()::text", &[]).unwrap().get(0)).unwrap();
+    assert_eq!(round["errors"], json!(0), "{round}");
+    assert_eq!(vt_indexed(&mut client), ["up", "up_own", "up_plan"], "the queues: {queues:?}");
+    let shaped = queues.len() - 3;
+    assert_eq!(round["queues_shaped"], json!(shaped), "{round}");
+    let again: Value =
+        serde_json::from_str(client.query_one("SELECT stageflow.run_maintenance()::text", &[]).unwrap().get(0)).unwrap();
+    assert_eq!(again["queues_shaped"], json!(0), "shaped once: {again}");
 
     // The old worker reports what it held, as it did (worker_id, no lease token): accepted.
     let report = complete_010(&mut client, &held[1].0, json!({"by": "old-1", "after": "the upgrade"}));

@@ -155,3 +155,55 @@ fn every_entry_point_that_writes_task_rows_compresses_and_no_other_function_does
         rows.iter().filter(|r| !r.get::<_, bool>(1) && r.get::<_, bool>(2)).map(|r| r.get(0)).collect();
     assert!(on_callers_rights.is_empty(), "functions not SECURITY DEFINER with wal_compression: {on_callers_rights:?}");
 }
+
+/// A queue Stageflow makes has no index on vt, and room on its pages: a claim's read moves each
+/// message's vt in a HOT update, writing no index entry (with pgmq's index on vt, each read wrote
+/// an entry into both of the queue's indexes). A queue made with pgmq.create keeps its index.
+#[test]
+fn a_claim_moves_its_messages_without_index_entries() {
+    let url = fresh_database("wal_queue_hot");
+    let mut admin = connect(&url);
+    admin.batch_execute("CREATE EXTENSION pg_walinspect; SELECT pgmq.create('wal_own')").unwrap();
+    register(&mut admin, "wal_queue_hot", &ONE_STAGE.replace(r#""queue": "wal""#, r#""queue": "wal_hot""#));
+    submit(&mut admin, "wal_queue_hot", json!({"n": 20}));
+    let indexed_on_vt = |admin: &mut Client, queue: &str| -> bool {
+        admin
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index AS i JOIN pg_attribute AS a
+                                    ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+                                 WHERE i.indrelid = format('pgmq.%I', 'q_' || $1)::regclass AND a.attname = 'vt')",
+                &[&queue],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert!(!indexed_on_vt(&mut admin, "wal_hot"));
+    assert!(indexed_on_vt(&mut admin, "wal_own"), "a queue made with pgmq.create is left as it is");
+
+    let start: String = admin.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    let claimed = admin.query("SELECT * FROM stageflow.claim_tasks('wal_hot', 10, 60, 'w')", &[]).unwrap();
+    assert_eq!(claimed.len(), 10);
+    // The queue's table and its indexes, by the `rel` pg_walinspect names in a block reference.
+    let records: Vec<(String, String, String)> = admin
+        .query(
+            "SELECT c.relname::text, w.resource_manager, w.record_type
+               FROM pg_get_wal_records_info_till_end_of_wal($1::text::pg_lsn) AS w
+               JOIN pg_class AS c ON c.relnamespace = 'pgmq'::regnamespace
+                AND (c.oid = 'pgmq.q_wal_hot'::regclass
+                     OR c.oid IN (SELECT i.indexrelid FROM pg_index AS i WHERE i.indrelid = 'pgmq.q_wal_hot'::regclass))
+                AND strpos(w.block_ref, format(' rel %s/%s/%s ',
+                           (SELECT CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END
+                              FROM pg_database AS d WHERE d.datname = current_database()),
+                           (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database()),
+                           pg_relation_filenode(c.oid))) > 0",
+            &[&start],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let hot = records.iter().filter(|(_, rm, kind)| rm == "Heap" && kind == "HOT_UPDATE").count();
+    assert_eq!(hot, 10, "each read message's vt moved in a HOT update: {records:?}");
+    let index_entries: Vec<_> = records.iter().filter(|(_, rm, _)| rm == "Btree").collect();
+    assert!(index_entries.is_empty(), "the claim wrote index entries of the queue: {index_entries:?}");
+}
