@@ -86,9 +86,11 @@ END;
 $$;
 
 -- A queue Stageflow makes has no index on vt and fillfactor 50 (_shape_queue: a claim's read of a
--- message is a HOT update); a table it cannot shape is left as it is, without an error (the
--- upgrade to 0.3.0 shapes every queue its job types and jobs name): a partitioned one, as pgmq
--- makes with pg_partman, or none at all.
+-- message is a HOT update); a table it cannot shape is left as it is, without an error
+-- (shape_queues goes through every queue the job types name): a partitioned one, as pgmq makes
+-- with pg_partman, or none at all. Of a queue made by pgmq.create, only pgmq's own index on vt
+-- goes: an index of the DBA's that holds vt among other columns stays, and so does a fillfactor
+-- the DBA set.
 DO $$
 BEGIN
     ASSERT (SELECT c.reloptions FROM pg_class AS c WHERE c.oid = 'pgmq.q_default'::regclass) = '{fillfactor=50}',
@@ -100,7 +102,19 @@ BEGIN
     CREATE INDEX q_shape_parted_vt_idx ON pgmq.q_shape_parted (vt);
     PERFORM stageflow._shape_queue('shape_parted');
     ASSERT EXISTS (SELECT 1 FROM pg_class AS c WHERE c.relname = 'q_shape_parted_vt_idx'), 'a partitioned queue keeps its index';
-    PERFORM stageflow._shape_queue('shape_missing');
+    ASSERT NOT stageflow._shape_queue('shape_missing');
     DROP TABLE pgmq.q_shape_parted;
+
+    PERFORM pgmq.create('shape_own');
+    CREATE INDEX q_shape_own_vt_msg_idx ON pgmq.q_shape_own (vt, msg_id);
+    ALTER TABLE pgmq.q_shape_own SET (fillfactor = 70);
+    ASSERT stageflow._shape_queue('shape_own', true);
+    ASSERT (SELECT array_agg(x.indexname::text ORDER BY x.indexname) FROM pg_indexes AS x
+             WHERE x.schemaname = 'pgmq' AND x.tablename = 'q_shape_own') = '{q_shape_own_pkey,q_shape_own_vt_msg_idx}',
+           (SELECT array_agg(x.indexname::text ORDER BY x.indexname) FROM pg_indexes AS x
+             WHERE x.schemaname = 'pgmq' AND x.tablename = 'q_shape_own')::text;
+    ASSERT (SELECT c.reloptions FROM pg_class AS c WHERE c.oid = 'pgmq.q_shape_own'::regclass) = '{fillfactor=70}';
+    ASSERT NOT stageflow._shape_queue('shape_own', true), 'nothing more to shape';
+    PERFORM pgmq.drop_queue('shape_own');
 END;
 $$;

@@ -7,16 +7,15 @@
 -- 989-996 to 838-884 bytes (pgmq's read + delete: 431). Nothing of Stageflow reads a queue by vt
 -- (maintenance finds the messages that became visible in its bounded walk by msg_id, _reconcile),
 -- and pgmq's own functions keep working on the table (its read then walks the primary key too).
--- Pages written before stay as they are.
+-- Pages written before stay as they are. What it drops is pgmq's index: one on vt alone, backing
+-- no constraint (an index of the DBA's own that holds vt among other columns stays); it sets the
+-- fillfactor only where none is set.
 -- Called by _ensure_queue on the queue it makes (p_nowait false: nobody else can use it yet), and
--- by every maintenance round on the job types' queues that still have the index (queues made
--- before 0.3.0, or by pgmq.create and then named by a job type) with p_nowait: it takes the
--- table's lock without waiting (55P03 when a claim or a completion holds it: the round tries
--- again next time), so it never waits while holding anything a worker may be waiting for, and
--- holds the lock until the round commits, its last step. (The upgrade does not shape: its
--- transaction locks stageflow.tasks, and claims and completions take the queue and the task
--- table in both orders.) Only an ordinary table is shaped: a partitioned queue's (pgmq with
--- pg_partman) takes no fillfactor, and a queue whose table is gone has nothing to shape.
+-- by stageflow.shape_queues on the job types' queues that still have the index (queues made
+-- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
+-- p_nowait: it takes the table's lock without waiting (55P03 when a claim or a completion holds
+-- it). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
+-- fillfactor, and a queue whose table is gone has nothing to shape.
 -- Returns whether it changed the table.
 CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
 RETURNS boolean
@@ -24,32 +23,36 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_table   oid;
-    v_shaped  boolean;
-    v_index   name;
+    v_table      oid;
+    v_fillfactor boolean;
+    v_indexes    name[];
+    v_index      name;
 BEGIN
-    SELECT c.oid, coalesce('fillfactor=50' = ANY (c.reloptions), false) INTO v_table, v_shaped
+    SELECT c.oid, EXISTS (SELECT 1 FROM unnest(c.reloptions) AS o(option) WHERE o.option LIKE 'fillfactor=%')
+      INTO v_table, v_fillfactor
       FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
      WHERE n.nspname = 'pgmq' AND c.relname = pgmq.format_table_name(p_queue, 'q') AND c.relkind = 'r';
-    IF v_table IS NULL
-       OR (v_shaped AND NOT EXISTS (SELECT 1 FROM pg_index AS i
-                                      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
-                                     WHERE i.indrelid = v_table AND a.attname = 'vt')) THEN
+    IF v_table IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT array_agg(ic.relname ORDER BY ic.relname) INTO v_indexes
+      FROM pg_index AS i
+      JOIN pg_class AS ic ON ic.oid = i.indexrelid
+      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = v_table AND i.indnatts = 1 AND a.attname = 'vt' AND i.indpred IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint AS k WHERE k.conindid = i.indexrelid);
+    IF v_indexes IS NULL AND v_fillfactor THEN
         RETURN false;
     END IF;
     IF p_nowait THEN
         EXECUTE format('LOCK TABLE pgmq.%I IN ACCESS EXCLUSIVE MODE NOWAIT', pgmq.format_table_name(p_queue, 'q'));
     END IF;
-    FOR v_index IN
-        SELECT ic.relname
-          FROM pg_index AS i
-          JOIN pg_class AS ic ON ic.oid = i.indexrelid
-          JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
-         WHERE i.indrelid = v_table AND a.attname = 'vt'
-    LOOP
+    FOREACH v_index IN ARRAY coalesce(v_indexes, '{}') LOOP
         EXECUTE format('DROP INDEX pgmq.%I', v_index);
     END LOOP;
-    EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    IF NOT v_fillfactor THEN
+        EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    END IF;
     RETURN true;
 END;
 $$;
@@ -69,6 +72,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
         -- (two sessions making the same queue at once would collide in the catalogs)
         PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
+        -- (made meanwhile by the session that held the lock: pgmq.create would build pgmq's index
+        -- on vt again, over the messages sent since)
+        IF EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+            RETURN;
+        END IF;
         PERFORM pgmq.create(p_queue);
         PERFORM stageflow._shape_queue(p_queue);
         -- (a queue made again, after a restore or a DBA dropped it: the tasks of its big stages

@@ -338,9 +338,7 @@ $$;
 --   * retention (stageflow._prune): finished jobs older than stageflow.retention (an interval,
 --     default 7 days; 0 keeps them) are deleted with their stages, tasks, events and webhook
 --     deliveries, and the queues' archived messages older than it, at most
---     stageflow.retention_batch_size rows of each table a round;
---   * last, the job types' queues that still have pgmq's index on vt are shaped (_shape_queue),
---     each only if its table's lock is free at once: the lock is held until the round commits.
+--     stageflow.retention_batch_size rows of each table a round.
 -- Each unit of work (a task, a job, a reconciler window, a retention batch) runs in a
 -- subtransaction: an error in one is logged as a WARNING, counted in "errors", and the round
 -- goes on. Returns what it did. Only an error outside every unit is returned as {"error": ...}
@@ -362,7 +360,6 @@ DECLARE
     v_dead       int := 0;
     v_timed_out  int := 0;
     v_windows    int := 0;
-    v_shaped     int := 0;
     v_errors     int := 0;
     v_reconciled jsonb := '{}'::jsonb;
     v_pruned     jsonb := '{}'::jsonb;
@@ -503,32 +500,52 @@ BEGIN
             v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
         END;
 
-        -- Queues to shape, last (see _shape_queue): a lock taken here is held, without waiting
-        -- for anything more, until the round commits.
-        FOR r IN
-            SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
-        LOOP
-            BEGIN
-                IF stageflow._shape_queue(r.queue, true) THEN
-                    v_shaped := v_shaped + 1;
-                END IF;
-            EXCEPTION WHEN lock_not_available THEN
-                NULL;  -- (a worker holds the queue: next round)
-            WHEN OTHERS THEN
-                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: shaping queue %s', r.queue), SQLERRM, SQLSTATE);
-            END;
-        END LOOP;
-
         RETURN jsonb_build_object(
             'retries_released', 0, 'leases_expired', 0, 'dead_lettered', v_dead,
             'jobs_timed_out', v_timed_out, 'windows_sent', v_windows, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
-            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'queues_shaped', v_shaped, 'errors', v_errors)
-            || v_reconciled || v_pruned;
+            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
         RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
         RETURN jsonb_build_object('error', jsonb_build_object('message', v_error_message, 'sqlstate', v_error_state));
     END;
+END;
+$$;
+
+-- Shapes the job types' queues that still have pgmq's index on vt (stageflow._shape_queue: a
+-- claim's read of a message becomes a HOT update): queues made before 0.3.0, or by pgmq.create
+-- (which makes the index again on a queue that lost it). The background worker calls it after
+-- each maintenance round, in a transaction of its own. Each queue's lock is taken only if it is
+-- free at once (a queue a worker holds is left to the next call, so this never waits for a worker)
+-- and is held until the caller's transaction ends: call it alone, not inside a longer
+-- transaction, or that queue's claims and reports wait for the transaction (the upgrade to 0.3.0
+-- does not shape for that reason: its transaction holds stageflow.tasks, and a claim holding a
+-- queue's message while waiting for a task row deadlocked with it). A queue whose shaping fails
+-- otherwise is logged as a WARNING and left. Returns how many queues it shaped.
+CREATE FUNCTION stageflow.shape_queues()
+RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_shaped int := 0;
+    q        record;
+BEGIN
+    FOR q IN
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+    LOOP
+        BEGIN
+            IF stageflow._shape_queue(q.queue, true) THEN
+                v_shaped := v_shaped + 1;
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- (a worker holds the queue: next time)
+        WHEN OTHERS THEN
+            PERFORM stageflow._unit_failed(format('stageflow.shape_queues: queue %s', q.queue), SQLERRM, SQLSTATE);
+        END;
+    END LOOP;
+    RETURN v_shaped;
 END;
 $$;
 

@@ -65,6 +65,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.dead_letters(int),
     stageflow.advance_stage(text),
     stageflow.run_maintenance(int),
+    stageflow.shape_queues(),
     stageflow.grant_queue(text, name),
     stageflow.revoke_queue(text, name),
     stageflow.list_queue_grants(),

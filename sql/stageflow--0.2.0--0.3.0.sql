@@ -3569,9 +3569,7 @@ $$;
 --   * retention (stageflow._prune): finished jobs older than stageflow.retention (an interval,
 --     default 7 days; 0 keeps them) are deleted with their stages, tasks, events and webhook
 --     deliveries, and the queues' archived messages older than it, at most
---     stageflow.retention_batch_size rows of each table a round;
---   * last, the job types' queues that still have pgmq's index on vt are shaped (_shape_queue),
---     each only if its table's lock is free at once: the lock is held until the round commits.
+--     stageflow.retention_batch_size rows of each table a round.
 -- Each unit of work (a task, a job, a reconciler window, a retention batch) runs in a
 -- subtransaction: an error in one is logged as a WARNING, counted in "errors", and the round
 -- goes on. Returns what it did. Only an error outside every unit is returned as {"error": ...}
@@ -3593,7 +3591,6 @@ DECLARE
     v_dead       int := 0;
     v_timed_out  int := 0;
     v_windows    int := 0;
-    v_shaped     int := 0;
     v_errors     int := 0;
     v_reconciled jsonb := '{}'::jsonb;
     v_pruned     jsonb := '{}'::jsonb;
@@ -3734,32 +3731,51 @@ BEGIN
             v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
         END;
 
-        -- Queues to shape, last (see _shape_queue): a lock taken here is held, without waiting
-        -- for anything more, until the round commits.
-        FOR r IN
-            SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
-        LOOP
-            BEGIN
-                IF stageflow._shape_queue(r.queue, true) THEN
-                    v_shaped := v_shaped + 1;
-                END IF;
-            EXCEPTION WHEN lock_not_available THEN
-                NULL;  -- (a worker holds the queue: next round)
-            WHEN OTHERS THEN
-                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: shaping queue %s', r.queue), SQLERRM, SQLSTATE);
-            END;
-        END LOOP;
-
         RETURN jsonb_build_object(
             'retries_released', 0, 'leases_expired', 0, 'dead_lettered', v_dead,
             'jobs_timed_out', v_timed_out, 'windows_sent', v_windows, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
-            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'queues_shaped', v_shaped, 'errors', v_errors)
-            || v_reconciled || v_pruned;
+            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
         RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
         RETURN jsonb_build_object('error', jsonb_build_object('message', v_error_message, 'sqlstate', v_error_state));
     END;
+END;
+$$;
+-- Shapes the job types' queues that still have pgmq's index on vt (stageflow._shape_queue: a
+-- claim's read of a message becomes a HOT update): queues made before 0.3.0, or by pgmq.create
+-- (which makes the index again on a queue that lost it). The background worker calls it after
+-- each maintenance round, in a transaction of its own. Each queue's lock is taken only if it is
+-- free at once (a queue a worker holds is left to the next call, so this never waits for a worker)
+-- and is held until the caller's transaction ends: call it alone, not inside a longer
+-- transaction, or that queue's claims and reports wait for the transaction (the upgrade to 0.3.0
+-- does not shape for that reason: its transaction holds stageflow.tasks, and a claim holding a
+-- queue's message while waiting for a task row deadlocked with it). A queue whose shaping fails
+-- otherwise is logged as a WARNING and left. Returns how many queues it shaped.
+CREATE FUNCTION stageflow.shape_queues()
+RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_shaped int := 0;
+    q        record;
+BEGIN
+    FOR q IN
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+    LOOP
+        BEGIN
+            IF stageflow._shape_queue(q.queue, true) THEN
+                v_shaped := v_shaped + 1;
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- (a worker holds the queue: next time)
+        WHEN OTHERS THEN
+            PERFORM stageflow._unit_failed(format('stageflow.shape_queues: queue %s', q.queue), SQLERRM, SQLSTATE);
+        END;
+    END LOOP;
+    RETURN v_shaped;
 END;
 $$;
 -- The reconciler: each call looks at the next max_rows tasks (in task_id order, from where the
@@ -4280,16 +4296,15 @@ $$;
 -- 989-996 to 838-884 bytes (pgmq's read + delete: 431). Nothing of Stageflow reads a queue by vt
 -- (maintenance finds the messages that became visible in its bounded walk by msg_id, _reconcile),
 -- and pgmq's own functions keep working on the table (its read then walks the primary key too).
--- Pages written before stay as they are.
+-- Pages written before stay as they are. What it drops is pgmq's index: one on vt alone, backing
+-- no constraint (an index of the DBA's own that holds vt among other columns stays); it sets the
+-- fillfactor only where none is set.
 -- Called by _ensure_queue on the queue it makes (p_nowait false: nobody else can use it yet), and
--- by every maintenance round on the job types' queues that still have the index (queues made
--- before 0.3.0, or by pgmq.create and then named by a job type) with p_nowait: it takes the
--- table's lock without waiting (55P03 when a claim or a completion holds it: the round tries
--- again next time), so it never waits while holding anything a worker may be waiting for, and
--- holds the lock until the round commits, its last step. (The upgrade does not shape: its
--- transaction locks stageflow.tasks, and claims and completions take the queue and the task
--- table in both orders.) Only an ordinary table is shaped: a partitioned queue's (pgmq with
--- pg_partman) takes no fillfactor, and a queue whose table is gone has nothing to shape.
+-- by stageflow.shape_queues on the job types' queues that still have the index (queues made
+-- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
+-- p_nowait: it takes the table's lock without waiting (55P03 when a claim or a completion holds
+-- it). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
+-- fillfactor, and a queue whose table is gone has nothing to shape.
 -- Returns whether it changed the table.
 CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
 RETURNS boolean
@@ -4297,32 +4312,36 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_table   oid;
-    v_shaped  boolean;
-    v_index   name;
+    v_table      oid;
+    v_fillfactor boolean;
+    v_indexes    name[];
+    v_index      name;
 BEGIN
-    SELECT c.oid, coalesce('fillfactor=50' = ANY (c.reloptions), false) INTO v_table, v_shaped
+    SELECT c.oid, EXISTS (SELECT 1 FROM unnest(c.reloptions) AS o(option) WHERE o.option LIKE 'fillfactor=%')
+      INTO v_table, v_fillfactor
       FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
      WHERE n.nspname = 'pgmq' AND c.relname = pgmq.format_table_name(p_queue, 'q') AND c.relkind = 'r';
-    IF v_table IS NULL
-       OR (v_shaped AND NOT EXISTS (SELECT 1 FROM pg_index AS i
-                                      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
-                                     WHERE i.indrelid = v_table AND a.attname = 'vt')) THEN
+    IF v_table IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT array_agg(ic.relname ORDER BY ic.relname) INTO v_indexes
+      FROM pg_index AS i
+      JOIN pg_class AS ic ON ic.oid = i.indexrelid
+      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = v_table AND i.indnatts = 1 AND a.attname = 'vt' AND i.indpred IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint AS k WHERE k.conindid = i.indexrelid);
+    IF v_indexes IS NULL AND v_fillfactor THEN
         RETURN false;
     END IF;
     IF p_nowait THEN
         EXECUTE format('LOCK TABLE pgmq.%I IN ACCESS EXCLUSIVE MODE NOWAIT', pgmq.format_table_name(p_queue, 'q'));
     END IF;
-    FOR v_index IN
-        SELECT ic.relname
-          FROM pg_index AS i
-          JOIN pg_class AS ic ON ic.oid = i.indexrelid
-          JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
-         WHERE i.indrelid = v_table AND a.attname = 'vt'
-    LOOP
+    FOREACH v_index IN ARRAY coalesce(v_indexes, '{}') LOOP
         EXECUTE format('DROP INDEX pgmq.%I', v_index);
     END LOOP;
-    EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    IF NOT v_fillfactor THEN
+        EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    END IF;
     RETURN true;
 END;
 $$;
@@ -4341,6 +4360,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
         -- (two sessions making the same queue at once would collide in the catalogs)
         PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
+        -- (made meanwhile by the session that held the lock: pgmq.create would build pgmq's index
+        -- on vt again, over the messages sent since)
+        IF EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+            RETURN;
+        END IF;
         PERFORM pgmq.create(p_queue);
         PERFORM stageflow._shape_queue(p_queue);
         -- (a queue made again, after a restore or a DBA dropped it: the tasks of its big stages
@@ -4873,6 +4897,7 @@ GRANT EXECUTE ON FUNCTION
     stageflow.dead_letters(int),
     stageflow.advance_stage(text),
     stageflow.run_maintenance(int),
+    stageflow.shape_queues(),
     stageflow.grant_queue(text, name),
     stageflow.revoke_queue(text, name),
     stageflow.list_queue_grants(),

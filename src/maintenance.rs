@@ -1,6 +1,7 @@
 //! The maintenance background worker: with `shared_preload_libraries = 'stageflow'`, one process
 //! per cluster runs `stageflow.run_maintenance()` in the database `stageflow.database` every
-//! `stageflow.maintenance_interval`. No pg_cron, no outside process.
+//! `stageflow.maintenance_interval`, then `stageflow.shape_queues()` in a transaction of its own.
+//! No pg_cron, no outside process.
 //!
 //! It survives its own errors: `run_maintenance` catches what goes wrong in a round and reports
 //! it, the worker logs it and backs off (doubling the interval up to a minute); anything worse
@@ -151,17 +152,36 @@ pub extern "C-unwind" fn stageflow_maintenance_main(_arg: pg_sys::Datum) {
                     "events_deleted",
                     "webhook_deliveries_deleted",
                     "archived_messages_deleted",
-                    "queues_shaped",
                 ]
                 .iter()
                 .any(|key| report[key].as_i64().unwrap_or(0) > 0);
                 if busy {
                     log!("stageflow maintenance: {report}");
                 }
+                shape_queues();
                 interval()
             }
             None => interval(),
         };
     }
     log!("stageflow maintenance worker stopped");
+}
+
+/// After a round, in a transaction of its own: `stageflow.shape_queues()` drops pgmq's index on
+/// `vt` from the job types' queues that still have it (queues made before 0.3.0), each only if its
+/// lock is free at once, and holds what it locked until this transaction commits, at once.
+fn shape_queues() {
+    let shaped = BackgroundWorker::transaction(|| {
+        let installed = Spi::get_one::<bool>("SELECT to_regprocedure('stageflow.shape_queues()') IS NOT NULL")
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        if !installed {
+            return 0;
+        }
+        Spi::get_one::<i32>("SELECT stageflow.shape_queues()").ok().flatten().unwrap_or(0)
+    });
+    if shaped > 0 {
+        log!("stageflow maintenance: shaped {shaped} queue(s): pgmq's index on vt dropped, fillfactor 50");
+    }
 }

@@ -21,9 +21,6 @@ pub struct MaintenanceReport {
     pub tasks_cancelled: i64,
     pub messages_resent: i64,
     pub messages_deleted: i64,
-    /// Queues the round shaped (pgmq's index on `vt` dropped, fillfactor 50): queues made before
-    /// 0.3.0 or by `pgmq.create`, once each.
-    pub queues_shaped: i64,
     /// Units that failed (logged, the round went on).
     pub errors: i64,
     /// `{"message", "sqlstate"}` when the round itself failed.
