@@ -120,6 +120,11 @@ BEGIN
     END LOOP;
     ASSERT v_counts = '{2,2,1,0}', 'two messages a round, each counted once: ' || v_counts::text;
     ASSERT (SELECT count(*) FROM stageflow.claim_tasks('walked', 5, 60) AS c WHERE c.attempt = 2) = 5;
+    -- A position of another shape (written by hand) counts as none, and fails no round.
+    UPDATE stageflow.maintenance_cursors SET position = '1.5' WHERE name = 'visible:walked';
+    ASSERT FOUND;
+    v_report := stageflow.run_maintenance(2);
+    ASSERT (v_report ->> 'errors')::int = 0, v_report::text;
 END;
 $$;
 RESET stageflow.fake_now;

@@ -13,8 +13,9 @@
 -- Called by _ensure_queue on the queue it makes (p_nowait false: nobody else can use it yet), and
 -- by stageflow.shape_queues on the job types' queues that still have the index (queues made
 -- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
--- p_nowait: it takes the table's lock without waiting (55P03 when a claim or a completion holds
--- it). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
+-- p_nowait: it takes the table's lock without waiting, and any other lock within 10 ms (55P03
+-- when a claim or a completion holds the table, or another session the index; the caller's
+-- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
 -- fillfactor, and a queue whose table is gone has nothing to shape.
 -- Returns whether it changed the table.
 CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
@@ -27,6 +28,7 @@ DECLARE
     v_fillfactor boolean;
     v_indexes    name[];
     v_index      name;
+    v_lock_timeout text;
 BEGIN
     SELECT c.oid, EXISTS (SELECT 1 FROM unnest(c.reloptions) AS o(option) WHERE o.option LIKE 'fillfactor=%')
       INTO v_table, v_fillfactor
@@ -45,6 +47,11 @@ BEGIN
         RETURN false;
     END IF;
     IF p_nowait THEN
+        -- (and every lock after it within 10 ms: a session holding a lock on the index alone, as
+        -- COMMENT ON INDEX does, would make the DROP wait while this holds the table, and the
+        -- tables of the queues its caller shaped before; a review's claim waited 4 s so)
+        v_lock_timeout := current_setting('lock_timeout');
+        PERFORM set_config('lock_timeout', '10ms', true);
         EXECUTE format('LOCK TABLE pgmq.%I IN ACCESS EXCLUSIVE MODE NOWAIT', pgmq.format_table_name(p_queue, 'q'));
     END IF;
     FOREACH v_index IN ARRAY coalesce(v_indexes, '{}') LOOP
@@ -52,6 +59,9 @@ BEGIN
     END LOOP;
     IF NOT v_fillfactor THEN
         EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    END IF;
+    IF p_nowait THEN
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
     END IF;
     RETURN true;
 END;

@@ -516,7 +516,8 @@ $$;
 -- claim's read of a message becomes a HOT update): queues made before 0.3.0, or by pgmq.create
 -- (which makes the index again on a queue that lost it). The background worker calls it after
 -- each maintenance round, in a transaction of its own. Each queue's lock is taken only if it is
--- free at once (a queue a worker holds is left to the next call, so this never waits for a worker)
+-- free at once, and its index's within 10 ms (a queue a worker holds is left to the next call, so
+-- this never waits for a worker)
 -- and is held until the caller's transaction ends: call it alone, not inside a longer
 -- transaction, or that queue's claims and reports wait for the transaction (the upgrade to 0.3.0
 -- does not shape for that reason: its transaction holds stageflow.tasks, and a claim holding a
@@ -703,9 +704,11 @@ BEGIN
         BEGIN
             v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
                                    WHERE c.name = 'queue:' || q.queue), 0);
+            -- (a position of another shape, written by hand, counts as none)
             SELECT nullif(split_part(c.position, '/', 1), '')::bigint, nullif(split_part(c.position, '/', 2), '')::bigint
               INTO v_from_us, v_to_us
-              FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
+              FROM stageflow.maintenance_cursors AS c
+             WHERE c.name = 'visible:' || q.queue AND c.position ~ '^[0-9]{1,17}(/[0-9]{1,17})?$';
             IF NOT FOUND THEN
                 v_from_us := NULL;
                 v_to_us := NULL;

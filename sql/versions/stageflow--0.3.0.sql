@@ -4033,7 +4033,8 @@ $$;
 -- claim's read of a message becomes a HOT update): queues made before 0.3.0, or by pgmq.create
 -- (which makes the index again on a queue that lost it). The background worker calls it after
 -- each maintenance round, in a transaction of its own. Each queue's lock is taken only if it is
--- free at once (a queue a worker holds is left to the next call, so this never waits for a worker)
+-- free at once, and its index's within 10 ms (a queue a worker holds is left to the next call, so
+-- this never waits for a worker)
 -- and is held until the caller's transaction ends: call it alone, not inside a longer
 -- transaction, or that queue's claims and reports wait for the transaction (the upgrade to 0.3.0
 -- does not shape for that reason: its transaction holds stageflow.tasks, and a claim holding a
@@ -4220,9 +4221,11 @@ BEGIN
         BEGIN
             v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
                                    WHERE c.name = 'queue:' || q.queue), 0);
+            -- (a position of another shape, written by hand, counts as none)
             SELECT nullif(split_part(c.position, '/', 1), '')::bigint, nullif(split_part(c.position, '/', 2), '')::bigint
               INTO v_from_us, v_to_us
-              FROM stageflow.maintenance_cursors AS c WHERE c.name = 'visible:' || q.queue;
+              FROM stageflow.maintenance_cursors AS c
+             WHERE c.name = 'visible:' || q.queue AND c.position ~ '^[0-9]{1,17}(/[0-9]{1,17})?$';
             IF NOT FOUND THEN
                 v_from_us := NULL;
                 v_to_us := NULL;
@@ -4649,8 +4652,9 @@ $$;
 -- Called by _ensure_queue on the queue it makes (p_nowait false: nobody else can use it yet), and
 -- by stageflow.shape_queues on the job types' queues that still have the index (queues made
 -- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
--- p_nowait: it takes the table's lock without waiting (55P03 when a claim or a completion holds
--- it). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
+-- p_nowait: it takes the table's lock without waiting, and any other lock within 10 ms (55P03
+-- when a claim or a completion holds the table, or another session the index; the caller's
+-- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
 -- fillfactor, and a queue whose table is gone has nothing to shape.
 -- Returns whether it changed the table.
 CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
@@ -4663,6 +4667,7 @@ DECLARE
     v_fillfactor boolean;
     v_indexes    name[];
     v_index      name;
+    v_lock_timeout text;
 BEGIN
     SELECT c.oid, EXISTS (SELECT 1 FROM unnest(c.reloptions) AS o(option) WHERE o.option LIKE 'fillfactor=%')
       INTO v_table, v_fillfactor
@@ -4681,6 +4686,11 @@ BEGIN
         RETURN false;
     END IF;
     IF p_nowait THEN
+        -- (and every lock after it within 10 ms: a session holding a lock on the index alone, as
+        -- COMMENT ON INDEX does, would make the DROP wait while this holds the table, and the
+        -- tables of the queues its caller shaped before; a review's claim waited 4 s so)
+        v_lock_timeout := current_setting('lock_timeout');
+        PERFORM set_config('lock_timeout', '10ms', true);
         EXECUTE format('LOCK TABLE pgmq.%I IN ACCESS EXCLUSIVE MODE NOWAIT', pgmq.format_table_name(p_queue, 'q'));
     END IF;
     FOREACH v_index IN ARRAY coalesce(v_indexes, '{}') LOOP
@@ -4688,6 +4698,9 @@ BEGIN
     END LOOP;
     IF NOT v_fillfactor THEN
         EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    END IF;
+    IF p_nowait THEN
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
     END IF;
     RETURN true;
 END;
