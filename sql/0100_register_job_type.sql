@@ -15,8 +15,9 @@
 -- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
 -- p_nowait: it takes the table's lock without waiting, and any other lock within 10 ms (55P03
 -- when a claim or a completion holds the table, or another session the index; the caller's
--- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
--- fillfactor, and a queue whose table is gone has nothing to shape.
+-- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned
+-- queue's (pgmq with pg_partman) takes no fillfactor, and a queue whose table is gone has nothing
+-- to shape.
 -- Returns whether it changed the table.
 CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
 RETURNS boolean

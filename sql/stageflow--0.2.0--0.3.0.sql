@@ -3747,9 +3747,9 @@ $$;
 -- (which makes the index again on a queue that lost it). The background worker calls it after
 -- each maintenance round, in a transaction of its own. Each queue's lock is taken only if it is
 -- free at once, and its index's within 10 ms (a queue a worker holds is left to the next call, so
--- this never waits for a worker)
--- and is held until the caller's transaction ends: call it alone, not inside a longer
--- transaction, or that queue's claims and reports wait for the transaction (the upgrade to 0.3.0
+-- this never waits for a worker), and is held until the caller's transaction ends: call it alone,
+-- not inside a longer transaction, or that queue's claims and reports wait for the transaction
+-- (the upgrade to 0.3.0
 -- does not shape for that reason: its transaction holds stageflow.tasks, and a claim holding a
 -- queue's message while waiting for a task row deadlocked with it). A queue whose shaping fails
 -- otherwise is logged as a WARNING and left. Returns how many queues it shaped.
@@ -3938,10 +3938,6 @@ BEGIN
               INTO v_from_us, v_to_us
               FROM stageflow.maintenance_cursors AS c
              WHERE c.name = 'visible:' || q.queue AND c.position ~ '^[0-9]{1,17}(/[0-9]{1,17})?$';
-            IF NOT FOUND THEN
-                v_from_us := NULL;
-                v_to_us := NULL;
-            END IF;
             IF v_to_us IS NULL THEN
                 -- (a pass starts)
                 v_to_us := v_now_us;
@@ -3962,25 +3958,26 @@ BEGIN
             VALUES ('queue:' || q.queue, CASE WHEN v_ended THEN '0' ELSE v_msg_ids[cardinality(v_msg_ids)]::text END),
                    ('visible:' || q.queue, CASE WHEN v_ended THEN v_to_us::text ELSE v_from_us || '/' || v_to_us END)
             ON CONFLICT (name) DO UPDATE SET position = excluded.position;
-            -- Visible since the last pass: due retries, expired leases with attempts left.
-            SELECT (count(*) FILTER (WHERE t.status = 'queued' AND t.next_attempt_at <= v_now))::int,
-                   (count(*) FILTER (WHERE t.status = 'running' AND t.lease_expires_at <= v_now
-                                            AND t.attempt < t.max_attempts))::int
-              INTO v_due, v_expired
-              FROM unnest(v_msg_ids, v_task_ids, v_vts) AS u(msg_id, task_id, vt)
-              JOIN stageflow.tasks AS t ON t.task_id = u.task_id AND t.msg_id = u.msg_id
-             WHERE u.vt > timestamptz 'epoch' + v_from_us * interval '1 microsecond'
-               AND u.vt <= timestamptz 'epoch' + v_to_us * interval '1 microsecond';
+            -- The window's tasks, looked up once: visible since the last pass (a due retry, an
+            -- expired lease with attempts left, on the task's current message), and stray (no
+            -- such task, or not its task's current message, or its task has ended).
+            SELECT (count(*) FILTER (WHERE w.visible AND t.msg_id = w.msg_id AND t.status = 'queued'
+                                            AND t.next_attempt_at <= v_now))::int,
+                   (count(*) FILTER (WHERE w.visible AND t.msg_id = w.msg_id AND t.status = 'running'
+                                            AND t.lease_expires_at <= v_now AND t.attempt < t.max_attempts))::int,
+                   array_agg(w.msg_id) FILTER (WHERE t.task_id IS NULL OR t.msg_id <> w.msg_id
+                                                  OR NOT stageflow._task_is_open(t.status))
+              INTO v_due, v_expired, v_stray
+              FROM (SELECT u.msg_id, u.task_id,
+                           u.vt > timestamptz 'epoch' + v_from_us * interval '1 microsecond'
+                           AND u.vt <= timestamptz 'epoch' + v_to_us * interval '1 microsecond' AS visible
+                      FROM unnest(v_msg_ids, v_task_ids, v_vts) AS u(msg_id, task_id, vt)) AS w
+              LEFT JOIN stageflow.tasks AS t ON t.task_id = w.task_id;
             v_released := v_released + v_due;
             v_redelivered := v_redelivered + v_expired;
             IF v_due + v_expired > 0 THEN
                 PERFORM pg_notify('stageflow_tasks', q.queue);
             END IF;
-            -- Stray: no such task, or not its task's current message, or its task has ended.
-            SELECT array_agg(u.msg_id) INTO v_stray
-              FROM unnest(v_msg_ids, v_task_ids) AS u(msg_id, task_id)
-              LEFT JOIN stageflow.tasks AS t ON t.task_id = u.task_id
-             WHERE t.task_id IS NULL OR t.msg_id <> u.msg_id OR NOT stageflow._task_is_open(t.status);
             IF v_stray IS NOT NULL THEN
                 EXECUTE format(
                     'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
@@ -4307,8 +4304,9 @@ $$;
 -- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
 -- p_nowait: it takes the table's lock without waiting, and any other lock within 10 ms (55P03
 -- when a claim or a completion holds the table, or another session the index; the caller's
--- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned queue's (pgmq with pg_partman) takes no
--- fillfactor, and a queue whose table is gone has nothing to shape.
+-- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned
+-- queue's (pgmq with pg_partman) takes no fillfactor, and a queue whose table is gone has nothing
+-- to shape.
 -- Returns whether it changed the table.
 CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
 RETURNS boolean
