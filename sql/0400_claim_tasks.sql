@@ -172,6 +172,9 @@ DECLARE
     v_own_msgs     bigint[];
     v_started_jobs    text[];
     v_started_stages  int[];
+    v_count_jobs      text[];
+    v_count_stages    int[];
+    v_counts          int[];
     v_queued_jobs     text[];
     v_last_ids        text[];
     v_last_tokens     bigint[];
@@ -317,18 +320,28 @@ BEGIN
     -- (Updated where the row exists, inserted where not: an upsert locks the row before updating
     -- it, a WAL record more per claim. One statement per stage, each on one row by its key: a
     -- claim's tasks are nearly always of one stage, and one CTE joining the counts to the rows,
-    -- inserting the missing ones, cost a claim of one task 17 us of its 240.)
+    -- inserting the missing ones, cost a claim of one task 17 us of its 240. Tasks all of one
+    -- stage, the usual claim, are counted without a query grouping them: about 40,000
+    -- instructions less a claim, measured with valgrind, bench/README.md.)
     IF v_started_jobs IS NOT NULL THEN
-        FOR r IN SELECT u.job_id, u.stage, count(*) AS n
-                   FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
-                  GROUP BY u.job_id, u.stage
-        LOOP
+        IF v_started_jobs[1] = ALL (v_started_jobs) AND v_started_stages[1] = ALL (v_started_stages) THEN
+            v_count_jobs := v_started_jobs[1:1];
+            v_count_stages := v_started_stages[1:1];
+            v_counts := ARRAY[cardinality(v_started_jobs)];
+        ELSE
+            SELECT array_agg(g.job_id), array_agg(g.stage), array_agg(g.n)
+              INTO v_count_jobs, v_count_stages, v_counts
+              FROM (SELECT u.job_id, u.stage, count(*)::int AS n
+                      FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
+                     GROUP BY u.job_id, u.stage) AS g;
+        END IF;
+        FOR i IN 1 .. cardinality(v_count_jobs) LOOP
             UPDATE stageflow.stage_claims AS c
-               SET started = c.started + r.n
-             WHERE c.job_id = r.job_id AND c.stage = r.stage AND c.session = pg_backend_pid();
+               SET started = c.started + v_counts[i]
+             WHERE c.job_id = v_count_jobs[i] AND c.stage = v_count_stages[i] AND c.session = pg_backend_pid();
             IF NOT FOUND THEN
                 INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
-                VALUES (r.job_id, r.stage, pg_backend_pid(), r.n)
+                VALUES (v_count_jobs[i], v_count_stages[i], pg_backend_pid(), v_counts[i])
                 -- (no other session writes this session's rows: a conflict cannot happen, and would add)
                 ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
             END IF;

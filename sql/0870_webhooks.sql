@@ -8,7 +8,7 @@ CREATE TABLE stageflow.webhook_deliveries (
     job_id           text COLLATE "C" NOT NULL,
     url              text NOT NULL,
     payload          jsonb NOT NULL,
-    status           text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    status           text NOT NULL DEFAULT 'pending' CHECK (status = ANY ('{pending,delivered,failed}'::text[])),
     attempts         int NOT NULL DEFAULT 0,
     attempt_log      jsonb NOT NULL DEFAULT '[]',
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),

@@ -107,6 +107,18 @@ ALTER TABLE stageflow.deleted_jobs ALTER COLUMN job_id TYPE text COLLATE "C";
 
 CREATE INDEX tasks_stage_idx ON stageflow.tasks (pg_catalog.hashtextextended(job_id, 0), stage, ordinal);
 
+-- The status CHECKs as one constant array each (see 0010_tables.sql): the same statuses, cheaper
+-- to plan in every statement that writes these tables. Each is checked again over the rows there.
+ALTER TABLE stageflow.jobs DROP CONSTRAINT jobs_status_check,
+    ADD CONSTRAINT jobs_status_check
+        CHECK (status = ANY ('{queued,processing,completed,completed_with_errors,failed,cancelled}'::text[]));
+ALTER TABLE stageflow.stages DROP CONSTRAINT stages_status_check,
+    ADD CONSTRAINT stages_status_check CHECK (status = ANY ('{active,completed,failed,cancelled}'::text[]));
+ALTER TABLE stageflow.tasks DROP CONSTRAINT tasks_status_check,
+    ADD CONSTRAINT tasks_status_check CHECK (status = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[]));
+ALTER TABLE stageflow.webhook_deliveries DROP CONSTRAINT webhook_deliveries_status_check,
+    ADD CONSTRAINT webhook_deliveries_status_check CHECK (status = ANY ('{pending,delivered,failed}'::text[]));
+
 -- lease_token_floor (new): 0.2.0's retention deleted tasks without noting their tokens, and the
 -- same work submitted again after the update makes its tasks anew under the same ids. Their
 -- tokens start at 2^31, above any token a task of 0.2.0 reached (one a claim), so a worker still
@@ -638,6 +650,9 @@ DECLARE
     v_own_msgs     bigint[];
     v_started_jobs    text[];
     v_started_stages  int[];
+    v_count_jobs      text[];
+    v_count_stages    int[];
+    v_counts          int[];
     v_queued_jobs     text[];
     v_last_ids        text[];
     v_last_tokens     bigint[];
@@ -783,18 +798,28 @@ BEGIN
     -- (Updated where the row exists, inserted where not: an upsert locks the row before updating
     -- it, a WAL record more per claim. One statement per stage, each on one row by its key: a
     -- claim's tasks are nearly always of one stage, and one CTE joining the counts to the rows,
-    -- inserting the missing ones, cost a claim of one task 17 us of its 240.)
+    -- inserting the missing ones, cost a claim of one task 17 us of its 240. Tasks all of one
+    -- stage, the usual claim, are counted without a query grouping them: about 40,000
+    -- instructions less a claim, measured with valgrind, bench/README.md.)
     IF v_started_jobs IS NOT NULL THEN
-        FOR r IN SELECT u.job_id, u.stage, count(*) AS n
-                   FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
-                  GROUP BY u.job_id, u.stage
-        LOOP
+        IF v_started_jobs[1] = ALL (v_started_jobs) AND v_started_stages[1] = ALL (v_started_stages) THEN
+            v_count_jobs := v_started_jobs[1:1];
+            v_count_stages := v_started_stages[1:1];
+            v_counts := ARRAY[cardinality(v_started_jobs)];
+        ELSE
+            SELECT array_agg(g.job_id), array_agg(g.stage), array_agg(g.n)
+              INTO v_count_jobs, v_count_stages, v_counts
+              FROM (SELECT u.job_id, u.stage, count(*)::int AS n
+                      FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
+                     GROUP BY u.job_id, u.stage) AS g;
+        END IF;
+        FOR i IN 1 .. cardinality(v_count_jobs) LOOP
             UPDATE stageflow.stage_claims AS c
-               SET started = c.started + r.n
-             WHERE c.job_id = r.job_id AND c.stage = r.stage AND c.session = pg_backend_pid();
+               SET started = c.started + v_counts[i]
+             WHERE c.job_id = v_count_jobs[i] AND c.stage = v_count_stages[i] AND c.session = pg_backend_pid();
             IF NOT FOUND THEN
                 INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
-                VALUES (r.job_id, r.stage, pg_backend_pid(), r.n)
+                VALUES (v_count_jobs[i], v_count_stages[i], pg_backend_pid(), v_counts[i])
                 -- (no other session writes this session's rows: a conflict cannot happen, and would add)
                 ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
             END IF;
@@ -853,11 +878,15 @@ $$;
 -- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
 -- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
 -- stage afterwards, or rolls back first.
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
                                                  p_completed int, p_seconds double precision, p_stopped int)
 RETURNS int
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_remaining int;
@@ -1038,11 +1067,15 @@ $$;
 -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
 -- with more than 64 makes every other session's snapshots look their transactions up in
 -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._take_stages_from_shards(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
                                                    p_seconds double precision[], p_wait boolean)
 RETURNS int[]
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_emptied int[] := '{}'::int[];
@@ -1552,10 +1585,14 @@ $$;
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
 RETURNS jsonb[]
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now        timestamptz := stageflow.now();
@@ -1625,15 +1662,15 @@ BEGIN
                       CASE WHEN NOT v_one_stage THEN
                           (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
         )
-        SELECT v_ids || coalesce(array_agg(d.task_id ORDER BY d.task_id), '{}'),
-               v_msg_ids || coalesce(array_agg(d.msg_id ORDER BY d.task_id), '{}'),
-               v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END ORDER BY d.task_id), '{}'),
-               v_jobs || coalesce(array_agg(d.job_id ORDER BY d.task_id), '{}'),
-               v_stages || coalesce(array_agg(d.stage ORDER BY d.task_id), '{}'),
-               v_prefer || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END
-                                             ORDER BY d.task_id), '{}'),
-               v_ordinals || coalesce(array_agg(d.ordinal ORDER BY d.task_id), '{}'),
-               v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision ORDER BY d.task_id), '{}')
+        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order)
+        SELECT v_ids || coalesce(array_agg(d.task_id), '{}'),
+               v_msg_ids || coalesce(array_agg(d.msg_id), '{}'),
+               v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END), '{}'),
+               v_jobs || coalesce(array_agg(d.job_id), '{}'),
+               v_stages || coalesce(array_agg(d.stage), '{}'),
+               v_prefer || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END), '{}'),
+               v_ordinals || coalesce(array_agg(d.ordinal), '{}'),
+               v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision), '{}')
           INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
           FROM done AS d;
         EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
@@ -3162,10 +3199,14 @@ $$;
 -- release or keep alive another team's running tasks with the forms that name no lease (and
 -- guess the small tokens of the others). Called by every report path (_settle_completions,
 -- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_queue text;

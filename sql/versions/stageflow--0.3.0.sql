@@ -13,6 +13,11 @@ The ordering of items is not stable, it is driven by a dependency graph.
 -- Messages that carry tasks to workers live in pgmq queues; a task row knows its message.
 -- The status lists here (CHECK constraints, partial index predicates) are literal; the code
 -- reads the classes of statuses (open, done, stopped, ended...) through sql/0015_statuses.sql.
+-- A status CHECK is written `status = ANY ('{...}'::text[])`, one constant array, not `IN (...)`:
+-- PostgreSQL reads a table's CHECK expressions back from their stored text and plans them again
+-- in every statement that writes the table, and `IN ('queued', ...)` is kept as an array of six
+-- constants, built again each time (the claim and the completion write a task each: 57,000
+-- instructions of about 2.6 million per pair, measured with valgrind, bench/README.md).
 
 -- A job type: a named, validated definition (parameters schema, retry defaults, ordered stages).
 CREATE TABLE stageflow.job_types (
@@ -39,8 +44,7 @@ CREATE TABLE stageflow.jobs (
     params         jsonb NOT NULL,
     definition     jsonb NOT NULL,
     status         text NOT NULL DEFAULT 'queued'
-                   CHECK (status IN ('queued', 'processing', 'completed', 'completed_with_errors',
-                                     'failed', 'cancelled')),
+                   CHECK (status = ANY ('{queued,processing,completed,completed_with_errors,failed,cancelled}'::text[])),
     current_stage  int NOT NULL DEFAULT 1,
     total_stages   int NOT NULL,
     error          jsonb,
@@ -93,7 +97,7 @@ CREATE TABLE stageflow.stages (
     open_shards       int NOT NULL,
     failed_count      int NOT NULL DEFAULT 0,
     status            text NOT NULL DEFAULT 'active'
-                      CHECK (status IN ('active', 'completed', 'failed', 'cancelled')),
+                      CHECK (status = ANY ('{active,completed,failed,cancelled}'::text[])),
     completed_by      text COLLATE "C",
     created_at        timestamptz NOT NULL DEFAULT now(),
     completed_at      timestamptz,
@@ -176,7 +180,7 @@ CREATE TABLE stageflow.tasks (
     lease_token       bigint NOT NULL DEFAULT 0,
     attempt           int NOT NULL DEFAULT 0,
     status            text NOT NULL DEFAULT 'queued'
-                      CHECK (status IN ('queued', 'running', 'completed', 'failed', 'dead', 'cancelled')),
+                      CHECK (status = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[])),
     lease_expires_at  timestamptz,
     claimed_at        timestamptz,
     started_at        timestamptz,
@@ -866,6 +870,9 @@ DECLARE
     v_own_msgs     bigint[];
     v_started_jobs    text[];
     v_started_stages  int[];
+    v_count_jobs      text[];
+    v_count_stages    int[];
+    v_counts          int[];
     v_queued_jobs     text[];
     v_last_ids        text[];
     v_last_tokens     bigint[];
@@ -1011,18 +1018,28 @@ BEGIN
     -- (Updated where the row exists, inserted where not: an upsert locks the row before updating
     -- it, a WAL record more per claim. One statement per stage, each on one row by its key: a
     -- claim's tasks are nearly always of one stage, and one CTE joining the counts to the rows,
-    -- inserting the missing ones, cost a claim of one task 17 us of its 240.)
+    -- inserting the missing ones, cost a claim of one task 17 us of its 240. Tasks all of one
+    -- stage, the usual claim, are counted without a query grouping them: about 40,000
+    -- instructions less a claim, measured with valgrind, bench/README.md.)
     IF v_started_jobs IS NOT NULL THEN
-        FOR r IN SELECT u.job_id, u.stage, count(*) AS n
-                   FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
-                  GROUP BY u.job_id, u.stage
-        LOOP
+        IF v_started_jobs[1] = ALL (v_started_jobs) AND v_started_stages[1] = ALL (v_started_stages) THEN
+            v_count_jobs := v_started_jobs[1:1];
+            v_count_stages := v_started_stages[1:1];
+            v_counts := ARRAY[cardinality(v_started_jobs)];
+        ELSE
+            SELECT array_agg(g.job_id), array_agg(g.stage), array_agg(g.n)
+              INTO v_count_jobs, v_count_stages, v_counts
+              FROM (SELECT u.job_id, u.stage, count(*)::int AS n
+                      FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
+                     GROUP BY u.job_id, u.stage) AS g;
+        END IF;
+        FOR i IN 1 .. cardinality(v_count_jobs) LOOP
             UPDATE stageflow.stage_claims AS c
-               SET started = c.started + r.n
-             WHERE c.job_id = r.job_id AND c.stage = r.stage AND c.session = pg_backend_pid();
+               SET started = c.started + v_counts[i]
+             WHERE c.job_id = v_count_jobs[i] AND c.stage = v_count_stages[i] AND c.session = pg_backend_pid();
             IF NOT FOUND THEN
                 INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
-                VALUES (r.job_id, r.stage, pg_backend_pid(), r.n)
+                VALUES (v_count_jobs[i], v_count_stages[i], pg_backend_pid(), v_counts[i])
                 -- (no other session writes this session's rows: a conflict cannot happen, and would add)
                 ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
             END IF;
@@ -1081,11 +1098,15 @@ $$;
 -- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
 -- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
 -- stage afterwards, or rolls back first.
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
                                                  p_completed int, p_seconds double precision, p_stopped int)
 RETURNS int
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_remaining int;
@@ -1271,11 +1292,15 @@ $$;
 -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
 -- with more than 64 makes every other session's snapshots look their transactions up in
 -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._take_stages_from_shards(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
                                                    p_seconds double precision[], p_wait boolean)
 RETURNS int[]
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_emptied int[] := '{}'::int[];
@@ -1794,10 +1819,14 @@ $$;
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
 RETURNS jsonb[]
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now        timestamptz := stageflow.now();
@@ -1867,15 +1896,15 @@ BEGIN
                       CASE WHEN NOT v_one_stage THEN
                           (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
         )
-        SELECT v_ids || coalesce(array_agg(d.task_id ORDER BY d.task_id), '{}'),
-               v_msg_ids || coalesce(array_agg(d.msg_id ORDER BY d.task_id), '{}'),
-               v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END ORDER BY d.task_id), '{}'),
-               v_jobs || coalesce(array_agg(d.job_id ORDER BY d.task_id), '{}'),
-               v_stages || coalesce(array_agg(d.stage ORDER BY d.task_id), '{}'),
-               v_prefer || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END
-                                             ORDER BY d.task_id), '{}'),
-               v_ordinals || coalesce(array_agg(d.ordinal ORDER BY d.task_id), '{}'),
-               v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision ORDER BY d.task_id), '{}')
+        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order)
+        SELECT v_ids || coalesce(array_agg(d.task_id), '{}'),
+               v_msg_ids || coalesce(array_agg(d.msg_id), '{}'),
+               v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END), '{}'),
+               v_jobs || coalesce(array_agg(d.job_id), '{}'),
+               v_stages || coalesce(array_agg(d.stage), '{}'),
+               v_prefer || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END), '{}'),
+               v_ordinals || coalesce(array_agg(d.ordinal), '{}'),
+               v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision), '{}')
           INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
           FROM done AS d;
         EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
@@ -3425,10 +3454,14 @@ $$;
 -- release or keep alive another team's running tasks with the forms that name no lease (and
 -- guess the small tokens of the others). Called by every report path (_settle_completions,
 -- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
+-- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
+-- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
+-- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
+-- about 18,000 instructions (saving and restoring the setting, and the search path computed
+-- again); a completion made four such calls.
 CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_queue text;
@@ -4397,7 +4430,7 @@ CREATE TABLE stageflow.webhook_deliveries (
     job_id           text COLLATE "C" NOT NULL,
     url              text NOT NULL,
     payload          jsonb NOT NULL,
-    status           text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    status           text NOT NULL DEFAULT 'pending' CHECK (status = ANY ('{pending,delivered,failed}'::text[])),
     attempts         int NOT NULL DEFAULT 0,
     attempt_log      jsonb NOT NULL DEFAULT '[]',
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),

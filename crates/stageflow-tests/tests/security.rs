@@ -141,10 +141,15 @@ fn a_submitter_cannot_touch_another_logins_jobs() {
     drop((alice, mallory));
 }
 
+/// PL/pgSQL helpers of the completion path without a SET clause (ARCHITECTURE.md, Conventions).
+const HELPERS_WITHOUT_SEARCH_PATH: [&str; 4] =
+    ["_settle_completions", "_check_report_grants", "_take_stages_from_shards", "_take_from_free_shards"];
+
 #[test]
 fn functions_run_as_their_owner_with_a_fixed_search_path() {
     let url = fresh_database("definer");
     let mut client = connect(&url);
+    let helpers: &[&str] = &HELPERS_WITHOUT_SEARCH_PATH;
     let unsafe_functions: Vec<String> = client
         .query(
             "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -158,14 +163,57 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
                                        '_job_has_ended', '_task_is_open', '_task_has_failed',
                                        '_task_ended_without_result', '_task_is_claimable', '_task_params',
                                        '_is_task_of_job', '_completion_reports', '_window_reached')
-                         AND NOT p.prosecdef)",
-            &[],
+                         AND NOT p.prosecdef)
+                -- the completion path's helpers without a SET clause (ARCHITECTURE.md, Conventions):
+                -- checked below to run only inside functions that fix it, and to be callable by no role
+                AND NOT (p.proname = ANY ($1) AND NOT p.prosecdef)",
+            &[&helpers],
         )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
     assert!(unsafe_functions.is_empty(), "functions without a fixed search_path: {unsafe_functions:?}");
+    // Those helpers: each exists without a SET clause, only its owner may execute it, and every
+    // function of the schema whose body calls it fixes the search path (or is such a helper).
+    for helper in HELPERS_WITHOUT_SEARCH_PATH {
+        let row = client
+            .query_one(
+                "SELECT p.proconfig IS NULL, p.prosecdef,
+                        (SELECT count(*) FROM pg_roles AS r
+                          WHERE r.oid <> p.proowner AND NOT r.rolsuper
+                            AND has_function_privilege(r.oid, p.oid, 'EXECUTE'))
+                   FROM pg_proc AS p WHERE p.oid = ('stageflow.' || $1)::regproc",
+                &[&helper],
+            )
+            .unwrap();
+        let (no_settings, definer, callers): (bool, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        assert!(no_settings && !definer, "{helper}: expected a helper without SET clause, not SECURITY DEFINER");
+        assert_eq!(callers, 0, "{helper}: no role but its owner (and superusers) may execute it");
+        let unsafe_callers: Vec<String> = client
+            .query(
+                "SELECT p.oid::regprocedure::text FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+                  WHERE n.nspname = 'stageflow' AND p.prosrc LIKE '%stageflow.' || $1 || '(%'
+                    AND p.proname <> $1
+                    AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
+                    AND NOT p.proname = ANY ($2)",
+                &[&helper, &helpers],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(unsafe_callers.is_empty(), "{helper} is called by functions without a fixed search_path: {unsafe_callers:?}");
+        let callers: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+                  WHERE n.nspname = 'stageflow' AND p.prosrc LIKE '%stageflow.' || $1 || '(%' AND p.proname <> $1",
+                &[&helper],
+            )
+            .unwrap()
+            .get(0);
+        assert!(callers > 0, "{helper}: no caller found (the check above would pass vacuously)");
+    }
     let public_grants: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
