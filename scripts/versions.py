@@ -12,7 +12,7 @@
                                   `write` from the three above: it
                                     1. drops every function and view of OLD (NEW defines all again;
                                        no table's default, check or index uses one),
-                                    2. creates the tables (and types) NEW adds, with their indexes and dump marks,
+                                    2. creates the tables NEW adds, with their indexes and dump marks,
                                     3. runs the first hand-written part,
                                     4. creates NEW's functions, views, roles, grants and built-in job
                                        types, in the order of NEW's install script,
@@ -116,7 +116,6 @@ def canonical(statement):
 
 
 TABLE = re.compile(r'^CREATE TABLE stageflow\.(\w+)', re.I)
-TYPE = re.compile(r'^CREATE TYPE stageflow\.(\w+)', re.I)
 ON_TABLE = re.compile(r'^CREATE (?:UNIQUE )?INDEX \w+ ON stageflow\.(\w+)', re.I)
 DUMPED = re.compile(r"^SELECT pg_catalog\.pg_extension_config_dump\('stageflow\.(\w+)'", re.I)
 DEFINITIONS = re.compile(r'^(CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|VIEW)|COMMENT ON (FUNCTION|VIEW)|GRANT|REVOKE|DO |'
@@ -125,10 +124,6 @@ DEFINITIONS = re.compile(r'^(CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|VIEW)|COMM
 
 def tables(script):
     return {m.group(1) for s in statements(script) if (m := TABLE.match(canonical(s)))}
-
-
-def types(script):
-    return {m.group(1) for s in statements(script) if (m := TYPE.match(canonical(s)))}
 
 
 def read(path):
@@ -143,18 +138,12 @@ def upgrade_script(old, new):
     if not marker:
         sys.exit(f'sql/upgrades/{old}--{new}.sql has no line "-- @definitions"')
     added = tables(new_script) - tables(old_script)
-    added_types = types(new_script) - types(old_script)
     new_tables, definitions = [], []
     for statement in statements(new_script):
         line = canonical(statement)
         target = TABLE.match(line) or ON_TABLE.match(line) or DUMPED.match(line)
-        new_type = TYPE.match(line)
         if target and target.group(1) in added:
             new_tables.append(statement.strip('\n'))
-        elif new_type:
-            # a type of both versions is the same (a change to one is written by hand)
-            if new_type.group(1) in added_types:
-                new_tables.append(statement.strip('\n'))
         elif DEFINITIONS.match(line):
             definitions.append(statement.strip('\n'))
         elif line and not target:
@@ -186,7 +175,7 @@ BEGIN
 END
 $upgrade$;''',
         '',
-        f'-- 2. The tables {new} adds (and its new types).' if added_types else f'-- 2. The tables {new} adds.',
+        f'-- 2. The tables {new} adds.',
         *new_tables,
         '',
         f'-- 3. What changes in the tables of {old} (sql/upgrades/{old}--{new}.sql).',

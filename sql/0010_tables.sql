@@ -344,7 +344,3 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.lease_token_floor_note_id_
 SELECT pg_catalog.pg_extension_config_dump('stageflow.queue_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.role_quotas', '');
 SELECT pg_catalog.pg_extension_config_dump('stageflow.admissions', '');
-
--- What stageflow._read_messages returns (src/queues.rs): the messages a claim read, as two arrays
--- in msg_id order, both NULL when it read none.
-CREATE TYPE stageflow.messages_read AS (msg_ids bigint[], task_ids text[]);

@@ -162,7 +162,6 @@ DECLARE
     -- an old transaction would hand out a lease already partly spent, and not see a message sent
     -- earlier in the same transaction).
     v_now          timestamptz := greatest(stageflow.now(), clock_timestamp());
-    v_read         stageflow.messages_read;
     v_msg_ids      bigint[];
     v_task_ids     text[];
     v_locked       text[];
@@ -219,9 +218,9 @@ BEGIN
     END IF;
 
     -- pgmq.read's statement on the engine's clock, with its plan kept (stageflow._read_messages).
-    v_read := stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now);
-    v_msg_ids := v_read.msg_ids;
-    v_task_ids := v_read.task_ids;
+    SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
+      INTO v_msg_ids, v_task_ids
+      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
     -- gets its next window when this read took messages of its last one, a window ahead (each
     -- such stage), or came back short (the oldest, if none of those), never waiting for a lock;
@@ -233,9 +232,9 @@ BEGIN
                   AND (v_short OR stageflow._window_reached(w.refill_at, w.sent_up_to, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)]))) THEN
         IF stageflow._send_next_window(claim_tasks.queue, v_now, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)], v_short) > 0
            AND v_msg_ids IS NULL THEN
-            v_read := stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now);
-            v_msg_ids := v_read.msg_ids;
-            v_task_ids := v_read.task_ids;
+            SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
+              INTO v_msg_ids, v_task_ids
+              FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
         END IF;
     END IF;
     IF v_msg_ids IS NULL THEN

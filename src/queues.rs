@@ -10,7 +10,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
@@ -136,64 +135,19 @@ fn with_plan<R>(
 }
 
 /// Reads up to `qty` messages of `queue` visible at `now` (the engine's clock), making them
-/// invisible until `now` + `vt` seconds (what pgmq.read does on the wall clock), and returns their
-/// msg_ids and the task_ids they carry as two arrays in msg_id order, in one
-/// `stageflow.messages_read` (both NULL when none was read). `claim_tasks` assigns it to a variable
-/// of that type: PL/pgSQL evaluates a call of a function returning one value without starting the
-/// executor, where a query over a set-returning function started it for a scan, a sort and two
-/// aggregates (42,000 instructions of a claim's 1.44 million, valgrind, bench/README.md).
+/// invisible until `now` + `vt` seconds (what pgmq.read does on the wall clock): their msg_id and
+/// the task_id they carry, in msg_id order.
 ///
 /// A C function's symbol keeps its signature forever: an installed schema of an older version
-/// calls this library until `ALTER EXTENSION stageflow UPDATE` (see [`read_messages`] and
-/// [`read_messages_at`]), so a new signature gets a new symbol (`read_message_arrays_wrapper`).
+/// calls this library until `ALTER EXTENSION stageflow UPDATE` (see [`read_messages`]), so a new
+/// signature gets a new symbol (`read_messages_at_wrapper`).
 #[pg_extern(name = "_read_messages")]
-fn read_message_arrays(
-    queue: &str,
-    vt: i32,
-    qty: i32,
-    now: pgrx::datum::TimestampWithTimeZone,
-) -> pgrx::composite_type!('static, "stageflow.messages_read") {
-    let rows = read_rows(queue, vt, qty, now);
-    // SAFETY: get_namespace_oid and GetSysCacheOid only read the catalog caches; the name keys are
-    // NUL-terminated C strings, as TYPENAMENSP's lookups take them.
-    let type_oid = unsafe {
-        let schema = pg_sys::get_namespace_oid(c"stageflow".as_ptr(), false);
-        pg_sys::GetSysCacheOid(
-            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
-            pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
-            pg_sys::Datum::from(c"messages_read".as_ptr()),
-            pg_sys::Datum::from(schema),
-            pg_sys::Datum::from(0),
-            pg_sys::Datum::from(0),
-        )
-    };
-    let mut read = PgHeapTuple::new_composite_type_by_oid(type_oid)
-        .unwrap_or_else(|error| error!("the type stageflow.messages_read: {error}"));
-    if !rows.is_empty() {
-        let (msg_ids, task_ids): (Vec<i64>, Vec<Option<String>>) = rows.into_iter().unzip();
-        read.set_by_index(NonZeroUsize::MIN, msg_ids)
-            .and_then(|()| read.set_by_index(NonZeroUsize::MIN.saturating_add(1), task_ids))
-            .unwrap_or_else(|error| error!("building stageflow.messages_read: {error}"));
-    }
-    read
-}
-
-/// 0.2.0's `_read_messages(queue, vt, qty, now)` returning a set of (msg_id, task_id) (symbol
-/// `read_messages_at_wrapper`), for a 0.2.0 schema on this library between installing the new
-/// files and `ALTER EXTENSION stageflow UPDATE`. No SQL of this version declares it.
-#[pg_extern(sql = false)]
 fn read_messages_at(
     queue: &str,
     vt: i32,
     qty: i32,
     now: pgrx::datum::TimestampWithTimeZone,
 ) -> TableIterator<'static, (name!(msg_id, i64), name!(task_id, Option<String>))> {
-    TableIterator::new(read_rows(queue, vt, qty, now))
-}
-
-/// The messages read, as (msg_id, task_id) in msg_id order: what both forms of `_read_messages`
-/// return.
-fn read_rows(queue: &str, vt: i32, qty: i32, now: pgrx::datum::TimestampWithTimeZone) -> Vec<(i64, Option<String>)> {
     let qty = qty.max(0);
     let now_us = pg_sys::TimestampTz::from(now);
     // Where this read starts (None: the whole queue; see ReadFrom).
@@ -232,7 +186,7 @@ fn read_rows(queue: &str, vt: i32, qty: i32, now: pgrx::datum::TimestampWithTime
             entry.whole_at = now_us;
         }
     });
-    rows
+    TableIterator::new(rows)
 }
 
 /// 0.1.0's `_read_messages(queue, vt, qty)` (symbol `read_messages_wrapper`), for a 0.1.0 schema
