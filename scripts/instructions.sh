@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Instructions per claim + completion of one task, and per pgmq read + delete of one message,
+# counted by valgrind (cachegrind) on a single-user PostgreSQL backend: a measure of server CPU
+# that does not move with the machine's load (the rates of scripts/bench.sh do, by 10-30 % between
+# runs on a shared 2-core machine). Not a benchmark: one backend, one statement a pair
+# (`claim_tasks` joined to `complete_task_and_check_stage`, so both run in one transaction), no
+# client, no commit flush. Use it to compare two versions of the hot path; scripts/bench.sh stays
+# the measure of speed.
+#
+# Each count is the difference of two runs over a fresh copy of one template database (the same
+# job submitted, then 10 or 310 pairs), divided by 300: what the setup costs cancels out. Counts
+# repeat to within 0.2 % (bench/README.md, fifteenth pass).
+#
+# usage: scripts/instructions.sh            the installed extension (scripts/setup.sh installs it)
+# Needs valgrind (`apt-get install valgrind`); runs a private cluster as the postgres user under
+# /var/tmp/stageflow-instructions, on port 5491, and stops it when done.
+set -euo pipefail
+PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+DIR=/var/tmp/stageflow-instructions
+PORT=5491
+command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install valgrind" >&2; exit 2; }
+as_pg() { sudo -u postgres "$@"; }
+psql_() { psql -h /tmp -p "$PORT" -U postgres -Xq -v ON_ERROR_STOP=1 "$@"; }
+start() { as_pg "$PG_BIN/pg_ctl" -D "$DIR" -o "-p $PORT -k /tmp" -l "$DIR.log" start -w >/dev/null; }
+stop() { as_pg "$PG_BIN/pg_ctl" -D "$DIR" stop -m fast -w >/dev/null; }
+
+rm -rf "$DIR"
+mkdir -p "$DIR" && chown postgres "$DIR"
+as_pg "$PG_BIN/initdb" -D "$DIR" -A trust >/dev/null
+printf "shared_buffers = 256MB\nfsync = off\nsynchronous_commit = off\n" >> "$DIR/postgresql.conf"
+start
+trap 'stop 2>/dev/null || true' EXIT
+psql_ -c "CREATE DATABASE template_pairs"
+psql_ -d template_pairs -c "CREATE EXTENSION stageflow CASCADE" 2>&1 | grep -v NOTICE || true
+psql_ -d template_pairs -c "SELECT stageflow.register_job_type('pairs', '{\"parameters\": {\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}}}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\", \"queue\": \"pairs\", \"fan_out\": \"count\", \"param\": \"n\"}, {\"name\": \"b\", \"handler\": \"h\", \"queue\": \"pairs\", \"fan_out\": \"lineage\"}]}'::jsonb)" >/dev/null
+# (the queue is made by the first claim; pgmq's queue for the other line)
+psql_ -d template_pairs -c "SELECT count(*) FROM stageflow.claim_tasks('pairs', 1)" -c "SELECT pgmq.create('plain')" >/dev/null
+stop
+
+# count SETUP PAIR N: instructions of a single-user backend on a fresh copy of the template
+count() {
+    start
+    psql_ -c "DROP DATABASE IF EXISTS pairs_run" -c "CREATE DATABASE pairs_run TEMPLATE template_pairs" 2>&1 | grep -v NOTICE || true
+    stop
+    local script out
+    script=$(mktemp) out=$(mktemp)
+    { echo "$1"; for _ in $(seq 1 "$3"); do echo "$2"; done; } > "$script"
+    as_pg valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        "$PG_BIN/postgres" --single -D "$DIR" pairs_run < "$script" > "$out" 2>&1
+    if grep -q ERROR "$out"; then grep -m3 ERROR "$out" >&2; exit 1; fi
+    grep -oP 'I\s+refs:\s+\K[0-9,]+' "$out" | tr -d ,
+    rm -f "$script" "$out"
+}
+per_pair() {
+    local a b
+    a=$(count "$1" "$2" 10)
+    b=$(count "$1" "$2" 310)
+    echo $(((b - a) / 300))
+}
+stageflow=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 3000}');" \
+    "SELECT count(*) FROM stageflow.claim_tasks('pairs', 1, 60, 'w') AS c, stageflow.complete_task_and_check_stage(c.task_id, '{}', 'w', c.lease_token);")
+pgmq=$(per_pair "SELECT count(*) FROM pgmq.send_batch('plain', array_fill('{\"task_id\": \"x\"}'::jsonb, ARRAY[3000]));" \
+    "SELECT pgmq.delete('plain', m.msg_id) FROM pgmq.read('plain', 30, 1) AS m;")
+printf '%-56s %10s instructions\n' "stageflow claim + complete, one task" "$stageflow"
+printf '%-56s %10s instructions\n' "pgmq read + delete, one message" "$pgmq"
