@@ -11,7 +11,8 @@
 # job submitted, then 10 or 310 pairs), divided by 300: what the setup costs cancels out. Counts
 # repeat to within 0.2 % (bench/README.md, fifteenth pass).
 #
-# usage: scripts/instructions.sh            the installed extension (scripts/setup.sh installs it)
+# usage: scripts/instructions.sh [FILE.sql]  the installed extension (scripts/setup.sh installs it),
+#                                           FILE.sql applied after it (a variant to compare)
 # Needs valgrind (`apt-get install valgrind`); runs a private cluster as the postgres user under
 # /var/tmp/stageflow-instructions, on port 5491, and stops it when done.
 set -euo pipefail
@@ -32,6 +33,7 @@ start
 trap 'stop 2>/dev/null || true' EXIT
 psql_ -c "CREATE DATABASE template_pairs"
 psql_ -d template_pairs -c "CREATE EXTENSION stageflow CASCADE" 2>&1 | grep -v NOTICE || true
+if [ -n "${1:-}" ]; then psql_ -d template_pairs -f "$1" >/dev/null; fi
 psql_ -d template_pairs -c "SELECT stageflow.register_job_type('pairs', '{\"parameters\": {\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}}}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\", \"queue\": \"pairs\", \"fan_out\": \"count\", \"param\": \"n\"}, {\"name\": \"b\", \"handler\": \"h\", \"queue\": \"pairs\", \"fan_out\": \"lineage\"}]}'::jsonb)" >/dev/null
 # (the queue is made by the first claim; pgmq's queue for the other line)
 psql_ -d template_pairs -c "SELECT count(*) FROM stageflow.claim_tasks('pairs', 1)" -c "SELECT pgmq.create('plain')" >/dev/null
