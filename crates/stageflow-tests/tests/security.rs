@@ -203,7 +203,10 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert!(unsafe_callers.is_empty(), "{helper} is called by functions without a fixed search_path: {unsafe_callers:?}");
+        assert!(
+            unsafe_callers.is_empty(),
+            "{helper} is called by functions without a fixed search_path: {unsafe_callers:?}"
+        );
         let callers: i64 = client
             .query_one(
                 "SELECT count(*) FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
