@@ -13,6 +13,9 @@
 #
 # usage: scripts/instructions.sh [FILE.sql]  the installed extension (scripts/setup.sh installs it),
 #                                           FILE.sql applied after it (a variant to compare)
+# Compare a variant with the same function replaced by its own text, not with the installed code:
+# claim_tasks replaced unchanged (CREATE OR REPLACE, its settings set again) counted 57,000
+# instructions a pair more than installed, for a reason not found (bench/README.md, fifteenth pass).
 # Needs valgrind (`apt-get install valgrind`); runs a private cluster as the postgres user under
 # /var/tmp/stageflow-instructions, on port 5491, and stops it when done.
 set -euo pipefail
