@@ -13,9 +13,9 @@
 #
 # usage: scripts/instructions.sh [FILE.sql]  the installed extension (scripts/setup.sh installs it),
 #                                           FILE.sql applied after it (a variant to compare)
-# Compare a variant with the same function replaced by its own text, not with the installed code:
-# claim_tasks replaced unchanged (CREATE OR REPLACE, its settings set again) counted 57,000
-# instructions a pair more than installed, for a reason not found (bench/README.md, fifteenth pass).
+# The counts are of the installed build: a debug build of the library (what scripts/test.sh
+# installs) counted 57,000 instructions a pair more than an optimised one (`cargo pgrx install
+# --release`, what scripts/bench.sh installs), in the Rust that reads and deletes messages.
 # Needs valgrind (`apt-get install valgrind`); runs a private cluster as the postgres user under
 # /var/tmp/stageflow-instructions, on port 5491, and stops it when done.
 set -euo pipefail
