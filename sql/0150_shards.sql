@@ -17,11 +17,8 @@
 -- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
 -- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
 -- stage afterwards, or rolls back first.
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
                                                  p_completed int, p_seconds double precision, p_stopped int)
 RETURNS int
@@ -211,11 +208,8 @@ $$;
 -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
 -- with more than 64 makes every other session's snapshots look their transactions up in
 -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._take_stages_from_shards(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
                                                    p_seconds double precision[], p_wait boolean)
 RETURNS int[]

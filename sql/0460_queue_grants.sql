@@ -24,11 +24,8 @@ $$;
 -- release or keep alive another team's running tasks with the forms that name no lease (and
 -- guess the small tokens of the others). Called by every report path (_settle_completions,
 -- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
 RETURNS void
 LANGUAGE plpgsql

@@ -117,11 +117,8 @@ $$;
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
 RETURNS jsonb[]
 LANGUAGE plpgsql

@@ -1098,11 +1098,8 @@ $$;
 -- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
 -- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
 -- stage afterwards, or rolls back first.
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
                                                  p_completed int, p_seconds double precision, p_stopped int)
 RETURNS int
@@ -1292,11 +1289,8 @@ $$;
 -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
 -- with more than 64 makes every other session's snapshots look their transactions up in
 -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._take_stages_from_shards(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
                                                    p_seconds double precision[], p_wait boolean)
 RETURNS int[]
@@ -1819,11 +1813,8 @@ $$;
 -- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
 -- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
 -- setting them again: one setting saved and restored per call on the hot path instead of three.
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
 RETURNS jsonb[]
 LANGUAGE plpgsql
@@ -3454,11 +3445,8 @@ $$;
 -- release or keep alive another team's running tasks with the forms that name no lease (and
 -- guess the small tokens of the others). Called by every report path (_settle_completions,
 -- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
--- No SET clause (a hot-path helper, ARCHITECTURE.md "Conventions"): it runs only inside
--- functions that fix search_path to pg_catalog, pg_temp, names everything it uses by schema, and
--- no role but its owner may call it (security.rs checks all three). A SET clause cost each call
--- about 18,000 instructions (saving and restoring the setting, and the search path computed
--- again); a completion made four such calls.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
 RETURNS void
 LANGUAGE plpgsql
@@ -4069,9 +4057,8 @@ $$;
 -- free at once, and its index's within 10 ms (a queue a worker holds is left to the next call, so
 -- this never waits for a worker), and is held until the caller's transaction ends: call it alone,
 -- not inside a longer transaction, or that queue's claims and reports wait for the transaction
--- (the upgrade to 0.3.0
--- does not shape for that reason: its transaction holds stageflow.tasks, and a claim holding a
--- queue's message while waiting for a task row deadlocked with it). A queue whose shaping fails
+-- (the upgrade to 0.3.0 does not shape for that reason: its transaction holds stageflow.tasks,
+-- and a claim holding a queue's message while waiting for a task row deadlocked with it). A queue whose shaping fails
 -- otherwise is logged as a WARNING and left. Returns how many queues it shaped.
 CREATE FUNCTION stageflow.shape_queues()
 RETURNS int

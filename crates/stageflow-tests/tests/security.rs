@@ -187,34 +187,27 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
                 &[&helper],
             )
             .unwrap();
-        let (no_settings, definer, callers): (bool, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        let (no_settings, definer, executors): (bool, bool, i64) = (row.get(0), row.get(1), row.get(2));
         assert!(no_settings && !definer, "{helper}: expected a helper without SET clause, not SECURITY DEFINER");
-        assert_eq!(callers, 0, "{helper}: no role but its owner (and superusers) may execute it");
-        let unsafe_callers: Vec<String> = client
-            .query(
-                "SELECT p.oid::regprocedure::text FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
-                  WHERE n.nspname = 'stageflow' AND p.prosrc LIKE '%stageflow.' || $1 || '(%'
-                    AND p.proname <> $1
-                    AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
-                    AND NOT p.proname = ANY ($2)",
+        assert_eq!(executors, 0, "{helper}: no role but its owner (and superusers) may execute it");
+        // (every function of the schema whose body calls it, and those among them that do not fix
+        // the search path and are not such helpers themselves)
+        let row = client
+            .query_one(
+                "SELECT count(*),
+                        coalesce(array_agg(p.oid::regprocedure::text)
+                                 FILTER (WHERE NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
+                                           AND NOT p.proname = ANY ($2)), '{}')
+                   FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+                  WHERE n.nspname = 'stageflow' AND p.prosrc LIKE '%stageflow.' || $1 || '(%' AND p.proname <> $1",
                 &[&helper, &helpers],
             )
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .unwrap();
+        let (callers, unsafe_callers): (i64, Vec<String>) = (row.get(0), row.get(1));
         assert!(
             unsafe_callers.is_empty(),
             "{helper} is called by functions without a fixed search_path: {unsafe_callers:?}"
         );
-        let callers: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
-                  WHERE n.nspname = 'stageflow' AND p.prosrc LIKE '%stageflow.' || $1 || '(%' AND p.proname <> $1",
-                &[&helper],
-            )
-            .unwrap()
-            .get(0);
         assert!(callers > 0, "{helper}: no caller found (the check above would pass vacuously)");
     }
     let public_grants: i64 = client
