@@ -20,6 +20,20 @@ BEGIN
 END;
 $$;
 
+-- Whether a report may speak for a task's current lease (the task row's lease_token, p_lease_token,
+-- held by its worker_id, p_holder): naming a token (p_token), only if it is that one; naming no
+-- token but a worker_id (p_worker_id), only if that worker holds the lease; naming neither, the
+-- caller is trusted (the psql form). The one statement of the fence: _refusal words its refusals
+-- from it, and a completion's UPDATE asks it alone (_refusal's wordings, planned into every
+-- completion, cost it 36,000 instructions, bench/README.md). Inlined like _refusal.
+CREATE FUNCTION stageflow._report_fenced(p_lease_token bigint, p_holder text, p_token bigint, p_worker_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN p_token IS NOT NULL THEN p_token OPERATOR(pg_catalog.=) p_lease_token
+                ELSE p_worker_id IS NULL OR coalesce(p_holder OPERATOR(pg_catalog.=) p_worker_id, false) END
+$$;
+
 -- Why a report (p_verb: 'completed', 'failed') of a task cannot be recorded, as
 -- {"sqlstate", "message", "hint"}, or NULL when it can: the one wording of every refusal, decided
 -- from the task row read under its lock. A report names the lease it comes from by its token
@@ -36,20 +50,23 @@ AS $$
         WHEN p_task.task_id IS NULL THEN
             pg_catalog.jsonb_build_object('sqlstate', '42704', 'message', pg_catalog.format('unknown task %L', p_task_id),
                                'hint', 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>')
-        WHEN p_token IS NOT NULL AND p_token <> p_task.lease_token THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
-                               'hint', 'the lease expired and the task was claimed again; its current holder reports it')
-        WHEN p_task.status = 'running' AND p_token IS NULL AND p_worker_id IS NOT NULL
-             AND p_task.worker_id IS DISTINCT FROM p_worker_id THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                               'hint', 'the lease expired and the task was delivered again; its new holder reports it')
-        WHEN p_task.status = 'completed' AND p_token IS NULL AND p_worker_id IS NOT NULL
-             AND p_task.worker_id IS DISTINCT FROM p_worker_id THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                               'hint', 'the lease expired and the task was delivered again; its new holder completed it')
+        -- (another lease's token, whatever the task's status; another worker, of a task running or
+        -- completed: a task in any other status is refused for that below)
+        WHEN NOT stageflow._report_fenced(p_task.lease_token, p_task.worker_id, p_token, p_worker_id)
+             AND (p_token IS NOT NULL OR p_task.status = ANY ('{running,completed}'::text[])) THEN
+            CASE WHEN p_token IS NOT NULL THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
+                                   'hint', 'the lease expired and the task was claimed again; its current holder reports it')
+            WHEN p_task.status = 'running' THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder reports it')
+            ELSE
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder completed it')
+            END
         WHEN p_task.status = 'running' THEN NULL
         WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
         WHEN p_task.status = 'queued' THEN

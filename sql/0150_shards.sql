@@ -7,7 +7,7 @@
 
 -- Takes p_count ended tasks off a stage's shards without waiting for a shard another transaction
 -- holds, and returns how many shards this emptied, or NULL if it cannot (the caller then rolls
--- back what this took and locked, see _take_stages_from_shards). p_completed of them completed, in
+-- back what this took and locked, see _settle_completions). p_completed of them completed, in
 -- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
 -- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
 -- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
@@ -195,44 +195,6 @@ BEGIN
            SET stopped_tasks = sh.stopped_tasks + p_count
          WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = 0;
     END IF;
-END;
-$$;
-
--- The tasks a call ended, per stage in (job, stage) order (parallel arrays: how many, the shard
--- a single task prefers, their claim-to-completion seconds), taken off each stage's shards;
--- returns, per stage, how many shards emptied (the caller then settles the stage rows, in the
--- same order: shards -> stage -> job for every caller). With p_wait false, without waiting for
--- shards (_take_from_free_shards), raising SQLSTATE SFW01 when a stage cannot: the caller
--- (_settle_completions) runs it in one subtransaction, rolls that back (with every shard it left
--- locked) and runs it again with p_wait, every stage's shards waited for in shard order
--- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
--- with more than 64 makes every other session's snapshots look their transactions up in
--- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._take_stages_from_shards(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
-                                                   p_seconds double precision[], p_wait boolean)
-RETURNS int[]
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_emptied int[] := '{}'::int[];
-    v_one     int;
-BEGIN
-    FOR i IN 1 .. cardinality(p_jobs) LOOP
-        IF p_wait THEN
-            v_one := stageflow._take_from_shards_in_order(p_jobs[i], p_stages[i], p_counts[i], p_counts[i],
-                                                          coalesce(p_seconds[i], 0), p_counts[i]);
-        ELSE
-            v_one := stageflow._take_from_free_shards(p_jobs[i], p_stages[i], p_counts[i], p_prefer[i], p_counts[i],
-                                                      coalesce(p_seconds[i], 0), p_counts[i]);
-            IF v_one IS NULL THEN
-                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled by _settle_completions)';
-            END IF;
-        END IF;
-        v_emptied := v_emptied || v_one;
-    END LOOP;
-    RETURN v_emptied;
 END;
 $$;
 

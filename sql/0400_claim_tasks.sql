@@ -137,10 +137,12 @@ $$;
 -- other path locks a task before its message, so a claim and a report never wait for each other
 -- in a cycle.
 --
--- Each row carries the task's params (the job's params overlaid with the task's own; for an `each`
--- stage the fanned-out array is left out), its predecessor's result (lineage), its inputs
+-- Each row carries the task's params (the job's params overlaid with the task's own; for an
+-- `each` stage the fanned-out array is left out), its predecessor's result (lineage), its inputs
 -- (fan-in), the stage's handler timeout in seconds (NULL when it sets none), the lease's token
 -- (pass it back with every report: complete, fail, heartbeat, release) and its length in seconds.
+-- The rows come in no set order (sorting them cost a claim of one task 27,000 instructions of
+-- 1.4 million, bench/README.md).
 CREATE FUNCTION stageflow.claim_tasks(
     queue text DEFAULT 'default',
     max_tasks int DEFAULT 1,
@@ -172,9 +174,6 @@ DECLARE
     v_own_msgs     bigint[];
     v_started_jobs    text[];
     v_started_stages  int[];
-    v_count_jobs      text[];
-    v_count_stages    int[];
-    v_counts          int[];
     v_queued_jobs     text[];
     v_last_ids        text[];
     v_last_tokens     bigint[];
@@ -183,14 +182,16 @@ DECLARE
     v_short           boolean;
     r              record;
 BEGIN
-    -- _check_queue's rules inline (this is the hot path); it raises the error when they fail, and
-    -- says whether a job type's queue is to be made (after the grant check: a session that may not
-    -- claim from it makes nothing). (pgmq.meta is the authority: a lookup of the queue's table in
-    -- the catalog caches, tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and
-    -- the like, and a table whose pgmq.meta row was gone, which this check refuses or, for a job
-    -- type's queue, makes whole again.)
-    IF claim_tasks.queue IS NULL OR claim_tasks.queue !~ '^[a-z_][a-z0-9_]{0,46}$'
-       OR NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
+    -- A queue pgmq has is used as it is (this is the hot path); any other name is checked by
+    -- _check_queue, which raises the error for a bad or unknown one, and says whether a job type's
+    -- queue is to be made (after the grant check: a session that may not claim from it makes
+    -- nothing). (pgmq.meta is the authority: a lookup of the queue's table in the catalog caches,
+    -- tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and the like, and a
+    -- table whose pgmq.meta row was gone, which this check refuses or, for a job type's queue,
+    -- makes whole again. A queue made with pgmq's own functions under a name Stageflow's rules
+    -- refuse is refused with the same error when it is read, src/queues.rs; the name's pattern
+    -- asked first on every claim cost it 28,000 instructions of 1.4 million, bench/README.md.)
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
         v_make_queue := stageflow._check_queue(claim_tasks.queue);
     END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
@@ -218,7 +219,9 @@ BEGIN
     END IF;
 
     -- pgmq.read's statement on the engine's clock, with its plan kept (stageflow._read_messages).
-    SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
+    -- (_read_messages returns its rows in msg_id order, and an aggregate takes them in the order
+    -- it reads them: v_msg_ids is sorted, its first and last are its lowest and highest)
+    SELECT array_agg(m.msg_id), array_agg(m.task_id)
       INTO v_msg_ids, v_task_ids
       FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
@@ -232,7 +235,7 @@ BEGIN
                   AND (v_short OR stageflow._window_reached(w.refill_at, w.sent_up_to, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)]))) THEN
         IF stageflow._send_next_window(claim_tasks.queue, v_now, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)], v_short) > 0
            AND v_msg_ids IS NULL THEN
-            SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
+            SELECT array_agg(m.msg_id), array_agg(m.task_id)
               INTO v_msg_ids, v_task_ids
               FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
         END IF;
@@ -244,10 +247,12 @@ BEGIN
     -- Lock the tasks whose current message was read (rows another session holds are skipped; a
     -- row changed since this statement's snapshot is locked in its newest version and its
     -- conditions re-checked there), and see which of them may be claimed, which of those are
-    -- re-claims of an expired lease (already counted as running), and which jobs they would start.
+    -- re-claims of an expired lease (already counted as running), and which jobs they would start
+    -- (a job once per task: the jobs' UPDATE below reads them as a set). In no particular order:
+    -- SKIP LOCKED never waits, so the order of these locks cannot make a cycle.
     SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
            array_agg(l.task_id) FILTER (WHERE l.claimable AND l.status = 'running'),
-           array_agg(DISTINCT l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
+           array_agg(l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
       INTO v_locked, v_claimable, v_reclaimed, v_queued_jobs
       FROM (SELECT k.task_id, k.job_id, k.status, k.job_status,
                    stageflow._task_is_claimable(k.status, k.attempt, k.max_attempts, k.next_attempt_at,
@@ -260,7 +265,6 @@ BEGIN
                            (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_status
                       FROM stageflow.tasks AS t
                      WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
-                     ORDER BY t.task_id
                        FOR UPDATE OF t SKIP LOCKED) AS k) AS l;
 
     -- The messages that will not become claims (rare) are settled first: a dead letter there that
@@ -317,35 +321,23 @@ BEGIN
     -- The queued tasks it started count as running: this session's own row per stage (no other
     -- session writes it, so no claim waits here); a task re-claimed after its lease expired was
     -- counted already. A last attempt leaves a note of its lease for maintenance.
-    -- (Updated where the row exists, inserted where not: an upsert locks the row before updating
-    -- it, a WAL record more per claim. One statement per stage, each on one row by its key: a
-    -- claim's tasks are nearly always of one stage, and one CTE joining the counts to the rows,
-    -- inserting the missing ones, cost a claim of one task 17 us of its 240. Tasks all of one
-    -- stage, the usual claim, are counted without a query grouping them: about 40,000
-    -- instructions less a claim, measured with valgrind, bench/README.md.)
+    -- Tasks all of one stage whose row exists, the usual claim: one UPDATE by its key (an upsert
+    -- locks the row before updating it, a WAL record more per claim). Otherwise (the session's
+    -- first claim of a stage, or tasks of several) the counts are grouped and upserted. (The
+    -- grouping in every claim cost a claim of one task 17 us of its 240; the arrays and the loop
+    -- per stage this replaces, 20,000 instructions more, counted with valgrind, bench/README.md.)
     IF v_started_jobs IS NOT NULL THEN
-        IF v_started_jobs[1] = ALL (v_started_jobs) AND v_started_stages[1] = ALL (v_started_stages) THEN
-            v_count_jobs := v_started_jobs[1:1];
-            v_count_stages := v_started_stages[1:1];
-            v_counts := ARRAY[cardinality(v_started_jobs)];
-        ELSE
-            SELECT array_agg(g.job_id), array_agg(g.stage), array_agg(g.n)
-              INTO v_count_jobs, v_count_stages, v_counts
-              FROM (SELECT u.job_id, u.stage, count(*)::int AS n
-                      FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
-                     GROUP BY u.job_id, u.stage) AS g;
+        UPDATE stageflow.stage_claims AS c
+           SET started = c.started + cardinality(v_started_jobs)
+         WHERE c.job_id = v_started_jobs[1] AND c.stage = v_started_stages[1] AND c.session = pg_backend_pid()
+           AND v_started_jobs[1] = ALL (v_started_jobs) AND v_started_stages[1] = ALL (v_started_stages);
+        IF NOT FOUND THEN
+            INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
+            SELECT u.job_id, u.stage, pg_backend_pid(), count(*)
+              FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
+             GROUP BY u.job_id, u.stage
+            ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
         END IF;
-        FOR i IN 1 .. cardinality(v_count_jobs) LOOP
-            UPDATE stageflow.stage_claims AS c
-               SET started = c.started + v_counts[i]
-             WHERE c.job_id = v_count_jobs[i] AND c.stage = v_count_stages[i] AND c.session = pg_backend_pid();
-            IF NOT FOUND THEN
-                INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
-                VALUES (v_count_jobs[i], v_count_stages[i], pg_backend_pid(), v_counts[i])
-                -- (no other session writes this session's rows: a conflict cannot happen, and would add)
-                ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
-            END IF;
-        END LOOP;
     END IF;
     IF v_last_ids IS NOT NULL THEN
         INSERT INTO stageflow.last_attempt_leases (task_id, lease_token, expires_at)
@@ -373,7 +365,6 @@ BEGIN
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       LEFT JOIN stageflow.tasks AS p ON p.task_id = t.predecessor_id
-     WHERE t.task_id = ANY (v_claimed_ids) AND t.status = 'running'
-     ORDER BY t.msg_id;
+     WHERE t.task_id = ANY (v_claimed_ids) AND t.status = 'running';
 END;
 $$;

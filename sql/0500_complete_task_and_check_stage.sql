@@ -95,7 +95,8 @@ $$;
 -- Records completions: the one settle path of complete_task_and_check_stage and complete_tasks.
 -- p_task_ids, p_results and p_tokens are parallel (a NULL token: no token given); the ids are
 -- distinct. Every report that may be accepted is decided under its task's row lock
--- (stageflow._refusal, and a plan check for a result that feeds a dynamic fan-out): one UPDATE, in
+-- (its lease's fence, stageflow._report_fenced, and a plan check for a result that feeds a dynamic
+-- fan-out; the wording of a refusal, stageflow._refusal, only for the rest): one UPDATE, in
 -- task_id order, completes the tasks that may be completed, its conditions checked on each row's
 -- newest version once it holds the row's lock (no separate lock first: a lock is a WAL record of
 -- its own). The rest (rare) are decided as they are now: a report naming another lease than the
@@ -110,7 +111,7 @@ $$;
 -- task was locked first; that lock cost a WAL record per task.) The accepted ones have their
 -- messages deleted (tasks before messages: the lock order of every report), and each stage's
 -- tasks are taken off its shards once for the whole call, in (job, stage) order
--- (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a stage
+-- (_take_from_free_shards: one shard no other transaction holds, if one has them all); a stage
 -- row is locked only when one of its shards empties (shards before stage), and the call that
 -- takes the stage's open shards to zero advances the job in this transaction. A completion
 -- repeated by the lease that made it is accepted and changes nothing.
@@ -139,7 +140,7 @@ DECLARE
     v_seconds    double precision[] := '{}'::double precision[];
     v_counts     int[];
     v_last       text[];
-    v_emptied    int[];
+    v_emptied    int[] := '{}'::int[];
     v_open       int;
     -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
     -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
@@ -182,7 +183,7 @@ BEGIN
                      ORDER BY a.task_id COLLATE "C") AS u
              WHERE t.task_id = u.task_id
                AND t.status = 'running'
-               AND stageflow._refusal(t, u.task_id, 'completed', u.token, p_worker_id) IS NULL
+               AND stageflow._report_fenced(t.lease_token, t.worker_id, u.token, p_worker_id)
                AND (CASE WHEN v_one_stage THEN v_dynamic IS NOT TRUE
                          ELSE (SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
                               IS DISTINCT FROM 'dynamic' END
@@ -286,14 +287,26 @@ BEGIN
                  GROUP BY u.job_id, u.stage) AS g;
     END IF;
 
-    -- Each stage's tasks off its shards (_take_stages_from_shards): first without waiting for a
-    -- shard another transaction holds, in one subtransaction; if a stage cannot, that is rolled
-    -- back (a transaction holding a shard out of order must not then wait for another of that
-    -- stage) and every stage waits for its shards in shard order.
+    -- Each stage's tasks off its shards: first without waiting for a shard another transaction
+    -- holds (_take_from_free_shards), in one subtransaction; if a stage cannot, that is rolled
+    -- back with every shard it left locked (a transaction holding a shard out of order must not
+    -- then wait for another of that stage) and every stage waits for its shards in shard order
+    -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
+    -- with more than 64 makes every other session's snapshots look their transactions up in
+    -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
     BEGIN
-        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, false);
+        FOR i IN 1 .. cardinality(v_jobs) LOOP
+            v_emptied[i] := stageflow._take_from_free_shards(v_jobs[i], v_stages[i], v_counts[i], v_prefer[i], v_counts[i],
+                                                             coalesce(v_seconds[i], 0), v_counts[i]);
+            IF v_emptied[i] IS NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
+            END IF;
+        END LOOP;
     EXCEPTION WHEN SQLSTATE 'SFW01' THEN
-        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, true);
+        FOR i IN 1 .. cardinality(v_jobs) LOOP
+            v_emptied[i] := stageflow._take_from_shards_in_order(v_jobs[i], v_stages[i], v_counts[i], v_counts[i],
+                                                                 coalesce(v_seconds[i], 0), v_counts[i]);
+        END LOOP;
     END;
     -- Then the rows of the stages whose shards emptied, in the same order (shards -> stage -> job);
     -- the call that takes a stage's open shards to zero advances its job.

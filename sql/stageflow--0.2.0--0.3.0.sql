@@ -615,10 +615,12 @@ $$;
 -- other path locks a task before its message, so a claim and a report never wait for each other
 -- in a cycle.
 --
--- Each row carries the task's params (the job's params overlaid with the task's own; for an `each`
--- stage the fanned-out array is left out), its predecessor's result (lineage), its inputs
+-- Each row carries the task's params (the job's params overlaid with the task's own; for an
+-- `each` stage the fanned-out array is left out), its predecessor's result (lineage), its inputs
 -- (fan-in), the stage's handler timeout in seconds (NULL when it sets none), the lease's token
 -- (pass it back with every report: complete, fail, heartbeat, release) and its length in seconds.
+-- The rows come in no set order (sorting them cost a claim of one task 27,000 instructions of
+-- 1.4 million, bench/README.md).
 CREATE FUNCTION stageflow.claim_tasks(
     queue text DEFAULT 'default',
     max_tasks int DEFAULT 1,
@@ -650,9 +652,6 @@ DECLARE
     v_own_msgs     bigint[];
     v_started_jobs    text[];
     v_started_stages  int[];
-    v_count_jobs      text[];
-    v_count_stages    int[];
-    v_counts          int[];
     v_queued_jobs     text[];
     v_last_ids        text[];
     v_last_tokens     bigint[];
@@ -661,14 +660,16 @@ DECLARE
     v_short           boolean;
     r              record;
 BEGIN
-    -- _check_queue's rules inline (this is the hot path); it raises the error when they fail, and
-    -- says whether a job type's queue is to be made (after the grant check: a session that may not
-    -- claim from it makes nothing). (pgmq.meta is the authority: a lookup of the queue's table in
-    -- the catalog caches, tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and
-    -- the like, and a table whose pgmq.meta row was gone, which this check refuses or, for a job
-    -- type's queue, makes whole again.)
-    IF claim_tasks.queue IS NULL OR claim_tasks.queue !~ '^[a-z_][a-z0-9_]{0,46}$'
-       OR NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
+    -- A queue pgmq has is used as it is (this is the hot path); any other name is checked by
+    -- _check_queue, which raises the error for a bad or unknown one, and says whether a job type's
+    -- queue is to be made (after the grant check: a session that may not claim from it makes
+    -- nothing). (pgmq.meta is the authority: a lookup of the queue's table in the catalog caches,
+    -- tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and the like, and a
+    -- table whose pgmq.meta row was gone, which this check refuses or, for a job type's queue,
+    -- makes whole again. A queue made with pgmq's own functions under a name Stageflow's rules
+    -- refuse is refused with the same error when it is read, src/queues.rs; the name's pattern
+    -- asked first on every claim cost it 28,000 instructions of 1.4 million, bench/README.md.)
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
         v_make_queue := stageflow._check_queue(claim_tasks.queue);
     END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
@@ -696,7 +697,9 @@ BEGIN
     END IF;
 
     -- pgmq.read's statement on the engine's clock, with its plan kept (stageflow._read_messages).
-    SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
+    -- (_read_messages returns its rows in msg_id order, and an aggregate takes them in the order
+    -- it reads them: v_msg_ids is sorted, its first and last are its lowest and highest)
+    SELECT array_agg(m.msg_id), array_agg(m.task_id)
       INTO v_msg_ids, v_task_ids
       FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
@@ -710,7 +713,7 @@ BEGIN
                   AND (v_short OR stageflow._window_reached(w.refill_at, w.sent_up_to, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)]))) THEN
         IF stageflow._send_next_window(claim_tasks.queue, v_now, v_msg_ids[1], v_msg_ids[cardinality(v_msg_ids)], v_short) > 0
            AND v_msg_ids IS NULL THEN
-            SELECT array_agg(m.msg_id ORDER BY m.msg_id), array_agg(m.task_id ORDER BY m.msg_id)
+            SELECT array_agg(m.msg_id), array_agg(m.task_id)
               INTO v_msg_ids, v_task_ids
               FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
         END IF;
@@ -722,10 +725,12 @@ BEGIN
     -- Lock the tasks whose current message was read (rows another session holds are skipped; a
     -- row changed since this statement's snapshot is locked in its newest version and its
     -- conditions re-checked there), and see which of them may be claimed, which of those are
-    -- re-claims of an expired lease (already counted as running), and which jobs they would start.
+    -- re-claims of an expired lease (already counted as running), and which jobs they would start
+    -- (a job once per task: the jobs' UPDATE below reads them as a set). In no particular order:
+    -- SKIP LOCKED never waits, so the order of these locks cannot make a cycle.
     SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
            array_agg(l.task_id) FILTER (WHERE l.claimable AND l.status = 'running'),
-           array_agg(DISTINCT l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
+           array_agg(l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
       INTO v_locked, v_claimable, v_reclaimed, v_queued_jobs
       FROM (SELECT k.task_id, k.job_id, k.status, k.job_status,
                    stageflow._task_is_claimable(k.status, k.attempt, k.max_attempts, k.next_attempt_at,
@@ -738,7 +743,6 @@ BEGIN
                            (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_status
                       FROM stageflow.tasks AS t
                      WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
-                     ORDER BY t.task_id
                        FOR UPDATE OF t SKIP LOCKED) AS k) AS l;
 
     -- The messages that will not become claims (rare) are settled first: a dead letter there that
@@ -795,35 +799,23 @@ BEGIN
     -- The queued tasks it started count as running: this session's own row per stage (no other
     -- session writes it, so no claim waits here); a task re-claimed after its lease expired was
     -- counted already. A last attempt leaves a note of its lease for maintenance.
-    -- (Updated where the row exists, inserted where not: an upsert locks the row before updating
-    -- it, a WAL record more per claim. One statement per stage, each on one row by its key: a
-    -- claim's tasks are nearly always of one stage, and one CTE joining the counts to the rows,
-    -- inserting the missing ones, cost a claim of one task 17 us of its 240. Tasks all of one
-    -- stage, the usual claim, are counted without a query grouping them: about 40,000
-    -- instructions less a claim, measured with valgrind, bench/README.md.)
+    -- Tasks all of one stage whose row exists, the usual claim: one UPDATE by its key (an upsert
+    -- locks the row before updating it, a WAL record more per claim). Otherwise (the session's
+    -- first claim of a stage, or tasks of several) the counts are grouped and upserted. (The
+    -- grouping in every claim cost a claim of one task 17 us of its 240; the arrays and the loop
+    -- per stage this replaces, 20,000 instructions more, counted with valgrind, bench/README.md.)
     IF v_started_jobs IS NOT NULL THEN
-        IF v_started_jobs[1] = ALL (v_started_jobs) AND v_started_stages[1] = ALL (v_started_stages) THEN
-            v_count_jobs := v_started_jobs[1:1];
-            v_count_stages := v_started_stages[1:1];
-            v_counts := ARRAY[cardinality(v_started_jobs)];
-        ELSE
-            SELECT array_agg(g.job_id), array_agg(g.stage), array_agg(g.n)
-              INTO v_count_jobs, v_count_stages, v_counts
-              FROM (SELECT u.job_id, u.stage, count(*)::int AS n
-                      FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
-                     GROUP BY u.job_id, u.stage) AS g;
+        UPDATE stageflow.stage_claims AS c
+           SET started = c.started + cardinality(v_started_jobs)
+         WHERE c.job_id = v_started_jobs[1] AND c.stage = v_started_stages[1] AND c.session = pg_backend_pid()
+           AND v_started_jobs[1] = ALL (v_started_jobs) AND v_started_stages[1] = ALL (v_started_stages);
+        IF NOT FOUND THEN
+            INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
+            SELECT u.job_id, u.stage, pg_backend_pid(), count(*)
+              FROM unnest(v_started_jobs, v_started_stages) AS u(job_id, stage)
+             GROUP BY u.job_id, u.stage
+            ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
         END IF;
-        FOR i IN 1 .. cardinality(v_count_jobs) LOOP
-            UPDATE stageflow.stage_claims AS c
-               SET started = c.started + v_counts[i]
-             WHERE c.job_id = v_count_jobs[i] AND c.stage = v_count_stages[i] AND c.session = pg_backend_pid();
-            IF NOT FOUND THEN
-                INSERT INTO stageflow.stage_claims AS c (job_id, stage, session, started)
-                VALUES (v_count_jobs[i], v_count_stages[i], pg_backend_pid(), v_counts[i])
-                -- (no other session writes this session's rows: a conflict cannot happen, and would add)
-                ON CONFLICT (job_id, stage, session) DO UPDATE SET started = c.started + excluded.started;
-            END IF;
-        END LOOP;
     END IF;
     IF v_last_ids IS NOT NULL THEN
         INSERT INTO stageflow.last_attempt_leases (task_id, lease_token, expires_at)
@@ -851,8 +843,7 @@ BEGIN
       JOIN stageflow.jobs AS j ON j.job_id = t.job_id
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
       LEFT JOIN stageflow.tasks AS p ON p.task_id = t.predecessor_id
-     WHERE t.task_id = ANY (v_claimed_ids) AND t.status = 'running'
-     ORDER BY t.msg_id;
+     WHERE t.task_id = ANY (v_claimed_ids) AND t.status = 'running';
 END;
 $$;
 /* </end connected objects> */
@@ -868,7 +859,7 @@ $$;
 
 -- Takes p_count ended tasks off a stage's shards without waiting for a shard another transaction
 -- holds, and returns how many shards this emptied, or NULL if it cannot (the caller then rolls
--- back what this took and locked, see _take_stages_from_shards). p_completed of them completed, in
+-- back what this took and locked, see _settle_completions). p_completed of them completed, in
 -- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
 -- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
 -- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
@@ -1052,43 +1043,6 @@ BEGIN
            SET stopped_tasks = sh.stopped_tasks + p_count
          WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = 0;
     END IF;
-END;
-$$;
--- The tasks a call ended, per stage in (job, stage) order (parallel arrays: how many, the shard
--- a single task prefers, their claim-to-completion seconds), taken off each stage's shards;
--- returns, per stage, how many shards emptied (the caller then settles the stage rows, in the
--- same order: shards -> stage -> job for every caller). With p_wait false, without waiting for
--- shards (_take_from_free_shards), raising SQLSTATE SFW01 when a stage cannot: the caller
--- (_settle_completions) runs it in one subtransaction, rolls that back (with every shard it left
--- locked) and runs it again with p_wait, every stage's shards waited for in shard order
--- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
--- with more than 64 makes every other session's snapshots look their transactions up in
--- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._take_stages_from_shards(p_jobs text[], p_stages int[], p_counts int[], p_prefer int[],
-                                                   p_seconds double precision[], p_wait boolean)
-RETURNS int[]
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_emptied int[] := '{}'::int[];
-    v_one     int;
-BEGIN
-    FOR i IN 1 .. cardinality(p_jobs) LOOP
-        IF p_wait THEN
-            v_one := stageflow._take_from_shards_in_order(p_jobs[i], p_stages[i], p_counts[i], p_counts[i],
-                                                          coalesce(p_seconds[i], 0), p_counts[i]);
-        ELSE
-            v_one := stageflow._take_from_free_shards(p_jobs[i], p_stages[i], p_counts[i], p_prefer[i], p_counts[i],
-                                                      coalesce(p_seconds[i], 0), p_counts[i]);
-            IF v_one IS NULL THEN
-                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled by _settle_completions)';
-            END IF;
-        END IF;
-        v_emptied := v_emptied || v_one;
-    END LOOP;
-    RETURN v_emptied;
 END;
 $$;
 -- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the
@@ -1398,6 +1352,19 @@ BEGIN
                END;
 END;
 $$;
+-- Whether a report may speak for a task's current lease (the task row's lease_token, p_lease_token,
+-- held by its worker_id, p_holder): naming a token (p_token), only if it is that one; naming no
+-- token but a worker_id (p_worker_id), only if that worker holds the lease; naming neither, the
+-- caller is trusted (the psql form). The one statement of the fence: _refusal words its refusals
+-- from it, and a completion's UPDATE asks it alone (_refusal's wordings, planned into every
+-- completion, cost it 36,000 instructions, bench/README.md). Inlined like _refusal.
+CREATE FUNCTION stageflow._report_fenced(p_lease_token bigint, p_holder text, p_token bigint, p_worker_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN p_token IS NOT NULL THEN p_token OPERATOR(pg_catalog.=) p_lease_token
+                ELSE p_worker_id IS NULL OR coalesce(p_holder OPERATOR(pg_catalog.=) p_worker_id, false) END
+$$;
 -- Why a report (p_verb: 'completed', 'failed') of a task cannot be recorded, as
 -- {"sqlstate", "message", "hint"}, or NULL when it can: the one wording of every refusal, decided
 -- from the task row read under its lock. A report names the lease it comes from by its token
@@ -1414,20 +1381,23 @@ AS $$
         WHEN p_task.task_id IS NULL THEN
             pg_catalog.jsonb_build_object('sqlstate', '42704', 'message', pg_catalog.format('unknown task %L', p_task_id),
                                'hint', 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>')
-        WHEN p_token IS NOT NULL AND p_token <> p_task.lease_token THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
-                               'hint', 'the lease expired and the task was claimed again; its current holder reports it')
-        WHEN p_task.status = 'running' AND p_token IS NULL AND p_worker_id IS NOT NULL
-             AND p_task.worker_id IS DISTINCT FROM p_worker_id THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                               'hint', 'the lease expired and the task was delivered again; its new holder reports it')
-        WHEN p_task.status = 'completed' AND p_token IS NULL AND p_worker_id IS NOT NULL
-             AND p_task.worker_id IS DISTINCT FROM p_worker_id THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                               'hint', 'the lease expired and the task was delivered again; its new holder completed it')
+        -- (another lease's token, whatever the task's status; another worker, of a task running or
+        -- completed: a task in any other status is refused for that below)
+        WHEN NOT stageflow._report_fenced(p_task.lease_token, p_task.worker_id, p_token, p_worker_id)
+             AND (p_token IS NOT NULL OR p_task.status = ANY ('{running,completed}'::text[])) THEN
+            CASE WHEN p_token IS NOT NULL THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
+                                   'hint', 'the lease expired and the task was claimed again; its current holder reports it')
+            WHEN p_task.status = 'running' THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder reports it')
+            ELSE
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder completed it')
+            END
         WHEN p_task.status = 'running' THEN NULL
         WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
         WHEN p_task.status = 'queued' THEN
@@ -1557,7 +1527,8 @@ $$;
 -- Records completions: the one settle path of complete_task_and_check_stage and complete_tasks.
 -- p_task_ids, p_results and p_tokens are parallel (a NULL token: no token given); the ids are
 -- distinct. Every report that may be accepted is decided under its task's row lock
--- (stageflow._refusal, and a plan check for a result that feeds a dynamic fan-out): one UPDATE, in
+-- (its lease's fence, stageflow._report_fenced, and a plan check for a result that feeds a dynamic
+-- fan-out; the wording of a refusal, stageflow._refusal, only for the rest): one UPDATE, in
 -- task_id order, completes the tasks that may be completed, its conditions checked on each row's
 -- newest version once it holds the row's lock (no separate lock first: a lock is a WAL record of
 -- its own). The rest (rare) are decided as they are now: a report naming another lease than the
@@ -1572,7 +1543,7 @@ $$;
 -- task was locked first; that lock cost a WAL record per task.) The accepted ones have their
 -- messages deleted (tasks before messages: the lock order of every report), and each stage's
 -- tasks are taken off its shards once for the whole call, in (job, stage) order
--- (_take_stages_from_shards: one shard no other transaction holds, if one has them all); a stage
+-- (_take_from_free_shards: one shard no other transaction holds, if one has them all); a stage
 -- row is locked only when one of its shards empties (shards before stage), and the call that
 -- takes the stage's open shards to zero advances the job in this transaction. A completion
 -- repeated by the lease that made it is accepted and changes nothing.
@@ -1601,7 +1572,7 @@ DECLARE
     v_seconds    double precision[] := '{}'::double precision[];
     v_counts     int[];
     v_last       text[];
-    v_emptied    int[];
+    v_emptied    int[] := '{}'::int[];
     v_open       int;
     -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
     -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
@@ -1644,7 +1615,7 @@ BEGIN
                      ORDER BY a.task_id COLLATE "C") AS u
              WHERE t.task_id = u.task_id
                AND t.status = 'running'
-               AND stageflow._refusal(t, u.task_id, 'completed', u.token, p_worker_id) IS NULL
+               AND stageflow._report_fenced(t.lease_token, t.worker_id, u.token, p_worker_id)
                AND (CASE WHEN v_one_stage THEN v_dynamic IS NOT TRUE
                          ELSE (SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
                               IS DISTINCT FROM 'dynamic' END
@@ -1748,14 +1719,26 @@ BEGIN
                  GROUP BY u.job_id, u.stage) AS g;
     END IF;
 
-    -- Each stage's tasks off its shards (_take_stages_from_shards): first without waiting for a
-    -- shard another transaction holds, in one subtransaction; if a stage cannot, that is rolled
-    -- back (a transaction holding a shard out of order must not then wait for another of that
-    -- stage) and every stage waits for its shards in shard order.
+    -- Each stage's tasks off its shards: first without waiting for a shard another transaction
+    -- holds (_take_from_free_shards), in one subtransaction; if a stage cannot, that is rolled
+    -- back with every shard it left locked (a transaction holding a shard out of order must not
+    -- then wait for another of that stage) and every stage waits for its shards in shard order
+    -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
+    -- with more than 64 makes every other session's snapshots look their transactions up in
+    -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
     BEGIN
-        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, false);
+        FOR i IN 1 .. cardinality(v_jobs) LOOP
+            v_emptied[i] := stageflow._take_from_free_shards(v_jobs[i], v_stages[i], v_counts[i], v_prefer[i], v_counts[i],
+                                                             coalesce(v_seconds[i], 0), v_counts[i]);
+            IF v_emptied[i] IS NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
+            END IF;
+        END LOOP;
     EXCEPTION WHEN SQLSTATE 'SFW01' THEN
-        v_emptied := stageflow._take_stages_from_shards(v_jobs, v_stages, v_counts, v_prefer, v_seconds, true);
+        FOR i IN 1 .. cardinality(v_jobs) LOOP
+            v_emptied[i] := stageflow._take_from_shards_in_order(v_jobs[i], v_stages[i], v_counts[i], v_counts[i],
+                                                                 coalesce(v_seconds[i], 0), v_counts[i]);
+        END LOOP;
     END;
     -- Then the rows of the stages whose shards emptied, in the same order (shards -> stage -> job);
     -- the call that takes a stage's open shards to zero advances its job.

@@ -68,6 +68,9 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
     let (completed_task, failed_task) = (&hello[0].task_id, &hello[1].task_id);
     assert_eq!(job_status(&mut client, &hello_job)["status"], json!("failed"));
     let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    // A queue made with pgmq's own function under a name Stageflow's rules refuse (a claim takes a
+    // queue pgmq has without asking the name's pattern: it is refused when the queue is read).
+    client.batch_execute("SELECT pgmq.create('UpperQ')").unwrap();
 
     let cases = vec![
         case("unknown job type", "SELECT stageflow.submit_job('nope', '{}')", "42704", "unknown job type"),
@@ -91,6 +94,7 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("failing with a NULL error", format!("SELECT stageflow.fail_task('{planner_task}', NULL)"), "22004", "got NULL"),
         case("claiming from a queue name pgmq rejects", "SELECT * FROM stageflow.claim_tasks('bad;queue')", "42602", "invalid queue name"),
         case("claiming from a quoted queue name", "SELECT * FROM stageflow.claim_tasks('x''y')", "42602", "invalid queue name"),
+        case("claiming from a pgmq queue under a name Stageflow refuses", "SELECT * FROM stageflow.claim_tasks('UpperQ')", "42602", "invalid queue name"),
         case("claiming from an unknown queue", "SELECT * FROM stageflow.claim_tasks('nosuchqueue')", "42704", "unknown queue"),
         case("claiming zero tasks", "SELECT * FROM stageflow.claim_tasks('default', 0)", "22023", "max_tasks"),
         case("claiming with a zero lease", "SELECT * FROM stageflow.claim_tasks('default', 1, 0)", "22023", "lease_seconds"),

@@ -142,8 +142,8 @@ fn a_submitter_cannot_touch_another_logins_jobs() {
 }
 
 /// PL/pgSQL helpers of the completion path without a SET clause (ARCHITECTURE.md, Conventions).
-const HELPERS_WITHOUT_SEARCH_PATH: [&str; 4] =
-    ["_settle_completions", "_check_report_grants", "_take_stages_from_shards", "_take_from_free_shards"];
+const HELPERS_WITHOUT_SEARCH_PATH: [&str; 3] =
+    ["_settle_completions", "_check_report_grants", "_take_from_free_shards"];
 
 #[test]
 fn functions_run_as_their_owner_with_a_fixed_search_path() {
@@ -155,11 +155,11 @@ fn functions_run_as_their_owner_with_a_fixed_search_path() {
             "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
               WHERE n.nspname = 'stageflow' AND p.prolang <> (SELECT oid FROM pg_language WHERE lanname = 'c')
                 AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
-                -- stageflow.now(), stageflow._refusal(), the status classes and _is_task_of_job of
+                -- stageflow.now(), stageflow._refusal() and _report_fenced(), the status classes and _is_task_of_job of
                 -- sql/0015_statuses.sql, _task_params, _completion_reports and _window_reached are kept inlinable: no SET clause, every function qualified, not
                 -- SECURITY DEFINER (they run with their caller's rights; a SET clause would stop
                 -- PostgreSQL inlining them).
-                AND NOT (p.proname IN ('now', '_refusal', '_job_is_open', '_job_is_done', '_job_is_stopped',
+                AND NOT (p.proname IN ('now', '_refusal', '_report_fenced', '_job_is_open', '_job_is_done', '_job_is_stopped',
                                        '_job_has_ended', '_task_is_open', '_task_has_failed',
                                        '_task_ended_without_result', '_task_is_claimable', '_task_params',
                                        '_is_task_of_job', '_completion_reports', '_window_reached')
