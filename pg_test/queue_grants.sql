@@ -79,10 +79,34 @@ EXCEPTION WHEN insufficient_privilege THEN
 END;
 $$;
 RESET SESSION AUTHORIZATION;
--- A superuser claims from every queue.
+-- A grant to a role whose name needs quoting (capitals, a space) counts like any other, for claims
+-- and reports.
 DO $$
 BEGIN
-    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('granted_q', 5, 60, 'admin')) = 2;
+    CREATE ROLE "Stageflow QG Mixed" NOLOGIN;
+EXCEPTION WHEN duplicate_object THEN
+    NULL;
+END;
+$$;
+GRANT "Stageflow QG Mixed" TO stageflow_qg_worker;
+SELECT stageflow.grant_queue('granted_q', 'Stageflow QG Mixed') ->> 'granted' AS granted;
+SET SESSION AUTHORIZATION stageflow_qg_worker;
+DO $$
+DECLARE
+    r record;
+BEGIN
+    SELECT * INTO r FROM stageflow.claim_tasks('granted_q', 1, 60, 'm');
+    ASSERT r.task_id IS NOT NULL, 'a grant to a role whose name needs quoting counts';
+    ASSERT (stageflow.complete_task_and_check_stage(r.task_id, '{}', 'm', r.lease_token)) ->> 'task_status' = 'completed';
+END;
+$$;
+RESET SESSION AUTHORIZATION;
+SELECT stageflow.revoke_queue('granted_q', 'Stageflow QG Mixed') ->> 'revoked' AS revoked;
+REVOKE "Stageflow QG Mixed" FROM stageflow_qg_worker;
+-- A superuser claims from every queue (the last of the three tasks).
+DO $$
+BEGIN
+    ASSERT (SELECT count(*) FROM stageflow.claim_tasks('granted_q', 5, 60, 'admin')) = 1;
 END;
 $$;
 

@@ -189,8 +189,9 @@ BEGIN
     -- tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and the like, and a
     -- table whose pgmq.meta row was gone, which this check refuses or, for a job type's queue,
     -- makes whole again. A queue made with pgmq's own functions under a name Stageflow's rules
-    -- refuse is refused with the same error when it is read, src/queues.rs; the name's pattern
-    -- asked first on every claim cost it 28,000 instructions of 1.4 million, bench/README.md.)
+    -- refuse is refused when it is read, src/queues.rs, with the same SQLSTATE and hint, after the
+    -- grant check; the name's pattern asked first on every claim cost it 28,000 instructions of
+    -- 1.4 million, bench/README.md.)
     IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
         v_make_queue := stageflow._check_queue(claim_tasks.queue);
     END IF;

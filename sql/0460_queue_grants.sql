@@ -6,16 +6,22 @@
 -- Whether p_queue is granted to the session's login or to a role it is a member of: the grant
 -- rule of claims (claim_tasks) and reports (_check_report_grants), each of which first exempts
 -- superusers and members of stageflow_admin (stageflow._session_is_admin(), asked alone: an
--- expression without a query, which PL/pgSQL evaluates without starting the executor).
+-- expression without a query, which PL/pgSQL evaluates without starting the executor). A grant
+-- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
+-- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
+-- more, bench/README.md.)
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
 RETURNS boolean
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
-                     JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
-                    WHERE g.queue = p_queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'));
+                    WHERE g.queue = p_queue
+                      AND pg_catalog.pg_has_role(session_user,
+                                                 pg_catalog.to_regrole(pg_catalog.quote_ident(g.role_name))::pg_catalog.oid,
+                                                 'MEMBER'));
 END;
 $$;
 
@@ -23,7 +29,8 @@ $$;
 -- before the report changes anything: without it, a worker of one team could complete, fail,
 -- release or keep alive another team's running tasks with the forms that name no lease (and
 -- guess the small tokens of the others). Called by every report path (_settle_completions,
--- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
+-- fail_task, _lock_leases); ids of no task are left to the caller's own refusal. The first queue
+-- refused, by name, is the one named in the error.
 -- No SET clause: a completion-path helper that runs under its callers' fixed search path
 -- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
@@ -36,20 +43,20 @@ BEGIN
     IF stageflow._session_is_admin() THEN
         RETURN;
     END IF;
-    FOR v_queue IN
-        SELECT DISTINCT s.queue
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         WHERE t.task_id = ANY (p_task_ids)
-         ORDER BY s.queue
-    LOOP
-        IF NOT stageflow._queue_granted_to_session(v_queue) THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '42501',
-                MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
-                HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
-        END IF;
-    END LOOP;
+    SELECT q.queue INTO v_queue
+      FROM (SELECT DISTINCT s.queue
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+             WHERE t.task_id = ANY (p_task_ids)) AS q
+     WHERE NOT stageflow._queue_granted_to_session(q.queue)
+     ORDER BY q.queue
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+    END IF;
 END;
 $$;
 

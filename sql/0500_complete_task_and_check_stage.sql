@@ -4,29 +4,26 @@
 -- Inlinable, as the status classes are (no SET clause, every operator and function qualified, not
 -- STRICT, not SECURITY DEFINER): PostgreSQL plans it into its callers' statements, whose plans
 -- are kept for the session. (As a plpgsql function of its own it cost each single completion
--- about 25 us of its 200, measured with complete_task_and_check_stage under pgbench.)
+-- about 25 us of its 200, measured with complete_task_and_check_stage under pgbench.) The report
+-- is the row as JSON (jsonb_build_object of its nine fields cost 9,000 instructions more,
+-- bench/README.md).
 CREATE FUNCTION stageflow._completion_reports(p_task_ids text[])
 RETURNS TABLE (task_id text, report jsonb)
 LANGUAGE sql STABLE
 AS $$
-    SELECT t.task_id, pg_catalog.jsonb_build_object(
-               'task_id', t.task_id,
-               'task_status', t.status,
-               'stage', t.stage,
-               'stage_completed', s.status OPERATOR(pg_catalog.=) 'completed'
-                                  AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false),
-               'next_stage', CASE WHEN s.status OPERATOR(pg_catalog.=) 'completed'
-                                       AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
-                                       AND t.stage OPERATOR(pg_catalog.<) j.total_stages
-                                  THEN t.stage OPERATOR(pg_catalog.+) 1 END,
-               'job_id', j.job_id,
-               'job_status', j.status,
-               'current_stage', j.current_stage,
-               'total_stages', j.total_stages)
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id OPERATOR(pg_catalog.=) t.job_id AND s.stage OPERATOR(pg_catalog.=) t.stage
-      JOIN stageflow.jobs AS j ON j.job_id OPERATOR(pg_catalog.=) t.job_id
-     WHERE t.task_id OPERATOR(pg_catalog.=) ANY (p_task_ids)
+    SELECT r.task_id, pg_catalog.to_jsonb(r)
+      FROM (SELECT t.task_id, t.status AS task_status, t.stage,
+                   s.status OPERATOR(pg_catalog.=) 'completed' AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
+                       AS stage_completed,
+                   CASE WHEN s.status OPERATOR(pg_catalog.=) 'completed'
+                             AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
+                             AND t.stage OPERATOR(pg_catalog.<) j.total_stages
+                        THEN t.stage OPERATOR(pg_catalog.+) 1 END AS next_stage,
+                   j.job_id, j.status AS job_status, j.current_stage, j.total_stages
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id OPERATOR(pg_catalog.=) t.job_id AND s.stage OPERATOR(pg_catalog.=) t.stage
+              JOIN stageflow.jobs AS j ON j.job_id OPERATOR(pg_catalog.=) t.job_id
+             WHERE t.task_id OPERATOR(pg_catalog.=) ANY (p_task_ids)) AS r
 $$;
 
 -- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
@@ -130,17 +127,17 @@ DECLARE
     v_todo       text[];
     v_rest       text[];
     v_locked     text[];
-    v_ids        text[] := '{}'::text[];
-    v_msg_ids    bigint[] := '{}'::bigint[];
-    v_queues     text[] := '{}'::text[];
-    v_jobs       text[] := '{}'::text[];
-    v_stages     int[] := '{}'::int[];
-    v_prefer     int[] := '{}'::int[];
-    v_ordinals   int[] := '{}'::int[];
-    v_seconds    double precision[] := '{}'::double precision[];
+    v_ids        text[];
+    v_msg_ids    bigint[];
+    v_queues     text[];
+    v_jobs       text[];
+    v_stages     int[];
+    v_prefer     int[];
+    v_ordinals   int[];
+    v_seconds    double precision[];
     v_counts     int[];
     v_last       text[];
-    v_emptied    int[] := '{}'::int[];
+    v_emptied    int[];
     v_open       int;
     -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
     -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
@@ -192,15 +189,16 @@ BEGIN
                       CASE WHEN NOT v_one_stage THEN
                           (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
         )
-        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order)
-        SELECT v_ids || coalesce(array_agg(d.task_id), '{}'),
-               v_msg_ids || coalesce(array_agg(d.msg_id), '{}'),
-               v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END), '{}'),
-               v_jobs || coalesce(array_agg(d.job_id), '{}'),
-               v_stages || coalesce(array_agg(d.stage), '{}'),
-               v_prefer || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END), '{}'),
-               v_ordinals || coalesce(array_agg(d.ordinal), '{}'),
-               v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision), '{}')
+        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order;
+        -- each NULL while no task is taken, NULL || x being x)
+        SELECT v_ids || array_agg(d.task_id),
+               v_msg_ids || array_agg(d.msg_id),
+               v_queues || array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END),
+               v_jobs || array_agg(d.job_id),
+               v_stages || array_agg(d.stage),
+               v_prefer || array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END),
+               v_ordinals || array_agg(d.ordinal),
+               v_seconds || array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision)
           INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
           FROM done AS d;
         EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
@@ -253,7 +251,7 @@ BEGIN
                 OFFSET 0) AS c;
         EXIT WHEN v_todo IS NULL;
     END LOOP;
-    IF cardinality(v_ids) = 0 THEN
+    IF v_ids IS NULL THEN
         RETURN v_refusals;
     END IF;
 

@@ -667,8 +667,9 @@ BEGIN
     -- tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and the like, and a
     -- table whose pgmq.meta row was gone, which this check refuses or, for a job type's queue,
     -- makes whole again. A queue made with pgmq's own functions under a name Stageflow's rules
-    -- refuse is refused with the same error when it is read, src/queues.rs; the name's pattern
-    -- asked first on every claim cost it 28,000 instructions of 1.4 million, bench/README.md.)
+    -- refuse is refused when it is read, src/queues.rs, with the same SQLSTATE and hint, after the
+    -- grant check; the name's pattern asked first on every claim cost it 28,000 instructions of
+    -- 1.4 million, bench/README.md.)
     IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
         v_make_queue := stageflow._check_queue(claim_tasks.queue);
     END IF;
@@ -1439,29 +1440,26 @@ $$;
 -- Inlinable, as the status classes are (no SET clause, every operator and function qualified, not
 -- STRICT, not SECURITY DEFINER): PostgreSQL plans it into its callers' statements, whose plans
 -- are kept for the session. (As a plpgsql function of its own it cost each single completion
--- about 25 us of its 200, measured with complete_task_and_check_stage under pgbench.)
+-- about 25 us of its 200, measured with complete_task_and_check_stage under pgbench.) The report
+-- is the row as JSON (jsonb_build_object of its nine fields cost 9,000 instructions more,
+-- bench/README.md).
 CREATE FUNCTION stageflow._completion_reports(p_task_ids text[])
 RETURNS TABLE (task_id text, report jsonb)
 LANGUAGE sql STABLE
 AS $$
-    SELECT t.task_id, pg_catalog.jsonb_build_object(
-               'task_id', t.task_id,
-               'task_status', t.status,
-               'stage', t.stage,
-               'stage_completed', s.status OPERATOR(pg_catalog.=) 'completed'
-                                  AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false),
-               'next_stage', CASE WHEN s.status OPERATOR(pg_catalog.=) 'completed'
-                                       AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
-                                       AND t.stage OPERATOR(pg_catalog.<) j.total_stages
-                                  THEN t.stage OPERATOR(pg_catalog.+) 1 END,
-               'job_id', j.job_id,
-               'job_status', j.status,
-               'current_stage', j.current_stage,
-               'total_stages', j.total_stages)
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id OPERATOR(pg_catalog.=) t.job_id AND s.stage OPERATOR(pg_catalog.=) t.stage
-      JOIN stageflow.jobs AS j ON j.job_id OPERATOR(pg_catalog.=) t.job_id
-     WHERE t.task_id OPERATOR(pg_catalog.=) ANY (p_task_ids)
+    SELECT r.task_id, pg_catalog.to_jsonb(r)
+      FROM (SELECT t.task_id, t.status AS task_status, t.stage,
+                   s.status OPERATOR(pg_catalog.=) 'completed' AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
+                       AS stage_completed,
+                   CASE WHEN s.status OPERATOR(pg_catalog.=) 'completed'
+                             AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
+                             AND t.stage OPERATOR(pg_catalog.<) j.total_stages
+                        THEN t.stage OPERATOR(pg_catalog.+) 1 END AS next_stage,
+                   j.job_id, j.status AS job_status, j.current_stage, j.total_stages
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id OPERATOR(pg_catalog.=) t.job_id AND s.stage OPERATOR(pg_catalog.=) t.stage
+              JOIN stageflow.jobs AS j ON j.job_id OPERATOR(pg_catalog.=) t.job_id
+             WHERE t.task_id OPERATOR(pg_catalog.=) ANY (p_task_ids)) AS r
 $$;
 -- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
 -- entries: {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]} whose keys are distinct and
@@ -1562,17 +1560,17 @@ DECLARE
     v_todo       text[];
     v_rest       text[];
     v_locked     text[];
-    v_ids        text[] := '{}'::text[];
-    v_msg_ids    bigint[] := '{}'::bigint[];
-    v_queues     text[] := '{}'::text[];
-    v_jobs       text[] := '{}'::text[];
-    v_stages     int[] := '{}'::int[];
-    v_prefer     int[] := '{}'::int[];
-    v_ordinals   int[] := '{}'::int[];
-    v_seconds    double precision[] := '{}'::double precision[];
+    v_ids        text[];
+    v_msg_ids    bigint[];
+    v_queues     text[];
+    v_jobs       text[];
+    v_stages     int[];
+    v_prefer     int[];
+    v_ordinals   int[];
+    v_seconds    double precision[];
     v_counts     int[];
     v_last       text[];
-    v_emptied    int[] := '{}'::int[];
+    v_emptied    int[];
     v_open       int;
     -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
     -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
@@ -1624,15 +1622,16 @@ BEGIN
                       CASE WHEN NOT v_one_stage THEN
                           (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
         )
-        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order)
-        SELECT v_ids || coalesce(array_agg(d.task_id), '{}'),
-               v_msg_ids || coalesce(array_agg(d.msg_id), '{}'),
-               v_queues || coalesce(array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END), '{}'),
-               v_jobs || coalesce(array_agg(d.job_id), '{}'),
-               v_stages || coalesce(array_agg(d.stage), '{}'),
-               v_prefer || coalesce(array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END), '{}'),
-               v_ordinals || coalesce(array_agg(d.ordinal), '{}'),
-               v_seconds || coalesce(array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision), '{}')
+        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order;
+        -- each NULL while no task is taken, NULL || x being x)
+        SELECT v_ids || array_agg(d.task_id),
+               v_msg_ids || array_agg(d.msg_id),
+               v_queues || array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END),
+               v_jobs || array_agg(d.job_id),
+               v_stages || array_agg(d.stage),
+               v_prefer || array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END),
+               v_ordinals || array_agg(d.ordinal),
+               v_seconds || array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision)
           INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
           FROM done AS d;
         EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
@@ -1685,7 +1684,7 @@ BEGIN
                 OFFSET 0) AS c;
         EXIT WHEN v_todo IS NULL;
     END LOOP;
-    IF cardinality(v_ids) = 0 THEN
+    IF v_ids IS NULL THEN
         RETURN v_refusals;
     END IF;
 
@@ -3156,23 +3155,30 @@ $$;
 -- Whether p_queue is granted to the session's login or to a role it is a member of: the grant
 -- rule of claims (claim_tasks) and reports (_check_report_grants), each of which first exempts
 -- superusers and members of stageflow_admin (stageflow._session_is_admin(), asked alone: an
--- expression without a query, which PL/pgSQL evaluates without starting the executor).
+-- expression without a query, which PL/pgSQL evaluates without starting the executor). A grant
+-- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
+-- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
+-- more, bench/README.md.)
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
 RETURNS boolean
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
-                     JOIN pg_catalog.pg_roles AS r ON r.rolname = g.role_name
-                    WHERE g.queue = p_queue AND pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER'));
+                    WHERE g.queue = p_queue
+                      AND pg_catalog.pg_has_role(session_user,
+                                                 pg_catalog.to_regrole(pg_catalog.quote_ident(g.role_name))::pg_catalog.oid,
+                                                 'MEMBER'));
 END;
 $$;
 -- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
 -- before the report changes anything: without it, a worker of one team could complete, fail,
 -- release or keep alive another team's running tasks with the forms that name no lease (and
 -- guess the small tokens of the others). Called by every report path (_settle_completions,
--- fail_task, _lock_leases); ids of no task are left to the caller's own refusal.
+-- fail_task, _lock_leases); ids of no task are left to the caller's own refusal. The first queue
+-- refused, by name, is the one named in the error.
 -- No SET clause: a completion-path helper that runs under its callers' fixed search path
 -- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
@@ -3185,20 +3191,20 @@ BEGIN
     IF stageflow._session_is_admin() THEN
         RETURN;
     END IF;
-    FOR v_queue IN
-        SELECT DISTINCT s.queue
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         WHERE t.task_id = ANY (p_task_ids)
-         ORDER BY s.queue
-    LOOP
-        IF NOT stageflow._queue_granted_to_session(v_queue) THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '42501',
-                MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
-                HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
-        END IF;
-    END LOOP;
+    SELECT q.queue INTO v_queue
+      FROM (SELECT DISTINCT s.queue
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+             WHERE t.task_id = ANY (p_task_ids)) AS q
+     WHERE NOT stageflow._queue_granted_to_session(q.queue)
+     ORDER BY q.queue
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+    END IF;
 END;
 $$;
 -- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting

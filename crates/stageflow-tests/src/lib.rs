@@ -67,6 +67,21 @@ pub fn fresh_database(name: &str) -> String {
     url_for(&admin_url, name)
 }
 
+/// The WAL's current insert position, with every segment from there on kept for the rest of
+/// `client`'s session (a temporary replication slot): a test that reads the WAL it made with
+/// pg_walinspect must not find a segment removed by a checkpoint another test set off meanwhile
+/// (seen once: 58P01, "requested WAL segment ... has already been removed").
+pub fn wal_position_kept(client: &mut Client) -> String {
+    client
+        .batch_execute(
+            "SELECT pg_create_physical_replication_slot(s.name, true, true)
+               FROM (SELECT 'stageflow_test_' || pg_backend_pid() AS name) AS s
+              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots AS r WHERE r.slot_name = s.name)",
+        )
+        .expect("a temporary replication slot");
+    client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).expect("the WAL position").get(0)
+}
+
 /// The SQLSTATE, message and hint of a database error.
 pub fn db_error(error: &postgres::Error) -> (String, String, Option<String>) {
     let db = error.as_db_error().unwrap_or_else(|| panic!("not a database error: {error}"));

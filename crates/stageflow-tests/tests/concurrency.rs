@@ -643,7 +643,7 @@ fn a_batch_advancing_a_hundred_jobs_uses_one_subtransaction_id() {
         .iter()
         .map(|task| json!({"task_id": task.task_id, "result": {"i": task.task_key}, "lease_token": task.lease_token}))
         .collect();
-    let start: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    let start = wal_position_kept(&mut client);
     let mut tx = client.transaction().unwrap();
     let reports: Value =
         tx.query_one("SELECT stageflow.complete_tasks($1, 'test')", &[&Value::Array(results)]).unwrap().get(0);

@@ -142,8 +142,8 @@ fn a_submitter_cannot_touch_another_logins_jobs() {
 }
 
 /// PL/pgSQL helpers of the completion path without a SET clause (ARCHITECTURE.md, Conventions).
-const HELPERS_WITHOUT_SEARCH_PATH: [&str; 3] =
-    ["_settle_completions", "_check_report_grants", "_take_from_free_shards"];
+const HELPERS_WITHOUT_SEARCH_PATH: [&str; 4] =
+    ["_settle_completions", "_check_report_grants", "_queue_granted_to_session", "_take_from_free_shards"];
 
 #[test]
 fn functions_run_as_their_owner_with_a_fixed_search_path() {

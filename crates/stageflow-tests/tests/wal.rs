@@ -21,7 +21,7 @@ const ONE_STAGE: &str = r#"{
 /// names the compression method of a compressed image).
 fn task_page_images(admin: &mut Client, worker: &mut Client, call: &str) -> Vec<String> {
     admin.batch_execute("CHECKPOINT").unwrap();
-    let start: String = admin.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    let start = wal_position_kept(admin);
     worker.batch_execute(call).unwrap_or_else(|e| panic!("{call}: {e}"));
     admin
         .query(
@@ -180,7 +180,7 @@ fn a_claim_moves_its_messages_without_index_entries() {
     assert!(!indexed_on_vt(&mut admin, "wal_hot"));
     assert!(indexed_on_vt(&mut admin, "wal_own"), "a queue made with pgmq.create is left as it is");
 
-    let start: String = admin.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    let start = wal_position_kept(&mut admin);
     let claimed = admin.query("SELECT * FROM stageflow.claim_tasks('wal_hot', 10, 60, 'w')", &[]).unwrap();
     assert_eq!(claimed.len(), 10);
     // The queue's table and its indexes, by the `rel` pg_walinspect names in a block reference.
