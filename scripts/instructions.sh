@@ -7,6 +7,8 @@
 # client, no commit flush. Use it to compare two versions of the hot path; scripts/bench.sh stays
 # the measure of speed.
 #
+# The pair is counted twice: as the superuser (the benchmark's login, which skips the queue grant
+# checks) and as a login with stageflow_worker granted the queue, as a deployed worker runs.
 # Each count is the difference of two runs over a fresh copy of one template database (the same
 # job submitted, then 10 or 310 pairs), divided by 300: what the setup costs cancels out. Counts
 # repeat to within 0.2 % (bench/README.md, fifteenth pass).
@@ -38,8 +40,11 @@ psql_ -c "CREATE DATABASE template_pairs"
 psql_ -d template_pairs -c "CREATE EXTENSION stageflow CASCADE" 2>&1 | grep -v NOTICE || true
 if [ -n "${1:-}" ]; then psql_ -d template_pairs -f "$1" >/dev/null; fi
 psql_ -d template_pairs -c "SELECT stageflow.register_job_type('pairs', '{\"parameters\": {\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}}}, \"stages\": [{\"name\": \"a\", \"handler\": \"h\", \"queue\": \"pairs\", \"fan_out\": \"count\", \"param\": \"n\"}, {\"name\": \"b\", \"handler\": \"h\", \"queue\": \"pairs\", \"fan_out\": \"lineage\"}]}'::jsonb)" >/dev/null
-# (the queue is made by the first claim; pgmq's queue for the other line)
-psql_ -d template_pairs -c "SELECT count(*) FROM stageflow.claim_tasks('pairs', 1)" -c "SELECT pgmq.create('plain')" >/dev/null
+# (the queue is made by the first claim; pgmq's queue for the other line; a worker login granted
+# the queue, for the line that claims as workers do, under the grant checks a superuser skips)
+psql_ -d template_pairs -c "SELECT count(*) FROM stageflow.claim_tasks('pairs', 1)" -c "SELECT pgmq.create('plain')" \
+    -c "CREATE ROLE stageflow_instructions_worker LOGIN IN ROLE stageflow_worker" \
+    -c "SELECT stageflow.grant_queue('pairs', 'stageflow_instructions_worker')" >/dev/null
 stop
 
 # count SETUP PAIR N: instructions of a single-user backend on a fresh copy of the template
@@ -62,9 +67,11 @@ per_pair() {
     b=$(count "$1" "$2" 310)
     echo $(((b - a) / 300))
 }
-stageflow=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 3000}');" \
-    "SELECT count(*) FROM stageflow.claim_tasks('pairs', 1, 60, 'w') AS c, stageflow.complete_task_and_check_stage(c.task_id, '{}', 'w', c.lease_token);")
+pair="SELECT count(*) FROM stageflow.claim_tasks('pairs', 1, 60, 'w') AS c, stageflow.complete_task_and_check_stage(c.task_id, '{}', 'w', c.lease_token);"
+stageflow=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 3000}');" "$pair")
+worker=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 3000}'); SET SESSION AUTHORIZATION stageflow_instructions_worker;" "$pair")
 pgmq=$(per_pair "SELECT count(*) FROM pgmq.send_batch('plain', array_fill('{\"task_id\": \"x\"}'::jsonb, ARRAY[3000]));" \
     "SELECT pgmq.delete('plain', m.msg_id) FROM pgmq.read('plain', 30, 1) AS m;")
 printf '%-56s %10s instructions\n' "stageflow claim + complete, one task" "$stageflow"
+printf '%-56s %10s instructions\n' "the same as a worker login (queue granted)" "$worker"
 printf '%-56s %10s instructions\n' "pgmq read + delete, one message" "$pgmq"
