@@ -94,7 +94,10 @@ BEGIN
     -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks, skips
     -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
     PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
-    IF NOT FOUND THEN
+    IF NOT FOUND AND p_resubmission THEN
+        -- (retention deleted the job since the submission read it: the submission makes it anew)
+        RETURN NULL;
+    ELSIF NOT FOUND THEN
         PERFORM stageflow._raise_unknown('job', p_job_id);
     END IF;
     -- Each round in a subtransaction: one that finds an ended task held gives back every task and

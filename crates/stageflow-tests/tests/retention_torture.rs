@@ -194,7 +194,10 @@ fn submitter(url: String, seed: u64, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen
             let mut seen = seen.lock().unwrap();
             match sqlstate(&e) {
                 code if CONFLICTS.contains(&code.as_str()) => seen.conflict(&format!("submit {code}")),
-                _ => seen.unexpected.push(format!("submit {params}: {e}")),
+                code => seen.unexpected.push(format!(
+                    "submit {params}: {code} {}",
+                    e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_owned())
+                )),
             }
         }
         if rng.chance(0.4) {
