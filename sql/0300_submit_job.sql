@@ -30,7 +30,7 @@ DECLARE
     v_job         stageflow.jobs;
     v_access      text;
     v_tenant      text := stageflow._tenant();
-    v_outcome     text;
+    v_retried     jsonb;
 BEGIN
     SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
     IF NOT FOUND THEN
@@ -122,10 +122,10 @@ BEGIN
         END IF;
         -- (NULL: retention deleted the job since it was read here; insert again. Seen in the
         -- retention torture as "unknown job" raised to a submission.)
-        v_outcome := stageflow._retry_job(v_job_id, true) ->> 'job_status';
-        IF v_outcome IS NOT NULL THEN
+        v_retried := stageflow._retry_job(v_job_id, true);
+        IF v_retried IS NOT NULL THEN
             PERFORM stageflow._check_open_tasks(session_user, v_job.tenant);
-            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_outcome;
+            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_retried ->> 'job_status';
             RETURN;
         END IF;
     END LOOP;

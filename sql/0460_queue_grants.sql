@@ -10,7 +10,7 @@
 -- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
 -- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
 -- more, bench/README.md.)
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- No SET clause: a claim- and completion-path helper that runs under its callers' fixed search path
 -- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
 RETURNS boolean

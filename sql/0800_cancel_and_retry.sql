@@ -61,7 +61,8 @@ $$;
 -- the job row last.
 -- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
 -- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
--- once its stage is locked (the submission then checks the owner's open-task quota).
+-- once its stage is locked (the submission then checks the owner's open-task quota), and gets
+-- NULL for a job retention deleted since the submission read it (the submission makes it anew).
 CREATE FUNCTION stageflow.retry_job(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -95,7 +96,6 @@ BEGIN
     -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
     PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
     IF NOT FOUND AND p_resubmission THEN
-        -- (retention deleted the job since the submission read it: the submission makes it anew)
         RETURN NULL;
     ELSIF NOT FOUND THEN
         PERFORM stageflow._raise_unknown('job', p_job_id);

@@ -520,8 +520,9 @@ $$;
 -- this never waits for a worker), and is held until the caller's transaction ends: call it alone,
 -- not inside a longer transaction, or that queue's claims and reports wait for the transaction
 -- (the upgrade to 0.3.0 does not shape for that reason: its transaction holds stageflow.tasks,
--- and a claim holding a queue's message while waiting for a task row deadlocked with it). A queue whose shaping fails
--- otherwise is logged as a WARNING and left. Returns how many queues it shaped.
+-- and a claim holding a queue's message while waiting for a task row deadlocked with it). A queue
+-- whose shaping fails otherwise is logged as a WARNING and left. Returns how many queues it
+-- shaped.
 CREATE FUNCTION stageflow.shape_queues()
 RETURNS int
 LANGUAGE plpgsql

@@ -206,7 +206,8 @@ $$;
 -- the job row last.
 -- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
 -- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
--- once its stage is locked (the submission then checks the owner's open-task quota).
+-- once its stage is locked (the submission then checks the owner's open-task quota), and gets
+-- NULL for a job retention deleted since the submission read it (the submission makes it anew).
 CREATE FUNCTION stageflow.retry_job(job_id text)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -239,7 +240,6 @@ BEGIN
     -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
     PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
     IF NOT FOUND AND p_resubmission THEN
-        -- (retention deleted the job since the submission read it: the submission makes it anew)
         RETURN NULL;
     ELSIF NOT FOUND THEN
         PERFORM stageflow._raise_unknown('job', p_job_id);
@@ -1840,7 +1840,7 @@ DECLARE
     v_job         stageflow.jobs;
     v_access      text;
     v_tenant      text := stageflow._tenant();
-    v_outcome     text;
+    v_retried     jsonb;
 BEGIN
     SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
     IF NOT FOUND THEN
@@ -1932,10 +1932,10 @@ BEGIN
         END IF;
         -- (NULL: retention deleted the job since it was read here; insert again. Seen in the
         -- retention torture as "unknown job" raised to a submission.)
-        v_outcome := stageflow._retry_job(v_job_id, true) ->> 'job_status';
-        IF v_outcome IS NOT NULL THEN
+        v_retried := stageflow._retry_job(v_job_id, true);
+        IF v_retried IS NOT NULL THEN
             PERFORM stageflow._check_open_tasks(session_user, v_job.tenant);
-            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_outcome;
+            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_retried ->> 'job_status';
             RETURN;
         END IF;
     END LOOP;
@@ -3167,7 +3167,7 @@ $$;
 -- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
 -- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
 -- more, bench/README.md.)
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- No SET clause: a claim- and completion-path helper that runs under its callers' fixed search path
 -- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
 RETURNS boolean
@@ -3776,8 +3776,9 @@ $$;
 -- this never waits for a worker), and is held until the caller's transaction ends: call it alone,
 -- not inside a longer transaction, or that queue's claims and reports wait for the transaction
 -- (the upgrade to 0.3.0 does not shape for that reason: its transaction holds stageflow.tasks,
--- and a claim holding a queue's message while waiting for a task row deadlocked with it). A queue whose shaping fails
--- otherwise is logged as a WARNING and left. Returns how many queues it shaped.
+-- and a claim holding a queue's message while waiting for a task row deadlocked with it). A queue
+-- whose shaping fails otherwise is logged as a WARNING and left. Returns how many queues it
+-- shaped.
 CREATE FUNCTION stageflow.shape_queues()
 RETURNS int
 LANGUAGE plpgsql

@@ -141,7 +141,8 @@ fn a_submitter_cannot_touch_another_logins_jobs() {
     drop((alice, mallory));
 }
 
-/// PL/pgSQL helpers of the completion path without a SET clause (ARCHITECTURE.md, Conventions).
+/// PL/pgSQL helpers of the claim and completion paths without a SET clause (ARCHITECTURE.md,
+/// Conventions).
 const HELPERS_WITHOUT_SEARCH_PATH: [&str; 4] =
     ["_settle_completions", "_check_report_grants", "_queue_granted_to_session", "_take_from_free_shards"];
 
