@@ -94,7 +94,7 @@ fn bad_calls_fail_with_sqlstate_message_and_hint_and_change_nothing() {
         case("failing with a NULL error", format!("SELECT stageflow.fail_task('{planner_task}', NULL)"), "22004", "got NULL"),
         case("claiming from a queue name pgmq rejects", "SELECT * FROM stageflow.claim_tasks('bad;queue')", "42602", "invalid queue name"),
         case("claiming from a quoted queue name", "SELECT * FROM stageflow.claim_tasks('x''y')", "42602", "invalid queue name"),
-        case("claiming from a pgmq queue under a name Stageflow refuses", "SELECT * FROM stageflow.claim_tasks('UpperQ')", "42602", "invalid queue name"),
+        case("claiming from a pgmq queue under a name Stageflow refuses", "SELECT * FROM stageflow.claim_tasks('UpperQ')", "42602", "invalid queue name 'UpperQ'"),
         case("claiming from an unknown queue", "SELECT * FROM stageflow.claim_tasks('nosuchqueue')", "42704", "unknown queue"),
         case("claiming zero tasks", "SELECT * FROM stageflow.claim_tasks('default', 0)", "22023", "max_tasks"),
         case("claiming with a zero lease", "SELECT * FROM stageflow.claim_tasks('default', 1, 0)", "22023", "lease_seconds"),
