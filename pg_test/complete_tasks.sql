@@ -92,6 +92,33 @@ BEGIN
 END;
 $$;
 
+-- complete_task_and_check_stage(..., report => false): the same completion, decided the same way;
+-- accepted, its answer is only {"task_id"}; refused, it raises as with a report; repeated by the
+-- same lease, accepted again and nothing changes.
+DO $$
+DECLARE
+    v_job   text := stageflow.submit_job('hello_world', '{"message": "unreported", "n": 2}');
+    v_tasks record;
+    v_done  jsonb;
+BEGIN
+    FOR v_tasks IN SELECT c.task_id, c.lease_token FROM stageflow.claim_tasks('default', 10, 60, 'wu') AS c
+                    WHERE c.job_id = v_job LOOP
+        v_done := stageflow.complete_task_and_check_stage(v_tasks.task_id, '{"ok": 1}', 'wu', v_tasks.lease_token, report => false);
+        ASSERT v_done = jsonb_build_object('task_id', v_tasks.task_id), v_done::text;
+        ASSERT (SELECT t.status = 'completed' AND t.result = '{"ok": 1}' FROM stageflow.tasks AS t WHERE t.task_id = v_tasks.task_id);
+        ASSERT stageflow.complete_task_and_check_stage(v_tasks.task_id, '{"ok": 1}', 'wu', v_tasks.lease_token, false) = v_done;
+        BEGIN
+            PERFORM stageflow.complete_task_and_check_stage(v_tasks.task_id, '{}', 'wu', v_tasks.lease_token - 1, false);
+            RAISE EXCEPTION 'a report of an earlier lease was accepted';
+        EXCEPTION WHEN object_not_in_prerequisite_state THEN
+            ASSERT SQLERRM = format('task %s: lease %s is not its current lease (%s)', v_tasks.task_id, v_tasks.lease_token - 1, v_tasks.lease_token), SQLERRM;
+        END;
+    END LOOP;
+    ASSERT (SELECT count(*) FROM stageflow.tasks WHERE job_id = v_job AND stage = 2) = 2, 'the stage advanced as with reports';
+    ASSERT (SELECT t.result FROM stageflow.tasks AS t WHERE t.job_id = v_job AND t.stage = 1 LIMIT 1) = '{"ok": 1}';
+END;
+$$;
+
 -- The reports are planned into the statements that read them, in both callers: with every
 -- function call counted (track_functions = 'all'), _completion_reports is never called, while
 -- _settle_completions, which cannot be inlined, is counted once per completing call. (Were it

@@ -326,7 +326,9 @@ $$;
 
 -- Completes a running task with its result (see _settle_completions). If it was the last open
 -- task of its stage, the job advances in the same transaction. Repeating a completion returns the
--- same report and changes nothing.
+-- same report and changes nothing. With report => false the answer is only {"task_id"}, as an
+-- accepted element of complete_tasks(..., reports => false): a worker that does not read the
+-- report saves looking up the task's stage and job to build it (bench/README.md).
 -- Fencing: with lease_token (what claim_tasks returned), only the task's current lease may
 -- complete it; with worker_id alone, only the worker holding the current lease. Called with
 -- neither (the psql form: complete_task_and_check_stage(task_id, result)), it trusts the caller:
@@ -341,7 +343,7 @@ $$;
 -- advance_stage, run with these settings too, but keep the plans of whichever caller planned
 -- them first in the session.)
 CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL, worker_id text DEFAULT NULL,
-                                                        lease_token bigint DEFAULT NULL)
+                                                        lease_token bigint DEFAULT NULL, report boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -365,6 +367,9 @@ BEGIN
                                                 complete_task_and_check_stage.worker_id))[1];
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);
+    END IF;
+    IF complete_task_and_check_stage.report IS FALSE THEN
+        RETURN jsonb_build_object('task_id', complete_task_and_check_stage.task_id);
     END IF;
     RETURN (SELECT r.report FROM stageflow._completion_reports(ARRAY[complete_task_and_check_stage.task_id]) AS r);
 END;

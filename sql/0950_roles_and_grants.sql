@@ -35,7 +35,7 @@ GRANT USAGE ON SCHEMA stageflow TO stageflow_worker, stageflow_submitter, stagef
 GRANT EXECUTE ON FUNCTION
     stageflow.claim_tasks(text, int, int, text),
     stageflow.heartbeat(text[], int, text, bigint[]),
-    stageflow.complete_task_and_check_stage(text, jsonb, text, bigint),
+    stageflow.complete_task_and_check_stage(text, jsonb, text, bigint, boolean),
     stageflow.complete_tasks(jsonb, text, boolean),
     stageflow.fail_task(text, jsonb, boolean, text, bigint),
     stageflow.release_tasks(text[], text, bigint[])
@@ -94,7 +94,7 @@ BEGIN
         'stageflow.claim_tasks(text, int, int, text)',
         'stageflow.heartbeat(text[], int, text, bigint[])',
         'stageflow.release_tasks(text[], text, bigint[])',
-        'stageflow.complete_task_and_check_stage(text, jsonb, text, bigint)',
+        'stageflow.complete_task_and_check_stage(text, jsonb, text, bigint, boolean)',
         'stageflow.complete_tasks(jsonb, text, boolean)',
         'stageflow.fail_task(text, jsonb, boolean, text, bigint)',
         'stageflow.cancel_job(text)',

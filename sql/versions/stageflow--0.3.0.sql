@@ -358,341 +358,641 @@ SELECT pg_catalog.pg_extension_config_dump('stageflow.admissions', '');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:64
--- Cancels a job: its queued tasks are removed (messages deleted), running ones are cancelled so
--- their completions are refused, and the job ends `cancelled`. Cancelling a job that already
--- ended changes nothing and reports its status. Only for those who see the job (as job_status).
-CREATE FUNCTION stageflow.cancel_job(job_id text)
+-- src/lib.rs:59
+-- What completions report, one row per named task: the task, its stage, whether this task's
+-- completion finished the stage (the stage row remembers which task did), and where the job is
+-- now. Set-based: a batch of completions reads its tasks, stages and jobs in one statement.
+-- Inlinable, as the status classes are (no SET clause, every operator and function qualified, not
+-- STRICT, not SECURITY DEFINER): PostgreSQL plans it into its callers' statements, whose plans
+-- are kept for the session. (As a plpgsql function of its own it cost each single completion
+-- about 25 us of its 200, measured with complete_task_and_check_stage under pgbench.) The report
+-- is the row as JSON (jsonb_build_object of its nine fields cost 9,000 instructions more,
+-- bench/README.md).
+CREATE FUNCTION stageflow._completion_reports(p_task_ids text[])
+RETURNS TABLE (task_id text, report jsonb)
+LANGUAGE sql STABLE
+AS $$
+    SELECT r.task_id, pg_catalog.to_jsonb(r)
+      FROM (SELECT t.task_id, t.status AS task_status, t.stage,
+                   s.status OPERATOR(pg_catalog.=) 'completed' AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
+                       AS stage_completed,
+                   CASE WHEN s.status OPERATOR(pg_catalog.=) 'completed'
+                             AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
+                             AND t.stage OPERATOR(pg_catalog.<) j.total_stages
+                        THEN t.stage OPERATOR(pg_catalog.+) 1 END AS next_stage,
+                   j.job_id, j.status AS job_status, j.current_stage, j.total_stages
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id OPERATOR(pg_catalog.=) t.job_id AND s.stage OPERATOR(pg_catalog.=) t.stage
+              JOIN stageflow.jobs AS j ON j.job_id OPERATOR(pg_catalog.=) t.job_id
+             WHERE t.task_id OPERATOR(pg_catalog.=) ANY (p_task_ids)) AS r
+$$;
+
+-- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
+-- entries: {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]} whose keys are distinct and
+-- whose params add keys of their own: a planner cannot replace the job's validated params
+-- (p_job_params; a task's params overlay the job's when it is claimed).
+-- (Keys repeated across the results of several planner tasks are found only when the stage is
+-- created, and fail that job: see advance_stage.)
+CREATE FUNCTION stageflow._planner_problem(p_result jsonb, p_job_params jsonb DEFAULT '{}')
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(p_result) IS DISTINCT FROM 'object' OR jsonb_typeof(p_result -> 'tasks') IS DISTINCT FROM 'array'
+            THEN 'the result has no "tasks" array'
+        ELSE coalesce(
+             (SELECT format('entry %s: %s', e.n - 1,
+                            CASE WHEN jsonb_typeof(e.entry) <> 'object' THEN 'not an object'
+                                 WHEN e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
+                                                           OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$')
+                                     THEN format('key %s is not 1 to 128 letters, digits or _.:-', e.entry -> 'key')
+                                 ELSE '"params" is not an object' END)
+                FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
+               WHERE jsonb_typeof(e.entry) <> 'object'
+                  OR (e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
+                                           OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$'))
+                  OR (e.entry ? 'params' AND jsonb_typeof(e.entry -> 'params') <> 'object')
+               ORDER BY e.n
+               LIMIT 1),
+             (SELECT format('entry %s: key %s is named more than once (first by entry %s)', d.n - 1, to_jsonb(d.key), d.first - 1)
+                FROM (SELECT e.n, e.entry ->> 'key' AS key, min(e.n) OVER (PARTITION BY e.entry ->> 'key') AS first
+                        FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
+                       WHERE e.entry ? 'key') AS d
+               WHERE d.n <> d.first
+               ORDER BY d.n
+               LIMIT 1),
+             (SELECT format('entry %s: params key %s is a parameter of the job', e.n - 1, to_jsonb(k.key))
+                FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
+               CROSS JOIN LATERAL jsonb_object_keys(CASE WHEN jsonb_typeof(e.entry -> 'params') = 'object'
+                                                         THEN e.entry -> 'params' ELSE '{}' END) AS k(key)
+               WHERE p_job_params ? k.key
+               ORDER BY e.n
+               LIMIT 1))
+    END
+$$;
+
+-- The refusal of a result that feeds a dynamic fan-out but is not a valid plan for its job, or NULL.
+CREATE FUNCTION stageflow._planner_refusal(p_task_id text, p_result jsonb, p_job_id text)
 RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_status    text;
-    v_changed   boolean;
-BEGIN
-    v_status := (stageflow._visible_job(cancel_job.job_id)).status;
-    v_changed := stageflow._job_is_open(v_status)
-                 AND stageflow._end_job(cancel_job.job_id, 'cancelled',
-                                        jsonb_build_object('message', 'cancelled by stageflow.cancel_job'));
-    RETURN jsonb_build_object(
-        'job_id', cancel_job.job_id,
-        'cancelled', v_changed,
-        'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id));
-END;
-$$;
-
--- Makes a job and its current stage open again after a retry (the caller holds the stage's
--- shards and row): the job is processing with no error, its deadline starts over (now + the job
--- type's timeout_seconds), and job_retried is emitted.
-CREATE FUNCTION stageflow._reopen_job(p_job_id text, p_stage int, p_retried int)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    UPDATE stageflow.stages AS s
-       SET status = 'active', completed_at = NULL
-     WHERE s.job_id = p_job_id AND s.stage = p_stage;
-    UPDATE stageflow.jobs AS j
-       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
-           deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
-     WHERE j.job_id = p_job_id;
-    PERFORM stageflow._emit(p_job_id, 'job_retried', jsonb_build_object('stage', p_stage, 'retried_tasks', p_retried), p_stage);
-END;
-$$;
-
--- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks (and a
--- task still running in the ended job: one a claim held while the job ended, whose report would
--- be refused once it is queued again) are queued again with fresh attempts and new messages, the
--- job is processing again and its deadline starts over (now + the job type's timeout_seconds). An
--- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
--- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
--- Returns the number of tasks re-queued.
--- Lock order as every completion's, tasks before shards before stage before job (but for a KEY
--- SHARE lock of the job row first, which only retention's delete waits for): the tasks to
--- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
--- stale report it refuses, while it waits for the stage's shards), then the current stage's
--- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
--- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
--- without waiting (one held: every task and shard this took is rolled back, and it starts over,
--- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report,
--- retry_job_racing_a_batch_holding_a_task_just_ended), running ones only if no one holds them,
--- the job row last.
--- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
--- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
--- once its stage is locked (the submission then checks the owner's open-task quota), and gets
--- NULL for a job retention deleted since the submission read it (the submission makes it anew).
-CREATE FUNCTION stageflow.retry_job(job_id text)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN stageflow._retry_job(retry_job.job_id, false);
-END;
-$$;
-
-CREATE FUNCTION stageflow._retry_job(p_job_id text, p_resubmission boolean)
-RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_job      stageflow.jobs;
-    v_stage    stageflow.stages;
-    v_ids      text[];
-    v_reopened int;
-    v_running  text[];
-    v_old_msgs bigint[];
-    v_stopped  int;
-    v_failed   int;
-    v_advance  jsonb;
-    v_at       int;
-    v_nowait   boolean;
-BEGIN
-    -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks, skips
-    -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
-    PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
-    IF NOT FOUND AND p_resubmission THEN
-        RETURN NULL;
-    ELSIF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('job', p_job_id);
-    END IF;
-    -- Each round in a subtransaction: one that finds an ended task held gives back every task and
-    -- shard it took, and the next round waits for that task holding nothing but the job's KEY
-    -- SHARE. Only the NOWAIT is caught (a lock_timeout of a waiting lock is the caller's error).
-    LOOP
-        v_nowait := false;
-        BEGIN
-            SELECT j.current_stage INTO STRICT v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-            PERFORM 1 FROM stageflow.tasks AS t
-             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
-               AND stageflow._task_ended_without_result(t.status)
-             ORDER BY t.task_id
-               FOR UPDATE;
-            v_at := stageflow._lock_current_stage(p_job_id);
-            v_nowait := true;
-            PERFORM 1 FROM stageflow.tasks AS t
-             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
-               AND stageflow._task_ended_without_result(t.status)
-             ORDER BY t.task_id
-               FOR UPDATE NOWAIT;
-            EXIT;
-        EXCEPTION WHEN lock_not_available THEN
-            IF NOT v_nowait THEN
-                RAISE;
-            END IF;
-        END;
-    END LOOP;
-    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-    IF stageflow._job_is_done(v_job.status)
-       OR (p_resubmission AND NOT stageflow._job_is_stopped(v_job.status)) THEN
-        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
-    END IF;
-    SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
-     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-
-    -- The tasks to run again (those that ended are locked above), read as they are now.
-    IF stageflow._job_is_stopped(v_job.status) THEN
-        v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
-                            WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id)
-                              AND t.stage = v_job.current_stage AND t.status = 'running'
-                            ORDER BY t.task_id
-                              FOR UPDATE SKIP LOCKED);
-    END IF;
-    SELECT array_agg(t.task_id ORDER BY t.ordinal),
-           (count(*) FILTER (WHERE t.status <> 'running'))::int,
-           array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
-           (count(*) FILTER (WHERE t.status = 'running'))::int,
-           (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
-      INTO v_ids, v_reopened, v_old_msgs, v_stopped, v_failed
-      FROM stageflow.tasks AS t
-     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
-       AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
-    IF v_ids IS NULL THEN
-        IF stageflow._job_is_stopped(v_job.status) AND v_stage.open_shards = 0 THEN
-            -- Nothing to retry, nothing open: the stage's last report landed as the job ended.
-            PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, 0);
-            v_advance := stageflow.advance_stage(v_job.job_id);
-            RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
-        END IF;
-        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
-    END IF;
-
-    -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old
-    -- messages of tasks that were still running go, but for one a claim holds (that claim may be
-    -- waiting for the shards this holds: retry_job_racing_a_claim_of_leftovers); a later claim
-    -- that reads it deletes it, as no longer its task's current message.
-    IF v_old_msgs IS NOT NULL THEN
-        PERFORM stageflow._delete_free_messages(v_stage.queue, v_old_msgs);
-    END IF;
-    UPDATE stageflow.tasks AS t
-       SET status = 'queued', attempt = 0, msg_id = m.msg_id, error = NULL, worker_id = NULL,
-           lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL, failed_at = NULL
-      FROM unnest(v_ids) WITH ORDINALITY AS u(task_id, n)
-      JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
-              FROM pgmq.send_batch(v_stage.queue,
-                                   ARRAY(SELECT jsonb_build_object('task_id', i.task_id)
-                                           FROM unnest(v_ids) WITH ORDINALITY AS i(task_id, n) ORDER BY i.n)) AS s(msg_id)) AS m
-        ON m.n = u.n
-     WHERE t.task_id = u.task_id;
-    -- (a stopped job's open tasks were all cancelled: every one has a message now, and a big
-    -- stage's window has none left to send)
-    IF stageflow._job_is_stopped(v_job.status) THEN
-        PERFORM stageflow._drop_message_windows(v_job.job_id);
-    END IF;
-
-    -- Tasks that had ended are open again on the shards; a running one never left the shards' open
-    -- count, and stops running (queued again).
-    IF v_reopened > 0 THEN
-        PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_reopened, 1, -v_failed);
-    END IF;
-    IF v_stopped > 0 THEN
-        PERFORM stageflow._leave_running(v_job.job_id, v_job.current_stage, v_stopped);
-    END IF;
-    PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, cardinality(v_ids));
-    PERFORM pg_notify('stageflow_tasks', v_stage.queue);
-    RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', cardinality(v_ids), 'job_status', 'processing');
-END;
-$$;
-
--- Dead letters: tasks that ended without a result, newest first: `dead` (attempts ran out,
--- including on expired leases) and `failed` (a permanent error). stageflow.retry_job runs them
--- again.
-CREATE FUNCTION stageflow.dead_letters(max_rows int DEFAULT 100)
-RETURNS TABLE (
-    task_id text, job_id text, job_type text, stage int, stage_name text, handler text, task_key text,
-    status text, attempt int, max_attempts int, error jsonb, errors jsonb, failed_at timestamptz)
 LANGUAGE plpgsql STABLE
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
+DECLARE
+    v_problem text := stageflow._planner_problem(
+        p_result, (SELECT j.params FROM stageflow.jobs AS j WHERE j.job_id = p_job_id));
 BEGIN
-    IF dead_letters.max_rows IS NULL OR dead_letters.max_rows NOT BETWEEN 1 AND 10000 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('max_rows must be between 1 and 10000, got %s', coalesce(dead_letters.max_rows::text, 'NULL')),
-            HINT = 'list dead letters in pages of at most 10000';
+    RETURN CASE WHEN v_problem IS NOT NULL THEN jsonb_build_object(
+        'sqlstate', '22023',
+        'message', format('task %s plans the next stage (dynamic fan-out) but %s', p_task_id, v_problem),
+        'hint', 'return {"tasks": [{"key": "tile_x0_y0", "params": {...}}, ...]} with params of the task''s own (the job''s params reach every task anyway); report a planning error with stageflow.fail_task')
+    END;
+END;
+$$;
+
+-- Records completions: the one settle path of complete_task_and_check_stage and complete_tasks.
+-- p_task_ids, p_results and p_tokens are parallel (a NULL token: no token given); the ids are
+-- distinct. Every report that may be accepted is decided under its task's row lock
+-- (its lease's fence, stageflow._report_fenced, and a plan check for a result that feeds a dynamic
+-- fan-out; the wording of a refusal, stageflow._refusal, only for the rest): one UPDATE, in
+-- task_id order, completes the tasks that may be completed, its conditions checked on each row's
+-- newest version once it holds the row's lock (no separate lock first: a lock is a WAL record of
+-- its own). The rest (rare) are decided as they are now: a report naming another lease than the
+-- task's (a token other than its lease_token) is refused without the lock, since a lease that is
+-- over never comes back (tokens only grow); the others (no token, or the task's own lease: a
+-- repeat, or a task that ended) are locked and their refusals read (in a call naming several
+-- tasks, a task another session holds is skipped and decided as it stands, 40001 if it could be
+-- completed: the call holds tasks of higher ids already), and a task that became completable
+-- meanwhile (a report without a token, of a task claimed since) goes through the same UPDATE
+-- again. (A batch holding tasks it took waits for no task it refuses for a lease that is over: two
+-- batches, each with a stale report of a task the other took, deadlocked so before every named
+-- task was locked first; that lock cost a WAL record per task.) The accepted ones have their
+-- messages deleted (tasks before messages: the lock order of every report), and each stage's
+-- tasks are taken off its shards once for the whole call, in (job, stage) order
+-- (_take_from_free_shards: one shard no other transaction holds, if one has them all); a stage
+-- row is locked only when one of its shards empties (shards before stage), and the call that
+-- takes the stage's open shards to zero advances the job in this transaction. A completion
+-- repeated by the lease that made it is accepted and changes nothing.
+-- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
+-- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
+-- setting them again: one setting saved and restored per call on the hot path instead of three.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
+CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
+RETURNS jsonb[]
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_now        timestamptz := stageflow.now();
+    v_refusals   jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_task_ids)]);
+    v_todo       text[];
+    v_rest       text[];
+    v_locked     text[];
+    v_ids        text[];
+    v_msg_ids    bigint[];
+    v_queues     text[];
+    v_jobs       text[];
+    v_stages     int[];
+    v_prefer     int[];
+    v_ordinals   int[];
+    v_seconds    double precision[];
+    v_counts     int[];
+    v_last       text[];
+    v_emptied    int[];
+    v_open       int;
+    -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
+    -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
+    -- server CPU, bench/README.md).
+    v_one_stage  boolean := false;
+    v_job_id     text;
+    v_stage      int;
+    v_dynamic    boolean;
+    v_queue      text;
+    v_shard_count int;
+    r            record;
+BEGIN
+    -- Only tasks of queues granted to the session's login, checked before anything is locked.
+    PERFORM stageflow._check_report_grants(p_task_ids);
+    IF cardinality(p_task_ids) > 1 THEN
+        -- (every task named found: no task of another stage can turn up later in the call, a
+        -- task's job and stage never change)
+        SELECT count(*) = cardinality(p_task_ids) AND min(t.job_id) = max(t.job_id) AND min(t.stage) = max(t.stage),
+               min(t.job_id), min(t.stage)
+          INTO v_one_stage, v_job_id, v_stage
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = ANY (p_task_ids);
+        IF v_one_stage THEN
+            -- (what is read here does not change after the stage is made)
+            SELECT s.next_fan_out IS NOT DISTINCT FROM 'dynamic', s.queue, s.shards
+              INTO v_dynamic, v_queue, v_shard_count
+              FROM stageflow.stages AS s WHERE s.job_id = v_job_id AND s.stage = v_stage;
+        END IF;
     END IF;
-    RETURN QUERY
-    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status, t.attempt,
-           t.max_attempts, t.error, t.errors, t.completed_at
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
-     WHERE t.failed_at IS NOT NULL
-     ORDER BY t.failed_at DESC
-     LIMIT dead_letters.max_rows;
+    FOR v_pass IN 1 .. 2 LOOP
+        -- Complete the tasks of v_todo that may be completed, locking them in task_id order (the
+        -- sorted list drives the join); the UPDATE re-checks its conditions on a row changed
+        -- since its snapshot, in the row's newest version, under the lock.
+        WITH done AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'completed', result = u.result, completed_at = v_now, lease_expires_at = NULL
+              FROM (SELECT a.task_id, a.result, a.token
+                      FROM unnest(p_task_ids, p_results, p_tokens) AS a(task_id, result, token)
+                     WHERE v_pass = 1 OR a.task_id = ANY (v_todo)
+                     ORDER BY a.task_id COLLATE "C") AS u
+             WHERE t.task_id = u.task_id
+               AND t.status = 'running'
+               AND stageflow._report_fenced(t.lease_token, t.worker_id, u.token, p_worker_id)
+               AND (CASE WHEN v_one_stage THEN v_dynamic IS NOT TRUE
+                         ELSE (SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
+                              IS DISTINCT FROM 'dynamic' END
+                    OR stageflow._planner_refusal(u.task_id, u.result, t.job_id) IS NULL)
+            RETURNING t.task_id, t.msg_id, t.job_id, t.stage, t.ordinal, t.claimed_at,
+                      CASE WHEN NOT v_one_stage THEN
+                          (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
+        )
+        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order;
+        -- each NULL while no task is taken, NULL || x being x)
+        SELECT v_ids || array_agg(d.task_id),
+               v_msg_ids || array_agg(d.msg_id),
+               v_queues || array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END),
+               v_jobs || array_agg(d.job_id),
+               v_stages || array_agg(d.stage),
+               v_prefer || array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END),
+               v_ordinals || array_agg(d.ordinal),
+               v_seconds || array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision)
+          INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
+          FROM done AS d;
+        EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
+
+        -- The others (rare), decided as they are now: refused, a repeat of a completion
+        -- (accepted, nothing to do), or completable now (the next pass); those that do not name
+        -- a lease that is over locked first, in task_id order.
+        -- Each refusal is computed once (OFFSET 0 keeps the subquery from being flattened into
+        -- the aggregates, which would evaluate it once per use).
+        v_rest := ARRAY(SELECT a.task_id FROM unnest(p_task_ids) AS a(task_id)
+                        EXCEPT SELECT d.task_id FROM unnest(v_ids) AS d(task_id));
+        IF cardinality(p_task_ids) = 1 THEN
+            v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                                JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
+                               WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
+                                 FOR UPDATE OF t);
+        ELSE
+            -- (the call holds the tasks pass 1 took, and those whose re-check failed, of any ids:
+            -- a wait here could be out of task_id order, so a task another session holds is
+            -- skipped, and decided as it stands)
+            v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                                JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
+                               WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
+                               ORDER BY t.task_id
+                                 FOR UPDATE OF t SKIP LOCKED);
+        END IF;
+        SELECT array_agg(c.refusal ORDER BY c.n),
+               array_agg(c.task_id) FILTER (WHERE c.rest AND c.refusal IS NULL AND (c.task).status = 'running')
+          INTO v_refusals, v_todo
+          -- (a NULL id is never taken: it is refused as an unknown task)
+          FROM (SELECT u.n, u.task_id, l.task, x.task_id IS NOT NULL OR u.task_id IS NULL AS rest,
+                       CASE WHEN x.task_id IS NOT NULL OR u.task_id IS NULL THEN
+                           coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
+                                    CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
+                                        stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END,
+                                    -- (not locked, yet running and completable as it stands:
+                                    -- another session holds it, or its token became current after
+                                    -- the report was read; a completed one is a repeat, accepted:
+                                    -- nothing changes a completed task)
+                                    CASE WHEN NOT (u.task_id = ANY (v_locked)) AND (l.task).status = 'running' THEN
+                                        jsonb_build_object('sqlstate', '40001',
+                                            'message', format('task %s was held by another transaction, or changed, while its report was decided', u.task_id),
+                                            'hint', 'report it again') END) END AS refusal
+                  FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
+                  LEFT JOIN unnest(v_rest) AS x(task_id) ON x.task_id = u.task_id
+                  LEFT JOIN (SELECT t AS task, s.next_fan_out
+                               FROM stageflow.tasks AS t
+                               JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+                              WHERE t.task_id = ANY (v_rest)) AS l ON (l.task).task_id = u.task_id
+                OFFSET 0) AS c;
+        EXIT WHEN v_todo IS NULL;
+    END LOOP;
+    IF v_ids IS NULL THEN
+        RETURN v_refusals;
+    END IF;
+
+    -- Their messages (after the tasks: the lock order of every report).
+    IF v_queues[1] = ALL (v_queues) THEN
+        PERFORM stageflow._delete_messages(v_queues[1], v_msg_ids);
+    ELSE
+        FOR r IN SELECT u.queue, array_agg(u.msg_id ORDER BY u.msg_id) AS msg_ids
+                   FROM unnest(v_queues, v_msg_ids) AS u(queue, msg_id) GROUP BY u.queue ORDER BY u.queue LOOP
+            PERFORM stageflow._delete_messages(r.queue, r.msg_ids);
+        END LOOP;
+    END IF;
+
+    -- One entry per stage, in (job, stage) order: how many tasks it loses, the last of them by
+    -- ordinal, their claim-to-completion seconds, the shard to try first (its first task's
+    -- ordinal % shards: consecutive batches of a stage start on different shards).
+    IF cardinality(v_ids) = 1 THEN
+        v_counts := ARRAY[1];
+        v_last := v_ids;
+    ELSE
+        SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage), array_agg(g.stage ORDER BY g.job_id, g.stage),
+               array_agg(g.prefer ORDER BY g.job_id, g.stage),
+               array_agg(g.n ORDER BY g.job_id, g.stage), array_agg(g.last_task ORDER BY g.job_id, g.stage),
+               array_agg(g.seconds ORDER BY g.job_id, g.stage)
+          INTO v_jobs, v_stages, v_prefer, v_counts, v_last, v_seconds
+          FROM (SELECT u.job_id, u.stage, count(*)::int AS n, (array_agg(u.shard ORDER BY u.ordinal))[1] AS prefer,
+                       (array_agg(u.task_id ORDER BY u.ordinal DESC))[1] AS last_task,
+                       coalesce(sum(u.seconds), 0)::double precision AS seconds
+                  FROM unnest(v_jobs, v_stages, v_prefer, v_ids, v_ordinals, v_seconds)
+                       AS u(job_id, stage, shard, task_id, ordinal, seconds)
+                 GROUP BY u.job_id, u.stage) AS g;
+    END IF;
+
+    -- Each stage's tasks off its shards: first without waiting for a shard another transaction
+    -- holds (_take_from_free_shards), in one subtransaction; if a stage cannot, that is rolled
+    -- back with every shard it left locked (a transaction holding a shard out of order must not
+    -- then wait for another of that stage) and every stage waits for its shards in shard order
+    -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
+    -- with more than 64 makes every other session's snapshots look their transactions up in
+    -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
+    BEGIN
+        FOR i IN 1 .. cardinality(v_jobs) LOOP
+            v_emptied[i] := stageflow._take_from_free_shards(v_jobs[i], v_stages[i], v_counts[i], v_prefer[i], v_counts[i],
+                                                             coalesce(v_seconds[i], 0), v_counts[i]);
+            IF v_emptied[i] IS NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
+            END IF;
+        END LOOP;
+    EXCEPTION WHEN SQLSTATE 'SFW01' THEN
+        FOR i IN 1 .. cardinality(v_jobs) LOOP
+            v_emptied[i] := stageflow._take_from_shards_in_order(v_jobs[i], v_stages[i], v_counts[i], v_counts[i],
+                                                                 coalesce(v_seconds[i], 0), v_counts[i]);
+        END LOOP;
+    END;
+    -- Then the rows of the stages whose shards emptied, in the same order (shards -> stage -> job);
+    -- the call that takes a stage's open shards to zero advances its job.
+    FOR i IN 1 .. cardinality(v_jobs) LOOP
+        IF v_emptied[i] > 0 THEN
+            UPDATE stageflow.stages AS s
+               SET open_shards = s.open_shards - v_emptied[i],
+                   completed_by = CASE WHEN s.open_shards = v_emptied[i] THEN v_last[i] ELSE s.completed_by END
+             WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
+            RETURNING s.open_shards INTO v_open;
+            IF v_open = 0 THEN
+                PERFORM stageflow.advance_stage(v_jobs[i]);
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN v_refusals;
+END;
+$$;
+
+-- Completes a running task with its result (see _settle_completions). If it was the last open
+-- task of its stage, the job advances in the same transaction. Repeating a completion returns the
+-- same report and changes nothing. With report => false the answer is only {"task_id"}, as an
+-- accepted element of complete_tasks(..., reports => false): a worker that does not read the
+-- report saves looking up the task's stage and job to build it (bench/README.md).
+-- Fencing: with lease_token (what claim_tasks returned), only the task's current lease may
+-- complete it; with worker_id alone, only the worker holding the current lease. Called with
+-- neither (the psql form: complete_task_and_check_stage(task_id, result)), it trusts the caller:
+-- any running task is completed, whichever lease it is on. Workers always pass the token.
+-- Like every hot-path function it runs with plan_cache_mode = force_generic_plan: PL/pgSQL would
+-- otherwise re-plan statements whose parameters are arrays on every call (measured: half of the
+-- server CPU of a claim plus a completion). A generic plan is made once per session, with the
+-- statistics of that moment: made while stages or stage_shards were small, it kept scanning them
+-- whole as they grew (12,237 sequential scans of stages in one benchmark run). Every lookup here
+-- is by key, so these functions also run with enable_seqscan = off: their own plans use the
+-- indexes whatever the statistics said when they were made. (Functions they call, such as
+-- advance_stage, run with these settings too, but keep the plans of whichever caller planned
+-- them first in the session.)
+CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL, worker_id text DEFAULT NULL,
+                                                        lease_token bigint DEFAULT NULL, report boolean DEFAULT true)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_refusal  jsonb;
+BEGIN
+    IF octet_length(complete_task_and_check_stage.result::text) > 8388608 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('the result of task %s takes %s bytes, more than the limit of 8388608',
+                             complete_task_and_check_stage.task_id, octet_length(complete_task_and_check_stage.result::text)),
+            HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
+    END IF;
+    v_refusal := (stageflow._settle_completions(ARRAY[complete_task_and_check_stage.task_id],
+                                                ARRAY[complete_task_and_check_stage.result],
+                                                ARRAY[complete_task_and_check_stage.lease_token],
+                                                complete_task_and_check_stage.worker_id))[1];
+    IF v_refusal IS NOT NULL THEN
+        PERFORM stageflow._raise_refusal(v_refusal);
+    END IF;
+    IF complete_task_and_check_stage.report IS FALSE THEN
+        RETURN jsonb_build_object('task_id', complete_task_and_check_stage.task_id);
+    END IF;
+    RETURN (SELECT r.report FROM stageflow._completion_reports(ARRAY[complete_task_and_check_stage.task_id]) AS r);
 END;
 $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:54
--- Moves a job past its current stage if that stage has no open task left: creates the next
--- stage's tasks, or completes the job. Stages that fan out to nothing are passed
--- through in the same call. Idempotent: the job row lock serialises callers and the current
--- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
--- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
---
--- Fault isolation: an error while planning the next stage's tasks (a planner's results naming a
--- key twice, a fan-out over a limit, params that do not make one) is that job's failure, never its
--- caller's: nothing of the stage is created and the job fails with a categorised
--- `stage_creation_failed` error (event job_failed), whichever claim, batch or maintenance round
--- happened to advance it (_create_stage_tasks finds these before it writes anything).
--- A job that ended while its last completion was on the way here (cancelled, failed) is not
--- advanced; the stage that completion emptied is closed with the job.
---
--- A job some of whose tasks failed within their stages' thresholds ends `completed_with_errors`.
--- Its result stays in its last stage's tasks, where job_result pages over it: completing the job
--- copies nothing, however many tasks the last stage has.
-CREATE FUNCTION stageflow.advance_stage(job_id text)
-RETURNS jsonb
+-- src/lib.rs:52
+-- A stage's shards: its open tasks are counted in up to 16 rows of stageflow.stage_shards, its
+-- row counts the shards still open. A task belongs to no shard: the shards' counters only add up
+-- to the stage's open tasks, so whoever ends tasks takes them from any shard that has that many.
+-- The primitives every path shares to move those counters and to lock them: shards (a blocking
+-- wait only in shard order, holding no shard of that stage above it), then the stage row, then
+-- the job row (docs/state_machine.md, "Lock order").
+
+-- Takes p_count ended tasks off a stage's shards without waiting for a shard another transaction
+-- holds, and returns how many shards this emptied, or NULL if it cannot (the caller then rolls
+-- back what this took and locked, see _settle_completions). p_completed of them completed, in
+-- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
+-- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
+-- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
+-- on its own is a WAL record of its own, and consecutive tasks prefer different shards); else one
+-- shard no one holds that has them all, the first from p_prefer on (concurrent batches of one
+-- stage then settle on different rows instead of queueing on shared ones); else shards no one
+-- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
+-- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
+-- stage afterwards, or rolls back first.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
+CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
+                                                 p_completed int, p_seconds double precision, p_stopped int)
+RETURNS int
 LANGUAGE plpgsql
-SECURITY DEFINER
+AS $$
+DECLARE
+    v_remaining int;
+    v_emptied   int := 0;
+    v_taken     int := 0;
+    v_shard     int;
+BEGIN
+    IF p_count = 1 THEN
+        UPDATE stageflow.stage_shards AS sh
+           SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
+               completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
+         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
+        RETURNING sh.remaining_tasks INTO v_remaining;
+        IF FOUND THEN
+            RETURN (v_remaining = 0)::int;
+        END IF;
+    END IF;
+    UPDATE stageflow.stage_shards AS sh
+       SET remaining_tasks = sh.remaining_tasks - p_count, stopped_tasks = sh.stopped_tasks + p_stopped,
+           completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
+     WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+       AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
+                        WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks >= p_count
+                        ORDER BY f.shard < p_prefer, f.shard
+                        LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING sh.remaining_tasks INTO v_remaining;
+    IF FOUND THEN
+        RETURN (v_remaining = 0)::int;
+    END IF;
+    WHILE v_taken < p_count LOOP
+        SELECT f.shard, f.remaining_tasks INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
+         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks > 0
+         ORDER BY f.shard < p_prefer, f.shard
+         LIMIT 1 FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, v_shard, v_remaining, p_count - v_taken,
+                                                             p_completed, p_seconds, p_stopped);
+        v_taken := v_taken + least(v_remaining, p_count - v_taken);
+        p_completed := 0; p_seconds := 0; p_stopped := 0;
+    END LOOP;
+    RETURN v_emptied;
+END;
+$$;
+
+-- Takes p_count ended tasks off a stage's shards (the other counters as _take_from_free_shards),
+-- waiting for every shard in shard order: the caller holds no shard of that stage, or holds them
+-- all. Held, the shards add up to the stage's open tasks less what the other holders of a shard
+-- took, each for tasks of its own (a retry_job that opens tasks again adds to them only holding
+-- them all); the tasks are taken greedily in shard order. Returns how many shards this emptied.
+CREATE FUNCTION stageflow._take_from_shards_in_order(p_job_id text, p_stage int, p_count int,
+                                                     p_completed int DEFAULT 0, p_seconds double precision DEFAULT 0,
+                                                     p_stopped int DEFAULT 0)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- (called from completions, which plan with enable_seqscan off, and from paths that do not set
+-- it: its plan, made once a session by whichever calls first, is a key lookup either way)
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_emptied   int := 0;
+    v_taken     int := 0;
+    k           int;
+    v_remaining int;
+BEGIN
+    FOR k, v_remaining IN
+        SELECT f.shard, f.remaining_tasks FROM stageflow.stage_shards AS f
+         WHERE f.job_id = p_job_id AND f.stage = p_stage
+         ORDER BY f.shard
+           FOR UPDATE
+    LOOP
+        IF v_remaining > 0 OR p_count = 0 THEN
+            v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, k, v_remaining, p_count - v_taken,
+                                                                 p_completed, p_seconds, p_stopped);
+            v_taken := v_taken + least(v_remaining, p_count - v_taken);
+            p_completed := 0; p_seconds := 0; p_stopped := 0;
+        END IF;
+        EXIT WHEN v_taken = p_count;
+    END LOOP;
+    IF v_taken < p_count THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'XX000',
+            MESSAGE = format('stage %s of job %s counts %s open tasks in its shards, fewer than the %s ending',
+                             p_stage, p_job_id, v_taken, p_count),
+            HINT = 'the stage''s counters disagree with its tasks: report this as a bug';
+    END IF;
+    RETURN v_emptied;
+END;
+$$;
+
+-- Takes up to p_want tasks off one shard whose lock the caller holds and whose remaining_tasks it
+-- read under that lock (p_remaining), with the other counters; returns 1 if the shard emptied.
+CREATE FUNCTION stageflow._take_from_shard(p_job_id text, p_stage int, p_shard int, p_remaining int, p_want int,
+                                           p_completed int, p_seconds double precision, p_stopped int)
+RETURNS int
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE stageflow.stage_shards AS sh
+       SET remaining_tasks = sh.remaining_tasks - least(p_remaining, p_want), stopped_tasks = sh.stopped_tasks + p_stopped,
+           completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
+     WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_shard
+    RETURNING (p_remaining > 0 AND sh.remaining_tasks = 0)::int;
+$$;
+
+-- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
+-- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
+-- order of every wait for them, before the stage row), takes the tasks off the shards
+-- (_take_from_shards_in_order) or spreads them evenly over them, then updates the stage row:
+-- open_shards by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by
+-- p_failed.
+-- p_running of the tasks were running (they stop running). Returns the stage row as updated.
+CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_count int, p_sign int, p_failed int DEFAULT 0,
+                                       p_running int DEFAULT 0)
+RETURNS stageflow.stages
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_job       stageflow.jobs;
-    v_stage     stageflow.stages;
-    v_advanced  boolean := false;
-    v_created   int;
-    v_failure   jsonb;
+    v_delta  int;
+    v_stage  stageflow.stages;
 BEGIN
-    -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
-    -- retry_job takes first, which keeps retention from deleting the job under it)
-    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR NO KEY UPDATE;
+    PERFORM 1 FROM stageflow.stage_shards AS sh
+      WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+      ORDER BY sh.shard FOR UPDATE;
+    IF p_sign < 0 THEN
+        v_delta := -stageflow._take_from_shards_in_order(p_job_id, p_stage, p_count, p_stopped => p_running);
+    ELSE
+        WITH moved AS (
+            UPDATE stageflow.stage_shards AS sh
+               SET remaining_tasks = sh.remaining_tasks + a.n,
+                   stopped_tasks = sh.stopped_tasks + CASE WHEN a.shard = 0 THEN p_running ELSE 0 END
+              FROM (SELECT k AS shard, p_count / s.shards + (k < p_count % s.shards)::int AS n
+                      FROM stageflow.stages AS s, generate_series(0, s.shards - 1) AS k
+                     WHERE s.job_id = p_job_id AND s.stage = p_stage) AS a
+             WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = a.shard AND (a.n > 0 OR a.shard = 0)
+            RETURNING a.n, sh.remaining_tasks
+        )
+        SELECT (count(*) FILTER (WHERE m.n > 0 AND m.remaining_tasks = m.n))::int INTO v_delta FROM moved AS m;
+    END IF;
+    UPDATE stageflow.stages AS s
+       SET open_shards = s.open_shards + v_delta, failed_count = s.failed_count + p_failed
+     WHERE s.job_id = p_job_id AND s.stage = p_stage
+    RETURNING * INTO v_stage;
+    RETURN v_stage;
+END;
+$$;
+
+-- p_count tasks of one stage that stop running but stay open (a retry scheduled, a lease handed
+-- back or re-queued by retry_job): counted in stopped_tasks of a shard no one else holds (one row
+-- locked, by its key: nothing re-checked can fail), else of shard 0, waited for (the caller holds
+-- no shard of the stage, or all of them).
+CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_count int)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE stageflow.stage_shards AS sh
+       SET stopped_tasks = sh.stopped_tasks + p_count
+     WHERE sh.job_id = p_job_id AND sh.stage = p_stage
+       AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
+                        WHERE f.job_id = p_job_id AND f.stage = p_stage
+                        ORDER BY f.shard
+                        LIMIT 1 FOR UPDATE SKIP LOCKED);
     IF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
+        UPDATE stageflow.stage_shards AS sh
+           SET stopped_tasks = sh.stopped_tasks + p_count
+         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = 0;
     END IF;
+END;
+$$;
 
-    WHILE stageflow._job_is_open(v_job.status) LOOP
-        SELECT * INTO STRICT v_stage
-          FROM stageflow.stages AS s
-         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-        EXIT WHEN v_stage.open_shards > 0;
-
-        IF v_stage.status = 'active' THEN
-            UPDATE stageflow.stages AS s
-               SET status = 'completed', completed_at = stageflow.now()
-             WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-        END IF;
-        PERFORM stageflow._emit(v_job.job_id, 'stage_completed',
-                                jsonb_build_object('name', v_stage.name, 'task_count', v_stage.task_count,
-                                                   'completed', (SELECT c.completed_count FROM stageflow.stage_counts AS c
-                                                                  WHERE c.job_id = v_job.job_id AND c.stage = v_stage.stage),
-                                                   'failed', v_stage.failed_count),
-                                v_stage.stage);
-
-        IF v_job.current_stage >= v_job.total_stages THEN
-            UPDATE stageflow.jobs AS j
-               SET status = CASE WHEN EXISTS (SELECT 1 FROM stageflow.stages AS s
-                                               WHERE s.job_id = v_job.job_id AND s.failed_count > 0)
-                                 THEN 'completed_with_errors' ELSE 'completed' END,
-                   completed_at = stageflow.now(), updated_at = stageflow.now()
-             WHERE j.job_id = v_job.job_id
-            RETURNING * INTO v_job;
-            PERFORM stageflow._emit(v_job.job_id, 'job_' || v_job.status, jsonb_build_object('total_stages', v_job.total_stages));
-            v_advanced := true;
-            EXIT;
-        END IF;
-
-        SELECT c.created, c.failure INTO v_created, v_failure
-          FROM stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1, p_catch => true) AS c;
-        IF v_failure IS NOT NULL THEN
-            PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
-                'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
-                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_failure ->> 'message'),
-                'sqlstate', v_failure ->> 'sqlstate', 'hint', v_failure ->> 'hint'), p_advancing => true);
-            SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
-            EXIT;
-        END IF;
-        UPDATE stageflow.jobs AS j
-           SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
-         WHERE j.job_id = v_job.job_id
-        RETURNING * INTO v_job;
-        v_advanced := true;
-        EXIT WHEN v_created > 0;
+-- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the
+-- order of every completion), following the job if a completion advances it meanwhile; returns
+-- the stage locked, or NULL for an unknown job. Whoever ends, revives or tidies a job takes these
+-- first and the job row after, so they never wait in a cycle with a completion of that stage.
+CREATE FUNCTION stageflow._lock_current_stage(p_job_id text)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_stage   int;
+    v_locked  int;
+BEGIN
+    LOOP
+        -- No such job: v_stage is NULL, and so is the answer.
+        SELECT j.current_stage INTO v_stage FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+        EXIT WHEN NOT FOUND OR v_stage IS NOT DISTINCT FROM v_locked;
+        PERFORM 1 FROM stageflow.stage_shards AS sh
+          WHERE sh.job_id = p_job_id AND sh.stage = v_stage
+          ORDER BY sh.shard FOR UPDATE;
+        PERFORM 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = v_stage FOR UPDATE;
+        v_locked := v_stage;
     END LOOP;
+    RETURN v_stage;
+END;
+$$;
+/* </end connected objects> */
 
-    IF NOT v_advanced AND NOT stageflow._job_is_open(v_job.status) THEN
-        UPDATE stageflow.stages AS s
-           SET status = CASE WHEN v_job.status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
-               completed_at = stageflow.now()
-         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage AND s.status = 'active' AND s.open_shards = 0;
+/* <begin connected objects> */
+-- src/lib.rs:45
+-- The outbox (the table stageflow.events, sql/0010_tables.sql): every change of a job's or stage's
+-- state and every task failure, retry, dead letter and release is written here by the transaction
+-- that makes it, and a job's end queues its webhook delivery (sql/0870_webhooks.sql).
+
+-- Writes an event to the outbox and announces it on the channel stageflow_events with
+-- {"event_id", "job_id", "kind"}.
+CREATE FUNCTION stageflow._emit(p_job_id text, p_kind text, p_payload jsonb DEFAULT '{}',
+                                p_stage int DEFAULT NULL, p_task_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_event_id bigint;
+BEGIN
+    INSERT INTO stageflow.events (job_id, stage, task_id, kind, payload, created_at)
+    VALUES (p_job_id, p_stage, p_task_id, p_kind, p_payload, stageflow.now())
+    RETURNING event_id INTO v_event_id;
+    -- A job's end (kind job_<status>, a status it ended in):
+    IF left(p_kind, 4) = 'job_' AND stageflow._job_has_ended(substr(p_kind, 5)) THEN
+        PERFORM stageflow._queue_webhook(v_event_id, p_job_id, p_kind);
     END IF;
-
-    RETURN jsonb_build_object(
-        'job_id', v_job.job_id,
-        'advanced', v_advanced,
-        'job_status', v_job.status,
-        'current_stage', v_job.current_stage,
-        'total_stages', v_job.total_stages);
+    PERFORM pg_notify('stageflow_events',
+                      jsonb_build_object('event_id', v_event_id, 'job_id', p_job_id, 'kind', p_kind)::text);
 END;
 $$;
 /* </end connected objects> */
@@ -1073,1493 +1373,350 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:52
--- A stage's shards: its open tasks are counted in up to 16 rows of stageflow.stage_shards, its
--- row counts the shards still open. A task belongs to no shard: the shards' counters only add up
--- to the stage's open tasks, so whoever ends tasks takes them from any shard that has that many.
--- The primitives every path shares to move those counters and to lock them: shards (a blocking
--- wait only in shard order, holding no shard of that stage above it), then the stage row, then
--- the job row (docs/state_machine.md, "Lock order").
-
--- Takes p_count ended tasks off a stage's shards without waiting for a shard another transaction
--- holds, and returns how many shards this emptied, or NULL if it cannot (the caller then rolls
--- back what this took and locked, see _settle_completions). p_completed of them completed, in
--- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
--- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
--- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
--- on its own is a WAL record of its own, and consecutive tasks prefer different shards); else one
--- shard no one holds that has them all, the first from p_prefer on (concurrent batches of one
--- stage then settle on different rows instead of queueing on shared ones); else shards no one
--- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
--- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
--- stage afterwards, or rolls back first.
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,
-                                                 p_completed int, p_seconds double precision, p_stopped int)
-RETURNS int
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_remaining int;
-    v_emptied   int := 0;
-    v_taken     int := 0;
-    v_shard     int;
-BEGIN
-    IF p_count = 1 THEN
-        UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
-               completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
-         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
-        RETURNING sh.remaining_tasks INTO v_remaining;
-        IF FOUND THEN
-            RETURN (v_remaining = 0)::int;
-        END IF;
-    END IF;
-    UPDATE stageflow.stage_shards AS sh
-       SET remaining_tasks = sh.remaining_tasks - p_count, stopped_tasks = sh.stopped_tasks + p_stopped,
-           completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
-     WHERE sh.job_id = p_job_id AND sh.stage = p_stage
-       AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
-                        WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks >= p_count
-                        ORDER BY f.shard < p_prefer, f.shard
-                        LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING sh.remaining_tasks INTO v_remaining;
-    IF FOUND THEN
-        RETURN (v_remaining = 0)::int;
-    END IF;
-    WHILE v_taken < p_count LOOP
-        SELECT f.shard, f.remaining_tasks INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
-         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks > 0
-         ORDER BY f.shard < p_prefer, f.shard
-         LIMIT 1 FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
-            RETURN NULL;
-        END IF;
-        v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, v_shard, v_remaining, p_count - v_taken,
-                                                             p_completed, p_seconds, p_stopped);
-        v_taken := v_taken + least(v_remaining, p_count - v_taken);
-        p_completed := 0; p_seconds := 0; p_stopped := 0;
-    END LOOP;
-    RETURN v_emptied;
-END;
-$$;
-
--- Takes p_count ended tasks off a stage's shards (the other counters as _take_from_free_shards),
--- waiting for every shard in shard order: the caller holds no shard of that stage, or holds them
--- all. Held, the shards add up to the stage's open tasks less what the other holders of a shard
--- took, each for tasks of its own (a retry_job that opens tasks again adds to them only holding
--- them all); the tasks are taken greedily in shard order. Returns how many shards this emptied.
-CREATE FUNCTION stageflow._take_from_shards_in_order(p_job_id text, p_stage int, p_count int,
-                                                     p_completed int DEFAULT 0, p_seconds double precision DEFAULT 0,
-                                                     p_stopped int DEFAULT 0)
-RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
--- (called from completions, which plan with enable_seqscan off, and from paths that do not set
--- it: its plan, made once a session by whichever calls first, is a key lookup either way)
-SET enable_seqscan = off
-AS $$
-DECLARE
-    v_emptied   int := 0;
-    v_taken     int := 0;
-    k           int;
-    v_remaining int;
-BEGIN
-    FOR k, v_remaining IN
-        SELECT f.shard, f.remaining_tasks FROM stageflow.stage_shards AS f
-         WHERE f.job_id = p_job_id AND f.stage = p_stage
-         ORDER BY f.shard
-           FOR UPDATE
-    LOOP
-        IF v_remaining > 0 OR p_count = 0 THEN
-            v_emptied := v_emptied + stageflow._take_from_shard(p_job_id, p_stage, k, v_remaining, p_count - v_taken,
-                                                                 p_completed, p_seconds, p_stopped);
-            v_taken := v_taken + least(v_remaining, p_count - v_taken);
-            p_completed := 0; p_seconds := 0; p_stopped := 0;
-        END IF;
-        EXIT WHEN v_taken = p_count;
-    END LOOP;
-    IF v_taken < p_count THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'XX000',
-            MESSAGE = format('stage %s of job %s counts %s open tasks in its shards, fewer than the %s ending',
-                             p_stage, p_job_id, v_taken, p_count),
-            HINT = 'the stage''s counters disagree with its tasks: report this as a bug';
-    END IF;
-    RETURN v_emptied;
-END;
-$$;
-
--- Takes up to p_want tasks off one shard whose lock the caller holds and whose remaining_tasks it
--- read under that lock (p_remaining), with the other counters; returns 1 if the shard emptied.
-CREATE FUNCTION stageflow._take_from_shard(p_job_id text, p_stage int, p_shard int, p_remaining int, p_want int,
-                                           p_completed int, p_seconds double precision, p_stopped int)
-RETURNS int
-LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
-AS $$
-    UPDATE stageflow.stage_shards AS sh
-       SET remaining_tasks = sh.remaining_tasks - least(p_remaining, p_want), stopped_tasks = sh.stopped_tasks + p_stopped,
-           completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
-     WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_shard
-    RETURNING (p_remaining > 0 AND sh.remaining_tasks = 0)::int;
-$$;
-
--- Tasks of one stage that stop being open without a result (p_sign = -1: failed, dead,
--- cancelled) or open again (+1: retried): locks all of the stage's shard rows in shard order (the
--- order of every wait for them, before the stage row), takes the tasks off the shards
--- (_take_from_shards_in_order) or spreads them evenly over them, then updates the stage row:
--- open_shards by the shards that emptied (-1 each) or had been empty (+1 each), failed_count by
--- p_failed.
--- p_running of the tasks were running (they stop running). Returns the stage row as updated.
-CREATE FUNCTION stageflow._move_shards(p_job_id text, p_stage int, p_count int, p_sign int, p_failed int DEFAULT 0,
-                                       p_running int DEFAULT 0)
-RETURNS stageflow.stages
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_delta  int;
-    v_stage  stageflow.stages;
-BEGIN
-    PERFORM 1 FROM stageflow.stage_shards AS sh
-      WHERE sh.job_id = p_job_id AND sh.stage = p_stage
-      ORDER BY sh.shard FOR UPDATE;
-    IF p_sign < 0 THEN
-        v_delta := -stageflow._take_from_shards_in_order(p_job_id, p_stage, p_count, p_stopped => p_running);
-    ELSE
-        WITH moved AS (
-            UPDATE stageflow.stage_shards AS sh
-               SET remaining_tasks = sh.remaining_tasks + a.n,
-                   stopped_tasks = sh.stopped_tasks + CASE WHEN a.shard = 0 THEN p_running ELSE 0 END
-              FROM (SELECT k AS shard, p_count / s.shards + (k < p_count % s.shards)::int AS n
-                      FROM stageflow.stages AS s, generate_series(0, s.shards - 1) AS k
-                     WHERE s.job_id = p_job_id AND s.stage = p_stage) AS a
-             WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = a.shard AND (a.n > 0 OR a.shard = 0)
-            RETURNING a.n, sh.remaining_tasks
-        )
-        SELECT (count(*) FILTER (WHERE m.n > 0 AND m.remaining_tasks = m.n))::int INTO v_delta FROM moved AS m;
-    END IF;
-    UPDATE stageflow.stages AS s
-       SET open_shards = s.open_shards + v_delta, failed_count = s.failed_count + p_failed
-     WHERE s.job_id = p_job_id AND s.stage = p_stage
-    RETURNING * INTO v_stage;
-    RETURN v_stage;
-END;
-$$;
-
--- p_count tasks of one stage that stop running but stay open (a retry scheduled, a lease handed
--- back or re-queued by retry_job): counted in stopped_tasks of a shard no one else holds (one row
--- locked, by its key: nothing re-checked can fail), else of shard 0, waited for (the caller holds
--- no shard of the stage, or all of them).
-CREATE FUNCTION stageflow._leave_running(p_job_id text, p_stage int, p_count int)
+-- src/lib.rs:61
+-- Deletes the messages of queue p_queue among p_msg_ids that no other transaction holds (a claim
+-- that reads one of the others deletes it, as not its task's current message or one whose task
+-- ended). Paths that hold a job's shards use it: a wait for a message a claim holds, while that
+-- claim waits for the shards, is a deadlock. (pgmq.delete
+-- cannot skip locked rows: this deletes from the queue table, named by pgmq.format_table_name.)
+CREATE FUNCTION stageflow._delete_free_messages(p_queue text, p_msg_ids bigint[])
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    UPDATE stageflow.stage_shards AS sh
-       SET stopped_tasks = sh.stopped_tasks + p_count
-     WHERE sh.job_id = p_job_id AND sh.stage = p_stage
-       AND sh.shard = (SELECT f.shard FROM stageflow.stage_shards AS f
-                        WHERE f.job_id = p_job_id AND f.stage = p_stage
-                        ORDER BY f.shard
-                        LIMIT 1 FOR UPDATE SKIP LOCKED);
-    IF NOT FOUND THEN
-        UPDATE stageflow.stage_shards AS sh
-           SET stopped_tasks = sh.stopped_tasks + p_count
-         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = 0;
-    END IF;
+    EXECUTE format(
+        'DELETE FROM pgmq.%1$I WHERE msg_id IN '
+        '(SELECT q.msg_id FROM pgmq.%1$I AS q WHERE q.msg_id = ANY ($1) ORDER BY q.msg_id FOR UPDATE SKIP LOCKED)',
+        pgmq.format_table_name(p_queue, 'q'))
+    USING p_msg_ids;
 END;
 $$;
 
--- Locks the shard rows and the row of a job's current stage (shards in order, then the stage: the
--- order of every completion), following the job if a completion advances it meanwhile; returns
--- the stage locked, or NULL for an unknown job. Whoever ends, revives or tidies a job takes these
--- first and the job row after, so they never wait in a cycle with a completion of that stage.
-CREATE FUNCTION stageflow._lock_current_stage(p_job_id text)
+-- Cancels the open (queued or running) tasks of a job that has ended, skipping rows another
+-- session holds instead of waiting for them (waiting could deadlock with a completion that holds
+-- its task and waits for the job row). What was skipped settles itself or is mended: a report in
+-- flight is recorded without advancing the job; a claim that read the job as still open hands the
+-- task out, its report is recorded the same way, and maintenance's reconciler cancels the task if
+-- it is still running (retry_job re-queues it too). Tasks first, then their
+-- messages (also skipped when held: a claim holding one finds its task cancelled and deletes it),
+-- then each stage's shards. Returns how many tasks it cancelled.
+CREATE FUNCTION stageflow._cancel_open_tasks(p_job_id text)
 RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_stage   int;
-    v_locked  int;
+    v_group      record;
+    v_stages     int[];
+    v_queues     text[];
+    v_msg_ids    bigint[];
+    v_running    boolean[];
 BEGIN
-    LOOP
-        -- No such job: v_stage is NULL, and so is the answer.
-        SELECT j.current_stage INTO v_stage FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-        EXIT WHEN NOT FOUND OR v_stage IS NOT DISTINCT FROM v_locked;
-        PERFORM 1 FROM stageflow.stage_shards AS sh
-          WHERE sh.job_id = p_job_id AND sh.stage = v_stage
-          ORDER BY sh.shard FOR UPDATE;
-        PERFORM 1 FROM stageflow.stages AS s WHERE s.job_id = p_job_id AND s.stage = v_stage FOR UPDATE;
-        v_locked := v_stage;
-    END LOOP;
-    RETURN v_stage;
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:67
--- Metrics: what `GET /metrics` exports, one row per Prometheus sample (metric name, labels, value),
--- read from pgmq and from the stage counters (stages, stage_shards). Tasks are counted only
--- through the partial indexes of running tasks and of dead letters: no scan of all tasks. Each
--- metric's rows come in the order they are exported (by queue, status or handler name); the
--- HTTP server adds the HELP and TYPE lines and the escaping.
-CREATE FUNCTION stageflow.metrics()
-RETURNS TABLE (metric text, labels jsonb, value double precision)
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_open bigint;
-    v_completed bigint;
-    v_failed bigint;
-    v_cancelled bigint;
-    v_running bigint;
-    v_dead bigint;
-BEGIN
-    -- Messages in each queue, and those claimable now.
-    RETURN QUERY
-    SELECT m.metric, jsonb_build_object('queue', q.queue_name), m.value
-      FROM pgmq.metrics_all() AS q
-     CROSS JOIN LATERAL (VALUES (1, 'stageflow_queue_depth', q.queue_length::float8),
-                                (2, 'stageflow_queue_depth_visible', q.queue_visible_length::float8)) AS m(n, metric, value)
-     ORDER BY q.queue_name, m.n;
-    -- Tasks of big stages whose messages are still to be sent (stageflow.message_windows): work a
-    -- queue's depth does not show yet.
-    RETURN QUERY
-    SELECT 'stageflow_tasks_unsent', jsonb_build_object('queue', w.queue), sum(w.task_count - w.next_ordinal)::float8
-      FROM stageflow.message_windows AS w
-     GROUP BY w.queue
-     ORDER BY w.queue;
-
-    RETURN QUERY
-    SELECT 'stageflow_jobs', jsonb_build_object('status', j.status), count(*)::float8
-      FROM stageflow.jobs AS j
-     GROUP BY j.status
-     ORDER BY j.status;
-
-    -- Tasks by status from the stage counters: open (queued or running), running, completed,
-    -- failed; the rest of a stage's tasks were cancelled.
-    SELECT coalesce(sum(c.remaining_tasks), 0)::bigint,
-           coalesce(sum(c.running_tasks), 0)::bigint,
-           coalesce(sum(c.completed_count), 0)::bigint,
-           coalesce(sum(s.failed_count), 0)::bigint,
-           coalesce(sum(s.task_count - c.completed_count - s.failed_count - c.remaining_tasks), 0)::bigint
-      INTO v_open, v_running, v_completed, v_failed, v_cancelled
-      FROM stageflow.stages AS s
-      JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
-    -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
-    -- (not those of jobs retention has deleted and is draining: dead_letters() lists them no more)
-    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t
-     WHERE t.failed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = t.job_id);
-    RETURN QUERY
-    SELECT 'stageflow_tasks', jsonb_build_object('status', t.status), t.value::float8
-      FROM (VALUES (1, 'queued', v_open - v_running), (2, 'running', v_running), (3, 'completed', v_completed),
-                   (4, 'failed', v_failed), (5, 'cancelled', v_cancelled)) AS t(n, status, value)
-     ORDER BY t.n;
-    -- Tasks that ended without a result.
-    RETURN QUERY
-    SELECT 'stageflow_dead_letters', '{}'::jsonb, v_dead::float8;
-
-    -- Per handler: completed and failed tasks, and the claim-to-completion seconds of the completed
-    -- ones (a summary's sum and count), one metric after the other.
-    RETURN QUERY
-    SELECT m.metric, jsonb_build_object('handler', h.handler) || m.labels, m.value
-      FROM (SELECT s.handler,
-                   sum(c.completed_count)::float8 AS completed,
-                   sum(s.failed_count)::float8 AS failed,
-                   sum(c.completed_seconds) AS seconds
-              FROM stageflow.stages AS s
-              JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage
-             GROUP BY s.handler) AS h
-     CROSS JOIN LATERAL (VALUES (1, 1, 'stageflow_handler_tasks_total', '{"outcome": "completed"}'::jsonb, h.completed),
-                                (1, 2, 'stageflow_handler_tasks_total', '{"outcome": "failed"}'::jsonb, h.failed),
-                                (2, 1, 'stageflow_task_duration_seconds_sum', '{}'::jsonb, h.seconds),
-                                (2, 2, 'stageflow_task_duration_seconds_count', '{}'::jsonb, h.completed))
-                         AS m(family, n, metric, labels, value)
-     ORDER BY m.family, h.handler, m.n;
-
-    RETURN QUERY
-    SELECT 'stageflow_webhook_deliveries', jsonb_build_object('status', d.status), count(*)::float8
-      FROM stageflow.webhook_deliveries AS d
-     GROUP BY d.status
-     ORDER BY d.status;
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:57
--- Leases held by workers: extended by heartbeat, handed back by release_tasks. Both lock the
--- tasks first and decide under the lock which leases are the caller's (by lease token, or by
--- worker_id when no token is given), then move those tasks' current messages: a stale caller
--- can neither extend nor hand back a lease that is not its own.
-
--- The running tasks among task_ids whose lease the caller holds, locked in task_id order:
--- with lease_tokens (parallel to task_ids) the token must be the task's current one; else with
--- worker_id the holder must be that worker; with neither, any running task. Only tasks of queues
--- granted to the session's login (_check_report_grants: else 42501, nothing changed).
-CREATE FUNCTION stageflow._lock_leases(p_task_ids text[], p_worker_id text, p_lease_tokens bigint[])
-RETURNS SETOF stageflow.tasks
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF p_lease_tokens IS NOT NULL AND cardinality(p_lease_tokens) IS DISTINCT FROM cardinality(p_task_ids) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('%s task ids but %s lease tokens', coalesce(cardinality(p_task_ids), 0), cardinality(p_lease_tokens)),
-            HINT = 'pass one lease token per task id, in the same order (the lease_token claim_tasks returned)';
-    END IF;
-    PERFORM stageflow._check_report_grants(p_task_ids);
-    RETURN QUERY
-    SELECT t.* FROM stageflow.tasks AS t
-      JOIN unnest(p_task_ids, coalesce(p_lease_tokens, array_fill(NULL::bigint, ARRAY[cardinality(p_task_ids)])))
-           AS u(task_id, lease_token) ON u.task_id = t.task_id
-     WHERE t.status = 'running'
-       AND CASE WHEN p_lease_tokens IS NOT NULL THEN t.lease_token = u.lease_token
-                ELSE p_worker_id IS NULL OR t.worker_id = p_worker_id END
-     ORDER BY t.task_id
-       FOR UPDATE OF t;
-END;
-$$;
-
--- Raises 22023 for a lease outside 1 s to 7 days (claim_tasks and heartbeat check it inline).
-CREATE FUNCTION stageflow._raise_bad_lease(p_lease_seconds int)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RAISE EXCEPTION USING
-        ERRCODE = '22023',
-        MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(p_lease_seconds::text, 'NULL')),
-        HINT = 'a lease is how long a worker may hold a task before it is delivered again';
-END;
-$$;
-
--- Extends the leases of running tasks (a worker's heartbeat) to lease_seconds from now (a
--- stage's own lease_seconds wins, as in claim_tasks); their messages stay invisible as long.
--- Only the caller's leases are extended (see _lock_leases). Returns the tasks extended; a task
--- missing from the answer is no longer the caller's (completed, failed, cancelled, or claimed by
--- another worker after its lease ran out): its outcome will be refused.
-CREATE FUNCTION stageflow.heartbeat(task_ids text[], lease_seconds int DEFAULT 300, worker_id text DEFAULT NULL,
-                                    lease_tokens bigint[] DEFAULT NULL)
-RETURNS TABLE (task_id text, lease_expires_at timestamptz)
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_now   timestamptz := stageflow.now();
-    v_ids   text[];
-    v_exp   timestamptz[];
-    r       record;
-BEGIN
-    IF heartbeat.lease_seconds IS NULL OR heartbeat.lease_seconds NOT BETWEEN 1 AND 604800 THEN
-        PERFORM stageflow._raise_bad_lease(heartbeat.lease_seconds);
-    END IF;
-    -- Tasks first (locked), then their messages: the lock order of every report.
-    WITH extended AS (
+    WITH locked AS (
+        SELECT o.task_id, o.status FROM stageflow.tasks AS o
+         WHERE stageflow._is_task_of_job(o.job_id, p_job_id) AND stageflow._task_is_open(o.status)
+         ORDER BY o.task_id
+           FOR UPDATE SKIP LOCKED
+    ), cancelled AS (
         UPDATE stageflow.tasks AS t
-           SET lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, heartbeat.lease_seconds))
-          FROM stageflow.stages AS s
-         WHERE t.task_id IN (SELECT l.task_id FROM stageflow._lock_leases(heartbeat.task_ids, heartbeat.worker_id,
-                                                                          heartbeat.lease_tokens) AS l)
-           AND s.job_id = t.job_id AND s.stage = t.stage
-        RETURNING t.task_id, t.lease_expires_at
+           SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
+          FROM locked AS l
+         WHERE t.task_id = l.task_id
+        RETURNING t.stage, t.msg_id, l.status = 'running' AS was_running
     )
-    SELECT array_agg(e.task_id ORDER BY e.task_id), array_agg(e.lease_expires_at ORDER BY e.task_id)
-      INTO v_ids, v_exp
-      FROM extended AS e;
-    IF v_ids IS NULL THEN
-        RETURN;
-    END IF;
-    FOR r IN
-        SELECT s.queue, t.lease_expires_at, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         WHERE t.task_id = ANY (v_ids)
-         GROUP BY s.queue, t.lease_expires_at
-         ORDER BY s.queue, t.lease_expires_at
-    LOOP
-        PERFORM pgmq.set_vt(r.queue, r.msg_ids, r.lease_expires_at);
-    END LOOP;
-    RETURN QUERY SELECT u.task_id, u.lease_expires_at FROM unnest(v_ids, v_exp) AS u(task_id, lease_expires_at);
-END;
-$$;
-
--- Hands running tasks back without an outcome (a worker shutting down): they are queued again,
--- their messages visible at once, and the attempt they were on is not counted; each release is
--- recorded as a task_released event (worker, lease token, attempt), so a claim handed back leaves
--- a trace. Only the caller's
--- leases are released (see _lock_leases). Returns the number released.
-CREATE FUNCTION stageflow.release_tasks(task_ids text[], worker_id text DEFAULT NULL, lease_tokens bigint[] DEFAULT NULL)
-RETURNS int
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_now       timestamptz := stageflow.now();
-    v_ids       text[];
-    r           record;
-BEGIN
-    FOR r IN
-        WITH mine AS (
-            SELECT l.task_id, l.job_id, l.stage, l.worker_id, l.lease_token, l.attempt
-              FROM stageflow._lock_leases(release_tasks.task_ids, release_tasks.worker_id, release_tasks.lease_tokens) AS l
-        ), released AS (
-            UPDATE stageflow.tasks AS t
-               SET status = 'queued', attempt = t.attempt - 1, lease_expires_at = NULL, worker_id = NULL,
-                   next_attempt_at = NULL
-              FROM mine AS m
-             WHERE t.task_id = m.task_id
-            RETURNING m.task_id, m.job_id, m.stage, m.worker_id, m.lease_token, m.attempt
-        )
-        SELECT x.* FROM released AS x ORDER BY x.task_id
-    LOOP
-        PERFORM stageflow._emit(r.job_id, 'task_released',
-                                jsonb_build_object('worker_id', r.worker_id, 'lease_token', r.lease_token, 'attempt', r.attempt),
-                                r.stage, r.task_id);
-        v_ids := coalesce(v_ids, '{}') || r.task_id;
-    END LOOP;
-    IF v_ids IS NULL THEN
+    SELECT array_agg(c.stage), array_agg(s.queue), array_agg(c.msg_id), array_agg(c.was_running)
+      INTO v_stages, v_queues, v_msg_ids, v_running
+      FROM cancelled AS c
+      JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = c.stage;
+    IF v_stages IS NULL THEN
         RETURN 0;
     END IF;
-    FOR r IN
-        SELECT s.queue, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         WHERE t.task_id = ANY (v_ids)
-         GROUP BY s.queue
-         ORDER BY s.queue
-    LOOP
-        PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
-        PERFORM pg_notify('stageflow_tasks', r.queue);
-    END LOOP;
-    -- They no longer run (tasks, messages, then shards: the lock order of every report).
-    FOR r IN
-        SELECT t.job_id, t.stage, count(*)::int AS tasks
-          FROM stageflow.tasks AS t
-         WHERE t.task_id = ANY (v_ids)
-         GROUP BY t.job_id, t.stage
-         ORDER BY t.job_id, t.stage
-    LOOP
-        PERFORM stageflow._leave_running(r.job_id, r.stage, r.tasks);
-    END LOOP;
-    RETURN cardinality(v_ids);
-END;
-$$;
-/* </end connected objects> */
 
-/* <begin connected objects> */
--- src/lib.rs:44
--- The wording of the errors that several functions raise: an unknown job or task, and the
--- refusals of a task's report (not running, another lease's), decided in one place.
-
--- Raises 42704 for an unknown job or task (p_kind 'job' or 'task'), with a hint about what the ids
--- look like: the one wording of these errors.
-CREATE FUNCTION stageflow._raise_unknown(p_kind text, p_id text)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RAISE EXCEPTION USING
-        ERRCODE = '42704',
-        MESSAGE = format('unknown %s %L', p_kind, p_id),
-        HINT = CASE p_kind
-                   WHEN 'job' THEN 'job ids are the 64 hex digits returned by stageflow.submit_job; a job is shown only to the login '
-                                    '(and tenant) that submitted it and to stageflow_admin'
-                   ELSE 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>'
-               END;
+    FOR v_group IN
+        SELECT u.queue, array_agg(u.msg_id ORDER BY u.msg_id) AS msg_ids FROM unnest(v_queues, v_msg_ids) AS u(queue, msg_id)
+         GROUP BY u.queue ORDER BY u.queue
+    LOOP
+        PERFORM stageflow._delete_free_messages(v_group.queue, v_group.msg_ids);
+    END LOOP;
+    FOR v_group IN
+        SELECT u.stage, count(*)::int AS tasks, (count(*) FILTER (WHERE u.was_running))::int AS running
+          FROM unnest(v_stages, v_running) AS u(stage, was_running)
+         GROUP BY u.stage ORDER BY u.stage
+    LOOP
+        PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.tasks, -1, 0, v_group.running);
+    END LOOP;
+    RETURN cardinality(v_stages);
 END;
 $$;
 
--- Whether a report may speak for a task's current lease (the task row's lease_token, p_lease_token,
--- held by its worker_id, p_holder): naming a token (p_token), only if it is that one; naming no
--- token but a worker_id (p_worker_id), only if that worker holds the lease; naming neither, the
--- caller is trusted (the psql form). The one statement of the fence: _refusal words its refusals
--- from it, and a completion's UPDATE asks it alone (_refusal's wordings, planned into every
--- completion, cost it 36,000 instructions, bench/README.md). Inlined like _refusal.
-CREATE FUNCTION stageflow._report_fenced(p_lease_token bigint, p_holder text, p_token bigint, p_worker_id text)
+-- Ends an open job as failed or cancelled (with p_deadline: only if its deadline is still at or
+-- before it, as a concurrent retry_job moves it). Its current stage's shards and row are locked
+-- first, then the job row: from then on nothing advances the job, and the statements after it see
+-- every stage and task a completion created before: its open tasks are cancelled and its active
+-- stages closed (stage rows another session holds are skipped: the completion holding one closes
+-- it when advance_stage finds the job ended). Records the error and emits job_<status>. Returns
+-- false if the job had already ended. p_advancing: called by advance_stage, which holds the job
+-- row and found the current stage without open tasks: nothing of that stage is left to cancel,
+-- and its shards are not waited for (the completion advancing the job holds one of them, and a
+-- cancel_job holding the lower ones waits for it: a deadlock).
+CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb, p_deadline timestamptz DEFAULT NULL,
+                                   p_advancing boolean DEFAULT false)
 RETURNS boolean
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN p_token IS NOT NULL THEN p_token OPERATOR(pg_catalog.=) p_lease_token
-                ELSE p_worker_id IS NULL OR coalesce(p_holder OPERATOR(pg_catalog.=) p_worker_id, false) END
+DECLARE
+    v_cancelled int;
+BEGIN
+    IF NOT p_advancing THEN
+        PERFORM stageflow._lock_current_stage(p_job_id);
+    END IF;
+    UPDATE stageflow.jobs AS j
+       SET status = p_status, error = coalesce(p_error, j.error),
+           completed_at = stageflow.now(), updated_at = stageflow.now()
+     WHERE j.job_id = p_job_id AND stageflow._job_is_open(j.status)
+       AND (p_deadline IS NULL OR j.deadline_at <= p_deadline);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    v_cancelled := stageflow._cancel_open_tasks(p_job_id);
+    -- (a big stage's tasks without messages were cancelled with the rest)
+    PERFORM stageflow._drop_message_windows(p_job_id);
+    UPDATE stageflow.stages AS s
+       SET status = CASE WHEN p_status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
+           completed_at = stageflow.now()
+     WHERE (s.job_id, s.stage) IN (SELECT a.job_id, a.stage FROM stageflow.stages AS a
+                                    WHERE a.job_id = p_job_id AND a.status = 'active'
+                                    ORDER BY a.stage
+                                      FOR UPDATE SKIP LOCKED);
+    PERFORM stageflow._emit(p_job_id, 'job_' || p_status,
+                            jsonb_build_object('error', p_error, 'cancelled_tasks', v_cancelled));
+    RETURN true;
+END;
 $$;
 
--- Why a report (p_verb: 'completed', 'failed') of a task cannot be recorded, as
--- {"sqlstate", "message", "hint"}, or NULL when it can: the one wording of every refusal, decided
--- from the task row read under its lock. A report names the lease it comes from by its token
--- (p_token) and/or the worker_id it claimed with (p_worker_id); a report naming neither trusts
--- the caller (the psql form). A completion repeated by the lease that made it is not refused.
--- Without a SET clause, and with its functions qualified, so that PostgreSQL inlines it into the
--- statements of the hot path that call it (only Stageflow's own functions, whose search_path is
--- fixed, can call it).
-CREATE FUNCTION stageflow._refusal(p_task stageflow.tasks, p_task_id text, p_verb text, p_token bigint, p_worker_id text)
-RETURNS jsonb
-LANGUAGE sql STABLE
-AS $$
-    SELECT CASE
-        WHEN p_task.task_id IS NULL THEN
-            pg_catalog.jsonb_build_object('sqlstate', '42704', 'message', pg_catalog.format('unknown task %L', p_task_id),
-                               'hint', 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>')
-        -- (another lease's token, whatever the task's status; another worker, of a task running or
-        -- completed: a task in any other status is refused for that below)
-        WHEN NOT stageflow._report_fenced(p_task.lease_token, p_task.worker_id, p_token, p_worker_id)
-             AND (p_token IS NOT NULL OR p_task.status = ANY ('{running,completed}'::text[])) THEN
-            CASE WHEN p_token IS NOT NULL THEN
-                pg_catalog.jsonb_build_object('sqlstate', '55000',
-                                   'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
-                                   'hint', 'the lease expired and the task was claimed again; its current holder reports it')
-            WHEN p_task.status = 'running' THEN
-                pg_catalog.jsonb_build_object('sqlstate', '55000',
-                                   'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                                   'hint', 'the lease expired and the task was delivered again; its new holder reports it')
-            ELSE
-                pg_catalog.jsonb_build_object('sqlstate', '55000',
-                                   'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                                   'hint', 'the lease expired and the task was delivered again; its new holder completed it')
-            END
-        WHEN p_task.status = 'running' THEN NULL
-        WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
-        WHEN p_task.status = 'queued' THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is not claimed', p_task_id),
-                               'hint', 'claim it with stageflow.claim_tasks first; a task waiting for a retry is claimable after its backoff')
-        WHEN p_task.status = 'cancelled' THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s is cancelled: its job ended, the outcome is not recorded', p_task_id),
-                               'hint', 'see stageflow.job_status(job_id) for why the job ended')
-        WHEN p_task.status = 'completed' THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is already completed and cannot be %s', p_task_id, p_verb),
-                               'hint', 'a completed task keeps its result; retry the whole job to run it again')
-        ELSE
-            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is %s and cannot be %s', p_task_id, p_task.status, p_verb),
-                               'hint', 'stageflow.retry_job(job_id) runs failed and dead tasks again')
-    END
-$$;
-
--- Raises a refusal made by stageflow._refusal.
-CREATE FUNCTION stageflow._raise_refusal(p_refusal jsonb)
-RETURNS void
+-- Cancels what is still open of a job that has ended (tasks a claim or report held while the job
+-- ended): under the locks of its current stage, which retry_job takes too, and only if the job is
+-- still ended then (a retry that came first revived it). Returns how many tasks it cancelled.
+CREATE FUNCTION stageflow._cancel_leftovers(p_job_id text)
+RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- plpgsql_check would have it IMMUTABLE; raising is its whole effect, and an IMMUTABLE call
-    -- with constant arguments may be run while a query is planned: VOLATILE is right.
-    -- @plpgsql_check_options: performance_warnings = false
-    RAISE EXCEPTION USING
-        ERRCODE = p_refusal ->> 'sqlstate', MESSAGE = p_refusal ->> 'message', HINT = p_refusal ->> 'hint';
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:59
--- What completions report, one row per named task: the task, its stage, whether this task's
--- completion finished the stage (the stage row remembers which task did), and where the job is
--- now. Set-based: a batch of completions reads its tasks, stages and jobs in one statement.
--- Inlinable, as the status classes are (no SET clause, every operator and function qualified, not
--- STRICT, not SECURITY DEFINER): PostgreSQL plans it into its callers' statements, whose plans
--- are kept for the session. (As a plpgsql function of its own it cost each single completion
--- about 25 us of its 200, measured with complete_task_and_check_stage under pgbench.) The report
--- is the row as JSON (jsonb_build_object of its nine fields cost 9,000 instructions more,
--- bench/README.md).
-CREATE FUNCTION stageflow._completion_reports(p_task_ids text[])
-RETURNS TABLE (task_id text, report jsonb)
-LANGUAGE sql STABLE
-AS $$
-    SELECT r.task_id, pg_catalog.to_jsonb(r)
-      FROM (SELECT t.task_id, t.status AS task_status, t.stage,
-                   s.status OPERATOR(pg_catalog.=) 'completed' AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
-                       AS stage_completed,
-                   CASE WHEN s.status OPERATOR(pg_catalog.=) 'completed'
-                             AND coalesce(s.completed_by OPERATOR(pg_catalog.=) t.task_id, false)
-                             AND t.stage OPERATOR(pg_catalog.<) j.total_stages
-                        THEN t.stage OPERATOR(pg_catalog.+) 1 END AS next_stage,
-                   j.job_id, j.status AS job_status, j.current_stage, j.total_stages
-              FROM stageflow.tasks AS t
-              JOIN stageflow.stages AS s ON s.job_id OPERATOR(pg_catalog.=) t.job_id AND s.stage OPERATOR(pg_catalog.=) t.stage
-              JOIN stageflow.jobs AS j ON j.job_id OPERATOR(pg_catalog.=) t.job_id
-             WHERE t.task_id OPERATOR(pg_catalog.=) ANY (p_task_ids)) AS r
-$$;
-
--- What is wrong with a result that feeds a dynamic fan-out, or NULL if it is a valid list of task
--- entries: {"tasks": [{"key"?: "tile_x0_y0", "params"?: {...}}, ...]} whose keys are distinct and
--- whose params add keys of their own: a planner cannot replace the job's validated params
--- (p_job_params; a task's params overlay the job's when it is claimed).
--- (Keys repeated across the results of several planner tasks are found only when the stage is
--- created, and fail that job: see advance_stage.)
-CREATE FUNCTION stageflow._planner_problem(p_result jsonb, p_job_params jsonb DEFAULT '{}')
-RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE
-        WHEN jsonb_typeof(p_result) IS DISTINCT FROM 'object' OR jsonb_typeof(p_result -> 'tasks') IS DISTINCT FROM 'array'
-            THEN 'the result has no "tasks" array'
-        ELSE coalesce(
-             (SELECT format('entry %s: %s', e.n - 1,
-                            CASE WHEN jsonb_typeof(e.entry) <> 'object' THEN 'not an object'
-                                 WHEN e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
-                                                           OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$')
-                                     THEN format('key %s is not 1 to 128 letters, digits or _.:-', e.entry -> 'key')
-                                 ELSE '"params" is not an object' END)
-                FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
-               WHERE jsonb_typeof(e.entry) <> 'object'
-                  OR (e.entry ? 'key' AND (jsonb_typeof(e.entry -> 'key') <> 'string'
-                                           OR e.entry ->> 'key' !~ '^[A-Za-z0-9_.:-]{1,128}$'))
-                  OR (e.entry ? 'params' AND jsonb_typeof(e.entry -> 'params') <> 'object')
-               ORDER BY e.n
-               LIMIT 1),
-             (SELECT format('entry %s: key %s is named more than once (first by entry %s)', d.n - 1, to_jsonb(d.key), d.first - 1)
-                FROM (SELECT e.n, e.entry ->> 'key' AS key, min(e.n) OVER (PARTITION BY e.entry ->> 'key') AS first
-                        FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
-                       WHERE e.entry ? 'key') AS d
-               WHERE d.n <> d.first
-               ORDER BY d.n
-               LIMIT 1),
-             (SELECT format('entry %s: params key %s is a parameter of the job', e.n - 1, to_jsonb(k.key))
-                FROM jsonb_array_elements(p_result -> 'tasks') WITH ORDINALITY AS e(entry, n)
-               CROSS JOIN LATERAL jsonb_object_keys(CASE WHEN jsonb_typeof(e.entry -> 'params') = 'object'
-                                                         THEN e.entry -> 'params' ELSE '{}' END) AS k(key)
-               WHERE p_job_params ? k.key
-               ORDER BY e.n
-               LIMIT 1))
-    END
-$$;
-
--- The refusal of a result that feeds a dynamic fan-out but is not a valid plan for its job, or NULL.
-CREATE FUNCTION stageflow._planner_refusal(p_task_id text, p_result jsonb, p_job_id text)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_problem text := stageflow._planner_problem(
-        p_result, (SELECT j.params FROM stageflow.jobs AS j WHERE j.job_id = p_job_id));
-BEGIN
-    RETURN CASE WHEN v_problem IS NOT NULL THEN jsonb_build_object(
-        'sqlstate', '22023',
-        'message', format('task %s plans the next stage (dynamic fan-out) but %s', p_task_id, v_problem),
-        'hint', 'return {"tasks": [{"key": "tile_x0_y0", "params": {...}}, ...]} with params of the task''s own (the job''s params reach every task anyway); report a planning error with stageflow.fail_task')
-    END;
+    PERFORM stageflow._lock_current_stage(p_job_id);
+    IF NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j
+                    WHERE j.job_id = p_job_id AND stageflow._job_has_ended(j.status)) THEN
+        RETURN 0;
+    END IF;
+    RETURN stageflow._cancel_open_tasks(p_job_id);
 END;
 $$;
 
--- Records completions: the one settle path of complete_task_and_check_stage and complete_tasks.
--- p_task_ids, p_results and p_tokens are parallel (a NULL token: no token given); the ids are
--- distinct. Every report that may be accepted is decided under its task's row lock
--- (its lease's fence, stageflow._report_fenced, and a plan check for a result that feeds a dynamic
--- fan-out; the wording of a refusal, stageflow._refusal, only for the rest): one UPDATE, in
--- task_id order, completes the tasks that may be completed, its conditions checked on each row's
--- newest version once it holds the row's lock (no separate lock first: a lock is a WAL record of
--- its own). The rest (rare) are decided as they are now: a report naming another lease than the
--- task's (a token other than its lease_token) is refused without the lock, since a lease that is
--- over never comes back (tokens only grow); the others (no token, or the task's own lease: a
--- repeat, or a task that ended) are locked and their refusals read (in a call naming several
--- tasks, a task another session holds is skipped and decided as it stands, 40001 if it could be
--- completed: the call holds tasks of higher ids already), and a task that became completable
--- meanwhile (a report without a token, of a task claimed since) goes through the same UPDATE
--- again. (A batch holding tasks it took waits for no task it refuses for a lease that is over: two
--- batches, each with a stale report of a task the other took, deadlocked so before every named
--- task was locked first; that lock cost a WAL record per task.) The accepted ones have their
--- messages deleted (tasks before messages: the lock order of every report), and each stage's
--- tasks are taken off its shards once for the whole call, in (job, stage) order
--- (_take_from_free_shards: one shard no other transaction holds, if one has them all); a stage
--- row is locked only when one of its shards empties (shards before stage), and the call that
--- takes the stage's open shards to zero advances the job in this transaction. A completion
--- repeated by the lease that made it is accepted and changes nothing.
--- Returns, per element, NULL when accepted, else its refusal {"sqlstate", "message", "hint"}.
--- It runs with its two callers' plan settings (generic plans, no sequential scans) rather than
--- setting them again: one setting saved and restored per call on the hot path instead of three.
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._settle_completions(p_task_ids text[], p_results jsonb[], p_tokens bigint[], p_worker_id text)
-RETURNS jsonb[]
+-- Ends a task without a result: 'failed' (a permanent error) or 'dead' (its attempts ran out).
+-- Its message is archived (pgmq.archive), its error kept. Within the stage's failure threshold the
+-- stage goes on without it (and advances if it was the last open task); beyond it the job fails.
+-- The task row is locked before its message (callers that decided on it hold the lock already).
+-- Returns false if the task was no longer open.
+CREATE FUNCTION stageflow._end_task(p_task_id text, p_status text, p_error jsonb)
+RETURNS boolean
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_now        timestamptz := stageflow.now();
-    v_refusals   jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_task_ids)]);
-    v_todo       text[];
-    v_rest       text[];
-    v_locked     text[];
-    v_ids        text[];
-    v_msg_ids    bigint[];
-    v_queues     text[];
-    v_jobs       text[];
-    v_stages     int[];
-    v_prefer     int[];
-    v_ordinals   int[];
-    v_seconds    double precision[];
-    v_counts     int[];
-    v_last       text[];
-    v_emptied    int[];
-    v_open       int;
-    -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
-    -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
-    -- server CPU, bench/README.md).
-    v_one_stage  boolean := false;
-    v_job_id     text;
-    v_stage      int;
-    v_dynamic    boolean;
-    v_queue      text;
-    v_shard_count int;
-    r            record;
+    v_task       record;
+    v_stage      stageflow.stages;
 BEGIN
-    -- Only tasks of queues granted to the session's login, checked before anything is locked.
-    PERFORM stageflow._check_report_grants(p_task_ids);
-    IF cardinality(p_task_ids) > 1 THEN
-        -- (every task named found: no task of another stage can turn up later in the call, a
-        -- task's job and stage never change)
-        SELECT count(*) = cardinality(p_task_ids) AND min(t.job_id) = max(t.job_id) AND min(t.stage) = max(t.stage),
-               min(t.job_id), min(t.stage)
-          INTO v_one_stage, v_job_id, v_stage
-          FROM stageflow.tasks AS t
-         WHERE t.task_id = ANY (p_task_ids);
-        IF v_one_stage THEN
-            -- (what is read here does not change after the stage is made)
-            SELECT s.next_fan_out IS NOT DISTINCT FROM 'dynamic', s.queue, s.shards
-              INTO v_dynamic, v_queue, v_shard_count
-              FROM stageflow.stages AS s WHERE s.job_id = v_job_id AND s.stage = v_stage;
+    SELECT t.job_id, t.stage, t.ordinal, t.msg_id, t.attempt, t.status, s.queue INTO STRICT v_task
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+     WHERE t.task_id = p_task_id
+       FOR UPDATE OF t;
+    IF NOT stageflow._task_is_open(v_task.status) THEN
+        RETURN false;
+    END IF;
+
+    PERFORM pgmq.archive(v_task.queue, v_task.msg_id);
+    UPDATE stageflow.tasks AS t
+       SET status = p_status, error = p_error, completed_at = stageflow.now(), lease_expires_at = NULL,
+           failed_at = stageflow.now(),
+           errors = t.errors || jsonb_build_array(jsonb_build_object(
+               'attempt', t.attempt, 'at', stageflow.now(), 'worker_id', t.worker_id, 'lease_token', t.lease_token,
+               'error', p_error))
+     WHERE t.task_id = p_task_id AND stageflow._task_is_open(t.status);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM stageflow._emit(v_task.job_id, 'task_' || p_status,
+                            jsonb_build_object('attempt', v_task.attempt, 'error', p_error), v_task.stage, p_task_id);
+
+    -- All of the stage's shards are locked before its row: if this failure ends the job,
+    -- cancelling the other open tasks moves their shards too, in the order shards -> stage.
+    v_stage := stageflow._move_shards(v_task.job_id, v_task.stage, 1, -1, 1,
+                                      CASE WHEN v_task.status = 'running' THEN 1 ELSE 0 END);
+
+    IF v_stage.failed_count <= v_stage.max_failed_tasks
+       OR v_stage.failed_count <= v_stage.max_failure_ratio * v_stage.task_count THEN
+        IF v_stage.open_shards = 0 THEN
+            PERFORM stageflow.advance_stage(v_task.job_id);
         END IF;
-    END IF;
-    FOR v_pass IN 1 .. 2 LOOP
-        -- Complete the tasks of v_todo that may be completed, locking them in task_id order (the
-        -- sorted list drives the join); the UPDATE re-checks its conditions on a row changed
-        -- since its snapshot, in the row's newest version, under the lock.
-        WITH done AS (
-            UPDATE stageflow.tasks AS t
-               SET status = 'completed', result = u.result, completed_at = v_now, lease_expires_at = NULL
-              FROM (SELECT a.task_id, a.result, a.token
-                      FROM unnest(p_task_ids, p_results, p_tokens) AS a(task_id, result, token)
-                     WHERE v_pass = 1 OR a.task_id = ANY (v_todo)
-                     ORDER BY a.task_id COLLATE "C") AS u
-             WHERE t.task_id = u.task_id
-               AND t.status = 'running'
-               AND stageflow._report_fenced(t.lease_token, t.worker_id, u.token, p_worker_id)
-               AND (CASE WHEN v_one_stage THEN v_dynamic IS NOT TRUE
-                         ELSE (SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
-                              IS DISTINCT FROM 'dynamic' END
-                    OR stageflow._planner_refusal(u.task_id, u.result, t.job_id) IS NULL)
-            RETURNING t.task_id, t.msg_id, t.job_id, t.stage, t.ordinal, t.claimed_at,
-                      CASE WHEN NOT v_one_stage THEN
-                          (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
-        )
-        -- (parallel arrays: every aggregate of the statement reads the same rows in the same order;
-        -- each NULL while no task is taken, NULL || x being x)
-        SELECT v_ids || array_agg(d.task_id),
-               v_msg_ids || array_agg(d.msg_id),
-               v_queues || array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END),
-               v_jobs || array_agg(d.job_id),
-               v_stages || array_agg(d.stage),
-               v_prefer || array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END),
-               v_ordinals || array_agg(d.ordinal),
-               v_seconds || array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision)
-          INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
-          FROM done AS d;
-        EXIT WHEN cardinality(v_ids) = cardinality(p_task_ids) OR v_pass = 2;
-
-        -- The others (rare), decided as they are now: refused, a repeat of a completion
-        -- (accepted, nothing to do), or completable now (the next pass); those that do not name
-        -- a lease that is over locked first, in task_id order.
-        -- Each refusal is computed once (OFFSET 0 keeps the subquery from being flattened into
-        -- the aggregates, which would evaluate it once per use).
-        v_rest := ARRAY(SELECT a.task_id FROM unnest(p_task_ids) AS a(task_id)
-                        EXCEPT SELECT d.task_id FROM unnest(v_ids) AS d(task_id));
-        IF cardinality(p_task_ids) = 1 THEN
-            v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
-                                JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
-                               WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
-                                 FOR UPDATE OF t);
-        ELSE
-            -- (the call holds the tasks pass 1 took, and those whose re-check failed, of any ids:
-            -- a wait here could be out of task_id order, so a task another session holds is
-            -- skipped, and decided as it stands)
-            v_locked := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
-                                JOIN unnest(p_task_ids, p_tokens) AS u(task_id, token) ON u.task_id = t.task_id
-                               WHERE t.task_id = ANY (v_rest) AND (u.token IS NULL OR u.token = t.lease_token)
-                               ORDER BY t.task_id
-                                 FOR UPDATE OF t SKIP LOCKED);
-        END IF;
-        SELECT array_agg(c.refusal ORDER BY c.n),
-               array_agg(c.task_id) FILTER (WHERE c.rest AND c.refusal IS NULL AND (c.task).status = 'running')
-          INTO v_refusals, v_todo
-          -- (a NULL id is never taken: it is refused as an unknown task)
-          FROM (SELECT u.n, u.task_id, l.task, x.task_id IS NOT NULL OR u.task_id IS NULL AS rest,
-                       CASE WHEN x.task_id IS NOT NULL OR u.task_id IS NULL THEN
-                           coalesce(stageflow._refusal(l.task, u.task_id, 'completed', u.token, p_worker_id),
-                                    CASE WHEN (l.task).status = 'running' AND l.next_fan_out = 'dynamic' THEN
-                                        stageflow._planner_refusal(u.task_id, u.result, (l.task).job_id) END,
-                                    -- (not locked, yet running and completable as it stands:
-                                    -- another session holds it, or its token became current after
-                                    -- the report was read; a completed one is a repeat, accepted:
-                                    -- nothing changes a completed task)
-                                    CASE WHEN NOT (u.task_id = ANY (v_locked)) AND (l.task).status = 'running' THEN
-                                        jsonb_build_object('sqlstate', '40001',
-                                            'message', format('task %s was held by another transaction, or changed, while its report was decided', u.task_id),
-                                            'hint', 'report it again') END) END AS refusal
-                  FROM unnest(p_task_ids, p_results, p_tokens) WITH ORDINALITY AS u(task_id, result, token, n)
-                  LEFT JOIN unnest(v_rest) AS x(task_id) ON x.task_id = u.task_id
-                  LEFT JOIN (SELECT t AS task, s.next_fan_out
-                               FROM stageflow.tasks AS t
-                               JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-                              WHERE t.task_id = ANY (v_rest)) AS l ON (l.task).task_id = u.task_id
-                OFFSET 0) AS c;
-        EXIT WHEN v_todo IS NULL;
-    END LOOP;
-    IF v_ids IS NULL THEN
-        RETURN v_refusals;
+        RETURN true;
     END IF;
 
-    -- Their messages (after the tasks: the lock order of every report).
-    IF v_queues[1] = ALL (v_queues) THEN
-        PERFORM stageflow._delete_messages(v_queues[1], v_msg_ids);
-    ELSE
-        FOR r IN SELECT u.queue, array_agg(u.msg_id ORDER BY u.msg_id) AS msg_ids
-                   FROM unnest(v_queues, v_msg_ids) AS u(queue, msg_id) GROUP BY u.queue ORDER BY u.queue LOOP
-            PERFORM stageflow._delete_messages(r.queue, r.msg_ids);
-        END LOOP;
-    END IF;
-
-    -- One entry per stage, in (job, stage) order: how many tasks it loses, the last of them by
-    -- ordinal, their claim-to-completion seconds, the shard to try first (its first task's
-    -- ordinal % shards: consecutive batches of a stage start on different shards).
-    IF cardinality(v_ids) = 1 THEN
-        v_counts := ARRAY[1];
-        v_last := v_ids;
-    ELSE
-        SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage), array_agg(g.stage ORDER BY g.job_id, g.stage),
-               array_agg(g.prefer ORDER BY g.job_id, g.stage),
-               array_agg(g.n ORDER BY g.job_id, g.stage), array_agg(g.last_task ORDER BY g.job_id, g.stage),
-               array_agg(g.seconds ORDER BY g.job_id, g.stage)
-          INTO v_jobs, v_stages, v_prefer, v_counts, v_last, v_seconds
-          FROM (SELECT u.job_id, u.stage, count(*)::int AS n, (array_agg(u.shard ORDER BY u.ordinal))[1] AS prefer,
-                       (array_agg(u.task_id ORDER BY u.ordinal DESC))[1] AS last_task,
-                       coalesce(sum(u.seconds), 0)::double precision AS seconds
-                  FROM unnest(v_jobs, v_stages, v_prefer, v_ids, v_ordinals, v_seconds)
-                       AS u(job_id, stage, shard, task_id, ordinal, seconds)
-                 GROUP BY u.job_id, u.stage) AS g;
-    END IF;
-
-    -- Each stage's tasks off its shards: first without waiting for a shard another transaction
-    -- holds (_take_from_free_shards), in one subtransaction; if a stage cannot, that is rolled
-    -- back with every shard it left locked (a transaction holding a shard out of order must not
-    -- then wait for another of that stage) and every stage waits for its shards in shard order
-    -- (_take_from_shards_in_order). One subtransaction a call, however many stages (a transaction
-    -- with more than 64 makes every other session's snapshots look their transactions up in
-    -- pg_subtrans), and nothing in it but shard counters (nothing costly to do again).
-    BEGIN
-        FOR i IN 1 .. cardinality(v_jobs) LOOP
-            v_emptied[i] := stageflow._take_from_free_shards(v_jobs[i], v_stages[i], v_counts[i], v_prefer[i], v_counts[i],
-                                                             coalesce(v_seconds[i], 0), v_counts[i]);
-            IF v_emptied[i] IS NULL THEN
-                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
-            END IF;
-        END LOOP;
-    EXCEPTION WHEN SQLSTATE 'SFW01' THEN
-        FOR i IN 1 .. cardinality(v_jobs) LOOP
-            v_emptied[i] := stageflow._take_from_shards_in_order(v_jobs[i], v_stages[i], v_counts[i], v_counts[i],
-                                                                 coalesce(v_seconds[i], 0), v_counts[i]);
-        END LOOP;
-    END;
-    -- Then the rows of the stages whose shards emptied, in the same order (shards -> stage -> job);
-    -- the call that takes a stage's open shards to zero advances its job.
-    FOR i IN 1 .. cardinality(v_jobs) LOOP
-        IF v_emptied[i] > 0 THEN
-            UPDATE stageflow.stages AS s
-               SET open_shards = s.open_shards - v_emptied[i],
-                   completed_by = CASE WHEN s.open_shards = v_emptied[i] THEN v_last[i] ELSE s.completed_by END
-             WHERE s.job_id = v_jobs[i] AND s.stage = v_stages[i]
-            RETURNING s.open_shards INTO v_open;
-            IF v_open = 0 THEN
-                PERFORM stageflow.advance_stage(v_jobs[i]);
-            END IF;
-        END IF;
-    END LOOP;
-    RETURN v_refusals;
+    PERFORM stageflow._end_job(
+        v_task.job_id, 'failed',
+        jsonb_build_object(
+            'message', format('task %s %s on attempt %s; stage %s (%s) tolerates %s failed task(s) or a ratio of %s',
+                              p_task_id, CASE p_status WHEN 'dead' THEN 'ran out of attempts' ELSE 'failed' END,
+                              v_task.attempt, v_stage.stage, v_stage.name, v_stage.max_failed_tasks,
+                              v_stage.max_failure_ratio),
+            'task_id', p_task_id, 'stage', v_task.stage, 'error', p_error));
+    RETURN true;
 END;
 $$;
 
--- Completes a running task with its result (see _settle_completions). If it was the last open
--- task of its stage, the job advances in the same transaction. Repeating a completion returns the
--- same report and changes nothing.
--- Fencing: with lease_token (what claim_tasks returned), only the task's current lease may
--- complete it; with worker_id alone, only the worker holding the current lease. Called with
--- neither (the psql form: complete_task_and_check_stage(task_id, result)), it trusts the caller:
--- any running task is completed, whichever lease it is on. Workers always pass the token.
--- Like every hot-path function it runs with plan_cache_mode = force_generic_plan: PL/pgSQL would
--- otherwise re-plan statements whose parameters are arrays on every call (measured: half of the
--- server CPU of a claim plus a completion). A generic plan is made once per session, with the
--- statistics of that moment: made while stages or stage_shards were small, it kept scanning them
--- whole as they grew (12,237 sequential scans of stages in one benchmark run). Every lookup here
--- is by key, so these functions also run with enable_seqscan = off: their own plans use the
--- indexes whatever the statistics said when they were made. (Functions they call, such as
--- advance_stage, run with these settings too, but keep the plans of whichever caller planned
--- them first in the session.)
-CREATE FUNCTION stageflow.complete_task_and_check_stage(task_id text, result jsonb DEFAULT NULL, worker_id text DEFAULT NULL,
-                                                        lease_token bigint DEFAULT NULL)
+-- Reports a failed attempt with a structured error:
+--   {"type", "message", "code", "category": "transient" | "throttling" | "permanent", "details",
+--    "retry_after_seconds"}
+-- (a non-object error is stored as {"message": error}). The category defaults to transient, or to
+-- permanent when retryable is false. A transient failure with attempts left is retried after an
+-- exponential backoff with jitter: b = min(backoff_max_seconds, backoff_base_seconds * 2^(attempt-1)),
+-- waiting between b/2 and b. A throttling failure waits at least retry_after_seconds (without it,
+-- twice the backoff). A permanent failure ends the task as `failed`; a retryable one that ran out
+-- of attempts ends it as `dead` (dead-lettered). Every attempt's error is kept in `errors`.
+-- Failing a task that already ended as failed or dead reports it again. Fenced as
+-- complete_task_and_check_stage is, under the task's row lock: with lease_token only the current
+-- lease may fail the task, with worker_id alone only the worker holding it; with neither the
+-- caller is trusted.
+CREATE FUNCTION stageflow.fail_task(task_id text, error jsonb, retryable boolean DEFAULT true, worker_id text DEFAULT NULL,
+                                    lease_token bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off
 AS $$
 DECLARE
-    v_refusal  jsonb;
+    v_row          stageflow.tasks;
+    v_queue        text;
+    v_retry        jsonb;
+    v_refusal      jsonb;
+    v_now          timestamptz := stageflow.now();
+    v_error        jsonb;
+    v_category     text;
+    v_retry_after  numeric;
+    v_delay        numeric;
 BEGIN
-    IF octet_length(complete_task_and_check_stage.result::text) > 8388608 THEN
+    -- Only a task of a queue granted to the session's login (before its lock is taken).
+    PERFORM stageflow._check_report_grants(ARRAY[fail_task.task_id]);
+    -- The task row decides, under its lock (taken before its message, as every report does).
+    SELECT * INTO v_row FROM stageflow.tasks AS t WHERE t.task_id = fail_task.task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM stageflow._raise_unknown('task', fail_task.task_id);
+    END IF;
+    SELECT s.queue, j.definition -> 'stages' -> (v_row.stage - 1) -> 'retry'
+      INTO v_queue, v_retry
+      FROM stageflow.stages AS s
+      JOIN stageflow.jobs AS j ON j.job_id = s.job_id
+     WHERE s.job_id = v_row.job_id AND s.stage = v_row.stage;
+    IF fail_task.error IS NULL OR fail_task.retryable IS NULL THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22004',
+            MESSAGE = 'fail_task needs an error and retryable, got NULL',
+            HINT = 'pass the error as JSON, e.g. {"type": "IOError", "message": "disk full", "category": "transient"}';
+    END IF;
+    IF octet_length(fail_task.error::text) > 65536 THEN
         RAISE EXCEPTION USING
             ERRCODE = '54000',
-            MESSAGE = format('the result of task %s takes %s bytes, more than the limit of 8388608',
-                             complete_task_and_check_stage.task_id, octet_length(complete_task_and_check_stage.result::text)),
-            HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
+            MESSAGE = format('the error of task %s takes %s bytes, more than the limit of 65536', fail_task.task_id,
+                             octet_length(fail_task.error::text)),
+            HINT = 'keep errors short: a type, a message and small details; put large diagnostics in storage and link them';
     END IF;
-    v_refusal := (stageflow._settle_completions(ARRAY[complete_task_and_check_stage.task_id],
-                                                ARRAY[complete_task_and_check_stage.result],
-                                                ARRAY[complete_task_and_check_stage.lease_token],
-                                                complete_task_and_check_stage.worker_id))[1];
+    v_error := CASE WHEN jsonb_typeof(fail_task.error) = 'object' THEN fail_task.error
+                    ELSE jsonb_build_object('message', fail_task.error) END;
+    v_category := coalesce(v_error ->> 'category', CASE WHEN fail_task.retryable THEN 'transient' ELSE 'permanent' END);
+    IF v_category NOT IN ('transient', 'throttling', 'permanent') THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('unknown error category %s', v_error -> 'category'),
+            HINT = 'categories are "transient" (retry with backoff), "throttling" (retry after retry_after_seconds) and "permanent" (no retry)';
+    END IF;
+    IF v_error ? 'retry_after_seconds' THEN
+        IF jsonb_typeof(v_error -> 'retry_after_seconds') <> 'number'
+           OR (v_error ->> 'retry_after_seconds')::numeric NOT BETWEEN 0 AND 604800 THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '22023',
+                MESSAGE = format('retry_after_seconds must be a number from 0 to 604800, got %s', v_error -> 'retry_after_seconds'),
+                HINT = 'give the delay a throttled service asked for, in seconds';
+        END IF;
+        v_retry_after := (v_error ->> 'retry_after_seconds')::numeric;
+    END IF;
+    IF NOT fail_task.retryable THEN
+        v_category := 'permanent';
+    END IF;
+    v_error := v_error || jsonb_build_object('category', v_category);
+
+    -- A report made again after its answer was lost reports the task as it is (below): the last
+    -- error the task recorded is this one, from this lease, and no claim came since (the token is
+    -- still the task's). Without a token, a task that already failed or died reports itself
+    -- again to the worker that held it (with worker_id) or to the psql form (neither). Anything
+    -- else not running, or another lease's, is refused: a failure from a lease that was
+    -- released, re-queued by retry_job or dead-lettered while its holder worked is not recorded,
+    -- and not answered as if it had been.
+    v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL
+                           AND v_row.lease_token = fail_task.lease_token
+                           AND (v_row.status = 'queued' OR stageflow._task_has_failed(v_row.status))
+                           AND (v_row.errors -> -1 ->> 'lease_token')::bigint = fail_task.lease_token
+                           AND v_row.errors -> -1 -> 'error' = v_error THEN NULL
+                      WHEN fail_task.lease_token IS NULL AND stageflow._task_has_failed(v_row.status)
+                           AND (fail_task.worker_id IS NULL OR v_row.worker_id IS NOT DISTINCT FROM fail_task.worker_id) THEN NULL
+                      ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
     IF v_refusal IS NOT NULL THEN
         PERFORM stageflow._raise_refusal(v_refusal);
     END IF;
-    RETURN (SELECT r.report FROM stageflow._completion_reports(ARRAY[complete_task_and_check_stage.task_id]) AS r);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:55
--- Submits a job: validates params against the job type's schema (filling in defaults), derives the
--- job id from the job type and the canonical params, and creates stage 1's tasks (or, when it has
--- none, the first stage that has), within the submitting login's quotas: 54000 over one, and an
--- error creating those tasks is the submission's (it creates nothing). The job belongs to the
--- session's login and tenant label (stageflow.tenant). webhook_url, when given, receives a POST
--- when the job ends (see stageflow.webhook_deliveries). A login's submissions under one label take
--- turns (_admit, their first lock).
---
--- Identical work has one id, so submitting it again returns the same id, and the outcome says
--- what that meant:
---   created           a new job
---   exists            your job of this work, left as it is (its webhook_url too)
---   resumed           your job of this work had failed or been cancelled: it runs again from the
---                     stage it stopped at, as stageflow.retry_job does (its completed stages and
---                     tasks are kept; the open tasks count against your quota)
---   owned_by_another  another login (or tenant) submitted this work; its job is not yours to read
---                     or cancel (job_status is NULL unless you are an admin)
--- job_status is the job's status after the call.
-CREATE FUNCTION stageflow.submit_job_outcome(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
-RETURNS TABLE (job_id text, outcome text, job_status text)
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_definition  jsonb;
-    v_params      jsonb;
-    v_job_id      text;
-    v_job         stageflow.jobs;
-    v_access      text;
-    v_tenant      text := stageflow._tenant();
-    v_retried     jsonb;
-BEGIN
-    SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job type %L', submit_job_outcome.job_type),
-            HINT = coalesce('registered job types: ' || (SELECT string_agg(jt.name, ', ' ORDER BY jt.name)
-                                                           FROM stageflow.job_types AS jt),
-                            'no job type is registered: use stageflow.register_job_type(name, definition)');
-    END IF;
-
-    IF octet_length(submit_job_outcome.params::text) > 1048576 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', octet_length(submit_job_outcome.params::text)),
-            HINT = 'pass large inputs by reference (a path or URL), not inline';
-    END IF;
-    IF submit_job_outcome.webhook_url LIKE 'endpoint:%' THEN
-        IF (stageflow._webhook_endpoint(submit_job_outcome.webhook_url, session_user, v_tenant)).name IS NULL THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '42704',
-                MESSAGE = format('unknown webhook endpoint %L', substr(submit_job_outcome.webhook_url, 10)),
-                HINT = 'register it with stageflow.register_webhook_endpoint(name, url) under the same login and tenant';
-        END IF;
-    ELSIF submit_job_outcome.webhook_url IS NOT NULL THEN
-        PERFORM stageflow._check_webhook_url(submit_job_outcome.webhook_url, 'webhook_url');
-    END IF;
-    v_params := stageflow._validate_params(submit_job_outcome.job_type, v_definition, submit_job_outcome.params::text);
-    v_job_id := stageflow._job_id(submit_job_outcome.job_type, v_params::text);
-    PERFORM stageflow._admit(session_user, v_tenant);
-
-    LOOP
-        INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at,
-                                         deadline_at, webhook_url, owner, tenant, max_tasks)
-        VALUES (v_job_id, submit_job_outcome.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
-                stageflow.now(), stageflow.now(),
-                stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric),
-                submit_job_outcome.webhook_url, session_user, v_tenant,
-                (stageflow._quota(session_user)).max_tasks_per_job)
-        ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
-        IF FOUND THEN
-            -- Under REPEATABLE READ, a snapshot taken before retention deleted the same work's
-            -- earlier job still sees that job's row beside the new one: the transaction must run
-            -- again, as for any serialization conflict.
-            IF (SELECT count(*) FROM stageflow.jobs AS o WHERE o.job_id = v_job_id) > 1 THEN
-                RAISE EXCEPTION USING
-                    ERRCODE = '40001',
-                    MESSAGE = format('could not serialize the submission of job %s: retention deleted the same work''s earlier job after this transaction began', v_job_id),
-                    HINT = 'run the transaction again';
+    IF v_row.status = 'running' THEN
+        IF v_category <> 'permanent' AND v_row.attempt < v_row.max_attempts THEN
+            v_delay := least((v_retry ->> 'backoff_max_seconds')::numeric,
+                             (v_retry ->> 'backoff_base_seconds')::numeric * power(2::numeric, v_row.attempt - 1));
+            v_delay := round(v_delay / 2 + random()::numeric * v_delay / 2, 3);
+            IF v_category = 'throttling' THEN
+                v_delay := greatest(coalesce(v_retry_after, 2 * v_delay), v_delay);
             END IF;
-            -- The same work's earlier job, deleted by retention, may still have rows being deleted:
-            -- they go now, before the new job writes any (stageflow.deleted_jobs).
-            IF EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = v_job_id) THEN
-                PERFORM stageflow._finish_job_deletion(v_job_id);
+            -- The task (locked above), then its message, visible when the retry is due.
+            UPDATE stageflow.tasks AS t
+               SET status = 'queued', error = v_error, lease_expires_at = NULL,
+                   next_attempt_at = v_now + make_interval(secs => v_delay),
+                   errors = t.errors || jsonb_build_array(jsonb_build_object(
+                       'attempt', t.attempt, 'at', v_now, 'worker_id', t.worker_id, 'lease_token', t.lease_token,
+                       'error', v_error))
+             WHERE t.task_id = fail_task.task_id AND t.status = 'running';
+            IF FOUND THEN
+                PERFORM pgmq.set_vt(v_queue, v_row.msg_id, v_now + make_interval(secs => v_delay));
+                PERFORM stageflow._leave_running(v_row.job_id, v_row.stage, 1);
+                PERFORM stageflow._emit(v_row.job_id, 'task_retry_scheduled',
+                                        jsonb_build_object('attempt', v_row.attempt, 'retry_in_seconds', v_delay,
+                                                           'error', v_error),
+                                        v_row.stage, fail_task.task_id);
+                RETURN jsonb_build_object(
+                    'task_id', fail_task.task_id, 'task_status', 'queued', 'attempt', v_row.attempt,
+                    'max_attempts', v_row.max_attempts, 'category', v_category, 'retry_in_seconds', v_delay,
+                    'job_id', v_row.job_id,
+                    'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = v_row.job_id));
             END IF;
-            PERFORM stageflow._emit(v_job_id, 'job_submitted',
-                                    jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
-                                                       'tenant', v_tenant));
-            IF (stageflow._create_stage_tasks(v_job_id, 1)).created = 0 THEN
-                PERFORM stageflow.advance_stage(v_job_id);
-                -- Stage 1 was empty: a later stage that could not be created is this call's error.
-                SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
-                IF v_job.error ->> 'type' = 'stage_creation_failed' THEN
-                    RAISE EXCEPTION USING
-                        ERRCODE = v_job.error ->> 'sqlstate',
-                        MESSAGE = v_job.error ->> 'message',
-                        HINT = coalesce(v_job.error ->> 'hint', 'see the job type''s stages');
-                END IF;
-            END IF;
-            PERFORM stageflow._check_open_tasks(session_user, v_tenant);
-            RETURN QUERY SELECT v_job_id, 'created'::text, j.status FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
-            RETURN;
-        END IF;
-        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
-        -- Not found: retention deleted the job since the insert met it; insert again.
-        CONTINUE WHEN NOT FOUND;
-        v_access := stageflow._access(v_job.owner, v_job.tenant);
-        IF v_access IS DISTINCT FROM 'owner' THEN
-            RETURN QUERY SELECT v_job_id, 'owned_by_another'::text, CASE WHEN v_access = 'admin' THEN v_job.status END;
-            RETURN;
-        ELSIF NOT stageflow._job_is_stopped(v_job.status) THEN
-            RETURN QUERY SELECT v_job_id, 'exists'::text, v_job.status;
-            RETURN;
-        END IF;
-        -- The job's own label may be one this session does not name (the login's, seen without a
-        -- label): its turn is taken too, after this session's ('' sorts first: no cycle).
-        IF v_job.tenant IS DISTINCT FROM v_tenant THEN
-            PERFORM stageflow._admit(session_user, v_job.tenant);
-        END IF;
-        -- (NULL: retention deleted the job since it was read here; insert again. Seen in the
-        -- retention torture as "unknown job" raised to a submission.)
-        v_retried := stageflow._retry_job(v_job_id, true);
-        IF v_retried IS NOT NULL THEN
-            PERFORM stageflow._check_open_tasks(session_user, v_job.tenant);
-            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_retried ->> 'job_status';
-            RETURN;
-        END IF;
-    END LOOP;
-END;
-$$;
-
--- Submits a job and returns its id: stageflow.submit_job_outcome without the outcome. Identical
--- work of another login (or tenant) is refused (23505, its id is taken: an id the caller could
--- not read is no answer); a resumed job is told by a NOTICE.
-CREATE FUNCTION stageflow.submit_job(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
-RETURNS text
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_submitted record;
-BEGIN
-    SELECT * INTO STRICT v_submitted
-      FROM stageflow.submit_job_outcome(submit_job.job_type, submit_job.params, submit_job.webhook_url);
-    IF v_submitted.outcome = 'owned_by_another' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '23505',
-            MESSAGE = format('job %s: another login (or tenant) submitted this work; the job is not yours to read or cancel',
-                             v_submitted.job_id),
-            HINT = 'identical work is one job; to run it yourself make the params differ (a job type can take a '
-                   'parameter naming your team), or ask its owner or stageflow_admin for its result';
-    ELSIF v_submitted.outcome = 'resumed' THEN
-        RAISE NOTICE USING
-            MESSAGE = format('job %s had failed or been cancelled: it runs again from the stage it stopped at',
-                             v_submitted.job_id),
-            HINT = 'stageflow.submit_job_outcome returns the outcome of a submission';
-    END IF;
-    RETURN v_submitted.job_id;
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:45
--- The outbox (the table stageflow.events, sql/0010_tables.sql): every change of a job's or stage's
--- state and every task failure, retry, dead letter and release is written here by the transaction
--- that makes it, and a job's end queues its webhook delivery (sql/0870_webhooks.sql).
-
--- Writes an event to the outbox and announces it on the channel stageflow_events with
--- {"event_id", "job_id", "kind"}.
-CREATE FUNCTION stageflow._emit(p_job_id text, p_kind text, p_payload jsonb DEFAULT '{}',
-                                p_stage int DEFAULT NULL, p_task_id text DEFAULT NULL)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_event_id bigint;
-BEGIN
-    INSERT INTO stageflow.events (job_id, stage, task_id, kind, payload, created_at)
-    VALUES (p_job_id, p_stage, p_task_id, p_kind, p_payload, stageflow.now())
-    RETURNING event_id INTO v_event_id;
-    -- A job's end (kind job_<status>, a status it ended in):
-    IF left(p_kind, 4) = 'job_' AND stageflow._job_has_ended(substr(p_kind, 5)) THEN
-        PERFORM stageflow._queue_webhook(v_event_id, p_job_id, p_kind);
-    END IF;
-    PERFORM pg_notify('stageflow_events',
-                      jsonb_build_object('event_id', v_event_id, 'job_id', p_job_id, 'kind', p_kind)::text);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:62
--- Whether a last stage of this fan-out gives the job a one-task result (its task of ordinal 0,
--- whatever became of it) rather than the results of its completed tasks: the one rule of what a
--- job's result holds (job_result reads it, job_status counts it).
-CREATE FUNCTION stageflow._result_is_one_task(p_fan_out text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT p_fan_out IN ('single', 'fan_in')
-$$;
-
--- A job's state: status, stages with task counts by status, progress, timestamps, how many entries
--- its result has (result_count; the result itself is read a page at a time with job_result), error,
--- and who submitted it (owner, tenant), for the job's owner and stageflow_admin (_visible_job):
--- another login's job is an unknown one. stageflow._job_status answers for the engine itself (the
--- webhook payload, written in whichever transaction ended the job).
-CREATE FUNCTION stageflow.job_status(job_id text)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN stageflow._job_status(stageflow._visible_job(job_status.job_id));
-END;
-$$;
-
--- The status of a job row its caller read: reads its stage rows and their shards (counters, running
--- tasks included), never its tasks, so it answers as fast for 100,000 tasks as for 3.
---
--- progress = 100 * (completed stages + completed fraction of the current stage) / total stages.
--- result_count = the number of entries job_result pages over, from the last stage's counters: NULL
--- until the job is completed (with errors or not), as job_result answers only then.
-CREATE FUNCTION stageflow._job_status(p_job stageflow.jobs)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_stages  jsonb;
-    v_done    numeric;
-    v_count   int;
-BEGIN
-
-    SELECT jsonb_agg(jsonb_build_object(
-               'stage', d.n,
-               'name', d.def ->> 'name',
-               'handler', d.def ->> 'handler',
-               'fan_out', d.def ->> 'fan_out',
-               'status', coalesce(s.status, 'pending'),
-               'task_count', s.task_count,
-               'tasks', CASE WHEN s.stage IS NOT NULL THEN jsonb_build_object(
-                   'queued', c.remaining_tasks - c.running_tasks,
-                   'running', c.running_tasks,
-                   'completed', c.completed_count,
-                   'failed', s.failed_count,
-                   'cancelled', s.task_count - c.completed_count - s.failed_count - c.remaining_tasks) END,
-               'created_at', s.created_at,
-               'completed_at', s.completed_at) ORDER BY d.n),
-           sum(CASE WHEN s.status = 'completed' THEN 1
-                    WHEN s.task_count > 0 THEN c.completed_count::numeric / s.task_count
-                    ELSE 0 END),
-           max(CASE WHEN d.n = p_job.total_stages AND stageflow._job_is_done(p_job.status) THEN
-                    CASE WHEN stageflow._result_is_one_task(s.fan_out) THEN least(s.task_count, 1)
-                         ELSE coalesce(c.completed_count, 0) END END)
-      INTO v_stages, v_done, v_count
-      FROM jsonb_array_elements(p_job.definition -> 'stages') WITH ORDINALITY AS d(def, n)
-      LEFT JOIN stageflow.stages AS s ON s.job_id = p_job.job_id AND s.stage = d.n
-      LEFT JOIN stageflow.stage_counts AS c ON c.job_id = p_job.job_id AND c.stage = d.n;
-
-    RETURN jsonb_build_object(
-        'job_id', p_job.job_id,
-        'job_type', p_job.job_type,
-        'status', p_job.status,
-        'params', p_job.params,
-        'current_stage', p_job.current_stage,
-        'total_stages', p_job.total_stages,
-        'progress', CASE WHEN stageflow._job_is_done(p_job.status) THEN 100
-                         ELSE round(100 * v_done / p_job.total_stages, 1) END,
-        'stages', v_stages,
-        'created_at', p_job.created_at,
-        'started_at', p_job.started_at,
-        'updated_at', p_job.updated_at,
-        'completed_at', p_job.completed_at,
-        'result_count', v_count,
-        'error', p_job.error,
-        'owner', p_job.owner,
-        'tenant', p_job.tenant);
-END;
-$$;
-
--- A job's tasks in stage and task order, with status, attempts, result and errors (for those who
--- see the job, as job_status). A page at a time when asked: the tasks after the task after_task
--- (the last task_id of the previous page; NULL: from the first), at most max_rows (1 to 10000;
--- NULL: all of them). A page reads its tasks through tasks_stage_idx from the cursor on, never the
--- job's other tasks. (Bitmap scans and sorts are off here and in job_result: the index's hash of
--- the job id and the id itself are one condition, but the planner multiplies their selectivities,
--- and a page of a 20,000-task job among 420,000 tasks was estimated at 44 rows and read all
--- 20,000 through a bitmap and a sort, where the index read in order stops after the page.)
-CREATE FUNCTION stageflow.job_tasks(job_id text, after_task text DEFAULT NULL, max_rows int DEFAULT NULL)
-RETURNS TABLE (
-    task_id text, stage int, stage_name text, task_key text, status text, attempt int,
-    max_attempts int, worker_id text, params jsonb, predecessor_id text, result jsonb, error jsonb,
-    errors jsonb, created_at timestamptz, started_at timestamptz, completed_at timestamptz,
-    lease_expires_at timestamptz, next_attempt_at timestamptz)
-LANGUAGE plpgsql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET enable_bitmapscan = off
-SET enable_sort = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_stage    int;
-    v_ordinal  int;
-BEGIN
-    PERFORM stageflow._visible_job(job_tasks.job_id);
-    IF job_tasks.max_rows IS NOT NULL AND job_tasks.max_rows NOT BETWEEN 1 AND 10000 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('max_rows must be between 1 and 10000, got %s', job_tasks.max_rows),
-            HINT = 'read a large job''s tasks a page at a time: pass the last task_id of a page as after_task';
-    END IF;
-    IF job_tasks.after_task IS NOT NULL THEN
-        SELECT t.stage, t.ordinal INTO v_stage, v_ordinal
-          FROM stageflow.tasks AS t
-         WHERE t.task_id = job_tasks.after_task AND t.job_id = job_tasks.job_id;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '22023',
-                MESSAGE = format('after_task %L is not a task of job %s', job_tasks.after_task, job_tasks.job_id),
-                HINT = 'pass the task_id of the last row of the previous page (NULL for the first page)';
+        ELSE
+            PERFORM stageflow._end_task(fail_task.task_id,
+                                        CASE WHEN v_category = 'permanent' THEN 'failed' ELSE 'dead' END,
+                                        v_error);
         END IF;
     END IF;
-    -- (from the first task, the cursor is before every task: stages start at 1, ordinals at 0;
-    -- one statement either way, an index range on (job, stage, ordinal) from the cursor on)
-    RETURN QUERY
-    SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
-           stageflow._task_params(s.fan_out, t.ordinal, t.params), t.predecessor_id, t.result, t.error, t.errors,
-           t.created_at, t.started_at,
-           t.completed_at, t.lease_expires_at, t.next_attempt_at
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-     WHERE stageflow._is_task_of_job(t.job_id, job_tasks.job_id)
-       AND (t.stage, t.ordinal) > (coalesce(v_stage, 0), coalesce(v_ordinal, -1))
-     ORDER BY t.stage, t.ordinal
-     LIMIT job_tasks.max_rows;
-END;
-$$;
 
--- A job's result, a page at a time, for those who see the job (as job_status): the entries of the
--- job's last stage in task order, after the task ordinal `after` (NULL: from the first), at most
--- `limit` (1 to 10000) of them, as
---   {"job_id", "status", "fan_out", "entries": [{"ordinal", "task_key", "task_id", "result"}, ...],
---    "next_after"}
--- next_after is the `after` of the next page, NULL on the last one. The entries are the last
--- stage's completed tasks (a completed_with_errors job: only those, as its failed ones have no
--- result); a `single` or `fan_in` last stage (the last stage's fan_out says which) has one entry,
--- its task, whose result is the job's result. Only a job that is completed (with errors or not)
--- has a result: any other is refused with 55000 (job_status says where it is; a failed job's error
--- says why). Reads the last stage's tasks through tasks_stage_idx from `after` on, at most limit + 1
--- of them: never all of a job's tasks.
-CREATE FUNCTION stageflow.job_result(job_id text, after int DEFAULT NULL, "limit" int DEFAULT 1000)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET enable_bitmapscan = off
-SET enable_sort = off
-AS $$
-DECLARE
-    v_job      stageflow.jobs;
-    v_fan_out  text;
-    v_one      boolean;
-    v_entries  jsonb;
-    v_rows     bigint;
-    v_last     int;
-BEGIN
-    -- plpgsql_check's only "other" warning here is that the parameter "limit" is a reserved
-    -- word: it is, on purpose (the page size has the name the HTTP API and the CLI give it; a
-    -- named call quotes it: "limit" => 100). The function was checked clean of every other one.
-    -- @plpgsql_check_options: other_warnings = false
-    IF job_result."limit" IS NULL OR job_result."limit" NOT BETWEEN 1 AND 10000 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('limit must be between 1 and 10000, got %s', coalesce(job_result."limit"::text, 'NULL')),
-            HINT = 'page through a longer result with `after`: pass the next_after of the previous page';
-    END IF;
-    v_job := stageflow._visible_job(job_result.job_id);
-    IF NOT stageflow._job_is_done(v_job.status) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '55000',
-            MESSAGE = format('job %s has no result: it is %s', v_job.job_id, v_job.status),
-            HINT = CASE WHEN stageflow._job_is_open(v_job.status)
-                        THEN 'a job has a result once it is completed; stageflow.job_status(job_id) says how far it is'
-                        ELSE 'a failed or cancelled job has no result: its error in stageflow.job_status(job_id) says why, '
-                             'and its tasks'' results are in stageflow.job_tasks(job_id)' END;
-    END IF;
-
-    SELECT s.fan_out INTO STRICT v_fan_out
-      FROM stageflow.stages AS s
-     WHERE s.job_id = v_job.job_id AND s.stage = v_job.total_stages;
-    v_one := stageflow._result_is_one_task(v_fan_out);
-
-    -- One more row than the page holds says whether another page follows.
-    SELECT jsonb_agg(jsonb_build_object('ordinal', p.ordinal, 'task_key', p.task_key, 'task_id', p.task_id,
-                                        'result', p.result) ORDER BY p.ordinal) FILTER (WHERE p.n <= job_result."limit"),
-           count(*), max(p.ordinal) FILTER (WHERE p.n <= job_result."limit")
-      INTO v_entries, v_rows, v_last
-      FROM (SELECT t.ordinal, t.task_key, t.task_id, t.result, row_number() OVER (ORDER BY t.ordinal) AS n
+    RETURN (SELECT jsonb_build_object(
+                       'task_id', t.task_id, 'task_status', t.status, 'attempt', t.attempt,
+                       'max_attempts', t.max_attempts, 'category', t.error ->> 'category', 'error', t.error,
+                       'job_id', j.job_id, 'job_status', j.status)
               FROM stageflow.tasks AS t
-             WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.total_stages
-               AND t.ordinal > coalesce(job_result.after, -1)
-               AND t.ordinal <= CASE WHEN v_one THEN 0 ELSE 2147483647 END
-               AND (v_one OR t.status = 'completed')
-             ORDER BY t.ordinal
-             LIMIT job_result."limit" + 1) AS p;
-
-    RETURN jsonb_build_object(
-        'job_id', v_job.job_id,
-        'status', v_job.status,
-        'fan_out', v_fan_out,
-        'entries', coalesce(v_entries, '[]'::jsonb),
-        'next_after', CASE WHEN v_rows > job_result."limit" THEN v_last END);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:60
--- Completes many tasks in one transaction: results is an array of {"task_id", "result",
--- "lease_token"?}. Each task gets the semantics of complete_task_and_check_stage, through the same
--- settle path (_settle_completions): accepted only under its row lock, fenced by its lease token
--- (or by worker_id when the element has none), its stage's shard counters moved once for the whole
--- batch and the stage advanced when its last open shard empties. A task that cannot be
--- completed (unknown, not running, another lease's, a bad plan) does not stop the others: its
--- entry in the answer is {"task_id", "error": {"sqlstate", "message", "hint"}}, the refusal
--- complete_task_and_check_stage would raise. Returns one report per element, in order; with
--- reports => false an accepted element's entry is only {"task_id"} (a worker that does not read
--- the reports saves their cost: looking up each task's stage and job and building its report was
--- a fifth of the batched benchmark line, bench/README.md).
--- Locks are waited for in task_id order (tasks, then their messages; a task refused after the
--- UPDATE is locked only if no other session holds it: else it is decided as it stands, 40001 if
--- it could have been completed, report it again), then (job, stage) order (each stage's shards,
--- waited for only in shard order, then its row), so concurrent batches do not deadlock.
-CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL, reports boolean DEFAULT true)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off
-AS $$
-DECLARE
-    v_ids        text[];
-    v_results    jsonb[];
-    v_tokens     bigint[];
-    v_refusals   jsonb[];
-    v_reported   text[] := '{}'::text[];  -- the accepted ones, when reports are built
-BEGIN
-    IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('results must be a JSON array, got %s', coalesce(jsonb_typeof(complete_tasks.results), 'NULL')),
-            HINT = 'pass [{"task_id": "...", "result": {...}}, ...]';
-    END IF;
-    IF jsonb_array_length(complete_tasks.results) > 10000 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = format('%s results in one call, more than the limit of 10000', jsonb_array_length(complete_tasks.results)),
-            HINT = 'complete in batches of at most 10000 tasks';
-    END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
-                WHERE jsonb_typeof(e.item) <> 'object' OR jsonb_typeof(e.item -> 'task_id') IS DISTINCT FROM 'string'
-                   OR (e.item ? 'lease_token' AND jsonb_typeof(e.item -> 'lease_token') IS DISTINCT FROM 'null'
-                       AND (jsonb_typeof(e.item -> 'lease_token') <> 'number' OR (e.item ->> 'lease_token') !~ '^-?[0-9]{1,18}$'))) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = 'every element of results needs a "task_id" string (and a "lease_token", when given, is an integer)',
-            HINT = 'pass [{"task_id": "...", "result": {...}, "lease_token": 1}, ...]';
-    END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
-                GROUP BY e.item ->> 'task_id' HAVING count(*) > 1) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = 'results name a task more than once',
-            HINT = 'report each task once per call';
-    END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
-                WHERE octet_length((e.item -> 'result')::text) > 8388608) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = 'a result takes more than the limit of 8388608 bytes',
-            HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
-    END IF;
-
-    SELECT array_agg(e.item ->> 'task_id' ORDER BY e.n), array_agg(e.item -> 'result' ORDER BY e.n),
-           array_agg((e.item ->> 'lease_token')::bigint ORDER BY e.n)
-      INTO v_ids, v_results, v_tokens
-      FROM jsonb_array_elements(complete_tasks.results) WITH ORDINALITY AS e(item, n);
-    IF v_ids IS NULL THEN
-        RETURN '[]'::jsonb;
-    END IF;
-    v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
-
-    -- (reports => false: no report is built, the accepted ones answer their task_id)
-    -- The accepted ones are listed first, into a variable: PostgreSQL inlines no set-returning
-    -- function whose argument holds a subquery, and _completion_reports called instead of inlined
-    -- is planned again on every call (170 us a call of six tasks).
-    IF complete_tasks.reports IS NOT FALSE THEN
-        v_reported := ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal) WHERE a.refusal IS NULL);
-    END IF;
-    RETURN (
-        SELECT jsonb_agg(CASE WHEN u.refusal IS NOT NULL THEN jsonb_build_object('task_id', u.task_id, 'error', u.refusal)
-                              WHEN complete_tasks.reports IS FALSE THEN jsonb_build_object('task_id', u.task_id)
-                              ELSE r.report END
-                         ORDER BY u.n)
-          FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
-          LEFT JOIN stageflow._completion_reports(v_reported) AS r ON r.task_id = u.task_id);
+              JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+             WHERE t.task_id = fail_task.task_id);
 END;
 $$;
 /* </end connected objects> */
@@ -2969,6 +2126,172 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/lib.rs:57
+-- Leases held by workers: extended by heartbeat, handed back by release_tasks. Both lock the
+-- tasks first and decide under the lock which leases are the caller's (by lease token, or by
+-- worker_id when no token is given), then move those tasks' current messages: a stale caller
+-- can neither extend nor hand back a lease that is not its own.
+
+-- The running tasks among task_ids whose lease the caller holds, locked in task_id order:
+-- with lease_tokens (parallel to task_ids) the token must be the task's current one; else with
+-- worker_id the holder must be that worker; with neither, any running task. Only tasks of queues
+-- granted to the session's login (_check_report_grants: else 42501, nothing changed).
+CREATE FUNCTION stageflow._lock_leases(p_task_ids text[], p_worker_id text, p_lease_tokens bigint[])
+RETURNS SETOF stageflow.tasks
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_lease_tokens IS NOT NULL AND cardinality(p_lease_tokens) IS DISTINCT FROM cardinality(p_task_ids) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('%s task ids but %s lease tokens', coalesce(cardinality(p_task_ids), 0), cardinality(p_lease_tokens)),
+            HINT = 'pass one lease token per task id, in the same order (the lease_token claim_tasks returned)';
+    END IF;
+    PERFORM stageflow._check_report_grants(p_task_ids);
+    RETURN QUERY
+    SELECT t.* FROM stageflow.tasks AS t
+      JOIN unnest(p_task_ids, coalesce(p_lease_tokens, array_fill(NULL::bigint, ARRAY[cardinality(p_task_ids)])))
+           AS u(task_id, lease_token) ON u.task_id = t.task_id
+     WHERE t.status = 'running'
+       AND CASE WHEN p_lease_tokens IS NOT NULL THEN t.lease_token = u.lease_token
+                ELSE p_worker_id IS NULL OR t.worker_id = p_worker_id END
+     ORDER BY t.task_id
+       FOR UPDATE OF t;
+END;
+$$;
+
+-- Raises 22023 for a lease outside 1 s to 7 days (claim_tasks and heartbeat check it inline).
+CREATE FUNCTION stageflow._raise_bad_lease(p_lease_seconds int)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = '22023',
+        MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(p_lease_seconds::text, 'NULL')),
+        HINT = 'a lease is how long a worker may hold a task before it is delivered again';
+END;
+$$;
+
+-- Extends the leases of running tasks (a worker's heartbeat) to lease_seconds from now (a
+-- stage's own lease_seconds wins, as in claim_tasks); their messages stay invisible as long.
+-- Only the caller's leases are extended (see _lock_leases). Returns the tasks extended; a task
+-- missing from the answer is no longer the caller's (completed, failed, cancelled, or claimed by
+-- another worker after its lease ran out): its outcome will be refused.
+CREATE FUNCTION stageflow.heartbeat(task_ids text[], lease_seconds int DEFAULT 300, worker_id text DEFAULT NULL,
+                                    lease_tokens bigint[] DEFAULT NULL)
+RETURNS TABLE (task_id text, lease_expires_at timestamptz)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_now   timestamptz := stageflow.now();
+    v_ids   text[];
+    v_exp   timestamptz[];
+    r       record;
+BEGIN
+    IF heartbeat.lease_seconds IS NULL OR heartbeat.lease_seconds NOT BETWEEN 1 AND 604800 THEN
+        PERFORM stageflow._raise_bad_lease(heartbeat.lease_seconds);
+    END IF;
+    -- Tasks first (locked), then their messages: the lock order of every report.
+    WITH extended AS (
+        UPDATE stageflow.tasks AS t
+           SET lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, heartbeat.lease_seconds))
+          FROM stageflow.stages AS s
+         WHERE t.task_id IN (SELECT l.task_id FROM stageflow._lock_leases(heartbeat.task_ids, heartbeat.worker_id,
+                                                                          heartbeat.lease_tokens) AS l)
+           AND s.job_id = t.job_id AND s.stage = t.stage
+        RETURNING t.task_id, t.lease_expires_at
+    )
+    SELECT array_agg(e.task_id ORDER BY e.task_id), array_agg(e.lease_expires_at ORDER BY e.task_id)
+      INTO v_ids, v_exp
+      FROM extended AS e;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT s.queue, t.lease_expires_at, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         WHERE t.task_id = ANY (v_ids)
+         GROUP BY s.queue, t.lease_expires_at
+         ORDER BY s.queue, t.lease_expires_at
+    LOOP
+        PERFORM pgmq.set_vt(r.queue, r.msg_ids, r.lease_expires_at);
+    END LOOP;
+    RETURN QUERY SELECT u.task_id, u.lease_expires_at FROM unnest(v_ids, v_exp) AS u(task_id, lease_expires_at);
+END;
+$$;
+
+-- Hands running tasks back without an outcome (a worker shutting down): they are queued again,
+-- their messages visible at once, and the attempt they were on is not counted; each release is
+-- recorded as a task_released event (worker, lease token, attempt), so a claim handed back leaves
+-- a trace. Only the caller's
+-- leases are released (see _lock_leases). Returns the number released.
+CREATE FUNCTION stageflow.release_tasks(task_ids text[], worker_id text DEFAULT NULL, lease_tokens bigint[] DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now       timestamptz := stageflow.now();
+    v_ids       text[];
+    r           record;
+BEGIN
+    FOR r IN
+        WITH mine AS (
+            SELECT l.task_id, l.job_id, l.stage, l.worker_id, l.lease_token, l.attempt
+              FROM stageflow._lock_leases(release_tasks.task_ids, release_tasks.worker_id, release_tasks.lease_tokens) AS l
+        ), released AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'queued', attempt = t.attempt - 1, lease_expires_at = NULL, worker_id = NULL,
+                   next_attempt_at = NULL
+              FROM mine AS m
+             WHERE t.task_id = m.task_id
+            RETURNING m.task_id, m.job_id, m.stage, m.worker_id, m.lease_token, m.attempt
+        )
+        SELECT x.* FROM released AS x ORDER BY x.task_id
+    LOOP
+        PERFORM stageflow._emit(r.job_id, 'task_released',
+                                jsonb_build_object('worker_id', r.worker_id, 'lease_token', r.lease_token, 'attempt', r.attempt),
+                                r.stage, r.task_id);
+        v_ids := coalesce(v_ids, '{}') || r.task_id;
+    END LOOP;
+    IF v_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR r IN
+        SELECT s.queue, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         WHERE t.task_id = ANY (v_ids)
+         GROUP BY s.queue
+         ORDER BY s.queue
+    LOOP
+        PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
+        PERFORM pg_notify('stageflow_tasks', r.queue);
+    END LOOP;
+    -- They no longer run (tasks, messages, then shards: the lock order of every report).
+    FOR r IN
+        SELECT t.job_id, t.stage, count(*)::int AS tasks
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = ANY (v_ids)
+         GROUP BY t.job_id, t.stage
+         ORDER BY t.job_id, t.stage
+    LOOP
+        PERFORM stageflow._leave_running(r.job_id, r.stage, r.tasks);
+    END LOOP;
+    RETURN cardinality(v_ids);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/lib.rs:63
 -- Recent jobs, newest first, optionally of one status (filter_status) and/or job type (filter_type); page with `before` (the
 -- created_at of the last job of the previous page). Progress as in job_status, from the current
@@ -3028,505 +2351,262 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:43
--- Job ids: a job's id is the hash of its job type and canonical params (src/job_id.rs), so that
--- identical work is one job. What submitters may call to learn the id of a piece of work.
-
--- stageflow.job_id(job_type, params): the id submit_job gives this work (after the job type's
--- defaults are filled in). stageflow.canonical_json(value): the text job ids hash. Both hand the
--- JSON to Rust as text, so that too deep a document is an error with a SQLSTATE, not a crash.
-CREATE FUNCTION stageflow.job_id(job_type text, params jsonb)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN stageflow._job_id(job_id.job_type, job_id.params::text);
-END;
-$$;
-
-CREATE FUNCTION stageflow.canonical_json(value jsonb)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN stageflow._canonical_json(canonical_json.value::text);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:61
--- Deletes the messages of queue p_queue among p_msg_ids that no other transaction holds (a claim
--- that reads one of the others deletes it, as not its task's current message or one whose task
--- ended). Paths that hold a job's shards use it: a wait for a message a claim holds, while that
--- claim waits for the shards, is a deadlock. (pgmq.delete
--- cannot skip locked rows: this deletes from the queue table, named by pgmq.format_table_name.)
-CREATE FUNCTION stageflow._delete_free_messages(p_queue text, p_msg_ids bigint[])
-RETURNS void
+-- src/lib.rs:67
+-- Metrics: what `GET /metrics` exports, one row per Prometheus sample (metric name, labels, value),
+-- read from pgmq and from the stage counters (stages, stage_shards). Tasks are counted only
+-- through the partial indexes of running tasks and of dead letters: no scan of all tasks. Each
+-- metric's rows come in the order they are exported (by queue, status or handler name); the
+-- HTTP server adds the HELP and TYPE lines and the escaping.
+CREATE FUNCTION stageflow.metrics()
+RETURNS TABLE (metric text, labels jsonb, value double precision)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    EXECUTE format(
-        'DELETE FROM pgmq.%1$I WHERE msg_id IN '
-        '(SELECT q.msg_id FROM pgmq.%1$I AS q WHERE q.msg_id = ANY ($1) ORDER BY q.msg_id FOR UPDATE SKIP LOCKED)',
-        pgmq.format_table_name(p_queue, 'q'))
-    USING p_msg_ids;
-END;
-$$;
-
--- Cancels the open (queued or running) tasks of a job that has ended, skipping rows another
--- session holds instead of waiting for them (waiting could deadlock with a completion that holds
--- its task and waits for the job row). What was skipped settles itself or is mended: a report in
--- flight is recorded without advancing the job; a claim that read the job as still open hands the
--- task out, its report is recorded the same way, and maintenance's reconciler cancels the task if
--- it is still running (retry_job re-queues it too). Tasks first, then their
--- messages (also skipped when held: a claim holding one finds its task cancelled and deletes it),
--- then each stage's shards. Returns how many tasks it cancelled.
-CREATE FUNCTION stageflow._cancel_open_tasks(p_job_id text)
-RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_group      record;
-    v_stages     int[];
-    v_queues     text[];
-    v_msg_ids    bigint[];
-    v_running    boolean[];
-BEGIN
-    WITH locked AS (
-        SELECT o.task_id, o.status FROM stageflow.tasks AS o
-         WHERE stageflow._is_task_of_job(o.job_id, p_job_id) AND stageflow._task_is_open(o.status)
-         ORDER BY o.task_id
-           FOR UPDATE SKIP LOCKED
-    ), cancelled AS (
-        UPDATE stageflow.tasks AS t
-           SET status = 'cancelled', completed_at = stageflow.now(), lease_expires_at = NULL
-          FROM locked AS l
-         WHERE t.task_id = l.task_id
-        RETURNING t.stage, t.msg_id, l.status = 'running' AS was_running
-    )
-    SELECT array_agg(c.stage), array_agg(s.queue), array_agg(c.msg_id), array_agg(c.was_running)
-      INTO v_stages, v_queues, v_msg_ids, v_running
-      FROM cancelled AS c
-      JOIN stageflow.stages AS s ON s.job_id = p_job_id AND s.stage = c.stage;
-    IF v_stages IS NULL THEN
-        RETURN 0;
-    END IF;
-
-    FOR v_group IN
-        SELECT u.queue, array_agg(u.msg_id ORDER BY u.msg_id) AS msg_ids FROM unnest(v_queues, v_msg_ids) AS u(queue, msg_id)
-         GROUP BY u.queue ORDER BY u.queue
-    LOOP
-        PERFORM stageflow._delete_free_messages(v_group.queue, v_group.msg_ids);
-    END LOOP;
-    FOR v_group IN
-        SELECT u.stage, count(*)::int AS tasks, (count(*) FILTER (WHERE u.was_running))::int AS running
-          FROM unnest(v_stages, v_running) AS u(stage, was_running)
-         GROUP BY u.stage ORDER BY u.stage
-    LOOP
-        PERFORM stageflow._move_shards(p_job_id, v_group.stage, v_group.tasks, -1, 0, v_group.running);
-    END LOOP;
-    RETURN cardinality(v_stages);
-END;
-$$;
-
--- Ends an open job as failed or cancelled (with p_deadline: only if its deadline is still at or
--- before it, as a concurrent retry_job moves it). Its current stage's shards and row are locked
--- first, then the job row: from then on nothing advances the job, and the statements after it see
--- every stage and task a completion created before: its open tasks are cancelled and its active
--- stages closed (stage rows another session holds are skipped: the completion holding one closes
--- it when advance_stage finds the job ended). Records the error and emits job_<status>. Returns
--- false if the job had already ended. p_advancing: called by advance_stage, which holds the job
--- row and found the current stage without open tasks: nothing of that stage is left to cancel,
--- and its shards are not waited for (the completion advancing the job holds one of them, and a
--- cancel_job holding the lower ones waits for it: a deadlock).
-CREATE FUNCTION stageflow._end_job(p_job_id text, p_status text, p_error jsonb, p_deadline timestamptz DEFAULT NULL,
-                                   p_advancing boolean DEFAULT false)
-RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_cancelled int;
-BEGIN
-    IF NOT p_advancing THEN
-        PERFORM stageflow._lock_current_stage(p_job_id);
-    END IF;
-    UPDATE stageflow.jobs AS j
-       SET status = p_status, error = coalesce(p_error, j.error),
-           completed_at = stageflow.now(), updated_at = stageflow.now()
-     WHERE j.job_id = p_job_id AND stageflow._job_is_open(j.status)
-       AND (p_deadline IS NULL OR j.deadline_at <= p_deadline);
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    v_cancelled := stageflow._cancel_open_tasks(p_job_id);
-    -- (a big stage's tasks without messages were cancelled with the rest)
-    PERFORM stageflow._drop_message_windows(p_job_id);
-    UPDATE stageflow.stages AS s
-       SET status = CASE WHEN p_status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
-           completed_at = stageflow.now()
-     WHERE (s.job_id, s.stage) IN (SELECT a.job_id, a.stage FROM stageflow.stages AS a
-                                    WHERE a.job_id = p_job_id AND a.status = 'active'
-                                    ORDER BY a.stage
-                                      FOR UPDATE SKIP LOCKED);
-    PERFORM stageflow._emit(p_job_id, 'job_' || p_status,
-                            jsonb_build_object('error', p_error, 'cancelled_tasks', v_cancelled));
-    RETURN true;
-END;
-$$;
-
--- Cancels what is still open of a job that has ended (tasks a claim or report held while the job
--- ended): under the locks of its current stage, which retry_job takes too, and only if the job is
--- still ended then (a retry that came first revived it). Returns how many tasks it cancelled.
-CREATE FUNCTION stageflow._cancel_leftovers(p_job_id text)
-RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM stageflow._lock_current_stage(p_job_id);
-    IF NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j
-                    WHERE j.job_id = p_job_id AND stageflow._job_has_ended(j.status)) THEN
-        RETURN 0;
-    END IF;
-    RETURN stageflow._cancel_open_tasks(p_job_id);
-END;
-$$;
-
--- Ends a task without a result: 'failed' (a permanent error) or 'dead' (its attempts ran out).
--- Its message is archived (pgmq.archive), its error kept. Within the stage's failure threshold the
--- stage goes on without it (and advances if it was the last open task); beyond it the job fails.
--- The task row is locked before its message (callers that decided on it hold the lock already).
--- Returns false if the task was no longer open.
-CREATE FUNCTION stageflow._end_task(p_task_id text, p_status text, p_error jsonb)
-RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_task       record;
-    v_stage      stageflow.stages;
-BEGIN
-    SELECT t.job_id, t.stage, t.ordinal, t.msg_id, t.attempt, t.status, s.queue INTO STRICT v_task
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-     WHERE t.task_id = p_task_id
-       FOR UPDATE OF t;
-    IF NOT stageflow._task_is_open(v_task.status) THEN
-        RETURN false;
-    END IF;
-
-    PERFORM pgmq.archive(v_task.queue, v_task.msg_id);
-    UPDATE stageflow.tasks AS t
-       SET status = p_status, error = p_error, completed_at = stageflow.now(), lease_expires_at = NULL,
-           failed_at = stageflow.now(),
-           errors = t.errors || jsonb_build_array(jsonb_build_object(
-               'attempt', t.attempt, 'at', stageflow.now(), 'worker_id', t.worker_id, 'lease_token', t.lease_token,
-               'error', p_error))
-     WHERE t.task_id = p_task_id AND stageflow._task_is_open(t.status);
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    PERFORM stageflow._emit(v_task.job_id, 'task_' || p_status,
-                            jsonb_build_object('attempt', v_task.attempt, 'error', p_error), v_task.stage, p_task_id);
-
-    -- All of the stage's shards are locked before its row: if this failure ends the job,
-    -- cancelling the other open tasks moves their shards too, in the order shards -> stage.
-    v_stage := stageflow._move_shards(v_task.job_id, v_task.stage, 1, -1, 1,
-                                      CASE WHEN v_task.status = 'running' THEN 1 ELSE 0 END);
-
-    IF v_stage.failed_count <= v_stage.max_failed_tasks
-       OR v_stage.failed_count <= v_stage.max_failure_ratio * v_stage.task_count THEN
-        IF v_stage.open_shards = 0 THEN
-            PERFORM stageflow.advance_stage(v_task.job_id);
-        END IF;
-        RETURN true;
-    END IF;
-
-    PERFORM stageflow._end_job(
-        v_task.job_id, 'failed',
-        jsonb_build_object(
-            'message', format('task %s %s on attempt %s; stage %s (%s) tolerates %s failed task(s) or a ratio of %s',
-                              p_task_id, CASE p_status WHEN 'dead' THEN 'ran out of attempts' ELSE 'failed' END,
-                              v_task.attempt, v_stage.stage, v_stage.name, v_stage.max_failed_tasks,
-                              v_stage.max_failure_ratio),
-            'task_id', p_task_id, 'stage', v_task.stage, 'error', p_error));
-    RETURN true;
-END;
-$$;
-
--- Reports a failed attempt with a structured error:
---   {"type", "message", "code", "category": "transient" | "throttling" | "permanent", "details",
---    "retry_after_seconds"}
--- (a non-object error is stored as {"message": error}). The category defaults to transient, or to
--- permanent when retryable is false. A transient failure with attempts left is retried after an
--- exponential backoff with jitter: b = min(backoff_max_seconds, backoff_base_seconds * 2^(attempt-1)),
--- waiting between b/2 and b. A throttling failure waits at least retry_after_seconds (without it,
--- twice the backoff). A permanent failure ends the task as `failed`; a retryable one that ran out
--- of attempts ends it as `dead` (dead-lettered). Every attempt's error is kept in `errors`.
--- Failing a task that already ended as failed or dead reports it again. Fenced as
--- complete_task_and_check_stage is, under the task's row lock: with lease_token only the current
--- lease may fail the task, with worker_id alone only the worker holding it; with neither the
--- caller is trusted.
-CREATE FUNCTION stageflow.fail_task(task_id text, error jsonb, retryable boolean DEFAULT true, worker_id text DEFAULT NULL,
-                                    lease_token bigint DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_row          stageflow.tasks;
-    v_queue        text;
-    v_retry        jsonb;
-    v_refusal      jsonb;
-    v_now          timestamptz := stageflow.now();
-    v_error        jsonb;
-    v_category     text;
-    v_retry_after  numeric;
-    v_delay        numeric;
-BEGIN
-    -- Only a task of a queue granted to the session's login (before its lock is taken).
-    PERFORM stageflow._check_report_grants(ARRAY[fail_task.task_id]);
-    -- The task row decides, under its lock (taken before its message, as every report does).
-    SELECT * INTO v_row FROM stageflow.tasks AS t WHERE t.task_id = fail_task.task_id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('task', fail_task.task_id);
-    END IF;
-    SELECT s.queue, j.definition -> 'stages' -> (v_row.stage - 1) -> 'retry'
-      INTO v_queue, v_retry
-      FROM stageflow.stages AS s
-      JOIN stageflow.jobs AS j ON j.job_id = s.job_id
-     WHERE s.job_id = v_row.job_id AND s.stage = v_row.stage;
-    IF fail_task.error IS NULL OR fail_task.retryable IS NULL THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22004',
-            MESSAGE = 'fail_task needs an error and retryable, got NULL',
-            HINT = 'pass the error as JSON, e.g. {"type": "IOError", "message": "disk full", "category": "transient"}';
-    END IF;
-    IF octet_length(fail_task.error::text) > 65536 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = format('the error of task %s takes %s bytes, more than the limit of 65536', fail_task.task_id,
-                             octet_length(fail_task.error::text)),
-            HINT = 'keep errors short: a type, a message and small details; put large diagnostics in storage and link them';
-    END IF;
-    v_error := CASE WHEN jsonb_typeof(fail_task.error) = 'object' THEN fail_task.error
-                    ELSE jsonb_build_object('message', fail_task.error) END;
-    v_category := coalesce(v_error ->> 'category', CASE WHEN fail_task.retryable THEN 'transient' ELSE 'permanent' END);
-    IF v_category NOT IN ('transient', 'throttling', 'permanent') THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('unknown error category %s', v_error -> 'category'),
-            HINT = 'categories are "transient" (retry with backoff), "throttling" (retry after retry_after_seconds) and "permanent" (no retry)';
-    END IF;
-    IF v_error ? 'retry_after_seconds' THEN
-        IF jsonb_typeof(v_error -> 'retry_after_seconds') <> 'number'
-           OR (v_error ->> 'retry_after_seconds')::numeric NOT BETWEEN 0 AND 604800 THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '22023',
-                MESSAGE = format('retry_after_seconds must be a number from 0 to 604800, got %s', v_error -> 'retry_after_seconds'),
-                HINT = 'give the delay a throttled service asked for, in seconds';
-        END IF;
-        v_retry_after := (v_error ->> 'retry_after_seconds')::numeric;
-    END IF;
-    IF NOT fail_task.retryable THEN
-        v_category := 'permanent';
-    END IF;
-    v_error := v_error || jsonb_build_object('category', v_category);
-
-    -- A report made again after its answer was lost reports the task as it is (below): the last
-    -- error the task recorded is this one, from this lease, and no claim came since (the token is
-    -- still the task's). Without a token, a task that already failed or died reports itself
-    -- again to the worker that held it (with worker_id) or to the psql form (neither). Anything
-    -- else not running, or another lease's, is refused: a failure from a lease that was
-    -- released, re-queued by retry_job or dead-lettered while its holder worked is not recorded,
-    -- and not answered as if it had been.
-    v_refusal := CASE WHEN fail_task.lease_token IS NOT NULL
-                           AND v_row.lease_token = fail_task.lease_token
-                           AND (v_row.status = 'queued' OR stageflow._task_has_failed(v_row.status))
-                           AND (v_row.errors -> -1 ->> 'lease_token')::bigint = fail_task.lease_token
-                           AND v_row.errors -> -1 -> 'error' = v_error THEN NULL
-                      WHEN fail_task.lease_token IS NULL AND stageflow._task_has_failed(v_row.status)
-                           AND (fail_task.worker_id IS NULL OR v_row.worker_id IS NOT DISTINCT FROM fail_task.worker_id) THEN NULL
-                      ELSE stageflow._refusal(v_row, fail_task.task_id, 'failed', fail_task.lease_token, fail_task.worker_id) END;
-    IF v_refusal IS NOT NULL THEN
-        PERFORM stageflow._raise_refusal(v_refusal);
-    END IF;
-    IF v_row.status = 'running' THEN
-        IF v_category <> 'permanent' AND v_row.attempt < v_row.max_attempts THEN
-            v_delay := least((v_retry ->> 'backoff_max_seconds')::numeric,
-                             (v_retry ->> 'backoff_base_seconds')::numeric * power(2::numeric, v_row.attempt - 1));
-            v_delay := round(v_delay / 2 + random()::numeric * v_delay / 2, 3);
-            IF v_category = 'throttling' THEN
-                v_delay := greatest(coalesce(v_retry_after, 2 * v_delay), v_delay);
-            END IF;
-            -- The task (locked above), then its message, visible when the retry is due.
-            UPDATE stageflow.tasks AS t
-               SET status = 'queued', error = v_error, lease_expires_at = NULL,
-                   next_attempt_at = v_now + make_interval(secs => v_delay),
-                   errors = t.errors || jsonb_build_array(jsonb_build_object(
-                       'attempt', t.attempt, 'at', v_now, 'worker_id', t.worker_id, 'lease_token', t.lease_token,
-                       'error', v_error))
-             WHERE t.task_id = fail_task.task_id AND t.status = 'running';
-            IF FOUND THEN
-                PERFORM pgmq.set_vt(v_queue, v_row.msg_id, v_now + make_interval(secs => v_delay));
-                PERFORM stageflow._leave_running(v_row.job_id, v_row.stage, 1);
-                PERFORM stageflow._emit(v_row.job_id, 'task_retry_scheduled',
-                                        jsonb_build_object('attempt', v_row.attempt, 'retry_in_seconds', v_delay,
-                                                           'error', v_error),
-                                        v_row.stage, fail_task.task_id);
-                RETURN jsonb_build_object(
-                    'task_id', fail_task.task_id, 'task_status', 'queued', 'attempt', v_row.attempt,
-                    'max_attempts', v_row.max_attempts, 'category', v_category, 'retry_in_seconds', v_delay,
-                    'job_id', v_row.job_id,
-                    'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = v_row.job_id));
-            END IF;
-        ELSE
-            PERFORM stageflow._end_task(fail_task.task_id,
-                                        CASE WHEN v_category = 'permanent' THEN 'failed' ELSE 'dead' END,
-                                        v_error);
-        END IF;
-    END IF;
-
-    RETURN (SELECT jsonb_build_object(
-                       'task_id', t.task_id, 'task_status', t.status, 'attempt', t.attempt,
-                       'max_attempts', t.max_attempts, 'category', t.error ->> 'category', 'error', t.error,
-                       'job_id', j.job_id, 'job_status', j.status)
-              FROM stageflow.tasks AS t
-              JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-             WHERE t.task_id = fail_task.task_id);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:58
--- Queue grants: a worker role claims only from the queues granted to it (or to a role it is a
--- member of), and reports (completes, fails, heartbeats, releases) only tasks of those queues;
--- superusers and members of stageflow_admin claim from and report on every queue. claim_tasks
--- and stageflow._check_report_grants check them against the session's login.
-
--- Whether p_queue is granted to the session's login or to a role it is a member of: the grant
--- rule of claims (claim_tasks) and reports (_check_report_grants), each of which first exempts
--- superusers and members of stageflow_admin (stageflow._session_is_admin(), asked alone: an
--- expression without a query, which PL/pgSQL evaluates without starting the executor). A grant
--- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
--- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
--- more, bench/README.md.)
--- No SET clause: a claim- and completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
-RETURNS boolean
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-    RETURN EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
-                    WHERE g.queue = p_queue
-                      AND pg_catalog.pg_has_role(session_user,
-                                                 pg_catalog.to_regrole(pg_catalog.quote_ident(g.role_name))::pg_catalog.oid,
-                                                 'MEMBER'));
-END;
-$$;
-
--- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
--- before the report changes anything: without it, a worker of one team could complete, fail,
--- release or keep alive another team's running tasks with the forms that name no lease (and
--- guess the small tokens of the others). Called by every report path (_settle_completions,
--- fail_task, _lock_leases); ids of no task are left to the caller's own refusal. The first queue
--- refused, by name, is the one named in the error.
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
-RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_queue text;
-BEGIN
-    IF stageflow._session_is_admin() THEN
-        RETURN;
-    END IF;
-    SELECT q.queue INTO v_queue
-      FROM (SELECT DISTINCT s.queue
-              FROM stageflow.tasks AS t
-              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-             WHERE t.task_id = ANY (p_task_ids)) AS q
-     WHERE NOT stageflow._queue_granted_to_session(q.queue)
-     ORDER BY q.queue
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42501',
-            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
-            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
-    END IF;
-END;
-$$;
-
--- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
--- what is granted already changes nothing. Returns {"queue", "role", "granted"}.
-CREATE FUNCTION stageflow.grant_queue(queue text, role name)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_new  boolean;
-    v_make boolean;
-BEGIN
-    v_make := stageflow._check_queue(grant_queue.queue);
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = grant_queue.role) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown role %L', grant_queue.role),
-            HINT = 'grant a queue to an existing role, e.g. a group role your worker logins are members of';
-    END IF;
-    IF v_make THEN
-        PERFORM stageflow._ensure_queue(grant_queue.queue);
-    END IF;
-    INSERT INTO stageflow.queue_grants (queue, role_name) VALUES (grant_queue.queue, grant_queue.role)
-    ON CONFLICT ON CONSTRAINT queue_grants_pkey DO NOTHING;
-    v_new := FOUND;
-    RETURN jsonb_build_object('queue', grant_queue.queue, 'role', grant_queue.role, 'granted', v_new);
-END;
-$$;
-
--- Takes a queue grant back: p_role's members claim from p_queue no more (unless another grant
--- or their own role lets them). Returns {"queue", "role", "revoked"}.
-CREATE FUNCTION stageflow.revoke_queue(queue text, role name)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_gone boolean;
-BEGIN
-    DELETE FROM stageflow.queue_grants AS g WHERE g.queue = revoke_queue.queue AND g.role_name = revoke_queue.role;
-    v_gone := FOUND;
-    RETURN jsonb_build_object('queue', revoke_queue.queue, 'role', revoke_queue.role, 'revoked', v_gone);
-END;
-$$;
-
--- The queue grants, by queue and role.
-CREATE FUNCTION stageflow.list_queue_grants()
-RETURNS TABLE (queue text, role_name name, granted_at timestamptz)
-LANGUAGE plpgsql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
+DECLARE
+    v_open bigint;
+    v_completed bigint;
+    v_failed bigint;
+    v_cancelled bigint;
+    v_running bigint;
+    v_dead bigint;
 BEGIN
-    RETURN QUERY SELECT g.queue, g.role_name, g.granted_at FROM stageflow.queue_grants AS g ORDER BY g.queue, g.role_name;
+    -- Messages in each queue, and those claimable now.
+    RETURN QUERY
+    SELECT m.metric, jsonb_build_object('queue', q.queue_name), m.value
+      FROM pgmq.metrics_all() AS q
+     CROSS JOIN LATERAL (VALUES (1, 'stageflow_queue_depth', q.queue_length::float8),
+                                (2, 'stageflow_queue_depth_visible', q.queue_visible_length::float8)) AS m(n, metric, value)
+     ORDER BY q.queue_name, m.n;
+    -- Tasks of big stages whose messages are still to be sent (stageflow.message_windows): work a
+    -- queue's depth does not show yet.
+    RETURN QUERY
+    SELECT 'stageflow_tasks_unsent', jsonb_build_object('queue', w.queue), sum(w.task_count - w.next_ordinal)::float8
+      FROM stageflow.message_windows AS w
+     GROUP BY w.queue
+     ORDER BY w.queue;
+
+    RETURN QUERY
+    SELECT 'stageflow_jobs', jsonb_build_object('status', j.status), count(*)::float8
+      FROM stageflow.jobs AS j
+     GROUP BY j.status
+     ORDER BY j.status;
+
+    -- Tasks by status from the stage counters: open (queued or running), running, completed,
+    -- failed; the rest of a stage's tasks were cancelled.
+    SELECT coalesce(sum(c.remaining_tasks), 0)::bigint,
+           coalesce(sum(c.running_tasks), 0)::bigint,
+           coalesce(sum(c.completed_count), 0)::bigint,
+           coalesce(sum(s.failed_count), 0)::bigint,
+           coalesce(sum(s.task_count - c.completed_count - s.failed_count - c.remaining_tasks), 0)::bigint
+      INTO v_open, v_running, v_completed, v_failed, v_cancelled
+      FROM stageflow.stages AS s
+      JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
+    -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
+    -- (not those of jobs retention has deleted and is draining: dead_letters() lists them no more)
+    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t
+     WHERE t.failed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = t.job_id);
+    RETURN QUERY
+    SELECT 'stageflow_tasks', jsonb_build_object('status', t.status), t.value::float8
+      FROM (VALUES (1, 'queued', v_open - v_running), (2, 'running', v_running), (3, 'completed', v_completed),
+                   (4, 'failed', v_failed), (5, 'cancelled', v_cancelled)) AS t(n, status, value)
+     ORDER BY t.n;
+    -- Tasks that ended without a result.
+    RETURN QUERY
+    SELECT 'stageflow_dead_letters', '{}'::jsonb, v_dead::float8;
+
+    -- Per handler: completed and failed tasks, and the claim-to-completion seconds of the completed
+    -- ones (a summary's sum and count), one metric after the other.
+    RETURN QUERY
+    SELECT m.metric, jsonb_build_object('handler', h.handler) || m.labels, m.value
+      FROM (SELECT s.handler,
+                   sum(c.completed_count)::float8 AS completed,
+                   sum(s.failed_count)::float8 AS failed,
+                   sum(c.completed_seconds) AS seconds
+              FROM stageflow.stages AS s
+              JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage
+             GROUP BY s.handler) AS h
+     CROSS JOIN LATERAL (VALUES (1, 1, 'stageflow_handler_tasks_total', '{"outcome": "completed"}'::jsonb, h.completed),
+                                (1, 2, 'stageflow_handler_tasks_total', '{"outcome": "failed"}'::jsonb, h.failed),
+                                (2, 1, 'stageflow_task_duration_seconds_sum', '{}'::jsonb, h.seconds),
+                                (2, 2, 'stageflow_task_duration_seconds_count', '{}'::jsonb, h.completed))
+                         AS m(family, n, metric, labels, value)
+     ORDER BY m.family, h.handler, m.n;
+
+    RETURN QUERY
+    SELECT 'stageflow_webhook_deliveries', jsonb_build_object('status', d.status), count(*)::float8
+      FROM stageflow.webhook_deliveries AS d
+     GROUP BY d.status
+     ORDER BY d.status;
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:55
+-- Submits a job: validates params against the job type's schema (filling in defaults), derives the
+-- job id from the job type and the canonical params, and creates stage 1's tasks (or, when it has
+-- none, the first stage that has), within the submitting login's quotas: 54000 over one, and an
+-- error creating those tasks is the submission's (it creates nothing). The job belongs to the
+-- session's login and tenant label (stageflow.tenant). webhook_url, when given, receives a POST
+-- when the job ends (see stageflow.webhook_deliveries). A login's submissions under one label take
+-- turns (_admit, their first lock).
+--
+-- Identical work has one id, so submitting it again returns the same id, and the outcome says
+-- what that meant:
+--   created           a new job
+--   exists            your job of this work, left as it is (its webhook_url too)
+--   resumed           your job of this work had failed or been cancelled: it runs again from the
+--                     stage it stopped at, as stageflow.retry_job does (its completed stages and
+--                     tasks are kept; the open tasks count against your quota)
+--   owned_by_another  another login (or tenant) submitted this work; its job is not yours to read
+--                     or cancel (job_status is NULL unless you are an admin)
+-- job_status is the job's status after the call.
+CREATE FUNCTION stageflow.submit_job_outcome(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
+RETURNS TABLE (job_id text, outcome text, job_status text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_definition  jsonb;
+    v_params      jsonb;
+    v_job_id      text;
+    v_job         stageflow.jobs;
+    v_access      text;
+    v_tenant      text := stageflow._tenant();
+    v_retried     jsonb;
+BEGIN
+    SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown job type %L', submit_job_outcome.job_type),
+            HINT = coalesce('registered job types: ' || (SELECT string_agg(jt.name, ', ' ORDER BY jt.name)
+                                                           FROM stageflow.job_types AS jt),
+                            'no job type is registered: use stageflow.register_job_type(name, definition)');
+    END IF;
+
+    IF octet_length(submit_job_outcome.params::text) > 1048576 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', octet_length(submit_job_outcome.params::text)),
+            HINT = 'pass large inputs by reference (a path or URL), not inline';
+    END IF;
+    IF submit_job_outcome.webhook_url LIKE 'endpoint:%' THEN
+        IF (stageflow._webhook_endpoint(submit_job_outcome.webhook_url, session_user, v_tenant)).name IS NULL THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '42704',
+                MESSAGE = format('unknown webhook endpoint %L', substr(submit_job_outcome.webhook_url, 10)),
+                HINT = 'register it with stageflow.register_webhook_endpoint(name, url) under the same login and tenant';
+        END IF;
+    ELSIF submit_job_outcome.webhook_url IS NOT NULL THEN
+        PERFORM stageflow._check_webhook_url(submit_job_outcome.webhook_url, 'webhook_url');
+    END IF;
+    v_params := stageflow._validate_params(submit_job_outcome.job_type, v_definition, submit_job_outcome.params::text);
+    v_job_id := stageflow._job_id(submit_job_outcome.job_type, v_params::text);
+    PERFORM stageflow._admit(session_user, v_tenant);
+
+    LOOP
+        INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at,
+                                         deadline_at, webhook_url, owner, tenant, max_tasks)
+        VALUES (v_job_id, submit_job_outcome.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
+                stageflow.now(), stageflow.now(),
+                stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric),
+                submit_job_outcome.webhook_url, session_user, v_tenant,
+                (stageflow._quota(session_user)).max_tasks_per_job)
+        ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
+        IF FOUND THEN
+            -- Under REPEATABLE READ, a snapshot taken before retention deleted the same work's
+            -- earlier job still sees that job's row beside the new one: the transaction must run
+            -- again, as for any serialization conflict.
+            IF (SELECT count(*) FROM stageflow.jobs AS o WHERE o.job_id = v_job_id) > 1 THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = '40001',
+                    MESSAGE = format('could not serialize the submission of job %s: retention deleted the same work''s earlier job after this transaction began', v_job_id),
+                    HINT = 'run the transaction again';
+            END IF;
+            -- The same work's earlier job, deleted by retention, may still have rows being deleted:
+            -- they go now, before the new job writes any (stageflow.deleted_jobs).
+            IF EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = v_job_id) THEN
+                PERFORM stageflow._finish_job_deletion(v_job_id);
+            END IF;
+            PERFORM stageflow._emit(v_job_id, 'job_submitted',
+                                    jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
+                                                       'tenant', v_tenant));
+            IF (stageflow._create_stage_tasks(v_job_id, 1)).created = 0 THEN
+                PERFORM stageflow.advance_stage(v_job_id);
+                -- Stage 1 was empty: a later stage that could not be created is this call's error.
+                SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+                IF v_job.error ->> 'type' = 'stage_creation_failed' THEN
+                    RAISE EXCEPTION USING
+                        ERRCODE = v_job.error ->> 'sqlstate',
+                        MESSAGE = v_job.error ->> 'message',
+                        HINT = coalesce(v_job.error ->> 'hint', 'see the job type''s stages');
+                END IF;
+            END IF;
+            PERFORM stageflow._check_open_tasks(session_user, v_tenant);
+            RETURN QUERY SELECT v_job_id, 'created'::text, j.status FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+            RETURN;
+        END IF;
+        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+        -- Not found: retention deleted the job since the insert met it; insert again.
+        CONTINUE WHEN NOT FOUND;
+        v_access := stageflow._access(v_job.owner, v_job.tenant);
+        IF v_access IS DISTINCT FROM 'owner' THEN
+            RETURN QUERY SELECT v_job_id, 'owned_by_another'::text, CASE WHEN v_access = 'admin' THEN v_job.status END;
+            RETURN;
+        ELSIF NOT stageflow._job_is_stopped(v_job.status) THEN
+            RETURN QUERY SELECT v_job_id, 'exists'::text, v_job.status;
+            RETURN;
+        END IF;
+        -- The job's own label may be one this session does not name (the login's, seen without a
+        -- label): its turn is taken too, after this session's ('' sorts first: no cycle).
+        IF v_job.tenant IS DISTINCT FROM v_tenant THEN
+            PERFORM stageflow._admit(session_user, v_job.tenant);
+        END IF;
+        -- (NULL: retention deleted the job since it was read here; insert again. Seen in the
+        -- retention torture as "unknown job" raised to a submission.)
+        v_retried := stageflow._retry_job(v_job_id, true);
+        IF v_retried IS NOT NULL THEN
+            PERFORM stageflow._check_open_tasks(session_user, v_job.tenant);
+            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_retried ->> 'job_status';
+            RETURN;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+-- Submits a job and returns its id: stageflow.submit_job_outcome without the outcome. Identical
+-- work of another login (or tenant) is refused (23505, its id is taken: an id the caller could
+-- not read is no answer); a resumed job is told by a NOTICE.
+CREATE FUNCTION stageflow.submit_job(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_submitted record;
+BEGIN
+    SELECT * INTO STRICT v_submitted
+      FROM stageflow.submit_job_outcome(submit_job.job_type, submit_job.params, submit_job.webhook_url);
+    IF v_submitted.outcome = 'owned_by_another' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '23505',
+            MESSAGE = format('job %s: another login (or tenant) submitted this work; the job is not yours to read or cancel',
+                             v_submitted.job_id),
+            HINT = 'identical work is one job; to run it yourself make the params differ (a job type can take a '
+                   'parameter naming your team), or ask its owner or stageflow_admin for its result';
+    ELSIF v_submitted.outcome = 'resumed' THEN
+        RAISE NOTICE USING
+            MESSAGE = format('job %s had failed or been cancelled: it runs again from the stage it stopped at',
+                             v_submitted.job_id),
+            HINT = 'stageflow.submit_job_outcome returns the outcome of a submission';
+    END IF;
+    RETURN v_submitted.job_id;
 END;
 $$;
 /* </end connected objects> */
@@ -4306,100 +3386,356 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:41
--- What a status means: the classes of job and task statuses, each list written here once and read
--- everywhere else through these functions (docs/state_machine.md draws the transitions).
--- They are SQL functions without a SET clause and with nothing to look up, so that PostgreSQL
--- inlines them: `stageflow._job_is_open(j.status)` plans exactly as `j.status IN ('queued',
--- 'processing')`. Only Stageflow's own functions, whose search_path is fixed, call them.
--- Two places keep literal lists: the tables' CHECK constraints (the statuses there are), and the
--- predicates of partial indexes with the queries meant to use them. The planner matches an index
--- predicate against a query's conditions as they are after inlining, so an inlined call would
--- match too (measured); but a call that stops being inlined (a SET clause, STRICT, another
--- language) would not, and nothing would fail: those queries keep the literal and say so.
+-- src/lib.rs:58
+-- Queue grants: a worker role claims only from the queues granted to it (or to a role it is a
+-- member of), and reports (completes, fails, heartbeats, releases) only tasks of those queues;
+-- superusers and members of stageflow_admin claim from and report on every queue. claim_tasks
+-- and stageflow._check_report_grants check them against the session's login.
 
--- A job still to finish: queued (no task claimed yet) or processing.
-CREATE FUNCTION stageflow._job_is_open(p_status text)
+-- Whether p_queue is granted to the session's login or to a role it is a member of: the grant
+-- rule of claims (claim_tasks) and reports (_check_report_grants), each of which first exempts
+-- superusers and members of stageflow_admin (stageflow._session_is_admin(), asked alone: an
+-- expression without a query, which PL/pgSQL evaluates without starting the executor). A grant
+-- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
+-- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
+-- more, bench/README.md.)
+-- No SET clause: a claim- and completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
+CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
 RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT p_status IN ('queued', 'processing')
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
+                    WHERE g.queue = p_queue
+                      AND pg_catalog.pg_has_role(session_user,
+                                                 pg_catalog.to_regrole(pg_catalog.quote_ident(g.role_name))::pg_catalog.oid,
+                                                 'MEMBER'));
+END;
 $$;
 
--- A job that ran to its end: completed, with failed tasks its stages tolerated or without.
-CREATE FUNCTION stageflow._job_is_done(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
+-- before the report changes anything: without it, a worker of one team could complete, fail,
+-- release or keep alive another team's running tasks with the forms that name no lease (and
+-- guess the small tokens of the others). Called by every report path (_settle_completions,
+-- fail_task, _lock_leases); ids of no task are left to the caller's own refusal. The first queue
+-- refused, by name, is the one named in the error.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
+CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
+RETURNS void
+LANGUAGE plpgsql
 AS $$
-    SELECT p_status IN ('completed', 'completed_with_errors')
+DECLARE
+    v_queue text;
+BEGIN
+    IF stageflow._session_is_admin() THEN
+        RETURN;
+    END IF;
+    SELECT q.queue INTO v_queue
+      FROM (SELECT DISTINCT s.queue
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+             WHERE t.task_id = ANY (p_task_ids)) AS q
+     WHERE NOT stageflow._queue_granted_to_session(q.queue)
+     ORDER BY q.queue
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+    END IF;
+END;
 $$;
 
--- A job stopped before its end: failed or cancelled (retry_job, or its owner resubmitting the
--- work, resumes it).
-CREATE FUNCTION stageflow._job_is_stopped(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
+-- what is granted already changes nothing. Returns {"queue", "role", "granted"}.
+CREATE FUNCTION stageflow.grant_queue(queue text, role name)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT p_status IN ('failed', 'cancelled')
+DECLARE
+    v_new  boolean;
+    v_make boolean;
+BEGIN
+    v_make := stageflow._check_queue(grant_queue.queue);
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = grant_queue.role) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown role %L', grant_queue.role),
+            HINT = 'grant a queue to an existing role, e.g. a group role your worker logins are members of';
+    END IF;
+    IF v_make THEN
+        PERFORM stageflow._ensure_queue(grant_queue.queue);
+    END IF;
+    INSERT INTO stageflow.queue_grants (queue, role_name) VALUES (grant_queue.queue, grant_queue.role)
+    ON CONFLICT ON CONSTRAINT queue_grants_pkey DO NOTHING;
+    v_new := FOUND;
+    RETURN jsonb_build_object('queue', grant_queue.queue, 'role', grant_queue.role, 'granted', v_new);
+END;
 $$;
 
--- A job that has ended: done or stopped.
-CREATE FUNCTION stageflow._job_has_ended(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- Takes a queue grant back: p_role's members claim from p_queue no more (unless another grant
+-- or their own role lets them). Returns {"queue", "role", "revoked"}.
+CREATE FUNCTION stageflow.revoke_queue(queue text, role name)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT stageflow._job_is_done(p_status) OR stageflow._job_is_stopped(p_status)
+DECLARE
+    v_gone boolean;
+BEGIN
+    DELETE FROM stageflow.queue_grants AS g WHERE g.queue = revoke_queue.queue AND g.role_name = revoke_queue.role;
+    v_gone := FOUND;
+    RETURN jsonb_build_object('queue', revoke_queue.queue, 'role', revoke_queue.role, 'revoked', v_gone);
+END;
 $$;
 
--- An open task: queued (waiting, or due for a retry) or running (leased to a worker).
-CREATE FUNCTION stageflow._task_is_open(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- The queue grants, by queue and role.
+CREATE FUNCTION stageflow.list_queue_grants()
+RETURNS TABLE (queue text, role_name name, granted_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT p_status IN ('queued', 'running')
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT g.queue, g.role_name, g.granted_at FROM stageflow.queue_grants AS g ORDER BY g.queue, g.role_name;
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:62
+-- Whether a last stage of this fan-out gives the job a one-task result (its task of ordinal 0,
+-- whatever became of it) rather than the results of its completed tasks: the one rule of what a
+-- job's result holds (job_result reads it, job_status counts it).
+CREATE FUNCTION stageflow._result_is_one_task(p_fan_out text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_fan_out IN ('single', 'fan_in')
 $$;
 
--- A task that failed for good, a dead letter: failed (a permanent error) or dead (its attempts
--- ran out).
-CREATE FUNCTION stageflow._task_has_failed(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- A job's state: status, stages with task counts by status, progress, timestamps, how many entries
+-- its result has (result_count; the result itself is read a page at a time with job_result), error,
+-- and who submitted it (owner, tenant), for the job's owner and stageflow_admin (_visible_job):
+-- another login's job is an unknown one. stageflow._job_status answers for the engine itself (the
+-- webhook payload, written in whichever transaction ended the job).
+CREATE FUNCTION stageflow.job_status(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT p_status IN ('failed', 'dead')
+BEGIN
+    RETURN stageflow._job_status(stageflow._visible_job(job_status.job_id));
+END;
 $$;
 
--- A task that ended without a result: failed, dead or cancelled (what retry_job queues again).
-CREATE FUNCTION stageflow._task_ended_without_result(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- The status of a job row its caller read: reads its stage rows and their shards (counters, running
+-- tasks included), never its tasks, so it answers as fast for 100,000 tasks as for 3.
+--
+-- progress = 100 * (completed stages + completed fraction of the current stage) / total stages.
+-- result_count = the number of entries job_result pages over, from the last stage's counters: NULL
+-- until the job is completed (with errors or not), as job_result answers only then.
+CREATE FUNCTION stageflow._job_status(p_job stageflow.jobs)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT stageflow._task_has_failed(p_status) OR p_status = 'cancelled'
+DECLARE
+    v_stages  jsonb;
+    v_done    numeric;
+    v_count   int;
+BEGIN
+
+    SELECT jsonb_agg(jsonb_build_object(
+               'stage', d.n,
+               'name', d.def ->> 'name',
+               'handler', d.def ->> 'handler',
+               'fan_out', d.def ->> 'fan_out',
+               'status', coalesce(s.status, 'pending'),
+               'task_count', s.task_count,
+               'tasks', CASE WHEN s.stage IS NOT NULL THEN jsonb_build_object(
+                   'queued', c.remaining_tasks - c.running_tasks,
+                   'running', c.running_tasks,
+                   'completed', c.completed_count,
+                   'failed', s.failed_count,
+                   'cancelled', s.task_count - c.completed_count - s.failed_count - c.remaining_tasks) END,
+               'created_at', s.created_at,
+               'completed_at', s.completed_at) ORDER BY d.n),
+           sum(CASE WHEN s.status = 'completed' THEN 1
+                    WHEN s.task_count > 0 THEN c.completed_count::numeric / s.task_count
+                    ELSE 0 END),
+           max(CASE WHEN d.n = p_job.total_stages AND stageflow._job_is_done(p_job.status) THEN
+                    CASE WHEN stageflow._result_is_one_task(s.fan_out) THEN least(s.task_count, 1)
+                         ELSE coalesce(c.completed_count, 0) END END)
+      INTO v_stages, v_done, v_count
+      FROM jsonb_array_elements(p_job.definition -> 'stages') WITH ORDINALITY AS d(def, n)
+      LEFT JOIN stageflow.stages AS s ON s.job_id = p_job.job_id AND s.stage = d.n
+      LEFT JOIN stageflow.stage_counts AS c ON c.job_id = p_job.job_id AND c.stage = d.n;
+
+    RETURN jsonb_build_object(
+        'job_id', p_job.job_id,
+        'job_type', p_job.job_type,
+        'status', p_job.status,
+        'params', p_job.params,
+        'current_stage', p_job.current_stage,
+        'total_stages', p_job.total_stages,
+        'progress', CASE WHEN stageflow._job_is_done(p_job.status) THEN 100
+                         ELSE round(100 * v_done / p_job.total_stages, 1) END,
+        'stages', v_stages,
+        'created_at', p_job.created_at,
+        'started_at', p_job.started_at,
+        'updated_at', p_job.updated_at,
+        'completed_at', p_job.completed_at,
+        'result_count', v_count,
+        'error', p_job.error,
+        'owner', p_job.owner,
+        'tenant', p_job.tenant);
+END;
 $$;
 
--- A task a claim may take at p_now: attempts left, and queued with its retry (if any) due, or
--- running on a lease that has expired. (The claim asks it under the task's row lock, once to
--- decide and once more in its UPDATE, after the rare path may have changed the row.)
-CREATE FUNCTION stageflow._task_is_claimable(p_status text, p_attempt int, p_max_attempts int,
-                                             p_next_attempt_at timestamptz, p_lease_expires_at timestamptz,
-                                             p_now timestamptz)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- A job's tasks in stage and task order, with status, attempts, result and errors (for those who
+-- see the job, as job_status). A page at a time when asked: the tasks after the task after_task
+-- (the last task_id of the previous page; NULL: from the first), at most max_rows (1 to 10000;
+-- NULL: all of them). A page reads its tasks through tasks_stage_idx from the cursor on, never the
+-- job's other tasks. (Bitmap scans and sorts are off here and in job_result: the index's hash of
+-- the job id and the id itself are one condition, but the planner multiplies their selectivities,
+-- and a page of a 20,000-task job among 420,000 tasks was estimated at 44 rows and read all
+-- 20,000 through a bitmap and a sort, where the index read in order stops after the page.)
+CREATE FUNCTION stageflow.job_tasks(job_id text, after_task text DEFAULT NULL, max_rows int DEFAULT NULL)
+RETURNS TABLE (
+    task_id text, stage int, stage_name text, task_key text, status text, attempt int,
+    max_attempts int, worker_id text, params jsonb, predecessor_id text, result jsonb, error jsonb,
+    errors jsonb, created_at timestamptz, started_at timestamptz, completed_at timestamptz,
+    lease_expires_at timestamptz, next_attempt_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_bitmapscan = off
+SET enable_sort = off
 AS $$
-    SELECT p_attempt < p_max_attempts
-           AND ((p_status = 'queued' AND (p_next_attempt_at IS NULL OR p_next_attempt_at <= p_now))
-                OR (p_status = 'running' AND p_lease_expires_at <= p_now))
+#variable_conflict use_column
+DECLARE
+    v_stage    int;
+    v_ordinal  int;
+BEGIN
+    PERFORM stageflow._visible_job(job_tasks.job_id);
+    IF job_tasks.max_rows IS NOT NULL AND job_tasks.max_rows NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be between 1 and 10000, got %s', job_tasks.max_rows),
+            HINT = 'read a large job''s tasks a page at a time: pass the last task_id of a page as after_task';
+    END IF;
+    IF job_tasks.after_task IS NOT NULL THEN
+        SELECT t.stage, t.ordinal INTO v_stage, v_ordinal
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = job_tasks.after_task AND t.job_id = job_tasks.job_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '22023',
+                MESSAGE = format('after_task %L is not a task of job %s', job_tasks.after_task, job_tasks.job_id),
+                HINT = 'pass the task_id of the last row of the previous page (NULL for the first page)';
+        END IF;
+    END IF;
+    -- (from the first task, the cursor is before every task: stages start at 1, ordinals at 0;
+    -- one statement either way, an index range on (job, stage, ordinal) from the cursor on)
+    RETURN QUERY
+    SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
+           stageflow._task_params(s.fan_out, t.ordinal, t.params), t.predecessor_id, t.result, t.error, t.errors,
+           t.created_at, t.started_at,
+           t.completed_at, t.lease_expires_at, t.next_attempt_at
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+     WHERE stageflow._is_task_of_job(t.job_id, job_tasks.job_id)
+       AND (t.stage, t.ordinal) > (coalesce(v_stage, 0), coalesce(v_ordinal, -1))
+     ORDER BY t.stage, t.ordinal
+     LIMIT job_tasks.max_rows;
+END;
 $$;
 
--- A task of the job p_job_id, as every read of a job's tasks asks it: tasks_stage_idx names the job
--- by hashtextextended(job_id, 0) (sql/0010_tables.sql), so the hash is compared for the index and
--- the id for the answer. Written once here; inlined like the classes above, so the planner sees
--- both conditions and uses the index (pg_test/job_result.sql checks that it does).
-CREATE FUNCTION stageflow._is_task_of_job(p_task_job_id text, p_job_id text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- A job's result, a page at a time, for those who see the job (as job_status): the entries of the
+-- job's last stage in task order, after the task ordinal `after` (NULL: from the first), at most
+-- `limit` (1 to 10000) of them, as
+--   {"job_id", "status", "fan_out", "entries": [{"ordinal", "task_key", "task_id", "result"}, ...],
+--    "next_after"}
+-- next_after is the `after` of the next page, NULL on the last one. The entries are the last
+-- stage's completed tasks (a completed_with_errors job: only those, as its failed ones have no
+-- result); a `single` or `fan_in` last stage (the last stage's fan_out says which) has one entry,
+-- its task, whose result is the job's result. Only a job that is completed (with errors or not)
+-- has a result: any other is refused with 55000 (job_status says where it is; a failed job's error
+-- says why). Reads the last stage's tasks through tasks_stage_idx from `after` on, at most limit + 1
+-- of them: never all of a job's tasks.
+CREATE FUNCTION stageflow.job_result(job_id text, after int DEFAULT NULL, "limit" int DEFAULT 1000)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_bitmapscan = off
+SET enable_sort = off
 AS $$
-    SELECT pg_catalog.hashtextextended(p_task_job_id, 0) OPERATOR(pg_catalog.=) pg_catalog.hashtextextended(p_job_id, 0)
-           AND p_task_job_id OPERATOR(pg_catalog.=) p_job_id
+DECLARE
+    v_job      stageflow.jobs;
+    v_fan_out  text;
+    v_one      boolean;
+    v_entries  jsonb;
+    v_rows     bigint;
+    v_last     int;
+BEGIN
+    -- plpgsql_check's only "other" warning here is that the parameter "limit" is a reserved
+    -- word: it is, on purpose (the page size has the name the HTTP API and the CLI give it; a
+    -- named call quotes it: "limit" => 100). The function was checked clean of every other one.
+    -- @plpgsql_check_options: other_warnings = false
+    IF job_result."limit" IS NULL OR job_result."limit" NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('limit must be between 1 and 10000, got %s', coalesce(job_result."limit"::text, 'NULL')),
+            HINT = 'page through a longer result with `after`: pass the next_after of the previous page';
+    END IF;
+    v_job := stageflow._visible_job(job_result.job_id);
+    IF NOT stageflow._job_is_done(v_job.status) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = format('job %s has no result: it is %s', v_job.job_id, v_job.status),
+            HINT = CASE WHEN stageflow._job_is_open(v_job.status)
+                        THEN 'a job has a result once it is completed; stageflow.job_status(job_id) says how far it is'
+                        ELSE 'a failed or cancelled job has no result: its error in stageflow.job_status(job_id) says why, '
+                             'and its tasks'' results are in stageflow.job_tasks(job_id)' END;
+    END IF;
+
+    SELECT s.fan_out INTO STRICT v_fan_out
+      FROM stageflow.stages AS s
+     WHERE s.job_id = v_job.job_id AND s.stage = v_job.total_stages;
+    v_one := stageflow._result_is_one_task(v_fan_out);
+
+    -- One more row than the page holds says whether another page follows.
+    SELECT jsonb_agg(jsonb_build_object('ordinal', p.ordinal, 'task_key', p.task_key, 'task_id', p.task_id,
+                                        'result', p.result) ORDER BY p.ordinal) FILTER (WHERE p.n <= job_result."limit"),
+           count(*), max(p.ordinal) FILTER (WHERE p.n <= job_result."limit")
+      INTO v_entries, v_rows, v_last
+      FROM (SELECT t.ordinal, t.task_key, t.task_id, t.result, row_number() OVER (ORDER BY t.ordinal) AS n
+              FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.total_stages
+               AND t.ordinal > coalesce(job_result.after, -1)
+               AND t.ordinal <= CASE WHEN v_one THEN 0 ELSE 2147483647 END
+               AND (v_one OR t.status = 'completed')
+             ORDER BY t.ordinal
+             LIMIT job_result."limit" + 1) AS p;
+
+    RETURN jsonb_build_object(
+        'job_id', v_job.job_id,
+        'status', v_job.status,
+        'fan_out', v_fan_out,
+        'entries', coalesce(v_entries, '[]'::jsonb),
+        'next_after', CASE WHEN v_rows > job_result."limit" THEN v_last END);
+END;
 $$;
 /* </end connected objects> */
 
@@ -4651,6 +3987,240 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/lib.rs:41
+-- What a status means: the classes of job and task statuses, each list written here once and read
+-- everywhere else through these functions (docs/state_machine.md draws the transitions).
+-- They are SQL functions without a SET clause and with nothing to look up, so that PostgreSQL
+-- inlines them: `stageflow._job_is_open(j.status)` plans exactly as `j.status IN ('queued',
+-- 'processing')`. Only Stageflow's own functions, whose search_path is fixed, call them.
+-- Two places keep literal lists: the tables' CHECK constraints (the statuses there are), and the
+-- predicates of partial indexes with the queries meant to use them. The planner matches an index
+-- predicate against a query's conditions as they are after inlining, so an inlined call would
+-- match too (measured); but a call that stops being inlined (a SET clause, STRICT, another
+-- language) would not, and nothing would fail: those queries keep the literal and say so.
+
+-- A job still to finish: queued (no task claimed yet) or processing.
+CREATE FUNCTION stageflow._job_is_open(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('queued', 'processing')
+$$;
+
+-- A job that ran to its end: completed, with failed tasks its stages tolerated or without.
+CREATE FUNCTION stageflow._job_is_done(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('completed', 'completed_with_errors')
+$$;
+
+-- A job stopped before its end: failed or cancelled (retry_job, or its owner resubmitting the
+-- work, resumes it).
+CREATE FUNCTION stageflow._job_is_stopped(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('failed', 'cancelled')
+$$;
+
+-- A job that has ended: done or stopped.
+CREATE FUNCTION stageflow._job_has_ended(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stageflow._job_is_done(p_status) OR stageflow._job_is_stopped(p_status)
+$$;
+
+-- An open task: queued (waiting, or due for a retry) or running (leased to a worker).
+CREATE FUNCTION stageflow._task_is_open(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('queued', 'running')
+$$;
+
+-- A task that failed for good, a dead letter: failed (a permanent error) or dead (its attempts
+-- ran out).
+CREATE FUNCTION stageflow._task_has_failed(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('failed', 'dead')
+$$;
+
+-- A task that ended without a result: failed, dead or cancelled (what retry_job queues again).
+CREATE FUNCTION stageflow._task_ended_without_result(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stageflow._task_has_failed(p_status) OR p_status = 'cancelled'
+$$;
+
+-- A task a claim may take at p_now: attempts left, and queued with its retry (if any) due, or
+-- running on a lease that has expired. (The claim asks it under the task's row lock, once to
+-- decide and once more in its UPDATE, after the rare path may have changed the row.)
+CREATE FUNCTION stageflow._task_is_claimable(p_status text, p_attempt int, p_max_attempts int,
+                                             p_next_attempt_at timestamptz, p_lease_expires_at timestamptz,
+                                             p_now timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_attempt < p_max_attempts
+           AND ((p_status = 'queued' AND (p_next_attempt_at IS NULL OR p_next_attempt_at <= p_now))
+                OR (p_status = 'running' AND p_lease_expires_at <= p_now))
+$$;
+
+-- A task of the job p_job_id, as every read of a job's tasks asks it: tasks_stage_idx names the job
+-- by hashtextextended(job_id, 0) (sql/0010_tables.sql), so the hash is compared for the index and
+-- the id for the answer. Written once here; inlined like the classes above, so the planner sees
+-- both conditions and uses the index (pg_test/job_result.sql checks that it does).
+CREATE FUNCTION stageflow._is_task_of_job(p_task_job_id text, p_job_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT pg_catalog.hashtextextended(p_task_job_id, 0) OPERATOR(pg_catalog.=) pg_catalog.hashtextextended(p_job_id, 0)
+           AND p_task_job_id OPERATOR(pg_catalog.=) p_job_id
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:44
+-- The wording of the errors that several functions raise: an unknown job or task, and the
+-- refusals of a task's report (not running, another lease's), decided in one place.
+
+-- Raises 42704 for an unknown job or task (p_kind 'job' or 'task'), with a hint about what the ids
+-- look like: the one wording of these errors.
+CREATE FUNCTION stageflow._raise_unknown(p_kind text, p_id text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = '42704',
+        MESSAGE = format('unknown %s %L', p_kind, p_id),
+        HINT = CASE p_kind
+                   WHEN 'job' THEN 'job ids are the 64 hex digits returned by stageflow.submit_job; a job is shown only to the login '
+                                    '(and tenant) that submitted it and to stageflow_admin'
+                   ELSE 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>'
+               END;
+END;
+$$;
+
+-- Whether a report may speak for a task's current lease (the task row's lease_token, p_lease_token,
+-- held by its worker_id, p_holder): naming a token (p_token), only if it is that one; naming no
+-- token but a worker_id (p_worker_id), only if that worker holds the lease; naming neither, the
+-- caller is trusted (the psql form). The one statement of the fence: _refusal words its refusals
+-- from it, and a completion's UPDATE asks it alone (_refusal's wordings, planned into every
+-- completion, cost it 36,000 instructions, bench/README.md). Inlined like _refusal.
+CREATE FUNCTION stageflow._report_fenced(p_lease_token bigint, p_holder text, p_token bigint, p_worker_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN p_token IS NOT NULL THEN p_token OPERATOR(pg_catalog.=) p_lease_token
+                ELSE p_worker_id IS NULL OR coalesce(p_holder OPERATOR(pg_catalog.=) p_worker_id, false) END
+$$;
+
+-- Why a report (p_verb: 'completed', 'failed') of a task cannot be recorded, as
+-- {"sqlstate", "message", "hint"}, or NULL when it can: the one wording of every refusal, decided
+-- from the task row read under its lock. A report names the lease it comes from by its token
+-- (p_token) and/or the worker_id it claimed with (p_worker_id); a report naming neither trusts
+-- the caller (the psql form). A completion repeated by the lease that made it is not refused.
+-- Without a SET clause, and with its functions qualified, so that PostgreSQL inlines it into the
+-- statements of the hot path that call it (only Stageflow's own functions, whose search_path is
+-- fixed, can call it).
+CREATE FUNCTION stageflow._refusal(p_task stageflow.tasks, p_task_id text, p_verb text, p_token bigint, p_worker_id text)
+RETURNS jsonb
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE
+        WHEN p_task.task_id IS NULL THEN
+            pg_catalog.jsonb_build_object('sqlstate', '42704', 'message', pg_catalog.format('unknown task %L', p_task_id),
+                               'hint', 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>')
+        -- (another lease's token, whatever the task's status; another worker, of a task running or
+        -- completed: a task in any other status is refused for that below)
+        WHEN NOT stageflow._report_fenced(p_task.lease_token, p_task.worker_id, p_token, p_worker_id)
+             AND (p_token IS NOT NULL OR p_task.status = ANY ('{running,completed}'::text[])) THEN
+            CASE WHEN p_token IS NOT NULL THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
+                                   'hint', 'the lease expired and the task was claimed again; its current holder reports it')
+            WHEN p_task.status = 'running' THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder reports it')
+            ELSE
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder completed it')
+            END
+        WHEN p_task.status = 'running' THEN NULL
+        WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
+        WHEN p_task.status = 'queued' THEN
+            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is not claimed', p_task_id),
+                               'hint', 'claim it with stageflow.claim_tasks first; a task waiting for a retry is claimable after its backoff')
+        WHEN p_task.status = 'cancelled' THEN
+            pg_catalog.jsonb_build_object('sqlstate', '55000',
+                               'message', pg_catalog.format('task %s is cancelled: its job ended, the outcome is not recorded', p_task_id),
+                               'hint', 'see stageflow.job_status(job_id) for why the job ended')
+        WHEN p_task.status = 'completed' THEN
+            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is already completed and cannot be %s', p_task_id, p_verb),
+                               'hint', 'a completed task keeps its result; retry the whole job to run it again')
+        ELSE
+            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is %s and cannot be %s', p_task_id, p_task.status, p_verb),
+                               'hint', 'stageflow.retry_job(job_id) runs failed and dead tasks again')
+    END
+$$;
+
+-- Raises a refusal made by stageflow._refusal.
+CREATE FUNCTION stageflow._raise_refusal(p_refusal jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- plpgsql_check would have it IMMUTABLE; raising is its whole effect, and an IMMUTABLE call
+    -- with constant arguments may be run while a query is planned: VOLATILE is right.
+    -- @plpgsql_check_options: performance_warnings = false
+    RAISE EXCEPTION USING
+        ERRCODE = p_refusal ->> 'sqlstate', MESSAGE = p_refusal ->> 'message', HINT = p_refusal ->> 'hint';
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:43
+-- Job ids: a job's id is the hash of its job type and canonical params (src/job_id.rs), so that
+-- identical work is one job. What submitters may call to learn the id of a piece of work.
+
+-- stageflow.job_id(job_type, params): the id submit_job gives this work (after the job type's
+-- defaults are filled in). stageflow.canonical_json(value): the text job ids hash. Both hand the
+-- JSON to Rust as text, so that too deep a document is an error with a SQLSTATE, not a crash.
+CREATE FUNCTION stageflow.job_id(job_type text, params jsonb)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN stageflow._job_id(job_id.job_type, job_id.params::text);
+END;
+$$;
+
+CREATE FUNCTION stageflow.canonical_json(value jsonb)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN stageflow._canonical_json(canonical_json.value::text);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/lib.rs:51
 -- Shapes the table of a queue the job types use for how the engine uses it. A claim reads a
 -- message (src/queues.rs) by walking the table's primary key in msg_id order, never by pgmq's
@@ -4815,6 +4385,441 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/lib.rs:60
+-- Completes many tasks in one transaction: results is an array of {"task_id", "result",
+-- "lease_token"?}. Each task gets the semantics of complete_task_and_check_stage, through the same
+-- settle path (_settle_completions): accepted only under its row lock, fenced by its lease token
+-- (or by worker_id when the element has none), its stage's shard counters moved once for the whole
+-- batch and the stage advanced when its last open shard empties. A task that cannot be
+-- completed (unknown, not running, another lease's, a bad plan) does not stop the others: its
+-- entry in the answer is {"task_id", "error": {"sqlstate", "message", "hint"}}, the refusal
+-- complete_task_and_check_stage would raise. Returns one report per element, in order; with
+-- reports => false an accepted element's entry is only {"task_id"} (a worker that does not read
+-- the reports saves their cost: looking up each task's stage and job and building its report was
+-- a fifth of the batched benchmark line, bench/README.md).
+-- Locks are waited for in task_id order (tasks, then their messages; a task refused after the
+-- UPDATE is locked only if no other session holds it: else it is decided as it stands, 40001 if
+-- it could have been completed, report it again), then (job, stage) order (each stage's shards,
+-- waited for only in shard order, then its row), so concurrent batches do not deadlock.
+CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL, reports boolean DEFAULT true)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_ids        text[];
+    v_results    jsonb[];
+    v_tokens     bigint[];
+    v_refusals   jsonb[];
+    v_reported   text[] := '{}'::text[];  -- the accepted ones, when reports are built
+BEGIN
+    IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('results must be a JSON array, got %s', coalesce(jsonb_typeof(complete_tasks.results), 'NULL')),
+            HINT = 'pass [{"task_id": "...", "result": {...}}, ...]';
+    END IF;
+    IF jsonb_array_length(complete_tasks.results) > 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('%s results in one call, more than the limit of 10000', jsonb_array_length(complete_tasks.results)),
+            HINT = 'complete in batches of at most 10000 tasks';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
+                WHERE jsonb_typeof(e.item) <> 'object' OR jsonb_typeof(e.item -> 'task_id') IS DISTINCT FROM 'string'
+                   OR (e.item ? 'lease_token' AND jsonb_typeof(e.item -> 'lease_token') IS DISTINCT FROM 'null'
+                       AND (jsonb_typeof(e.item -> 'lease_token') <> 'number' OR (e.item ->> 'lease_token') !~ '^-?[0-9]{1,18}$'))) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = 'every element of results needs a "task_id" string (and a "lease_token", when given, is an integer)',
+            HINT = 'pass [{"task_id": "...", "result": {...}, "lease_token": 1}, ...]';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
+                GROUP BY e.item ->> 'task_id' HAVING count(*) > 1) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = 'results name a task more than once',
+            HINT = 'report each task once per call';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
+                WHERE octet_length((e.item -> 'result')::text) > 8388608) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = 'a result takes more than the limit of 8388608 bytes',
+            HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
+    END IF;
+
+    SELECT array_agg(e.item ->> 'task_id' ORDER BY e.n), array_agg(e.item -> 'result' ORDER BY e.n),
+           array_agg((e.item ->> 'lease_token')::bigint ORDER BY e.n)
+      INTO v_ids, v_results, v_tokens
+      FROM jsonb_array_elements(complete_tasks.results) WITH ORDINALITY AS e(item, n);
+    IF v_ids IS NULL THEN
+        RETURN '[]'::jsonb;
+    END IF;
+    v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
+
+    -- (reports => false: no report is built, the accepted ones answer their task_id)
+    -- The accepted ones are listed first, into a variable: PostgreSQL inlines no set-returning
+    -- function whose argument holds a subquery, and _completion_reports called instead of inlined
+    -- is planned again on every call (170 us a call of six tasks).
+    IF complete_tasks.reports IS NOT FALSE THEN
+        v_reported := ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal) WHERE a.refusal IS NULL);
+    END IF;
+    RETURN (
+        SELECT jsonb_agg(CASE WHEN u.refusal IS NOT NULL THEN jsonb_build_object('task_id', u.task_id, 'error', u.refusal)
+                              WHEN complete_tasks.reports IS FALSE THEN jsonb_build_object('task_id', u.task_id)
+                              ELSE r.report END
+                         ORDER BY u.n)
+          FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
+          LEFT JOIN stageflow._completion_reports(v_reported) AS r ON r.task_id = u.task_id);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:54
+-- Moves a job past its current stage if that stage has no open task left: creates the next
+-- stage's tasks, or completes the job. Stages that fan out to nothing are passed
+-- through in the same call. Idempotent: the job row lock serialises callers and the current
+-- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
+-- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
+--
+-- Fault isolation: an error while planning the next stage's tasks (a planner's results naming a
+-- key twice, a fan-out over a limit, params that do not make one) is that job's failure, never its
+-- caller's: nothing of the stage is created and the job fails with a categorised
+-- `stage_creation_failed` error (event job_failed), whichever claim, batch or maintenance round
+-- happened to advance it (_create_stage_tasks finds these before it writes anything).
+-- A job that ended while its last completion was on the way here (cancelled, failed) is not
+-- advanced; the stage that completion emptied is closed with the job.
+--
+-- A job some of whose tasks failed within their stages' thresholds ends `completed_with_errors`.
+-- Its result stays in its last stage's tasks, where job_result pages over it: completing the job
+-- copies nothing, however many tasks the last stage has.
+CREATE FUNCTION stageflow.advance_stage(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job       stageflow.jobs;
+    v_stage     stageflow.stages;
+    v_advanced  boolean := false;
+    v_created   int;
+    v_failure   jsonb;
+BEGIN
+    -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
+    -- retry_job takes first, which keeps retention from deleting the job under it)
+    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
+    END IF;
+
+    WHILE stageflow._job_is_open(v_job.status) LOOP
+        SELECT * INTO STRICT v_stage
+          FROM stageflow.stages AS s
+         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+        EXIT WHEN v_stage.open_shards > 0;
+
+        IF v_stage.status = 'active' THEN
+            UPDATE stageflow.stages AS s
+               SET status = 'completed', completed_at = stageflow.now()
+             WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+        END IF;
+        PERFORM stageflow._emit(v_job.job_id, 'stage_completed',
+                                jsonb_build_object('name', v_stage.name, 'task_count', v_stage.task_count,
+                                                   'completed', (SELECT c.completed_count FROM stageflow.stage_counts AS c
+                                                                  WHERE c.job_id = v_job.job_id AND c.stage = v_stage.stage),
+                                                   'failed', v_stage.failed_count),
+                                v_stage.stage);
+
+        IF v_job.current_stage >= v_job.total_stages THEN
+            UPDATE stageflow.jobs AS j
+               SET status = CASE WHEN EXISTS (SELECT 1 FROM stageflow.stages AS s
+                                               WHERE s.job_id = v_job.job_id AND s.failed_count > 0)
+                                 THEN 'completed_with_errors' ELSE 'completed' END,
+                   completed_at = stageflow.now(), updated_at = stageflow.now()
+             WHERE j.job_id = v_job.job_id
+            RETURNING * INTO v_job;
+            PERFORM stageflow._emit(v_job.job_id, 'job_' || v_job.status, jsonb_build_object('total_stages', v_job.total_stages));
+            v_advanced := true;
+            EXIT;
+        END IF;
+
+        SELECT c.created, c.failure INTO v_created, v_failure
+          FROM stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1, p_catch => true) AS c;
+        IF v_failure IS NOT NULL THEN
+            PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
+                'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
+                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_failure ->> 'message'),
+                'sqlstate', v_failure ->> 'sqlstate', 'hint', v_failure ->> 'hint'), p_advancing => true);
+            SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
+            EXIT;
+        END IF;
+        UPDATE stageflow.jobs AS j
+           SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
+         WHERE j.job_id = v_job.job_id
+        RETURNING * INTO v_job;
+        v_advanced := true;
+        EXIT WHEN v_created > 0;
+    END LOOP;
+
+    IF NOT v_advanced AND NOT stageflow._job_is_open(v_job.status) THEN
+        UPDATE stageflow.stages AS s
+           SET status = CASE WHEN v_job.status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
+               completed_at = stageflow.now()
+         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage AND s.status = 'active' AND s.open_shards = 0;
+    END IF;
+
+    RETURN jsonb_build_object(
+        'job_id', v_job.job_id,
+        'advanced', v_advanced,
+        'job_status', v_job.status,
+        'current_stage', v_job.current_stage,
+        'total_stages', v_job.total_stages);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:64
+-- Cancels a job: its queued tasks are removed (messages deleted), running ones are cancelled so
+-- their completions are refused, and the job ends `cancelled`. Cancelling a job that already
+-- ended changes nothing and reports its status. Only for those who see the job (as job_status).
+CREATE FUNCTION stageflow.cancel_job(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status    text;
+    v_changed   boolean;
+BEGIN
+    v_status := (stageflow._visible_job(cancel_job.job_id)).status;
+    v_changed := stageflow._job_is_open(v_status)
+                 AND stageflow._end_job(cancel_job.job_id, 'cancelled',
+                                        jsonb_build_object('message', 'cancelled by stageflow.cancel_job'));
+    RETURN jsonb_build_object(
+        'job_id', cancel_job.job_id,
+        'cancelled', v_changed,
+        'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id));
+END;
+$$;
+
+-- Makes a job and its current stage open again after a retry (the caller holds the stage's
+-- shards and row): the job is processing with no error, its deadline starts over (now + the job
+-- type's timeout_seconds), and job_retried is emitted.
+CREATE FUNCTION stageflow._reopen_job(p_job_id text, p_stage int, p_retried int)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE stageflow.stages AS s
+       SET status = 'active', completed_at = NULL
+     WHERE s.job_id = p_job_id AND s.stage = p_stage;
+    UPDATE stageflow.jobs AS j
+       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
+           deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
+     WHERE j.job_id = p_job_id;
+    PERFORM stageflow._emit(p_job_id, 'job_retried', jsonb_build_object('stage', p_stage, 'retried_tasks', p_retried), p_stage);
+END;
+$$;
+
+-- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks (and a
+-- task still running in the ended job: one a claim held while the job ended, whose report would
+-- be refused once it is queued again) are queued again with fresh attempts and new messages, the
+-- job is processing again and its deadline starts over (now + the job type's timeout_seconds). An
+-- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
+-- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
+-- Returns the number of tasks re-queued.
+-- Lock order as every completion's, tasks before shards before stage before job (but for a KEY
+-- SHARE lock of the job row first, which only retention's delete waits for): the tasks to
+-- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
+-- stale report it refuses, while it waits for the stage's shards), then the current stage's
+-- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
+-- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
+-- without waiting (one held: every task and shard this took is rolled back, and it starts over,
+-- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report,
+-- retry_job_racing_a_batch_holding_a_task_just_ended), running ones only if no one holds them,
+-- the job row last.
+-- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
+-- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
+-- once its stage is locked (the submission then checks the owner's open-task quota), and gets
+-- NULL for a job retention deleted since the submission read it (the submission makes it anew).
+CREATE FUNCTION stageflow.retry_job(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN stageflow._retry_job(retry_job.job_id, false);
+END;
+$$;
+
+CREATE FUNCTION stageflow._retry_job(p_job_id text, p_resubmission boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job      stageflow.jobs;
+    v_stage    stageflow.stages;
+    v_ids      text[];
+    v_reopened int;
+    v_running  text[];
+    v_old_msgs bigint[];
+    v_stopped  int;
+    v_failed   int;
+    v_advance  jsonb;
+    v_at       int;
+    v_nowait   boolean;
+BEGIN
+    -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks, skips
+    -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
+    PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
+    IF NOT FOUND AND p_resubmission THEN
+        RETURN NULL;
+    ELSIF NOT FOUND THEN
+        PERFORM stageflow._raise_unknown('job', p_job_id);
+    END IF;
+    -- Each round in a subtransaction: one that finds an ended task held gives back every task and
+    -- shard it took, and the next round waits for that task holding nothing but the job's KEY
+    -- SHARE. Only the NOWAIT is caught (a lock_timeout of a waiting lock is the caller's error).
+    LOOP
+        v_nowait := false;
+        BEGIN
+            SELECT j.current_stage INTO STRICT v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE;
+            v_at := stageflow._lock_current_stage(p_job_id);
+            v_nowait := true;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE NOWAIT;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            IF NOT v_nowait THEN
+                RAISE;
+            END IF;
+        END;
+    END LOOP;
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    IF stageflow._job_is_done(v_job.status)
+       OR (p_resubmission AND NOT stageflow._job_is_stopped(v_job.status)) THEN
+        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+    SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
+     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+
+    -- The tasks to run again (those that ended are locked above), read as they are now.
+    IF stageflow._job_is_stopped(v_job.status) THEN
+        v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                            WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id)
+                              AND t.stage = v_job.current_stage AND t.status = 'running'
+                            ORDER BY t.task_id
+                              FOR UPDATE SKIP LOCKED);
+    END IF;
+    SELECT array_agg(t.task_id ORDER BY t.ordinal),
+           (count(*) FILTER (WHERE t.status <> 'running'))::int,
+           array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
+           (count(*) FILTER (WHERE t.status = 'running'))::int,
+           (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
+      INTO v_ids, v_reopened, v_old_msgs, v_stopped, v_failed
+      FROM stageflow.tasks AS t
+     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
+       AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
+    IF v_ids IS NULL THEN
+        IF stageflow._job_is_stopped(v_job.status) AND v_stage.open_shards = 0 THEN
+            -- Nothing to retry, nothing open: the stage's last report landed as the job ended.
+            PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, 0);
+            v_advance := stageflow.advance_stage(v_job.job_id);
+            RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
+        END IF;
+        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+
+    -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old
+    -- messages of tasks that were still running go, but for one a claim holds (that claim may be
+    -- waiting for the shards this holds: retry_job_racing_a_claim_of_leftovers); a later claim
+    -- that reads it deletes it, as no longer its task's current message.
+    IF v_old_msgs IS NOT NULL THEN
+        PERFORM stageflow._delete_free_messages(v_stage.queue, v_old_msgs);
+    END IF;
+    UPDATE stageflow.tasks AS t
+       SET status = 'queued', attempt = 0, msg_id = m.msg_id, error = NULL, worker_id = NULL,
+           lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL, failed_at = NULL
+      FROM unnest(v_ids) WITH ORDINALITY AS u(task_id, n)
+      JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
+              FROM pgmq.send_batch(v_stage.queue,
+                                   ARRAY(SELECT jsonb_build_object('task_id', i.task_id)
+                                           FROM unnest(v_ids) WITH ORDINALITY AS i(task_id, n) ORDER BY i.n)) AS s(msg_id)) AS m
+        ON m.n = u.n
+     WHERE t.task_id = u.task_id;
+    -- (a stopped job's open tasks were all cancelled: every one has a message now, and a big
+    -- stage's window has none left to send)
+    IF stageflow._job_is_stopped(v_job.status) THEN
+        PERFORM stageflow._drop_message_windows(v_job.job_id);
+    END IF;
+
+    -- Tasks that had ended are open again on the shards; a running one never left the shards' open
+    -- count, and stops running (queued again).
+    IF v_reopened > 0 THEN
+        PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_reopened, 1, -v_failed);
+    END IF;
+    IF v_stopped > 0 THEN
+        PERFORM stageflow._leave_running(v_job.job_id, v_job.current_stage, v_stopped);
+    END IF;
+    PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, cardinality(v_ids));
+    PERFORM pg_notify('stageflow_tasks', v_stage.queue);
+    RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', cardinality(v_ids), 'job_status', 'processing');
+END;
+$$;
+
+-- Dead letters: tasks that ended without a result, newest first: `dead` (attempts ran out,
+-- including on expired leases) and `failed` (a permanent error). stageflow.retry_job runs them
+-- again.
+CREATE FUNCTION stageflow.dead_letters(max_rows int DEFAULT 100)
+RETURNS TABLE (
+    task_id text, job_id text, job_type text, stage int, stage_name text, handler text, task_key text,
+    status text, attempt int, max_attempts int, error jsonb, errors jsonb, failed_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF dead_letters.max_rows IS NULL OR dead_letters.max_rows NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be between 1 and 10000, got %s', coalesce(dead_letters.max_rows::text, 'NULL')),
+            HINT = 'list dead letters in pages of at most 10000';
+    END IF;
+    RETURN QUERY
+    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status, t.attempt,
+           t.max_attempts, t.error, t.errors, t.completed_at
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
+     WHERE t.failed_at IS NOT NULL
+     ORDER BY t.failed_at DESC
+     LIMIT dead_letters.max_rows;
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/job_id.rs:62
 -- stageflow::job_id::_canonical_json
 CREATE  FUNCTION "_canonical_json"(
@@ -4838,7 +4843,7 @@ AS 'MODULE_PATHNAME', 'default_quotas_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:210
+-- src/queues.rs:217
 -- stageflow::queues::_delete_messages
 CREATE  FUNCTION "_delete_messages"(
 	"queue" TEXT, /* & str */
@@ -4906,7 +4911,7 @@ AS 'MODULE_PATHNAME', 'normalize_definition_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:144
+-- src/queues.rs:151
 -- stageflow::queues::_read_messages
 CREATE  FUNCTION "_read_messages"(
 	"queue" TEXT, /* & str */
@@ -5214,7 +5219,7 @@ ON CONFLICT ON CONSTRAINT job_types_pkey DO UPDATE SET definition = excluded.def
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:195
+-- src/queues.rs:202
 -- stageflow::queues::read_messages
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
@@ -5259,7 +5264,7 @@ GRANT USAGE ON SCHEMA stageflow TO stageflow_worker, stageflow_submitter, stagef
 GRANT EXECUTE ON FUNCTION
     stageflow.claim_tasks(text, int, int, text),
     stageflow.heartbeat(text[], int, text, bigint[]),
-    stageflow.complete_task_and_check_stage(text, jsonb, text, bigint),
+    stageflow.complete_task_and_check_stage(text, jsonb, text, bigint, boolean),
     stageflow.complete_tasks(jsonb, text, boolean),
     stageflow.fail_task(text, jsonb, boolean, text, bigint),
     stageflow.release_tasks(text[], text, bigint[])
@@ -5318,7 +5323,7 @@ BEGIN
         'stageflow.claim_tasks(text, int, int, text)',
         'stageflow.heartbeat(text[], int, text, bigint[])',
         'stageflow.release_tasks(text[], text, bigint[])',
-        'stageflow.complete_task_and_check_stage(text, jsonb, text, bigint)',
+        'stageflow.complete_task_and_check_stage(text, jsonb, text, bigint, boolean)',
         'stageflow.complete_tasks(jsonb, text, boolean)',
         'stageflow.fail_task(text, jsonb, boolean, text, bigint)',
         'stageflow.cancel_job(text)',

@@ -198,6 +198,15 @@ async fn every_call_answers_in_typed_rows() {
     );
     assert!(quiet[0].outcome.is_ok(), "{quiet:?}");
     assert!(matches!(quiet[1].outcome, Err(Error::WrongState(_))), "{quiet:?}");
+    // One task without its report: the repeat accepted again, the lost lease refused, as above.
+    api.complete_task_unreported(&claimed[1].task_id, Some(&one), Some("w1"), Some(claimed[1].lease_token))
+        .await
+        .unwrap();
+    let single = api
+        .complete_task_unreported(&claimed[2].task_id, Some(&two), Some("w1"), Some(claimed[2].lease_token + 7))
+        .await
+        .unwrap_err();
+    assert!(matches!(single, Error::WrongState(_)) && single.message().unwrap().contains("lease"), "{single:?}");
     let last = api
         .complete_task_and_check_stage(&claimed[2].task_id, Some(&two), Some("w1"), Some(claimed[2].lease_token))
         .await
