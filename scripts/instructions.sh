@@ -7,8 +7,13 @@
 # client, no commit flush. Use it to compare two versions of the hot path; scripts/bench.sh stays
 # the measure of speed.
 #
-# The pair is counted twice: as the superuser (the benchmark's login, which skips the queue grant
-# checks) and as a login with stageflow_worker granted the queue, as a deployed worker runs.
+# The pair completes without the report (`report => false`), as the worker runtime and the
+# benchmark call it, and is counted as the superuser (the benchmark's login, which skips the queue
+# grant checks), as a login with stageflow_worker granted the queue (as a deployed worker runs),
+# and with the report (the psql form's default; every argument written out: a default filled in
+# when the statement is planned is counted here, since each statement is planned anew, but not by
+# a client that prepares it). Then batched, per task: a claim of 100 and complete_tasks without
+# reports, against pgmq's read 100 + delete 100.
 # Each count is the difference of two runs over a fresh copy of one template database (the same
 # job submitted, then 10 or 310 pairs), divided by 300: what the setup costs cancels out. Counts
 # repeat to within 0.2 % (bench/README.md, fifteenth pass).
@@ -67,11 +72,24 @@ per_pair() {
     b=$(count "$1" "$2" 310)
     echo $(((b - a) / 300))
 }
-pair="SELECT count(*) FROM stageflow.claim_tasks('pairs', 1, 60, 'w') AS c, stageflow.complete_task_and_check_stage(c.task_id, '{}', 'w', c.lease_token);"
+# (the completion without its report, as the worker runtime and the benchmark call it; then with it)
+pair="SELECT count(*) FROM stageflow.claim_tasks('pairs', 1, 60, 'w') AS c, stageflow.complete_task_and_check_stage(c.task_id, '{}', 'w', c.lease_token, false);"
+reported="SELECT count(*) FROM stageflow.claim_tasks('pairs', 1, 60, 'w') AS c, stageflow.complete_task_and_check_stage(c.task_id, '{}', 'w', c.lease_token, true);"
 stageflow=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 3000}');" "$pair")
 worker=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 3000}'); SET SESSION AUTHORIZATION stageflow_instructions_worker;" "$pair")
+with_report=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 3000}');" "$reported")
 pgmq=$(per_pair "SELECT count(*) FROM pgmq.send_batch('plain', array_fill('{\"task_id\": \"x\"}'::jsonb, ARRAY[3000]));" \
     "SELECT pgmq.delete('plain', m.msg_id) FROM pgmq.read('plain', 30, 1) AS m;")
-printf '%-56s %10s instructions\n' "stageflow claim + complete, one task" "$stageflow"
+# Batched, as the benchmark's batched pgbench lines: a claim of 100 and complete_tasks without the
+# accepted ones' reports, against pgmq's read 100 + delete 100; counted per task (a pair of 100,
+# divided by 100 again).
+batch="SELECT jsonb_array_length(stageflow.complete_tasks(b.batch, 'w', false)) FROM (SELECT jsonb_agg(jsonb_build_object('task_id', c.task_id, 'lease_token', c.lease_token)) AS batch FROM stageflow.claim_tasks('pairs', 100, 60, 'w') AS c) AS b;"
+stageflow_batch=$(per_pair "SELECT stageflow.submit_job('pairs', '{\"n\": 32000}');" "$batch")
+pgmq_batch=$(per_pair "SELECT count(*) FROM pgmq.send_batch('plain', array_fill('{\"task_id\": \"x\"}'::jsonb, ARRAY[32000]));" \
+    "SELECT count(*) FROM pgmq.delete('plain', (SELECT array_agg(m.msg_id) FROM pgmq.read('plain', 30, 100) AS m));")
+printf '%-56s %10s instructions\n' "stageflow claim + complete, one task (report => false)" "$stageflow"
 printf '%-56s %10s instructions\n' "the same as a worker login (queue granted)" "$worker"
+printf '%-56s %10s instructions\n' "the same with the completion's report" "$with_report"
 printf '%-56s %10s instructions\n' "pgmq read + delete, one message" "$pgmq"
+printf '%-56s %10s instructions\n' "stageflow claim 100 + complete_tasks, a task" "$((stageflow_batch / 100))"
+printf '%-56s %10s instructions\n' "pgmq read 100 + delete 100, a message" "$((pgmq_batch / 100))"

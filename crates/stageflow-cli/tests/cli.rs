@@ -214,6 +214,23 @@ fn the_benchmark_runs_every_line_and_writes_its_report() {
                 line["pgbench"]
             );
         }
+        // The alternating rounds: three of each at the quick size, every rate measured.
+        for key in ["one_at_a_time", "batch_100"] {
+            let rounds = &line["pgbench"]["rounds"][key];
+            for side in ["pgmq_per_s", "stageflow_per_s", "ratios"] {
+                let values = rounds[side].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect::<Vec<_>>());
+                assert!(
+                    values.as_ref().is_some_and(|v| v.len() == 3 && v.iter().all(|r| *r > 0.0)),
+                    "{mode}.pgbench.rounds.{key}.{side}: {rounds}"
+                );
+            }
+            let (min, median, max) =
+                (rounds["min_ratio"].as_f64(), rounds["median_ratio"].as_f64(), rounds["max_ratio"].as_f64());
+            assert!(
+                matches!((min, median, max), (Some(a), Some(b), Some(c)) if 0.0 < a && a <= b && b <= c),
+                "{rounds}"
+            );
+        }
         // pgflow's lines run when scripts/setup.sh has fetched its SQL (it does when npm is there).
         let pgflow = std::env::var("STAGEFLOW_PGFLOW_DIR").unwrap_or_else(|_| "/var/tmp/stageflow-pgflow".into());
         if std::path::Path::new(&pgflow).join("core-0.8.1/package/dist/supabase/migrations").is_dir() {

@@ -1,6 +1,8 @@
 //! Stageflow end to end (`count` N no-op tasks, then `lineage`): claim + complete one at a time, or
-//! claim a batch + `complete_tasks` (without the accepted ones' reports, `reports => false`, as
-//! the worker runtime calls it), each completion fenced by its lease as a worker's is.
+//! claim a batch + `complete_tasks`, each completion fenced by its lease as a worker's is, and
+//! without the report the worker runtime does not read (`complete_task_and_check_stage(...,
+//! report => false)` for one task, `complete_tasks(..., reports => false)` for a batch: what the
+//! worker runtime calls).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,7 +30,7 @@ pub(super) async fn rate(url: &str, n: usize, sync: bool, batch: i32, tasks: i64
         let (job_id, finished, mut woken) = (job_id.clone(), finished.clone(), woken.clone());
         async move {
             let claim = client.prepare("SELECT task_id, lease_token FROM stageflow.claim_tasks('bench', $1, 60, 'bench')").await?;
-            let complete = client.prepare("SELECT stageflow.complete_task_and_check_stage($1, '{}', 'bench', $2)").await?;
+            let complete = client.prepare("SELECT stageflow.complete_task_and_check_stage($1, '{}', 'bench', $2, false)").await?;
             let complete_many = client
                 .prepare(
                     "SELECT stageflow.complete_tasks((SELECT jsonb_agg(jsonb_build_object('task_id', id, 'lease_token', token)) \

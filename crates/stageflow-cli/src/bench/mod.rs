@@ -7,8 +7,9 @@
 //! 3. `end_to_end`: Stageflow end to end (`count` N no-op tasks, then `lineage`): claim + complete
 //!    one at a time, and claim 100 + `complete_tasks`, each completion fenced by its lease as a
 //!    worker's is;
-//! 4. `pgbench`: the one-at-a-time lines of pgmq and Stageflow again, under `pgbench` with the same
-//!    statements, to see what the benchmark's own client costs;
+//! 4. `pgbench`: the one-at-a-time and batched lines of pgmq and Stageflow again, under `pgbench`
+//!    with the same statements, to see what the benchmark's own client costs; then both in
+//!    alternating rounds, whose median ratios are read against the targets;
 //! 5. `pgflow`: pgflow's worker path (read, `start_tasks`, `complete_task`) one at a time and in
 //!    batches of 10, over a map step then a single step, its published SQL loaded into a database
 //!    of the same cluster;
@@ -78,6 +79,11 @@ struct Sizes {
     latency_rounds: usize,
     memory_tasks: i64,
     commit_seconds: f64,
+    /// The alternating pgbench rounds: how many, and the messages and tasks of a half one at a
+    /// time and batched.
+    rounds: usize,
+    round_units: usize,
+    round_batch_units: usize,
     /// The million line's tasks per stage (0: not run), its worker processes and window.
     million: i64,
     million_workers: usize,
@@ -199,6 +205,9 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             latency_rounds: 10,
             memory_tasks: 2000,
             commit_seconds: 0.5,
+            rounds: 3,
+            round_units: 1000,
+            round_batch_units: 2000,
             million: 10_000,
             million_workers: 4,
             million_window: 1000,
@@ -216,6 +225,9 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             latency_rounds: 100,
             memory_tasks: 100_000,
             commit_seconds: 3.0,
+            rounds: 5,
+            round_units: 10_000,
+            round_batch_units: 50_000,
             million: if options.million || options.million_only { 1_000_000 } else { 0 },
             million_workers: 4,
             million_window: 100_000,
@@ -429,6 +441,24 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                     sf_batch_bench / pgmq_batch_bench
                 ),
             );
+            // The same statements in alternating rounds, each round's two halves seconds apart: the
+            // ratios the targets are read from (pgbench.rs, Rounds).
+            let one_rounds =
+                pgbench::rounds(&url, c, sync, 1, sizes.round_units, sizes.rounds, &quiet, &scripts).await?;
+            let batch_rounds =
+                pgbench::rounds(&url, c, sync, 100, sizes.round_batch_units, sizes.rounds, &quiet, &scripts).await?;
+            for (name, r) in [("one at a time", &one_rounds), ("batched (100)", &batch_rounds)] {
+                let (median, min, max) = r.median_min_max();
+                println!(
+                    "{:<58} {:>11.2}x median  ({:.2}x-{:.2}x; pgmq {} /s; stageflow {} /s)",
+                    format!("{name}, stageflow / pgmq, {} alternating pgbench rounds", sizes.rounds),
+                    median,
+                    min,
+                    max,
+                    r.pgmq.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" "),
+                    r.stageflow.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" "),
+                );
+            }
             let pgflow_lines = match &pgflow_db {
                 None => serde_json::Value::Null,
                 Some((pgflow_url, _)) => {
@@ -514,6 +544,12 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
                         "stageflow_batch_100": sf_batch_bench_wal.json(),
                     },
                     "checkpointed_backlog": backlog,
+                    "rounds": {
+                        "units_one_at_a_time": sizes.round_units,
+                        "units_batch_100": sizes.round_batch_units,
+                        "one_at_a_time": one_rounds.json(),
+                        "batch_100": batch_rounds.json(),
+                    },
                 },
                 "pgflow": pgflow_lines,
                 "fan_out_tasks": sizes.fan_out,

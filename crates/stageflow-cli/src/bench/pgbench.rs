@@ -23,7 +23,7 @@ SELECT pgmq.delete('bench_pgbench', :msg_id::bigint);
 
 const STAGEFLOW_SCRIPT: &str = "\
 SELECT task_id, lease_token FROM stageflow.claim_tasks('pgbench', 1, 60, 'bench') \\gset
-SELECT stageflow.complete_task_and_check_stage(:task_id, '{}', 'bench', :lease_token);
+SELECT stageflow.complete_task_and_check_stage(:task_id, '{}', 'bench', :lease_token, false);
 ";
 
 const PGMQ_BATCH_SCRIPT: &str = "\
@@ -95,8 +95,9 @@ pub(super) async fn pgmq(
 }
 
 /// Stageflow's claim + complete under pgbench, `batch` tasks a script (1: `claim_tasks(q, 1)` and
-/// `complete_task_and_check_stage`; 100: `claim_tasks(q, 100)` and `complete_tasks` without the
-/// accepted ones' reports, as the client's batched line): tasks per second and the WAL per task.
+/// `complete_task_and_check_stage` without its report; 100: `claim_tasks(q, 100)` and
+/// `complete_tasks` without the accepted ones' reports; as the client's lines and the worker
+/// runtime call them): tasks per second and the WAL per task.
 pub(super) async fn stageflow(
     url: &str,
     n: usize,
@@ -162,4 +163,67 @@ async fn run(
     text.lines()
         .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse::<f64>().ok())
         .ok_or_else(failed)
+}
+
+/// pgmq and Stageflow under pgbench in alternating rounds (pgmq first in odd rounds, Stageflow
+/// first in even ones), `units` messages and tasks a half, every half after the same settling:
+/// the ratio of each round's two rates. The single lines above run a minute or more apart, and
+/// this machine's commit rate drifts by a third over that time (bench/README.md, sixteenth pass);
+/// the two halves of a round run seconds apart, and the median of the rounds' ratios is what the
+/// report compares with the issue's targets.
+pub(super) struct Rounds {
+    pub pgmq: Vec<f64>,
+    pub stageflow: Vec<f64>,
+}
+
+impl Rounds {
+    pub fn ratios(&self) -> Vec<f64> {
+        self.stageflow.iter().zip(&self.pgmq).map(|(s, p)| s / p).collect()
+    }
+
+    /// The median of the rounds' ratios, and their lowest and highest.
+    pub fn median_min_max(&self) -> (f64, f64, f64) {
+        let mut r = self.ratios();
+        r.sort_by(f64::total_cmp);
+        let mid = r.len() / 2;
+        let median = if r.len() % 2 == 1 { r[mid] } else { (r[mid - 1] + r[mid]) / 2.0 };
+        (median, r[0], r[r.len() - 1])
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let (median, min, max) = self.median_min_max();
+        json!({
+            "pgmq_per_s": self.pgmq,
+            "stageflow_per_s": self.stageflow,
+            "ratios": self.ratios(),
+            "median_ratio": median,
+            "min_ratio": min,
+            "max_ratio": max,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn rounds(
+    url: &str,
+    n: usize,
+    sync: bool,
+    batch: usize,
+    units: usize,
+    count: usize,
+    quiet: &[&tokio_postgres::Client],
+    dir: &Path,
+) -> Result<Rounds, CliError> {
+    let mut rounds = Rounds { pgmq: Vec::new(), stageflow: Vec::new() };
+    for round in 0..count {
+        for pgmq_half in [round % 2 == 0, round % 2 == 1] {
+            super::settle(quiet).await?;
+            if pgmq_half {
+                rounds.pgmq.push(pgmq(url, n, Variant::plain(sync), batch, units, dir).await?.0);
+            } else {
+                rounds.stageflow.push(stageflow(url, n, Variant::plain(sync), batch, units, dir).await?.0);
+            }
+        }
+    }
+    Ok(rounds)
 }
