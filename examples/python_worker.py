@@ -69,7 +69,8 @@ def main():
                 try:
                     result = HANDLERS[handler](task)
                     succeeded = True
-                    report = ("SELECT stageflow.complete_task_and_check_stage(%s, %s, %s, %s)",
+                    # (report => false: the answer is only {"task_id"}; this loop reads none)
+                    report = ("SELECT stageflow.complete_task_and_check_stage(%s, %s, %s, %s, report => false)",
                               (task_id, Jsonb(result), worker_id, lease_token))
                 except Exception as error:  # any handler failure is reported, never fatal
                     succeeded = False
