@@ -520,6 +520,1118 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/lib.rs:65
+-- Logs a unit of maintenance work that failed (in the handler of its subtransaction) as a WARNING
+-- naming the unit, and counts it: returns 1.
+CREATE FUNCTION stageflow._unit_failed(p_unit text, p_message text, p_sqlstate text)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- plpgsql_check would have it IMMUTABLE; the WARNING it logs is a side effect, which an
+    -- IMMUTABLE function may not have (it could be folded or skipped): VOLATILE is right.
+    -- @plpgsql_check_options: performance_warnings = false
+    RAISE WARNING '%: % (SQLSTATE %)', p_unit, p_message, p_sqlstate;
+    RETURN 1;
+END;
+$$;
+-- The error a task's last lease records when it expires: a dead letter's, made by the claim that
+-- reads its message or by maintenance.
+CREATE FUNCTION stageflow._lease_expired_error(p_attempt int, p_max_attempts int)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'type', 'lease_expired', 'category', 'transient',
+        'message', format('the lease of attempt %s of %s expired before the task was completed', p_attempt, p_max_attempts))
+$$;
+-- The retention's settings: the interval (stageflow.retention; unset, when the library is not
+-- loaded in this session, means the default, 7 days; '' or 0 means forever: NULL) and the rows a
+-- round deletes at most from each table (stageflow.retention_batch_size, default 10000).
+CREATE FUNCTION stageflow._retention()
+RETURNS interval
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT nullif(nullif(coalesce(current_setting('stageflow.retention', true), '7 days'), ''), '0')::interval
+$$;
+CREATE FUNCTION stageflow._retention_batch_size()
+RETURNS int
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT greatest(coalesce(nullif(current_setting('stageflow.retention_batch_size', true), '')::int, 10000), 1)
+$$;
+-- Raises stageflow.lease_token_floor above p_token, the highest lease token of task rows the
+-- caller's transaction has just deleted (NULL: none, nothing to do): a task made again under one
+-- of their ids starts above every lease they handed out. An insert: it waits for no one.
+CREATE FUNCTION stageflow._raise_lease_token_floor(p_token bigint)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO stageflow.lease_token_floor (token) SELECT p_token + 1 WHERE p_token IS NOT NULL
+$$;
+-- Finishes the deletion of job p_job_id now, whatever its size, if retention has begun it: a
+-- submission that creates the job again calls it before it writes anything of the new job.
+-- Deleting the note first waits for a maintenance round that is draining the job (it holds the
+-- note) and keeps later rounds off it. Returns whether there was a deletion to finish.
+CREATE FUNCTION stageflow._finish_job_deletion(p_job_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_max_token bigint;
+BEGIN
+    DELETE FROM stageflow.deleted_jobs AS d WHERE d.job_id = p_job_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    WITH gone AS (
+        DELETE FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, p_job_id)
+        RETURNING t.lease_token
+    )
+    SELECT max(gone.lease_token) INTO v_max_token FROM gone;
+    PERFORM stageflow._raise_lease_token_floor(v_max_token);
+    DELETE FROM stageflow.events AS e WHERE e.job_id = p_job_id;
+    DELETE FROM stageflow.webhook_deliveries AS w WHERE w.job_id = p_job_id;
+    DELETE FROM stageflow.stage_claims AS c WHERE c.job_id = p_job_id;
+    RETURN true;
+END;
+$$;
+-- One round of retention (run_maintenance's last step), each part bounded, on the engine's clock
+-- (p_retention NULL, retention off: parts 1, 3 and 4 delete nothing, part 2 still drains):
+--   1. up to least(max_rows, batch) finished jobs whose completed_at is older than the retention
+--      (rows another session holds are skipped) lose their job row (with it, by cascade, their
+--      stages and shards: at most 16 shards a stage) and stage claims, and are noted in
+--      stageflow.deleted_jobs;
+--   2. the jobs noted there (as many, oldest first, notes another round holds skipped) lose up
+--      to `batch` tasks, `batch` events and `batch` webhook deliveries; a note with nothing left
+--      is removed (a small job goes in the round that deleted its row); the highest lease token
+--      of the tasks deleted is noted in stageflow.lease_token_floor, whose notes but the
+--      highest go;
+--   3. each queue the job types use loses up to `batch` archived messages (pgmq.a_<queue>: the
+--      messages of tasks that failed or were dead-lettered, pgmq.archive) archived before the
+--      retention; pgmq dates them with the real clock;
+--   4. the next least(max_rows, batch) webhook deliveries (a cursor walks them in delivery_id
+--      order, wrapping around) lose those older than the retention whose job is gone and not
+--      noted in deleted_jobs: what 0.1.0's retention, which left deliveries behind, orphaned.
+-- Completed and cancelled tasks' messages are deleted, not archived, when they end: pgmq.q_<queue>
+-- holds only the open tasks' messages (and strays the reconciler deletes); its dead tuples are
+-- vacuum's. Returns {"jobs_deleted", "tasks_deleted", "events_deleted",
+-- "webhook_deliveries_deleted", "archived_messages_deleted", "errors"}; each part runs in a
+-- subtransaction of its own (an error is logged as a WARNING and counted).
+CREATE FUNCTION stageflow._prune(max_rows int, p_retention interval)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now        timestamptz := stageflow.now();
+    v_cutoff     timestamptz := stageflow.now() - p_retention;
+    v_batch      int := stageflow._retention_batch_size();
+    v_jobs       int;
+    v_ids        text[];
+    v_count      int;
+    v_max_token  bigint;
+    v_window     bigint[];
+    v_cursor     bigint;
+    v_deleted    jsonb := '{"jobs_deleted": 0, "tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0, "archived_messages_deleted": 0}'::jsonb;
+    v_errors     int := 0;
+    v_lock_timeout text := current_setting('lock_timeout');
+    q            record;
+BEGIN
+    v_jobs := greatest(least(max_rows, v_batch), 1);
+
+    -- 1. Job rows. Locked before their stages and shards (the cascade), the reverse of the order
+    -- every other path takes (shards, stage, job): a wait here gives up after 50 ms (before the
+    -- deadlock detector's second), so a retry_job or a resubmission that holds a job's stage goes
+    -- on and this batch waits for the next round. A job whose webhook delivery is still pending
+    -- stays until that delivery's next attempt is a retention overdue (a dispatcher that was down).
+    BEGIN
+        PERFORM set_config('lock_timeout', '50ms', true);
+        WITH old AS (
+            SELECT j.job_id FROM stageflow.jobs AS j
+             WHERE j.completed_at < v_cutoff
+               AND stageflow._job_has_ended(j.status)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w
+                                WHERE w.job_id = j.job_id AND w.status = 'pending' AND w.next_attempt_at >= v_cutoff)
+             ORDER BY j.completed_at LIMIT v_jobs
+               FOR UPDATE SKIP LOCKED
+        ), noted AS (
+            INSERT INTO stageflow.deleted_jobs AS d (job_id, deleted_at)
+            SELECT old.job_id, v_now FROM old
+            ON CONFLICT ON CONSTRAINT deleted_jobs_pkey DO NOTHING
+        ), claims_gone AS (
+            DELETE FROM stageflow.stage_claims AS c USING old WHERE c.job_id = old.job_id
+        ), jobs_gone AS (
+            DELETE FROM stageflow.jobs AS j USING old WHERE j.job_id = old.job_id RETURNING 1
+        )
+        SELECT count(*)::int INTO v_count FROM jobs_gone;
+        v_deleted := v_deleted || jsonb_build_object('jobs_deleted', v_count);
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    EXCEPTION WHEN lock_not_available THEN
+        -- (the setting goes back with the subtransaction)
+        NULL;
+    WHEN OTHERS THEN
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of jobs', SQLERRM, SQLSTATE);
+    END;
+
+    -- 2. Their tasks, events and webhook deliveries.
+    BEGIN
+        SELECT array_agg(d.job_id) INTO v_ids
+          FROM (SELECT d.job_id FROM stageflow.deleted_jobs AS d
+                 ORDER BY d.deleted_at, d.job_id LIMIT v_jobs
+                   FOR UPDATE SKIP LOCKED) AS d;
+        IF v_ids IS NOT NULL THEN
+            WITH gone AS (
+                DELETE FROM stageflow.tasks AS t
+                 -- (_is_task_of_job's two conditions, for a list of jobs)
+                 WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
+                                      WHERE pg_catalog.hashtextextended(o.job_id, 0)
+                                            = ANY (ARRAY(SELECT pg_catalog.hashtextextended(u.job_id, 0) FROM unnest(v_ids) AS u(job_id)))
+                                        AND o.job_id = ANY (v_ids)
+                                      LIMIT v_batch
+                                        -- (one a stale report holds: the next round)
+                                        FOR UPDATE SKIP LOCKED)
+                RETURNING t.lease_token
+            )
+            SELECT count(*)::int, max(gone.lease_token) INTO v_count, v_max_token FROM gone;
+            PERFORM stageflow._raise_lease_token_floor(v_max_token);
+            v_deleted := v_deleted || jsonb_build_object('tasks_deleted', v_count);
+            WITH gone AS (
+                DELETE FROM stageflow.events AS e
+                 WHERE e.event_id IN (SELECT o.event_id FROM stageflow.events AS o WHERE o.job_id = ANY (v_ids) LIMIT v_batch)
+                RETURNING 1
+            )
+            SELECT count(*)::int INTO v_count FROM gone;
+            v_deleted := v_deleted || jsonb_build_object('events_deleted', v_count);
+            WITH gone AS (
+                DELETE FROM stageflow.webhook_deliveries AS w
+                 WHERE w.delivery_id IN (SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
+                                          WHERE o.job_id = ANY (v_ids) LIMIT v_batch)
+                RETURNING 1
+            )
+            SELECT count(*)::int INTO v_count FROM gone;
+            v_deleted := v_deleted || jsonb_build_object('webhook_deliveries_deleted', v_count);
+            DELETE FROM stageflow.deleted_jobs AS d
+             WHERE d.job_id = ANY (v_ids)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, d.job_id))
+               AND NOT EXISTS (SELECT 1 FROM stageflow.events AS e WHERE e.job_id = d.job_id)
+               AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w WHERE w.job_id = d.job_id);
+        END IF;
+        -- The floor's notes but the highest. (A note another round holds is skipped: that round
+        -- keeps a note at least as high as any it deletes, and its deletions roll back with it.
+        -- A lone note is left unlocked: an idle round writes nothing here.)
+        IF (SELECT count(*) > 1 FROM stageflow.lease_token_floor) THEN
+            DELETE FROM stageflow.lease_token_floor AS f
+             WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
+                                  ORDER BY o.token DESC OFFSET 1
+                                    FOR UPDATE SKIP LOCKED);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        -- (what this part deleted was rolled back with it)
+        v_deleted := v_deleted || '{"tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0}'::jsonb;
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
+    END;
+
+    -- 3. Archived messages.
+    FOR q IN
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+    LOOP
+        BEGIN
+            EXECUTE format(
+                'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
+                '(SELECT a.msg_id FROM pgmq.%1$I AS a WHERE a.archived_at < $1 ORDER BY a.archived_at LIMIT $2 '
+                'FOR UPDATE SKIP LOCKED) RETURNING 1) SELECT count(*)::int FROM gone',
+                pgmq.format_table_name(q.queue, 'a'))
+               INTO v_count USING v_cutoff, v_batch;
+            v_deleted := v_deleted || jsonb_build_object('archived_messages_deleted',
+                                                         (v_deleted ->> 'archived_messages_deleted')::int + v_count);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: retention of queue %s''s archive', q.queue), SQLERRM, SQLSTATE);
+        END;
+    END LOOP;
+
+    -- 4. Orphaned webhook deliveries: the next window.
+    BEGIN
+        v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
+                               WHERE c.name = 'retention:webhook_deliveries'), 0);
+        SELECT array_agg(w.delivery_id ORDER BY w.delivery_id) INTO v_window
+          FROM (SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
+                 WHERE o.delivery_id > v_cursor ORDER BY o.delivery_id LIMIT v_jobs) AS w;
+        INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+        VALUES ('retention:webhook_deliveries',
+                CASE WHEN coalesce(cardinality(v_window), 0) < v_jobs THEN '0' ELSE v_window[cardinality(v_window)]::text END)
+        ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+        IF v_window IS NOT NULL THEN
+            WITH gone AS (
+                DELETE FROM stageflow.webhook_deliveries AS w
+                 WHERE w.delivery_id IN (
+                       SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
+                        WHERE o.delivery_id = ANY (v_window) AND o.created_at < v_cutoff
+                          AND NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j WHERE j.job_id = o.job_id)
+                          AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = o.job_id)
+                          FOR UPDATE SKIP LOCKED)
+                RETURNING 1
+            )
+            SELECT count(*)::int INTO v_count FROM gone;
+            v_deleted := v_deleted || jsonb_build_object('webhook_deliveries_deleted',
+                                                         (v_deleted ->> 'webhook_deliveries_deleted')::int + v_count);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of orphaned webhook deliveries', SQLERRM, SQLSTATE);
+    END;
+
+    RETURN v_deleted || jsonb_build_object('errors', v_errors);
+END;
+$$;
+-- Maintenance's part of the message windows: sends the next window of each big stage whose last
+-- window has all been read (no message of msg_ids refill_at .. sent_up_to is still
+-- unread in its queue) while no claim sent it (a claim whose read reached it rolled back, say), at
+-- most max_rows windows a round, oldest first in each queue; visible from p_vt. Only due windows
+-- count against max_rows (found by review: a LIMIT before the check let a thousand older windows
+-- of an idle queue keep a busy queue's window from being sent). Returns how many it sent.
+CREATE FUNCTION stageflow._send_due_windows(max_rows int, p_vt timestamptz)
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q         record;
+    v_job_id  text;
+    v_stage   int;
+    v_sent    int := 0;
+BEGIN
+    FOR q IN
+        SELECT DISTINCT mw.queue FROM stageflow.message_windows AS mw
+         -- (a queue a restore or a DBA dropped is the reconciler's to make again first)
+         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = mw.queue)
+         ORDER BY mw.queue
+    LOOP
+        FOR v_job_id, v_stage IN EXECUTE format(
+            'SELECT mw.job_id, mw.stage FROM stageflow.message_windows AS mw'
+            ' WHERE mw.queue = $1'
+            '   AND NOT EXISTS (SELECT 1 FROM pgmq.%I AS m'
+            '                    WHERE m.msg_id BETWEEN mw.refill_at AND mw.sent_up_to AND m.read_ct = 0)'
+            ' ORDER BY mw.created_at, mw.job_id, mw.stage LIMIT $2', pgmq.format_table_name(q.queue, 'q'))
+            USING q.queue, max_rows - v_sent
+        LOOP
+            IF stageflow._send_window(v_job_id, v_stage, p_vt) IS NOT NULL THEN
+                v_sent := v_sent + 1;
+            END IF;
+        END LOOP;
+        EXIT WHEN v_sent >= max_rows;
+    END LOOP;
+    RETURN v_sent;
+END;
+$$;
+-- One round of maintenance, run by the background worker every stageflow.maintenance_interval
+-- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
+-- re-checks what it acts on under the task's row lock (rows another session holds are left to the
+-- next round):
+--   * expired last attempts (the notes their claims left in last_attempt_leases): dead-lettered;
+--   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
+--   * big stages' message windows that are due and that no claim sent are sent;
+--   * the reconciler (stageflow._reconcile) walks on through tasks and messages (and wakes the
+--     workers of queues where a retry came due or a lease expired);
+--   * retention (stageflow._prune): finished jobs older than stageflow.retention (an interval,
+--     default 7 days; 0 keeps them) are deleted with their stages, tasks, events and webhook
+--     deliveries, and the queues' archived messages older than it, at most
+--     stageflow.retention_batch_size rows of each table a round.
+-- Each unit of work (a task, a job, a reconciler window, a retention batch) runs in a
+-- subtransaction: an error in one is logged as a WARNING, counted in "errors", and the round
+-- goes on. Returns what it did. Only an error outside every unit is returned as {"error": ...}
+-- (with the round rolled back), so the caller can back off.
+-- Without JIT (jit = off for the round and all it calls): its statements are bounded batches, and
+-- one whose estimate passes jit_above_cost is compiled on every execution (a plan kept by PL/pgSQL
+-- keeps no compiled code). The list of the job types' queues, over a job_types table that
+-- autovacuum never analyses (it changes by a few rows), was estimated at 56,250 rows and compiled
+-- three times a round: 350-420 ms a round against 4 ms without JIT, every second, on an idle engine.
+CREATE FUNCTION stageflow.run_maintenance(max_rows int DEFAULT 1000)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+AS $$
+DECLARE
+    v_now        timestamptz := stageflow.now();
+    v_dead       int := 0;
+    v_timed_out  int := 0;
+    v_windows    int := 0;
+    v_errors     int := 0;
+    v_reconciled jsonb := '{}'::jsonb;
+    v_pruned     jsonb := '{}'::jsonb;
+    v_busy       boolean;
+    v_retention  interval;
+    v_error_message text;
+    v_error_state   text;
+    r            record;
+BEGIN
+    IF run_maintenance.max_rows IS NULL OR run_maintenance.max_rows < 1 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be at least 1, got %s', coalesce(run_maintenance.max_rows::text, 'NULL')),
+            HINT = 'pass how many rows each step of the round may look at, e.g. 1000 (the default)';
+    END IF;
+    -- (A bad argument above is the caller's error; an error below is the round's, reported.)
+    BEGIN
+        -- Expired notes of last attempts that no longer describe their task's lease (the task
+        -- completed, failed, was released or re-claimed, or is gone: the common case) are dropped in
+        -- one statement first, at most stageflow.retention_batch_size a round, oldest first (notes
+        -- another session holds skipped), so that the notes of a job type whose every claim is a last
+        -- attempt (max_attempts 1) do not pile up faster than the loop below goes through them.
+        BEGIN
+            WITH stale AS (
+                SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
+                 WHERE l.expires_at <= v_now
+                   AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t
+                                    WHERE t.task_id = l.task_id AND t.lease_token = l.lease_token AND t.status = 'running')
+                 ORDER BY l.expires_at LIMIT stageflow._retention_batch_size()
+                   FOR UPDATE OF l SKIP LOCKED
+            )
+            DELETE FROM stageflow.last_attempt_leases AS l USING stale
+             WHERE l.task_id = stale.task_id AND l.lease_token = stale.lease_token;
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: dropping stale last-attempt notes', SQLERRM, SQLSTATE);
+        END;
+
+        -- Expired last attempts and jobs past their deadline, one unit (a subtransaction) each: the
+        -- round's max_rows oldest notes of expired last attempts (last_attempt_leases) and its
+        -- max_rows earliest deadlines, gone through together in (job, stage, task) order, the order
+        -- in which a claim dead-letters and a batch of completions takes its stages' shards (taken in
+        -- any other order, a round holding one job's shards waited for a lower job's that a batch
+        -- held while the batch waited for the first: maintenance_racing_a_batch_of_two_jobs,
+        -- deadlines_racing_a_batch_of_two_jobs).
+        -- A note that no longer describes its task's lease (the task completed, failed, was released
+        -- or re-claimed, or its job is gone) is dropped; one whose lease a heartbeat extended follows
+        -- it; a task still running on the expired lease is dead-lettered, re-checked under its row
+        -- lock. A task whose row or message another session holds is left, with its note, to the next
+        -- round (a claim holding its message dead-letters it itself): waiting here, while holding the
+        -- shards of an earlier dead letter of the same stage, could deadlock with that claim. A job
+        -- past its deadline fails (_end_job).
+        FOR r IN
+            SELECT u.* FROM (
+                SELECT false AS deadline, t.job_id, t.stage, n.task_id, n.lease_token, t.attempt, t.max_attempts,
+                       t.msg_id, t.status, t.lease_expires_at, t.lease_token AS current_token, s.queue,
+                       NULL::timestamptz AS deadline_at, NULL::text AS timeout_seconds
+                  FROM (SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
+                         WHERE l.expires_at <= v_now
+                         ORDER BY l.expires_at LIMIT max_rows
+                           FOR UPDATE SKIP LOCKED) AS n
+                  LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
+                  LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+                UNION ALL
+                SELECT true, d.job_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, d.deadline_at, d.timeout_seconds
+                  FROM (SELECT j.job_id, j.deadline_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
+                          FROM stageflow.jobs AS j
+                         -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
+                         WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
+                         ORDER BY j.deadline_at LIMIT max_rows) AS d) AS u
+             ORDER BY u.job_id, u.deadline, u.stage, u.task_id
+        LOOP
+            IF r.deadline THEN
+                BEGIN
+                    IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
+                           'type', 'job_timeout', 'category', 'permanent',
+                           'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
+                                             r.timeout_seconds)), v_now) THEN
+                        v_timed_out := v_timed_out + 1;
+                    END IF;
+                EXCEPTION WHEN OTHERS THEN
+                    v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: failing job %s past its deadline', r.job_id), SQLERRM, SQLSTATE);
+                END;
+                CONTINUE;
+            END IF;
+            BEGIN
+                IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
+                    DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+                ELSIF r.lease_expires_at > v_now THEN
+                    UPDATE stageflow.last_attempt_leases AS l SET expires_at = r.lease_expires_at
+                     WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+                ELSE
+                    PERFORM 1 FROM stageflow.tasks AS t
+                      WHERE t.task_id = r.task_id AND t.lease_token = r.lease_token AND t.status = 'running'
+                        AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
+                        FOR UPDATE SKIP LOCKED;
+                    IF FOUND THEN
+                        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
+                                       'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
+                                       pgmq.format_table_name(r.queue, 'q'))
+                           INTO v_busy USING r.msg_id;
+                        IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
+                            v_dead := v_dead + 1;
+                            DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
+                        END IF;
+                    END IF;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
+            END;
+        END LOOP;
+
+        -- Big stages' next message windows that no claim sent.
+        BEGIN
+            v_windows := stageflow._send_due_windows(max_rows, v_now);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: sending message windows', SQLERRM, SQLSTATE);
+        END;
+
+        -- The reconciler's next windows.
+        BEGIN
+            v_reconciled := stageflow._reconcile(max_rows);
+            v_errors := v_errors + coalesce((v_reconciled ->> 'errors')::int, 0);
+            v_reconciled := v_reconciled - 'errors';
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: reconciling', SQLERRM, SQLSTATE);
+        END;
+
+        -- Retention (stageflow._prune): bounded batches of finished jobs past the retention and of
+        -- their rows, archived messages and orphaned webhook deliveries. (A setting that is not an
+        -- interval fails the round: it is the operator's to fix, not a unit's.)
+        -- With retention off (NULL) nothing more is deleted, but the jobs already deleted are drained.
+        v_retention := stageflow._retention();
+        BEGIN
+            v_pruned := stageflow._prune(max_rows, v_retention);
+            v_errors := v_errors + coalesce((v_pruned ->> 'errors')::int, 0);
+            v_pruned := v_pruned - 'errors';
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
+        END;
+
+        RETURN jsonb_build_object(
+            'retries_released', 0, 'leases_expired', 0, 'dead_lettered', v_dead,
+            'jobs_timed_out', v_timed_out, 'windows_sent', v_windows, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
+            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
+        RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
+        RETURN jsonb_build_object('error', jsonb_build_object('message', v_error_message, 'sqlstate', v_error_state));
+    END;
+END;
+$$;
+-- Shapes the job types' queues that still have pgmq's index on vt (stageflow._shape_queue: a
+-- claim's read of a message becomes a HOT update): queues made before 0.3.0, or by pgmq.create
+-- (which makes the index again on a queue that lost it). The background worker calls it after
+-- each maintenance round, in a transaction of its own. Each queue's lock is taken only if it is
+-- free at once, and its index's within 10 ms (a queue a worker holds is left to the next call, so
+-- this never waits for a worker), and is held until the caller's transaction ends: call it alone,
+-- not inside a longer transaction, or that queue's claims and reports wait for the transaction
+-- (the upgrade to 0.3.0 does not shape for that reason: its transaction holds stageflow.tasks,
+-- and a claim holding a queue's message while waiting for a task row deadlocked with it). A queue
+-- whose shaping fails otherwise is logged as a WARNING and left. Returns how many queues it
+-- shaped.
+CREATE FUNCTION stageflow.shape_queues()
+RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_shaped int := 0;
+    q        record;
+BEGIN
+    FOR q IN
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+    LOOP
+        BEGIN
+            IF stageflow._shape_queue(q.queue, true) THEN
+                v_shaped := v_shaped + 1;
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- (a worker holds the queue: next time)
+        WHEN OTHERS THEN
+            PERFORM stageflow._unit_failed(format('stageflow.shape_queues: queue %s', q.queue), SQLERRM, SQLSTATE);
+        END;
+    END LOOP;
+    RETURN v_shaped;
+END;
+$$;
+-- The reconciler: each call looks at the next max_rows tasks (in task_id order, from where the
+-- last call stopped, wrapping around) and the next max_rows messages of each queue a job type
+-- uses (in msg_id order, likewise), so every task and message is looked at within a bounded
+-- number of rounds, at a bounded cost per round. What it mends, each under the task's row lock
+-- (held rows are left to a later pass):
+--   * an open task of an ended job is cancelled with its message (its job's other open tasks too);
+--   * an open task of a live job without its message gets a new one, visible when the task is
+--     next due (a running task: at its lease's expiry);
+--   * a message that is not its task's current one, or whose task has ended, is deleted.
+-- It also counts the messages of its window that became visible since its last pass over their
+-- queue, for a due retry or an expired lease with attempts left, and wakes their queue's workers.
+-- Returns {"retries_released", "leases_expired", "tasks_cancelled", "messages_resent",
+-- "messages_deleted", "errors"}.
+CREATE FUNCTION stageflow._reconcile(max_rows int)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now        timestamptz := stageflow.now();
+    v_after      text;
+    v_window     text[];
+    v_cancelled  int := 0;
+    v_resent     int := 0;
+    v_deleted    int := 0;
+    v_errors     int := 0;
+    v_missing    bigint[];
+    v_msg_ids    bigint[];
+    v_task_ids   text[];
+    v_stray      bigint[];
+    v_cursor     bigint;
+    v_vts        timestamptz[];
+    v_ended      boolean;
+    v_now_us     bigint := (extract(epoch FROM v_now) * 1000000)::bigint;
+    v_from_us    bigint;
+    v_to_us      bigint;
+    v_due        int;
+    v_expired    int;
+    v_released   int := 0;
+    v_redelivered int := 0;
+    v_count      int;
+    v_msg_id     bigint;
+    v_lock_timeout text := current_setting('lock_timeout');
+    r            record;
+    q            record;
+BEGIN
+    -- Tasks: the next window.
+    v_after := coalesce((SELECT c.position FROM stageflow.maintenance_cursors AS c WHERE c.name = 'tasks'), '');
+    SELECT array_agg(w.task_id ORDER BY w.task_id) INTO v_window
+      FROM (SELECT t.task_id FROM stageflow.tasks AS t WHERE t.task_id > v_after ORDER BY t.task_id LIMIT max_rows) AS w;
+    INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+    VALUES ('tasks', CASE WHEN coalesce(cardinality(v_window), 0) < max_rows THEN '' ELSE v_window[cardinality(v_window)] END)
+    ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+
+    -- Open tasks of ended jobs: their jobs' open tasks are cancelled. Found in the window, and
+    -- among the jobs that ended in the last hour (a claim that held a task while its job ended
+    -- leaves it running; its stages' shards count its running tasks, without reading them), in
+    -- job order (as run_maintenance's dead letters).
+    FOR r IN
+        SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
+          JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+         WHERE t.task_id = ANY (v_window) AND stageflow._task_is_open(t.status)
+           AND NOT stageflow._job_is_open(j.status)
+        UNION
+        (SELECT j.job_id FROM stageflow.jobs AS j
+          WHERE j.completed_at > v_now - interval '1 hour'
+            AND stageflow._job_has_ended(j.status)
+            AND EXISTS (SELECT 1 FROM stageflow.stage_counts AS c WHERE c.job_id = j.job_id AND c.running_tasks > 0)
+          ORDER BY j.completed_at DESC
+          LIMIT max_rows)
+         ORDER BY 1
+    LOOP
+        -- (A job whose stage another session holds for more than 20 ms is left to the next round,
+        -- which reads the same window of tasks again: the round may hold the shards of a higher
+        -- job from its dead letters, and a batch holding this job's shards may be waiting for
+        -- those.)
+        BEGIN
+            PERFORM set_config('lock_timeout', '20ms', true);
+            v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);
+            PERFORM set_config('lock_timeout', v_lock_timeout, true);
+        EXCEPTION WHEN lock_not_available THEN
+            -- (the setting goes back with the subtransaction)
+            UPDATE stageflow.maintenance_cursors AS c SET position = v_after WHERE c.name = 'tasks';
+        WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: cancelling the open tasks of ended job %s', r.job_id), SQLERRM, SQLSTATE);
+        END;
+    END LOOP;
+
+    -- Open tasks of live jobs whose message is gone: a new one each.
+    FOR q IN
+        SELECT s.queue, array_agg(t.msg_id) AS msg_ids
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+          JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+         WHERE t.task_id = ANY (v_window) AND stageflow._task_is_open(t.status)
+           AND stageflow._job_is_open(j.status)
+           -- (a task of a big stage whose window has not reached it has no message yet)
+           AND NOT EXISTS (SELECT 1 FROM stageflow.message_windows AS w
+                            WHERE w.job_id = t.job_id AND w.stage = t.stage AND t.ordinal >= w.next_ordinal)
+         GROUP BY s.queue
+    LOOP
+        -- (a queue a restore or a DBA dropped comes back, empty: its tasks get messages below)
+        PERFORM stageflow._ensure_queue(q.queue);
+        EXECUTE format('SELECT array_agg(u.msg_id) FROM unnest($1) AS u(msg_id) '
+                       'WHERE NOT EXISTS (SELECT 1 FROM pgmq.%I AS m WHERE m.msg_id = u.msg_id)',
+                       pgmq.format_table_name(q.queue, 'q'))
+           INTO v_missing USING q.msg_ids;
+        FOR r IN
+            -- (this queue's tasks only: every queue numbers its messages from 1)
+            SELECT t.task_id, t.msg_id FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+             WHERE t.task_id = ANY (v_window) AND s.queue = q.queue AND t.msg_id = ANY (coalesce(v_missing, '{}'))
+             ORDER BY t.task_id
+        LOOP
+            BEGIN
+                -- Under the task's lock: still open, still on the missing message, and the message still gone?
+                PERFORM 1 FROM stageflow.tasks AS t
+                  WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND stageflow._task_is_open(t.status)
+                    FOR UPDATE SKIP LOCKED;
+                IF FOUND THEN
+                    EXECUTE format('SELECT count(*) FROM pgmq.%I AS m WHERE m.msg_id = $1', pgmq.format_table_name(q.queue, 'q'))
+                       INTO v_count USING r.msg_id;
+                    IF v_count = 0 THEN
+                        SELECT pgmq.send(q.queue, jsonb_build_object('task_id', t.task_id),
+                                         CASE WHEN t.status = 'running' THEN greatest(t.lease_expires_at, v_now)
+                                              ELSE greatest(coalesce(t.next_attempt_at, v_now), v_now) END)
+                          INTO v_msg_id
+                          FROM stageflow.tasks AS t WHERE t.task_id = r.task_id;
+                        UPDATE stageflow.tasks AS t SET msg_id = v_msg_id WHERE t.task_id = r.task_id;
+                        v_resent := v_resent + 1;
+                    END IF;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: re-sending the message of task %s', r.task_id), SQLERRM, SQLSTATE);
+            END;
+        END LOOP;
+    END LOOP;
+
+    -- Messages: the next window of each queue the job types use. Its messages whose visibility
+    -- time the pass over the queue counts, and whose tasks are queued for a retry that is due or
+    -- running on an expired lease with attempts left, are counted and their queue's workers woken
+    -- (claims take them; workers poll every few seconds anyway, so this is only a quicker start).
+    -- A pass counts the times from the start of the last pass to its own start ('visible:<queue>':
+    -- 'from/to' in microseconds while a pass goes on, 'to' once it ended): every position of the
+    -- queue is looked at after the pass started, so a message keeping one visibility time is
+    -- counted once, by the first pass whose range holds it, and no round reads more than max_rows
+    -- messages of a queue whatever its size (pgmq's index on vt, which reading by time would need,
+    -- is gone from the queues, see _shape_queue).
+    FOR q IN
+        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
+    LOOP
+        BEGIN
+            v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
+                                   WHERE c.name = 'queue:' || q.queue), 0);
+            -- (a position of another shape, written by hand, counts as none)
+            SELECT nullif(split_part(c.position, '/', 1), '')::bigint, nullif(split_part(c.position, '/', 2), '')::bigint
+              INTO v_from_us, v_to_us
+              FROM stageflow.maintenance_cursors AS c
+             WHERE c.name = 'visible:' || q.queue AND c.position ~ '^[0-9]{1,17}(/[0-9]{1,17})?$';
+            IF v_to_us IS NULL THEN
+                -- (a pass starts)
+                v_to_us := v_now_us;
+            END IF;
+            -- (A first pass, or a clock moved back, as tests move stageflow.fake_now: the last hour.)
+            IF v_from_us IS NULL OR v_to_us > v_now_us OR v_from_us > v_to_us THEN
+                v_from_us := v_now_us - 3600000000;
+                v_to_us := v_now_us;
+            END IF;
+            EXECUTE format('SELECT array_agg(w.msg_id ORDER BY w.msg_id), array_agg(w.task_id ORDER BY w.msg_id), '
+                           'array_agg(w.vt ORDER BY w.msg_id) '
+                           'FROM (SELECT m.msg_id, m.message ->> ''task_id'' AS task_id, m.vt FROM pgmq.%I AS m '
+                           'WHERE m.msg_id > $1 ORDER BY m.msg_id LIMIT $2) AS w',
+                           pgmq.format_table_name(q.queue, 'q'))
+               INTO v_msg_ids, v_task_ids, v_vts USING v_cursor, max_rows;
+            v_ended := coalesce(cardinality(v_msg_ids), 0) < max_rows;
+            INSERT INTO stageflow.maintenance_cursors AS c (name, position)
+            VALUES ('queue:' || q.queue, CASE WHEN v_ended THEN '0' ELSE v_msg_ids[cardinality(v_msg_ids)]::text END),
+                   ('visible:' || q.queue, CASE WHEN v_ended THEN v_to_us::text ELSE v_from_us || '/' || v_to_us END)
+            ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+            -- The window's tasks, looked up once: visible since the last pass (a due retry, an
+            -- expired lease with attempts left, on the task's current message), and stray (no
+            -- such task, or not its task's current message, or its task has ended).
+            SELECT (count(*) FILTER (WHERE w.visible AND t.msg_id = w.msg_id AND t.status = 'queued'
+                                            AND t.next_attempt_at <= v_now))::int,
+                   (count(*) FILTER (WHERE w.visible AND t.msg_id = w.msg_id AND t.status = 'running'
+                                            AND t.lease_expires_at <= v_now AND t.attempt < t.max_attempts))::int,
+                   array_agg(w.msg_id) FILTER (WHERE t.task_id IS NULL OR t.msg_id <> w.msg_id
+                                                  OR NOT stageflow._task_is_open(t.status))
+              INTO v_due, v_expired, v_stray
+              FROM (SELECT u.msg_id, u.task_id,
+                           u.vt > timestamptz 'epoch' + v_from_us * interval '1 microsecond'
+                           AND u.vt <= timestamptz 'epoch' + v_to_us * interval '1 microsecond' AS visible
+                      FROM unnest(v_msg_ids, v_task_ids, v_vts) AS u(msg_id, task_id, vt)) AS w
+              LEFT JOIN stageflow.tasks AS t ON t.task_id = w.task_id;
+            v_released := v_released + v_due;
+            v_redelivered := v_redelivered + v_expired;
+            IF v_due + v_expired > 0 THEN
+                PERFORM pg_notify('stageflow_tasks', q.queue);
+            END IF;
+            IF v_stray IS NOT NULL THEN
+                EXECUTE format(
+                    'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
+                    '(SELECT m.msg_id FROM pgmq.%1$I AS m WHERE m.msg_id = ANY ($1) ORDER BY m.msg_id FOR UPDATE SKIP LOCKED) '
+                    'RETURNING 1) SELECT count(*) FROM gone',
+                    pgmq.format_table_name(q.queue, 'q'))
+                   INTO v_count USING v_stray;
+                v_deleted := v_deleted + v_count;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: messages of queue %s', q.queue), SQLERRM, SQLSTATE);
+        END;
+    END LOOP;
+
+    RETURN jsonb_build_object('retries_released', v_released, 'leases_expired', v_redelivered,
+                              'tasks_cancelled', v_cancelled, 'messages_resent', v_resent,
+                              'messages_deleted', v_deleted, 'errors', v_errors);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:55
+-- Submits a job: validates params against the job type's schema (filling in defaults), derives the
+-- job id from the job type and the canonical params, and creates stage 1's tasks (or, when it has
+-- none, the first stage that has), within the submitting login's quotas: 54000 over one, and an
+-- error creating those tasks is the submission's (it creates nothing). The job belongs to the
+-- session's login and tenant label (stageflow.tenant). webhook_url, when given, receives a POST
+-- when the job ends (see stageflow.webhook_deliveries). A login's submissions under one label take
+-- turns (_admit, their first lock).
+--
+-- Identical work has one id, so submitting it again returns the same id, and the outcome says
+-- what that meant:
+--   created           a new job
+--   exists            your job of this work, left as it is (its webhook_url too)
+--   resumed           your job of this work had failed or been cancelled: it runs again from the
+--                     stage it stopped at, as stageflow.retry_job does (its completed stages and
+--                     tasks are kept; the open tasks count against your quota)
+--   owned_by_another  another login (or tenant) submitted this work; its job is not yours to read
+--                     or cancel (job_status is NULL unless you are an admin)
+-- job_status is the job's status after the call.
+CREATE FUNCTION stageflow.submit_job_outcome(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
+RETURNS TABLE (job_id text, outcome text, job_status text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_definition  jsonb;
+    v_params      jsonb;
+    v_job_id      text;
+    v_job         stageflow.jobs;
+    v_access      text;
+    v_tenant      text := stageflow._tenant();
+    v_retried     jsonb;
+BEGIN
+    SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown job type %L', submit_job_outcome.job_type),
+            HINT = coalesce('registered job types: ' || (SELECT string_agg(jt.name, ', ' ORDER BY jt.name)
+                                                           FROM stageflow.job_types AS jt),
+                            'no job type is registered: use stageflow.register_job_type(name, definition)');
+    END IF;
+
+    IF octet_length(submit_job_outcome.params::text) > 1048576 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', octet_length(submit_job_outcome.params::text)),
+            HINT = 'pass large inputs by reference (a path or URL), not inline';
+    END IF;
+    IF submit_job_outcome.webhook_url LIKE 'endpoint:%' THEN
+        IF (stageflow._webhook_endpoint(submit_job_outcome.webhook_url, session_user, v_tenant)).name IS NULL THEN
+            RAISE EXCEPTION USING
+                ERRCODE = '42704',
+                MESSAGE = format('unknown webhook endpoint %L', substr(submit_job_outcome.webhook_url, 10)),
+                HINT = 'register it with stageflow.register_webhook_endpoint(name, url) under the same login and tenant';
+        END IF;
+    ELSIF submit_job_outcome.webhook_url IS NOT NULL THEN
+        PERFORM stageflow._check_webhook_url(submit_job_outcome.webhook_url, 'webhook_url');
+    END IF;
+    v_params := stageflow._validate_params(submit_job_outcome.job_type, v_definition, submit_job_outcome.params::text);
+    v_job_id := stageflow._job_id(submit_job_outcome.job_type, v_params::text);
+    PERFORM stageflow._admit(session_user, v_tenant);
+
+    LOOP
+        INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at,
+                                         deadline_at, webhook_url, owner, tenant, max_tasks)
+        VALUES (v_job_id, submit_job_outcome.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
+                stageflow.now(), stageflow.now(),
+                stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric),
+                submit_job_outcome.webhook_url, session_user, v_tenant,
+                (stageflow._quota(session_user)).max_tasks_per_job)
+        ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
+        IF FOUND THEN
+            -- Under REPEATABLE READ, a snapshot taken before retention deleted the same work's
+            -- earlier job still sees that job's row beside the new one: the transaction must run
+            -- again, as for any serialization conflict.
+            IF (SELECT count(*) FROM stageflow.jobs AS o WHERE o.job_id = v_job_id) > 1 THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = '40001',
+                    MESSAGE = format('could not serialize the submission of job %s: retention deleted the same work''s earlier job after this transaction began', v_job_id),
+                    HINT = 'run the transaction again';
+            END IF;
+            -- The same work's earlier job, deleted by retention, may still have rows being deleted:
+            -- they go now, before the new job writes any (stageflow.deleted_jobs).
+            IF EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = v_job_id) THEN
+                PERFORM stageflow._finish_job_deletion(v_job_id);
+            END IF;
+            PERFORM stageflow._emit(v_job_id, 'job_submitted',
+                                    jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
+                                                       'tenant', v_tenant));
+            IF (stageflow._create_stage_tasks(v_job_id, 1)).created = 0 THEN
+                PERFORM stageflow.advance_stage(v_job_id);
+                -- Stage 1 was empty: a later stage that could not be created is this call's error.
+                SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+                IF v_job.error ->> 'type' = 'stage_creation_failed' THEN
+                    RAISE EXCEPTION USING
+                        ERRCODE = v_job.error ->> 'sqlstate',
+                        MESSAGE = v_job.error ->> 'message',
+                        HINT = coalesce(v_job.error ->> 'hint', 'see the job type''s stages');
+                END IF;
+            END IF;
+            PERFORM stageflow._check_open_tasks(session_user, v_tenant);
+            RETURN QUERY SELECT v_job_id, 'created'::text, j.status FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+            RETURN;
+        END IF;
+        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
+        -- Not found: retention deleted the job since the insert met it; insert again.
+        CONTINUE WHEN NOT FOUND;
+        v_access := stageflow._access(v_job.owner, v_job.tenant);
+        IF v_access IS DISTINCT FROM 'owner' THEN
+            RETURN QUERY SELECT v_job_id, 'owned_by_another'::text, CASE WHEN v_access = 'admin' THEN v_job.status END;
+            RETURN;
+        ELSIF NOT stageflow._job_is_stopped(v_job.status) THEN
+            RETURN QUERY SELECT v_job_id, 'exists'::text, v_job.status;
+            RETURN;
+        END IF;
+        -- The job's own label may be one this session does not name (the login's, seen without a
+        -- label): its turn is taken too, after this session's ('' sorts first: no cycle).
+        IF v_job.tenant IS DISTINCT FROM v_tenant THEN
+            PERFORM stageflow._admit(session_user, v_job.tenant);
+        END IF;
+        -- (NULL: retention deleted the job since it was read here; insert again. Seen in the
+        -- retention torture as "unknown job" raised to a submission.)
+        v_retried := stageflow._retry_job(v_job_id, true);
+        IF v_retried IS NOT NULL THEN
+            PERFORM stageflow._check_open_tasks(session_user, v_job.tenant);
+            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_retried ->> 'job_status';
+            RETURN;
+        END IF;
+    END LOOP;
+END;
+$$;
+-- Submits a job and returns its id: stageflow.submit_job_outcome without the outcome. Identical
+-- work of another login (or tenant) is refused (23505, its id is taken: an id the caller could
+-- not read is no answer); a resumed job is told by a NOTICE.
+CREATE FUNCTION stageflow.submit_job(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_submitted record;
+BEGIN
+    SELECT * INTO STRICT v_submitted
+      FROM stageflow.submit_job_outcome(submit_job.job_type, submit_job.params, submit_job.webhook_url);
+    IF v_submitted.outcome = 'owned_by_another' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '23505',
+            MESSAGE = format('job %s: another login (or tenant) submitted this work; the job is not yours to read or cancel',
+                             v_submitted.job_id),
+            HINT = 'identical work is one job; to run it yourself make the params differ (a job type can take a '
+                   'parameter naming your team), or ask its owner or stageflow_admin for its result';
+    ELSIF v_submitted.outcome = 'resumed' THEN
+        RAISE NOTICE USING
+            MESSAGE = format('job %s had failed or been cancelled: it runs again from the stage it stopped at',
+                             v_submitted.job_id),
+            HINT = 'stageflow.submit_job_outcome returns the outcome of a submission';
+    END IF;
+    RETURN v_submitted.job_id;
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:45
+-- The outbox (the table stageflow.events, sql/0010_tables.sql): every change of a job's or stage's
+-- state and every task failure, retry, dead letter and release is written here by the transaction
+-- that makes it, and a job's end queues its webhook delivery (sql/0870_webhooks.sql).
+
+-- Writes an event to the outbox and announces it on the channel stageflow_events with
+-- {"event_id", "job_id", "kind"}.
+CREATE FUNCTION stageflow._emit(p_job_id text, p_kind text, p_payload jsonb DEFAULT '{}',
+                                p_stage int DEFAULT NULL, p_task_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_event_id bigint;
+BEGIN
+    INSERT INTO stageflow.events (job_id, stage, task_id, kind, payload, created_at)
+    VALUES (p_job_id, p_stage, p_task_id, p_kind, p_payload, stageflow.now())
+    RETURNING event_id INTO v_event_id;
+    -- A job's end (kind job_<status>, a status it ended in):
+    IF left(p_kind, 4) = 'job_' AND stageflow._job_has_ended(substr(p_kind, 5)) THEN
+        PERFORM stageflow._queue_webhook(v_event_id, p_job_id, p_kind);
+    END IF;
+    PERFORM pg_notify('stageflow_events',
+                      jsonb_build_object('event_id', v_event_id, 'job_id', p_job_id, 'kind', p_kind)::text);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:57
+-- Leases held by workers: extended by heartbeat, handed back by release_tasks. Both lock the
+-- tasks first and decide under the lock which leases are the caller's (by lease token, or by
+-- worker_id when no token is given), then move those tasks' current messages: a stale caller
+-- can neither extend nor hand back a lease that is not its own.
+
+-- The running tasks among task_ids whose lease the caller holds, locked in task_id order:
+-- with lease_tokens (parallel to task_ids) the token must be the task's current one; else with
+-- worker_id the holder must be that worker; with neither, any running task. Only tasks of queues
+-- granted to the session's login (_check_report_grants: else 42501, nothing changed).
+CREATE FUNCTION stageflow._lock_leases(p_task_ids text[], p_worker_id text, p_lease_tokens bigint[])
+RETURNS SETOF stageflow.tasks
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_lease_tokens IS NOT NULL AND cardinality(p_lease_tokens) IS DISTINCT FROM cardinality(p_task_ids) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('%s task ids but %s lease tokens', coalesce(cardinality(p_task_ids), 0), cardinality(p_lease_tokens)),
+            HINT = 'pass one lease token per task id, in the same order (the lease_token claim_tasks returned)';
+    END IF;
+    PERFORM stageflow._check_report_grants(p_task_ids);
+    RETURN QUERY
+    SELECT t.* FROM stageflow.tasks AS t
+      JOIN unnest(p_task_ids, coalesce(p_lease_tokens, array_fill(NULL::bigint, ARRAY[cardinality(p_task_ids)])))
+           AS u(task_id, lease_token) ON u.task_id = t.task_id
+     WHERE t.status = 'running'
+       AND CASE WHEN p_lease_tokens IS NOT NULL THEN t.lease_token = u.lease_token
+                ELSE p_worker_id IS NULL OR t.worker_id = p_worker_id END
+     ORDER BY t.task_id
+       FOR UPDATE OF t;
+END;
+$$;
+-- Raises 22023 for a lease outside 1 s to 7 days (claim_tasks and heartbeat check it inline).
+CREATE FUNCTION stageflow._raise_bad_lease(p_lease_seconds int)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = '22023',
+        MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(p_lease_seconds::text, 'NULL')),
+        HINT = 'a lease is how long a worker may hold a task before it is delivered again';
+END;
+$$;
+-- Extends the leases of running tasks (a worker's heartbeat) to lease_seconds from now (a
+-- stage's own lease_seconds wins, as in claim_tasks); their messages stay invisible as long.
+-- Only the caller's leases are extended (see _lock_leases). Returns the tasks extended; a task
+-- missing from the answer is no longer the caller's (completed, failed, cancelled, or claimed by
+-- another worker after its lease ran out): its outcome will be refused.
+CREATE FUNCTION stageflow.heartbeat(task_ids text[], lease_seconds int DEFAULT 300, worker_id text DEFAULT NULL,
+                                    lease_tokens bigint[] DEFAULT NULL)
+RETURNS TABLE (task_id text, lease_expires_at timestamptz)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_now   timestamptz := stageflow.now();
+    v_ids   text[];
+    v_exp   timestamptz[];
+    r       record;
+BEGIN
+    IF heartbeat.lease_seconds IS NULL OR heartbeat.lease_seconds NOT BETWEEN 1 AND 604800 THEN
+        PERFORM stageflow._raise_bad_lease(heartbeat.lease_seconds);
+    END IF;
+    -- Tasks first (locked), then their messages: the lock order of every report.
+    WITH extended AS (
+        UPDATE stageflow.tasks AS t
+           SET lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, heartbeat.lease_seconds))
+          FROM stageflow.stages AS s
+         WHERE t.task_id IN (SELECT l.task_id FROM stageflow._lock_leases(heartbeat.task_ids, heartbeat.worker_id,
+                                                                          heartbeat.lease_tokens) AS l)
+           AND s.job_id = t.job_id AND s.stage = t.stage
+        RETURNING t.task_id, t.lease_expires_at
+    )
+    SELECT array_agg(e.task_id ORDER BY e.task_id), array_agg(e.lease_expires_at ORDER BY e.task_id)
+      INTO v_ids, v_exp
+      FROM extended AS e;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT s.queue, t.lease_expires_at, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         WHERE t.task_id = ANY (v_ids)
+         GROUP BY s.queue, t.lease_expires_at
+         ORDER BY s.queue, t.lease_expires_at
+    LOOP
+        PERFORM pgmq.set_vt(r.queue, r.msg_ids, r.lease_expires_at);
+    END LOOP;
+    RETURN QUERY SELECT u.task_id, u.lease_expires_at FROM unnest(v_ids, v_exp) AS u(task_id, lease_expires_at);
+END;
+$$;
+-- Hands running tasks back without an outcome (a worker shutting down): they are queued again,
+-- their messages visible at once, and the attempt they were on is not counted; each release is
+-- recorded as a task_released event (worker, lease token, attempt), so a claim handed back leaves
+-- a trace. Only the caller's
+-- leases are released (see _lock_leases). Returns the number released.
+CREATE FUNCTION stageflow.release_tasks(task_ids text[], worker_id text DEFAULT NULL, lease_tokens bigint[] DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now       timestamptz := stageflow.now();
+    v_ids       text[];
+    r           record;
+BEGIN
+    FOR r IN
+        WITH mine AS (
+            SELECT l.task_id, l.job_id, l.stage, l.worker_id, l.lease_token, l.attempt
+              FROM stageflow._lock_leases(release_tasks.task_ids, release_tasks.worker_id, release_tasks.lease_tokens) AS l
+        ), released AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'queued', attempt = t.attempt - 1, lease_expires_at = NULL, worker_id = NULL,
+                   next_attempt_at = NULL
+              FROM mine AS m
+             WHERE t.task_id = m.task_id
+            RETURNING m.task_id, m.job_id, m.stage, m.worker_id, m.lease_token, m.attempt
+        )
+        SELECT x.* FROM released AS x ORDER BY x.task_id
+    LOOP
+        PERFORM stageflow._emit(r.job_id, 'task_released',
+                                jsonb_build_object('worker_id', r.worker_id, 'lease_token', r.lease_token, 'attempt', r.attempt),
+                                r.stage, r.task_id);
+        v_ids := coalesce(v_ids, '{}') || r.task_id;
+    END LOOP;
+    IF v_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR r IN
+        SELECT s.queue, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         WHERE t.task_id = ANY (v_ids)
+         GROUP BY s.queue
+         ORDER BY s.queue
+    LOOP
+        PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
+        PERFORM pg_notify('stageflow_tasks', r.queue);
+    END LOOP;
+    -- They no longer run (tasks, messages, then shards: the lock order of every report).
+    FOR r IN
+        SELECT t.job_id, t.stage, count(*)::int AS tasks
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = ANY (v_ids)
+         GROUP BY t.job_id, t.stage
+         ORDER BY t.job_id, t.stage
+    LOOP
+        PERFORM stageflow._leave_running(r.job_id, r.stage, r.tasks);
+    END LOOP;
+    RETURN cardinality(v_ids);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/lib.rs:52
 -- A stage's shards: its open tasks are counted in up to 16 rows of stageflow.stage_shards, its
 -- row counts the shards still open. A task belongs to no shard: the shards' counters only add up
@@ -745,31 +1857,841 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:45
--- The outbox (the table stageflow.events, sql/0010_tables.sql): every change of a job's or stage's
--- state and every task failure, retry, dead letter and release is written here by the transaction
--- that makes it, and a job's end queues its webhook delivery (sql/0870_webhooks.sql).
+-- src/lib.rs:58
+-- Queue grants: a worker role claims only from the queues granted to it (or to a role it is a
+-- member of), and reports (completes, fails, heartbeats, releases) only tasks of those queues;
+-- superusers and members of stageflow_admin claim from and report on every queue. claim_tasks
+-- and stageflow._check_report_grants check them against the session's login.
 
--- Writes an event to the outbox and announces it on the channel stageflow_events with
--- {"event_id", "job_id", "kind"}.
-CREATE FUNCTION stageflow._emit(p_job_id text, p_kind text, p_payload jsonb DEFAULT '{}',
-                                p_stage int DEFAULT NULL, p_task_id text DEFAULT NULL)
+-- Whether p_queue is granted to the session's login or to a role it is a member of: the grant
+-- rule of claims (claim_tasks) and reports (_check_report_grants), each of which first exempts
+-- superusers and members of stageflow_admin (stageflow._session_is_admin(), asked alone: an
+-- expression without a query, which PL/pgSQL evaluates without starting the executor). A grant
+-- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
+-- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
+-- more, bench/README.md.)
+-- No SET clause: a claim- and completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
+CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
+                    WHERE g.queue = p_queue
+                      AND pg_catalog.pg_has_role(session_user,
+                                                 pg_catalog.to_regrole(pg_catalog.quote_ident(g.role_name))::pg_catalog.oid,
+                                                 'MEMBER'));
+END;
+$$;
+-- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
+-- before the report changes anything: without it, a worker of one team could complete, fail,
+-- release or keep alive another team's running tasks with the forms that name no lease (and
+-- guess the small tokens of the others). Called by every report path (_settle_completions,
+-- fail_task, _lock_leases); ids of no task are left to the caller's own refusal. The first queue
+-- refused, by name, is the one named in the error.
+-- No SET clause: a completion-path helper that runs under its callers' fixed search path
+-- (ARCHITECTURE.md, Conventions; security.rs).
+CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_queue text;
+BEGIN
+    IF stageflow._session_is_admin() THEN
+        RETURN;
+    END IF;
+    SELECT q.queue INTO v_queue
+      FROM (SELECT DISTINCT s.queue
+              FROM stageflow.tasks AS t
+              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+             WHERE t.task_id = ANY (p_task_ids)) AS q
+     WHERE NOT stageflow._queue_granted_to_session(q.queue)
+     ORDER BY q.queue
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+    END IF;
+END;
+$$;
+-- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
+-- what is granted already changes nothing. Returns {"queue", "role", "granted"}.
+CREATE FUNCTION stageflow.grant_queue(queue text, role name)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_new  boolean;
+    v_make boolean;
+BEGIN
+    v_make := stageflow._check_queue(grant_queue.queue);
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = grant_queue.role) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('unknown role %L', grant_queue.role),
+            HINT = 'grant a queue to an existing role, e.g. a group role your worker logins are members of';
+    END IF;
+    IF v_make THEN
+        PERFORM stageflow._ensure_queue(grant_queue.queue);
+    END IF;
+    INSERT INTO stageflow.queue_grants (queue, role_name) VALUES (grant_queue.queue, grant_queue.role)
+    ON CONFLICT ON CONSTRAINT queue_grants_pkey DO NOTHING;
+    v_new := FOUND;
+    RETURN jsonb_build_object('queue', grant_queue.queue, 'role', grant_queue.role, 'granted', v_new);
+END;
+$$;
+-- Takes a queue grant back: p_role's members claim from p_queue no more (unless another grant
+-- or their own role lets them). Returns {"queue", "role", "revoked"}.
+CREATE FUNCTION stageflow.revoke_queue(queue text, role name)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_gone boolean;
+BEGIN
+    DELETE FROM stageflow.queue_grants AS g WHERE g.queue = revoke_queue.queue AND g.role_name = revoke_queue.role;
+    v_gone := FOUND;
+    RETURN jsonb_build_object('queue', revoke_queue.queue, 'role', revoke_queue.role, 'revoked', v_gone);
+END;
+$$;
+-- The queue grants, by queue and role.
+CREATE FUNCTION stageflow.list_queue_grants()
+RETURNS TABLE (queue text, role_name name, granted_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT g.queue, g.role_name, g.granted_at FROM stageflow.queue_grants AS g ORDER BY g.queue, g.role_name;
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:54
+-- Moves a job past its current stage if that stage has no open task left: creates the next
+-- stage's tasks, or completes the job. Stages that fan out to nothing are passed
+-- through in the same call. Idempotent: the job row lock serialises callers and the current
+-- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
+-- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
+--
+-- Fault isolation: an error while planning the next stage's tasks (a planner's results naming a
+-- key twice, a fan-out over a limit, params that do not make one) is that job's failure, never its
+-- caller's: nothing of the stage is created and the job fails with a categorised
+-- `stage_creation_failed` error (event job_failed), whichever claim, batch or maintenance round
+-- happened to advance it (_create_stage_tasks finds these before it writes anything).
+-- A job that ended while its last completion was on the way here (cancelled, failed) is not
+-- advanced; the stage that completion emptied is closed with the job.
+--
+-- A job some of whose tasks failed within their stages' thresholds ends `completed_with_errors`.
+-- Its result stays in its last stage's tasks, where job_result pages over it: completing the job
+-- copies nothing, however many tasks the last stage has.
+CREATE FUNCTION stageflow.advance_stage(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job       stageflow.jobs;
+    v_stage     stageflow.stages;
+    v_advanced  boolean := false;
+    v_created   int;
+    v_failure   jsonb;
+BEGIN
+    -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
+    -- retry_job takes first, which keeps retention from deleting the job under it)
+    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
+    END IF;
+
+    WHILE stageflow._job_is_open(v_job.status) LOOP
+        SELECT * INTO STRICT v_stage
+          FROM stageflow.stages AS s
+         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+        EXIT WHEN v_stage.open_shards > 0;
+
+        IF v_stage.status = 'active' THEN
+            UPDATE stageflow.stages AS s
+               SET status = 'completed', completed_at = stageflow.now()
+             WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+        END IF;
+        PERFORM stageflow._emit(v_job.job_id, 'stage_completed',
+                                jsonb_build_object('name', v_stage.name, 'task_count', v_stage.task_count,
+                                                   'completed', (SELECT c.completed_count FROM stageflow.stage_counts AS c
+                                                                  WHERE c.job_id = v_job.job_id AND c.stage = v_stage.stage),
+                                                   'failed', v_stage.failed_count),
+                                v_stage.stage);
+
+        IF v_job.current_stage >= v_job.total_stages THEN
+            UPDATE stageflow.jobs AS j
+               SET status = CASE WHEN EXISTS (SELECT 1 FROM stageflow.stages AS s
+                                               WHERE s.job_id = v_job.job_id AND s.failed_count > 0)
+                                 THEN 'completed_with_errors' ELSE 'completed' END,
+                   completed_at = stageflow.now(), updated_at = stageflow.now()
+             WHERE j.job_id = v_job.job_id
+            RETURNING * INTO v_job;
+            PERFORM stageflow._emit(v_job.job_id, 'job_' || v_job.status, jsonb_build_object('total_stages', v_job.total_stages));
+            v_advanced := true;
+            EXIT;
+        END IF;
+
+        SELECT c.created, c.failure INTO v_created, v_failure
+          FROM stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1, p_catch => true) AS c;
+        IF v_failure IS NOT NULL THEN
+            PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
+                'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
+                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_failure ->> 'message'),
+                'sqlstate', v_failure ->> 'sqlstate', 'hint', v_failure ->> 'hint'), p_advancing => true);
+            SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
+            EXIT;
+        END IF;
+        UPDATE stageflow.jobs AS j
+           SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
+         WHERE j.job_id = v_job.job_id
+        RETURNING * INTO v_job;
+        v_advanced := true;
+        EXIT WHEN v_created > 0;
+    END LOOP;
+
+    IF NOT v_advanced AND NOT stageflow._job_is_open(v_job.status) THEN
+        UPDATE stageflow.stages AS s
+           SET status = CASE WHEN v_job.status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
+               completed_at = stageflow.now()
+         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage AND s.status = 'active' AND s.open_shards = 0;
+    END IF;
+
+    RETURN jsonb_build_object(
+        'job_id', v_job.job_id,
+        'advanced', v_advanced,
+        'job_status', v_job.status,
+        'current_stage', v_job.current_stage,
+        'total_stages', v_job.total_stages);
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:64
+-- Cancels a job: its queued tasks are removed (messages deleted), running ones are cancelled so
+-- their completions are refused, and the job ends `cancelled`. Cancelling a job that already
+-- ended changes nothing and reports its status. Only for those who see the job (as job_status).
+CREATE FUNCTION stageflow.cancel_job(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status    text;
+    v_changed   boolean;
+BEGIN
+    v_status := (stageflow._visible_job(cancel_job.job_id)).status;
+    v_changed := stageflow._job_is_open(v_status)
+                 AND stageflow._end_job(cancel_job.job_id, 'cancelled',
+                                        jsonb_build_object('message', 'cancelled by stageflow.cancel_job'));
+    RETURN jsonb_build_object(
+        'job_id', cancel_job.job_id,
+        'cancelled', v_changed,
+        'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id));
+END;
+$$;
+-- Makes a job and its current stage open again after a retry (the caller holds the stage's
+-- shards and row): the job is processing with no error, its deadline starts over (now + the job
+-- type's timeout_seconds), and job_retried is emitted.
+CREATE FUNCTION stageflow._reopen_job(p_job_id text, p_stage int, p_retried int)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE stageflow.stages AS s
+       SET status = 'active', completed_at = NULL
+     WHERE s.job_id = p_job_id AND s.stage = p_stage;
+    UPDATE stageflow.jobs AS j
+       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
+           deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
+     WHERE j.job_id = p_job_id;
+    PERFORM stageflow._emit(p_job_id, 'job_retried', jsonb_build_object('stage', p_stage, 'retried_tasks', p_retried), p_stage);
+END;
+$$;
+-- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks (and a
+-- task still running in the ended job: one a claim held while the job ended, whose report would
+-- be refused once it is queued again) are queued again with fresh attempts and new messages, the
+-- job is processing again and its deadline starts over (now + the job type's timeout_seconds). An
+-- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
+-- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
+-- Returns the number of tasks re-queued.
+-- Lock order as every completion's, tasks before shards before stage before job (but for a KEY
+-- SHARE lock of the job row first, which only retention's delete waits for): the tasks to
+-- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
+-- stale report it refuses, while it waits for the stage's shards), then the current stage's
+-- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
+-- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
+-- without waiting (one held: every task and shard this took is rolled back, and it starts over,
+-- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report,
+-- retry_job_racing_a_batch_holding_a_task_just_ended), running ones only if no one holds them,
+-- the job row last.
+-- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
+-- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
+-- once its stage is locked (the submission then checks the owner's open-task quota), and gets
+-- NULL for a job retention deleted since the submission read it (the submission makes it anew).
+CREATE FUNCTION stageflow.retry_job(job_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN stageflow._retry_job(retry_job.job_id, false);
+END;
+$$;
+CREATE FUNCTION stageflow._retry_job(p_job_id text, p_resubmission boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job      stageflow.jobs;
+    v_stage    stageflow.stages;
+    v_ids      text[];
+    v_reopened int;
+    v_running  text[];
+    v_old_msgs bigint[];
+    v_stopped  int;
+    v_failed   int;
+    v_advance  jsonb;
+    v_at       int;
+    v_nowait   boolean;
+BEGIN
+    -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks, skips
+    -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
+    PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
+    IF NOT FOUND AND p_resubmission THEN
+        RETURN NULL;
+    ELSIF NOT FOUND THEN
+        PERFORM stageflow._raise_unknown('job', p_job_id);
+    END IF;
+    -- Each round in a subtransaction: one that finds an ended task held gives back every task and
+    -- shard it took, and the next round waits for that task holding nothing but the job's KEY
+    -- SHARE. Only the NOWAIT is caught (a lock_timeout of a waiting lock is the caller's error).
+    LOOP
+        v_nowait := false;
+        BEGIN
+            SELECT j.current_stage INTO STRICT v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE;
+            v_at := stageflow._lock_current_stage(p_job_id);
+            v_nowait := true;
+            PERFORM 1 FROM stageflow.tasks AS t
+             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
+               AND stageflow._task_ended_without_result(t.status)
+             ORDER BY t.task_id
+               FOR UPDATE NOWAIT;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            IF NOT v_nowait THEN
+                RAISE;
+            END IF;
+        END;
+    END LOOP;
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    IF stageflow._job_is_done(v_job.status)
+       OR (p_resubmission AND NOT stageflow._job_is_stopped(v_job.status)) THEN
+        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+    SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
+     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
+
+    -- The tasks to run again (those that ended are locked above), read as they are now.
+    IF stageflow._job_is_stopped(v_job.status) THEN
+        v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
+                            WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id)
+                              AND t.stage = v_job.current_stage AND t.status = 'running'
+                            ORDER BY t.task_id
+                              FOR UPDATE SKIP LOCKED);
+    END IF;
+    SELECT array_agg(t.task_id ORDER BY t.ordinal),
+           (count(*) FILTER (WHERE t.status <> 'running'))::int,
+           array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
+           (count(*) FILTER (WHERE t.status = 'running'))::int,
+           (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
+      INTO v_ids, v_reopened, v_old_msgs, v_stopped, v_failed
+      FROM stageflow.tasks AS t
+     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
+       AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
+    IF v_ids IS NULL THEN
+        IF stageflow._job_is_stopped(v_job.status) AND v_stage.open_shards = 0 THEN
+            -- Nothing to retry, nothing open: the stage's last report landed as the job ended.
+            PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, 0);
+            v_advance := stageflow.advance_stage(v_job.job_id);
+            RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
+        END IF;
+        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
+    END IF;
+
+    -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old
+    -- messages of tasks that were still running go, but for one a claim holds (that claim may be
+    -- waiting for the shards this holds: retry_job_racing_a_claim_of_leftovers); a later claim
+    -- that reads it deletes it, as no longer its task's current message.
+    IF v_old_msgs IS NOT NULL THEN
+        PERFORM stageflow._delete_free_messages(v_stage.queue, v_old_msgs);
+    END IF;
+    UPDATE stageflow.tasks AS t
+       SET status = 'queued', attempt = 0, msg_id = m.msg_id, error = NULL, worker_id = NULL,
+           lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL, failed_at = NULL
+      FROM unnest(v_ids) WITH ORDINALITY AS u(task_id, n)
+      JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
+              FROM pgmq.send_batch(v_stage.queue,
+                                   ARRAY(SELECT jsonb_build_object('task_id', i.task_id)
+                                           FROM unnest(v_ids) WITH ORDINALITY AS i(task_id, n) ORDER BY i.n)) AS s(msg_id)) AS m
+        ON m.n = u.n
+     WHERE t.task_id = u.task_id;
+    -- (a stopped job's open tasks were all cancelled: every one has a message now, and a big
+    -- stage's window has none left to send)
+    IF stageflow._job_is_stopped(v_job.status) THEN
+        PERFORM stageflow._drop_message_windows(v_job.job_id);
+    END IF;
+
+    -- Tasks that had ended are open again on the shards; a running one never left the shards' open
+    -- count, and stops running (queued again).
+    IF v_reopened > 0 THEN
+        PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_reopened, 1, -v_failed);
+    END IF;
+    IF v_stopped > 0 THEN
+        PERFORM stageflow._leave_running(v_job.job_id, v_job.current_stage, v_stopped);
+    END IF;
+    PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, cardinality(v_ids));
+    PERFORM pg_notify('stageflow_tasks', v_stage.queue);
+    RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', cardinality(v_ids), 'job_status', 'processing');
+END;
+$$;
+-- Dead letters: tasks that ended without a result, newest first: `dead` (attempts ran out,
+-- including on expired leases) and `failed` (a permanent error). stageflow.retry_job runs them
+-- again.
+CREATE FUNCTION stageflow.dead_letters(max_rows int DEFAULT 100)
+RETURNS TABLE (
+    task_id text, job_id text, job_type text, stage int, stage_name text, handler text, task_key text,
+    status text, attempt int, max_attempts int, error jsonb, errors jsonb, failed_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF dead_letters.max_rows IS NULL OR dead_letters.max_rows NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be between 1 and 10000, got %s', coalesce(dead_letters.max_rows::text, 'NULL')),
+            HINT = 'list dead letters in pages of at most 10000';
+    END IF;
+    RETURN QUERY
+    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status, t.attempt,
+           t.max_attempts, t.error, t.errors, t.completed_at
+      FROM stageflow.tasks AS t
+      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
+     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
+     WHERE t.failed_at IS NOT NULL
+     ORDER BY t.failed_at DESC
+     LIMIT dead_letters.max_rows;
+END;
+$$;
+-- Raises 22023 unless p_url is an http(s) URL of at most 2048 characters (p_what: what the caller
+-- calls it, for the message): the one rule for a submission's webhook_url and an endpoint's url.
+CREATE FUNCTION stageflow._check_webhook_url(p_url text, p_what text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- (raising is its whole effect: VOLATILE, as _raise_refusal)
+    -- @plpgsql_check_options: performance_warnings = false
+    IF p_url IS NULL OR p_url !~ '^https?://\S+$' OR length(p_url) > 2048 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('%s %L is not an http(s) URL of at most 2048 characters', p_what, p_url),
+            HINT = 'give a URL like https://example.org/hooks/stageflow (a submission may name a registered endpoint '
+                   'instead: endpoint:<name>)';
+    END IF;
+END;
+$$;
+-- The endpoint a webhook_url of the form endpoint:<name> names, for this owner and tenant label
+-- (NULL: no such endpoint).
+CREATE FUNCTION stageflow._webhook_endpoint(p_url text, p_owner name, p_tenant text)
+RETURNS stageflow.webhook_endpoints
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e FROM stageflow.webhook_endpoints AS e
+     WHERE e.owner = p_owner AND e.tenant = coalesce(p_tenant, '') AND e.name = substr(p_url, length('endpoint:') + 1)
+$$;
+-- Registers (or replaces) the caller's endpoint `name` (its login's, under its tenant label) at
+-- `url` with a new signing secret, and returns the secret: the only time it is shown. Registering
+-- a name again rotates its secret.
+CREATE FUNCTION stageflow.register_webhook_endpoint(name text, url text)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_secret text := 'whsec_' || encode(decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'), 'base64');
+BEGIN
+    IF register_webhook_endpoint.name IS NULL OR register_webhook_endpoint.name !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('webhook endpoint name %L is not 1 to 63 lowercase letters, digits, _ or -', register_webhook_endpoint.name),
+            HINT = 'name it like orders-prod';
+    END IF;
+    PERFORM stageflow._check_webhook_url(register_webhook_endpoint.url, 'webhook endpoint url');
+    INSERT INTO stageflow.webhook_endpoints AS e (owner, tenant, name, url, secret, created_at)
+    VALUES (session_user, coalesce(stageflow._tenant(), ''), register_webhook_endpoint.name, register_webhook_endpoint.url,
+            v_secret, stageflow.now())
+    ON CONFLICT ON CONSTRAINT webhook_endpoints_pkey
+    DO UPDATE SET url = excluded.url, secret = excluded.secret, created_at = excluded.created_at;
+    RETURN v_secret;
+END;
+$$;
+-- The caller's endpoints (its login's, under its tenant label), without their secrets.
+CREATE FUNCTION stageflow.webhook_endpoints()
+RETURNS TABLE (name text, url text, created_at timestamptz)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e.name, e.url, e.created_at FROM stageflow.webhook_endpoints AS e
+     WHERE e.owner = session_user AND e.tenant = coalesce(stageflow._tenant(), '')
+     ORDER BY e.name
+$$;
+-- Drops the caller's endpoint `name`; whether there was one. A job that names it gets no delivery
+-- (its delivery is recorded as failed, saying why).
+CREATE FUNCTION stageflow.drop_webhook_endpoint(name text)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM stageflow.webhook_endpoints AS e
+     WHERE e.owner = session_user AND e.tenant = coalesce(stageflow._tenant(), '') AND e.name = drop_webhook_endpoint.name;
+    RETURN FOUND;
+END;
+$$;
+-- Queues a delivery for a job's terminal event when the job names a webhook.
+CREATE FUNCTION stageflow._queue_webhook(p_event_id bigint, p_job_id text, p_kind text)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_event_id bigint;
+    v_job stageflow.jobs;
+    v_url text;
+    v_endpoint stageflow.webhook_endpoints;
+    v_dropped boolean := false;
 BEGIN
-    INSERT INTO stageflow.events (job_id, stage, task_id, kind, payload, created_at)
-    VALUES (p_job_id, p_stage, p_task_id, p_kind, p_payload, stageflow.now())
-    RETURNING event_id INTO v_event_id;
-    -- A job's end (kind job_<status>, a status it ended in):
-    IF left(p_kind, 4) = 'job_' AND stageflow._job_has_ended(substr(p_kind, 5)) THEN
-        PERFORM stageflow._queue_webhook(v_event_id, p_job_id, p_kind);
+    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
+    v_url := coalesce(v_job.webhook_url, v_job.definition ->> 'webhook_url');
+    IF v_url IS NULL THEN
+        RETURN;
     END IF;
-    PERFORM pg_notify('stageflow_events',
-                      jsonb_build_object('event_id', v_event_id, 'job_id', p_job_id, 'kind', p_kind)::text);
+    IF v_url LIKE 'endpoint:%' THEN
+        v_endpoint := stageflow._webhook_endpoint(v_url, v_job.owner, v_job.tenant);
+        -- Dropped since the submission: recorded as failed, saying so, and not sent.
+        v_dropped := v_endpoint.name IS NULL;
+    END IF;
+    INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, status, attempt_log, next_attempt_at,
+                                              created_at, secret)
+    VALUES (p_event_id, p_job_id, coalesce(v_endpoint.url, v_url),
+            jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
+            CASE WHEN v_dropped THEN 'failed' ELSE 'pending' END,
+            CASE WHEN v_dropped THEN jsonb_build_array(jsonb_build_object(
+                'attempt', 0, 'at', stageflow.now(), 'error', format('the webhook endpoint %s was dropped', v_url)))
+                 ELSE '[]' END,
+            stageflow.now(), stageflow.now(), v_endpoint.secret);
+END;
+$$;
+-- Claims up to max_rows due deliveries for lease_seconds (they are not due again before), counting
+-- the attempt. Deliveries claimed by another dispatcher are skipped. secret: the registered
+-- endpoint's signing secret (NULL: sign with the dispatcher's own).
+CREATE FUNCTION stageflow.claim_webhook_deliveries(max_rows int DEFAULT 10, lease_seconds int DEFAULT 30)
+RETURNS TABLE (delivery_id bigint, job_id text, url text, payload jsonb, attempts int, secret text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF claim_webhook_deliveries.max_rows IS NULL OR claim_webhook_deliveries.max_rows NOT BETWEEN 1 AND 1000
+       OR claim_webhook_deliveries.lease_seconds IS NULL OR claim_webhook_deliveries.lease_seconds NOT BETWEEN 1 AND 3600 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('max_rows must be 1 to 1000 and lease_seconds 1 to 3600, got %s and %s',
+                             claim_webhook_deliveries.max_rows, claim_webhook_deliveries.lease_seconds),
+            HINT = 'claim deliveries in small batches with a lease longer than a POST takes';
+    END IF;
+    RETURN QUERY
+    UPDATE stageflow.webhook_deliveries AS d
+       SET attempts = d.attempts + 1,
+           next_attempt_at = stageflow.now() + make_interval(secs => claim_webhook_deliveries.lease_seconds)
+     WHERE d.delivery_id IN (SELECT w.delivery_id FROM stageflow.webhook_deliveries AS w
+                              WHERE w.status = 'pending' AND w.next_attempt_at <= stageflow.now()
+                              ORDER BY w.next_attempt_at
+                              LIMIT claim_webhook_deliveries.max_rows
+                                FOR UPDATE SKIP LOCKED)
+    RETURNING d.delivery_id, d.job_id, d.url, d.payload, d.attempts, d.secret;
+END;
+$$;
+-- Records an attempt: delivered, or failed with the status code and error seen, then retried after
+-- retry_in_seconds or, when that is NULL, given up (status failed).
+CREATE FUNCTION stageflow.record_webhook_attempt(delivery_id bigint, delivered boolean, status_code int DEFAULT NULL,
+                                                 error text DEFAULT NULL, retry_in_seconds numeric DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row stageflow.webhook_deliveries;
+BEGIN
+    UPDATE stageflow.webhook_deliveries AS d
+       SET status = CASE WHEN record_webhook_attempt.delivered THEN 'delivered'
+                         WHEN record_webhook_attempt.retry_in_seconds IS NULL THEN 'failed'
+                         ELSE 'pending' END,
+           delivered_at = CASE WHEN record_webhook_attempt.delivered THEN stageflow.now() END,
+           next_attempt_at = stageflow.now() + make_interval(secs => coalesce(record_webhook_attempt.retry_in_seconds, 0)),
+           attempt_log = d.attempt_log || jsonb_build_array(jsonb_build_object(
+               'attempt', d.attempts, 'at', stageflow.now(), 'status_code', record_webhook_attempt.status_code,
+               'error', record_webhook_attempt.error))
+     WHERE d.delivery_id = record_webhook_attempt.delivery_id AND d.status = 'pending'
+    RETURNING * INTO v_row;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42704',
+            MESSAGE = format('no pending webhook delivery %s', record_webhook_attempt.delivery_id),
+            HINT = 'deliveries come from stageflow.claim_webhook_deliveries';
+    END IF;
+    RETURN jsonb_build_object('delivery_id', v_row.delivery_id, 'status', v_row.status, 'attempts', v_row.attempts);
+END;
+$$;
+-- A job's webhook deliveries with their attempts (for those who see the job, as job_status: the
+-- URLs often carry secrets).
+CREATE FUNCTION stageflow.webhook_deliveries(job_id text)
+RETURNS TABLE (delivery_id bigint, url text, status text, attempts int, attempt_log jsonb, created_at timestamptz,
+               delivered_at timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM stageflow._visible_job(webhook_deliveries.job_id);
+    RETURN QUERY
+    SELECT d.delivery_id, d.url, d.status, d.attempts, d.attempt_log, d.created_at, d.delivered_at
+      FROM stageflow.webhook_deliveries AS d
+     WHERE d.job_id = webhook_deliveries.job_id
+     ORDER BY d.delivery_id;
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:67
+-- Metrics: what `GET /metrics` exports, one row per Prometheus sample (metric name, labels, value),
+-- read from pgmq and from the stage counters (stages, stage_shards). Tasks are counted only
+-- through the partial indexes of running tasks and of dead letters: no scan of all tasks. Each
+-- metric's rows come in the order they are exported (by queue, status or handler name); the
+-- HTTP server adds the HELP and TYPE lines and the escaping.
+CREATE FUNCTION stageflow.metrics()
+RETURNS TABLE (metric text, labels jsonb, value double precision)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_open bigint;
+    v_completed bigint;
+    v_failed bigint;
+    v_cancelled bigint;
+    v_running bigint;
+    v_dead bigint;
+BEGIN
+    -- Messages in each queue, and those claimable now.
+    RETURN QUERY
+    SELECT m.metric, jsonb_build_object('queue', q.queue_name), m.value
+      FROM pgmq.metrics_all() AS q
+     CROSS JOIN LATERAL (VALUES (1, 'stageflow_queue_depth', q.queue_length::float8),
+                                (2, 'stageflow_queue_depth_visible', q.queue_visible_length::float8)) AS m(n, metric, value)
+     ORDER BY q.queue_name, m.n;
+    -- Tasks of big stages whose messages are still to be sent (stageflow.message_windows): work a
+    -- queue's depth does not show yet.
+    RETURN QUERY
+    SELECT 'stageflow_tasks_unsent', jsonb_build_object('queue', w.queue), sum(w.task_count - w.next_ordinal)::float8
+      FROM stageflow.message_windows AS w
+     GROUP BY w.queue
+     ORDER BY w.queue;
+
+    RETURN QUERY
+    SELECT 'stageflow_jobs', jsonb_build_object('status', j.status), count(*)::float8
+      FROM stageflow.jobs AS j
+     GROUP BY j.status
+     ORDER BY j.status;
+
+    -- Tasks by status from the stage counters: open (queued or running), running, completed,
+    -- failed; the rest of a stage's tasks were cancelled.
+    SELECT coalesce(sum(c.remaining_tasks), 0)::bigint,
+           coalesce(sum(c.running_tasks), 0)::bigint,
+           coalesce(sum(c.completed_count), 0)::bigint,
+           coalesce(sum(s.failed_count), 0)::bigint,
+           coalesce(sum(s.task_count - c.completed_count - s.failed_count - c.remaining_tasks), 0)::bigint
+      INTO v_open, v_running, v_completed, v_failed, v_cancelled
+      FROM stageflow.stages AS s
+      JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
+    -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
+    -- (not those of jobs retention has deleted and is draining: dead_letters() lists them no more)
+    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t
+     WHERE t.failed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = t.job_id);
+    RETURN QUERY
+    SELECT 'stageflow_tasks', jsonb_build_object('status', t.status), t.value::float8
+      FROM (VALUES (1, 'queued', v_open - v_running), (2, 'running', v_running), (3, 'completed', v_completed),
+                   (4, 'failed', v_failed), (5, 'cancelled', v_cancelled)) AS t(n, status, value)
+     ORDER BY t.n;
+    -- Tasks that ended without a result.
+    RETURN QUERY
+    SELECT 'stageflow_dead_letters', '{}'::jsonb, v_dead::float8;
+
+    -- Per handler: completed and failed tasks, and the claim-to-completion seconds of the completed
+    -- ones (a summary's sum and count), one metric after the other.
+    RETURN QUERY
+    SELECT m.metric, jsonb_build_object('handler', h.handler) || m.labels, m.value
+      FROM (SELECT s.handler,
+                   sum(c.completed_count)::float8 AS completed,
+                   sum(s.failed_count)::float8 AS failed,
+                   sum(c.completed_seconds) AS seconds
+              FROM stageflow.stages AS s
+              JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage
+             GROUP BY s.handler) AS h
+     CROSS JOIN LATERAL (VALUES (1, 1, 'stageflow_handler_tasks_total', '{"outcome": "completed"}'::jsonb, h.completed),
+                                (1, 2, 'stageflow_handler_tasks_total', '{"outcome": "failed"}'::jsonb, h.failed),
+                                (2, 1, 'stageflow_task_duration_seconds_sum', '{}'::jsonb, h.seconds),
+                                (2, 2, 'stageflow_task_duration_seconds_count', '{}'::jsonb, h.completed))
+                         AS m(family, n, metric, labels, value)
+     ORDER BY m.family, h.handler, m.n;
+
+    RETURN QUERY
+    SELECT 'stageflow_webhook_deliveries', jsonb_build_object('status', d.status), count(*)::float8
+      FROM stageflow.webhook_deliveries AS d
+     GROUP BY d.status
+     ORDER BY d.status;
+END;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:60
+-- Completes many tasks in one transaction: results is an array of {"task_id", "result",
+-- "lease_token"?}. Each task gets the semantics of complete_task_and_check_stage, through the same
+-- settle path (_settle_completions): accepted only under its row lock, fenced by its lease token
+-- (or by worker_id when the element has none), its stage's shard counters moved once for the whole
+-- batch and the stage advanced when its last open shard empties. A task that cannot be
+-- completed (unknown, not running, another lease's, a bad plan) does not stop the others: its
+-- entry in the answer is {"task_id", "error": {"sqlstate", "message", "hint"}}, the refusal
+-- complete_task_and_check_stage would raise. Returns one report per element, in order; with
+-- reports => false an accepted element's entry is only {"task_id"} (a worker that does not read
+-- the reports saves their cost: looking up each task's stage and job and building its report was
+-- a fifth of the batched benchmark line, bench/README.md).
+-- Locks are waited for in task_id order (tasks, then their messages; a task refused after the
+-- UPDATE is locked only if no other session holds it: else it is decided as it stands, 40001 if
+-- it could have been completed, report it again), then (job, stage) order (each stage's shards,
+-- waited for only in shard order, then its row), so concurrent batches do not deadlock.
+CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL, reports boolean DEFAULT true)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_ids        text[];
+    v_results    jsonb[];
+    v_tokens     bigint[];
+    v_refusals   jsonb[];
+    v_reported   text[] := '{}'::text[];  -- the accepted ones, when reports are built
+BEGIN
+    IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = format('results must be a JSON array, got %s', coalesce(jsonb_typeof(complete_tasks.results), 'NULL')),
+            HINT = 'pass [{"task_id": "...", "result": {...}}, ...]';
+    END IF;
+    IF jsonb_array_length(complete_tasks.results) > 10000 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = format('%s results in one call, more than the limit of 10000', jsonb_array_length(complete_tasks.results)),
+            HINT = 'complete in batches of at most 10000 tasks';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
+                WHERE jsonb_typeof(e.item) <> 'object' OR jsonb_typeof(e.item -> 'task_id') IS DISTINCT FROM 'string'
+                   OR (e.item ? 'lease_token' AND jsonb_typeof(e.item -> 'lease_token') IS DISTINCT FROM 'null'
+                       AND (jsonb_typeof(e.item -> 'lease_token') <> 'number' OR (e.item ->> 'lease_token') !~ '^-?[0-9]{1,18}$'))) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = 'every element of results needs a "task_id" string (and a "lease_token", when given, is an integer)',
+            HINT = 'pass [{"task_id": "...", "result": {...}, "lease_token": 1}, ...]';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
+                GROUP BY e.item ->> 'task_id' HAVING count(*) > 1) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22023',
+            MESSAGE = 'results name a task more than once',
+            HINT = 'report each task once per call';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
+                WHERE octet_length((e.item -> 'result')::text) > 8388608) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '54000',
+            MESSAGE = 'a result takes more than the limit of 8388608 bytes',
+            HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
+    END IF;
+
+    SELECT array_agg(e.item ->> 'task_id' ORDER BY e.n), array_agg(e.item -> 'result' ORDER BY e.n),
+           array_agg((e.item ->> 'lease_token')::bigint ORDER BY e.n)
+      INTO v_ids, v_results, v_tokens
+      FROM jsonb_array_elements(complete_tasks.results) WITH ORDINALITY AS e(item, n);
+    IF v_ids IS NULL THEN
+        RETURN '[]'::jsonb;
+    END IF;
+    v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
+
+    -- (reports => false: no report is built, the accepted ones answer their task_id)
+    -- The accepted ones are listed first, into a variable: PostgreSQL inlines no set-returning
+    -- function whose argument holds a subquery, and _completion_reports called instead of inlined
+    -- is planned again on every call (170 us a call of six tasks).
+    IF complete_tasks.reports IS NOT FALSE THEN
+        v_reported := ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal) WHERE a.refusal IS NULL);
+    END IF;
+    RETURN (
+        SELECT jsonb_agg(CASE WHEN u.refusal IS NOT NULL THEN jsonb_build_object('task_id', u.task_id, 'error', u.refusal)
+                              WHEN complete_tasks.reports IS FALSE THEN jsonb_build_object('task_id', u.task_id)
+                              ELSE r.report END
+                         ORDER BY u.n)
+          FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
+          LEFT JOIN stageflow._completion_reports(v_reported) AS r ON r.task_id = u.task_id);
 END;
 $$;
 /* </end connected objects> */
@@ -1888,165 +3810,252 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:57
--- Leases held by workers: extended by heartbeat, handed back by release_tasks. Both lock the
--- tasks first and decide under the lock which leases are the caller's (by lease token, or by
--- worker_id when no token is given), then move those tasks' current messages: a stale caller
--- can neither extend nor hand back a lease that is not its own.
+-- src/lib.rs:41
+-- What a status means: the classes of job and task statuses, each list written here once and read
+-- everywhere else through these functions (docs/state_machine.md draws the transitions).
+-- They are SQL functions without a SET clause and with nothing to look up, so that PostgreSQL
+-- inlines them: `stageflow._job_is_open(j.status)` plans exactly as `j.status IN ('queued',
+-- 'processing')`. Only Stageflow's own functions, whose search_path is fixed, call them.
+-- Two places keep literal lists: the tables' CHECK constraints (the statuses there are), and the
+-- predicates of partial indexes with the queries meant to use them. The planner matches an index
+-- predicate against a query's conditions as they are after inlining, so an inlined call would
+-- match too (measured); but a call that stops being inlined (a SET clause, STRICT, another
+-- language) would not, and nothing would fail: those queries keep the literal and say so.
 
--- The running tasks among task_ids whose lease the caller holds, locked in task_id order:
--- with lease_tokens (parallel to task_ids) the token must be the task's current one; else with
--- worker_id the holder must be that worker; with neither, any running task. Only tasks of queues
--- granted to the session's login (_check_report_grants: else 42501, nothing changed).
-CREATE FUNCTION stageflow._lock_leases(p_task_ids text[], p_worker_id text, p_lease_tokens bigint[])
-RETURNS SETOF stageflow.tasks
+-- A job still to finish: queued (no task claimed yet) or processing.
+CREATE FUNCTION stageflow._job_is_open(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('queued', 'processing')
+$$;
+-- A job that ran to its end: completed, with failed tasks its stages tolerated or without.
+CREATE FUNCTION stageflow._job_is_done(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('completed', 'completed_with_errors')
+$$;
+-- A job stopped before its end: failed or cancelled (retry_job, or its owner resubmitting the
+-- work, resumes it).
+CREATE FUNCTION stageflow._job_is_stopped(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('failed', 'cancelled')
+$$;
+-- A job that has ended: done or stopped.
+CREATE FUNCTION stageflow._job_has_ended(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stageflow._job_is_done(p_status) OR stageflow._job_is_stopped(p_status)
+$$;
+-- An open task: queued (waiting, or due for a retry) or running (leased to a worker).
+CREATE FUNCTION stageflow._task_is_open(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('queued', 'running')
+$$;
+-- A task that failed for good, a dead letter: failed (a permanent error) or dead (its attempts
+-- ran out).
+CREATE FUNCTION stageflow._task_has_failed(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status IN ('failed', 'dead')
+$$;
+-- A task that ended without a result: failed, dead or cancelled (what retry_job queues again).
+CREATE FUNCTION stageflow._task_ended_without_result(p_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stageflow._task_has_failed(p_status) OR p_status = 'cancelled'
+$$;
+-- A task a claim may take at p_now: attempts left, and queued with its retry (if any) due, or
+-- running on a lease that has expired. (The claim asks it under the task's row lock, once to
+-- decide and once more in its UPDATE, after the rare path may have changed the row.)
+CREATE FUNCTION stageflow._task_is_claimable(p_status text, p_attempt int, p_max_attempts int,
+                                             p_next_attempt_at timestamptz, p_lease_expires_at timestamptz,
+                                             p_now timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_attempt < p_max_attempts
+           AND ((p_status = 'queued' AND (p_next_attempt_at IS NULL OR p_next_attempt_at <= p_now))
+                OR (p_status = 'running' AND p_lease_expires_at <= p_now))
+$$;
+-- A task of the job p_job_id, as every read of a job's tasks asks it: tasks_stage_idx names the job
+-- by hashtextextended(job_id, 0) (sql/0010_tables.sql), so the hash is compared for the index and
+-- the id for the answer. Written once here; inlined like the classes above, so the planner sees
+-- both conditions and uses the index (pg_test/job_result.sql checks that it does).
+CREATE FUNCTION stageflow._is_task_of_job(p_task_job_id text, p_job_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT pg_catalog.hashtextextended(p_task_job_id, 0) OPERATOR(pg_catalog.=) pg_catalog.hashtextextended(p_job_id, 0)
+           AND p_task_job_id OPERATOR(pg_catalog.=) p_job_id
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:51
+-- Shapes the table of a queue the job types use for how the engine uses it. A claim reads a
+-- message (src/queues.rs) by walking the table's primary key in msg_id order, never by pgmq's
+-- index on vt, and moves its vt to the lease's end; with that index, the move is an update that
+-- writes an entry into both indexes. Without it, and with room on the page for the new version
+-- (fillfactor 50: a message row and its one new version), the move is a HOT update: no index
+-- entry. One at a time under pgbench (8 clients, sync on, pg_walinspect), a task's WAL went from
+-- 989-996 to 838-884 bytes (pgmq's read + delete: 431). Nothing of Stageflow reads a queue by vt
+-- (maintenance finds the messages that became visible in its bounded walk by msg_id, _reconcile),
+-- and pgmq's own functions keep working on the table (its read then walks the primary key too).
+-- Pages written before stay as they are. What it drops is pgmq's index: one on vt alone, backing
+-- no constraint (an index of the DBA's own that holds vt among other columns stays); it sets the
+-- fillfactor only where none is set.
+-- Called by _ensure_queue on the queue it makes (p_nowait false: nobody else can use it yet), and
+-- by stageflow.shape_queues on the job types' queues that still have the index (queues made
+-- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
+-- p_nowait: it takes the table's lock without waiting, and any other lock within 10 ms (55P03
+-- when a claim or a completion holds the table, or another session the index; the caller's
+-- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned
+-- queue's (pgmq with pg_partman) takes no fillfactor, and a queue whose table is gone has nothing
+-- to shape.
+-- Returns whether it changed the table.
+CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
+RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_table      oid;
+    v_fillfactor boolean;
+    v_indexes    name[];
+    v_index      name;
+    v_lock_timeout text;
 BEGIN
-    IF p_lease_tokens IS NOT NULL AND cardinality(p_lease_tokens) IS DISTINCT FROM cardinality(p_task_ids) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('%s task ids but %s lease tokens', coalesce(cardinality(p_task_ids), 0), cardinality(p_lease_tokens)),
-            HINT = 'pass one lease token per task id, in the same order (the lease_token claim_tasks returned)';
+    SELECT c.oid, EXISTS (SELECT 1 FROM unnest(c.reloptions) AS o(option) WHERE o.option LIKE 'fillfactor=%')
+      INTO v_table, v_fillfactor
+      FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'pgmq' AND c.relname = pgmq.format_table_name(p_queue, 'q') AND c.relkind = 'r';
+    IF v_table IS NULL THEN
+        RETURN false;
     END IF;
-    PERFORM stageflow._check_report_grants(p_task_ids);
-    RETURN QUERY
-    SELECT t.* FROM stageflow.tasks AS t
-      JOIN unnest(p_task_ids, coalesce(p_lease_tokens, array_fill(NULL::bigint, ARRAY[cardinality(p_task_ids)])))
-           AS u(task_id, lease_token) ON u.task_id = t.task_id
-     WHERE t.status = 'running'
-       AND CASE WHEN p_lease_tokens IS NOT NULL THEN t.lease_token = u.lease_token
-                ELSE p_worker_id IS NULL OR t.worker_id = p_worker_id END
-     ORDER BY t.task_id
-       FOR UPDATE OF t;
+    SELECT array_agg(ic.relname ORDER BY ic.relname) INTO v_indexes
+      FROM pg_index AS i
+      JOIN pg_class AS ic ON ic.oid = i.indexrelid
+      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = v_table AND i.indnatts = 1 AND a.attname = 'vt' AND i.indpred IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint AS k WHERE k.conindid = i.indexrelid);
+    IF v_indexes IS NULL AND v_fillfactor THEN
+        RETURN false;
+    END IF;
+    IF p_nowait THEN
+        -- (and every lock after it within 10 ms: a session holding a lock on the index alone, as
+        -- COMMENT ON INDEX does, would make the DROP wait while this holds the table, and the
+        -- tables of the queues its caller shaped before; a review's claim waited 4 s so)
+        v_lock_timeout := current_setting('lock_timeout');
+        PERFORM set_config('lock_timeout', '10ms', true);
+        EXECUTE format('LOCK TABLE pgmq.%I IN ACCESS EXCLUSIVE MODE NOWAIT', pgmq.format_table_name(p_queue, 'q'));
+    END IF;
+    FOREACH v_index IN ARRAY coalesce(v_indexes, '{}') LOOP
+        EXECUTE format('DROP INDEX pgmq.%I', v_index);
+    END LOOP;
+    IF NOT v_fillfactor THEN
+        EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
+    END IF;
+    IF p_nowait THEN
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    END IF;
+    RETURN true;
 END;
 $$;
--- Raises 22023 for a lease outside 1 s to 7 days (claim_tasks and heartbeat check it inline).
-CREATE FUNCTION stageflow._raise_bad_lease(p_lease_seconds int)
+-- Creates pgmq queue p_queue unless it exists: the one place Stageflow creates queues. Called when
+-- a job type naming the queue is registered, and again where a queue is needed (a stage's tasks
+-- are sent, a claim or a grant names a job type's queue), so that a queue is made on first use
+-- where it does not exist: the built-in hello_world's `default` queue (CREATE EXTENSION makes no
+-- queue, so that pg_restore, which runs CREATE EXTENSION and then restores pgmq's queues with
+-- their messages, finds none in its way), or a queue a restore or a DBA dropped.
+CREATE FUNCTION stageflow._ensure_queue(p_queue text)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RAISE EXCEPTION USING
-        ERRCODE = '22023',
-        MESSAGE = format('lease_seconds must be between 1 and 604800, got %s', coalesce(p_lease_seconds::text, 'NULL')),
-        HINT = 'a lease is how long a worker may hold a task before it is delivered again';
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+        -- (two sessions making the same queue at once would collide in the catalogs)
+        PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
+        -- (made meanwhile by the session that held the lock: pgmq.create would build pgmq's index
+        -- on vt again, over the messages sent since)
+        IF EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
+            RETURN;
+        END IF;
+        PERFORM pgmq.create(p_queue);
+        PERFORM stageflow._shape_queue(p_queue);
+        -- (a queue made again, after a restore or a DBA dropped it: the tasks of its big stages
+        -- hold ids the old one's sequence handed out for messages still to be sent, which the new
+        -- one must not hand out again; until this transaction commits nobody else takes one)
+        PERFORM setval(pg_get_serial_sequence(format('pgmq.%I', pgmq.format_table_name(p_queue, 'q')), 'msg_id'), m.last_msg_id)
+           FROM (SELECT max(w.last_msg_id) AS last_msg_id FROM stageflow.message_windows AS w WHERE w.queue = p_queue) AS m
+          WHERE m.last_msg_id IS NOT NULL;
+    END IF;
 END;
 $$;
--- Extends the leases of running tasks (a worker's heartbeat) to lease_seconds from now (a
--- stage's own lease_seconds wins, as in claim_tasks); their messages stay invisible as long.
--- Only the caller's leases are extended (see _lock_leases). Returns the tasks extended; a task
--- missing from the answer is no longer the caller's (completed, failed, cancelled, or claimed by
--- another worker after its lease ran out): its outcome will be refused.
-CREATE FUNCTION stageflow.heartbeat(task_ids text[], lease_seconds int DEFAULT 300, worker_id text DEFAULT NULL,
-                                    lease_tokens bigint[] DEFAULT NULL)
-RETURNS TABLE (task_id text, lease_expires_at timestamptz)
-LANGUAGE plpgsql
-SECURITY DEFINER
+-- The queues the job types' stages name, in name order: those that exist (the ones maintenance
+-- walks), or all of them (p_existing false: the ones _check_queue may make on first use).
+CREATE FUNCTION stageflow._job_type_queues(p_existing boolean DEFAULT true)
+RETURNS SETOF text
+LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-DECLARE
-    v_now   timestamptz := stageflow.now();
-    v_ids   text[];
-    v_exp   timestamptz[];
-    r       record;
-BEGIN
-    IF heartbeat.lease_seconds IS NULL OR heartbeat.lease_seconds NOT BETWEEN 1 AND 604800 THEN
-        PERFORM stageflow._raise_bad_lease(heartbeat.lease_seconds);
-    END IF;
-    -- Tasks first (locked), then their messages: the lock order of every report.
-    WITH extended AS (
-        UPDATE stageflow.tasks AS t
-           SET lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, heartbeat.lease_seconds))
-          FROM stageflow.stages AS s
-         WHERE t.task_id IN (SELECT l.task_id FROM stageflow._lock_leases(heartbeat.task_ids, heartbeat.worker_id,
-                                                                          heartbeat.lease_tokens) AS l)
-           AND s.job_id = t.job_id AND s.stage = t.stage
-        RETURNING t.task_id, t.lease_expires_at
-    )
-    SELECT array_agg(e.task_id ORDER BY e.task_id), array_agg(e.lease_expires_at ORDER BY e.task_id)
-      INTO v_ids, v_exp
-      FROM extended AS e;
-    IF v_ids IS NULL THEN
-        RETURN;
-    END IF;
-    FOR r IN
-        SELECT s.queue, t.lease_expires_at, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         WHERE t.task_id = ANY (v_ids)
-         GROUP BY s.queue, t.lease_expires_at
-         ORDER BY s.queue, t.lease_expires_at
-    LOOP
-        PERFORM pgmq.set_vt(r.queue, r.msg_ids, r.lease_expires_at);
-    END LOOP;
-    RETURN QUERY SELECT u.task_id, u.lease_expires_at FROM unnest(v_ids, v_exp) AS u(task_id, lease_expires_at);
-END;
+    SELECT DISTINCT e.stage ->> 'queue'
+      FROM stageflow.job_types AS jt
+     CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
+     WHERE NOT p_existing OR EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
+     ORDER BY 1
 $$;
--- Hands running tasks back without an outcome (a worker shutting down): they are queued again,
--- their messages visible at once, and the attempt they were on is not counted; each release is
--- recorded as a task_released event (worker, lease token, attempt), so a claim handed back leaves
--- a trace. Only the caller's
--- leases are released (see _lock_leases). Returns the number released.
-CREATE FUNCTION stageflow.release_tasks(task_ids text[], worker_id text DEFAULT NULL, lease_tokens bigint[] DEFAULT NULL)
-RETURNS int
+-- Stores a job type, or replaces its definition for jobs submitted from now on.
+-- stageflow._normalize_definition (Rust) validates the definition, naming the bad field, and fills
+-- in defaults; every queue a stage names is created in pgmq if it does not exist yet.
+CREATE FUNCTION stageflow.register_job_type(name text, definition jsonb)
+RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_now       timestamptz := stageflow.now();
-    v_ids       text[];
-    r           record;
+    v_definition jsonb := stageflow._normalize_definition(register_job_type.name, register_job_type.definition);
+    v_queue text;
 BEGIN
-    FOR r IN
-        WITH mine AS (
-            SELECT l.task_id, l.job_id, l.stage, l.worker_id, l.lease_token, l.attempt
-              FROM stageflow._lock_leases(release_tasks.task_ids, release_tasks.worker_id, release_tasks.lease_tokens) AS l
-        ), released AS (
-            UPDATE stageflow.tasks AS t
-               SET status = 'queued', attempt = t.attempt - 1, lease_expires_at = NULL, worker_id = NULL,
-                   next_attempt_at = NULL
-              FROM mine AS m
-             WHERE t.task_id = m.task_id
-            RETURNING m.task_id, m.job_id, m.stage, m.worker_id, m.lease_token, m.attempt
-        )
-        SELECT x.* FROM released AS x ORDER BY x.task_id
+    FOR v_queue IN
+        SELECT DISTINCT s.stage ->> 'queue' FROM jsonb_array_elements(v_definition -> 'stages') AS s(stage)
     LOOP
-        PERFORM stageflow._emit(r.job_id, 'task_released',
-                                jsonb_build_object('worker_id', r.worker_id, 'lease_token', r.lease_token, 'attempt', r.attempt),
-                                r.stage, r.task_id);
-        v_ids := coalesce(v_ids, '{}') || r.task_id;
+        PERFORM stageflow._ensure_queue(v_queue);
     END LOOP;
-    IF v_ids IS NULL THEN
-        RETURN 0;
-    END IF;
-    FOR r IN
-        SELECT s.queue, array_agg(t.msg_id ORDER BY t.msg_id) AS msg_ids
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-         WHERE t.task_id = ANY (v_ids)
-         GROUP BY s.queue
-         ORDER BY s.queue
-    LOOP
-        PERFORM pgmq.set_vt(r.queue, r.msg_ids, v_now);
-        PERFORM pg_notify('stageflow_tasks', r.queue);
-    END LOOP;
-    -- They no longer run (tasks, messages, then shards: the lock order of every report).
-    FOR r IN
-        SELECT t.job_id, t.stage, count(*)::int AS tasks
-          FROM stageflow.tasks AS t
-         WHERE t.task_id = ANY (v_ids)
-         GROUP BY t.job_id, t.stage
-         ORDER BY t.job_id, t.stage
-    LOOP
-        PERFORM stageflow._leave_running(r.job_id, r.stage, r.tasks);
-    END LOOP;
-    RETURN cardinality(v_ids);
+
+    INSERT INTO stageflow.job_types AS jt (name, definition)
+    VALUES (register_job_type.name, v_definition)
+    ON CONFLICT ON CONSTRAINT job_types_pkey
+    DO UPDATE SET definition = excluded.definition, updated_at = now();
+
+    RETURN jsonb_build_object('name', register_job_type.name, 'definition', v_definition);
 END;
+$$;
+-- The registered job types with their (normalised) definitions.
+CREATE FUNCTION stageflow.job_types()
+RETURNS TABLE (name text, description text, stages jsonb, definition jsonb, updated_at timestamptz)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jt.name,
+           jt.definition ->> 'description',
+           (SELECT jsonb_agg(s.stage ->> 'name' ORDER BY s.n)
+              FROM jsonb_array_elements(jt.definition -> 'stages') WITH ORDINALITY AS s(stage, n)),
+           jt.definition,
+           jt.updated_at
+      FROM stageflow.job_types AS jt
+     ORDER BY jt.name
 $$;
 /* </end connected objects> */
 
@@ -2110,1133 +4119,103 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:67
--- Metrics: what `GET /metrics` exports, one row per Prometheus sample (metric name, labels, value),
--- read from pgmq and from the stage counters (stages, stage_shards). Tasks are counted only
--- through the partial indexes of running tasks and of dead letters: no scan of all tasks. Each
--- metric's rows come in the order they are exported (by queue, status or handler name); the
--- HTTP server adds the HELP and TYPE lines and the escaping.
-CREATE FUNCTION stageflow.metrics()
-RETURNS TABLE (metric text, labels jsonb, value double precision)
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_open bigint;
-    v_completed bigint;
-    v_failed bigint;
-    v_cancelled bigint;
-    v_running bigint;
-    v_dead bigint;
-BEGIN
-    -- Messages in each queue, and those claimable now.
-    RETURN QUERY
-    SELECT m.metric, jsonb_build_object('queue', q.queue_name), m.value
-      FROM pgmq.metrics_all() AS q
-     CROSS JOIN LATERAL (VALUES (1, 'stageflow_queue_depth', q.queue_length::float8),
-                                (2, 'stageflow_queue_depth_visible', q.queue_visible_length::float8)) AS m(n, metric, value)
-     ORDER BY q.queue_name, m.n;
-    -- Tasks of big stages whose messages are still to be sent (stageflow.message_windows): work a
-    -- queue's depth does not show yet.
-    RETURN QUERY
-    SELECT 'stageflow_tasks_unsent', jsonb_build_object('queue', w.queue), sum(w.task_count - w.next_ordinal)::float8
-      FROM stageflow.message_windows AS w
-     GROUP BY w.queue
-     ORDER BY w.queue;
+-- src/lib.rs:44
+-- The wording of the errors that several functions raise: an unknown job or task, and the
+-- refusals of a task's report (not running, another lease's), decided in one place.
 
-    RETURN QUERY
-    SELECT 'stageflow_jobs', jsonb_build_object('status', j.status), count(*)::float8
-      FROM stageflow.jobs AS j
-     GROUP BY j.status
-     ORDER BY j.status;
-
-    -- Tasks by status from the stage counters: open (queued or running), running, completed,
-    -- failed; the rest of a stage's tasks were cancelled.
-    SELECT coalesce(sum(c.remaining_tasks), 0)::bigint,
-           coalesce(sum(c.running_tasks), 0)::bigint,
-           coalesce(sum(c.completed_count), 0)::bigint,
-           coalesce(sum(s.failed_count), 0)::bigint,
-           coalesce(sum(s.task_count - c.completed_count - s.failed_count - c.remaining_tasks), 0)::bigint
-      INTO v_open, v_running, v_completed, v_failed, v_cancelled
-      FROM stageflow.stages AS s
-      JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage;
-    -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
-    -- (not those of jobs retention has deleted and is draining: dead_letters() lists them no more)
-    SELECT count(*) INTO v_dead FROM stageflow.tasks AS t
-     WHERE t.failed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = t.job_id);
-    RETURN QUERY
-    SELECT 'stageflow_tasks', jsonb_build_object('status', t.status), t.value::float8
-      FROM (VALUES (1, 'queued', v_open - v_running), (2, 'running', v_running), (3, 'completed', v_completed),
-                   (4, 'failed', v_failed), (5, 'cancelled', v_cancelled)) AS t(n, status, value)
-     ORDER BY t.n;
-    -- Tasks that ended without a result.
-    RETURN QUERY
-    SELECT 'stageflow_dead_letters', '{}'::jsonb, v_dead::float8;
-
-    -- Per handler: completed and failed tasks, and the claim-to-completion seconds of the completed
-    -- ones (a summary's sum and count), one metric after the other.
-    RETURN QUERY
-    SELECT m.metric, jsonb_build_object('handler', h.handler) || m.labels, m.value
-      FROM (SELECT s.handler,
-                   sum(c.completed_count)::float8 AS completed,
-                   sum(s.failed_count)::float8 AS failed,
-                   sum(c.completed_seconds) AS seconds
-              FROM stageflow.stages AS s
-              JOIN stageflow.stage_counts AS c ON c.job_id = s.job_id AND c.stage = s.stage
-             GROUP BY s.handler) AS h
-     CROSS JOIN LATERAL (VALUES (1, 1, 'stageflow_handler_tasks_total', '{"outcome": "completed"}'::jsonb, h.completed),
-                                (1, 2, 'stageflow_handler_tasks_total', '{"outcome": "failed"}'::jsonb, h.failed),
-                                (2, 1, 'stageflow_task_duration_seconds_sum', '{}'::jsonb, h.seconds),
-                                (2, 2, 'stageflow_task_duration_seconds_count', '{}'::jsonb, h.completed))
-                         AS m(family, n, metric, labels, value)
-     ORDER BY m.family, h.handler, m.n;
-
-    RETURN QUERY
-    SELECT 'stageflow_webhook_deliveries', jsonb_build_object('status', d.status), count(*)::float8
-      FROM stageflow.webhook_deliveries AS d
-     GROUP BY d.status
-     ORDER BY d.status;
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:55
--- Submits a job: validates params against the job type's schema (filling in defaults), derives the
--- job id from the job type and the canonical params, and creates stage 1's tasks (or, when it has
--- none, the first stage that has), within the submitting login's quotas: 54000 over one, and an
--- error creating those tasks is the submission's (it creates nothing). The job belongs to the
--- session's login and tenant label (stageflow.tenant). webhook_url, when given, receives a POST
--- when the job ends (see stageflow.webhook_deliveries). A login's submissions under one label take
--- turns (_admit, their first lock).
---
--- Identical work has one id, so submitting it again returns the same id, and the outcome says
--- what that meant:
---   created           a new job
---   exists            your job of this work, left as it is (its webhook_url too)
---   resumed           your job of this work had failed or been cancelled: it runs again from the
---                     stage it stopped at, as stageflow.retry_job does (its completed stages and
---                     tasks are kept; the open tasks count against your quota)
---   owned_by_another  another login (or tenant) submitted this work; its job is not yours to read
---                     or cancel (job_status is NULL unless you are an admin)
--- job_status is the job's status after the call.
-CREATE FUNCTION stageflow.submit_job_outcome(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
-RETURNS TABLE (job_id text, outcome text, job_status text)
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_definition  jsonb;
-    v_params      jsonb;
-    v_job_id      text;
-    v_job         stageflow.jobs;
-    v_access      text;
-    v_tenant      text := stageflow._tenant();
-    v_retried     jsonb;
-BEGIN
-    SELECT jt.definition INTO v_definition FROM stageflow.job_types AS jt WHERE jt.name = submit_job_outcome.job_type;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown job type %L', submit_job_outcome.job_type),
-            HINT = coalesce('registered job types: ' || (SELECT string_agg(jt.name, ', ' ORDER BY jt.name)
-                                                           FROM stageflow.job_types AS jt),
-                            'no job type is registered: use stageflow.register_job_type(name, definition)');
-    END IF;
-
-    IF octet_length(submit_job_outcome.params::text) > 1048576 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = format('the params take %s bytes, more than the limit of 1048576', octet_length(submit_job_outcome.params::text)),
-            HINT = 'pass large inputs by reference (a path or URL), not inline';
-    END IF;
-    IF submit_job_outcome.webhook_url LIKE 'endpoint:%' THEN
-        IF (stageflow._webhook_endpoint(submit_job_outcome.webhook_url, session_user, v_tenant)).name IS NULL THEN
-            RAISE EXCEPTION USING
-                ERRCODE = '42704',
-                MESSAGE = format('unknown webhook endpoint %L', substr(submit_job_outcome.webhook_url, 10)),
-                HINT = 'register it with stageflow.register_webhook_endpoint(name, url) under the same login and tenant';
-        END IF;
-    ELSIF submit_job_outcome.webhook_url IS NOT NULL THEN
-        PERFORM stageflow._check_webhook_url(submit_job_outcome.webhook_url, 'webhook_url');
-    END IF;
-    v_params := stageflow._validate_params(submit_job_outcome.job_type, v_definition, submit_job_outcome.params::text);
-    v_job_id := stageflow._job_id(submit_job_outcome.job_type, v_params::text);
-    PERFORM stageflow._admit(session_user, v_tenant);
-
-    LOOP
-        INSERT INTO stageflow.jobs AS j (job_id, job_type, params, definition, total_stages, created_at, updated_at,
-                                         deadline_at, webhook_url, owner, tenant, max_tasks)
-        VALUES (v_job_id, submit_job_outcome.job_type, v_params, v_definition, jsonb_array_length(v_definition -> 'stages'),
-                stageflow.now(), stageflow.now(),
-                stageflow.now() + make_interval(secs => (v_definition ->> 'timeout_seconds')::numeric),
-                submit_job_outcome.webhook_url, session_user, v_tenant,
-                (stageflow._quota(session_user)).max_tasks_per_job)
-        ON CONFLICT ON CONSTRAINT jobs_pkey DO NOTHING;
-        IF FOUND THEN
-            -- Under REPEATABLE READ, a snapshot taken before retention deleted the same work's
-            -- earlier job still sees that job's row beside the new one: the transaction must run
-            -- again, as for any serialization conflict.
-            IF (SELECT count(*) FROM stageflow.jobs AS o WHERE o.job_id = v_job_id) > 1 THEN
-                RAISE EXCEPTION USING
-                    ERRCODE = '40001',
-                    MESSAGE = format('could not serialize the submission of job %s: retention deleted the same work''s earlier job after this transaction began', v_job_id),
-                    HINT = 'run the transaction again';
-            END IF;
-            -- The same work's earlier job, deleted by retention, may still have rows being deleted:
-            -- they go now, before the new job writes any (stageflow.deleted_jobs).
-            IF EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = v_job_id) THEN
-                PERFORM stageflow._finish_job_deletion(v_job_id);
-            END IF;
-            PERFORM stageflow._emit(v_job_id, 'job_submitted',
-                                    jsonb_build_object('job_type', submit_job_outcome.job_type, 'owner', session_user,
-                                                       'tenant', v_tenant));
-            IF (stageflow._create_stage_tasks(v_job_id, 1)).created = 0 THEN
-                PERFORM stageflow.advance_stage(v_job_id);
-                -- Stage 1 was empty: a later stage that could not be created is this call's error.
-                SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
-                IF v_job.error ->> 'type' = 'stage_creation_failed' THEN
-                    RAISE EXCEPTION USING
-                        ERRCODE = v_job.error ->> 'sqlstate',
-                        MESSAGE = v_job.error ->> 'message',
-                        HINT = coalesce(v_job.error ->> 'hint', 'see the job type''s stages');
-                END IF;
-            END IF;
-            PERFORM stageflow._check_open_tasks(session_user, v_tenant);
-            RETURN QUERY SELECT v_job_id, 'created'::text, j.status FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
-            RETURN;
-        END IF;
-        SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = v_job_id;
-        -- Not found: retention deleted the job since the insert met it; insert again.
-        CONTINUE WHEN NOT FOUND;
-        v_access := stageflow._access(v_job.owner, v_job.tenant);
-        IF v_access IS DISTINCT FROM 'owner' THEN
-            RETURN QUERY SELECT v_job_id, 'owned_by_another'::text, CASE WHEN v_access = 'admin' THEN v_job.status END;
-            RETURN;
-        ELSIF NOT stageflow._job_is_stopped(v_job.status) THEN
-            RETURN QUERY SELECT v_job_id, 'exists'::text, v_job.status;
-            RETURN;
-        END IF;
-        -- The job's own label may be one this session does not name (the login's, seen without a
-        -- label): its turn is taken too, after this session's ('' sorts first: no cycle).
-        IF v_job.tenant IS DISTINCT FROM v_tenant THEN
-            PERFORM stageflow._admit(session_user, v_job.tenant);
-        END IF;
-        -- (NULL: retention deleted the job since it was read here; insert again. Seen in the
-        -- retention torture as "unknown job" raised to a submission.)
-        v_retried := stageflow._retry_job(v_job_id, true);
-        IF v_retried IS NOT NULL THEN
-            PERFORM stageflow._check_open_tasks(session_user, v_job.tenant);
-            RETURN QUERY SELECT v_job_id, 'resumed'::text, v_retried ->> 'job_status';
-            RETURN;
-        END IF;
-    END LOOP;
-END;
-$$;
--- Submits a job and returns its id: stageflow.submit_job_outcome without the outcome. Identical
--- work of another login (or tenant) is refused (23505, its id is taken: an id the caller could
--- not read is no answer); a resumed job is told by a NOTICE.
-CREATE FUNCTION stageflow.submit_job(job_type text, params jsonb DEFAULT '{}', webhook_url text DEFAULT NULL)
-RETURNS text
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_submitted record;
-BEGIN
-    SELECT * INTO STRICT v_submitted
-      FROM stageflow.submit_job_outcome(submit_job.job_type, submit_job.params, submit_job.webhook_url);
-    IF v_submitted.outcome = 'owned_by_another' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '23505',
-            MESSAGE = format('job %s: another login (or tenant) submitted this work; the job is not yours to read or cancel',
-                             v_submitted.job_id),
-            HINT = 'identical work is one job; to run it yourself make the params differ (a job type can take a '
-                   'parameter naming your team), or ask its owner or stageflow_admin for its result';
-    ELSIF v_submitted.outcome = 'resumed' THEN
-        RAISE NOTICE USING
-            MESSAGE = format('job %s had failed or been cancelled: it runs again from the stage it stopped at',
-                             v_submitted.job_id),
-            HINT = 'stageflow.submit_job_outcome returns the outcome of a submission';
-    END IF;
-    RETURN v_submitted.job_id;
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:65
--- Logs a unit of maintenance work that failed (in the handler of its subtransaction) as a WARNING
--- naming the unit, and counts it: returns 1.
-CREATE FUNCTION stageflow._unit_failed(p_unit text, p_message text, p_sqlstate text)
-RETURNS int
+-- Raises 42704 for an unknown job or task (p_kind 'job' or 'task'), with a hint about what the ids
+-- look like: the one wording of these errors.
+CREATE FUNCTION stageflow._raise_unknown(p_kind text, p_id text)
+RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- plpgsql_check would have it IMMUTABLE; the WARNING it logs is a side effect, which an
-    -- IMMUTABLE function may not have (it could be folded or skipped): VOLATILE is right.
-    -- @plpgsql_check_options: performance_warnings = false
-    RAISE WARNING '%: % (SQLSTATE %)', p_unit, p_message, p_sqlstate;
-    RETURN 1;
+    RAISE EXCEPTION USING
+        ERRCODE = '42704',
+        MESSAGE = format('unknown %s %L', p_kind, p_id),
+        HINT = CASE p_kind
+                   WHEN 'job' THEN 'job ids are the 64 hex digits returned by stageflow.submit_job; a job is shown only to the login '
+                                    '(and tenant) that submitted it and to stageflow_admin'
+                   ELSE 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>'
+               END;
 END;
 $$;
--- The error a task's last lease records when it expires: a dead letter's, made by the claim that
--- reads its message or by maintenance.
-CREATE FUNCTION stageflow._lease_expired_error(p_attempt int, p_max_attempts int)
-RETURNS jsonb
+-- Whether a report may speak for a task's current lease (the task row's lease_token, p_lease_token,
+-- held by its worker_id, p_holder): naming a token (p_token), only if it is that one; naming no
+-- token but a worker_id (p_worker_id), only if that worker holds the lease; naming neither, the
+-- caller is trusted (the psql form). The one statement of the fence: _refusal words its refusals
+-- from it, and a completion's UPDATE asks it alone (_refusal's wordings, planned into every
+-- completion, cost it 36,000 instructions, bench/README.md). Inlined like _refusal.
+CREATE FUNCTION stageflow._report_fenced(p_lease_token bigint, p_holder text, p_token bigint, p_worker_id text)
+RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT jsonb_build_object(
-        'type', 'lease_expired', 'category', 'transient',
-        'message', format('the lease of attempt %s of %s expired before the task was completed', p_attempt, p_max_attempts))
+    SELECT CASE WHEN p_token IS NOT NULL THEN p_token OPERATOR(pg_catalog.=) p_lease_token
+                ELSE p_worker_id IS NULL OR coalesce(p_holder OPERATOR(pg_catalog.=) p_worker_id, false) END
 $$;
--- The retention's settings: the interval (stageflow.retention; unset, when the library is not
--- loaded in this session, means the default, 7 days; '' or 0 means forever: NULL) and the rows a
--- round deletes at most from each table (stageflow.retention_batch_size, default 10000).
-CREATE FUNCTION stageflow._retention()
-RETURNS interval
+-- Why a report (p_verb: 'completed', 'failed') of a task cannot be recorded, as
+-- {"sqlstate", "message", "hint"}, or NULL when it can: the one wording of every refusal, decided
+-- from the task row read under its lock. A report names the lease it comes from by its token
+-- (p_token) and/or the worker_id it claimed with (p_worker_id); a report naming neither trusts
+-- the caller (the psql form). A completion repeated by the lease that made it is not refused.
+-- Without a SET clause, and with its functions qualified, so that PostgreSQL inlines it into the
+-- statements of the hot path that call it (only Stageflow's own functions, whose search_path is
+-- fixed, can call it).
+CREATE FUNCTION stageflow._refusal(p_task stageflow.tasks, p_task_id text, p_verb text, p_token bigint, p_worker_id text)
+RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT nullif(nullif(coalesce(current_setting('stageflow.retention', true), '7 days'), ''), '0')::interval
+    SELECT CASE
+        WHEN p_task.task_id IS NULL THEN
+            pg_catalog.jsonb_build_object('sqlstate', '42704', 'message', pg_catalog.format('unknown task %L', p_task_id),
+                               'hint', 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>')
+        -- (another lease's token, whatever the task's status; another worker, of a task running or
+        -- completed: a task in any other status is refused for that below)
+        WHEN NOT stageflow._report_fenced(p_task.lease_token, p_task.worker_id, p_token, p_worker_id)
+             AND (p_token IS NOT NULL OR p_task.status = ANY ('{running,completed}'::text[])) THEN
+            CASE WHEN p_token IS NOT NULL THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
+                                   'hint', 'the lease expired and the task was claimed again; its current holder reports it')
+            WHEN p_task.status = 'running' THEN
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder reports it')
+            ELSE
+                pg_catalog.jsonb_build_object('sqlstate', '55000',
+                                   'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
+                                   'hint', 'the lease expired and the task was delivered again; its new holder completed it')
+            END
+        WHEN p_task.status = 'running' THEN NULL
+        WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
+        WHEN p_task.status = 'queued' THEN
+            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is not claimed', p_task_id),
+                               'hint', 'claim it with stageflow.claim_tasks first; a task waiting for a retry is claimable after its backoff')
+        WHEN p_task.status = 'cancelled' THEN
+            pg_catalog.jsonb_build_object('sqlstate', '55000',
+                               'message', pg_catalog.format('task %s is cancelled: its job ended, the outcome is not recorded', p_task_id),
+                               'hint', 'see stageflow.job_status(job_id) for why the job ended')
+        WHEN p_task.status = 'completed' THEN
+            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is already completed and cannot be %s', p_task_id, p_verb),
+                               'hint', 'a completed task keeps its result; retry the whole job to run it again')
+        ELSE
+            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is %s and cannot be %s', p_task_id, p_task.status, p_verb),
+                               'hint', 'stageflow.retry_job(job_id) runs failed and dead tasks again')
+    END
 $$;
-CREATE FUNCTION stageflow._retention_batch_size()
-RETURNS int
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT greatest(coalesce(nullif(current_setting('stageflow.retention_batch_size', true), '')::int, 10000), 1)
-$$;
--- Raises stageflow.lease_token_floor above p_token, the highest lease token of task rows the
--- caller's transaction has just deleted (NULL: none, nothing to do): a task made again under one
--- of their ids starts above every lease they handed out. An insert: it waits for no one.
-CREATE FUNCTION stageflow._raise_lease_token_floor(p_token bigint)
-RETURNS void
-LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
-AS $$
-    INSERT INTO stageflow.lease_token_floor (token) SELECT p_token + 1 WHERE p_token IS NOT NULL
-$$;
--- Finishes the deletion of job p_job_id now, whatever its size, if retention has begun it: a
--- submission that creates the job again calls it before it writes anything of the new job.
--- Deleting the note first waits for a maintenance round that is draining the job (it holds the
--- note) and keeps later rounds off it. Returns whether there was a deletion to finish.
-CREATE FUNCTION stageflow._finish_job_deletion(p_job_id text)
-RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_max_token bigint;
-BEGIN
-    DELETE FROM stageflow.deleted_jobs AS d WHERE d.job_id = p_job_id;
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    WITH gone AS (
-        DELETE FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, p_job_id)
-        RETURNING t.lease_token
-    )
-    SELECT max(gone.lease_token) INTO v_max_token FROM gone;
-    PERFORM stageflow._raise_lease_token_floor(v_max_token);
-    DELETE FROM stageflow.events AS e WHERE e.job_id = p_job_id;
-    DELETE FROM stageflow.webhook_deliveries AS w WHERE w.job_id = p_job_id;
-    DELETE FROM stageflow.stage_claims AS c WHERE c.job_id = p_job_id;
-    RETURN true;
-END;
-$$;
--- One round of retention (run_maintenance's last step), each part bounded, on the engine's clock
--- (p_retention NULL, retention off: parts 1, 3 and 4 delete nothing, part 2 still drains):
---   1. up to least(max_rows, batch) finished jobs whose completed_at is older than the retention
---      (rows another session holds are skipped) lose their job row (with it, by cascade, their
---      stages and shards: at most 16 shards a stage) and stage claims, and are noted in
---      stageflow.deleted_jobs;
---   2. the jobs noted there (as many, oldest first, notes another round holds skipped) lose up
---      to `batch` tasks, `batch` events and `batch` webhook deliveries; a note with nothing left
---      is removed (a small job goes in the round that deleted its row); the highest lease token
---      of the tasks deleted is noted in stageflow.lease_token_floor, whose notes but the
---      highest go;
---   3. each queue the job types use loses up to `batch` archived messages (pgmq.a_<queue>: the
---      messages of tasks that failed or were dead-lettered, pgmq.archive) archived before the
---      retention; pgmq dates them with the real clock;
---   4. the next least(max_rows, batch) webhook deliveries (a cursor walks them in delivery_id
---      order, wrapping around) lose those older than the retention whose job is gone and not
---      noted in deleted_jobs: what 0.1.0's retention, which left deliveries behind, orphaned.
--- Completed and cancelled tasks' messages are deleted, not archived, when they end: pgmq.q_<queue>
--- holds only the open tasks' messages (and strays the reconciler deletes); its dead tuples are
--- vacuum's. Returns {"jobs_deleted", "tasks_deleted", "events_deleted",
--- "webhook_deliveries_deleted", "archived_messages_deleted", "errors"}; each part runs in a
--- subtransaction of its own (an error is logged as a WARNING and counted).
-CREATE FUNCTION stageflow._prune(max_rows int, p_retention interval)
-RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_now        timestamptz := stageflow.now();
-    v_cutoff     timestamptz := stageflow.now() - p_retention;
-    v_batch      int := stageflow._retention_batch_size();
-    v_jobs       int;
-    v_ids        text[];
-    v_count      int;
-    v_max_token  bigint;
-    v_window     bigint[];
-    v_cursor     bigint;
-    v_deleted    jsonb := '{"jobs_deleted": 0, "tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0, "archived_messages_deleted": 0}'::jsonb;
-    v_errors     int := 0;
-    v_lock_timeout text := current_setting('lock_timeout');
-    q            record;
-BEGIN
-    v_jobs := greatest(least(max_rows, v_batch), 1);
-
-    -- 1. Job rows. Locked before their stages and shards (the cascade), the reverse of the order
-    -- every other path takes (shards, stage, job): a wait here gives up after 50 ms (before the
-    -- deadlock detector's second), so a retry_job or a resubmission that holds a job's stage goes
-    -- on and this batch waits for the next round. A job whose webhook delivery is still pending
-    -- stays until that delivery's next attempt is a retention overdue (a dispatcher that was down).
-    BEGIN
-        PERFORM set_config('lock_timeout', '50ms', true);
-        WITH old AS (
-            SELECT j.job_id FROM stageflow.jobs AS j
-             WHERE j.completed_at < v_cutoff
-               AND stageflow._job_has_ended(j.status)
-               AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w
-                                WHERE w.job_id = j.job_id AND w.status = 'pending' AND w.next_attempt_at >= v_cutoff)
-             ORDER BY j.completed_at LIMIT v_jobs
-               FOR UPDATE SKIP LOCKED
-        ), noted AS (
-            INSERT INTO stageflow.deleted_jobs AS d (job_id, deleted_at)
-            SELECT old.job_id, v_now FROM old
-            ON CONFLICT ON CONSTRAINT deleted_jobs_pkey DO NOTHING
-        ), claims_gone AS (
-            DELETE FROM stageflow.stage_claims AS c USING old WHERE c.job_id = old.job_id
-        ), jobs_gone AS (
-            DELETE FROM stageflow.jobs AS j USING old WHERE j.job_id = old.job_id RETURNING 1
-        )
-        SELECT count(*)::int INTO v_count FROM jobs_gone;
-        v_deleted := v_deleted || jsonb_build_object('jobs_deleted', v_count);
-        PERFORM set_config('lock_timeout', v_lock_timeout, true);
-    EXCEPTION WHEN lock_not_available THEN
-        -- (the setting goes back with the subtransaction)
-        NULL;
-    WHEN OTHERS THEN
-        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of jobs', SQLERRM, SQLSTATE);
-    END;
-
-    -- 2. Their tasks, events and webhook deliveries.
-    BEGIN
-        SELECT array_agg(d.job_id) INTO v_ids
-          FROM (SELECT d.job_id FROM stageflow.deleted_jobs AS d
-                 ORDER BY d.deleted_at, d.job_id LIMIT v_jobs
-                   FOR UPDATE SKIP LOCKED) AS d;
-        IF v_ids IS NOT NULL THEN
-            WITH gone AS (
-                DELETE FROM stageflow.tasks AS t
-                 -- (_is_task_of_job's two conditions, for a list of jobs)
-                 WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
-                                      WHERE pg_catalog.hashtextextended(o.job_id, 0)
-                                            = ANY (ARRAY(SELECT pg_catalog.hashtextextended(u.job_id, 0) FROM unnest(v_ids) AS u(job_id)))
-                                        AND o.job_id = ANY (v_ids)
-                                      LIMIT v_batch
-                                        -- (one a stale report holds: the next round)
-                                        FOR UPDATE SKIP LOCKED)
-                RETURNING t.lease_token
-            )
-            SELECT count(*)::int, max(gone.lease_token) INTO v_count, v_max_token FROM gone;
-            PERFORM stageflow._raise_lease_token_floor(v_max_token);
-            v_deleted := v_deleted || jsonb_build_object('tasks_deleted', v_count);
-            WITH gone AS (
-                DELETE FROM stageflow.events AS e
-                 WHERE e.event_id IN (SELECT o.event_id FROM stageflow.events AS o WHERE o.job_id = ANY (v_ids) LIMIT v_batch)
-                RETURNING 1
-            )
-            SELECT count(*)::int INTO v_count FROM gone;
-            v_deleted := v_deleted || jsonb_build_object('events_deleted', v_count);
-            WITH gone AS (
-                DELETE FROM stageflow.webhook_deliveries AS w
-                 WHERE w.delivery_id IN (SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
-                                          WHERE o.job_id = ANY (v_ids) LIMIT v_batch)
-                RETURNING 1
-            )
-            SELECT count(*)::int INTO v_count FROM gone;
-            v_deleted := v_deleted || jsonb_build_object('webhook_deliveries_deleted', v_count);
-            DELETE FROM stageflow.deleted_jobs AS d
-             WHERE d.job_id = ANY (v_ids)
-               AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t WHERE stageflow._is_task_of_job(t.job_id, d.job_id))
-               AND NOT EXISTS (SELECT 1 FROM stageflow.events AS e WHERE e.job_id = d.job_id)
-               AND NOT EXISTS (SELECT 1 FROM stageflow.webhook_deliveries AS w WHERE w.job_id = d.job_id);
-        END IF;
-        -- The floor's notes but the highest. (A note another round holds is skipped: that round
-        -- keeps a note at least as high as any it deletes, and its deletions roll back with it.
-        -- A lone note is left unlocked: an idle round writes nothing here.)
-        IF (SELECT count(*) > 1 FROM stageflow.lease_token_floor) THEN
-            DELETE FROM stageflow.lease_token_floor AS f
-             WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
-                                  ORDER BY o.token DESC OFFSET 1
-                                    FOR UPDATE SKIP LOCKED);
-        END IF;
-    EXCEPTION WHEN OTHERS THEN
-        -- (what this part deleted was rolled back with it)
-        v_deleted := v_deleted || '{"tasks_deleted": 0, "events_deleted": 0, "webhook_deliveries_deleted": 0}'::jsonb;
-        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
-    END;
-
-    -- 3. Archived messages.
-    FOR q IN
-        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
-    LOOP
-        BEGIN
-            EXECUTE format(
-                'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
-                '(SELECT a.msg_id FROM pgmq.%1$I AS a WHERE a.archived_at < $1 ORDER BY a.archived_at LIMIT $2 '
-                'FOR UPDATE SKIP LOCKED) RETURNING 1) SELECT count(*)::int FROM gone',
-                pgmq.format_table_name(q.queue, 'a'))
-               INTO v_count USING v_cutoff, v_batch;
-            v_deleted := v_deleted || jsonb_build_object('archived_messages_deleted',
-                                                         (v_deleted ->> 'archived_messages_deleted')::int + v_count);
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: retention of queue %s''s archive', q.queue), SQLERRM, SQLSTATE);
-        END;
-    END LOOP;
-
-    -- 4. Orphaned webhook deliveries: the next window.
-    BEGIN
-        v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
-                               WHERE c.name = 'retention:webhook_deliveries'), 0);
-        SELECT array_agg(w.delivery_id ORDER BY w.delivery_id) INTO v_window
-          FROM (SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
-                 WHERE o.delivery_id > v_cursor ORDER BY o.delivery_id LIMIT v_jobs) AS w;
-        INSERT INTO stageflow.maintenance_cursors AS c (name, position)
-        VALUES ('retention:webhook_deliveries',
-                CASE WHEN coalesce(cardinality(v_window), 0) < v_jobs THEN '0' ELSE v_window[cardinality(v_window)]::text END)
-        ON CONFLICT (name) DO UPDATE SET position = excluded.position;
-        IF v_window IS NOT NULL THEN
-            WITH gone AS (
-                DELETE FROM stageflow.webhook_deliveries AS w
-                 WHERE w.delivery_id IN (
-                       SELECT o.delivery_id FROM stageflow.webhook_deliveries AS o
-                        WHERE o.delivery_id = ANY (v_window) AND o.created_at < v_cutoff
-                          AND NOT EXISTS (SELECT 1 FROM stageflow.jobs AS j WHERE j.job_id = o.job_id)
-                          AND NOT EXISTS (SELECT 1 FROM stageflow.deleted_jobs AS d WHERE d.job_id = o.job_id)
-                          FOR UPDATE SKIP LOCKED)
-                RETURNING 1
-            )
-            SELECT count(*)::int INTO v_count FROM gone;
-            v_deleted := v_deleted || jsonb_build_object('webhook_deliveries_deleted',
-                                                         (v_deleted ->> 'webhook_deliveries_deleted')::int + v_count);
-        END IF;
-    EXCEPTION WHEN OTHERS THEN
-        v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of orphaned webhook deliveries', SQLERRM, SQLSTATE);
-    END;
-
-    RETURN v_deleted || jsonb_build_object('errors', v_errors);
-END;
-$$;
--- Maintenance's part of the message windows: sends the next window of each big stage whose last
--- window has all been read (no message of msg_ids refill_at .. sent_up_to is still
--- unread in its queue) while no claim sent it (a claim whose read reached it rolled back, say), at
--- most max_rows windows a round, oldest first in each queue; visible from p_vt. Only due windows
--- count against max_rows (found by review: a LIMIT before the check let a thousand older windows
--- of an idle queue keep a busy queue's window from being sent). Returns how many it sent.
-CREATE FUNCTION stageflow._send_due_windows(max_rows int, p_vt timestamptz)
-RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    q         record;
-    v_job_id  text;
-    v_stage   int;
-    v_sent    int := 0;
-BEGIN
-    FOR q IN
-        SELECT DISTINCT mw.queue FROM stageflow.message_windows AS mw
-         -- (a queue a restore or a DBA dropped is the reconciler's to make again first)
-         WHERE EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = mw.queue)
-         ORDER BY mw.queue
-    LOOP
-        FOR v_job_id, v_stage IN EXECUTE format(
-            'SELECT mw.job_id, mw.stage FROM stageflow.message_windows AS mw'
-            ' WHERE mw.queue = $1'
-            '   AND NOT EXISTS (SELECT 1 FROM pgmq.%I AS m'
-            '                    WHERE m.msg_id BETWEEN mw.refill_at AND mw.sent_up_to AND m.read_ct = 0)'
-            ' ORDER BY mw.created_at, mw.job_id, mw.stage LIMIT $2', pgmq.format_table_name(q.queue, 'q'))
-            USING q.queue, max_rows - v_sent
-        LOOP
-            IF stageflow._send_window(v_job_id, v_stage, p_vt) IS NOT NULL THEN
-                v_sent := v_sent + 1;
-            END IF;
-        END LOOP;
-        EXIT WHEN v_sent >= max_rows;
-    END LOOP;
-    RETURN v_sent;
-END;
-$$;
--- One round of maintenance, run by the background worker every stageflow.maintenance_interval
--- (or by hand, or from a test with stageflow.fake_now set). Each step is bounded by max_rows and
--- re-checks what it acts on under the task's row lock (rows another session holds are left to the
--- next round):
---   * expired last attempts (the notes their claims left in last_attempt_leases): dead-lettered;
---   * jobs past their deadline (the job type's timeout_seconds) fail with a job_timeout error;
---   * big stages' message windows that are due and that no claim sent are sent;
---   * the reconciler (stageflow._reconcile) walks on through tasks and messages (and wakes the
---     workers of queues where a retry came due or a lease expired);
---   * retention (stageflow._prune): finished jobs older than stageflow.retention (an interval,
---     default 7 days; 0 keeps them) are deleted with their stages, tasks, events and webhook
---     deliveries, and the queues' archived messages older than it, at most
---     stageflow.retention_batch_size rows of each table a round.
--- Each unit of work (a task, a job, a reconciler window, a retention batch) runs in a
--- subtransaction: an error in one is logged as a WARNING, counted in "errors", and the round
--- goes on. Returns what it did. Only an error outside every unit is returned as {"error": ...}
--- (with the round rolled back), so the caller can back off.
--- Without JIT (jit = off for the round and all it calls): its statements are bounded batches, and
--- one whose estimate passes jit_above_cost is compiled on every execution (a plan kept by PL/pgSQL
--- keeps no compiled code). The list of the job types' queues, over a job_types table that
--- autovacuum never analyses (it changes by a few rows), was estimated at 56,250 rows and compiled
--- three times a round: 350-420 ms a round against 4 ms without JIT, every second, on an idle engine.
-CREATE FUNCTION stageflow.run_maintenance(max_rows int DEFAULT 1000)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET jit = off
-AS $$
-DECLARE
-    v_now        timestamptz := stageflow.now();
-    v_dead       int := 0;
-    v_timed_out  int := 0;
-    v_windows    int := 0;
-    v_errors     int := 0;
-    v_reconciled jsonb := '{}'::jsonb;
-    v_pruned     jsonb := '{}'::jsonb;
-    v_busy       boolean;
-    v_retention  interval;
-    v_error_message text;
-    v_error_state   text;
-    r            record;
-BEGIN
-    IF run_maintenance.max_rows IS NULL OR run_maintenance.max_rows < 1 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('max_rows must be at least 1, got %s', coalesce(run_maintenance.max_rows::text, 'NULL')),
-            HINT = 'pass how many rows each step of the round may look at, e.g. 1000 (the default)';
-    END IF;
-    -- (A bad argument above is the caller's error; an error below is the round's, reported.)
-    BEGIN
-        -- Expired notes of last attempts that no longer describe their task's lease (the task
-        -- completed, failed, was released or re-claimed, or is gone: the common case) are dropped in
-        -- one statement first, at most stageflow.retention_batch_size a round, oldest first (notes
-        -- another session holds skipped), so that the notes of a job type whose every claim is a last
-        -- attempt (max_attempts 1) do not pile up faster than the loop below goes through them.
-        BEGIN
-            WITH stale AS (
-                SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
-                 WHERE l.expires_at <= v_now
-                   AND NOT EXISTS (SELECT 1 FROM stageflow.tasks AS t
-                                    WHERE t.task_id = l.task_id AND t.lease_token = l.lease_token AND t.status = 'running')
-                 ORDER BY l.expires_at LIMIT stageflow._retention_batch_size()
-                   FOR UPDATE OF l SKIP LOCKED
-            )
-            DELETE FROM stageflow.last_attempt_leases AS l USING stale
-             WHERE l.task_id = stale.task_id AND l.lease_token = stale.lease_token;
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: dropping stale last-attempt notes', SQLERRM, SQLSTATE);
-        END;
-
-        -- Expired last attempts and jobs past their deadline, one unit (a subtransaction) each: the
-        -- round's max_rows oldest notes of expired last attempts (last_attempt_leases) and its
-        -- max_rows earliest deadlines, gone through together in (job, stage, task) order, the order
-        -- in which a claim dead-letters and a batch of completions takes its stages' shards (taken in
-        -- any other order, a round holding one job's shards waited for a lower job's that a batch
-        -- held while the batch waited for the first: maintenance_racing_a_batch_of_two_jobs,
-        -- deadlines_racing_a_batch_of_two_jobs).
-        -- A note that no longer describes its task's lease (the task completed, failed, was released
-        -- or re-claimed, or its job is gone) is dropped; one whose lease a heartbeat extended follows
-        -- it; a task still running on the expired lease is dead-lettered, re-checked under its row
-        -- lock. A task whose row or message another session holds is left, with its note, to the next
-        -- round (a claim holding its message dead-letters it itself): waiting here, while holding the
-        -- shards of an earlier dead letter of the same stage, could deadlock with that claim. A job
-        -- past its deadline fails (_end_job).
-        FOR r IN
-            SELECT u.* FROM (
-                SELECT false AS deadline, t.job_id, t.stage, n.task_id, n.lease_token, t.attempt, t.max_attempts,
-                       t.msg_id, t.status, t.lease_expires_at, t.lease_token AS current_token, s.queue,
-                       NULL::timestamptz AS deadline_at, NULL::text AS timeout_seconds
-                  FROM (SELECT l.task_id, l.lease_token FROM stageflow.last_attempt_leases AS l
-                         WHERE l.expires_at <= v_now
-                         ORDER BY l.expires_at LIMIT max_rows
-                           FOR UPDATE SKIP LOCKED) AS n
-                  LEFT JOIN stageflow.tasks AS t ON t.task_id = n.task_id
-                  LEFT JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-                UNION ALL
-                SELECT true, d.job_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, d.deadline_at, d.timeout_seconds
-                  FROM (SELECT j.job_id, j.deadline_at, j.definition ->> 'timeout_seconds' AS timeout_seconds
-                          FROM stageflow.jobs AS j
-                         -- literal list: the predicate of jobs_deadline_idx, whose use must not hang on inlining (0015_statuses.sql)
-                         WHERE j.status IN ('queued', 'processing') AND j.deadline_at <= v_now
-                         ORDER BY j.deadline_at LIMIT max_rows) AS d) AS u
-             ORDER BY u.job_id, u.deadline, u.stage, u.task_id
-        LOOP
-            IF r.deadline THEN
-                BEGIN
-                    IF stageflow._end_job(r.job_id, 'failed', jsonb_build_object(
-                           'type', 'job_timeout', 'category', 'permanent',
-                           'message', format('the job ran past its deadline %s (timeout_seconds %s)', r.deadline_at,
-                                             r.timeout_seconds)), v_now) THEN
-                        v_timed_out := v_timed_out + 1;
-                    END IF;
-                EXCEPTION WHEN OTHERS THEN
-                    v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: failing job %s past its deadline', r.job_id), SQLERRM, SQLSTATE);
-                END;
-                CONTINUE;
-            END IF;
-            BEGIN
-                IF r.status IS DISTINCT FROM 'running' OR r.current_token IS DISTINCT FROM r.lease_token THEN
-                    DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
-                ELSIF r.lease_expires_at > v_now THEN
-                    UPDATE stageflow.last_attempt_leases AS l SET expires_at = r.lease_expires_at
-                     WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
-                ELSE
-                    PERFORM 1 FROM stageflow.tasks AS t
-                      WHERE t.task_id = r.task_id AND t.lease_token = r.lease_token AND t.status = 'running'
-                        AND t.lease_expires_at <= v_now AND t.attempt >= t.max_attempts
-                        FOR UPDATE SKIP LOCKED;
-                    IF FOUND THEN
-                        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1) '
-                                       'AND NOT EXISTS (SELECT 1 FROM pgmq.%1$I AS m WHERE m.msg_id = $1 FOR UPDATE SKIP LOCKED)',
-                                       pgmq.format_table_name(r.queue, 'q'))
-                           INTO v_busy USING r.msg_id;
-                        IF NOT v_busy AND stageflow._end_task(r.task_id, 'dead', stageflow._lease_expired_error(r.attempt, r.max_attempts)) THEN
-                            v_dead := v_dead + 1;
-                            DELETE FROM stageflow.last_attempt_leases AS l WHERE l.task_id = r.task_id AND l.lease_token = r.lease_token;
-                        END IF;
-                    END IF;
-                END IF;
-            EXCEPTION WHEN OTHERS THEN
-                v_errors := v_errors + stageflow._unit_failed(format('stageflow.run_maintenance: dead-lettering task %s', r.task_id), SQLERRM, SQLSTATE);
-            END;
-        END LOOP;
-
-        -- Big stages' next message windows that no claim sent.
-        BEGIN
-            v_windows := stageflow._send_due_windows(max_rows, v_now);
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: sending message windows', SQLERRM, SQLSTATE);
-        END;
-
-        -- The reconciler's next windows.
-        BEGIN
-            v_reconciled := stageflow._reconcile(max_rows);
-            v_errors := v_errors + coalesce((v_reconciled ->> 'errors')::int, 0);
-            v_reconciled := v_reconciled - 'errors';
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: reconciling', SQLERRM, SQLSTATE);
-        END;
-
-        -- Retention (stageflow._prune): bounded batches of finished jobs past the retention and of
-        -- their rows, archived messages and orphaned webhook deliveries. (A setting that is not an
-        -- interval fails the round: it is the operator's to fix, not a unit's.)
-        -- With retention off (NULL) nothing more is deleted, but the jobs already deleted are drained.
-        v_retention := stageflow._retention();
-        BEGIN
-            v_pruned := stageflow._prune(max_rows, v_retention);
-            v_errors := v_errors + coalesce((v_pruned ->> 'errors')::int, 0);
-            v_pruned := v_pruned - 'errors';
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention', SQLERRM, SQLSTATE);
-        END;
-
-        RETURN jsonb_build_object(
-            'retries_released', 0, 'leases_expired', 0, 'dead_lettered', v_dead,
-            'jobs_timed_out', v_timed_out, 'windows_sent', v_windows, 'jobs_deleted', 0, 'tasks_deleted', 0, 'events_deleted', 0,
-            'webhook_deliveries_deleted', 0, 'archived_messages_deleted', 0, 'errors', v_errors) || v_reconciled || v_pruned;
-    EXCEPTION WHEN OTHERS THEN
-        GET STACKED DIAGNOSTICS v_error_message = MESSAGE_TEXT, v_error_state = RETURNED_SQLSTATE;
-        RAISE WARNING 'stageflow.run_maintenance: % (SQLSTATE %)', v_error_message, v_error_state;
-        RETURN jsonb_build_object('error', jsonb_build_object('message', v_error_message, 'sqlstate', v_error_state));
-    END;
-END;
-$$;
--- Shapes the job types' queues that still have pgmq's index on vt (stageflow._shape_queue: a
--- claim's read of a message becomes a HOT update): queues made before 0.3.0, or by pgmq.create
--- (which makes the index again on a queue that lost it). The background worker calls it after
--- each maintenance round, in a transaction of its own. Each queue's lock is taken only if it is
--- free at once, and its index's within 10 ms (a queue a worker holds is left to the next call, so
--- this never waits for a worker), and is held until the caller's transaction ends: call it alone,
--- not inside a longer transaction, or that queue's claims and reports wait for the transaction
--- (the upgrade to 0.3.0 does not shape for that reason: its transaction holds stageflow.tasks,
--- and a claim holding a queue's message while waiting for a task row deadlocked with it). A queue
--- whose shaping fails otherwise is logged as a WARNING and left. Returns how many queues it
--- shaped.
-CREATE FUNCTION stageflow.shape_queues()
-RETURNS int
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_shaped int := 0;
-    q        record;
-BEGIN
-    FOR q IN
-        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
-    LOOP
-        BEGIN
-            IF stageflow._shape_queue(q.queue, true) THEN
-                v_shaped := v_shaped + 1;
-            END IF;
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;  -- (a worker holds the queue: next time)
-        WHEN OTHERS THEN
-            PERFORM stageflow._unit_failed(format('stageflow.shape_queues: queue %s', q.queue), SQLERRM, SQLSTATE);
-        END;
-    END LOOP;
-    RETURN v_shaped;
-END;
-$$;
--- The reconciler: each call looks at the next max_rows tasks (in task_id order, from where the
--- last call stopped, wrapping around) and the next max_rows messages of each queue a job type
--- uses (in msg_id order, likewise), so every task and message is looked at within a bounded
--- number of rounds, at a bounded cost per round. What it mends, each under the task's row lock
--- (held rows are left to a later pass):
---   * an open task of an ended job is cancelled with its message (its job's other open tasks too);
---   * an open task of a live job without its message gets a new one, visible when the task is
---     next due (a running task: at its lease's expiry);
---   * a message that is not its task's current one, or whose task has ended, is deleted.
--- It also counts the messages of its window that became visible since its last pass over their
--- queue, for a due retry or an expired lease with attempts left, and wakes their queue's workers.
--- Returns {"retries_released", "leases_expired", "tasks_cancelled", "messages_resent",
--- "messages_deleted", "errors"}.
-CREATE FUNCTION stageflow._reconcile(max_rows int)
-RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_now        timestamptz := stageflow.now();
-    v_after      text;
-    v_window     text[];
-    v_cancelled  int := 0;
-    v_resent     int := 0;
-    v_deleted    int := 0;
-    v_errors     int := 0;
-    v_missing    bigint[];
-    v_msg_ids    bigint[];
-    v_task_ids   text[];
-    v_stray      bigint[];
-    v_cursor     bigint;
-    v_vts        timestamptz[];
-    v_ended      boolean;
-    v_now_us     bigint := (extract(epoch FROM v_now) * 1000000)::bigint;
-    v_from_us    bigint;
-    v_to_us      bigint;
-    v_due        int;
-    v_expired    int;
-    v_released   int := 0;
-    v_redelivered int := 0;
-    v_count      int;
-    v_msg_id     bigint;
-    v_lock_timeout text := current_setting('lock_timeout');
-    r            record;
-    q            record;
-BEGIN
-    -- Tasks: the next window.
-    v_after := coalesce((SELECT c.position FROM stageflow.maintenance_cursors AS c WHERE c.name = 'tasks'), '');
-    SELECT array_agg(w.task_id ORDER BY w.task_id) INTO v_window
-      FROM (SELECT t.task_id FROM stageflow.tasks AS t WHERE t.task_id > v_after ORDER BY t.task_id LIMIT max_rows) AS w;
-    INSERT INTO stageflow.maintenance_cursors AS c (name, position)
-    VALUES ('tasks', CASE WHEN coalesce(cardinality(v_window), 0) < max_rows THEN '' ELSE v_window[cardinality(v_window)] END)
-    ON CONFLICT (name) DO UPDATE SET position = excluded.position;
-
-    -- Open tasks of ended jobs: their jobs' open tasks are cancelled. Found in the window, and
-    -- among the jobs that ended in the last hour (a claim that held a task while its job ended
-    -- leaves it running; its stages' shards count its running tasks, without reading them), in
-    -- job order (as run_maintenance's dead letters).
-    FOR r IN
-        SELECT DISTINCT t.job_id FROM stageflow.tasks AS t
-          JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE t.task_id = ANY (v_window) AND stageflow._task_is_open(t.status)
-           AND NOT stageflow._job_is_open(j.status)
-        UNION
-        (SELECT j.job_id FROM stageflow.jobs AS j
-          WHERE j.completed_at > v_now - interval '1 hour'
-            AND stageflow._job_has_ended(j.status)
-            AND EXISTS (SELECT 1 FROM stageflow.stage_counts AS c WHERE c.job_id = j.job_id AND c.running_tasks > 0)
-          ORDER BY j.completed_at DESC
-          LIMIT max_rows)
-         ORDER BY 1
-    LOOP
-        -- (A job whose stage another session holds for more than 20 ms is left to the next round,
-        -- which reads the same window of tasks again: the round may hold the shards of a higher
-        -- job from its dead letters, and a batch holding this job's shards may be waiting for
-        -- those.)
-        BEGIN
-            PERFORM set_config('lock_timeout', '20ms', true);
-            v_cancelled := v_cancelled + stageflow._cancel_leftovers(r.job_id);
-            PERFORM set_config('lock_timeout', v_lock_timeout, true);
-        EXCEPTION WHEN lock_not_available THEN
-            -- (the setting goes back with the subtransaction)
-            UPDATE stageflow.maintenance_cursors AS c SET position = v_after WHERE c.name = 'tasks';
-        WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: cancelling the open tasks of ended job %s', r.job_id), SQLERRM, SQLSTATE);
-        END;
-    END LOOP;
-
-    -- Open tasks of live jobs whose message is gone: a new one each.
-    FOR q IN
-        SELECT s.queue, array_agg(t.msg_id) AS msg_ids
-          FROM stageflow.tasks AS t
-          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-          JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-         WHERE t.task_id = ANY (v_window) AND stageflow._task_is_open(t.status)
-           AND stageflow._job_is_open(j.status)
-           -- (a task of a big stage whose window has not reached it has no message yet)
-           AND NOT EXISTS (SELECT 1 FROM stageflow.message_windows AS w
-                            WHERE w.job_id = t.job_id AND w.stage = t.stage AND t.ordinal >= w.next_ordinal)
-         GROUP BY s.queue
-    LOOP
-        -- (a queue a restore or a DBA dropped comes back, empty: its tasks get messages below)
-        PERFORM stageflow._ensure_queue(q.queue);
-        EXECUTE format('SELECT array_agg(u.msg_id) FROM unnest($1) AS u(msg_id) '
-                       'WHERE NOT EXISTS (SELECT 1 FROM pgmq.%I AS m WHERE m.msg_id = u.msg_id)',
-                       pgmq.format_table_name(q.queue, 'q'))
-           INTO v_missing USING q.msg_ids;
-        FOR r IN
-            -- (this queue's tasks only: every queue numbers its messages from 1)
-            SELECT t.task_id, t.msg_id FROM stageflow.tasks AS t
-              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-             WHERE t.task_id = ANY (v_window) AND s.queue = q.queue AND t.msg_id = ANY (coalesce(v_missing, '{}'))
-             ORDER BY t.task_id
-        LOOP
-            BEGIN
-                -- Under the task's lock: still open, still on the missing message, and the message still gone?
-                PERFORM 1 FROM stageflow.tasks AS t
-                  WHERE t.task_id = r.task_id AND t.msg_id = r.msg_id AND stageflow._task_is_open(t.status)
-                    FOR UPDATE SKIP LOCKED;
-                IF FOUND THEN
-                    EXECUTE format('SELECT count(*) FROM pgmq.%I AS m WHERE m.msg_id = $1', pgmq.format_table_name(q.queue, 'q'))
-                       INTO v_count USING r.msg_id;
-                    IF v_count = 0 THEN
-                        SELECT pgmq.send(q.queue, jsonb_build_object('task_id', t.task_id),
-                                         CASE WHEN t.status = 'running' THEN greatest(t.lease_expires_at, v_now)
-                                              ELSE greatest(coalesce(t.next_attempt_at, v_now), v_now) END)
-                          INTO v_msg_id
-                          FROM stageflow.tasks AS t WHERE t.task_id = r.task_id;
-                        UPDATE stageflow.tasks AS t SET msg_id = v_msg_id WHERE t.task_id = r.task_id;
-                        v_resent := v_resent + 1;
-                    END IF;
-                END IF;
-            EXCEPTION WHEN OTHERS THEN
-                v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: re-sending the message of task %s', r.task_id), SQLERRM, SQLSTATE);
-            END;
-        END LOOP;
-    END LOOP;
-
-    -- Messages: the next window of each queue the job types use. Its messages whose visibility
-    -- time the pass over the queue counts, and whose tasks are queued for a retry that is due or
-    -- running on an expired lease with attempts left, are counted and their queue's workers woken
-    -- (claims take them; workers poll every few seconds anyway, so this is only a quicker start).
-    -- A pass counts the times from the start of the last pass to its own start ('visible:<queue>':
-    -- 'from/to' in microseconds while a pass goes on, 'to' once it ended): every position of the
-    -- queue is looked at after the pass started, so a message keeping one visibility time is
-    -- counted once, by the first pass whose range holds it, and no round reads more than max_rows
-    -- messages of a queue whatever its size (pgmq's index on vt, which reading by time would need,
-    -- is gone from the queues, see _shape_queue).
-    FOR q IN
-        SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
-    LOOP
-        BEGIN
-            v_cursor := coalesce((SELECT c.position::bigint FROM stageflow.maintenance_cursors AS c
-                                   WHERE c.name = 'queue:' || q.queue), 0);
-            -- (a position of another shape, written by hand, counts as none)
-            SELECT nullif(split_part(c.position, '/', 1), '')::bigint, nullif(split_part(c.position, '/', 2), '')::bigint
-              INTO v_from_us, v_to_us
-              FROM stageflow.maintenance_cursors AS c
-             WHERE c.name = 'visible:' || q.queue AND c.position ~ '^[0-9]{1,17}(/[0-9]{1,17})?$';
-            IF v_to_us IS NULL THEN
-                -- (a pass starts)
-                v_to_us := v_now_us;
-            END IF;
-            -- (A first pass, or a clock moved back, as tests move stageflow.fake_now: the last hour.)
-            IF v_from_us IS NULL OR v_to_us > v_now_us OR v_from_us > v_to_us THEN
-                v_from_us := v_now_us - 3600000000;
-                v_to_us := v_now_us;
-            END IF;
-            EXECUTE format('SELECT array_agg(w.msg_id ORDER BY w.msg_id), array_agg(w.task_id ORDER BY w.msg_id), '
-                           'array_agg(w.vt ORDER BY w.msg_id) '
-                           'FROM (SELECT m.msg_id, m.message ->> ''task_id'' AS task_id, m.vt FROM pgmq.%I AS m '
-                           'WHERE m.msg_id > $1 ORDER BY m.msg_id LIMIT $2) AS w',
-                           pgmq.format_table_name(q.queue, 'q'))
-               INTO v_msg_ids, v_task_ids, v_vts USING v_cursor, max_rows;
-            v_ended := coalesce(cardinality(v_msg_ids), 0) < max_rows;
-            INSERT INTO stageflow.maintenance_cursors AS c (name, position)
-            VALUES ('queue:' || q.queue, CASE WHEN v_ended THEN '0' ELSE v_msg_ids[cardinality(v_msg_ids)]::text END),
-                   ('visible:' || q.queue, CASE WHEN v_ended THEN v_to_us::text ELSE v_from_us || '/' || v_to_us END)
-            ON CONFLICT (name) DO UPDATE SET position = excluded.position;
-            -- The window's tasks, looked up once: visible since the last pass (a due retry, an
-            -- expired lease with attempts left, on the task's current message), and stray (no
-            -- such task, or not its task's current message, or its task has ended).
-            SELECT (count(*) FILTER (WHERE w.visible AND t.msg_id = w.msg_id AND t.status = 'queued'
-                                            AND t.next_attempt_at <= v_now))::int,
-                   (count(*) FILTER (WHERE w.visible AND t.msg_id = w.msg_id AND t.status = 'running'
-                                            AND t.lease_expires_at <= v_now AND t.attempt < t.max_attempts))::int,
-                   array_agg(w.msg_id) FILTER (WHERE t.task_id IS NULL OR t.msg_id <> w.msg_id
-                                                  OR NOT stageflow._task_is_open(t.status))
-              INTO v_due, v_expired, v_stray
-              FROM (SELECT u.msg_id, u.task_id,
-                           u.vt > timestamptz 'epoch' + v_from_us * interval '1 microsecond'
-                           AND u.vt <= timestamptz 'epoch' + v_to_us * interval '1 microsecond' AS visible
-                      FROM unnest(v_msg_ids, v_task_ids, v_vts) AS u(msg_id, task_id, vt)) AS w
-              LEFT JOIN stageflow.tasks AS t ON t.task_id = w.task_id;
-            v_released := v_released + v_due;
-            v_redelivered := v_redelivered + v_expired;
-            IF v_due + v_expired > 0 THEN
-                PERFORM pg_notify('stageflow_tasks', q.queue);
-            END IF;
-            IF v_stray IS NOT NULL THEN
-                EXECUTE format(
-                    'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
-                    '(SELECT m.msg_id FROM pgmq.%1$I AS m WHERE m.msg_id = ANY ($1) ORDER BY m.msg_id FOR UPDATE SKIP LOCKED) '
-                    'RETURNING 1) SELECT count(*) FROM gone',
-                    pgmq.format_table_name(q.queue, 'q'))
-                   INTO v_count USING v_stray;
-                v_deleted := v_deleted + v_count;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors + stageflow._unit_failed(format('stageflow._reconcile: messages of queue %s', q.queue), SQLERRM, SQLSTATE);
-        END;
-    END LOOP;
-
-    RETURN jsonb_build_object('retries_released', v_released, 'leases_expired', v_redelivered,
-                              'tasks_cancelled', v_cancelled, 'messages_resent', v_resent,
-                              'messages_deleted', v_deleted, 'errors', v_errors);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:58
--- Queue grants: a worker role claims only from the queues granted to it (or to a role it is a
--- member of), and reports (completes, fails, heartbeats, releases) only tasks of those queues;
--- superusers and members of stageflow_admin claim from and report on every queue. claim_tasks
--- and stageflow._check_report_grants check them against the session's login.
-
--- Whether p_queue is granted to the session's login or to a role it is a member of: the grant
--- rule of claims (claim_tasks) and reports (_check_report_grants), each of which first exempts
--- superusers and members of stageflow_admin (stageflow._session_is_admin(), asked alone: an
--- expression without a query, which PL/pgSQL evaluates without starting the executor). A grant
--- to a role dropped since counts for no one (to_regrole finds no such role). (Joined to the
--- pg_roles view instead, a claim and a completion by a worker login cost 65,000 instructions
--- more, bench/README.md.)
--- No SET clause: a claim- and completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._queue_granted_to_session(p_queue text)
-RETURNS boolean
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-    RETURN EXISTS (SELECT 1 FROM stageflow.queue_grants AS g
-                    WHERE g.queue = p_queue
-                      AND pg_catalog.pg_has_role(session_user,
-                                                 pg_catalog.to_regrole(pg_catalog.quote_ident(g.role_name))::pg_catalog.oid,
-                                                 'MEMBER'));
-END;
-$$;
--- Refuses (42501) a report naming a task of a queue the session's login may not claim from,
--- before the report changes anything: without it, a worker of one team could complete, fail,
--- release or keep alive another team's running tasks with the forms that name no lease (and
--- guess the small tokens of the others). Called by every report path (_settle_completions,
--- fail_task, _lock_leases); ids of no task are left to the caller's own refusal. The first queue
--- refused, by name, is the one named in the error.
--- No SET clause: a completion-path helper that runs under its callers' fixed search path
--- (ARCHITECTURE.md, Conventions; security.rs).
-CREATE FUNCTION stageflow._check_report_grants(p_task_ids text[])
+-- Raises a refusal made by stageflow._refusal.
+CREATE FUNCTION stageflow._raise_refusal(p_refusal jsonb)
 RETURNS void
 LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_queue text;
-BEGIN
-    IF stageflow._session_is_admin() THEN
-        RETURN;
-    END IF;
-    SELECT q.queue INTO v_queue
-      FROM (SELECT DISTINCT s.queue
-              FROM stageflow.tasks AS t
-              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-             WHERE t.task_id = ANY (p_task_ids)) AS q
-     WHERE NOT stageflow._queue_granted_to_session(q.queue)
-     ORDER BY q.queue
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42501',
-            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
-            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
-    END IF;
-END;
-$$;
--- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
--- what is granted already changes nothing. Returns {"queue", "role", "granted"}.
-CREATE FUNCTION stageflow.grant_queue(queue text, role name)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_new  boolean;
-    v_make boolean;
 BEGIN
-    v_make := stageflow._check_queue(grant_queue.queue);
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = grant_queue.role) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('unknown role %L', grant_queue.role),
-            HINT = 'grant a queue to an existing role, e.g. a group role your worker logins are members of';
-    END IF;
-    IF v_make THEN
-        PERFORM stageflow._ensure_queue(grant_queue.queue);
-    END IF;
-    INSERT INTO stageflow.queue_grants (queue, role_name) VALUES (grant_queue.queue, grant_queue.role)
-    ON CONFLICT ON CONSTRAINT queue_grants_pkey DO NOTHING;
-    v_new := FOUND;
-    RETURN jsonb_build_object('queue', grant_queue.queue, 'role', grant_queue.role, 'granted', v_new);
-END;
-$$;
--- Takes a queue grant back: p_role's members claim from p_queue no more (unless another grant
--- or their own role lets them). Returns {"queue", "role", "revoked"}.
-CREATE FUNCTION stageflow.revoke_queue(queue text, role name)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_gone boolean;
-BEGIN
-    DELETE FROM stageflow.queue_grants AS g WHERE g.queue = revoke_queue.queue AND g.role_name = revoke_queue.role;
-    v_gone := FOUND;
-    RETURN jsonb_build_object('queue', revoke_queue.queue, 'role', revoke_queue.role, 'revoked', v_gone);
-END;
-$$;
--- The queue grants, by queue and role.
-CREATE FUNCTION stageflow.list_queue_grants()
-RETURNS TABLE (queue text, role_name name, granted_at timestamptz)
-LANGUAGE plpgsql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN QUERY SELECT g.queue, g.role_name, g.granted_at FROM stageflow.queue_grants AS g ORDER BY g.queue, g.role_name;
+    -- plpgsql_check would have it IMMUTABLE; raising is its whole effect, and an IMMUTABLE call
+    -- with constant arguments may be run while a query is planned: VOLATILE is right.
+    -- @plpgsql_check_options: performance_warnings = false
+    RAISE EXCEPTION USING
+        ERRCODE = p_refusal ->> 'sqlstate', MESSAGE = p_refusal ->> 'message', HINT = p_refusal ->> 'hint';
 END;
 $$;
 /* </end connected objects> */
@@ -3465,394 +4444,6 @@ BEGIN
         'next_after', CASE WHEN v_rows > job_result."limit" THEN v_last END);
 END;
 $$;
--- Raises 22023 unless p_url is an http(s) URL of at most 2048 characters (p_what: what the caller
--- calls it, for the message): the one rule for a submission's webhook_url and an endpoint's url.
-CREATE FUNCTION stageflow._check_webhook_url(p_url text, p_what text)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    -- (raising is its whole effect: VOLATILE, as _raise_refusal)
-    -- @plpgsql_check_options: performance_warnings = false
-    IF p_url IS NULL OR p_url !~ '^https?://\S+$' OR length(p_url) > 2048 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('%s %L is not an http(s) URL of at most 2048 characters', p_what, p_url),
-            HINT = 'give a URL like https://example.org/hooks/stageflow (a submission may name a registered endpoint '
-                   'instead: endpoint:<name>)';
-    END IF;
-END;
-$$;
--- The endpoint a webhook_url of the form endpoint:<name> names, for this owner and tenant label
--- (NULL: no such endpoint).
-CREATE FUNCTION stageflow._webhook_endpoint(p_url text, p_owner name, p_tenant text)
-RETURNS stageflow.webhook_endpoints
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT e FROM stageflow.webhook_endpoints AS e
-     WHERE e.owner = p_owner AND e.tenant = coalesce(p_tenant, '') AND e.name = substr(p_url, length('endpoint:') + 1)
-$$;
--- Registers (or replaces) the caller's endpoint `name` (its login's, under its tenant label) at
--- `url` with a new signing secret, and returns the secret: the only time it is shown. Registering
--- a name again rotates its secret.
-CREATE FUNCTION stageflow.register_webhook_endpoint(name text, url text)
-RETURNS text
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_secret text := 'whsec_' || encode(decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'), 'base64');
-BEGIN
-    IF register_webhook_endpoint.name IS NULL OR register_webhook_endpoint.name !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('webhook endpoint name %L is not 1 to 63 lowercase letters, digits, _ or -', register_webhook_endpoint.name),
-            HINT = 'name it like orders-prod';
-    END IF;
-    PERFORM stageflow._check_webhook_url(register_webhook_endpoint.url, 'webhook endpoint url');
-    INSERT INTO stageflow.webhook_endpoints AS e (owner, tenant, name, url, secret, created_at)
-    VALUES (session_user, coalesce(stageflow._tenant(), ''), register_webhook_endpoint.name, register_webhook_endpoint.url,
-            v_secret, stageflow.now())
-    ON CONFLICT ON CONSTRAINT webhook_endpoints_pkey
-    DO UPDATE SET url = excluded.url, secret = excluded.secret, created_at = excluded.created_at;
-    RETURN v_secret;
-END;
-$$;
--- The caller's endpoints (its login's, under its tenant label), without their secrets.
-CREATE FUNCTION stageflow.webhook_endpoints()
-RETURNS TABLE (name text, url text, created_at timestamptz)
-LANGUAGE sql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT e.name, e.url, e.created_at FROM stageflow.webhook_endpoints AS e
-     WHERE e.owner = session_user AND e.tenant = coalesce(stageflow._tenant(), '')
-     ORDER BY e.name
-$$;
--- Drops the caller's endpoint `name`; whether there was one. A job that names it gets no delivery
--- (its delivery is recorded as failed, saying why).
-CREATE FUNCTION stageflow.drop_webhook_endpoint(name text)
-RETURNS boolean
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    DELETE FROM stageflow.webhook_endpoints AS e
-     WHERE e.owner = session_user AND e.tenant = coalesce(stageflow._tenant(), '') AND e.name = drop_webhook_endpoint.name;
-    RETURN FOUND;
-END;
-$$;
--- Queues a delivery for a job's terminal event when the job names a webhook.
-CREATE FUNCTION stageflow._queue_webhook(p_event_id bigint, p_job_id text, p_kind text)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_job stageflow.jobs;
-    v_url text;
-    v_endpoint stageflow.webhook_endpoints;
-    v_dropped boolean := false;
-BEGIN
-    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-    v_url := coalesce(v_job.webhook_url, v_job.definition ->> 'webhook_url');
-    IF v_url IS NULL THEN
-        RETURN;
-    END IF;
-    IF v_url LIKE 'endpoint:%' THEN
-        v_endpoint := stageflow._webhook_endpoint(v_url, v_job.owner, v_job.tenant);
-        -- Dropped since the submission: recorded as failed, saying so, and not sent.
-        v_dropped := v_endpoint.name IS NULL;
-    END IF;
-    INSERT INTO stageflow.webhook_deliveries (event_id, job_id, url, payload, status, attempt_log, next_attempt_at,
-                                              created_at, secret)
-    VALUES (p_event_id, p_job_id, coalesce(v_endpoint.url, v_url),
-            jsonb_build_object('event_id', p_event_id, 'event', p_kind, 'job', stageflow._job_status(v_job)),
-            CASE WHEN v_dropped THEN 'failed' ELSE 'pending' END,
-            CASE WHEN v_dropped THEN jsonb_build_array(jsonb_build_object(
-                'attempt', 0, 'at', stageflow.now(), 'error', format('the webhook endpoint %s was dropped', v_url)))
-                 ELSE '[]' END,
-            stageflow.now(), stageflow.now(), v_endpoint.secret);
-END;
-$$;
--- Claims up to max_rows due deliveries for lease_seconds (they are not due again before), counting
--- the attempt. Deliveries claimed by another dispatcher are skipped. secret: the registered
--- endpoint's signing secret (NULL: sign with the dispatcher's own).
-CREATE FUNCTION stageflow.claim_webhook_deliveries(max_rows int DEFAULT 10, lease_seconds int DEFAULT 30)
-RETURNS TABLE (delivery_id bigint, job_id text, url text, payload jsonb, attempts int, secret text)
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-BEGIN
-    IF claim_webhook_deliveries.max_rows IS NULL OR claim_webhook_deliveries.max_rows NOT BETWEEN 1 AND 1000
-       OR claim_webhook_deliveries.lease_seconds IS NULL OR claim_webhook_deliveries.lease_seconds NOT BETWEEN 1 AND 3600 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('max_rows must be 1 to 1000 and lease_seconds 1 to 3600, got %s and %s',
-                             claim_webhook_deliveries.max_rows, claim_webhook_deliveries.lease_seconds),
-            HINT = 'claim deliveries in small batches with a lease longer than a POST takes';
-    END IF;
-    RETURN QUERY
-    UPDATE stageflow.webhook_deliveries AS d
-       SET attempts = d.attempts + 1,
-           next_attempt_at = stageflow.now() + make_interval(secs => claim_webhook_deliveries.lease_seconds)
-     WHERE d.delivery_id IN (SELECT w.delivery_id FROM stageflow.webhook_deliveries AS w
-                              WHERE w.status = 'pending' AND w.next_attempt_at <= stageflow.now()
-                              ORDER BY w.next_attempt_at
-                              LIMIT claim_webhook_deliveries.max_rows
-                                FOR UPDATE SKIP LOCKED)
-    RETURNING d.delivery_id, d.job_id, d.url, d.payload, d.attempts, d.secret;
-END;
-$$;
--- Records an attempt: delivered, or failed with the status code and error seen, then retried after
--- retry_in_seconds or, when that is NULL, given up (status failed).
-CREATE FUNCTION stageflow.record_webhook_attempt(delivery_id bigint, delivered boolean, status_code int DEFAULT NULL,
-                                                 error text DEFAULT NULL, retry_in_seconds numeric DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_row stageflow.webhook_deliveries;
-BEGIN
-    UPDATE stageflow.webhook_deliveries AS d
-       SET status = CASE WHEN record_webhook_attempt.delivered THEN 'delivered'
-                         WHEN record_webhook_attempt.retry_in_seconds IS NULL THEN 'failed'
-                         ELSE 'pending' END,
-           delivered_at = CASE WHEN record_webhook_attempt.delivered THEN stageflow.now() END,
-           next_attempt_at = stageflow.now() + make_interval(secs => coalesce(record_webhook_attempt.retry_in_seconds, 0)),
-           attempt_log = d.attempt_log || jsonb_build_array(jsonb_build_object(
-               'attempt', d.attempts, 'at', stageflow.now(), 'status_code', record_webhook_attempt.status_code,
-               'error', record_webhook_attempt.error))
-     WHERE d.delivery_id = record_webhook_attempt.delivery_id AND d.status = 'pending'
-    RETURNING * INTO v_row;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42704',
-            MESSAGE = format('no pending webhook delivery %s', record_webhook_attempt.delivery_id),
-            HINT = 'deliveries come from stageflow.claim_webhook_deliveries';
-    END IF;
-    RETURN jsonb_build_object('delivery_id', v_row.delivery_id, 'status', v_row.status, 'attempts', v_row.attempts);
-END;
-$$;
--- A job's webhook deliveries with their attempts (for those who see the job, as job_status: the
--- URLs often carry secrets).
-CREATE FUNCTION stageflow.webhook_deliveries(job_id text)
-RETURNS TABLE (delivery_id bigint, url text, status text, attempts int, attempt_log jsonb, created_at timestamptz,
-               delivered_at timestamptz)
-LANGUAGE plpgsql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-BEGIN
-    PERFORM stageflow._visible_job(webhook_deliveries.job_id);
-    RETURN QUERY
-    SELECT d.delivery_id, d.url, d.status, d.attempts, d.attempt_log, d.created_at, d.delivered_at
-      FROM stageflow.webhook_deliveries AS d
-     WHERE d.job_id = webhook_deliveries.job_id
-     ORDER BY d.delivery_id;
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:41
--- What a status means: the classes of job and task statuses, each list written here once and read
--- everywhere else through these functions (docs/state_machine.md draws the transitions).
--- They are SQL functions without a SET clause and with nothing to look up, so that PostgreSQL
--- inlines them: `stageflow._job_is_open(j.status)` plans exactly as `j.status IN ('queued',
--- 'processing')`. Only Stageflow's own functions, whose search_path is fixed, call them.
--- Two places keep literal lists: the tables' CHECK constraints (the statuses there are), and the
--- predicates of partial indexes with the queries meant to use them. The planner matches an index
--- predicate against a query's conditions as they are after inlining, so an inlined call would
--- match too (measured); but a call that stops being inlined (a SET clause, STRICT, another
--- language) would not, and nothing would fail: those queries keep the literal and say so.
-
--- A job still to finish: queued (no task claimed yet) or processing.
-CREATE FUNCTION stageflow._job_is_open(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_status IN ('queued', 'processing')
-$$;
--- A job that ran to its end: completed, with failed tasks its stages tolerated or without.
-CREATE FUNCTION stageflow._job_is_done(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_status IN ('completed', 'completed_with_errors')
-$$;
--- A job stopped before its end: failed or cancelled (retry_job, or its owner resubmitting the
--- work, resumes it).
-CREATE FUNCTION stageflow._job_is_stopped(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_status IN ('failed', 'cancelled')
-$$;
--- A job that has ended: done or stopped.
-CREATE FUNCTION stageflow._job_has_ended(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT stageflow._job_is_done(p_status) OR stageflow._job_is_stopped(p_status)
-$$;
--- An open task: queued (waiting, or due for a retry) or running (leased to a worker).
-CREATE FUNCTION stageflow._task_is_open(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_status IN ('queued', 'running')
-$$;
--- A task that failed for good, a dead letter: failed (a permanent error) or dead (its attempts
--- ran out).
-CREATE FUNCTION stageflow._task_has_failed(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_status IN ('failed', 'dead')
-$$;
--- A task that ended without a result: failed, dead or cancelled (what retry_job queues again).
-CREATE FUNCTION stageflow._task_ended_without_result(p_status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT stageflow._task_has_failed(p_status) OR p_status = 'cancelled'
-$$;
--- A task a claim may take at p_now: attempts left, and queued with its retry (if any) due, or
--- running on a lease that has expired. (The claim asks it under the task's row lock, once to
--- decide and once more in its UPDATE, after the rare path may have changed the row.)
-CREATE FUNCTION stageflow._task_is_claimable(p_status text, p_attempt int, p_max_attempts int,
-                                             p_next_attempt_at timestamptz, p_lease_expires_at timestamptz,
-                                             p_now timestamptz)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_attempt < p_max_attempts
-           AND ((p_status = 'queued' AND (p_next_attempt_at IS NULL OR p_next_attempt_at <= p_now))
-                OR (p_status = 'running' AND p_lease_expires_at <= p_now))
-$$;
--- A task of the job p_job_id, as every read of a job's tasks asks it: tasks_stage_idx names the job
--- by hashtextextended(job_id, 0) (sql/0010_tables.sql), so the hash is compared for the index and
--- the id for the answer. Written once here; inlined like the classes above, so the planner sees
--- both conditions and uses the index (pg_test/job_result.sql checks that it does).
-CREATE FUNCTION stageflow._is_task_of_job(p_task_job_id text, p_job_id text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT pg_catalog.hashtextextended(p_task_job_id, 0) OPERATOR(pg_catalog.=) pg_catalog.hashtextextended(p_job_id, 0)
-           AND p_task_job_id OPERATOR(pg_catalog.=) p_job_id
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:44
--- The wording of the errors that several functions raise: an unknown job or task, and the
--- refusals of a task's report (not running, another lease's), decided in one place.
-
--- Raises 42704 for an unknown job or task (p_kind 'job' or 'task'), with a hint about what the ids
--- look like: the one wording of these errors.
-CREATE FUNCTION stageflow._raise_unknown(p_kind text, p_id text)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RAISE EXCEPTION USING
-        ERRCODE = '42704',
-        MESSAGE = format('unknown %s %L', p_kind, p_id),
-        HINT = CASE p_kind
-                   WHEN 'job' THEN 'job ids are the 64 hex digits returned by stageflow.submit_job; a job is shown only to the login '
-                                    '(and tenant) that submitted it and to stageflow_admin'
-                   ELSE 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>'
-               END;
-END;
-$$;
--- Whether a report may speak for a task's current lease (the task row's lease_token, p_lease_token,
--- held by its worker_id, p_holder): naming a token (p_token), only if it is that one; naming no
--- token but a worker_id (p_worker_id), only if that worker holds the lease; naming neither, the
--- caller is trusted (the psql form). The one statement of the fence: _refusal words its refusals
--- from it, and a completion's UPDATE asks it alone (_refusal's wordings, planned into every
--- completion, cost it 36,000 instructions, bench/README.md). Inlined like _refusal.
-CREATE FUNCTION stageflow._report_fenced(p_lease_token bigint, p_holder text, p_token bigint, p_worker_id text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE
-AS $$
-    SELECT CASE WHEN p_token IS NOT NULL THEN p_token OPERATOR(pg_catalog.=) p_lease_token
-                ELSE p_worker_id IS NULL OR coalesce(p_holder OPERATOR(pg_catalog.=) p_worker_id, false) END
-$$;
--- Why a report (p_verb: 'completed', 'failed') of a task cannot be recorded, as
--- {"sqlstate", "message", "hint"}, or NULL when it can: the one wording of every refusal, decided
--- from the task row read under its lock. A report names the lease it comes from by its token
--- (p_token) and/or the worker_id it claimed with (p_worker_id); a report naming neither trusts
--- the caller (the psql form). A completion repeated by the lease that made it is not refused.
--- Without a SET clause, and with its functions qualified, so that PostgreSQL inlines it into the
--- statements of the hot path that call it (only Stageflow's own functions, whose search_path is
--- fixed, can call it).
-CREATE FUNCTION stageflow._refusal(p_task stageflow.tasks, p_task_id text, p_verb text, p_token bigint, p_worker_id text)
-RETURNS jsonb
-LANGUAGE sql STABLE
-AS $$
-    SELECT CASE
-        WHEN p_task.task_id IS NULL THEN
-            pg_catalog.jsonb_build_object('sqlstate', '42704', 'message', pg_catalog.format('unknown task %L', p_task_id),
-                               'hint', 'task ids come from stageflow.claim_tasks and look like <16 hex>-s<stage>-<key>')
-        -- (another lease's token, whatever the task's status; another worker, of a task running or
-        -- completed: a task in any other status is refused for that below)
-        WHEN NOT stageflow._report_fenced(p_task.lease_token, p_task.worker_id, p_token, p_worker_id)
-             AND (p_token IS NOT NULL OR p_task.status = ANY ('{running,completed}'::text[])) THEN
-            CASE WHEN p_token IS NOT NULL THEN
-                pg_catalog.jsonb_build_object('sqlstate', '55000',
-                                   'message', pg_catalog.format('task %s: lease %s is not its current lease (%s)', p_task_id, p_token, p_task.lease_token),
-                                   'hint', 'the lease expired and the task was claimed again; its current holder reports it')
-            WHEN p_task.status = 'running' THEN
-                pg_catalog.jsonb_build_object('sqlstate', '55000',
-                                   'message', pg_catalog.format('task %s is leased to worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                                   'hint', 'the lease expired and the task was delivered again; its new holder reports it')
-            ELSE
-                pg_catalog.jsonb_build_object('sqlstate', '55000',
-                                   'message', pg_catalog.format('task %s was completed by worker %s, not %s', p_task_id, coalesce(p_task.worker_id, '(none)'), p_worker_id),
-                                   'hint', 'the lease expired and the task was delivered again; its new holder completed it')
-            END
-        WHEN p_task.status = 'running' THEN NULL
-        WHEN p_task.status = 'completed' AND p_verb = 'completed' THEN NULL
-        WHEN p_task.status = 'queued' THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is not claimed', p_task_id),
-                               'hint', 'claim it with stageflow.claim_tasks first; a task waiting for a retry is claimable after its backoff')
-        WHEN p_task.status = 'cancelled' THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000',
-                               'message', pg_catalog.format('task %s is cancelled: its job ended, the outcome is not recorded', p_task_id),
-                               'hint', 'see stageflow.job_status(job_id) for why the job ended')
-        WHEN p_task.status = 'completed' THEN
-            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is already completed and cannot be %s', p_task_id, p_verb),
-                               'hint', 'a completed task keeps its result; retry the whole job to run it again')
-        ELSE
-            pg_catalog.jsonb_build_object('sqlstate', '55000', 'message', pg_catalog.format('task %s is %s and cannot be %s', p_task_id, p_task.status, p_verb),
-                               'hint', 'stageflow.retry_job(job_id) runs failed and dead tasks again')
-    END
-$$;
--- Raises a refusal made by stageflow._refusal.
-CREATE FUNCTION stageflow._raise_refusal(p_refusal jsonb)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    -- plpgsql_check would have it IMMUTABLE; raising is its whole effect, and an IMMUTABLE call
-    -- with constant arguments may be run while a query is planned: VOLATILE is right.
-    -- @plpgsql_check_options: performance_warnings = false
-    RAISE EXCEPTION USING
-        ERRCODE = p_refusal ->> 'sqlstate', MESSAGE = p_refusal ->> 'message', HINT = p_refusal ->> 'hint';
-END;
-$$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -3886,597 +4477,6 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:51
--- Shapes the table of a queue the job types use for how the engine uses it. A claim reads a
--- message (src/queues.rs) by walking the table's primary key in msg_id order, never by pgmq's
--- index on vt, and moves its vt to the lease's end; with that index, the move is an update that
--- writes an entry into both indexes. Without it, and with room on the page for the new version
--- (fillfactor 50: a message row and its one new version), the move is a HOT update: no index
--- entry. One at a time under pgbench (8 clients, sync on, pg_walinspect), a task's WAL went from
--- 989-996 to 838-884 bytes (pgmq's read + delete: 431). Nothing of Stageflow reads a queue by vt
--- (maintenance finds the messages that became visible in its bounded walk by msg_id, _reconcile),
--- and pgmq's own functions keep working on the table (its read then walks the primary key too).
--- Pages written before stay as they are. What it drops is pgmq's index: one on vt alone, backing
--- no constraint (an index of the DBA's own that holds vt among other columns stays); it sets the
--- fillfactor only where none is set.
--- Called by _ensure_queue on the queue it makes (p_nowait false: nobody else can use it yet), and
--- by stageflow.shape_queues on the job types' queues that still have the index (queues made
--- before 0.3.0, or by pgmq.create, which makes the index again on a queue that has lost it) with
--- p_nowait: it takes the table's lock without waiting, and any other lock within 10 ms (55P03
--- when a claim or a completion holds the table, or another session the index; the caller's
--- subtransaction then gives back what it took). Only an ordinary table is shaped: a partitioned
--- queue's (pgmq with pg_partman) takes no fillfactor, and a queue whose table is gone has nothing
--- to shape.
--- Returns whether it changed the table.
-CREATE FUNCTION stageflow._shape_queue(p_queue text, p_nowait boolean DEFAULT false)
-RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_table      oid;
-    v_fillfactor boolean;
-    v_indexes    name[];
-    v_index      name;
-    v_lock_timeout text;
-BEGIN
-    SELECT c.oid, EXISTS (SELECT 1 FROM unnest(c.reloptions) AS o(option) WHERE o.option LIKE 'fillfactor=%')
-      INTO v_table, v_fillfactor
-      FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-     WHERE n.nspname = 'pgmq' AND c.relname = pgmq.format_table_name(p_queue, 'q') AND c.relkind = 'r';
-    IF v_table IS NULL THEN
-        RETURN false;
-    END IF;
-    SELECT array_agg(ic.relname ORDER BY ic.relname) INTO v_indexes
-      FROM pg_index AS i
-      JOIN pg_class AS ic ON ic.oid = i.indexrelid
-      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-     WHERE i.indrelid = v_table AND i.indnatts = 1 AND a.attname = 'vt' AND i.indpred IS NULL
-       AND NOT EXISTS (SELECT 1 FROM pg_constraint AS k WHERE k.conindid = i.indexrelid);
-    IF v_indexes IS NULL AND v_fillfactor THEN
-        RETURN false;
-    END IF;
-    IF p_nowait THEN
-        -- (and every lock after it within 10 ms: a session holding a lock on the index alone, as
-        -- COMMENT ON INDEX does, would make the DROP wait while this holds the table, and the
-        -- tables of the queues its caller shaped before; a review's claim waited 4 s so)
-        v_lock_timeout := current_setting('lock_timeout');
-        PERFORM set_config('lock_timeout', '10ms', true);
-        EXECUTE format('LOCK TABLE pgmq.%I IN ACCESS EXCLUSIVE MODE NOWAIT', pgmq.format_table_name(p_queue, 'q'));
-    END IF;
-    FOREACH v_index IN ARRAY coalesce(v_indexes, '{}') LOOP
-        EXECUTE format('DROP INDEX pgmq.%I', v_index);
-    END LOOP;
-    IF NOT v_fillfactor THEN
-        EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', pgmq.format_table_name(p_queue, 'q'));
-    END IF;
-    IF p_nowait THEN
-        PERFORM set_config('lock_timeout', v_lock_timeout, true);
-    END IF;
-    RETURN true;
-END;
-$$;
--- Creates pgmq queue p_queue unless it exists: the one place Stageflow creates queues. Called when
--- a job type naming the queue is registered, and again where a queue is needed (a stage's tasks
--- are sent, a claim or a grant names a job type's queue), so that a queue is made on first use
--- where it does not exist: the built-in hello_world's `default` queue (CREATE EXTENSION makes no
--- queue, so that pg_restore, which runs CREATE EXTENSION and then restores pgmq's queues with
--- their messages, finds none in its way), or a queue a restore or a DBA dropped.
-CREATE FUNCTION stageflow._ensure_queue(p_queue text)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
-        -- (two sessions making the same queue at once would collide in the catalogs)
-        PERFORM pg_advisory_xact_lock(hashtext('stageflow queue ' || p_queue));
-        -- (made meanwhile by the session that held the lock: pgmq.create would build pgmq's index
-        -- on vt again, over the messages sent since)
-        IF EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = p_queue) THEN
-            RETURN;
-        END IF;
-        PERFORM pgmq.create(p_queue);
-        PERFORM stageflow._shape_queue(p_queue);
-        -- (a queue made again, after a restore or a DBA dropped it: the tasks of its big stages
-        -- hold ids the old one's sequence handed out for messages still to be sent, which the new
-        -- one must not hand out again; until this transaction commits nobody else takes one)
-        PERFORM setval(pg_get_serial_sequence(format('pgmq.%I', pgmq.format_table_name(p_queue, 'q')), 'msg_id'), m.last_msg_id)
-           FROM (SELECT max(w.last_msg_id) AS last_msg_id FROM stageflow.message_windows AS w WHERE w.queue = p_queue) AS m
-          WHERE m.last_msg_id IS NOT NULL;
-    END IF;
-END;
-$$;
--- The queues the job types' stages name, in name order: those that exist (the ones maintenance
--- walks), or all of them (p_existing false: the ones _check_queue may make on first use).
-CREATE FUNCTION stageflow._job_type_queues(p_existing boolean DEFAULT true)
-RETURNS SETOF text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT DISTINCT e.stage ->> 'queue'
-      FROM stageflow.job_types AS jt
-     CROSS JOIN LATERAL jsonb_array_elements(jt.definition -> 'stages') AS e(stage)
-     WHERE NOT p_existing OR EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name = e.stage ->> 'queue')
-     ORDER BY 1
-$$;
--- Stores a job type, or replaces its definition for jobs submitted from now on.
--- stageflow._normalize_definition (Rust) validates the definition, naming the bad field, and fills
--- in defaults; every queue a stage names is created in pgmq if it does not exist yet.
-CREATE FUNCTION stageflow.register_job_type(name text, definition jsonb)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_definition jsonb := stageflow._normalize_definition(register_job_type.name, register_job_type.definition);
-    v_queue text;
-BEGIN
-    FOR v_queue IN
-        SELECT DISTINCT s.stage ->> 'queue' FROM jsonb_array_elements(v_definition -> 'stages') AS s(stage)
-    LOOP
-        PERFORM stageflow._ensure_queue(v_queue);
-    END LOOP;
-
-    INSERT INTO stageflow.job_types AS jt (name, definition)
-    VALUES (register_job_type.name, v_definition)
-    ON CONFLICT ON CONSTRAINT job_types_pkey
-    DO UPDATE SET definition = excluded.definition, updated_at = now();
-
-    RETURN jsonb_build_object('name', register_job_type.name, 'definition', v_definition);
-END;
-$$;
--- The registered job types with their (normalised) definitions.
-CREATE FUNCTION stageflow.job_types()
-RETURNS TABLE (name text, description text, stages jsonb, definition jsonb, updated_at timestamptz)
-LANGUAGE sql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT jt.name,
-           jt.definition ->> 'description',
-           (SELECT jsonb_agg(s.stage ->> 'name' ORDER BY s.n)
-              FROM jsonb_array_elements(jt.definition -> 'stages') WITH ORDINALITY AS s(stage, n)),
-           jt.definition,
-           jt.updated_at
-      FROM stageflow.job_types AS jt
-     ORDER BY jt.name
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:60
--- Completes many tasks in one transaction: results is an array of {"task_id", "result",
--- "lease_token"?}. Each task gets the semantics of complete_task_and_check_stage, through the same
--- settle path (_settle_completions): accepted only under its row lock, fenced by its lease token
--- (or by worker_id when the element has none), its stage's shard counters moved once for the whole
--- batch and the stage advanced when its last open shard empties. A task that cannot be
--- completed (unknown, not running, another lease's, a bad plan) does not stop the others: its
--- entry in the answer is {"task_id", "error": {"sqlstate", "message", "hint"}}, the refusal
--- complete_task_and_check_stage would raise. Returns one report per element, in order; with
--- reports => false an accepted element's entry is only {"task_id"} (a worker that does not read
--- the reports saves their cost: looking up each task's stage and job and building its report was
--- a fifth of the batched benchmark line, bench/README.md).
--- Locks are waited for in task_id order (tasks, then their messages; a task refused after the
--- UPDATE is locked only if no other session holds it: else it is decided as it stands, 40001 if
--- it could have been completed, report it again), then (job, stage) order (each stage's shards,
--- waited for only in shard order, then its row), so concurrent batches do not deadlock.
-CREATE FUNCTION stageflow.complete_tasks(results jsonb, worker_id text DEFAULT NULL, reports boolean DEFAULT true)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off
-AS $$
-DECLARE
-    v_ids        text[];
-    v_results    jsonb[];
-    v_tokens     bigint[];
-    v_refusals   jsonb[];
-    v_reported   text[] := '{}'::text[];  -- the accepted ones, when reports are built
-BEGIN
-    IF jsonb_typeof(complete_tasks.results) IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('results must be a JSON array, got %s', coalesce(jsonb_typeof(complete_tasks.results), 'NULL')),
-            HINT = 'pass [{"task_id": "...", "result": {...}}, ...]';
-    END IF;
-    IF jsonb_array_length(complete_tasks.results) > 10000 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = format('%s results in one call, more than the limit of 10000', jsonb_array_length(complete_tasks.results)),
-            HINT = 'complete in batches of at most 10000 tasks';
-    END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
-                WHERE jsonb_typeof(e.item) <> 'object' OR jsonb_typeof(e.item -> 'task_id') IS DISTINCT FROM 'string'
-                   OR (e.item ? 'lease_token' AND jsonb_typeof(e.item -> 'lease_token') IS DISTINCT FROM 'null'
-                       AND (jsonb_typeof(e.item -> 'lease_token') <> 'number' OR (e.item ->> 'lease_token') !~ '^-?[0-9]{1,18}$'))) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = 'every element of results needs a "task_id" string (and a "lease_token", when given, is an integer)',
-            HINT = 'pass [{"task_id": "...", "result": {...}, "lease_token": 1}, ...]';
-    END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
-                GROUP BY e.item ->> 'task_id' HAVING count(*) > 1) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = 'results name a task more than once',
-            HINT = 'report each task once per call';
-    END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(complete_tasks.results) AS e(item)
-                WHERE octet_length((e.item -> 'result')::text) > 8388608) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '54000',
-            MESSAGE = 'a result takes more than the limit of 8388608 bytes',
-            HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
-    END IF;
-
-    SELECT array_agg(e.item ->> 'task_id' ORDER BY e.n), array_agg(e.item -> 'result' ORDER BY e.n),
-           array_agg((e.item ->> 'lease_token')::bigint ORDER BY e.n)
-      INTO v_ids, v_results, v_tokens
-      FROM jsonb_array_elements(complete_tasks.results) WITH ORDINALITY AS e(item, n);
-    IF v_ids IS NULL THEN
-        RETURN '[]'::jsonb;
-    END IF;
-    v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
-
-    -- (reports => false: no report is built, the accepted ones answer their task_id)
-    -- The accepted ones are listed first, into a variable: PostgreSQL inlines no set-returning
-    -- function whose argument holds a subquery, and _completion_reports called instead of inlined
-    -- is planned again on every call (170 us a call of six tasks).
-    IF complete_tasks.reports IS NOT FALSE THEN
-        v_reported := ARRAY(SELECT a.task_id FROM unnest(v_ids, v_refusals) AS a(task_id, refusal) WHERE a.refusal IS NULL);
-    END IF;
-    RETURN (
-        SELECT jsonb_agg(CASE WHEN u.refusal IS NOT NULL THEN jsonb_build_object('task_id', u.task_id, 'error', u.refusal)
-                              WHEN complete_tasks.reports IS FALSE THEN jsonb_build_object('task_id', u.task_id)
-                              ELSE r.report END
-                         ORDER BY u.n)
-          FROM unnest(v_ids, v_refusals) WITH ORDINALITY AS u(task_id, refusal, n)
-          LEFT JOIN stageflow._completion_reports(v_reported) AS r ON r.task_id = u.task_id);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:54
--- Moves a job past its current stage if that stage has no open task left: creates the next
--- stage's tasks, or completes the job. Stages that fan out to nothing are passed
--- through in the same call. Idempotent: the job row lock serialises callers and the current
--- stage's open_shards decides, so a stage's tasks are never created twice. The last completion of a
--- stage calls it; calling it by hand repairs a job that is stuck, or does nothing.
---
--- Fault isolation: an error while planning the next stage's tasks (a planner's results naming a
--- key twice, a fan-out over a limit, params that do not make one) is that job's failure, never its
--- caller's: nothing of the stage is created and the job fails with a categorised
--- `stage_creation_failed` error (event job_failed), whichever claim, batch or maintenance round
--- happened to advance it (_create_stage_tasks finds these before it writes anything).
--- A job that ended while its last completion was on the way here (cancelled, failed) is not
--- advanced; the stage that completion emptied is closed with the job.
---
--- A job some of whose tasks failed within their stages' thresholds ends `completed_with_errors`.
--- Its result stays in its last stage's tasks, where job_result pages over it: completing the job
--- copies nothing, however many tasks the last stage has.
-CREATE FUNCTION stageflow.advance_stage(job_id text)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_job       stageflow.jobs;
-    v_stage     stageflow.stages;
-    v_advanced  boolean := false;
-    v_created   int;
-    v_failure   jsonb;
-BEGIN
-    -- (NO KEY UPDATE, the lock of an UPDATE of the row: it does not wait for the KEY SHARE a
-    -- retry_job takes first, which keeps retention from deleting the job under it)
-    SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('job', advance_stage.job_id);
-    END IF;
-
-    WHILE stageflow._job_is_open(v_job.status) LOOP
-        SELECT * INTO STRICT v_stage
-          FROM stageflow.stages AS s
-         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-        EXIT WHEN v_stage.open_shards > 0;
-
-        IF v_stage.status = 'active' THEN
-            UPDATE stageflow.stages AS s
-               SET status = 'completed', completed_at = stageflow.now()
-             WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-        END IF;
-        PERFORM stageflow._emit(v_job.job_id, 'stage_completed',
-                                jsonb_build_object('name', v_stage.name, 'task_count', v_stage.task_count,
-                                                   'completed', (SELECT c.completed_count FROM stageflow.stage_counts AS c
-                                                                  WHERE c.job_id = v_job.job_id AND c.stage = v_stage.stage),
-                                                   'failed', v_stage.failed_count),
-                                v_stage.stage);
-
-        IF v_job.current_stage >= v_job.total_stages THEN
-            UPDATE stageflow.jobs AS j
-               SET status = CASE WHEN EXISTS (SELECT 1 FROM stageflow.stages AS s
-                                               WHERE s.job_id = v_job.job_id AND s.failed_count > 0)
-                                 THEN 'completed_with_errors' ELSE 'completed' END,
-                   completed_at = stageflow.now(), updated_at = stageflow.now()
-             WHERE j.job_id = v_job.job_id
-            RETURNING * INTO v_job;
-            PERFORM stageflow._emit(v_job.job_id, 'job_' || v_job.status, jsonb_build_object('total_stages', v_job.total_stages));
-            v_advanced := true;
-            EXIT;
-        END IF;
-
-        SELECT c.created, c.failure INTO v_created, v_failure
-          FROM stageflow._create_stage_tasks(v_job.job_id, v_job.current_stage + 1, p_catch => true) AS c;
-        IF v_failure IS NOT NULL THEN
-            PERFORM stageflow._end_job(v_job.job_id, 'failed', jsonb_build_object(
-                'type', 'stage_creation_failed', 'category', 'permanent', 'stage', v_job.current_stage + 1,
-                'message', format('creating the tasks of stage %s failed: %s', v_job.current_stage + 1, v_failure ->> 'message'),
-                'sqlstate', v_failure ->> 'sqlstate', 'hint', v_failure ->> 'hint'), p_advancing => true);
-            SELECT * INTO v_job FROM stageflow.jobs AS j WHERE j.job_id = advance_stage.job_id;
-            EXIT;
-        END IF;
-        UPDATE stageflow.jobs AS j
-           SET current_stage = j.current_stage + 1, updated_at = stageflow.now()
-         WHERE j.job_id = v_job.job_id
-        RETURNING * INTO v_job;
-        v_advanced := true;
-        EXIT WHEN v_created > 0;
-    END LOOP;
-
-    IF NOT v_advanced AND NOT stageflow._job_is_open(v_job.status) THEN
-        UPDATE stageflow.stages AS s
-           SET status = CASE WHEN v_job.status = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
-               completed_at = stageflow.now()
-         WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage AND s.status = 'active' AND s.open_shards = 0;
-    END IF;
-
-    RETURN jsonb_build_object(
-        'job_id', v_job.job_id,
-        'advanced', v_advanced,
-        'job_status', v_job.status,
-        'current_stage', v_job.current_stage,
-        'total_stages', v_job.total_stages);
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:64
--- Cancels a job: its queued tasks are removed (messages deleted), running ones are cancelled so
--- their completions are refused, and the job ends `cancelled`. Cancelling a job that already
--- ended changes nothing and reports its status. Only for those who see the job (as job_status).
-CREATE FUNCTION stageflow.cancel_job(job_id text)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_status    text;
-    v_changed   boolean;
-BEGIN
-    v_status := (stageflow._visible_job(cancel_job.job_id)).status;
-    v_changed := stageflow._job_is_open(v_status)
-                 AND stageflow._end_job(cancel_job.job_id, 'cancelled',
-                                        jsonb_build_object('message', 'cancelled by stageflow.cancel_job'));
-    RETURN jsonb_build_object(
-        'job_id', cancel_job.job_id,
-        'cancelled', v_changed,
-        'job_status', (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = cancel_job.job_id));
-END;
-$$;
--- Makes a job and its current stage open again after a retry (the caller holds the stage's
--- shards and row): the job is processing with no error, its deadline starts over (now + the job
--- type's timeout_seconds), and job_retried is emitted.
-CREATE FUNCTION stageflow._reopen_job(p_job_id text, p_stage int, p_retried int)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    UPDATE stageflow.stages AS s
-       SET status = 'active', completed_at = NULL
-     WHERE s.job_id = p_job_id AND s.stage = p_stage;
-    UPDATE stageflow.jobs AS j
-       SET status = 'processing', error = NULL, completed_at = NULL, updated_at = stageflow.now(),
-           deadline_at = stageflow.now() + make_interval(secs => (j.definition ->> 'timeout_seconds')::numeric)
-     WHERE j.job_id = p_job_id;
-    PERFORM stageflow._emit(p_job_id, 'job_retried', jsonb_build_object('stage', p_stage, 'retried_tasks', p_retried), p_stage);
-END;
-$$;
--- Resumes a job from the stage it stopped at: the stage's failed, dead and cancelled tasks (and a
--- task still running in the ended job: one a claim held while the job ended, whose report would
--- be refused once it is queued again) are queued again with fresh attempts and new messages, the
--- job is processing again and its deadline starts over (now + the job type's timeout_seconds). An
--- ended job whose stage has nothing left to retry (its last report landed as it ended) is resumed
--- by advancing it. A job with nothing to retry (running fine, or completed) is left as it is.
--- Returns the number of tasks re-queued.
--- Lock order as every completion's, tasks before shards before stage before job (but for a KEY
--- SHARE lock of the job row first, which only retention's delete waits for): the tasks to
--- retry that have ended (failed, dead or cancelled: a batch of completions holds such a task, a
--- stale report it refuses, while it waits for the stage's shards), then the current stage's
--- shards and row (_lock_current_stage: a completion emptying the stage finishes first, and if it
--- advanced the job, the new current stage is taken instead), then the tasks that ended meanwhile
--- without waiting (one held: every task and shard this took is rolled back, and it starts over,
--- waiting for that task first: retry_job_racing_a_batch_with_a_stale_report,
--- retry_job_racing_a_batch_holding_a_task_just_ended), running ones only if no one holds them,
--- the job row last.
--- An admin's call (stageflow.retry_job). An owner's resubmission of an ended job
--- (p_resubmission, from submit_job_outcome) resumes only a job that is still failed or cancelled
--- once its stage is locked (the submission then checks the owner's open-task quota), and gets
--- NULL for a job retention deleted since the submission read it (the submission makes it anew).
-CREATE FUNCTION stageflow.retry_job(job_id text)
-RETURNS jsonb
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN stageflow._retry_job(retry_job.job_id, false);
-END;
-$$;
-CREATE FUNCTION stageflow._retry_job(p_job_id text, p_resubmission boolean)
-RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_job      stageflow.jobs;
-    v_stage    stageflow.stages;
-    v_ids      text[];
-    v_reopened int;
-    v_running  text[];
-    v_old_msgs bigint[];
-    v_stopped  int;
-    v_failed   int;
-    v_advance  jsonb;
-    v_at       int;
-    v_nowait   boolean;
-BEGIN
-    -- (KEY SHARE: retention, which deletes a finished job's row before its stages and tasks, skips
-    -- a job being retried; an UPDATE of the row, advance_stage's lock, does not wait for it)
-    PERFORM 1 FROM stageflow.jobs AS j WHERE j.job_id = p_job_id FOR KEY SHARE;
-    IF NOT FOUND AND p_resubmission THEN
-        RETURN NULL;
-    ELSIF NOT FOUND THEN
-        PERFORM stageflow._raise_unknown('job', p_job_id);
-    END IF;
-    -- Each round in a subtransaction: one that finds an ended task held gives back every task and
-    -- shard it took, and the next round waits for that task holding nothing but the job's KEY
-    -- SHARE. Only the NOWAIT is caught (a lock_timeout of a waiting lock is the caller's error).
-    LOOP
-        v_nowait := false;
-        BEGIN
-            SELECT j.current_stage INTO STRICT v_at FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-            PERFORM 1 FROM stageflow.tasks AS t
-             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
-               AND stageflow._task_ended_without_result(t.status)
-             ORDER BY t.task_id
-               FOR UPDATE;
-            v_at := stageflow._lock_current_stage(p_job_id);
-            v_nowait := true;
-            PERFORM 1 FROM stageflow.tasks AS t
-             WHERE stageflow._is_task_of_job(t.job_id, p_job_id) AND t.stage = v_at
-               AND stageflow._task_ended_without_result(t.status)
-             ORDER BY t.task_id
-               FOR UPDATE NOWAIT;
-            EXIT;
-        EXCEPTION WHEN lock_not_available THEN
-            IF NOT v_nowait THEN
-                RAISE;
-            END IF;
-        END;
-    END LOOP;
-    SELECT * INTO STRICT v_job FROM stageflow.jobs AS j WHERE j.job_id = p_job_id;
-    IF stageflow._job_is_done(v_job.status)
-       OR (p_resubmission AND NOT stageflow._job_is_stopped(v_job.status)) THEN
-        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
-    END IF;
-    SELECT * INTO STRICT v_stage FROM stageflow.stages AS s
-     WHERE s.job_id = v_job.job_id AND s.stage = v_job.current_stage;
-
-    -- The tasks to run again (those that ended are locked above), read as they are now.
-    IF stageflow._job_is_stopped(v_job.status) THEN
-        v_running := ARRAY(SELECT t.task_id FROM stageflow.tasks AS t
-                            WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id)
-                              AND t.stage = v_job.current_stage AND t.status = 'running'
-                            ORDER BY t.task_id
-                              FOR UPDATE SKIP LOCKED);
-    END IF;
-    SELECT array_agg(t.task_id ORDER BY t.ordinal),
-           (count(*) FILTER (WHERE t.status <> 'running'))::int,
-           array_agg(t.msg_id) FILTER (WHERE t.status = 'running'),
-           (count(*) FILTER (WHERE t.status = 'running'))::int,
-           (count(*) FILTER (WHERE stageflow._task_has_failed(t.status)))::int
-      INTO v_ids, v_reopened, v_old_msgs, v_stopped, v_failed
-      FROM stageflow.tasks AS t
-     WHERE stageflow._is_task_of_job(t.job_id, v_job.job_id) AND t.stage = v_job.current_stage
-       AND (stageflow._task_ended_without_result(t.status) OR t.task_id = ANY (coalesce(v_running, '{}')));
-    IF v_ids IS NULL THEN
-        IF stageflow._job_is_stopped(v_job.status) AND v_stage.open_shards = 0 THEN
-            -- Nothing to retry, nothing open: the stage's last report landed as the job ended.
-            PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, 0);
-            v_advance := stageflow.advance_stage(v_job.job_id);
-            RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_advance ->> 'job_status');
-        END IF;
-        RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', 0, 'job_status', v_job.status);
-    END IF;
-
-    -- New messages, matched to the tasks by msg_id order as in _create_stage_tasks; the old
-    -- messages of tasks that were still running go, but for one a claim holds (that claim may be
-    -- waiting for the shards this holds: retry_job_racing_a_claim_of_leftovers); a later claim
-    -- that reads it deletes it, as no longer its task's current message.
-    IF v_old_msgs IS NOT NULL THEN
-        PERFORM stageflow._delete_free_messages(v_stage.queue, v_old_msgs);
-    END IF;
-    UPDATE stageflow.tasks AS t
-       SET status = 'queued', attempt = 0, msg_id = m.msg_id, error = NULL, worker_id = NULL,
-           lease_expires_at = NULL, next_attempt_at = NULL, completed_at = NULL, failed_at = NULL
-      FROM unnest(v_ids) WITH ORDINALITY AS u(task_id, n)
-      JOIN (SELECT s.msg_id, row_number() OVER (ORDER BY s.msg_id) AS n
-              FROM pgmq.send_batch(v_stage.queue,
-                                   ARRAY(SELECT jsonb_build_object('task_id', i.task_id)
-                                           FROM unnest(v_ids) WITH ORDINALITY AS i(task_id, n) ORDER BY i.n)) AS s(msg_id)) AS m
-        ON m.n = u.n
-     WHERE t.task_id = u.task_id;
-    -- (a stopped job's open tasks were all cancelled: every one has a message now, and a big
-    -- stage's window has none left to send)
-    IF stageflow._job_is_stopped(v_job.status) THEN
-        PERFORM stageflow._drop_message_windows(v_job.job_id);
-    END IF;
-
-    -- Tasks that had ended are open again on the shards; a running one never left the shards' open
-    -- count, and stops running (queued again).
-    IF v_reopened > 0 THEN
-        PERFORM stageflow._move_shards(v_job.job_id, v_job.current_stage, v_reopened, 1, -v_failed);
-    END IF;
-    IF v_stopped > 0 THEN
-        PERFORM stageflow._leave_running(v_job.job_id, v_job.current_stage, v_stopped);
-    END IF;
-    PERFORM stageflow._reopen_job(v_job.job_id, v_job.current_stage, cardinality(v_ids));
-    PERFORM pg_notify('stageflow_tasks', v_stage.queue);
-    RETURN jsonb_build_object('job_id', v_job.job_id, 'retried_tasks', cardinality(v_ids), 'job_status', 'processing');
-END;
-$$;
--- Dead letters: tasks that ended without a result, newest first: `dead` (attempts ran out,
--- including on expired leases) and `failed` (a permanent error). stageflow.retry_job runs them
--- again.
-CREATE FUNCTION stageflow.dead_letters(max_rows int DEFAULT 100)
-RETURNS TABLE (
-    task_id text, job_id text, job_type text, stage int, stage_name text, handler text, task_key text,
-    status text, attempt int, max_attempts int, error jsonb, errors jsonb, failed_at timestamptz)
-LANGUAGE plpgsql STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-BEGIN
-    IF dead_letters.max_rows IS NULL OR dead_letters.max_rows NOT BETWEEN 1 AND 10000 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '22023',
-            MESSAGE = format('max_rows must be between 1 and 10000, got %s', coalesce(dead_letters.max_rows::text, 'NULL')),
-            HINT = 'list dead letters in pages of at most 10000';
-    END IF;
-    RETURN QUERY
-    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status, t.attempt,
-           t.max_attempts, t.error, t.errors, t.completed_at
-      FROM stageflow.tasks AS t
-      JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-      JOIN stageflow.jobs AS j ON j.job_id = t.job_id
-     -- failed_at: set exactly when a task ends failed or dead (tasks_dead_letter_idx)
-     WHERE t.failed_at IS NOT NULL
-     ORDER BY t.failed_at DESC
-     LIMIT dead_letters.max_rows;
-END;
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/job_id.rs:62
 -- stageflow::job_id::_canonical_json
 CREATE  FUNCTION "_canonical_json"(
@@ -4500,7 +4500,7 @@ AS 'MODULE_PATHNAME', 'default_quotas_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:217
+-- src/queues.rs:211
 -- stageflow::queues::_delete_messages
 CREATE  FUNCTION "_delete_messages"(
 	"queue" TEXT, /* & str */
@@ -4568,7 +4568,7 @@ AS 'MODULE_PATHNAME', 'normalize_definition_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:151
+-- src/queues.rs:145
 -- stageflow::queues::_read_messages
 CREATE  FUNCTION "_read_messages"(
 	"queue" TEXT, /* & str */
@@ -4868,7 +4868,7 @@ ON CONFLICT ON CONSTRAINT job_types_pkey DO UPDATE SET definition = excluded.def
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:202
+-- src/queues.rs:196
 -- stageflow::queues::read_messages
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */

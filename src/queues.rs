@@ -66,13 +66,6 @@ struct ReadFrom {
 /// How often, on the engine's clock, a backend's read looks at the whole queue (see [`ReadFrom`]).
 const WHOLE_QUEUE_EVERY_US: i64 = 1_000_000;
 
-/// `s` as PostgreSQL's `quote_literal` (and `format('%L')`, which SQL's refusals use) writes it:
-/// in single quotes, quotes and backslashes doubled, and `E` before it when it has a backslash.
-pub(crate) fn quote_literal(s: &str) -> String {
-    let body = s.replace('\\', "\\\\").replace('\'', "''");
-    format!("{}'{body}'", if s.contains('\\') { "E" } else { "" })
-}
-
 /// pgmq's table of a queue, quoted, or an error for a name pgmq would not have made (the callers
 /// check the queue first; this keeps the statement text safe whatever the caller).
 fn queue_table(queue: &str) -> String {
@@ -83,7 +76,8 @@ fn queue_table(queue: &str) -> String {
     if !plain {
         crate::raise(
             PgSqlErrorCode::ERRCODE_INVALID_NAME,
-            format!("invalid queue name {}", quote_literal(queue)),
+            // (quoted by PostgreSQL's quote_literal, as SQL's refusals quote it with format('%L'))
+            format!("invalid queue name {}", pgrx::spi::quote_literal(queue)),
             "queue names are 1 to 47 lowercase letters, digits or underscores, not starting with a digit",
         );
     }

@@ -101,14 +101,4 @@ mod tests {
     fn params_outside_the_schema_are_refused() {
         Spi::run("SELECT stageflow.submit_job('hello_world', '{\"n\": 0}')").unwrap();
     }
-
-    /// The Rust read words a refused queue name as SQL's refusals do (`format('%L')`).
-    #[pg_test]
-    fn a_refused_name_is_quoted_as_sql_quotes_it() {
-        for name in ["UpperQ", "x'y", "back\\slash", "both'\\", "", "q_ü"] {
-            let from_sql =
-                Spi::get_one_with_args::<String>("SELECT format('%L', $1::text)", &[name.into()]).unwrap().unwrap();
-            assert_eq!(crate::queues::quote_literal(name), from_sql, "{name:?}");
-        }
-    }
 }
