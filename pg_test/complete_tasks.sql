@@ -145,7 +145,9 @@ BEGIN
            ->> 'task_status' = 'completed';
     v_reports := stageflow.complete_tasks(v_items - 0, 'wi');
     ASSERT v_reports -> 0 ->> 'task_status' = 'completed' AND v_reports -> 1 ->> 'stage_completed' = 'true', v_reports::text;
-    ASSERT coalesce(pg_stat_get_xact_function_calls('stageflow._settle_completions'::regproc), 0) - v_settled = 2,
+    -- (complete_tasks settles through _settle_completions; a single completion that may be
+    -- accepted as it stands takes its own path, and does not call it)
+    ASSERT coalesce(pg_stat_get_xact_function_calls('stageflow._settle_completions'::regproc), 0) - v_settled = 1,
         'calls are counted: ' || coalesce(pg_stat_get_xact_function_calls('stageflow._settle_completions'::regproc) - v_settled, 0);
     ASSERT coalesce(pg_stat_get_xact_function_calls('stageflow._completion_reports'::regproc), 0) - v_reported = 0,
         'completion reports are inlined, not called: '
@@ -177,7 +179,7 @@ BEGIN
         jsonb_build_object('task_id', v_tasks[3], 'lease_token', v_tokens[3], 'result', '{"tasks": [{"key": "c"}]}'::jsonb)), 'wp');
     ASSERT v_reports -> 0 ->> 'task_status' = 'completed' AND v_reports -> 2 ->> 'task_status' = 'completed', v_reports::text;
     ASSERT v_reports -> 1 -> 'error' ->> 'sqlstate' = '22023', v_reports::text;
-    ASSERT (SELECT array_agg(status ORDER BY task_id) FROM stageflow.tasks WHERE job_id = v_job AND stage = 1)
+    ASSERT (SELECT array_agg(status::text ORDER BY task_id) FROM stageflow.tasks WHERE job_id = v_job AND stage = 1)
            = ARRAY['completed', 'running', 'completed'];
     ASSERT (SELECT sum(remaining_tasks) FROM stageflow.stage_shards WHERE job_id = v_job AND stage = 1) = 1;
     ASSERT NOT EXISTS (SELECT 1 FROM stageflow.tasks WHERE job_id = v_job AND stage = 2), 'the stage waits for its last planner';

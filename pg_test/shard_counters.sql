@@ -24,7 +24,7 @@ DECLARE
     v_claimed int;
 BEGIN
     ASSERT (SELECT (shards, open_shards) = (16, 16) FROM stageflow.stages WHERE job_id = v_job AND stage = 1);
-    ASSERT (SELECT array_agg(remaining_tasks ORDER BY shard) FROM stageflow.stage_shards WHERE job_id = v_job)
+    ASSERT (SELECT array_agg(remaining_tasks::int ORDER BY shard) FROM stageflow.stage_shards WHERE job_id = v_job)
            = ARRAY[3,3,3,3,3,3,3,3,2,2,2,2,2,2,2,2], '40 tasks over 16 shards: ordinals 0-7 three times';
     -- 10 complete, then the job ends as if a cancel had skipped every task (the rows held
     -- elsewhere): the job row says cancelled, the tasks are still open, their messages still queued.

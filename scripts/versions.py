@@ -13,7 +13,8 @@
                                     1. drops every function and view of OLD (NEW defines all again;
                                        no table's default, check or index uses one),
                                     2. creates the tables NEW adds, with their indexes and dump marks,
-                                    3. runs the first hand-written part,
+                                    3. runs the first hand-written part (which makes the
+                                       domains NEW adds: it knows when their CHECKs may come),
                                     4. creates NEW's functions, views, roles, grants and built-in job
                                        types, in the order of NEW's install script,
                                     5. runs the second hand-written part.
@@ -117,6 +118,7 @@ def canonical(statement):
 
 TABLE = re.compile(r'^CREATE TABLE stageflow\.(\w+)', re.I)
 ON_TABLE = re.compile(r'^CREATE (?:UNIQUE )?INDEX \w+ ON stageflow\.(\w+)', re.I)
+DOMAIN = re.compile(r'^CREATE DOMAIN stageflow\.(\w+)', re.I)
 DUMPED = re.compile(r"^SELECT pg_catalog\.pg_extension_config_dump\('stageflow\.(\w+)'", re.I)
 DEFINITIONS = re.compile(r'^(CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|VIEW)|COMMENT ON (FUNCTION|VIEW)|GRANT|REVOKE|DO |'
                          r'ALTER FUNCTION|SELECT stageflow\.register_job_type\(|INSERT INTO stageflow\.job_types )', re.I)
@@ -124,6 +126,10 @@ DEFINITIONS = re.compile(r'^(CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|VIEW)|COMM
 
 def tables(script):
     return {m.group(1) for s in statements(script) if (m := TABLE.match(canonical(s)))}
+
+
+def domains(script):
+    return {m.group(1) for s in statements(script) if (m := DOMAIN.match(canonical(s)))}
 
 
 def read(path):
@@ -146,6 +152,14 @@ def upgrade_script(old, new):
             new_tables.append(statement.strip('\n'))
         elif DEFINITIONS.match(line):
             definitions.append(statement.strip('\n'))
+        elif domain := DOMAIN.match(line):
+            # A domain NEW adds is made by the hand-written part, which knows when its CHECK may
+            # come (a column changed to a domain with a CHECK is written again whole; with the
+            # CHECK added afterwards, its rows are only read).
+            if domain.group(1) not in domains(old_script) and not re.search(
+                    rf'^CREATE DOMAIN stageflow\.{domain.group(1)}\b', before, re.M | re.I):
+                sys.exit(f'stageflow--{new}.sql adds the domain stageflow.{domain.group(1)}: '
+                         f'sql/upgrades/{old}--{new}.sql must make it (before "-- @definitions")')
         elif line and not target:
             sys.exit(f'stageflow--{new}.sql: a statement scripts/versions.py does not know where to put: {line[:200]}')
     out = [

@@ -7,6 +7,18 @@
 -- in every statement that writes the table, and `IN ('queued', ...)` is kept as an array of six
 -- constants, built again each time (the claim and the completion write a task each: 57,000
 -- instructions of about 2.6 million per pair, measured with valgrind, bench/README.md).
+-- The columns that every claim and completion write are of domains instead (a task's status, a
+-- stage's counters): a domain's CHECK is read and planned once per session (PostgreSQL keeps it
+-- with the type), and checked on the values written to the column, which is every value the
+-- column gets; a table's CHECK costs each statement that writes the table its reading and
+-- planning again (a claim and a completion of one task: 58,000 instructions for the task's
+-- status CHECK, 35,000 for the counters' three, of 1.32 million and more; bench/README.md,
+-- eighteenth pass). An array of a domain compares only with an array of that domain: a query
+-- comparing array_agg(status) with a text[] casts it, array_agg(status::text).
+CREATE DOMAIN stageflow.task_status AS text
+    CONSTRAINT task_status_check CHECK (VALUE = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[]));
+CREATE DOMAIN stageflow.tally AS int CONSTRAINT tally_check CHECK (VALUE >= 0);
+CREATE DOMAIN stageflow.big_tally AS bigint CONSTRAINT big_tally_check CHECK (VALUE >= 0);
 
 -- A job type: a named, validated definition (parameters schema, retry defaults, ordered stages).
 CREATE TABLE stageflow.job_types (
@@ -100,10 +112,10 @@ CREATE TABLE stageflow.stage_shards (
     job_id            text COLLATE "C" NOT NULL,
     stage             int NOT NULL,
     shard             int NOT NULL,
-    remaining_tasks   int NOT NULL CHECK (remaining_tasks >= 0),
+    remaining_tasks   stageflow.tally NOT NULL,
     -- tasks counted here that stopped running (completed, failed, released, cancelled, re-queued):
     -- a stage's running tasks are the tasks its claims started (stage_claims) minus these.
-    stopped_tasks     int NOT NULL DEFAULT 0 CHECK (stopped_tasks >= 0),
+    stopped_tasks     stageflow.tally NOT NULL DEFAULT 0,
     completed_count   int NOT NULL DEFAULT 0,
     completed_seconds double precision NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, stage, shard),
@@ -119,7 +131,7 @@ CREATE TABLE stageflow.stage_claims (
     job_id   text COLLATE "C" NOT NULL,
     stage    int NOT NULL,
     session  int NOT NULL,
-    started  bigint NOT NULL CHECK (started >= 0),
+    started  stageflow.big_tally NOT NULL,
     PRIMARY KEY (job_id, stage, session)
 );
 
@@ -168,8 +180,7 @@ CREATE TABLE stageflow.tasks (
     -- whose ids a job submitted again takes anew.
     lease_token       bigint NOT NULL DEFAULT 0,
     attempt           int NOT NULL DEFAULT 0,
-    status            text NOT NULL DEFAULT 'queued'
-                      CHECK (status = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[])),
+    status            stageflow.task_status NOT NULL DEFAULT 'queued',
     lease_expires_at  timestamptz,
     claimed_at        timestamptz,
     started_at        timestamptz,

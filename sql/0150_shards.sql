@@ -35,7 +35,7 @@ BEGIN
            SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
                completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
          WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
-        RETURNING sh.remaining_tasks INTO v_remaining;
+        RETURNING sh.remaining_tasks::int INTO v_remaining;
         IF FOUND THEN
             RETURN (v_remaining = 0)::int;
         END IF;
@@ -48,12 +48,12 @@ BEGIN
                         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks >= p_count
                         ORDER BY f.shard < p_prefer, f.shard
                         LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING sh.remaining_tasks INTO v_remaining;
+    RETURNING sh.remaining_tasks::int INTO v_remaining;
     IF FOUND THEN
         RETURN (v_remaining = 0)::int;
     END IF;
     WHILE v_taken < p_count LOOP
-        SELECT f.shard, f.remaining_tasks INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
+        SELECT f.shard, f.remaining_tasks::int INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
          WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks > 0
          ORDER BY f.shard < p_prefer, f.shard
          LIMIT 1 FOR UPDATE SKIP LOCKED;
@@ -91,7 +91,7 @@ DECLARE
     v_remaining int;
 BEGIN
     FOR k, v_remaining IN
-        SELECT f.shard, f.remaining_tasks FROM stageflow.stage_shards AS f
+        SELECT f.shard, f.remaining_tasks::int FROM stageflow.stage_shards AS f
          WHERE f.job_id = p_job_id AND f.stage = p_stage
          ORDER BY f.shard
            FOR UPDATE

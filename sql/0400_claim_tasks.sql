@@ -180,6 +180,10 @@ DECLARE
     v_last_expiry     timestamptz[];
     v_make_queue      boolean := false;
     v_short           boolean;
+    v_one             boolean;
+    v_was_queued      boolean;
+    v_job_status      text;
+    v_last            boolean;
     r              record;
 BEGIN
     -- A queue pgmq has is used as it is (this is the hot path); any other name is checked by
@@ -222,9 +226,19 @@ BEGIN
     -- pgmq.read's statement on the engine's clock, with its plan kept (stageflow._read_messages).
     -- (_read_messages returns its rows in msg_id order, and an aggregate takes them in the order
     -- it reads them: v_msg_ids is sorted, its first and last are its lowest and highest)
-    SELECT array_agg(m.msg_id), array_agg(m.task_id)
-      INTO v_msg_ids, v_task_ids
-      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
+    -- A claim of one task (the one-at-a-time path) reads, and below takes its task, in statements
+    -- without aggregates: setting up an aggregate costs about 9,000 instructions in every
+    -- transaction, and PL/pgSQL sets up each statement again in every transaction (a claim and a
+    -- completion of one task: 1.91 million instructions before, bench/README.md, eighteenth pass).
+    IF claim_tasks.max_tasks = 1 THEN
+        SELECT ARRAY[m.msg_id], ARRAY[m.task_id]
+          INTO v_msg_ids, v_task_ids
+          FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, 1, v_now) AS m;
+    ELSE
+        SELECT array_agg(m.msg_id), array_agg(m.task_id)
+          INTO v_msg_ids, v_task_ids
+          FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
+    END IF;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
     -- gets its next window when this read took messages of its last one, a window ahead (each
     -- such stage), or came back short (the oldest, if none of those), never waiting for a lock;
@@ -245,72 +259,141 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Lock the tasks whose current message was read (rows another session holds are skipped; a
-    -- row changed since this statement's snapshot is locked in its newest version and its
-    -- conditions re-checked there), and see which of them may be claimed, which of those are
-    -- re-claims of an expired lease (already counted as running), and which jobs they would start
-    -- (a job once per task: the jobs' UPDATE below reads them as a set). In no particular order:
-    -- SKIP LOCKED never waits, so the order of these locks cannot make a cycle.
-    SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
-           array_agg(l.task_id) FILTER (WHERE l.claimable AND l.status = 'running'),
-           array_agg(l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
-      INTO v_locked, v_claimable, v_reclaimed, v_queued_jobs
-      FROM (SELECT k.task_id, k.job_id, k.status, k.job_status,
-                   stageflow._task_is_claimable(k.status, k.attempt, k.max_attempts, k.next_attempt_at,
-                                                k.lease_expires_at, v_now)
-                   AND stageflow._job_is_open(k.job_status) AS claimable
-              FROM (SELECT t.task_id, t.job_id, t.status, t.attempt, t.max_attempts, t.next_attempt_at,
-                           t.lease_expires_at,
-                           -- (the job by its key, a lookup whatever the statistics say: joined, the
-                           -- plan made without statistics cost a claim four times as much)
-                           (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_status
-                      FROM stageflow.tasks AS t
-                     WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
-                       FOR UPDATE OF t SKIP LOCKED) AS k) AS l;
-
-    -- The messages that will not become claims (rare) are settled first: a dead letter there that
-    -- fails its job cancels the job's other open tasks, the claimable ones among them, before any
-    -- is claimed (a lease token is only ever spent on a lease handed out).
-    IF coalesce(cardinality(v_claimable), 0) < cardinality(v_msg_ids) THEN
-        PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimable, v_now);
-    END IF;
-    IF v_claimable IS NULL THEN
-        RETURN;
-    END IF;
-
-    -- Take them: the UPDATE re-checks its conditions on each row (locked, as the rare path left it).
-    -- (Only the task table in FROM, by its key, the job and stage looked up by theirs: joined, a
-    -- plan made without statistics drove from the jobs through tasks_stage_idx and read the whole
-    -- stage for each claim.)
-    WITH claimed AS (
+    -- One message: its task is locked (never waited for) and taken in one UPDATE by its key, which
+    -- joins its job and stage by theirs (one row each, whatever the statistics say) and returns
+    -- the claim's answer: the same conditions as below, the same columns as the answer at the end.
+    -- A task that is not taken (another session holds it, or it may not be claimed) goes the way
+    -- of every other claim below, which locks it again (a lock this session holds is taken at
+    -- once) and settles its message.
+    IF claim_tasks.max_tasks = 1 THEN
         UPDATE stageflow.tasks AS t
            SET status = 'running',
                attempt = t.attempt + 1,
                lease_token = t.lease_token + 1,
-               lease_expires_at = v_now + make_interval(secs => coalesce(
-                   (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage),
-                   claim_tasks.lease_seconds)),
+               lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, claim_tasks.lease_seconds)),
                worker_id = claim_tasks.worker_id,
                started_at = coalesce(t.started_at, v_now),
                claimed_at = v_now,
                next_attempt_at = NULL
-         WHERE t.task_id = ANY (v_claimable)
+          FROM (SELECT k.task_id, k.status FROM stageflow.tasks AS k
+                 WHERE k.task_id = v_task_ids[1] AND k.msg_id = v_msg_ids[1]
+                   FOR UPDATE SKIP LOCKED) AS k,
+               stageflow.jobs AS j, stageflow.stages AS s
+         WHERE t.task_id = k.task_id AND j.job_id = t.job_id AND s.job_id = t.job_id AND s.stage = t.stage
            AND stageflow._task_is_claimable(t.status, t.attempt, t.max_attempts, t.next_attempt_at, t.lease_expires_at, v_now)
-           AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id))
-        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, t.lease_token, t.lease_expires_at,
-                  NOT (t.task_id = ANY (coalesce(v_reclaimed, '{}'))) AS was_queued,
-                  t.attempt >= t.max_attempts AS last_attempt
-    )
-    SELECT array_agg(c.task_id),
-           -- a stage's own lease_seconds made a lease other than the claim's
-           array_agg(c.lease_expires_at) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
-           array_agg(c.msg_id) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
-           array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
-           array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
-           array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
-      INTO v_claimed_ids, v_own_expiry, v_own_msgs, v_started_jobs, v_started_stages,
-           v_last_ids, v_last_tokens, v_last_expiry
-      FROM claimed AS c;
+           AND stageflow._job_is_open(j.status)
+        RETURNING t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
+                  CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END
+                  || stageflow._task_params(s.fan_out, t.ordinal, t.params),
+                  (SELECT p.result FROM stageflow.tasks AS p WHERE p.task_id = t.predecessor_id),
+                  t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds, t.lease_token,
+                  coalesce(s.lease_seconds, claim_tasks.lease_seconds),
+                  -- (k: the row as this statement locked it, before the update)
+                  k.status = 'queued', j.status, t.attempt >= t.max_attempts
+             INTO claim_tasks.task_id, claim_tasks.job_id, claim_tasks.job_type, claim_tasks.stage,
+                  claim_tasks.stage_name, claim_tasks.handler, claim_tasks.task_key, claim_tasks.params,
+                  claim_tasks.predecessor, claim_tasks.inputs, claim_tasks.attempt, claim_tasks.lease_expires_at,
+                  claim_tasks.timeout_seconds, claim_tasks.lease_token, claim_tasks.effective_lease_seconds,
+                  v_was_queued, v_job_status, v_last;
+        v_one := FOUND;
+        IF v_one THEN
+            -- A queued task started: counted in this session's row of its stage by its key, in
+            -- scalars (the statement below for a set, with its arrays and conditions, cost 69,000
+            -- instructions more, bench/README.md); the session's first claim of the stage makes
+            -- the row below. The rest, rare, is left to the follow-ups below, in the arrays that
+            -- the UPDATE of several tasks sets.
+            IF v_was_queued THEN
+                UPDATE stageflow.stage_claims AS c
+                   SET started = c.started + 1
+                 WHERE c.job_id = claim_tasks.job_id AND c.stage = claim_tasks.stage AND c.session = pg_backend_pid();
+                IF NOT FOUND THEN
+                    v_started_jobs := ARRAY[claim_tasks.job_id];
+                    v_started_stages := ARRAY[claim_tasks.stage];
+                END IF;
+            END IF;
+            IF claim_tasks.effective_lease_seconds <> claim_tasks.lease_seconds THEN
+                v_own_expiry := ARRAY[claim_tasks.lease_expires_at];
+                v_own_msgs := v_msg_ids;
+            END IF;
+            IF v_last THEN
+                v_last_ids := ARRAY[claim_tasks.task_id];
+                v_last_tokens := ARRAY[claim_tasks.lease_token];
+                v_last_expiry := ARRAY[claim_tasks.lease_expires_at];
+            END IF;
+            IF v_job_status = 'queued' THEN
+                v_queued_jobs := ARRAY[claim_tasks.job_id];
+            END IF;
+        END IF;
+    END IF;
+
+    IF v_one IS NOT TRUE THEN
+        -- Lock the tasks whose current message was read (rows another session holds are skipped; a
+        -- row changed since this statement's snapshot is locked in its newest version and its
+        -- conditions re-checked there), and see which of them may be claimed, which of those are
+        -- re-claims of an expired lease (already counted as running), and which jobs they would start
+        -- (a job once per task: the jobs' UPDATE below reads them as a set). In no particular order:
+        -- SKIP LOCKED never waits, so the order of these locks cannot make a cycle.
+        SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
+               array_agg(l.task_id) FILTER (WHERE l.claimable AND l.status = 'running'),
+               array_agg(l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
+          INTO v_locked, v_claimable, v_reclaimed, v_queued_jobs
+          FROM (SELECT k.task_id, k.job_id, k.status, k.job_status,
+                       stageflow._task_is_claimable(k.status, k.attempt, k.max_attempts, k.next_attempt_at,
+                                                    k.lease_expires_at, v_now)
+                       AND stageflow._job_is_open(k.job_status) AS claimable
+                  FROM (SELECT t.task_id, t.job_id, t.status, t.attempt, t.max_attempts, t.next_attempt_at,
+                               t.lease_expires_at,
+                               -- (the job by its key, a lookup whatever the statistics say: joined, the
+                               -- plan made without statistics cost a claim four times as much)
+                               (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_status
+                          FROM stageflow.tasks AS t
+                         WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
+                           FOR UPDATE OF t SKIP LOCKED) AS k) AS l;
+
+        -- The messages that will not become claims (rare) are settled first: a dead letter there that
+        -- fails its job cancels the job's other open tasks, the claimable ones among them, before any
+        -- is claimed (a lease token is only ever spent on a lease handed out).
+        IF coalesce(cardinality(v_claimable), 0) < cardinality(v_msg_ids) THEN
+            PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimable, v_now);
+        END IF;
+        IF v_claimable IS NULL THEN
+            RETURN;
+        END IF;
+
+        -- Take them: the UPDATE re-checks its conditions on each row (locked, as the rare path left it).
+        -- (Only the task table in FROM, by its key, the job and stage looked up by theirs: joined, a
+        -- plan made without statistics drove from the jobs through tasks_stage_idx and read the whole
+        -- stage for each claim.)
+        WITH claimed AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'running',
+                   attempt = t.attempt + 1,
+                   lease_token = t.lease_token + 1,
+                   lease_expires_at = v_now + make_interval(secs => coalesce(
+                       (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage),
+                       claim_tasks.lease_seconds)),
+                   worker_id = claim_tasks.worker_id,
+                   started_at = coalesce(t.started_at, v_now),
+                   claimed_at = v_now,
+                   next_attempt_at = NULL
+             WHERE t.task_id = ANY (v_claimable)
+               AND stageflow._task_is_claimable(t.status, t.attempt, t.max_attempts, t.next_attempt_at, t.lease_expires_at, v_now)
+               AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id))
+            RETURNING t.task_id, t.job_id, t.stage, t.msg_id, t.lease_token, t.lease_expires_at,
+                      NOT (t.task_id = ANY (coalesce(v_reclaimed, '{}'))) AS was_queued,
+                      t.attempt >= t.max_attempts AS last_attempt
+        )
+        SELECT array_agg(c.task_id),
+               -- a stage's own lease_seconds made a lease other than the claim's
+               array_agg(c.lease_expires_at) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
+               array_agg(c.msg_id) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
+               array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
+               array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
+               array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
+          INTO v_claimed_ids, v_own_expiry, v_own_msgs, v_started_jobs, v_started_stages,
+               v_last_ids, v_last_tokens, v_last_expiry
+          FROM claimed AS c;
+    END IF;
 
     -- Stages with a lease of their own: their messages stay invisible that long instead.
     IF v_own_expiry IS NOT NULL THEN
@@ -355,6 +438,10 @@ BEGIN
                              ORDER BY q.job_id
                                FOR UPDATE)
            AND j.status = 'queued';
+    END IF;
+    IF v_one THEN
+        RETURN NEXT;
+        RETURN;
     END IF;
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,

@@ -326,7 +326,14 @@ $$;
 
 -- Completes a running task with its result (see _settle_completions). If it was the last open
 -- task of its stage, the job advances in the same transaction. Repeating a completion returns the
--- same report and changes nothing. With report => false the answer is only {"task_id"}, as an
+-- same report and changes nothing.
+-- A report that may be accepted as it stands (the usual one) takes a path of its own: the task
+-- completed by its key in one UPDATE that joins its stage by its key, under the same conditions
+-- as _settle_completions' UPDATE, then its message deleted and the task taken off its stage's
+-- shards as _settle_completions takes a stage's, with the same primitives, in scalars. Every other
+-- report (refused, a repeat, or decided under a lock first) goes through _settle_completions.
+-- (_settle_completions sets up its arrays and the aggregates over them in every transaction:
+-- 133,000 instructions of a claim and completion of one task, bench/README.md, eighteenth pass.) With report => false the answer is only {"task_id"}, as an
 -- accepted element of complete_tasks(..., reports => false): a worker that does not read the
 -- report saves looking up the task's stage and job to build it (bench/README.md).
 -- Fencing: with lease_token (what claim_tasks returned), only the task's current lease may
@@ -352,7 +359,16 @@ SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 AS $$
 DECLARE
+    v_now      timestamptz := stageflow.now();
     v_refusal  jsonb;
+    v_msg_id   bigint;
+    v_queue    text;
+    v_job_id   text;
+    v_stage    int;
+    v_shard    int;
+    v_seconds  double precision;
+    v_emptied  int;
+    v_open     int;
 BEGIN
     IF octet_length(complete_task_and_check_stage.result::text) > 8388608 THEN
         RAISE EXCEPTION USING
@@ -361,12 +377,54 @@ BEGIN
                              complete_task_and_check_stage.task_id, octet_length(complete_task_and_check_stage.result::text)),
             HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
     END IF;
-    v_refusal := (stageflow._settle_completions(ARRAY[complete_task_and_check_stage.task_id],
-                                                ARRAY[complete_task_and_check_stage.result],
-                                                ARRAY[complete_task_and_check_stage.lease_token],
-                                                complete_task_and_check_stage.worker_id))[1];
-    IF v_refusal IS NOT NULL THEN
-        PERFORM stageflow._raise_refusal(v_refusal);
+    -- Only a task of a queue granted to the session's login, checked before anything is locked.
+    PERFORM stageflow._check_report_grants(ARRAY[complete_task_and_check_stage.task_id]);
+    UPDATE stageflow.tasks AS t
+       SET status = 'completed', result = complete_task_and_check_stage.result, completed_at = v_now,
+           lease_expires_at = NULL
+      FROM stageflow.stages AS s
+     WHERE t.task_id = complete_task_and_check_stage.task_id AND s.job_id = t.job_id AND s.stage = t.stage
+       AND t.status = 'running'
+       AND stageflow._report_fenced(t.lease_token, t.worker_id, complete_task_and_check_stage.lease_token,
+                                    complete_task_and_check_stage.worker_id)
+       AND (s.next_fan_out IS DISTINCT FROM 'dynamic'
+            OR stageflow._planner_refusal(t.task_id, complete_task_and_check_stage.result, t.job_id) IS NULL)
+    RETURNING t.msg_id, s.queue, t.job_id, t.stage, t.ordinal % s.shards,
+              extract(epoch FROM v_now - t.claimed_at)::double precision
+         INTO v_msg_id, v_queue, v_job_id, v_stage, v_shard, v_seconds;
+    IF FOUND THEN
+        -- Its message (after the task: the lock order of every report), then its stage's shards:
+        -- first without waiting for a shard another transaction holds, in a subtransaction rolled
+        -- back if it cannot, then waiting for them in shard order (see _settle_completions); the
+        -- stage row only if a shard emptied, and the job advanced if that was the stage's last.
+        PERFORM stageflow._delete_messages(v_queue, ARRAY[v_msg_id]);
+        BEGIN
+            v_emptied := stageflow._take_from_free_shards(v_job_id, v_stage, 1, v_shard, 1, coalesce(v_seconds, 0), 1);
+            IF v_emptied IS NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'SFW01' THEN
+            v_emptied := stageflow._take_from_shards_in_order(v_job_id, v_stage, 1, 1, coalesce(v_seconds, 0), 1);
+        END;
+        IF v_emptied > 0 THEN
+            UPDATE stageflow.stages AS s
+               SET open_shards = s.open_shards - v_emptied,
+                   completed_by = CASE WHEN s.open_shards = v_emptied THEN complete_task_and_check_stage.task_id
+                                       ELSE s.completed_by END
+             WHERE s.job_id = v_job_id AND s.stage = v_stage
+            RETURNING s.open_shards INTO v_open;
+            IF v_open = 0 THEN
+                PERFORM stageflow.advance_stage(v_job_id);
+            END IF;
+        END IF;
+    ELSE
+        v_refusal := (stageflow._settle_completions(ARRAY[complete_task_and_check_stage.task_id],
+                                                    ARRAY[complete_task_and_check_stage.result],
+                                                    ARRAY[complete_task_and_check_stage.lease_token],
+                                                    complete_task_and_check_stage.worker_id))[1];
+        IF v_refusal IS NOT NULL THEN
+            PERFORM stageflow._raise_refusal(v_refusal);
+        END IF;
     END IF;
     IF complete_task_and_check_stage.report IS FALSE THEN
         RETURN jsonb_build_object('task_id', complete_task_and_check_stage.task_id);

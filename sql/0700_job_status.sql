@@ -135,7 +135,7 @@ BEGIN
     -- (from the first task, the cursor is before every task: stages start at 1, ordinals at 0;
     -- one statement either way, an index range on (job, stage, ordinal) from the cursor on)
     RETURN QUERY
-    SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
+    SELECT t.task_id, t.stage, s.name, t.task_key, t.status::text, t.attempt, t.max_attempts, t.worker_id,
            stageflow._task_params(s.fan_out, t.ordinal, t.params), t.predecessor_id, t.result, t.error, t.errors,
            t.created_at, t.started_at,
            t.completed_at, t.lease_expires_at, t.next_attempt_at

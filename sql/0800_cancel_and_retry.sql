@@ -218,7 +218,7 @@ BEGIN
             HINT = 'list dead letters in pages of at most 10000';
     END IF;
     RETURN QUERY
-    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status, t.attempt,
+    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status::text, t.attempt,
            t.max_attempts, t.error, t.errors, t.completed_at
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage

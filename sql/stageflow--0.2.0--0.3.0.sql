@@ -114,10 +114,25 @@ ALTER TABLE stageflow.jobs DROP CONSTRAINT jobs_status_check,
         CHECK (status = ANY ('{queued,processing,completed,completed_with_errors,failed,cancelled}'::text[]));
 ALTER TABLE stageflow.stages DROP CONSTRAINT stages_status_check,
     ADD CONSTRAINT stages_status_check CHECK (status = ANY ('{active,completed,failed,cancelled}'::text[]));
-ALTER TABLE stageflow.tasks DROP CONSTRAINT tasks_status_check,
-    ADD CONSTRAINT tasks_status_check CHECK (status = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[]));
 ALTER TABLE stageflow.webhook_deliveries DROP CONSTRAINT webhook_deliveries_status_check,
     ADD CONSTRAINT webhook_deliveries_status_check CHECK (status = ANY ('{pending,delivered,failed}'::text[]));
+
+-- A task's status and a stage's counters: of domains instead of CHECKs of their tables (see
+-- 0010_tables.sql). Each domain is made without its CHECK, the columns change to it (the same
+-- values: no table is written again), and then the CHECK is added to the domain, which checks the
+-- rows there once.
+CREATE DOMAIN stageflow.task_status AS text;
+CREATE DOMAIN stageflow.tally AS int;
+CREATE DOMAIN stageflow.big_tally AS bigint;
+ALTER TABLE stageflow.tasks DROP CONSTRAINT tasks_status_check, ALTER COLUMN status TYPE stageflow.task_status;
+ALTER TABLE stageflow.stage_shards DROP CONSTRAINT stage_shards_remaining_tasks_check,
+    DROP CONSTRAINT stage_shards_stopped_tasks_check,
+    ALTER COLUMN remaining_tasks TYPE stageflow.tally, ALTER COLUMN stopped_tasks TYPE stageflow.tally;
+ALTER TABLE stageflow.stage_claims DROP CONSTRAINT stage_claims_started_check, ALTER COLUMN started TYPE stageflow.big_tally;
+ALTER DOMAIN stageflow.task_status
+    ADD CONSTRAINT task_status_check CHECK (VALUE = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[]));
+ALTER DOMAIN stageflow.tally ADD CONSTRAINT tally_check CHECK (VALUE >= 0);
+ALTER DOMAIN stageflow.big_tally ADD CONSTRAINT big_tally_check CHECK (VALUE >= 0);
 
 -- lease_token_floor (new): 0.2.0's retention deleted tasks without noting their tokens, and the
 -- same work submitted again after the update makes its tasks anew under the same ids. Their
@@ -469,7 +484,14 @@ END;
 $$;
 -- Completes a running task with its result (see _settle_completions). If it was the last open
 -- task of its stage, the job advances in the same transaction. Repeating a completion returns the
--- same report and changes nothing. With report => false the answer is only {"task_id"}, as an
+-- same report and changes nothing.
+-- A report that may be accepted as it stands (the usual one) takes a path of its own: the task
+-- completed by its key in one UPDATE that joins its stage by its key, under the same conditions
+-- as _settle_completions' UPDATE, then its message deleted and the task taken off its stage's
+-- shards as _settle_completions takes a stage's, with the same primitives, in scalars. Every other
+-- report (refused, a repeat, or decided under a lock first) goes through _settle_completions.
+-- (_settle_completions sets up its arrays and the aggregates over them in every transaction:
+-- 133,000 instructions of a claim and completion of one task, bench/README.md, eighteenth pass.) With report => false the answer is only {"task_id"}, as an
 -- accepted element of complete_tasks(..., reports => false): a worker that does not read the
 -- report saves looking up the task's stage and job to build it (bench/README.md).
 -- Fencing: with lease_token (what claim_tasks returned), only the task's current lease may
@@ -495,7 +517,16 @@ SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 AS $$
 DECLARE
+    v_now      timestamptz := stageflow.now();
     v_refusal  jsonb;
+    v_msg_id   bigint;
+    v_queue    text;
+    v_job_id   text;
+    v_stage    int;
+    v_shard    int;
+    v_seconds  double precision;
+    v_emptied  int;
+    v_open     int;
 BEGIN
     IF octet_length(complete_task_and_check_stage.result::text) > 8388608 THEN
         RAISE EXCEPTION USING
@@ -504,12 +535,54 @@ BEGIN
                              complete_task_and_check_stage.task_id, octet_length(complete_task_and_check_stage.result::text)),
             HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
     END IF;
-    v_refusal := (stageflow._settle_completions(ARRAY[complete_task_and_check_stage.task_id],
-                                                ARRAY[complete_task_and_check_stage.result],
-                                                ARRAY[complete_task_and_check_stage.lease_token],
-                                                complete_task_and_check_stage.worker_id))[1];
-    IF v_refusal IS NOT NULL THEN
-        PERFORM stageflow._raise_refusal(v_refusal);
+    -- Only a task of a queue granted to the session's login, checked before anything is locked.
+    PERFORM stageflow._check_report_grants(ARRAY[complete_task_and_check_stage.task_id]);
+    UPDATE stageflow.tasks AS t
+       SET status = 'completed', result = complete_task_and_check_stage.result, completed_at = v_now,
+           lease_expires_at = NULL
+      FROM stageflow.stages AS s
+     WHERE t.task_id = complete_task_and_check_stage.task_id AND s.job_id = t.job_id AND s.stage = t.stage
+       AND t.status = 'running'
+       AND stageflow._report_fenced(t.lease_token, t.worker_id, complete_task_and_check_stage.lease_token,
+                                    complete_task_and_check_stage.worker_id)
+       AND (s.next_fan_out IS DISTINCT FROM 'dynamic'
+            OR stageflow._planner_refusal(t.task_id, complete_task_and_check_stage.result, t.job_id) IS NULL)
+    RETURNING t.msg_id, s.queue, t.job_id, t.stage, t.ordinal % s.shards,
+              extract(epoch FROM v_now - t.claimed_at)::double precision
+         INTO v_msg_id, v_queue, v_job_id, v_stage, v_shard, v_seconds;
+    IF FOUND THEN
+        -- Its message (after the task: the lock order of every report), then its stage's shards:
+        -- first without waiting for a shard another transaction holds, in a subtransaction rolled
+        -- back if it cannot, then waiting for them in shard order (see _settle_completions); the
+        -- stage row only if a shard emptied, and the job advanced if that was the stage's last.
+        PERFORM stageflow._delete_messages(v_queue, ARRAY[v_msg_id]);
+        BEGIN
+            v_emptied := stageflow._take_from_free_shards(v_job_id, v_stage, 1, v_shard, 1, coalesce(v_seconds, 0), 1);
+            IF v_emptied IS NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'SFW01' THEN
+            v_emptied := stageflow._take_from_shards_in_order(v_job_id, v_stage, 1, 1, coalesce(v_seconds, 0), 1);
+        END;
+        IF v_emptied > 0 THEN
+            UPDATE stageflow.stages AS s
+               SET open_shards = s.open_shards - v_emptied,
+                   completed_by = CASE WHEN s.open_shards = v_emptied THEN complete_task_and_check_stage.task_id
+                                       ELSE s.completed_by END
+             WHERE s.job_id = v_job_id AND s.stage = v_stage
+            RETURNING s.open_shards INTO v_open;
+            IF v_open = 0 THEN
+                PERFORM stageflow.advance_stage(v_job_id);
+            END IF;
+        END IF;
+    ELSE
+        v_refusal := (stageflow._settle_completions(ARRAY[complete_task_and_check_stage.task_id],
+                                                    ARRAY[complete_task_and_check_stage.result],
+                                                    ARRAY[complete_task_and_check_stage.lease_token],
+                                                    complete_task_and_check_stage.worker_id))[1];
+        IF v_refusal IS NOT NULL THEN
+            PERFORM stageflow._raise_refusal(v_refusal);
+        END IF;
     END IF;
     IF complete_task_and_check_stage.report IS FALSE THEN
         RETURN jsonb_build_object('task_id', complete_task_and_check_stage.task_id);
@@ -1670,7 +1743,7 @@ BEGIN
            SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
                completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
          WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
-        RETURNING sh.remaining_tasks INTO v_remaining;
+        RETURNING sh.remaining_tasks::int INTO v_remaining;
         IF FOUND THEN
             RETURN (v_remaining = 0)::int;
         END IF;
@@ -1683,12 +1756,12 @@ BEGIN
                         WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks >= p_count
                         ORDER BY f.shard < p_prefer, f.shard
                         LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING sh.remaining_tasks INTO v_remaining;
+    RETURNING sh.remaining_tasks::int INTO v_remaining;
     IF FOUND THEN
         RETURN (v_remaining = 0)::int;
     END IF;
     WHILE v_taken < p_count LOOP
-        SELECT f.shard, f.remaining_tasks INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
+        SELECT f.shard, f.remaining_tasks::int INTO v_shard, v_remaining FROM stageflow.stage_shards AS f
          WHERE f.job_id = p_job_id AND f.stage = p_stage AND f.remaining_tasks > 0
          ORDER BY f.shard < p_prefer, f.shard
          LIMIT 1 FOR UPDATE SKIP LOCKED;
@@ -1725,7 +1798,7 @@ DECLARE
     v_remaining int;
 BEGIN
     FOR k, v_remaining IN
-        SELECT f.shard, f.remaining_tasks FROM stageflow.stage_shards AS f
+        SELECT f.shard, f.remaining_tasks::int FROM stageflow.stage_shards AS f
          WHERE f.job_id = p_job_id AND f.stage = p_stage
          ORDER BY f.shard
            FOR UPDATE
@@ -1902,20 +1975,32 @@ BEGIN
     IF stageflow._session_is_admin() THEN
         RETURN;
     END IF;
-    SELECT q.queue INTO v_queue
-      FROM (SELECT DISTINCT s.queue
-              FROM stageflow.tasks AS t
-              JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
-             WHERE t.task_id = ANY (p_task_ids)) AS q
-     WHERE NOT stageflow._queue_granted_to_session(q.queue)
-     ORDER BY q.queue
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '42501',
-            MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
-            HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
+    IF cardinality(p_task_ids) = 1 THEN
+        -- (one task, the usual report: its queue by its key, without a DISTINCT over a set)
+        SELECT s.queue INTO v_queue
+          FROM stageflow.tasks AS t
+          JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+         WHERE t.task_id = p_task_ids[1];
+        IF NOT FOUND OR stageflow._queue_granted_to_session(v_queue) THEN
+            RETURN;
+        END IF;
+    ELSE
+        SELECT q.queue INTO v_queue
+          FROM (SELECT DISTINCT s.queue
+                  FROM stageflow.tasks AS t
+                  JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
+                 WHERE t.task_id = ANY (p_task_ids)) AS q
+         WHERE NOT stageflow._queue_granted_to_session(q.queue)
+         ORDER BY q.queue
+         LIMIT 1;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
     END IF;
+    RAISE EXCEPTION USING
+        ERRCODE = '42501',
+        MESSAGE = format('role %s may not report tasks of queue %L', session_user, v_queue),
+        HINT = 'a worker reports only tasks of the queues granted to it or to a role it is a member of (stageflow.grant_queue), as it claims';
 END;
 $$;
 -- Lets p_role (a role name, often a group role of workers) claim tasks from p_queue. Granting
@@ -2299,7 +2384,7 @@ BEGIN
             HINT = 'list dead letters in pages of at most 10000';
     END IF;
     RETURN QUERY
-    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status, t.attempt,
+    SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key, t.status::text, t.attempt,
            t.max_attempts, t.error, t.errors, t.completed_at
       FROM stageflow.tasks AS t
       JOIN stageflow.stages AS s ON s.job_id = t.job_id AND s.stage = t.stage
@@ -2878,6 +2963,10 @@ DECLARE
     v_last_expiry     timestamptz[];
     v_make_queue      boolean := false;
     v_short           boolean;
+    v_one             boolean;
+    v_was_queued      boolean;
+    v_job_status      text;
+    v_last            boolean;
     r              record;
 BEGIN
     -- A queue pgmq has is used as it is (this is the hot path); any other name is checked by
@@ -2920,9 +3009,19 @@ BEGIN
     -- pgmq.read's statement on the engine's clock, with its plan kept (stageflow._read_messages).
     -- (_read_messages returns its rows in msg_id order, and an aggregate takes them in the order
     -- it reads them: v_msg_ids is sorted, its first and last are its lowest and highest)
-    SELECT array_agg(m.msg_id), array_agg(m.task_id)
-      INTO v_msg_ids, v_task_ids
-      FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
+    -- A claim of one task (the one-at-a-time path) reads, and below takes its task, in statements
+    -- without aggregates: setting up an aggregate costs about 9,000 instructions in every
+    -- transaction, and PL/pgSQL sets up each statement again in every transaction (a claim and a
+    -- completion of one task: 1.91 million instructions before, bench/README.md, eighteenth pass).
+    IF claim_tasks.max_tasks = 1 THEN
+        SELECT ARRAY[m.msg_id], ARRAY[m.task_id]
+          INTO v_msg_ids, v_task_ids
+          FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, 1, v_now) AS m;
+    ELSE
+        SELECT array_agg(m.msg_id), array_agg(m.task_id)
+          INTO v_msg_ids, v_task_ids
+          FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
+    END IF;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
     -- gets its next window when this read took messages of its last one, a window ahead (each
     -- such stage), or came back short (the oldest, if none of those), never waiting for a lock;
@@ -2943,72 +3042,141 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Lock the tasks whose current message was read (rows another session holds are skipped; a
-    -- row changed since this statement's snapshot is locked in its newest version and its
-    -- conditions re-checked there), and see which of them may be claimed, which of those are
-    -- re-claims of an expired lease (already counted as running), and which jobs they would start
-    -- (a job once per task: the jobs' UPDATE below reads them as a set). In no particular order:
-    -- SKIP LOCKED never waits, so the order of these locks cannot make a cycle.
-    SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
-           array_agg(l.task_id) FILTER (WHERE l.claimable AND l.status = 'running'),
-           array_agg(l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
-      INTO v_locked, v_claimable, v_reclaimed, v_queued_jobs
-      FROM (SELECT k.task_id, k.job_id, k.status, k.job_status,
-                   stageflow._task_is_claimable(k.status, k.attempt, k.max_attempts, k.next_attempt_at,
-                                                k.lease_expires_at, v_now)
-                   AND stageflow._job_is_open(k.job_status) AS claimable
-              FROM (SELECT t.task_id, t.job_id, t.status, t.attempt, t.max_attempts, t.next_attempt_at,
-                           t.lease_expires_at,
-                           -- (the job by its key, a lookup whatever the statistics say: joined, the
-                           -- plan made without statistics cost a claim four times as much)
-                           (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_status
-                      FROM stageflow.tasks AS t
-                     WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
-                       FOR UPDATE OF t SKIP LOCKED) AS k) AS l;
-
-    -- The messages that will not become claims (rare) are settled first: a dead letter there that
-    -- fails its job cancels the job's other open tasks, the claimable ones among them, before any
-    -- is claimed (a lease token is only ever spent on a lease handed out).
-    IF coalesce(cardinality(v_claimable), 0) < cardinality(v_msg_ids) THEN
-        PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimable, v_now);
-    END IF;
-    IF v_claimable IS NULL THEN
-        RETURN;
-    END IF;
-
-    -- Take them: the UPDATE re-checks its conditions on each row (locked, as the rare path left it).
-    -- (Only the task table in FROM, by its key, the job and stage looked up by theirs: joined, a
-    -- plan made without statistics drove from the jobs through tasks_stage_idx and read the whole
-    -- stage for each claim.)
-    WITH claimed AS (
+    -- One message: its task is locked (never waited for) and taken in one UPDATE by its key, which
+    -- joins its job and stage by theirs (one row each, whatever the statistics say) and returns
+    -- the claim's answer: the same conditions as below, the same columns as the answer at the end.
+    -- A task that is not taken (another session holds it, or it may not be claimed) goes the way
+    -- of every other claim below, which locks it again (a lock this session holds is taken at
+    -- once) and settles its message.
+    IF claim_tasks.max_tasks = 1 THEN
         UPDATE stageflow.tasks AS t
            SET status = 'running',
                attempt = t.attempt + 1,
                lease_token = t.lease_token + 1,
-               lease_expires_at = v_now + make_interval(secs => coalesce(
-                   (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage),
-                   claim_tasks.lease_seconds)),
+               lease_expires_at = v_now + make_interval(secs => coalesce(s.lease_seconds, claim_tasks.lease_seconds)),
                worker_id = claim_tasks.worker_id,
                started_at = coalesce(t.started_at, v_now),
                claimed_at = v_now,
                next_attempt_at = NULL
-         WHERE t.task_id = ANY (v_claimable)
+          FROM (SELECT k.task_id, k.status FROM stageflow.tasks AS k
+                 WHERE k.task_id = v_task_ids[1] AND k.msg_id = v_msg_ids[1]
+                   FOR UPDATE SKIP LOCKED) AS k,
+               stageflow.jobs AS j, stageflow.stages AS s
+         WHERE t.task_id = k.task_id AND j.job_id = t.job_id AND s.job_id = t.job_id AND s.stage = t.stage
            AND stageflow._task_is_claimable(t.status, t.attempt, t.max_attempts, t.next_attempt_at, t.lease_expires_at, v_now)
-           AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id))
-        RETURNING t.task_id, t.job_id, t.stage, t.msg_id, t.lease_token, t.lease_expires_at,
-                  NOT (t.task_id = ANY (coalesce(v_reclaimed, '{}'))) AS was_queued,
-                  t.attempt >= t.max_attempts AS last_attempt
-    )
-    SELECT array_agg(c.task_id),
-           -- a stage's own lease_seconds made a lease other than the claim's
-           array_agg(c.lease_expires_at) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
-           array_agg(c.msg_id) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
-           array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
-           array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
-           array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
-      INTO v_claimed_ids, v_own_expiry, v_own_msgs, v_started_jobs, v_started_stages,
-           v_last_ids, v_last_tokens, v_last_expiry
-      FROM claimed AS c;
+           AND stageflow._job_is_open(j.status)
+        RETURNING t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
+                  CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END
+                  || stageflow._task_params(s.fan_out, t.ordinal, t.params),
+                  (SELECT p.result FROM stageflow.tasks AS p WHERE p.task_id = t.predecessor_id),
+                  t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds, t.lease_token,
+                  coalesce(s.lease_seconds, claim_tasks.lease_seconds),
+                  -- (k: the row as this statement locked it, before the update)
+                  k.status = 'queued', j.status, t.attempt >= t.max_attempts
+             INTO claim_tasks.task_id, claim_tasks.job_id, claim_tasks.job_type, claim_tasks.stage,
+                  claim_tasks.stage_name, claim_tasks.handler, claim_tasks.task_key, claim_tasks.params,
+                  claim_tasks.predecessor, claim_tasks.inputs, claim_tasks.attempt, claim_tasks.lease_expires_at,
+                  claim_tasks.timeout_seconds, claim_tasks.lease_token, claim_tasks.effective_lease_seconds,
+                  v_was_queued, v_job_status, v_last;
+        v_one := FOUND;
+        IF v_one THEN
+            -- A queued task started: counted in this session's row of its stage by its key, in
+            -- scalars (the statement below for a set, with its arrays and conditions, cost 69,000
+            -- instructions more, bench/README.md); the session's first claim of the stage makes
+            -- the row below. The rest, rare, is left to the follow-ups below, in the arrays that
+            -- the UPDATE of several tasks sets.
+            IF v_was_queued THEN
+                UPDATE stageflow.stage_claims AS c
+                   SET started = c.started + 1
+                 WHERE c.job_id = claim_tasks.job_id AND c.stage = claim_tasks.stage AND c.session = pg_backend_pid();
+                IF NOT FOUND THEN
+                    v_started_jobs := ARRAY[claim_tasks.job_id];
+                    v_started_stages := ARRAY[claim_tasks.stage];
+                END IF;
+            END IF;
+            IF claim_tasks.effective_lease_seconds <> claim_tasks.lease_seconds THEN
+                v_own_expiry := ARRAY[claim_tasks.lease_expires_at];
+                v_own_msgs := v_msg_ids;
+            END IF;
+            IF v_last THEN
+                v_last_ids := ARRAY[claim_tasks.task_id];
+                v_last_tokens := ARRAY[claim_tasks.lease_token];
+                v_last_expiry := ARRAY[claim_tasks.lease_expires_at];
+            END IF;
+            IF v_job_status = 'queued' THEN
+                v_queued_jobs := ARRAY[claim_tasks.job_id];
+            END IF;
+        END IF;
+    END IF;
+
+    IF v_one IS NOT TRUE THEN
+        -- Lock the tasks whose current message was read (rows another session holds are skipped; a
+        -- row changed since this statement's snapshot is locked in its newest version and its
+        -- conditions re-checked there), and see which of them may be claimed, which of those are
+        -- re-claims of an expired lease (already counted as running), and which jobs they would start
+        -- (a job once per task: the jobs' UPDATE below reads them as a set). In no particular order:
+        -- SKIP LOCKED never waits, so the order of these locks cannot make a cycle.
+        SELECT array_agg(l.task_id), array_agg(l.task_id) FILTER (WHERE l.claimable),
+               array_agg(l.task_id) FILTER (WHERE l.claimable AND l.status = 'running'),
+               array_agg(l.job_id) FILTER (WHERE l.claimable AND l.job_status = 'queued')
+          INTO v_locked, v_claimable, v_reclaimed, v_queued_jobs
+          FROM (SELECT k.task_id, k.job_id, k.status, k.job_status,
+                       stageflow._task_is_claimable(k.status, k.attempt, k.max_attempts, k.next_attempt_at,
+                                                    k.lease_expires_at, v_now)
+                       AND stageflow._job_is_open(k.job_status) AS claimable
+                  FROM (SELECT t.task_id, t.job_id, t.status, t.attempt, t.max_attempts, t.next_attempt_at,
+                               t.lease_expires_at,
+                               -- (the job by its key, a lookup whatever the statistics say: joined, the
+                               -- plan made without statistics cost a claim four times as much)
+                               (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id) AS job_status
+                          FROM stageflow.tasks AS t
+                         WHERE t.task_id = ANY (v_task_ids) AND t.msg_id = ANY (v_msg_ids)
+                           FOR UPDATE OF t SKIP LOCKED) AS k) AS l;
+
+        -- The messages that will not become claims (rare) are settled first: a dead letter there that
+        -- fails its job cancels the job's other open tasks, the claimable ones among them, before any
+        -- is claimed (a lease token is only ever spent on a lease handed out).
+        IF coalesce(cardinality(v_claimable), 0) < cardinality(v_msg_ids) THEN
+            PERFORM stageflow._settle_unclaimed(claim_tasks.queue, v_msg_ids, v_task_ids, v_locked, v_claimable, v_now);
+        END IF;
+        IF v_claimable IS NULL THEN
+            RETURN;
+        END IF;
+
+        -- Take them: the UPDATE re-checks its conditions on each row (locked, as the rare path left it).
+        -- (Only the task table in FROM, by its key, the job and stage looked up by theirs: joined, a
+        -- plan made without statistics drove from the jobs through tasks_stage_idx and read the whole
+        -- stage for each claim.)
+        WITH claimed AS (
+            UPDATE stageflow.tasks AS t
+               SET status = 'running',
+                   attempt = t.attempt + 1,
+                   lease_token = t.lease_token + 1,
+                   lease_expires_at = v_now + make_interval(secs => coalesce(
+                       (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage),
+                       claim_tasks.lease_seconds)),
+                   worker_id = claim_tasks.worker_id,
+                   started_at = coalesce(t.started_at, v_now),
+                   claimed_at = v_now,
+                   next_attempt_at = NULL
+             WHERE t.task_id = ANY (v_claimable)
+               AND stageflow._task_is_claimable(t.status, t.attempt, t.max_attempts, t.next_attempt_at, t.lease_expires_at, v_now)
+               AND stageflow._job_is_open((SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = t.job_id))
+            RETURNING t.task_id, t.job_id, t.stage, t.msg_id, t.lease_token, t.lease_expires_at,
+                      NOT (t.task_id = ANY (coalesce(v_reclaimed, '{}'))) AS was_queued,
+                      t.attempt >= t.max_attempts AS last_attempt
+        )
+        SELECT array_agg(c.task_id),
+               -- a stage's own lease_seconds made a lease other than the claim's
+               array_agg(c.lease_expires_at) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
+               array_agg(c.msg_id) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
+               array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
+               array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
+               array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
+          INTO v_claimed_ids, v_own_expiry, v_own_msgs, v_started_jobs, v_started_stages,
+               v_last_ids, v_last_tokens, v_last_expiry
+          FROM claimed AS c;
+    END IF;
 
     -- Stages with a lease of their own: their messages stay invisible that long instead.
     IF v_own_expiry IS NOT NULL THEN
@@ -3053,6 +3221,10 @@ BEGIN
                              ORDER BY q.job_id
                                FOR UPDATE)
            AND j.status = 'queued';
+    END IF;
+    IF v_one THEN
+        RETURN NEXT;
+        RETURN;
     END IF;
     RETURN QUERY
     SELECT t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
@@ -4356,7 +4528,7 @@ BEGIN
     -- (from the first task, the cursor is before every task: stages start at 1, ordinals at 0;
     -- one statement either way, an index range on (job, stage, ordinal) from the cursor on)
     RETURN QUERY
-    SELECT t.task_id, t.stage, s.name, t.task_key, t.status, t.attempt, t.max_attempts, t.worker_id,
+    SELECT t.task_id, t.stage, s.name, t.task_key, t.status::text, t.attempt, t.max_attempts, t.worker_id,
            stageflow._task_params(s.fan_out, t.ordinal, t.params), t.predecessor_id, t.result, t.error, t.errors,
            t.created_at, t.started_at,
            t.completed_at, t.lease_expires_at, t.next_attempt_at

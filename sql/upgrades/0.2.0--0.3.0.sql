@@ -34,10 +34,25 @@ ALTER TABLE stageflow.jobs DROP CONSTRAINT jobs_status_check,
         CHECK (status = ANY ('{queued,processing,completed,completed_with_errors,failed,cancelled}'::text[]));
 ALTER TABLE stageflow.stages DROP CONSTRAINT stages_status_check,
     ADD CONSTRAINT stages_status_check CHECK (status = ANY ('{active,completed,failed,cancelled}'::text[]));
-ALTER TABLE stageflow.tasks DROP CONSTRAINT tasks_status_check,
-    ADD CONSTRAINT tasks_status_check CHECK (status = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[]));
 ALTER TABLE stageflow.webhook_deliveries DROP CONSTRAINT webhook_deliveries_status_check,
     ADD CONSTRAINT webhook_deliveries_status_check CHECK (status = ANY ('{pending,delivered,failed}'::text[]));
+
+-- A task's status and a stage's counters: of domains instead of CHECKs of their tables (see
+-- 0010_tables.sql). Each domain is made without its CHECK, the columns change to it (the same
+-- values: no table is written again), and then the CHECK is added to the domain, which checks the
+-- rows there once.
+CREATE DOMAIN stageflow.task_status AS text;
+CREATE DOMAIN stageflow.tally AS int;
+CREATE DOMAIN stageflow.big_tally AS bigint;
+ALTER TABLE stageflow.tasks DROP CONSTRAINT tasks_status_check, ALTER COLUMN status TYPE stageflow.task_status;
+ALTER TABLE stageflow.stage_shards DROP CONSTRAINT stage_shards_remaining_tasks_check,
+    DROP CONSTRAINT stage_shards_stopped_tasks_check,
+    ALTER COLUMN remaining_tasks TYPE stageflow.tally, ALTER COLUMN stopped_tasks TYPE stageflow.tally;
+ALTER TABLE stageflow.stage_claims DROP CONSTRAINT stage_claims_started_check, ALTER COLUMN started TYPE stageflow.big_tally;
+ALTER DOMAIN stageflow.task_status
+    ADD CONSTRAINT task_status_check CHECK (VALUE = ANY ('{queued,running,completed,failed,dead,cancelled}'::text[]));
+ALTER DOMAIN stageflow.tally ADD CONSTRAINT tally_check CHECK (VALUE >= 0);
+ALTER DOMAIN stageflow.big_tally ADD CONSTRAINT big_tally_check CHECK (VALUE >= 0);
 
 -- lease_token_floor (new): 0.2.0's retention deleted tasks without noting their tokens, and the
 -- same work submitted again after the update makes its tasks anew under the same ids. Their

@@ -46,6 +46,11 @@ SELECT line FROM (
     SELECT format('type %s kind %s comment %s', t.typname, t.typtype, obj_description(t.oid, 'pg_type'))
       FROM pg_type t WHERE t.typnamespace = 'stageflow'::regnamespace AND t.typrelid = 0 AND t.typelem = 0
     UNION ALL
+    SELECT format('domain %s over %s notnull %s default %s constraint %s %s', t.typname, format_type(t.typbasetype, t.typtypmod),
+                  t.typnotnull, t.typdefault, co.conname, pg_get_constraintdef(co.oid))
+      FROM pg_type t LEFT JOIN pg_constraint co ON co.contypid = t.oid
+     WHERE t.typnamespace = 'stageflow'::regnamespace AND t.typtype = 'd'
+    UNION ALL
     SELECT format('dumped %s where %s', c, w)
       FROM pg_extension e, unnest(e.extconfig::regclass[], e.extcondition) AS u(c, w) WHERE e.extname = 'stageflow'
     UNION ALL
