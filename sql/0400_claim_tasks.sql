@@ -181,7 +181,7 @@ DECLARE
     v_make_queue      boolean := false;
     v_short           boolean;
     v_one             boolean;
-    v_was_queued      boolean;
+    v_locked_status   text;
     v_job_status      text;
     v_last            boolean;
     r              record;
@@ -259,13 +259,22 @@ BEGIN
         RETURN;
     END IF;
 
-    -- One message: its task is locked (never waited for) and taken in one UPDATE by its key, which
-    -- joins its job and stage by theirs (one row each, whatever the statistics say) and returns
-    -- the claim's answer: the same conditions as below, the same columns as the answer at the end.
+    -- One message: its task is locked (never waited for), then taken in an UPDATE by its key that
+    -- joins its job and stage by theirs and returns the claim's answer: the same conditions as
+    -- below, the same columns as the answer at the end. (The UPDATE's snapshot is taken after the
+    -- lock, as below: a job that ended before the lock was taken is seen ended. Locked in the
+    -- UPDATE itself, the job was read in a snapshot taken before the lock, and a claim could take
+    -- a task of a job cancelled meanwhile: found by a review, bench/README.md, eighteenth pass.)
     -- A task that is not taken (another session holds it, or it may not be claimed) goes the way
     -- of every other claim below, which locks it again (a lock this session holds is taken at
     -- once) and settles its message.
     IF claim_tasks.max_tasks = 1 THEN
+        SELECT t.status::text INTO v_locked_status
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = v_task_ids[1] AND t.msg_id = v_msg_ids[1]
+           FOR UPDATE SKIP LOCKED;
+    END IF;
+    IF v_locked_status IS NOT NULL THEN
         UPDATE stageflow.tasks AS t
            SET status = 'running',
                attempt = t.attempt + 1,
@@ -275,11 +284,8 @@ BEGIN
                started_at = coalesce(t.started_at, v_now),
                claimed_at = v_now,
                next_attempt_at = NULL
-          FROM (SELECT k.task_id, k.status FROM stageflow.tasks AS k
-                 WHERE k.task_id = v_task_ids[1] AND k.msg_id = v_msg_ids[1]
-                   FOR UPDATE SKIP LOCKED) AS k,
-               stageflow.jobs AS j, stageflow.stages AS s
-         WHERE t.task_id = k.task_id AND j.job_id = t.job_id AND s.job_id = t.job_id AND s.stage = t.stage
+          FROM stageflow.jobs AS j, stageflow.stages AS s
+         WHERE t.task_id = v_task_ids[1] AND j.job_id = t.job_id AND s.job_id = t.job_id AND s.stage = t.stage
            AND stageflow._task_is_claimable(t.status, t.attempt, t.max_attempts, t.next_attempt_at, t.lease_expires_at, v_now)
            AND stageflow._job_is_open(j.status)
         RETURNING t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
@@ -288,13 +294,12 @@ BEGIN
                   (SELECT p.result FROM stageflow.tasks AS p WHERE p.task_id = t.predecessor_id),
                   t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds, t.lease_token,
                   coalesce(s.lease_seconds, claim_tasks.lease_seconds),
-                  -- (k: the row as this statement locked it, before the update)
-                  k.status = 'queued', j.status, t.attempt >= t.max_attempts
+                  j.status, t.attempt >= t.max_attempts
              INTO claim_tasks.task_id, claim_tasks.job_id, claim_tasks.job_type, claim_tasks.stage,
                   claim_tasks.stage_name, claim_tasks.handler, claim_tasks.task_key, claim_tasks.params,
                   claim_tasks.predecessor, claim_tasks.inputs, claim_tasks.attempt, claim_tasks.lease_expires_at,
                   claim_tasks.timeout_seconds, claim_tasks.lease_token, claim_tasks.effective_lease_seconds,
-                  v_was_queued, v_job_status, v_last;
+                  v_job_status, v_last;
         v_one := FOUND;
         IF v_one THEN
             -- A queued task started: counted in this session's row of its stage by its key, in
@@ -302,7 +307,7 @@ BEGIN
             -- instructions more, bench/README.md); the session's first claim of the stage makes
             -- the row below. The rest, rare, is left to the follow-ups below, in the arrays that
             -- the UPDATE of several tasks sets.
-            IF v_was_queued THEN
+            IF v_locked_status = 'queued' THEN
                 UPDATE stageflow.stage_claims AS c
                    SET started = c.started + 1
                  WHERE c.job_id = claim_tasks.job_id AND c.stage = claim_tasks.stage AND c.session = pg_backend_pid();
