@@ -326,16 +326,16 @@ $$;
 
 -- Completes a running task with its result (see _settle_completions). If it was the last open
 -- task of its stage, the job advances in the same transaction. Repeating a completion returns the
--- same report and changes nothing.
+-- same report and changes nothing. With report => false the answer is only {"task_id"}, as an
+-- accepted element of complete_tasks(..., reports => false): a worker that does not read the
+-- report saves looking up the task's stage and job to build it (bench/README.md).
 -- A report that may be accepted as it stands (the usual one) takes a path of its own: the task
 -- completed by its key in one UPDATE that joins its stage by its key, under the same conditions
 -- as _settle_completions' UPDATE, then its message deleted and the task taken off its stage's
 -- shards as _settle_completions takes a stage's, with the same primitives, in scalars. Every other
 -- report (refused, a repeat, or decided under a lock first) goes through _settle_completions.
 -- (_settle_completions sets up its arrays and the aggregates over them in every transaction:
--- 133,000 instructions of a claim and completion of one task, bench/README.md, eighteenth pass.) With report => false the answer is only {"task_id"}, as an
--- accepted element of complete_tasks(..., reports => false): a worker that does not read the
--- report saves looking up the task's stage and job to build it (bench/README.md).
+-- 133,000 instructions of a claim and completion of one task, bench/README.md, eighteenth pass.)
 -- Fencing: with lease_token (what claim_tasks returned), only the task's current lease may
 -- complete it; with worker_id alone, only the worker holding the current lease. Called with
 -- neither (the psql form: complete_task_and_check_stage(task_id, result)), it trusts the caller:
