@@ -185,13 +185,16 @@ BEGIN
             WITH gone AS (
                 DELETE FROM stageflow.tasks AS t
                  -- (_is_task_of_job's two conditions, for a list of jobs)
-                 WHERE t.task_id IN (SELECT o.task_id FROM stageflow.tasks AS o
-                                      WHERE pg_catalog.hashtextextended(o.job_id, 0)
-                                            = ANY (ARRAY(SELECT pg_catalog.hashtextextended(u.job_id, 0) FROM unnest(v_ids) AS u(job_id)))
-                                        AND o.job_id = ANY (v_ids)
-                                      LIMIT v_batch
-                                        -- (one a stale report holds: the next round)
-                                        FOR UPDATE SKIP LOCKED)
+                 -- (the batch picked once, as an array: `IN (SELECT ... LIMIT ... FOR UPDATE SKIP
+                 -- LOCKED)` as the inner side of a nested loop ran again for each task, skipped the
+                 -- ones deleted and took more, pg_test/bounded_batches.sql)
+                 WHERE t.task_id = ANY (ARRAY(SELECT o.task_id FROM stageflow.tasks AS o
+                                               WHERE pg_catalog.hashtextextended(o.job_id, 0)
+                                                     = ANY (ARRAY(SELECT pg_catalog.hashtextextended(u.job_id, 0) FROM unnest(v_ids) AS u(job_id)))
+                                                 AND o.job_id = ANY (v_ids)
+                                               LIMIT v_batch
+                                                 -- (one a stale report holds: the next round)
+                                                 FOR UPDATE SKIP LOCKED))
                 RETURNING t.lease_token
             )
             SELECT count(*)::int, max(gone.lease_token) INTO v_count, v_max_token FROM gone;
@@ -233,15 +236,15 @@ BEGIN
         v_errors := v_errors + stageflow._unit_failed('stageflow.run_maintenance: retention of deleted jobs'' rows', SQLERRM, SQLSTATE);
     END;
 
-    -- 3. Archived messages.
+    -- 3. Archived messages (a batch picked once, as an array, as the tasks' above).
     FOR q IN
         SELECT u.queue FROM stageflow._job_type_queues() AS u(queue)
     LOOP
         BEGIN
             EXECUTE format(
-                'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id IN '
-                '(SELECT a.msg_id FROM pgmq.%1$I AS a WHERE a.archived_at < $1 ORDER BY a.archived_at LIMIT $2 '
-                'FOR UPDATE SKIP LOCKED) RETURNING 1) SELECT count(*)::int FROM gone',
+                'WITH gone AS (DELETE FROM pgmq.%1$I WHERE msg_id = ANY (ARRAY('
+                'SELECT a.msg_id FROM pgmq.%1$I AS a WHERE a.archived_at < $1 ORDER BY a.archived_at LIMIT $2 '
+                'FOR UPDATE SKIP LOCKED)) RETURNING 1) SELECT count(*)::int FROM gone',
                 pgmq.format_table_name(q.queue, 'a'))
                INTO v_count USING v_cutoff, v_batch;
             v_deleted := v_deleted || jsonb_build_object('archived_messages_deleted',

@@ -180,11 +180,14 @@ BEGIN
     UPDATE stageflow.webhook_deliveries AS d
        SET attempts = d.attempts + 1,
            next_attempt_at = stageflow.now() + make_interval(secs => claim_webhook_deliveries.lease_seconds)
-     WHERE d.delivery_id IN (SELECT w.delivery_id FROM stageflow.webhook_deliveries AS w
-                              WHERE w.status = 'pending' AND w.next_attempt_at <= stageflow.now()
-                              ORDER BY w.next_attempt_at
-                              LIMIT claim_webhook_deliveries.max_rows
-                                FOR UPDATE SKIP LOCKED)
+     -- (picked once, as an array: `IN (SELECT ... LIMIT ... FOR UPDATE SKIP LOCKED)` as the inner
+     -- side of a nested loop ran again for each row, skipped the ones updated and took more,
+     -- pg_test/bounded_batches.sql)
+     WHERE d.delivery_id = ANY (ARRAY(SELECT w.delivery_id FROM stageflow.webhook_deliveries AS w
+                                       WHERE w.status = 'pending' AND w.next_attempt_at <= stageflow.now()
+                                       ORDER BY w.next_attempt_at
+                                       LIMIT claim_webhook_deliveries.max_rows
+                                         FOR UPDATE SKIP LOCKED))
     RETURNING d.delivery_id, d.job_id, d.url, d.payload, d.attempts, d.secret;
 END;
 $$;
