@@ -277,12 +277,18 @@ BLOCK = '/* <begin connected objects> */'
 
 def in_recorded_order(script, recorded):
     """`script` with its blocks of connected objects in the order `recorded` has them, when both
-    have the same blocks (each named by its first two lines: the source line and the item); else
-    `script` as it is. pgrx orders the blocks by their dependencies and breaks ties at random, so
-    the same order as before keeps a recorded script's diff to what changed."""
+    have the same blocks (each named by its header, the lines before its first empty one: the
+    source file, without the line number, which moves when lines are added above the item, and
+    the item or what the block requires); else `script` as it is. pgrx orders the blocks by their
+    dependencies and breaks ties at random, so the same order as before keeps a recorded script's
+    diff to what changed."""
+    def name(block):
+        header = block.strip('\n').split('\n\n')[0]
+        return re.sub(r'^(-- \S+):\d+$', r'\1', header, count=1, flags=re.M)
+
     def blocks(text):
         head, *rest = text.split(BLOCK)
-        return head, {'\n'.join(b.strip('\n').split('\n')[:2]): BLOCK + b for b in rest}, len(rest)
+        return head, {name(b): BLOCK + b for b in rest}, len(rest)
     head, new, count = blocks(script)
     _, old, old_count = blocks(recorded)
     if count != len(new) or old_count != len(old) or set(new) != set(old):
