@@ -42,6 +42,57 @@ enum Statement {
 thread_local! {
     static PLANS: RefCell<HashMap<(Statement, String), OwnedPreparedStatement>> = RefCell::new(HashMap::new());
     static READ_FROM: RefCell<HashMap<String, ReadFrom>> = RefCell::new(HashMap::new());
+    static QUEUE_TABLES: RefCell<HashMap<String, pg_sys::Oid>> = RefCell::new(HashMap::new());
+}
+
+/// Whether pgmq has `queue`: pgmq.meta names it (the authority), asked once per table. The table
+/// pgmq.meta was last found to name is remembered by its oid; while the catalog cache finds the
+/// same table under that name (a lookup without the executor), the queue is the one pgmq.meta
+/// named. A table dropped, or dropped and made again, is asked about anew. (A statement asking
+/// pgmq.meta in every claim cost a claim and a completion of one task 29,500 instructions,
+/// bench/README.md, nineteenth pass.)
+fn queue_exists(queue: &str, table: &str) -> bool {
+    let oid = table_oid(table);
+    if oid == pg_sys::InvalidOid {
+        QUEUE_TABLES.with(|tables| tables.borrow_mut().remove(queue));
+        return false;
+    }
+    if QUEUE_TABLES.with(|tables| tables.borrow().get(queue) == Some(&oid)) {
+        return true;
+    }
+    let named = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pgmq.meta AS m WHERE m.queue_name OPERATOR(pg_catalog.=) $1)",
+        &[queue.into()],
+    )
+    .unwrap_or_else(|error| error!("looking up queue {queue}: {error}"))
+    .unwrap_or(false);
+    QUEUE_TABLES.with(|tables| {
+        let mut tables = tables.borrow_mut();
+        if named {
+            tables.insert(queue.to_owned(), oid);
+        } else {
+            tables.remove(queue);
+        }
+    });
+    named
+}
+
+/// The oid of pgmq's table `table` (a name without its schema), or InvalidOid, from the catalog
+/// cache.
+fn table_oid(table: &str) -> pg_sys::Oid {
+    let (Ok(schema), Ok(table)) = (std::ffi::CString::new("pgmq"), std::ffi::CString::new(table)) else {
+        return pg_sys::InvalidOid;
+    };
+    // SAFETY: both are NUL-terminated strings that outlive the calls; the lookups only read the
+    // catalog caches (missing_ok: an absent schema is InvalidOid, which get_relname_relid finds
+    // nothing in).
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(table.as_ptr(), namespace)
+    }
 }
 
 /// Where this backend's next read of a queue starts looking. A read walks the queue's primary key
@@ -57,14 +108,40 @@ thread_local! {
 /// long fan-out's lower ids appear late, and are found the same way.) The state is the backend's:
 /// a new connection starts with a look at the whole queue; a queue dropped and made again under
 /// the same name may start below the old point, and is looked at whole within the second.
+///
+/// A read from `low` looks first at the next `span` msg_ids past the messages it wants, then, if
+/// those had too few, past them. A B-tree index scan reads the whole leaf page it starts on (up to
+/// about 400 msg_ids) and checks each entry against the scan's keys unless one of them ends the
+/// range: unbounded, that was 46,000 instructions of a claim and a completion of one task,
+/// bench/README.md, nineteenth pass. The span adapts to the queue (see [`next_span`]).
 struct ReadFrom {
     low: i64,
     /// the engine's clock, in microseconds, at this backend's last look at the whole queue
     whole_at: i64,
+    /// how many msg_ids past `low` (besides the ones it wants) the next read looks at first
+    span: i64,
 }
 
 /// How often, on the engine's clock, a backend's read looks at the whole queue (see [`ReadFrom`]).
 const WHOLE_QUEUE_EVERY_US: i64 = 1_000_000;
+
+/// The least and the most msg_ids a read from `low` looks at first, besides the ones it wants.
+const SPAN_LEAST: i64 = 16;
+const SPAN_MOST: i64 = 1 << 20;
+
+/// The span of a queue's next read from `low`, given this one's: doubled when the messages within
+/// it ran short (others' messages in flight, deleted ones not yet vacuumed, or the queue's end),
+/// halved when the messages taken lay within a quarter of it (`reach`: how far past `low` the
+/// last message taken was, less the ones wanted), else kept.
+fn next_span(span: i64, short: bool, reach: i64) -> i64 {
+    if short {
+        span.saturating_mul(2).min(SPAN_MOST)
+    } else if reach.saturating_mul(4) < span {
+        (span / 2).max(SPAN_LEAST)
+    } else {
+        span
+    }
+}
 
 /// pgmq's table of a queue, quoted, or an error for a name pgmq would not have made (the callers
 /// check the queue first; this keeps the statement text safe whatever the caller).
@@ -137,7 +214,7 @@ fn with_plan<R>(
 
 /// Reads up to `qty` messages of `queue` visible at `now` (the engine's clock), making them
 /// invisible until `now` + `vt` seconds (what pgmq.read does on the wall clock): their msg_id and
-/// the task_id they carry, in msg_id order.
+/// the task_id they carry, in msg_id order. Nothing from a queue pgmq does not have.
 ///
 /// A C function's symbol keeps its signature forever: an installed schema of an older version
 /// calls this library until `ALTER EXTENSION stageflow UPDATE` (see [`read_messages`]), so a new
@@ -150,11 +227,18 @@ fn read_messages_at(
     now: pgrx::datum::TimestampWithTimeZone,
 ) -> TableIterator<'static, (name!(msg_id, i64), name!(task_id, Option<String>))> {
     let qty = qty.max(0);
+    // A queue pgmq does not have reads as empty (the claim then checks the queue, and makes a job
+    // type's queue on first use); a name pgmq would not have made is refused.
+    queue_table(queue);
+    if !queue_exists(queue, &format!("q_{queue}")) {
+        return TableIterator::new(Vec::new());
+    }
     let now_us = pg_sys::TimestampTz::from(now);
     // Where this read starts (None: the whole queue; see ReadFrom).
-    let low = READ_FROM.with(|from| match from.borrow().get(queue) {
-        Some(from) if (0..WHOLE_QUEUE_EVERY_US).contains(&(now_us - from.whole_at)) => Some(from.low),
-        _ => None,
+    let (low, span) = READ_FROM.with(|from| match from.borrow().get(queue) {
+        Some(from) if (0..WHOLE_QUEUE_EVERY_US).contains(&(now_us - from.whole_at)) => (Some(from.low), from.span),
+        Some(from) => (None, from.span),
+        None => (None, SPAN_LEAST),
     });
     // The visible messages with from <= msg_id < below, oldest first.
     let read = |from: i64, below: i64, qty: i32| -> Vec<(i64, Option<String>)> {
@@ -168,7 +252,22 @@ fn read_messages_at(
         })
         .unwrap_or_else(|error| error!("reading queue {queue}: {error}"))
     };
-    let mut rows = read(low.unwrap_or(i64::MIN), i64::MAX, qty);
+    // From `low`: first the span past it, then, if that ran short, the rest from there on.
+    let mut next = span;
+    let mut rows = match low {
+        Some(low) => {
+            let near = low.saturating_add(span).saturating_add(i64::from(qty));
+            let mut rows = read(low, near, qty);
+            let short = rows.len() < qty as usize;
+            let reach = rows.last().map_or(0, |(msg_id, _)| msg_id.saturating_sub(low) + 1 - rows.len() as i64);
+            next = next_span(span, short, reach);
+            if short {
+                rows.extend(read(near, i64::MAX, qty - rows.len() as i32));
+            }
+            rows
+        }
+        None => read(i64::MIN, i64::MAX, qty),
+    };
     // The messages from `low` on ran out: the rest from below it, which makes this a look at the
     // whole queue.
     let short = rows.len() < qty as usize;
@@ -179,7 +278,8 @@ fn read_messages_at(
     rows.sort_unstable_by_key(|(msg_id, _)| *msg_id);
     READ_FROM.with(|from| {
         let mut from = from.borrow_mut();
-        let entry = from.entry(queue.to_owned()).or_insert(ReadFrom { low: i64::MIN, whole_at: now_us });
+        let entry = from.entry(queue.to_owned()).or_insert(ReadFrom { low: i64::MIN, whole_at: now_us, span });
+        entry.span = next;
         if let Some((first, _)) = rows.first() {
             entry.low = *first;
         }
@@ -216,4 +316,24 @@ fn delete_messages(queue: &str, msg_ids: Vec<i64>) -> i64 {
         })
     })
     .unwrap_or_else(|error| error!("deleting messages of queue {queue}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{next_span, SPAN_LEAST, SPAN_MOST};
+
+    #[test]
+    fn a_span_that_ran_short_doubles_up_to_its_most() {
+        assert_eq!(next_span(16, true, 0), 32);
+        assert_eq!(next_span(SPAN_MOST / 2 + 1, true, 0), SPAN_MOST);
+        assert_eq!(next_span(SPAN_MOST, true, 0), SPAN_MOST);
+    }
+
+    #[test]
+    fn a_span_used_to_less_than_a_quarter_halves_down_to_its_least() {
+        assert_eq!(next_span(256, false, 63), 128);
+        assert_eq!(next_span(256, false, 64), 256);
+        assert_eq!(next_span(SPAN_LEAST + 1, false, 0), SPAN_LEAST);
+        assert_eq!(next_span(SPAN_LEAST, false, 0), SPAN_LEAST);
+    }
 }

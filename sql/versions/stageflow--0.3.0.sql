@@ -741,6 +741,7 @@ DECLARE
     v_seconds  double precision;
     v_emptied  int;
     v_open     int;
+    v_admin    boolean := stageflow._session_is_admin();
 BEGIN
     IF octet_length(complete_task_and_check_stage.result::text) > 8388608 THEN
         RAISE EXCEPTION USING
@@ -749,8 +750,12 @@ BEGIN
                              complete_task_and_check_stage.task_id, octet_length(complete_task_and_check_stage.result::text)),
             HINT = 'store large outputs elsewhere (a file, object storage) and return a reference';
     END IF;
-    -- Only a task of a queue granted to the session's login, checked before anything is locked.
-    PERFORM stageflow._check_report_grants(ARRAY[complete_task_and_check_stage.task_id]);
+    -- Only a task of a queue granted to the session's login (or any, for an admin) is completed
+    -- here: asked in the UPDATE's conditions, before it locks the row. A task of a queue not
+    -- granted goes to _settle_completions, which refuses it (42501) before it locks anything. (A
+    -- statement of its own before the UPDATE, _check_report_grants, cost a claim and a completion
+    -- of one task 94,000 instructions as a worker login, 11,000 as a superuser, bench/README.md,
+    -- nineteenth pass.)
     UPDATE stageflow.tasks AS t
        SET status = 'completed', result = complete_task_and_check_stage.result, completed_at = v_now,
            lease_expires_at = NULL
@@ -761,6 +766,7 @@ BEGIN
                                     complete_task_and_check_stage.worker_id)
        AND (s.next_fan_out IS DISTINCT FROM 'dynamic'
             OR stageflow._planner_refusal(t.task_id, complete_task_and_check_stage.result, t.job_id) IS NULL)
+       AND (v_admin OR stageflow._queue_granted_to_session(s.queue))
     RETURNING t.msg_id, s.queue, t.job_id, t.stage, t.ordinal % s.shards,
               extract(epoch FROM v_now - t.claimed_at)::double precision
          INTO v_msg_id, v_queue, v_job_id, v_stage, v_shard, v_seconds;
@@ -3273,48 +3279,39 @@ DECLARE
     v_last_ids        text[];
     v_last_tokens     bigint[];
     v_last_expiry     timestamptz[];
-    v_make_queue      boolean := false;
     v_short           boolean;
     v_one             boolean;
     v_locked_status   text;
     v_job_status      text;
     v_last            boolean;
+    v_predecessor_id  text;
     r              record;
 BEGIN
-    -- A queue pgmq has is used as it is (this is the hot path); any other name is checked by
-    -- _check_queue, which raises the error for a bad or unknown one, and says whether a job type's
-    -- queue is to be made (after the grant check: a session that may not claim from it makes
-    -- nothing). (pgmq.meta is the authority: a lookup of the queue's table in the catalog caches,
-    -- tried, also matched pgmq's own indexes and sequences, q_<queue>_pkey and the like, and a
-    -- table whose pgmq.meta row was gone, which this check refuses or, for a job type's queue,
-    -- makes whole again. A queue made with pgmq's own functions under a name Stageflow's rules
-    -- refuse is refused when it is read, src/queues.rs, with the same SQLSTATE and hint, after the
-    -- grant check; the name's pattern asked first on every claim cost it 28,000 instructions of
-    -- 1.4 million, bench/README.md.)
-    IF NOT EXISTS (SELECT 1 FROM pgmq.meta AS q WHERE q.queue_name = claim_tasks.queue) THEN
-        v_make_queue := stageflow._check_queue(claim_tasks.queue);
-    END IF;
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
     -- a superuser or a member of stageflow_admin (stageflow.grant_queue). (Asked in that order, in
-    -- two statements: as one expression, the grants' query ran for every claim.)
+    -- two statements: as one expression, the grants' query ran for every claim.) A claim that is
+    -- refused learns first whether its queue is one: _check_queue raises the error of a bad or
+    -- unknown name, so the errors come in one order whatever the call: the queue's name, the
+    -- grant, the other arguments. A claim that is not refused checks its queue only if it reads
+    -- nothing (below).
     IF NOT stageflow._session_is_admin() THEN
         IF NOT stageflow._queue_granted_to_session(claim_tasks.queue) THEN
+            PERFORM stageflow._check_queue(claim_tasks.queue);
             RAISE EXCEPTION USING
                 ERRCODE = '42501',
                 MESSAGE = format('role %s may not claim tasks from queue %L', session_user, claim_tasks.queue),
                 HINT = format('an admin grants it with SELECT stageflow.grant_queue(%L, %L)', claim_tasks.queue, session_user);
         END IF;
     END IF;
-    IF v_make_queue THEN
-        PERFORM stageflow._ensure_queue(claim_tasks.queue);
-    END IF;
     IF claim_tasks.max_tasks IS NULL OR claim_tasks.max_tasks NOT BETWEEN 1 AND 10000 THEN
+        PERFORM stageflow._check_queue(claim_tasks.queue);
         RAISE EXCEPTION USING
             ERRCODE = '22023',
             MESSAGE = format('max_tasks must be between 1 and 10000, got %s', coalesce(claim_tasks.max_tasks::text, 'NULL')),
             HINT = 'claim in batches of at most 10000 tasks';
     END IF;
     IF claim_tasks.lease_seconds IS NULL OR claim_tasks.lease_seconds NOT BETWEEN 1 AND 604800 THEN
+        PERFORM stageflow._check_queue(claim_tasks.queue);
         PERFORM stageflow._raise_bad_lease(claim_tasks.lease_seconds);
     END IF;
 
@@ -3333,6 +3330,18 @@ BEGIN
         SELECT array_agg(m.msg_id), array_agg(m.task_id)
           INTO v_msg_ids, v_task_ids
           FROM stageflow._read_messages(claim_tasks.queue, claim_tasks.lease_seconds, claim_tasks.max_tasks, v_now) AS m;
+    END IF;
+    -- Nothing read: the queue may be one pgmq does not have, which _read_messages reads as empty
+    -- (it asks pgmq.meta, the authority, once per queue table and backend: a statement asking it in
+    -- every claim cost a claim and a completion of one task 29,500 instructions, bench/README.md,
+    -- nineteenth pass). _check_queue raises the error of a bad or unknown name, or says that a job
+    -- type's queue is to be made: made here, on first use. (A queue made with pgmq's own functions
+    -- under a name Stageflow's rules refuse is refused by _read_messages, with _check_queue's
+    -- SQLSTATE and hint.)
+    IF v_msg_ids IS NULL THEN
+        IF stageflow._check_queue(claim_tasks.queue) THEN
+            PERFORM stageflow._ensure_queue(claim_tasks.queue);
+        END IF;
     END IF;
     -- A big stage on this queue whose tasks do not all have messages yet (stageflow.message_windows)
     -- gets its next window when this read took messages of its last one, a window ahead (each
@@ -3386,17 +3395,22 @@ BEGIN
         RETURNING t.task_id, t.job_id, j.job_type, t.stage, s.name, s.handler, t.task_key,
                   CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END
                   || stageflow._task_params(s.fan_out, t.ordinal, t.params),
-                  (SELECT p.result FROM stageflow.tasks AS p WHERE p.task_id = t.predecessor_id),
                   t.inputs, t.attempt, t.lease_expires_at, s.timeout_seconds, t.lease_token,
                   coalesce(s.lease_seconds, claim_tasks.lease_seconds),
-                  j.status, t.attempt >= t.max_attempts
+                  j.status, t.attempt >= t.max_attempts, t.predecessor_id
              INTO claim_tasks.task_id, claim_tasks.job_id, claim_tasks.job_type, claim_tasks.stage,
                   claim_tasks.stage_name, claim_tasks.handler, claim_tasks.task_key, claim_tasks.params,
-                  claim_tasks.predecessor, claim_tasks.inputs, claim_tasks.attempt, claim_tasks.lease_expires_at,
+                  claim_tasks.inputs, claim_tasks.attempt, claim_tasks.lease_expires_at,
                   claim_tasks.timeout_seconds, claim_tasks.lease_token, claim_tasks.effective_lease_seconds,
-                  v_job_status, v_last;
+                  v_job_status, v_last, v_predecessor_id;
         v_one := FOUND;
         IF v_one THEN
+            -- A lineage task's predecessor's result, by its key, in a statement only such a task
+            -- runs (a subquery of the UPDATE was set up for every claim: 25,000 instructions of a
+            -- claim and a completion of one task, bench/README.md, nineteenth pass).
+            IF v_predecessor_id IS NOT NULL THEN
+                SELECT p.result INTO claim_tasks.predecessor FROM stageflow.tasks AS p WHERE p.task_id = v_predecessor_id;
+            END IF;
             -- A queued task started: counted in this session's row of its stage by its key, in
             -- scalars (the statement below for a set, with its arrays and conditions, cost 69,000
             -- instructions more, bench/README.md); the session's first claim of the stage makes
@@ -5022,7 +5036,7 @@ AS 'MODULE_PATHNAME', 'default_quotas_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:211
+-- src/queues.rs:311
 -- stageflow::queues::_delete_messages
 CREATE  FUNCTION "_delete_messages"(
 	"queue" TEXT, /* & str */
@@ -5090,7 +5104,7 @@ AS 'MODULE_PATHNAME', 'normalize_definition_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:145
+-- src/queues.rs:222
 -- stageflow::queues::_read_messages
 CREATE  FUNCTION "_read_messages"(
 	"queue" TEXT, /* & str */
@@ -5398,7 +5412,7 @@ ON CONFLICT ON CONSTRAINT job_types_pkey DO UPDATE SET definition = excluded.def
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:196
+-- src/queues.rs:296
 -- stageflow::queues::read_messages
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
