@@ -10,11 +10,10 @@
 -- back what this took and locked, see _settle_completions). p_completed of them completed, in
 -- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
 -- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
--- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
--- on its own is a WAL record of its own, and consecutive tasks prefer different shards); else one
--- shard no one holds that has them all, the first from p_prefer on (concurrent batches of one
--- stage then settle on different rows instead of queueing on shared ones); else shards no one
--- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
+-- counts them). One shard no one holds that has them all, the first from p_prefer on (concurrent
+-- batches of one stage then settle on different rows instead of queueing on shared ones); else
+-- shards no one holds, one by one, while they have some. (complete_task_and_check_stage first
+-- takes its one task from shard p_prefer itself, waiting for it if held.) It may leave locked a shard it did not take from (a
 -- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
 -- stage afterwards, or rolls back first.
 -- No SET clause: a completion-path helper that runs under its callers' fixed search path
@@ -30,16 +29,6 @@ DECLARE
     v_taken     int := 0;
     v_shard     int;
 BEGIN
-    IF p_count = 1 THEN
-        UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
-               completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
-         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
-        RETURNING sh.remaining_tasks::int INTO v_remaining;
-        IF FOUND THEN
-            RETURN (v_remaining = 0)::int;
-        END IF;
-    END IF;
     UPDATE stageflow.stage_shards AS sh
        SET remaining_tasks = sh.remaining_tasks - p_count, stopped_tasks = sh.stopped_tasks + p_stopped,
            completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds

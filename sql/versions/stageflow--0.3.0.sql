@@ -771,15 +771,26 @@ BEGIN
               extract(epoch FROM v_now - t.claimed_at)::double precision
          INTO v_msg_id, v_queue, v_job_id, v_stage, v_shard, v_seconds;
     IF FOUND THEN
-        -- Its message (after the task: the lock order of every report), then its stage's shards:
-        -- first without waiting for a shard another transaction holds, in a subtransaction rolled
-        -- back if it cannot, then waiting for them in shard order (see _settle_completions); the
-        -- stage row only if a shard emptied, and the job advanced if that was the stage's last.
+        -- Its message (after the task: the lock order of every report), then its stage's shards,
+        -- in a subtransaction rolled back if it cannot take the task without waiting out of shard
+        -- order: from the shard its ordinal prefers, if that has one (waited for if held: a lock
+        -- taken on its own is a WAL record of its own, and consecutive tasks prefer different
+        -- shards; here rather than in _take_from_free_shards, a call fewer: 17,500 instructions of
+        -- a claim and a completion, bench/README.md, nineteenth pass); else from a shard no other
+        -- transaction holds; else waiting for them in shard order (see _settle_completions). Then
+        -- the stage row only if a shard emptied, and the job advanced if that was the stage's last.
         PERFORM stageflow._delete_messages(v_queue, ARRAY[v_msg_id]);
         BEGIN
-            v_emptied := stageflow._take_from_free_shards(v_job_id, v_stage, 1, v_shard, 1, coalesce(v_seconds, 0), 1);
-            IF v_emptied IS NULL THEN
-                RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
+            UPDATE stageflow.stage_shards AS sh
+               SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + 1,
+                   completed_count = sh.completed_count + 1, completed_seconds = sh.completed_seconds + coalesce(v_seconds, 0)
+             WHERE sh.job_id = v_job_id AND sh.stage = v_stage AND sh.shard = v_shard AND sh.remaining_tasks >= 1
+            RETURNING (sh.remaining_tasks = 0)::int INTO v_emptied;
+            IF NOT FOUND THEN
+                v_emptied := stageflow._take_from_free_shards(v_job_id, v_stage, 1, v_shard, 1, coalesce(v_seconds, 0), 1);
+                IF v_emptied IS NULL THEN
+                    RAISE EXCEPTION USING ERRCODE = 'SFW01', MESSAGE = 'no free shard (handled below)';
+                END IF;
             END IF;
         EXCEPTION WHEN SQLSTATE 'SFW01' THEN
             v_emptied := stageflow._take_from_shards_in_order(v_job_id, v_stage, 1, 1, coalesce(v_seconds, 0), 1);
@@ -1967,11 +1978,10 @@ $$;
 -- back what this took and locked, see _settle_completions). p_completed of them completed, in
 -- p_seconds from claim to completion; p_stopped of them stop running: these go to the first shard
 -- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
--- counts them). A single task from shard p_prefer if it has one (waited for if held: a lock taken
--- on its own is a WAL record of its own, and consecutive tasks prefer different shards); else one
--- shard no one holds that has them all, the first from p_prefer on (concurrent batches of one
--- stage then settle on different rows instead of queueing on shared ones); else shards no one
--- holds, one by one, while they have some. It may leave locked a shard it did not take from (a
+-- counts them). One shard no one holds that has them all, the first from p_prefer on (concurrent
+-- batches of one stage then settle on different rows instead of queueing on shared ones); else
+-- shards no one holds, one by one, while they have some. (complete_task_and_check_stage first
+-- takes its one task from shard p_prefer itself, waiting for it if held.) It may leave locked a shard it did not take from (a
 -- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
 -- stage afterwards, or rolls back first.
 -- No SET clause: a completion-path helper that runs under its callers' fixed search path
@@ -1987,16 +1997,6 @@ DECLARE
     v_taken     int := 0;
     v_shard     int;
 BEGIN
-    IF p_count = 1 THEN
-        UPDATE stageflow.stage_shards AS sh
-           SET remaining_tasks = sh.remaining_tasks - 1, stopped_tasks = sh.stopped_tasks + p_stopped,
-               completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
-         WHERE sh.job_id = p_job_id AND sh.stage = p_stage AND sh.shard = p_prefer AND sh.remaining_tasks >= 1
-        RETURNING sh.remaining_tasks::int INTO v_remaining;
-        IF FOUND THEN
-            RETURN (v_remaining = 0)::int;
-        END IF;
-    END IF;
     UPDATE stageflow.stage_shards AS sh
        SET remaining_tasks = sh.remaining_tasks - p_count, stopped_tasks = sh.stopped_tasks + p_stopped,
            completed_count = sh.completed_count + p_completed, completed_seconds = sh.completed_seconds + p_seconds
