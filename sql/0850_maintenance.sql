@@ -225,10 +225,11 @@ BEGIN
         -- keeps a note at least as high as any it deletes, and its deletions roll back with it.
         -- A lone note is left unlocked: an idle round writes nothing here.)
         IF (SELECT count(*) > 1 FROM stageflow.lease_token_floor) THEN
+            -- (picked once, as an array, as the batches above)
             DELETE FROM stageflow.lease_token_floor AS f
-             WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
-                                  ORDER BY o.token DESC OFFSET 1
-                                    FOR UPDATE SKIP LOCKED);
+             WHERE f.note_id = ANY (ARRAY(SELECT o.note_id FROM stageflow.lease_token_floor AS o
+                                           ORDER BY o.token DESC OFFSET 1
+                                             FOR UPDATE SKIP LOCKED));
         END IF;
     EXCEPTION WHEN OTHERS THEN
         -- (what this part deleted was rolled back with it)

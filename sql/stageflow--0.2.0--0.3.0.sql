@@ -820,10 +820,11 @@ BEGIN
         -- keeps a note at least as high as any it deletes, and its deletions roll back with it.
         -- A lone note is left unlocked: an idle round writes nothing here.)
         IF (SELECT count(*) > 1 FROM stageflow.lease_token_floor) THEN
+            -- (picked once, as an array, as the batches above)
             DELETE FROM stageflow.lease_token_floor AS f
-             WHERE f.note_id IN (SELECT o.note_id FROM stageflow.lease_token_floor AS o
-                                  ORDER BY o.token DESC OFFSET 1
-                                    FOR UPDATE SKIP LOCKED);
+             WHERE f.note_id = ANY (ARRAY(SELECT o.note_id FROM stageflow.lease_token_floor AS o
+                                           ORDER BY o.token DESC OFFSET 1
+                                             FOR UPDATE SKIP LOCKED));
         END IF;
     EXCEPTION WHEN OTHERS THEN
         -- (what this part deleted was rolled back with it)
@@ -4697,7 +4698,7 @@ AS 'MODULE_PATHNAME', 'default_quotas_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:311
+-- src/queues.rs:322
 -- stageflow::queues::_delete_messages
 CREATE  FUNCTION "_delete_messages"(
 	"queue" TEXT, /* & str */
@@ -4765,7 +4766,7 @@ AS 'MODULE_PATHNAME', 'normalize_definition_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:222
+-- src/queues.rs:233
 -- stageflow::queues::_read_messages
 CREATE  FUNCTION "_read_messages"(
 	"queue" TEXT, /* & str */
@@ -5065,7 +5066,7 @@ ON CONFLICT ON CONSTRAINT job_types_pkey DO UPDATE SET definition = excluded.def
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queues.rs:296
+-- src/queues.rs:307
 -- stageflow::queues::read_messages
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */

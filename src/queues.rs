@@ -50,14 +50,11 @@ thread_local! {
 /// same table under that name (a lookup without the executor), the queue is the one pgmq.meta
 /// named. A table dropped, or dropped and made again, is asked about anew. (A statement asking
 /// pgmq.meta in every claim cost a claim and a completion of one task 29,500 instructions,
-/// bench/README.md, nineteenth pass.)
+/// bench/README.md, nineteenth pass.) A queue pgmq.meta names whose table is gone (dropped outside
+/// pgmq) is an error, as reading it was before: read as empty, its tasks would wait unseen.
 fn queue_exists(queue: &str, table: &str) -> bool {
     let oid = table_oid(table);
-    if oid == pg_sys::InvalidOid {
-        QUEUE_TABLES.with(|tables| tables.borrow_mut().remove(queue));
-        return false;
-    }
-    if QUEUE_TABLES.with(|tables| tables.borrow().get(queue) == Some(&oid)) {
+    if oid != pg_sys::InvalidOid && QUEUE_TABLES.with(|tables| tables.borrow().get(queue) == Some(&oid)) {
         return true;
     }
     let named = Spi::get_one_with_args::<bool>(
@@ -66,6 +63,20 @@ fn queue_exists(queue: &str, table: &str) -> bool {
     )
     .unwrap_or_else(|error| error!("looking up queue {queue}: {error}"))
     .unwrap_or(false);
+    if oid == pg_sys::InvalidOid {
+        QUEUE_TABLES.with(|tables| tables.borrow_mut().remove(queue));
+        if named {
+            crate::raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("queue {} has no table pgmq.q_{queue}", pgrx::spi::quote_literal(queue)),
+                &format!(
+                    "the table was dropped outside pgmq, which still lists the queue: DELETE FROM pgmq.meta WHERE queue_name = {}; a job type's queue is then made again by its next claim",
+                    pgrx::spi::quote_literal(queue)
+                ),
+            );
+        }
+        return false;
+    }
     QUEUE_TABLES.with(|tables| {
         let mut tables = tables.borrow_mut();
         if named {
