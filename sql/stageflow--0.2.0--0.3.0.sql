@@ -1741,10 +1741,10 @@ $$;
 -- taken from (a stage's running, completed and seconds are sums over its shards, whichever shard
 -- counts them). One shard no one holds that has them all, the first from p_prefer on (concurrent
 -- batches of one stage then settle on different rows instead of queueing on shared ones); else
--- shards no one holds, one by one, while they have some. (complete_task_and_check_stage first
--- takes its one task from shard p_prefer itself, waiting for it if held.) It may leave locked a shard it did not take from (a
--- re-check that fails once a row's lock came keeps the lock): a caller waits for no shard of that
--- stage afterwards, or rolls back first.
+-- shards no one holds, one by one, while they have some. (complete_task_and_check_stage first takes
+-- its one task from shard p_prefer itself, waiting for it if held.) It may leave locked a shard it
+-- did not take from (a re-check that fails once a row's lock came keeps the lock): a caller waits
+-- for no shard of that stage afterwards, or rolls back first.
 -- No SET clause: a completion-path helper that runs under its callers' fixed search path
 -- (ARCHITECTURE.md, Conventions; security.rs).
 CREATE FUNCTION stageflow._take_from_free_shards(p_job_id text, p_stage int, p_count int, p_prefer int,

@@ -91,14 +91,14 @@ fn queue_exists(queue: &str, table: &str) -> bool {
 /// The oid of pgmq's table `table` (a name without its schema), or InvalidOid, from the catalog
 /// cache.
 fn table_oid(table: &str) -> pg_sys::Oid {
-    let (Ok(schema), Ok(table)) = (std::ffi::CString::new("pgmq"), std::ffi::CString::new(table)) else {
+    let Ok(table) = std::ffi::CString::new(table) else {
         return pg_sys::InvalidOid;
     };
     // SAFETY: both are NUL-terminated strings that outlive the calls; the lookups only read the
     // catalog caches (missing_ok: an absent schema is InvalidOid, which get_relname_relid finds
     // nothing in).
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        let namespace = pg_sys::get_namespace_oid(c"pgmq".as_ptr(), true);
         if namespace == pg_sys::InvalidOid {
             return pg_sys::InvalidOid;
         }
