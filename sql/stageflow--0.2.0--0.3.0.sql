@@ -298,10 +298,12 @@ DECLARE
     v_last       text[];
     v_emptied    int[];
     v_open       int;
-    -- Every task of the call is of one stage (nearly always, in a batch): what the call needs of
-    -- its stage row is read once rather than twice a task (a batch's completion: 5-10 % less
-    -- server CPU, bench/README.md).
-    v_one_stage  boolean := false;
+    v_first      int;
+    v_final      int;
+    v_sum        double precision;
+    -- The stage of the call's first task (a batch's tasks are nearly always of one): what the call
+    -- needs of it is read once, for every task of that stage, rather than twice a task (a batch's
+    -- completion: 5-10 % less server CPU, bench/README.md).
     v_job_id     text;
     v_stage      int;
     v_dynamic    boolean;
@@ -312,14 +314,11 @@ BEGIN
     -- Only tasks of queues granted to the session's login, checked before anything is locked.
     PERFORM stageflow._check_report_grants(p_task_ids);
     IF cardinality(p_task_ids) > 1 THEN
-        -- (every task named found: no task of another stage can turn up later in the call, a
-        -- task's job and stage never change)
-        SELECT count(*) = cardinality(p_task_ids) AND min(t.job_id) = max(t.job_id) AND min(t.stage) = max(t.stage),
-               min(t.job_id), min(t.stage)
-          INTO v_one_stage, v_job_id, v_stage
-          FROM stageflow.tasks AS t
-         WHERE t.task_id = ANY (p_task_ids);
-        IF v_one_stage THEN
+        -- (by the first task alone: finding every task's stage first, to know that they share one,
+        -- cost a claim of 100 and its completion 12,800 instructions a task, bench/README.md,
+        -- twentieth pass; a task of another stage looks its stage up in the UPDATE below)
+        SELECT t.job_id, t.stage INTO v_job_id, v_stage FROM stageflow.tasks AS t WHERE t.task_id = p_task_ids[1];
+        IF FOUND THEN
             -- (what is read here does not change after the stage is made)
             SELECT s.next_fan_out IS NOT DISTINCT FROM 'dynamic', s.queue, s.shards
               INTO v_dynamic, v_queue, v_shard_count
@@ -340,22 +339,22 @@ BEGIN
              WHERE t.task_id = u.task_id
                AND t.status = 'running'
                AND stageflow._report_fenced(t.lease_token, t.worker_id, u.token, p_worker_id)
-               AND (CASE WHEN v_one_stage THEN v_dynamic IS NOT TRUE
+               AND (CASE WHEN t.job_id = v_job_id AND t.stage = v_stage THEN v_dynamic IS NOT TRUE
                          ELSE (SELECT s.next_fan_out FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage)
                               IS DISTINCT FROM 'dynamic' END
                     OR stageflow._planner_refusal(u.task_id, u.result, t.job_id) IS NULL)
             RETURNING t.task_id, t.msg_id, t.job_id, t.stage, t.ordinal, t.claimed_at,
-                      CASE WHEN NOT v_one_stage THEN
+                      CASE WHEN t.job_id = v_job_id AND t.stage = v_stage THEN NULL ELSE
                           (SELECT s FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END AS st
         )
         -- (parallel arrays: every aggregate of the statement reads the same rows in the same order;
         -- each NULL while no task is taken, NULL || x being x)
         SELECT v_ids || array_agg(d.task_id),
                v_msg_ids || array_agg(d.msg_id),
-               v_queues || array_agg(CASE WHEN v_one_stage THEN v_queue ELSE (d.st).queue END),
+               v_queues || array_agg(CASE WHEN d.st IS NULL THEN v_queue ELSE (d.st).queue END),
                v_jobs || array_agg(d.job_id),
                v_stages || array_agg(d.stage),
-               v_prefer || array_agg(d.ordinal % CASE WHEN v_one_stage THEN v_shard_count ELSE (d.st).shards END),
+               v_prefer || array_agg(d.ordinal % CASE WHEN d.st IS NULL THEN v_shard_count ELSE (d.st).shards END),
                v_ordinals || array_agg(d.ordinal),
                v_seconds || array_agg(extract(epoch FROM v_now - d.claimed_at)::double precision)
           INTO v_ids, v_msg_ids, v_queues, v_jobs, v_stages, v_prefer, v_ordinals, v_seconds
@@ -430,6 +429,19 @@ BEGIN
     IF cardinality(v_ids) = 1 THEN
         v_counts := ARRAY[1];
         v_last := v_ids;
+    ELSIF v_jobs[1] = ALL (v_jobs) AND v_stages[1] = ALL (v_stages) THEN
+        -- (one stage, the usual batch: its first and last tasks by ordinal found without a sort, a
+        -- stage's ordinals being distinct; grouped below, 11,000 instructions a task more,
+        -- bench/README.md, twentieth pass)
+        SELECT min(u.ordinal), max(u.ordinal), coalesce(sum(u.seconds), 0)::double precision
+          INTO v_first, v_final, v_sum
+          FROM unnest(v_ordinals, v_seconds) AS u(ordinal, seconds);
+        v_jobs := v_jobs[1:1];
+        v_stages := v_stages[1:1];
+        v_counts := ARRAY[cardinality(v_ids)];
+        v_prefer := ARRAY[v_prefer[array_position(v_ordinals, v_first)]];
+        v_last := ARRAY[v_ids[array_position(v_ordinals, v_final)]];
+        v_seconds := ARRAY[v_sum];
     ELSE
         SELECT array_agg(g.job_id ORDER BY g.job_id, g.stage), array_agg(g.stage ORDER BY g.job_id, g.stage),
                array_agg(g.prefer ORDER BY g.job_id, g.stage),
@@ -2776,6 +2788,12 @@ BEGIN
     END IF;
     v_refusals := stageflow._settle_completions(v_ids, v_results, v_tokens, complete_tasks.worker_id);
 
+    -- (reports => false, every element accepted, the usual batch: each answers its task_id, in
+    -- one aggregate over the ids; the statement below, with its join and refusals, cost a claim
+    -- of 100 and its completion 6,000 instructions a task, bench/README.md, twentieth pass)
+    IF complete_tasks.reports IS FALSE AND cardinality(array_remove(v_refusals, NULL)) = 0 THEN
+        RETURN (SELECT jsonb_agg(jsonb_build_object('task_id', u.task_id)) FROM unnest(v_ids) AS u(task_id));
+    END IF;
     -- (reports => false: no report is built, the accepted ones answer their task_id)
     -- The accepted ones are listed first, into a variable: PostgreSQL inlines no set-returning
     -- function whose argument holds a subquery, and _completion_reports called instead of inlined
@@ -2980,6 +2998,10 @@ DECLARE
     v_job_status      text;
     v_last            boolean;
     v_predecessor_id  text;
+    v_one_stage       boolean;
+    v_job_id          text;
+    v_stage           int;
+    v_fan_out         text;
     r              record;
 BEGIN
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
@@ -3198,9 +3220,11 @@ BEGIN
                array_agg(c.msg_id) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
                array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
                array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
-               array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
+               array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt),
+               -- (whether they are all of one stage, and which)
+               min(c.job_id), max(c.job_id) = min(c.job_id) AND max(c.stage) = min(c.stage), min(c.stage)
           INTO v_claimed_ids, v_own_expiry, v_own_msgs, v_started_jobs, v_started_stages,
-               v_last_ids, v_last_tokens, v_last_expiry
+               v_last_ids, v_last_tokens, v_last_expiry, v_job_id, v_one_stage, v_stage
           FROM claimed AS c;
     END IF;
 
@@ -3250,6 +3274,27 @@ BEGIN
     END IF;
     IF v_one THEN
         RETURN NEXT;
+        RETURN;
+    END IF;
+    -- The answer. Tasks all of one stage (a batch's, nearly always): its job and stage read once
+    -- (into the output columns, then copied to every row), not joined to each task (a claim of
+    -- 100 and its completion: 17,600 instructions a task, bench/README.md, twentieth pass).
+    IF v_one_stage THEN
+        SELECT j.job_type, s.name, s.handler, CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END,
+               s.fan_out, s.timeout_seconds, coalesce(s.lease_seconds, claim_tasks.lease_seconds)
+          INTO claim_tasks.job_type, claim_tasks.stage_name, claim_tasks.handler, claim_tasks.params,
+               v_fan_out, claim_tasks.timeout_seconds, claim_tasks.effective_lease_seconds
+          FROM stageflow.jobs AS j, stageflow.stages AS s
+         WHERE j.job_id = v_job_id AND s.job_id = v_job_id AND s.stage = v_stage;
+        RETURN QUERY
+        SELECT t.task_id, t.job_id, claim_tasks.job_type, t.stage, claim_tasks.stage_name, claim_tasks.handler,
+               t.task_key, claim_tasks.params || stageflow._task_params(v_fan_out, t.ordinal, t.params),
+               CASE WHEN t.predecessor_id IS NOT NULL THEN
+                   (SELECT p.result FROM stageflow.tasks AS p WHERE p.task_id = t.predecessor_id) END,
+               t.inputs, t.attempt, t.lease_expires_at, claim_tasks.timeout_seconds, t.lease_token,
+               claim_tasks.effective_lease_seconds
+          FROM stageflow.tasks AS t
+         WHERE t.task_id = ANY (v_claimed_ids) AND t.status = 'running';
         RETURN;
     END IF;
     RETURN QUERY
