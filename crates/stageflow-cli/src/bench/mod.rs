@@ -227,7 +227,9 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             commit_seconds: 3.0,
             rounds: 5,
             round_units: 10_000,
-            round_batch_units: 50_000,
+            // (200,000: a half of 50,000 took about a second, in which each session's first calls,
+            // planning its statements, and the machine's swings weighed: bench/README.md, twentieth pass)
+            round_batch_units: 200_000,
             million: if options.million || options.million_only { 1_000_000 } else { 0 },
             million_workers: 4,
             million_window: 100_000,
