@@ -229,8 +229,10 @@ pub async fn run(options: BenchOptions) -> Result<(), CliError> {
             round_units: 10_000,
             // (Runs CM-CP took 200,000, whose halves were steadier, and CP's sync-off half aborted:
             // a claim came back empty in mid-stage while the next window was being sent, which a
-            // pgbench script cannot take: bench/README.md, twentieth pass. Back to 50,000 until a
-            // claim waits for a window being sent, or the script takes an empty claim.)
+            // pgbench script cannot take: bench/README.md, twentieth pass. Back to 50,000, within
+            // the default quota of a job, until a claim waits for a window being sent, or the
+            // script takes an empty claim; more than 100,000 needs the bench login's quotas raised
+            // around the rounds, as the million-task line raises them.)
             round_batch_units: 50_000,
             million: if options.million || options.million_only { 1_000_000 } else { 0 },
             million_workers: 4,

@@ -215,14 +215,6 @@ pub(super) async fn rounds(
     dir: &Path,
 ) -> Result<Rounds, CliError> {
     let mut rounds = Rounds { pgmq: Vec::new(), stageflow: Vec::new() };
-    // A half's job holds 10 % more tasks than the half takes: for the batched rounds' 200,000, above
-    // the default quotas (100,000 a job), raised for them as the million-task line raises them.
-    let quota = connect(url).await?.into_raw();
-    let raise = units * 11 / 10 > 100_000;
-    if raise {
-        let most = i64::try_from(units * 2).unwrap_or(i64::MAX);
-        quota.execute("SELECT stageflow.set_quota(session_user, $1::bigint, $1::bigint)", &[&most]).await?;
-    }
     for round in 0..count {
         for pgmq_half in [round % 2 == 0, round % 2 == 1] {
             super::settle(quiet).await?;
@@ -232,9 +224,6 @@ pub(super) async fn rounds(
                 rounds.stageflow.push(stageflow(url, n, Variant::plain(sync), batch, units, dir).await?.0);
             }
         }
-    }
-    if raise {
-        quota.execute("SELECT stageflow.set_quota(session_user, NULL, NULL)", &[]).await?;
     }
     Ok(rounds)
 }
