@@ -3002,7 +3002,6 @@ DECLARE
     v_job_id          text;
     v_stage           int;
     v_fan_out         text;
-    v_stage_lease     int;
     r              record;
 BEGIN
     -- The queue must be granted to the session's login (or a role it is a member of), unless it is
@@ -3196,14 +3195,21 @@ BEGIN
         IF v_claimable IS NULL THEN
             RETURN;
         END IF;
-        -- Tasks all of one stage (a batch's, nearly always): its job's status and its own lease read
-        -- once, now that the tasks are locked (as the UPDATE's per-task lookups below read them: a job
-        -- that ended before the lock was taken is seen ended), rather than looked up for each task
-        -- (claim 100 + complete_tasks: 13,000 instructions a task, bench/README.md, twentieth pass).
+        -- Tasks all of one stage (a batch's, nearly always): its job and stage read once, now that the
+        -- tasks are locked (as the UPDATE's per-task lookups below read them: a job that ended before
+        -- the lock was taken is seen ended), for the UPDATE (the job's status, the stage's lease) and
+        -- for the answer (what does not change once the job and stage are made: into the output
+        -- columns, copied to every row below), rather than looked up for each task (claim 100 +
+        -- complete_tasks: 13,000 and 17,600 instructions a task, bench/README.md, twentieth pass).
+        -- (The tasks claimed are some of these: of the same stage.)
         IF v_one_stage THEN
-            SELECT (SELECT j.status FROM stageflow.jobs AS j WHERE j.job_id = v_job_id),
-                   (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = v_job_id AND s.stage = v_stage)
-              INTO v_job_status, v_stage_lease;
+            SELECT j.status, j.job_type, s.name, s.handler,
+                   CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END,
+                   s.fan_out, s.timeout_seconds, coalesce(s.lease_seconds, claim_tasks.lease_seconds)
+              INTO v_job_status, claim_tasks.job_type, claim_tasks.stage_name, claim_tasks.handler,
+                   claim_tasks.params, v_fan_out, claim_tasks.timeout_seconds, claim_tasks.effective_lease_seconds
+              FROM stageflow.jobs AS j, stageflow.stages AS s
+             WHERE j.job_id = v_job_id AND s.job_id = v_job_id AND s.stage = v_stage;
         ELSE
             v_job_id := NULL;
         END IF;
@@ -3217,10 +3223,10 @@ BEGIN
                SET status = 'running',
                    attempt = t.attempt + 1,
                    lease_token = t.lease_token + 1,
-                   lease_expires_at = v_now + make_interval(secs => coalesce(
-                       CASE WHEN t.job_id = v_job_id AND t.stage = v_stage THEN v_stage_lease ELSE
-                           (SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage) END,
-                       claim_tasks.lease_seconds)),
+                   lease_expires_at = v_now + make_interval(secs =>
+                       CASE WHEN t.job_id = v_job_id AND t.stage = v_stage THEN claim_tasks.effective_lease_seconds
+                            ELSE coalesce((SELECT s.lease_seconds FROM stageflow.stages AS s WHERE s.job_id = t.job_id AND s.stage = t.stage),
+                                          claim_tasks.lease_seconds) END),
                    worker_id = claim_tasks.worker_id,
                    started_at = coalesce(t.started_at, v_now),
                    claimed_at = v_now,
@@ -3239,11 +3245,9 @@ BEGIN
                array_agg(c.msg_id) FILTER (WHERE c.lease_expires_at <> v_now + make_interval(secs => claim_tasks.lease_seconds)),
                array_agg(c.job_id) FILTER (WHERE c.was_queued), array_agg(c.stage) FILTER (WHERE c.was_queued),
                array_agg(c.task_id) FILTER (WHERE c.last_attempt), array_agg(c.lease_token) FILTER (WHERE c.last_attempt),
-               array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt),
-               -- (whether they are all of one stage, and which)
-               min(c.job_id), max(c.job_id) = min(c.job_id) AND max(c.stage) = min(c.stage), min(c.stage)
+               array_agg(c.lease_expires_at) FILTER (WHERE c.last_attempt)
           INTO v_claimed_ids, v_own_expiry, v_own_msgs, v_started_jobs, v_started_stages,
-               v_last_ids, v_last_tokens, v_last_expiry, v_job_id, v_one_stage, v_stage
+               v_last_ids, v_last_tokens, v_last_expiry
           FROM claimed AS c;
     END IF;
 
@@ -3295,16 +3299,9 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    -- The answer. Tasks all of one stage (a batch's, nearly always): its job and stage read once
-    -- (into the output columns, then copied to every row), not joined to each task (a claim of
-    -- 100 and its completion: 17,600 instructions a task, bench/README.md, twentieth pass).
+    -- The answer. Tasks all of one stage: its job's and stage's columns as read above, not joined to
+    -- each task.
     IF v_one_stage THEN
-        SELECT j.job_type, s.name, s.handler, CASE WHEN s.fan_out = 'each' THEN j.params - s.param ELSE j.params END,
-               s.fan_out, s.timeout_seconds, coalesce(s.lease_seconds, claim_tasks.lease_seconds)
-          INTO claim_tasks.job_type, claim_tasks.stage_name, claim_tasks.handler, claim_tasks.params,
-               v_fan_out, claim_tasks.timeout_seconds, claim_tasks.effective_lease_seconds
-          FROM stageflow.jobs AS j, stageflow.stages AS s
-         WHERE j.job_id = v_job_id AND s.job_id = v_job_id AND s.stage = v_stage;
         RETURN QUERY
         SELECT t.task_id, t.job_id, claim_tasks.job_type, t.stage, claim_tasks.stage_name, claim_tasks.handler,
                t.task_key, claim_tasks.params || stageflow._task_params(v_fan_out, t.ordinal, t.params),
